@@ -1,0 +1,31 @@
+"""Errors a user can cause, each with a message that says what to do next.
+
+Every error a user can hit is a `MuestraError`. Its message names the file,
+field or value at fault and ends with the fix. The CLI turns any of them into
+one line on stderr and exit code 2; anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+
+class MuestraError(Exception):
+    """Base class of every error a user can cause and fix."""
+
+    exit_code = 2
+
+
+class InputError(MuestraError):
+    """A bad value in a file, a flag or an argument."""
+
+
+class ModelNotFoundError(MuestraError):
+    """A model path that does not exist, or a Hub id that cannot be reached."""
+
+
+class UnsafeModelError(MuestraError):
+    """A model whose loading would run untrusted code (pickle or remote code)."""
+
+
+class ContextLengthError(InputError):
+    """Prompt plus requested new tokens exceed what the model can attend to."""
