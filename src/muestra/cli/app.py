@@ -52,19 +52,7 @@ generate_cmd.register(app)
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        app(prog_name="muestra")  # standalone: usage errors print themselves and exit 2
     except MuestraError as err:
         Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         sys.exit(err.exit_code)
-    except (typer.Abort, KeyboardInterrupt):
-        Console(stderr=True).print("aborted")
-        sys.exit(130)
-    except typer.Exit as done:
-        sys.exit(done.exit_code)
-    except Exception as err:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        raise

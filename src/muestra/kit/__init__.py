@@ -1,6 +1,18 @@
-"""The offline model kit: the real Qwen3 tokenizer and random-weight models."""
+"""The offline model kit: the real Qwen3 tokenizer and random-weight models.
 
-from muestra.kit.build import build_kit, ensure_kit
+`build_kit` and `ensure_kit` import torch and transformers, so they load on first use.
+"""
+
+from typing import Any
+
 from muestra.kit.presets import PRESETS, Preset, get_preset
 
 __all__ = ["PRESETS", "Preset", "build_kit", "ensure_kit", "get_preset"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("build_kit", "ensure_kit"):
+        from muestra.kit import build
+
+        return getattr(build, name)
+    raise AttributeError(name)
