@@ -11,6 +11,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from muestra import __version__
 from muestra.cli import generate_cmd, inspect_cmd, kit_cmd
@@ -54,5 +55,6 @@ def main() -> None:
     try:
         app(prog_name="muestra")  # standalone: usage errors print themselves and exit 2
     except MuestraError as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        message = f"[bold red]error:[/] {escape(str(err))}"
+        Console(stderr=True).print(message, highlight=False, soft_wrap=True)
         sys.exit(err.exit_code)

@@ -1,9 +1,155 @@
-"""`muestra generate` (filled in by the decoding engine)."""
+"""`muestra generate`: sample a model N times and print one JSON line per sample."""
 
 from __future__ import annotations
 
+import sys
+import time
+from pathlib import Path
+
 import typer
+
+from muestra.cli.common import (
+    AllowPickleOption,
+    DeviceOption,
+    DtypeOption,
+    MODEL_HELP,
+    TrustRemoteCodeOption,
+    print_json,
+    stderr,
+)
+from muestra.errors import InputError
 
 
 def register(app: typer.Typer) -> None:
-    return None
+    app.command("generate")(generate)
+
+
+def generate(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    prompt: str | None = typer.Option(None, "--prompt", help="User message (plain text with --raw)."),
+    messages: Path | None = typer.Option(
+        None, "--messages", help='JSON file: [{"role": "user", "content": "..."}, ...].'
+    ),
+    raw: bool = typer.Option(False, "--raw", help="Send --prompt as plain text, no chat template."),
+    enable_thinking: bool | None = typer.Option(
+        None, "--enable-thinking/--no-enable-thinking", help="Hybrid templates' thinking switch."
+    ),
+    n: int = typer.Option(1, "--n", min=1, help="Samples of the prompt (they share one prefill)."),
+    seed: int | None = typer.Option(
+        None, "--seed", help="Run seed; sample i gets its own seed from (seed, 0, i). Default: random."
+    ),
+    temperature: float = typer.Option(1.0, "--temperature", min=0.0, help="0 = greedy."),
+    top_k: int = typer.Option(0, "--top-k", min=0, help="Keep the k most likely tokens (0 = off)."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus mass (1 = off)."),
+    min_p: float = typer.Option(0.0, "--min-p", min=0.0, max=1.0, help="Min probability ratio."),
+    repetition_penalty: float = typer.Option(
+        1.0, "--repetition-penalty", help="HF semantics, on prompt and output tokens (1 = off)."
+    ),
+    presence_penalty: float = typer.Option(
+        0.0, "--presence-penalty", help="OpenAI semantics, on output tokens (0 = off)."
+    ),
+    frequency_penalty: float = typer.Option(
+        0.0, "--frequency-penalty", help="OpenAI semantics, on output tokens (0 = off)."
+    ),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Token budget."),
+    stop: list[str] = typer.Option(
+        [], "--stop", help="Stop string (repeatable); excluded from the text."
+    ),
+    ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Do not stop at EOS (benchmarks)."),
+    logprobs: int | None = typer.Option(
+        None, "--logprobs", min=0, max=20,
+        help="Record each token's logprob and K alternatives (raw model and after sampling).",
+    ),
+    stream: bool = typer.Option(False, "--stream", help="Print text as it comes (needs --n 1)."),
+    max_batch: int = typer.Option(64, "--max-batch", min=1, help="Rows decoded at once."),
+    dtype: str = DtypeOption,
+    device: str = DeviceOption,
+    allow_pickle: bool = AllowPickleOption,
+    trust_remote_code: bool = TrustRemoteCodeOption,
+) -> None:
+    """Sample MODEL N times. One JSON line per sample on stdout:
+
+    sample, seed, text, token_ids, finish_reason (stop|length), stop_reason, num_tokens,
+    num_prompt_tokens, and logprobs with --logprobs. Each sample is reproducible from
+    its seed and these options. Progress goes to stderr.
+    """
+    from muestra.engine import SamplingParams
+    from muestra.generation import TextGenerator
+    from muestra.inspection import read_messages
+    from muestra.loading import load_model
+
+    if (prompt is None) == (messages is None):
+        raise InputError("give exactly one of --prompt TEXT or --messages FILE.json")
+    if raw and messages is not None:
+        raise InputError("--raw applies to --prompt; --messages always uses the chat template")
+    if stream and n != 1:
+        raise InputError(f"--stream follows one sample; use --n 1 (got --n {n})")
+    params = SamplingParams(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+    )
+    conversation = read_messages(messages) if messages is not None else None
+    loaded = load_model(
+        model, dtype=dtype, device=device, allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+    )
+    generator = TextGenerator(loaded, max_batch=max_batch)
+    if conversation is not None:
+        ids = generator.encode_messages(conversation, enable_thinking)
+    elif raw:
+        ids = generator.encode_text(prompt or "")
+    else:
+        ids = generator.encode_messages([{"role": "user", "content": prompt}], enable_thinking)
+    requests = generator.requests(
+        [ids], n=n, params=params, max_new_tokens=max_new_tokens, seed=seed, stop=stop,
+        ignore_eos=ignore_eos, logprobs=logprobs,
+    )
+    started = time.perf_counter()
+    if stream:
+        for delta, done in generator.stream_text(requests[0]):
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+            if done is not None:
+                sys.stdout.write("\n")
+                elapsed = time.perf_counter() - started
+                stderr.print(
+                    f"[{done.finish_reason}] {done.num_tokens} tokens in {elapsed:.2f}s "
+                    f"({done.num_tokens / elapsed:.1f} tok/s), seed {done.seed}",
+                    markup=False,
+                )
+        return
+    samples = _run_with_progress(generator, requests)
+    for sample in samples:
+        data = sample.as_dict()
+        data.pop("prompt_index")
+        print_json(data)
+    elapsed = time.perf_counter() - started
+    total = sum(s.num_tokens for s in samples)
+    stderr.print(
+        f"{len(samples)} samples, {total} tokens in {elapsed:.2f}s ({total / elapsed:.1f} tok/s)",
+        markup=False,
+    )
+
+
+def _run_with_progress(generator, requests):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    total = sum(r.n for r in requests)
+    samples = []
+    with Progress(
+        TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),
+        TextColumn("{task.fields[tokens]} tokens"), TimeElapsedColumn(),
+        console=stderr, transient=True, disable=not stderr.is_terminal,
+    ) as progress:
+        task = progress.add_task("generate", total=total, tokens=0)
+        tokens = 0
+        for event in generator.engine.stream(requests):
+            tokens += len(event.tokens)
+            progress.update(task, advance=len(event.finished), tokens=tokens)
+            samples += [
+                generator.to_text_sample(s, requests[s.request_index].prompt_index)
+                for s in event.finished
+            ]
+    samples.sort(key=lambda s: (s.prompt_index, s.sample))
+    return samples

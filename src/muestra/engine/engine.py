@@ -1,0 +1,429 @@
+"""The decoding engine: token ids in, token ids out. It knows nothing of tokenizers.
+
+`Engine.stream(requests)` is a generator of `StepEvent`s, one per decoding step;
+`Engine.generate(requests)` is built on it and returns finished `Sample`s. A request is
+one prompt with `n` samples. All rows of all requests run as one batch:
+
+1. prefill each distinct prompt once (left-padded batch, logits of the last position
+   only), then copy its KV cache out to its `n` rows;
+2. each step: let the hook force tokens or mask logits, run the sampling pipeline
+   (`sampling.py`) with each row's own generator, apply forced tokens, record logprobs;
+3. a row stops on any EOS id, a stop string, or its token budget; finished rows leave
+   the batch (their cache rows are dropped) and cost nothing more;
+4. feed the new tokens of the remaining rows and repeat.
+
+Hooks (`StepHook`) are how the phase controller (think → answer) steers rows without
+the engine knowing why: `before_step` may push forced tokens into `row.forced_queue`,
+`mask_logits` may set disallowed logits to -inf in place, `after_token` may finish a
+row. Forced tokens are marked in the output.
+
+Logprobs, when asked, come in two kinds for every generated token:
+`raw_logprob`/`raw_top` are from the model's own distribution (softmax of its logits);
+`logprob`/`top` are from the distribution that was actually sampled (after masks,
+bias, penalties, temperature, top-k/top-p/min-p; -inf for removed tokens).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import torch
+
+from muestra.engine.sampling import SamplingBatch, SamplingParams
+from muestra.engine.seeds import generator_for, sample_seed
+from muestra.engine.stops import StopHit, StopMatcher
+from muestra.errors import ContextLengthError, InputError
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt and how to sample it `n` times."""
+
+    prompt_ids: Sequence[int]
+    n: int = 1
+    params: SamplingParams = field(default_factory=SamplingParams)
+    max_new_tokens: int = 256
+    seed: int = 0
+    prompt_index: int = 0
+    first_sample: int = 0  # sample indices are first_sample … first_sample + n - 1
+    stop: Sequence[str] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: off; k: chosen token plus k alternatives
+
+
+@dataclass
+class TokenLogprobs:
+    token_id: int
+    logprob: float
+    raw_logprob: float
+    top: list[tuple[int, float]]
+    raw_top: list[tuple[int, float]]
+
+
+@dataclass
+class Row:
+    """The state of one sample while it decodes."""
+
+    request_index: int
+    sample_index: int
+    seed: int
+    prompt_length: int
+    max_new_tokens: int
+    eos_ids: frozenset[int]
+    generator: torch.Generator | None
+    stop_matcher: StopMatcher | None
+    want_logprobs: int | None
+    tokens: list[int] = field(default_factory=list)
+    forced: list[bool] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    forced_queue: deque[int] = field(default_factory=deque)
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+    stop_byte_offset: int | None = None
+    state: Any = None  # free slot for a hook's per-row state
+
+    def finish(self, reason: FinishReason, stop_reason: int | str | None = None) -> None:
+        if self.finish_reason is None:
+            self.finish_reason, self.stop_reason = reason, stop_reason
+
+
+@dataclass
+class TokenEvent:
+    request_index: int
+    sample_index: int
+    token_id: int
+    forced: bool
+    logprobs: TokenLogprobs | None
+    finish_reason: FinishReason | None
+
+
+@dataclass
+class StepEvent:
+    step: int
+    tokens: list[TokenEvent]
+    finished: list[Sample]
+
+
+@dataclass
+class Sample:
+    """A finished sample: everything needed to report it and redo it."""
+
+    request_index: int
+    sample_index: int
+    seed: int
+    prompt_length: int
+    token_ids: list[int]
+    forced: list[bool]
+    finish_reason: FinishReason
+    stop_reason: int | str | None
+    stop_byte_offset: int | None
+    logprobs: list[TokenLogprobs] | None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+class StepHook(Protocol):
+    def before_step(self, rows: Sequence[Row]) -> None: ...
+    def mask_logits(self, logits: torch.Tensor, rows: Sequence[Row]) -> None: ...
+    def after_token(self, row: Row, token_id: int, forced: bool) -> None: ...
+
+
+class NoHook:
+    def before_step(self, rows: Sequence[Row]) -> None:
+        return None
+
+    def mask_logits(self, logits: torch.Tensor, rows: Sequence[Row]) -> None:
+        return None
+
+    def after_token(self, row: Row, token_id: int, forced: bool) -> None:
+        return None
+
+
+def _top(logprobs: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
+    if k <= 0:
+        return [[] for _ in range(logprobs.shape[0])]
+    values, ids = logprobs.topk(k, dim=-1)
+    return [
+        list(zip(row_ids, row_values, strict=True))
+        for row_ids, row_values in zip(ids.tolist(), values.tolist(), strict=True)
+    ]
+
+
+class Engine:
+    """Batched KV-cache decoding for any Hugging Face causal LM."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        eos_token_ids: Sequence[int],
+        max_length: int | None = None,
+        token_bytes: Sequence[bytes] | None = None,
+        max_batch: int = 64,
+    ) -> None:
+        self.model = model
+        self.eos_token_ids = frozenset(int(i) for i in eos_token_ids)
+        self.max_length = max_length
+        self.token_bytes = token_bytes
+        self.max_batch = max_batch
+        self.device = next(model.parameters()).device
+        self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+
+    @classmethod
+    def from_loaded(cls, loaded: Any, max_batch: int = 64) -> Engine:
+        """An engine for a `muestra.loading.LoadedModel` (stop strings enabled)."""
+        from muestra.tokenization import token_bytes_table
+
+        return cls(
+            loaded.model,
+            eos_token_ids=loaded.eos_token_ids,
+            max_length=loaded.max_length,
+            token_bytes=token_bytes_table(loaded.tokenizer, loaded.vocab_size),
+            max_batch=max_batch,
+        )
+
+    # ---- public API ------------------------------------------------------------------
+
+    def generate(
+        self, requests: Sequence[GenerationRequest], hook: StepHook | None = None
+    ) -> list[list[Sample]]:
+        """Finished samples per request, in sample order."""
+        results: list[list[Sample]] = [[] for _ in requests]
+        for event in self.stream(requests, hook):
+            for sample in event.finished:
+                results[sample.request_index].append(sample)
+        for samples in results:
+            samples.sort(key=lambda s: s.sample_index)
+        return results
+
+    def stream(
+        self, requests: Sequence[GenerationRequest], hook: StepHook | None = None
+    ) -> Iterator[StepEvent]:
+        """Per-step events for all rows of `requests`, in waves of at most `max_batch`."""
+        hook = hook or NoHook()
+        for index, request in enumerate(requests):
+            self._validate(index, request)
+        rows = [row for i, r in enumerate(requests) for row in self._rows(i, r)]
+        for start in range(0, len(rows), self.max_batch):
+            yield from self._run_wave(requests, rows[start : start + self.max_batch], hook)
+
+    # ---- setup ------------------------------------------------------------------------
+
+    def _validate(self, index: int, request: GenerationRequest) -> None:
+        if not request.prompt_ids:
+            raise InputError(f"request {index}: the prompt is empty; give at least one token")
+        if request.n < 1:
+            raise InputError(f"request {index}: n={request.n} must be at least 1")
+        if request.max_new_tokens < 1:
+            raise InputError(f"request {index}: max_new_tokens must be at least 1")
+        if request.logprobs is not None and not 0 <= request.logprobs <= 20:
+            raise InputError(f"request {index}: logprobs={request.logprobs} must be in [0, 20]")
+        if max(request.prompt_ids) >= self.vocab_size or min(request.prompt_ids) < 0:
+            raise InputError(f"request {index}: a prompt id is outside [0, {self.vocab_size})")
+        if request.stop and self.token_bytes is None:
+            raise InputError("stop strings need token_bytes (use Engine.from_loaded)")
+        total = len(request.prompt_ids) + request.max_new_tokens
+        if self.max_length is not None and total > self.max_length:
+            raise ContextLengthError(
+                f"request {index}: prompt ({len(request.prompt_ids)} tokens) + max_new_tokens "
+                f"({request.max_new_tokens}) = {total} exceeds the model's context of "
+                f"{self.max_length} tokens; lower max_new_tokens or shorten the prompt"
+            )
+
+    def _rows(self, index: int, request: GenerationRequest) -> list[Row]:
+        rows = []
+        for sample_index in range(request.first_sample, request.first_sample + request.n):
+            seed = sample_seed(request.seed, request.prompt_index, sample_index)
+            rows.append(
+                Row(
+                    request_index=index,
+                    sample_index=sample_index,
+                    seed=seed,
+                    prompt_length=len(request.prompt_ids),
+                    max_new_tokens=request.max_new_tokens,
+                    eos_ids=frozenset() if request.ignore_eos else self.eos_token_ids,
+                    generator=None if request.params.greedy else generator_for(seed),
+                    stop_matcher=StopMatcher(request.stop, self.token_bytes)
+                    if request.stop
+                    else None,
+                    want_logprobs=request.logprobs,
+                )
+            )
+        return rows
+
+    @torch.inference_mode()
+    def _prefill(
+        self, prompts: list[Sequence[int]]
+    ) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """Left-padded prefill of distinct prompts: (cache, last logits (P, V), mask (P, L))."""
+        from transformers import DynamicCache
+
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        mask = torch.zeros(len(prompts), width, dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            ids[i, width - len(prompt) :] = torch.tensor(list(prompt))
+            mask[i, width - len(prompt) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as HF generate
+        cache = DynamicCache(config=self.model.config)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.past_key_values, out.logits[:, -1, :].float(), mask
+
+    # ---- the loop -----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _run_wave(
+        self, requests: Sequence[GenerationRequest], rows: list[Row], hook: StepHook
+    ) -> Iterator[StepEvent]:
+        # 1. prefill each distinct prompt once, then copy it out to its rows
+        prompt_of_request: dict[int, int] = {}
+        prompts: list[Sequence[int]] = []
+        for row in rows:
+            if row.request_index not in prompt_of_request:
+                prompt_of_request[row.request_index] = len(prompts)
+                prompts.append(requests[row.request_index].prompt_ids)
+        cache, logits, mask = self._prefill(prompts)
+        expand = torch.tensor([prompt_of_request[r.request_index] for r in rows], device=self.device)
+        if len(prompts) != len(rows) or not torch.equal(expand, torch.arange(len(rows), device=self.device)):
+            cache.batch_select_indices(expand)
+            logits, mask = logits[expand], mask[expand]
+        positions = torch.tensor([r.prompt_length for r in rows], device=self.device)  # (R,)
+
+        sampling = SamplingBatch.build(
+            [requests[r.request_index].params for r in rows], self.vocab_size, self.device
+        )
+        seen = counts = None
+        if not sampling.no_penalties:
+            counts = torch.zeros(len(rows), self.vocab_size, dtype=torch.int32, device=self.device)
+            seen = torch.zeros(len(rows), self.vocab_size, dtype=torch.bool, device=self.device)
+            for i, row in enumerate(rows):
+                seen[i, list(requests[row.request_index].prompt_ids)] = True
+
+        step = 0
+        while rows:
+            # 2. hooks, pipeline, forced tokens, logprobs
+            hook.before_step(rows)
+            raw = logits
+            logits = logits.clone()
+            hook.mask_logits(logits, rows)
+            processed = sampling.warp(sampling.penalise(logits, seen, counts))
+            chosen = sampling.choose(processed, [r.generator for r in rows]).tolist()
+            forced_flags = [bool(r.forced_queue) for r in rows]
+            for i, row in enumerate(rows):
+                if forced_flags[i]:
+                    chosen[i] = row.forced_queue.popleft()
+            logprobs = self._logprobs(rows, raw, processed, chosen)
+
+            # 3. record tokens, decide who stops
+            events, finished, keep = [], [], []
+            for i, row in enumerate(rows):
+                token = chosen[i]
+                row.tokens.append(token)
+                row.forced.append(forced_flags[i])
+                if logprobs[i] is not None:
+                    row.logprobs.append(logprobs[i])
+                self._check_stop(row, token)
+                hook.after_token(row, token, forced_flags[i])
+                if row.finish_reason is None and len(row.tokens) >= row.max_new_tokens:
+                    row.finish("length")
+                events.append(
+                    TokenEvent(row.request_index, row.sample_index, token, forced_flags[i],
+                               logprobs[i], row.finish_reason)
+                )
+                if row.finish_reason is None:
+                    keep.append(i)
+                else:
+                    finished.append(self._sample(row))
+            if counts is not None and seen is not None:
+                index = torch.tensor(chosen, device=self.device).unsqueeze(1)
+                counts.scatter_add_(1, index, torch.ones_like(index, dtype=counts.dtype))
+                seen.scatter_(1, index, True)
+            yield StepEvent(step, events, finished)
+            step += 1
+            if not keep:
+                return
+
+            # 4. drop finished rows, feed the new tokens of the others
+            if len(keep) < len(rows):
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                mask, positions = mask[index], positions[index]
+                sampling = sampling.select(index)
+                if counts is not None and seen is not None:
+                    counts, seen = counts[index], seen[index]
+                rows = [rows[i] for i in keep]
+            tokens = torch.tensor([[chosen[i]] for i in keep], device=self.device)  # (R, 1)
+            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+            out = self.model(
+                input_ids=tokens,
+                attention_mask=mask,
+                position_ids=positions.unsqueeze(1),
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache, logits = out.past_key_values, out.logits[:, -1, :].float()
+            positions = positions + 1
+
+    def _check_stop(self, row: Row, token: int) -> None:
+        if token in row.eos_ids:
+            row.finish("stop", token)
+            return
+        if row.stop_matcher is not None:
+            hit: StopHit | None = row.stop_matcher.feed(token)
+            if hit is not None:
+                row.finish("stop", hit.stop)
+                row.stop_byte_offset = hit.byte_offset
+
+    def _logprobs(
+        self, rows: list[Row], raw: torch.Tensor, processed: torch.Tensor, chosen: list[int]
+    ) -> list[TokenLogprobs | None]:
+        wanted = [r.want_logprobs for r in rows]
+        if all(w is None for w in wanted):
+            return [None] * len(rows)
+        k = max(w for w in wanted if w is not None)
+        raw_lp = raw.log_softmax(dim=-1)
+        lp = processed.log_softmax(dim=-1)
+        index = torch.tensor(chosen, device=raw.device).unsqueeze(1)
+        chosen_raw = raw_lp.gather(1, index).squeeze(1).tolist()
+        chosen_lp = lp.gather(1, index).squeeze(1).tolist()
+        raw_top, top = _top(raw_lp, k), _top(lp, k)
+        result: list[TokenLogprobs | None] = []
+        for i, want in enumerate(wanted):
+            if want is None:
+                result.append(None)
+                continue
+            result.append(
+                TokenLogprobs(chosen[i], chosen_lp[i], chosen_raw[i], top[i][:want], raw_top[i][:want])
+            )
+        return result
+
+    @staticmethod
+    def _sample(row: Row) -> Sample:
+        assert row.finish_reason is not None
+        return Sample(
+            request_index=row.request_index,
+            sample_index=row.sample_index,
+            seed=row.seed,
+            prompt_length=row.prompt_length,
+            token_ids=row.tokens,
+            forced=row.forced,
+            finish_reason=row.finish_reason,
+            stop_reason=row.stop_reason,
+            stop_byte_offset=row.stop_byte_offset,
+            logprobs=row.logprobs if row.want_logprobs is not None else None,
+        )

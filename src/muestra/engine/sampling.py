@@ -1,0 +1,259 @@
+"""The sampling pipeline: pure tensor functions applied in one fixed order.
+
+For a batch of rows with logits `(B, V)` and per-row parameters:
+
+1. logit bias          `logits + bias`                            (OpenAI `logit_bias`)
+2. repetition penalty  seen tokens: `l / r` if `l > 0` else `l * r` (HF semantics; prompt
+                       and generated tokens count as seen)
+3. presence/frequency  `l - presence * [count > 0] - frequency * count` (OpenAI semantics;
+                       only generated tokens count)
+4. temperature         `l / T`; rows with `T == 0` are greedy and skip steps 4–7
+5. top-k               keep the `k` largest (`k == 0`: off)
+6. top-p               keep the smallest top set whose probability reaches `p` (HF semantics,
+                       at least one token kept)
+7. min-p               drop tokens whose probability is below `min_p * max probability`
+8. sample              greedy rows: argmax; others: inverse CDF with one uniform number drawn
+                       from the row's own `torch.Generator`, so a row's draw never depends on
+                       the other rows of the batch
+
+Every function is pure (returns a new tensor) except where named `_inplace`. Removed
+tokens get `-inf`. `SamplingBatch` turns per-row `SamplingParams` into tensors once and
+records shortcut flags (`all_greedy`, `no_penalties`, …) that skip whole steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from muestra.errors import InputError
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding parameters of one row. Defaults are plain sampling at temperature 1."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("temperature", self.temperature >= 0 and math.isfinite(self.temperature), ">= 0"),
+            ("top_k", self.top_k >= 0, ">= 0 (0 turns it off)"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("min_p", 0 <= self.min_p < 1, "in [0, 1)"),
+            ("repetition_penalty", self.repetition_penalty > 0, "> 0 (1 turns it off)"),
+            ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
+            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise InputError(f"{name}={getattr(self, name)!r} is invalid: must be {rule}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1
+            or self.presence_penalty != 0
+            or self.frequency_penalty != 0
+        )
+
+
+# ---- pure ops ------------------------------------------------------------------------
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor
+) -> torch.Tensor:
+    """HF `RepetitionPenaltyLogitsProcessor`: `seen` (B, V) bool, `penalty` (B,)."""
+    penalty = penalty.unsqueeze(1)  # (B, 1)
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def apply_presence_frequency(
+    logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor
+) -> torch.Tensor:
+    """OpenAI penalties: `counts` (B, V) of generated tokens; `presence`, `frequency` (B,)."""
+    counts = counts.to(logits.dtype)
+    return logits - presence.unsqueeze(1) * (counts > 0) - frequency.unsqueeze(1) * counts
+
+
+def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """Divide each row by its temperature; rows with temperature 0 are left as they are."""
+    safe = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    return logits / safe.unsqueeze(1)
+
+
+def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Keep each row's `top_k` largest logits (ties at the k-th value are kept); 0 = off."""
+    vocab = logits.shape[-1]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    kmax = int(k.max())
+    top_values = logits.topk(kmax, dim=-1).values  # (B, kmax), descending
+    threshold = top_values.gather(1, (k - 1).unsqueeze(1))  # (B, 1)
+    return logits.masked_fill(logits < threshold, NEG_INF)
+
+
+def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches `top_p`."""
+    sorted_logits, order = logits.sort(dim=-1, descending=False)  # ascending, as HF
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cumulative <= (1 - top_p).unsqueeze(1)
+    remove_sorted[:, -1] = False  # always keep the most likely token
+    remove = remove_sorted.scatter(1, order, remove_sorted)
+    return logits.masked_fill(remove, NEG_INF)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below `min_p` times the row's top probability."""
+    probs = logits.softmax(dim=-1)
+    threshold = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
+    return logits.masked_fill(probs < threshold, NEG_INF)
+
+
+def sample_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One draw per row: the first token whose cumulative probability exceeds `u * total`.
+
+    `probs` (B, V) non-negative, `uniforms` (B,) in [0, 1). A token of probability 0 can
+    never be drawn. Accumulates in float64 so the CDF of a 150k vocabulary stays exact
+    enough for the draw to match the distribution.
+    """
+    cdf = probs.to(torch.float64).cumsum(dim=-1)  # (B, V)
+    target = (uniforms.to(torch.float64) * cdf[:, -1]).unsqueeze(1)  # (B, 1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
+
+
+# ---- the batch ---------------------------------------------------------------------
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row parameters as tensors, with flags that skip steps nobody uses."""
+
+    temperature: torch.Tensor  # (B,)
+    top_k: torch.Tensor  # (B,) int64
+    top_p: torch.Tensor  # (B,)
+    min_p: torch.Tensor  # (B,)
+    repetition_penalty: torch.Tensor  # (B,)
+    presence_penalty: torch.Tensor  # (B,)
+    frequency_penalty: torch.Tensor  # (B,)
+    logit_bias: torch.Tensor | None  # (B, V) or None
+    all_greedy: bool
+    any_greedy: bool
+    no_penalties: bool
+    no_repetition_penalty: bool
+    no_top_k: bool
+    no_top_p: bool
+    no_min_p: bool
+
+    @classmethod
+    def build(
+        cls, params: Sequence[SamplingParams], vocab_size: int, device: torch.device
+    ) -> SamplingBatch:
+        def column(name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
+
+        bias = None
+        if any(p.logit_bias for p in params):
+            bias = torch.zeros(len(params), vocab_size, device=device)
+            for row, p in enumerate(params):
+                for token_id, value in p.logit_bias.items():
+                    if not 0 <= int(token_id) < vocab_size:
+                        raise InputError(
+                            f"logit_bias token id {token_id} is outside the model's vocabulary "
+                            f"[0, {vocab_size})"
+                        )
+                    bias[row, int(token_id)] = float(value)
+        sampled = [p for p in params if not p.greedy]
+        return cls(
+            temperature=column("temperature"),
+            top_k=column("top_k", torch.int64),
+            top_p=column("top_p"),
+            min_p=column("min_p"),
+            repetition_penalty=column("repetition_penalty"),
+            presence_penalty=column("presence_penalty"),
+            frequency_penalty=column("frequency_penalty"),
+            logit_bias=bias,
+            all_greedy=not sampled,
+            any_greedy=len(sampled) < len(params),
+            no_penalties=not any(p.has_penalties for p in params),
+            no_repetition_penalty=all(p.repetition_penalty == 1 for p in params),
+            no_top_k=all(p.top_k == 0 for p in sampled),
+            no_top_p=all(p.top_p >= 1 for p in sampled),
+            no_min_p=all(p.min_p == 0 for p in sampled),
+        )
+
+    def select(self, keep: torch.Tensor) -> SamplingBatch:
+        """The rows in `keep` (flags stay valid: dropping rows never turns a step on)."""
+        fields = {
+            name: getattr(self, name)[keep]
+            for name in (
+                "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                "presence_penalty", "frequency_penalty",
+            )
+        }
+        bias = self.logit_bias[keep] if self.logit_bias is not None else None
+        flags = {name: getattr(self, name) for name in self.__dataclass_fields__ if
+                 name.startswith(("all_", "any_", "no_"))}
+        return SamplingBatch(**fields, logit_bias=bias, **flags)
+
+    def penalise(
+        self, logits: torch.Tensor, seen: torch.Tensor | None, counts: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Steps 1–3 (before temperature): what the model is told not to say."""
+        if self.logit_bias is not None:
+            logits = logits + self.logit_bias
+        if self.no_penalties:
+            return logits
+        if not self.no_repetition_penalty:
+            assert seen is not None, "repetition penalty needs the seen-token mask"
+            logits = apply_repetition_penalty(logits, seen, self.repetition_penalty)
+        assert counts is not None, "presence/frequency penalties need token counts"
+        return apply_presence_frequency(
+            logits, counts, self.presence_penalty, self.frequency_penalty
+        )
+
+    def warp(self, logits: torch.Tensor) -> torch.Tensor:
+        """Steps 4–7: temperature, top-k, top-p, min-p. Greedy rows pass through."""
+        if self.all_greedy:
+            return logits
+        logits = apply_temperature(logits, self.temperature)
+        if not self.no_top_k:
+            logits = apply_top_k(logits, self.top_k)
+        if not self.no_top_p:
+            logits = apply_top_p(logits, self.top_p)
+        if not self.no_min_p:
+            logits = apply_min_p(logits, self.min_p)
+        return logits
+
+    def choose(
+        self, processed: torch.Tensor, generators: Sequence[torch.Generator | None]
+    ) -> torch.Tensor:
+        """Step 8: argmax for greedy rows, one inverse-CDF draw for the others. (B,)"""
+        greedy = processed.argmax(dim=-1)
+        if self.all_greedy:
+            return greedy
+        uniforms = torch.zeros(len(generators), dtype=torch.float64)
+        for row, generator in enumerate(generators):
+            if generator is not None:
+                uniforms[row] = torch.rand((), generator=generator, dtype=torch.float64)
+        drawn = sample_inverse_cdf(processed.float().softmax(dim=-1), uniforms.to(processed.device))
+        if not self.any_greedy:
+            return drawn
+        return torch.where(self.temperature == 0, greedy, drawn)
