@@ -1,0 +1,1 @@
+"""muestra benchmarks: ratios measured side by side in one run (`make bench`)."""

@@ -1,0 +1,66 @@
+"""`make bench`: run the benchmarks, print a table, write benchmarks/results/*.json.
+
+Knobs: `--quick` (fewer repeats), `--repeats N`, `--seed-loop-samples N`, `--only NAME`.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+from rich.table import Table
+
+from benchmarks import engine as engine_bench
+from benchmarks.common import write_result
+
+console = Console()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="1 repeat, 2 seed-loop samples.")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed-loop-samples", type=int, default=4)
+    parser.add_argument("--only", choices=["batch", "seed000", "floor"], default=None)
+    args = parser.parse_args()
+    repeats = 1 if args.quick else args.repeats
+    loop_samples = 2 if args.quick else args.seed_loop_samples
+
+    from muestra.kit import ensure_kit
+    from muestra.loading import load_model
+
+    console.print("building/loading the kit's qwen3-0.6b (random weights, bf16) …")
+    loaded = load_model(str(ensure_kit("qwen3-0.6b")), dtype="bfloat16", device="cpu")
+    results = {}
+    if args.only in (None, "batch"):
+        results["batch"] = engine_bench.bench_batch(loaded, repeats)
+    if args.only in (None, "seed000"):
+        results["seed000"] = engine_bench.bench_seed_000(loaded, repeats, loop_samples)
+    if args.only in (None, "floor"):
+        results["floor"] = engine_bench.bench_decode_floor(loaded, repeats)
+    path = write_result("engine", {"repeats": repeats, **results})
+
+    table = Table(title="muestra engine benchmarks (qwen3-0.6b shapes, bf16, this CPU)")
+    for column in ("benchmark", "muestra", "reference", "ratio", "goal"):
+        table.add_column(column)
+    if "batch" in results:
+        r = results["batch"]
+        table.add_row("16 prompts → 32 tokens", f"{r['engine_s']:.2f}s", f"HF {r['hf_generate_s']:.2f}s",
+                      f"{r['speedup_vs_hf']:.2f}× HF", "≥ 1.0× (aim 1.2×)")
+    if "seed000" in results:
+        r = results["seed000"]
+        table.add_row("seed 000 × 32 × 64", f"{r['engine_s']:.2f}s", f"HF {r['hf_generate_s']:.2f}s",
+                      f"{r['speedup_vs_hf']:.2f}× HF", "≥ 1.3× HF")
+        table.add_row("", "", f"seed loop {r['seed_loop_s_scaled_to_32']:.1f}s",
+                      f"{r['speedup_vs_seed_loop']:.1f}× loop", "≥ 5× loop")
+    if "floor" in results:
+        r = results["floor"]
+        table.add_row("batch-1 decode step", f"{r['step_s'] * 1000:.1f} ms",
+                      f"floor {r['floor_s'] * 1000:.1f} ms", f"{r['ratio_to_floor']:.2f}× floor",
+                      "≤ 1.5× floor")
+    console.print(table)
+    console.print(f"results written to {path}")
+
+
+if __name__ == "__main__":
+    main()
