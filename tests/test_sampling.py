@@ -88,7 +88,7 @@ def test_pipeline_matches_hf_processors(seed):
     seen = torch.zeros(1, 500, dtype=torch.bool)
     seen[0, ids[0]] = True
     counts = torch.zeros(1, 500, dtype=torch.int32)
-    ours = batch.warp(batch.penalise(logits, seen, counts))
+    ours = batch.warp(batch.penalise(logits, seen, counts)).logits
     hf = RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())
     for warper in (
         TemperatureLogitsWarper(0.7), TopKLogitsWarper(40), TopPLogitsWarper(0.9), MinPLogitsWarper(0.05)
@@ -126,7 +126,7 @@ def _chi_square_sf(statistic: float, dof: int) -> float:
 def test_empirical_frequencies_match_processed_probabilities(params):
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0]])
     batch = SamplingBatch.build([params], 8, torch.device("cpu"))
-    expected = batch.warp(logits).softmax(-1)[0]
+    expected = batch.warp(logits).logits.softmax(-1)[0]
     draws = 20000
     generator = torch.Generator().manual_seed(1234)
     counts = torch.zeros(8)
@@ -144,7 +144,7 @@ def test_chi_square_detects_a_wrong_sampler():
     """The same test rejects draws from the unprocessed distribution (it can fail)."""
     logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0]])
     processed = SamplingBatch.build([SamplingParams(temperature=0.5)], 8, torch.device("cpu"))
-    expected = processed.warp(logits).softmax(-1)[0]
+    expected = processed.warp(logits).logits.softmax(-1)[0]
     wrong = SamplingBatch.build([SamplingParams(temperature=1.0)], 8, torch.device("cpu"))
     generator = torch.Generator().manual_seed(1234)
     counts = torch.zeros(8)
@@ -186,3 +186,21 @@ def test_invalid_params_name_the_field(kwargs):
     name = next(iter(kwargs))
     with pytest.raises(InputError, match=name):
         SamplingParams(**kwargs)
+
+
+def test_a_rows_draw_does_not_depend_on_its_neighbours():
+    """Top-k rows take the candidate path, others the full one; mixing them changes nothing."""
+    logits = torch.randn(3, 300, generator=torch.Generator().manual_seed(3)) * 2
+    params = [SamplingParams(top_k=10, top_p=0.9), SamplingParams(top_p=0.8), SamplingParams(temperature=0)]
+    mixed = SamplingBatch.build(params, 300, torch.device("cpu"))
+    gens = [torch.Generator().manual_seed(i) for i in range(2)] + [None]
+    together = [mixed.choose(mixed.warp(logits), gens).tolist() for _ in range(20)]
+    alone = []
+    solo_gens = [torch.Generator().manual_seed(i) for i in range(2)] + [None]
+    for _ in range(20):
+        step = []
+        for row, p in enumerate(params):
+            solo = SamplingBatch.build([p], 300, torch.device("cpu"))
+            step.append(int(solo.choose(solo.warp(logits[row : row + 1]), [solo_gens[row]])))
+        alone.append(step)
+    assert together == alone

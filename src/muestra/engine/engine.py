@@ -321,8 +321,9 @@ class Engine:
             raw = logits
             logits = logits.clone()
             hook.mask_logits(logits, rows)
-            processed = sampling.warp(sampling.penalise(logits, seen, counts))
-            chosen = sampling.choose(processed, [r.generator for r in rows]).tolist()
+            warped = sampling.warp(sampling.penalise(logits, seen, counts))
+            processed = warped.logits
+            chosen = sampling.choose(warped, [r.generator for r in rows]).tolist()
             forced_flags = [bool(r.forced_queue) for r in rows]
             for i, row in enumerate(rows):
                 if forced_flags[i]:
