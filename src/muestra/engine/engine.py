@@ -5,7 +5,8 @@
 one prompt with `n` samples. All rows of all requests run as one batch:
 
 1. prefill each distinct prompt once (left-padded batch, logits of the last position
-   only), then copy its KV cache out to its `n` rows;
+   only) into a KV cache sized for prompt + budget (`kv_cache.py`), then copy it out to
+   its `n` rows;
 2. each step: let the hook force tokens or mask logits, run the sampling pipeline
    (`sampling.py`) with each row's own generator, apply forced tokens, record logprobs;
 3. a row stops on any EOS id, a stop string, or its token budget; finished rows leave
@@ -32,6 +33,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from muestra.engine.kv_cache import GrowingCache, supports_growing_cache
 from muestra.engine.sampling import SamplingBatch, SamplingParams
 from muestra.engine.seeds import generator_for, sample_seed
 from muestra.engine.stops import StopHit, StopMatcher
@@ -260,11 +262,9 @@ class Engine:
 
     @torch.inference_mode()
     def _prefill(
-        self, prompts: list[Sequence[int]]
+        self, prompts: list[Sequence[int]], max_new_tokens: int
     ) -> tuple[Any, torch.Tensor, torch.Tensor]:
         """Left-padded prefill of distinct prompts: (cache, last logits (P, V), mask (P, L))."""
-        from transformers import DynamicCache
-
         width = max(len(p) for p in prompts)
         ids = torch.zeros(len(prompts), width, dtype=torch.long)
         mask = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -273,7 +273,7 @@ class Engine:
             mask[i, width - len(prompt) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as HF generate
-        cache = DynamicCache(config=self.model.config)
+        cache = self._new_cache(width + max_new_tokens)
         out = self.model(
             input_ids=ids,
             attention_mask=mask,
@@ -283,6 +283,14 @@ class Engine:
             logits_to_keep=1,
         )
         return out.past_key_values, out.logits[:, -1, :].float(), mask
+
+    def _new_cache(self, capacity: int) -> Any:
+        from transformers import DynamicCache
+
+        config = self.model.config
+        if supports_growing_cache(config):
+            return GrowingCache(config.num_hidden_layers, capacity)
+        return DynamicCache(config=config)
 
     # ---- the loop -----------------------------------------------------------------------
 
@@ -297,7 +305,7 @@ class Engine:
             if row.request_index not in prompt_of_request:
                 prompt_of_request[row.request_index] = len(prompts)
                 prompts.append(requests[row.request_index].prompt_ids)
-        cache, logits, mask = self._prefill(prompts)
+        cache, logits, mask = self._prefill(prompts, max(r.max_new_tokens for r in rows))
         expand = torch.tensor([prompt_of_request[r.request_index] for r in rows], device=self.device)
         if len(prompts) != len(rows) or not torch.equal(expand, torch.arange(len(rows), device=self.device)):
             cache.batch_select_indices(expand)

@@ -1,0 +1,81 @@
+"""A KV cache that grows in place instead of concatenating at every step.
+
+HF's `DynamicLayer.update` does `torch.cat([keys, new])` each step: every decode step
+copies the whole cache of every layer (for 32 rows × 330 tokens of Qwen3-0.6B in bf16
+that is ~1.2 GB a step, as much as the weights). `GrowingLayer` keeps a buffer with
+room for `capacity` positions (the engine passes prompt + token budget), writes new
+keys and values into it, and exposes the filled part as a view. Rows still leave the
+batch with `batch_select_indices`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+class GrowingLayer(DynamicLayer):
+    def __init__(self, capacity: int) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+        self.key_buffer: torch.Tensor | None = None
+        self.value_buffer: torch.Tensor | None = None
+
+    def _grow(self, like: torch.Tensor, needed: int) -> None:
+        capacity = max(needed, self.capacity, 2 * self.length)
+        batch, heads, _, dim = like.shape
+        keys = like.new_empty(batch, heads, capacity, dim)
+        values = like.new_empty(batch, heads, capacity, dim)
+        if self.key_buffer is not None and self.value_buffer is not None:
+            keys[:, :, : self.length] = self.key_buffer[:, :, : self.length]
+            values[:, :, : self.length] = self.value_buffer[:, :, : self.length]
+        self.key_buffer, self.value_buffer, self.capacity = keys, values, capacity
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        needed = self.length + key_states.shape[-2]
+        if self.key_buffer is None or needed > self.key_buffer.shape[-2]:
+            self._grow(key_states, needed)
+        assert self.key_buffer is not None and self.value_buffer is not None
+        self.key_buffer[:, :, self.length : needed] = key_states
+        self.value_buffer[:, :, self.length : needed] = value_states
+        self.length = needed
+        self.keys = self.key_buffer[:, :, :needed]
+        self.values = self.value_buffer[:, :, :needed]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.key_buffer is None or self.value_buffer is None:
+            return
+        self.key_buffer = self.key_buffer[indices]
+        self.value_buffer = self.value_buffer[indices]
+        self.keys = self.key_buffer[:, :, : self.length]
+        self.values = self.value_buffer[:, :, : self.length]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("the engine expands rows with batch_select_indices")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("the engine never crops its cache")
+
+    def reset(self) -> None:
+        super().reset()
+        self.length = 0
+        self.key_buffer = self.value_buffer = None
+
+
+def supports_growing_cache(config: Any) -> bool:
+    """Only plain full-attention decoders (no sliding windows, no linear attention)."""
+    layer_types = getattr(config, "layer_types", None)
+    return layer_types is None or all(t == "full_attention" for t in layer_types)
+
+
+class GrowingCache(Cache):
+    def __init__(self, num_layers: int, capacity: int) -> None:
+        super().__init__(layers=[GrowingLayer(capacity) for _ in range(num_layers)])
