@@ -42,8 +42,12 @@ def _prompts(tokenizer: Any, count: int, length: int) -> list[list[int]]:
 def _hf_generate(model: Any, prompts: list[list[int]], new_tokens: int, **kwargs: Any) -> None:
     ids = torch.tensor(prompts)  # equal lengths: no padding needed
     model.generate(
-        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-        min_new_tokens=new_tokens, pad_token_id=151643, **kwargs,
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        pad_token_id=151643,
+        **kwargs,
     )
 
 
@@ -51,16 +55,22 @@ def bench_batch(loaded: LoadedModel, repeats: int) -> dict[str, Any]:
     engine = Engine.from_loaded(loaded)
     prompts = _prompts(loaded.tokenizer, 16, 64)
     requests = [
-        GenerationRequest(p, params=QWEN_SAMPLING, max_new_tokens=32, seed=1, prompt_index=i,
-                          ignore_eos=True)
+        GenerationRequest(
+            p, params=QWEN_SAMPLING, max_new_tokens=32, seed=1, prompt_index=i, ignore_eos=True
+        )
         for i, p in enumerate(prompts)
     ]
     ours, ours_runs = median_time(lambda: engine.generate(requests), repeats)
-    hf, hf_runs = median_time(lambda: _hf_generate(loaded.model, prompts, 32, **HF_SAMPLING), repeats)
+    hf, hf_runs = median_time(
+        lambda: _hf_generate(loaded.model, prompts, 32, **HF_SAMPLING), repeats
+    )
     return {
         "workload": "16 prompts x 64 tokens -> 32 new tokens, T=0.6 top-k 20 top-p 0.95",
-        "engine_s": ours, "hf_generate_s": hf, "speedup_vs_hf": hf / ours,
-        "engine_tok_s": 16 * 32 / ours, "hf_tok_s": 16 * 32 / hf,
+        "engine_s": ours,
+        "hf_generate_s": hf,
+        "speedup_vs_hf": hf / ours,
+        "engine_tok_s": 16 * 32 / ours,
+        "hf_tok_s": 16 * 32 / hf,
         "runs": {"engine": ours_runs, "hf": hf_runs},
     }
 
@@ -84,8 +94,9 @@ def seed_000_loop(model: Any, prompt: list[int], new_tokens: int, temperature: f
 def bench_seed_000(loaded: LoadedModel, repeats: int, seed_loop_samples: int) -> dict[str, Any]:
     engine = Engine.from_loaded(loaded)
     _, prompt = render_chat(loaded.tokenizer, seed_000_messages())
-    request = GenerationRequest(prompt, n=32, params=QWEN_SAMPLING, max_new_tokens=64, seed=1,
-                                ignore_eos=True)
+    request = GenerationRequest(
+        prompt, n=32, params=QWEN_SAMPLING, max_new_tokens=64, seed=1, ignore_eos=True
+    )
     ours, ours_runs = median_time(lambda: engine.generate([request]), repeats)
     hf, hf_runs = median_time(
         lambda: _hf_generate(loaded.model, [prompt], 64, num_return_sequences=32, **HF_SAMPLING),
@@ -100,9 +111,12 @@ def bench_seed_000(loaded: LoadedModel, repeats: int, seed_loop_samples: int) ->
     loop_32 = loop_time * 32 / seed_loop_samples
     return {
         "workload": f"seed 000 prompt ({len(prompt)} tokens) x 32 samples x 64 new tokens",
-        "engine_s": ours, "hf_generate_s": hf, "seed_loop_s_scaled_to_32": loop_32,
+        "engine_s": ours,
+        "hf_generate_s": hf,
+        "seed_loop_s_scaled_to_32": loop_32,
         "seed_loop_samples_timed": seed_loop_samples,
-        "speedup_vs_hf": hf / ours, "speedup_vs_seed_loop": loop_32 / ours,
+        "speedup_vs_hf": hf / ours,
+        "speedup_vs_seed_loop": loop_32 / ours,
         "runs": {"engine": ours_runs, "hf": hf_runs, "seed_loop": loop_runs},
     }
 
@@ -127,17 +141,23 @@ def bench_decode_floor(loaded: LoadedModel, repeats: int) -> dict[str, Any]:
     step_times = []
     for _ in range(repeats):
         stamps = []
-        request = GenerationRequest(prompt, params=SamplingParams(temperature=0),
-                                    max_new_tokens=tokens, ignore_eos=True)
+        request = GenerationRequest(
+            prompt, params=SamplingParams(temperature=0), max_new_tokens=tokens, ignore_eos=True
+        )
         for _event in engine.stream([request]):
             stamps.append(time.perf_counter())
-        step_times.append(statistics.median(b - a for a, b in zip(stamps, stamps[1:])))
+        gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+        step_times.append(statistics.median(gaps))
     step = statistics.median(step_times)
     weight_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     bandwidth = copy_bandwidth()
     floor = weight_bytes / bandwidth
     return {
         "workload": "batch 1 greedy decode step (median over 64 steps)",
-        "step_s": step, "weight_bytes": weight_bytes, "copy_bandwidth_bytes_s": bandwidth,
-        "floor_s": floor, "ratio_to_floor": step / floor, "tok_s": 1 / step,
+        "step_s": step,
+        "weight_bytes": weight_bytes,
+        "copy_bandwidth_bytes_s": bandwidth,
+        "floor_s": floor,
+        "ratio_to_floor": step / floor,
+        "tok_s": 1 / step,
     }

@@ -45,19 +45,38 @@ def main() -> None:
         table.add_column(column)
     if "batch" in results:
         r = results["batch"]
-        table.add_row("16 prompts → 32 tokens", f"{r['engine_s']:.2f}s", f"HF {r['hf_generate_s']:.2f}s",
-                      f"{r['speedup_vs_hf']:.2f}× HF", "≥ 1.0× (aim 1.2×)")
+        table.add_row(
+            "16 prompts → 32 tokens",
+            f"{r['engine_s']:.2f}s",
+            f"HF {r['hf_generate_s']:.2f}s",
+            f"{r['speedup_vs_hf']:.2f}× HF",
+            "≥ 1.0× (aim 1.2×)",
+        )
     if "seed000" in results:
         r = results["seed000"]
-        table.add_row("seed 000 × 32 × 64", f"{r['engine_s']:.2f}s", f"HF {r['hf_generate_s']:.2f}s",
-                      f"{r['speedup_vs_hf']:.2f}× HF", "≥ 1.3× HF")
-        table.add_row("", "", f"seed loop {r['seed_loop_s_scaled_to_32']:.1f}s",
-                      f"{r['speedup_vs_seed_loop']:.1f}× loop", "≥ 5× loop")
+        table.add_row(
+            "seed 000 × 32 × 64",
+            f"{r['engine_s']:.2f}s",
+            f"HF {r['hf_generate_s']:.2f}s",
+            f"{r['speedup_vs_hf']:.2f}× HF",
+            "≥ 1.3× HF",
+        )
+        table.add_row(
+            "",
+            "",
+            f"seed loop {r['seed_loop_s_scaled_to_32']:.1f}s",
+            f"{r['speedup_vs_seed_loop']:.1f}× loop",
+            "≥ 5× loop",
+        )
     if "floor" in results:
         r = results["floor"]
-        table.add_row("batch-1 decode step", f"{r['step_s'] * 1000:.1f} ms",
-                      f"floor {r['floor_s'] * 1000:.1f} ms", f"{r['ratio_to_floor']:.2f}× floor",
-                      "≤ 1.5× floor")
+        table.add_row(
+            "batch-1 decode step",
+            f"{r['step_s'] * 1000:.1f} ms",
+            f"floor {r['floor_s'] * 1000:.1f} ms",
+            f"{r['ratio_to_floor']:.2f}× floor",
+            "≤ 1.5× floor",
+        )
     console.print(table)
     console.print(f"results written to {path}")
 

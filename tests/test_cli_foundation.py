@@ -70,7 +70,9 @@ def test_chat_hybrid_switch(cli, hybrid_kit, tmp_path):
 
 def test_chat_bad_messages_name_file_and_field(cli, tiny_kit, tmp_path):
     path = tmp_path / "bad.json"
-    path.write_text(json.dumps([{"role": "user", "content": "hi"}, {"role": "robot", "content": 1}]))
+    path.write_text(
+        json.dumps([{"role": "user", "content": "hi"}, {"role": "robot", "content": 1}])
+    )
     result = cli("chat", str(tiny_kit), "--messages", str(path))
     assert result.code == 2
     assert str(path) in result.stderr and "[1].role" in result.stderr and "robot" in result.stderr
@@ -105,6 +107,10 @@ def test_missing_model_path(cli, tmp_path):
 
 
 def test_unreachable_hub_gives_offline_message(cli, tmp_path):
-    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "0"}
+    env = {
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HUB_CACHE": str(tmp_path),
+        "HF_HUB_OFFLINE": "0",
+    }
     result = cli("tokens", "nobody/no-such-model", "hola", env=env)
     assert result.code == 2 and "muestra kit build" in result.stderr

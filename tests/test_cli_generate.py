@@ -8,8 +8,22 @@ from conftest import ROOT
 
 
 def test_json_lines_with_required_fields(cli, tiny_kit):
-    result = cli("generate", str(tiny_kit), "--prompt", "Hola", "--n", "3", "--seed", "11",
-                 "--max-new-tokens", "6", "--temperature", "0.8", "--top-p", "0.9")
+    result = cli(
+        "generate",
+        str(tiny_kit),
+        "--prompt",
+        "Hola",
+        "--n",
+        "3",
+        "--seed",
+        "11",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+    )
     assert result.code == 0, result.stderr
     lines = result.json_lines()
     assert [line["sample"] for line in lines] == [0, 1, 2]
@@ -17,20 +31,56 @@ def test_json_lines_with_required_fields(cli, tiny_kit):
         assert {"sample", "seed", "text", "token_ids", "finish_reason", "num_tokens"} <= set(line)
         assert line["finish_reason"] in ("stop", "length")
         assert line["num_tokens"] == len(line["token_ids"]) <= 6
-    again = cli("generate", str(tiny_kit), "--prompt", "Hola", "--n", "3", "--seed", "11",
-                "--max-new-tokens", "6", "--temperature", "0.8", "--top-p", "0.9")
+    again = cli(
+        "generate",
+        str(tiny_kit),
+        "--prompt",
+        "Hola",
+        "--n",
+        "3",
+        "--seed",
+        "11",
+        "--max-new-tokens",
+        "6",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+    )
     assert again.json_lines() == lines
 
 
 def test_logprobs_and_stop(cli, tiny_kit):
-    result = cli("generate", str(tiny_kit), "--prompt", "Hola", "--seed", "1", "--logprobs", "2",
-                 "--max-new-tokens", "4", "--temperature", "0")
+    result = cli(
+        "generate",
+        str(tiny_kit),
+        "--prompt",
+        "Hola",
+        "--seed",
+        "1",
+        "--logprobs",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--temperature",
+        "0",
+    )
     line = result.json_lines()[0]
     assert len(line["logprobs"]) == line["num_tokens"]
     assert len(line["logprobs"][0]["top"]) == 2 and "raw_logprob" in line["logprobs"][0]
     word = line["text"].split()[0]
-    stopped = cli("generate", str(tiny_kit), "--prompt", "Hola", "--temperature", "0",
-                  "--max-new-tokens", "4", "--stop", word)
+    stopped = cli(
+        "generate",
+        str(tiny_kit),
+        "--prompt",
+        "Hola",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "4",
+        "--stop",
+        word,
+    )
     data = stopped.json_lines()[0]
     assert data["finish_reason"] == "stop" and data["stop_reason"] == word
     assert word not in data["text"]
@@ -40,15 +90,35 @@ def test_messages_raw_and_base_model(cli, tiny_kit, gpt2_kit):
     messages = ROOT / "examples" / "messages" / "strawberry.json"
     chat = cli("generate", str(tiny_kit), "--messages", str(messages), "--max-new-tokens", "3")
     assert chat.code == 0 and chat.json_lines()[0]["num_prompt_tokens"] == 47
-    base = cli("generate", str(gpt2_kit), "--prompt", "Lista de colores: rojo, azul", "--raw",
-               "--max-new-tokens", "5", "--temperature", "0")
+    base = cli(
+        "generate",
+        str(gpt2_kit),
+        "--prompt",
+        "Lista de colores: rojo, azul",
+        "--raw",
+        "--max-new-tokens",
+        "5",
+        "--temperature",
+        "0",
+    )
     assert base.code == 0 and base.json_lines()[0]["num_prompt_tokens"] == 10
 
 
 def test_stream_prints_text(cli, tiny_kit):
-    streamed = cli("generate", str(tiny_kit), "--prompt", "Hola", "--seed", "4", "--stream",
-                   "--max-new-tokens", "8")
-    plain = cli("generate", str(tiny_kit), "--prompt", "Hola", "--seed", "4", "--max-new-tokens", "8")
+    streamed = cli(
+        "generate",
+        str(tiny_kit),
+        "--prompt",
+        "Hola",
+        "--seed",
+        "4",
+        "--stream",
+        "--max-new-tokens",
+        "8",
+    )
+    plain = cli(
+        "generate", str(tiny_kit), "--prompt", "Hola", "--seed", "4", "--max-new-tokens", "8"
+    )
     assert streamed.code == 0, streamed.stderr
     assert streamed.stdout == plain.json_lines()[0]["text"] + "\n"
     assert "tok/s" in streamed.stderr

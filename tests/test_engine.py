@@ -44,11 +44,18 @@ def hf_greedy(loaded, prompts, max_new_tokens, **kwargs):
     ids = torch.full((len(prompts), width), 151643)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
     out = loaded.model.generate(
-        input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-        pad_token_id=151643, top_k=None, top_p=None, temperature=None, **kwargs,
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=151643,
+        top_k=None,
+        top_p=None,
+        temperature=None,
+        **kwargs,
     )
     return [row[width:].tolist() for row in out]
 
@@ -66,7 +73,9 @@ def test_greedy_matches_hf_generate_padded_batch(arch, request):
     engine = Engine.from_loaded(loaded)
     prompts = [encode(loaded, p) for p in PROMPTS]
     assert len({len(p) for p in prompts}) == len(prompts), "prompts should differ in length"
-    ours = engine.generate([GenerationRequest(p, params=GREEDY, max_new_tokens=24) for p in prompts])
+    ours = engine.generate(
+        [GenerationRequest(p, params=GREEDY, max_new_tokens=24) for p in prompts]
+    )
     reference = hf_greedy(loaded, prompts, 24)
     for samples, hf in zip(ours, reference, strict=True):
         assert samples[0].token_ids == trim_hf(hf, engine.eos_token_ids)
@@ -79,7 +88,9 @@ def test_greedy_matches_hf_one_by_one(arch, request):
     for text in PROMPTS:
         prompt = encode(loaded, text)
         ours = engine.generate([GenerationRequest(prompt, params=GREEDY, max_new_tokens=16)])
-        assert ours[0][0].token_ids == trim_hf(hf_greedy(loaded, [prompt], 16)[0], engine.eos_token_ids)
+        assert ours[0][0].token_ids == trim_hf(
+            hf_greedy(loaded, [prompt], 16)[0], engine.eos_token_ids
+        )
 
 
 def test_repetition_penalty_matches_hf(qwen):
@@ -93,8 +104,9 @@ def test_repetition_penalty_matches_hf(qwen):
 
 def sampled(prompt, n=4, seed=7, first=0, **kw):
     params = SamplingParams(temperature=1.0, top_k=50)
-    return GenerationRequest(prompt, n=n, params=params, max_new_tokens=12, seed=seed,
-                             first_sample=first, **kw)
+    return GenerationRequest(
+        prompt, n=n, params=params, max_new_tokens=12, seed=seed, first_sample=first, **kw
+    )
 
 
 def test_same_seed_same_tokens_and_samples_differ(qwen):
@@ -112,16 +124,30 @@ def test_sample_alone_equals_sample_in_batch_of_32(qwen):
     engine = Engine.from_loaded(qwen)
     prompt = encode(qwen, "Soy una persona amigable.")
     params = SamplingParams(temperature=1.0)
-    batch = engine.generate([GenerationRequest(prompt, n=32, params=params, max_new_tokens=16,
-                                               seed=3, logprobs=0)])[0]
+    batch = engine.generate(
+        [GenerationRequest(prompt, n=32, params=params, max_new_tokens=16, seed=3, logprobs=0)]
+    )[0]
     for index in (0, 5, 31):
-        alone = engine.generate([GenerationRequest(prompt, n=1, params=params, max_new_tokens=16,
-                                                   seed=3, first_sample=index, logprobs=0)])[0][0]
+        alone = engine.generate(
+            [
+                GenerationRequest(
+                    prompt,
+                    n=1,
+                    params=params,
+                    max_new_tokens=16,
+                    seed=3,
+                    first_sample=index,
+                    logprobs=0,
+                )
+            ]
+        )[0][0]
         assert alone.seed == batch[index].seed
         assert alone.token_ids == batch[index].token_ids
         # documented bound: batch size may change fp32 rounding of the logits, not the draw
-        drift = max(abs(a.raw_logprob - b.raw_logprob)
-                    for a, b in zip(alone.logprobs, batch[index].logprobs, strict=True))
+        drift = max(
+            abs(a.raw_logprob - b.raw_logprob)
+            for a, b in zip(alone.logprobs, batch[index].logprobs, strict=True)
+        )
         assert drift < 1e-4
 
 
@@ -129,13 +155,22 @@ def test_rows_finish_at_different_steps(qwen):
     engine = Engine.from_loaded(qwen)
     prompts = [encode(qwen, p) for p in PROMPTS[:3]]
     budgets = [3, 7, 12]
-    together = engine.generate([
-        GenerationRequest(p, n=2, params=SamplingParams(), max_new_tokens=b, seed=1, prompt_index=i)
-        for i, (p, b) in enumerate(zip(prompts, budgets, strict=True))
-    ])
+    together = engine.generate(
+        [
+            GenerationRequest(
+                p, n=2, params=SamplingParams(), max_new_tokens=b, seed=1, prompt_index=i
+            )
+            for i, (p, b) in enumerate(zip(prompts, budgets, strict=True))
+        ]
+    )
     for i, (p, b) in enumerate(zip(prompts, budgets, strict=True)):
-        alone = engine.generate([GenerationRequest(p, n=2, params=SamplingParams(),
-                                                   max_new_tokens=b, seed=1, prompt_index=i)])[0]
+        alone = engine.generate(
+            [
+                GenerationRequest(
+                    p, n=2, params=SamplingParams(), max_new_tokens=b, seed=1, prompt_index=i
+                )
+            ]
+        )[0]
         assert [s.token_ids for s in together[i]] == [s.token_ids for s in alone]
         for s in together[i]:
             assert s.finish_reason == "stop" or s.num_tokens == b
@@ -143,8 +178,9 @@ def test_rows_finish_at_different_steps(qwen):
 
 def test_max_tokens_and_length_finish(qwen):
     engine = Engine.from_loaded(qwen)
-    out = engine.generate([GenerationRequest(encode(qwen, "Hola"), n=3, max_new_tokens=5,
-                                             ignore_eos=True)])[0]
+    out = engine.generate(
+        [GenerationRequest(encode(qwen, "Hola"), n=3, max_new_tokens=5, ignore_eos=True)]
+    )[0]
     assert all(s.num_tokens == 5 and s.finish_reason == "length" for s in out)
 
 
@@ -155,8 +191,9 @@ def test_every_eos_id_stops_and_ignore_eos(qwen):
         params = SamplingParams(temperature=0, logit_bias={eos: 1000.0})
         out = engine.generate([GenerationRequest(prompt, params=params, max_new_tokens=5)])[0][0]
         assert (out.token_ids, out.finish_reason, out.stop_reason) == ([eos], "stop", eos)
-        kept = engine.generate([GenerationRequest(prompt, params=params, max_new_tokens=5,
-                                                  ignore_eos=True)])[0][0]
+        kept = engine.generate(
+            [GenerationRequest(prompt, params=params, max_new_tokens=5, ignore_eos=True)]
+        )[0][0]
         assert kept.token_ids == [eos] * 5 and kept.finish_reason == "length"
 
 
@@ -169,8 +206,9 @@ def test_stop_string_across_token_boundary(qwen, generator):
     stop = left[-2:] + right[:2]
     text = "".join(pieces)
     expected = text[: text.index(stop)]
-    out = generator.generate([GenerationRequest(prompt, params=GREEDY, max_new_tokens=10,
-                                                stop=(stop,))])[0]
+    out = generator.generate(
+        [GenerationRequest(prompt, params=GREEDY, max_new_tokens=10, stop=(stop,))]
+    )[0]
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert out.text == expected
     assert out.token_ids == free.token_ids[:4]
@@ -207,8 +245,10 @@ class ForceAndMask(NoHook):
 def test_hooks_force_tokens_and_mask_logits(qwen):
     engine = Engine.from_loaded(qwen)
     hook = ForceAndMask()
-    out = engine.generate([GenerationRequest(encode(qwen, "Hola"), n=2, max_new_tokens=8,
-                                             ignore_eos=True, seed=2)], hook)[0]
+    out = engine.generate(
+        [GenerationRequest(encode(qwen, "Hola"), n=2, max_new_tokens=8, ignore_eos=True, seed=2)],
+        hook,
+    )[0]
     row0, row1 = out
     assert row0.token_ids[:3] == [11, 12, 13]
     assert row0.forced == [True] * 3 + [False] * 5
@@ -221,8 +261,9 @@ def test_logprobs_raw_and_processed(qwen):
     engine = Engine.from_loaded(qwen)
     prompt = encode(qwen, "Hola")
     params = SamplingParams(temperature=0.7, top_k=3)
-    out = engine.generate([GenerationRequest(prompt, params=params, max_new_tokens=4, seed=1,
-                                             logprobs=5)])[0][0]
+    out = engine.generate(
+        [GenerationRequest(prompt, params=params, max_new_tokens=4, seed=1, logprobs=5)]
+    )[0][0]
     with torch.no_grad():
         logits = qwen.model(torch.tensor([prompt])).logits[0, -1].float()
     raw = logits.log_softmax(-1)
@@ -234,7 +275,9 @@ def test_logprobs_raw_and_processed(qwen):
     assert [i for i, _ in first.top[:3]] == processed.indices.tolist()
     assert [v for _, v in first.top[:3]] == pytest.approx(expected.tolist(), abs=1e-5)
     assert all(v == float("-inf") for _, v in first.top[3:])
-    assert sum(torch.tensor([v for _, v in first.top[:3]]).exp().tolist()) == pytest.approx(1, abs=1e-5)
+    assert sum(torch.tensor([v for _, v in first.top[:3]]).exp().tolist()) == pytest.approx(
+        1, abs=1e-5
+    )
 
 
 def test_stream_events_build_the_same_samples(qwen):
@@ -253,8 +296,9 @@ def test_stream_events_build_the_same_samples(qwen):
 
 def test_stream_text_equals_final_text(generator, qwen):
     prompt = encode(qwen, PROMPTS[2])
-    request = GenerationRequest(prompt, params=SamplingParams(temperature=1.0), max_new_tokens=20,
-                                seed=5)
+    request = GenerationRequest(
+        prompt, params=SamplingParams(temperature=1.0), max_new_tokens=20, seed=5
+    )
     deltas, final = [], None
     for delta, done in generator.stream_text(request):
         deltas.append(delta)

@@ -42,8 +42,12 @@ def test_qwen3_06b_preset_has_exact_shapes():
     preset = PRESETS["qwen3-0.6b"]
     c = preset.config
     shapes = (
-        c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"],
-        c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"],
+        c["num_hidden_layers"],
+        c["hidden_size"],
+        c["intermediate_size"],
+        c["num_attention_heads"],
+        c["num_key_value_heads"],
+        c["head_dim"],
     )
     assert shapes == (28, 1024, 3072, 16, 8, 128)
     assert c["tie_word_embeddings"] and preset.dtype == "bfloat16"

@@ -54,7 +54,9 @@ def tokenizer(tiny_kit):
 def reference():
     ranks = load_tiktoken_bpe(str(qwen_tiktoken_path()))
     return tiktoken.Encoding(
-        "qwen-reference", pat_str=QWEN_PRETOKENIZE_PATTERN, mergeable_ranks=ranks,
+        "qwen-reference",
+        pat_str=QWEN_PRETOKENIZE_PATTERN,
+        mergeable_ranks=ranks,
         special_tokens={},
     )
 
@@ -93,7 +95,8 @@ def _random_texts(count: int, seed: int) -> list[str]:
 def test_matches_tiktoken_on_broad_corpus(tokenizer, reference):
     texts = CORPUS + _random_texts(2000, seed=7)
     mismatches = [
-        t for t in texts
+        t
+        for t in texts
         if tokenize(tokenizer, t).ids != reference.encode_ordinary(unicodedata.normalize("NFC", t))
     ]
     assert mismatches == []

@@ -83,7 +83,9 @@ def test_pipeline_matches_hf_processors(seed):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(1, 500, generator=g) * 3
     ids = torch.randint(0, 500, (1, 30), generator=g)
-    params = SamplingParams(temperature=0.7, top_k=40, top_p=0.9, min_p=0.05, repetition_penalty=1.3)
+    params = SamplingParams(
+        temperature=0.7, top_k=40, top_p=0.9, min_p=0.05, repetition_penalty=1.3
+    )
     batch = SamplingBatch.build([params], 500, torch.device("cpu"))
     seen = torch.zeros(1, 500, dtype=torch.bool)
     seen[0, ids[0]] = True
@@ -91,7 +93,10 @@ def test_pipeline_matches_hf_processors(seed):
     ours = batch.warp(batch.penalise(logits, seen, counts)).logits
     hf = RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())
     for warper in (
-        TemperatureLogitsWarper(0.7), TopKLogitsWarper(40), TopPLogitsWarper(0.9), MinPLogitsWarper(0.05)
+        TemperatureLogitsWarper(0.7),
+        TopKLogitsWarper(40),
+        TopPLogitsWarper(0.9),
+        MinPLogitsWarper(0.05),
     ):
         hf = warper(ids, hf)
     assert torch.equal(torch.isinf(ours), torch.isinf(hf))
@@ -179,8 +184,16 @@ def test_logit_bias_and_flags():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"min_p": 1}, {"top_k": -2},
-     {"repetition_penalty": 0}, {"presence_penalty": 3}, {"temperature": float("nan")}],
+    [
+        {"temperature": -1},
+        {"top_p": 0},
+        {"top_p": 1.5},
+        {"min_p": 1},
+        {"top_k": -2},
+        {"repetition_penalty": 0},
+        {"presence_penalty": 3},
+        {"temperature": float("nan")},
+    ],
 )
 def test_invalid_params_name_the_field(kwargs):
     name = next(iter(kwargs))
@@ -191,7 +204,11 @@ def test_invalid_params_name_the_field(kwargs):
 def test_a_rows_draw_does_not_depend_on_its_neighbours():
     """Top-k rows take the candidate path, others the full one; mixing them changes nothing."""
     logits = torch.randn(3, 300, generator=torch.Generator().manual_seed(3)) * 2
-    params = [SamplingParams(top_k=10, top_p=0.9), SamplingParams(top_p=0.8), SamplingParams(temperature=0)]
+    params = [
+        SamplingParams(top_k=10, top_p=0.9),
+        SamplingParams(top_p=0.8),
+        SamplingParams(temperature=0),
+    ]
     mixed = SamplingBatch.build(params, 300, torch.device("cpu"))
     gens = [torch.Generator().manual_seed(i) for i in range(2)] + [None]
     together = [mixed.choose(mixed.warp(logits), gens).tolist() for _ in range(20)]

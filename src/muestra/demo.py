@@ -46,8 +46,24 @@ def main() -> None:
     run("tokens", model, "Lista de colores: rojo, azul")
     run("chat", model, "--messages", str(messages))
     run("next", model, "¿De qué color es el cielo?", "--top", "8")
-    run("generate", model, "--prompt", "Genera un personaje de rol.", "--n", "3", "--seed", "1234",
-        "--temperature", "0.6", "--top-p", "0.95", "--top-k", "20", "--max-new-tokens", "16")
+    run(
+        "generate",
+        model,
+        "--prompt",
+        "Genera un personaje de rol.",
+        "--n",
+        "3",
+        "--seed",
+        "1234",
+        "--temperature",
+        "0.6",
+        "--top-p",
+        "0.95",
+        "--top-k",
+        "20",
+        "--max-new-tokens",
+        "16",
+    )
 
 
 if __name__ == "__main__":

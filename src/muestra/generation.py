@@ -126,9 +126,15 @@ class TextGenerator:
         run_seed = fresh_run_seed() if seed is None else seed
         return [
             GenerationRequest(
-                prompt_ids=list(ids), n=n, params=params or SamplingParams(),
-                max_new_tokens=max_new_tokens, seed=run_seed, prompt_index=index, stop=tuple(stop),
-                ignore_eos=ignore_eos, logprobs=logprobs,
+                prompt_ids=list(ids),
+                n=n,
+                params=params or SamplingParams(),
+                max_new_tokens=max_new_tokens,
+                seed=run_seed,
+                prompt_index=index,
+                stop=tuple(stop),
+                ignore_eos=ignore_eos,
+                logprobs=logprobs,
             )
             for index, ids in enumerate(prompts)
         ]
@@ -157,8 +163,9 @@ class TextGenerator:
             if event.finished:
                 sample = event.finished[0]
                 final = self.sample_bytes(sample)
-                yield decoder.decode(final[sent:], final=True), self.to_text_sample(
-                    sample, request.prompt_index
+                yield (
+                    decoder.decode(final[sent:], final=True),
+                    self.to_text_sample(sample, request.prompt_index),
                 )
                 return
             data += self.token_bytes[token.token_id]

@@ -146,7 +146,5 @@ def next_token_table(model: Any, tokenizer: Any, ids: list[int], top: int) -> li
     ):
         token = token_name(tokenizer, token_id)
         piece = tokenizer.decode([token_id], skip_special_tokens=False)
-        rows.append(
-            NextToken(rank, token_id, token, piece, float(logits[token_id]), prob, cum)
-        )
+        rows.append(NextToken(rank, token_id, token, piece, float(logits[token_id]), prob, cum))
     return rows

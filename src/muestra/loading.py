@@ -89,7 +89,9 @@ def _looks_like_path(ref: str) -> bool:
 
 
 def resolve_model(
-    ref: str, revision: str | None = None, allow_pickle: bool = False,
+    ref: str,
+    revision: str | None = None,
+    allow_pickle: bool = False,
     trust_remote_code: bool = False,
 ) -> tuple[Path, Literal["local", "hub"], str | None]:
     """The local folder for `ref`, its source and its Hub commit (None for local folders)."""

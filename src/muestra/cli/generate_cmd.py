@@ -9,10 +9,10 @@ from pathlib import Path
 import typer
 
 from muestra.cli.common import (
+    MODEL_HELP,
     AllowPickleOption,
     DeviceOption,
     DtypeOption,
-    MODEL_HELP,
     TrustRemoteCodeOption,
     print_json,
     stderr,
@@ -26,7 +26,9 @@ def register(app: typer.Typer) -> None:
 
 def generate(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    prompt: str | None = typer.Option(None, "--prompt", help="User message (plain text with --raw)."),
+    prompt: str | None = typer.Option(
+        None, "--prompt", help="User message (plain text with --raw)."
+    ),
     messages: Path | None = typer.Option(
         None, "--messages", help='JSON file: [{"role": "user", "content": "..."}, ...].'
     ),
@@ -36,7 +38,9 @@ def generate(
     ),
     n: int = typer.Option(1, "--n", min=1, help="Samples of the prompt (they share one prefill)."),
     seed: int | None = typer.Option(
-        None, "--seed", help="Run seed; sample i gets its own seed from (seed, 0, i). Default: random."
+        None,
+        "--seed",
+        help="Run seed; sample i gets its own seed from (seed, 0, i). Default: random.",
     ),
     temperature: float = typer.Option(1.0, "--temperature", min=0.0, help="0 = greedy."),
     top_k: int = typer.Option(0, "--top-k", min=0, help="Keep the k most likely tokens (0 = off)."),
@@ -57,7 +61,10 @@ def generate(
     ),
     ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Do not stop at EOS (benchmarks)."),
     logprobs: int | None = typer.Option(
-        None, "--logprobs", min=0, max=20,
+        None,
+        "--logprobs",
+        min=0,
+        max=20,
         help="Record each token's logprob and K alternatives (raw model and after sampling).",
     ),
     stream: bool = typer.Option(False, "--stream", help="Print text as it comes (needs --n 1)."),
@@ -85,13 +92,20 @@ def generate(
     if stream and n != 1:
         raise InputError(f"--stream follows one sample; use --n 1 (got --n {n})")
     params = SamplingParams(
-        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-        repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty,
     )
     conversation = read_messages(messages) if messages is not None else None
     loaded = load_model(
-        model, dtype=dtype, device=device, allow_pickle=allow_pickle,
+        model,
+        dtype=dtype,
+        device=device,
+        allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
     )
     generator = TextGenerator(loaded, max_batch=max_batch)
@@ -102,8 +116,14 @@ def generate(
     else:
         ids = generator.encode_messages([{"role": "user", "content": prompt}], enable_thinking)
     requests = generator.requests(
-        [ids], n=n, params=params, max_new_tokens=max_new_tokens, seed=seed, stop=stop,
-        ignore_eos=ignore_eos, logprobs=logprobs,
+        [ids],
+        n=n,
+        params=params,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        stop=stop,
+        ignore_eos=ignore_eos,
+        logprobs=logprobs,
     )
     started = time.perf_counter()
     if stream:
@@ -138,9 +158,15 @@ def _run_with_progress(generator, requests):
     total = sum(r.n for r in requests)
     samples = []
     with Progress(
-        TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),
-        TextColumn("{task.fields[tokens]} tokens"), TimeElapsedColumn(),
-        console=stderr, transient=True, disable=not stderr.is_terminal,
+        TextColumn("generating"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("samples"),
+        TextColumn("{task.fields[tokens]} tokens"),
+        TimeElapsedColumn(),
+        console=stderr,
+        transient=True,
+        disable=not stderr.is_terminal,
     ) as progress:
         task = progress.add_task("generate", total=total, tokens=0)
         tokens = 0

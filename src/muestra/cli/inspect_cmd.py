@@ -8,11 +8,11 @@ import typer
 from rich.table import Table
 
 from muestra.cli.common import (
+    MODEL_HELP,
     AllowPickleOption,
     DeviceOption,
     DtypeOption,
     JsonOption,
-    MODEL_HELP,
     TrustRemoteCodeOption,
     print_json,
     stdout,
@@ -50,7 +50,7 @@ def tokens(
         print_json(rows if compare else rows[0])
         return
     table = Table(title=f"{visible(text)}")
-    for ref, view in views:
+    for ref, _ in views:
         table.add_column(f"{ref}\nid", justify="right")
         table.add_column("token")
         table.add_column("piece")
@@ -125,7 +125,10 @@ def next_token(
     from muestra.loading import load_model
 
     loaded = load_model(
-        model, dtype=dtype, device=device, allow_pickle=allow_pickle,
+        model,
+        dtype=dtype,
+        device=device,
+        allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
     )
     ids = prompt_ids(loaded.tokenizer, prompt, raw, enable_thinking)
@@ -140,7 +143,12 @@ def next_token(
         table.add_column(name, justify="right" if name not in ("token", "piece") else "left")
     for row in rows:
         table.add_row(
-            str(row.rank), str(row.id), visible(row.token), visible(row.piece),
-            f"{row.logit:.3f}", f"{row.probability:.4f}", f"{row.cumulative:.4f}",
+            str(row.rank),
+            str(row.id),
+            visible(row.token),
+            visible(row.piece),
+            f"{row.logit:.3f}",
+            f"{row.probability:.4f}",
+            f"{row.cumulative:.4f}",
         )
     stdout.print(table)

@@ -306,8 +306,12 @@ class Engine:
                 prompt_of_request[row.request_index] = len(prompts)
                 prompts.append(requests[row.request_index].prompt_ids)
         cache, logits, mask = self._prefill(prompts, max(r.max_new_tokens for r in rows))
-        expand = torch.tensor([prompt_of_request[r.request_index] for r in rows], device=self.device)
-        if len(prompts) != len(rows) or not torch.equal(expand, torch.arange(len(rows), device=self.device)):
+        expand = torch.tensor(
+            [prompt_of_request[r.request_index] for r in rows], device=self.device
+        )
+        if len(prompts) != len(rows) or not torch.equal(
+            expand, torch.arange(len(rows), device=self.device)
+        ):
             cache.batch_select_indices(expand)
             logits, mask = logits[expand], mask[expand]
         positions = torch.tensor([r.prompt_length for r in rows], device=self.device)  # (R,)
@@ -351,8 +355,14 @@ class Engine:
                 if row.finish_reason is None and len(row.tokens) >= row.max_new_tokens:
                     row.finish("length")
                 events.append(
-                    TokenEvent(row.request_index, row.sample_index, token, forced_flags[i],
-                               logprobs[i], row.finish_reason)
+                    TokenEvent(
+                        row.request_index,
+                        row.sample_index,
+                        token,
+                        forced_flags[i],
+                        logprobs[i],
+                        row.finish_reason,
+                    )
                 )
                 if row.finish_reason is None:
                     keep.append(i)
@@ -417,7 +427,9 @@ class Engine:
                 result.append(None)
                 continue
             result.append(
-                TokenLogprobs(chosen[i], chosen_lp[i], chosen_raw[i], top[i][:want], raw_top[i][:want])
+                TokenLogprobs(
+                    chosen[i], chosen_lp[i], chosen_raw[i], top[i][:want], raw_top[i][:want]
+                )
             )
         return result
 

@@ -215,17 +215,27 @@ class SamplingBatch:
         fields = {
             name: getattr(self, name)[keep]
             for name in (
-                "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                "presence_penalty", "frequency_penalty",
+                "temperature",
+                "top_k",
+                "top_p",
+                "min_p",
+                "repetition_penalty",
+                "presence_penalty",
+                "frequency_penalty",
             )
         }
         bias = self.logit_bias[keep] if self.logit_bias is not None else None
-        flags = {name: getattr(self, name) for name in self.__dataclass_fields__ if
-                 name.startswith(("all_", "any_", "no_"))}
+        flags = {
+            name: getattr(self, name)
+            for name in self.__dataclass_fields__
+            if name.startswith(("all_", "any_", "no_"))
+        }
         sampled = fields["temperature"] > 0
         has_k = fields["top_k"] > 0
         return SamplingBatch(
-            **fields, logit_bias=bias, **flags,
+            **fields,
+            logit_bias=bias,
+            **flags,
             candidate_rows=(sampled & has_k).nonzero().flatten(),
             full_rows=(sampled & ~has_k).nonzero().flatten(),
         )
@@ -279,9 +289,7 @@ class SamplingBatch:
             processed[rows] = full
         return Warped(processed, ids, values)
 
-    def choose(
-        self, warped: Warped, generators: Sequence[torch.Generator | None]
-    ) -> torch.Tensor:
+    def choose(self, warped: Warped, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
         """Step 8: argmax for greedy rows, one inverse-CDF draw for the others. (B,)"""
         processed = warped.logits
         chosen = processed.argmax(dim=-1)

@@ -112,7 +112,9 @@ def load_template(name: str) -> str:
     return text.rstrip("\n")
 
 
-THINKING_PROMPT = "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n<think>\\n' }}\n{%- endif %}"
+THINKING_PROMPT = (
+    "{%- if add_generation_prompt %}\n    {{- '<|im_start|>assistant\\n<think>\\n' }}\n{%- endif %}"
+)
 HYBRID_PROMPT = (
     "{%- if add_generation_prompt %}\n"
     "    {{- '<|im_start|>assistant\\n' }}\n"
