@@ -77,7 +77,8 @@ class Row:
     prompt_length: int
     max_new_tokens: int
     eos_ids: frozenset[int]
-    generator: torch.Generator | None
+    params: SamplingParams  # a hook may replace it between steps (e.g. think → answer)
+    generator: torch.Generator
     stop_matcher: StopMatcher | None
     want_logprobs: int | None
     tokens: list[int] = field(default_factory=list)
@@ -125,6 +126,7 @@ class Sample:
     stop_reason: int | str | None
     stop_byte_offset: int | None
     logprobs: list[TokenLogprobs] | None
+    state: Any = None  # the hook's per-row state, handed back
 
     @property
     def num_tokens(self) -> int:
@@ -251,7 +253,8 @@ class Engine:
                     prompt_length=len(request.prompt_ids),
                     max_new_tokens=request.max_new_tokens,
                     eos_ids=frozenset() if request.ignore_eos else self.eos_token_ids,
-                    generator=None if request.params.greedy else generator_for(seed),
+                    params=request.params,
+                    generator=generator_for(seed),
                     stop_matcher=StopMatcher(request.stop, self.token_bytes)
                     if request.stop
                     else None,
@@ -316,26 +319,28 @@ class Engine:
             logits, mask = logits[expand], mask[expand]
         positions = torch.tensor([r.prompt_length for r in rows], device=self.device)  # (R,)
 
-        sampling = SamplingBatch.build(
-            [requests[r.request_index].params for r in rows], self.vocab_size, self.device
-        )
-        seen = counts = None
-        if not sampling.no_penalties:
-            counts = torch.zeros(len(rows), self.vocab_size, dtype=torch.int32, device=self.device)
-            seen = torch.zeros(len(rows), self.vocab_size, dtype=torch.bool, device=self.device)
-            for i, row in enumerate(rows):
-                seen[i, list(requests[row.request_index].prompt_ids)] = True
+        row_params = [r.params for r in rows]
+        sampling = SamplingBatch.build(row_params, self.vocab_size, self.device)
+        seen, counts = self._penalty_state(requests, rows, sampling)
 
         step = 0
         while rows:
             # 2. hooks, pipeline, forced tokens, logprobs
             hook.before_step(rows)
+            if any(r.params is not p for r, p in zip(rows, row_params, strict=True)):
+                row_params = [r.params for r in rows]
+                sampling = SamplingBatch.build(row_params, self.vocab_size, self.device)
+                if seen is None and not sampling.no_penalties:
+                    seen, counts = self._penalty_state(requests, rows, sampling)
             raw = logits
             logits = logits.clone()
             hook.mask_logits(logits, rows)
             warped = sampling.warp(sampling.penalise(logits, seen, counts))
             processed = warped.logits
-            chosen = sampling.choose(warped, [r.generator for r in rows]).tolist()
+            generators = [
+                None if p.greedy else r.generator for r, p in zip(rows, row_params, strict=True)
+            ]
+            chosen = sampling.choose(warped, generators).tolist()
             forced_flags = [bool(r.forced_queue) for r in rows]
             for i, row in enumerate(rows):
                 if forced_flags[i]:
@@ -386,6 +391,7 @@ class Engine:
                 if counts is not None and seen is not None:
                     counts, seen = counts[index], seen[index]
                 rows = [rows[i] for i in keep]
+                row_params = [row_params[i] for i in keep]
             tokens = torch.tensor([[chosen[i]] for i in keep], device=self.device)  # (R, 1)
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
             out = self.model(
@@ -397,6 +403,22 @@ class Engine:
             )
             cache, logits = out.past_key_values, out.logits[:, -1, :].float()
             positions = positions + 1
+
+    def _penalty_state(
+        self, requests: Sequence[GenerationRequest], rows: list[Row], sampling: SamplingBatch
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(seen (R, V) bool: prompt + output tokens, counts (R, V): output tokens), or Nones."""
+        if sampling.no_penalties:
+            return None, None
+        counts = torch.zeros(len(rows), self.vocab_size, dtype=torch.int32, device=self.device)
+        seen = torch.zeros(len(rows), self.vocab_size, dtype=torch.bool, device=self.device)
+        for i, row in enumerate(rows):
+            seen[i, list(requests[row.request_index].prompt_ids)] = True
+            if row.tokens:
+                output = torch.tensor(row.tokens, device=self.device)
+                counts[i].scatter_add_(0, output, torch.ones_like(output, dtype=counts.dtype))
+                seen[i, output] = True
+        return seen, counts
 
     def _check_stop(self, row: Row, token: int) -> None:
         if token in row.eos_ids:
@@ -447,4 +469,5 @@ class Engine:
             stop_reason=row.stop_reason,
             stop_byte_offset=row.stop_byte_offset,
             logprobs=row.logprobs if row.want_logprobs is not None else None,
+            state=row.state,
         )

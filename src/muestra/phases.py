@@ -1,0 +1,190 @@
+"""Think, then answer: a phase controller on top of the engine's hooks.
+
+Each row starts in the *think* phase when its prompt leaves a `<think>` block open
+(Qwen3-Thinking-2507), or when thinking is wanted and the template did not open the
+block (hybrid Qwen3 with `enable_thinking` on: `<think>\\n` is forced first). It starts
+in the *answer* phase when the prompt closed an empty block (`enable_thinking=False`)
+or the tokenizer has no think tags.
+
+- think: the row samples with the think parameters; EOS ids are masked (a row may not
+  end its message inside `<think>`). When the model writes `</think>` itself, `\\n\\n`
+  is forced after it, as the chat template renders a finished turn. When `budget`
+  think tokens have been generated, the closing text is forced (default: Qwen's own
+  sentence + `</think>\\n\\n`); `budget_hit` records it.
+- answer: the row switches to the answer parameters (default greedy) and, with a
+  grammar, every step is masked by its xgrammar matcher (all answer rows filled at
+  once) plus a mask of added tokens that may never appear in an answer. The grammar
+  starts only after `</think>`. If `max_tokens` answer tokens pass before the grammar
+  completes, the row ends with `finish_reason="length"` and an error.
+
+The controller never samples; it only forces tokens, masks logits and finishes rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from muestra.engine import Row, SamplingParams
+from muestra.grammar import GrammarBackend
+
+QWEN_CLOSE_TEXT = (
+    "\n\nConsidering the limited time by the user, I have to give the solution based on "
+    "the thinking directly now.\n</think>\n\n"
+)
+Phase = Literal["think", "closing", "answer"]
+
+
+@dataclass(frozen=True)
+class ThinkConfig:
+    """The think phase: its own sampling, a hard budget and the text that closes it."""
+
+    params: SamplingParams = field(
+        default_factory=lambda: SamplingParams(temperature=0.6, top_p=0.95, top_k=20)
+    )
+    budget: int = 1024
+    close_text: str = QWEN_CLOSE_TEXT
+    open_tag: str = "<think>"
+    close_tag: str = "</think>"
+
+
+@dataclass(frozen=True)
+class AnswerConfig:
+    params: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0))
+    max_tokens: int = 256
+
+
+@dataclass
+class PhaseState:
+    """What the controller knows about one row (handed back on `Sample.state`)."""
+
+    phase: Phase
+    think_start: int = 0  # index in the row's tokens where reasoning text starts
+    think_end: int | None = None  # index of the first closing token (forced or `</think>`)
+    answer_start: int | None = None
+    think_tokens: int = 0
+    budget_hit: bool = False
+    matcher: Any = None
+    error: str | None = None
+    answer_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class TagIds:
+    open_ids: list[int]  # ids of the open tag + "\n", forced for hybrid models
+    close_id: int  # the `</think>` token
+    close_ids: list[int]  # ids of the closing text
+    after_close_ids: list[int]  # ids of "\n\n", forced after a `</think>` the model wrote
+
+
+def initial_phase(prompt_ids: Sequence[int], open_id: int | None, close_id: int | None) -> str:
+    """`think` if the prompt leaves a think block open, `answer` if it closed an empty one
+    at its very end, else `open` (a hybrid template with thinking on: force the tag)."""
+    if open_id is None or close_id is None:
+        return "answer"
+    last_open = max((i for i, t in enumerate(prompt_ids) if t == open_id), default=-1)
+    last_close = max((i for i, t in enumerate(prompt_ids) if t == close_id), default=-1)
+    if last_open > last_close:
+        return "think"
+    if last_close >= len(prompt_ids) - 4:
+        return "answer"
+    return "open"
+
+
+class PhaseController:
+    """A `StepHook` for think → answer generation (see the module docstring)."""
+
+    def __init__(
+        self,
+        think: ThinkConfig | None,
+        answer: AnswerConfig,
+        tags: TagIds | None,
+        eos_ids: Sequence[int],
+        grammar: tuple[GrammarBackend, Any] | None = None,
+        start_phases: dict[int, str] | None = None,
+    ) -> None:
+        self.think = think
+        self.answer = answer
+        self.tags = tags
+        self.eos_ids = torch.tensor(sorted(eos_ids), dtype=torch.long)
+        self.grammar = grammar
+        self.start_phases = start_phases or {}
+
+    # ---- StepHook -----------------------------------------------------------------------
+
+    def before_step(self, rows: Sequence[Row]) -> None:
+        for row in rows:
+            if row.state is None:
+                self._start(row)
+            state: PhaseState = row.state
+            if state.phase == "think" and self.think and state.think_tokens >= self.think.budget:
+                assert self.tags is not None
+                state.phase, state.budget_hit = "closing", True
+                state.think_end = len(row.tokens)
+                row.forced_queue.extend(self.tags.close_ids)
+            if state.phase == "closing" and not row.forced_queue:
+                self._enter_answer(row)
+
+    def mask_logits(self, logits: torch.Tensor, rows: Sequence[Row]) -> None:
+        thinking = [i for i, r in enumerate(rows) if r.state.phase in ("think", "closing")]
+        if thinking:
+            index = torch.tensor(thinking, device=logits.device).unsqueeze(1)
+            logits[index, self.eos_ids.to(logits.device).unsqueeze(0)] = float("-inf")
+        if self.grammar is None:
+            return
+        answering = [i for i, r in enumerate(rows) if r.state.phase == "answer" and r.state.matcher]
+        if answering:
+            backend, _ = self.grammar
+            backend.fill_and_apply(logits, [rows[i].state.matcher for i in answering], answering)
+
+    def after_token(self, row: Row, token_id: int, forced: bool) -> None:
+        state: PhaseState = row.state
+        if state.phase == "think":
+            assert self.tags is not None
+            if token_id == self.tags.close_id:
+                state.think_end = len(row.tokens) - 1
+                state.phase = "closing"
+                row.forced_queue.extend(self.tags.after_close_ids)
+            elif not forced:
+                state.think_tokens += 1
+            return
+        if state.phase == "closing":
+            return
+        state.answer_tokens += 1
+        if state.matcher is not None:
+            accepted = state.matcher.accept_token(token_id)
+            assert accepted, f"the grammar mask let token {token_id} through but it was refused"
+        if row.finish_reason is None and state.answer_tokens >= self.answer.max_tokens:
+            row.finish("length")
+            if state.matcher is not None and not state.matcher.is_terminated():
+                state.error = (
+                    f"the answer budget of {self.answer.max_tokens} tokens ended before the "
+                    "grammar completed; raise the answer max tokens"
+                )
+
+    # ---- transitions --------------------------------------------------------------------
+
+    def _start(self, row: Row) -> None:
+        start = self.start_phases.get(row.request_index, "answer")
+        if start == "open" and self.think is not None and self.tags is not None:
+            row.forced_queue.extend(self.tags.open_ids)
+            row.state = PhaseState("think", think_start=len(self.tags.open_ids))
+            row.params = self.think.params
+        elif start == "think" and self.think is not None:
+            row.state = PhaseState("think")
+            row.params = self.think.params
+        else:
+            row.state = PhaseState("closing")
+            self._enter_answer(row)
+
+    def _enter_answer(self, row: Row) -> None:
+        state: PhaseState = row.state
+        state.phase = "answer"
+        state.answer_start = len(row.tokens)
+        row.params = self.answer.params
+        if self.grammar is not None:
+            backend, compiled = self.grammar
+            state.matcher = backend.matcher(compiled)

@@ -1,0 +1,222 @@
+"""Reasoning + structured answers for users: prompts in, `StructuredSample`s out.
+
+`StructuredGenerator` wires a loaded model, the engine, the phase controller
+(`phases.py`) and an answer grammar (`grammar.py`) together, then turns each finished
+row into a `StructuredSample`: the reasoning text and its token count, whether the
+budget was hit, the answer text, the parsed answer (validated against the schema with
+`jsonschema`), the exact probability of each allowed value of enum/boolean/choice
+fields (`answer_probs.py`), and an explicit `error` whenever an answer is missing or
+invalid. Nothing broken is passed off as an answer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from muestra.engine import GenerationRequest, Sample, SamplingParams
+from muestra.engine.seeds import fresh_run_seed
+from muestra.generation import TextGenerator
+from muestra.grammar import GrammarBackend, GrammarSpec
+from muestra.loading import LoadedModel
+from muestra.phases import (
+    AnswerConfig,
+    PhaseController,
+    PhaseState,
+    TagIds,
+    ThinkConfig,
+    initial_phase,
+)
+
+
+@dataclass
+class StructuredSample:
+    prompt_index: int
+    sample: int
+    seed: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    stop_reason: int | str | None
+    num_prompt_tokens: int
+    reasoning: str | None
+    think_tokens: int
+    budget_hit: bool
+    answer_text: str
+    answer: Any
+    field_probs: dict[str, dict[str, float]] | None
+    error: str | None
+    value: Any = field(default=None, repr=False)  # the Pydantic object, when a class was given
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("value")
+        data["num_tokens"] = self.num_tokens
+        return data
+
+
+def think_from_generation_config(model: Any, budget: int, **overrides: Any) -> ThinkConfig:
+    """Think sampling defaults from the model's generation config (Qwen: T 0.6, p 0.95, k 20)."""
+    config = model.generation_config
+    params = SamplingParams(
+        temperature=float(config.temperature or 1.0) if config.do_sample else 0.0,
+        top_p=float(config.top_p or 1.0),
+        top_k=int(config.top_k or 0),
+        min_p=float(getattr(config, "min_p", None) or 0.0),
+    )
+    params = replace(params, **{k: v for k, v in overrides.items() if v is not None})
+    return ThinkConfig(params=params, budget=budget)
+
+
+class StructuredGenerator:
+    def __init__(self, loaded: LoadedModel, max_batch: int = 64) -> None:
+        self.text = TextGenerator(loaded, max_batch=max_batch)
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self._backend: GrammarBackend | None = None
+
+    @property
+    def backend(self) -> GrammarBackend:
+        if self._backend is None:
+            self._backend = GrammarBackend(
+                self.tokenizer, self.loaded.vocab_size, self.loaded.eos_token_ids
+            )
+        return self._backend
+
+    def tag_ids(self, think: ThinkConfig) -> TagIds | None:
+        vocab = self.tokenizer.get_vocab()
+        if think.open_tag not in vocab or think.close_tag not in vocab:
+            return None
+        encode = self.text.encode_text
+        return TagIds(
+            open_ids=encode(think.open_tag + "\n"),
+            close_id=vocab[think.close_tag],
+            close_ids=encode(think.close_text),
+            after_close_ids=encode("\n\n"),
+        )
+
+    def run(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        n: int = 1,
+        seed: int | None = None,
+        think: ThinkConfig | None = None,
+        answer: AnswerConfig | None = None,
+        grammar: GrammarSpec | None = None,
+        pydantic_model: type | None = None,
+        field_probs: bool = True,
+    ) -> list[StructuredSample]:
+        answer = answer or AnswerConfig()
+        tags = self.tag_ids(think) if think is not None else None
+        compiled = (self.backend, self.backend.compile(grammar)) if grammar is not None else None
+        starts = {
+            i: initial_phase(p, tags.open_ids[0] if tags else None, tags.close_id if tags else None)
+            for i, p in enumerate(prompts)
+        }
+        controller = PhaseController(
+            think, answer, tags, self.loaded.eos_token_ids, compiled, start_phases=starts
+        )
+        budget = answer.max_tokens
+        if think is not None and tags is not None:
+            budget += think.budget + len(tags.open_ids) + len(tags.close_ids) + 2
+        run_seed = fresh_run_seed() if seed is None else seed
+        requests = [
+            GenerationRequest(
+                list(p),
+                n=n,
+                params=answer.params,
+                max_new_tokens=budget,
+                seed=run_seed,
+                prompt_index=i,
+            )
+            for i, p in enumerate(prompts)
+        ]
+        results = self.text.engine.generate(requests, controller)
+        samples = [
+            self._finish(s, requests[i], grammar, pydantic_model)
+            for i, row in enumerate(results)
+            for s in row
+        ]
+        if field_probs and grammar is not None:
+            from muestra.answer_probs import AnswerProbabilities
+
+            scorer = AnswerProbabilities(self, grammar, compiled[1] if compiled else None)
+            for sample, raw in zip(samples, [s for row in results for s in row], strict=True):
+                if sample.error is None and sample.answer is not None:
+                    sample.field_probs = scorer.score(requests[raw.request_index].prompt_ids, raw)
+        return samples
+
+    def _finish(
+        self,
+        sample: Sample,
+        request: GenerationRequest,
+        grammar: GrammarSpec | None,
+        pydantic_model: type | None,
+    ) -> StructuredSample:
+        state: PhaseState = sample.state
+        decode = self.text.token_bytes
+        ids = sample.token_ids
+        reasoning = None
+        if state.think_end is not None:
+            reasoning = b"".join(decode[t] for t in ids[state.think_start : state.think_end])
+            reasoning = reasoning.decode("utf-8", errors="replace")
+        answer_ids = ids[state.answer_start :] if state.answer_start is not None else []
+        if answer_ids and sample.finish_reason == "stop" and isinstance(sample.stop_reason, int):
+            answer_ids = answer_ids[:-1]
+        answer_text = b"".join(decode[t] for t in answer_ids).decode("utf-8", errors="replace")
+        error = state.error
+        answer = value = None
+        if grammar is not None and error is None:
+            answer, value, error = _parse(answer_text, grammar, pydantic_model, sample)
+        return StructuredSample(
+            prompt_index=request.prompt_index,
+            sample=sample.sample_index,
+            seed=sample.seed,
+            text=self.text.sample_bytes(sample).decode("utf-8", errors="replace"),
+            token_ids=ids,
+            finish_reason=sample.finish_reason,
+            stop_reason=sample.stop_reason,
+            num_prompt_tokens=sample.prompt_length,
+            reasoning=reasoning,
+            think_tokens=state.think_tokens,
+            budget_hit=state.budget_hit,
+            answer_text=answer_text,
+            answer=answer,
+            field_probs=None,
+            error=error,
+            value=value,
+        )
+
+
+def _parse(
+    text: str, grammar: GrammarSpec, pydantic_model: type | None, sample: Sample
+) -> tuple[Any, Any, str | None]:
+    """(answer, Pydantic value, error) for a finished answer text."""
+    if sample.finish_reason != "stop":
+        return None, None, "the answer did not finish (token budget); it is not stored as valid"
+    if grammar.kind == "json_schema":
+        import jsonschema
+
+        try:
+            answer = json.loads(text)
+        except json.JSONDecodeError as err:
+            return None, None, f"the answer is not valid JSON: {err.msg} at {err.pos}"
+        schema = grammar.schema
+        assert schema is not None
+        problem = jsonschema.exceptions.best_match(
+            jsonschema.validators.validator_for(schema)(schema).iter_errors(answer)
+        )
+        if problem is not None:
+            return None, None, f"the answer does not validate: {problem.message}"
+        value = pydantic_model.model_validate(answer) if pydantic_model is not None else None
+        return answer, value, None
+    if grammar.kind == "choice" and text not in (grammar.choices or []):
+        return None, None, f"the answer {text!r} is not one of the choices"
+    return text, None, None
