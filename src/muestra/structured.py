@@ -90,8 +90,13 @@ class StructuredGenerator:
         return self._backend
 
     def tag_ids(self, think: ThinkConfig) -> TagIds | None:
+        """Ids of the think tags, or None for a model that does not think (no tags in its
+        vocabulary, or a chat template that never mentions them: e.g. a base model)."""
         vocab = self.tokenizer.get_vocab()
         if think.open_tag not in vocab or think.close_tag not in vocab:
+            return None
+        template = getattr(self.tokenizer, "chat_template", None) or ""
+        if think.open_tag not in template:
             return None
         encode = self.text.encode_text
         return TagIds(

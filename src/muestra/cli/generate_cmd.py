@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from muestra.cli import structured_options
 from muestra.cli.common import (
     MODEL_HELP,
     AllowPickleOption,
@@ -68,6 +69,43 @@ def generate(
         help="Record each token's logprob and K alternatives (raw model and after sampling).",
     ),
     stream: bool = typer.Option(False, "--stream", help="Print text as it comes (needs --n 1)."),
+    think_budget: int | None = typer.Option(
+        None,
+        "--think-budget",
+        min=0,
+        help="Think-then-answer mode: at most N thinking tokens, then the closing text is forced.",
+    ),
+    think_temperature: float | None = typer.Option(None, "--think-temperature", min=0.0),
+    think_top_p: float | None = typer.Option(None, "--think-top-p", min=0.0, max=1.0),
+    think_top_k: int | None = typer.Option(None, "--think-top-k", min=0),
+    think_min_p: float | None = typer.Option(None, "--think-min-p", min=0.0, max=1.0),
+    answer_temperature: float = typer.Option(
+        0.0, "--answer-temperature", min=0.0, help="Answer phase (default greedy, as seed 000)."
+    ),
+    answer_top_p: float = typer.Option(1.0, "--answer-top-p", min=0.0, max=1.0),
+    answer_top_k: int = typer.Option(0, "--answer-top-k", min=0),
+    answer_min_p: float = typer.Option(0.0, "--answer-min-p", min=0.0, max=1.0),
+    answer_max_tokens: int = typer.Option(
+        256, "--answer-max-tokens", min=1, help="Token budget of the answer phase."
+    ),
+    close_text: str | None = typer.Option(
+        None,
+        "--close-text",
+        help="Text forced when the think budget runs out (default: Qwen's sentence + </think>).",
+    ),
+    schema: Path | None = typer.Option(
+        None, "--schema", help="JSON Schema file the answer must follow."
+    ),
+    regex: str | None = typer.Option(None, "--regex", help="Regex the answer must match."),
+    choice: str | None = typer.Option(None, "--choice", help="Comma-separated allowed answers."),
+    grammar: Path | None = typer.Option(
+        None, "--grammar", help="EBNF grammar file for the answer."
+    ),
+    field_probs: bool = typer.Option(
+        True,
+        "--field-probs/--no-field-probs",
+        help="Record each allowed value's probability for enum/boolean/choice answers.",
+    ),
     max_batch: int = typer.Option(64, "--max-batch", min=1, help="Rows decoded at once."),
     dtype: str = DtypeOption,
     device: str = DeviceOption,
@@ -79,6 +117,12 @@ def generate(
     sample, seed, text, token_ids, finish_reason (stop|length), stop_reason, num_tokens,
     num_prompt_tokens, and logprobs with --logprobs. Each sample is reproducible from
     its seed and these options. Progress goes to stderr.
+
+    Think-then-answer mode (--think-budget, --schema, --regex, --choice or --grammar):
+    the model thinks with the --think-* settings (default: the model's generation
+    config) for at most --think-budget tokens, then answers with the --answer-* settings
+    (default greedy), constrained by the grammar. Lines then also carry reasoning,
+    think_tokens, budget_hit, answer_text, answer, field_probs and error.
     """
     from muestra.engine import SamplingParams
     from muestra.generation import TextGenerator
@@ -91,6 +135,8 @@ def generate(
         raise InputError("--raw applies to --prompt; --messages always uses the chat template")
     if stream and n != 1:
         raise InputError(f"--stream follows one sample; use --n 1 (got --n {n})")
+    answer_grammar = structured_options.grammar_spec(schema, regex, choice, grammar)
+    structured = think_budget is not None or answer_grammar is not None
     params = SamplingParams(
         temperature=temperature,
         top_k=top_k,
@@ -115,6 +161,41 @@ def generate(
         ids = generator.encode_text(prompt or "")
     else:
         ids = generator.encode_messages([{"role": "user", "content": prompt}], enable_thinking)
+    if structured:
+        structured_options.refuse_plain_flags(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            stream=stream,
+            stop=stop,
+            logprobs=logprobs,
+            ignore_eos=ignore_eos,
+        )
+        think = structured_options.think_config(
+            loaded,
+            think_budget,
+            close_text,
+            think_temperature,
+            think_top_p,
+            think_top_k,
+            think_min_p,
+        )
+        answer = structured_options.answer_config(
+            answer_temperature, answer_top_p, answer_top_k, answer_min_p, answer_max_tokens
+        )
+        structured_options.run(
+            loaded,
+            ids,
+            n=n,
+            seed=seed,
+            think=think,
+            answer=answer,
+            grammar=answer_grammar,
+            field_probs=field_probs,
+            max_batch=max_batch,
+        )
+        return
     requests = generator.requests(
         [ids],
         n=n,

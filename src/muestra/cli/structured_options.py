@@ -1,0 +1,131 @@
+"""Think-then-answer options of `muestra generate`, turned into library objects."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from muestra.cli.common import print_json, stderr
+from muestra.engine import SamplingParams
+from muestra.errors import InputError
+from muestra.grammar import GrammarSpec
+from muestra.phases import QWEN_CLOSE_TEXT, AnswerConfig, ThinkConfig
+
+
+def grammar_spec(
+    schema: Path | None, regex: str | None, choice: str | None, grammar: Path | None
+) -> GrammarSpec | None:
+    given = [
+        name
+        for name, v in (
+            ("--schema", schema),
+            ("--regex", regex),
+            ("--choice", choice),
+            ("--grammar", grammar),
+        )
+        if v is not None
+    ]
+    if len(given) > 1:
+        raise InputError(f"give at most one answer grammar, got {' and '.join(given)}")
+    if schema is not None:
+        return GrammarSpec.json_schema(Path(schema))
+    if regex is not None:
+        return GrammarSpec.regex(regex)
+    if choice is not None:
+        return GrammarSpec.choice([c.strip() for c in choice.split(",")])
+    if grammar is not None:
+        return GrammarSpec.ebnf(Path(grammar))
+    return None
+
+
+def refuse_plain_flags(**values: Any) -> None:
+    defaults = {
+        "temperature": 1.0,
+        "top_k": 0,
+        "top_p": 1.0,
+        "min_p": 0.0,
+        "stream": False,
+        "stop": [],
+        "logprobs": None,
+        "ignore_eos": False,
+    }
+    changed = [name for name, value in values.items() if value != defaults[name]]
+    if changed:
+        flags = ", ".join("--" + name.replace("_", "-") for name in changed)
+        raise InputError(
+            f"{flags} do not apply in think-then-answer mode; use --think-* for the thinking "
+            "phase and --answer-* for the answer"
+        )
+
+
+def think_config(
+    loaded: Any,
+    budget: int | None,
+    close_text: str | None,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    min_p: float | None,
+) -> ThinkConfig:
+    from muestra.structured import think_from_generation_config
+
+    think = think_from_generation_config(
+        loaded.model,
+        budget if budget is not None else ThinkConfig().budget,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+    )
+    if close_text is not None:
+        text = close_text.replace("\\n", "\n")
+        if "</think>" not in text:
+            raise InputError(f"--close-text {close_text!r} must contain </think>")
+        return ThinkConfig(params=think.params, budget=think.budget, close_text=text)
+    return ThinkConfig(params=think.params, budget=think.budget, close_text=QWEN_CLOSE_TEXT)
+
+
+def answer_config(
+    temperature: float, top_p: float, top_k: int, min_p: float, max_tokens: int
+) -> AnswerConfig:
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
+    return AnswerConfig(params=params, max_tokens=max_tokens)
+
+
+def run(
+    loaded: Any,
+    ids: list[int],
+    *,
+    n: int,
+    seed: int | None,
+    think: ThinkConfig,
+    answer: AnswerConfig,
+    grammar: GrammarSpec | None,
+    field_probs: bool,
+    max_batch: int,
+) -> None:
+    from muestra.structured import StructuredGenerator
+
+    started = time.perf_counter()
+    generator = StructuredGenerator(loaded, max_batch=max_batch)
+    samples = generator.run(
+        [ids],
+        n=n,
+        seed=seed,
+        think=think,
+        answer=answer,
+        grammar=grammar,
+        field_probs=field_probs,
+    )
+    for sample in samples:
+        data = sample.as_dict()
+        data.pop("prompt_index")
+        print_json(data)
+    elapsed = time.perf_counter() - started
+    errors = sum(s.error is not None for s in samples)
+    hits = sum(s.budget_hit for s in samples)
+    stderr.print(
+        f"{len(samples)} samples in {elapsed:.2f}s; budget hit {hits}, errors {errors}",
+        markup=False,
+    )
