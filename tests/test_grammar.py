@@ -1,0 +1,112 @@
+"""Answer grammars: specs, refused keywords, caches, forbidden tokens, value positions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from muestra.answer_probs import categorical_fields, value_spans
+from muestra.errors import InputError
+from muestra.grammar import GrammarBackend, GrammarSpec
+from muestra.loading import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_kit):
+    return load_tokenizer(str(tiny_kit))
+
+
+@pytest.mark.parametrize("keyword", ["uniqueItems", "not", "multipleOf", "patternProperties", "if"])
+def test_unenforced_keywords_are_refused_by_name_and_path(keyword):
+    value = (
+        {"type": "string"} if keyword in ("not", "if") else 3 if keyword == "multipleOf" else True
+    )
+    if keyword == "patternProperties":
+        value = {"^a": {"type": "string"}}
+    schema = {"type": "object", "properties": {"tags": {"type": "array", keyword: value}}}
+    with pytest.raises(InputError, match=rf"{keyword}.*\$\.properties\.tags"):
+        GrammarSpec.json_schema(schema)
+
+
+def test_property_named_like_a_keyword_is_fine():
+    spec = GrammarSpec.json_schema({"type": "object", "properties": {"not": {"type": "string"}}})
+    assert spec.schema["properties"]["not"] == {"type": "string"}
+
+
+def test_schema_file_errors(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        GrammarSpec.json_schema(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope")
+    with pytest.raises(InputError, match="bad.json line 1"):
+        GrammarSpec.json_schema(bad)
+
+
+def test_schema_keeps_property_order():
+    spec = GrammarSpec.json_schema(
+        {"type": "object", "properties": {"z": {"type": "string"}, "a": {"type": "string"}}}
+    )
+    assert list(spec.schema["properties"]) == ["z", "a"]
+
+
+def test_choice_validation():
+    with pytest.raises(InputError, match="two distinct"):
+        GrammarSpec.choice(["a", "a"])
+    assert GrammarSpec.choice(["sí", "no"]).choices == ["sí", "no"]
+
+
+def test_compile_cache_memory_then_disk(tokenizer, tmp_path):
+    spec = GrammarSpec.json_schema({"type": "object", "properties": {"a": {"type": "integer"}}})
+    first = GrammarBackend(tokenizer, 151936, [151645, 151643], disk_cache=tmp_path)
+    first.compile(spec)
+    first.compile(spec)
+    assert first.stats == {"memory_hits": 1, "disk_hits": 0, "compiles": 1}
+    second = GrammarBackend(tokenizer, 151936, [151645, 151643], disk_cache=tmp_path)
+    second.compile(spec)
+    assert second.stats == {"memory_hits": 0, "disk_hits": 1, "compiles": 0}
+    (next(tmp_path.glob("*.json"))).write_text("corrupt")
+    third = GrammarBackend(tokenizer, 151936, [151645, 151643], disk_cache=tmp_path)
+    third.compile(spec)
+    assert third.stats["compiles"] == 1
+
+
+def test_forbidden_tokens(tokenizer, tmp_path):
+    backend = GrammarBackend(tokenizer, 151936, [151645, 151643], disk_cache=tmp_path)
+    for token in ("<think>", "</think>", "<|im_start|>", "<tool_call>", "<|fim_pad|>"):
+        assert backend.forbidden[tokenizer.convert_tokens_to_ids(token)]
+    assert not backend.forbidden[151645] and not backend.forbidden[151643]
+    assert backend.forbidden[151700]  # config padding beyond the tokenizer
+
+
+def test_bad_ebnf_is_a_clear_error(tokenizer, tmp_path):
+    backend = GrammarBackend(tokenizer, 151936, [151645], disk_cache=tmp_path)
+    with pytest.raises(InputError, match="does not compile"):
+        backend.compile(GrammarSpec.ebnf("root ::= ("))
+
+
+def test_categorical_fields_follow_refs_and_nesting():
+    schema = {
+        "$defs": {"Sexo": {"enum": ["masculino", "femenino"], "type": "string"}},
+        "type": "object",
+        "properties": {
+            "sexo": {"$ref": "#/$defs/Sexo"},
+            "vivo": {"type": "boolean"},
+            "origen": {"type": "object", "properties": {"región": {"enum": ["norte", "sur"]}}},
+            "nombre": {"type": "string"},
+        },
+    }
+    assert categorical_fields(schema) == {
+        "sexo": ["masculino", "femenino"],
+        "vivo": [True, False],
+        "origen.región": ["norte", "sur"],
+    }
+
+
+def test_value_spans():
+    text = '{"a": "x", "b": {"c": [1, 2], "d": true}, "e": "ñ"}'
+    spans = value_spans(text)
+    assert text[slice(*spans["a"])] == '"x"'
+    assert text[slice(*spans["b.d"])] == "true"
+    assert text[slice(*spans["b.c"])] == "[1, 2]"
+    assert json.loads(text[slice(*spans["e"])]) == "ñ"
