@@ -137,3 +137,40 @@ def test_user_errors_exit_2(cli, tiny_kit, tmp_path):
     assert missing.code == 2 and "[0].content" in missing.stderr
     top_p = cli("generate", str(tiny_kit), "--prompt", "x", "--top-p", "2")
     assert top_p.code == 2
+
+
+def test_think_then_answer_with_schema(cli, tiny_kit, tmp_path):
+    schema = tmp_path / "personaje.schema.json"
+    schema.write_text(json.dumps({
+        "type": "object",
+        "properties": {"sexo": {"enum": ["masculino", "femenino"]}, "edad": {"type": "integer"}},
+        "required": ["sexo", "edad"],
+    }))
+    result = cli("generate", str(tiny_kit), "--prompt", "Genera un personaje", "--n", "3",
+                 "--seed", "1", "--think-budget", "6", "--schema", str(schema),
+                 "--answer-max-tokens", "40")
+    assert result.code == 0, result.stderr
+    for line in result.json_lines():
+        assert line["think_tokens"] == 6 and line["budget_hit"] is True
+        assert {"reasoning", "answer_text", "answer", "field_probs", "error"} <= set(line)
+        if line["error"] is None:
+            assert line["answer"]["sexo"] in ("masculino", "femenino")
+            assert abs(sum(line["field_probs"]["sexo"].values()) - 1) < 1e-9
+
+
+def test_choice_and_close_text(cli, tiny_kit):
+    result = cli("generate", str(tiny_kit), "--prompt", "¿Sí o no?", "--think-budget", "2",
+                 "--close-text", "</think>\\n\\n", "--choice", "sí,no", "--seed", "3")
+    line = result.json_lines()[0]
+    assert line["answer"] in ("sí", "no") and "Considering" not in line["text"]
+
+
+def test_structured_user_errors(cli, tiny_kit, tmp_path):
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps({"type": "array", "uniqueItems": True}))
+    refused = cli("generate", str(tiny_kit), "--prompt", "x", "--schema", str(schema))
+    assert refused.code == 2 and "uniqueItems" in refused.stderr and "$" in refused.stderr
+    both = cli("generate", str(tiny_kit), "--prompt", "x", "--regex", "a", "--choice", "a,b")
+    assert both.code == 2 and "at most one" in both.stderr
+    plain = cli("generate", str(tiny_kit), "--prompt", "x", "--choice", "a,b", "--temperature", "0.5")
+    assert plain.code == 2 and "--answer-" in plain.stderr

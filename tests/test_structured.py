@@ -26,13 +26,13 @@ SPECIAL_TEXTS = [
 ]
 
 
-class Clase(str, enum.Enum):
+class Clase(str, enum.Enum):  # noqa: UP042 (as seed 000 writes it)
     guerrero = "guerrero"
     soporte = "soporte"
     tanque = "tanque"
 
 
-class Sexo(str, enum.Enum):
+class Sexo(str, enum.Enum):  # noqa: UP042
     masculino = "masculino"
     femenino = "femenino"
 
