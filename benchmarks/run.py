@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks import engine as engine_bench
+from benchmarks import structured as structured_bench
 from benchmarks.common import write_result
 
 console = Console()
@@ -21,7 +22,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 repeat, 2 seed-loop samples.")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed-loop-samples", type=int, default=4)
-    parser.add_argument("--only", choices=["batch", "seed000", "floor"], default=None)
+    parser.add_argument(
+        "--only",
+        choices=["batch", "seed000", "floor", "masks", "compile", "structured000"],
+        default=None,
+    )
     args = parser.parse_args()
     repeats = 1 if args.quick else args.repeats
     loop_samples = 2 if args.quick else args.seed_loop_samples
@@ -38,7 +43,18 @@ def main() -> None:
         results["seed000"] = engine_bench.bench_seed_000(loaded, repeats, loop_samples)
     if args.only in (None, "floor"):
         results["floor"] = engine_bench.bench_decode_floor(loaded, repeats)
-    path = write_result("engine", {"repeats": repeats, **results})
+    structured = {}
+    if args.only in (None, "masks"):
+        structured["masks"] = structured_bench.bench_masks(loaded, repeats)
+    if args.only in (None, "compile"):
+        structured["compile"] = structured_bench.bench_compile(loaded)
+    if args.only in (None, "structured000"):
+        structured["seed000"] = structured_bench.bench_seed_000(loaded, repeats, loop_samples)
+    paths = []
+    if results:
+        paths.append(write_result("engine", {"repeats": repeats, **results}))
+    if structured:
+        paths.append(write_result("structured", {"repeats": repeats, **structured}))
 
     table = Table(title="muestra engine benchmarks (qwen3-0.6b shapes, bf16, this CPU)")
     for column in ("benchmark", "muestra", "reference", "ratio", "goal"):
@@ -77,8 +93,44 @@ def main() -> None:
             f"{r['ratio_to_floor']:.2f}× floor",
             "≤ 1.5× floor",
         )
+    if "masks" in structured:
+        r = structured["masks"]
+        table.add_row(
+            "answer step, 32 rows",
+            f"masked {r['masked_step_s'] * 1000:.0f} ms",
+            f"free {r['free_step_s'] * 1000:.0f} ms",
+            f"{r['ratio']:.2f}×",
+            "≤ 1.10×",
+        )
+        table.add_row(
+            "mask fill / row-token",
+            f"median {r['fill_per_row_token_us_median']:.0f} µs",
+            f"p99 {r['fill_per_row_token_us_p99']:.0f} µs",
+            "",
+            "",
+        )
+    if "compile" in structured:
+        r = structured["compile"]
+        table.add_row(
+            "Personaje compile",
+            f"cold {r['cold_s'] * 1000:.1f} ms",
+            f"memory {r['memory_cached_s'] * 1e6:.0f} µs / disk {r['disk_cached_s'] * 1000:.1f} ms",
+            "",
+            "",
+        )
+    if "seed000" in structured:
+        r = structured["seed000"]
+        table.add_row(
+            "seed 000 structured × 32",
+            f"{r['muestra_s']:.1f}s",
+            f"notebook loop {r['notebook_loop_s_scaled_to_32']:.1f}s",
+            f"{r['speedup_vs_notebook']:.1f}×",
+            "≥ 5×",
+        )
+        table.add_row("  + field_probs", f"{r['muestra_with_field_probs_s']:.1f}s", "", "", "")
     console.print(table)
-    console.print(f"results written to {path}")
+    for path in paths:
+        console.print(f"results written to {path}")
 
 
 if __name__ == "__main__":

@@ -272,3 +272,19 @@ def test_grammar_cache_hit_on_second_compile(generator):
     generator.backend.compile(spec)
     assert generator.backend.stats["memory_hits"] == before["memory_hits"] + 1
     assert generator.backend.stats["compiles"] == before["compiles"]
+
+
+def test_notebook_api_pydantic_in_objects_out(tiny_kit):
+    from muestra.structured import sample_answers
+
+    class Color(BaseModel):
+        color: str = Field(json_schema_extra={"enum": ["rojo", "azul"]})
+        vivo: bool
+
+    samples = sample_answers(str(tiny_kit), "Un color", schema=Color, n=4, seed=1, think_budget=3)
+    assert len(samples) == 4
+    for sample in samples:
+        if sample.error is None:
+            assert isinstance(sample.value, Color)
+            assert set(sample.field_probs) == {"color", "vivo"}
+    assert any(s.error is None for s in samples)

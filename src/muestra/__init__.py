@@ -14,7 +14,16 @@ from muestra.errors import (  # noqa: E402
     UnsafeModelError,
 )
 
+
+def run(*args, **kwargs):  # noqa: ANN002, ANN003
+    """Run (or resume) an experiment spec: see `muestra.experiments.run`."""
+    from muestra.experiments import run as run_experiment
+
+    return run_experiment(*args, **kwargs)
+
+
 __all__ = [
+    "run",
     "__version__",
     "InputError",
     "ModelNotFoundError",

@@ -112,6 +112,9 @@ class StructuredGenerator:
         *,
         n: int = 1,
         seed: int | None = None,
+        first_samples: Sequence[int] | None = None,
+        prompt_indices: Sequence[int] | None = None,
+        counts: Sequence[int] | None = None,
         think: ThinkConfig | None = None,
         answer: AnswerConfig | None = None,
         grammar: GrammarSpec | None = None,
@@ -135,11 +138,12 @@ class StructuredGenerator:
         requests = [
             GenerationRequest(
                 list(p),
-                n=n,
+                n=counts[i] if counts else n,
                 params=answer.params,
                 max_new_tokens=budget,
                 seed=run_seed,
-                prompt_index=i,
+                prompt_index=prompt_indices[i] if prompt_indices else i,
+                first_sample=first_samples[i] if first_samples else 0,
             )
             for i, p in enumerate(prompts)
         ]
@@ -225,3 +229,55 @@ def _parse(
     if grammar.kind == "choice" and text not in (grammar.choices or []):
         return None, None, f"the answer {text!r} is not one of the choices"
     return text, None, None
+
+
+def sample_answers(
+    model: str | LoadedModel,
+    prompt: str | list[dict[str, Any]],
+    *,
+    schema: Any = None,
+    regex: str | None = None,
+    choice: list[str] | None = None,
+    n: int = 1,
+    seed: int | None = None,
+    think_budget: int | None = 1024,
+    think_params: SamplingParams | None = None,
+    answer: AnswerConfig | None = None,
+    enable_thinking: bool | None = None,
+    field_probs: bool = True,
+) -> list[StructuredSample]:
+    """Notebook entry point: a prompt (text or messages) and a schema in, samples out.
+
+    `schema` may be a Pydantic class (each sample's `.value` is then a validated instance),
+    a JSON Schema dict or a path. The model thinks for at most `think_budget` tokens with
+    `think_params` (default: its generation config), then answers (default greedy).
+    """
+    from muestra.loading import load_model
+
+    loaded = load_model(model) if isinstance(model, str) else model
+    generator = StructuredGenerator(loaded)
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    ids = generator.text.encode_messages(messages, enable_thinking)
+    grammar = None
+    if schema is not None:
+        grammar = GrammarSpec.json_schema(schema)
+    elif regex is not None:
+        grammar = GrammarSpec.regex(regex)
+    elif choice is not None:
+        grammar = GrammarSpec.choice(choice)
+    think = None
+    if think_budget is not None:
+        think = think_from_generation_config(loaded.model, think_budget)
+        if think_params is not None:
+            think = replace(think, params=think_params)
+    pydantic_model = schema if isinstance(schema, type) else None
+    return generator.run(
+        [ids],
+        n=n,
+        seed=seed,
+        think=think,
+        answer=answer,
+        grammar=grammar,
+        pydantic_model=pydantic_model,
+        field_probs=field_probs,
+    )

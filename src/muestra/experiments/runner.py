@@ -1,0 +1,366 @@
+"""Plan and run an experiment: model × condition × prompt × sample, resumable.
+
+`Runner.plan()` lists the work units not yet in the store; `Runner.run()` groups the
+samples of each prompt into engine batches (so they share one prefill), runs them
+through the think → answer phases and writes each finished batch in one transaction.
+Interrupting (Ctrl-C, `kill -9`, a crash) loses at most the batch in flight; running
+the same command again resumes exactly where it stopped, because sample `i` of prompt
+`p` always gets the seed derived from (run seed, p, i), whichever batch it lands in.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from muestra import __version__
+from muestra.errors import InputError
+from muestra.experiments.spec import Condition, LoadedSpec, ModelSpec, PromptItem, fill
+from muestra.experiments.store import connect, dumps, insert_samples, now
+
+
+@dataclass(frozen=True)
+class Unit:
+    """The missing samples of one (model, condition, prompt) cell."""
+
+    model: ModelSpec
+    condition: Condition
+    item: PromptItem
+    prompt_index: int
+    model_id: int
+    condition_id: int
+    prompt_id: int
+    missing: tuple[int, ...]
+
+
+@dataclass
+class Progress:
+    done: int
+    total: int
+    tokens: int
+    elapsed: float
+
+
+def messages_for(spec: LoadedSpec, item: PromptItem) -> list[dict[str, str]] | str:
+    prompt = spec.spec.prompt
+    variables = item.variables
+    user = fill(prompt.user, variables)
+    if prompt.raw:
+        return user
+    messages = []
+    if prompt.system:
+        messages.append({"role": "system", "content": fill(prompt.system, variables)})
+    messages.append({"role": "user", "content": user})
+    return messages
+
+
+class Runner:
+    def __init__(
+        self,
+        spec: LoadedSpec,
+        store: Path,
+        *,
+        model: str | None = None,
+        samples: int | None = None,
+        force_new: bool = False,
+        batch_rows: int = 32,
+    ) -> None:
+        self.spec = spec
+        self.store = Path(store)
+        self.samples = samples if samples is not None else spec.spec.samples
+        if self.samples < 1:
+            raise InputError(f"--samples must be at least 1 (got {self.samples})")
+        self.models = [ModelSpec(id=model)] if model else spec.spec.model_list
+        self.force_new = force_new
+        self.batch_rows = batch_rows
+        self.db: sqlite3.Connection | None = None
+        self.run_id: int | None = None
+
+    # ---- the store ----------------------------------------------------------------------
+
+    def open(self) -> int:
+        """Create or reopen this spec's run in the store; refuse a changed spec."""
+        db = self.db = connect(self.store)
+        last = db.execute("SELECT * FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+        if last is not None and not self.force_new:
+            if last["spec_hash"] != self.spec.hash:
+                raise InputError(
+                    f"{self.store} holds a run of a different spec (its text changed since "
+                    f"{last['created_at']}). Use another --out, or --force-new to start a new "
+                    "run in the same store."
+                )
+            self.run_id = int(last["id"])
+        else:
+            with db:
+                cursor = db.execute(
+                    "INSERT INTO runs (name, spec_path, spec_text, spec_hash, seed, "
+                    "muestra_version, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        self.spec.spec.name,
+                        str(self.spec.path),
+                        self.spec.text,
+                        self.spec.hash,
+                        self.spec.spec.seed,
+                        __version__,
+                        now(),
+                    ),
+                )
+            self.run_id = int(cursor.lastrowid or 0)
+        self._register()
+        return self.run_id
+
+    def _upsert(self, table: str, key: dict[str, Any], values: dict[str, Any]) -> int:
+        assert self.db is not None
+        where = " AND ".join(f"{k} = ?" for k in key)
+        row = self.db.execute(
+            f"SELECT id FROM {table} WHERE {where}", tuple(key.values())
+        ).fetchone()
+        if row is not None:
+            return int(row[0])
+        columns = {**key, **values}
+        with self.db:
+            cursor = self.db.execute(
+                f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
+                f"({', '.join('?' for _ in columns)})",
+                tuple(columns.values()),
+            )
+        return int(cursor.lastrowid or 0)
+
+    def _register(self) -> None:
+        run = {"run_id": self.run_id}
+        self.model_ids = {
+            m.name: self._upsert("models", {**run, "label": m.name}, {"model_ref": m.id})
+            for m in self.models
+        }
+        self.condition_ids = {
+            c.label: self._upsert(
+                "conditions",
+                {**run, "label": c.label},
+                {
+                    "overrides_json": dumps(c.overrides),
+                    "think_json": dumps(c.think.model_dump() if c.think else None),
+                    "answer_json": dumps(c.answer.model_dump(by_alias=True)),
+                },
+            )
+            for c in self.spec.conditions
+        }
+        self.prompt_ids = {
+            item.id: self._upsert(
+                "prompts",
+                {**run, "prompt_key": item.id},
+                {
+                    "prompt_index": index,
+                    "messages_json": dumps(messages_for(self.spec, item)),
+                    "variables_json": dumps(item.variables),
+                    "group_name": item.group,
+                    "variant": item.variant,
+                },
+            )
+            for index, item in enumerate(self.spec.spec.prompt.items)
+        }
+
+    # ---- planning -----------------------------------------------------------------------
+
+    def plan(self) -> list[Unit]:
+        assert self.db is not None, "open() first"
+        units = []
+        for model in self.models:
+            for condition in self.spec.conditions:
+                for index, item in enumerate(self.spec.spec.prompt.items):
+                    ids = (
+                        self.model_ids[model.name],
+                        self.condition_ids[condition.label],
+                        self.prompt_ids[item.id],
+                    )
+                    stored = {
+                        row[0]
+                        for row in self.db.execute(
+                            "SELECT sample_index FROM samples WHERE model_id = ? AND "
+                            "condition_id = ? AND prompt_id = ?",
+                            ids,
+                        )
+                    }
+                    missing = tuple(i for i in range(self.samples) if i not in stored)
+                    if missing:
+                        units.append(Unit(model, condition, item, index, *ids, missing))
+        return units
+
+    def estimate_tokens(self, units: list[Unit]) -> int:
+        total = 0
+        for unit in units:
+            think = unit.condition.think
+            budget = (
+                unit.item.think_budget
+                if unit.item.think_budget is not None
+                else (think.budget if think else 0)
+            )
+            total += len(unit.missing) * (budget + unit.condition.answer.max_tokens)
+        return total
+
+    # ---- running ------------------------------------------------------------------------
+
+    def run(self, on_progress: Callable[[Progress], None] | None = None) -> Progress:
+        units = self.plan()
+        total = sum(len(u.missing) for u in units)
+        progress = Progress(0, total, 0, 0.0)
+        started = time.perf_counter()
+        for model in self.models:
+            mine = [u for u in units if u.model.name == model.name]
+            if not mine:
+                continue
+            generator = self._generator(model)
+            for batch in _batches(mine, self.batch_rows):
+                rows = self._run_batch(generator, batch)
+                assert self.db is not None
+                insert_samples(self.db, rows)
+                progress.done += len(rows)
+                progress.tokens += sum(r["completion_tokens"] for r in rows)
+                progress.elapsed = time.perf_counter() - started
+                if on_progress:
+                    on_progress(progress)
+        return progress
+
+    def _generator(self, model: ModelSpec) -> Any:
+        from muestra.loading import load_model
+        from muestra.structured import StructuredGenerator
+
+        loaded = load_model(model.id, dtype=model.dtype, device=model.device)  # type: ignore[arg-type]
+        assert self.db is not None
+        with self.db:
+            self.db.execute(
+                "UPDATE models SET provenance_json = ? WHERE id = ?",
+                (dumps(loaded.provenance.as_dict()), self.model_ids[model.name]),
+            )
+        return StructuredGenerator(loaded, max_batch=self.batch_rows)
+
+    def _run_batch(
+        self, generator: Any, batch: list[tuple[Unit, list[int]]]
+    ) -> list[dict[str, Any]]:
+        from muestra.structured import think_from_generation_config
+
+        unit0 = batch[0][0]
+        condition, item = unit0.condition, unit0.item
+        think = None
+        if condition.think is not None:
+            spec = condition.think
+            budget = item.think_budget if item.think_budget is not None else spec.budget
+            think = think_from_generation_config(
+                generator.loaded.model,
+                budget,
+                temperature=spec.temperature,
+                top_p=spec.top_p,
+                top_k=spec.top_k,
+                min_p=spec.min_p,
+            )
+            if spec.close_text is not None:
+                think = replace(think, close_text=spec.close_text)
+        answer, grammar = _answer(condition, self.spec)
+        prompts, firsts, counts, indices = [], [], [], []
+        for unit, samples in batch:
+            ids = _encode(generator, self.spec, unit.item)
+            for first, count in _ranges(samples):
+                prompts.append(ids)
+                firsts.append(first)
+                counts.append(count)
+                indices.append(unit.prompt_index)
+        started = time.perf_counter()
+        results = generator.run(
+            prompts,
+            seed=self.spec.spec.seed,
+            first_samples=firsts,
+            counts=counts,
+            prompt_indices=indices,
+            think=think,
+            answer=answer,
+            grammar=grammar,
+            field_probs=condition.answer.field_probs,
+        )
+        seconds = time.perf_counter() - started
+        unit_of = {u.prompt_index: u for u, _ in batch}
+        return [self._row(unit_of[s.prompt_index], s, think, seconds) for s in results]
+
+    def _row(self, unit: Unit, sample: Any, think: Any, seconds: float) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "model_id": unit.model_id,
+            "condition_id": unit.condition_id,
+            "prompt_id": unit.prompt_id,
+            "sample_index": sample.sample,
+            "seed": sample.seed,
+            "think_budget": think.budget if think else None,
+            "reasoning": sample.reasoning,
+            "think_tokens": sample.think_tokens,
+            "budget_hit": int(sample.budget_hit),
+            "answer_text": sample.answer_text,
+            "answer_json": dumps(sample.answer),
+            "field_probs_json": dumps(sample.field_probs),
+            "finish_reason": sample.finish_reason,
+            "error": sample.error,
+            "prompt_tokens": sample.num_prompt_tokens,
+            "completion_tokens": sample.num_tokens,
+            "batch_seconds": seconds,
+            "muestra_version": __version__,
+            "created_at": now(),
+        }
+
+
+def _encode(generator: Any, spec: LoadedSpec, item: PromptItem) -> list[int]:
+    prompt = messages_for(spec, item)
+    if isinstance(prompt, str):
+        return generator.text.encode_text(prompt)
+    return generator.text.encode_messages(prompt, spec.spec.prompt.enable_thinking)
+
+
+def _answer(condition: Condition, spec: LoadedSpec) -> tuple[Any, Any]:
+    from muestra.engine import SamplingParams
+    from muestra.grammar import GrammarSpec
+    from muestra.phases import AnswerConfig
+
+    a = condition.answer
+    params = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p)
+    grammar = None
+    if spec.answer_schema is not None:
+        grammar = GrammarSpec.json_schema(spec.answer_schema)
+    elif a.regex is not None:
+        grammar = GrammarSpec.regex(a.regex)
+    elif a.choice is not None:
+        grammar = GrammarSpec.choice(a.choice)
+    elif a.grammar is not None:
+        grammar = GrammarSpec.ebnf(spec.path.parent / a.grammar)
+    return AnswerConfig(params=params, max_tokens=a.max_tokens), grammar
+
+
+def _ranges(indices: list[int]) -> Iterator[tuple[int, int]]:
+    """Contiguous (first, count) runs of sorted sample indices."""
+    start = prev = indices[0]
+    for index in indices[1:]:
+        if index != prev + 1:
+            yield start, prev - start + 1
+            start = index
+        prev = index
+    yield start, prev - start + 1
+
+
+def _batches(units: list[Unit], rows: int) -> Iterator[list[tuple[Unit, list[int]]]]:
+    """Batches of at most `rows` samples; one condition and think budget per batch."""
+    current: list[tuple[Unit, list[int]]] = []
+    size = 0
+    key = None
+    for unit in units:
+        unit_key = (unit.condition.label, unit.item.think_budget)
+        pending = list(unit.missing)
+        while pending:
+            if current and (key != unit_key or size >= rows):
+                yield current
+                current, size = [], 0
+            key = unit_key
+            take = pending[: rows - size]
+            pending = pending[len(take) :]
+            current.append((unit, take))
+            size += len(take)
+    if current:
+        yield current

@@ -1,0 +1,314 @@
+"""Experiment specs: a TOML file, validated before any model loads.
+
+Shape (see examples/personajes.toml):
+
+    name = "personajes"
+    seed = 1234
+    samples = 50                       # per prompt, condition and model
+    [model]                            # or [[models]] to compare several in one run
+    id = "Qwen/Qwen3-4B-Thinking-2507"
+    [prompt]
+    system = "..."
+    user = "Genera un personaje para la siguiente descripción:\\n<{descripcion}>"
+    [[prompt.items]]
+    id = "neutral_1"
+    descripcion = "..."                # any other key is a template variable
+    group = "lider"                    # optional: counterfactual pairs share a group…
+    variant = "mujer"                  # …and differ in variant
+    think_budget = 750                 # optional: this item's think budget
+    [think]
+    budget = 750
+    temperature = 1.3
+    [answer]
+    temperature = 0
+    max_tokens = 200
+    schema = "personaje.schema.json"   # relative to the spec, or an inline table
+    [sweep]                            # optional: every combination is a condition
+    "think.temperature" = [0.6, 1.3]
+
+Every error names the file, the key path and the value, and suggests the closest key
+when a key is unknown.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import itertools
+import json
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from muestra.errors import InputError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(Strict):
+    id: str = Field(description="Hub id or local folder of the model.")
+    label: str | None = Field(None, description="Name used in results (default: the id).")
+    dtype: str = Field("auto", description="auto | bfloat16 | float16 | float32")
+    device: str = Field("auto", description="auto | cpu | cuda")
+
+    @property
+    def name(self) -> str:
+        return self.label or self.id
+
+
+class PromptItem(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str = Field(min_length=1)
+    group: str | None = None
+    variant: str | None = None
+    think_budget: int | None = Field(None, ge=0)
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class PromptSpec(Strict):
+    system: str | None = None
+    user: str = Field(description="User message; {name} is filled from each item.")
+    raw: bool = Field(False, description="Send `user` as plain text, without a chat template.")
+    enable_thinking: bool | None = None
+    items: list[PromptItem] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> PromptSpec:
+        ids = [item.id for item in self.items]
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            raise ValueError(f"prompt item ids must be unique; repeated: {repeated}")
+        return self
+
+
+class ThinkSpec(Strict):
+    budget: int = Field(1024, ge=0)
+    temperature: float | None = Field(None, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, lt=1)
+    close_text: str | None = None
+
+
+class AnswerSpec(Strict):
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0, lt=1)
+    max_tokens: int = Field(256, ge=1)
+    schema_: str | dict[str, Any] | None = Field(None, alias="schema")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    field_probs: bool = True
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Spec(Strict):
+    name: str = Field(min_length=1)
+    seed: int = 0
+    samples: int = Field(ge=1)
+    model: ModelSpec | None = None
+    models: list[ModelSpec] | None = None
+    prompt: PromptSpec
+    think: ThinkSpec | None = None
+    answer: AnswerSpec = Field(default_factory=AnswerSpec)
+    sweep: dict[str, list[Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_model_table(self) -> Spec:
+        if (self.model is None) == (self.models is None):
+            raise ValueError("give exactly one of [model] or [[models]]")
+        return self
+
+    @property
+    def model_list(self) -> list[ModelSpec]:
+        return [self.model] if self.model is not None else list(self.models or [])
+
+
+@dataclass(frozen=True)
+class Condition:
+    label: str  # "default" or e.g. "think.temperature=0.6"
+    overrides: dict[str, Any]
+    think: ThinkSpec | None
+    answer: AnswerSpec
+
+
+@dataclass(frozen=True)
+class LoadedSpec:
+    path: Path
+    text: str
+    spec: Spec
+    conditions: list[Condition]
+    answer_schema: dict[str, Any] | None  # the resolved JSON Schema, when one is given
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) if not isinstance(part, int) else f"[{part}]" for part in loc)
+
+
+def _describe(err: ValidationError, path: Path, data: dict[str, Any]) -> str:
+    first = err.errors()[0]
+    loc = tuple(p for p in first["loc"] if p not in ("function-after",))
+    where = _where(loc) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        parent: Any = data
+        for part in loc[:-1]:
+            parent = parent[part] if isinstance(parent, dict | list) else {}
+        allowed = _allowed_keys(loc[:-1])
+        hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+        suggestion = f"; did you mean {hint[0]!r}?" if hint else f"; allowed: {', '.join(allowed)}"
+        return f"{path}: unknown key {where}{suggestion}"
+    value = first.get("input")
+    shown = f" (got {value!r})" if not isinstance(value, dict) else ""
+    return f"{path}: {where}: {first['msg']}{shown}"
+
+
+def _allowed_keys(parent: tuple[Any, ...]) -> list[str]:
+    models: dict[str, type[BaseModel]] = {
+        "": Spec,
+        "model": ModelSpec,
+        "models": ModelSpec,
+        "prompt": PromptSpec,
+        "think": ThinkSpec,
+        "answer": AnswerSpec,
+    }
+    key = str(parent[0]) if parent else ""
+    model = models.get(key, Spec)
+    return sorted(f.alias or name for name, f in model.model_fields.items())
+
+
+PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _template_fields(template: str) -> set[str]:
+    """Names of `{name}` placeholders; any other brace (e.g. JSON in a prompt) is literal."""
+    return set(PLACEHOLDER.findall(template))
+
+
+def fill(template: str, variables: dict[str, Any]) -> str:
+    return PLACEHOLDER.sub(lambda m: str(variables.get(m.group(1), m.group(0))), template)
+
+
+def _check_templates(spec: Spec, path: Path) -> None:
+    needed = _template_fields(spec.prompt.user) | _template_fields(spec.prompt.system or "")
+    for index, item in enumerate(spec.prompt.items):
+        missing = sorted(needed - set(item.variables))
+        if missing:
+            raise InputError(
+                f"{path}: prompt.items[{index}] (id {item.id!r}) has no value for template "
+                f"variable(s) {', '.join(missing)}; add them to the item"
+            )
+
+
+def _conditions(spec: Spec, path: Path) -> list[Condition]:
+    if not spec.sweep:
+        return [Condition("default", {}, spec.think, spec.answer)]
+    keys = list(spec.sweep)
+    for key in keys:
+        section, _, field = key.partition(".")
+        target = {"think": ThinkSpec, "answer": AnswerSpec}.get(section)
+        if target is None or field not in target.model_fields or field in ("schema_",):
+            raise InputError(
+                f"{path}: sweep key {key!r} must name a think.* or answer.* setting "
+                '(e.g. "think.temperature")'
+            )
+        if section == "think" and spec.think is None:
+            raise InputError(f"{path}: sweep key {key!r} needs a [think] table")
+        if not spec.sweep[key]:
+            raise InputError(f"{path}: sweep.{key} is an empty list; give at least one value")
+    conditions = []
+    for values in itertools.product(*(spec.sweep[k] for k in keys)):
+        overrides = dict(zip(keys, values, strict=True))
+        think = spec.think.model_dump(by_alias=True) if spec.think else None
+        answer = spec.answer.model_dump(by_alias=True)
+        for key, value in overrides.items():
+            section, _, field = key.partition(".")
+            (think if section == "think" else answer)[field] = value
+        try:
+            condition = Condition(
+                ",".join(f"{k}={v}" for k, v in overrides.items()),
+                overrides,
+                ThinkSpec.model_validate(think) if think is not None else None,
+                AnswerSpec.model_validate(answer),
+            )
+        except ValidationError as err:
+            first = err.errors()[0]
+            raise InputError(
+                f"{path}: sweep value {first.get('input')!r} for {keys}: {first['msg']}"
+            ) from err
+        conditions.append(condition)
+    return conditions
+
+
+def _resolve_schema(answer: AnswerSpec, path: Path) -> dict[str, Any] | None:
+    from muestra.grammar import GrammarSpec
+
+    given = [k for k in ("schema_", "regex", "choice", "grammar") if getattr(answer, k)]
+    if len(given) > 1:
+        names = ", ".join(g.rstrip("_") for g in given)
+        raise InputError(
+            f"{path}: [answer] takes one of schema, regex, choice, grammar; got {names}"
+        )
+    schema = answer.schema_
+    if isinstance(schema, str):
+        file = (path.parent / schema).resolve()
+        try:
+            schema = json.loads(file.read_text("utf-8"))
+        except FileNotFoundError as err:
+            raise InputError(f"{path}: answer.schema file {file} does not exist") from err
+        except json.JSONDecodeError as err:
+            raise InputError(f"{file} line {err.lineno}: invalid JSON ({err.msg})") from err
+    if schema is not None:
+        GrammarSpec.json_schema(schema, source=f"{path}: answer.schema")
+    if answer.grammar is not None and not (path.parent / answer.grammar).is_file():
+        raise InputError(
+            f"{path}: answer.grammar file {path.parent / answer.grammar} does not exist"
+        )
+    return schema
+
+
+def load_spec(path: Path | str) -> LoadedSpec:
+    path = Path(path)
+    try:
+        text = path.read_text("utf-8")
+    except FileNotFoundError as err:
+        raise InputError(f"spec file {path} does not exist") from err
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise InputError(f"{path}: TOML syntax error: {err}") from err
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as err:
+        raise InputError(_describe(err, path, data)) from err
+    _check_templates(spec, path)
+    conditions = _conditions(spec, path)
+    schema = _resolve_schema(spec.answer, path)
+    for model in spec.model_list:
+        _check_model_ref(model, path)
+    return LoadedSpec(path, text, spec, conditions, schema)
+
+
+def _check_model_ref(model: ModelSpec, path: Path) -> None:
+    ref = Path(model.id).expanduser()
+    if model.id.startswith((".", "/", "~")) and not ref.exists():
+        raise InputError(
+            f"{path}: model.id {model.id!r} is not a folder; build one with "
+            "`muestra kit build --preset tiny --out FOLDER` or fix the path"
+        )
