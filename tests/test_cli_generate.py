@@ -141,14 +141,34 @@ def test_user_errors_exit_2(cli, tiny_kit, tmp_path):
 
 def test_think_then_answer_with_schema(cli, tiny_kit, tmp_path):
     schema = tmp_path / "personaje.schema.json"
-    schema.write_text(json.dumps({
-        "type": "object",
-        "properties": {"sexo": {"enum": ["masculino", "femenino"]}, "edad": {"type": "integer"}},
-        "required": ["sexo", "edad"],
-    }))
-    result = cli("generate", str(tiny_kit), "--prompt", "Genera un personaje", "--n", "3",
-                 "--seed", "1", "--think-budget", "6", "--schema", str(schema),
-                 "--answer-max-tokens", "40")
+    schema.write_text(
+        json.dumps(
+            {
+                "type": "object",
+                "properties": {
+                    "sexo": {"enum": ["masculino", "femenino"]},
+                    "edad": {"type": "integer"},
+                },
+                "required": ["sexo", "edad"],
+            }
+        )
+    )
+    result = cli(
+        "generate",
+        str(tiny_kit),
+        "--prompt",
+        "Genera un personaje",
+        "--n",
+        "3",
+        "--seed",
+        "1",
+        "--think-budget",
+        "6",
+        "--schema",
+        str(schema),
+        "--answer-max-tokens",
+        "40",
+    )
     assert result.code == 0, result.stderr
     for line in result.json_lines():
         assert line["think_tokens"] == 6 and line["budget_hit"] is True
@@ -159,8 +179,20 @@ def test_think_then_answer_with_schema(cli, tiny_kit, tmp_path):
 
 
 def test_choice_and_close_text(cli, tiny_kit):
-    result = cli("generate", str(tiny_kit), "--prompt", "¿Sí o no?", "--think-budget", "2",
-                 "--close-text", "</think>\\n\\n", "--choice", "sí,no", "--seed", "3")
+    result = cli(
+        "generate",
+        str(tiny_kit),
+        "--prompt",
+        "¿Sí o no?",
+        "--think-budget",
+        "2",
+        "--close-text",
+        "</think>\\n\\n",
+        "--choice",
+        "sí,no",
+        "--seed",
+        "3",
+    )
     line = result.json_lines()[0]
     assert line["answer"] in ("sí", "no") and "Considering" not in line["text"]
 
@@ -172,5 +204,7 @@ def test_structured_user_errors(cli, tiny_kit, tmp_path):
     assert refused.code == 2 and "uniqueItems" in refused.stderr and "$" in refused.stderr
     both = cli("generate", str(tiny_kit), "--prompt", "x", "--regex", "a", "--choice", "a,b")
     assert both.code == 2 and "at most one" in both.stderr
-    plain = cli("generate", str(tiny_kit), "--prompt", "x", "--choice", "a,b", "--temperature", "0.5")
+    plain = cli(
+        "generate", str(tiny_kit), "--prompt", "x", "--choice", "a,b", "--temperature", "0.5"
+    )
     assert plain.code == 2 and "--answer-" in plain.stderr

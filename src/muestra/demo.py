@@ -46,23 +46,24 @@ def main() -> None:
     run("tokens", model, "Lista de colores: rojo, azul")
     run("chat", model, "--messages", str(messages))
     run("next", model, "¿De qué color es el cielo?", "--top", "8")
-    run(
-        "generate",
-        model,
-        "--prompt",
-        "Genera un personaje de rol.",
-        "--n",
-        "3",
-        "--seed",
-        "1234",
-        "--temperature",
-        "0.6",
-        "--top-p",
-        "0.95",
-        "--top-k",
-        "20",
-        "--max-new-tokens",
-        "16",
+    generate = ["--prompt", "Genera un personaje de rol.", "--n", "3", "--seed", "1234"]
+    sampling = ["--temperature", "0.6", "--top-p", "0.95", "--top-k", "20"]
+    run("generate", model, *generate, *sampling, "--max-new-tokens", "16")
+
+    examples = Path(str(resources.files("muestra") / "data"))
+    store = (kit_root or tiny.parent) / "personajes-demo.db"
+    for leftover in store.parent.glob(store.name + "*"):
+        leftover.unlink()
+    console.print(
+        "\n[bold]Seed 000's experiment[/] (examples/personajes.toml) on the kit model, "
+        "4 samples per prompt instead of 50:"
+    )
+    spec = str(examples / "personajes.toml")
+    run("run", spec, "--model", model, "--samples", "4", "--out", str(store))
+    run("summary", str(store))
+    console.print(
+        "[yellow]These numbers come from RANDOM weights and mean nothing; with "
+        "Qwen/Qwen3-4B-Thinking-2507 the same spec reproduces seed 000's experiment.[/]"
     )
 
 

@@ -1,0 +1,302 @@
+"""Experiments as a user runs them: specs, the store, run/resume/kill, summary, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import ROOT
+from muestra.errors import InputError
+from muestra.experiments.spec import load_spec
+from muestra.experiments.store import connect, insert_samples
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "nombre": {"type": "string", "maxLength": 6},
+        "sexo": {"enum": ["masculino", "femenino"]},
+        "edad": {"type": "integer", "minimum": 18, "maximum": 99},
+    },
+    "required": ["nombre", "sexo", "edad"],
+}
+
+
+def write_spec(folder: Path, model: Path, samples: int = 6, extra: str = "") -> Path:
+    (folder / "p.schema.json").write_text(json.dumps(SCHEMA))
+    spec = folder / "exp.toml"
+    spec.write_text(f'''
+name = "prueba"
+seed = 99
+samples = {samples}
+
+[model]
+id = "{model}"
+
+[prompt]
+system = 'Responde en JSON: {{ "nombre": str }}'
+user = "Personaje para: <{{descripcion}}>"
+
+[[prompt.items]]
+id = "a"
+descripcion = "Soy fuerte."
+group = "g"
+variant = "x"
+
+[[prompt.items]]
+id = "b"
+descripcion = "Soy amable."
+group = "g"
+variant = "y"
+
+[think]
+budget = 6
+temperature = 1.0
+
+[answer]
+max_tokens = 40
+schema = "p.schema.json"
+{extra}''')
+    return spec
+
+
+def test_store_schema_through_migrations(tmp_path):
+    db = connect(tmp_path / "s.db")
+    assert [r[0] for r in db.execute("SELECT name FROM _migrations ORDER BY id")] == [
+        "m001_initial"
+    ]
+    tables = sorted(r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'"))
+    assert tables == ["_migrations", "conditions", "models", "prompts", "runs", "samples"]
+    columns = [r[1] for r in db.execute("PRAGMA table_info(samples)")]
+    assert columns == [
+        "id",
+        "run_id",
+        "model_id",
+        "condition_id",
+        "prompt_id",
+        "sample_index",
+        "seed",
+        "think_budget",
+        "reasoning",
+        "think_tokens",
+        "budget_hit",
+        "answer_text",
+        "answer_json",
+        "field_probs_json",
+        "finish_reason",
+        "error",
+        "prompt_tokens",
+        "completion_tokens",
+        "batch_seconds",
+        "muestra_version",
+        "created_at",
+    ]
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_run_summary_export_and_resume(cli, tiny_kit, tmp_path):
+    spec = write_spec(tmp_path, tiny_kit)
+    store = tmp_path / "out.db"
+    dry = cli("run", str(spec), "--out", str(store), "--dry-run")
+    assert dry.code == 0 and "12 to run" in dry.stderr
+    first = cli("run", str(spec), "--out", str(store), "--batch", "4")
+    assert first.code == 0, first.stderr
+    again = cli("run", str(spec), "--out", str(store))
+    assert again.code == 0 and "12 stored, 0 to run" in again.stderr
+    more = cli("run", str(spec), "--out", str(store), "--samples", "8")
+    assert "12 stored, 4 to run" in more.stderr
+    summary = cli("summary", str(store), "--json")
+    data = summary.json()
+    assert set(data["groups"]) == {"a", "b"} and data["groups"]["a"]["samples"] == 8
+    table = cli("summary", str(store), "--by", "condition", "--field", "sexo")
+    assert table.code == 0 and "sexo" in table.stdout
+    for fmt in ("csv", "parquet", "jsonl"):
+        out = tmp_path / f"x.{fmt}"
+        assert cli("export", str(store), "--format", fmt, "-o", str(out)).code == 0
+    frame = pd.read_parquet(tmp_path / "x.parquet")
+    assert len(frame) == 16
+    assert {
+        "nombre",
+        "sexo",
+        "edad",
+        "prompt_id",
+        "prompt",
+        "sample",
+        "condition",
+        "model",
+        "seed",
+        "reasoning",
+        "think_tokens",
+        "budget_hit",
+        "finish_reason",
+        "error",
+    } <= set(frame.columns)
+    valid = frame[frame["error"].isna()]
+    assert set(valid["sexo"]) <= {"masculino", "femenino"}
+    assert (frame["think_tokens"] <= 6).all()
+
+
+def test_changed_spec_is_refused(cli, tiny_kit, tmp_path):
+    spec = write_spec(tmp_path, tiny_kit, samples=1)
+    store = tmp_path / "s.db"
+    assert cli("run", str(spec), "--out", str(store)).code == 0
+    spec.write_text(spec.read_text().replace("seed = 99", "seed = 100"))
+    refused = cli("run", str(spec), "--out", str(store))
+    assert refused.code == 2 and "--force-new" in refused.stderr
+    assert cli("run", str(spec), "--out", str(store), "--force-new").code == 0
+    db = sqlite3.connect(store)
+    assert db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 2
+
+
+def _count(store: Path) -> int:
+    try:
+        db = sqlite3.connect(store, timeout=30)
+        return db.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+def test_kill_9_then_resume_gives_exact_rows(tiny_kit, tmp_path):
+    spec = write_spec(tmp_path, tiny_kit, samples=10)
+    store = tmp_path / "k.db"
+    command = [
+        sys.executable,
+        "-m",
+        "muestra",
+        "run",
+        str(spec),
+        "--out",
+        str(store),
+        "--batch",
+        "3",
+    ]
+    for delay in (4.0, 5.5, 6.5):
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert subprocess.run(command, capture_output=True).returncode == 0
+    db = sqlite3.connect(store)
+    rows = db.execute(
+        "SELECT p.prompt_key, s.sample_index, s.answer_text, s.answer_json, s.error "
+        "FROM samples s JOIN prompts p ON p.id = s.prompt_id"
+    ).fetchall()
+    assert len(rows) == 20 and len({(r[0], r[1]) for r in rows}) == 20
+    for _, _, _, answer, error in rows:
+        assert (answer is None) != (error is None)
+    straight = tmp_path / "straight.db"
+    subprocess.run([*command[:-4], "--out", str(straight)], check=True, capture_output=True)
+    reference = (
+        sqlite3.connect(straight)
+        .execute(
+            "SELECT p.prompt_key, s.sample_index, s.answer_text, s.answer_json, s.error "
+            "FROM samples s JOIN prompts p ON p.id = s.prompt_id"
+        )
+        .fetchall()
+    )
+    assert sorted(rows) == sorted(reference), "resumed samples differ from an uninterrupted run"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda s: s.replace("samples = 6", "samples = 6\nsampels = 3"), "did you mean 'samples'"),
+        (lambda s: s.replace("[think]", "[think\n"), "TOML syntax error"),
+        (lambda s: s.replace("samples = 6", 'samples = "six"'), "samples"),
+        (lambda s: s.replace('descripcion = "Soy fuerte."', 'otra = "x"'), "descripcion"),
+        (lambda s: s.replace("p.schema.json", "missing.json"), "missing.json"),
+        (lambda s: s.replace("budget = 6", "budget = 6\nbudgte = 2"), "did you mean 'budget'"),
+    ],
+    ids=[
+        "unknown-key",
+        "toml-syntax",
+        "wrong-type",
+        "template-variable",
+        "schema-file",
+        "nested-key",
+    ],
+)
+def test_spec_errors_exit_2_before_loading(cli, tiny_kit, tmp_path, change, message):
+    spec = write_spec(tmp_path, tiny_kit)
+    spec.write_text(change(spec.read_text()))
+    result = cli("run", str(spec), "--out", str(tmp_path / "e.db"))
+    assert result.code == 2, result.stderr
+    assert message in result.stderr and str(spec) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_invalid_schema_and_unknown_model(tmp_path, tiny_kit):
+    spec = write_spec(tmp_path, tiny_kit)
+    (tmp_path / "p.schema.json").write_text('{"type": "array", "uniqueItems": true}')
+    with pytest.raises(InputError, match="uniqueItems"):
+        load_spec(spec)
+    spec = write_spec(tmp_path, tmp_path / "no-model")
+    with pytest.raises(InputError, match="muestra kit build"):
+        load_spec(spec)
+
+
+def test_sweep_conditions(tmp_path, tiny_kit):
+    extra = '\n[sweep]\n"think.temperature" = [0.5, 1.0]\n"answer.max_tokens" = [30, 40]\n'
+    loaded = load_spec(write_spec(tmp_path, tiny_kit, extra=extra))
+    assert len(loaded.conditions) == 4
+    assert {c.think.temperature for c in loaded.conditions} == {0.5, 1.0}
+    bad = write_spec(tmp_path, tiny_kit, extra='\n[sweep]\n"think.temprature" = [1]\n')
+    with pytest.raises(InputError, match="think.temprature"):
+        load_spec(bad)
+
+
+def test_unwritable_store_and_full_disk(tmp_path):
+    with pytest.raises(InputError, match="cannot open the store"):
+        connect(Path("/proc/muestra-store.db"))
+    db = connect(tmp_path / "full.db")
+    db.execute(
+        "INSERT INTO runs (name, spec_path, spec_text, spec_hash, seed, muestra_version, "
+        "created_at) VALUES ('r', 'p', 't', 'h', 1, 'v', 'now')"
+    )
+    db.commit()
+
+    with pytest.raises(InputError, match="disk is full"):
+        insert_samples(_FullDiskProxy(db), [{"run_id": 1}])
+    assert db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 1
+
+
+class _FullDiskProxy:
+    """A connection whose writes fail as on a full disk."""
+
+    def __init__(self, db):
+        self.db = db
+
+    def __enter__(self):
+        return self.db.__enter__()
+
+    def __exit__(self, *exc):
+        return self.db.__exit__(*exc)
+
+    def executemany(self, *args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+
+def test_python_api(tiny_kit, tmp_path):
+    import muestra
+
+    run = muestra.run(write_spec(tmp_path, tiny_kit, samples=2), tmp_path / "api.db")
+    frame = run.to_pandas()
+    assert len(frame) == 4 and set(frame["prompt_id"]) == {"a", "b"}
+    assert run.summary()["groups"]["a"]["samples"] == 2
+
+
+def test_examples_parse():
+    for name in ("personajes", "personajes-contrafactual", "personajes-barrido"):
+        loaded = load_spec(ROOT / "examples" / f"{name}.toml")
+        assert loaded.answer_schema["title"] == "Personaje"
+    seed = load_spec(ROOT / "examples" / "personajes.toml")
+    assert [i.think_budget for i in seed.spec.prompt.items] == [750, 1500]
+    assert seed.spec.samples == 50 and seed.spec.model.id == "Qwen/Qwen3-4B-Thinking-2507"
