@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from muestra.cli.common import print_json, stderr
-from muestra.engine import SamplingParams
 from muestra.errors import InputError
-from muestra.grammar import GrammarSpec
-from muestra.phases import QWEN_CLOSE_TEXT, AnswerConfig, ThinkConfig
+
+if TYPE_CHECKING:  # the heavy modules (torch) load only when a command needs them
+    from muestra.grammar import GrammarSpec
+    from muestra.phases import AnswerConfig, ThinkConfig
 
 
 def grammar_spec(
     schema: Path | None, regex: str | None, choice: str | None, grammar: Path | None
 ) -> GrammarSpec | None:
+    from muestra.grammar import GrammarSpec
+
     given = [
         name
         for name, v in (
@@ -68,6 +71,7 @@ def think_config(
     top_k: int | None,
     min_p: float | None,
 ) -> ThinkConfig:
+    from muestra.phases import QWEN_CLOSE_TEXT, ThinkConfig
     from muestra.structured import think_from_generation_config
 
     think = think_from_generation_config(
@@ -89,6 +93,9 @@ def think_config(
 def answer_config(
     temperature: float, top_p: float, top_k: int, min_p: float, max_tokens: int
 ) -> AnswerConfig:
+    from muestra.engine import SamplingParams
+    from muestra.phases import AnswerConfig
+
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
     return AnswerConfig(params=params, max_tokens=max_tokens)
 
