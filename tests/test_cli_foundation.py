@@ -9,7 +9,18 @@ import pytest
 from conftest import ROOT
 from test_kit_tokenizer import SEED_001_IDS, SEED_003_IDS
 
-COMMANDS = [[], ["kit"], ["kit", "build"], ["tokens"], ["chat"], ["next"], ["generate"]]
+COMMANDS = [
+    [],
+    ["kit"],
+    ["kit", "build"],
+    ["tokens"],
+    ["chat"],
+    ["next"],
+    ["generate"],
+    ["run"],
+    ["summary"],
+    ["export"],
+]
 
 
 def test_version(cli):

@@ -300,3 +300,23 @@ def test_examples_parse():
     seed = load_spec(ROOT / "examples" / "personajes.toml")
     assert [i.think_budget for i in seed.spec.prompt.items] == [750, 1500]
     assert seed.spec.samples == 50 and seed.spec.model.id == "Qwen/Qwen3-4B-Thinking-2507"
+
+
+def test_several_models_and_a_sweep_in_one_run(tiny_kit, hybrid_kit, tmp_path):
+    import muestra
+
+    spec = write_spec(tmp_path, tiny_kit, samples=2, extra='\n[sweep]\n"think.budget" = [2, 4]\n')
+    text = spec.read_text().replace(
+        f'[model]\nid = "{tiny_kit}"',
+        f'[[models]]\nid = "{tiny_kit}"\nlabel = "tiny"\n\n'
+        f'[[models]]\nid = "{hybrid_kit}"\nlabel = "hybrid"',
+    )
+    spec.write_text(text)
+    frame = muestra.run(spec, tmp_path / "multi.db").to_pandas()
+    assert len(frame) == 2 * 2 * 2 * 2  # models x conditions x prompts x samples
+    assert set(frame["model"]) == {"tiny", "hybrid"}
+    assert set(frame["condition"]) == {"think.budget=2", "think.budget=4"}
+    for condition, budget in (("think.budget=2", 2), ("think.budget=4", 4)):
+        assert (frame[frame["condition"] == condition]["think_tokens"] <= budget).all()
+    # common random numbers: the same (prompt, sample) gets the same seed in every cell
+    assert frame.groupby(["prompt_id", "sample"])["seed"].nunique().max() == 1

@@ -110,3 +110,35 @@ def test_value_spans():
     assert text[slice(*spans["b.d"])] == "true"
     assert text[slice(*spans["b.c"])] == "[1, 2]"
     assert json.loads(text[slice(*spans["e"])]) == "ñ"
+
+
+def test_mask_application_equals_xgrammar_kernel(tokenizer, tmp_path):
+    import torch
+    import xgrammar as xgr
+
+    backend = GrammarBackend(tokenizer, 151936, [151645, 151643], disk_cache=tmp_path)
+    compiled = backend.compile(
+        GrammarSpec.json_schema(
+            {"type": "object", "properties": {"t": {"type": "string"}, "n": {"enum": ["sí", "no"]}}}
+        )
+    )
+    prefixes = ["", '{"t": "ho', '{"t": "x", "n": "', '{"t": "x", "n": "no"}']
+    matchers = []
+    for prefix in prefixes:
+        matcher = backend.matcher(compiled)
+        assert matcher.accept_string(prefix)
+        matchers.append(matcher)
+    logits = torch.randn(6, 151936, generator=torch.Generator().manual_seed(0))
+    rows = [0, 2, 3, 5]
+    ours = logits.clone()
+    backend.fill_and_apply(ours, matchers, rows)
+    reference = logits.clone()
+    bitmask = xgr.allocate_token_bitmask(6, 151936)
+    for row, matcher in zip(rows, matchers, strict=True):
+        matcher.fill_next_token_bitmask(bitmask, row)
+    xgr.apply_token_bitmask_inplace(reference, bitmask, vocab_size=151936, indices=rows)
+    reference[torch.tensor(rows).unsqueeze(1), backend.forbidden.nonzero().flatten()] = float(
+        "-inf"
+    )
+    assert torch.equal(ours, reference)
+    assert torch.equal(ours[[1, 4]], logits[[1, 4]])  # rows without a matcher are untouched

@@ -21,7 +21,6 @@ from muestra.engine.sampling import (
     apply_presence_frequency,
     apply_repetition_penalty,
     apply_temperature,
-    apply_top_k,
     apply_top_p,
     sample_inverse_cdf,
 )
@@ -46,9 +45,10 @@ def test_top_p_keeps_smallest_set_reaching_p():
     assert torch.allclose(out, torch.tensor([[0.6 / 0.85, 0.25 / 0.85, 0.0, 0.0]]))
 
 
-def test_top_k():
+def test_top_k_per_row():
     logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [1.0, 3.0, 2.0, 0.0]])
-    out = apply_top_k(logits, torch.tensor([2, 0]))
+    params = [SamplingParams(top_k=2), SamplingParams(top_k=0)]
+    out = SamplingBatch.build(params, 4, torch.device("cpu")).warp(logits).logits
     assert out[0].tolist() == [-math.inf, 3.0, 2.0, -math.inf]
     assert out[1].tolist() == logits[1].tolist()  # k = 0 is off
 

@@ -219,19 +219,33 @@ class GrammarBackend:
         return self.xgr.allocate_token_bitmask(rows, self.vocab_size)
 
     def fill_and_apply(self, logits: torch.Tensor, matchers: list[Any], indices: list[int]) -> None:
-        """Mask `logits` rows `indices` (in place) by their matchers, all rows at once."""
-        bitmask = self.allocate_bitmask(logits.shape[0])
-        self.batch_matcher.batch_fill_next_token_bitmask(matchers, bitmask, indices=indices)
-        self.xgr.apply_token_bitmask_inplace(
-            logits, bitmask.to(logits.device), vocab_size=self.vocab_size, indices=indices
-        )
-        rows = torch.tensor(indices, device=logits.device)
-        logits[rows.unsqueeze(1), self.forbidden_ids(logits.device).unsqueeze(0)] = float("-inf")
+        """Mask `logits` rows `indices` (in place) by their matchers, all rows at once.
+
+        xgrammar fills the packed bitmask for every row in one call. Applying it is done
+        here with a byte lookup table instead of xgrammar's CPU kernel, whose cost grows with
+        the number of *disallowed* tokens: at batch 32 on a 151,936-token vocabulary with
+        few tokens allowed (the usual case inside JSON) it measured ~30 ms a step against
+        ~10 ms for the table. Added tokens are then masked too.
+        """
+        bitmask = self.allocate_bitmask(len(indices))
+        self.batch_matcher.batch_fill_next_token_bitmask(matchers, bitmask)
+        bits = _BYTE_BITS[bitmask.view(torch.uint8).long()]  # (R, V/8, 8)
+        allowed = bits.flatten(1)[:, : self.vocab_size].to(logits.device)  # (R, V)
+        allowed[:, self.forbidden_ids(allowed.device)] = False
+        if indices == list(range(logits.shape[0])):
+            logits.masked_fill_(~allowed, float("-inf"))
+        else:
+            rows = torch.tensor(indices, device=logits.device)
+            logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
 
     def forbidden_ids(self, device: torch.device) -> torch.Tensor:
         if self._forbidden_ids.device != device:
             self._forbidden_ids = self._forbidden_ids.to(device)
         return self._forbidden_ids
+
+
+# bit j of byte b, for every byte value: unpacks xgrammar's little-endian int32 bitmask
+_BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()  # (256, 8)
 
 
 def _tokenizer_fingerprint(tokenizer: Any, vocab_size: int, stops: list[int]) -> str:

@@ -107,16 +107,6 @@ def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.
     return logits / safe.unsqueeze(1)
 
 
-def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
-    """Keep each row's `top_k` largest logits (ties at the k-th value are kept); 0 = off."""
-    vocab = logits.shape[-1]
-    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
-    kmax = int(k.max())
-    top_values = logits.topk(kmax, dim=-1).values  # (B, kmax), descending
-    threshold = top_values.gather(1, (k - 1).unsqueeze(1))  # (B, 1)
-    return logits.masked_fill(logits < threshold, NEG_INF)
-
-
 def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability reaches `top_p`."""
     sorted_logits, order = logits.sort(dim=-1, descending=False)  # ascending, as HF
