@@ -67,8 +67,11 @@ def machine() -> dict[str, Any]:
     }
 
 
-def write_result(name: str, data: dict[str, Any]) -> Path:
+def write_result(name: str, data: dict[str, Any], merge: bool = False) -> Path:
+    """Write `results/NAME.json`; with `merge`, keep the entries this run did not measure."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({"machine": machine(), **data}, indent=2) + "\n", "utf-8")
+    previous = json.loads(path.read_text("utf-8")) if merge and path.is_file() else {}
+    merged = {**previous, "machine": machine(), **data}
+    path.write_text(json.dumps(merged, indent=2) + "\n", "utf-8")
     return path

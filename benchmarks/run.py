@@ -52,9 +52,11 @@ def main() -> None:
         structured["seed000"] = structured_bench.bench_seed_000(loaded, repeats, loop_samples)
     paths = []
     if results:
-        paths.append(write_result("engine", {"repeats": repeats, **results}))
+        paths.append(write_result("engine", {"repeats": repeats, **results}, merge=bool(args.only)))
     if structured:
-        paths.append(write_result("structured", {"repeats": repeats, **structured}))
+        paths.append(
+            write_result("structured", {"repeats": repeats, **structured}, merge=bool(args.only))
+        )
 
     table = Table(title="muestra engine benchmarks (qwen3-0.6b shapes, bf16, this CPU)")
     for column in ("benchmark", "muestra", "reference", "ratio", "goal"):
