@@ -302,23 +302,7 @@ class Engine:
         self, requests: Sequence[GenerationRequest], rows: list[Row], hook: StepHook
     ) -> Iterator[StepEvent]:
         # 1. prefill each distinct prompt once, then copy it out to its rows
-        prompt_of_request: dict[int, int] = {}
-        prompts: list[Sequence[int]] = []
-        for row in rows:
-            if row.request_index not in prompt_of_request:
-                prompt_of_request[row.request_index] = len(prompts)
-                prompts.append(requests[row.request_index].prompt_ids)
-        cache, logits, mask = self._prefill(prompts, max(r.max_new_tokens for r in rows))
-        expand = torch.tensor(
-            [prompt_of_request[r.request_index] for r in rows], device=self.device
-        )
-        if len(prompts) != len(rows) or not torch.equal(
-            expand, torch.arange(len(rows), device=self.device)
-        ):
-            cache.batch_select_indices(expand)
-            logits, mask = logits[expand], mask[expand]
-        positions = torch.tensor([r.prompt_length for r in rows], device=self.device)  # (R,)
-
+        cache, logits, mask, positions = self._start_wave(requests, rows)
         row_params = [r.params for r in rows]
         sampling = SamplingBatch.build(row_params, self.vocab_size, self.device)
         seen, counts = self._penalty_state(requests, rows, sampling)
@@ -348,31 +332,7 @@ class Engine:
             logprobs = self._logprobs(rows, raw, processed, chosen)
 
             # 3. record tokens, decide who stops
-            events, finished, keep = [], [], []
-            for i, row in enumerate(rows):
-                token = chosen[i]
-                row.tokens.append(token)
-                row.forced.append(forced_flags[i])
-                if logprobs[i] is not None:
-                    row.logprobs.append(logprobs[i])
-                self._check_stop(row, token)
-                hook.after_token(row, token, forced_flags[i])
-                if row.finish_reason is None and len(row.tokens) >= row.max_new_tokens:
-                    row.finish("length")
-                events.append(
-                    TokenEvent(
-                        row.request_index,
-                        row.sample_index,
-                        token,
-                        forced_flags[i],
-                        logprobs[i],
-                        row.finish_reason,
-                    )
-                )
-                if row.finish_reason is None:
-                    keep.append(i)
-                else:
-                    finished.append(self._sample(row))
+            events, finished, keep = self._record(rows, chosen, forced_flags, logprobs, hook)
             if counts is not None and seen is not None:
                 index = torch.tensor(chosen, device=self.device).unsqueeze(1)
                 counts.scatter_add_(1, index, torch.ones_like(index, dtype=counts.dtype))
@@ -403,6 +363,62 @@ class Engine:
             )
             cache, logits = out.past_key_values, out.logits[:, -1, :].float()
             positions = positions + 1
+
+    def _start_wave(
+        self, requests: Sequence[GenerationRequest], rows: list[Row]
+    ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prefill the wave's distinct prompts and copy each out to its rows:
+        (cache, logits (R, V), attention mask (R, L), next positions (R,))."""
+        prompt_of_request: dict[int, int] = {}
+        prompts: list[Sequence[int]] = []
+        for row in rows:
+            if row.request_index not in prompt_of_request:
+                prompt_of_request[row.request_index] = len(prompts)
+                prompts.append(requests[row.request_index].prompt_ids)
+        cache, logits, mask = self._prefill(prompts, max(r.max_new_tokens for r in rows))
+        expand = [prompt_of_request[r.request_index] for r in rows]
+        if expand != list(range(len(rows))):
+            index = torch.tensor(expand, device=self.device)
+            cache.batch_select_indices(index)
+            logits, mask = logits[index], mask[index]
+        positions = torch.tensor([r.prompt_length for r in rows], device=self.device)
+        return cache, logits, mask, positions
+
+    def _record(
+        self,
+        rows: list[Row],
+        chosen: list[int],
+        forced_flags: list[bool],
+        logprobs: list[TokenLogprobs | None],
+        hook: StepHook,
+    ) -> tuple[list[TokenEvent], list[Sample], list[int]]:
+        """Append each row's token, apply the stop rules: (events, finished, rows to keep)."""
+        events, finished, keep = [], [], []
+        for i, row in enumerate(rows):
+            token = chosen[i]
+            row.tokens.append(token)
+            row.forced.append(forced_flags[i])
+            if logprobs[i] is not None:
+                row.logprobs.append(logprobs[i])
+            self._check_stop(row, token)
+            hook.after_token(row, token, forced_flags[i])
+            if row.finish_reason is None and len(row.tokens) >= row.max_new_tokens:
+                row.finish("length")
+            events.append(
+                TokenEvent(
+                    row.request_index,
+                    row.sample_index,
+                    token,
+                    forced_flags[i],
+                    logprobs[i],
+                    row.finish_reason,
+                )
+            )
+            if row.finish_reason is None:
+                keep.append(i)
+            else:
+                finished.append(self._sample(row))
+        return events, finished, keep
 
     def _penalty_state(
         self, requests: Sequence[GenerationRequest], rows: list[Row], sampling: SamplingBatch
