@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from muestra import __version__
-from muestra.cli import experiment_cmd, generate_cmd, inspect_cmd, kit_cmd
+from muestra.cli import analyze_cmd, experiment_cmd, generate_cmd, inspect_cmd, kit_cmd
 from muestra.errors import MuestraError
 
 app = typer.Typer(
@@ -50,6 +50,7 @@ app.add_typer(kit_cmd.app, name="kit")
 inspect_cmd.register(app)
 generate_cmd.register(app)
 experiment_cmd.register(app)
+analyze_cmd.register(app)
 
 
 def main() -> None:

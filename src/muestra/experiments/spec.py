@@ -115,6 +115,14 @@ class AnswerSpec(Strict):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+class AnalysisSpec(Strict):
+    alpha: float = Field(0.05, gt=0, lt=1, description="Significance level after adjustment.")
+    reference: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="Reference distribution per field, e.g. sexo = {masculino = 0.5, ...}.",
+    )
+
+
 class Spec(Strict):
     name: str = Field(min_length=1)
     seed: int = 0
@@ -125,6 +133,7 @@ class Spec(Strict):
     think: ThinkSpec | None = None
     answer: AnswerSpec = Field(default_factory=AnswerSpec)
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
+    analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
 
     @model_validator(mode="after")
     def _one_model_table(self) -> Spec:
@@ -187,6 +196,7 @@ def _allowed_keys(parent: tuple[Any, ...]) -> list[str]:
         "prompt": PromptSpec,
         "think": ThinkSpec,
         "answer": AnswerSpec,
+        "analysis": AnalysisSpec,
     }
     key = str(parent[0]) if parent else ""
     model = models.get(key, Spec)

@@ -1,0 +1,239 @@
+"""Analysis of a store: distributions with intervals, tests, adjusted p-values, sentences.
+
+`analyze(frame)` takes the per-sample DataFrame of `muestra.experiments.results` and
+returns an `Analysis`:
+
+- for every categorical answer field and every prompt: counts, proportions with Wilson
+  95% intervals, total variation / Jensen–Shannon distance to the reference (uniform
+  unless `[analysis.reference]` in the spec gives one) and normalised entropy;
+- one independence test per field and dimension that varies (prompt, condition, model):
+  χ² (Monte-Carlo when expected counts are small) with Cramér's V; Holm and
+  Benjamini–Hochberg adjustment over every test of the report;
+- one plain sentence per significant finding;
+- counterfactual pairs (same `group`, different `variant`): difference in proportions
+  with Newcombe's interval per value, and the flip rate of the answer between variants
+  for the same sample index.
+
+Free-text fields (more than 20 distinct values, or more distinct values than half the
+samples) are described but not tested. Only samples without an error count.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from muestra.analysis.stats import adjust, difference, distance_to, independence, wilson
+from muestra.experiments.results import answer_fields
+
+DIMENSIONS = {"prompt": "prompt_id", "condition": "condition", "model": "model"}
+
+
+@dataclass
+class ValueShare:
+    value: str
+    count: int
+    proportion: float
+    low: float
+    high: float
+
+
+@dataclass
+class Distribution:
+    field: str
+    group: str
+    n: int
+    values: list[ValueShare]
+    total_variation: float
+    jensen_shannon: float
+    normalised_entropy: float
+
+
+@dataclass
+class TestRow:
+    field: str
+    by: str
+    method: str
+    statistic: float
+    dof: int
+    p_value: float
+    cramers_v: float
+    p_holm: float = 1.0
+    p_bh: float = 1.0
+    sentence: str | None = None
+
+
+@dataclass
+class Counterfactual:
+    group: str
+    field: str
+    value: str
+    variant_a: str
+    variant_b: str
+    proportion_a: float
+    proportion_b: float
+    difference: float
+    low: float
+    high: float
+    flip_rate: float
+
+
+@dataclass
+class Analysis:
+    alpha: float
+    samples: int
+    valid: int
+    distributions: list[Distribution] = field(default_factory=list)
+    tests: list[TestRow] = field(default_factory=list)
+    counterfactuals: list[Counterfactual] = field(default_factory=list)
+
+    @property
+    def findings(self) -> list[str]:
+        return [t.sentence for t in self.tests if t.sentence]
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["findings"] = self.findings
+        return data
+
+
+def categorical_fields(frame: pd.DataFrame) -> list[str]:
+    chosen = []
+    for name in answer_fields(frame):
+        values = frame[name].dropna()
+        if values.empty:
+            continue
+        numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+        distinct = values.astype(str).nunique()
+        if not numeric and distinct <= 20 and distinct <= max(2, len(values) // 2):
+            chosen.append(name)
+    return chosen
+
+
+def _levels(valid: pd.DataFrame, name: str, column: pd.Series) -> list[str]:
+    """Observed values plus every allowed value the grammar knew (from `field_probs`), so
+    a value the model never chose still counts in the distance to uniform."""
+    allowed = {
+        key
+        for probs in valid["field_probs"]
+        if isinstance(probs, dict) and isinstance(probs.get(name), dict)
+        for key in probs[name]
+        if key != "<unresolved>"
+    }
+    return sorted(set(column.unique()) | allowed)
+
+
+def _shares(values: pd.Series, levels: list[str]) -> list[ValueShare]:
+    counts = values.astype(str).value_counts()
+    n = len(values)
+    shares = []
+    for level in levels:
+        k = int(counts.get(level, 0))
+        low, high = wilson(k, n)
+        shares.append(ValueShare(level, k, k / n if n else 0.0, low, high))
+    return shares
+
+
+def analyze(
+    frame: pd.DataFrame, reference: dict[str, dict[str, float]] | None = None, alpha: float = 0.05
+) -> Analysis:
+    valid = frame[frame["error"].isna()] if len(frame) else frame
+    result = Analysis(alpha=alpha, samples=len(frame), valid=len(valid))
+    for name in categorical_fields(valid):
+        column = valid[name].dropna().astype(str)
+        levels = _levels(valid, name, column)
+        given = (reference or {}).get(name)
+        ref = np.array([given.get(level, 0.0) for level in levels]) if given else None
+        for prompt, rows in valid.loc[column.index].groupby("prompt_id", sort=False):
+            shares = _shares(rows[name].astype(str), levels)
+            dist = distance_to(np.array([s.count for s in shares]) + 0.0, ref)
+            result.distributions.append(
+                Distribution(
+                    name,
+                    str(prompt),
+                    len(rows),
+                    shares,
+                    dist.total_variation,
+                    dist.jensen_shannon,
+                    dist.normalised_entropy,
+                )
+            )
+        for by, key in DIMENSIONS.items():
+            if valid[key].nunique() < 2:
+                continue
+            table = pd.crosstab(valid.loc[column.index, key], column)
+            test = independence(table.to_numpy())
+            if test is not None:
+                row = TestRow(
+                    name, by, test.method, test.statistic, test.dof, test.p_value, test.cramers_v
+                )
+                row.sentence = _sentence_parts(table, name, by)
+                result.tests.append(row)
+        result.counterfactuals += _counterfactuals(valid, name, levels)
+    holm, bh = adjust([t.p_value for t in result.tests])
+    for test, p_holm, p_bh in zip(result.tests, holm, bh, strict=True):
+        test.p_holm, test.p_bh = p_holm, p_bh
+        test.sentence = _finish_sentence(test.sentence, p_holm) if p_holm < alpha else None
+    return result
+
+
+def _sentence_parts(table: pd.DataFrame, name: str, by: str) -> str:
+    """The biggest contrast in the table, as words (the p-value is added later)."""
+    shares = table.div(table.sum(axis=1), axis=0)
+    best = None
+    for value in shares.columns:
+        column = shares[value]
+        high, low = column.idxmax(), column.idxmin()
+        gap = column[high] - column[low]
+        if best is None or gap > best[0]:
+            best = (gap, value, high, low, column[high], column[low])
+    assert best is not None
+    _, value, high, low, p_high, p_low = best
+    if p_low > 0:
+        return (
+            f"{by} {high} makes {name}={value} {p_high / p_low:.1f}× as likely as {low} "
+            f"({p_high:.0%} vs {p_low:.0%})"
+        )
+    return f"{by} {high} gives {name}={value} in {p_high:.0%} of samples, {low} in none"
+
+
+def _finish_sentence(text: str | None, p_holm: float) -> str | None:
+    if text is None:
+        return None
+    shown = "p_adj < 0.001" if p_holm < 0.001 else f"p_adj = {p_holm:.3f}"
+    return f"{text}; {shown}"
+
+
+def _counterfactuals(valid: pd.DataFrame, name: str, levels: list[str]) -> list[Counterfactual]:
+    found = []
+    paired = valid.dropna(subset=["group", "variant", name])
+    for (group, _condition, _model), rows in paired.groupby(["group", "condition", "model"]):
+        variants = sorted(rows["variant"].unique())
+        for a, b in itertools.combinations(variants, 2):
+            left = rows[rows["variant"] == a].set_index("sample")[name].astype(str)
+            right = rows[rows["variant"] == b].set_index("sample")[name].astype(str)
+            common = left.index.intersection(right.index)
+            flips = float((left[common] != right[common]).mean()) if len(common) else float("nan")
+            for level in levels:
+                k1, k2 = int((left == level).sum()), int((right == level).sum())
+                diff, low, high = difference(k1, len(left), k2, len(right))
+                found.append(
+                    Counterfactual(
+                        str(group),
+                        name,
+                        level,
+                        a,
+                        b,
+                        k1 / len(left),
+                        k2 / len(right),
+                        diff,
+                        low,
+                        high,
+                        flips,
+                    )
+                )
+    return found

@@ -1,0 +1,103 @@
+"""`muestra analyze`: tests, adjusted p-values and plain sentences from a store."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from muestra.cli.common import JsonOption, print_json, stdout
+
+
+def register(app: typer.Typer) -> None:
+    app.command("analyze")(analyze)
+
+
+def analyze(
+    store: Path = typer.Argument(..., help="SQLite store written by `muestra run`."),
+    alpha: float | None = typer.Option(
+        None, "--alpha", min=0.0, max=1.0, help="Significance level (default: the spec's, 0.05)."
+    ),
+    as_json: bool = JsonOption,
+) -> None:
+    """Is each answer field independent of the prompt, condition and model? χ² tests
+    (Monte-Carlo when counts are small) with Cramér's V, Holm and Benjamini–Hochberg
+    adjusted p-values, one sentence per significant finding, Wilson intervals per value,
+    distance to the reference distribution, and counterfactual pair differences."""
+    from muestra.analysis import analyze as run_analysis
+    from muestra.experiments.results import samples_frame
+    from muestra.experiments.spec import AnalysisSpec
+    from muestra.experiments.store import connect, latest_run
+
+    with connect(store, create=False) as db:
+        run = latest_run(db)
+        frame = samples_frame(db, int(run["id"]))
+    settings = AnalysisSpec.model_validate(tomllib.loads(run["spec_text"]).get("analysis", {}))
+    result = run_analysis(frame, settings.reference, alpha if alpha is not None else settings.alpha)
+    if as_json:
+        print_json(result.as_dict())
+        return
+    stdout.print(f"{result.valid} valid of {result.samples} samples")
+    table = Table(title="independence tests")
+    for column in (
+        "field",
+        "by",
+        "method",
+        "statistic",
+        "dof",
+        "Cramér's V",
+        "p",
+        "p Holm",
+        "p BH",
+    ):
+        table.add_column(column, justify="left" if column in ("field", "by", "method") else "right")
+    for t in result.tests:
+        table.add_row(
+            t.field,
+            t.by,
+            t.method,
+            f"{t.statistic:.2f}",
+            str(t.dof),
+            f"{t.cramers_v:.2f}",
+            f"{t.p_value:.3g}",
+            f"{t.p_holm:.3g}",
+            f"{t.p_bh:.3g}",
+        )
+    stdout.print(table)
+    for sentence in result.findings:
+        stdout.print(f"• {sentence}")
+    if not result.findings:
+        stdout.print(f"no significant finding at α = {result.alpha} after Holm adjustment")
+    shares = Table(title="proportions with Wilson 95% intervals")
+    for column in ("field", "prompt", "n", "value", "share", "95% interval", "TV to ref"):
+        shares.add_column(column)
+    for d in result.distributions:
+        for v in d.values:
+            shares.add_row(
+                d.field,
+                d.group,
+                str(d.n),
+                v.value,
+                f"{v.proportion:.2f}",
+                f"[{v.low:.2f}, {v.high:.2f}]",
+                f"{d.total_variation:.2f}",
+            )
+    stdout.print(shares)
+    if result.counterfactuals:
+        pairs = Table(title="counterfactual pairs (a − b, Newcombe 95% interval)")
+        for column in ("group", "field", "value", "a", "b", "a − b", "interval", "flip rate"):
+            pairs.add_column(column)
+        for c in result.counterfactuals:
+            pairs.add_row(
+                c.group,
+                c.field,
+                c.value,
+                c.variant_a,
+                c.variant_b,
+                f"{c.difference:+.2f}",
+                f"[{c.low:+.2f}, {c.high:+.2f}]",
+                f"{c.flip_rate:.2f}",
+            )
+        stdout.print(pairs)

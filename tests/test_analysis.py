@@ -1,0 +1,130 @@
+"""Statistics against scipy/statsmodels and hand-worked cases; a planted bias is found."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from muestra.analysis import analyze
+from muestra.analysis.stats import adjust, difference, distance_to, independence, wilson
+from muestra.experiments.results import samples_frame
+from muestra.experiments.store import connect
+
+
+def test_wilson_hand_worked():
+    assert wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    low, high = wilson(0, 50)
+    assert low == pytest.approx(0.0, abs=1e-12)
+    assert high == pytest.approx(1.96**2 / (50 + 1.96**2), abs=2e-4)
+
+
+def test_independence_matches_scipy_and_cramers_v():
+    table = np.array([[45, 5], [25, 25]])
+    test = independence(table)
+    reference = stats.chi2_contingency(table, correction=False)
+    assert test.method == "chi2" and test.dof == 1
+    assert test.statistic == pytest.approx(reference.statistic)
+    assert test.p_value == pytest.approx(reference.pvalue)
+    assert test.cramers_v == pytest.approx(math.sqrt(reference.statistic / table.sum()))
+
+
+def test_small_counts_use_monte_carlo_close_to_fisher():
+    table = np.array([[6, 1], [1, 6]])
+    test = independence(table)
+    assert test.method == "chi2-monte-carlo"
+    assert test.p_value == pytest.approx(stats.fisher_exact(table).pvalue, abs=0.02)
+    assert independence(np.array([[5, 0], [7, 0]])) is None  # one value only: nothing to test
+
+
+def test_distances_hand_worked():
+    d = distance_to(np.array([1.0, 0.0]))
+    kl_p = math.log2(1 / 0.75)
+    kl_q = 0.5 * math.log2(0.5 / 0.75) + 0.5 * math.log2(0.5 / 0.25)
+    assert d.total_variation == pytest.approx(0.5)
+    assert d.jensen_shannon == pytest.approx(math.sqrt(0.5 * kl_p + 0.5 * kl_q))
+    assert d.normalised_entropy == pytest.approx(0.0)
+    assert distance_to(np.array([2.0, 2.0])).normalised_entropy == pytest.approx(1.0)
+    assert distance_to(np.array([3.0, 1.0]), np.array([0.75, 0.25])).total_variation == 0
+
+
+def test_adjustments_hand_worked():
+    holm, bh = adjust([0.01, 0.04, 0.03])
+    assert holm == pytest.approx([0.03, 0.06, 0.06])
+    assert bh == pytest.approx([0.03, 0.04, 0.04])
+
+
+def test_difference_newcombe():
+    diff, low, high = difference(30, 50, 20, 50)
+    assert diff == pytest.approx(0.2)
+    assert (low, high) == pytest.approx((0.00458, 0.37524), abs=1e-4)
+
+
+def planted_store(path, seed=0, bias=True, n=100):
+    """A store with prompt A (90% masculino) vs B (50%), and a null field (clase)."""
+    rng = np.random.default_rng(seed)
+    db = connect(path)
+    with db:
+        db.execute(
+            "INSERT INTO runs VALUES (1, 'planted', 's.toml', '[analysis]\nalpha = 0.05', "
+            "'h', 1, 'test', 'now')"
+        )
+        db.execute("INSERT INTO models VALUES (1, 1, 'm', 'm', NULL)")
+        db.execute("INSERT INTO conditions VALUES (1, 1, 'default', '{}', NULL, '{}')")
+        for pid, key, variant in ((1, "A", "x"), (2, "B", "y")):
+            db.execute(
+                "INSERT INTO prompts VALUES (?, 1, ?, ?, '\"p\"', '{}', 'g', ?)",
+                (pid, pid - 1, key, variant),
+            )
+        for pid, share in ((1, 0.9 if bias else 0.5), (2, 0.5)):
+            for i in range(n):
+                answer = {
+                    "sexo": "masculino" if rng.random() < share else "femenino",
+                    "clase": ["guerrero", "soporte", "tanque"][rng.integers(3)],
+                }
+                db.execute(
+                    "INSERT INTO samples (run_id, model_id, condition_id, prompt_id, "
+                    "sample_index, seed, reasoning, think_tokens, budget_hit, answer_text, "
+                    "answer_json, finish_reason, prompt_tokens, completion_tokens, batch_seconds, "
+                    "muestra_version, created_at) VALUES (1, 1, 1, ?, ?, 0, '', 3, 0, ?, ?, "
+                    "'stop', 5, 9, 1.0, 'test', 'now')",
+                    (pid, i, json.dumps(answer), json.dumps(answer)),
+                )
+    return db
+
+
+def test_planted_bias_found_null_not(tmp_path):
+    db = planted_store(tmp_path / "planted.db")
+    result = analyze(samples_frame(db))
+    by_field = {t.field: t for t in result.tests}
+    assert by_field["sexo"].p_holm < 0.001 and by_field["clase"].p_holm > 0.05
+    assert len(result.findings) == 1
+    assert result.findings[0].startswith("prompt A makes sexo=masculino")
+    pair = next(c for c in result.counterfactuals if c.field == "sexo" and c.value == "masculino")
+    assert pair.difference > 0.25 and pair.low > 0
+
+
+def test_false_positive_rate_under_the_null():
+    """No bias: the share of 'significant' tests stays near α = 0.05 (2,000 simulated pairs
+    of prompts with 60 samples each; measured 6.0%, the uncorrected χ² is slightly liberal)."""
+    hits = 0
+    for seed in range(2000):
+        rng = np.random.default_rng(seed)
+        a, b = (rng.random(60) < 0.5).sum(), (rng.random(60) < 0.5).sum()
+        hits += independence(np.array([[a, 60 - a], [b, 60 - b]])).p_value < 0.05
+    assert 0.03 < hits / 2000 < 0.075
+
+
+def test_analyze_cli_json(cli, tmp_path):
+    planted_store(tmp_path / "p.db").close()
+    result = cli("analyze", str(tmp_path / "p.db"), "--json")
+    assert result.code == 0, result.stderr
+    data = result.json()
+    assert data["findings"] and data["tests"][0]["p_holm"] <= 1
+    table = cli("analyze", str(tmp_path / "p.db"))
+    assert "Holm" in table.stdout and "prompt A makes sexo=masculino" in table.stdout
+    missing = cli("analyze", str(tmp_path / "none.db"))
+    assert missing.code == 2 and "does not exist" in missing.stderr
