@@ -128,3 +128,63 @@ def test_analyze_cli_json(cli, tmp_path):
     assert "Holm" in table.stdout and "prompt A makes sexo=masculino" in table.stdout
     missing = cli("analyze", str(tmp_path / "none.db"))
     assert missing.code == 2 and "does not exist" in missing.stderr
+
+
+def test_numeric_fields_rank_tests_and_bootstrap():
+    from muestra.analysis.stats import bootstrap_mean, rank_test
+
+    a, b = np.arange(20.0), np.arange(20.0) + 15
+    test = rank_test([a, b])
+    reference = stats.mannwhitneyu(a, b, alternative="two-sided")
+    assert test.method == "mann-whitney" and test.p_value == pytest.approx(reference.pvalue)
+    three = rank_test([a, b, a + 1])
+    assert three.method == "kruskal-wallis"
+    assert three.p_value == pytest.approx(stats.kruskal(a, b, a + 1).pvalue)
+    low, high = bootstrap_mean(a)
+    assert low < a.mean() < high and high - low < 8
+
+
+def test_planted_numeric_effect_field_probs_and_mentions(tmp_path):
+    import pandas as pd
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for prompt, shift, word in (("A", 0, "ella es fuerte"), ("B", 20, "he is strong")):
+        for i in range(40):
+            p_m = 0.8 if prompt == "A" else 0.3
+            rows.append(
+                {
+                    "edad": int(30 + shift + rng.integers(0, 10)),
+                    "sexo": "masculino",
+                    "prompt_id": prompt,
+                    "prompt": "",
+                    "group": None,
+                    "variant": None,
+                    "sample": i,
+                    "condition": "default",
+                    "model": "m",
+                    "seed": i,
+                    "think_budget": 8,
+                    "reasoning": word if i % 2 else "nada",
+                    "think_tokens": 8,
+                    "budget_hit": True,
+                    "answer_text": "",
+                    "finish_reason": "stop",
+                    "error": None,
+                    "prompt_tokens": 5,
+                    "completion_tokens": 9,
+                    "batch_seconds": 1.0,
+                    "field_probs": {"sexo": {"masculino": p_m, "femenino": 1 - p_m}},
+                }
+            )
+    result = analyze(pd.DataFrame(rows))
+    edad = next(t for t in result.tests if t.field == "edad")
+    assert edad.method == "mann-whitney" and edad.p_holm < 0.001
+    assert "prompt B gives a higher edad than A" in " ".join(result.findings)
+    probs = {(f.group, f.value): f for f in result.field_probs}
+    assert probs[("A", "masculino")].mean_probability == pytest.approx(0.8)
+    assert probs[("A", "masculino")].narrower > 10  # every sample carries the whole distribution
+    mentions = {(m.term, m.group): m.share for m in result.mentions}
+    assert mentions[("femenino", "A")] == pytest.approx(0.5)
+    assert mentions[("masculino", "B")] == pytest.approx(0.5)
+    assert mentions[("masculino", "A")] == 0

@@ -21,13 +21,22 @@ samples) are described but not tested. Only samples without an error count.
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from muestra.analysis.stats import adjust, difference, distance_to, independence, wilson
+from muestra.analysis.stats import (
+    adjust,
+    bootstrap_mean,
+    difference,
+    distance_to,
+    independence,
+    rank_test,
+    wilson,
+)
 from muestra.experiments.results import answer_fields
 
 DIMENSIONS = {"prompt": "prompt_id", "condition": "condition", "model": "model"}
@@ -83,6 +92,48 @@ class Counterfactual:
 
 
 @dataclass
+class NumericSummary:
+    field: str
+    group: str
+    n: int
+    mean: float
+    mean_low: float
+    mean_high: float
+    median: float
+    median_low: float
+    median_high: float
+
+
+@dataclass
+class FieldProbSummary:
+    field: str
+    group: str
+    value: str
+    mean_probability: float
+    low: float
+    high: float
+    sampled_share: float
+    narrower: float  # Wilson interval width of the sampled share ÷ width of this interval
+
+
+@dataclass
+class TermMentions:
+    term: str
+    group: str
+    n: int
+    share: float
+    low: float
+    high: float
+
+
+# Default terms looked for in reasoning traces (Spanish and English gender words).
+DEFAULT_TERMS = {
+    "masculino": r"\b(?:él|hombre|varón|chico|masculino|he|him|his|man|male)\b",
+    "femenino": r"\b(?:ella|mujer|chica|femenino|she|her|hers|woman|female)\b",
+}
+
+
+@dataclass
 class Analysis:
     alpha: float
     samples: int
@@ -90,6 +141,9 @@ class Analysis:
     distributions: list[Distribution] = field(default_factory=list)
     tests: list[TestRow] = field(default_factory=list)
     counterfactuals: list[Counterfactual] = field(default_factory=list)
+    numeric: list[NumericSummary] = field(default_factory=list)
+    field_probs: list[FieldProbSummary] = field(default_factory=list)
+    mentions: list[TermMentions] = field(default_factory=list)
 
     @property
     def findings(self) -> list[str]:
@@ -139,7 +193,10 @@ def _shares(values: pd.Series, levels: list[str]) -> list[ValueShare]:
 
 
 def analyze(
-    frame: pd.DataFrame, reference: dict[str, dict[str, float]] | None = None, alpha: float = 0.05
+    frame: pd.DataFrame,
+    reference: dict[str, dict[str, float]] | None = None,
+    alpha: float = 0.05,
+    terms: dict[str, str] | None = None,
 ) -> Analysis:
     valid = frame[frame["error"].isna()] if len(frame) else frame
     result = Analysis(alpha=alpha, samples=len(frame), valid=len(valid))
@@ -174,6 +231,10 @@ def analyze(
                 row.sentence = _sentence_parts(table, name, by)
                 result.tests.append(row)
         result.counterfactuals += _counterfactuals(valid, name, levels)
+        result.field_probs += _field_probs(valid, name, levels)
+    for name in numeric_fields(valid):
+        _numeric(valid, name, result)
+    result.mentions = _mentions(valid, DEFAULT_TERMS if terms is None else terms)
     holm, bh = adjust([t.p_value for t in result.tests])
     for test, p_holm, p_bh in zip(result.tests, holm, bh, strict=True):
         test.p_holm, test.p_bh = p_holm, p_bh
@@ -236,4 +297,91 @@ def _counterfactuals(valid: pd.DataFrame, name: str, levels: list[str]) -> list[
                         flips,
                     )
                 )
+    return found
+
+
+def numeric_fields(frame: pd.DataFrame) -> list[str]:
+    return [
+        name
+        for name in answer_fields(frame)
+        if pd.api.types.is_numeric_dtype(frame[name])
+        and not pd.api.types.is_bool_dtype(frame[name])
+        and frame[name].notna().any()
+    ]
+
+
+def _numeric(valid: pd.DataFrame, name: str, result: Analysis) -> None:
+    groups = []
+    for prompt, rows in valid.groupby("prompt_id", sort=False):
+        values = rows[name].dropna().to_numpy(dtype=float)
+        if not len(values):
+            continue
+        groups.append(values)
+        mean_low, mean_high = bootstrap_mean(values)
+        median_low, median_high = bootstrap_mean(values, statistic="median")
+        result.numeric.append(
+            NumericSummary(
+                name,
+                str(prompt),
+                len(values),
+                float(values.mean()),
+                mean_low,
+                mean_high,
+                float(np.median(values)),
+                median_low,
+                median_high,
+            )
+        )
+    test = rank_test(groups)
+    if test is not None:
+        row = TestRow(
+            name, "prompt", test.method, test.statistic, len(groups) - 1, test.p_value, test.effect
+        )
+        means = {s.group: s.mean for s in result.numeric if s.field == name}
+        high, low = max(means, key=means.get), min(means, key=means.get)
+        row.sentence = (
+            f"prompt {high} gives a higher {name} than {low} "
+            f"({means[high]:.3g} vs {means[low]:.3g} on average)"
+        )
+        result.tests.append(row)
+
+
+def _field_probs(valid: pd.DataFrame, name: str, levels: list[str]) -> list[FieldProbSummary]:
+    """Mean field_probs per value with a bootstrap interval, against counting draws."""
+    found = []
+    for prompt, rows in valid.groupby("prompt_id", sort=False):
+        dists = [p[name] for p in rows["field_probs"] if isinstance(p, dict) and name in p]
+        if len(dists) < 2:
+            continue
+        drawn = rows[name].astype(str)
+        for level in levels:
+            values = np.array([d.get(level, 0.0) for d in dists])
+            low, high = bootstrap_mean(values)
+            k = int((drawn == level).sum())
+            w_low, w_high = wilson(k, len(drawn))
+            width = high - low
+            found.append(
+                FieldProbSummary(
+                    name,
+                    str(prompt),
+                    level,
+                    float(values.mean()),
+                    low,
+                    high,
+                    k / len(drawn),
+                    (w_high - w_low) / width if width > 0 else float("inf"),
+                )
+            )
+    return found
+
+
+def _mentions(valid: pd.DataFrame, terms: dict[str, str]) -> list[TermMentions]:
+    found = []
+    traces = valid.dropna(subset=["reasoning"])
+    for term, pattern in terms.items():
+        regex = re.compile(pattern, re.IGNORECASE)
+        for prompt, rows in traces.groupby("prompt_id", sort=False):
+            hits = int(rows["reasoning"].str.contains(regex).sum())
+            low, high = wilson(hits, len(rows))
+            found.append(TermMentions(term, str(prompt), len(rows), hits / len(rows), low, high))
     return found

@@ -94,6 +94,43 @@ def adjust(p_values: list[float]) -> tuple[list[float], list[float]]:
     return [float(v) for v in holm], [float(v) for v in bh]
 
 
+def bootstrap_mean(
+    values: np.ndarray, seed: int = 0, statistic: str = "mean"
+) -> tuple[float, float]:
+    """Percentile bootstrap 95% interval of the mean (or median), 2,000 resamples, fixed seed."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2 or np.all(values == values[0]):
+        return float(values[0]), float(values[0])
+    fn = np.mean if statistic == "mean" else np.median
+    result = stats.bootstrap(
+        (values,), fn, n_resamples=2000, method="percentile", rng=np.random.default_rng(seed)
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+@dataclass(frozen=True)
+class RankTest:
+    method: str  # "mann-whitney" or "kruskal-wallis"
+    statistic: float
+    p_value: float
+    effect: float  # rank-biserial r (two groups) or epsilon squared (more)
+
+
+def rank_test(groups: list[np.ndarray]) -> RankTest | None:
+    groups = [np.asarray(g, dtype=float) for g in groups if len(g)]
+    if len(groups) < 2 or len(np.unique(np.concatenate(groups))) < 2:
+        return None
+    if len(groups) == 2:
+        u = stats.mannwhitneyu(groups[0], groups[1], alternative="two-sided")
+        r = 1 - 2 * float(u.statistic) / (len(groups[0]) * len(groups[1]))
+        return RankTest("mann-whitney", float(u.statistic), float(u.pvalue), r)
+    h = stats.kruskal(*groups)
+    n = sum(len(g) for g in groups)
+    return RankTest(
+        "kruskal-wallis", float(h.statistic), float(h.pvalue), float(h.statistic) / (n - 1)
+    )
+
+
 def difference(k1: int, n1: int, k2: int, n2: int) -> tuple[float, float, float]:
     """p1 − p2 with Newcombe's 95% interval."""
     low, high = confint_proportions_2indep(k1, n1, k2, n2, method="newcomb", compare="diff")

@@ -35,7 +35,8 @@ def analyze(
         run = latest_run(db)
         frame = samples_frame(db, int(run["id"]))
     settings = AnalysisSpec.model_validate(tomllib.loads(run["spec_text"]).get("analysis", {}))
-    result = run_analysis(frame, settings.reference, alpha if alpha is not None else settings.alpha)
+    level = alpha if alpha is not None else settings.alpha
+    result = run_analysis(frame, settings.reference, level, settings.terms)
     if as_json:
         print_json(result.as_dict())
         return
@@ -85,6 +86,53 @@ def analyze(
                 f"{d.total_variation:.2f}",
             )
     stdout.print(shares)
+    if result.numeric:
+        numbers = Table(title="numeric fields (bootstrap 95% intervals)")
+        for column in ("field", "prompt", "n", "mean", "interval", "median", "interval"):
+            numbers.add_column(column)
+        for n in result.numeric:
+            numbers.add_row(
+                n.field,
+                n.group,
+                str(n.n),
+                f"{n.mean:.3g}",
+                f"[{n.mean_low:.3g}, {n.mean_high:.3g}]",
+                f"{n.median:.3g}",
+                f"[{n.median_low:.3g}, {n.median_high:.3g}]",
+            )
+        stdout.print(numbers)
+    if result.field_probs:
+        probs = Table(title="field_probs: mean probability per value vs counting draws")
+        for column in (
+            "field",
+            "prompt",
+            "value",
+            "mean prob",
+            "95% interval",
+            "drawn share",
+            "× narrower",
+        ):
+            probs.add_column(column)
+        for f in result.field_probs:
+            probs.add_row(
+                f.field,
+                f.group,
+                f.value,
+                f"{f.mean_probability:.3f}",
+                f"[{f.low:.3f}, {f.high:.3f}]",
+                f"{f.sampled_share:.2f}",
+                f"{f.narrower:.1f}",
+            )
+        stdout.print(probs)
+    if result.mentions:
+        terms = Table(title="reasoning traces that mention each term")
+        for column in ("term", "prompt", "n", "share", "95% interval"):
+            terms.add_column(column)
+        for m in result.mentions:
+            terms.add_row(
+                m.term, m.group, str(m.n), f"{m.share:.2f}", f"[{m.low:.2f}, {m.high:.2f}]"
+            )
+        stdout.print(terms)
     if result.counterfactuals:
         pairs = Table(title="counterfactual pairs (a − b, Newcombe 95% interval)")
         for column in ("group", "field", "value", "a", "b", "a − b", "interval", "flip rate"):

@@ -121,6 +121,9 @@ class AnalysisSpec(Strict):
         default_factory=dict,
         description="Reference distribution per field, e.g. sexo = {masculino = 0.5, ...}.",
     )
+    terms: dict[str, str] | None = Field(
+        None, description="Regexes counted in reasoning traces (default: gender terms)."
+    )
 
 
 class Spec(Strict):
