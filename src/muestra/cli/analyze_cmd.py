@@ -13,6 +13,31 @@ from muestra.cli.common import JsonOption, print_json, stdout
 
 def register(app: typer.Typer) -> None:
     app.command("analyze")(analyze)
+    app.command("report")(report)
+
+
+def _load(store: Path, alpha: float | None):  # noqa: ANN202
+    import json
+
+    from muestra.analysis import analyze as run_analysis
+    from muestra.experiments.results import samples_frame
+    from muestra.experiments.spec import AnalysisSpec
+    from muestra.experiments.store import connect, latest_run
+
+    with connect(store, create=False) as db:
+        run = dict(latest_run(db))
+        frame = samples_frame(db, int(run["id"]))
+        models = [
+            {
+                **json.loads(row["provenance_json"] or "{}"),
+                "label": row["label"],
+                "model_ref": row["model_ref"],
+            }
+            for row in db.execute("SELECT * FROM models WHERE run_id = ?", (run["id"],))
+        ]
+    settings = AnalysisSpec.model_validate(tomllib.loads(run["spec_text"]).get("analysis", {}))
+    level = alpha if alpha is not None else settings.alpha
+    return run, models, frame, run_analysis(frame, settings.reference, level, settings.terms)
 
 
 def analyze(
@@ -26,17 +51,7 @@ def analyze(
     (Monte-Carlo when counts are small) with Cramér's V, Holm and Benjamini–Hochberg
     adjusted p-values, one sentence per significant finding, Wilson intervals per value,
     distance to the reference distribution, and counterfactual pair differences."""
-    from muestra.analysis import analyze as run_analysis
-    from muestra.experiments.results import samples_frame
-    from muestra.experiments.spec import AnalysisSpec
-    from muestra.experiments.store import connect, latest_run
-
-    with connect(store, create=False) as db:
-        run = latest_run(db)
-        frame = samples_frame(db, int(run["id"]))
-    settings = AnalysisSpec.model_validate(tomllib.loads(run["spec_text"]).get("analysis", {}))
-    level = alpha if alpha is not None else settings.alpha
-    result = run_analysis(frame, settings.reference, level, settings.terms)
+    _, _, _, result = _load(store, alpha)
     if as_json:
         print_json(result.as_dict())
         return
@@ -149,3 +164,26 @@ def analyze(
                 f"{c.flip_rate:.2f}",
             )
         stdout.print(pairs)
+
+
+def report(
+    store: Path = typer.Argument(..., help="SQLite store written by `muestra run`."),
+    out: Path = typer.Option(..., "-o", "--output", help="HTML file to write."),
+    alpha: float | None = typer.Option(None, "--alpha", min=0.0, max=1.0),
+    per_cell: int = typer.Option(
+        50, "--samples-per-cell", min=1, help="Samples embedded per prompt × condition × model."
+    ),
+) -> None:
+    """Write one self-contained HTML report (works offline): provenance, rates, tests and
+    findings, charts with intervals, counterfactual pairs and a side-by-side sample browser."""
+    from muestra.cli.common import stderr
+    from muestra.errors import InputError
+    from muestra.report import render
+
+    run, models, frame, result = _load(store, alpha)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(render(run, models, frame, result, per_cell), "utf-8")
+    except OSError as err:
+        raise InputError(f"cannot write {out}: {err}") from err
+    stderr.print(f"report → {out} ({out.stat().st_size / 1024:.0f} KiB)", markup=False)

@@ -1,0 +1,103 @@
+"""The HTML report, opened in a real headless Chromium (installed by the test when missing)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+from test_analysis import planted_store
+
+ARTIFACTS = ROOT / "artifacts"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--enable-logging=stderr",
+    "--v=0",
+]
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    path = shutil.which("chromium")
+    if path is None:
+        if os.geteuid() != 0:
+            pytest.fail("Debian's chromium is missing; install it with `apt-get install chromium`")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "chromium"],
+            check=True,
+            env=env,
+            capture_output=True,
+        )
+        path = shutil.which("chromium")
+    assert path is not None
+    return path
+
+
+def open_page(chromium: str, page, tmp_path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            chromium,
+            *CHROMIUM_FLAGS,
+            f"--user-data-dir={tmp_path / 'profile'}",
+            *extra,
+            f"file://{page}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def test_report_in_a_real_browser(cli, chromium, tmp_path):
+    planted_store(tmp_path / "p.db").close()
+    page = tmp_path / "report.html"
+    result = cli("report", str(tmp_path / "p.db"), "-o", str(page))
+    assert result.code == 0, result.stderr
+    text = page.read_text()
+    assert not re.search(r'(src|href)="https?://', text) and "<link" not in text  # offline
+    dom = open_page(chromium, page, tmp_path, "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line]
+    assert not [line for line in console if "Uncaught" in line or "Error" in line], console
+    bars = re.findall(
+        r'class="bar" data-value="([^"]+)" data-prompt="([^"]+)" data-share="([^"]+)"', dom.stdout
+    )
+    shares = {(value, prompt): float(share) for value, prompt, share in bars}
+    assert shares[("masculino", "A")] > 0.8 > shares[("masculino", "B")]
+    assert 'class="whisker"' in dom.stdout and 'class="hist-bar"' not in dom.stdout
+    assert "prompt A makes sexo=masculino" in dom.stdout
+    # the sample browser ran: both panes hold a sample with its answer and reasoning
+    for side in ("a", "b"):
+        pane = re.search(rf'<div id="sample-{side}">(.*?)</div>', dom.stdout, re.S)
+        assert pane and 'class="answer"' in pane.group(1) and "seed" in pane.group(1)
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = open_page(
+        chromium,
+        page,
+        tmp_path,
+        "--window-size=1280,2000",
+        f"--screenshot={ARTIFACTS / 'report.png'}",
+    )
+    assert shot.returncode == 0 and (ARTIFACTS / "report.png").stat().st_size > 10_000
+
+
+def test_report_stays_small_for_10000_samples(cli, tmp_path):
+    planted_store(tmp_path / "big.db", n=5000).close()
+    page = tmp_path / "big.html"
+    result = cli("report", str(tmp_path / "big.db"), "-o", str(page))
+    assert result.code == 0, result.stderr
+    assert page.stat().st_size < 500_000
+    assert page.read_text().count('"prompt_id"') == 100  # 50 embedded per prompt
