@@ -20,6 +20,8 @@ COMMANDS = [
     ["run"],
     ["summary"],
     ["export"],
+    ["analyze"],
+    ["report"],
 ]
 
 
