@@ -61,6 +61,40 @@ class GrammarSpec:
     # ---- builders ----------------------------------------------------------------------
 
     @classmethod
+    def from_options(
+        cls,
+        *,
+        schema: Any = None,
+        regex: str | None = None,
+        choice: list[str] | None = None,
+        ebnf: str | Path | None = None,
+        source: str = "",
+    ) -> GrammarSpec | None:
+        """The one grammar among the given options (None when none is given)."""
+        given = {
+            name: value
+            for name, value in (
+                ("schema", schema),
+                ("regex", regex),
+                ("choice", choice),
+                ("grammar", ebnf),
+            )
+            if value is not None
+        }
+        if len(given) > 1:
+            names = " and ".join(given)
+            raise InputError(f"{source}give at most one answer grammar, got {names}")
+        if schema is not None:
+            return cls.json_schema(schema)
+        if regex is not None:
+            return cls.regex(regex)
+        if choice is not None:
+            return cls.choice(list(choice))
+        if ebnf is not None:
+            return cls.ebnf(ebnf)
+        return None
+
+    @classmethod
     def json_schema(cls, schema: Any, source: str = "schema") -> GrammarSpec:
         """From a dict, a JSON string, a path to a .json file, or a Pydantic model class."""
         if isinstance(schema, type) and hasattr(schema, "model_json_schema"):

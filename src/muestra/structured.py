@@ -258,13 +258,7 @@ def sample_answers(
     generator = StructuredGenerator(loaded)
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     ids = generator.text.encode_messages(messages, enable_thinking)
-    grammar = None
-    if schema is not None:
-        grammar = GrammarSpec.json_schema(schema)
-    elif regex is not None:
-        grammar = GrammarSpec.regex(regex)
-    elif choice is not None:
-        grammar = GrammarSpec.choice(choice)
+    grammar = GrammarSpec.from_options(schema=schema, regex=regex, choice=choice)
     think = None
     if think_budget is not None:
         think = think_from_generation_config(loaded.model, think_budget)

@@ -19,27 +19,13 @@ def grammar_spec(
 ) -> GrammarSpec | None:
     from muestra.grammar import GrammarSpec
 
-    given = [
-        name
-        for name, v in (
-            ("--schema", schema),
-            ("--regex", regex),
-            ("--choice", choice),
-            ("--grammar", grammar),
-        )
-        if v is not None
-    ]
-    if len(given) > 1:
-        raise InputError(f"give at most one answer grammar, got {' and '.join(given)}")
-    if schema is not None:
-        return GrammarSpec.json_schema(Path(schema))
-    if regex is not None:
-        return GrammarSpec.regex(regex)
-    if choice is not None:
-        return GrammarSpec.choice([c.strip() for c in choice.split(",")])
-    if grammar is not None:
-        return GrammarSpec.ebnf(Path(grammar))
-    return None
+    options = [c.strip() for c in choice.split(",")] if choice is not None else None
+    return GrammarSpec.from_options(
+        schema=Path(schema) if schema is not None else None,
+        regex=regex,
+        choice=options,
+        ebnf=Path(grammar) if grammar is not None else None,
+    )
 
 
 def refuse_plain_flags(**values: Any) -> None:

@@ -322,15 +322,12 @@ def _answer(condition: Condition, spec: LoadedSpec) -> tuple[Any, Any]:
 
     a = condition.answer
     params = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p)
-    grammar = None
-    if spec.answer_schema is not None:
-        grammar = GrammarSpec.json_schema(spec.answer_schema)
-    elif a.regex is not None:
-        grammar = GrammarSpec.regex(a.regex)
-    elif a.choice is not None:
-        grammar = GrammarSpec.choice(a.choice)
-    elif a.grammar is not None:
-        grammar = GrammarSpec.ebnf(spec.path.parent / a.grammar)
+    grammar = GrammarSpec.from_options(
+        schema=spec.answer_schema,
+        regex=a.regex,
+        choice=a.choice,
+        ebnf=spec.path.parent / a.grammar if a.grammar is not None else None,
+    )
     return AnswerConfig(params=params, max_tokens=a.max_tokens), grammar
 
 
