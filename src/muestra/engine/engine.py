@@ -316,8 +316,9 @@ class Engine:
                 sampling = SamplingBatch.build(row_params, self.vocab_size, self.device)
                 if seen is None and not sampling.no_penalties:
                     seen, counts = self._penalty_state(requests, rows, sampling)
-            raw = logits
-            logits = logits.clone()
+            raw = logits  # the model's own logits, for raw logprobs
+            if any(r.want_logprobs is not None for r in rows):
+                logits = logits.clone()  # hooks mask in place; keep `raw` intact
             hook.mask_logits(logits, rows)
             warped = sampling.warp(sampling.penalise(logits, seen, counts))
             processed = warped.logits

@@ -35,7 +35,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import itertools
-import json
 import re
 import tomllib
 from dataclasses import dataclass
@@ -278,22 +277,19 @@ def _resolve_schema(answer: AnswerSpec, path: Path) -> dict[str, Any] | None:
         raise InputError(
             f"{path}: [answer] takes one of schema, regex, choice, grammar; got {names}"
         )
-    schema = answer.schema_
-    if isinstance(schema, str):
-        file = (path.parent / schema).resolve()
-        try:
-            schema = json.loads(file.read_text("utf-8"))
-        except FileNotFoundError as err:
-            raise InputError(f"{path}: answer.schema file {file} does not exist") from err
-        except json.JSONDecodeError as err:
-            raise InputError(f"{file} line {err.lineno}: invalid JSON ({err.msg})") from err
-    if schema is not None:
-        GrammarSpec.json_schema(schema, source=f"{path}: answer.schema")
     if answer.grammar is not None and not (path.parent / answer.grammar).is_file():
         raise InputError(
             f"{path}: answer.grammar file {path.parent / answer.grammar} does not exist"
         )
-    return schema
+    schema = answer.schema_
+    if schema is None:
+        return None
+    if isinstance(schema, str):
+        schema = (path.parent / schema).resolve()
+    try:  # reads the file when given one, and refuses what xgrammar cannot enforce
+        return GrammarSpec.json_schema(schema, source="the inline schema").schema
+    except InputError as err:
+        raise InputError(f"{path}: answer.schema: {err}") from err
 
 
 def load_spec(path: Path | str) -> LoadedSpec:
