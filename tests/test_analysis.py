@@ -63,36 +63,48 @@ def test_difference_newcombe():
     assert (low, high) == pytest.approx((0.00458, 0.37524), abs=1e-4)
 
 
-def planted_store(path, seed=0, bias=True, n=100):
-    """A store with prompt A (90% masculino) vs B (50%), and a null field (clase)."""
+def planted_store(path, seed=0, bias=True, n=100, lift=None):
+    """A store with prompt A (90% masculino) vs B (50%), and a null field (clase).
+    With `lift`, a second condition "caliente" raises masculino by that much on both
+    prompts, and every sample carries a reasoning trace and field_probs."""
     rng = np.random.default_rng(seed)
     db = connect(path)
+    conditions = [(1, "default", 0.0)] + ([(2, "caliente", lift)] if lift is not None else [])
     with db:
         db.execute(
             "INSERT INTO runs VALUES (1, 'planted', 's.toml', '[analysis]\nalpha = 0.05', "
             "'h', 1, 'test', 'now')"
         )
         db.execute("INSERT INTO models VALUES (1, 1, 'm', 'm', NULL)")
-        db.execute("INSERT INTO conditions VALUES (1, 1, 'default', '{}', NULL, '{}')")
+        for cid, label, _ in conditions:
+            db.execute("INSERT INTO conditions VALUES (?, 1, ?, '{}', NULL, '{}')", (cid, label))
         for pid, key, variant in ((1, "A", "x"), (2, "B", "y")):
             db.execute(
                 "INSERT INTO prompts VALUES (?, 1, ?, ?, '\"p\"', '{}', 'g', ?)",
                 (pid, pid - 1, key, variant),
             )
-        for pid, share in ((1, 0.9 if bias else 0.5), (2, 0.5)):
-            for i in range(n):
-                answer = {
-                    "sexo": "masculino" if rng.random() < share else "femenino",
-                    "clase": ["guerrero", "soporte", "tanque"][rng.integers(3)],
-                }
-                db.execute(
-                    "INSERT INTO samples (run_id, model_id, condition_id, prompt_id, "
-                    "sample_index, seed, reasoning, think_tokens, budget_hit, answer_text, "
-                    "answer_json, finish_reason, prompt_tokens, completion_tokens, batch_seconds, "
-                    "muestra_version, created_at) VALUES (1, 1, 1, ?, ?, 0, '', 3, 0, ?, ?, "
-                    "'stop', 5, 9, 1.0, 'test', 'now')",
-                    (pid, i, json.dumps(answer), json.dumps(answer)),
-                )
+        for cid, _, up in conditions:
+            for pid, share in ((1, 0.9 if bias else 0.5), (2, 0.5)):
+                for i in range(n):
+                    male = rng.random() < share + up
+                    answer = {
+                        "sexo": "masculino" if male else "femenino",
+                        "clase": ["guerrero", "soporte", "tanque"][rng.integers(3)],
+                    }
+                    extra = (None, "")
+                    if lift is not None:
+                        p_m = min(share + up, 1.0)
+                        probs = {"sexo": {"masculino": p_m, "femenino": 1 - p_m}}
+                        extra = (json.dumps(probs), "él es fuerte" if male else "ella es fuerte")
+                    db.execute(
+                        "INSERT INTO samples (run_id, model_id, condition_id, prompt_id, "
+                        "sample_index, seed, reasoning, think_tokens, budget_hit, answer_text, "
+                        "answer_json, finish_reason, prompt_tokens, completion_tokens, "
+                        "batch_seconds, muestra_version, created_at, field_probs_json) "
+                        "VALUES (1, 1, ?, ?, ?, 0, ?, 3, 0, ?, ?, 'stop', 5, 9, 1.0, 'test', "
+                        "'now', ?)",
+                        (cid, pid, i, extra[1], json.dumps(answer), json.dumps(answer), extra[0]),
+                    )
     return db
 
 
@@ -188,3 +200,144 @@ def test_planted_numeric_effect_field_probs_and_mentions(tmp_path):
     assert mentions[("femenino", "A")] == pytest.approx(0.5)
     assert mentions[("masculino", "B")] == pytest.approx(0.5)
     assert mentions[("masculino", "A")] == 0
+
+
+def frame_of(records):
+    """A samples frame as `samples_frame` returns it, from (prompt, condition, model,
+    answer) records."""
+    import pandas as pd
+
+    rows = []
+    for i, (prompt, condition, model, answer) in enumerate(records):
+        rows.append(
+            {
+                **answer,
+                "prompt_id": prompt,
+                "prompt": "",
+                "group": None,
+                "variant": None,
+                "sample": i,
+                "condition": condition,
+                "model": model,
+                "seed": i,
+                "think_budget": 8,
+                "reasoning": "",
+                "think_tokens": 8,
+                "budget_hit": False,
+                "answer_text": "",
+                "finish_reason": "stop",
+                "error": None,
+                "prompt_tokens": 5,
+                "completion_tokens": 9,
+                "batch_seconds": 1.0,
+                "field_probs": None,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def test_stratified_test_sums_strata_and_is_not_fooled_by_a_prompt_effect():
+    from muestra.analysis.stats import stratified_independence
+
+    rng = np.random.default_rng(3)
+    # Prompt A says masculino 90%, B 10%; the condition does nothing, but condition c1
+    # ran mostly on A and c2 mostly on B (Simpson): a pooled χ² blames the condition.
+    records = []
+    for prompt, share, n_c1, n_c2 in (("A", 0.9, 80, 20), ("B", 0.1, 20, 80)):
+        for condition, n in (("c1", n_c1), ("c2", n_c2)):
+            for _ in range(n):
+                sexo = "masculino" if rng.random() < share else "femenino"
+                records.append((prompt, condition, "m", {"sexo": sexo}))
+    frame = frame_of(records)
+    labels, values, strata = (frame[k].to_numpy() for k in ("condition", "sexo", "prompt_id"))
+    pooled = independence(pd_crosstab(labels, values))
+    assert pooled.p_value < 1e-6  # the naive test is fooled
+    test = stratified_independence(labels, values, strata, resamples=1999)
+    assert test.method == "chi2-stratified-permutation" and test.p_value > 0.05
+    by_hand = sum(
+        stats.chi2_contingency(
+            pd_crosstab(labels[strata == s], values[strata == s]), correction=False
+        ).statistic
+        for s in ("A", "B")
+    )
+    assert test.statistic == pytest.approx(by_hand)
+    assert test.dof == 2
+    result = analyze(frame)
+    condition = next(t for t in result.tests if t.by == "condition")
+    prompt = next(t for t in result.tests if t.by == "prompt")
+    assert condition.method == "chi2-stratified-permutation" and condition.p_holm > 0.05
+    assert prompt.method == "chi2-stratified-permutation" and prompt.p_holm < 0.001
+    assert len(result.findings) == 1 and result.findings[0].startswith("prompt B makes sexo=fem")
+
+
+def pd_crosstab(a, b):
+    import pandas as pd
+
+    return pd.crosstab(a, b).to_numpy()
+
+
+def test_stratified_test_holds_its_level_and_finds_a_real_condition_effect():
+    from muestra.analysis.stats import stratified_independence
+
+    rejections = 0
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        strata = np.repeat(np.arange(4), 40)
+        labels = np.tile(np.repeat([0, 1], 20), 4)
+        values = rng.random(160) < np.array([0.2, 0.5, 0.7, 0.9])[strata]
+        rejections += stratified_independence(labels, values, strata, seed, 499).p_value < 0.05
+    assert rejections / 200 < 0.09  # measured 1.5% (exact test, discrete: conservative)
+    rng = np.random.default_rng(0)
+    strata = np.repeat(np.arange(4), 40)
+    labels = np.tile(np.repeat([0, 1], 20), 4)
+    values = rng.random(160) < np.array([0.2, 0.5, 0.7, 0.9])[strata] * (0.5 + 0.5 * labels)
+    assert stratified_independence(labels, values, strata).p_value < 0.01
+
+
+def test_cluster_bootstrap_covers_the_prompt_population_where_wilson_does_not():
+    """8 prompts drawn from a population (each prompt's share ~ Beta(2, 2)), 30 samples
+    each. The target is the population mean share 0.5. Treating the 240 samples as
+    independent (Wilson) undercovers; the prompt-level cluster bootstrap does not."""
+    from muestra.analysis.stats import cluster_shares
+
+    cluster_hits = wilson_hits = 0
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        shares = rng.beta(2, 2, size=8)
+        k = rng.binomial(30, shares)
+        counts = np.stack([k, 30 - k], axis=1)
+        _, low, high = cluster_shares(counts, seed, resamples=1000)
+        cluster_hits += low[0] <= 0.5 <= high[0]
+        w_low, w_high = wilson(int(k.sum()), 240)
+        wilson_hits += w_low <= 0.5 <= w_high
+    assert wilson_hits / 200 < 0.75  # measured 0.58
+    assert cluster_hits / 200 > 0.85  # measured 0.935
+    single = cluster_shares(np.array([[30, 10]]))  # one prompt: only the samples vary
+    assert single[0][0] == 0.75 and single[1][0] < 0.75 < single[2][0]
+
+
+def test_paired_condition_comparison_over_prompts():
+    rng = np.random.default_rng(5)
+    records = []
+    for prompt, base in zip("ABCDEF", (0.2, 0.3, 0.5, 0.6, 0.7, 0.8), strict=True):
+        for condition, lift in (("frio", 0.0), ("caliente", 0.15), ("igual", 0.0)):
+            for _ in range(40):
+                value = "si" if rng.random() < min(base + lift, 1) else "no"
+                records.append((prompt, condition, "m", {"respuesta": value}))
+    result = analyze(frame_of(records))
+    pairs = {(c.a, c.b, c.value): c for c in result.comparisons}
+    lifted = pairs[("caliente", "frio", "si")]
+    assert (
+        lifted.prompts == 6
+        and lifted.low > 0
+        and lifted.difference == pytest.approx(lifted.share_a - lifted.share_b)
+    )
+    same = pairs[("frio", "igual", "si")]
+    assert same.low < 0 < same.high
+    pooled = {(p.by, p.level, p.value): p for p in result.pooled}
+    everything = pooled[("all", "all", "si")]
+    assert everything.prompts == 6 and everything.n == 720
+    assert everything.high - everything.low > 2 * (
+        np.subtract(*reversed(wilson(round(everything.share * 720), 720)))
+    )  # prompts differ a lot: the cluster interval is much wider than Wilson's
+    assert pooled[("condition", "caliente", "si")].share > pooled[("condition", "frio", "si")].share

@@ -320,3 +320,30 @@ def test_several_models_and_a_sweep_in_one_run(tiny_kit, hybrid_kit, tmp_path):
         assert (frame[frame["condition"] == condition]["think_tokens"] <= budget).all()
     # common random numbers: the same (prompt, sample) gets the same seed in every cell
     assert frame.groupby(["prompt_id", "sample"])["seed"].nunique().max() == 1
+    # the analysis of a real run: models and conditions are compared inside each prompt
+    from muestra.analysis import analyze
+    from muestra.report import render
+
+    result = analyze(frame)
+    valid = frame[frame["error"].isna()]
+    assert result.valid == len(valid) > 0
+    by = {t.by: t for t in result.tests if t.field == "sexo"}
+    if valid["sexo"].nunique() > 1:
+        assert by and all(t.method == "chi2-stratified-permutation" for t in by.values())
+    pairs = {(c.by, c.a, c.b) for c in result.comparisons if c.field == "sexo"}
+    assert ("model", "hybrid", "tiny") in pairs
+    assert ("condition", "think.budget=2", "think.budget=4") in pairs
+    assert {p.level for p in result.pooled if p.field == "sexo"} >= {"all", "tiny", "hybrid"}
+    page = render(
+        {
+            "name": "multi",
+            "spec_path": str(spec),
+            "spec_hash": "0" * 64,
+            "created_at": "now",
+            "muestra_version": "test",
+        },
+        [],
+        frame,
+        result,
+    )
+    assert 'class="forest"' in page and 'class="estimate"' in page

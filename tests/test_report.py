@@ -62,7 +62,7 @@ def open_page(chromium: str, page, tmp_path, *extra: str) -> subprocess.Complete
 
 
 def test_report_in_a_real_browser(cli, chromium, tmp_path):
-    planted_store(tmp_path / "p.db").close()
+    planted_store(tmp_path / "p.db", lift=0.3).close()
     page = tmp_path / "report.html"
     result = cli("report", str(tmp_path / "p.db"), "-o", str(page))
     assert result.code == 0, result.stderr
@@ -77,6 +77,15 @@ def test_report_in_a_real_browser(cli, chromium, tmp_path):
     )
     shares = {(value, prompt): float(share) for value, prompt, share in bars}
     assert shares[("masculino", "A")] > 0.8 > shares[("masculino", "B")]
+    # the paired comparison of the two conditions: the planted +0.3, interval excludes 0
+    estimates = re.findall(
+        r'class="estimate" data-field="sexo" data-value="masculino" data-difference="([^"]+)" '
+        r'data-low="([^"]+)"',
+        dom.stdout,
+    )
+    assert len(estimates) == 1 and float(estimates[0][0]) > 0.15 and float(estimates[0][1]) > 0
+    for section in ("pooled", "comparisons", "field-probs", "mentions"):
+        assert f'<table class="{section}">' in dom.stdout
     assert 'class="whisker"' in dom.stdout and 'class="hist-bar"' not in dom.stdout
     assert "prompt A makes sexo=masculino" in dom.stdout
     # the sample browser ran: both panes hold a sample with its answer and reasoning

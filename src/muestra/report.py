@@ -2,11 +2,13 @@
 
 Sections: the run's provenance; budget-hit and error rates per prompt; the tests table
 with adjusted p-values and one sentence per finding; for each categorical field a bar
-chart per prompt with Wilson 95% whiskers; histograms of numeric fields; counterfactual
-pairs; and a sample browser that shows two samples side by side (reasoning next to the
-answer). Large runs stay small: charts are aggregates, and the browser embeds at most
-`per_cell` samples of each prompt × condition × model (reasoning cut to 1,500
-characters), paginated in the page.
+chart per prompt with Wilson 95% whiskers; shares pooled over prompts (cluster bootstrap)
+and condition / model differences paired over prompts (a forest plot); histograms of
+numeric fields; counterfactual pairs; field_probs against counted draws; how often the
+reasoning mentions each term; and a sample browser that shows two samples side by side
+(reasoning next to the answer). Large runs stay small: charts are aggregates, and the
+browser embeds at most `per_cell` samples of each prompt × condition × model (reasoning
+cut to 1,500 characters), paginated in the page.
 """
 
 from __future__ import annotations
@@ -158,6 +160,35 @@ def _histogram(frame: pd.DataFrame, field: str) -> str:
     return "".join(parts)
 
 
+def _forest(analysis: Analysis) -> str:
+    """One line per paired comparison: the difference and its interval around 0."""
+    rows = analysis.comparisons
+    width, left, row = 760, 330, 20
+    scale = (width - left - 20) / 2  # −1 … +1
+    zero = left + scale
+    parts = [f'<svg class="forest" width="{width}" height="{row * len(rows) + 30}">']
+    parts.append(f'<line x1="{zero}" x2="{zero}" y1="0" y2="{row * len(rows) + 5}" stroke="#999"/>')
+    for tick in (-1, -0.5, 0.5, 1):
+        x = zero + tick * scale
+        parts.append(f'<text x="{x - 10:.0f}" y="{row * len(rows) + 22}">{tick:+g}</text>')
+    for i, c in enumerate(rows):
+        y = 12 + i * row
+        color = "#e15759" if c.low > 0 or c.high < 0 else "#4e79a7"
+        parts.append(
+            f'<text x="4" y="{y + 4}">{_e(c.field)}={_e(c.value)}: {_e(c.a)} − {_e(c.b)}</text>'
+            f'<line class="interval" x1="{zero + c.low * scale:.1f}" '
+            f'x2="{zero + c.high * scale:.1f}" y1="{y}" y2="{y}" stroke="{color}" '
+            'stroke-width="2"/>'
+            f'<circle class="estimate" data-field="{_e(c.field)}" data-value="{_e(c.value)}" '
+            f'data-difference="{c.difference:.4f}" data-low="{c.low:.4f}" '
+            f'cx="{zero + c.difference * scale:.1f}" cy="{y}" r="4" fill="{color}">'
+            f"<title>{c.difference:+.3f} [{c.low:+.3f}, {c.high:+.3f}] over {c.prompts} "
+            "prompts</title></circle>"
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
 def _browser_data(frame: pd.DataFrame, per_cell: int) -> str:
     keep = frame.groupby(["prompt_id", "condition", "model"], sort=False).head(per_cell)
     columns = [
@@ -262,6 +293,72 @@ def render(
     )
     for field in categorical_fields(valid):
         out.append(f"<h3>{_e(field)}</h3>{_bars(analysis, field)}")
+    if analysis.pooled:
+        out.append(
+            '<h2>Pooled over prompts</h2><p class="note">Share of each value over all the '
+            "prompts of a condition or model; 95% interval from a two-stage prompt-level "
+            "cluster bootstrap (prompts, then samples), so it reflects how much prompts "
+            "differ, not only how many samples there are.</p>"
+        )
+        out.append(
+            _table(
+                ["field", "by", "level", "value", "share", "95% interval", "prompts", "n"],
+                [
+                    [
+                        p.field,
+                        p.by,
+                        p.level,
+                        p.value,
+                        f"{p.share:.2f}",
+                        f"[{p.low:.2f}, {p.high:.2f}]",
+                        p.prompts,
+                        p.n,
+                    ]
+                    for p in analysis.pooled
+                ],
+                "pooled",
+            )
+        )
+    if analysis.comparisons:
+        out.append(
+            '<h2>Paired comparisons</h2><p class="note">Difference in share between two '
+            "conditions or models, averaged over the prompts both ran (each prompt weighs "
+            "the same); 95% paired cluster-bootstrap interval. Red: the interval excludes "
+            "0.</p>"
+        )
+        out.append(_forest(analysis))
+        out.append(
+            _table(
+                [
+                    "field",
+                    "by",
+                    "value",
+                    "a",
+                    "b",
+                    "share a",
+                    "share b",
+                    "a − b",
+                    "95% interval",
+                    "prompts",
+                ],
+                [
+                    [
+                        c.field,
+                        c.by,
+                        c.value,
+                        c.a,
+                        c.b,
+                        f"{c.share_a:.2f}",
+                        f"{c.share_b:.2f}",
+                        f"{c.difference:+.2f}",
+                        f"[{c.low:+.2f}, {c.high:+.2f}]",
+                        c.prompts,
+                    ]
+                    for c in analysis.comparisons
+                ],
+                "comparisons",
+            )
+        )
     numeric = numeric_fields(valid)
     if numeric:
         out.append("<h2>Numeric fields</h2>")
@@ -273,6 +370,8 @@ def render(
             _table(
                 [
                     "group",
+                    "condition",
+                    "model",
                     "field",
                     "value",
                     "a",
@@ -286,6 +385,8 @@ def render(
                 [
                     [
                         c.group,
+                        c.condition,
+                        c.model,
                         c.field,
                         c.value,
                         c.variant_a,
@@ -298,6 +399,54 @@ def render(
                     ]
                     for c in analysis.counterfactuals
                 ],
+            )
+        )
+    if analysis.field_probs:
+        out.append(
+            '<h2>Answer probabilities (field_probs)</h2><p class="note">Mean probability '
+            "the model gave each value at the decision point (bootstrap 95% interval), next "
+            "to the share of sampled answers; “× narrower” compares the interval widths.</p>"
+        )
+        out.append(
+            _table(
+                [
+                    "field",
+                    "prompt",
+                    "value",
+                    "mean probability",
+                    "95% interval",
+                    "sampled share",
+                    "× narrower",
+                ],
+                [
+                    [
+                        f.field,
+                        f.group,
+                        f.value,
+                        f"{f.mean_probability:.3f}",
+                        f"[{f.low:.3f}, {f.high:.3f}]",
+                        f"{f.sampled_share:.2f}",
+                        f"{f.narrower:.1f}",
+                    ]
+                    for f in analysis.field_probs
+                ],
+                "field-probs",
+            )
+        )
+    if analysis.mentions:
+        out.append(
+            '<h2>Reasoning traces</h2><p class="note">Share of reasoning traces that '
+            "mention each term (regular expressions from <code>[analysis] terms</code>, "
+            "Spanish and English gender words by default), Wilson 95% intervals.</p>"
+        )
+        out.append(
+            _table(
+                ["term", "prompt", "traces", "share", "95% interval"],
+                [
+                    [m.term, m.group, m.n, f"{m.share:.2f}", f"[{m.low:.2f}, {m.high:.2f}]"]
+                    for m in analysis.mentions
+                ],
+                "mentions",
             )
         )
     out.append(

@@ -7,8 +7,14 @@ returns an `Analysis`:
   95% intervals, total variation / Jensen–Shannon distance to the reference (uniform
   unless `[analysis.reference]` in the spec gives one) and normalised entropy;
 - one independence test per field and dimension that varies (prompt, condition, model):
-  χ² (Monte-Carlo when expected counts are small) with Cramér's V; Holm and
-  Benjamini–Hochberg adjustment over every test of the report;
+  χ² (Monte-Carlo when expected counts are small) with Cramér's V. When the other
+  dimensions vary too, the test is stratified: a condition is compared inside each
+  prompt (× model), never across them (Σ of the strata's χ², permutation p-value);
+  Holm and Benjamini–Hochberg adjustment over every test of the report;
+- for each condition and model (and for all prompts together): shares pooled over
+  prompts with a two-stage prompt-level cluster bootstrap interval, and condition /
+  model differences paired over prompts (each prompt weighs the same) with a paired
+  cluster-bootstrap interval;
 - one plain sentence per significant finding;
 - counterfactual pairs (same `group`, different `variant`): difference in proportions
   with Newcombe's interval per value, and the flip rate of the answer between variants
@@ -31,10 +37,13 @@ import pandas as pd
 from muestra.analysis.stats import (
     adjust,
     bootstrap_mean,
+    cluster_shares,
     difference,
     distance_to,
     independence,
+    paired_difference,
     rank_test,
+    stratified_independence,
     wilson,
 )
 from muestra.experiments.results import answer_fields
@@ -79,6 +88,8 @@ class TestRow:
 @dataclass
 class Counterfactual:
     group: str
+    condition: str
+    model: str
     field: str
     value: str
     variant_a: str
@@ -89,6 +100,40 @@ class Counterfactual:
     low: float
     high: float
     flip_rate: float
+
+
+@dataclass
+class Pooled:
+    """A value's share pooled over the prompts of one condition or model ("all" = every
+    sample), with a prompt-level cluster bootstrap interval."""
+
+    field: str
+    by: str
+    level: str
+    value: str
+    share: float
+    low: float
+    high: float
+    prompts: int
+    n: int
+
+
+@dataclass
+class Comparison:
+    """share_a − share_b of one value between two conditions (or models), averaged over
+    the prompts both have (each prompt weighs the same), paired cluster-bootstrap interval."""
+
+    field: str
+    by: str
+    value: str
+    a: str
+    b: str
+    share_a: float
+    share_b: float
+    difference: float
+    low: float
+    high: float
+    prompts: int
 
 
 @dataclass
@@ -141,6 +186,8 @@ class Analysis:
     distributions: list[Distribution] = field(default_factory=list)
     tests: list[TestRow] = field(default_factory=list)
     counterfactuals: list[Counterfactual] = field(default_factory=list)
+    pooled: list[Pooled] = field(default_factory=list)
+    comparisons: list[Comparison] = field(default_factory=list)
     numeric: list[NumericSummary] = field(default_factory=list)
     field_probs: list[FieldProbSummary] = field(default_factory=list)
     mentions: list[TermMentions] = field(default_factory=list)
@@ -219,17 +266,28 @@ def analyze(
                     dist.normalised_entropy,
                 )
             )
+        rows = valid.loc[column.index]
         for by, key in DIMENSIONS.items():
             if valid[key].nunique() < 2:
                 continue
-            table = pd.crosstab(valid.loc[column.index, key], column)
-            test = independence(table.to_numpy())
+            table = pd.crosstab(rows[key], column)
+            others = [k for k in DIMENSIONS.values() if k != key and valid[k].nunique() > 1]
+            if others:
+                strata = rows[others].astype(str).agg("\x1f".join, axis=1).to_numpy()
+                test = stratified_independence(rows[key].to_numpy(), column.to_numpy(), strata)
+            else:
+                test = independence(table.to_numpy())
+            if key != "prompt_id":
+                result.pooled += _pooled(rows, column, name, by, key, levels)
+                result.comparisons += _comparisons(rows, column, name, by, key, levels)
             if test is not None:
                 row = TestRow(
                     name, by, test.method, test.statistic, test.dof, test.p_value, test.cramers_v
                 )
                 row.sentence = _sentence_parts(table, name, by)
                 result.tests.append(row)
+        if rows["prompt_id"].nunique() > 1:
+            result.pooled += _pooled(rows, column, name, "all", None, levels)
         result.counterfactuals += _counterfactuals(valid, name, levels)
         result.field_probs += _field_probs(valid, name, levels)
     for name in numeric_fields(valid):
@@ -272,7 +330,7 @@ def _finish_sentence(text: str | None, p_holm: float) -> str | None:
 def _counterfactuals(valid: pd.DataFrame, name: str, levels: list[str]) -> list[Counterfactual]:
     found = []
     paired = valid.dropna(subset=["group", "variant", name])
-    for (group, _condition, _model), rows in paired.groupby(["group", "condition", "model"]):
+    for (group, condition, model), rows in paired.groupby(["group", "condition", "model"]):
         variants = sorted(rows["variant"].unique())
         for a, b in itertools.combinations(variants, 2):
             left = rows[rows["variant"] == a].set_index("sample")[name].astype(str)
@@ -285,6 +343,8 @@ def _counterfactuals(valid: pd.DataFrame, name: str, levels: list[str]) -> list[
                 found.append(
                     Counterfactual(
                         str(group),
+                        str(condition),
+                        str(model),
                         name,
                         level,
                         a,
@@ -297,6 +357,83 @@ def _counterfactuals(valid: pd.DataFrame, name: str, levels: list[str]) -> list[
                         flips,
                     )
                 )
+    return found
+
+
+def _per_prompt(rows: pd.DataFrame, column: pd.Series, levels: list[str]) -> pd.DataFrame:
+    """prompts × values count table (columns in `levels` order)."""
+    table = pd.crosstab(rows["prompt_id"], column)
+    return table.reindex(columns=levels, fill_value=0)
+
+
+def _pooled(
+    rows: pd.DataFrame,
+    column: pd.Series,
+    name: str,
+    by: str,
+    key: str | None,
+    levels: list[str],
+) -> list[Pooled]:
+    found = []
+    groups = [("all", rows)] if key is None else rows.groupby(key, sort=True)
+    for level, part in groups:
+        counts = _per_prompt(part, column[part.index], levels).to_numpy()
+        share, low, high = cluster_shares(counts)
+        found += [
+            Pooled(
+                name, by, str(level), value, float(s), float(lo), float(hi), len(counts), len(part)
+            )
+            for value, s, lo, hi in zip(levels, share, low, high, strict=True)
+        ]
+    return found
+
+
+def _comparisons(
+    rows: pd.DataFrame,
+    column: pd.Series,
+    name: str,
+    by: str,
+    key: str,
+    levels: list[str],
+) -> list[Comparison]:
+    """Every pair of levels of `key`, paired over the prompts (× the other dimensions that
+    vary) both levels have."""
+    others = [
+        k for k in DIMENSIONS.values() if k != key and (k == "prompt_id" or rows[k].nunique() > 1)
+    ]
+    unit = rows[others].astype(str).agg("\x1f".join, axis=1)
+    found = []
+    for a, b in itertools.combinations(sorted(rows[key].unique()), 2):
+        tables = []
+        for level in (a, b):
+            part = rows[rows[key] == level]
+            table = pd.crosstab(unit[part.index], column[part.index])
+            tables.append(table.reindex(columns=levels, fill_value=0))
+        common = tables[0].index.intersection(tables[1].index)
+        if not len(common):
+            continue
+        counts_a, counts_b = (t.loc[common].to_numpy() for t in tables)
+        diff, low, high = paired_difference(counts_a, counts_b)
+        share_a = (counts_a / counts_a.sum(axis=1, keepdims=True)).mean(axis=0)
+        share_b = (counts_b / counts_b.sum(axis=1, keepdims=True)).mean(axis=0)
+        found += [
+            Comparison(
+                name,
+                by,
+                value,
+                str(a),
+                str(b),
+                float(sa),
+                float(sb),
+                float(d),
+                float(lo),
+                float(hi),
+                len(common),
+            )
+            for value, sa, sb, d, lo, hi in zip(
+                levels, share_a, share_b, diff, low, high, strict=True
+            )
+        ]
     return found
 
 

@@ -11,6 +11,12 @@
 - `adjust`: Holm and Benjamini–Hochberg over every test of a report.
 - `difference`: difference of two proportions with Newcombe's interval (counterfactual
   pairs).
+- `stratified_independence`: the same χ² question when samples come in strata (a
+  condition compared within each prompt): Σ of the strata's χ², p-value from permuting
+  the labels inside each stratum, so a prompt effect cannot pass for a condition effect.
+- `cluster_shares` / `paired_difference`: estimates pooled over prompts, with a two-stage
+  cluster bootstrap (resample prompts, then samples inside each prompt), because the
+  samples of one prompt are not independent draws from the population of prompts.
 """
 
 from __future__ import annotations
@@ -135,3 +141,118 @@ def difference(k1: int, n1: int, k2: int, n2: int) -> tuple[float, float, float]
     """p1 − p2 with Newcombe's 95% interval."""
     low, high = confint_proportions_2indep(k1, n1, k2, n2, method="newcomb", compare="diff")
     return k1 / n1 - k2 / n2, float(low), float(high)
+
+
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def _chi2_statistic(counts: np.ndarray) -> np.ndarray:
+    """Pearson χ² of (..., rows, columns) count tables; empty rows/columns add nothing."""
+    counts = counts.astype(float)
+    rows = counts.sum(axis=-1, keepdims=True)
+    columns = counts.sum(axis=-2, keepdims=True)
+    total = rows.sum(axis=-2, keepdims=True)
+    expected = rows * columns / np.where(total > 0, total, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cells = np.where(expected > 0, (counts - expected) ** 2 / expected, 0.0)
+    return cells.sum(axis=(-2, -1))
+
+
+def stratified_independence(
+    labels: np.ndarray,
+    values: np.ndarray,
+    strata: np.ndarray,
+    seed: int = 0,
+    resamples: int = MONTE_CARLO_RESAMPLES,
+) -> IndependenceTest | None:
+    """Is `values` independent of `labels` within each stratum? Statistic: Σ over strata
+    of the stratum's χ²; p-value: share of within-stratum label permutations with a
+    statistic at least as large (+1 smoothing). Cramér's V is that of the pooled table.
+    None when no stratum has two labels and two values."""
+    labels = np.unique(np.asarray(labels), return_inverse=True)[1]
+    values = np.unique(np.asarray(values), return_inverse=True)[1]
+    strata = np.unique(np.asarray(strata), return_inverse=True)[1]
+    n_labels, n_values = labels.max() + 1, values.max() + 1
+    informative = [
+        s
+        for s in range(strata.max() + 1)
+        if len(np.unique(labels[strata == s])) > 1 and len(np.unique(values[strata == s])) > 1
+    ]
+    if not informative:
+        return None
+    rng = np.random.default_rng(seed)
+    cells = n_labels * n_values
+    observed, dof = 0.0, 0
+    null = np.zeros(resamples)
+    for s in informative:
+        lab, val = labels[strata == s], values[strata == s]
+        table = np.bincount(lab * n_values + val, minlength=cells).reshape(n_labels, n_values)
+        observed += float(_chi2_statistic(table))
+        used = table[table.sum(axis=1) > 0][:, table.sum(axis=0) > 0]
+        dof += (used.shape[0] - 1) * (used.shape[1] - 1)
+        for start in range(0, resamples, 500):
+            size = min(500, resamples - start)
+            shuffled = rng.permuted(np.tile(lab, (size, 1)), axis=1)
+            flat = (np.arange(size)[:, None] * cells + shuffled * n_values + val).ravel()
+            tables = np.bincount(flat, minlength=size * cells).reshape(size, n_labels, n_values)
+            null[start : start + size] += _chi2_statistic(tables)
+    p_value = (1 + int((null >= observed - 1e-9).sum())) / (resamples + 1)
+    pooled = np.bincount(labels * n_values + values, minlength=cells).reshape(n_labels, n_values)
+    pooled = pooled[pooled.sum(axis=1) > 0][:, pooled.sum(axis=0) > 0]
+    v = float(stats.contingency.association(pooled, method="cramer"))
+    return IndependenceTest("chi2-stratified-permutation", observed, dof, p_value, v)
+
+
+def _two_stage(counts: np.ndarray, rng: np.random.Generator, resamples: int) -> np.ndarray:
+    """Resample clusters (rows of a clusters × values count table) with replacement, then
+    samples inside each chosen cluster (multinomial on its observed shares).
+    Returns (resamples, clusters, values) counts."""
+    clusters = counts.shape[0]
+    totals = counts.sum(axis=1)
+    shares = counts / np.where(totals > 0, totals, 1)[:, None]
+    shares[totals == 0] = 1.0 / counts.shape[1]
+    chosen = rng.integers(0, clusters, size=(resamples, clusters))
+    return rng.multinomial(totals[chosen], shares[chosen])
+
+
+def cluster_shares(
+    counts: np.ndarray, seed: int = 0, resamples: int = BOOTSTRAP_RESAMPLES
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pooled share of each value over clusters (prompts) — Σ counts ÷ Σ samples — with a
+    95% percentile interval from the two-stage cluster bootstrap. `counts` is clusters ×
+    values."""
+    counts = np.asarray(counts, dtype=np.int64)
+    estimate = counts.sum(axis=0) / max(int(counts.sum()), 1)
+    draws = _two_stage(counts, np.random.default_rng(seed), resamples).sum(axis=1)
+    pooled = draws / np.maximum(draws.sum(axis=1, keepdims=True), 1)
+    low, high = np.percentile(pooled, [2.5, 97.5], axis=0)
+    return estimate, low, high
+
+
+def paired_difference(
+    counts_a: np.ndarray,
+    counts_b: np.ndarray,
+    seed: int = 0,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean over clusters (prompts) of share_a − share_b per value, each prompt weighing the
+    same, with a 95% percentile interval from a paired two-stage cluster bootstrap (the
+    same prompts are drawn for both sides; samples are redrawn inside each side).
+    `counts_a`, `counts_b`: clusters × values, rows aligned."""
+    counts_a = np.asarray(counts_a, dtype=np.int64)
+    counts_b = np.asarray(counts_b, dtype=np.int64)
+
+    def shares(counts: np.ndarray) -> np.ndarray:
+        return counts / np.maximum(counts.sum(axis=-1, keepdims=True), 1)
+
+    estimate = (shares(counts_a) - shares(counts_b)).mean(axis=0)
+    rng = np.random.default_rng(seed)
+    clusters = counts_a.shape[0]
+    chosen = rng.integers(0, clusters, size=(resamples, clusters))
+    draws = []
+    for counts in (counts_a, counts_b):
+        totals = counts.sum(axis=1)
+        draws.append(shares(rng.multinomial(totals[chosen], shares(counts)[chosen])))
+    diffs = (draws[0] - draws[1]).mean(axis=1)
+    low, high = np.percentile(diffs, [2.5, 97.5], axis=0)
+    return estimate, low, high

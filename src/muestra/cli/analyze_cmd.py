@@ -48,9 +48,12 @@ def analyze(
     as_json: bool = JsonOption,
 ) -> None:
     """Is each answer field independent of the prompt, condition and model? χ² tests
-    (Monte-Carlo when counts are small) with Cramér's V, Holm and Benjamini–Hochberg
-    adjusted p-values, one sentence per significant finding, Wilson intervals per value,
-    distance to the reference distribution, and counterfactual pair differences."""
+    (Monte-Carlo when counts are small; stratified by prompt when a condition or model is
+    compared) with Cramér's V, Holm and Benjamini–Hochberg adjusted p-values, one
+    sentence per significant finding, Wilson intervals per value, distance to the
+    reference distribution, shares pooled over prompts and condition/model differences
+    paired over prompts (prompt-level cluster bootstrap), counterfactual pairs,
+    field_probs and term mentions in the reasoning."""
     _, _, _, result = _load(store, alpha)
     if as_json:
         print_json(result.as_dict())
@@ -148,13 +151,59 @@ def analyze(
                 m.term, m.group, str(m.n), f"{m.share:.2f}", f"[{m.low:.2f}, {m.high:.2f}]"
             )
         stdout.print(terms)
+    if result.pooled:
+        pooled = Table(title="pooled over prompts (prompt-level cluster bootstrap 95% intervals)")
+        for column in ("field", "by", "level", "value", "share", "interval", "prompts", "n"):
+            pooled.add_column(column)
+        for p in result.pooled:
+            pooled.add_row(
+                p.field,
+                p.by,
+                p.level,
+                p.value,
+                f"{p.share:.2f}",
+                f"[{p.low:.2f}, {p.high:.2f}]",
+                str(p.prompts),
+                str(p.n),
+            )
+        stdout.print(pooled)
+    if result.comparisons:
+        paired = Table(title="paired over prompts: a − b (cluster bootstrap 95% interval)")
+        for column in ("field", "by", "value", "a", "b", "share a", "share b", "a − b", "interval"):
+            paired.add_column(column)
+        for c in result.comparisons:
+            paired.add_row(
+                c.field,
+                c.by,
+                c.value,
+                c.a,
+                c.b,
+                f"{c.share_a:.2f}",
+                f"{c.share_b:.2f}",
+                f"{c.difference:+.2f}",
+                f"[{c.low:+.2f}, {c.high:+.2f}]",
+            )
+        stdout.print(paired)
     if result.counterfactuals:
         pairs = Table(title="counterfactual pairs (a − b, Newcombe 95% interval)")
-        for column in ("group", "field", "value", "a", "b", "a − b", "interval", "flip rate"):
+        for column in (
+            "group",
+            "condition",
+            "model",
+            "field",
+            "value",
+            "a",
+            "b",
+            "a − b",
+            "interval",
+            "flip rate",
+        ):
             pairs.add_column(column)
         for c in result.counterfactuals:
             pairs.add_row(
                 c.group,
+                c.condition,
+                c.model,
                 c.field,
                 c.value,
                 c.variant_a,
