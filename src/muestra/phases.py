@@ -70,6 +70,9 @@ class PhaseState:
     matcher: Any = None
     error: str | None = None
     answer_tokens: int = 0
+    # per generated token: "reasoning", "content" or "tag" (think tags, the forced closing
+    # text, the final EOS) — how a server splits a stream into reasoning and content
+    channels: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -104,14 +107,12 @@ class PhaseController:
         tags: TagIds | None,
         eos_ids: Sequence[int],
         grammar: tuple[GrammarBackend, Any] | None = None,
-        start_phases: dict[int, str] | None = None,
     ) -> None:
         self.think = think
         self.answer = answer
         self.tags = tags
         self.eos_ids = torch.tensor(sorted(eos_ids), dtype=torch.long)
         self.grammar = grammar
-        self.start_phases = start_phases or {}
 
     # ---- StepHook -----------------------------------------------------------------------
 
@@ -148,11 +149,18 @@ class PhaseController:
                 state.think_end = len(row.tokens) - 1
                 state.phase = "closing"
                 row.forced_queue.extend(self.tags.after_close_ids)
+                state.channels.append("tag")
             elif not forced:
                 state.think_tokens += 1
+                state.channels.append("reasoning")
+            else:
+                state.channels.append("tag")  # the open tag forced for a hybrid model
             return
         if state.phase == "closing":
+            state.channels.append("tag")
             return
+        end = row.finish_reason == "stop" and row.stop_reason == token_id
+        state.channels.append("tag" if end else "content")
         state.answer_tokens += 1
         if state.matcher is not None:
             accepted = state.matcher.accept_token(token_id)
@@ -168,7 +176,8 @@ class PhaseController:
     # ---- transitions --------------------------------------------------------------------
 
     def _start(self, row: Row) -> None:
-        start = self.start_phases.get(row.request_index, "answer")
+        tags = self.tags
+        start = initial_phase(row.prompt_ids, tags.open_ids[0], tags.close_id) if tags else "answer"
         if start == "open" and self.think is not None and self.tags is not None:
             row.forced_queue.extend(self.tags.open_ids)
             row.state = PhaseState("think", think_start=len(self.tags.open_ids))

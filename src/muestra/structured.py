@@ -27,7 +27,6 @@ from muestra.phases import (
     PhaseState,
     TagIds,
     ThinkConfig,
-    initial_phase,
 )
 
 
@@ -124,13 +123,7 @@ class StructuredGenerator:
         answer = answer or AnswerConfig()
         tags = self.tag_ids(think) if think is not None else None
         compiled = (self.backend, self.backend.compile(grammar)) if grammar is not None else None
-        starts = {
-            i: initial_phase(p, tags.open_ids[0] if tags else None, tags.close_id if tags else None)
-            for i, p in enumerate(prompts)
-        }
-        controller = PhaseController(
-            think, answer, tags, self.loaded.eos_token_ids, compiled, start_phases=starts
-        )
+        controller = PhaseController(think, answer, tags, self.loaded.eos_token_ids, compiled)
         budget = answer.max_tokens
         if think is not None and tags is not None:
             budget += think.budget + len(tags.open_ids) + len(tags.close_ids) + 2

@@ -14,7 +14,14 @@ from rich.console import Console
 from rich.markup import escape
 
 from muestra import __version__
-from muestra.cli import analyze_cmd, experiment_cmd, generate_cmd, inspect_cmd, kit_cmd
+from muestra.cli import (
+    analyze_cmd,
+    experiment_cmd,
+    generate_cmd,
+    inspect_cmd,
+    kit_cmd,
+    serve_cmd,
+)
 from muestra.errors import MuestraError
 
 app = typer.Typer(
@@ -51,6 +58,7 @@ inspect_cmd.register(app)
 generate_cmd.register(app)
 experiment_cmd.register(app)
 analyze_cmd.register(app)
+serve_cmd.register(app)
 
 
 def main() -> None:

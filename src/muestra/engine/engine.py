@@ -33,7 +33,12 @@ from typing import Any, Literal, Protocol
 
 import torch
 
-from muestra.engine.kv_cache import GrowingCache, supports_growing_cache
+from muestra.engine.kv_cache import (
+    GrowingCache,
+    merge_left_padded,
+    supports_growing_cache,
+    trim_left,
+)
 from muestra.engine.sampling import SamplingBatch, SamplingParams
 from muestra.engine.seeds import generator_for, sample_seed
 from muestra.engine.stops import StopHit, StopMatcher
@@ -74,6 +79,7 @@ class Row:
     request_index: int
     sample_index: int
     seed: int
+    prompt_ids: Sequence[int]
     prompt_length: int
     max_new_tokens: int
     eos_ids: frozenset[int]
@@ -213,14 +219,14 @@ class Engine:
         """Per-step events for all rows of `requests`, in waves of at most `max_batch`."""
         hook = hook or NoHook()
         for index, request in enumerate(requests):
-            self._validate(index, request)
-        rows = [row for i, r in enumerate(requests) for row in self._rows(i, r)]
+            self.validate(index, request)
+        rows = [row for i, r in enumerate(requests) for row in self.rows_for(i, r)]
         for start in range(0, len(rows), self.max_batch):
             yield from self._run_wave(requests, rows[start : start + self.max_batch], hook)
 
     # ---- setup ------------------------------------------------------------------------
 
-    def _validate(self, index: int, request: GenerationRequest) -> None:
+    def validate(self, index: int, request: GenerationRequest) -> None:
         if not request.prompt_ids:
             raise InputError(f"request {index}: the prompt is empty; give at least one token")
         if request.n < 1:
@@ -241,7 +247,8 @@ class Engine:
                 f"{self.max_length} tokens; lower max_new_tokens or shorten the prompt"
             )
 
-    def _rows(self, index: int, request: GenerationRequest) -> list[Row]:
+    def rows_for(self, index: int, request: GenerationRequest) -> list[Row]:
+        """The rows of one request, `index` being its request index in the batch."""
         rows = []
         for sample_index in range(request.first_sample, request.first_sample + request.n):
             seed = sample_seed(request.seed, request.prompt_index, sample_index)
@@ -250,6 +257,7 @@ class Engine:
                     request_index=index,
                     sample_index=sample_index,
                     seed=seed,
+                    prompt_ids=request.prompt_ids,
                     prompt_length=len(request.prompt_ids),
                     max_new_tokens=request.max_new_tokens,
                     eos_ids=frozenset() if request.ignore_eos else self.eos_token_ids,
@@ -297,93 +305,34 @@ class Engine:
 
     # ---- the loop -----------------------------------------------------------------------
 
-    @torch.inference_mode()
     def _run_wave(
         self, requests: Sequence[GenerationRequest], rows: list[Row], hook: StepHook
     ) -> Iterator[StepEvent]:
-        # 1. prefill each distinct prompt once, then copy it out to its rows
-        cache, logits, mask, positions = self._start_wave(requests, rows)
-        row_params = [r.params for r in rows]
-        sampling = SamplingBatch.build(row_params, self.vocab_size, self.device)
-        seen, counts = self._penalty_state(requests, rows, sampling)
-
-        step = 0
-        while rows:
-            # 2. hooks, pipeline, forced tokens, logprobs
-            hook.before_step(rows)
-            if any(r.params is not p for r, p in zip(rows, row_params, strict=True)):
-                row_params = [r.params for r in rows]
-                sampling = SamplingBatch.build(row_params, self.vocab_size, self.device)
-                if seen is None and not sampling.no_penalties:
-                    seen, counts = self._penalty_state(requests, rows, sampling)
-            raw = logits  # the model's own logits, for raw logprobs
-            if any(r.want_logprobs is not None for r in rows):
-                logits = logits.clone()  # hooks mask in place; keep `raw` intact
-            hook.mask_logits(logits, rows)
-            warped = sampling.warp(sampling.penalise(logits, seen, counts))
-            processed = warped.logits
-            generators = [
-                None if p.greedy else r.generator for r, p in zip(rows, row_params, strict=True)
-            ]
-            chosen = sampling.choose(warped, generators).tolist()
-            forced_flags = [bool(r.forced_queue) for r in rows]
-            for i, row in enumerate(rows):
-                if forced_flags[i]:
-                    chosen[i] = row.forced_queue.popleft()
-            logprobs = self._logprobs(rows, raw, processed, chosen)
-
-            # 3. record tokens, decide who stops
-            events, finished, keep = self._record(rows, chosen, forced_flags, logprobs, hook)
-            if counts is not None and seen is not None:
-                index = torch.tensor(chosen, device=self.device).unsqueeze(1)
-                counts.scatter_add_(1, index, torch.ones_like(index, dtype=counts.dtype))
-                seen.scatter_(1, index, True)
-            yield StepEvent(step, events, finished)
-            step += 1
-            if not keep:
+        batch = self.start_batch(rows)
+        while True:
+            event = batch.step(hook)
+            yield event
+            if not batch.rows:
                 return
+            batch.forward()
 
-            # 4. drop finished rows, feed the new tokens of the others
-            if len(keep) < len(rows):
-                index = torch.tensor(keep, device=self.device)
+    def start_batch(self, rows: list[Row]) -> Batch:
+        """Prefill the rows' distinct prompts once and copy each out to its rows."""
+        with torch.inference_mode():
+            prompt_of_request: dict[int, int] = {}
+            prompts: list[Sequence[int]] = []
+            for row in rows:
+                if row.request_index not in prompt_of_request:
+                    prompt_of_request[row.request_index] = len(prompts)
+                    prompts.append(row.prompt_ids)
+            cache, logits, mask = self._prefill(prompts, max(r.max_new_tokens for r in rows))
+            expand = [prompt_of_request[r.request_index] for r in rows]
+            if expand != list(range(len(rows))):
+                index = torch.tensor(expand, device=self.device)
                 cache.batch_select_indices(index)
-                mask, positions = mask[index], positions[index]
-                sampling = sampling.select(index)
-                if counts is not None and seen is not None:
-                    counts, seen = counts[index], seen[index]
-                rows = [rows[i] for i in keep]
-                row_params = [row_params[i] for i in keep]
-            tokens = torch.tensor([[chosen[i]] for i in keep], device=self.device)  # (R, 1)
-            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-            out = self.model(
-                input_ids=tokens,
-                attention_mask=mask,
-                position_ids=positions.unsqueeze(1),
-                past_key_values=cache,
-                use_cache=True,
-            )
-            cache, logits = out.past_key_values, out.logits[:, -1, :].float()
-            positions = positions + 1
-
-    def _start_wave(
-        self, requests: Sequence[GenerationRequest], rows: list[Row]
-    ) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Prefill the wave's distinct prompts and copy each out to its rows:
-        (cache, logits (R, V), attention mask (R, L), next positions (R,))."""
-        prompt_of_request: dict[int, int] = {}
-        prompts: list[Sequence[int]] = []
-        for row in rows:
-            if row.request_index not in prompt_of_request:
-                prompt_of_request[row.request_index] = len(prompts)
-                prompts.append(requests[row.request_index].prompt_ids)
-        cache, logits, mask = self._prefill(prompts, max(r.max_new_tokens for r in rows))
-        expand = [prompt_of_request[r.request_index] for r in rows]
-        if expand != list(range(len(rows))):
-            index = torch.tensor(expand, device=self.device)
-            cache.batch_select_indices(index)
-            logits, mask = logits[index], mask[index]
-        positions = torch.tensor([r.prompt_length for r in rows], device=self.device)
-        return cache, logits, mask, positions
+                logits, mask = logits[index], mask[index]
+            positions = torch.tensor([r.prompt_length for r in rows], device=self.device)
+        return Batch(self, rows, cache, logits, mask, positions)
 
     def _record(
         self,
@@ -422,7 +371,7 @@ class Engine:
         return events, finished, keep
 
     def _penalty_state(
-        self, requests: Sequence[GenerationRequest], rows: list[Row], sampling: SamplingBatch
+        self, rows: list[Row], sampling: SamplingBatch
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(seen (R, V) bool: prompt + output tokens, counts (R, V): output tokens), or Nones."""
         if sampling.no_penalties:
@@ -430,7 +379,7 @@ class Engine:
         counts = torch.zeros(len(rows), self.vocab_size, dtype=torch.int32, device=self.device)
         seen = torch.zeros(len(rows), self.vocab_size, dtype=torch.bool, device=self.device)
         for i, row in enumerate(rows):
-            seen[i, list(requests[row.request_index].prompt_ids)] = True
+            seen[i, list(row.prompt_ids)] = True
             if row.tokens:
                 output = torch.tensor(row.tokens, device=self.device)
                 counts[i].scatter_add_(0, output, torch.ones_like(output, dtype=counts.dtype))
@@ -488,3 +437,141 @@ class Engine:
             logprobs=row.logprobs if row.want_logprobs is not None else None,
             state=row.state,
         )
+
+
+class Batch:
+    """The rows decoding together: their KV cache, attention mask, next positions, last
+    logits and sampling tensors. One `step` samples a token for every row and drops the
+    rows that finished; `forward` feeds the new tokens through the model. Between the
+    two, rows may leave (`keep_rows`: a client went away) and, after `forward`, another
+    batch may join (`extend`: continuous batching)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        rows: list[Row],
+        cache: Any,
+        logits: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+    ) -> None:
+        self.engine = engine
+        self.rows = rows
+        self.cache = cache
+        self.logits = logits
+        self.mask = mask
+        self.positions = positions
+        self.row_params = [r.params for r in rows]
+        self.sampling = SamplingBatch.build(self.row_params, engine.vocab_size, engine.device)
+        self.seen, self.counts = engine._penalty_state(rows, self.sampling)
+        self.next_tokens: list[int] | None = None  # sampled, not yet fed to the model
+        self.steps = 0
+
+    @torch.inference_mode()
+    def step(self, hook: StepHook) -> StepEvent:
+        assert self.next_tokens is None, "forward() the last step's tokens first"
+        engine, rows = self.engine, self.rows
+        hook.before_step(rows)
+        if any(r.params is not p for r, p in zip(rows, self.row_params, strict=True)):
+            self.row_params = [r.params for r in rows]
+            self.sampling = SamplingBatch.build(self.row_params, engine.vocab_size, engine.device)
+            if self.seen is None and not self.sampling.no_penalties:
+                self.seen, self.counts = engine._penalty_state(rows, self.sampling)
+        logits = raw = self.logits  # `raw`: the model's own logits, for raw logprobs
+        if any(r.want_logprobs is not None for r in rows):
+            logits = logits.clone()  # hooks mask in place; keep `raw` intact
+        hook.mask_logits(logits, rows)
+        warped = self.sampling.warp(self.sampling.penalise(logits, self.seen, self.counts))
+        generators = [
+            None if p.greedy else r.generator for r, p in zip(rows, self.row_params, strict=True)
+        ]
+        chosen = self.sampling.choose(warped, generators).tolist()
+        forced_flags = [bool(r.forced_queue) for r in rows]
+        for i, row in enumerate(rows):
+            if forced_flags[i]:
+                chosen[i] = row.forced_queue.popleft()
+        logprobs = engine._logprobs(rows, raw, warped.logits, chosen)
+
+        events, finished, keep = engine._record(rows, chosen, forced_flags, logprobs, hook)
+        if self.counts is not None and self.seen is not None:
+            index = torch.tensor(chosen, device=engine.device).unsqueeze(1)
+            self.counts.scatter_add_(1, index, torch.ones_like(index, dtype=self.counts.dtype))
+            self.seen.scatter_(1, index, True)
+        event = StepEvent(self.steps, events, finished)
+        self.steps += 1
+        self.next_tokens = chosen
+        self.keep_rows(keep)
+        return event
+
+    def keep_rows(self, keep: list[int]) -> None:
+        """Keep only the rows at these indices (in order); the others leave the batch and
+        their cache rows are freed. Leading cache columns no row attends to any more are
+        dropped too."""
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        self.row_params = [self.row_params[i] for i in keep]
+        if self.next_tokens is not None:
+            self.next_tokens = [self.next_tokens[i] for i in keep]
+        if not keep:
+            self.cache = None
+            return
+        index = torch.tensor(keep, device=self.engine.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.positions = self.mask[index], self.positions[index]
+        if self.next_tokens is None:  # otherwise `forward` replaces the logits anyway
+            self.logits = self.logits[index]
+        self.sampling = self.sampling.select(index)
+        if self.counts is not None and self.seen is not None:
+            self.counts, self.seen = self.counts[index], self.seen[index]
+        unused = int(self.mask.any(dim=0).long().argmax())  # first column still attended
+        if unused and trim_left(self.cache, unused):
+            self.mask = self.mask[:, unused:]
+
+    @torch.inference_mode()
+    def forward(self) -> None:
+        """Feed the tokens sampled by the last `step` (rows still in the batch)."""
+        assert self.next_tokens is not None and self.rows
+        engine = self.engine
+        tokens = torch.tensor([[t] for t in self.next_tokens], device=engine.device)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        out = engine.model(
+            input_ids=tokens,
+            attention_mask=self.mask,
+            position_ids=self.positions.unsqueeze(1),
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.cache, self.logits = out.past_key_values, out.logits[:, -1, :].float()
+        self.positions = self.positions + 1
+        self.next_tokens = None
+
+    @property
+    def can_extend(self) -> bool:
+        return self.cache is None or isinstance(self.cache, GrowingCache)
+
+    def extend(self, other: Batch) -> None:
+        """Append the rows of a freshly prefilled batch. Both caches are left-padded to
+        the longer one (padding is masked out; positions are per row)."""
+        assert self.next_tokens is None and other.next_tokens is None
+        if not self.rows:
+            self.__dict__.update({k: v for k, v in other.__dict__.items() if k != "steps"})
+            return
+        if not (isinstance(self.cache, GrowingCache) and isinstance(other.cache, GrowingCache)):
+            raise NotImplementedError("only a GrowingCache batch can take rows mid-run")
+        rows = self.rows + other.rows
+        room = max(r.max_new_tokens - len(r.tokens) for r in rows) + 1
+        self.cache = merge_left_padded(self.cache, other.cache, room)
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(other.mask, width)])
+        self.logits = torch.cat([self.logits, other.logits])
+        self.positions = torch.cat([self.positions, other.positions])
+        self.rows = rows
+        self.row_params = self.row_params + other.row_params
+        engine = self.engine
+        self.sampling = SamplingBatch.build(self.row_params, engine.vocab_size, engine.device)
+        self.seen, self.counts = engine._penalty_state(rows, self.sampling)
+
+
+def _pad_left(mask: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(mask, (width - mask.shape[1], 0))

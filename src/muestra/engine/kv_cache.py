@@ -6,6 +6,10 @@ that is ~1.2 GB a step, as much as the weights). `GrowingLayer` keeps a buffer w
 room for `capacity` positions (the engine passes prompt + token budget), writes new
 keys and values into it, and exposes the filled part as a view. Rows still leave the
 batch with `batch_select_indices`.
+
+Continuous batching needs two more operations: `merge_left_padded` puts the rows of two
+caches in one (the shorter one left-padded; the engine masks the padding), and
+`trim_left` drops leading positions no remaining row attends to (a view, no copy).
 """
 
 from __future__ import annotations
@@ -58,6 +62,16 @@ class GrowingLayer(DynamicLayer):
         self.keys = self.key_buffer[:, :, : self.length]
         self.values = self.value_buffer[:, :, : self.length]
 
+    def trim_left(self, count: int) -> None:
+        if self.key_buffer is None or self.value_buffer is None:
+            return
+        self.key_buffer = self.key_buffer[:, :, count:]
+        self.value_buffer = self.value_buffer[:, :, count:]
+        self.length -= count
+        self.capacity = self.key_buffer.shape[-2]
+        self.keys = self.key_buffer[:, :, : self.length]
+        self.values = self.value_buffer[:, :, : self.length]
+
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("the engine expands rows with batch_select_indices")
 
@@ -79,3 +93,36 @@ def supports_growing_cache(config: Any) -> bool:
 class GrowingCache(Cache):
     def __init__(self, num_layers: int, capacity: int) -> None:
         super().__init__(layers=[GrowingLayer(capacity) for _ in range(num_layers)])
+
+
+def trim_left(cache: Any, count: int) -> bool:
+    """Drop the first `count` positions of every layer; False (nothing done) when the
+    cache is not a `GrowingCache`."""
+    if not isinstance(cache, GrowingCache):
+        return False
+    for layer in cache.layers:
+        layer.trim_left(count)
+    return True
+
+
+def merge_left_padded(first: GrowingCache, second: GrowingCache, room: int) -> GrowingCache:
+    """One cache with the rows of `first` then `second`, each left-padded with zeros to the
+    longer length, with space for `room` more positions."""
+    length = max(first.layers[0].length, second.layers[0].length)
+    merged = GrowingCache(len(first.layers), length + room)
+    for target, a, b in zip(merged.layers, first.layers, second.layers, strict=True):
+        assert a.key_buffer is not None and b.key_buffer is not None
+        assert a.value_buffer is not None and b.value_buffer is not None
+        rows_a, heads, _, dim = a.key_buffer.shape
+        rows_b = b.key_buffer.shape[0]
+        for name in ("key_buffer", "value_buffer"):
+            left, right = getattr(a, name), getattr(b, name)
+            buffer = left.new_zeros(rows_a + rows_b, heads, length + room, dim)
+            buffer[:rows_a, :, length - a.length : length] = left[:, :, : a.length]
+            buffer[rows_a:, :, length - b.length : length] = right[:, :, : b.length]
+            setattr(target, name, buffer)
+        target.lazy_initialization(target.key_buffer, target.value_buffer)
+        target.length = length
+        target.keys = target.key_buffer[:, :, :length]
+        target.values = target.value_buffer[:, :, :length]
+    return merged

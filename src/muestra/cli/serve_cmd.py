@@ -1,0 +1,86 @@
+"""`muestra serve`: the engine behind an OpenAI-compatible HTTP API."""
+
+from __future__ import annotations
+
+import typer
+
+from muestra.cli.common import (
+    MODEL_HELP,
+    AllowPickleOption,
+    DeviceOption,
+    DtypeOption,
+    TrustRemoteCodeOption,
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)
+
+
+def serve(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Address to bind (loopback unless you say otherwise)."
+    ),
+    port: int = typer.Option(8000, "--port", min=0, max=65535),
+    api_key: str | None = typer.Option(
+        None,
+        "--api-key",
+        envvar="MUESTRA_API_KEY",
+        help="Require 'Authorization: Bearer KEY' on every /v1 route (/health stays open).",
+    ),
+    served_model_name: str | None = typer.Option(
+        None, "--served-model-name", help="The model name clients send (default: MODEL)."
+    ),
+    max_batch: int = typer.Option(
+        64, "--max-batch", min=1, help="Most rows (samples) decoding together."
+    ),
+    max_tokens_limit: int | None = typer.Option(
+        None,
+        "--max-tokens-limit",
+        min=1,
+        help="Refuse requests whose max_tokens is above this (413).",
+    ),
+    max_body_bytes: int = typer.Option(
+        8 * 1024 * 1024, "--max-body-bytes", min=1024, help="Refuse larger bodies (413)."
+    ),
+    dtype: str = DtypeOption,
+    device: str = DeviceOption,
+    allow_pickle: bool = AllowPickleOption,
+    trust_remote_code: bool = TrustRemoteCodeOption,
+    log_level: str = typer.Option("warning", "--log-level", help="uvicorn's log level."),
+) -> None:
+    """Serve MODEL over OpenAI's API: GET /health, GET /v1/models, POST /v1/chat/completions
+    and POST /v1/completions. Concurrent requests share the engine's batches (continuous
+    batching). Chat requests take OpenAI's fields plus vLLM's extras: top_k, min_p,
+    repetition_penalty, thinking_token_budget (caps the reasoning), chat_template_kwargs
+    (e.g. {"enable_thinking": false}); response_format json_object / json_schema is
+    enforced with a grammar after the reasoning; the reasoning comes back apart, as
+    `reasoning_content`. max_tokens counts reasoning tokens too (as vLLM)."""
+    import uvicorn
+
+    from muestra.cli.common import stderr
+    from muestra.loading import load_model
+    from muestra.server.app import create_app
+    from muestra.server.service import ServedModel
+
+    loaded = load_model(
+        model,
+        dtype=dtype,  # type: ignore[arg-type]
+        device=device,  # type: ignore[arg-type]
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+    )
+    served = ServedModel(
+        loaded, served_model_name or model, max_batch=max_batch, max_tokens_limit=max_tokens_limit
+    )
+    app = create_app(served, api_key=api_key, max_body_bytes=max_body_bytes)
+    thinking = "thinks" if served.tags is not None else "does not think"
+    stderr.print(
+        f"muestra serve: {served.name} ({thinking}) on http://{host}:{port}/v1"
+        + (" (API key required)" if api_key else ""),
+        markup=False,
+    )
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        stderr.print(f"warning: listening on {host}, not only on this machine", markup=False)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -1,0 +1,456 @@
+"""The HTTP side of `muestra serve`: FastAPI routes in OpenAI's shape.
+
+Routes: `GET /health` (no key needed), `GET /v1/models`, `POST /v1/chat/completions`,
+`POST /v1/completions`. Every error is answered as
+`{"error": {"message", "type", "param", "code"}}` with its status: 400 bad parameters,
+401 missing or wrong key, 404 unknown model or route, 413 body too large or a token
+limit, 500 only for a fault of the server itself. Streaming is Server-Sent Events
+(`data: {chunk}` … `data: [DONE]`); a client that goes away frees its rows at once,
+streaming or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from muestra import __version__
+from muestra.server.protocol import ApiError, ChatRequest, CompletionRequest
+from muestra.server.service import Finished, Job, SampleText, ServedModel, TokenRecord
+
+DEFAULT_MAX_BODY = 8 * 1024 * 1024
+
+
+def create_app(
+    served: ServedModel, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY
+) -> FastAPI:
+    app = FastAPI(title="muestra", version=__version__, docs_url=None, redoc_url=None)
+    app.state.served = served
+
+    async def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), api_key):
+            raise ApiError(
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer KEY' with the key "
+                "given to `muestra serve --api-key`",
+                code="invalid_api_key",
+            )
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, err: ApiError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+        return JSONResponse(_validation_error(err).body(), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_: Request, err: HTTPException) -> JSONResponse:
+        error = ApiError(err.status_code, str(err.detail), code=None)
+        return JSONResponse(error.body(), status_code=err.status_code)
+
+    @app.exception_handler(Exception)
+    async def _bug(_: Request, err: Exception) -> JSONResponse:
+        error = ApiError(500, f"internal error: {type(err).__name__}: {err}", code="internal")
+        return JSONResponse(error.body(), status_code=500)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        scheduler = served.scheduler
+        return {
+            "status": "ok",
+            "model": served.name,
+            "rows_running": scheduler.stats["running"],
+            "rows_waiting": scheduler.waiting,
+            "steps": scheduler.stats["steps"],
+            "max_rows_in_a_step": scheduler.stats["max_rows"],
+        }
+
+    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": served.name,
+                    "object": "model",
+                    "created": served.created,
+                    "owned_by": "muestra",
+                    "max_model_len": served.context,
+                }
+            ],
+        }
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    async def chat(body: ChatRequest, request: Request) -> Any:
+        job = await served.chat_job(body)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return _sse(_chat_chunks(job, body, include_usage), job)
+        return await _until_disconnect(request, job, _chat_response(job, body))
+
+    @app.post("/v1/completions", dependencies=[Depends(check_key)])
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        job = await served.completion_job(body)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return _sse(_text_chunks(job, body, include_usage), job)
+        return await _until_disconnect(request, job, _text_response(job, body))
+
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.router.add_event_handler("shutdown", served.close)
+    return app
+
+
+def _validation_error(err: RequestValidationError) -> ApiError:
+    first = err.errors()[0]
+    location = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(location) or None
+    if first.get("type") == "json_invalid":
+        return ApiError(400, f"the body is not valid JSON: {first.get('msg')}")
+    message = first.get("msg", "invalid request")
+    if param:
+        given = first.get("input")
+        shown = json.dumps(given, ensure_ascii=False, default=str)[:80] if given is not None else ""
+        message = f"{param}: {message}" + (f" (got {shown})" if shown else "")
+    return ApiError(400, message, param=param)
+
+
+class BodyLimit:
+    """413 for bodies above `limit` bytes, whether or not they announce their length."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(send)
+            return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away before sending its body
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                await self._refuse(send)
+                return
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send: Any) -> None:
+        error = ApiError(
+            413, f"the request body is larger than {self.limit} bytes", code="body_too_large"
+        )
+        payload = json.dumps(error.body()).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+
+
+async def _until_disconnect(request: Request, job: Job, work: Any) -> Any:
+    """Await `work`; if the client disconnects first, cancel the job's rows at once."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        job.cancel()
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task not in done:
+        job.cancel()
+        task.cancel()
+        return JSONResponse({}, status_code=499)  # nobody is listening
+    return task.result()
+
+
+def _sse(chunks: AsyncIterator[dict[str, Any]], job: Job) -> StreamingResponse:
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+        except ApiError as err:
+            yield f"data: {json.dumps(err.body())}\n\n"
+        finally:
+            job.cancel()  # no-op when finished; frees the rows of a client that left
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+# ---- chat ---------------------------------------------------------------------------------
+
+
+def _logprob_entry(served: ServedModel, lp: Any) -> dict[str, Any]:
+    def one(token_id: int, logprob: float) -> dict[str, Any]:
+        piece = served.piece(token_id)
+        return {
+            "token": piece.decode("utf-8", errors="replace"),
+            "logprob": logprob,
+            "bytes": list(piece),
+        }
+
+    return {
+        **one(lp.token_id, lp.raw_logprob),
+        "top_logprobs": [one(i, v) for i, v in lp.raw_top],
+    }
+
+
+def _usage(job: Job, finished: dict[int, Finished]) -> dict[str, Any]:
+    completion = sum(len(f.sample.token_ids) for f in finished.values())
+    reasoning = sum(f.reasoning_tokens for f in finished.values())
+    return {
+        "prompt_tokens": job.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": job.prompt_tokens + completion,
+        "completion_tokens_details": {"reasoning_tokens": reasoning},
+    }
+
+
+async def _collect(job: Job) -> tuple[list[SampleText], dict[int, Finished]]:
+    texts = [SampleText(job.hold) for _ in range(job.choices)]
+    finished: dict[int, Finished] = {}
+    async for batch in job.records():
+        for record in batch:
+            if isinstance(record, TokenRecord):
+                texts[record.choice].add(
+                    job.served.piece(record.token_id), record.channel, record.logprobs
+                )
+            elif isinstance(record, Finished):
+                finished[record.choice] = record
+    return texts, finished
+
+
+async def _chat_response(job: Job, body: ChatRequest) -> dict[str, Any]:
+    served = job.served
+    texts, finished = await _collect(job)
+    choices = []
+    for index in range(job.choices):
+        sample = finished[index].sample
+        cut = sample.stop_byte_offset
+        out = texts[index].take(final=True, cut=cut)
+        message: dict[str, Any] = {"role": "assistant", "content": out["content"]}
+        if served.tags is not None:
+            message["reasoning_content"] = out["reasoning"]
+        logprobs = None
+        if body.logprobs:
+            logprobs = {
+                "content": [_logprob_entry(served, lp) for lp in texts[index].content_logprobs(cut)]
+            }
+        choices.append(
+            {
+                "index": index,
+                "message": message,
+                "logprobs": logprobs,
+                "finish_reason": sample.finish_reason,
+            }
+        )
+    return {
+        "id": f"chatcmpl-{job.id}",
+        "object": "chat.completion",
+        "created": job.created,
+        "model": served.name,
+        "system_fingerprint": f"muestra-{__version__}",
+        "choices": choices,
+        "usage": _usage(job, finished),
+    }
+
+
+async def _chat_chunks(
+    job: Job, body: ChatRequest, include_usage: bool
+) -> AsyncIterator[dict[str, Any]]:
+    served = job.served
+
+    def chunk(index: int, delta: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        data = {
+            "id": f"chatcmpl-{job.id}",
+            "object": "chat.completion.chunk",
+            "created": job.created,
+            "model": served.name,
+            "system_fingerprint": f"muestra-{__version__}",
+            "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}],
+        }
+        data["choices"][0].update(extra)
+        if include_usage:
+            data["usage"] = None
+        return data
+
+    texts = [SampleText(job.hold) for _ in range(job.choices)]
+    finished: dict[int, Finished] = {}
+    for index in range(job.choices):
+        yield chunk(index, {"role": "assistant", "content": ""})
+    async for batch in job.records():
+        touched: dict[int, list[Any]] = {}
+        for record in batch:
+            if isinstance(record, TokenRecord):
+                text = texts[record.choice]
+                text.add(served.piece(record.token_id), record.channel, record.logprobs)
+                entries = touched.setdefault(record.choice, [])
+                if body.logprobs and record.channel == "content" and record.logprobs:
+                    entries.append(_logprob_entry(served, record.logprobs))
+            elif isinstance(record, Finished):
+                finished[record.choice] = record
+        for index, entries in touched.items():
+            done = finished.get(index)
+            cut = done.sample.stop_byte_offset if done else None
+            out = texts[index].take(final=done is not None, cut=cut)
+            delta = {}
+            if out["reasoning"]:
+                delta["reasoning_content"] = out["reasoning"]
+            if out["content"]:
+                delta["content"] = out["content"]
+            logprobs = {"content": entries} if entries else None
+            if delta or logprobs:
+                yield chunk(index, delta, logprobs=logprobs)
+            if done is not None:
+                yield chunk(index, {}, finish_reason=done.sample.finish_reason)
+    if include_usage:
+        yield {
+            "id": f"chatcmpl-{job.id}",
+            "object": "chat.completion.chunk",
+            "created": job.created,
+            "model": served.name,
+            "choices": [],
+            "usage": _usage(job, finished),
+        }
+
+
+# ---- text completions ---------------------------------------------------------------------
+
+
+def _legacy_logprobs(served: ServedModel, entries: list[Any]) -> dict[str, Any]:
+    tokens, token_logprobs, top, offsets, offset = [], [], [], [], 0
+    for lp in entries:
+        piece = served.piece(lp.token_id).decode("utf-8", errors="replace")
+        tokens.append(piece)
+        token_logprobs.append(lp.raw_logprob)
+        top.append({served.piece(i).decode("utf-8", errors="replace"): v for i, v in lp.raw_top})
+        offsets.append(offset)
+        offset += len(piece)
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top,
+        "text_offset": offsets,
+    }
+
+
+async def _text_response(job: Job, body: CompletionRequest) -> dict[str, Any]:
+    served = job.served
+    texts, finished = await _collect(job)
+    choices = []
+    for index in range(job.choices):
+        sample = finished[index].sample
+        cut = sample.stop_byte_offset
+        out = texts[index].take(final=True, cut=cut)
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs = _legacy_logprobs(served, texts[index].content_logprobs(cut))
+        choices.append(
+            {
+                "index": index,
+                "text": out["content"],
+                "logprobs": logprobs,
+                "finish_reason": sample.finish_reason,
+            }
+        )
+    return {
+        "id": f"cmpl-{job.id}",
+        "object": "text_completion",
+        "created": job.created,
+        "model": served.name,
+        "choices": choices,
+        "usage": _usage(job, finished),
+    }
+
+
+async def _text_chunks(
+    job: Job, body: CompletionRequest, include_usage: bool
+) -> AsyncIterator[dict[str, Any]]:
+    served = job.served
+
+    def chunk(index: int, text: str, finish_reason: str | None = None) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "id": f"cmpl-{job.id}",
+            "object": "text_completion",
+            "created": job.created,
+            "model": served.name,
+            "choices": [
+                {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+            ],
+        }
+        if include_usage:
+            data["usage"] = None
+        return data
+
+    texts = [SampleText(job.hold) for _ in range(job.choices)]
+    finished: dict[int, Finished] = {}
+    async for batch in job.records():
+        touched = set()
+        for record in batch:
+            if isinstance(record, TokenRecord):
+                texts[record.choice].add(
+                    served.piece(record.token_id), record.channel, record.logprobs
+                )
+                touched.add(record.choice)
+            elif isinstance(record, Finished):
+                finished[record.choice] = record
+        for index in sorted(touched):
+            done = finished.get(index)
+            cut = done.sample.stop_byte_offset if done else None
+            text = texts[index].take(final=done is not None, cut=cut)["content"]
+            if text:
+                yield chunk(index, text)
+            if done is not None:
+                yield chunk(index, "", done.sample.finish_reason)
+    if include_usage:
+        yield {
+            "id": f"cmpl-{job.id}",
+            "object": "text_completion",
+            "created": job.created,
+            "model": served.name,
+            "choices": [],
+            "usage": _usage(job, finished),
+        }
