@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks import engine as engine_bench
+from benchmarks import server as server_bench
 from benchmarks import structured as structured_bench
 from benchmarks.common import write_result
 
@@ -24,7 +25,7 @@ def main() -> None:
     parser.add_argument("--seed-loop-samples", type=int, default=4)
     parser.add_argument(
         "--only",
-        choices=["batch", "seed000", "floor", "masks", "compile", "structured000"],
+        choices=["batch", "seed000", "floor", "masks", "compile", "structured000", "server"],
         default=None,
     )
     args = parser.parse_args()
@@ -35,7 +36,8 @@ def main() -> None:
     from muestra.loading import load_model
 
     console.print("building/loading the kit's qwen3-0.6b (random weights, bf16) …")
-    loaded = load_model(str(ensure_kit("qwen3-0.6b")), dtype="bfloat16", device="cpu")
+    kit = ensure_kit("qwen3-0.6b")
+    loaded = load_model(str(kit), dtype="bfloat16", device="cpu")
     results = {}
     if args.only in (None, "batch"):
         results["batch"] = engine_bench.bench_batch(loaded, repeats)
@@ -50,6 +52,9 @@ def main() -> None:
         structured["compile"] = structured_bench.bench_compile(loaded)
     if args.only in (None, "structured000"):
         structured["seed000"] = structured_bench.bench_seed_000(loaded, repeats, loop_samples)
+    served = {}
+    if args.only in (None, "server"):
+        served["server"] = server_bench.bench_server(loaded, kit, repeats)
     paths = []
     if results:
         paths.append(write_result("engine", {"repeats": repeats, **results}, merge=bool(args.only)))
@@ -57,6 +62,8 @@ def main() -> None:
         paths.append(
             write_result("structured", {"repeats": repeats, **structured}, merge=bool(args.only))
         )
+    if served:
+        paths.append(write_result("server", {"repeats": repeats, **served}, merge=bool(args.only)))
 
     table = Table(title="muestra engine benchmarks (qwen3-0.6b shapes, bf16, this CPU)")
     for column in ("benchmark", "muestra", "reference", "ratio", "goal"):
@@ -130,6 +137,22 @@ def main() -> None:
             "≥ 5×",
         )
         table.add_row("  + field_probs", f"{r['muestra_with_field_probs_s']:.1f}s", "", "", "")
+    if "server" in served:
+        r = served["server"]
+        table.add_row(
+            "32 chat requests, server",
+            f"{r['server_concurrent_s']:.1f}s",
+            f"in-process {r['in_process_s']:.1f}s",
+            f"{r['server_overhead']:.2f}×",
+            "≤ 1.15×",
+        )
+        table.add_row(
+            "  continuous batching",
+            f"{r['server_concurrent_s']:.1f}s",
+            f"one at a time {r['server_one_at_a_time_s_scaled_to_32']:.1f}s",
+            f"{r['continuous_batching_speedup']:.1f}× faster",
+            "",
+        )
     console.print(table)
     for path in paths:
         console.print(f"results written to {path}")

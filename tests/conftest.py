@@ -2,10 +2,19 @@
 
 The kits are built fresh into a temporary folder (the build itself is under test),
 unless MUESTRA_TEST_KITS points at a folder to reuse between runs.
+
+`run_cli` runs `muestra ARGS…` through the real entry point (`muestra.cli.app.main`,
+argument parsing, error handling and exit codes included) inside the test process,
+with stdout and stderr captured: a subprocess would spend ~5 s importing torch and
+transformers per call. Calls that pass `env`, and every call when
+MUESTRA_CLI_SUBPROCESS=1, run in a real subprocess instead; the tests that kill runs
+or start servers always use subprocesses.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -14,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+os.environ.setdefault("COLUMNS", "200")  # before Rich consoles are created
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = ROOT.parent / "shared" / "seeds"
@@ -60,7 +71,9 @@ class CliResult:
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> CliResult:
-    """Run `muestra ARGS…` in a subprocess, as a user types it."""
+    """Run `muestra ARGS…` as a user types it (in-process unless `env` is given)."""
+    if env is None and os.environ.get("MUESTRA_CLI_SUBPROCESS") != "1":
+        return _run_in_process(list(args))
     full_env = {**os.environ, "PYTHONIOENCODING": "utf-8", "COLUMNS": "200", **(env or {})}
     proc = subprocess.run(
         [sys.executable, "-m", "muestra", *args],
@@ -71,6 +84,23 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300)
         stdin=subprocess.DEVNULL,
     )
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def _run_in_process(args: list[str]) -> CliResult:
+    from muestra.cli.app import main
+
+    out, err = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    sys.argv = ["muestra", *args]
+    code: int = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    finally:
+        sys.argv = argv
+    return CliResult(code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture

@@ -22,12 +22,18 @@ COMMANDS = [
     ["export"],
     ["analyze"],
     ["report"],
+    ["serve"],
 ]
 
 
 def test_version(cli):
     result = cli("--version")
     assert result.code == 0 and result.stdout.startswith("muestra 0.")
+    # the installed entry point in a real process too (env= forces a subprocess)
+    real = cli("--version", env={})
+    assert real.code == 0 and real.stdout == result.stdout
+    missing = cli("summary", "/nonexistent/store.db", env={})
+    assert missing.code == 2 and "does not exist" in missing.stderr
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "muestra")

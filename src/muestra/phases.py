@@ -97,6 +97,13 @@ def initial_phase(prompt_ids: Sequence[int], open_id: int | None, close_id: int 
     return "open"
 
 
+def answer_budget_error(max_tokens: int) -> str:
+    return (
+        f"the answer budget of {max_tokens} tokens ended before the grammar completed; "
+        "raise the answer max tokens"
+    )
+
+
 class PhaseController:
     """A `StepHook` for think → answer generation (see the module docstring)."""
 
@@ -168,10 +175,7 @@ class PhaseController:
         if row.finish_reason is None and state.answer_tokens >= self.answer.max_tokens:
             row.finish("length")
             if state.matcher is not None and not state.matcher.is_terminated():
-                state.error = (
-                    f"the answer budget of {self.answer.max_tokens} tokens ended before the "
-                    "grammar completed; raise the answer max tokens"
-                )
+                state.error = answer_budget_error(self.answer.max_tokens)
 
     # ---- transitions --------------------------------------------------------------------
 

@@ -166,8 +166,10 @@ class StructuredGenerator:
         decode = self.text.token_bytes
         ids = sample.token_ids
         reasoning = None
-        if state.think_end is not None:
-            reasoning = b"".join(decode[t] for t in ids[state.think_start : state.think_end])
+        if state.think_end is not None or state.phase in ("think", "closing"):
+            # a row that ran out of tokens while thinking keeps the trace it wrote
+            end = state.think_end if state.think_end is not None else len(ids)
+            reasoning = b"".join(decode[t] for t in ids[state.think_start : end])
             reasoning = reasoning.decode("utf-8", errors="replace")
         answer_ids = ids[state.answer_start :] if state.answer_start is not None else []
         if answer_ids and sample.finish_reason == "stop" and isinstance(sample.stop_reason, int):
@@ -176,7 +178,9 @@ class StructuredGenerator:
         error = state.error
         answer = value = None
         if grammar is not None and error is None:
-            answer, value, error = _parse(answer_text, grammar, pydantic_model, sample)
+            answer, value, error = parse_answer(
+                answer_text, sample.finish_reason, grammar, pydantic_model
+            )
         return StructuredSample(
             prompt_index=request.prompt_index,
             sample=sample.sample_index,
@@ -197,11 +201,11 @@ class StructuredGenerator:
         )
 
 
-def _parse(
-    text: str, grammar: GrammarSpec, pydantic_model: type | None, sample: Sample
+def parse_answer(
+    text: str, finish_reason: str, grammar: GrammarSpec, pydantic_model: type | None = None
 ) -> tuple[Any, Any, str | None]:
-    """(answer, Pydantic value, error) for a finished answer text."""
-    if sample.finish_reason != "stop":
+    """(answer, Pydantic value, error) for an answer text, wherever it was generated."""
+    if finish_reason != "stop":
         return None, None, "the answer did not finish (token budget); it is not stored as valid"
     if grammar.kind == "json_schema":
         import jsonschema

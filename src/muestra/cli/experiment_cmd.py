@@ -45,7 +45,13 @@ def run(
     loaded = load_spec(spec)
     store = out if out is not None else loaded.path.with_name(f"{loaded.spec.name}.db")
     runner = Runner(
-        loaded, store, model=model, samples=samples, force_new=force_new, batch_rows=batch_rows
+        loaded,
+        store,
+        model=model,
+        samples=samples,
+        force_new=force_new,
+        batch_rows=batch_rows,
+        on_note=lambda text: stderr.print(f"note: {text}", markup=False),
     )
     runner.open()
     units = runner.plan()

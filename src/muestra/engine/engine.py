@@ -61,6 +61,7 @@ class GenerationRequest:
     stop: Sequence[str] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: off; k: chosen token plus k alternatives
+    seeds: Sequence[int] | None = None  # explicit generator seed of each sample (else derived)
 
 
 @dataclass
@@ -237,6 +238,8 @@ class Engine:
             raise InputError(f"request {index}: logprobs={request.logprobs} must be in [0, 20]")
         if max(request.prompt_ids) >= self.vocab_size or min(request.prompt_ids) < 0:
             raise InputError(f"request {index}: a prompt id is outside [0, {self.vocab_size})")
+        if request.seeds is not None and len(request.seeds) != request.n:
+            raise InputError(f"request {index}: {len(request.seeds)} seeds for n={request.n}")
         if request.stop and self.token_bytes is None:
             raise InputError("stop strings need token_bytes (use Engine.from_loaded)")
         total = len(request.prompt_ids) + request.max_new_tokens
@@ -250,8 +253,13 @@ class Engine:
     def rows_for(self, index: int, request: GenerationRequest) -> list[Row]:
         """The rows of one request, `index` being its request index in the batch."""
         rows = []
-        for sample_index in range(request.first_sample, request.first_sample + request.n):
-            seed = sample_seed(request.seed, request.prompt_index, sample_index)
+        for k, sample_index in enumerate(
+            range(request.first_sample, request.first_sample + request.n)
+        ):
+            if request.seeds is not None:
+                seed = int(request.seeds[k])
+            else:
+                seed = sample_seed(request.seed, request.prompt_index, sample_index)
             rows.append(
                 Row(
                     request_index=index,

@@ -68,6 +68,7 @@ class Runner:
         samples: int | None = None,
         force_new: bool = False,
         batch_rows: int = 32,
+        on_note: Callable[[str], None] | None = None,
     ) -> None:
         self.spec = spec
         self.store = Path(store)
@@ -77,6 +78,7 @@ class Runner:
         self.models = [ModelSpec(id=model)] if model else spec.spec.model_list
         self.force_new = force_new
         self.batch_rows = batch_rows
+        self.on_note = on_note or (lambda _: None)
         self.db: sqlite3.Connection | None = None
         self.run_id: int | None = None
 
@@ -208,21 +210,45 @@ class Runner:
         total = sum(len(u.missing) for u in units)
         progress = Progress(0, total, 0, 0.0)
         started = time.perf_counter()
+
+        def store(rows: list[dict[str, Any]]) -> None:
+            assert self.db is not None
+            insert_samples(self.db, rows)
+            progress.done += len(rows)
+            progress.tokens += sum(r["completion_tokens"] for r in rows)
+            progress.elapsed = time.perf_counter() - started
+            if on_progress:
+                on_progress(progress)
+
         for model in self.models:
             mine = [u for u in units if u.model.name == model.name]
             if not mine:
                 continue
+            if model.endpoint is not None:
+                self._run_remote(model, mine, store)
+                continue
             generator = self._generator(model)
             for batch in _batches(mine, self.batch_rows):
-                rows = self._run_batch(generator, batch)
-                assert self.db is not None
-                insert_samples(self.db, rows)
-                progress.done += len(rows)
-                progress.tokens += sum(r["completion_tokens"] for r in rows)
-                progress.elapsed = time.perf_counter() - started
-                if on_progress:
-                    on_progress(progress)
+                store(self._run_batch(generator, batch))
         return progress
+
+    def _run_remote(
+        self, model: ModelSpec, units: list[Unit], store: Callable[[list[dict[str, Any]]], None]
+    ) -> None:
+        from muestra.experiments.remote import RemoteRunner
+
+        def provenance(data: dict[str, Any]) -> None:
+            assert self.db is not None
+            with self.db:
+                self.db.execute(
+                    "UPDATE models SET provenance_json = ? WHERE id = ?",
+                    (dumps(data), self.model_ids[model.name]),
+                )
+
+        remote = RemoteRunner(
+            self.spec, model, self.spec.spec.seed, self._row, store, self.on_note, provenance
+        )
+        remote.run(units)
 
     def _generator(self, model: ModelSpec) -> Any:
         from muestra.loading import load_model
@@ -281,9 +307,12 @@ class Runner:
         )
         seconds = time.perf_counter() - started
         unit_of = {u.prompt_index: u for u, _ in batch}
-        return [self._row(unit_of[s.prompt_index], s, think, seconds) for s in results]
+        budget = think.budget if think else None
+        return [self._row(unit_of[s.prompt_index], s, budget, seconds) for s in results]
 
-    def _row(self, unit: Unit, sample: Any, think: Any, seconds: float) -> dict[str, Any]:
+    def _row(
+        self, unit: Unit, sample: Any, think_budget: int | None, seconds: float
+    ) -> dict[str, Any]:
         return {
             "run_id": self.run_id,
             "model_id": unit.model_id,
@@ -291,7 +320,7 @@ class Runner:
             "prompt_id": unit.prompt_id,
             "sample_index": sample.sample,
             "seed": sample.seed,
-            "think_budget": think.budget if think else None,
+            "think_budget": think_budget,
             "reasoning": sample.reasoning,
             "think_tokens": sample.think_tokens,
             "budget_hit": int(sample.budget_hit),

@@ -51,10 +51,33 @@ class Strict(BaseModel):
 
 
 class ModelSpec(Strict):
-    id: str = Field(description="Hub id or local folder of the model.")
+    id: str = Field(description="Hub id or local folder; with `endpoint`, the served name.")
     label: str | None = Field(None, description="Name used in results (default: the id).")
     dtype: str = Field("auto", description="auto | bfloat16 | float16 | float32")
     device: str = Field("auto", description="auto | cpu | cuda")
+    endpoint: str | list[str] | None = Field(
+        None,
+        description="OpenAI-compatible base URL(s), e.g. http://host:8000/v1 (muestra serve, "
+        "vLLM, SGLang); several are used in turn.",
+    )
+    api_key_env: str | None = Field(None, description="Environment variable with the API key.")
+    concurrency: int = Field(16, ge=1, le=4096, description="Requests in flight at once.")
+    retries: int = Field(6, ge=0, le=100, description="Retries on 429, 5xx, lost connections.")
+    timeout: float = Field(600.0, gt=0, description="Seconds to wait for one response.")
+
+    @property
+    def endpoints(self) -> list[str]:
+        given = [self.endpoint] if isinstance(self.endpoint, str) else list(self.endpoint or [])
+        return [e.rstrip("/") for e in given]
+
+    @model_validator(mode="after")
+    def _endpoint_urls(self) -> ModelSpec:
+        for url in self.endpoints:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"endpoint {url!r} must start with http:// or https://")
+        if isinstance(self.endpoint, list) and not self.endpoint:
+            raise ValueError("endpoint is an empty list")
+        return self
 
     @property
     def name(self) -> str:
@@ -311,10 +334,28 @@ def load_spec(path: Path | str) -> LoadedSpec:
     schema = _resolve_schema(spec.answer, path)
     for model in spec.model_list:
         _check_model_ref(model, path)
+        if model.endpoint is not None:
+            _check_remote(spec, path)
     return LoadedSpec(path, text, spec, conditions, schema)
 
 
+def _check_remote(spec: Spec, path: Path) -> None:
+    """What an OpenAI-compatible endpoint cannot do, refused before any request."""
+    if spec.prompt.raw:
+        raise InputError(
+            f"{path}: prompt.raw needs a local model; a remote endpoint takes chat messages"
+        )
+    for key in ("regex", "choice", "grammar"):
+        if getattr(spec.answer, key) is not None or any(k == f"answer.{key}" for k in spec.sweep):
+            raise InputError(
+                f"{path}: answer.{key} needs a local model; a remote endpoint enforces only a "
+                "JSON Schema (answer.schema, sent as response_format)"
+            )
+
+
 def _check_model_ref(model: ModelSpec, path: Path) -> None:
+    if model.endpoint is not None:
+        return
     ref = Path(model.id).expanduser()
     if model.id.startswith((".", "/", "~")) and not ref.exists():
         raise InputError(

@@ -285,6 +285,13 @@ async def _chat_response(job: Job, body: ChatRequest) -> dict[str, Any]:
                 "message": message,
                 "logprobs": logprobs,
                 "finish_reason": sample.finish_reason,
+                # muestra's extension: enough to replay and to store the sample
+                "muestra": {
+                    "seed": sample.seed,
+                    "reasoning_tokens": finished[index].reasoning_tokens,
+                    "budget_hit": finished[index].budget_hit,
+                    "completion_tokens": len(sample.token_ids),
+                },
             }
         )
     return {

@@ -129,7 +129,7 @@ class SamplingFields(BaseModel):
     logit_bias: dict[str, float] | None = None
     max_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1, le=128)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -161,6 +161,32 @@ class SamplingFields(BaseModel):
             raise ApiError(400, f"{name!r} is not supported by muestra serve", param=name)
 
 
+class AnswerPhase(BaseModel):
+    """Sampling of the answer after the reasoning (default: the request's own)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(0.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0, lt=1)
+    max_tokens: int = Field(256, ge=1)
+
+
+class MuestraOptions(BaseModel):
+    """muestra's own extension (other servers ignore it): what `muestra run` needs to get
+    from a server exactly the samples a local run gets. With `answer`, the request's
+    sampling fields drive the reasoning only, the answer is sampled with these, and the
+    token budget is the local runner's (reasoning budget + closing text + answer
+    max_tokens) instead of max_tokens. `think = false` skips the think phase."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    answer: AnswerPhase | None = None
+    close_text: str | None = None
+    think: bool = True
+
+
 class ChatRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
@@ -169,6 +195,7 @@ class ChatRequest(SamplingFields):
     response_format: ResponseFormat | None = None
     thinking_token_budget: int | None = Field(None, ge=0)
     chat_template_kwargs: dict[str, Any] | None = None
+    muestra: MuestraOptions | None = None
 
 
 class CompletionRequest(SamplingFields):

@@ -32,12 +32,18 @@ from typing import Any
 
 from muestra.engine import GenerationRequest, NoHook, Sample, SamplingParams, StepHook
 from muestra.engine.scheduler import Scheduler, Submission, Update
-from muestra.engine.seeds import fresh_run_seed
+from muestra.engine.seeds import fresh_run_seed, sample_seed
 from muestra.errors import InputError, MuestraError
 from muestra.grammar import GrammarSpec
 from muestra.loading import LoadedModel
 from muestra.phases import AnswerConfig, PhaseController, PhaseState, ThinkConfig
-from muestra.server.protocol import ApiError, ChatRequest, CompletionRequest, SamplingFields
+from muestra.server.protocol import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    MuestraOptions,
+    SamplingFields,
+)
 from muestra.structured import StructuredGenerator
 
 ANY_JSON_OBJECT = {"type": "object", "additionalProperties": True}
@@ -56,6 +62,7 @@ class Finished:
     choice: int
     sample: Sample
     reasoning_tokens: int
+    budget_hit: bool
 
 
 class SampleText:
@@ -148,6 +155,7 @@ class Job:
                         ),
                         sample,
                         state.think_tokens if isinstance(state, PhaseState) else 0,
+                        bool(state.budget_hit) if isinstance(state, PhaseState) else False,
                     )
                 )
             if update.error is not None:
@@ -170,6 +178,12 @@ class Job:
                     raise ApiError(500, f"generation failed: {record}", code="engine_error")
             left -= sum(isinstance(r, Finished) for r in batch)
             yield batch
+
+
+def choice_seeds(seed: int, n: int) -> list[int]:
+    """Generator seed of each choice: choice 0 uses `seed` itself, so any stored sample
+    seed replays through the API with n=1; the others derive from it."""
+    return [seed] + [sample_seed(seed, 0, i) for i in range(1, n)]
 
 
 def _channel(row: Any, token: Any) -> str:
@@ -319,8 +333,44 @@ class ServedModel:
         body.refuse_unsupported()
         params = self.params(body)
         prompt = self.chat_prompt(body)
-        asked = body.max_completion_tokens or body.max_tokens
-        max_tokens = self.max_tokens(asked, len(prompt))
+        options = body.muestra or MuestraOptions()
+        tags = self.tags
+        if tags is not None and options.close_text is not None:
+            tags = self.structured.tag_ids(ThinkConfig(close_text=options.close_text))
+        if not options.think:
+            tags = None
+        if tags is None and body.thinking_token_budget is not None and options.think:
+            raise ApiError(
+                400,
+                "thinking_token_budget: this model does not think (its chat template has no "
+                "<think> tags); leave it out",
+                param="thinking_token_budget",
+            )
+        if options.answer is not None:  # the local runner's budget rule
+            a = options.answer
+            answer = AnswerConfig(
+                SamplingParams(
+                    temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p
+                ),
+                a.max_tokens,
+            )
+            total = a.max_tokens
+            if tags is not None:
+                budget = body.thinking_token_budget or 0
+                total += budget + len(tags.open_ids) + len(tags.close_ids) + 2
+            max_tokens = self.max_tokens(total, len(prompt))
+        else:
+            asked = body.max_completion_tokens or body.max_tokens
+            max_tokens = self.max_tokens(asked, len(prompt))
+            answer = AnswerConfig(params=params, max_tokens=max_tokens)
+        think = None
+        if tags is not None:
+            budget = body.thinking_token_budget
+            think = ThinkConfig(
+                params=params,
+                budget=max_tokens if budget is None else budget,
+                close_text=options.close_text or ThinkConfig().close_text,
+            )
         grammar = self.grammar(body)
         compiled = None
         if grammar is not None:
@@ -329,24 +379,7 @@ class ServedModel:
                 compiled = (backend, await asyncio.to_thread(backend.compile, grammar))
             except InputError as err:
                 raise ApiError(400, str(err), param="response_format") from err
-        think = None
-        if self.tags is not None:
-            budget = body.thinking_token_budget
-            think = ThinkConfig(params=params, budget=max_tokens if budget is None else budget)
-        elif body.thinking_token_budget is not None:
-            raise ApiError(
-                400,
-                "thinking_token_budget: this model does not think (its chat template has no "
-                "<think> tags); leave it out",
-                param="thinking_token_budget",
-            )
-        hook = PhaseController(
-            think,
-            AnswerConfig(params=params, max_tokens=max_tokens),
-            self.tags,
-            self.loaded.eos_token_ids,
-            compiled,
-        )
+        hook = PhaseController(think, answer, tags, self.loaded.eos_token_ids, compiled)
         top = body.top_logprobs if body.top_logprobs is not None else 0
         request = self.request(body, prompt, params, max_tokens, top if body.logprobs else None)
         return self.job([request], hook, len(prompt), "chat", body)
@@ -366,6 +399,9 @@ class ServedModel:
             prompt_tokens += len(ids)
             max_tokens = self.max_tokens(body.max_tokens, len(ids))
             request = self.request(body, ids, params, max_tokens, body.logprobs)
+            if index:  # each prompt's choices get their own seeds
+                seeds = choice_seeds(sample_seed(request.seed, index, 0), body.n)
+                request = GenerationRequest(**{**request.__dict__, "seeds": seeds})
             requests.append(GenerationRequest(**{**request.__dict__, "prompt_index": index}))
         return self.job(requests, NoHook(), prompt_tokens, "text", body)
 
@@ -377,15 +413,17 @@ class ServedModel:
         max_tokens: int,
         logprobs: int | None,
     ) -> GenerationRequest:
+        seed = fresh_run_seed() if body.seed is None else body.seed
         return GenerationRequest(
             prompt,
             n=body.n,
             params=params,
             max_new_tokens=max_tokens,
-            seed=fresh_run_seed() if body.seed is None else body.seed,
+            seed=seed,
             stop=tuple(body.stops()),
             ignore_eos=body.ignore_eos,
             logprobs=logprobs,
+            seeds=choice_seeds(seed, body.n),
         )
 
     def job(
