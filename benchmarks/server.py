@@ -19,6 +19,7 @@ import asyncio
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.common import median_time, seed_000_messages
+from benchmarks.common import seed_000_messages
 from muestra.loading import LoadedModel
 
 REQUESTS = 32
@@ -116,19 +117,29 @@ def _in_process(loaded: LoadedModel) -> Any:
     return run
 
 
+def _timed(fn: Any) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def bench_server(loaded: LoadedModel, model_dir: Path, repeats: int) -> dict[str, Any]:
+    """In-process and server runs alternate (this shared machine drifts by ±20% over
+    minutes), and the overhead is the median of the ratios of neighbouring runs."""
     in_process = _in_process(loaded)
-    local_s, local_runs = median_time(in_process, repeats)
     process, base = _start(model_dir)
+    seeds = list(range(REQUESTS))
     try:
-        asyncio.run(_concurrent(base, [0, 1]))  # warm-up
-        seeds = list(range(REQUESTS))
-        server_s, server_runs = median_time(lambda: asyncio.run(_concurrent(base, seeds)), repeats)
+        in_process()  # warm-up, both sides
+        asyncio.run(_concurrent(base, [0, 1]))
+        local_runs, server_runs = [], []
+        for _ in range(max(repeats, 3)):
+            local_runs.append(_timed(in_process))
+            server_runs.append(_timed(lambda: asyncio.run(_concurrent(base, seeds))))
         replies = asyncio.run(_concurrent(base, seeds))
         health = httpx.get(f"{base}/health").json()
-        sequential_s, _ = median_time(
-            lambda: _sequential(base, seeds[:SEQUENTIAL]), max(1, repeats // 2), warmup=0
-        )
+        sequential_s = _timed(lambda: _sequential(base, seeds[:SEQUENTIAL]))
+        neighbour_s = _timed(lambda: asyncio.run(_concurrent(base, seeds)))
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(30)
@@ -138,17 +149,19 @@ def bench_server(loaded: LoadedModel, model_dir: Path, repeats: int) -> dict[str
         and reply["choices"][0]["muestra"]["seed"] == samples[0].seed
         for reply, samples in zip(replies, local, strict=True)
     )
+    ratios = [s / loc for s, loc in zip(server_runs, local_runs, strict=True)]
     sequential_32 = sequential_s * REQUESTS / SEQUENTIAL
     return {
         "requests": REQUESTS,
         "tokens_each": TOKENS,
-        "in_process_s": local_s,
+        "in_process_s": statistics.median(local_runs),
         "in_process_runs": local_runs,
-        "server_concurrent_s": server_s,
+        "server_concurrent_s": statistics.median(server_runs),
         "server_concurrent_runs": server_runs,
-        "server_overhead": server_s / local_s,
+        "server_overhead": statistics.median(ratios),
+        "server_overhead_per_pair": ratios,
         "server_one_at_a_time_s_scaled_to_32": sequential_32,
-        "continuous_batching_speedup": sequential_32 / server_s,
+        "continuous_batching_speedup": sequential_32 / neighbour_s,
         "max_rows_in_a_step": health["max_rows_in_a_step"],
         "replies_with_all_tokens_and_same_seed": same,
     }

@@ -61,6 +61,10 @@ def main() -> None:
     spec = str(examples / "personajes.toml")
     run("run", spec, "--model", model, "--samples", "4", "--out", str(store))
     run("summary", str(store))
+    run("analyze", str(store))
+    report = store.with_suffix(".html")
+    run("report", str(store), "-o", str(report))
+    console.print(f"open {report} in a browser: it works offline")
     console.print(
         "[yellow]These numbers come from RANDOM weights and mean nothing; with "
         "Qwen/Qwen3-4B-Thinking-2507 the same spec reproduces seed 000's experiment.[/]"

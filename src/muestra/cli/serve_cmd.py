@@ -57,6 +57,9 @@ def serve(
     (e.g. {"enable_thinking": false}); response_format json_object / json_schema is
     enforced with a grammar after the reasoning; the reasoning comes back apart, as
     `reasoning_content`. max_tokens counts reasoning tokens too (as vLLM)."""
+    from muestra.allocator import single_malloc_arena
+
+    single_malloc_arena()  # before torch starts threads: see its docstring
     import uvicorn
 
     from muestra.cli.common import stderr

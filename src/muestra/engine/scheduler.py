@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from muestra.allocator import single_malloc_arena
 from muestra.engine.engine import (
     Batch,
     Engine,
@@ -72,6 +74,7 @@ class Submission:
 
 class Scheduler:
     def __init__(self, engine: Engine, max_batch: int | None = None) -> None:
+        single_malloc_arena()
         self.engine = engine
         self.max_batch = max_batch or engine.max_batch
         self._waiting: deque[tuple[Submission, Row]] = deque()
@@ -79,7 +82,15 @@ class Scheduler:
         self._indices = itertools.count()
         self._lock = threading.Condition()
         self._closed = False
-        self.stats = {"steps": 0, "rows_stepped": 0, "admissions": 0, "max_rows": 0, "running": 0}
+        self.stats: dict[str, float] = {
+            "steps": 0,
+            "rows_stepped": 0,
+            "admissions": 0,
+            "max_rows": 0,
+            "running": 0,
+            "busy_s": 0.0,  # time spent prefilling and stepping
+            "prefill_s": 0.0,
+        }
         self._thread = threading.Thread(target=self._loop, name="muestra-scheduler", daemon=True)
         self._thread.start()
 
@@ -143,11 +154,14 @@ class Scheduler:
                 if self._closed:
                     return
                 admitted = self._take_waiting(batch)
+            started = time.perf_counter()
             try:
                 batch = self._admit(batch, admitted)
+                self.stats["prefill_s"] += time.perf_counter() - started
                 if batch is not None and batch.rows:
                     self._step(batch)
                 self.stats["running"] = len(batch.rows) if batch is not None else 0
+                self.stats["busy_s"] += time.perf_counter() - started
             except Exception as err:  # noqa: BLE001 - reported to every affected submission
                 affected = {self._owner_of(r) for r in (batch.rows if batch else [])}
                 affected |= {s for s, _ in admitted}

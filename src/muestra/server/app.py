@@ -76,6 +76,9 @@ def create_app(
             "rows_waiting": scheduler.waiting,
             "steps": scheduler.stats["steps"],
             "max_rows_in_a_step": scheduler.stats["max_rows"],
+            "admissions": scheduler.stats["admissions"],
+            "busy_seconds": round(scheduler.stats["busy_s"], 3),
+            "prefill_seconds": round(scheduler.stats["prefill_s"], 3),
         }
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])

@@ -119,6 +119,7 @@ class Job:
     prompt_tokens: int
     kind: str  # "chat" or "text"
     hold: int
+    stream: bool = False
     queue: asyncio.Queue[list[Any]] = field(default_factory=asyncio.Queue)
     submission: Submission | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
@@ -137,22 +138,26 @@ class Job:
 
         def deliver(update: Update) -> None:  # runs in the scheduler thread
             records: list[Any] = []
-            for row, token in update.tokens:
-                records.append(
-                    TokenRecord(
-                        self.choice_of(update.first_index, row.request_index, row.sample_index),
-                        token.token_id,
-                        _channel(row, token),
-                        token.logprobs,
+            if self.stream:
+                for row, token in update.tokens:
+                    records.append(
+                        TokenRecord(
+                            self.choice_of(update.first_index, row.request_index, row.sample_index),
+                            token.token_id,
+                            _channel(row, token),
+                            token.logprobs,
+                        )
                     )
-                )
             for sample in update.finished:
+                choice = self.choice_of(
+                    update.first_index, sample.request_index, sample.sample_index
+                )
                 state = sample.state
+                if not self.stream:  # the whole sample at once: no event-loop work per step
+                    records += _token_records(choice, sample)
                 records.append(
                     Finished(
-                        self.choice_of(
-                            update.first_index, sample.request_index, sample.sample_index
-                        ),
+                        choice,
                         sample,
                         state.think_tokens if isinstance(state, PhaseState) else 0,
                         bool(state.budget_hit) if isinstance(state, PhaseState) else False,
@@ -160,7 +165,8 @@ class Job:
                 )
             if update.error is not None:
                 records.append(update.error)
-            loop.call_soon_threadsafe(self.queue.put_nowait, records)
+            if records:
+                loop.call_soon_threadsafe(self.queue.put_nowait, records)
 
         self.submission = self.served.scheduler.submit(self.requests, deliver, self.hook)
 
@@ -184,6 +190,27 @@ def choice_seeds(seed: int, n: int) -> list[int]:
     """Generator seed of each choice: choice 0 uses `seed` itself, so any stored sample
     seed replays through the API with n=1; the others derive from it."""
     return [seed] + [sample_seed(seed, 0, i) for i in range(1, n)]
+
+
+def _token_records(choice: int, sample: Sample) -> list[TokenRecord]:
+    """The token records of a finished sample (what a stream would have delivered)."""
+    state = sample.state
+    channels = state.channels if isinstance(state, PhaseState) else None
+    logprobs = sample.logprobs or [None] * len(sample.token_ids)
+    records = []
+    for index, token_id in enumerate(sample.token_ids):
+        if channels is not None:
+            channel = channels[index]
+        elif (
+            index == len(sample.token_ids) - 1
+            and sample.finish_reason == "stop"
+            and sample.stop_reason == token_id
+        ):
+            channel = "tag"
+        else:
+            channel = "content"
+        records.append(TokenRecord(choice, token_id, channel, logprobs[index]))
+    return records
 
 
 def _channel(row: Any, token: Any) -> str:
@@ -435,7 +462,7 @@ class ServedModel:
         body: SamplingFields,
     ) -> Job:
         hold = max((len(s.encode()) for s in body.stops()), default=1) - 1
-        job = Job(self, requests, hook, prompt_tokens, kind, hold)
+        job = Job(self, requests, hook, prompt_tokens, kind, hold, stream=body.stream)
         try:
             job.start()
         except MuestraError as err:
