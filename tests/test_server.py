@@ -141,6 +141,8 @@ def test_streaming_with_usage_equals_the_whole_answer(client):
         c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
     ]
     assert finishes == [whole.choices[0].finish_reason]
+    last = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
+    assert last.choices[0].model_dump()["muestra"] == whole.choices[0].model_dump()["muestra"]
     assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == whole.usage.total_tokens
     assert all(c.usage is None for c in chunks[:-1])
 

@@ -241,6 +241,16 @@ def _logprob_entry(served: ServedModel, lp: Any) -> dict[str, Any]:
     }
 
 
+def _extension(done: Finished) -> dict[str, Any]:
+    """muestra's per-choice extension: enough to replay and to store the sample."""
+    return {
+        "seed": done.sample.seed,
+        "reasoning_tokens": done.reasoning_tokens,
+        "budget_hit": done.budget_hit,
+        "completion_tokens": len(done.sample.token_ids),
+    }
+
+
 def _usage(job: Job, finished: dict[int, Finished]) -> dict[str, Any]:
     completion = sum(len(f.sample.token_ids) for f in finished.values())
     reasoning = sum(f.reasoning_tokens for f in finished.values())
@@ -288,13 +298,7 @@ async def _chat_response(job: Job, body: ChatRequest) -> dict[str, Any]:
                 "message": message,
                 "logprobs": logprobs,
                 "finish_reason": sample.finish_reason,
-                # muestra's extension: enough to replay and to store the sample
-                "muestra": {
-                    "seed": sample.seed,
-                    "reasoning_tokens": finished[index].reasoning_tokens,
-                    "budget_hit": finished[index].budget_hit,
-                    "completion_tokens": len(sample.token_ids),
-                },
+                "muestra": _extension(finished[index]),
             }
         )
     return {
@@ -355,7 +359,9 @@ async def _chat_chunks(
             if delta or logprobs:
                 yield chunk(index, delta, logprobs=logprobs)
             if done is not None:
-                yield chunk(index, {}, finish_reason=done.sample.finish_reason)
+                yield chunk(
+                    index, {}, finish_reason=done.sample.finish_reason, muestra=_extension(done)
+                )
     if include_usage:
         yield {
             "id": f"chatcmpl-{job.id}",
