@@ -225,6 +225,23 @@ def test_logprobs_with_top_alternatives(client):
         assert token.token == tops[0].token  # greedy picks the most likely token
         assert token.logprob == pytest.approx(tops[0].logprob)
         assert bytes(token.bytes).decode("utf-8", "replace") == token.token
+    streamed = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=40,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        stream=True,
+        extra_body={"thinking_token_budget": 2},
+    )
+    pieces = [
+        t
+        for c in streamed
+        if c.choices and c.choices[0].logprobs
+        for t in c.choices[0].logprobs.content
+    ]
+    assert [(t.token, t.logprob) for t in pieces] == [(t.token, t.logprob) for t in content]
 
 
 def test_text_completions_with_stop_and_logprobs(client, server):

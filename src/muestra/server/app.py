@@ -262,53 +262,77 @@ def _usage(job: Job, finished: dict[int, Finished]) -> dict[str, Any]:
     }
 
 
-async def _collect(job: Job) -> tuple[list[SampleText], dict[int, Finished]]:
-    texts = [SampleText(job.hold) for _ in range(job.choices)]
-    finished: dict[int, Finished] = {}
-    async for batch in job.records():
-        for record in batch:
-            if isinstance(record, TokenRecord):
-                texts[record.choice].add(
-                    job.served.piece(record.token_id), record.channel, record.logprobs
-                )
-            elif isinstance(record, Finished):
-                finished[record.choice] = record
-    return texts, finished
+def _head(job: Job, prefix: str, kind: str) -> dict[str, Any]:
+    return {
+        "id": f"{prefix}-{job.id}",
+        "object": kind,
+        "created": job.created,
+        "model": job.served.name,
+    }
+
+
+class _Follow:
+    """A job's samples as text, updated batch by batch (`batches` yields the choices that
+    got tokens), for whole responses and streams alike."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.texts = [SampleText(job.hold) for _ in range(job.choices)]
+        self.finished: dict[int, Finished] = {}
+
+    async def batches(self) -> AsyncIterator[list[int]]:
+        async for batch in self.job.records():
+            touched: dict[int, None] = {}
+            for record in batch:
+                if isinstance(record, TokenRecord):
+                    self.texts[record.choice].add(
+                        self.job.served.piece(record.token_id), record.channel, record.logprobs
+                    )
+                    touched[record.choice] = None
+                elif isinstance(record, Finished):
+                    self.finished[record.choice] = record
+            yield list(touched)
+
+    async def whole(self) -> _Follow:
+        async for _ in self.batches():
+            pass
+        return self
+
+    def take(self, index: int) -> tuple[dict[str, str], Finished | None]:
+        """New text of a choice (all of it, cut at its stop string, once it finished)."""
+        done = self.finished.get(index)
+        cut = done.sample.stop_byte_offset if done else None
+        return self.texts[index].take(final=done is not None, cut=cut), done
 
 
 async def _chat_response(job: Job, body: ChatRequest) -> dict[str, Any]:
     served = job.served
-    texts, finished = await _collect(job)
+    follow = await _Follow(job).whole()
     choices = []
     for index in range(job.choices):
-        sample = finished[index].sample
-        cut = sample.stop_byte_offset
-        out = texts[index].take(final=True, cut=cut)
+        out, done = follow.take(index)
+        assert done is not None
         message: dict[str, Any] = {"role": "assistant", "content": out["content"]}
         if served.tags is not None:
             message["reasoning_content"] = out["reasoning"]
         logprobs = None
         if body.logprobs:
-            logprobs = {
-                "content": [_logprob_entry(served, lp) for lp in texts[index].content_logprobs(cut)]
-            }
+            kept = follow.texts[index].content_logprobs(done.sample.stop_byte_offset)
+            logprobs = {"content": [_logprob_entry(served, lp) for lp in kept]}
         choices.append(
             {
                 "index": index,
                 "message": message,
                 "logprobs": logprobs,
-                "finish_reason": sample.finish_reason,
-                "muestra": _extension(finished[index]),
+                "finish_reason": done.sample.finish_reason,
+                "muestra": _extension(done),
             }
         )
     return {
-        "id": f"chatcmpl-{job.id}",
-        "object": "chat.completion",
-        "created": job.created,
-        "model": served.name,
+        **_head(job, "chatcmpl", "chat.completion"),
         "system_fingerprint": f"muestra-{__version__}",
         "choices": choices,
-        "usage": _usage(job, finished),
+        "usage": _usage(job, follow.finished),
     }
 
 
@@ -319,10 +343,7 @@ async def _chat_chunks(
 
     def chunk(index: int, delta: dict[str, Any], **extra: Any) -> dict[str, Any]:
         data = {
-            "id": f"chatcmpl-{job.id}",
-            "object": "chat.completion.chunk",
-            "created": job.created,
-            "model": served.name,
+            **_head(job, "chatcmpl", "chat.completion.chunk"),
             "system_fingerprint": f"muestra-{__version__}",
             "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}],
         }
@@ -331,31 +352,24 @@ async def _chat_chunks(
             data["usage"] = None
         return data
 
-    texts = [SampleText(job.hold) for _ in range(job.choices)]
-    finished: dict[int, Finished] = {}
+    follow = _Follow(job)
+    sent_logprobs = [0] * job.choices
     for index in range(job.choices):
         yield chunk(index, {"role": "assistant", "content": ""})
-    async for batch in job.records():
-        touched: dict[int, list[Any]] = {}
-        for record in batch:
-            if isinstance(record, TokenRecord):
-                text = texts[record.choice]
-                text.add(served.piece(record.token_id), record.channel, record.logprobs)
-                entries = touched.setdefault(record.choice, [])
-                if body.logprobs and record.channel == "content" and record.logprobs:
-                    entries.append(_logprob_entry(served, record.logprobs))
-            elif isinstance(record, Finished):
-                finished[record.choice] = record
-        for index, entries in touched.items():
-            done = finished.get(index)
-            cut = done.sample.stop_byte_offset if done else None
-            out = texts[index].take(final=done is not None, cut=cut)
+    async for touched in follow.batches():
+        for index in touched:
+            out, done = follow.take(index)
             delta = {}
             if out["reasoning"]:
                 delta["reasoning_content"] = out["reasoning"]
             if out["content"]:
                 delta["content"] = out["content"]
-            logprobs = {"content": entries} if entries else None
+            logprobs = None
+            if body.logprobs:
+                new = follow.texts[index].logprobs[sent_logprobs[index] :]
+                sent_logprobs[index] += len(new)
+                if new:
+                    logprobs = {"content": [_logprob_entry(served, lp) for _, lp in new]}
             if delta or logprobs:
                 yield chunk(index, delta, logprobs=logprobs)
             if done is not None:
@@ -364,12 +378,9 @@ async def _chat_chunks(
                 )
     if include_usage:
         yield {
-            "id": f"chatcmpl-{job.id}",
-            "object": "chat.completion.chunk",
-            "created": job.created,
-            "model": served.name,
+            **_head(job, "chatcmpl", "chat.completion.chunk"),
             "choices": [],
-            "usage": _usage(job, finished),
+            "usage": _usage(job, follow.finished),
         }
 
 
@@ -395,44 +406,36 @@ def _legacy_logprobs(served: ServedModel, entries: list[Any]) -> dict[str, Any]:
 
 async def _text_response(job: Job, body: CompletionRequest) -> dict[str, Any]:
     served = job.served
-    texts, finished = await _collect(job)
+    follow = await _Follow(job).whole()
     choices = []
     for index in range(job.choices):
-        sample = finished[index].sample
-        cut = sample.stop_byte_offset
-        out = texts[index].take(final=True, cut=cut)
+        out, done = follow.take(index)
+        assert done is not None
         logprobs = None
         if body.logprobs is not None:
-            logprobs = _legacy_logprobs(served, texts[index].content_logprobs(cut))
+            kept = follow.texts[index].content_logprobs(done.sample.stop_byte_offset)
+            logprobs = _legacy_logprobs(served, kept)
         choices.append(
             {
                 "index": index,
                 "text": out["content"],
                 "logprobs": logprobs,
-                "finish_reason": sample.finish_reason,
+                "finish_reason": done.sample.finish_reason,
             }
         )
     return {
-        "id": f"cmpl-{job.id}",
-        "object": "text_completion",
-        "created": job.created,
-        "model": served.name,
+        **_head(job, "cmpl", "text_completion"),
         "choices": choices,
-        "usage": _usage(job, finished),
+        "usage": _usage(job, follow.finished),
     }
 
 
 async def _text_chunks(
     job: Job, body: CompletionRequest, include_usage: bool
 ) -> AsyncIterator[dict[str, Any]]:
-    served = job.served
-
     def chunk(index: int, text: str, finish_reason: str | None = None) -> dict[str, Any]:
         data: dict[str, Any] = {
-            "id": f"cmpl-{job.id}",
-            "object": "text_completion",
-            "created": job.created,
-            "model": served.name,
+            **_head(job, "cmpl", "text_completion"),
             "choices": [
                 {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
             ],
@@ -441,32 +444,17 @@ async def _text_chunks(
             data["usage"] = None
         return data
 
-    texts = [SampleText(job.hold) for _ in range(job.choices)]
-    finished: dict[int, Finished] = {}
-    async for batch in job.records():
-        touched = set()
-        for record in batch:
-            if isinstance(record, TokenRecord):
-                texts[record.choice].add(
-                    served.piece(record.token_id), record.channel, record.logprobs
-                )
-                touched.add(record.choice)
-            elif isinstance(record, Finished):
-                finished[record.choice] = record
+    follow = _Follow(job)
+    async for touched in follow.batches():
         for index in sorted(touched):
-            done = finished.get(index)
-            cut = done.sample.stop_byte_offset if done else None
-            text = texts[index].take(final=done is not None, cut=cut)["content"]
-            if text:
-                yield chunk(index, text)
+            out, done = follow.take(index)
+            if out["content"]:
+                yield chunk(index, out["content"])
             if done is not None:
                 yield chunk(index, "", done.sample.finish_reason)
     if include_usage:
         yield {
-            "id": f"cmpl-{job.id}",
-            "object": "text_completion",
-            "created": job.created,
-            "model": served.name,
+            **_head(job, "cmpl", "text_completion"),
             "choices": [],
-            "usage": _usage(job, finished),
+            "usage": _usage(job, follow.finished),
         }
