@@ -59,160 +59,97 @@ def analyze(
         print_json(result.as_dict())
         return
     stdout.print(f"{result.valid} valid of {result.samples} samples")
-    table = Table(title="independence tests")
-    for column in (
-        "field",
-        "by",
-        "method",
-        "statistic",
-        "dof",
-        "Cramér's V",
-        "p",
-        "p Holm",
-        "p BH",
-    ):
-        table.add_column(column, justify="left" if column in ("field", "by", "method") else "right")
-    for t in result.tests:
-        table.add_row(
-            t.field,
-            t.by,
-            t.method,
-            f"{t.statistic:.2f}",
-            str(t.dof),
-            f"{t.cramers_v:.2f}",
-            f"{t.p_value:.3g}",
-            f"{t.p_holm:.3g}",
-            f"{t.p_bh:.3g}",
-        )
-    stdout.print(table)
+    _table(
+        "independence tests",
+        ["field", "by", "method", "statistic", "dof", "Cramér's V", "p", "p Holm", "p BH"],
+        [
+            [t.field, t.by, t.method, f"{t.statistic:.2f}", t.dof, f"{t.cramers_v:.2f}",
+             f"{t.p_value:.3g}", f"{t.p_holm:.3g}", f"{t.p_bh:.3g}"]
+            for t in result.tests
+        ],
+        left=3,
+    )  # fmt: skip
     for sentence in result.findings:
         stdout.print(f"• {sentence}")
     if not result.findings:
         stdout.print(f"no significant finding at α = {result.alpha} after Holm adjustment")
-    shares = Table(title="proportions with Wilson 95% intervals")
-    for column in ("field", "prompt", "n", "value", "share", "95% interval", "TV to ref"):
-        shares.add_column(column)
-    for d in result.distributions:
-        for v in d.values:
-            shares.add_row(
-                d.field,
-                d.group,
-                str(d.n),
-                v.value,
-                f"{v.proportion:.2f}",
-                f"[{v.low:.2f}, {v.high:.2f}]",
-                f"{d.total_variation:.2f}",
-            )
-    stdout.print(shares)
-    if result.numeric:
-        numbers = Table(title="numeric fields (bootstrap 95% intervals)")
-        for column in ("field", "prompt", "n", "mean", "interval", "median", "interval"):
-            numbers.add_column(column)
-        for n in result.numeric:
-            numbers.add_row(
-                n.field,
-                n.group,
-                str(n.n),
-                f"{n.mean:.3g}",
-                f"[{n.mean_low:.3g}, {n.mean_high:.3g}]",
-                f"{n.median:.3g}",
-                f"[{n.median_low:.3g}, {n.median_high:.3g}]",
-            )
-        stdout.print(numbers)
-    if result.field_probs:
-        probs = Table(title="field_probs: mean probability per value vs counting draws")
-        for column in (
-            "field",
-            "prompt",
-            "value",
-            "mean prob",
-            "95% interval",
-            "drawn share",
-            "× narrower",
-        ):
-            probs.add_column(column)
-        for f in result.field_probs:
-            probs.add_row(
-                f.field,
-                f.group,
-                f.value,
-                f"{f.mean_probability:.3f}",
-                f"[{f.low:.3f}, {f.high:.3f}]",
-                f"{f.sampled_share:.2f}",
-                f"{f.narrower:.1f}",
-            )
-        stdout.print(probs)
-    if result.mentions:
-        terms = Table(title="reasoning traces that mention each term")
-        for column in ("term", "prompt", "n", "share", "95% interval"):
-            terms.add_column(column)
-        for m in result.mentions:
-            terms.add_row(
-                m.term, m.group, str(m.n), f"{m.share:.2f}", f"[{m.low:.2f}, {m.high:.2f}]"
-            )
-        stdout.print(terms)
-    if result.pooled:
-        pooled = Table(title="pooled over prompts (prompt-level cluster bootstrap 95% intervals)")
-        for column in ("field", "by", "level", "value", "share", "interval", "prompts", "n"):
-            pooled.add_column(column)
-        for p in result.pooled:
-            pooled.add_row(
-                p.field,
-                p.by,
-                p.level,
-                p.value,
-                f"{p.share:.2f}",
-                f"[{p.low:.2f}, {p.high:.2f}]",
-                str(p.prompts),
-                str(p.n),
-            )
-        stdout.print(pooled)
-    if result.comparisons:
-        paired = Table(title="paired over prompts: a − b (cluster bootstrap 95% interval)")
-        for column in ("field", "by", "value", "a", "b", "share a", "share b", "a − b", "interval"):
-            paired.add_column(column)
-        for c in result.comparisons:
-            paired.add_row(
-                c.field,
-                c.by,
-                c.value,
-                c.a,
-                c.b,
-                f"{c.share_a:.2f}",
-                f"{c.share_b:.2f}",
-                f"{c.difference:+.2f}",
-                f"[{c.low:+.2f}, {c.high:+.2f}]",
-            )
-        stdout.print(paired)
-    if result.counterfactuals:
-        pairs = Table(title="counterfactual pairs (a − b, Newcombe 95% interval)")
-        for column in (
-            "group",
-            "condition",
-            "model",
-            "field",
-            "value",
-            "a",
-            "b",
-            "a − b",
-            "interval",
-            "flip rate",
-        ):
-            pairs.add_column(column)
-        for c in result.counterfactuals:
-            pairs.add_row(
-                c.group,
-                c.condition,
-                c.model,
-                c.field,
-                c.value,
-                c.variant_a,
-                c.variant_b,
-                f"{c.difference:+.2f}",
-                f"[{c.low:+.2f}, {c.high:+.2f}]",
-                f"{c.flip_rate:.2f}",
-            )
-        stdout.print(pairs)
+    _table(
+        "proportions with Wilson 95% intervals",
+        ["field", "prompt", "n", "value", "share", "95% interval", "TV to ref"],
+        [
+            [d.field, d.group, d.n, v.value, f"{v.proportion:.2f}",
+             f"[{v.low:.2f}, {v.high:.2f}]", f"{d.total_variation:.2f}"]
+            for d in result.distributions
+            for v in d.values
+        ],
+    )  # fmt: skip
+    _table(
+        "numeric fields (bootstrap 95% intervals)",
+        ["field", "prompt", "n", "mean", "interval", "median", "interval"],
+        [
+            [n.field, n.group, n.n, f"{n.mean:.3g}", f"[{n.mean_low:.3g}, {n.mean_high:.3g}]",
+             f"{n.median:.3g}", f"[{n.median_low:.3g}, {n.median_high:.3g}]"]
+            for n in result.numeric
+        ],
+    )  # fmt: skip
+    _table(
+        "field_probs: mean probability per value vs counting draws",
+        ["field", "prompt", "value", "mean prob", "95% interval", "drawn share", "× narrower"],
+        [
+            [f.field, f.group, f.value, f"{f.mean_probability:.3f}",
+             f"[{f.low:.3f}, {f.high:.3f}]", f"{f.sampled_share:.2f}", f"{f.narrower:.1f}"]
+            for f in result.field_probs
+        ],
+    )  # fmt: skip
+    _table(
+        "reasoning traces that mention each term",
+        ["term", "prompt", "n", "share", "95% interval"],
+        [
+            [m.term, m.group, m.n, f"{m.share:.2f}", f"[{m.low:.2f}, {m.high:.2f}]"]
+            for m in result.mentions
+        ],
+    )
+    _table(
+        "pooled over prompts (prompt-level cluster bootstrap 95% intervals)",
+        ["field", "by", "level", "value", "share", "interval", "prompts", "n"],
+        [
+            [p.field, p.by, p.level, p.value, f"{p.share:.2f}", f"[{p.low:.2f}, {p.high:.2f}]",
+             p.prompts, p.n]
+            for p in result.pooled
+        ],
+    )  # fmt: skip
+    _table(
+        "paired over prompts: a − b (cluster bootstrap 95% interval)",
+        ["field", "by", "value", "a", "b", "share a", "share b", "a − b", "interval"],
+        [
+            [c.field, c.by, c.value, c.a, c.b, f"{c.share_a:.2f}", f"{c.share_b:.2f}",
+             f"{c.difference:+.2f}", f"[{c.low:+.2f}, {c.high:+.2f}]"]
+            for c in result.comparisons
+        ],
+    )  # fmt: skip
+    _table(
+        "counterfactual pairs (a − b, Newcombe 95% interval)",
+        ["group", "condition", "model", "field", "value", "a", "b", "a − b", "interval",
+         "flip rate"],
+        [
+            [c.group, c.condition, c.model, c.field, c.value, c.variant_a, c.variant_b,
+             f"{c.difference:+.2f}", f"[{c.low:+.2f}, {c.high:+.2f}]", f"{c.flip_rate:.2f}"]
+            for c in result.counterfactuals
+        ],
+    )  # fmt: skip
+
+
+def _table(title: str, columns: list[str], rows: list[list[object]], left: int = 0) -> None:
+    """Print a Rich table (nothing when there are no rows); the first `left` columns are
+    left-aligned and the rest right-aligned when `left` is given."""
+    if not rows:
+        return
+    table = Table(title=title)
+    for index, column in enumerate(columns):
+        table.add_column(column, justify="left" if not left or index < left else "right")
+    for row in rows:
+        table.add_row(*(str(cell) for cell in row))
+    stdout.print(table)
 
 
 def report(

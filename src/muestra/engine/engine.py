@@ -223,7 +223,7 @@ class Engine:
             self.validate(index, request)
         rows = [row for i, r in enumerate(requests) for row in self.rows_for(i, r)]
         for start in range(0, len(rows), self.max_batch):
-            yield from self._run_wave(requests, rows[start : start + self.max_batch], hook)
+            yield from self._run_wave(rows[start : start + self.max_batch], hook)
 
     # ---- setup ------------------------------------------------------------------------
 
@@ -313,9 +313,7 @@ class Engine:
 
     # ---- the loop -----------------------------------------------------------------------
 
-    def _run_wave(
-        self, requests: Sequence[GenerationRequest], rows: list[Row], hook: StepHook
-    ) -> Iterator[StepEvent]:
+    def _run_wave(self, rows: list[Row], hook: StepHook) -> Iterator[StepEvent]:
         batch = self.start_batch(rows)
         while True:
             event = batch.step(hook)
@@ -561,10 +559,7 @@ class Batch:
     def extend(self, other: Batch) -> None:
         """Append the rows of a freshly prefilled batch. Both caches are left-padded to
         the longer one (padding is masked out; positions are per row)."""
-        assert self.next_tokens is None and other.next_tokens is None
-        if not self.rows:
-            self.__dict__.update({k: v for k, v in other.__dict__.items() if k != "steps"})
-            return
+        assert self.next_tokens is None and other.next_tokens is None and self.rows
         if not (isinstance(self.cache, GrowingCache) and isinstance(other.cache, GrowingCache)):
             raise NotImplementedError("only a GrowingCache batch can take rows mid-run")
         rows = self.rows + other.rows

@@ -68,9 +68,6 @@ class Submission:
     cancelled: bool = False
     done: threading.Event = field(default_factory=threading.Event)
 
-    def local_index(self, request_index: int) -> int:
-        return request_index - self.first_index
-
 
 class Scheduler:
     def __init__(self, engine: Engine, max_batch: int | None = None) -> None:

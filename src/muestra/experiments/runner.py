@@ -235,32 +235,30 @@ class Runner:
     def _run_remote(
         self, model: ModelSpec, units: list[Unit], store: Callable[[list[dict[str, Any]]], None]
     ) -> None:
+        from functools import partial
+
         from muestra.experiments.remote import RemoteRunner
 
-        def provenance(data: dict[str, Any]) -> None:
-            assert self.db is not None
-            with self.db:
-                self.db.execute(
-                    "UPDATE models SET provenance_json = ? WHERE id = ?",
-                    (dumps(data), self.model_ids[model.name]),
-                )
-
+        provenance = partial(self._store_provenance, model)
         remote = RemoteRunner(
             self.spec, model, self.spec.spec.seed, self._row, store, self.on_note, provenance
         )
         remote.run(units)
+
+    def _store_provenance(self, model: ModelSpec, data: dict[str, Any]) -> None:
+        assert self.db is not None
+        with self.db:
+            self.db.execute(
+                "UPDATE models SET provenance_json = ? WHERE id = ?",
+                (dumps(data), self.model_ids[model.name]),
+            )
 
     def _generator(self, model: ModelSpec) -> Any:
         from muestra.loading import load_model
         from muestra.structured import StructuredGenerator
 
         loaded = load_model(model.id, dtype=model.dtype, device=model.device)  # type: ignore[arg-type]
-        assert self.db is not None
-        with self.db:
-            self.db.execute(
-                "UPDATE models SET provenance_json = ? WHERE id = ?",
-                (dumps(loaded.provenance.as_dict()), self.model_ids[model.name]),
-            )
+        self._store_provenance(model, loaded.provenance.as_dict())
         return StructuredGenerator(loaded, max_batch=self.batch_rows)
 
     def _run_batch(

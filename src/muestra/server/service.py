@@ -117,7 +117,6 @@ class Job:
     requests: list[GenerationRequest]
     hook: StepHook
     prompt_tokens: int
-    kind: str  # "chat" or "text"
     hold: int
     stream: bool = False
     queue: asyncio.Queue[list[Any]] = field(default_factory=asyncio.Queue)
@@ -198,17 +197,13 @@ def _token_records(choice: int, sample: Sample) -> list[TokenRecord]:
     channels = state.channels if isinstance(state, PhaseState) else None
     logprobs = sample.logprobs or [None] * len(sample.token_ids)
     records = []
+    last = len(sample.token_ids) - 1
     for index, token_id in enumerate(sample.token_ids):
         if channels is not None:
             channel = channels[index]
-        elif (
-            index == len(sample.token_ids) - 1
-            and sample.finish_reason == "stop"
-            and sample.stop_reason == token_id
-        ):
-            channel = "tag"
         else:
-            channel = "content"
+            finish = sample.finish_reason if index == last else None
+            channel = _plain_channel(token_id, finish, sample.stop_reason)
         records.append(TokenRecord(choice, token_id, channel, logprobs[index]))
     return records
 
@@ -217,9 +212,12 @@ def _channel(row: Any, token: Any) -> str:
     state = row.state
     if isinstance(state, PhaseState) and state.channels:
         return state.channels[-1]
-    if token.finish_reason == "stop" and row.stop_reason == token.token_id:
-        return "tag"  # the EOS that ended the sample
-    return "content"
+    return _plain_channel(token.token_id, token.finish_reason, row.stop_reason)
+
+
+def _plain_channel(token_id: int, finish_reason: str | None, stop_reason: Any) -> str:
+    """Without a phase controller every token is content, but the EOS that ended it."""
+    return "tag" if finish_reason == "stop" and stop_reason == token_id else "content"
 
 
 class ServedModel:
@@ -409,7 +407,7 @@ class ServedModel:
         hook = PhaseController(think, answer, tags, self.loaded.eos_token_ids, compiled)
         top = body.top_logprobs if body.top_logprobs is not None else 0
         request = self.request(body, prompt, params, max_tokens, top if body.logprobs else None)
-        return self.job([request], hook, len(prompt), "chat", body)
+        return self.job([request], hook, len(prompt), body)
 
     async def completion_job(self, body: CompletionRequest) -> Job:
         self.check_model(body)
@@ -430,7 +428,7 @@ class ServedModel:
                 seeds = choice_seeds(sample_seed(request.seed, index, 0), body.n)
                 request = GenerationRequest(**{**request.__dict__, "seeds": seeds})
             requests.append(GenerationRequest(**{**request.__dict__, "prompt_index": index}))
-        return self.job(requests, NoHook(), prompt_tokens, "text", body)
+        return self.job(requests, NoHook(), prompt_tokens, body)
 
     def request(
         self,
@@ -458,11 +456,10 @@ class ServedModel:
         requests: list[GenerationRequest],
         hook: StepHook,
         prompt_tokens: int,
-        kind: str,
         body: SamplingFields,
     ) -> Job:
         hold = max((len(s.encode()) for s in body.stops()), default=1) - 1
-        job = Job(self, requests, hook, prompt_tokens, kind, hold, stream=body.stream)
+        job = Job(self, requests, hook, prompt_tokens, hold, stream=body.stream)
         try:
             job.start()
         except MuestraError as err:
