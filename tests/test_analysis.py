@@ -108,6 +108,15 @@ def planted_store(path, seed=0, bias=True, n=100, lift=None):
     return db
 
 
+def test_mentions_per_prompt_and_condition(tmp_path):
+    result = analyze(samples_frame(planted_store(tmp_path / "c.db", lift=0.3)))
+    shares = {(m.term, m.group, m.condition): m.share for m in result.mentions}
+    # the planted traces say "él" for masculino answers: 90% → 100% on A, 50% → 80% on B
+    assert shares[("masculino", "A", "caliente")] > shares[("masculino", "A", "default")]
+    assert shares[("masculino", "B", "caliente")] - shares[("masculino", "B", "default")] > 0.15
+    assert len(shares) == 2 * 2 * 2  # terms × prompts × conditions
+
+
 def test_planted_bias_found_null_not(tmp_path):
     db = planted_store(tmp_path / "planted.db")
     result = analyze(samples_frame(db))

@@ -434,3 +434,22 @@ def test_a_base_model_serves_text_completions_only(gpt2_kit):
     assert text.status_code == 200 and text.json()["usage"]["completion_tokens"] <= 5
     assert "reasoning_content" not in text.json()["choices"][0]
     assert chat.status_code == 400 and "/v1/completions" in chat.json()["error"]["message"]
+
+
+def test_reasoning_content_goes_back_into_the_prompt(tiny_kit):
+    from muestra.loading import load_model
+    from muestra.server.protocol import ChatRequest
+    from muestra.server.service import ServedModel
+
+    served = ServedModel(load_model(str(tiny_kit), dtype="float32"), "t")
+    try:
+        for name in ("reasoning_content", "reasoning"):  # vLLM's old and new names
+            turn = [
+                {"role": "user", "content": "Hola"},
+                {"role": "assistant", "content": "¡Hola!", name: "el usuario saluda"},
+            ]
+            ids = served.chat_prompt(ChatRequest(model="t", messages=turn))
+            text = served.tokenizer.decode(ids)
+            assert "<think>\nel usuario saluda\n</think>" in text and "¡Hola!" in text
+    finally:
+        served.close()

@@ -441,9 +441,16 @@ def render(
         )
         out.append(
             _table(
-                ["term", "prompt", "traces", "share", "95% interval"],
+                ["term", "prompt", "condition", "traces", "share", "95% interval"],
                 [
-                    [m.term, m.group, m.n, f"{m.share:.2f}", f"[{m.low:.2f}, {m.high:.2f}]"]
+                    [
+                        m.term,
+                        m.group,
+                        m.condition,
+                        m.n,
+                        f"{m.share:.2f}",
+                        f"[{m.low:.2f}, {m.high:.2f}]",
+                    ]
                     for m in analysis.mentions
                 ],
                 "mentions",

@@ -164,7 +164,8 @@ class FieldProbSummary:
 @dataclass
 class TermMentions:
     term: str
-    group: str
+    group: str  # the prompt
+    condition: str
     n: int
     share: float
     low: float
@@ -517,8 +518,12 @@ def _mentions(valid: pd.DataFrame, terms: dict[str, str]) -> list[TermMentions]:
     traces = valid.dropna(subset=["reasoning"])
     for term, pattern in terms.items():
         regex = re.compile(pattern, re.IGNORECASE)
-        for prompt, rows in traces.groupby("prompt_id", sort=False):
+        for (prompt, condition), rows in traces.groupby(["prompt_id", "condition"], sort=False):
             hits = int(rows["reasoning"].str.contains(regex).sum())
             low, high = wilson(hits, len(rows))
-            found.append(TermMentions(term, str(prompt), len(rows), hits / len(rows), low, high))
+            found.append(
+                TermMentions(
+                    term, str(prompt), str(condition), len(rows), hits / len(rows), low, high
+                )
+            )
     return found

@@ -103,9 +103,9 @@ def analyze(
     )  # fmt: skip
     _table(
         "reasoning traces that mention each term",
-        ["term", "prompt", "n", "share", "95% interval"],
+        ["term", "prompt", "condition", "n", "share", "95% interval"],
         [
-            [m.term, m.group, m.n, f"{m.share:.2f}", f"[{m.low:.2f}, {m.high:.2f}]"]
+            [m.term, m.group, m.condition, m.n, f"{m.share:.2f}", f"[{m.low:.2f}, {m.high:.2f}]"]
             for m in result.mentions
         ],
     )
