@@ -20,8 +20,8 @@ import torch
 
 from benchmarks.common import median_time, seed_000_messages
 from muestra.engine import Engine, GenerationRequest, SamplingParams
-from muestra.inspection import render_chat
-from muestra.loading import LoadedModel
+from muestra.models.inspection import render_chat
+from muestra.models.loading import LoadedModel
 
 QWEN_SAMPLING = SamplingParams(temperature=0.6, top_k=20, top_p=0.95)
 HF_SAMPLING = {"do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95}

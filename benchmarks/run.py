@@ -32,8 +32,8 @@ def main() -> None:
     repeats = 1 if args.quick else args.repeats
     loop_samples = 2 if args.quick else args.seed_loop_samples
 
-    from muestra.kit import ensure_kit
-    from muestra.loading import load_model
+    from muestra.models.kit import ensure_kit
+    from muestra.models.loading import load_model
 
     console.print("building/loading the kit's qwen3-0.6b (random weights, bf16) …")
     kit = ensure_kit("qwen3-0.6b")

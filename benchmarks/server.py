@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 
 from benchmarks.common import seed_000_messages
-from muestra.loading import LoadedModel
+from muestra.models.loading import LoadedModel
 
 REQUESTS = 32
 TOKENS = 32
@@ -91,9 +91,9 @@ def _sequential(base: str, seeds: list[int]) -> None:
 
 
 def _in_process(loaded: LoadedModel) -> Any:
+    from muestra.answers.phases import AnswerConfig, PhaseController, ThinkConfig
+    from muestra.answers.structured import StructuredGenerator
     from muestra.engine import Engine, GenerationRequest, SamplingParams
-    from muestra.phases import AnswerConfig, PhaseController, ThinkConfig
-    from muestra.structured import StructuredGenerator
 
     generator = StructuredGenerator(loaded)
     engine = Engine.from_loaded(loaded, max_batch=64)

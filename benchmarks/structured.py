@@ -21,12 +21,12 @@ from typing import Any
 import torch
 
 from benchmarks.common import median_time, seed_000_messages
+from muestra.answers.grammar import GrammarBackend, GrammarSpec
+from muestra.answers.phases import AnswerConfig, ThinkConfig
+from muestra.answers.structured import StructuredGenerator
 from muestra.engine import SamplingParams
-from muestra.grammar import GrammarBackend, GrammarSpec
-from muestra.inspection import render_chat
-from muestra.loading import LoadedModel
-from muestra.phases import AnswerConfig, ThinkConfig
-from muestra.structured import StructuredGenerator
+from muestra.models.inspection import render_chat
+from muestra.models.loading import LoadedModel
 
 PERSONAJE = {
     "$defs": {
@@ -71,8 +71,8 @@ class TimedBackend(GrammarBackend):
 def _answer_steps(
     generator: StructuredGenerator, prompt: list[int], grammar: GrammarSpec | None, steps: int
 ) -> list[float]:
+    from muestra.answers.phases import PhaseController
     from muestra.engine import GenerationRequest
-    from muestra.phases import PhaseController
 
     compiled = (generator.backend, generator.backend.compile(grammar)) if grammar else None
     controller = PhaseController(

@@ -37,7 +37,7 @@ def kits_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _kit(kits_root: Path, preset: str) -> Path:
-    from muestra.kit import ensure_kit
+    from muestra.models.kit import ensure_kit
 
     return ensure_kit(preset, kits_root / preset)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from muestra.answers.generation import TextGenerator
 from muestra.engine import Engine, GenerationRequest, NoHook, SamplingParams
 from muestra.errors import ContextLengthError
-from muestra.generation import TextGenerator
-from muestra.loading import load_model
+from muestra.models.loading import load_model
 
 GREEDY = SamplingParams(temperature=0)
 PROMPTS = [

@@ -322,7 +322,7 @@ def test_several_models_and_a_sweep_in_one_run(tiny_kit, hybrid_kit, tmp_path):
     assert frame.groupby(["prompt_id", "sample"])["seed"].nunique().max() == 1
     # the analysis of a real run: models and conditions are compared inside each prompt
     from muestra.analysis import analyze
-    from muestra.report import render
+    from muestra.report.html import render
 
     result = analyze(frame)
     valid = frame[frame["error"].isna()]

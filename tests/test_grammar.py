@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from muestra.answer_probs import categorical_fields, value_spans
+from muestra.answers.answer_probs import categorical_fields, value_spans
+from muestra.answers.grammar import GrammarBackend, GrammarSpec
 from muestra.errors import InputError
-from muestra.grammar import GrammarBackend, GrammarSpec
-from muestra.loading import load_tokenizer
+from muestra.models.loading import load_tokenizer
 
 
 @pytest.fixture(scope="module")

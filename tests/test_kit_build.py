@@ -7,8 +7,8 @@ import json
 import pytest
 
 from muestra.errors import InputError
-from muestra.kit import build_kit
-from muestra.kit.presets import PRESETS
+from muestra.models.kit import build_kit
+from muestra.models.kit.presets import PRESETS
 
 
 def test_same_preset_same_bytes(tmp_path, tiny_kit):

@@ -9,9 +9,9 @@ import pytest
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
-from muestra.inspection import render_chat, tokenize
-from muestra.kit.tokenizer import ADDED_TOKENS, QWEN_PRETOKENIZE_PATTERN, qwen_tiktoken_path
-from muestra.loading import load_tokenizer
+from muestra.models.inspection import render_chat, tokenize
+from muestra.models.kit.tokenizer import ADDED_TOKENS, QWEN_PRETOKENIZE_PATTERN, qwen_tiktoken_path
+from muestra.models.loading import load_tokenizer
 
 SEED_001_IDS = [43617, 409, 1375, 4589, 25, 926, 7305, 11, 12376, 360]
 SEED_003_IDS = [

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from muestra.errors import ModelNotFoundError, UnsafeModelError
-from muestra.loading import load_model, load_tokenizer, resolve_model
+from muestra.models.loading import load_model, load_tokenizer, resolve_model
 
 
 def test_kit_loads_with_provenance(tiny_kit):

@@ -12,7 +12,7 @@ import torch
 from muestra.engine import Engine, GenerationRequest, SamplingParams
 from muestra.engine.kv_cache import GrowingCache, merge_left_padded
 from muestra.engine.scheduler import Scheduler, Update
-from muestra.loading import load_model
+from muestra.models.loading import load_model
 
 PROMPTS = ["Hola", "Había una vez, en un reino muy lejano,", "def f(x):", "Lista: rojo, azul"]
 

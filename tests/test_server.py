@@ -405,7 +405,7 @@ def test_a_client_that_leaves_frees_its_rows(server):
 def in_process(kit, name):
     from fastapi.testclient import TestClient
 
-    from muestra.loading import load_model
+    from muestra.models.loading import load_model
     from muestra.server.app import create_app
     from muestra.server.service import ServedModel
 
@@ -437,7 +437,7 @@ def test_a_base_model_serves_text_completions_only(gpt2_kit):
 
 
 def test_reasoning_content_goes_back_into_the_prompt(tiny_kit):
-    from muestra.loading import load_model
+    from muestra.models.loading import load_model
     from muestra.server.protocol import ChatRequest
     from muestra.server.service import ServedModel
 

@@ -10,11 +10,11 @@ import jsonschema
 import pytest
 from pydantic import BaseModel, Field, conint, constr
 
+from muestra.answers.grammar import GrammarSpec
+from muestra.answers.phases import QWEN_CLOSE_TEXT, AnswerConfig, ThinkConfig
+from muestra.answers.structured import StructuredGenerator
 from muestra.engine import SamplingParams
-from muestra.grammar import GrammarSpec
-from muestra.loading import load_model
-from muestra.phases import QWEN_CLOSE_TEXT, AnswerConfig, ThinkConfig
-from muestra.structured import StructuredGenerator
+from muestra.models.loading import load_model
 
 SPECIAL_TEXTS = [
     "<think>",
@@ -275,7 +275,7 @@ def test_grammar_cache_hit_on_second_compile(generator):
 
 
 def test_notebook_api_pydantic_in_objects_out(tiny_kit):
-    from muestra.structured import sample_answers
+    from muestra.answers.structured import sample_answers
 
     class Color(BaseModel):
         color: str = Field(json_schema_extra={"enum": ["rojo", "azul"]})

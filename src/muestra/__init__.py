@@ -1,8 +1,10 @@
 """muestra: sample language models many times under exact control and measure what comes out.
 
-The package is layered (see ../shared/DESIGN.md): model loading and the offline
-model kit at the bottom, the token-id decoding engine above them, and the CLI on
-top. Everything users can call from a notebook is re-exported here.
+The package is layered (see ../shared/DESIGN.md), one folder per layer: `models/`
+(loading, tokenizers, inspection, the kit), `engine/` (token-id decoding), `answers/`
+(grammars, think → answer phases, generators), `analysis/` and `report/`,
+`experiments/`, and the edges `cli/` and `server/`. The names a notebook needs are
+re-exported here.
 """
 
 __version__ = "0.1.0"
@@ -14,6 +16,24 @@ from muestra.errors import (  # noqa: E402
     UnsafeModelError,
 )
 
+# Names a notebook reaches for, loaded on first use (they import torch).
+_LAZY = {
+    "load_model": "muestra.models.loading",
+    "ensure_kit": "muestra.models.kit.build",
+    "build_kit": "muestra.models.kit.build",
+    "TextGenerator": "muestra.answers.generation",
+    "StructuredGenerator": "muestra.answers.structured",
+    "sample_answers": "muestra.answers.structured",
+}
+
+
+def __getattr__(name: str):  # noqa: ANN202
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'muestra' has no attribute {name!r}")
+
 
 def run(*args, **kwargs):  # noqa: ANN002, ANN003
     """Run (or resume) an experiment spec: see `muestra.experiments.run`."""
@@ -24,6 +44,7 @@ def run(*args, **kwargs):  # noqa: ANN002, ANN003
 
 __all__ = [
     "run",
+    *_LAZY,
     "__version__",
     "InputError",
     "ModelNotFoundError",

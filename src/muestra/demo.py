@@ -31,7 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--kit-dir", type=Path, default=None, help="Folder for kit models.")
     args = parser.parse_args()
-    from muestra.kit import ensure_kit
+    from muestra.models.kit import ensure_kit
 
     kit_root = args.kit_dir.expanduser() if args.kit_dir else None
     console.print("[bold]muestra demo[/] — building the offline kit (random weights) …")

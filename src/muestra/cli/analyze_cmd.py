@@ -164,7 +164,7 @@ def report(
     findings, charts with intervals, counterfactual pairs and a side-by-side sample browser."""
     from muestra.cli.common import stderr
     from muestra.errors import InputError
-    from muestra.report import render
+    from muestra.report.html import render
 
     run, models, frame, result = _load(store, alpha)
     try:

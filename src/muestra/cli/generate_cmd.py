@@ -124,10 +124,10 @@ def generate(
     (default greedy), constrained by the grammar. Lines then also carry reasoning,
     think_tokens, budget_hit, answer_text, answer, field_probs and error.
     """
+    from muestra.answers.generation import TextGenerator
     from muestra.engine import SamplingParams
-    from muestra.generation import TextGenerator
-    from muestra.inspection import read_messages
-    from muestra.loading import load_model
+    from muestra.models.inspection import read_messages
+    from muestra.models.loading import load_model
 
     if (prompt is None) == (messages is None):
         raise InputError("give exactly one of --prompt TEXT or --messages FILE.json")

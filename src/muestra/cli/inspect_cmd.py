@@ -38,8 +38,8 @@ def tokens(
 
     JSON: {"model", "ids", "tokens", "count"} (a list of two when comparing).
     """
-    from muestra.inspection import tokenize
-    from muestra.loading import load_tokenizer
+    from muestra.models.inspection import tokenize
+    from muestra.models.loading import load_tokenizer
 
     refs = [model] + ([compare] if compare else [])
     views = [(ref, tokenize(load_tokenizer(ref), text)) for ref in refs]
@@ -89,8 +89,8 @@ def chat(
 
     JSON: {"text", "ids"}.
     """
-    from muestra.inspection import read_messages, render_chat
-    from muestra.loading import load_tokenizer
+    from muestra.models.inspection import read_messages, render_chat
+    from muestra.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(model)
     text, ids = render_chat(tokenizer, read_messages(messages), generation_prompt, enable_thinking)
@@ -121,8 +121,8 @@ def next_token(
 
     Probabilities are the softmax of the model's raw logits (no temperature or top-k).
     """
-    from muestra.inspection import next_token_table, prompt_ids
-    from muestra.loading import load_model
+    from muestra.models.inspection import next_token_table, prompt_ids
+    from muestra.models.loading import load_model
 
     loaded = load_model(
         model,

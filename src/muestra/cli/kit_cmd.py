@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from muestra.kit.presets import PRESETS
+from muestra.models.kit.presets import PRESETS
 
 PRESET_HELP = "; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values())
 
@@ -30,7 +30,7 @@ def build(
 
     The folder loads like any downloaded model: pass it as MODEL to every command.
     """
-    from muestra.kit import build_kit
+    from muestra.models.kit import build_kit
 
     folder = build_kit(preset, out)
     typer.echo(str(folder))

@@ -63,7 +63,7 @@ def serve(
     import uvicorn
 
     from muestra.cli.common import stderr
-    from muestra.loading import load_model
+    from muestra.models.loading import load_model
     from muestra.server.app import create_app
     from muestra.server.service import ServedModel
 

@@ -10,14 +10,14 @@ from muestra.cli.common import print_json, stderr
 from muestra.errors import InputError
 
 if TYPE_CHECKING:  # the heavy modules (torch) load only when a command needs them
-    from muestra.grammar import GrammarSpec
-    from muestra.phases import AnswerConfig, ThinkConfig
+    from muestra.answers.grammar import GrammarSpec
+    from muestra.answers.phases import AnswerConfig, ThinkConfig
 
 
 def grammar_spec(
     schema: Path | None, regex: str | None, choice: str | None, grammar: Path | None
 ) -> GrammarSpec | None:
-    from muestra.grammar import GrammarSpec
+    from muestra.answers.grammar import GrammarSpec
 
     options = [c.strip() for c in choice.split(",")] if choice is not None else None
     return GrammarSpec.from_options(
@@ -57,8 +57,8 @@ def think_config(
     top_k: int | None,
     min_p: float | None,
 ) -> ThinkConfig:
-    from muestra.phases import QWEN_CLOSE_TEXT, ThinkConfig
-    from muestra.structured import think_from_generation_config
+    from muestra.answers.phases import QWEN_CLOSE_TEXT, ThinkConfig
+    from muestra.answers.structured import think_from_generation_config
 
     think = think_from_generation_config(
         loaded.model,
@@ -79,8 +79,8 @@ def think_config(
 def answer_config(
     temperature: float, top_p: float, top_k: int, min_p: float, max_tokens: int
 ) -> AnswerConfig:
+    from muestra.answers.phases import AnswerConfig
     from muestra.engine import SamplingParams
-    from muestra.phases import AnswerConfig
 
     params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
     return AnswerConfig(params=params, max_tokens=max_tokens)
@@ -98,7 +98,7 @@ def run(
     field_probs: bool,
     max_batch: int,
 ) -> None:
-    from muestra.structured import StructuredGenerator
+    from muestra.answers.structured import StructuredGenerator
 
     started = time.perf_counter()
     generator = StructuredGenerator(loaded, max_batch=max_batch)

@@ -189,8 +189,8 @@ class Engine:
 
     @classmethod
     def from_loaded(cls, loaded: Any, max_batch: int = 64) -> Engine:
-        """An engine for a `muestra.loading.LoadedModel` (stop strings enabled)."""
-        from muestra.tokenization import token_bytes_table
+        """An engine for a `muestra.models.loading.LoadedModel` (stop strings enabled)."""
+        from muestra.models.tokenization import token_bytes_table
 
         return cls(
             loaded.model,

@@ -36,12 +36,13 @@ from typing import Any
 import httpx
 
 from muestra import __version__
+from muestra.answers.grammar import GrammarSpec
+from muestra.answers.phases import answer_budget_error
+from muestra.answers.structured import parse_answer
 from muestra.engine.seeds import sample_seed
 from muestra.errors import InputError, MuestraError
+from muestra.experiments.prompts import messages_for, think_budget
 from muestra.experiments.spec import Condition, LoadedSpec, ModelSpec, PromptItem
-from muestra.grammar import GrammarSpec
-from muestra.phases import answer_budget_error
-from muestra.structured import parse_answer
 
 RETRY_STATUS = {408, 409, 429}
 CLOSE_TEXT_SLACK = 64  # tokens for the closing text on servers without muestra's extension
@@ -76,12 +77,6 @@ class Endpoints:
         return headers
 
 
-def think_budget(condition: Condition, item: PromptItem) -> int | None:
-    if condition.think is None:
-        return None
-    return item.think_budget if item.think_budget is not None else condition.think.budget
-
-
 def request_body(
     spec: LoadedSpec,
     model: ModelSpec,
@@ -89,8 +84,6 @@ def request_body(
     item: PromptItem,
     seed: int,
 ) -> dict[str, Any]:
-    from muestra.experiments.runner import messages_for
-
     think, answer = condition.think, condition.answer
     budget = think_budget(condition, item)
     body: dict[str, Any] = {

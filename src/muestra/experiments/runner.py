@@ -19,7 +19,8 @@ from typing import Any
 
 from muestra import __version__
 from muestra.errors import InputError
-from muestra.experiments.spec import Condition, LoadedSpec, ModelSpec, PromptItem, fill
+from muestra.experiments.prompts import messages_for, think_budget
+from muestra.experiments.spec import Condition, LoadedSpec, ModelSpec, PromptItem
 from muestra.experiments.store import connect, dumps, insert_samples, now
 
 
@@ -43,19 +44,6 @@ class Progress:
     total: int
     tokens: int
     elapsed: float
-
-
-def messages_for(spec: LoadedSpec, item: PromptItem) -> list[dict[str, str]] | str:
-    prompt = spec.spec.prompt
-    variables = item.variables
-    user = fill(prompt.user, variables)
-    if prompt.raw:
-        return user
-    messages = []
-    if prompt.system:
-        messages.append({"role": "system", "content": fill(prompt.system, variables)})
-    messages.append({"role": "user", "content": user})
-    return messages
 
 
 class Runner:
@@ -194,12 +182,7 @@ class Runner:
     def estimate_tokens(self, units: list[Unit]) -> int:
         total = 0
         for unit in units:
-            think = unit.condition.think
-            budget = (
-                unit.item.think_budget
-                if unit.item.think_budget is not None
-                else (think.budget if think else 0)
-            )
+            budget = think_budget(unit.condition, unit.item) or 0
             total += len(unit.missing) * (budget + unit.condition.answer.max_tokens)
         return total
 
@@ -254,8 +237,8 @@ class Runner:
             )
 
     def _generator(self, model: ModelSpec) -> Any:
-        from muestra.loading import load_model
-        from muestra.structured import StructuredGenerator
+        from muestra.answers.structured import StructuredGenerator
+        from muestra.models.loading import load_model
 
         loaded = load_model(model.id, dtype=model.dtype, device=model.device)  # type: ignore[arg-type]
         self._store_provenance(model, loaded.provenance.as_dict())
@@ -264,14 +247,14 @@ class Runner:
     def _run_batch(
         self, generator: Any, batch: list[tuple[Unit, list[int]]]
     ) -> list[dict[str, Any]]:
-        from muestra.structured import think_from_generation_config
+        from muestra.answers.structured import think_from_generation_config
 
         unit0 = batch[0][0]
         condition, item = unit0.condition, unit0.item
         think = None
         if condition.think is not None:
             spec = condition.think
-            budget = item.think_budget if item.think_budget is not None else spec.budget
+            budget = think_budget(condition, item)
             think = think_from_generation_config(
                 generator.loaded.model,
                 budget,
@@ -343,9 +326,9 @@ def _encode(generator: Any, spec: LoadedSpec, item: PromptItem) -> list[int]:
 
 
 def _answer(condition: Condition, spec: LoadedSpec) -> tuple[Any, Any]:
+    from muestra.answers.grammar import GrammarSpec
+    from muestra.answers.phases import AnswerConfig
     from muestra.engine import SamplingParams
-    from muestra.grammar import GrammarSpec
-    from muestra.phases import AnswerConfig
 
     a = condition.answer
     params = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p)

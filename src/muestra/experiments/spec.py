@@ -292,7 +292,7 @@ def _conditions(spec: Spec, path: Path) -> list[Condition]:
 
 
 def _resolve_schema(answer: AnswerSpec, path: Path) -> dict[str, Any] | None:
-    from muestra.grammar import GrammarSpec
+    from muestra.answers.grammar import GrammarSpec
 
     given = [k for k in ("schema_", "regex", "choice", "grammar") if getattr(answer, k)]
     if len(given) > 1:

@@ -30,13 +30,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from muestra.answers.grammar import GrammarSpec
+from muestra.answers.phases import AnswerConfig, PhaseController, PhaseState, ThinkConfig
+from muestra.answers.structured import StructuredGenerator
 from muestra.engine import GenerationRequest, NoHook, Sample, SamplingParams, StepHook
 from muestra.engine.scheduler import Scheduler, Submission, Update
 from muestra.engine.seeds import fresh_run_seed, sample_seed
 from muestra.errors import InputError, MuestraError
-from muestra.grammar import GrammarSpec
-from muestra.loading import LoadedModel
-from muestra.phases import AnswerConfig, PhaseController, PhaseState, ThinkConfig
+from muestra.models.loading import LoadedModel
 from muestra.server.protocol import (
     ApiError,
     ChatRequest,
@@ -44,7 +45,6 @@ from muestra.server.protocol import (
     MuestraOptions,
     SamplingFields,
 )
-from muestra.structured import StructuredGenerator
 
 ANY_JSON_OBJECT = {"type": "object", "additionalProperties": True}
 

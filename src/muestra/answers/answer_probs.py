@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
+from muestra.answers.grammar import GrammarSpec
 from muestra.engine import Sample
-from muestra.grammar import GrammarSpec
 
 UNRESOLVED = "<unresolved>"
 

@@ -107,8 +107,9 @@ def build_qwen_tokenizer(chat_template: str | None, model_max_length: int):
 
 
 def load_template(name: str) -> str:
-    """Text of a chat template shipped in `muestra/kit/templates/`."""
-    text = (resources.files("muestra.kit") / "templates" / f"{name}.jinja").read_text("utf-8")
+    """Text of a chat template shipped in `muestra/models/kit/templates/`."""
+    template = resources.files("muestra.models.kit") / "templates" / f"{name}.jinja"
+    text = template.read_text("utf-8")
     return text.rstrip("\n")
 
 

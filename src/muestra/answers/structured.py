@@ -16,18 +16,18 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from muestra.engine import GenerationRequest, Sample, SamplingParams
-from muestra.engine.seeds import fresh_run_seed
-from muestra.generation import TextGenerator
-from muestra.grammar import GrammarBackend, GrammarSpec
-from muestra.loading import LoadedModel
-from muestra.phases import (
+from muestra.answers.generation import TextGenerator
+from muestra.answers.grammar import GrammarBackend, GrammarSpec
+from muestra.answers.phases import (
     AnswerConfig,
     PhaseController,
     PhaseState,
     TagIds,
     ThinkConfig,
 )
+from muestra.engine import GenerationRequest, Sample, SamplingParams
+from muestra.engine.seeds import fresh_run_seed
+from muestra.models.loading import LoadedModel
 
 
 @dataclass
@@ -147,7 +147,7 @@ class StructuredGenerator:
             for s in row
         ]
         if field_probs and grammar is not None:
-            from muestra.answer_probs import AnswerProbabilities
+            from muestra.answers.answer_probs import AnswerProbabilities
 
             scorer = AnswerProbabilities(self, grammar, compiled[1] if compiled else None)
             for sample, raw in zip(samples, [s for row in results for s in row], strict=True):
@@ -249,7 +249,7 @@ def sample_answers(
     a JSON Schema dict or a path. The model thinks for at most `think_budget` tokens with
     `think_params` (default: its generation config), then answers (default greedy).
     """
-    from muestra.loading import load_model
+    from muestra.models.loading import load_model
 
     loaded = load_model(model) if isinstance(model, str) else model
     generator = StructuredGenerator(loaded)

@@ -17,8 +17,8 @@ import torch
 
 from muestra import __version__
 from muestra.errors import InputError
-from muestra.kit.presets import ENDOFTEXT, Preset, get_preset
-from muestra.kit.tokenizer import build_qwen_tokenizer, chat_template
+from muestra.models.kit.presets import ENDOFTEXT, Preset, get_preset
+from muestra.models.kit.tokenizer import build_qwen_tokenizer, chat_template
 from muestra.paths import default_kit_dir
 
 MANIFEST = "muestra-kit.json"

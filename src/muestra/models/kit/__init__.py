@@ -5,14 +5,14 @@
 
 from typing import Any
 
-from muestra.kit.presets import PRESETS, Preset, get_preset
+from muestra.models.kit.presets import PRESETS, Preset, get_preset
 
 __all__ = ["PRESETS", "Preset", "build_kit", "ensure_kit", "get_preset"]
 
 
 def __getattr__(name: str) -> Any:
     if name in ("build_kit", "ensure_kit"):
-        from muestra.kit import build
+        from muestra.models.kit import build
 
         return getattr(build, name)
     raise AttributeError(name)

@@ -15,8 +15,8 @@ from typing import Any
 
 from muestra.engine import Engine, GenerationRequest, Sample, SamplingParams, StepEvent
 from muestra.engine.seeds import fresh_run_seed
-from muestra.inspection import render_chat
-from muestra.loading import LoadedModel
+from muestra.models.inspection import render_chat
+from muestra.models.loading import LoadedModel
 
 
 @dataclass

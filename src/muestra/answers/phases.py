@@ -28,8 +28,8 @@ from typing import Any, Literal
 
 import torch
 
+from muestra.answers.grammar import GrammarBackend
 from muestra.engine import Row, SamplingParams
-from muestra.grammar import GrammarBackend
 
 QWEN_CLOSE_TEXT = (
     "\n\nConsidering the limited time by the user, I have to give the solution based on "
