@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -10,7 +11,15 @@ import pytest
 from scipy import stats
 
 from muestra.analysis import analyze
-from muestra.analysis.stats import adjust, difference, distance_to, independence, wilson
+from muestra.analysis.stats import (
+    adjust,
+    difference,
+    distance_to,
+    goodness_of_fit,
+    independence,
+    wilson,
+)
+from muestra.errors import InputError
 from muestra.experiments.results import samples_frame
 from muestra.experiments.store import connect
 
@@ -122,8 +131,13 @@ def test_planted_bias_found_null_not(tmp_path):
     result = analyze(samples_frame(db))
     by_field = {t.field: t for t in result.tests}
     assert by_field["sexo"].p_holm < 0.001 and by_field["clase"].p_holm > 0.05
-    assert len(result.findings) == 1
-    assert result.findings[0].startswith("prompt A makes sexo=masculino")
+    tested = [t.sentence for t in result.tests if t.sentence]
+    assert len(tested) == 1 and tested[0].startswith("prompt A makes sexo=masculino")
+    # against the uniform reference only prompt A's sexo (90% masculino) is skewed
+    fits = {(f.field, f.prompt): f for f in result.fits}
+    assert len(fits) == 4 and fits[("sexo", "A")].p_holm < 0.001
+    assert fits[("sexo", "A")].sentence.startswith("A: sexo is masculino in ")
+    assert result.findings == [*tested, fits[("sexo", "A")].sentence]
     pair = next(c for c in result.counterfactuals if c.field == "sexo" and c.value == "masculino")
     assert pair.difference > 0.25 and pair.low > 0
 
@@ -145,8 +159,11 @@ def test_analyze_cli_json(cli, tmp_path):
     assert result.code == 0, result.stderr
     data = result.json()
     assert data["findings"] and data["tests"][0]["p_holm"] <= 1
+    fit = next(f for f in data["fits"] if f["field"] == "sexo" and f["prompt"] == "A")
+    assert fit["method"] == "binomial" and fit["p_holm"] < 0.001 and fit["sentence"]
     table = cli("analyze", str(tmp_path / "p.db"))
     assert "Holm" in table.stdout and "prompt A makes sexo=masculino" in table.stdout
+    assert "goodness of fit" in table.stdout and "A: sexo is masculino in" in table.stdout
     missing = cli("analyze", str(tmp_path / "none.db"))
     assert missing.code == 2 and "does not exist" in missing.stderr
 
@@ -276,7 +293,15 @@ def test_stratified_test_sums_strata_and_is_not_fooled_by_a_prompt_effect():
     prompt = next(t for t in result.tests if t.by == "prompt")
     assert condition.method == "chi2-stratified-permutation" and condition.p_holm > 0.05
     assert prompt.method == "chi2-stratified-permutation" and prompt.p_holm < 0.001
-    assert len(result.findings) == 1 and result.findings[0].startswith("prompt B makes sexo=fem")
+    tested = [t.sentence for t in result.tests if t.sentence]
+    assert len(tested) == 1 and tested[0].startswith("prompt B makes sexo=fem")
+    # every prompt × condition cell is far from 50/50; the label names the condition
+    assert {f.sentence.split(":")[0] for f in result.fits if f.sentence} == {
+        "A (c1)",
+        "A (c2)",
+        "B (c1)",
+        "B (c2)",
+    }
 
 
 def pd_crosstab(a, b):
@@ -350,3 +375,134 @@ def test_paired_condition_comparison_over_prompts():
         np.subtract(*reversed(wilson(round(everything.share * 720), 720)))
     )  # prompts differ a lot: the cluster interval is much wider than Wilson's
     assert pooled[("condition", "caliente", "si")].share > pooled[("condition", "frio", "si")].share
+
+
+def test_goodness_of_fit_binomial_matches_scipy():
+    test = goodness_of_fit(np.array([28, 2]), np.array([0.5, 0.5]))
+    assert test.method == "binomial" and test.dof == 1
+    assert test.p_value == pytest.approx(stats.binomtest(28, 30, 0.5).pvalue)
+    assert test.p_value == pytest.approx(goodness_of_fit([2, 28], [1, 1]).p_value)  # symmetric
+    assert test.cohens_w == pytest.approx(math.sqrt(2 * (28 / 30 - 0.5) ** 2 / 0.5))
+    uneven = goodness_of_fit(np.array([15, 15]), np.array([0.7, 0.3]))
+    assert uneven.p_value == pytest.approx(stats.binomtest(15, 30, 0.7).pvalue)
+
+
+def exact_chi2_p(counts, reference):
+    """P(χ² ≥ observed) under the multinomial, summed over every table with the same n."""
+    n, reference = sum(counts), np.asarray(reference) / sum(reference)
+    expected = n * reference
+    observed = ((np.array(counts) - expected) ** 2 / expected).sum()
+    total = 0.0
+    for a in range(n + 1):
+        for b in range(n + 1 - a):
+            table = np.array([a, b, n - a - b])
+            if ((table - expected) ** 2 / expected).sum() >= observed - 1e-9:
+                total += stats.multinomial.pmf(table, n, reference)
+    return total
+
+
+def test_goodness_of_fit_chi2_and_monte_carlo_close_to_exact():
+    test = goodness_of_fit(np.array([10, 3, 2]), np.ones(3))  # expected 5 each: asymptotic
+    reference = stats.chisquare([10, 3, 2])
+    assert test.method == "chi2" and test.dof == 2
+    assert test.statistic == pytest.approx(7.6) and test.p_value == pytest.approx(reference.pvalue)
+    small = goodness_of_fit(np.array([7, 2, 1]), np.ones(3))  # expected 3.3: Monte-Carlo
+    assert small.method == "chi2-monte-carlo"
+    assert small.p_value == pytest.approx(exact_chi2_p([7, 2, 1], [1, 1, 1]), abs=0.01)
+    assert small.p_value == goodness_of_fit(np.array([7, 2, 1]), np.ones(3)).p_value  # seeded
+    uneven = goodness_of_fit(np.array([3, 9, 4]), np.array([0.5, 0.3, 0.2]))
+    assert uneven.p_value == pytest.approx(exact_chi2_p([3, 9, 4], [0.5, 0.3, 0.2]), abs=0.01)
+
+
+def test_goodness_of_fit_values_the_reference_rules_out():
+    # a value with reference 0 that nobody chose is left out: a binomial test on the others
+    test = goodness_of_fit(np.array([20, 10, 0]), np.array([0.5, 0.5, 0.0]))
+    assert test.method == "binomial"
+    assert test.p_value == pytest.approx(stats.binomtest(20, 30, 0.5).pvalue)
+    # a count on it is impossible under the reference
+    outside = goodness_of_fit(np.array([15, 14, 1]), np.array([0.5, 0.5, 0.0]))
+    assert outside.method == "outside-reference" and outside.p_value == 0
+    assert goodness_of_fit(np.array([30, 0]), np.array([1.0, 0.0])) is None  # one value
+    assert goodness_of_fit(np.array([0, 0]), np.array([0.5, 0.5])) is None  # no samples
+
+
+def test_goodness_of_fit_holds_its_level_and_finds_a_planted_skew():
+    """Fair cells drawn from the reference (half with two values and 30 samples: binomial;
+    half with three values and 20 samples: Monte-Carlo χ²) are flagged at about α; cells
+    with 90% of one value among 60 samples are flagged nearly always."""
+    cells = [(np.array([0.5, 0.5]), 30), (np.array([0.5, 0.3, 0.2]), 20)]
+    rejections = 0
+    for seed in range(200):
+        reference, n = cells[seed % 2]
+        counts = np.random.default_rng(seed).multinomial(n, reference)
+        rejections += goodness_of_fit(counts, reference, seed, resamples=2000).p_value < 0.05
+    assert 0.01 < rejections / 200 < 0.10  # measured 4.5%
+    skews = [(np.array([0.9, 0.1]), np.ones(2)), (np.array([0.9, 0.05, 0.05]), np.ones(3))]
+    found = 0
+    for seed in range(50):
+        planted, reference = skews[seed % 2]
+        counts = np.random.default_rng(seed).multinomial(60, planted)
+        found += goodness_of_fit(counts, reference, seed, resamples=2000).p_value < 0.05
+    assert found / 50 > 0.9  # measured 50 of 50
+
+
+def test_analyze_tests_every_cell_against_the_reference():
+    records = [
+        ("A", "default", "m", {"sexo": "masculino" if i < 28 else "femenino"}) for i in range(30)
+    ]
+    records += [
+        ("B", "default", "m", {"sexo": "masculino" if i < 15 else "femenino"}) for i in range(30)
+    ]
+    result = analyze(frame_of(records))
+    fits = {f.prompt: f for f in result.fits}
+    assert fits["A"].method == "binomial"
+    assert fits["A"].p_value == pytest.approx(stats.binomtest(28, 30, 0.5).pvalue)
+    assert fits["A"].sentence == (
+        "A: sexo is masculino in 28 of 30 samples (93%, 95% CI 79–98%), far from the 50% "
+        "reference; p_adj < 0.001"
+    )
+    assert fits["B"].p_value == 1 and fits["B"].sentence is None
+    # one Holm / BH adjustment over the independence test and both fits
+    every = [*result.tests, *result.fits]
+    holm, bh = adjust([t.p_value for t in every])
+    assert len(every) == 3 and [t.p_holm for t in every] == holm and [t.p_bh for t in every] == bh
+    # against a 90% masculino reference, A fits and B (50%) is the skewed one
+    reference = {"sexo": {"masculino": 0.9, "femenino": 0.1}}
+    fits = {f.prompt: f for f in analyze(frame_of(records), reference).fits}
+    assert fits["A"].p_value == pytest.approx(stats.binomtest(28, 30, 0.9).pvalue)
+    assert fits["A"].sentence is None
+    assert fits["B"].sentence.startswith(
+        "B: sexo is femenino in 15 of 30 samples (50%, 95% CI 33–67%), far from the 10% reference"
+    )
+
+
+def test_analyze_fits_each_condition_and_model():
+    records = []
+    for condition, model in itertools.product(("frio", "caliente"), ("m1", "m2")):
+        counts = (24, 3, 3) if (condition, model) == ("caliente", "m2") else (10, 10, 10)
+        for clase, k in zip(("guerrero", "soporte", "tanque"), counts, strict=True):
+            records += [("A", condition, model, {"clase": clase})] * k
+    result = analyze(frame_of(records))
+    cells = {(f.condition, f.model): f for f in result.fits}
+    assert len(cells) == 4 and all(f.method == "chi2" and f.dof == 2 for f in result.fits)
+    skewed = cells.pop(("caliente", "m2"))
+    assert skewed.p_value == pytest.approx(stats.chisquare([24, 3, 3]).pvalue)
+    assert skewed.sentence.startswith("A (caliente, m2): clase is guerrero in 24 of 30 samples")
+    assert "far from the 33% reference" in skewed.sentence
+    assert all(f.sentence is None for f in cells.values())
+
+
+def test_a_value_only_the_reference_names_counts():
+    records = [
+        ("A", "default", "m", {"clase": "guerrero" if i < 27 else "soporte"}) for i in range(30)
+    ]
+    uniform = {"clase": {"guerrero": 1, "soporte": 1, "tanque": 1}}
+    fit = analyze(frame_of(records), uniform).fits[0]
+    assert fit.method == "chi2" and fit.dof == 2  # tanque counts though nobody chose it
+    assert fit.p_value == pytest.approx(stats.chisquare([27, 3, 0]).pvalue)
+    # without the reference, only the values seen are known: a binomial test of 27 vs 3
+    fit = analyze(frame_of(records)).fits[0]
+    assert fit.method == "binomial"
+    assert fit.p_value == pytest.approx(stats.binomtest(27, 30, 0.5).pvalue)
+    with pytest.raises(InputError, match=r"\[analysis.reference\] clase"):
+        analyze(frame_of(records), {"clase": {"guerrero": 0, "soporte": 0}})

@@ -10,7 +10,9 @@ import subprocess
 import pytest
 
 from conftest import ROOT
-from test_analysis import planted_store
+from muestra.analysis import analyze
+from muestra.report.html import render
+from test_analysis import frame_of, planted_store
 
 ARTIFACTS = ROOT / "artifacts"
 CHROMIUM_FLAGS = [
@@ -84,8 +86,12 @@ def test_report_in_a_real_browser(cli, chromium, tmp_path):
         dom.stdout,
     )
     assert len(estimates) == 1 and float(estimates[0][0]) > 0.15 and float(estimates[0][1]) > 0
-    for section in ("pooled", "comparisons", "field-probs", "mentions"):
+    for section in ("fits", "pooled", "comparisons", "field-probs", "mentions"):
         assert f'<table class="{section}">' in dom.stdout
+    # goodness of fit: one row per field × prompt × condition, prompt A's sexo flagged
+    fits = re.search(r'<table class="fits">.*?<tbody>(.*?)</tbody>', dom.stdout, re.S)
+    assert fits and fits.group(1).count("<tr>") == 2 * 2 * 2
+    assert "A (default): sexo is masculino in" in dom.stdout
     assert 'class="whisker"' in dom.stdout and 'class="hist-bar"' not in dom.stdout
     assert "prompt A makes sexo=masculino" in dom.stdout
     # the sample browser ran: both panes hold a sample with its answer and reasoning
@@ -110,3 +116,16 @@ def test_report_stays_small_for_10000_samples(cli, tmp_path):
     assert result.code == 0, result.stderr
     assert page.stat().st_size < 500_000
     assert page.read_text().count('"prompt_id"') == 100  # 50 embedded per prompt
+
+
+def test_report_escapes_answer_values_in_the_fit_table():
+    records = [
+        ("A", "default", "m", {"sexo": "<b>él</b>" if i < 28 else "ella"}) for i in range(30)
+    ]
+    frame = frame_of(records)
+    run = {"name": "r", "spec_path": "s.toml", "spec_hash": "0" * 64, "created_at": "now"}
+    run["muestra_version"] = "test"
+    page = render(run, [], frame, analyze(frame))
+    fits = re.search(r'<table class="fits">.*?</table>', page, re.S).group(0)
+    assert "&lt;b&gt;él&lt;/b&gt;" in fits and "<b>" not in page
+    assert "A: sexo is &lt;b&gt;él&lt;/b&gt; in 28 of 30 samples" in page  # the finding

@@ -10,7 +10,10 @@ returns an `Analysis`:
   χ² (Monte-Carlo when expected counts are small) with Cramér's V. When the other
   dimensions vary too, the test is stratified: a condition is compared inside each
   prompt (× model), never across them (Σ of the strata's χ², permutation p-value);
-  Holm and Benjamini–Hochberg adjustment over every test of the report;
+- one goodness-of-fit test per field and prompt × condition × model cell: are the
+  answers drawn from the reference distribution? (exact binomial for two values, χ² with
+  a Monte-Carlo p-value when expected counts are small for more; see `muestra.analysis.fit`);
+- Holm and Benjamini–Hochberg adjustment over every test of the report (both kinds);
 - for each condition and model (and for all prompts together): shares pooled over
   prompts with a two-stage prompt-level cluster bootstrap interval, and condition /
   model differences paired over prompts (each prompt weighs the same) with a paired
@@ -34,6 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from muestra.analysis.fit import FitRow, cell_fits
 from muestra.analysis.stats import (
     adjust,
     bootstrap_mean,
@@ -46,6 +50,7 @@ from muestra.analysis.stats import (
     stratified_independence,
     wilson,
 )
+from muestra.errors import InputError
 from muestra.experiments.results import answer_fields
 
 DIMENSIONS = {"prompt": "prompt_id", "condition": "condition", "model": "model"}
@@ -186,6 +191,7 @@ class Analysis:
     valid: int
     distributions: list[Distribution] = field(default_factory=list)
     tests: list[TestRow] = field(default_factory=list)
+    fits: list[FitRow] = field(default_factory=list)
     counterfactuals: list[Counterfactual] = field(default_factory=list)
     pooled: list[Pooled] = field(default_factory=list)
     comparisons: list[Comparison] = field(default_factory=list)
@@ -195,7 +201,7 @@ class Analysis:
 
     @property
     def findings(self) -> list[str]:
-        return [t.sentence for t in self.tests if t.sentence]
+        return [t.sentence for t in [*self.tests, *self.fits] if t.sentence]
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -216,9 +222,12 @@ def categorical_fields(frame: pd.DataFrame) -> list[str]:
     return chosen
 
 
-def _levels(valid: pd.DataFrame, name: str, column: pd.Series) -> list[str]:
-    """Observed values plus every allowed value the grammar knew (from `field_probs`), so
-    a value the model never chose still counts in the distance to uniform."""
+def _levels(
+    valid: pd.DataFrame, name: str, column: pd.Series, reference: dict[str, float] | None
+) -> list[str]:
+    """Observed values plus every allowed value the grammar knew (from `field_probs`) and
+    every value of the reference, so a value the model never chose still counts in the
+    distance to the reference and in the goodness-of-fit test."""
     allowed = {
         key
         for probs in valid["field_probs"]
@@ -226,7 +235,23 @@ def _levels(valid: pd.DataFrame, name: str, column: pd.Series) -> list[str]:
         for key in probs[name]
         if key != "<unresolved>"
     }
-    return sorted(set(column.unique()) | allowed)
+    return sorted(set(column.unique()) | allowed | set(reference or {}))
+
+
+def _reference_shares(
+    name: str, levels: list[str], given: dict[str, float] | None
+) -> np.ndarray | None:
+    """The spec's reference for `name` in `levels` order (values it omits get 0); None
+    when it gives none (uniform)."""
+    if not given:
+        return None
+    shares = np.array([given.get(level, 0.0) for level in levels], dtype=float)
+    if (shares < 0).any() or shares.sum() <= 0:
+        raise InputError(
+            f"[analysis.reference] {name} = {given}: shares must be ≥ 0 and not all 0; "
+            "fix them in the spec"
+        )
+    return shares
 
 
 def _shares(values: pd.Series, levels: list[str]) -> list[ValueShare]:
@@ -250,9 +275,9 @@ def analyze(
     result = Analysis(alpha=alpha, samples=len(frame), valid=len(valid))
     for name in categorical_fields(valid):
         column = valid[name].dropna().astype(str)
-        levels = _levels(valid, name, column)
         given = (reference or {}).get(name)
-        ref = np.array([given.get(level, 0.0) for level in levels]) if given else None
+        levels = _levels(valid, name, column, given)
+        ref = _reference_shares(name, levels, given)
         for prompt, rows in valid.loc[column.index].groupby("prompt_id", sort=False):
             shares = _shares(rows[name].astype(str), levels)
             dist = distance_to(np.array([s.count for s in shares]) + 0.0, ref)
@@ -268,6 +293,8 @@ def analyze(
                 )
             )
         rows = valid.loc[column.index]
+        uniform = np.ones(len(levels))
+        result.fits += cell_fits(rows, column, name, levels, uniform if ref is None else ref)
         for by, key in DIMENSIONS.items():
             if valid[key].nunique() < 2:
                 continue
@@ -294,8 +321,9 @@ def analyze(
     for name in numeric_fields(valid):
         _numeric(valid, name, result)
     result.mentions = _mentions(valid, DEFAULT_TERMS if terms is None else terms)
-    holm, bh = adjust([t.p_value for t in result.tests])
-    for test, p_holm, p_bh in zip(result.tests, holm, bh, strict=True):
+    tests: list[TestRow | FitRow] = [*result.tests, *result.fits]
+    holm, bh = adjust([t.p_value for t in tests])
+    for test, p_holm, p_bh in zip(tests, holm, bh, strict=True):
         test.p_holm, test.p_bh = p_holm, p_bh
         test.sentence = _finish_sentence(test.sentence, p_holm) if p_holm < alpha else None
     return result

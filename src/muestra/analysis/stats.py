@@ -17,6 +17,10 @@
 - `cluster_shares` / `paired_difference`: estimates pooled over prompts, with a two-stage
   cluster bootstrap (resample prompts, then samples inside each prompt), because the
   samples of one prompt are not independent draws from the population of prompts.
+- `goodness_of_fit`: do one cell's answers follow the reference distribution? Exact
+  binomial test for two values; Pearson χ² for more, with a Monte-Carlo p-value (seeded
+  multinomial draws from the reference) when an expected count is below 5. Effect size:
+  Cohen's w.
 """
 
 from __future__ import annotations
@@ -256,3 +260,57 @@ def paired_difference(
     diffs = (draws[0] - draws[1]).mean(axis=1)
     low, high = np.percentile(diffs, [2.5, 97.5], axis=0)
     return estimate, low, high
+
+
+FIT_RESAMPLES = 20000
+
+
+@dataclass(frozen=True)
+class FitTest:
+    method: str  # "binomial", "chi2", "chi2-monte-carlo" or "outside-reference"
+    statistic: float  # count of the first value (binomial) or Pearson χ²
+    dof: int
+    p_value: float
+    cohens_w: float  # √Σ (share − reference)² / reference
+
+
+def _pearson(counts: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    """Pearson χ² of (..., values) counts against expected counts (all > 0)."""
+    return ((counts - expected) ** 2 / expected).sum(axis=-1)
+
+
+def goodness_of_fit(
+    counts: np.ndarray, reference: np.ndarray, seed: int = 0, resamples: int = FIT_RESAMPLES
+) -> FitTest | None:
+    """Are `counts` (one per value) a sample from the `reference` shares (any positive
+    scale)? Two values: exact two-sided binomial test. More: Pearson χ², with a
+    Monte-Carlo p-value (`resamples` multinomial draws from the reference, +1 smoothing)
+    when an expected count is below 5. Values the reference rules out and nobody chose are
+    left out; a count on such a value is impossible under the reference (p = 0). None when
+    there are no samples or fewer than two possible values (nothing to test)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    reference = np.asarray(reference, dtype=float)
+    assert counts.shape == reference.shape, f"{counts.shape} counts, {reference.shape} shares"
+    assert reference.sum() > 0, "the reference gives every value share 0"
+    n, possible = int(counts.sum()), reference > 0
+    if n == 0:
+        return None
+    if counts[~possible].any():
+        return FitTest("outside-reference", math.inf, len(counts) - 1, 0.0, math.inf)
+    counts, reference = counts[possible], reference[possible] / reference.sum()
+    if len(counts) < 2:
+        return None
+    dof = len(counts) - 1
+    w = math.sqrt(float(((counts / n - reference) ** 2 / reference).sum()))
+    if len(counts) == 2:
+        p_value = stats.binomtest(int(counts[0]), n, float(reference[0])).pvalue
+        return FitTest("binomial", float(counts[0]), dof, float(p_value), w)
+    expected = n * reference
+    statistic = float(_pearson(counts, expected))
+    if (expected >= 5).all():
+        p_value = stats.chisquare(counts, expected).pvalue
+        return FitTest("chi2", statistic, dof, float(p_value), w)
+    draws = np.random.default_rng(seed).multinomial(n, reference, size=resamples)
+    null = _pearson(draws, expected)  # (resamples,)
+    p_value = (1 + int((null >= statistic - 1e-9).sum())) / (resamples + 1)
+    return FitTest("chi2-monte-carlo", statistic, dof, p_value, w)

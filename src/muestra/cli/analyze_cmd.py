@@ -49,8 +49,11 @@ def analyze(
 ) -> None:
     """Is each answer field independent of the prompt, condition and model? χ² tests
     (Monte-Carlo when counts are small; stratified by prompt when a condition or model is
-    compared) with Cramér's V, Holm and Benjamini–Hochberg adjusted p-values, one
-    sentence per significant finding, Wilson intervals per value, distance to the
+    compared) with Cramér's V; is each field skewed away from the reference distribution
+    (uniform unless `[analysis.reference]` gives one) in each prompt × condition × model
+    cell? exact binomial or χ² (Monte-Carlo when counts are small) goodness-of-fit tests;
+    Holm and Benjamini–Hochberg adjusted p-values over all those tests, one sentence per
+    significant finding, Wilson intervals per value, distance to the
     reference distribution, shares pooled over prompts and condition/model differences
     paired over prompts (prompt-level cluster bootstrap), counterfactual pairs,
     field_probs and term mentions in the reasoning."""
@@ -68,6 +71,18 @@ def analyze(
             for t in result.tests
         ],
         left=3,
+    )  # fmt: skip
+    _table(
+        "goodness of fit to the reference (most over-represented value per cell)",
+        ["field", "prompt", "condition", "model", "method", "value", "n", "share",
+         "95% interval", "reference", "Cohen's w", "p", "p Holm", "p BH"],
+        [
+            [f.field, f.prompt, f.condition, f.model, f.method, f.value, f.n,
+             f"{f.share:.2f}", f"[{f.low:.2f}, {f.high:.2f}]", f"{f.reference:.2f}",
+             f"{f.cohens_w:.2f}", f"{f.p_value:.3g}", f"{f.p_holm:.3g}", f"{f.p_bh:.3g}"]
+            for f in result.fits
+        ],
+        left=6,
     )  # fmt: skip
     for sentence in result.findings:
         stdout.print(f"• {sentence}")

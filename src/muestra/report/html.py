@@ -1,14 +1,15 @@
 """`muestra report`: one self-contained HTML file (inline SVG, CSS and JS; no network).
 
 Sections: the run's provenance; budget-hit and error rates per prompt; the tests table
-with adjusted p-values and one sentence per finding; for each categorical field a bar
-chart per prompt with Wilson 95% whiskers; shares pooled over prompts (cluster bootstrap)
-and condition / model differences paired over prompts (a forest plot); histograms of
-numeric fields; counterfactual pairs; field_probs against counted draws; how often the
-reasoning mentions each term; and a sample browser that shows two samples side by side
-(reasoning next to the answer). Large runs stay small: charts are aggregates, and the
-browser embeds at most `per_cell` samples of each prompt × condition × model (reasoning
-cut to 1,500 characters), paginated in the page.
+with adjusted p-values and one sentence per finding; goodness-of-fit tests of each field
+against the reference distribution per prompt × condition × model; for each categorical
+field a bar chart per prompt with Wilson 95% whiskers; shares pooled over prompts
+(cluster bootstrap) and condition / model differences paired over prompts (a forest
+plot); histograms of numeric fields; counterfactual pairs; field_probs against counted
+draws; how often the reasoning mentions each term; and a sample browser that shows two
+samples side by side (reasoning next to the answer). Large runs stay small: charts are
+aggregates, and the browser embeds at most `per_cell` samples of each prompt × condition ×
+model (reasoning cut to 1,500 characters), paginated in the page.
 """
 
 from __future__ import annotations
@@ -189,6 +190,42 @@ def _forest(analysis: Analysis) -> str:
     return "".join(parts)
 
 
+def _fits(analysis: Analysis) -> str:
+    """The goodness-of-fit tests: one row per field and prompt × condition × model cell."""
+    if not analysis.fits:
+        return ""
+    note = (
+        '<h2>Fit to the reference</h2><p class="note">Is each field skewed away from the '
+        "reference distribution (uniform over the allowed values unless "
+        "<code>[analysis.reference]</code> gives one)? Exact binomial test for two values, "
+        "χ² for more (Monte-Carlo p-value when an expected count is below 5); p-values "
+        "adjusted together with the tests above. Value: the most over-represented one, "
+        "with its Wilson 95% interval.</p>"
+    )
+    headers = ["field", "prompt", "condition", "model", "method", "value", "n", "share"]
+    headers += ["95% interval", "reference", "Cohen's w", "p", "p Holm", "p BH"]
+    rows = [
+        [
+            f.field,
+            f.prompt,
+            f.condition,
+            f.model,
+            f.method,
+            f.value,
+            f.n,
+            f"{f.share:.2f}",
+            f"[{f.low:.2f}, {f.high:.2f}]",
+            f"{f.reference:.2f}",
+            f"{f.cohens_w:.2f}",
+            f"{f.p_value:.3g}",
+            f"{f.p_holm:.3g}",
+            f"{f.p_bh:.3g}",
+        ]
+        for f in analysis.fits
+    ]
+    return note + _table(headers, rows, "fits")
+
+
 def _browser_data(frame: pd.DataFrame, per_cell: int) -> str:
     keep = frame.groupby(["prompt_id", "condition", "model"], sort=False).head(per_cell)
     columns = [
@@ -287,6 +324,7 @@ def render(
             "tests",
         )
     )
+    out.append(_fits(analysis))
     out.append(
         '<h2>Answers per prompt</h2><p class="note">Bars: share of valid samples; '
         "whiskers: Wilson 95% intervals.</p>"
