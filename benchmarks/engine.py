@@ -82,8 +82,8 @@ def seed_000_loop(model: Any, prompt: list[int], new_tokens: int, temperature: f
     step_input = torch.tensor([prompt])
     out_ids = []
     for _ in range(new_tokens):
-        out = model(input_ids=step_input, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=step_input, cache=past, use_cache=True)
+        past = out.cache
         probs = torch.softmax(out.logits[0, -1, :] / temperature, dim=-1)
         token = torch.multinomial(probs, num_samples=1)
         out_ids.append(token.item())

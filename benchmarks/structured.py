@@ -149,8 +149,8 @@ def notebook_loop(
     bitmask = xgr.allocate_token_bitmask(1, info_vocab)
     past, step_input = None, torch.tensor([prompt])
     for _ in range(think_budget):
-        out = model(input_ids=step_input, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=step_input, cache=past, use_cache=True)
+        past = out.cache
         probs = torch.softmax(out.logits[0, -1, :].float() / 1.3, dim=-1)
         token = torch.multinomial(probs, num_samples=1)
         step_input = token.view(1, 1)
@@ -160,8 +160,8 @@ def notebook_loop(
     for _ in range(answer_cap):
         if matcher.is_terminated():
             break
-        out = model(input_ids=step_input, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=step_input, cache=past, use_cache=True)
+        past = out.cache
         logits = out.logits[0, -1, :].float()
         matcher.fill_next_token_bitmask(bitmask)
         xgr.apply_token_bitmask_inplace(logits, bitmask)

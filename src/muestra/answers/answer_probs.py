@@ -199,10 +199,10 @@ class AnswerProbabilities:
         out = self.model(
             input_ids=sequence,
             use_cache=True,
-            past_key_values=DynamicCache(config=self.model.config),
+            cache=DynamicCache(config=self.model.config),
             logits_to_keep=positions,
         )
-        base_cache = out.past_key_values
+        base_cache = out.cache
         result = {}
         for number, target in enumerate(targets):
             prefix = answer_ids[: target.token_index]
@@ -285,9 +285,9 @@ class AnswerProbabilities:
         length = cache.get_seq_length()
         positions = torch.full((len(children), 1), length, device=device)
         out = self.model(
-            input_ids=tokens, position_ids=positions, past_key_values=cache, use_cache=True
+            input_ids=tokens, position_ids=positions, cache=cache, use_cache=True
         )
-        return out.logits[:, -1].float(), out.past_key_values
+        return out.logits[:, -1].float(), out.cache
 
 
 def _label(value: Any) -> str:

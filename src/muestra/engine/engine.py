@@ -297,11 +297,11 @@ class Engine:
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )
-        return out.past_key_values, out.logits[:, -1, :].float(), mask
+        return out.cache, out.logits[:, -1, :].float(), mask
 
     def _new_cache(self, capacity: int) -> Any:
         from transformers import DynamicCache
@@ -545,10 +545,10 @@ class Batch:
             input_ids=tokens,
             attention_mask=self.mask,
             position_ids=self.positions.unsqueeze(1),
-            past_key_values=self.cache,
+            cache=self.cache,
             use_cache=True,
         )
-        self.cache, self.logits = out.past_key_values, out.logits[:, -1, :].float()
+        self.cache, self.logits = out.cache, out.logits[:, -1, :].float()
         self.positions = self.positions + 1
         self.next_tokens = None
 

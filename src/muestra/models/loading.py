@@ -1,9 +1,11 @@
-"""Load a model and its tokenizer from a Hub id or a local folder — the only place that does.
+"""Load a model and its tokenizer from a Hub id, a local folder or a GGUF file — the only
+place that does.
 
 A kit folder, a downloaded snapshot and any other local folder go through the same
-code: a Hub id is first resolved to a snapshot folder in the local Hugging Face
-cache (downloading only when allowed and reachable), then everything loads from a
-folder. Safetensors only unless `allow_pickle=True`; remote code only with
+code; a `.gguf` file (or a folder holding one and no safetensors) is dequantized by
+transformers (`muestra.models.gguf`). A Hub id is first resolved to a snapshot folder in
+the local Hugging Face cache (downloading only when allowed and reachable), then
+everything loads from a folder. Safetensors only unless `allow_pickle=True`; remote code only with
 `trust_remote_code=True`. The result carries provenance: the model id, the commit
 of a Hub snapshot when known, and a content hash of the weight files.
 """
@@ -21,6 +23,7 @@ from typing import Any, Literal
 import torch
 
 from muestra.errors import InputError, ModelNotFoundError, UnsafeModelError
+from muestra.models.gguf import GGUF_SUFFIX, find_gguf, load_gguf
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -94,11 +97,14 @@ def resolve_model(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
 ) -> tuple[Path, Literal["local", "hub"], str | None]:
-    """The local folder for `ref`, its source and its Hub commit (None for local folders)."""
+    """The local folder (or GGUF file) for `ref`, its source and its Hub commit (None for
+    local paths)."""
     path = Path(ref).expanduser()
     if path.exists():
-        if not path.is_dir():
-            raise ModelNotFoundError(f"model {ref!r} is a file; pass the folder that holds it")
+        if not path.is_dir() and path.suffix.lower() != GGUF_SUFFIX:
+            raise ModelNotFoundError(
+                f"model {ref!r} is a file; pass the folder that holds it (or a .gguf file)"
+            )
         return path, "local", None
     if _looks_like_path(ref):
         raise ModelNotFoundError(
@@ -171,8 +177,11 @@ def load_tokenizer(ref: str, revision: str | None = None, trust_remote_code: boo
     """The tokenizer of `ref` (a folder or Hub id), without loading weights."""
     from transformers import AutoTokenizer
 
-    folder, _, _ = resolve_model(ref, revision, trust_remote_code=trust_remote_code)
+    folder, source, _ = resolve_model(ref, revision, trust_remote_code=trust_remote_code)
+    gguf = find_gguf(folder) if source == "local" else None
     try:
+        if gguf is not None:
+            return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
         raise ModelNotFoundError(
@@ -212,6 +221,10 @@ def load_model(
 
     hf_logging.disable_progress_bar()
     folder, source, commit = resolve_model(ref, revision, allow_pickle, trust_remote_code)
+    gguf = find_gguf(folder) if source == "local" else None
+    if gguf is not None:
+        model, tokenizer = load_gguf(gguf, resolve_dtype(dtype))
+        return _loaded(ref, gguf, source, None, [gguf], model.to(resolve_device(device)), tokenizer)
     safetensors, pickles = _weight_files(folder)
     if not safetensors and pickles and not allow_pickle:
         names = ", ".join(p.name for p in pickles)
@@ -233,12 +246,24 @@ def load_model(
         trust_remote_code=trust_remote_code,
     )
     model.to(target).eval()
+    return _loaded(ref, folder, source, commit, safetensors or pickles, model, tokenizer)
+
+
+def _loaded(
+    ref: str,
+    path: Path,
+    source: Literal["local", "hub"],
+    commit: str | None,
+    weights: list[Path],
+    model: Any,
+    tokenizer: Any,
+) -> LoadedModel:
     provenance = Provenance(
         model_id=ref,
-        path=str(folder.resolve()),
+        path=str(path.resolve()),
         source=source,
         revision=commit or getattr(model.config, "_commit_hash", None),
-        weights_sha256=weights_hash(safetensors or pickles),
-        kit_preset=_kit_preset(folder),
+        weights_sha256=weights_hash(weights),
+        kit_preset=_kit_preset(path) if path.is_dir() else None,
     )
     return LoadedModel(model=model, tokenizer=tokenizer, provenance=provenance)

