@@ -347,3 +347,79 @@ def test_several_models_and_a_sweep_in_one_run(tiny_kit, hybrid_kit, tmp_path):
         result,
     )
     assert 'class="forest"' in page and 'class="estimate"' in page
+
+
+def _store_of_answers(path: Path, answers: list[dict]) -> Path:
+    """A store with one run, model, condition and prompt holding `answers` as samples."""
+    db = connect(path)
+    with db:
+        db.execute(
+            "INSERT INTO runs (id, name, spec_path, spec_text, spec_hash, seed, "
+            "muestra_version, created_at) VALUES (1, 'r', 'p', 't', 'h', 1, 'v', 'now')"
+        )
+        db.execute("INSERT INTO models (id, run_id, label, model_ref) VALUES (1, 1, 'm', 'm')")
+        db.execute(
+            "INSERT INTO conditions (id, run_id, label, overrides_json, answer_json) "
+            "VALUES (1, 1, 'default', '{}', '{}')"
+        )
+        db.execute(
+            "INSERT INTO prompts (id, run_id, prompt_index, prompt_key, messages_json, "
+            "variables_json) VALUES (1, 1, 0, 'a', '\"x\"', '{}')"
+        )
+    rows = [
+        {
+            "run_id": 1,
+            "model_id": 1,
+            "condition_id": 1,
+            "prompt_id": 1,
+            "sample_index": i,
+            "seed": i,
+            "think_tokens": 0,
+            "budget_hit": 0,
+            "answer_text": json.dumps(answer),
+            "answer_json": json.dumps(answer),
+            "finish_reason": "stop",
+            "prompt_tokens": 1,
+            "completion_tokens": 1,
+            "batch_seconds": 1.0,
+            "muestra_version": "v",
+            "created_at": "now",
+        }
+        for i, answer in enumerate(answers)
+    ]
+    insert_samples(db, rows)
+    db.close()
+    return path
+
+
+def test_summary_of_a_free_text_field_counts_distinct_values_and_lists_the_top(cli, tmp_path):
+    repeated = {"Ana": 12, "Luis": 8, "Eva": 5, "Juan": 4, "Rosa": 3}
+    names = [n for n, times in repeated.items() for _ in range(times)]
+    names += [f"Nombre{i:02d}" for i in range(35)]  # 40 distinct names in all
+    answers = [
+        {"nombre": n, "sexo": ("femenino", "masculino")[i % 2], "edad": 20 + i % 7}
+        for i, n in enumerate(names)
+    ]
+    store = _store_of_answers(tmp_path / "nombres.db", answers)
+    result = cli("summary", str(store), "--json")
+    assert result.code == 0, result.stderr
+    fields = result.json()["groups"]["a"]["fields"]
+    assert fields["nombre"] == {
+        "kind": "text",
+        "distinct": 40,
+        "top": [
+            {"value": name, "count": count, "proportion": count / 67}
+            for name, count in repeated.items()
+        ],
+        "n": 67,
+    }
+    assert fields["sexo"]["kind"] == "categorical" and len(fields["sexo"]["counts"]) == 2
+    assert fields["edad"]["kind"] == "numeric"
+    table = cli("summary", str(store))
+    assert table.code == 0, table.stderr
+    assert "nombre: 40 distinct values, the 5 most frequent" in table.stdout
+    assert "(35 other values)" in table.stdout and "Nombre07" not in table.stdout
+    # ten distinct values or fewer is still a categorical table with every value
+    few = _store_of_answers(tmp_path / "pocos.db", [{"nombre": f"N{i % 10}"} for i in range(40)])
+    counts = cli("summary", str(few), "--json").json()["groups"]["a"]["fields"]["nombre"]
+    assert counts["kind"] == "categorical" and len(counts["counts"]) == 10

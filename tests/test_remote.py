@@ -19,6 +19,7 @@ from muestra.experiments.spec import load_spec
 from test_server import start_server, stop_server
 
 KEY = "sk-remote-test"
+SAMPLING = ("temperature", "top_p", "top_k", "min_p")
 SCHEMA = {
     "type": "object",
     "properties": {
@@ -102,7 +103,7 @@ def test_remote_run_killed_and_resumed_equals_a_local_run(tiny_kit, tmp_path):
             remote_dir,
             "remote",
             f'[model]\nid = "tiny"\nendpoint = "{base}/v1"\napi_key_env = "REMOTE_KEY"\n'
-            "concurrency = 2",
+            f'concurrency = 2\ngeneration_config = "{tiny_kit}"',
         )
         env = {**os.environ, "REMOTE_KEY": KEY}
         store = remote_dir / "remote.db"
@@ -127,10 +128,26 @@ def test_remote_run_killed_and_resumed_equals_a_local_run(tiny_kit, tmp_path):
     with sqlite3.connect(store) as db:
         provenance = json.loads(db.execute("SELECT provenance_json FROM models").fetchone()[0])
     assert provenance["served_by"] == ["muestra"] and provenance["endpoints"] == [f"{base}/v1"]
+    # the think fields the spec leaves unset came from the kit's generation config, as locally
+    sent = stored_think(store)["remote"]["tiny"]
+    assert sent["source"] == {
+        "temperature": "spec",
+        "top_p": "generation_config",
+        "top_k": "generation_config",
+        "min_p": "generation_config",
+    }
+    kit = json.loads((tiny_kit / "generation_config.json").read_text())
+    assert (sent["top_p"], sent["top_k"]) == (kit["top_p"], kit["top_k"]) and sent["min_p"] == 0
+
+
+def stored_think(path):
+    with sqlite3.connect(path) as db:
+        return json.loads(db.execute("SELECT think_json FROM conditions").fetchone()[0])
 
 
 def fake_server(script):
-    """An httpx transport answering from `script(request, attempt)`."""
+    """An httpx transport answering from `script(request, attempt)`; `calls` records every
+    request it receives."""
     calls = []
 
     def handler(request: httpx.Request) -> httpx.Response:
@@ -161,7 +178,7 @@ def answer(request: httpx.Request) -> httpx.Response:
     )
 
 
-def remote_runner(tmp_path, transport, extra_model="", retries=3):
+def remote_runner(tmp_path, transport, extra_model='sampling_fallback = "neutral"', retries=3):
     from muestra.experiments.remote import RemoteRunner
     from muestra.experiments.runner import Runner
 
@@ -209,6 +226,13 @@ def test_retries_on_429_and_5xx_spread_over_endpoints(tmp_path):
         "json_schema"
     )
     assert sent["n"] == 1 and sent["seed"] in {r["seed"] for r in rows}
+    # sampling_fallback = "neutral": top_k off goes out as -1, which every server reads as off
+    assert {k: sent[k] for k in SAMPLING} == {
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": -1,
+        "min_p": 0.0,
+    }
 
 
 def test_a_refusal_stops_the_run_and_lost_endpoints_give_up(tmp_path):
@@ -235,6 +259,8 @@ def test_a_refusal_stops_the_run_and_lost_endpoints_give_up(tmp_path):
 
 
 def test_remote_spec_errors(tmp_path, monkeypatch):
+    from muestra.experiments.sampling import resolve_think
+
     spec = write_spec(
         tmp_path, "bad", '[model]\nid = "m"\nendpoint = "http://h/v1"', extra='regex = "a+"'
     )
@@ -251,3 +277,122 @@ def test_remote_spec_errors(tmp_path, monkeypatch):
     )
     with pytest.raises(InputError, match="NOPE"):
         Endpoints.from_spec(load_spec(spec).spec.model)
+    spec = write_spec(tmp_path, "bad4", '[model]\nid = "m"\nsampling_fallback = "server"')
+    with pytest.raises(InputError, match="endpoint models only"):
+        load_spec(spec)
+    spec = write_spec(
+        tmp_path, "bad5", '[model]\nid = "m"\nendpoint = "http://h/v1"\nsampling_fallback = "servr"'
+    )
+    with pytest.raises(InputError, match="sampling_fallback"):
+        load_spec(spec)
+    spec = write_spec(
+        tmp_path,
+        "bad6",
+        f'[model]\nid = "m"\nendpoint = "http://h/v1"\ngeneration_config = "{tmp_path / "nope"}"',
+    )
+    with pytest.raises(InputError, match="generation_config .*nope"):
+        resolve_think(load_spec(spec), load_spec(spec).spec.model)
+
+
+def posted(calls):
+    return [json.loads(c.content) for c in calls if c.method == "POST"]
+
+
+def test_unset_think_fields_come_from_the_generation_config(tmp_path):
+    folder = tmp_path / "modelo"
+    folder.mkdir()
+    config = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20}
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    transport, calls = fake_server(lambda request, attempt: answer(request))
+    remote, units, rows, _ = remote_runner(tmp_path, transport, f'generation_config = "{folder}"')
+    remote.run(units)
+    bodies = posted(calls)
+    assert len(bodies) == len(rows) == 4
+    expected = {"temperature": 1.0, "top_p": 0.95, "top_k": 20, "min_p": 0.0}  # T: the spec's
+    assert all({k: body[k] for k in SAMPLING} == expected for body in bodies)
+    assert stored_think(tmp_path / "fake.db")["remote"]["m"] == {
+        **expected,
+        "source": {
+            "temperature": "spec",
+            "top_p": "generation_config",
+            "top_k": "generation_config",
+            "min_p": "generation_config",
+        },
+        "generation_config": str(folder / "generation_config.json"),
+        "sampling_fallback": None,
+    }
+
+
+def test_nothing_resolvable_stops_before_any_request(cli, tmp_path):
+    from muestra.experiments.remote import RemoteRunner
+
+    spec = write_spec(tmp_path, "none", '[model]\nid = "m"\nendpoint = "http://a.test/v1"')
+    transport, calls = fake_server(lambda request, attempt: answer(request))
+    with pytest.raises(InputError) as raised:
+        RemoteRunner(
+            load_spec(spec), load_spec(spec).spec.model, 21, dict, list, transport=transport
+        )
+    message = str(raised.value)
+    assert "think top_p, top_k, min_p" in message and "'m'" in message
+    assert "[think]" in message and 'sampling_fallback = "neutral"' in message
+    assert calls == []
+    # as a user types it: exit 2, nothing stored, not even the store file
+    store = tmp_path / "none.db"
+    result = cli("run", str(spec), "--out", str(store))
+    assert result.code == 2 and "top_p, top_k, min_p" in result.stderr
+    assert "Traceback" not in result.stderr and not store.exists()
+
+
+def test_server_defaults_opt_in_leaves_fields_out_and_is_recorded(tmp_path):
+    transport, calls = fake_server(lambda request, attempt: answer(request))
+    remote, units, rows, _ = remote_runner(tmp_path, transport, 'sampling_fallback = "server"')
+    provenance = []
+    remote.on_provenance = provenance.append
+    remote.run(units)
+    assert len(rows) == 4
+    for body in posted(calls):
+        assert body["temperature"] == 1.0 and not {"top_p", "top_k", "min_p"} & set(body)
+    recorded = stored_think(tmp_path / "fake.db")["remote"]["m"]
+    assert recorded["sampling_fallback"] == "server"
+    assert recorded["source"]["top_k"] == "server" and recorded["top_k"] is None
+    assert provenance[0]["sampling_fallback"] == "server"
+
+
+def hub_cache(root, repo_id, config):
+    """A Hugging Face cache holding only `repo_id`'s generation_config.json."""
+    folder = root / f"models--{repo_id.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("abc123")
+    (folder / "snapshots" / "abc123").mkdir(parents=True)
+    (folder / "snapshots" / "abc123" / "generation_config.json").write_text(json.dumps(config))
+
+
+def test_hub_cache_config_and_a_changed_resolution_on_resume(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from muestra.experiments.runner import Runner
+    from muestra.experiments.sampling import resolve_think
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    spec = load_spec(
+        write_spec(
+            tmp_path,
+            "hub",
+            '[model]\nid = "org/m"\nendpoint = "http://a.test/v1"\nsampling_fallback = "neutral"',
+        )
+    )
+    store = tmp_path / "hub.db"
+    Runner(spec, store).open()
+    assert stored_think(store)["remote"]["org/m"]["source"]["top_p"] == "neutral"
+    # the model reaches the cache: the same spec now resolves otherwise, and resuming
+    # would mix two distributions
+    hub_cache(tmp_path / "hub", "org/m", {"top_p": 0.8})
+    (think,) = resolve_think(spec, spec.spec.model).values()
+    assert (think.top_p.value, think.top_p.source, think.top_k.value) == (
+        0.8,
+        "generation_config",
+        0,
+    )
+    with pytest.raises(InputError, match="now resolves.*--force-new"):
+        Runner(spec, store).open()
+    assert Runner(spec, store, force_new=True).open() == 2

@@ -121,7 +121,8 @@ def summary(
     as_json: bool = JsonOption,
 ) -> None:
     """Counts and proportions of each answer value (seed 000's value_counts), numeric fields
-    described, mean field_probs, budget-hit and error rates, throughput."""
+    described, mean field_probs, budget-hit and error rates, throughput. A free-text field
+    (more than 10 distinct values, no field_probs) shows its distinct count and top 5."""
     from muestra.experiments.results import samples_frame, summarize
     from muestra.experiments.store import connect
 
@@ -136,6 +137,9 @@ def summary(
             f"budget hit {group['budget_hit_rate']:.0%}, errors {group['error_rate']:.0%}"
         )
         for column, stats in group["fields"].items():
+            if stats["kind"] == "text":
+                stdout.print(_text_table(column, stats))
+                continue
             table = Table(title=column, title_justify="left")
             if stats["kind"] == "numeric":
                 for k in ("n", "mean", "sd", "min", "max"):
@@ -165,6 +169,25 @@ def summary(
             f"throughput: {speed['samples_per_s']:.2f} samples/s, "
             f"{speed['tokens_per_s']:.0f} tokens/s"
         )
+
+
+def _text_table(column: str, stats: dict) -> Table:
+    """A free-text field: its number of distinct values, the most frequent, the rest."""
+    top = stats["top"]
+    table = Table(
+        title=f"{column}: {stats['distinct']} distinct values, the {len(top)} most frequent",
+        title_justify="left",
+    )
+    table.add_column("value")
+    table.add_column("count", justify="right")
+    table.add_column("proportion", justify="right")
+    for entry in top:
+        table.add_row(entry["value"], str(entry["count"]), f"{entry['proportion']:.3f}")
+    rest = stats["n"] - sum(entry["count"] for entry in top)
+    if rest:
+        others = stats["distinct"] - len(top)
+        table.add_row(f"({others} other values)", str(rest), f"{rest / stats['n']:.3f}")
+    return table
 
 
 def export(

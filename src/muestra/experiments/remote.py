@@ -5,9 +5,12 @@ loaded; each missing sample becomes one chat request:
 
 - `messages` rendered from the spec, `n = 1`, `seed` = the sample's own seed (the
   same `sample_seed(run seed, prompt, sample)` a local run uses and stores);
-- the think sampling fields (`temperature`, `top_p`, `top_k`, `min_p`, only those the
-  spec sets), `thinking_token_budget`, `response_format` json_schema (strict) when
-  the spec has a schema, `chat_template_kwargs` for `enable_thinking`;
+- the sampling fields `temperature`, `top_p`, `top_k`, `min_p`, always all four: the
+  think phase's as `sampling.py` resolved them before the run (spec, else the model's
+  generation_config.json, else the model's `sampling_fallback`; only "server" leaves
+  fields out), or the answer's when there is no think phase; `thinking_token_budget`,
+  `response_format` json_schema (strict) when the spec has a schema,
+  `chat_template_kwargs` for `enable_thinking`;
 - `muestra = {answer, close_text, think}`: muestra's own extension, which `muestra
   serve` honours so that a remote run stores the same rows as a local run of the same
   spec (answer sampled apart from the reasoning, the same token budget). vLLM and SGLang
@@ -29,7 +32,7 @@ import asyncio
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +45,7 @@ from muestra.answers.structured import parse_answer
 from muestra.engine.seeds import sample_seed
 from muestra.errors import InputError, MuestraError
 from muestra.experiments.prompts import messages_for, think_budget
+from muestra.experiments.sampling import ThinkSampling, resolve_think
 from muestra.experiments.spec import Condition, LoadedSpec, ModelSpec, PromptItem
 
 RETRY_STATUS = {408, 409, 429}
@@ -83,6 +87,7 @@ def request_body(
     condition: Condition,
     item: PromptItem,
     seed: int,
+    think_sampling: ThinkSampling | None,
 ) -> dict[str, Any]:
     think, answer = condition.think, condition.answer
     budget = think_budget(condition, item)
@@ -94,14 +99,14 @@ def request_body(
         "max_tokens": (budget or 0) + answer.max_tokens + (CLOSE_TEXT_SLACK if think else 0),
     }
     if think is not None:
-        sampling = {k: getattr(think, k) for k in ("temperature", "top_p", "top_k", "min_p")}
-        body.update({k: v for k, v in sampling.items() if v is not None})
+        assert think_sampling is not None, f"condition {condition.label!r} was not resolved"
+        body.update(think_sampling.request_fields())
         body["thinking_token_budget"] = budget
     else:
         body.update(
             temperature=answer.temperature,
             top_p=answer.top_p,
-            top_k=answer.top_k,
+            top_k=answer.top_k or -1,  # off: see ThinkSampling.request_fields
             min_p=answer.min_p,
         )
     body["muestra"] = {
@@ -128,7 +133,9 @@ def request_body(
 
 class RemoteRunner:
     """Sends the missing samples of one model's units; `store(rows)` is called as they
-    arrive (one call per sample)."""
+    arrive (one call per sample). `sampling` is the think sampling of each condition
+    (`sampling.resolve_think`); resolved here when not given, so that an unresolved field
+    stops the run before any request."""
 
     def __init__(
         self,
@@ -139,11 +146,13 @@ class RemoteRunner:
         store: Callable[[list[dict[str, Any]]], None],
         note: Callable[[str], None] = lambda _: None,
         provenance: Callable[[dict[str, Any]], None] = lambda _: None,
+        sampling: Mapping[str, ThinkSampling] | None = None,
         transport: httpx.AsyncBaseTransport | None = None,  # tests put a fake server here
     ) -> None:
         self.spec = spec
         self.model = model
         self.endpoints = Endpoints.from_spec(model)
+        self.sampling = sampling if sampling is not None else resolve_think(spec, model)
         self.run_seed = run_seed
         self.row = row
         self.store = store
@@ -204,13 +213,15 @@ class RemoteRunner:
             "endpoints": self.endpoints.model.endpoints,
             "served_by": sorted(served_by),
             "source": "remote",
+            "sampling_fallback": self.model.sampling_fallback,
         }
 
     async def _sample(
         self, client: httpx.AsyncClient, gate: asyncio.Semaphore, unit: Any, index: int
     ) -> None:
         seed = sample_seed(self.run_seed, unit.prompt_index, index)
-        body = request_body(self.spec, self.model, unit.condition, unit.item, seed)
+        think_sampling = self.sampling.get(unit.condition.label)
+        body = request_body(self.spec, self.model, unit.condition, unit.item, seed, think_sampling)
         async with gate:
             started = time.perf_counter()
             data = await self._call(client, "POST", "/chat/completions", body)

@@ -131,9 +131,19 @@ def answer_fields(frame: pd.DataFrame) -> list[str]:
     ]
 
 
+TEXT_DISTINCT = 10  # a non-numeric field with more distinct values than this is free text
+TEXT_TOP = 5  # the most frequent values a free-text summary lists
+
+
 def summarize(frame: pd.DataFrame, by: str = "prompt", field: str | None = None) -> dict[str, Any]:
     """Counts/proportions per categorical value, numeric descriptions, mean field_probs,
-    budget-hit and error rates, per group of `by` (prompt | model | condition)."""
+    budget-hit and error rates, per group of `by` (prompt | model | condition).
+
+    A non-numeric field whose valid answers hold more than `TEXT_DISTINCT` distinct values
+    over the whole run, and that has no field_probs (those exist only for closed sets:
+    enum, boolean, choice), is free text (names, say): kind "text", with its number of
+    distinct values and the `TEXT_TOP` most frequent, instead of one row per value. The
+    kind is decided once per field, so it is the same in every group."""
     key = {"prompt": "prompt_id", "model": "model", "condition": "condition"}.get(by)
     if key is None:
         raise InputError(f"--by {by!r} must be prompt, model or condition")
@@ -144,6 +154,8 @@ def summarize(frame: pd.DataFrame, by: str = "prompt", field: str | None = None)
                 f"--field {field!r} is not an answer field; fields: {', '.join(fields)}"
             )
         fields = [field]
+    valid_all = frame[frame["error"].isna()]
+    text = {c for c in fields if _is_free_text(valid_all, c)}
     groups = {}
     for name, group in frame.groupby(key, sort=False):
         valid = group[group["error"].isna()]
@@ -168,6 +180,17 @@ def summarize(frame: pd.DataFrame, by: str = "prompt", field: str | None = None)
                     "max": float(values.max()),
                     "n": int(len(values)),
                 }
+            elif column in text:
+                counts = values.astype(str).value_counts()
+                entry["fields"][column] = {
+                    "kind": "text",
+                    "distinct": int(len(counts)),
+                    "top": [
+                        {"value": str(k), "count": int(v), "proportion": float(v / len(values))}
+                        for k, v in counts.head(TEXT_TOP).items()
+                    ],
+                    "n": int(len(values)),
+                }
             else:
                 counts = values.astype(str).value_counts()
                 entry["fields"][column] = {
@@ -190,6 +213,14 @@ def summarize(frame: pd.DataFrame, by: str = "prompt", field: str | None = None)
             "tokens_per_s": float(frame["completion_tokens"].sum() / seconds) if seconds else None,
         },
     }
+
+
+def _is_free_text(valid: pd.DataFrame, column: str) -> bool:
+    values = valid[column].dropna()
+    numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
+    if numeric or values.astype(str).nunique() <= TEXT_DISTINCT:
+        return False
+    return not _mean_field_probs(valid, column)
 
 
 def _mean_field_probs(frame: pd.DataFrame, column: str) -> dict[str, float]:

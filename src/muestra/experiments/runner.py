@@ -10,6 +10,7 @@ the same command again resumes exactly where it stopped, because sample `i` of p
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -73,7 +74,14 @@ class Runner:
     # ---- the store ----------------------------------------------------------------------
 
     def open(self) -> int:
-        """Create or reopen this spec's run in the store; refuse a changed spec."""
+        """Create or reopen this spec's run in the store; refuse a changed spec, and an
+        endpoint model whose think sampling cannot be resolved (before writing anything)."""
+        remote = [m for m in self.models if m.endpoint is not None]
+        self.remote_sampling: dict[str, dict[str, Any]] = {}  # model → condition → sampling
+        if remote:  # not imported otherwise: it loads torch, and a dry run needs none
+            from muestra.experiments.sampling import resolve_think
+
+            self.remote_sampling = {m.name: resolve_think(self.spec, m) for m in remote}
         db = self.db = connect(self.store)
         last = db.execute("SELECT * FROM runs ORDER BY id DESC LIMIT 1").fetchone()
         if last is not None and not self.force_new:
@@ -126,18 +134,7 @@ class Runner:
             m.name: self._upsert("models", {**run, "label": m.name}, {"model_ref": m.id})
             for m in self.models
         }
-        self.condition_ids = {
-            c.label: self._upsert(
-                "conditions",
-                {**run, "label": c.label},
-                {
-                    "overrides_json": dumps(c.overrides),
-                    "think_json": dumps(c.think.model_dump() if c.think else None),
-                    "answer_json": dumps(c.answer.model_dump(by_alias=True)),
-                },
-            )
-            for c in self.spec.conditions
-        }
+        self.condition_ids = {c.label: self._register_condition(c) for c in self.spec.conditions}
         self.prompt_ids = {
             item.id: self._upsert(
                 "prompts",
@@ -152,6 +149,45 @@ class Runner:
             )
             for index, item in enumerate(self.spec.spec.prompt.items)
         }
+
+    def _register_condition(self, condition: Condition) -> int:
+        """The condition's row; its think_json keeps, under "remote", the think sampling
+        resolved for each endpoint model. A resumed run must resolve to the same."""
+        assert self.db is not None
+        think = condition.think.model_dump() if condition.think else None
+        remote = {
+            name: by_label[condition.label].record()
+            for name, by_label in self.remote_sampling.items()
+            if condition.label in by_label
+        }
+        if think is not None and remote:
+            think["remote"] = remote
+        condition_id = self._upsert(
+            "conditions",
+            {"run_id": self.run_id, "label": condition.label},
+            {
+                "overrides_json": dumps(condition.overrides),
+                "think_json": dumps(think),
+                "answer_json": dumps(condition.answer.model_dump(by_alias=True)),
+            },
+        )
+        (stored,) = self.db.execute(
+            "SELECT think_json FROM conditions WHERE id = ?", (condition_id,)
+        ).fetchone()
+        before = ((json.loads(stored) if stored else None) or {}).get("remote", {})
+        for name, record in remote.items():
+            now = {
+                k: v for k, v in record.items() if k in ("temperature", "top_p", "top_k", "min_p")
+            }
+            was = {k: (before.get(name) or {}).get(k) for k in now}
+            if was != now:
+                raise InputError(
+                    f"{self.store}: condition {condition.label!r} of model {name!r} was sampled "
+                    f"with {was} but its think sampling now resolves to {now} (a "
+                    "generation_config.json appeared or changed). Use another --out, or "
+                    "--force-new to start a new run in the same store."
+                )
+        return condition_id
 
     # ---- planning -----------------------------------------------------------------------
 
@@ -224,7 +260,14 @@ class Runner:
 
         provenance = partial(self._store_provenance, model)
         remote = RemoteRunner(
-            self.spec, model, self.spec.spec.seed, self._row, store, self.on_note, provenance
+            self.spec,
+            model,
+            self.spec.spec.seed,
+            self._row,
+            store,
+            self.on_note,
+            provenance,
+            sampling=self.remote_sampling[model.name],
         )
         remote.run(units)
 

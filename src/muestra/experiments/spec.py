@@ -39,7 +39,7 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -64,6 +64,19 @@ class ModelSpec(Strict):
     concurrency: int = Field(16, ge=1, le=4096, description="Requests in flight at once.")
     retries: int = Field(6, ge=0, le=100, description="Retries on 429, 5xx, lost connections.")
     timeout: float = Field(600.0, gt=0, description="Seconds to wait for one response.")
+    generation_config: str | None = Field(
+        None,
+        description="With `endpoint`: a generation_config.json, a model folder or a Hub id in "
+        "the local Hugging Face cache whose sampling fills the think fields the spec leaves "
+        "unset (default: `id`, when it is a folder or a cached Hub id).",
+    )
+    sampling_fallback: Literal["neutral", "server"] | None = Field(
+        None,
+        description="With `endpoint`: a think sampling field set neither by the spec nor by "
+        'the generation config is sent as the neutral value ("neutral": temperature 1, '
+        'filters off) or left to the server\'s default ("server", recorded in the store); '
+        "unset, the run stops before its first request and names the fields.",
+    )
 
     @property
     def endpoints(self) -> list[str]:
@@ -77,6 +90,12 @@ class ModelSpec(Strict):
                 raise ValueError(f"endpoint {url!r} must start with http:// or https://")
         if isinstance(self.endpoint, list) and not self.endpoint:
             raise ValueError("endpoint is an empty list")
+        remote_only = [k for k in ("generation_config", "sampling_fallback") if getattr(self, k)]
+        if self.endpoint is None and remote_only:
+            raise ValueError(
+                f"{' and '.join(remote_only)} apply to endpoint models only; a local model "
+                "reads its own generation config: remove them or add `endpoint`"
+            )
         return self
 
     @property
