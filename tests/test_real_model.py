@@ -152,3 +152,49 @@ def test_an_unsupported_gguf_architecture_is_named(tmp_path):
     writer.close()
     with pytest.raises(InputError, match="strangearch"):
         load_model(str(path), device="cpu")
+
+
+def test_plain_text_reasoning_then_a_schema_answer(smol):
+    """SmolLM2 has no think tags: it reasons in plain text (sampled), then answers under the
+    schema greedily — valid answers that vary with the reasoning, stored like Qwen's."""
+    from muestra.answers.structured import sample_answers
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 16},
+            "gender": {"enum": ["male", "female"]},
+        },
+        "required": ["name", "gender"],
+    }
+    samples = sample_answers(
+        smol,
+        "Create an RPG character for this player: <I am friendly and I care about others.>",
+        schema=schema,
+        n=8,
+        seed=3,
+        think_budget=24,
+        think_params=SamplingParams(temperature=1.0),
+    )
+    assert all(s.error is None for s in samples), [s.error for s in samples]
+    assert len({s.reasoning for s in samples}) == len(samples)  # sampled reasoning
+    assert len({json.dumps(s.answer, sort_keys=True) for s in samples}) > 1  # varied answers
+    assert all(0 < s.think_tokens <= 24 for s in samples)
+    for s in samples:
+        assert "<|im_end|>" not in s.reasoning
+        # the answer follows the plain closing text, ended by the budget or the model's EOS
+        assert "\n\nFinal answer:\n" in s.text
+        assert s.budget_hit == (s.think_tokens == 24)
+        assert set(s.field_probs["gender"]) == {"male", "female"}
+
+
+def test_with_instruction_appends_to_the_last_user_message():
+    from muestra.answers.phases import with_instruction
+
+    messages = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "U"},
+    ]
+    assert with_instruction(messages, "Think.")[1]["content"] == "U\n\nThink."
+    assert messages[1]["content"] == "U"  # the caller's messages are left alone
+    assert with_instruction("raw", "Think.") == "raw\n\nThink."
