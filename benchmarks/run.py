@@ -1,16 +1,21 @@
 """`make bench`: run the benchmarks, print a table, write benchmarks/results/*.json.
 
-Knobs: `--quick` (fewer repeats), `--repeats N`, `--seed-loop-samples N`, `--only NAME`.
+Knobs: `--quick` (fewer repeats), `--repeats N`, `--seed-loop-samples N`, `--only NAME`,
+`--kit-dir DIR`. `--only real_model` runs just the real SmolLM2-135M-Instruct benchmarks
+(benchmarks/real_model.py), without building the random-weight qwen3-0.6b kit.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from benchmarks import engine as engine_bench
+from benchmarks import real_model as real_model_bench
 from benchmarks import server as server_bench
 from benchmarks import structured as structured_bench
 from benchmarks.common import write_result
@@ -25,8 +30,23 @@ def main() -> None:
     parser.add_argument("--seed-loop-samples", type=int, default=4)
     parser.add_argument(
         "--only",
-        choices=["batch", "seed000", "floor", "masks", "compile", "structured000", "server"],
+        choices=[
+            "batch",
+            "seed000",
+            "floor",
+            "masks",
+            "compile",
+            "structured000",
+            "server",
+            "real_model",
+        ],
         default=None,
+    )
+    parser.add_argument(
+        "--kit-dir",
+        type=Path,
+        default=None,
+        help="Folder of the kit models (built there when missing); default: muestra's cache.",
     )
     args = parser.parse_args()
     repeats = 1 if args.quick else args.repeats
@@ -35,9 +55,10 @@ def main() -> None:
     from muestra.models.kit import ensure_kit
     from muestra.models.loading import load_model
 
-    console.print("building/loading the kit's qwen3-0.6b (random weights, bf16) …")
-    kit = ensure_kit("qwen3-0.6b")
-    loaded = load_model(str(kit), dtype="bfloat16", device="cpu")
+    if args.only != "real_model":
+        console.print("building/loading the kit's qwen3-0.6b (random weights, bf16) …")
+        kit = ensure_kit("qwen3-0.6b", args.kit_dir / "qwen3-0.6b" if args.kit_dir else None)
+        loaded = load_model(str(kit), dtype="bfloat16", device="cpu")
     results = {}
     if args.only in (None, "batch"):
         results["batch"] = engine_bench.bench_batch(loaded, repeats)
@@ -64,6 +85,11 @@ def main() -> None:
         )
     if served:
         paths.append(write_result("server", {"repeats": repeats, **served}, merge=bool(args.only)))
+    real = None
+    if args.only in (None, "real_model"):
+        console.print("building/loading the kit's smollm2-135m-instruct (real weights) …")
+        real = real_model_bench.bench_real_model(args.kit_dir, repeats)
+        paths.append(write_result("real_model", {"repeats": repeats, **real}))
 
     table = Table(title="muestra engine benchmarks (qwen3-0.6b shapes, bf16, this CPU)")
     for column in ("benchmark", "muestra", "reference", "ratio", "goal"):
@@ -153,9 +179,46 @@ def main() -> None:
             f"{r['continuous_batching_speedup']:.1f}× faster",
             "",
         )
-    console.print(table)
+    if table.row_count:
+        console.print(table)
+    if real is not None:
+        print_real_model(real)
     for path in paths:
         console.print(f"results written to {path}")
+
+
+def print_real_model(real: dict[str, Any]) -> None:
+    """The real model's table, and one line on llama.cpp when it was skipped."""
+    table = Table(title="real model: SmolLM2-135M-Instruct (this CPU, tokens/s)")
+    for column in ("benchmark", "muestra", "reference", "ratio"):
+        table.add_column(column)
+    r = real["seed000"]
+    table.add_row(
+        "seed 000 × 32 × ≤64, T 0.7, fp32",
+        f"{r['engine_tok_s']:.1f} tok/s",
+        f"HF {r['hf_tok_s']:.1f} tok/s",
+        f"{r['speedup_vs_hf']:.2f}× HF",
+    )
+    peer = real["llama_cpp"]
+    for dtype, r in real["greedy"].items():
+        if dtype == "workload":
+            continue
+        table.add_row(
+            f"batch-1 greedy × 64, {dtype}",
+            f"{r['engine_tok_s']:.1f} tok/s",
+            f"HF {r['hf_tok_s']:.1f} tok/s",
+            f"{r['speedup_vs_hf']:.2f}× HF",
+        )
+        if "tok_s" in peer:
+            table.add_row(
+                "",
+                "",
+                f"llama.cpp Q4_1 {peer['tok_s']:.1f} tok/s",
+                f"{peer['muestra_ratio'][dtype]:.2f}× llama.cpp",
+            )
+    console.print(table)
+    if "skipped" in peer:
+        console.print(f"llama.cpp peer skipped: {peer['skipped']}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import pytest
 import torch
 from scipy import stats
 
+from conftest import ROOT
 from muestra.answers.generation import TextGenerator
 from muestra.answers.grammar import GrammarSpec
 from muestra.answers.phases import AnswerConfig
@@ -198,3 +199,32 @@ def test_with_instruction_appends_to_the_last_user_message():
     assert with_instruction(messages, "Think.")[1]["content"] == "U\n\nThink."
     assert messages[1]["content"] == "U"  # the caller's messages are left alone
     assert with_instruction("raw", "Think.") == "raw\n\nThink."
+
+
+def test_the_english_character_experiment_runs_and_reads(smol_kit, tmp_path, cli):
+    """examples/characters.toml (the demo's experiment) on the real model: plain-text
+    reasoning stored per sample, valid answers, and the demo's finding sentence."""
+    import sqlite3
+
+    from muestra.demo import finding
+
+    store = tmp_path / "characters.db"
+    spec = str(ROOT / "examples" / "characters.toml")
+    result = cli("run", spec, "--model", str(smol_kit), "--samples", "3", "--out", str(store))
+    assert result.code == 0, result.stderr
+    with sqlite3.connect(store) as db:
+        rows = db.execute("SELECT reasoning, think_tokens, error, answer_json FROM samples")
+        rows = rows.fetchall()
+    assert len(rows) == 6
+    assert all(r[0] and r[1] > 0 and r[2] is None for r in rows)
+    assert {json.loads(r[3])["gender"] for r in rows} <= {"male", "female"}
+    sentence = finding(store)
+    assert "neutral_1:" in sentence and "neutral_2:" in sentence and " of 3 " in sentence
+
+
+def test_the_demo_spec_is_the_example():
+    from importlib import resources
+
+    data = resources.files("muestra") / "data"
+    for name in ("characters.toml", "character.schema.json", "personajes.toml"):
+        assert (data / name).read_text() == (ROOT / "examples" / name).read_text(), name

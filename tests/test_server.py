@@ -453,3 +453,39 @@ def test_reasoning_content_goes_back_into_the_prompt(tiny_kit):
             assert "<think>\nel usuario saluda\n</think>" in text and "¡Hola!" in text
     finally:
         served.close()
+
+
+def test_the_real_model_answers_the_openai_sdk(smol_kit):
+    """SmolLM2-135M-Instruct behind `muestra serve`, asked through the official SDK: a real
+    greedy answer, and a schema answer with its exact value in the JSON."""
+    process, base = start_server(smol_kit, "--served-model-name", "smol", "--api-key", KEY)
+    try:
+        client = openai.OpenAI(api_key=KEY, base_url=f"{base}/v1", max_retries=0, timeout=120)
+        reply = client.chat.completions.create(
+            model="smol",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=24,
+            temperature=0,
+            seed=1,
+        )
+        assert "Paris" in reply.choices[0].message.content
+        assert reply.choices[0].finish_reason in ("stop", "length")
+        schema = {
+            "type": "object",
+            "properties": {"capital": {"enum": ["Paris", "Lyon", "Marseille"]}},
+            "required": ["capital"],
+        }
+        structured = client.chat.completions.create(
+            model="smol",
+            messages=[{"role": "user", "content": "The capital of France, as JSON."}],
+            max_tokens=30,
+            temperature=0,
+            seed=1,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "capital", "schema": schema, "strict": True},
+            },
+        )
+        assert json.loads(structured.choices[0].message.content) == {"capital": "Paris"}
+    finally:
+        stop_server(process)

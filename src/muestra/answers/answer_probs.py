@@ -144,6 +144,8 @@ class AnswerProbabilities:
         self.min_branch = min_branch
         self.max_expansions = max_expansions
         self.fields = categorical_fields(grammar.schema) if grammar.kind == "json_schema" else {}
+        # the KV cache of the last prompt scored: samples of one prompt share its prefill
+        self._prompt: tuple[tuple[int, ...], Any] | None = None
 
     def score(self, prompt_ids: Sequence[int], sample: Sample) -> dict[str, dict[str, float]]:
         state = sample.state
@@ -155,7 +157,7 @@ class AnswerProbabilities:
         if not targets:
             return {}
         context = list(prompt_ids) + sample.token_ids[: state.answer_start]
-        return self._walk(context, answer_ids, targets)
+        return self._walk(context, answer_ids, targets, len(prompt_ids))
 
     def _targets(self, answer_ids: list[int], answer_bytes: bytes) -> list[_Target]:
         text = answer_bytes.decode("utf-8", errors="replace")
@@ -187,20 +189,39 @@ class AnswerProbabilities:
             targets.append(_Target(name, index, candidates))
         return targets
 
-    @torch.inference_mode()
-    def _walk(
-        self, context: list[int], answer_ids: list[int], targets: list[_Target]
-    ) -> dict[str, dict[str, float]]:
+    def _prompt_cache(self, prompt: tuple[int, ...]) -> Any:
+        """A fresh cache holding `prompt`'s keys and values, prefilled once per prompt."""
         from transformers import DynamicCache
 
+        if self._prompt is None or self._prompt[0] != prompt:
+            device = next(self.model.parameters()).device
+            out = self.model(
+                input_ids=torch.tensor([prompt], device=device),
+                use_cache=True,
+                cache=DynamicCache(config=self.model.config),
+                logits_to_keep=1,
+            )
+            self._prompt = (prompt, out.cache)
+        cache = DynamicCache()
+        for index, layer in enumerate(self._prompt[1].layers):
+            cache.update(layer.keys, layer.values, index)
+        return cache
+
+    @torch.inference_mode()
+    def _walk(
+        self, context: list[int], answer_ids: list[int], targets: list[_Target], prompt_length: int
+    ) -> dict[str, dict[str, float]]:
         device = next(self.model.parameters()).device
-        sequence = torch.tensor([context + answer_ids], device=device)
-        positions = torch.tensor([len(context) + t.token_index - 1 for t in targets], device=device)
+        # all but the prompt's last token come from the shared prefill, so that the rest
+        # is never empty (the first decision point may follow the prompt at once)
+        shared = max(prompt_length - 1, 0)
+        sequence = torch.tensor([context[shared:] + answer_ids], device=device)
+        positions = [len(context) - shared + t.token_index - 1 for t in targets]
         out = self.model(
             input_ids=sequence,
             use_cache=True,
-            cache=DynamicCache(config=self.model.config),
-            logits_to_keep=positions,
+            cache=self._prompt_cache(tuple(context[:shared])),
+            logits_to_keep=torch.tensor(positions, device=device),
         )
         base_cache = out.cache
         result = {}

@@ -16,7 +16,8 @@ def register(app: typer.Typer) -> None:
     app.command("report")(report)
 
 
-def _load(store: Path, alpha: float | None):  # noqa: ANN202
+def load_analysis(store: Path, alpha: float | None):  # noqa: ANN202
+    """(run row, models, samples frame, Analysis) of the latest run in `store`."""
     import json
 
     from muestra.analysis import analyze as run_analysis
@@ -57,7 +58,7 @@ def analyze(
     reference distribution, shares pooled over prompts and condition/model differences
     paired over prompts (prompt-level cluster bootstrap), counterfactual pairs,
     field_probs and term mentions in the reasoning."""
-    _, _, _, result = _load(store, alpha)
+    _, _, _, result = load_analysis(store, alpha)
     if as_json:
         print_json(result.as_dict())
         return
@@ -72,17 +73,18 @@ def analyze(
         ],
         left=3,
     )  # fmt: skip
+    # condition and model columns only when they vary: the table must fit a terminal
+    cells = [c for c in ("condition", "model") if len({getattr(f, c) for f in result.fits}) > 1]
     _table(
         "goodness of fit to the reference (most over-represented value per cell)",
-        ["field", "prompt", "condition", "model", "method", "value", "n", "share",
-         "95% interval", "reference", "Cohen's w", "p", "p Holm", "p BH"],
+        ["field", "prompt", *cells, "value", "n", "share [95% CI]", "ref", "test", "p", "p Holm"],
         [
-            [f.field, f.prompt, f.condition, f.model, f.method, f.value, f.n,
-             f"{f.share:.2f}", f"[{f.low:.2f}, {f.high:.2f}]", f"{f.reference:.2f}",
-             f"{f.cohens_w:.2f}", f"{f.p_value:.3g}", f"{f.p_holm:.3g}", f"{f.p_bh:.3g}"]
+            [f.field, f.prompt, *(getattr(f, c) for c in cells), f.value, f.n,
+             f"{f.share:.2f} [{f.low:.2f}, {f.high:.2f}]", f"{f.reference:.2f}", f.method,
+             f"{f.p_value:.3g}", f"{f.p_holm:.3g}"]
             for f in result.fits
         ],
-        left=6,
+        left=3 + len(cells),
     )  # fmt: skip
     for sentence in result.findings:
         stdout.print(f"• {sentence}")
@@ -181,7 +183,7 @@ def report(
     from muestra.errors import InputError
     from muestra.report.html import render
 
-    run, models, frame, result = _load(store, alpha)
+    run, models, frame, result = load_analysis(store, alpha)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(render(run, models, frame, result, per_cell), "utf-8")

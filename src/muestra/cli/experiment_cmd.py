@@ -42,7 +42,7 @@ def run(
     from muestra.experiments.runner import Runner
     from muestra.experiments.spec import load_spec
 
-    loaded = load_spec(spec)
+    loaded = load_spec(spec, check_models=model is None)
     store = out if out is not None else loaded.path.with_name(f"{loaded.spec.name}.db")
     runner = Runner(
         loaded,

@@ -39,7 +39,7 @@ def run(
     """Run (or resume) an experiment spec and return it; the store defaults to NAME.db."""
     from muestra.experiments.runner import Runner
 
-    loaded = spec if isinstance(spec, LoadedSpec) else load_spec(spec)
+    loaded = spec if isinstance(spec, LoadedSpec) else load_spec(spec, check_models=model is None)
     store = Path(out) if out is not None else loaded.path.with_name(f"{loaded.spec.name}.db")
     runner = Runner(loaded, store, model=model, samples=samples)
     run_id = runner.open()

