@@ -10,8 +10,10 @@ text into JSON strings.
 
 xgrammar silently ignores some JSON Schema keywords. `check_schema` refuses them by
 name and path before any model work, so no answer is passed off as valid when the
-grammar could not enforce the schema; every parsed answer is also validated with
-`jsonschema` afterwards.
+grammar could not enforce the schema; it also checks the schema against its metaschema
+and refuses `$ref`s that leave the document. Every parsed answer is also validated with
+`jsonschema` afterwards. `GrammarSpec.check_compiles` builds the grammar without a
+tokenizer, so a spec's bad regex, EBNF or schema is refused before a model loads.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +33,8 @@ from muestra.errors import InputError
 from muestra.paths import cache_dir
 
 GrammarKind = Literal["json_schema", "regex", "choice", "ebnf"]
+
+MAX_NESTING = 64  # deeper specs and schemas are refused: no real one nests this far
 
 # Keywords xgrammar 0.2 accepts but does not enforce.
 UNENFORCED_KEYWORDS = (
@@ -102,17 +107,9 @@ class GrammarSpec:
         elif isinstance(schema, Path) or (isinstance(schema, str) and schema.endswith(".json")):
             path = Path(schema)
             source = str(path)
-            try:
-                schema = json.loads(path.read_text("utf-8"))
-            except FileNotFoundError as err:
-                raise InputError(f"schema file {path} does not exist") from err
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path} line {err.lineno}: invalid JSON ({err.msg})") from err
+            schema = _parse_json(read_text_file(path, "schema file"), source, f"{path} ")
         elif isinstance(schema, str):
-            try:
-                schema = json.loads(schema)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{source}: not valid JSON ({err.msg})") from err
+            schema = _parse_json(schema, source, f"{source}: ")
         if not isinstance(schema, dict):
             raise InputError(
                 f"{source}: a JSON Schema must be an object, got {type(schema).__name__}"
@@ -122,34 +119,134 @@ class GrammarSpec:
         return cls("json_schema", json.dumps(schema, ensure_ascii=False))
 
     @classmethod
-    def regex(cls, pattern: str) -> GrammarSpec:
+    def regex(cls, pattern: str, source: str = "--regex") -> GrammarSpec:
         if not pattern:
-            raise InputError("--regex: the pattern is empty")
+            raise InputError(f"{source}: the pattern is empty; give a regular expression")
         return cls("regex", pattern)
 
     @classmethod
-    def choice(cls, options: list[str]) -> GrammarSpec:
-        options = [o for o in options]
+    def choice(cls, options: list[str], source: str = "--choice") -> GrammarSpec:
+        options = list(options)
+        if any(not isinstance(o, str) for o in options):
+            raise InputError(f"{source}: every option must be a string, got {options!r}")
         if len(options) < 2 or any(not o for o in options) or len(set(options)) != len(options):
+            # one option is no choice: the answer would be fixed before sampling
             raise InputError(
-                f"--choice needs at least two distinct, non-empty options, got {options}"
+                f"{source} needs at least two distinct, non-empty options, got {options!r}; "
+                "add options, or drop the choice and read the answer as free text"
             )
         return cls("choice", json.dumps(options, ensure_ascii=False))
 
     @classmethod
     def ebnf(cls, grammar: str | Path) -> GrammarSpec:
         if isinstance(grammar, Path) or str(grammar).endswith((".ebnf", ".gbnf")):
-            path = Path(grammar)
-            try:
-                grammar = path.read_text("utf-8")
-            except FileNotFoundError as err:
-                raise InputError(f"grammar file {path} does not exist") from err
+            grammar = read_text_file(Path(grammar), "grammar file")
         return cls("ebnf", str(grammar))
 
+    def check_compiles(self, source: str) -> None:
+        """Build the grammar without a tokenizer: what would not compile is refused now."""
+        import xgrammar as xgr
 
-def check_schema(schema: Any, source: str = "schema", path: str = "$") -> None:
-    """Refuse JSON Schema keywords xgrammar would silently not enforce."""
+        try:
+            if self.kind == "json_schema":
+                xgr.Grammar.from_json_schema(
+                    self.source, any_whitespace=self.any_whitespace, strict_mode=True
+                )
+            elif self.kind == "regex":
+                xgr.Grammar.from_regex(self.source)
+            elif self.kind == "choice":
+                xgr.Grammar.from_ebnf(_choice_ebnf(self.choices or []))
+            else:
+                xgr.Grammar.from_ebnf(self.source)
+        except Exception as err:  # xgrammar raises RuntimeError/ValueError with its reason
+            raise InputError(
+                f"{source}: the {self.kind} grammar does not compile: {xgrammar_reason(err)}; "
+                "fix it"
+            ) from err
+
+
+def xgrammar_reason(err: Exception) -> str:
+    """xgrammar's message without its `[time] file.cc:line:` prefix."""
+    lines = [_XGRAMMAR_PREFIX.sub("", line).strip() for line in str(err).splitlines()]
+    return next((line for line in lines if line), type(err).__name__)
+
+
+_XGRAMMAR_PREFIX = re.compile(r"^\[[0-9:]+\] \S+:[0-9]+: ")
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """A user's text file as UTF-8 (a leading BOM is dropped), or an InputError saying why not."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as err:
+        raise InputError(f"{what} {path} does not exist") from err
+    except IsADirectoryError as err:
+        raise InputError(f"{what} {path} is a folder; give the path of a file") from err
+    except OSError as err:
+        raise InputError(f"{what} {path} cannot be read ({err.strerror}); check it") from err
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        found = (
+            "it starts with a UTF-16 byte order mark"
+            if data.startswith((b"\xff\xfe", b"\xfe\xff"))
+            else f"byte 0x{data[err.start]:02x} at offset {err.start} is not UTF-8"
+        )
+        raise InputError(f"{what} {path} is not UTF-8 text ({found}); save it as UTF-8") from err
+
+
+def _parse_json(text: str, source: str, where: str) -> Any:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(f"{where}line {err.lineno}: invalid JSON ({err.msg}); fix it") from err
+    except RecursionError as err:
+        raise InputError(
+            f"{source}: JSON nested too deeply to read; keep it under {MAX_NESTING} levels"
+        ) from err
+    check_nesting(value, source)
+    return value
+
+
+def check_nesting(value: Any, source: str, path: str = "$", depth: int = 0) -> None:
+    """Refuse objects and arrays nested more than MAX_NESTING levels, naming where."""
+    if depth > MAX_NESTING:
+        raise InputError(
+            f"{source}: {path} is nested more than {MAX_NESTING} levels deep; flatten it"
+        )
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            check_nesting(sub, source, f"{path}.{key}", depth + 1)
+    elif isinstance(value, list):
+        for index, sub in enumerate(value):
+            check_nesting(sub, source, f"{path}[{index}]", depth + 1)
+
+
+def check_schema(schema: dict[str, Any], source: str = "schema") -> None:
+    """Refuse a schema its metaschema rejects, or that xgrammar would not fully enforce."""
+    from jsonschema import SchemaError, validators
+
+    check_nesting(schema, source)
+    _check_keywords(schema, source, "$")
+    try:
+        validators.validator_for(schema).check_schema(schema)
+    except SchemaError as err:
+        where = "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err.path)
+        raise InputError(
+            f"{source}: not a valid JSON Schema at {where}: {err.message}; fix the value"
+        ) from err
+
+
+def _check_keywords(schema: Any, source: str, path: str) -> None:
     if isinstance(schema, dict):
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and not ref.startswith("#"):
+            raise InputError(
+                f"{source}: $ref {ref!r} at {path} points outside the schema; muestra reads "
+                "no other file or URL: copy the definition into $defs and use '#/$defs/…'"
+            )
+        if schema.get("type") == []:
+            raise InputError(f"{source}: type [] at {path} allows no value; name at least one type")
         for key, value in schema.items():
             if key in UNENFORCED_KEYWORDS:
                 raise InputError(
@@ -158,12 +255,12 @@ def check_schema(schema: Any, source: str = "schema", path: str = "$") -> None:
                 )
             if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
                 for name, sub in value.items():
-                    check_schema(sub, source, f"{path}.{key}.{name}")
+                    _check_keywords(sub, source, f"{path}.{key}.{name}")
             else:
-                check_schema(value, source, f"{path}.{key}")
+                _check_keywords(value, source, f"{path}.{key}")
     elif isinstance(schema, list):
         for index, item in enumerate(schema):
-            check_schema(item, source, f"{path}[{index}]")
+            _check_keywords(item, source, f"{path}[{index}]")
 
 
 def _choice_ebnf(options: list[str]) -> str:

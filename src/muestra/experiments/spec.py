@@ -27,7 +27,9 @@ Shape (see examples/personajes.toml):
     "think.temperature" = [0.6, 1.3]
 
 Every error names the file, the key path and the value, and suggests the closest key
-when a key is unknown.
+when a key is unknown. Everything a run would otherwise refuse only after its model loaded
+is refused here: each condition's answer grammar is compiled without a model, and every
+rendered prompt is held to `prompt.max_chars`.
 """
 
 from __future__ import annotations
@@ -121,6 +123,11 @@ class PromptSpec(Strict):
     user: str = Field(description="User message; {name} is filled from each item.")
     raw: bool = Field(False, description="Send `user` as plain text, without a chat template.")
     enable_thinking: bool | None = None
+    max_chars: int = Field(
+        1_000_000,
+        ge=1,
+        description="Longest rendered prompt (system + user, in characters) an item may give.",
+    )
     items: list[PromptItem] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -238,8 +245,14 @@ def _describe(err: ValidationError, path: Path, data: dict[str, Any]) -> str:
         suggestion = f"; did you mean {hint[0]!r}?" if hint else f"; allowed: {', '.join(allowed)}"
         return f"{path}: unknown key {where}{suggestion}"
     value = first.get("input")
-    shown = f" (got {value!r})" if not isinstance(value, dict) else ""
+    shown = f" (got {_short(value)})" if not isinstance(value, dict) else ""
     return f"{path}: {where}: {first['msg']}{shown}"
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    """`repr(value)`, cut so that a huge value cannot flood the error message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
 
 
 def _allowed_keys(parent: tuple[Any, ...]) -> list[str]:
@@ -277,6 +290,21 @@ def _check_templates(spec: Spec, path: Path) -> None:
             raise InputError(
                 f"{path}: prompt.items[{index}] (id {item.id!r}) has no value for template "
                 f"variable(s) {', '.join(missing)}; add them to the item"
+            )
+
+
+def _check_prompt_sizes(spec: Spec, path: Path) -> None:
+    limit = spec.prompt.max_chars
+    for index, item in enumerate(spec.prompt.items):
+        variables = item.variables
+        size = len(fill(spec.prompt.user, variables)) + len(
+            fill(spec.prompt.system or "", variables)
+        )
+        if size > limit:
+            raise InputError(
+                f"{path}: prompt.items[{index}] (id {item.id!r}) renders to {size:,} characters, "
+                f"over prompt.max_chars = {limit:,}; shorten the item, or raise prompt.max_chars "
+                "if the model's context really holds it"
             )
 
 
@@ -344,23 +372,67 @@ def _resolve_schema(answer: AnswerSpec, path: Path) -> dict[str, Any] | None:
         raise InputError(f"{path}: answer.schema: {err}") from err
 
 
-def load_spec(path: Path | str, check_models: bool = True) -> LoadedSpec:
-    path = Path(path)
-    try:
-        text = path.read_text("utf-8")
-    except FileNotFoundError as err:
-        raise InputError(f"spec file {path} does not exist") from err
+def _check_grammars(conditions: list[Condition], schema: dict[str, Any] | None, path: Path) -> None:
+    """Build each condition's answer grammar as the runner will, and compile it without a
+    model, so a bad one stops the run before the model loads and the store is created."""
+    from muestra.answers.grammar import GrammarSpec
+
+    checked: set[str] = set()
+    for condition in conditions:
+        answer = condition.answer
+        where = f"{path}: answer" + ("" if not condition.overrides else f" ({condition.label})")
+        given = [k for k in ("regex", "choice", "grammar") if getattr(answer, k) is not None]
+        given += ["schema"] if schema is not None else []
+        if len(given) > 1:
+            raise InputError(f"{where} takes one of schema, regex, choice, grammar; got {given}")
+        if answer.choice is not None:
+            grammar = GrammarSpec.choice(answer.choice, source=f"{where}.choice")
+        elif answer.regex is not None:
+            grammar = GrammarSpec.regex(answer.regex, source=f"{where}.regex")
+        elif answer.grammar is not None:
+            grammar = GrammarSpec.ebnf(path.parent / answer.grammar)
+        elif schema is not None:
+            grammar = GrammarSpec.json_schema(schema)
+        else:
+            continue
+        if grammar.key not in checked:
+            checked.add(grammar.key)
+            grammar.check_compiles(f"{where}.{given[0]} {_short(_shown_grammar(answer, given[0]))}")
+
+
+def _shown_grammar(answer: AnswerSpec, key: str) -> Any:
+    return answer.schema_ if key == "schema" else getattr(answer, key)
+
+
+def _parse_toml(path: Path) -> tuple[str, dict[str, Any]]:
+    from muestra.answers.grammar import MAX_NESTING, check_nesting, read_text_file
+
+    text = read_text_file(path, "spec file")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise InputError(f"{path}: TOML syntax error: {err}") from err
+    except RecursionError as err:
+        raise InputError(
+            f"{path}: tables or arrays nested too deeply to read; keep them under "
+            f"{MAX_NESTING} levels"
+        ) from err
+    check_nesting(data, str(path))
+    return text, data
+
+
+def load_spec(path: Path | str, check_models: bool = True) -> LoadedSpec:
+    path = Path(path)
+    text, data = _parse_toml(path)
     try:
         spec = Spec.model_validate(data)
     except ValidationError as err:
         raise InputError(_describe(err, path, data)) from err
     _check_templates(spec, path)
+    _check_prompt_sizes(spec, path)
     conditions = _conditions(spec, path)
     schema = _resolve_schema(spec.answer, path)
+    _check_grammars(conditions, schema, path)
     for model in spec.model_list:
         if check_models:  # not when the caller replaces the spec's model (`--model`)
             _check_model_ref(model, path)

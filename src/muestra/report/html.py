@@ -10,6 +10,10 @@ draws; how often the reasoning mentions each term; and a sample browser that sho
 samples side by side (reasoning next to the answer). Large runs stay small: charts are
 aggregates, and the browser embeds at most `per_cell` samples of each prompt × condition ×
 model (reasoning cut to 1,500 characters), paginated in the page.
+
+Stored text reaches the page only escaped: `_e` for HTML, `_script_json` for the JSON
+inside `<script>`, which holds no `<`, `>` or `&`, so no answer can end the element or
+open a comment in it.
 """
 
 from __future__ import annotations
@@ -84,6 +88,19 @@ document.getElementById('browser-count').textContent = samples.length;
 
 def _e(value: Any) -> str:
     return html.escape(str(value))
+
+
+# What could end a <script> element or open a comment in it, as JSON string escapes;
+# U+2028/2029 too, which older JavaScript parsers take for line ends.
+_SCRIPT_ESCAPES = str.maketrans(
+    {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+)
+
+
+def _script_json(value: Any) -> str:
+    """`value` as JSON safe to embed verbatim between <script> and </script>."""
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text.translate(_SCRIPT_ESCAPES)
 
 
 def _table(headers: list[str], rows: list[list[Any]], cls: str = "") -> str:
@@ -245,7 +262,7 @@ def _browser_data(frame: pd.DataFrame, per_cell: int) -> str:
         record["seed"] = str(record["seed"])  # 63-bit seeds do not fit a JS number
         if record["reasoning"] and len(record["reasoning"]) > 1500:
             record["reasoning"] = record["reasoning"][:1500] + " …"
-    return json.dumps(records, ensure_ascii=False, default=str).replace("</", "<\\/")
+    return _script_json(records)
 
 
 def render(
