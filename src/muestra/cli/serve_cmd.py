@@ -44,6 +44,12 @@ def serve(
     max_body_bytes: int = typer.Option(
         8 * 1024 * 1024, "--max-body-bytes", min=1024, help="Refuse larger bodies (413)."
     ),
+    max_rows_per_request: int = typer.Option(
+        256,
+        "--max-rows-per-request",
+        min=1,
+        help="Refuse requests asking for more rows (prompts × n) than this (413).",
+    ),
     dtype: str = DtypeOption,
     device: str = DeviceOption,
     allow_pickle: bool = AllowPickleOption,
@@ -64,9 +70,10 @@ def serve(
 
     from muestra.cli.common import stderr
     from muestra.models.loading import load_model
-    from muestra.server.app import create_app
+    from muestra.server.app import check_api_key, create_app
     from muestra.server.service import ServedModel
 
+    check_api_key(api_key)  # before the model loads
     loaded = load_model(
         model,
         dtype=dtype,  # type: ignore[arg-type]
@@ -75,7 +82,11 @@ def serve(
         trust_remote_code=trust_remote_code,
     )
     served = ServedModel(
-        loaded, served_model_name or model, max_batch=max_batch, max_tokens_limit=max_tokens_limit
+        loaded,
+        served_model_name or model,
+        max_batch=max_batch,
+        max_tokens_limit=max_tokens_limit,
+        max_rows_per_request=max_rows_per_request,
     )
     app = create_app(served, api_key=api_key, max_body_bytes=max_body_bytes)
     thinking = "thinks" if served.tags is not None else "does not think"

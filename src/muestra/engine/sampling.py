@@ -60,13 +60,20 @@ class SamplingParams:
             ("top_k", self.top_k >= 0, ">= 0 (0 turns it off)"),
             ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
             ("min_p", 0 <= self.min_p < 1, "in [0, 1)"),
-            ("repetition_penalty", self.repetition_penalty > 0, "> 0 (1 turns it off)"),
+            (
+                "repetition_penalty",
+                self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty),
+                "finite and > 0 (1 turns it off)",
+            ),
             ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
             ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
         ]
         for name, ok, rule in checks:
             if not ok:
                 raise InputError(f"{name}={getattr(self, name)!r} is invalid: must be {rule}")
+        for token_id, value in self.logit_bias.items():
+            if not math.isfinite(value):
+                raise InputError(f"logit_bias[{token_id}]={value!r} is invalid: must be finite")
 
     @property
     def greedy(self) -> bool:
@@ -183,7 +190,10 @@ class SamplingBatch:
         full_rows = [i for i, p in enumerate(params) if not p.greedy and p.top_k == 0]
         return cls(
             temperature=column("temperature"),
-            top_k=column("top_k", torch.int64),
+            # a k above the vocabulary keeps all of it (as vLLM), never overflows int64
+            top_k=torch.tensor(
+                [min(p.top_k, vocab_size) for p in params], dtype=torch.int64, device=device
+            ),
             top_p=column("top_p"),
             min_p=column("min_p"),
             repetition_penalty=column("repetition_penalty"),

@@ -18,6 +18,14 @@ matrix products. Hooks see only their own rows: the scheduler calls each submiss
 hook on the contiguous slice of the batch its rows occupy (rows are admitted together
 and keep their order, so a slice of `logits` is a view and in-place masks land).
 
+Faults stay with the request that caused them. A hook that raises ends only its own
+submission (`_SlicedHook` catches it per submission). A prefill that fails is redone per
+submission to find the one at fault; a step that fails before any row took its token is
+probed per submission (its parameters rebuilt and warped alone), the faulty ones are
+ended and the step is run again for the others, whose generators have not moved, so
+their samples are exactly what they would have been. Only a fault that cannot be pinned
+on one submission ends every row of the batch.
+
 Models whose cache cannot be merged (sliding-window or linear-attention layers) still
 work: new rows then wait until the running batch is empty.
 """
@@ -41,9 +49,11 @@ from muestra.engine.engine import (
     NoHook,
     Row,
     Sample,
+    StepEvent,
     StepHook,
     TokenEvent,
 )
+from muestra.engine.sampling import SamplingBatch
 
 
 @dataclass
@@ -186,11 +196,39 @@ class Scheduler:
         if not admitted:
             return batch
         self.stats["admissions"] += 1
-        fresh = self.engine.start_batch([row for _, row in admitted])
+        try:
+            fresh = self.engine.start_batch([row for _, row in admitted])
+        except Exception:  # noqa: BLE001 - find the submission at fault, keep the others
+            admitted = self._without_faulty_prefills(admitted)
+            if not admitted:
+                return batch
+            fresh = self.engine.start_batch([row for _, row in admitted])
         if batch is None or not batch.rows:
             return fresh
         batch.extend(fresh)
         return batch
+
+    def _without_faulty_prefills(
+        self, admitted: list[tuple[Submission, Row]]
+    ) -> list[tuple[Submission, Row]]:
+        """Prefill each submission's rows alone; end those that fail, return the rest."""
+        groups: dict[Submission, list[Row]] = {}
+        for submission, row in admitted:
+            groups.setdefault(submission, []).append(row)
+        for submission, rows in groups.items():
+            try:
+                self.engine.start_batch(rows)
+            except Exception as err:  # noqa: BLE001 - reported to that submission only
+                self._fail(submission, err)
+                for _ in rows:
+                    self._row_gone(submission)
+        return [(s, r) for s, r in admitted if not s.cancelled]
+
+    def _fail(self, submission: Submission, err: BaseException) -> None:
+        """End one submission with an error; its running rows leave at the next drop."""
+        if not submission.cancelled:
+            self._deliver(submission, Update(submission.first_index, error=err))
+        self.cancel(submission)
 
     def _owner_of(self, row: Row) -> Submission:
         return self._owner[row.request_index]
@@ -199,12 +237,16 @@ class Scheduler:
         self._drop_cancelled(batch)
         if not batch.rows:
             return
-        rows = list(batch.rows)
         self.stats["steps"] += 1
-        self.stats["rows_stepped"] += len(rows)
-        self.stats["max_rows"] = max(self.stats["max_rows"], len(rows))
-        event = batch.step(_SlicedHook(rows, self._owner_of))
+        self.stats["rows_stepped"] += len(batch.rows)
+        self.stats["max_rows"] = max(self.stats["max_rows"], len(batch.rows))
+        rows, event, hook = self._step_isolated(batch)
+        if not rows:
+            return
+        for submission, err in hook.faults.items():
+            self._fail(submission, err)
         updates: dict[Submission, Update] = {}
+        assert event is not None
         for row, token in zip(rows, event.tokens, strict=True):
             owner = self._owner_of(row)
             updates.setdefault(owner, Update(owner.first_index)).tokens.append((row, token))
@@ -219,6 +261,46 @@ class Scheduler:
         self._drop_cancelled(batch)
         if batch.rows:
             batch.forward()
+
+    def _step_isolated(self, batch: Batch) -> tuple[list[Row], StepEvent | None, _SlicedHook]:
+        """`batch.step`; if it fails before any row took its token, end the submissions
+        whose rows fail alone and step the others again (without re-running their
+        `before_step`, which already ran). Returns the rows stepped and the event."""
+        rows = list(batch.rows)
+        lengths = [len(r.tokens) for r in rows]
+        hook = _SlicedHook(rows, self._owner_of)
+        try:
+            return rows, batch.step(hook), hook
+        except Exception:
+            untouched = batch.next_tokens is None and all(
+                len(r.tokens) == n for r, n in zip(rows, lengths, strict=True)
+            )
+            if not untouched:
+                raise
+            faults = {**self._probe(batch), **hook.faults}
+            if not faults:
+                raise
+        for submission, err in faults.items():
+            self._fail(submission, err)
+        self._drop_cancelled(batch)
+        rows = list(batch.rows)
+        if not rows:
+            return rows, None, hook
+        hook = _SlicedHook(rows, self._owner_of, before_step_done=True)
+        return rows, batch.step(hook), hook
+
+    def _probe(self, batch: Batch) -> dict[Submission, BaseException]:
+        """The submissions whose rows cannot be sampled on their own (pure: builds and
+        warps their parameters, draws nothing)."""
+        engine, faults = self.engine, {}
+        for submission, start, end in _runs(batch.rows, self._owner_of):
+            try:
+                params = [r.params for r in batch.rows[start:end]]
+                sampling = SamplingBatch.build(params, engine.vocab_size, engine.device)
+                sampling.warp(batch.logits[start:end])
+            except Exception as err:  # noqa: BLE001 - this submission is at fault
+                faults[submission] = err
+        return faults
 
     def _deliver(self, submission: Submission, update: Update) -> None:
         try:
@@ -255,27 +337,56 @@ class Scheduler:
             submission.done.set()
 
 
-class _SlicedHook:
-    """Calls each submission's hook with only its own rows (a contiguous slice)."""
+def _runs(
+    rows: Sequence[Row], owner_of: Callable[[Row], Submission]
+) -> list[tuple[Submission, int, int]]:
+    """(submission, start, end) of each contiguous slice of rows one submission owns."""
+    runs: list[tuple[Submission, int, int]] = []
+    for index, row in enumerate(rows):
+        owner = owner_of(row)
+        if runs and runs[-1][0] is owner and runs[-1][2] == index:
+            runs[-1] = (owner, runs[-1][1], index + 1)
+        else:
+            runs.append((owner, index, index + 1))
+    return runs
 
-    def __init__(self, rows: list[Row], owner_of: Callable[[Row], Submission]) -> None:
-        self.runs: list[tuple[StepHook, int, int]] = []
-        for row_index, row in enumerate(rows):
-            hook = owner_of(row).hook
-            if self.runs and self.runs[-1][0] is hook and self.runs[-1][2] == row_index:
-                self.runs[-1] = (hook, self.runs[-1][1], row_index + 1)
-            else:
-                self.runs.append((hook, row_index, row_index + 1))
+
+class _SlicedHook:
+    """Calls each submission's hook with only its own rows (a contiguous slice). A hook
+    that raises is not called again this step; its submission lands in `faults`."""
+
+    def __init__(
+        self,
+        rows: list[Row],
+        owner_of: Callable[[Row], Submission],
+        before_step_done: bool = False,
+    ) -> None:
+        self.runs = _runs(rows, owner_of)
         self.owner_of = owner_of
+        self.before_step_done = before_step_done
+        self.faults: dict[Submission, BaseException] = {}
 
     def before_step(self, rows: Sequence[Row]) -> None:
-        for hook, start, end in self.runs:
-            hook.before_step(rows[start:end])
+        if self.before_step_done:
+            return
+        for submission, start, end in self.runs:
+            self._call(submission, submission.hook.before_step, rows[start:end])
 
     def mask_logits(self, logits: torch.Tensor, rows: Sequence[Row]) -> None:
-        for hook, start, end in self.runs:
-            if not isinstance(hook, NoHook):
-                hook.mask_logits(logits[start:end], rows[start:end])
+        for submission, start, end in self.runs:
+            if not isinstance(submission.hook, NoHook):
+                self._call(
+                    submission, submission.hook.mask_logits, logits[start:end], rows[start:end]
+                )
 
     def after_token(self, row: Row, token_id: int, forced: bool) -> None:
-        self.owner_of(row).hook.after_token(row, token_id, forced)
+        submission = self.owner_of(row)
+        self._call(submission, submission.hook.after_token, row, token_id, forced)
+
+    def _call(self, submission: Submission, method: Callable[..., None], *args: object) -> None:
+        if submission in self.faults:
+            return
+        try:
+            method(*args)
+        except Exception as err:  # noqa: BLE001 - the scheduler ends this submission
+            self.faults[submission] = err

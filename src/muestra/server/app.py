@@ -23,7 +23,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from muestra import __version__
-from muestra.server.protocol import ApiError, ChatRequest, CompletionRequest
+from muestra.errors import InputError
+from muestra.server.protocol import ApiError, ChatRequest, CompletionRequest, find_surrogate
 from muestra.server.service import Finished, Job, SampleText, ServedModel, TokenRecord
 
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
@@ -32,7 +33,16 @@ DEFAULT_MAX_BODY = 8 * 1024 * 1024
 def create_app(
     served: ServedModel, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY
 ) -> FastAPI:
-    app = FastAPI(title="muestra", version=__version__, docs_url=None, redoc_url=None)
+    check_api_key(api_key)
+    expected = api_key.encode("ascii") if api_key is not None else b""
+    # the schema describes the API: behind a key, keep it behind the key by not serving it
+    app = FastAPI(
+        title="muestra",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None if api_key is not None else "/openapi.json",
+    )
     app.state.served = served
 
     async def check_key(request: Request) -> None:
@@ -40,12 +50,29 @@ def create_app(
             return
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), api_key):
+        # headers arrive decoded as latin-1: compare bytes, so any header is just "wrong"
+        sent = token.strip().encode("latin-1", "replace")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(sent, expected):
             raise ApiError(
                 401,
                 "missing or wrong API key: send 'Authorization: Bearer KEY' with the key "
                 "given to `muestra serve --api-key`",
                 code="invalid_api_key",
+            )
+
+    async def check_text(request: Request) -> None:
+        """Runs before the body is validated: pydantic cannot even read a lone surrogate."""
+        try:
+            body = await request.json()
+        except ValueError:
+            return  # not JSON: body validation answers that
+        where = find_surrogate(body)
+        if where is not None:
+            raise ApiError(
+                400,
+                f"{where or 'the body'} holds a lone UTF-16 surrogate (such as \\ud800), "
+                "which is not text; send valid Unicode",
+                param=where or None,
             )
 
     @app.exception_handler(ApiError)
@@ -96,7 +123,7 @@ def create_app(
             ],
         }
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_key), Depends(check_text)])
     async def chat(body: ChatRequest, request: Request) -> Any:
         job = await served.chat_job(body)
         if body.stream:
@@ -104,7 +131,7 @@ def create_app(
             return _sse(_chat_chunks(job, body, include_usage), job)
         return await _until_disconnect(request, job, _chat_response(job, body))
 
-    @app.post("/v1/completions", dependencies=[Depends(check_key)])
+    @app.post("/v1/completions", dependencies=[Depends(check_key), Depends(check_text)])
     async def completions(body: CompletionRequest, request: Request) -> Any:
         job = await served.completion_job(body)
         if body.stream:
@@ -115,6 +142,19 @@ def create_app(
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     app.router.add_event_handler("shutdown", served.close)
     return app
+
+
+def check_api_key(api_key: str | None) -> None:
+    """Refuse a key no HTTP header can carry (it would make every request fail)."""
+    if api_key is not None and not _printable_ascii(api_key):
+        raise InputError(
+            "the API key must be printable ASCII (an HTTP header carries it); "
+            "choose another --api-key"
+        )
+
+
+def _printable_ascii(text: str) -> bool:
+    return bool(text) and all(" " < c <= "~" for c in text)
 
 
 def _validation_error(err: RequestValidationError) -> ApiError:

@@ -9,9 +9,19 @@ bookkeeping fields that change nothing (`user`, `metadata`, `store`…).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
+
+# JSON has one number type, so a strict float still takes 1 but refuses `true` and "1";
+# a strict bool refuses "yes" and 1.
+Number = Annotated[float, Strict()]
+Flag = Annotated[bool, Strict()]
+Int = Annotated[int, Strict()]  # refuses `true`, 1.5 and "1"
+# bounds that keep every integer inside int32/int64 tensors and Python's int() limits
+INT_CAP = 2**31 - 1
+TOKEN_ID = re.compile(r"-?[0-9]{1,10}")
 
 
 class ApiError(Exception):
@@ -26,10 +36,12 @@ class ApiError(Exception):
         code: str | None = None,
         kind: str | None = None,
     ) -> None:
+        # a lone surrogate quoted from the request must not break the UTF-8 response
+        message = _encodable(message)
         super().__init__(message)
         self.status = status
         self.message = message
-        self.param = param
+        self.param = None if param is None else _encodable(param)
         self.code = code
         self.kind = kind or {
             401: "authentication_error",
@@ -47,6 +59,10 @@ class ApiError(Exception):
                 "code": self.code,
             }
         }
+
+
+def _encodable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class TextPart(BaseModel):
@@ -80,7 +96,7 @@ class Message(BaseModel):
 class JsonSchemaFormat(BaseModel):
     name: str = "answer"
     schema_: dict[str, Any] = Field(alias="schema")
-    strict: bool | None = None
+    strict: Flag | None = None
     description: str | None = None
 
 
@@ -90,7 +106,29 @@ class ResponseFormat(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: Flag = False
+
+
+def find_surrogate(value: Any, path: str = "") -> str | None:
+    """The path of the first string (or key) in a JSON value holding a lone UTF-16
+    surrogate (JSON may escape one, "\\ud800"; no tokenizer, nor pydantic, can encode
+    it); None when there is none."""
+    if isinstance(value, str):
+        return path if any("\ud800" <= c <= "\udfff" for c in value) else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if find_surrogate(key) is not None:
+                return where
+            found = find_surrogate(item, where)
+            if found is not None:
+                return found
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            found = find_surrogate(item, f"{path}.{index}" if path else str(index))
+            if found is not None:
+                return found
+    return None
 
 
 # fields accepted and ignored: they change nothing about the generated tokens
@@ -116,31 +154,31 @@ UNSUPPORTED = {
 class SamplingFields(BaseModel):
     """What chat and text completions share."""
 
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(extra="allow", populate_by_name=True, allow_inf_nan=False)
 
     model: str
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0, lt=1)
-    repetition_penalty: float | None = Field(None, gt=0)
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = None
-    max_tokens: int | None = Field(None, ge=1)
-    n: int = Field(1, ge=1, le=128)
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    temperature: Number | None = Field(None, ge=0, le=2)
+    top_p: Number | None = Field(None, gt=0, le=1)
+    top_k: Int | None = Field(None, ge=-1, le=INT_CAP)  # above the vocabulary: all of it
+    min_p: Number | None = Field(None, ge=0, lt=1)
+    repetition_penalty: Number | None = Field(None, gt=0, le=INT_CAP)
+    presence_penalty: Number = Field(0.0, ge=-2, le=2)
+    frequency_penalty: Number = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, Number] | None = None
+    max_tokens: Int | None = Field(None, ge=1, le=INT_CAP)
+    n: Int = Field(1, ge=1, le=128)
+    seed: Int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
-    stream: bool = False
+    stream: Flag = False
     stream_options: StreamOptions | None = None
-    ignore_eos: bool = False
+    ignore_eos: Flag = False
 
     @field_validator("logit_bias")
     @classmethod
     def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (value or {}).items():
-            if not key.lstrip("-").isdigit():
-                raise ValueError(f"keys must be token ids, got {key!r}")
+            if not TOKEN_ID.fullmatch(key):
+                raise ValueError(f"keys must be token ids (up to 10 digits), got {key[:20]!r}")
             if not -100 <= bias <= 100:
                 raise ValueError(f"bias for token {key} must be in [-100, 100], got {bias}")
         return value
@@ -164,13 +202,13 @@ class SamplingFields(BaseModel):
 class AnswerPhase(BaseModel):
     """Sampling of the answer after the reasoning (default: the request's own)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    temperature: float = Field(0.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    min_p: float = Field(0.0, ge=0, lt=1)
-    max_tokens: int = Field(256, ge=1)
+    temperature: Number = Field(0.0, ge=0, le=2)
+    top_p: Number = Field(1.0, gt=0, le=1)
+    top_k: Int = Field(0, ge=0, le=INT_CAP)
+    min_p: Number = Field(0.0, ge=0, lt=1)
+    max_tokens: Int = Field(256, ge=1, le=INT_CAP)
 
 
 class MuestraOptions(BaseModel):
@@ -184,24 +222,24 @@ class MuestraOptions(BaseModel):
 
     answer: AnswerPhase | None = None
     close_text: str | None = None
-    think: bool = True
+    think: Flag = True
 
 
 class ChatRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    max_completion_tokens: Int | None = Field(None, ge=1, le=INT_CAP)
+    logprobs: Flag = False
+    top_logprobs: Int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    thinking_token_budget: int | None = Field(None, ge=0)
+    thinking_token_budget: Int | None = Field(None, ge=0, le=INT_CAP)
     chat_template_kwargs: dict[str, Any] | None = None
     muestra: MuestraOptions | None = None
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=20)
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
+    max_tokens: Int | None = Field(16, ge=1, le=INT_CAP)
+    logprobs: Int | None = Field(None, ge=0, le=20)
 
     def prompts(self) -> list[str | list[int]]:
         prompt = self.prompt

@@ -47,6 +47,8 @@ from muestra.server.protocol import (
 )
 
 ANY_JSON_OBJECT = {"type": "object", "additionalProperties": True}
+# prompts × n of one request: bounds what a single client can queue at once
+DEFAULT_MAX_ROWS_PER_REQUEST = 256
 
 
 @dataclass
@@ -228,6 +230,7 @@ class ServedModel:
         *,
         max_batch: int = 64,
         max_tokens_limit: int | None = None,
+        max_rows_per_request: int = DEFAULT_MAX_ROWS_PER_REQUEST,
     ) -> None:
         self.loaded = loaded
         self.name = name
@@ -237,6 +240,7 @@ class ServedModel:
         self.scheduler = Scheduler(self.text.engine, max_batch)
         self.context = loaded.max_length
         self.max_tokens_limit = max_tokens_limit
+        self.max_rows_per_request = max_rows_per_request
         self.tags = self.structured.tag_ids(ThinkConfig())
         self.created = int(time.time())
         config = loaded.model.generation_config
@@ -268,6 +272,8 @@ class ServedModel:
         value = {k: self.defaults[k] if v is None else v for k, v in value.items()}
         if value["top_k"] == -1:
             value["top_k"] = 0  # vLLM's "off"
+        # as vLLM: a top_k above the vocabulary keeps all of it
+        value["top_k"] = min(value["top_k"], self.loaded.vocab_size)
         bias: dict[int, float] = {}
         for key, amount in (body.logit_bias or {}).items():
             token = int(key)
@@ -288,13 +294,13 @@ class ServedModel:
         except InputError as err:
             raise ApiError(400, str(err)) from err
 
-    def max_tokens(self, asked: int | None, prompt_tokens: int) -> int:
+    def max_tokens(self, asked: int | None, prompt_tokens: int, prompt_param: str) -> int:
         room = None if self.context is None else self.context - prompt_tokens
         if room is not None and room < 1:
             raise ApiError(
                 413,
                 f"the prompt has {prompt_tokens} tokens; the model's context is {self.context}",
-                param="messages",
+                param=prompt_param,
                 code="context_length_exceeded",
             )
         if asked is None:
@@ -323,15 +329,23 @@ class ServedModel:
         messages = [m.for_template() for m in body.messages]
         if not getattr(self.tokenizer, "chat_template", None):
             raise ApiError(400, "this model has no chat template; use /v1/completions")
+        # the caller's kwargs reach the template, but never change what the call returns
+        kwargs = {
+            **(body.chat_template_kwargs or {}),
+            "tokenize": False,
+            "add_generation_prompt": True,
+            "return_dict": False,
+        }
         try:
-            text = self.tokenizer.apply_chat_template(
-                messages,
-                tokenize=False,
-                add_generation_prompt=True,
-                **(body.chat_template_kwargs or {}),
-            )
+            text = self.tokenizer.apply_chat_template(messages, **kwargs)
         except Exception as err:  # noqa: BLE001 - a template error is the caller's input
             raise ApiError(400, f"the chat template refused the messages: {err}") from err
+        if not isinstance(text, str):
+            raise ApiError(
+                400,
+                "chat_template_kwargs made the template return no text",
+                param="chat_template_kwargs",
+            )
         return self.text.encode_text(text)
 
     def grammar(self, body: ChatRequest) -> GrammarSpec | None:
@@ -353,9 +367,21 @@ class ServedModel:
         except InputError as err:
             raise ApiError(400, str(err), param="response_format") from err
 
+    def check_rows(self, prompts: int, n: int) -> None:
+        if prompts * n > self.max_rows_per_request:
+            raise ApiError(
+                413,
+                f"{prompts} prompt(s) × n={n} = {prompts * n} samples is above this server's "
+                f"limit of {self.max_rows_per_request} per request "
+                "(--max-rows-per-request); split the request",
+                param="prompt" if prompts > 1 else "n",
+                code="too_many_rows",
+            )
+
     async def chat_job(self, body: ChatRequest) -> Job:
         self.check_model(body)
         body.refuse_unsupported()
+        self.check_rows(1, body.n)
         params = self.params(body)
         prompt = self.chat_prompt(body)
         options = body.muestra or MuestraOptions()
@@ -383,10 +409,10 @@ class ServedModel:
             if tags is not None:
                 budget = body.thinking_token_budget or 0
                 total += budget + len(tags.open_ids) + len(tags.close_ids) + 2
-            max_tokens = self.max_tokens(total, len(prompt))
+            max_tokens = self.max_tokens(total, len(prompt), "messages")
         else:
             asked = body.max_completion_tokens or body.max_tokens
-            max_tokens = self.max_tokens(asked, len(prompt))
+            max_tokens = self.max_tokens(asked, len(prompt), "messages")
             answer = AnswerConfig(params=params, max_tokens=max_tokens)
         think = None
         if tags is not None:
@@ -413,16 +439,18 @@ class ServedModel:
         self.check_model(body)
         body.refuse_unsupported()
         params = self.params(body)
+        prompts = body.prompts()
+        self.check_rows(len(prompts), body.n)
         requests = []
         prompt_tokens = 0
-        for index, prompt in enumerate(body.prompts()):
+        for index, prompt in enumerate(prompts):
             ids = self.text.encode_text(prompt) if isinstance(prompt, str) else list(prompt)
             if not ids:
                 raise ApiError(400, f"prompt {index} is empty", param="prompt")
             if max(ids) >= self.loaded.vocab_size or min(ids) < 0:
                 raise ApiError(400, f"prompt {index}: a token id is out of range", param="prompt")
             prompt_tokens += len(ids)
-            max_tokens = self.max_tokens(body.max_tokens, len(ids))
+            max_tokens = self.max_tokens(body.max_tokens, len(ids), "prompt")
             request = self.request(body, ids, params, max_tokens, body.logprobs)
             if index:  # each prompt's choices get their own seeds
                 seeds = choice_seeds(sample_seed(request.seed, index, 0), body.n)

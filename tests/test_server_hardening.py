@@ -1,0 +1,368 @@
+"""`muestra serve` against a hostile client: bad parameters are refused at the edge with
+a 4xx in OpenAI's shape, and a request that still breaks a decoding step fails alone,
+leaving the requests that share its batch exactly as they would have been."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import json
+import threading
+
+import pytest
+
+from muestra.engine import Engine, GenerationRequest, SamplingParams
+from muestra.engine.engine import NoHook
+from muestra.engine.scheduler import Scheduler, Update
+from muestra.errors import InputError
+from test_server import in_process
+
+KEY = "sk-hardening"
+MESSAGES = [{"role": "user", "content": "Hola"}]
+CHAT = {"model": "t", "messages": MESSAGES, "max_tokens": 1, "seed": 1}
+TEXT = {"model": "t", "prompt": "Hola", "max_tokens": 1, "seed": 1}
+
+
+def served_app(kit, **options):
+    from fastapi.testclient import TestClient
+
+    from muestra.models.loading import load_model
+    from muestra.server.app import create_app
+    from muestra.server.service import ServedModel
+
+    app_options = {k: options.pop(k) for k in ("api_key",) if k in options}
+    served = ServedModel(load_model(str(kit), dtype="float32"), "t", **options)
+    return TestClient(create_app(served, **app_options))
+
+
+@pytest.fixture(scope="module")
+def http(tiny_kit):
+    with served_app(tiny_kit, max_rows_per_request=8) as client:
+        yield client
+
+
+def assert_openai_error(response, status: int | None = None) -> dict:
+    assert 400 <= response.status_code < 500, (response.status_code, response.text[:300])
+    if status is not None:
+        assert response.status_code == status, response.text[:300]
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+# ---- 1. shared fate ---------------------------------------------------------------------
+
+
+def test_a_poisoned_request_leaves_its_neighbours_byte_identical(tiny_kit):
+    good = [
+        {"model": "tiny", "prompt": f"Había una vez {i}", "max_tokens": 24, "seed": 10 + i,
+         "temperature": 1.0, "top_k": 40, "ignore_eos": True}
+        for i in range(4)
+    ]  # fmt: skip
+    poisoned = {**good[0], "prompt": "veneno", "top_k": 200000, "seed": 99}
+    with in_process(tiny_kit, "tiny") as http:
+
+        def run(bodies):
+            with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+                return list(pool.map(lambda b: http.post("/v1/completions", json=b), bodies))
+
+        clean = run(good)
+        mixed = run([*good[:2], poisoned, *good[2:]])
+        shared = http.get("/health").json()["max_rows_in_a_step"]
+    assert all(r.status_code == 200 for r in clean)
+    assert [r.status_code for r in mixed] == [200] * 5, [r.text[:200] for r in mixed]
+    texts = [r.json()["choices"][0]["text"] for r in clean]
+    assert [r.json()["choices"][0]["text"] for r in mixed[:2] + mixed[3:]] == texts
+    assert shared == 5  # the poisoned request did share a step with the good ones
+
+
+def test_huge_integers_are_refused_by_name(http):
+    for field in ("top_k", "max_tokens", "n", "seed"):
+        error = assert_openai_error(http.post("/v1/completions", json={**TEXT, field: 2**64}), 400)
+        assert error["param"] == field
+
+
+@pytest.mark.parametrize(
+    "bias", [{"99999999": 1}, {"-1": 1}, {"1" * 5001: 1}, {"1": 101}, {"²": 1}]
+)
+def test_logit_bias_ids_in_range_and_values_bounded(http, bias):
+    error = assert_openai_error(http.post("/v1/completions", json={**TEXT, "logit_bias": bias}))
+    assert error["param"] == "logit_bias"
+
+
+@pytest.mark.parametrize("value", ["Infinity", "-Infinity", "NaN", "1e999"])
+def test_non_finite_numbers_are_refused(http, value):
+    for field in ("repetition_penalty", "temperature", "logit_bias"):
+        given = value if field != "logit_bias" else f'{{"1": {value}}}'
+        body = json.dumps(TEXT)[:-1] + f', "{field}": {given}}}'
+        response = http.post(
+            "/v1/completions", content=body, headers={"content-type": "application/json"}
+        )
+        assert assert_openai_error(response, 400)["param"].startswith(field)
+
+
+# ---- 1b. defence in depth: the scheduler pins a fault on its own submission ------------
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_kit):
+    from muestra.models.loading import load_model
+
+    return Engine.from_loaded(load_model(str(tiny_kit), dtype="float32"), max_batch=64)
+
+
+class Collect:
+    def __init__(self, expected: int) -> None:
+        self.samples, self.error, self.expected = [], None, expected
+        self.done = threading.Event()
+
+    def __call__(self, update: Update) -> None:
+        self.samples += update.finished
+        self.error = self.error or update.error
+        if self.error or len(self.samples) == self.expected:
+            self.done.set()
+
+
+class RaisingHook:
+    def before_step(self, rows) -> None:
+        pass
+
+    def mask_logits(self, logits, rows) -> None:
+        raise RuntimeError("a broken grammar")
+
+    def after_token(self, row, token_id, forced) -> None:
+        pass
+
+
+class BadParamsHook(NoHook):
+    """Switches its rows to parameters the sampler cannot build, mid-run."""
+
+    def before_step(self, rows) -> None:
+        for row in rows:
+            if len(row.tokens) == 3:
+                row.params = SamplingParams(logit_bias={10**7: 1.0})
+
+
+def run_scheduler(engine, poison):
+    good = [
+        GenerationRequest([1, 2, 3 + i], n=2, params=SamplingParams(top_k=20),
+                          max_new_tokens=24, seed=5 + i, ignore_eos=True)
+        for i in range(4)
+    ]  # fmt: skip
+    scheduler = Scheduler(engine, max_batch=64)
+    try:
+        collectors = [Collect(2) for _ in good]
+        with scheduler._lock:  # everything is admitted in one batch
+            for request, collect in zip(good[:2], collectors[:2], strict=True):
+                scheduler.submit([request], collect)
+            bad = Collect(1)
+            if poison is not None:
+                request, hook = poison
+                scheduler.submit([request], bad, hook)
+            for request, collect in zip(good[2:], collectors[2:], strict=True):
+                scheduler.submit([request], collect)
+        for collect in collectors:
+            assert collect.done.wait(60)
+        if poison is not None:
+            assert bad.done.wait(60) and bad.error is not None
+        assert all(c.error is None for c in collectors), [c.error for c in collectors]
+        return [[s.token_ids for s in c.samples] for c in collectors]
+    finally:
+        scheduler.close()
+
+
+@pytest.mark.parametrize("fault", ["hook raises", "params break the step", "prefill fails"])
+def test_a_fault_ends_only_its_own_submission(engine, fault):
+    request = GenerationRequest([4, 5, 6], max_new_tokens=24, seed=1, ignore_eos=True)
+    poison = {
+        "hook raises": (request, RaisingHook()),
+        "params break the step": (request, BadParamsHook()),
+        "prefill fails": (
+            GenerationRequest([4, 5], params=SamplingParams(logit_bias={10**7: 1.0})),
+            None,
+        ),
+    }[fault]
+    assert run_scheduler(engine, poison) == run_scheduler(engine, None)
+
+
+# ---- 2. 500s where a 4xx is promised ---------------------------------------------------
+
+
+def test_a_non_ascii_bearer_token_is_a_401(tiny_kit):
+    with served_app(tiny_kit, api_key=KEY) as http:
+        for token in ("clé-ñ", "\u00ff" * 40, KEY + "é"):
+            response = http.get(
+                "/v1/models", headers={"authorization": f"Bearer {token}".encode("latin-1")}
+            )
+            assert assert_openai_error(response, 401)["code"] == "invalid_api_key"
+        response = http.get("/v1/models", headers={"authorization": "Bearer " + KEY})
+        assert response.status_code == 200
+        assert http.get("/openapi.json").status_code == 404  # the schema stays behind the key
+        assert (
+            http.get("/openapi.json", headers={"authorization": "Bearer " + KEY}).status_code == 404
+        )
+
+
+@pytest.mark.parametrize("key", ["clé", "a b", "", "tab\tkey"])
+def test_a_key_no_header_can_carry_is_refused_at_start(tiny_kit, key):
+    from muestra.server.app import create_app
+
+    with pytest.raises(InputError, match="--api-key"):
+        create_app(object(), api_key=key)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "route,body,param",
+    [
+        ("/v1/chat/completions", {**CHAT, "stream": "yes"}, "stream"),
+        ("/v1/chat/completions", {**CHAT, "temperature": True}, "temperature"),
+        ("/v1/chat/completions", {**CHAT, "n": True}, "n"),
+        ("/v1/chat/completions", {**CHAT, "logprobs": 1}, "logprobs"),
+        ("/v1/completions", {**TEXT, "prompt": []}, "prompt"),
+        ("/v1/completions", {**TEXT, "logit_bias": {"1" * 5001: 1}}, "logit_bias"),
+    ],
+)
+def test_coercions_and_empty_prompts_are_refused(http, route, body, param):
+    assert assert_openai_error(http.post(route, json=body), 400)["param"] == param
+
+
+def test_a_lone_surrogate_anywhere_is_a_400(http):
+    cases = [
+        ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": "a\ud800"}]}),
+        ("/v1/chat/completions", {**CHAT, "stop": ["\udfff"]}),
+        ("/v1/chat/completions", {**CHAT, "model": "\ud800"}),
+        ("/v1/completions", {**TEXT, "prompt": ["ok", "\ud800"]}),
+        ("/v1/completions", {**TEXT, "user": {"\ud800": 1}}),
+    ]
+    for route, body in cases:
+        raw = json.dumps(body)  # ASCII escapes: "\\ud800" reaches the server as JSON
+        response = http.post(route, content=raw, headers={"content-type": "application/json"})
+        assert "surrogate" in assert_openai_error(response, 400)["message"]
+
+
+def test_the_context_error_of_a_text_completion_names_prompt(http):
+    context = http.get("/v1/models").json()["data"][0]["max_model_len"]
+    response = http.post("/v1/completions", json={**TEXT, "prompt": [1] * context})
+    assert assert_openai_error(response, 413)["param"] == "prompt"
+
+
+def test_top_k_above_the_vocabulary_keeps_all_of_it(http):
+    whole = {**TEXT, "max_tokens": 6, "temperature": 1.0}
+    clamped = http.post("/v1/completions", json={**whole, "top_k": 200000}).json()
+    off = http.post("/v1/completions", json={**whole, "top_k": 0}).json()
+    assert clamped["choices"][0]["text"] == off["choices"][0]["text"]
+
+
+# ---- 3. limits ----------------------------------------------------------------------------
+
+
+def test_rows_per_request_are_limited(http):
+    response = http.post("/v1/completions", json={**TEXT, "prompt": ["a"] * 4000, "n": 128})
+    error = assert_openai_error(response, 413)
+    assert error["code"] == "too_many_rows" and "--max-rows-per-request" in error["message"]
+    response = http.post("/v1/chat/completions", json={**CHAT, "n": 9})
+    assert assert_openai_error(response, 413)["param"] == "n"
+    ok = http.post("/v1/completions", json={**TEXT, "prompt": ["a", "b"], "n": 4})
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 8
+
+
+# ---- 4. fuzz ------------------------------------------------------------------------------
+
+NOT_NUMBERS = ["1", True, False, [], {}, [1], "\ud800", "NaN"]
+HUGE = [2**64, -(2**64), 2**31, 10**400]
+NOT_INTS = [*NOT_NUMBERS, 1.5, *HUGE, -5]
+NOT_FLAGS = ["yes", "true", 1, 0, 1.0, [], {}, "\ud800"]
+FIELDS = {
+    "temperature": [*NOT_NUMBERS, -0.1, 2.5, *HUGE],
+    "top_p": [*NOT_NUMBERS, 0, -1, 1.5, *HUGE],
+    "top_k": [*NOT_INTS, -2],
+    "min_p": [*NOT_NUMBERS, -0.1, 1, *HUGE],
+    "repetition_penalty": [*NOT_NUMBERS, 0, -1, *HUGE],
+    "presence_penalty": [*NOT_NUMBERS, 3, -3],
+    "frequency_penalty": [*NOT_NUMBERS, 2.01, *HUGE],
+    "max_tokens": [*NOT_INTS, 0, 10**6],
+    "n": [*NOT_INTS, 0, 129, 1.0],
+    "seed": [*NOT_NUMBERS, 1.5, -5, 2**63, 2**64, 10**400],  # 2**31 is a fine seed
+    "stream": NOT_FLAGS,
+    "ignore_eos": NOT_FLAGS,
+    "stop": [1, [1], [""], "", ["a"] * 17, {}, True, ["\ud800"]],
+    "logit_bias": [
+        [], "x", 1, {"a": 1}, {"1.5": 1}, {"-1": 1}, {"99999999": 1}, {"1" * 5001: 1},
+        {"1": 1000}, {"1": "x"}, {"1": True}, {"1": None}, {"٣": 1}, {"\ud800": 1},
+    ],
+    "stream_options": ["x", 1, [], {"include_usage": "yes"}],
+    "model": [1, None, [], {}, True, "", "otro", "\ud800"],
+    **{name: [1, "x", [], {}] for name in ("tools", "audio", "best_of", "echo", "suffix")},
+}  # fmt: skip
+CHAT_FIELDS = {
+    "messages": [
+        [], "hola", None, 1, {}, [{}], [1], [[]], [{"role": "x", "content": "a"}],
+        [{"role": "user", "content": 1}], [{"role": "user", "content": [{"type": "image"}]}],
+        [{"role": "user", "content": [{"type": "text"}]}], [{"role": "user", "content": "\ud800"}],
+        [{"role": "user", "content": "a", "name": "\udc00"}], [{"content": "a"}],
+    ],
+    "max_completion_tokens": [*NOT_INTS, 0],
+    "logprobs": NOT_FLAGS,
+    "top_logprobs": [*NOT_INTS, 21],
+    "response_format": [
+        "json", 1, {}, {"type": "xml"}, {"type": "json_schema"},
+        {"type": "json_schema", "json_schema": {"schema": 1}},
+        {"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}},
+    ],
+    "thinking_token_budget": [*NOT_INTS, -1],
+    "chat_template_kwargs": [1, "x", [], {"\ud800": 1}],
+    "muestra": [1, "x", {"extra": 1}, {"think": "no"}, {"answer": {"top_k": -1}},
+                {"answer": {"max_tokens": 0}}, {"answer": {"temperature": True}}],
+}  # fmt: skip
+TEXT_FIELDS = {
+    "prompt": [
+        [], "", None, 1, True, {}, [[]], [-1], [2**64], [1.5], [[1], "a"], [""], [None],
+        ["\ud800"], [[1, -1]], ["a"] * 300,
+    ],
+    "logprobs": [*NOT_INTS, 21],
+}  # fmt: skip
+WHOLE_BODIES = [[], "x", 1, None, {}, {"model": "t"}, {"messages": MESSAGES}, {"prompt": "a"}]
+RAW_BODIES = ["{", "", "[" * 100000, '{"model": "t",}', "\xff\xfe", '{"a": NaN']
+
+
+def fuzz_cases() -> list[tuple[str, str]]:
+    """(route, raw JSON body): every field of each route given each hostile value."""
+    cases = []
+    for route, base, own in (
+        ("/v1/chat/completions", CHAT, CHAT_FIELDS),
+        ("/v1/completions", TEXT, TEXT_FIELDS),
+    ):
+        for field, values in itertools.chain(FIELDS.items(), own.items()):
+            for value in values:
+                cases.append((route, json.dumps({**base, field: value})))
+        for field in ("model", "messages" if route.endswith("chat/completions") else "prompt"):
+            cases.append((route, json.dumps({k: v for k, v in base.items() if k != field})))
+        cases += [(route, json.dumps(body)) for body in WHOLE_BODIES]
+        cases += [(route, body) for body in RAW_BODIES]
+    return cases
+
+
+def test_fuzz_every_hostile_body_is_a_4xx_in_openai_shape(http):
+    cases = fuzz_cases()
+    assert len(cases) >= 300
+    failures = []
+    for route, body in cases:
+        response = http.post(
+            route, content=body.encode("utf-8", "surrogatepass"),
+            headers={"content-type": "application/json"},
+        )  # fmt: skip
+        try:
+            assert_openai_error(response)
+        except (AssertionError, ValueError, KeyError) as err:
+            failures.append((route, body[-90:], response.status_code, str(err)[:80]))
+    assert not failures, failures[:10]
+    health = http.get("/health")
+    assert health.status_code == 200 and health.json()["rows_running"] == 0
+
+
+def test_valid_but_odd_unicode_never_breaks_the_server(http):
+    for text in ("\x00", "\uffff", "‮abc", "🧪" * 50, "e\u0301" * 30, "\U0010ffff"):
+        response = http.post("/v1/completions", json={**TEXT, "prompt": text, "stop": [text]})
+        assert response.status_code == 200, response.text[:300]
+        chat = {**CHAT, "messages": [{"role": "user", "content": text}]}
+        assert http.post("/v1/chat/completions", json=chat).status_code == 200
