@@ -29,3 +29,8 @@ class UnsafeModelError(MuestraError):
 
 class ContextLengthError(InputError):
     """Prompt plus requested new tokens exceed what the model can attend to."""
+
+
+class StoreError(InputError):
+    """An experiment store that cannot be used as asked: damaged, written by a newer
+    muestra, read-only when it must be written, or in use by another run."""

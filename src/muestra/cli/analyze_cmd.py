@@ -23,9 +23,9 @@ def load_analysis(store: Path, alpha: float | None):  # noqa: ANN202
     from muestra.analysis import analyze as run_analysis
     from muestra.experiments.results import samples_frame
     from muestra.experiments.spec import AnalysisSpec
-    from muestra.experiments.store import connect, latest_run
+    from muestra.experiments.store import latest_run, reading
 
-    with connect(store, create=False) as db:
+    with reading(store) as db:
         run = dict(latest_run(db))
         frame = samples_frame(db, int(run["id"]))
         models = [

@@ -124,9 +124,9 @@ def summary(
     described, mean field_probs, budget-hit and error rates, throughput. A free-text field
     (more than 10 distinct values, no field_probs) shows its distinct count and top 5."""
     from muestra.experiments.results import samples_frame, summarize
-    from muestra.experiments.store import connect
+    from muestra.experiments.store import reading
 
-    with connect(store, create=False) as db:
+    with reading(store) as db:
         result = summarize(samples_frame(db), by=by, field=field)
     if as_json:
         print_json(result)
@@ -199,9 +199,9 @@ def export(
     seed, reasoning, think_tokens, budget_hit, finish_reason, error."""
     from muestra.experiments.results import export as write
     from muestra.experiments.results import samples_frame
-    from muestra.experiments.store import connect
+    from muestra.experiments.store import reading
 
-    with connect(store, create=False) as db:
+    with reading(store) as db:
         frame = samples_frame(db)
     path = write(frame, fmt, out)
     stderr.print(f"{len(frame)} rows → {path}", markup=False)

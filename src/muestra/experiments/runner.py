@@ -82,7 +82,18 @@ class Runner:
             from muestra.experiments.sampling import resolve_think
 
             self.remote_sampling = {m.name: resolve_think(self.spec, m) for m in remote}
-        db = self.db = connect(self.store)
+        self.db = connect(self.store)
+        try:
+            self.run_id = self._open_run(self.db)
+            self._register()
+        except BaseException:
+            self.db.close()  # releases the store's lock: a refused run leaves it to the next
+            self.db = None
+            raise
+        return self.run_id
+
+    def _open_run(self, db: sqlite3.Connection) -> int:
+        """The id of this spec's run in the store, inserted unless it is the latest."""
         last = db.execute("SELECT * FROM runs ORDER BY id DESC LIMIT 1").fetchone()
         if last is not None and not self.force_new:
             if last["spec_hash"] != self.spec.hash:
@@ -91,25 +102,22 @@ class Runner:
                     f"{last['created_at']}). Use another --out, or --force-new to start a new "
                     "run in the same store."
                 )
-            self.run_id = int(last["id"])
-        else:
-            with db:
-                cursor = db.execute(
-                    "INSERT INTO runs (name, spec_path, spec_text, spec_hash, seed, "
-                    "muestra_version, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        self.spec.spec.name,
-                        str(self.spec.path),
-                        self.spec.text,
-                        self.spec.hash,
-                        self.spec.spec.seed,
-                        __version__,
-                        now(),
-                    ),
-                )
-            self.run_id = int(cursor.lastrowid or 0)
-        self._register()
-        return self.run_id
+            return int(last["id"])
+        with db:
+            cursor = db.execute(
+                "INSERT INTO runs (name, spec_path, spec_text, spec_hash, seed, "
+                "muestra_version, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    self.spec.spec.name,
+                    str(self.spec.path),
+                    self.spec.text,
+                    self.spec.hash,
+                    self.spec.spec.seed,
+                    __version__,
+                    now(),
+                ),
+            )
+        return int(cursor.lastrowid or 0)
 
     def _upsert(self, table: str, key: dict[str, Any], values: dict[str, Any]) -> int:
         assert self.db is not None

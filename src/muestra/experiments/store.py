@@ -11,13 +11,16 @@ timings). WAL mode; each finished batch is written in one transaction, so a cras
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from muestra.errors import InputError
+from muestra import __version__
+from muestra.errors import InputError, StoreError
 
 MIGRATIONS: list[tuple[str, Callable[[sqlite3.Connection], None]]] = []
 
@@ -105,40 +108,203 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def connect(path: Path, create: bool = True) -> sqlite3.Connection:
-    """Open (and migrate) the store at `path`; errors say what is wrong with the path."""
+def schema_version() -> int:
+    """The store schema this muestra writes: the number of migrations it knows."""
+    return len(MIGRATIONS)
+
+
+class StoreConnection(sqlite3.Connection):
+    """A connection that knows its file and holds the writer's lock until closed."""
+
+    path: Path
+    lock: IO[str] | None = None
+
+    def close(self) -> None:
+        super().close()
+        if self.lock is not None:
+            self.lock.close()  # closing the descriptor releases the lock
+            self.lock = None
+
+
+def connect(path: Path, create: bool = True) -> StoreConnection:
+    """Open the store at `path`; every failure is a `StoreError` naming the file.
+
+    create=True, the writer (`muestra run`): create the store if missing, take its lock
+    (one writer per store, see `_lock`), refuse a damaged file or a newer schema, and
+    migrate an older one. create=False, the readers: the store must exist and is opened
+    read-only (`mode=ro`) and never written, so a store on read-only media can be read;
+    one that needs a migration is migrated first if it can be written.
+    """
     path = Path(path)
-    if not create and not path.is_file():
-        raise InputError(f"store {path} does not exist; run `muestra run SPEC.toml --out {path}`")
+    if create:
+        return _open_writer(path)
+    if not path.is_file():
+        raise StoreError(f"store {path} does not exist; run `muestra run SPEC.toml --out {path}`")
+    db = _open_reader(path)
+    try:
+        version = _version_of(db, path)
+    except (StoreError, sqlite3.DatabaseError) as err:
+        db.close()
+        if isinstance(err, sqlite3.DatabaseError):
+            raise _damaged(path, err) from err
+        raise
+    if version < schema_version():
+        db.close()
+        try:
+            _open_writer(path).close()
+        except StoreError as err:
+            raise StoreError(
+                f"store {path} has schema version {version} and this muestra reads version "
+                f"{schema_version()}; it must be migrated first, which writes to it, and that "
+                f"failed ({err.__cause__ or err}). Read a copy in a writable folder."
+            ) from err
+        db = _open_reader(path)
+    return db
+
+
+@contextmanager
+def reading(path: Path) -> Iterator[StoreConnection]:
+    """A read-only connection for one block of reads, closed after it; sqlite3's verdict on
+    a damaged file, whether at open or mid-read, becomes one `StoreError` naming it."""
+    db = connect(path, create=False)
+    try:
+        yield db
+    except sqlite3.DatabaseError as err:
+        raise _damaged(Path(path), err) from err
+    finally:
+        db.close()
+
+
+def _open_writer(path: Path) -> StoreConnection:
+    """Lock, open, check and migrate the store at `path` for writing."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(path, timeout=30)
-        db.execute("PRAGMA journal_mode=WAL")
+        lock = _lock(path)
+    except OSError as err:
+        raise _unwritable(path, err) from err
+    db = None
+    try:
+        db = sqlite3.connect(path, timeout=30, factory=StoreConnection)
+        db.path, db.lock = path, lock
+        _version_of(db, path)  # 1. refuse what this muestra must not touch, before any write
+        problems = [row[0] for row in db.execute("PRAGMA quick_check(3)")]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError("; ".join(problems))
+        db.execute("PRAGMA journal_mode=WAL")  # 2. then set up and migrate
         db.execute("PRAGMA foreign_keys=ON")
         migrate(db)
-    except (sqlite3.OperationalError, OSError) as err:
-        raise InputError(
-            f"cannot open the store {path} for writing ({err}); choose a writable path with --out"
-        ) from err
+    except BaseException as err:
+        if db is not None:
+            db.close()
+        lock.close()
+        if isinstance(err, sqlite3.OperationalError):
+            raise _unwritable(path, err) from err
+        if isinstance(err, sqlite3.DatabaseError):
+            raise _damaged(path, err) from err
+        raise
     db.row_factory = sqlite3.Row
     return db
 
 
+def _open_reader(path: Path) -> StoreConnection:
+    """Open the store read-only. WAL mode needs a `-shm` file beside the store; on a
+    read-only folder where none can be made, a store with no `-wal` (nothing
+    uncheckpointed) is opened as immutable, which needs none."""
+    uri = f"{path.resolve().as_uri()}?mode=ro"
+    wal = path.with_name(path.name + "-wal")
+    for attempt in (uri, f"{uri}&immutable=1"):
+        try:
+            db = sqlite3.connect(attempt, uri=True, timeout=30, factory=StoreConnection)
+            db.path = path
+            db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        except sqlite3.OperationalError as err:
+            if attempt == uri and not wal.exists():
+                continue
+            raise StoreError(f"cannot read the store {path} (sqlite3: {err})") from err
+        except sqlite3.DatabaseError as err:
+            raise _damaged(path, err) from err
+        db.row_factory = sqlite3.Row
+        return db
+    raise AssertionError("unreachable: the immutable attempt returns or raises")
+
+
+def _version_of(db: sqlite3.Connection, path: Path) -> int:
+    """The store's schema version; a version above this muestra's is refused. Stores
+    written before `user_version` was kept count their applied migrations instead."""
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    bookkept = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_migrations'"
+    if not version and db.execute(bookkept).fetchone():
+        (version,) = db.execute("SELECT COUNT(*) FROM _migrations").fetchone()
+    if version > schema_version():
+        raise StoreError(
+            f"store {path} has schema version {version}, written by a newer muestra; this "
+            f"muestra ({__version__}) knows versions up to {schema_version()}. Upgrade "
+            "muestra to read or extend it."
+        )
+    return int(version)
+
+
+def _lock(path: Path) -> IO[str]:
+    """Take the store's writer lock: a POSIX lock (lockf) on `STORE.lock`, which holds the
+    owner's pid. It is held per process: a second process is refused, while one process
+    may reopen its own store (a notebook running a spec twice). The OS drops the lock when
+    its holder exits, even on `kill -9`, so a leftover file never blocks anyone; it is left
+    in place because deleting a lock file races with the next process that opens it."""
+    import errno
+    import fcntl
+
+    handle = open(path.with_name(path.name + ".lock"), "a+", encoding="utf-8")  # noqa: SIM115
+    try:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        if err.errno not in (errno.EACCES, errno.EAGAIN):
+            raise
+        raise StoreError(
+            f"store {path} is in use by {holder}; one `muestra run` writes to a store at a "
+            "time. Wait for it to finish, or choose another --out."
+        ) from None  # the errno ("resource temporarily unavailable") would only mislead
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"process {os.getpid()} (muestra run since {now()})\n")
+    handle.flush()
+    return handle
+
+
+def _unwritable(path: Path, err: Exception) -> StoreError:
+    return StoreError(
+        f"cannot open the store {path} for writing ({err}); choose a writable path with --out"
+    )
+
+
+def _damaged(path: Path, err: sqlite3.DatabaseError) -> StoreError:
+    return StoreError(
+        f"store {path} is damaged or not a muestra store (sqlite3: {err}); restore it from a "
+        "copy, or choose another path"
+    )
+
+
 def migrate(db: sqlite3.Connection) -> list[str]:
-    """Apply the migrations not yet applied, in order; returns their names."""
+    """Apply the migrations not yet applied, in order, each with its schema version in
+    `PRAGMA user_version`; returns their names."""
     db.execute(
         "CREATE TABLE IF NOT EXISTS _migrations (id INTEGER PRIMARY KEY, name TEXT UNIQUE, "
         "applied_at TEXT)"
     )
     done = {row[0] for row in db.execute("SELECT name FROM _migrations")}
     applied = []
-    for name, fn in MIGRATIONS:
+    for version, (name, fn) in enumerate(MIGRATIONS, start=1):
         if name in done:
             continue
         with db:
             fn(db)
             db.execute("INSERT INTO _migrations (name, applied_at) VALUES (?, ?)", (name, now()))
+            db.execute(f"PRAGMA user_version = {version}")
         applied.append(name)
+    if db.execute("PRAGMA user_version").fetchone()[0] != schema_version():
+        db.execute(f"PRAGMA user_version = {schema_version()}")  # a store from before it was kept
     return applied
 
 
@@ -154,20 +320,54 @@ def latest_run(db: sqlite3.Connection) -> sqlite3.Row:
 
 
 def insert_samples(db: sqlite3.Connection, rows: Iterable[dict[str, Any]]) -> int:
-    """Write finished samples in one transaction; already stored ones are left as they are."""
+    """Write finished samples in one transaction, all of them or none: if the store keeps
+    fewer rows than given (a constraint refuses some, or they are already stored), the
+    batch is rolled back and a `StoreError` says how many and why."""
     rows = list(rows)
     if not rows:
         return 0
     columns = list(rows[0])
-    sql = (
-        f"INSERT OR IGNORE INTO samples ({', '.join(columns)}) "
-        f"VALUES ({', '.join('?' for _ in columns)})"
-    )
+    into = f"INTO samples ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})"
+    values = [tuple(r[c] for c in columns) for r in rows]
+    store = getattr(db, "path", "the store")
     try:
         with db:
-            cursor = db.executemany(sql, [tuple(r[c] for c in columns) for r in rows])
+            written = db.executemany(f"INSERT OR IGNORE {into}", values).rowcount
+            if written < len(values):
+                raise _Refused(written)
+    except _Refused as refused:
+        raise StoreError(
+            f"{store} kept only {refused.written} of {len(values)} samples of this batch "
+            f"(sqlite3: {_refusal(db, f'INSERT {into}', values)}); nothing of this batch was "
+            "stored. A store changed by hand, or written by another program, cannot take "
+            "this run: use another --out."
+        ) from None
     except sqlite3.OperationalError as err:
-        raise InputError(
-            f"cannot write to the store ({err}); nothing of this batch was stored"
+        raise StoreError(
+            f"cannot write to {store} ({err}); nothing of this batch was stored"
         ) from err
-    return cursor.rowcount
+    except sqlite3.DatabaseError as err:
+        raise _damaged(Path(store), err) from err
+    return written
+
+
+class _Refused(Exception):
+    """Rolls back a batch the store did not keep in full."""
+
+    def __init__(self, written: int) -> None:
+        self.written = written
+
+
+def _refusal(db: sqlite3.Connection, sql: str, values: list[tuple[Any, ...]]) -> str:
+    """Why the store refuses rows that INSERT OR IGNORE skipped silently: sqlite3's own
+    message for the first of them under a plain INSERT, undone before returning."""
+    db.execute("SAVEPOINT refusal")
+    try:
+        for row in values:
+            db.execute(sql, row)
+    except sqlite3.DatabaseError as err:
+        return str(err)
+    finally:
+        db.execute("ROLLBACK TO refusal")
+        db.execute("RELEASE refusal")
+    return "no reason given"
