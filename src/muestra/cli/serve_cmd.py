@@ -50,6 +50,12 @@ def serve(
         min=1,
         help="Refuse requests asking for more rows (prompts × n) than this (413).",
     ),
+    trust_request_chat_template: bool = typer.Option(
+        False,
+        "--trust-request-chat-template",
+        help="Render chat templates sent by clients (chat_template, or inside "
+        "chat_template_kwargs), bounded by time and size; refused (400) otherwise.",
+    ),
     dtype: str = DtypeOption,
     device: str = DeviceOption,
     allow_pickle: bool = AllowPickleOption,
@@ -87,6 +93,7 @@ def serve(
         max_batch=max_batch,
         max_tokens_limit=max_tokens_limit,
         max_rows_per_request=max_rows_per_request,
+        trust_request_chat_template=trust_request_chat_template,
     )
     app = create_app(served, api_key=api_key, max_body_bytes=max_body_bytes)
     thinking = "thinks" if served.tags is not None else "does not think"

@@ -22,6 +22,7 @@ Int = Annotated[int, Strict()]  # refuses `true`, 1.5 and "1"
 # bounds that keep every integer inside int32/int64 tensors and Python's int() limits
 INT_CAP = 2**31 - 1
 TOKEN_ID = re.compile(r"-?[0-9]{1,10}")
+SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class ApiError(Exception):
@@ -114,7 +115,7 @@ def find_surrogate(value: Any, path: str = "") -> str | None:
     surrogate (JSON may escape one, "\\ud800"; no tokenizer, nor pydantic, can encode
     it); None when there is none."""
     if isinstance(value, str):
-        return path if any("\ud800" <= c <= "\udfff" for c in value) else None
+        return path if SURROGATE.search(value) else None
     if isinstance(value, dict):
         for key, item in value.items():
             where = f"{path}.{key}" if path else str(key)
@@ -233,6 +234,7 @@ class ChatRequest(SamplingFields):
     response_format: ResponseFormat | None = None
     thinking_token_budget: Int | None = Field(None, ge=0, le=INT_CAP)
     chat_template_kwargs: dict[str, Any] | None = None
+    chat_template: str | None = None  # vLLM's field; needs --trust-request-chat-template
     muestra: MuestraOptions | None = None
 
 

@@ -45,6 +45,12 @@ from muestra.server.protocol import (
     MuestraOptions,
     SamplingFields,
 )
+from muestra.server.templates import (
+    TemplateLimits,
+    refuse_request_template,
+    render_prompt,
+    request_template,
+)
 
 ANY_JSON_OBJECT = {"type": "object", "additionalProperties": True}
 # prompts × n of one request: bounds what a single client can queue at once
@@ -231,6 +237,8 @@ class ServedModel:
         max_batch: int = 64,
         max_tokens_limit: int | None = None,
         max_rows_per_request: int = DEFAULT_MAX_ROWS_PER_REQUEST,
+        trust_request_chat_template: bool = False,
+        template_limits: TemplateLimits = TemplateLimits(),
     ) -> None:
         self.loaded = loaded
         self.name = name
@@ -241,6 +249,8 @@ class ServedModel:
         self.context = loaded.max_length
         self.max_tokens_limit = max_tokens_limit
         self.max_rows_per_request = max_rows_per_request
+        self.trust_request_chat_template = trust_request_chat_template
+        self.template_limits = template_limits
         self.tags = self.structured.tag_ids(ThinkConfig())
         self.created = int(time.time())
         config = loaded.model.generation_config
@@ -326,26 +336,28 @@ class ServedModel:
         return asked
 
     def chat_prompt(self, body: ChatRequest) -> list[int]:
+        """The prompt's token ids; blocking work, so `chat_job` runs it in a thread."""
         messages = [m.for_template() for m in body.messages]
-        if not getattr(self.tokenizer, "chat_template", None):
+        given = body.chat_template_kwargs or {}
+        template = request_template(body.chat_template, given)
+        if template is not None and not self.trust_request_chat_template:
+            top = body.chat_template is not None
+            raise refuse_request_template(
+                "chat_template" if top else "chat_template_kwargs.chat_template"
+            )
+        if template is None and not getattr(self.tokenizer, "chat_template", None):
             raise ApiError(400, "this model has no chat template; use /v1/completions")
         # the caller's kwargs reach the template, but never change what the call returns
         kwargs = {
-            **(body.chat_template_kwargs or {}),
+            **given,
             "tokenize": False,
             "add_generation_prompt": True,
             "return_dict": False,
         }
-        try:
-            text = self.tokenizer.apply_chat_template(messages, **kwargs)
-        except Exception as err:  # noqa: BLE001 - a template error is the caller's input
-            raise ApiError(400, f"the chat template refused the messages: {err}") from err
-        if not isinstance(text, str):
-            raise ApiError(
-                400,
-                "chat_template_kwargs made the template return no text",
-                param="chat_template_kwargs",
-            )
+        if template is not None:
+            kwargs["chat_template"] = template
+        limits = self.template_limits if template is not None else None
+        text = render_prompt(self.tokenizer, messages, kwargs, limits)
         return self.text.encode_text(text)
 
     def grammar(self, body: ChatRequest) -> GrammarSpec | None:
@@ -383,7 +395,7 @@ class ServedModel:
         body.refuse_unsupported()
         self.check_rows(1, body.n)
         params = self.params(body)
-        prompt = self.chat_prompt(body)
+        prompt = await asyncio.to_thread(self.chat_prompt, body)
         options = body.muestra or MuestraOptions()
         tags = self.tags
         if tags is not None and options.close_text is not None:
@@ -444,7 +456,10 @@ class ServedModel:
         requests = []
         prompt_tokens = 0
         for index, prompt in enumerate(prompts):
-            ids = self.text.encode_text(prompt) if isinstance(prompt, str) else list(prompt)
+            if isinstance(prompt, str):
+                ids = await asyncio.to_thread(self.text.encode_text, prompt)
+            else:
+                ids = list(prompt)
             if not ids:
                 raise ApiError(400, f"prompt {index} is empty", param="prompt")
             if max(ids) >= self.loaded.vocab_size or min(ids) < 0:
