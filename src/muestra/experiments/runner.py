@@ -74,14 +74,16 @@ class Runner:
     # ---- the store ----------------------------------------------------------------------
 
     def open(self) -> int:
-        """Create or reopen this spec's run in the store; refuse a changed spec, and an
-        endpoint model whose think sampling cannot be resolved (before writing anything)."""
+        """Create or reopen this spec's run in the store; refuse a changed spec, and a local
+        model that cannot load or an endpoint model whose think sampling cannot be resolved
+        (both before writing anything)."""
         remote = [m for m in self.models if m.endpoint is not None]
         self.remote_sampling: dict[str, dict[str, Any]] = {}  # model → condition → sampling
         if remote:  # not imported otherwise: it loads torch, and a dry run needs none
             from muestra.experiments.sampling import resolve_think
 
             self.remote_sampling = {m.name: resolve_think(self.spec, m) for m in remote}
+        self._check_local_models()
         self.db = connect(self.store)
         try:
             self.run_id = self._open_run(self.db)
@@ -91,6 +93,17 @@ class Runner:
             self.db = None
             raise
         return self.run_id
+
+    def _check_local_models(self) -> None:
+        """Refuse a local model that is missing, offline, without weights or in need of
+        remote code before the store is created or a run row written, so that it leaves
+        neither behind. The weights themselves load in run(), one model at a time."""
+        local = [m for m in self.models if m.endpoint is None]
+        if local:  # not imported otherwise: it loads torch
+            from muestra.models.loading import check_model_without_download
+
+            for model in local:
+                check_model_without_download(model.id)
 
     def _open_run(self, db: sqlite3.Connection) -> int:
         """The id of this spec's run in the store, inserted unless it is the latest."""

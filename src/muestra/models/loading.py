@@ -130,7 +130,7 @@ def _hub_snapshot(
     except HFValidationError as err:
         raise InputError(f"{repo_id!r} is neither a folder nor a valid Hub id ({err})") from err
     except Exception:  # not cached: try the network unless told not to
-        if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", ""):
+        if _hub_offline():
             raise ModelNotFoundError(offline_hint(repo_id)) from None
         try:
             folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
@@ -139,6 +139,27 @@ def _hub_snapshot(
     path = Path(folder)
     commit = path.name if path.parent.name == "snapshots" else None
     return path, "hub", commit
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", "")
+
+
+def _in_hub_cache(repo_id: str, revision: str | None) -> bool:
+    """Whether a snapshot of `repo_id` is in the local cache (True for an invalid id, so
+    that resolving it names the problem)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        snapshot_download(
+            repo_id, revision=revision, allow_patterns=HUB_PATTERNS, local_files_only=True
+        )
+    except HFValidationError:
+        return True
+    except Exception:
+        return False
+    return True
 
 
 def _weight_files(folder: Path) -> tuple[list[Path], list[Path]]:
@@ -179,11 +200,19 @@ def load_tokenizer(ref: str, revision: str | None = None, trust_remote_code: boo
 
     folder, source, _ = resolve_model(ref, revision, trust_remote_code=trust_remote_code)
     gguf = find_gguf(folder) if source == "local" else None
+    if gguf is None:
+        check_model_code(ref, folder, trust_remote_code)
     try:
         if gguf is not None:
             return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
+    except ValueError as err:
+        _raise_if_remote_code(ref, err)
+        raise ModelNotFoundError(
+            f"no usable tokenizer in {folder} ({_first_line(err)}). The folder needs "
+            "tokenizer.json or the tokenizer files of its model."
+        ) from err
+    except OSError as err:
         raise ModelNotFoundError(
             f"no usable tokenizer in {folder} ({err}). The folder needs tokenizer.json or "
             "the tokenizer files of its model."
@@ -220,11 +249,52 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    files = check_model(ref, revision, allow_pickle, trust_remote_code)
+    if files.gguf is not None:
+        model, tokenizer = load_gguf(files.gguf, resolve_dtype(dtype))
+        model = model.to(resolve_device(device))
+        return _loaded(ref, files.gguf, files.source, None, [files.gguf], model, tokenizer)
+    folder = files.folder
+    tokenizer = load_tokenizer(str(folder), trust_remote_code=trust_remote_code)
+    target = resolve_device(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            dtype=resolve_dtype(dtype),
+            use_safetensors=files.safetensors,
+            trust_remote_code=trust_remote_code,
+        )
+    except ValueError as err:
+        _raise_if_remote_code(ref, err)
+        raise
+    model.to(target).eval()
+    return _loaded(ref, folder, files.source, files.commit, files.weights, model, tokenizer)
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """A model resolved to local files and checked, before anything is loaded."""
+
+    folder: Path
+    source: Literal["local", "hub"]
+    commit: str | None
+    gguf: Path | None
+    weights: list[Path]
+    safetensors: bool
+
+
+def check_model(
+    ref: str,
+    revision: str | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> ModelFiles:
+    """Resolve `ref` to local files and refuse, without loading anything, a model that is
+    missing, has no weights, or would run pickle or remote code it was not allowed to."""
     folder, source, commit = resolve_model(ref, revision, allow_pickle, trust_remote_code)
     gguf = find_gguf(folder) if source == "local" else None
     if gguf is not None:
-        model, tokenizer = load_gguf(gguf, resolve_dtype(dtype))
-        return _loaded(ref, gguf, source, None, [gguf], model.to(resolve_device(device)), tokenizer)
+        return ModelFiles(folder, source, commit, gguf, [gguf], safetensors=False)
     safetensors, pickles = _weight_files(folder)
     if not safetensors and pickles and not allow_pickle:
         names = ", ".join(p.name for p in pickles)
@@ -237,16 +307,70 @@ def load_model(
             f"no weights in {folder} (expected *.safetensors). For an offline stand-in run "
             "`muestra kit build --preset tiny`."
         )
-    tokenizer = load_tokenizer(str(folder), trust_remote_code=trust_remote_code)
-    target = resolve_device(device)
-    model = AutoModelForCausalLM.from_pretrained(
-        folder,
-        dtype=resolve_dtype(dtype),
-        use_safetensors=bool(safetensors),
-        trust_remote_code=trust_remote_code,
+    check_model_code(ref, folder, trust_remote_code)
+    _check_model_type(ref, folder)
+    return ModelFiles(folder, source, commit, None, safetensors or pickles, bool(safetensors))
+
+
+def check_model_without_download(ref: str, revision: str | None = None) -> None:
+    """`check_model` where it needs no download: a local model, a cached Hub snapshot, or
+    any Hub id when HF_HUB_OFFLINE is set (refused unless cached). A Hub id that is neither
+    cached nor offline passes; its files are checked once downloaded."""
+    path = Path(ref).expanduser()
+    if path.exists() or _looks_like_path(ref) or _hub_offline() or _in_hub_cache(ref, revision):
+        check_model(ref, revision)
+
+
+def check_model_code(ref: str, folder: Path, trust_remote_code: bool) -> None:
+    """Refuse a folder whose config or tokenizer needs its own Python code (`auto_map`)
+    unless remote code is trusted."""
+    for name in ("config.json", "tokenizer_config.json"):
+        if "auto_map" in _json_object(folder / name) and not trust_remote_code:
+            raise UnsafeModelError(_remote_code_hint(ref, f"its {name} has an auto_map"))
+
+
+def _check_model_type(ref: str, folder: Path) -> None:
+    """Refuse a model type this transformers does not know and no code of its own adds."""
+    from transformers import CONFIG_MAPPING
+
+    config = _json_object(folder / "config.json")
+    model_type = config.get("model_type")
+    if (
+        isinstance(model_type, str)
+        and model_type not in CONFIG_MAPPING
+        and "auto_map" not in config
+    ):
+        raise InputError(
+            f"model {ref!r} has model_type {model_type!r}, which this transformers does not "
+            "know and the model ships no code for (no auto_map in its config.json). Upgrade "
+            "transformers, or use a model of a supported type."
+        )
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """A JSON object file's content; {} when missing or unreadable (transformers names
+    that problem when loading)."""
+    try:
+        data = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _remote_code_hint(ref: str, why: str) -> str:
+    return (
+        f"model {ref!r} needs its own Python code to load ({why}); muestra does not run it "
+        "unless told. Pass --trust-remote-code if you trust the source."
     )
-    model.to(target).eval()
-    return _loaded(ref, folder, source, commit, safetensors or pickles, model, tokenizer)
+
+
+def _raise_if_remote_code(ref: str, err: ValueError) -> None:
+    if "trust_remote_code" in str(err):
+        raise UnsafeModelError(_remote_code_hint(ref, "transformers asked for it")) from err
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _loaded(
