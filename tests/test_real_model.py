@@ -228,3 +228,19 @@ def test_the_demo_spec_is_the_example():
     data = resources.files("muestra") / "data"
     for name in ("characters.toml", "character.schema.json", "personajes.toml"):
         assert (data / name).read_text() == (ROOT / "examples" / name).read_text(), name
+
+
+def test_an_explicit_text_mode_closes_with_the_plain_text():
+    from muestra.answers.phases import TEXT_CLOSE_TEXT, ThinkConfig
+    from muestra.answers.structured import resolve_think
+
+    class NoTags:
+        chat_template = "{{ messages }}"
+
+        def get_vocab(self):
+            return {}
+
+    for mode in ("text", "auto"):
+        think = resolve_think(NoTags(), ThinkConfig(mode=mode))
+        assert (think.mode, think.close_text) == ("text", TEXT_CLOSE_TEXT)
+    assert resolve_think(NoTags(), ThinkConfig(mode="tags")).mode == "tags"

@@ -92,11 +92,14 @@ def has_think_tags(tokenizer: Any, think: ThinkConfig) -> bool:
 
 
 def resolve_think(tokenizer: Any, think: ThinkConfig | None) -> ThinkConfig | None:
-    """`think` with mode "auto" settled: the model's tags when it has them, else plain text.
-    Callers that build prompts resolve first: text mode adds an instruction to the prompt."""
-    if think is None or think.mode != "auto":
+    """`think` with mode "auto" settled (the model's tags when it has them, else plain text)
+    and, in text mode, Qwen's closing sentence swapped for the plain one. Callers that
+    build prompts resolve first: text mode adds an instruction to the prompt."""
+    if think is None or think.mode == "tags":
         return think
-    return replace(think, mode="tags") if has_think_tags(tokenizer, think) else think.for_text()
+    if think.mode == "auto" and has_think_tags(tokenizer, think):
+        return replace(think, mode="tags")
+    return think.for_text()
 
 
 class StructuredGenerator:

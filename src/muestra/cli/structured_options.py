@@ -78,8 +78,6 @@ def think_config(
     )
     think = resolve_think(loaded.tokenizer, ThinkConfig(think.params, think.budget, mode=mode))
     assert think is not None
-    if think.mode == "text" and think.close_text == ThinkConfig().close_text:
-        think = think.for_text()
     if close_text is not None:
         text = close_text.replace("\\n", "\n")
         if think.mode == "tags" and "</think>" not in text:
