@@ -2,7 +2,8 @@
 
 Knobs: `--quick` (fewer repeats), `--repeats N`, `--seed-loop-samples N`, `--only NAME`,
 `--kit-dir DIR`. `--only real_model` runs just the real SmolLM2-135M-Instruct benchmarks
-(benchmarks/real_model.py), without building the random-weight qwen3-0.6b kit.
+(benchmarks/real_model.py), without building the random-weight qwen3-0.6b kit; `--only
+decoding` the decoding strategies on it (benchmarks/decoding.py: beam search vs HF).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks import decoding as decoding_bench
 from benchmarks import engine as engine_bench
 from benchmarks import real_model as real_model_bench
 from benchmarks import server as server_bench
@@ -39,6 +41,7 @@ def main() -> None:
             "structured000",
             "server",
             "real_model",
+            "decoding",
         ],
         default=None,
     )
@@ -55,7 +58,7 @@ def main() -> None:
     from muestra.models.kit import ensure_kit
     from muestra.models.loading import load_model
 
-    if args.only != "real_model":
+    if args.only not in ("real_model", "decoding"):
         console.print("building/loading the kit's qwen3-0.6b (random weights, bf16) …")
         kit = ensure_kit("qwen3-0.6b", args.kit_dir / "qwen3-0.6b" if args.kit_dir else None)
         loaded = load_model(str(kit), dtype="bfloat16", device="cpu")
@@ -90,6 +93,17 @@ def main() -> None:
         console.print("building/loading the kit's smollm2-135m-instruct (real weights) …")
         real = real_model_bench.bench_real_model(args.kit_dir, repeats)
         paths.append(write_result("real_model", {"repeats": repeats, **real}))
+
+    decoding = None
+    if args.only in (None, "decoding"):
+        console.print("decoding strategies on the real model (smollm2-135m-instruct, fp32) …")
+        small = ensure_kit("smollm2-135m-instruct", kit_root("smollm2-135m-instruct", args))
+        smol = load_model(str(small), dtype="float32")
+        decoding = {
+            "beam": decoding_bench.bench_beam(smol, repeats),
+            "dola": decoding_bench.bench_dola(smol, repeats),
+        }
+        paths.append(write_result("decoding", {"repeats": repeats, **decoding}))
 
     table = Table(title="muestra engine benchmarks (qwen3-0.6b shapes, bf16, this CPU)")
     for column in ("benchmark", "muestra", "reference", "ratio", "goal"):
@@ -149,7 +163,7 @@ def main() -> None:
         table.add_row(
             "Personaje compile",
             f"cold {r['cold_s'] * 1000:.1f} ms",
-            f"memory {r['memory_cached_s'] * 1e6:.0f} µs / disk {r['disk_cached_s'] * 1000:.1f} ms",
+            f"memory cache {r['memory_cached_s'] * 1e6:.0f} µs",
             "",
             "",
         )
@@ -183,8 +197,41 @@ def main() -> None:
         console.print(table)
     if real is not None:
         print_real_model(real)
+    if decoding is not None:
+        print_decoding(decoding)
     for path in paths:
         console.print(f"results written to {path}")
+
+
+def kit_root(preset: str, args: argparse.Namespace) -> Path | None:
+    return args.kit_dir / preset if args.kit_dir else None
+
+
+def print_decoding(decoding: dict[str, Any]) -> None:
+    table = Table(title="decoding strategies, real model (SmolLM2-135M-Instruct, fp32)")
+    for column in ("benchmark", "muestra", "reference", "ratio", "goal"):
+        table.add_column(column)
+    r = decoding["beam"]
+    same = "same hypotheses" if r["same_hypotheses_as_hf"] else "DIFFERENT hypotheses"
+    table.add_row(
+        "beam search, 4 prompts × 4 beams",
+        f"{r['engine_s']:.2f}s",
+        f"HF {r['hf_generate_s']:.2f}s ({same})",
+        f"{r['speedup_vs_hf']:.2f}× HF",
+        "≥ 1.3×",
+    )
+    for rows in (1, 8):
+        r = decoding["dola"][f"rows_{rows}"]
+        for dola in ("low", "high"):
+            table.add_row(
+                f"DoLa {dola} ({len(r[dola]['layers'])} layers), {rows} row(s) × "
+                f"{decoding['dola']['new_tokens']}",
+                f"{r[dola]['s']:.2f}s",
+                f"plain greedy {r['plain_s']:.2f}s",
+                f"{r[dola]['cost']:.2f}× the time",
+                "",
+            )
+    console.print(table)
 
 
 def print_real_model(real: dict[str, Any]) -> None:

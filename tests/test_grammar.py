@@ -56,23 +56,33 @@ def test_choice_validation():
     assert GrammarSpec.choice(["sí", "no"]).choices == ["sí", "no"]
 
 
-def test_compile_cache_memory_then_disk(tokenizer, tmp_path):
-    spec = GrammarSpec.json_schema({"type": "object", "properties": {"a": {"type": "integer"}}})
-    first = GrammarBackend(tokenizer, 151936, [151645, 151643], disk_cache=tmp_path)
-    first.compile(spec)
-    first.compile(spec)
-    assert first.stats == {"memory_hits": 1, "disk_hits": 0, "compiles": 1}
-    second = GrammarBackend(tokenizer, 151936, [151645, 151643], disk_cache=tmp_path)
-    second.compile(spec)
-    assert second.stats == {"memory_hits": 0, "disk_hits": 1, "compiles": 0}
-    (next(tmp_path.glob("*.json"))).write_text("corrupt")
-    third = GrammarBackend(tokenizer, 151936, [151645, 151643], disk_cache=tmp_path)
-    third.compile(spec)
-    assert third.stats["compiles"] == 1
+def test_compile_cache_is_a_bounded_lru(tokenizer):
+    specs = [GrammarSpec.regex(f"[a-z]{{{n}}}") for n in (1, 2, 3)]
+    backend = GrammarBackend(tokenizer, 151936, [151645, 151643])
+    first = backend.compile(specs[0])
+    assert backend.compile(specs[0]) is first
+    assert backend.stats == {"hits": 1, "compiles": 1, "evictions": 0}
+    sizes = [backend.compile(spec).memory_size_bytes for spec in specs]
+    assert min(sizes) > 0
+    # room for grammars 0 and 2 only: adding 2 evicts the least recently used, 1
+    limit = sizes[0] + sizes[2]
+    backend = GrammarBackend(tokenizer, 151936, [151645, 151643], memory_limit_bytes=limit)
+    backend.compile(specs[0])
+    backend.compile(specs[1])
+    backend.compile(specs[0])  # 0 is now the most recent
+    backend.compile(specs[2])
+    assert backend.stats["evictions"] == 1
+    assert backend.cached(specs[0]) and backend.cached(specs[2]) and not backend.cached(specs[1])
+    assert backend.memory_bytes <= backend.memory_limit_bytes
+    # a grammar larger than the whole budget is still returned, and kept alone
+    tiny = GrammarBackend(tokenizer, 151936, [151645, 151643], memory_limit_bytes=1)
+    tiny.compile(specs[0])
+    tiny.compile(specs[1])
+    assert tiny.cached(specs[1]) and not tiny.cached(specs[0])
 
 
 def test_forbidden_tokens(tokenizer, tmp_path):
-    backend = GrammarBackend(tokenizer, 151936, [151645, 151643], disk_cache=tmp_path)
+    backend = GrammarBackend(tokenizer, 151936, [151645, 151643])
     for token in ("<think>", "</think>", "<|im_start|>", "<tool_call>", "<|fim_pad|>"):
         assert backend.forbidden[tokenizer.convert_tokens_to_ids(token)]
     assert not backend.forbidden[151645] and not backend.forbidden[151643]
@@ -80,7 +90,7 @@ def test_forbidden_tokens(tokenizer, tmp_path):
 
 
 def test_bad_ebnf_is_a_clear_error(tokenizer, tmp_path):
-    backend = GrammarBackend(tokenizer, 151936, [151645], disk_cache=tmp_path)
+    backend = GrammarBackend(tokenizer, 151936, [151645])
     with pytest.raises(InputError, match="does not compile"):
         backend.compile(GrammarSpec.ebnf("root ::= ("))
 
@@ -116,7 +126,7 @@ def test_mask_application_equals_xgrammar_kernel(tokenizer, tmp_path):
     import torch
     import xgrammar as xgr
 
-    backend = GrammarBackend(tokenizer, 151936, [151645, 151643], disk_cache=tmp_path)
+    backend = GrammarBackend(tokenizer, 151936, [151645, 151643])
     compiled = backend.compile(
         GrammarSpec.json_schema(
             {"type": "object", "properties": {"t": {"type": "string"}, "n": {"enum": ["sí", "no"]}}}

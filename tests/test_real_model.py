@@ -108,8 +108,9 @@ def test_field_probs_agree_with_sampled_frequencies(smol):
     """Answers sampled at T 1 under a choice grammar follow the exact probabilities that
     `field_probs` gives (chi-square goodness of fit)."""
     prompt = chat_ids(
-        smol, "I am kind and I care about my friends. Which RPG role suits me: tank, support "
-        "or warrior? Answer with one word."
+        smol,
+        "I am kind and I care about my friends. Which RPG role suits me: tank, support "
+        "or warrior? Answer with one word.",
     )
     generator = StructuredGenerator(smol)
     grammar = GrammarSpec.choice(["tank", "support", "warrior"])

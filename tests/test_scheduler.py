@@ -104,10 +104,12 @@ def test_cancel_frees_rows_at_once(qwen, engine):
         collector = Collector()
         collector.expected = 4
         submission = scheduler.submit([long], collector)
+        assert scheduler.open_rows == 4
         while collector.steps < 2:
             time.sleep(0.001)
         scheduler.cancel(submission)
         assert submission.done.wait(10)
+        assert scheduler.open_rows == 0
         steps_at_cancel = scheduler.stats["steps"]
         time.sleep(0.2)
         assert scheduler.stats["steps"] == steps_at_cancel  # nothing left running

@@ -23,6 +23,10 @@ class ModelNotFoundError(MuestraError):
     """A model path that does not exist, or a Hub id that cannot be reached."""
 
 
+class ModelLoadError(MuestraError):
+    """A model whose files are there but do not load (damaged weights, missing code)."""
+
+
 class UnsafeModelError(MuestraError):
     """A model whose loading would run untrusted code (pickle or remote code)."""
 

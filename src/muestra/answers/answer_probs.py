@@ -305,9 +305,7 @@ class AnswerProbabilities:
         tokens = torch.tensor([[c.tokens[-1]] for c in children], device=device)
         length = cache.get_seq_length()
         positions = torch.full((len(children), 1), length, device=device)
-        out = self.model(
-            input_ids=tokens, position_ids=positions, cache=cache, use_cache=True
-        )
+        out = self.model(input_ids=tokens, position_ids=positions, cache=cache, use_cache=True)
         return out.logits[:, -1].float(), out.cache
 
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from muestra.engine import Engine, GenerationRequest, Sample, SamplingParams, StepEvent
+from muestra.engine.beam import BeamParams, Hypothesis, beam_search
 from muestra.engine.seeds import fresh_run_seed
 from muestra.models.inspection import render_chat
 from muestra.models.loading import LoadedModel
@@ -23,7 +24,7 @@ from muestra.models.loading import LoadedModel
 class TextSample:
     prompt_index: int
     sample: int
-    seed: int
+    seed: int | None  # None for a beam-search hypothesis: nothing was drawn
     text: str
     token_ids: list[int]
     forced: list[bool]
@@ -31,6 +32,7 @@ class TextSample:
     stop_reason: int | str | None
     num_prompt_tokens: int
     logprobs: list[dict[str, Any]] | None
+    beam: dict[str, float | int] | None = None  # rank, score, sum_logprob
 
     @property
     def num_tokens(self) -> int:
@@ -41,6 +43,10 @@ class TextSample:
         data["num_tokens"] = self.num_tokens
         if self.logprobs is None:
             data.pop("logprobs")
+        if self.beam is None:
+            data.pop("beam")
+        else:
+            data.pop("seed")
         if not any(self.forced):
             data.pop("forced")
         return data
@@ -146,6 +152,45 @@ class TextGenerator:
             for i, samples in enumerate(results)
             for sample in samples
         ]
+
+    def beam_search(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: BeamParams,
+        *,
+        max_new_tokens: int = 256,
+        ignore_eos: bool = False,
+    ) -> list[TextSample]:
+        """The best `params.num_return_sequences` hypotheses of each prompt, best first
+        (`sample` is the rank; `beam` holds rank, score and sum_logprob)."""
+        requests = [
+            GenerationRequest(list(ids), max_new_tokens=max_new_tokens, ignore_eos=ignore_eos)
+            for ids in prompts
+        ]
+        results = beam_search(self.engine, requests, params)
+        return [
+            self._hypothesis_text(h, index, len(prompts[index]))
+            for index, hypotheses in enumerate(results)
+            for h in hypotheses
+        ]
+
+    def _hypothesis_text(self, h: Hypothesis, prompt_index: int, prompt_length: int) -> TextSample:
+        ids = h.token_ids
+        if h.finish_reason == "stop":
+            ids = ids[:-1]  # the EOS stays in token_ids, not in the text
+        return TextSample(
+            prompt_index=prompt_index,
+            sample=h.rank,
+            seed=None,
+            text=b"".join(self.token_bytes[i] for i in ids).decode("utf-8", errors="replace"),
+            token_ids=h.token_ids,
+            forced=[False] * len(h.token_ids),
+            finish_reason=h.finish_reason,
+            stop_reason=h.token_ids[-1] if h.finish_reason == "stop" else None,
+            num_prompt_tokens=prompt_length,
+            logprobs=None,
+            beam={"rank": h.rank, "score": h.score, "sum_logprob": h.sum_logprob},
+        )
 
     def stream_text(self, request: GenerationRequest) -> Iterator[tuple[str, TextSample | None]]:
         """(text delta, finished sample or None) for a single-row request, as it decodes.

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from muestra.answers.generation import TextGenerator
-from muestra.answers.grammar import GrammarBackend, GrammarSpec
+from muestra.answers.grammar import DEFAULT_GRAMMAR_MEMORY_BYTES, GrammarBackend, GrammarSpec
 from muestra.answers.phases import (
     AnswerConfig,
     PhaseController,
@@ -103,17 +103,26 @@ def resolve_think(tokenizer: Any, think: ThinkConfig | None) -> ThinkConfig | No
 
 
 class StructuredGenerator:
-    def __init__(self, loaded: LoadedModel, max_batch: int = 64) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        max_batch: int = 64,
+        grammar_cache_bytes: int = DEFAULT_GRAMMAR_MEMORY_BYTES,
+    ) -> None:
         self.text = TextGenerator(loaded, max_batch=max_batch)
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
+        self.grammar_cache_bytes = grammar_cache_bytes
         self._backend: GrammarBackend | None = None
 
     @property
     def backend(self) -> GrammarBackend:
         if self._backend is None:
             self._backend = GrammarBackend(
-                self.tokenizer, self.loaded.vocab_size, self.loaded.eos_token_ids
+                self.tokenizer,
+                self.loaded.vocab_size,
+                self.loaded.eos_token_ids,
+                memory_limit_bytes=self.grammar_cache_bytes,
             )
         return self._backend
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from muestra.cli.common import JsonOption, print_json, stderr, stdout
+from muestra.cli.common import JsonOption, TrustRemoteCodeOption, print_json, stderr, stdout
 
 
 def register(app: typer.Typer) -> None:
@@ -33,6 +33,7 @@ def run(
         False, "--force-new", help="Start a new run even if the spec changed."
     ),
     batch_rows: int = typer.Option(32, "--batch", min=1, help="Samples decoded together."),
+    trust_remote_code: bool = TrustRemoteCodeOption,
 ) -> None:
     """Run an experiment: every model × condition × prompt × sample, resumable.
 
@@ -52,6 +53,7 @@ def run(
         force_new=force_new,
         batch_rows=batch_rows,
         on_note=lambda text: stderr.print(f"note: {text}", markup=False),
+        trust_remote_code=trust_remote_code,
     )
     runner.open()
     units = runner.plan()

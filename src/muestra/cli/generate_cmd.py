@@ -114,6 +114,32 @@ def generate(
         "--field-probs/--no-field-probs",
         help="Record each allowed value's probability for enum/boolean/choice answers.",
     ),
+    num_beams: int = typer.Option(
+        1,
+        "--num-beams",
+        min=1,
+        max=64,
+        help="Beam search with K beams (1 = off): --n best hypotheses, HF's semantics; "
+        "no sampling, so no --temperature/--top-*/penalties/--seed.",
+    ),
+    length_penalty: float = typer.Option(
+        1.0,
+        "--length-penalty",
+        help="Beam score = sum of log-probs / length ** X (>0 favours longer hypotheses).",
+    ),
+    early_stopping: str = typer.Option(
+        "false",
+        "--early-stopping",
+        help="Beam search ends: true (as soon as K hypotheses are finished), false (when "
+        "no running beam can still beat them, at the current length), never (the same, "
+        "at the longest reachable length).",
+    ),
+    dola_layers: str | None = typer.Option(
+        None,
+        "--dola-layers",
+        help="DoLa (contrast with early layers): low, high, or layer indices like 2,4,6; "
+        "then sampling as usual on the contrasted logits (try --repetition-penalty 1.2).",
+    ),
     max_batch: int = typer.Option(64, "--max-batch", min=1, help="Rows decoded at once."),
     dtype: str = DtypeOption,
     device: str = DeviceOption,
@@ -146,6 +172,23 @@ def generate(
         raise InputError(f"--stream follows one sample; use --n 1 (got --n {n})")
     answer_grammar = structured_options.grammar_spec(schema, regex, choice, grammar)
     structured = think_budget is not None or answer_grammar is not None
+    beams = None
+    if num_beams > 1:
+        beams = _beam_params(num_beams, length_penalty, early_stopping, n)
+        _refuse_with_beams(
+            structured=structured,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            seed=seed,
+            stop=stop,
+            logprobs=logprobs,
+            stream=stream,
+        )
     params = SamplingParams(
         temperature=temperature,
         top_k=top_k,
@@ -154,7 +197,13 @@ def generate(
         repetition_penalty=repetition_penalty,
         presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty,
+        dola_layers=_dola_layers(dola_layers),
     )
+    if dola_layers is not None and (structured or beams is not None):
+        raise InputError(
+            "--dola-layers applies to plain generation (not with --num-beams, nor yet in the "
+            "think and answer phases)"
+        )
     conversation = read_messages(messages) if messages is not None else None
     if conversation is None and not raw:
         conversation = [{"role": "user", "content": prompt or ""}]
@@ -213,6 +262,21 @@ def generate(
             max_batch=max_batch,
         )
         return
+    if beams is not None:
+        started = time.perf_counter()
+        hypotheses = generator.beam_search(
+            [ids], beams, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos
+        )
+        for hypothesis in hypotheses:
+            data = hypothesis.as_dict()
+            data.pop("prompt_index")
+            print_json(data)
+        stderr.print(
+            f"beam search, {num_beams} beams: {len(hypotheses)} hypotheses in "
+            f"{time.perf_counter() - started:.2f}s",
+            markup=False,
+        )
+        return
     requests = generator.requests(
         [ids],
         n=n,
@@ -248,6 +312,55 @@ def generate(
         f"{len(samples)} samples, {total} tokens in {elapsed:.2f}s ({total / elapsed:.1f} tok/s)",
         markup=False,
     )
+
+
+def _dola_layers(text: str | None) -> str | tuple[int, ...] | None:
+    if text is None or text in ("low", "high"):
+        return text
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise InputError(
+            f"--dola-layers {text!r}: use low, high or comma-separated layer indices (2,4,6)"
+        ) from None
+
+
+def _beam_params(num_beams: int, length_penalty: float, early_stopping: str, n: int):
+    from muestra.engine.beam import BeamParams
+
+    stopping = {"true": True, "false": False, "never": "never"}.get(early_stopping.lower())
+    if stopping is None:
+        raise InputError(f"--early-stopping {early_stopping!r}: use true, false or never")
+    if n > num_beams:
+        raise InputError(
+            f"--n {n} with --num-beams {num_beams}: beam search returns at most one "
+            "hypothesis per beam; raise --num-beams or lower --n"
+        )
+    params = BeamParams(num_beams, length_penalty, stopping, n)  # type: ignore[arg-type]
+    params.check()
+    return params
+
+
+def _refuse_with_beams(*, structured: bool, **given) -> None:
+    """Beam search draws nothing: refuse, by name, every flag that would change sampling."""
+    if structured:
+        raise InputError(
+            "--num-beams applies to plain generation; beam search in the think and "
+            "answer phases (--think-budget, --schema, --regex, --choice, --grammar) is "
+            "not available yet"
+        )
+    defaults = {
+        "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
+        "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
+        "seed": None, "stop": [], "logprobs": None, "stream": False,
+    }  # fmt: skip
+    changed = [name for name, value in given.items() if value != defaults[name]]
+    if changed:
+        flags = ", ".join("--" + name.replace("_", "-") for name in changed)
+        raise InputError(
+            f"{flags}: beam search scores the model's own log-probabilities and draws "
+            "nothing; leave them out with --num-beams"
+        )
 
 
 def _run_with_progress(generator, requests):

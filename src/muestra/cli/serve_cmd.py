@@ -50,6 +50,31 @@ def serve(
         min=1,
         help="Refuse requests asking for more rows (prompts × n) than this (413).",
     ),
+    max_queued_rows: int = typer.Option(
+        2048,
+        "--max-queued-rows",
+        min=1,
+        help="Samples waiting or decoding, all requests together; a request beyond it "
+        "gets 503 (retry later). At least --max-rows-per-request.",
+    ),
+    max_grammar_bytes: int = typer.Option(
+        64 * 1024,
+        "--max-grammar-bytes",
+        min=16,
+        help="Refuse response_format schemas larger than this, as compact JSON (413).",
+    ),
+    grammar_timeout: float = typer.Option(
+        10.0,
+        "--grammar-timeout",
+        min=0.1,
+        help="Seconds a response_format grammar may take to compile, waiting included (400).",
+    ),
+    grammar_cache_mb: int = typer.Option(
+        256,
+        "--grammar-cache-mb",
+        min=1,
+        help="Memory for compiled grammars; the least recently used are dropped beyond it.",
+    ),
     trust_request_chat_template: bool = typer.Option(
         False,
         "--trust-request-chat-template",
@@ -80,6 +105,11 @@ def serve(
     from muestra.server.service import ServedModel
 
     check_api_key(api_key)  # before the model loads
+    if max_queued_rows < max_rows_per_request:
+        raise typer.BadParameter(
+            f"{max_queued_rows} is below --max-rows-per-request ({max_rows_per_request})",
+            param_hint="--max-queued-rows",
+        )
     loaded = load_model(
         model,
         dtype=dtype,  # type: ignore[arg-type]
@@ -93,6 +123,10 @@ def serve(
         max_batch=max_batch,
         max_tokens_limit=max_tokens_limit,
         max_rows_per_request=max_rows_per_request,
+        max_queued_rows=max_queued_rows,
+        max_grammar_bytes=max_grammar_bytes,
+        grammar_timeout=grammar_timeout,
+        grammar_cache_bytes=grammar_cache_mb * 2**20,
         trust_request_chat_template=trust_request_chat_template,
     )
     app = create_app(served, api_key=api_key, max_body_bytes=max_body_bytes)

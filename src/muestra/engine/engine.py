@@ -33,6 +33,7 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from muestra.engine.dola import candidate_layers, dola_logits, premature_logits
 from muestra.engine.kv_cache import (
     GrowingCache,
     merge_left_padded,
@@ -186,6 +187,15 @@ class Engine:
         self.max_batch = max_batch
         self.device = next(model.parameters()).device
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self._dola: dict[str | tuple[int, ...], tuple[int, ...]] = {}
+
+    def dola_layers(self, params: SamplingParams) -> tuple[int, ...] | None:
+        """The premature layers a row with these parameters contrasts with (None: no DoLa)."""
+        if params.dola_layers is None:
+            return None
+        if params.dola_layers not in self._dola:
+            self._dola[params.dola_layers] = candidate_layers(self.model.config, params.dola_layers)
+        return self._dola[params.dola_layers]
 
     @classmethod
     def from_loaded(cls, loaded: Any, max_batch: int = 64) -> Engine:
@@ -240,6 +250,7 @@ class Engine:
             raise InputError(f"request {index}: a prompt id is outside [0, {self.vocab_size})")
         if request.seeds is not None and len(request.seeds) != request.n:
             raise InputError(f"request {index}: {len(request.seeds)} seeds for n={request.n}")
+        self.dola_layers(request.params)  # a list with no layer of this model is refused here
         if request.stop and self.token_bytes is None:
             raise InputError("stop strings need token_bytes (use Engine.from_loaded)")
         total = len(request.prompt_ids) + request.max_new_tokens
@@ -281,9 +292,10 @@ class Engine:
 
     @torch.inference_mode()
     def _prefill(
-        self, prompts: list[Sequence[int]], max_new_tokens: int
-    ) -> tuple[Any, torch.Tensor, torch.Tensor]:
-        """Left-padded prefill of distinct prompts: (cache, last logits (P, V), mask (P, L))."""
+        self, prompts: list[Sequence[int]], max_new_tokens: int, dola: set[int] | None = None
+    ) -> tuple[Any, torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+        """Left-padded prefill of distinct prompts: (cache, last logits (P, V), mask (P, L),
+        the output head on the last position of each `dola` layer)."""
         width = max(len(p) for p in prompts)
         ids = torch.zeros(len(prompts), width, dtype=torch.long)
         mask = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -300,8 +312,10 @@ class Engine:
             cache=cache,
             use_cache=True,
             logits_to_keep=1,
+            output_hidden_states=bool(dola),
         )
-        return out.cache, out.logits[:, -1, :].float(), mask
+        premature = premature_logits(self.model, out.hidden_states, dola) if dola else {}
+        return out.cache, out.logits[:, -1, :].float(), mask, premature
 
     def _new_cache(self, capacity: int) -> Any:
         from transformers import DynamicCache
@@ -331,14 +345,25 @@ class Engine:
                 if row.request_index not in prompt_of_request:
                     prompt_of_request[row.request_index] = len(prompts)
                     prompts.append(row.prompt_ids)
-            cache, logits, mask = self._prefill(prompts, max(r.max_new_tokens for r in rows))
+            dola = self.dola_union(r.params for r in rows)
+            cache, logits, mask, premature = self._prefill(
+                prompts, max(r.max_new_tokens for r in rows), dola
+            )
             expand = [prompt_of_request[r.request_index] for r in rows]
             if expand != list(range(len(rows))):
                 index = torch.tensor(expand, device=self.device)
                 cache.batch_select_indices(index)
                 logits, mask = logits[index], mask[index]
+                premature = {layer: value[index] for layer, value in premature.items()}
             positions = torch.tensor([r.prompt_length for r in rows], device=self.device)
-        return Batch(self, rows, cache, logits, mask, positions)
+        return Batch(self, rows, cache, logits, mask, positions, premature)
+
+    def dola_union(self, params: Any) -> set[int]:
+        """Every premature layer the rows with these parameters need."""
+        layers: set[int] = set()
+        for p in params:
+            layers.update(self.dola_layers(p) or ())
+        return layers
 
     def _record(
         self,
@@ -460,11 +485,13 @@ class Batch:
         logits: torch.Tensor,
         mask: torch.Tensor,
         positions: torch.Tensor,
+        premature: dict[int, torch.Tensor] | None = None,
     ) -> None:
         self.engine = engine
         self.rows = rows
         self.cache = cache
         self.logits = logits
+        self.premature = premature or {}  # DoLa: layer → (R, V) logits of the last step
         self.mask = mask
         self.positions = positions
         self.row_params = [r.params for r in rows]
@@ -484,7 +511,16 @@ class Batch:
             if self.seen is None and not self.sampling.no_penalties:
                 self.seen, self.counts = engine._penalty_state(rows, self.sampling)
         logits = raw = self.logits  # `raw`: the model's own logits, for raw logprobs
-        if any(r.want_logprobs is not None for r in rows):
+        row_dola = [engine.dola_layers(p) for p in self.row_params]
+        if any(layers is not None for layers in row_dola):
+            missing = engine.dola_union(self.row_params) - set(self.premature)
+            if missing:
+                raise RuntimeError(
+                    f"DoLa layers {sorted(missing)} were not computed: dola_layers cannot be "
+                    "turned on in the middle of a row"
+                )
+            logits = dola_logits(logits, self.premature, row_dola)  # a new tensor
+        elif any(r.want_logprobs is not None for r in rows):
             logits = logits.clone()  # hooks mask in place; keep `raw` intact
         hook.mask_logits(logits, rows)
         warped = self.sampling.warp(self.sampling.penalise(logits, self.seen, self.counts))
@@ -527,6 +563,7 @@ class Batch:
         self.mask, self.positions = self.mask[index], self.positions[index]
         if self.next_tokens is None:  # otherwise `forward` replaces the logits anyway
             self.logits = self.logits[index]
+            self.premature = {layer: value[index] for layer, value in self.premature.items()}
         self.sampling = self.sampling.select(index)
         if self.counts is not None and self.seen is not None:
             self.counts, self.seen = self.counts[index], self.seen[index]
@@ -541,14 +578,17 @@ class Batch:
         engine = self.engine
         tokens = torch.tensor([[t] for t in self.next_tokens], device=engine.device)
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        dola = engine.dola_union(self.row_params)
         out = engine.model(
             input_ids=tokens,
             attention_mask=self.mask,
             position_ids=self.positions.unsqueeze(1),
             cache=self.cache,
             use_cache=True,
+            output_hidden_states=bool(dola),
         )
         self.cache, self.logits = out.cache, out.logits[:, -1, :].float()
+        self.premature = premature_logits(engine.model, out.hidden_states, dola) if dola else {}
         self.positions = self.positions + 1
         self.next_tokens = None
 
@@ -567,6 +607,16 @@ class Batch:
         self.cache = merge_left_padded(self.cache, other.cache, room)
         width = max(self.mask.shape[1], other.mask.shape[1])
         self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(other.mask, width)])
+        vocab = self.logits.shape[1]
+
+        def layer_of(batch: Batch, layer: int) -> torch.Tensor:
+            # a row only reads its own layers: zeros stand for the layers it does not use
+            return batch.premature.get(layer, batch.logits.new_zeros(len(batch.rows), vocab))
+
+        self.premature = {
+            layer: torch.cat([layer_of(self, layer), layer_of(other, layer)])
+            for layer in set(self.premature) | set(other.premature)
+        }
         self.logits = torch.cat([self.logits, other.logits])
         self.positions = torch.cat([self.positions, other.positions])
         self.rows = rows

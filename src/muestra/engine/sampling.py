@@ -53,6 +53,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: Mapping[int, float] = field(default_factory=dict)
+    # DoLa (engine/dola.py): "low", "high" or premature layer indices; None = off
+    dola_layers: str | tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -74,6 +76,21 @@ class SamplingParams:
         for token_id, value in self.logit_bias.items():
             if not math.isfinite(value):
                 raise InputError(f"logit_bias[{token_id}]={value!r} is invalid: must be finite")
+        layers = self.dola_layers
+        if isinstance(layers, str):
+            if layers not in ("low", "high"):
+                raise InputError(
+                    f"dola_layers={layers!r} is invalid: must be 'low', 'high' or layer indices"
+                )
+        elif layers is not None and (
+            not isinstance(layers, tuple)
+            or not layers
+            or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers)
+        ):
+            raise InputError(
+                f"dola_layers={layers!r} is invalid: must be 'low', 'high' or a "
+                "non-empty tuple of layer indices >= 0"
+            )
 
     @property
     def greedy(self) -> bool:

@@ -89,6 +89,7 @@ class Scheduler:
         self._indices = itertools.count()
         self._lock = threading.Condition()
         self._closed = False
+        self._open_rows = 0
         self.stats: dict[str, float] = {
             "steps": 0,
             "rows_stepped": 0,
@@ -124,12 +125,18 @@ class Scheduler:
                 for row in self.engine.rows_for(first + local, request):
                     self._waiting.append((submission, row))
                     submission.rows_left += 1
+            self._open_rows += submission.rows_left
             self._lock.notify()
         return submission
 
     @property
     def waiting(self) -> int:
         return len(self._waiting)
+
+    @property
+    def open_rows(self) -> int:
+        """Rows submitted and not yet finished, cancelled or failed, all submissions."""
+        return self._open_rows
 
     def cancel(self, submission: Submission) -> None:
         """Stop a submission: its waiting rows never start, its running rows leave the
@@ -318,7 +325,10 @@ class Scheduler:
 
     def _row_gone(self, submission: Submission) -> None:
         with self._lock:
+            if submission.done.is_set():  # ended earlier: its rows were counted then
+                return
             submission.rows_left -= 1
+            self._open_rows -= 1
             if submission.rows_left == 0:
                 self._forget(submission)
 
@@ -330,6 +340,8 @@ class Scheduler:
 
     def _forget(self, submission: Submission) -> None:
         with self._lock:
+            self._open_rows -= submission.rows_left  # rows of a submission ended early
+            submission.rows_left = 0
             for index in range(
                 submission.first_index, submission.first_index + len(submission.requests)
             ):

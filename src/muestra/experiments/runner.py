@@ -58,6 +58,7 @@ class Runner:
         force_new: bool = False,
         batch_rows: int = 32,
         on_note: Callable[[str], None] | None = None,
+        trust_remote_code: bool = False,
     ) -> None:
         self.spec = spec
         self.store = Path(store)
@@ -65,6 +66,11 @@ class Runner:
         if self.samples < 1:
             raise InputError(f"--samples must be at least 1 (got {self.samples})")
         self.models = [ModelSpec(id=model)] if model else spec.spec.model_list
+        if trust_remote_code:
+            self.models = [
+                m.model_copy(update={"trust_remote_code": True}) if m.endpoint is None else m
+                for m in self.models
+            ]
         self.force_new = force_new
         self.batch_rows = batch_rows
         self.on_note = on_note or (lambda _: None)
@@ -84,8 +90,10 @@ class Runner:
 
             self.remote_sampling = {m.name: resolve_think(self.spec, m) for m in remote}
         self._check_local_models()
+        self.created_store = not self.store.exists()
         self.db = connect(self.store)
         try:
+            self.new_run = False
             self.run_id = self._open_run(self.db)
             self._register()
         except BaseException:
@@ -103,7 +111,7 @@ class Runner:
             from muestra.models.loading import check_model_without_download
 
             for model in local:
-                check_model_without_download(model.id)
+                check_model_without_download(model.id, trust_remote_code=model.trust_remote_code)
 
     def _open_run(self, db: sqlite3.Connection) -> int:
         """The id of this spec's run in the store, inserted unless it is the latest."""
@@ -116,6 +124,7 @@ class Runner:
                     "run in the same store."
                 )
             return int(last["id"])
+        self.new_run = True
         with db:
             cursor = db.execute(
                 "INSERT INTO runs (name, spec_path, spec_text, spec_hash, seed, "
@@ -267,10 +276,36 @@ class Runner:
             if model.endpoint is not None:
                 self._run_remote(model, mine, store)
                 continue
-            generator = self._generator(model)
+            try:
+                generator = self._generator(model)
+            except BaseException:
+                if progress.done == 0:
+                    self._discard()
+                raise
             for batch in _batches(mine, self.batch_rows):
                 store(self._run_batch(generator, batch))
         return progress
+
+    def _discard(self) -> None:
+        """Undo what `open` wrote when the first model fails to load before any sample:
+        a store this invocation created is removed, a run it added is deleted."""
+        if self.db is None or not self.new_run:
+            return
+        if self.created_store:
+            self.db.close()  # the lock goes with it; then the files (-wal, -shm, .lock too)
+            self.db = None
+            for suffix in ("", "-wal", "-shm", "-journal", ".lock"):
+                self.store.with_name(self.store.name + suffix).unlink(missing_ok=True)
+            return
+        with self.db:
+            count = self.db.execute(
+                "SELECT count(*) FROM samples WHERE run_id = ?", (self.run_id,)
+            ).fetchone()[0]
+            if count:
+                return
+            for table in ("models", "conditions", "prompts"):
+                self.db.execute(f"DELETE FROM {table} WHERE run_id = ?", (self.run_id,))
+            self.db.execute("DELETE FROM runs WHERE id = ?", (self.run_id,))
 
     def _run_remote(
         self, model: ModelSpec, units: list[Unit], store: Callable[[list[dict[str, Any]]], None]
@@ -304,7 +339,12 @@ class Runner:
         from muestra.answers.structured import StructuredGenerator
         from muestra.models.loading import load_model
 
-        loaded = load_model(model.id, dtype=model.dtype, device=model.device)  # type: ignore[arg-type]
+        loaded = load_model(
+            model.id,
+            dtype=model.dtype,  # type: ignore[arg-type]
+            device=model.device,  # type: ignore[arg-type]
+            trust_remote_code=model.trust_remote_code,
+        )
         self._store_provenance(model, loaded.provenance.as_dict())
         return StructuredGenerator(loaded, max_batch=self.batch_rows)
 

@@ -57,6 +57,11 @@ class ModelSpec(Strict):
     label: str | None = Field(None, description="Name used in results (default: the id).")
     dtype: str = Field("auto", description="auto | bfloat16 | float16 | float32")
     device: str = Field("auto", description="auto | cpu | cuda")
+    trust_remote_code: bool = Field(
+        False,
+        description="Run the Python code a model ships (its auto_map); only for a source "
+        "you trust. `muestra run --trust-remote-code` sets it for every local model.",
+    )
     endpoint: str | list[str] | None = Field(
         None,
         description="OpenAI-compatible base URL(s), e.g. http://host:8000/v1 (muestra serve, "

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import torch
 
-from muestra.errors import InputError, ModelNotFoundError, UnsafeModelError
+from muestra.errors import InputError, ModelLoadError, ModelNotFoundError, UnsafeModelError
 from muestra.models.gguf import GGUF_SUFFIX, find_gguf, load_gguf
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
@@ -245,6 +245,7 @@ def load_model(
     trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer; see the module docstring for the rules."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -264,9 +265,14 @@ def load_model(
             use_safetensors=files.safetensors,
             trust_remote_code=trust_remote_code,
         )
-    except ValueError as err:
-        _raise_if_remote_code(ref, err)
-        raise
+    except (OSError, ValueError, RuntimeError, ImportError, SafetensorError) as err:
+        if isinstance(err, ValueError):
+            _raise_if_remote_code(ref, err)
+        raise ModelLoadError(
+            f"model {ref!r} did not load from {folder}: {_first_line(err)} "
+            f"({type(err).__name__}). Its files may be damaged or incomplete: rebuild or "
+            "download it again."
+        ) from err
     model.to(target).eval()
     return _loaded(ref, folder, files.source, files.commit, files.weights, model, tokenizer)
 
@@ -312,13 +318,15 @@ def check_model(
     return ModelFiles(folder, source, commit, None, safetensors or pickles, bool(safetensors))
 
 
-def check_model_without_download(ref: str, revision: str | None = None) -> None:
+def check_model_without_download(
+    ref: str, revision: str | None = None, trust_remote_code: bool = False
+) -> None:
     """`check_model` where it needs no download: a local model, a cached Hub snapshot, or
     any Hub id when HF_HUB_OFFLINE is set (refused unless cached). A Hub id that is neither
     cached nor offline passes; its files are checked once downloaded."""
     path = Path(ref).expanduser()
     if path.exists() or _looks_like_path(ref) or _hub_offline() or _in_hub_cache(ref, revision):
-        check_model(ref, revision)
+        check_model(ref, revision, trust_remote_code=trust_remote_code)
 
 
 def check_model_code(ref: str, folder: Path, trust_remote_code: bool) -> None:
@@ -360,7 +368,8 @@ def _json_object(path: Path) -> dict[str, Any]:
 def _remote_code_hint(ref: str, why: str) -> str:
     return (
         f"model {ref!r} needs its own Python code to load ({why}); muestra does not run it "
-        "unless told. Pass --trust-remote-code if you trust the source."
+        "unless told. Pass --trust-remote-code if you trust the source (in an experiment "
+        "spec: trust_remote_code = true under [model])."
     )
 
 

@@ -3,8 +3,9 @@
 Routes: `GET /health` (no key needed), `GET /v1/models`, `POST /v1/chat/completions`,
 `POST /v1/completions`. Every error is answered as
 `{"error": {"message", "type", "param", "code"}}` with its status: 400 bad parameters,
-401 missing or wrong key, 404 unknown model or route, 413 body too large or a token
-limit, 500 only for a fault of the server itself. Streaming is Server-Sent Events
+401 missing or wrong key, 404 unknown model or route, 413 body, grammar or rows above a
+limit, 503 when the queue is full (`--max-queued-rows`: retry later), 500 only for a
+fault of the server itself. Streaming is Server-Sent Events
 (`data: {chunk}` … `data: [DONE]`); a client that goes away frees its rows at once,
 streaming or not.
 """
@@ -24,8 +25,9 @@ from starlette.exceptions import HTTPException
 
 from muestra import __version__
 from muestra.errors import InputError
+from muestra.server.jobs import Finished, Job, SampleText, TokenRecord
 from muestra.server.protocol import ApiError, ChatRequest, CompletionRequest, find_surrogate
-from muestra.server.service import Finished, Job, SampleText, ServedModel, TokenRecord
+from muestra.server.service import ServedModel
 
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
 
@@ -96,6 +98,7 @@ def create_app(
     @app.get("/health")
     async def health() -> dict[str, Any]:
         scheduler = served.scheduler
+        grammars = served.grammars.backend
         return {
             "status": "ok",
             "model": served.name,
@@ -106,6 +109,7 @@ def create_app(
             "admissions": scheduler.stats["admissions"],
             "busy_seconds": round(scheduler.stats["busy_s"], 3),
             "prefill_seconds": round(scheduler.stats["prefill_s"], 3),
+            "grammar_cache_bytes": grammars.memory_bytes if grammars else 0,
         }
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])

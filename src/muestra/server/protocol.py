@@ -49,6 +49,7 @@ class ApiError(Exception):
             404: "not_found_error",
             413: "invalid_request_error",
             500: "server_error",
+            503: "server_error",
         }.get(status, "invalid_request_error")
 
     def body(self) -> dict[str, Any]:
@@ -173,6 +174,8 @@ class SamplingFields(BaseModel):
     stream: Flag = False
     stream_options: StreamOptions | None = None
     ignore_eos: Flag = False
+    # muestra's extension: DoLa (engine/dola.py), "low", "high" or premature layer indices
+    dola_layers: Literal["low", "high"] | list[Int] | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -190,6 +193,15 @@ class SamplingFields(BaseModel):
         stops = [value] if isinstance(value, str) else value or []
         if len(stops) > 16 or any(not s for s in stops):
             raise ValueError("give at most 16 non-empty stop strings")
+        return value
+
+    @field_validator("dola_layers")
+    @classmethod
+    def _dola(cls, value: str | list[int] | None) -> str | list[int] | None:
+        if isinstance(value, list) and not (1 <= len(value) <= 64):
+            raise ValueError("give 1 to 64 layer indices, or 'low' or 'high'")
+        if isinstance(value, list) and any(not 0 <= i <= 4096 for i in value):
+            raise ValueError("layer indices are in [0, 4096]")
         return value
 
     def stops(self) -> list[str]:

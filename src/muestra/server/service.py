@@ -6,13 +6,7 @@ backend, think tags) and the continuous-batching `Scheduler`. `chat_job` and
 phase controller: thinking budget, then the `response_format` grammar), and a `Job`
 that follows its samples as they decode.
 
-How tokens become text: every generated token is labelled by the phase controller as
-`reasoning`, `content` or `tag` (think tags, the forced closing text, the final EOS).
-`SampleText` keeps the bytes of each sample with those labels and hands out text per
-channel through incremental UTF-8 decoders, holding back the last bytes that could
-still become a stop string, so a stream never shows part of a stop string or half a
-character. Stop strings are matched on everything the model generates (as the engine
-does), and the text is cut where the first one starts.
+How the samples become text and reach the client: `jobs.py`.
 
 `max_tokens` (or `max_completion_tokens`) counts every generated token, reasoning
 included, as vLLM and OpenAI's reasoning models count them: it bounds the cost of a
@@ -23,21 +17,22 @@ when it runs out the controller closes the think block and the answer follows.
 from __future__ import annotations
 
 import asyncio
-import codecs
 import time
-import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
 
-from muestra.answers.grammar import GrammarSpec
-from muestra.answers.phases import AnswerConfig, PhaseController, PhaseState, ThinkConfig
+from muestra.answers.grammar import DEFAULT_GRAMMAR_MEMORY_BYTES, GrammarSpec
+from muestra.answers.phases import AnswerConfig, PhaseController, ThinkConfig
 from muestra.answers.structured import StructuredGenerator
-from muestra.engine import GenerationRequest, NoHook, Sample, SamplingParams, StepHook
-from muestra.engine.scheduler import Scheduler, Submission, Update
+from muestra.engine import GenerationRequest, NoHook, SamplingParams, StepHook
+from muestra.engine.scheduler import Scheduler
 from muestra.engine.seeds import fresh_run_seed, sample_seed
 from muestra.errors import InputError, MuestraError
 from muestra.models.loading import LoadedModel
+from muestra.server.grammars import (
+    DEFAULT_GRAMMAR_TIMEOUT,
+    DEFAULT_MAX_GRAMMAR_BYTES,
+    GrammarGate,
+)
+from muestra.server.jobs import Job, choice_seeds
 from muestra.server.protocol import (
     ApiError,
     ChatRequest,
@@ -55,177 +50,8 @@ from muestra.server.templates import (
 ANY_JSON_OBJECT = {"type": "object", "additionalProperties": True}
 # prompts × n of one request: bounds what a single client can queue at once
 DEFAULT_MAX_ROWS_PER_REQUEST = 256
-
-
-@dataclass
-class TokenRecord:
-    choice: int
-    token_id: int
-    channel: str  # "reasoning", "content" or "tag"
-    logprobs: Any  # engine TokenLogprobs or None
-
-
-@dataclass
-class Finished:
-    choice: int
-    sample: Sample
-    reasoning_tokens: int
-    budget_hit: bool
-
-
-class SampleText:
-    """The text of one sample, split into reasoning and content (see the module doc)."""
-
-    def __init__(self, hold: int) -> None:
-        self.hold = hold
-        self.data = bytearray()
-        self.spans: list[tuple[int, int, str]] = []
-        self.sent = 0
-        self.decoders = {
-            name: codecs.getincrementaldecoder("utf-8")(errors="replace")
-            for name in ("reasoning", "content")
-        }
-        self.logprobs: list[tuple[int, Any]] = []  # (byte start, TokenLogprobs) of content
-
-    def add(self, piece: bytes, channel: str, logprobs: Any) -> None:
-        start = len(self.data)
-        self.data += piece
-        self.spans.append((start, len(self.data), channel))
-        if channel == "content" and logprobs is not None:
-            self.logprobs.append((start, logprobs))
-
-    def take(self, final: bool = False, cut: int | None = None) -> dict[str, str]:
-        """New text per channel; `final` flushes everything up to `cut` (a stop string)."""
-        end = len(self.data)
-        limit = min(end, cut) if cut is not None else end
-        if not final:
-            limit = min(limit, end - self.hold)
-        out = {"reasoning": "", "content": ""}
-        if limit > self.sent:
-            for start, stop, channel in self.spans:
-                if channel == "tag" or stop <= self.sent or start >= limit:
-                    continue
-                chunk = bytes(self.data[max(start, self.sent) : min(stop, limit)])
-                out[channel] += self.decoders[channel].decode(chunk)
-            self.sent = limit
-        if final:
-            for channel, decoder in self.decoders.items():
-                out[channel] += decoder.decode(b"", final=True)
-        return out
-
-    def content_logprobs(self, cut: int | None) -> list[Any]:
-        return [lp for start, lp in self.logprobs if cut is None or start < cut]
-
-
-@dataclass
-class Job:
-    """One HTTP request's samples, followed from the scheduler thread into asyncio."""
-
-    served: ServedModel
-    requests: list[GenerationRequest]
-    hook: StepHook
-    prompt_tokens: int
-    hold: int
-    stream: bool = False
-    queue: asyncio.Queue[list[Any]] = field(default_factory=asyncio.Queue)
-    submission: Submission | None = None
-    id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
-    created: int = field(default_factory=lambda: int(time.time()))
-
-    @property
-    def choices(self) -> int:
-        return sum(r.n for r in self.requests)
-
-    def choice_of(self, first_index: int, request_index: int, sample_index: int) -> int:
-        local = request_index - first_index
-        return sum(r.n for r in self.requests[:local]) + sample_index
-
-    def start(self) -> None:
-        loop = asyncio.get_running_loop()
-
-        def deliver(update: Update) -> None:  # runs in the scheduler thread
-            records: list[Any] = []
-            if self.stream:
-                for row, token in update.tokens:
-                    records.append(
-                        TokenRecord(
-                            self.choice_of(update.first_index, row.request_index, row.sample_index),
-                            token.token_id,
-                            _channel(row, token),
-                            token.logprobs,
-                        )
-                    )
-            for sample in update.finished:
-                choice = self.choice_of(
-                    update.first_index, sample.request_index, sample.sample_index
-                )
-                state = sample.state
-                if not self.stream:  # the whole sample at once: no event-loop work per step
-                    records += _token_records(choice, sample)
-                records.append(
-                    Finished(
-                        choice,
-                        sample,
-                        state.think_tokens if isinstance(state, PhaseState) else 0,
-                        bool(state.budget_hit) if isinstance(state, PhaseState) else False,
-                    )
-                )
-            if update.error is not None:
-                records.append(update.error)
-            if records:
-                loop.call_soon_threadsafe(self.queue.put_nowait, records)
-
-        self.submission = self.served.scheduler.submit(self.requests, deliver, self.hook)
-
-    def cancel(self) -> None:
-        if self.submission is not None and not self.submission.done.is_set():
-            self.served.scheduler.cancel(self.submission)
-
-    async def records(self) -> AsyncIterator[list[Any]]:
-        """Lists of `TokenRecord`/`Finished` until every choice finished; raises on error."""
-        left = self.choices
-        while left:
-            batch = await self.queue.get()
-            for record in batch:
-                if isinstance(record, BaseException):
-                    raise ApiError(500, f"generation failed: {record}", code="engine_error")
-            left -= sum(isinstance(r, Finished) for r in batch)
-            yield batch
-
-
-def choice_seeds(seed: int, n: int) -> list[int]:
-    """Generator seed of each choice: choice 0 uses `seed` itself, so any stored sample
-    seed replays through the API with n=1; the others derive from it."""
-    return [seed] + [sample_seed(seed, 0, i) for i in range(1, n)]
-
-
-def _token_records(choice: int, sample: Sample) -> list[TokenRecord]:
-    """The token records of a finished sample (what a stream would have delivered)."""
-    state = sample.state
-    channels = state.channels if isinstance(state, PhaseState) else None
-    logprobs = sample.logprobs or [None] * len(sample.token_ids)
-    records = []
-    last = len(sample.token_ids) - 1
-    for index, token_id in enumerate(sample.token_ids):
-        if channels is not None:
-            channel = channels[index]
-        else:
-            finish = sample.finish_reason if index == last else None
-            channel = _plain_channel(token_id, finish, sample.stop_reason)
-        records.append(TokenRecord(choice, token_id, channel, logprobs[index]))
-    return records
-
-
-def _channel(row: Any, token: Any) -> str:
-    state = row.state
-    if isinstance(state, PhaseState) and state.channels:
-        return state.channels[-1]
-    return _plain_channel(token.token_id, token.finish_reason, row.stop_reason)
-
-
-def _plain_channel(token_id: int, finish_reason: str | None, stop_reason: Any) -> str:
-    """Without a phase controller every token is content, but the EOS that ended it."""
-    return "tag" if finish_reason == "stop" and stop_reason == token_id else "content"
+# rows waiting or decoding, all requests together: beyond it a request gets 503 at once
+DEFAULT_MAX_QUEUED_ROWS = 2048
 
 
 class ServedModel:
@@ -237,12 +63,27 @@ class ServedModel:
         max_batch: int = 64,
         max_tokens_limit: int | None = None,
         max_rows_per_request: int = DEFAULT_MAX_ROWS_PER_REQUEST,
+        max_queued_rows: int = DEFAULT_MAX_QUEUED_ROWS,
+        max_grammar_bytes: int = DEFAULT_MAX_GRAMMAR_BYTES,
+        grammar_timeout: float = DEFAULT_GRAMMAR_TIMEOUT,
+        grammar_cache_bytes: int = DEFAULT_GRAMMAR_MEMORY_BYTES,
         trust_request_chat_template: bool = False,
         template_limits: TemplateLimits = TemplateLimits(),
     ) -> None:
+        if max_queued_rows < max_rows_per_request:
+            raise InputError(
+                f"--max-queued-rows ({max_queued_rows}) must be at least "
+                f"--max-rows-per-request ({max_rows_per_request})"
+            )
         self.loaded = loaded
         self.name = name
-        self.structured = StructuredGenerator(loaded, max_batch=max_batch)
+        self.structured = StructuredGenerator(
+            loaded, max_batch=max_batch, grammar_cache_bytes=grammar_cache_bytes
+        )
+        self.grammars = GrammarGate(
+            lambda: self.structured.backend, max_grammar_bytes, grammar_timeout
+        )
+        self.max_queued_rows = max_queued_rows
         self.text = self.structured.text
         self.tokenizer = loaded.tokenizer
         self.scheduler = Scheduler(self.text.engine, max_batch)
@@ -265,6 +106,7 @@ class ServedModel:
 
     def close(self) -> None:
         self.scheduler.close()
+        self.grammars.close()
 
     # ---- building jobs --------------------------------------------------------------
 
@@ -294,12 +136,18 @@ class ServedModel:
                     param="logit_bias",
                 )
             bias[token] = amount
+        dola = body.dola_layers
+        if isinstance(dola, list):
+            dola = tuple(dola)
         try:
+            if dola is not None:
+                self.text.engine.dola_layers(SamplingParams(dola_layers=dola))
             return SamplingParams(
                 **value,
                 presence_penalty=body.presence_penalty,
                 frequency_penalty=body.frequency_penalty,
                 logit_bias=bias,
+                dola_layers=dola,
             )
         except InputError as err:
             raise ApiError(400, str(err)) from err
@@ -390,6 +238,17 @@ class ServedModel:
                 code="too_many_rows",
             )
 
+    def check_queue(self, rows: int) -> None:
+        open_rows = self.scheduler.open_rows
+        if open_rows + rows > self.max_queued_rows:
+            raise ApiError(
+                503,
+                f"the server is busy: {open_rows} samples are queued or decoding and this "
+                f"request adds {rows}, above the limit of {self.max_queued_rows} "
+                "(--max-queued-rows); retry later",
+                code="server_busy",
+            )
+
     async def chat_job(self, body: ChatRequest) -> Job:
         self.check_model(body)
         body.refuse_unsupported()
@@ -437,11 +296,7 @@ class ServedModel:
         grammar = self.grammar(body)
         compiled = None
         if grammar is not None:
-            backend = self.structured.backend
-            try:
-                compiled = (backend, await asyncio.to_thread(backend.compile, grammar))
-            except InputError as err:
-                raise ApiError(400, str(err), param="response_format") from err
+            compiled = await self.grammars.compile(grammar, "response_format")
         hook = PhaseController(think, answer, tags, self.loaded.eos_token_ids, compiled)
         top = body.top_logprobs if body.top_logprobs is not None else 0
         request = self.request(body, prompt, params, max_tokens, top if body.logprobs else None)
@@ -501,6 +356,7 @@ class ServedModel:
         prompt_tokens: int,
         body: SamplingFields,
     ) -> Job:
+        self.check_queue(sum(r.n for r in requests))
         hold = max((len(s.encode()) for s in body.stops()), default=1) - 1
         job = Job(self, requests, hook, prompt_tokens, hold, stream=body.stream)
         try:

@@ -50,9 +50,7 @@ def packaged_gguf(preset: PackagedPreset) -> tuple[Path, str]:
         ) from None
     path = Path(str(dist.locate_file(preset.file)))
     if not path.is_file():
-        raise ModelNotFoundError(
-            f"{preset.package} {dist.version} has no {preset.file}; {hint}"
-        )
+        raise ModelNotFoundError(f"{preset.package} {dist.version} has no {preset.file}; {hint}")
     return path, dist.version
 
 

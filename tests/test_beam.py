@@ -1,0 +1,194 @@
+"""Beam search against HF generate(num_beams=k, do_sample=False): the oracle, token for
+token and score for score, on both kit architectures and the real model, with prompts
+of different lengths in one batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from muestra.engine import Engine, GenerationRequest, SamplingParams
+from muestra.engine.beam import BeamParams, beam_search
+from muestra.errors import InputError
+from muestra.models.loading import load_model
+from test_engine import PROMPTS, encode
+
+PAD = 1  # not 0: HF fills finished sequences with `pad_token_id or eos[0]`
+
+
+@pytest.fixture(scope="module")
+def qwen(tiny_kit):
+    return load_model(str(tiny_kit), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def gpt2(gpt2_kit):
+    return load_model(str(gpt2_kit), device="cpu", dtype="float32")
+
+
+def hf_beams(loaded, prompts, params: BeamParams, max_new_tokens: int, eos_ids):
+    """HF's returned sequences (new tokens, fill stripped) and scores, per prompt."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), PAD)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    out = loaded.model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=False,
+        num_beams=params.num_beams,
+        length_penalty=params.length_penalty,
+        early_stopping=params.early_stopping,
+        num_return_sequences=params.num_return_sequences,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=sorted(eos_ids),
+        pad_token_id=PAD,
+        top_k=None,
+        top_p=None,
+        temperature=None,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
+    r = params.num_return_sequences
+    sequences = [row[width:].tolist() for row in out.sequences]
+    scores = out.sequences_scores.tolist()
+    return [
+        list(zip(sequences[i * r : (i + 1) * r], scores[i * r : (i + 1) * r], strict=True))
+        for i in range(len(prompts))
+    ]
+
+
+def assert_same_as_hf(loaded, texts, params: BeamParams, max_new_tokens: int) -> int:
+    """Compare every returned hypothesis; returns how many ended on an EOS."""
+    engine = Engine.from_loaded(loaded)
+    prompts = [encode(loaded, t) for t in texts]
+    ours = beam_search(
+        engine, [GenerationRequest(p, max_new_tokens=max_new_tokens) for p in prompts], params
+    )
+    reference = hf_beams(loaded, prompts, params, max_new_tokens, engine.eos_token_ids)
+    ended = 0
+    for hypotheses, hf in zip(ours, reference, strict=True):
+        assert len(hypotheses) == params.num_return_sequences
+        for hypothesis, (hf_tokens, hf_score) in zip(hypotheses, hf, strict=True):
+            n = len(hypothesis.token_ids)
+            assert hf_tokens[:n] == hypothesis.token_ids, (hypothesis.rank, params)
+            assert all(t == PAD for t in hf_tokens[n:]), (hf_tokens, hypothesis.token_ids)
+            assert hypothesis.score == pytest.approx(hf_score, abs=1e-4)
+            penalty = n**params.length_penalty
+            assert hypothesis.sum_logprob / penalty == pytest.approx(hypothesis.score, abs=1e-4)
+            ended += hypothesis.finish_reason == "stop"
+    return ended
+
+
+CONFIGS = [
+    BeamParams(2, 1.0, False, 2),
+    BeamParams(4, 1.0, False, 3),
+    BeamParams(4, 0.0, True, 4),
+    BeamParams(3, 2.0, "never", 2),
+    BeamParams(4, -1.0, False, 1),
+]
+
+
+@pytest.mark.parametrize("arch", ["qwen", "gpt2"])
+@pytest.mark.parametrize("params", CONFIGS, ids=str)
+def test_beam_search_matches_hf_on_kits(arch, params, request):
+    loaded = request.getfixturevalue(arch)
+    assert_same_as_hf(loaded, PROMPTS[:3], params, max_new_tokens=10)
+
+
+@pytest.mark.parametrize(
+    "params", [BeamParams(3, 1.0, False, 3), BeamParams(4, 1.0, True, 2)], ids=str
+)
+def test_beam_search_matches_hf_on_the_real_model(smol, params):
+    texts = [
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
+        "<|im_start|>user\nSay hi.<|im_end|>\n<|im_start|>assistant\n",
+        "The three primary colours are",
+    ]
+    ended = assert_same_as_hf(smol, texts, params, max_new_tokens=24)
+    assert ended > 0  # real end-of-turn tokens finished hypotheses before the budget
+
+
+def test_a_beam_of_one_is_greedy(qwen):
+    engine = Engine.from_loaded(qwen)
+    prompt = encode(qwen, PROMPTS[0])
+    beam = beam_search(engine, [GenerationRequest(prompt, max_new_tokens=12)], BeamParams(1))
+    greedy = engine.generate(
+        [GenerationRequest(prompt, params=SamplingParams(temperature=0), max_new_tokens=12)]
+    )
+    assert beam[0][0].token_ids == greedy[0][0].token_ids
+
+
+def test_more_prompts_than_a_batch_holds_run_in_waves(qwen):
+    prompts = [encode(qwen, t) for t in PROMPTS]
+    params = BeamParams(3, 1.0, False, 2)
+    requests = [GenerationRequest(p, max_new_tokens=8) for p in prompts]
+    together = beam_search(Engine.from_loaded(qwen), requests, params)
+    in_waves = beam_search(Engine.from_loaded(qwen, max_batch=4), requests, params)
+    assert [[h.token_ids for h in r] for r in together] == [
+        [h.token_ids for h in r] for r in in_waves
+    ]
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"n": 2}, "n=2"),
+        ({"params": SamplingParams(temperature=0.7)}, "temperature"),
+        ({"stop": ("x",)}, "stop strings"),
+        ({"logprobs": 2}, "logprobs"),
+    ],
+)
+def test_requests_beam_search_cannot_honour_are_refused(qwen, change, words):
+    request = GenerationRequest([1, 2, 3], max_new_tokens=4, **change)
+    with pytest.raises(InputError, match=words):
+        beam_search(Engine.from_loaded(qwen), [request], BeamParams(2))
+
+
+@pytest.mark.parametrize(
+    ("params", "words"),
+    [
+        (BeamParams(0), "num_beams"),
+        (BeamParams(2, num_return_sequences=3), "num_return_sequences"),
+        (BeamParams(2, early_stopping="sometimes"), "early_stopping"),  # type: ignore[arg-type]
+    ],
+)
+def test_bad_beam_params_are_refused(qwen, params, words):
+    with pytest.raises(InputError, match=words):
+        beam_search(Engine.from_loaded(qwen), [GenerationRequest([1, 2])], params)
+
+
+def test_the_cli_returns_the_best_hypotheses_first(cli, tiny_kit, qwen):
+    result = cli(
+        "generate", str(tiny_kit), "--prompt", "Hola", "--num-beams", "3", "--n", "2",
+        "--max-new-tokens", "6", "--early-stopping", "never",
+    )  # fmt: skip
+    assert result.code == 0, result.stderr
+    lines = result.json_lines()
+    assert [line["sample"] for line in lines] == [0, 1]
+    assert lines[0]["beam"]["score"] >= lines[1]["beam"]["score"]
+    assert "seed" not in lines[0]  # nothing was drawn
+    engine = Engine.from_loaded(qwen)
+    prompt = qwen.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hola"}], add_generation_prompt=True, tokenize=False
+    )
+    ids = qwen.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    params = BeamParams(3, 1.0, "never", 2)
+    direct = beam_search(engine, [GenerationRequest(ids, max_new_tokens=6)], params)[0]
+    assert [line["token_ids"] for line in lines] == [h.token_ids for h in direct]
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--temperature", "0.7", "--seed", "1"], "--temperature, --seed"),
+        (["--n", "5"], "--n 5 with --num-beams 4"),
+        (["--early-stopping", "maybe"], "--early-stopping 'maybe'"),
+        (["--choice", "sí,no"], "think and answer phases"),
+    ],
+)
+def test_the_cli_refuses_what_beam_search_cannot_do(cli, tiny_kit, flags, words):
+    result = cli("generate", str(tiny_kit), "--prompt", "Hola", "--num-beams", "4", *flags)
+    assert result.code == 2 and words in result.stderr, result.stderr
