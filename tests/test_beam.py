@@ -4,6 +4,8 @@ of different lengths in one batch."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -186,9 +188,129 @@ def test_the_cli_returns_the_best_hypotheses_first(cli, tiny_kit, qwen):
         (["--temperature", "0.7", "--seed", "1"], "--temperature, --seed"),
         (["--n", "5"], "--n 5 with --num-beams 4"),
         (["--early-stopping", "maybe"], "--early-stopping 'maybe'"),
-        (["--choice", "sí,no"], "think and answer phases"),
+        (["--choice", "sí,no", "--think-budget", "8"], "over the reasoning"),
     ],
 )
 def test_the_cli_refuses_what_beam_search_cannot_do(cli, tiny_kit, flags, words):
     result = cli("generate", str(tiny_kit), "--prompt", "Hola", "--num-beams", "4", *flags)
     assert result.code == 2 and words in result.stderr, result.stderr
+
+
+def test_the_server_searches_with_vllms_names(smol_kit, smol, tiny_kit):
+    from test_server import in_process
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    body = {"model": "s", "messages": messages, "max_tokens": 20, "n": 3,
+            "use_beam_search": True, "length_penalty": 1.0}  # fmt: skip
+    ids = smol.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    prompt = smol.tokenizer(ids, add_special_tokens=False)["input_ids"]
+    direct = beam_search(
+        Engine.from_loaded(smol),
+        [GenerationRequest(prompt, max_new_tokens=20)],
+        BeamParams(3, 1.0, False, 3),
+    )[0]
+    with in_process(smol_kit, "s") as http:
+        response = http.post("/v1/chat/completions", json=body)
+        assert response.status_code == 200, response.text
+        choices = response.json()["choices"]
+        assert [c["index"] for c in choices] == [0, 1, 2]
+        assert [c["muestra"]["beam"]["score"] for c in choices] == pytest.approx(
+            [h.score for h in direct], abs=1e-5
+        )
+        texts = [c["message"]["content"] for c in choices]
+        assert texts[0] == smol.tokenizer.decode(direct[0].token_ids, skip_special_tokens=True)
+        text = http.post(
+            "/v1/completions",
+            json={
+                "model": "s",
+                "prompt": ["Hola", "The sky is"],
+                "max_tokens": 6,
+                "n": 2,
+                "use_beam_search": True,
+                "early_stopping": "never",
+            },  # fmt: skip
+        )
+        assert text.status_code == 200, text.text
+        assert [c["index"] for c in text.json()["choices"]] == [0, 1, 2, 3]
+        for extra, param in (
+            ({"temperature": 0.5}, "temperature"), ({"stream": True}, "stream"),
+            ({"seed": 3}, "seed"), ({"stop": ["x"]}, "stop"), ({"logprobs": True}, "logprobs"),
+            ({"response_format": {"type": "json_object"}}, "response_format"),
+        ):  # fmt: skip
+            refused = http.post("/v1/chat/completions", json={**body, **extra})
+            assert refused.status_code == 400, refused.text
+            assert refused.json()["error"]["param"] == param
+    thinking = {**body, "model": "t", "max_tokens": 4, "n": 2}
+    with in_process(tiny_kit, "t") as http:
+        refused = http.post("/v1/chat/completions", json=thinking)
+        assert refused.status_code == 400 and "reasoning" in refused.text
+        off = http.post("/v1/chat/completions", json={**thinking, "muestra": {"think": False}})
+        assert off.status_code == 200, off.text
+
+
+# ---- beam search under a grammar: the k most likely valid answers ----------------------------
+
+
+def teacher_forced_logprob(loaded, prompt, tokens) -> float:
+    ids = torch.tensor([list(prompt) + list(tokens)])
+    with torch.inference_mode():
+        logprobs = loaded.model(input_ids=ids).logits[0].float().log_softmax(dim=-1)
+    start = len(prompt)
+    return sum(float(logprobs[start - 1 + i, t]) for i, t in enumerate(tokens))
+
+
+@pytest.mark.parametrize(
+    ("grammar", "check"),
+    [
+        (["sí", "no", "tal vez"], lambda a: a in ("sí", "no", "tal vez")),
+        (
+            {
+                "type": "object",
+                "properties": {"gender": {"enum": ["male", "female"]}},
+                "required": ["gender"],
+                "additionalProperties": False,
+            },  # fmt: skip
+            lambda a: a["gender"] in ("male", "female"),
+        ),
+    ],
+    ids=["choice", "schema"],
+)
+def test_beam_answers_are_valid_ranked_and_scored_by_the_model(smol, grammar, check):
+    from muestra.answers.beam_answers import beam_answers
+    from muestra.answers.grammar import GrammarSpec
+    from muestra.answers.structured import StructuredGenerator
+
+    spec = (
+        GrammarSpec.choice(grammar)
+        if isinstance(grammar, list)
+        else GrammarSpec.json_schema(grammar)
+    )
+    generator = StructuredGenerator(smol)
+    question = (
+        "Describe a brave knight. Answer in JSON."
+        if isinstance(grammar, dict)
+        else ("Is Paris in France? Answer sí, no or tal vez.")
+    )
+    prompt = generator.text.encode_messages([{"role": "user", "content": question}])
+    params = BeamParams(num_beams=3, length_penalty=0.0, num_return_sequences=2)
+    answers = beam_answers(generator, prompt, spec, params, max_tokens=24)
+    assert len(answers) == 2
+    for answer in answers:
+        assert answer.error is None and check(answer.answer), answer
+        assert answer.token_ids[-1] in smol.eos_token_ids
+        forced = teacher_forced_logprob(smol, prompt, answer.token_ids)
+        assert answer.sum_logprob == pytest.approx(forced, abs=1e-3)
+        assert answer.probability == pytest.approx(math.exp(forced), rel=1e-3)
+    assert answers[0].score >= answers[1].score
+    assert answers[0].answer != answers[1].answer or answers[0].token_ids != answers[1].token_ids
+
+
+def test_the_cli_gives_the_k_best_answers(cli, smol_kit):
+    result = cli(
+        "generate", str(smol_kit), "--prompt", "Is Paris in France? Answer yes or no.",
+        "--choice", "yes,no", "--num-beams", "2", "--n", "2", "--length-penalty", "0",
+    )  # fmt: skip
+    assert result.code == 0, result.stderr
+    lines = result.json_lines()
+    assert sorted(line["answer"] for line in lines) == ["no", "yes"]
+    assert lines[0]["beam"]["probability"] >= lines[1]["beam"]["probability"]

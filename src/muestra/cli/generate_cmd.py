@@ -120,6 +120,7 @@ def generate(
         min=1,
         max=64,
         help="Beam search with K beams (1 = off): --n best hypotheses, HF's semantics; "
+        "with a grammar (--schema, --choice…), the --n most likely valid answers; "
         "no sampling, so no --temperature/--top-*/penalties/--seed.",
     ),
     length_penalty: float = typer.Option(
@@ -176,7 +177,7 @@ def generate(
     if num_beams > 1:
         beams = _beam_params(num_beams, length_penalty, early_stopping, n)
         _refuse_with_beams(
-            structured=structured,
+            thinking=think_budget is not None,
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
@@ -216,7 +217,7 @@ def generate(
     )
     generator = TextGenerator(loaded, max_batch=max_batch)
     think = None
-    if structured:
+    if structured and beams is None:
         think = structured_options.think_config(
             loaded,
             think_budget,
@@ -261,6 +262,9 @@ def generate(
             field_probs=field_probs,
             max_batch=max_batch,
         )
+        return
+    if beams is not None and answer_grammar is not None:
+        _print_beam_answers(loaded, ids, answer_grammar, beams, answer_max_tokens, max_batch)
         return
     if beams is not None:
         started = time.perf_counter()
@@ -341,13 +345,29 @@ def _beam_params(num_beams: int, length_penalty: float, early_stopping: str, n: 
     return params
 
 
-def _refuse_with_beams(*, structured: bool, **given) -> None:
+def _print_beam_answers(loaded, ids, grammar, beams, max_tokens: int, max_batch: int) -> None:
+    from muestra.answers.beam_answers import beam_answers
+    from muestra.answers.structured import StructuredGenerator
+
+    started = time.perf_counter()
+    generator = StructuredGenerator(loaded, max_batch=max_batch)
+    answers = beam_answers(generator, ids, grammar, beams, max_tokens)
+    for answer in answers:
+        print_json(answer.as_dict())
+    stderr.print(
+        f"beam search under the grammar, {beams.num_beams} beams: {len(answers)} answers in "
+        f"{time.perf_counter() - started:.2f}s",
+        markup=False,
+    )
+
+
+def _refuse_with_beams(*, thinking: bool, **given) -> None:
     """Beam search draws nothing: refuse, by name, every flag that would change sampling."""
-    if structured:
+    if thinking:
         raise InputError(
-            "--num-beams applies to plain generation; beam search in the think and "
-            "answer phases (--think-budget, --schema, --regex, --choice, --grammar) is "
-            "not available yet"
+            "--num-beams with --think-budget: beam search over the reasoning is not "
+            "available yet; with --schema, --regex, --choice or --grammar alone, the answer "
+            "is searched under the grammar"
         )
     defaults = {
         "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,

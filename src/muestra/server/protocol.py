@@ -149,7 +149,6 @@ UNSUPPORTED = {
     "best_of",
     "suffix",
     "echo",
-    "use_beam_search",
 }
 
 
@@ -176,6 +175,10 @@ class SamplingFields(BaseModel):
     ignore_eos: Flag = False
     # muestra's extension: DoLa (engine/dola.py), "low", "high" or premature layer indices
     dola_layers: Literal["low", "high"] | list[Int] | None = None
+    # beam search, vLLM's names: n beams, all n returned; early_stopping is muestra's (HF's)
+    use_beam_search: Flag = False
+    length_penalty: Number = Field(1.0, ge=-10, le=10)
+    early_stopping: Flag | Literal["never"] = False
 
     @field_validator("logit_bias")
     @classmethod

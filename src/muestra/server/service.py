@@ -84,6 +84,7 @@ class ServedModel:
             lambda: self.structured.backend, max_grammar_bytes, grammar_timeout
         )
         self.max_queued_rows = max_queued_rows
+        self.beam_lock = asyncio.Lock()  # one beam search at a time (server/beams.py)
         self.text = self.structured.text
         self.tokenizer = loaded.tokenizer
         self.scheduler = Scheduler(self.text.engine, max_batch)
@@ -310,6 +311,19 @@ class ServedModel:
         self.check_rows(len(prompts), body.n)
         requests = []
         prompt_tokens = 0
+        for index, ids in enumerate(await self.encode_prompts(prompts)):
+            prompt_tokens += len(ids)
+            max_tokens = self.max_tokens(body.max_tokens, len(ids), "prompt")
+            request = self.request(body, ids, params, max_tokens, body.logprobs)
+            if index:  # each prompt's choices get their own seeds
+                seeds = choice_seeds(sample_seed(request.seed, index, 0), body.n)
+                request = GenerationRequest(**{**request.__dict__, "seeds": seeds})
+            requests.append(GenerationRequest(**{**request.__dict__, "prompt_index": index}))
+        return self.job(requests, NoHook(), prompt_tokens, body)
+
+    async def encode_prompts(self, prompts: list[str | list[int]]) -> list[list[int]]:
+        """Token ids of a text completion's prompts (text tokenized off the event loop)."""
+        encoded = []
         for index, prompt in enumerate(prompts):
             if isinstance(prompt, str):
                 ids = await asyncio.to_thread(self.text.encode_text, prompt)
@@ -319,14 +333,8 @@ class ServedModel:
                 raise ApiError(400, f"prompt {index} is empty", param="prompt")
             if max(ids) >= self.loaded.vocab_size or min(ids) < 0:
                 raise ApiError(400, f"prompt {index}: a token id is out of range", param="prompt")
-            prompt_tokens += len(ids)
-            max_tokens = self.max_tokens(body.max_tokens, len(ids), "prompt")
-            request = self.request(body, ids, params, max_tokens, body.logprobs)
-            if index:  # each prompt's choices get their own seeds
-                seeds = choice_seeds(sample_seed(request.seed, index, 0), body.n)
-                request = GenerationRequest(**{**request.__dict__, "seeds": seeds})
-            requests.append(GenerationRequest(**{**request.__dict__, "prompt_index": index}))
-        return self.job(requests, NoHook(), prompt_tokens, body)
+            encoded.append(ids)
+        return encoded
 
     def request(
         self,
