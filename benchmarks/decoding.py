@@ -105,3 +105,36 @@ def bench_dola(loaded: LoadedModel, repeats: int) -> dict[str, Any]:
             entry[dola] = {"s": seconds, "layers": list(layers or ()), "cost": seconds / plain_s}
         result[f"rows_{rows}"] = entry
     return result
+
+
+COPY_TEXT = (
+    "Repeat this text exactly, word for word:\n\nThe quick brown fox jumps over the lazy dog. "
+    "Muestra samples language models many times under exact control and measures what comes "
+    "out, so that a researcher can tell whether a model's preference is real or noise."
+)
+
+
+def bench_lookup(loaded: LoadedModel, repeats: int) -> dict[str, Any]:
+    """Prompt lookup (10 draft tokens, n-grams ≤ 2) vs plain greedy, batch 1, 64 tokens at
+    most: a prompt the answer copies, and one with nothing to copy."""
+    from muestra.engine.lookup import lookup_greedy
+
+    engine = Engine.from_loaded(loaded)
+    result: dict[str, Any] = {}
+    for name, question in (("copy", COPY_TEXT), ("no_copy", QUESTIONS[2])):
+        prompt = render_chat(loaded.tokenizer, [{"role": "user", "content": question}])[1]
+        request = GenerationRequest(prompt, params=SamplingParams(temperature=0), max_new_tokens=64)
+        plain_ids = engine.generate([request])[0][0].token_ids
+        found = lookup_greedy(engine, request)
+        plain_s, _ = median_time(lambda request=request: engine.generate([request]), repeats)
+        lookup_s, _ = median_time(lambda request=request: lookup_greedy(engine, request), repeats)
+        result[name] = {
+            "same_tokens_as_greedy": found.token_ids == plain_ids,
+            "tokens": len(found.token_ids),
+            "forwards": found.forwards + 1,
+            "acceptance_rate": found.acceptance_rate,
+            "plain_s": plain_s,
+            "lookup_s": lookup_s,
+            "speedup": plain_s / lookup_s,
+        }
+    return result

@@ -102,6 +102,7 @@ def main() -> None:
         decoding = {
             "beam": decoding_bench.bench_beam(smol, repeats),
             "dola": decoding_bench.bench_dola(smol, repeats),
+            "lookup": decoding_bench.bench_lookup(smol, repeats),
         }
         paths.append(write_result("decoding", {"repeats": repeats, **decoding}))
 
@@ -231,6 +232,15 @@ def print_decoding(decoding: dict[str, Any]) -> None:
                 f"{r[dola]['cost']:.2f}× the time",
                 "",
             )
+    for name, r in decoding["lookup"].items():
+        same = "same tokens" if r["same_tokens_as_greedy"] else "DIFFERENT tokens"
+        table.add_row(
+            f"prompt lookup, {name.replace('_', ' ')}, {r['tokens']} tokens",
+            f"{r['lookup_s']:.2f}s ({r['forwards']} forwards)",
+            f"plain greedy {r['plain_s']:.2f}s ({same})",
+            f"{r['speedup']:.2f}×",
+            f"accepted {r['acceptance_rate']:.0%}",
+        )
     console.print(table)
 
 

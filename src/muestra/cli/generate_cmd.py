@@ -141,6 +141,15 @@ def generate(
         help="DoLa (contrast with early layers): low, high, or layer indices like 2,4,6; "
         "then sampling as usual on the contrasted logits (try --repetition-penalty 1.2).",
     ),
+    prompt_lookup: int | None = typer.Option(
+        None,
+        "--prompt-lookup",
+        min=1,
+        max=64,
+        help="Prompt-lookup decoding (greedy, --temperature 0, --n 1): draft up to N tokens "
+        "copied from the prompt and text so far, verified in one forward; same output as "
+        "greedy, faster when the answer copies its prompt.",
+    ),
     max_batch: int = typer.Option(64, "--max-batch", min=1, help="Rows decoded at once."),
     dtype: str = DtypeOption,
     device: str = DeviceOption,
@@ -263,6 +272,20 @@ def generate(
             max_batch=max_batch,
         )
         return
+    if prompt_lookup is not None:
+        if structured or beams is not None or stream:
+            raise InputError(
+                "--prompt-lookup applies to plain greedy generation (not with --num-beams, "
+                "--stream, a grammar or a think budget)"
+            )
+        _print_lookup(
+            generator,
+            requests_for_lookup(
+                generator, ids, params, max_new_tokens, seed, stop, ignore_eos, logprobs, n
+            ),
+            prompt_lookup,
+        )
+        return
     if beams is not None and answer_grammar is not None:
         _print_beam_answers(loaded, ids, answer_grammar, beams, answer_max_tokens, max_batch)
         return
@@ -343,6 +366,54 @@ def _beam_params(num_beams: int, length_penalty: float, early_stopping: str, n: 
     params = BeamParams(num_beams, length_penalty, stopping, n)  # type: ignore[arg-type]
     params.check()
     return params
+
+
+def requests_for_lookup(
+    generator, ids, params, max_new_tokens, seed, stop, ignore_eos, logprobs, n
+):
+    if n != 1:
+        raise InputError(f"--prompt-lookup decodes one greedy sample; use --n 1 (got --n {n})")
+    return generator.requests(
+        [ids], n=1, params=params, max_new_tokens=max_new_tokens, seed=seed, stop=stop,
+        ignore_eos=ignore_eos, logprobs=logprobs,
+    )[0]  # fmt: skip
+
+
+def _print_lookup(generator, request, num_tokens: int) -> None:
+    from dataclasses import replace
+
+    from muestra.engine.lookup import lookup_greedy
+
+    request = replace(request, seed=0)
+    started = time.perf_counter()
+    result = lookup_greedy(generator.engine, request, num_tokens=num_tokens)
+    elapsed = time.perf_counter() - started
+    ids = result.token_ids
+    shown = ids[:-1] if result.finish_reason == "stop" else ids
+    print_json(
+        {
+            "sample": 0,
+            "text": b"".join(generator.token_bytes[t] for t in shown).decode(
+                "utf-8", errors="replace"
+            ),
+            "token_ids": ids,
+            "finish_reason": result.finish_reason,
+            "num_prompt_tokens": len(request.prompt_ids),
+            "num_tokens": len(ids),
+            "prompt_lookup": {
+                "forwards": result.forwards,
+                "drafted": result.drafted,
+                "accepted": result.accepted,
+                "acceptance_rate": result.acceptance_rate,
+            },
+        }
+    )
+    stderr.print(
+        f"prompt lookup: {len(ids)} tokens in {elapsed:.2f}s ({len(ids) / elapsed:.1f} tok/s), "
+        f"{result.forwards + 1} forwards, {result.acceptance_rate:.0%} of drafted tokens "
+        "accepted",
+        markup=False,
+    )
 
 
 def _print_beam_answers(loaded, ids, grammar, beams, max_tokens: int, max_batch: int) -> None:

@@ -76,7 +76,15 @@ class GrowingLayer(DynamicLayer):
         raise NotImplementedError("the engine expands rows with batch_select_indices")
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("the engine never crops its cache")
+        """Forget the last `-tokens_to_remove` positions (transformers v5's convention: a
+        negative count); prompt lookup drops rejected draft tokens with it."""
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative count of positions to remove")
+        if tokens_to_remove == 0 or self.key_buffer is None or self.value_buffer is None:
+            return
+        self.length -= abs(tokens_to_remove)
+        self.keys = self.key_buffer[:, :, : self.length]
+        self.values = self.value_buffer[:, :, : self.length]
 
     def reset(self) -> None:
         super().reset()

@@ -1,0 +1,127 @@
+"""Prompt-lookup decoding: greedy output, several tokens per forward when the text copies.
+
+`lookup_greedy(engine, request, num_tokens=10, max_ngram=2)` decodes one greedy request:
+
+1. draft: the last `n` tokens (n = `max_ngram` … 1) are looked up in the prompt and the
+   text so far; the first earlier occurrence gives up to `num_tokens` draft tokens that
+   followed it (HF's `PromptLookupCandidateGenerator` rule, EOS included as a stop);
+2. verify: one forward pass of the last token plus the draft; the model's argmax at each
+   position is compared with the draft, the matching prefix is accepted and the model's own
+   next token follows it (so a step yields 1 … draft+1 tokens);
+3. the KV cache drops the positions of the rejected draft tokens (`crop`).
+
+Every emitted token is the model's argmax given the tokens before it, so the output is
+plain greedy decoding's, token for token (up to the last bits of multi-token vs one-token
+matrix products; the tests check equality on the real model and the kits). It pays off
+when the answer copies from its prompt (quoting, editing, extraction); without matches
+it is plain greedy with a lookup per step.
+
+One request at a time: rows accept different numbers of tokens per step, so a batch
+would need ragged caches; for many samples the batched engine is the faster path anyway.
+Stop strings, logprobs, penalties, bias, DoLa and sampling are refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from muestra.engine.engine import Engine, GenerationRequest
+from muestra.engine.sampling import SamplingParams
+from muestra.errors import InputError
+
+
+@dataclass
+class LookupResult:
+    token_ids: list[int]
+    finish_reason: str  # "stop" (an EOS) or "length"
+    forwards: int  # model calls after the prefill
+    drafted: int  # draft tokens proposed
+    accepted: int  # draft tokens accepted
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+def find_draft(context: list[int], num_tokens: int, max_ngram: int) -> list[int]:
+    """Up to `num_tokens` tokens that followed the first earlier occurrence of the
+    context's last n-gram (longest n first), or []."""
+    length = len(context)
+    for n in range(min(max_ngram, length - 1), 0, -1):
+        tail = context[-n:]
+        for start in range(length - n):
+            if context[start : start + n] == tail:
+                follow = context[start + n : start + n + num_tokens]
+                if follow:
+                    return follow
+    return []
+
+
+def check_lookup_request(request: GenerationRequest) -> None:
+    if request.n != 1:
+        raise InputError("prompt lookup decodes one greedy sample; set n=1")
+    allowed = SamplingParams(temperature=0)
+    if request.params != allowed:
+        raise InputError(
+            "prompt lookup is greedy decoding: temperature 0 and no top-k/top-p/min-p, "
+            "penalties, logit bias or DoLa"
+        )
+    if request.stop or request.logprobs is not None:
+        raise InputError("prompt lookup does not support stop strings or logprobs")
+
+
+@torch.inference_mode()
+def lookup_greedy(
+    engine: Engine, request: GenerationRequest, num_tokens: int = 10, max_ngram: int = 2
+) -> LookupResult:
+    if not 1 <= num_tokens <= 64 or not 1 <= max_ngram <= 8:
+        raise InputError(
+            f"prompt lookup: num_tokens={num_tokens} must be in [1, 64] and "
+            f"max_ngram={max_ngram} in [1, 8]"
+        )
+    engine.validate(0, request)
+    check_lookup_request(request)
+    eos = frozenset() if request.ignore_eos else engine.eos_token_ids
+    prompt = list(request.prompt_ids)
+    cache, logits, mask, _ = engine._prefill([prompt], request.max_new_tokens + num_tokens)
+    out = [int(logits[0].argmax())]
+    result = LookupResult(out, "length", 0, 0, 0)
+    if out[0] in eos:
+        result.finish_reason = "stop"
+        return result
+    while len(out) < request.max_new_tokens:
+        room = request.max_new_tokens - len(out)  # tokens still allowed, bonus included
+        draft = [t for t in find_draft(prompt + out, min(num_tokens, room - 1), max_ngram)]
+        feed = [out[-1], *draft]
+        position = len(prompt) + len(out) - 1
+        mask = torch.cat([mask, mask.new_ones(1, len(feed))], dim=1)
+        step = engine.model(
+            input_ids=torch.tensor([feed], device=engine.device),
+            attention_mask=mask,
+            position_ids=torch.arange(position, position + len(feed), device=engine.device)[None],
+            cache=cache,
+            use_cache=True,
+        )
+        cache = step.cache
+        result.forwards += 1
+        targets = step.logits[0].float().argmax(dim=-1).tolist()  # (len(feed),)
+        accepted = 0
+        while accepted < len(draft) and draft[accepted] == targets[accepted]:
+            accepted += 1
+        result.drafted += len(draft)
+        result.accepted += accepted
+        new = [*draft[:accepted], targets[accepted]]
+        rejected = len(draft) - accepted
+        if rejected:
+            cache.crop(-rejected)
+            mask = mask[:, :-rejected]
+        for token in new:
+            out.append(token)
+            if token in eos:
+                result.finish_reason = "stop"
+                return result
+            if len(out) >= request.max_new_tokens:
+                return result
+    return result
