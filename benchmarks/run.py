@@ -103,6 +103,7 @@ def main() -> None:
             "beam": decoding_bench.bench_beam(smol, repeats),
             "dola": decoding_bench.bench_dola(smol, repeats),
             "lookup": decoding_bench.bench_lookup(smol, repeats),
+            "speculative": decoding_bench.bench_speculative(smol, repeats),
         }
         paths.append(write_result("decoding", {"repeats": repeats, **decoding}))
 
@@ -241,6 +242,15 @@ def print_decoding(decoding: dict[str, Any]) -> None:
             f"{r['speedup']:.2f}×",
             f"accepted {r['acceptance_rate']:.0%}",
         )
+    r = decoding["speculative"]
+    same = "same tokens" if r["same_tokens_as_greedy"] else "DIFFERENT tokens"
+    table.add_row(
+        f"speculative, layer draft 24/30, {r['tokens']} tokens",
+        f"{r['speculative_s']:.2f}s ({r['rounds']} rounds)",
+        f"plain greedy {r['plain_s']:.2f}s ({same})",
+        f"{r['speedup']:.2f}×",
+        f"accepted {r['acceptance_rate']:.0%}",
+    )
     console.print(table)
 
 

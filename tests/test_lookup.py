@@ -62,8 +62,7 @@ def test_on_the_real_model_a_copy_task_takes_fewer_forwards(smol):
     result = lookup_equals_greedy(smol, ids, max_new_tokens=48)
     assert result.forwards < len(result.token_ids) / 2  # several tokens per forward
     assert result.accepted > 0 and 0 < result.acceptance_rate <= 1
-    for num_tokens, max_ngram in ((1, 1), (3, 3), (20, 2)):
-        lookup_equals_greedy(smol, ids, 48, num_tokens=num_tokens, max_ngram=max_ngram)
+    lookup_equals_greedy(smol, ids, 48, num_tokens=3, max_ngram=3)
 
 
 def test_a_prompt_with_nothing_to_copy_is_still_greedy(smol):

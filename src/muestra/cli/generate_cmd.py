@@ -150,6 +150,16 @@ def generate(
         "copied from the prompt and text so far, verified in one forward; same output as "
         "greedy, faster when the answer copies its prompt.",
     ),
+    draft_model: str | None = typer.Option(
+        None,
+        "--draft-model",
+        help="Speculative decoding (--n 1) with this draft: a model with the same vocabulary, "
+        "or layers:N for the model's own first N layers. Greedy output equals plain greedy; "
+        "sampled output follows the same distribution.",
+    ),
+    num_speculative_tokens: int = typer.Option(
+        4, "--num-speculative-tokens", min=1, max=32, help="Draft tokens per round."
+    ),
     max_batch: int = typer.Option(64, "--max-batch", min=1, help="Rows decoded at once."),
     dtype: str = DtypeOption,
     device: str = DeviceOption,
@@ -271,6 +281,17 @@ def generate(
             field_probs=field_probs,
             max_batch=max_batch,
         )
+        return
+    if draft_model is not None:
+        if structured or beams is not None or stream or prompt_lookup is not None:
+            raise InputError(
+                "--draft-model applies to plain generation (not with --num-beams, "
+                "--prompt-lookup, --stream, a grammar or a think budget)"
+            )
+        request = requests_for_lookup(
+            generator, ids, params, max_new_tokens, seed, stop, ignore_eos, logprobs, n
+        )
+        _print_speculative(generator, loaded, request, draft_model, num_speculative_tokens, dtype)
         return
     if prompt_lookup is not None:
         if structured or beams is not None or stream:
@@ -412,6 +433,56 @@ def _print_lookup(generator, request, num_tokens: int) -> None:
         f"prompt lookup: {len(ids)} tokens in {elapsed:.2f}s ({len(ids) / elapsed:.1f} tok/s), "
         f"{result.forwards + 1} forwards, {result.acceptance_rate:.0%} of drafted tokens "
         "accepted",
+        markup=False,
+    )
+
+
+def _print_speculative(generator, loaded, request, draft_ref: str, k: int, dtype: str) -> None:
+    from muestra.engine.seeds import sample_seed
+    from muestra.engine.speculative import layer_draft, speculative_generate
+    from muestra.models.loading import load_model
+
+    if draft_ref.startswith("layers:"):
+        try:
+            layers = int(draft_ref.split(":", 1)[1])
+        except ValueError:
+            raise InputError(f"--draft-model {draft_ref!r}: use layers:N or a model") from None
+        draft = layer_draft(loaded.model, layers)
+    else:
+        other = load_model(draft_ref, dtype=dtype, device=str(generator.engine.device))
+        if other.tokenizer.get_vocab() != loaded.tokenizer.get_vocab():
+            raise InputError(
+                f"--draft-model {draft_ref}: its vocabulary differs from the model's; a draft "
+                "must share the tokenizer"
+            )
+        draft = other.model
+    started = time.perf_counter()
+    result = speculative_generate(generator.engine, draft, request, k)
+    elapsed = time.perf_counter() - started
+    ids = result.token_ids
+    shown = ids[:-1] if result.finish_reason == "stop" else ids
+    print_json(
+        {
+            "sample": 0,
+            "seed": sample_seed(request.seed, request.prompt_index, 0),
+            "text": b"".join(generator.token_bytes[t] for t in shown).decode(
+                "utf-8", errors="replace"
+            ),
+            "token_ids": ids,
+            "finish_reason": result.finish_reason,
+            "num_prompt_tokens": len(request.prompt_ids),
+            "num_tokens": len(ids),
+            "speculative": {
+                "rounds": result.rounds,
+                "drafted": result.drafted,
+                "accepted": result.accepted,
+                "acceptance_rate": result.acceptance_rate,
+            },
+        }
+    )
+    stderr.print(
+        f"speculative: {len(ids)} tokens in {elapsed:.2f}s, {result.rounds} rounds, "
+        f"{result.acceptance_rate:.0%} of drafted tokens accepted",
         markup=False,
     )
 

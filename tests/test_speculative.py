@@ -1,0 +1,137 @@
+"""Speculative decoding: greedy output equals plain greedy token for token; sampled output
+follows the target's distribution (χ² on the rejection rule itself and end to end)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from muestra.engine import Engine, GenerationRequest, SamplingParams
+from muestra.engine.seeds import generator_for
+from muestra.engine.speculative import layer_draft, speculative_generate, verify
+from muestra.errors import InputError
+from muestra.models.loading import load_model
+from test_engine import PROMPTS, encode
+
+GREEDY = SamplingParams(temperature=0)
+
+
+def test_the_rejection_rule_emits_the_target_distribution():
+    """Draft tokens drawn from q, verified against p: the emitted first and second tokens
+    follow p_0 and p_1 whatever q is (q very unlike p here)."""
+    p = torch.tensor([[0.5, 0.2, 0.1, 0.1, 0.05, 0.05], [0.05, 0.05, 0.1, 0.1, 0.2, 0.5]])
+    ps = torch.cat([p, p[:1]])  # a bonus row
+    q = torch.tensor([0.05, 0.05, 0.1, 0.2, 0.3, 0.3])
+    rng = generator_for(1234)
+    firsts, seconds = torch.zeros(6), torch.zeros(6)
+    draws = 20000
+    for _ in range(draws):
+        drafted = torch.multinomial(torch.stack([q, q]), 1, generator=rng).flatten().tolist()
+        new = verify(drafted, [q, q], ps, greedy=False, rng=rng)
+        firsts[new[0]] += 1
+        if len(new) > 1:
+            seconds[new[1]] += 1
+    assert chisquare(firsts.numpy(), p[0].numpy() * draws).pvalue > 0.001
+    n = seconds.sum()
+    assert chisquare(seconds.numpy(), p[1].numpy() * n.item()).pvalue > 0.001
+
+
+def test_greedy_verification_keeps_the_targets_argmax():
+    ps = torch.nn.functional.one_hot(torch.tensor([3, 1, 4]), 6).float()
+    q = torch.full((6,), 1 / 6)
+    rng = generator_for(0)
+    assert verify([3, 1], [q, q], ps, greedy=True, rng=rng) == [3, 1, 4]
+    assert verify([3, 2], [q, q], ps, greedy=True, rng=rng) == [3, 1]
+    assert verify([0, 1], [q, q], ps, greedy=True, rng=rng) == [3]
+
+
+def test_a_layer_draft_shares_the_weights_and_equals_an_early_exit(smol):
+    model = smol.model
+    draft = layer_draft(model, 10)
+    assert draft.model.embed_tokens.weight is model.model.embed_tokens.weight
+    assert draft.model.layers[9].mlp.up_proj.weight is model.model.layers[9].mlp.up_proj.weight
+    ids = torch.tensor([encode(smol, "The capital of France is")])
+    with torch.inference_mode():
+        hidden = model(ids, output_hidden_states=True).hidden_states[10]
+        manual = model.lm_head(model.model.norm(hidden))
+        assert torch.allclose(draft(ids).logits, manual, atol=1e-4)
+    with pytest.raises(InputError, match="layer draft"):
+        layer_draft(model, 30)
+
+
+def test_greedy_output_equals_plain_greedy_on_the_real_model(smol, k=4):
+    engine = Engine.from_loaded(smol)
+    draft = layer_draft(smol.model, 24)
+    for text in ("The capital of France is", "Había una vez"):
+        request = GenerationRequest(encode(smol, text), params=GREEDY, max_new_tokens=24)
+        plain = engine.generate([request])[0][0]
+        result = speculative_generate(engine, draft, request, k)
+        assert result.token_ids == plain.token_ids
+        assert result.finish_reason == plain.finish_reason
+        assert result.rounds <= len(result.token_ids)
+
+
+def test_greedy_on_the_gpt2_kit(gpt2_kit):
+    loaded = load_model(str(gpt2_kit), dtype="float32")
+    engine = Engine.from_loaded(loaded)
+    draft = layer_draft(loaded.model, 1)
+    for text in PROMPTS[:2]:
+        request = GenerationRequest(encode(loaded, text), params=GREEDY, max_new_tokens=16)
+        assert (
+            speculative_generate(engine, draft, request, 3).token_ids
+            == engine.generate([request])[0][0].token_ids
+        )
+
+
+def test_sampled_first_tokens_follow_the_targets_distribution(tiny_kit):
+    """End to end on the tiny kit (one-layer draft of two): the first token of 300
+    speculative samples (T 1, top-k 6) against the target's exact processed distribution."""
+    from muestra.engine.sampling import SamplingBatch
+
+    loaded = load_model(str(tiny_kit), dtype="float32")
+    engine = Engine.from_loaded(loaded)
+    draft = layer_draft(loaded.model, 1)
+    params = SamplingParams(temperature=1.0, top_k=6)
+    prompt = encode(loaded, PROMPTS[0])
+    with torch.inference_mode():
+        logits = loaded.model(torch.tensor([prompt])).logits[:, -1, :].float()
+    probs = SamplingBatch.build([params], engine.vocab_size, engine.device).warp(logits)
+    probs = probs.logits.softmax(-1)[0]
+    support = probs.nonzero().flatten().tolist()
+    counts = dict.fromkeys(support, 0)
+    draws = 300
+    for seed in range(draws):
+        request = GenerationRequest(prompt, params=params, max_new_tokens=2, seed=seed)
+        first = speculative_generate(engine, draft, request, 1).token_ids[0]
+        counts[first] += 1
+    mass = sum(float(probs[t]) for t in support)
+    expected = [float(probs[t]) / mass * draws for t in support]
+    assert chisquare([counts[t] for t in support], expected).pvalue > 0.001
+
+
+@pytest.mark.parametrize(
+    ("params", "words"),
+    [
+        (SamplingParams(temperature=0, repetition_penalty=1.2), "penalties"),
+        (SamplingParams(temperature=0, dola_layers="high"), "DoLa"),
+    ],
+)
+def test_what_speculation_cannot_do_is_refused(smol, params, words):
+    request = GenerationRequest([1, 2, 3], params=params)
+    with pytest.raises(InputError, match=words):
+        speculative_generate(Engine.from_loaded(smol), layer_draft(smol.model, 4), request)
+
+
+def test_the_cli_speculates_with_a_layer_draft_or_a_model(cli, smol_kit, tiny_kit):
+    base = ["generate", str(smol_kit), "--prompt", "Name a colour.", "--max-new-tokens", "12"]
+    plain = cli(*base, "--temperature", "0")
+    fast = cli(*base, "--temperature", "0", "--draft-model", "layers:24")
+    assert plain.code == 0 and fast.code == 0, fast.stderr
+    assert fast.json_lines()[0]["token_ids"] == plain.json_lines()[0]["token_ids"]
+    assert set(fast.json_lines()[0]["speculative"]) >= {"rounds", "acceptance_rate"}
+    sampled = cli(*base, "--seed", "3", "--draft-model", "layers:24")
+    again = cli(*base, "--seed", "3", "--draft-model", "layers:24")
+    assert sampled.json_lines()[0]["token_ids"] == again.json_lines()[0]["token_ids"]
+    other = cli(*base, "--temperature", "0", "--draft-model", str(tiny_kit))
+    assert other.code == 2 and "vocabulary differs" in other.stderr
