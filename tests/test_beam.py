@@ -12,20 +12,9 @@ import torch
 from muestra.engine import Engine, GenerationRequest, SamplingParams
 from muestra.engine.beam import BeamParams, beam_search
 from muestra.errors import InputError
-from muestra.models.loading import load_model
 from test_engine import PROMPTS, encode
 
 PAD = 1  # not 0: HF fills finished sequences with `pad_token_id or eos[0]`
-
-
-@pytest.fixture(scope="module")
-def qwen(tiny_kit):
-    return load_model(str(tiny_kit), device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def gpt2(gpt2_kit):
-    return load_model(str(gpt2_kit), device="cpu", dtype="float32")
 
 
 def hf_beams(loaded, prompts, params: BeamParams, max_new_tokens: int, eos_ids):

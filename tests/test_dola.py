@@ -11,19 +11,7 @@ import torch.nn.functional as F  # noqa: N812
 from muestra.engine import Engine, GenerationRequest, SamplingParams
 from muestra.engine.dola import candidate_layers
 from muestra.errors import InputError
-from muestra.models.loading import load_model
 from test_engine import PROMPTS, encode
-
-
-@pytest.fixture(scope="module")
-def qwen(tiny_kit):
-    return load_model(str(tiny_kit), device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def gpt2(gpt2_kit):
-    return load_model(str(gpt2_kit), device="cpu", dtype="float32")
-
 
 # ---- the reference: HF v4's functions, verbatim in substance --------------------------------
 

@@ -8,7 +8,6 @@ import torch
 from muestra.answers.generation import TextGenerator
 from muestra.engine import Engine, GenerationRequest, NoHook, SamplingParams
 from muestra.errors import ContextLengthError
-from muestra.models.loading import load_model
 
 GREEDY = SamplingParams(temperature=0)
 PROMPTS = [
@@ -17,16 +16,6 @@ PROMPTS = [
     "Había una vez, en un reino muy lejano, un dragón que vivía en",
     "def fibonacci(n):",
 ]
-
-
-@pytest.fixture(scope="module")
-def qwen(tiny_kit):
-    return load_model(str(tiny_kit), device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def gpt2(gpt2_kit):
-    return load_model(str(gpt2_kit), device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from muestra.engine import Engine, GenerationRequest, SamplingParams
 from muestra.engine.kv_cache import GrowingCache
 from muestra.engine.lookup import find_draft, lookup_greedy
 from muestra.errors import InputError
-from muestra.models.loading import load_model
 from test_engine import PROMPTS, encode
 
 GREEDY = SamplingParams(temperature=0)
@@ -70,8 +69,8 @@ def test_a_prompt_with_nothing_to_copy_is_still_greedy(smol):
 
 
 @pytest.mark.parametrize("arch", ["qwen", "gpt2"])
-def test_on_the_kits(arch, tiny_kit, gpt2_kit):
-    loaded = load_model(str(tiny_kit if arch == "qwen" else gpt2_kit), dtype="float32")
+def test_on_the_kits(arch, request):
+    loaded = request.getfixturevalue(arch)
     for text in PROMPTS[:3]:
         ids = encode(loaded, text)
         lookup_equals_greedy(loaded, ids + ids, 24)  # the prompt repeats: drafts happen

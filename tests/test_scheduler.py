@@ -12,14 +12,8 @@ import torch
 from muestra.engine import Engine, GenerationRequest, SamplingParams
 from muestra.engine.kv_cache import GrowingCache, merge_left_padded
 from muestra.engine.scheduler import Scheduler, Update
-from muestra.models.loading import load_model
 
 PROMPTS = ["Hola", "Había una vez, en un reino muy lejano,", "def f(x):", "Lista: rojo, azul"]
-
-
-@pytest.fixture(scope="module")
-def qwen(tiny_kit):
-    return load_model(str(tiny_kit), device="cpu", dtype="float32")
 
 
 @pytest.fixture(scope="module")

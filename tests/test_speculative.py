@@ -11,7 +11,6 @@ from muestra.engine import Engine, GenerationRequest, SamplingParams
 from muestra.engine.seeds import generator_for
 from muestra.engine.speculative import layer_draft, speculative_generate, verify
 from muestra.errors import InputError
-from muestra.models.loading import load_model
 from test_engine import PROMPTS, encode
 
 GREEDY = SamplingParams(temperature=0)
@@ -72,8 +71,8 @@ def test_greedy_output_equals_plain_greedy_on_the_real_model(smol, k=4):
         assert result.rounds <= len(result.token_ids)
 
 
-def test_greedy_on_the_gpt2_kit(gpt2_kit):
-    loaded = load_model(str(gpt2_kit), dtype="float32")
+def test_greedy_on_the_gpt2_kit(gpt2):
+    loaded = gpt2
     engine = Engine.from_loaded(loaded)
     draft = layer_draft(loaded.model, 1)
     for text in PROMPTS[:2]:
@@ -84,12 +83,12 @@ def test_greedy_on_the_gpt2_kit(gpt2_kit):
         )
 
 
-def test_sampled_first_tokens_follow_the_targets_distribution(tiny_kit):
+def test_sampled_first_tokens_follow_the_targets_distribution(qwen):
     """End to end on the tiny kit (one-layer draft of two): the first token of 300
     speculative samples (T 1, top-k 6) against the target's exact processed distribution."""
     from muestra.engine.sampling import SamplingBatch
 
-    loaded = load_model(str(tiny_kit), dtype="float32")
+    loaded = qwen
     engine = Engine.from_loaded(loaded)
     draft = layer_draft(loaded.model, 1)
     params = SamplingParams(temperature=1.0, top_k=6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import typer
@@ -192,23 +193,6 @@ def generate(
         raise InputError(f"--stream follows one sample; use --n 1 (got --n {n})")
     answer_grammar = structured_options.grammar_spec(schema, regex, choice, grammar)
     structured = think_budget is not None or answer_grammar is not None
-    beams = None
-    if num_beams > 1:
-        beams = _beam_params(num_beams, length_penalty, early_stopping, n)
-        _refuse_with_beams(
-            thinking=think_budget is not None,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            repetition_penalty=repetition_penalty,
-            presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty,
-            seed=seed,
-            stop=stop,
-            logprobs=logprobs,
-            stream=stream,
-        )
     params = SamplingParams(
         temperature=temperature,
         top_k=top_k,
@@ -219,6 +203,17 @@ def generate(
         frequency_penalty=frequency_penalty,
         dola_layers=_dola_layers(dola_layers),
     )
+    beams = None
+    if num_beams > 1:
+        beams = _beam_params(num_beams, length_penalty, early_stopping, n)
+        _refuse_with_beams(
+            thinking=think_budget is not None,
+            params=params,
+            seed=seed,
+            stop=stop,
+            logprobs=logprobs,
+            stream=stream,
+        )
     if dola_layers is not None and (structured or beams is not None):
         raise InputError(
             "--dola-layers applies to plain generation (not with --num-beams, nor yet in the "
@@ -282,29 +277,22 @@ def generate(
             max_batch=max_batch,
         )
         return
-    if draft_model is not None:
-        if structured or beams is not None or stream or prompt_lookup is not None:
-            raise InputError(
-                "--draft-model applies to plain generation (not with --num-beams, "
-                "--prompt-lookup, --stream, a grammar or a think budget)"
-            )
-        request = requests_for_lookup(
-            generator, ids, params, max_new_tokens, seed, stop, ignore_eos, logprobs, n
-        )
-        _print_speculative(generator, loaded, request, draft_model, num_speculative_tokens, dtype)
-        return
-    if prompt_lookup is not None:
+    if draft_model is not None or prompt_lookup is not None:
         if structured or beams is not None or stream:
             raise InputError(
-                "--prompt-lookup applies to plain greedy generation (not with --num-beams, "
-                "--stream, a grammar or a think budget)"
+                "--draft-model and --prompt-lookup apply to plain generation (not with "
+                "--num-beams, --stream, a grammar or a think budget)"
             )
-        _print_lookup(
-            generator,
-            requests_for_lookup(
-                generator, ids, params, max_new_tokens, seed, stop, ignore_eos, logprobs, n
-            ),
-            prompt_lookup,
+        if n != 1:
+            raise InputError(
+                f"--draft-model and --prompt-lookup decode one sample; use --n 1 (got --n {n})"
+            )
+        request = generator.requests(
+            [ids], params=params, max_new_tokens=max_new_tokens, seed=seed, stop=stop,
+            ignore_eos=ignore_eos, logprobs=logprobs,
+        )[0]  # fmt: skip
+        _print_drafted(
+            generator, request, draft_model, num_speculative_tokens, prompt_lookup, dtype
         )
         return
     if beams is not None and answer_grammar is not None:
@@ -389,57 +377,56 @@ def _beam_params(num_beams: int, length_penalty: float, early_stopping: str, n: 
     return params
 
 
-def requests_for_lookup(
-    generator, ids, params, max_new_tokens, seed, stop, ignore_eos, logprobs, n
-):
-    if n != 1:
-        raise InputError(f"--prompt-lookup decodes one greedy sample; use --n 1 (got --n {n})")
-    return generator.requests(
-        [ids], n=1, params=params, max_new_tokens=max_new_tokens, seed=seed, stop=stop,
-        ignore_eos=ignore_eos, logprobs=logprobs,
-    )[0]  # fmt: skip
+def _print_drafted(
+    generator, request, draft_ref: str | None, k: int, lookup: int | None, dtype: str
+) -> None:
+    """Speculative (a draft model or layers:N) or prompt-lookup decoding of one request."""
+    from muestra.engine.seeds import sample_seed
 
-
-def _print_lookup(generator, request, num_tokens: int) -> None:
-    from dataclasses import replace
-
-    from muestra.engine.lookup import lookup_greedy
-
-    request = replace(request, seed=0)
     started = time.perf_counter()
-    result = lookup_greedy(generator.engine, request, num_tokens=num_tokens)
+    if draft_ref is None:
+        from muestra.engine.lookup import lookup_greedy
+
+        result = lookup_greedy(generator.engine, request, num_tokens=lookup or 10)
+        key, rounds = "prompt_lookup", {"forwards": result.forwards}
+    else:
+        from muestra.engine.speculative import speculative_generate
+
+        draft = _draft(generator, draft_ref, dtype)
+        result = speculative_generate(generator.engine, draft, request, k)
+        key, rounds = "speculative", {"rounds": result.rounds}
     elapsed = time.perf_counter() - started
     ids = result.token_ids
     shown = ids[:-1] if result.finish_reason == "stop" else ids
-    print_json(
-        {
-            "sample": 0,
-            "text": b"".join(generator.token_bytes[t] for t in shown).decode(
-                "utf-8", errors="replace"
-            ),
-            "token_ids": ids,
-            "finish_reason": result.finish_reason,
-            "num_prompt_tokens": len(request.prompt_ids),
-            "num_tokens": len(ids),
-            "prompt_lookup": {
-                "forwards": result.forwards,
-                "drafted": result.drafted,
-                "accepted": result.accepted,
-                "acceptance_rate": result.acceptance_rate,
-            },
-        }
-    )
+    line = {
+        "sample": 0,
+        "seed": sample_seed(request.seed, request.prompt_index, 0),
+        "text": b"".join(generator.token_bytes[t] for t in shown).decode("utf-8", "replace"),
+        "token_ids": ids,
+        "finish_reason": result.finish_reason,
+        "num_prompt_tokens": len(request.prompt_ids),
+        "num_tokens": len(ids),
+        key: {
+            **rounds,
+            "drafted": result.drafted,
+            "accepted": result.accepted,
+            "acceptance_rate": result.acceptance_rate,
+        },
+    }
+    if draft_ref is None:
+        line.pop("seed")  # greedy: nothing was drawn
+    print_json(line)
     stderr.print(
-        f"prompt lookup: {len(ids)} tokens in {elapsed:.2f}s ({len(ids) / elapsed:.1f} tok/s), "
-        f"{result.forwards + 1} forwards, {result.acceptance_rate:.0%} of drafted tokens "
-        "accepted",
+        f"{key.replace('_', ' ')}: {len(ids)} tokens in {elapsed:.2f}s "
+        f"({len(ids) / elapsed:.1f} tok/s), {next(iter(rounds.values()))} "
+        f"{next(iter(rounds))}, {result.acceptance_rate:.0%} of drafted tokens accepted",
         markup=False,
     )
 
 
-def _print_speculative(generator, loaded, request, draft_ref: str, k: int, dtype: str) -> None:
-    from muestra.engine.seeds import sample_seed
-    from muestra.engine.speculative import layer_draft, speculative_generate
+def _draft(generator, draft_ref: str, dtype: str):
+    """The draft model: `layers:N` (the model's own first N layers) or a model reference."""
+    from muestra.engine.speculative import layer_draft
     from muestra.models.loading import load_model
 
     if draft_ref.startswith("layers:"):
@@ -447,44 +434,14 @@ def _print_speculative(generator, loaded, request, draft_ref: str, k: int, dtype
             layers = int(draft_ref.split(":", 1)[1])
         except ValueError:
             raise InputError(f"--draft-model {draft_ref!r}: use layers:N or a model") from None
-        draft = layer_draft(loaded.model, layers)
-    else:
-        other = load_model(draft_ref, dtype=dtype, device=str(generator.engine.device))
-        if other.tokenizer.get_vocab() != loaded.tokenizer.get_vocab():
-            raise InputError(
-                f"--draft-model {draft_ref}: its vocabulary differs from the model's; a draft "
-                "must share the tokenizer"
-            )
-        draft = other.model
-    started = time.perf_counter()
-    result = speculative_generate(generator.engine, draft, request, k)
-    elapsed = time.perf_counter() - started
-    ids = result.token_ids
-    shown = ids[:-1] if result.finish_reason == "stop" else ids
-    print_json(
-        {
-            "sample": 0,
-            "seed": sample_seed(request.seed, request.prompt_index, 0),
-            "text": b"".join(generator.token_bytes[t] for t in shown).decode(
-                "utf-8", errors="replace"
-            ),
-            "token_ids": ids,
-            "finish_reason": result.finish_reason,
-            "num_prompt_tokens": len(request.prompt_ids),
-            "num_tokens": len(ids),
-            "speculative": {
-                "rounds": result.rounds,
-                "drafted": result.drafted,
-                "accepted": result.accepted,
-                "acceptance_rate": result.acceptance_rate,
-            },
-        }
-    )
-    stderr.print(
-        f"speculative: {len(ids)} tokens in {elapsed:.2f}s, {result.rounds} rounds, "
-        f"{result.acceptance_rate:.0%} of drafted tokens accepted",
-        markup=False,
-    )
+        return layer_draft(generator.loaded.model, layers)
+    other = load_model(draft_ref, dtype=dtype, device=str(generator.engine.device))
+    if other.tokenizer.get_vocab() != generator.tokenizer.get_vocab():
+        raise InputError(
+            f"--draft-model {draft_ref}: its vocabulary differs from the model's; a draft "
+            "must share the tokenizer"
+        )
+    return other.model
 
 
 def _print_beam_answers(loaded, ids, grammar, beams, max_tokens: int, max_batch: int) -> None:
@@ -503,7 +460,7 @@ def _print_beam_answers(loaded, ids, grammar, beams, max_tokens: int, max_batch:
     )
 
 
-def _refuse_with_beams(*, thinking: bool, **given) -> None:
+def _refuse_with_beams(*, thinking: bool, params, **given) -> None:
     """Beam search draws nothing: refuse, by name, every flag that would change sampling."""
     if thinking:
         raise InputError(
@@ -511,12 +468,13 @@ def _refuse_with_beams(*, thinking: bool, **given) -> None:
             "available yet; with --schema, --regex, --choice or --grammar alone, the answer "
             "is searched under the grammar"
         )
-    defaults = {
-        "temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
-        "repetition_penalty": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0,
-        "seed": None, "stop": [], "logprobs": None, "stream": False,
-    }  # fmt: skip
-    changed = [name for name, value in given.items() if value != defaults[name]]
+    from muestra.engine import SamplingParams
+
+    default = SamplingParams()
+    changed = [
+        f.name for f in fields(params) if getattr(params, f.name) != getattr(default, f.name)
+    ]
+    changed += [name for name, value in given.items() if value not in (None, [], False)]
     if changed:
         flags = ", ".join("--" + name.replace("_", "-") for name in changed)
         raise InputError(

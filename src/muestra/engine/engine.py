@@ -292,10 +292,16 @@ class Engine:
 
     @torch.inference_mode()
     def _prefill(
-        self, prompts: list[Sequence[int]], max_new_tokens: int, dola: set[int] | None = None
+        self,
+        prompts: list[Sequence[int]],
+        max_new_tokens: int,
+        dola: set[int] | None = None,
+        model: Any = None,
     ) -> tuple[Any, torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
         """Left-padded prefill of distinct prompts: (cache, last logits (P, V), mask (P, L),
-        the output head on the last position of each `dola` layer)."""
+        the output head on the last position of each `dola` layer). `model`: another model
+        than the engine's (a speculative draft)."""
+        model = model if model is not None else self.model
         width = max(len(p) for p in prompts)
         ids = torch.zeros(len(prompts), width, dtype=torch.long)
         mask = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -304,8 +310,8 @@ class Engine:
             mask[i, width - len(prompt) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as HF generate
-        cache = self._new_cache(width + max_new_tokens)
-        out = self.model(
+        cache = self._new_cache(width + max_new_tokens, model.config)
+        out = model(
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
@@ -314,13 +320,13 @@ class Engine:
             logits_to_keep=1,
             output_hidden_states=bool(dola),
         )
-        premature = premature_logits(self.model, out.hidden_states, dola) if dola else {}
+        premature = premature_logits(model, out.hidden_states, dola) if dola else {}
         return out.cache, out.logits[:, -1, :].float(), mask, premature
 
-    def _new_cache(self, capacity: int) -> Any:
+    def _new_cache(self, capacity: int, config: Any = None) -> Any:
         from transformers import DynamicCache
 
-        config = self.model.config
+        config = config if config is not None else self.model.config
         if supports_growing_cache(config):
             return GrowingCache(config.num_hidden_layers, capacity)
         return DynamicCache(config=config)
@@ -496,6 +502,7 @@ class Batch:
         self.positions = positions
         self.row_params = [r.params for r in rows]
         self.sampling = SamplingBatch.build(self.row_params, engine.vocab_size, engine.device)
+        self._dola_rows()
         self.seen, self.counts = engine._penalty_state(rows, self.sampling)
         self.next_tokens: list[int] | None = None  # sampled, not yet fed to the model
         self.steps = 0
@@ -508,18 +515,18 @@ class Batch:
         if any(r.params is not p for r, p in zip(rows, self.row_params, strict=True)):
             self.row_params = [r.params for r in rows]
             self.sampling = SamplingBatch.build(self.row_params, engine.vocab_size, engine.device)
+            self._dola_rows()
             if self.seen is None and not self.sampling.no_penalties:
                 self.seen, self.counts = engine._penalty_state(rows, self.sampling)
         logits = raw = self.logits  # `raw`: the model's own logits, for raw logprobs
-        row_dola = [engine.dola_layers(p) for p in self.row_params]
-        if any(layers is not None for layers in row_dola):
-            missing = engine.dola_union(self.row_params) - set(self.premature)
+        if self.dola:
+            missing = self.dola - set(self.premature)
             if missing:
                 raise RuntimeError(
                     f"DoLa layers {sorted(missing)} were not computed: dola_layers cannot be "
                     "turned on in the middle of a row"
                 )
-            logits = dola_logits(logits, self.premature, row_dola)  # a new tensor
+            logits = dola_logits(logits, self.premature, self.row_dola)  # a new tensor
         elif any(r.want_logprobs is not None for r in rows):
             logits = logits.clone()  # hooks mask in place; keep `raw` intact
         hook.mask_logits(logits, rows)
@@ -545,6 +552,11 @@ class Batch:
         self.keep_rows(keep)
         return event
 
+    def _dola_rows(self) -> None:
+        """Each row's DoLa layers (None: off) and their union, when `row_params` change."""
+        self.row_dola = [self.engine.dola_layers(p) for p in self.row_params]
+        self.dola = {layer for layers in self.row_dola if layers for layer in layers}
+
     def keep_rows(self, keep: list[int]) -> None:
         """Keep only the rows at these indices (in order); the others leave the batch and
         their cache rows are freed. Leading cache columns no row attends to any more are
@@ -553,6 +565,7 @@ class Batch:
             return
         self.rows = [self.rows[i] for i in keep]
         self.row_params = [self.row_params[i] for i in keep]
+        self._dola_rows()
         if self.next_tokens is not None:
             self.next_tokens = [self.next_tokens[i] for i in keep]
         if not keep:
@@ -578,7 +591,7 @@ class Batch:
         engine = self.engine
         tokens = torch.tensor([[t] for t in self.next_tokens], device=engine.device)
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
-        dola = engine.dola_union(self.row_params)
+        dola = self.dola
         out = engine.model(
             input_ids=tokens,
             attention_mask=self.mask,
@@ -621,6 +634,7 @@ class Batch:
         self.positions = torch.cat([self.positions, other.positions])
         self.rows = rows
         self.row_params = self.row_params + other.row_params
+        self._dola_rows()
         engine = self.engine
         self.sampling = SamplingBatch.build(self.row_params, engine.vocab_size, engine.device)
         self.seen, self.counts = engine._penalty_state(rows, self.sampling)

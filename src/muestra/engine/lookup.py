@@ -29,6 +29,7 @@ import torch
 
 from muestra.engine.engine import Engine, GenerationRequest
 from muestra.engine.sampling import SamplingParams
+from muestra.engine.speculative import CachedModel, emit, verify
 from muestra.errors import InputError
 
 
@@ -84,44 +85,20 @@ def lookup_greedy(
     engine.validate(0, request)
     check_lookup_request(request)
     eos = frozenset() if request.ignore_eos else engine.eos_token_ids
-    prompt = list(request.prompt_ids)
-    cache, logits, mask, _ = engine._prefill([prompt], request.max_new_tokens + num_tokens)
-    out = [int(logits[0].argmax())]
+    prompt, limit = list(request.prompt_ids), request.max_new_tokens
+    target = CachedModel(engine, engine.model, prompt, limit + num_tokens)
+    out: list[int] = []
     result = LookupResult(out, "length", 0, 0, 0)
-    if out[0] in eos:
-        result.finish_reason = "stop"
-        return result
-    while len(out) < request.max_new_tokens:
-        room = request.max_new_tokens - len(out)  # tokens still allowed, bonus included
-        draft = [t for t in find_draft(prompt + out, min(num_tokens, room - 1), max_ngram)]
-        feed = [out[-1], *draft]
-        position = len(prompt) + len(out) - 1
-        mask = torch.cat([mask, mask.new_ones(1, len(feed))], dim=1)
-        step = engine.model(
-            input_ids=torch.tensor([feed], device=engine.device),
-            attention_mask=mask,
-            position_ids=torch.arange(position, position + len(feed), device=engine.device)[None],
-            cache=cache,
-            use_cache=True,
-        )
-        cache = step.cache
+    finish = emit(out, [int(target.last[0].argmax())], eos, limit)
+    while finish is None:
+        room = limit - len(out)  # tokens still allowed, the model's own token included
+        draft = find_draft(prompt + out, min(num_tokens, room - 1), max_ngram)
+        logits = target.feed([out[-1], *draft])  # its argmax after each token fed
         result.forwards += 1
-        targets = step.logits[0].float().argmax(dim=-1).tolist()  # (len(feed),)
-        accepted = 0
-        while accepted < len(draft) and draft[accepted] == targets[accepted]:
-            accepted += 1
+        new = verify(draft, None, logits, greedy=True, rng=None)
         result.drafted += len(draft)
-        result.accepted += accepted
-        new = [*draft[:accepted], targets[accepted]]
-        rejected = len(draft) - accepted
-        if rejected:
-            cache.crop(-rejected)
-            mask = mask[:, :-rejected]
-        for token in new:
-            out.append(token)
-            if token in eos:
-                result.finish_reason = "stop"
-                return result
-            if len(out) >= request.max_new_tokens:
-                return result
+        result.accepted += len(new) - 1
+        target.agree(prompt + out + new)
+        finish = emit(out, new, eos, limit)
+    result.finish_reason = finish
     return result

@@ -94,54 +94,62 @@ def _check(request: GenerationRequest) -> None:
 
 def verify(
     drafted: list[int],
-    qs: list[torch.Tensor],
+    qs: list[torch.Tensor] | None,
     ps: torch.Tensor,
     greedy: bool,
-    rng: torch.Generator,
+    rng: torch.Generator | None,
 ) -> list[int]:
     """The tokens a round emits: the accepted drafts, then one token from the target.
 
     `qs[j]` is the draft's distribution that `drafted[j]` was drawn from, `ps[j]` the
     target's at the same position (`ps` has one more row, for the bonus token). Sampling:
     accept with probability min(1, p/q), else draw from norm(max(0, p − q)); greedy:
-    accept while the draft equals the target's argmax."""
+    accept while the draft equals the target's argmax (then `ps` may be logits, `qs` and
+    `rng` None)."""
     new: list[int] = []
     for j, token in enumerate(drafted):
-        p, q = ps[j], qs[j]
+        p = ps[j]
         if greedy:
-            accept = int(p.argmax()) == token
-        else:
-            accept = float(torch.rand((), generator=rng)) * float(q[token]) < float(p[token])
-        if accept:
+            if int(p.argmax()) == token:
+                new.append(token)
+                continue
+            new.append(int(p.argmax()))
+            return new
+        assert qs is not None and rng is not None
+        q = qs[j]
+        if float(torch.rand((), generator=rng)) * float(q[token]) < float(p[token]):
             new.append(token)
             continue
-        if greedy:
-            new.append(int(p.argmax()))
-        else:
-            residual = (p - q).clamp(min=0)
-            total = float(residual.sum())
-            new.append(_draw(residual / total if total > 0 else p, rng))
+        residual = (p - q).clamp(min=0)
+        total = float(residual.sum())
+        new.append(_draw(residual / total if total > 0 else p, rng))
         return new
     k = len(drafted)
     new.append(int(ps[k].argmax()) if greedy else _draw(ps[k], rng))
     return new
 
 
-def _draw(probs: torch.Tensor, rng: torch.Generator) -> int:
+def emit(out: list[int], new: list[int], eos: frozenset[int], limit: int) -> str | None:
+    """Append `new` to `out` up to an EOS or `limit` tokens: the finish reason, or None."""
+    for token in new:
+        out.append(token)
+        if token in eos:
+            return "stop"
+        if len(out) >= limit:
+            return "length"
+    return None
+
+
+def _draw(probs: torch.Tensor, rng: torch.Generator | None) -> int:
     return int(torch.multinomial(probs, 1, generator=rng))
 
 
-class _Model:
+class CachedModel:
     """One model's cache and the tokens in it."""
 
     def __init__(self, engine: Engine, model: Any, prompt: list[int], room: int) -> None:
         self.engine, self.model = engine, model
-        saved = engine.model
-        engine.model = model  # _prefill runs engine.model
-        try:
-            self.cache, logits, self.mask, _ = engine._prefill([prompt], room)
-        finally:
-            engine.model = saved
+        self.cache, logits, self.mask, _ = engine._prefill([prompt], room, model=model)
         self.tokens = list(prompt)
         self.last = logits  # (1, V): the next-token logits after `tokens` (at the start)
 
@@ -189,7 +197,8 @@ def speculative_generate(
     eos = frozenset() if request.ignore_eos else engine.eos_token_ids
     prompt = list(request.prompt_ids)
     room = request.max_new_tokens + num_speculative_tokens + 1
-    target, small = _Model(engine, engine.model, prompt, room), _Model(engine, draft, prompt, room)
+    target = CachedModel(engine, engine.model, prompt, room)
+    small = CachedModel(engine, draft, prompt, room)
 
     def dist(logits: torch.Tensor) -> torch.Tensor:
         """(n, V) processed probabilities (one-hot argmax when greedy)."""
@@ -203,7 +212,7 @@ def speculative_generate(
 
     out: list[int] = []
     result = SpeculativeResult(out, "length", 0, 0, 0)
-    while len(out) < request.max_new_tokens:
+    while True:  # every round emits at least one token; `emit` ends it
         k = min(num_speculative_tokens, request.max_new_tokens - len(out) - 1)
         truth = prompt + out
         # the draft catches up with what was emitted, then proposes k tokens
@@ -232,11 +241,7 @@ def speculative_generate(
         truth = prompt + out + new
         target.agree(truth)
         small.agree(truth)
-        for token in new:
-            out.append(token)
-            if token in eos:
-                result.finish_reason = "stop"
-                return result
-            if len(out) >= request.max_new_tokens:
-                return result
-    return result
+        finish = emit(out, new, eos, request.max_new_tokens)
+        if finish is not None:
+            result.finish_reason = finish
+            return result
