@@ -303,3 +303,19 @@ def test_the_cli_gives_the_k_best_answers(cli, smol_kit):
     lines = result.json_lines()
     assert sorted(line["answer"] for line in lines) == ["no", "yes"]
     assert lines[0]["beam"]["probability"] >= lines[1]["beam"]["probability"]
+
+
+def test_the_readme_messages_file_is_the_character_spec_item():
+    import json
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = tomllib.loads((root / "examples/characters.toml").read_text("utf-8"))["prompt"]
+    item = spec["items"][1]
+    expected = [
+        {"role": "system", "content": spec["system"]},
+        {"role": "user", "content": spec["user"].replace("{description}", item["description"])},
+    ]
+    shipped = json.loads((root / "examples/messages/caring.json").read_text("utf-8"))
+    assert shipped == expected
