@@ -177,7 +177,7 @@ def test_the_cli_returns_the_best_hypotheses_first(cli, tiny_kit, qwen):
         (["--temperature", "0.7", "--seed", "1"], "--temperature, --seed"),
         (["--n", "5"], "--n 5 with --num-beams 4"),
         (["--early-stopping", "maybe"], "--early-stopping 'maybe'"),
-        (["--choice", "sí,no", "--think-budget", "8"], "over the reasoning"),
+        (["--stop", "x"], "--stop"),
     ],
 )
 def test_the_cli_refuses_what_beam_search_cannot_do(cli, tiny_kit, flags, words):

@@ -71,7 +71,8 @@ schema = "p.schema.json"
 def test_store_schema_through_migrations(tmp_path):
     db = connect(tmp_path / "s.db")
     assert [r[0] for r in db.execute("SELECT name FROM _migrations ORDER BY id")] == [
-        "m001_initial"
+        "m001_initial",
+        "m002_beams",
     ]
     tables = sorted(r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'"))
     assert tables == ["_migrations", "conditions", "models", "prompts", "runs", "samples"]
@@ -98,6 +99,7 @@ def test_store_schema_through_migrations(tmp_path):
         "batch_seconds",
         "muestra_version",
         "created_at",
+        "beam_json",
     ]
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 

@@ -198,6 +198,7 @@ class Analysis:
     numeric: list[NumericSummary] = field(default_factory=list)
     field_probs: list[FieldProbSummary] = field(default_factory=list)
     mentions: list[TermMentions] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # caveats a reader must see first
 
     @property
     def findings(self) -> list[str]:
@@ -207,6 +208,28 @@ class Analysis:
         data = asdict(self)
         data["findings"] = self.findings
         return data
+
+
+def _beam_notes(frame: pd.DataFrame) -> list[str]:
+    """Rows that are ranked beams, not draws: say so where their numbers are read."""
+    notes = []
+    for phase in ("think", "answer"):
+        column = f"{phase}_beam_rank"
+        if column not in frame.columns or frame[column].isna().all():
+            continue
+        ranked = frame[frame[column].notna()]
+        if phase == "answer" and "think_beam_rank" in frame.columns:
+            ranked = ranked[ranked["think_beam_rank"].isna()]
+        sampled_reasoning = phase == "answer" and (ranked[column] == 0).all()
+        if ranked.empty or sampled_reasoning:
+            continue  # each answer beam follows a sampled reasoning: the rows are draws
+        conditions = ", ".join(sorted(ranked["condition"].astype(str).unique()))
+        notes.append(
+            f"condition(s) {conditions}: the rows are the most likely {phase} sequences, "
+            "ranked by beam search, not random draws; their shares, intervals and tests "
+            "describe those beams and do not estimate the model's distribution"
+        )
+    return notes
 
 
 def categorical_fields(frame: pd.DataFrame) -> list[str]:
@@ -273,6 +296,7 @@ def analyze(
 ) -> Analysis:
     valid = frame[frame["error"].isna()] if len(frame) else frame
     result = Analysis(alpha=alpha, samples=len(frame), valid=len(valid))
+    result.notes += _beam_notes(frame)
     for name in categorical_fields(valid):
         column = valid[name].dropna().astype(str)
         given = (reference or {}).get(name)

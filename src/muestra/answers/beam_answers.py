@@ -17,7 +17,7 @@ an error (the token budget ran out), and is parsed and validated like a sampled 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -84,31 +84,56 @@ class GrammarBeamMask:
 def beam_answers(
     generator: StructuredGenerator,
     prompt_ids: list[int],
-    grammar: GrammarSpec,
+    grammar: GrammarSpec | None,
     params: BeamParams,
     max_tokens: int = 256,
 ) -> list[BeamAnswer]:
     """The `params.num_return_sequences` best answers, best first."""
-    mask = GrammarBeamMask(generator, grammar)
-    request = GenerationRequest(list(prompt_ids), max_new_tokens=max_tokens)
-    hypotheses = beam_search(generator.text.engine, [request], params, mask=mask)[0]
+    return beam_answer_batch(generator, [prompt_ids], grammar, params, max_tokens)[0]
+
+
+def beam_answer_batch(
+    generator: StructuredGenerator,
+    prompts: list[list[int]],
+    grammar: GrammarSpec | None,
+    params: BeamParams,
+    max_tokens: int = 256,
+) -> list[list[BeamAnswer]]:
+    """The best `params.num_return_sequences` distinct answers of several prompts (their
+    beams in one batch), best first. Beams are token sequences, and the same text may come
+    out of two tokenizations ("no" and "n"+"o"): only the best-scoring one of a text is
+    kept, so fewer answers than asked may come back (raise num_beams for more). Without a
+    grammar the answer is plain beam-searched text (the model's EOS ends it)."""
+    mask = GrammarBeamMask(generator, grammar) if grammar is not None else None
+    requests = [GenerationRequest(list(p), max_new_tokens=max_tokens) for p in prompts]
+    every = replace(params, num_return_sequences=params.num_beams)
+    searched = beam_search(generator.text.engine, requests, every, mask=mask)
     decode = generator.text.token_bytes
-    answers = []
-    for h in hypotheses:
-        ids = h.token_ids[:-1] if h.finish_reason == "stop" else h.token_ids
-        text = b"".join(decode[t] for t in ids).decode("utf-8", errors="replace")
-        answer, _, error = parse_answer(text, h.finish_reason, grammar)
-        answers.append(
-            BeamAnswer(
-                rank=h.rank,
-                answer_text=text,
-                answer=answer,
-                error=error,
-                token_ids=h.token_ids,
-                score=h.score,
-                sum_logprob=h.sum_logprob,
-                probability=math.exp(h.sum_logprob),
-                finish_reason=h.finish_reason,
+    results = []
+    for hypotheses in searched:
+        answers: list[BeamAnswer] = []
+        seen: set[str] = set()
+        for h in hypotheses:
+            ids = h.token_ids[:-1] if h.finish_reason == "stop" else h.token_ids
+            text = b"".join(decode[t] for t in ids).decode("utf-8", errors="replace")
+            if text in seen or len(answers) == params.num_return_sequences:
+                continue
+            seen.add(text)
+            answer, error = None, None
+            if grammar is not None:
+                answer, _, error = parse_answer(text, h.finish_reason, grammar)
+            answers.append(
+                BeamAnswer(
+                    rank=len(answers),
+                    answer_text=text,
+                    answer=answer,
+                    error=error,
+                    token_ids=h.token_ids,
+                    score=h.score,
+                    sum_logprob=h.sum_logprob,
+                    probability=math.exp(h.sum_logprob),
+                    finish_reason=h.finish_reason,
+                )
             )
-        )
-    return answers
+        results.append(answers)
+    return results

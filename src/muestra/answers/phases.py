@@ -154,10 +154,14 @@ class PhaseController:
         tags: TagIds | None,
         eos_ids: Sequence[int],
         grammar: tuple[GrammarBackend, Any] | None = None,
+        end_after_think: bool = False,
     ) -> None:
         self.think = think
         self.answer = answer
         self.tags = tags
+        # end each row once its closing text is in, before any answer token (the answer
+        # then comes from elsewhere: beam search under the grammar)
+        self.end_after_think = end_after_think
         self.eos_ids = torch.tensor(sorted(eos_ids), dtype=torch.long)
         self.grammar = grammar
 
@@ -173,6 +177,7 @@ class PhaseController:
                 state.phase, state.budget_hit = "closing", True
                 state.think_end = len(row.tokens)
                 row.forced_queue.extend(self.tags.close_ids)
+                row.params = self.answer.params
             if state.phase == "closing" and not row.forced_queue:
                 self._enter_answer(row)
 
@@ -200,15 +205,9 @@ class PhaseController:
         if state.phase == "think":
             assert self.tags is not None
             if self.tags.text and token_id in (state.saved_eos_ids or ()):
-                state.think_end = len(row.tokens) - 1
-                state.phase = "closing"
-                row.forced_queue.extend(self.tags.close_ids)
-                state.channels.append("tag")
+                self._close(row, self.tags.close_ids)
             elif token_id == self.tags.close_id:
-                state.think_end = len(row.tokens) - 1
-                state.phase = "closing"
-                row.forced_queue.extend(self.tags.after_close_ids)
-                state.channels.append("tag")
+                self._close(row, self.tags.after_close_ids)
             elif not forced:
                 state.think_tokens += 1
                 state.channels.append("reasoning")
@@ -217,6 +216,8 @@ class PhaseController:
             return
         if state.phase == "closing":
             state.channels.append("tag")
+            if self.end_after_think and not row.forced_queue:
+                row.finish("stop")  # the closing text is in: the caller answers later
             return
         end = row.finish_reason == "stop" and row.stop_reason == token_id
         state.channels.append("tag" if end else "content")
@@ -231,15 +232,43 @@ class PhaseController:
 
     # ---- transitions --------------------------------------------------------------------
 
-    def _start(self, row: Row) -> None:
+    def first_params(self, prompt_ids: Sequence[int]) -> SamplingParams:
+        """The parameters of the phase a row with this prompt starts in: its request's, so
+        that the prefill computes what the first sampled token needs (DoLa's layers)."""
+        start = self.first_phase(prompt_ids)
+        return (
+            self.think.params
+            if self.think is not None and start != "answer"
+            else (self.answer.params)
+        )
+
+    def first_phase(self, prompt_ids: Sequence[int]) -> str:
+        """Where a row with this prompt starts: "text" (plain-text reasoning), "open" (the
+        think tag is forced first), "think" (the prompt left the block open) or "answer"."""
         tags = self.tags
         if tags is not None and tags.text and self.think is not None:
+            return "text"
+        return initial_phase(prompt_ids, tags.open_ids[0], tags.close_id) if tags else "answer"
+
+    def _close(self, row: Row, forced: list[int]) -> None:
+        """The row ended its reasoning (its `</think>`, or its EOS in text mode): the
+        closing tokens are queued and the answer's parameters apply from now on (the
+        forced tokens are not sampled; switching here lets the engine prepare DoLa)."""
+        state: PhaseState = row.state
+        state.think_end = len(row.tokens) - 1
+        state.phase = "closing"
+        row.forced_queue.extend(forced)
+        state.channels.append("tag")
+        row.params = self.answer.params
+
+    def _start(self, row: Row) -> None:
+        start = self.first_phase(row.prompt_ids)
+        if start == "text" and self.think is not None:
             # the row's EOS ids end its reasoning instead of the row, until the answer
             row.state = PhaseState("think", saved_eos_ids=row.eos_ids)
             row.eos_ids = frozenset()
             row.params = self.think.params
             return
-        start = initial_phase(row.prompt_ids, tags.open_ids[0], tags.close_id) if tags else "answer"
         if start == "open" and self.think is not None and self.tags is not None:
             row.forced_queue.extend(self.tags.open_ids)
             row.state = PhaseState("think", think_start=len(self.tags.open_ids))

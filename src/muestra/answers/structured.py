@@ -50,6 +50,8 @@ class StructuredSample:
     field_probs: dict[str, dict[str, float]] | None
     error: str | None
     value: Any = field(default=None, repr=False)  # the Pydantic object, when a class was given
+    # beam-searched phases: {"think"|"answer": {"rank", "score", "sum_logprob", …}}
+    beam: dict[str, Any] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -158,12 +160,17 @@ class StructuredGenerator:
         grammar: GrammarSpec | None = None,
         pydantic_model: type | None = None,
         field_probs: bool = True,
+        think_only: bool = False,
     ) -> list[StructuredSample]:
+        """`think_only`: each row ends once its reasoning is closed (the answer comes from
+        elsewhere, e.g. `beam_answers`); its `token_ids` hold reasoning and closing text."""
         answer = answer or AnswerConfig()
         think = self.resolve_think(think)
         tags = self.tag_ids(think) if think is not None else None
         compiled = (self.backend, self.backend.compile(grammar)) if grammar is not None else None
-        controller = PhaseController(think, answer, tags, self.loaded.eos_token_ids, compiled)
+        controller = PhaseController(
+            think, answer, tags, self.loaded.eos_token_ids, compiled, end_after_think=think_only
+        )
         budget = answer.max_tokens
         if think is not None and tags is not None:
             budget += think.budget + len(tags.open_ids) + len(tags.close_ids) + 2
@@ -172,7 +179,7 @@ class StructuredGenerator:
             GenerationRequest(
                 list(p),
                 n=counts[i] if counts else n,
-                params=answer.params,
+                params=controller.first_params(p),
                 max_new_tokens=budget,
                 seed=run_seed,
                 prompt_index=prompt_indices[i] if prompt_indices else i,

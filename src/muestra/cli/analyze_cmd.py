@@ -63,6 +63,8 @@ def analyze(
         print_json(result.as_dict())
         return
     stdout.print(f"{result.valid} valid of {result.samples} samples")
+    for note in result.notes:
+        stdout.print(f"note: {note}", markup=False)
     _table(
         "independence tests",
         ["field", "by", "method", "statistic", "dof", "Cramér's V", "p", "p Holm", "p BH"],

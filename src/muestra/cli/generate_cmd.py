@@ -136,11 +136,25 @@ def generate(
         "no running beam can still beat them, at the current length), never (the same, "
         "at the longest reachable length).",
     ),
+    think_num_beams: int | None = typer.Option(
+        None,
+        "--think-num-beams",
+        min=1,
+        max=64,
+        help="Beam-search the reasoning with K beams (needs --think-budget): the --n best "
+        "reasonings, each closed and answered; no --think-temperature/--think-top-*.",
+    ),
     dola_layers: str | None = typer.Option(
         None,
         "--dola-layers",
         help="DoLa (contrast with early layers): low, high, or layer indices like 2,4,6; "
         "then sampling as usual on the contrasted logits (try --repetition-penalty 1.2).",
+    ),
+    think_dola_layers: str | None = typer.Option(
+        None, "--think-dola-layers", help="DoLa in the think phase (as --dola-layers)."
+    ),
+    answer_dola_layers: str | None = typer.Option(
+        None, "--answer-dola-layers", help="DoLa in the answer phase (as --dola-layers)."
     ),
     prompt_lookup: int | None = typer.Option(
         None,
@@ -193,6 +207,11 @@ def generate(
         raise InputError(f"--stream follows one sample; use --n 1 (got --n {n})")
     answer_grammar = structured_options.grammar_spec(schema, regex, choice, grammar)
     structured = think_budget is not None or answer_grammar is not None
+    if not structured and (think_num_beams or think_dola_layers or answer_dola_layers):
+        raise InputError(
+            "--think-num-beams, --think-dola-layers and --answer-dola-layers apply in "
+            "think-then-answer mode (--think-budget, or an answer grammar)"
+        )
     params = SamplingParams(
         temperature=temperature,
         top_k=top_k,
@@ -203,21 +222,44 @@ def generate(
         frequency_penalty=frequency_penalty,
         dola_layers=_dola_layers(dola_layers),
     )
-    beams = None
+    beams = think_beams = None
     if num_beams > 1:
-        beams = _beam_params(num_beams, length_penalty, early_stopping, n)
+        # after a sampled reasoning, each sample gets its best answer (one per beam search)
+        returned = 1 if think_budget is not None else n
+        beams = _beam_params(num_beams, length_penalty, early_stopping, returned)
         _refuse_with_beams(
-            thinking=think_budget is not None,
             params=params,
-            seed=seed,
+            seed=seed if think_budget is None else None,
             stop=stop,
             logprobs=logprobs,
             stream=stream,
+            answer_dola_layers=answer_dola_layers,
+            answer_temperature=answer_temperature or None,
+            answer_top_p=answer_top_p if answer_top_p != 1.0 else None,
+            answer_top_k=answer_top_k or None,
+            answer_min_p=answer_min_p or None,
         )
+    if think_num_beams is not None:
+        if think_budget is None:
+            raise InputError("--think-num-beams needs --think-budget (the reasoning's length)")
+        think_beams = _beam_params(think_num_beams, length_penalty, early_stopping, n)
+        given = {
+            "think_temperature": think_temperature,
+            "think_top_p": think_top_p,
+            "think_top_k": think_top_k,
+            "think_min_p": think_min_p,
+            "think_dola_layers": think_dola_layers,
+        }
+        changed = ["--" + k.replace("_", "-") for k, v in given.items() if v is not None]
+        if changed:
+            raise InputError(
+                f"{', '.join(changed)}: beam search over the reasoning scores the model's own "
+                "log-probabilities; leave them out with --think-num-beams"
+            )
     if dola_layers is not None and (structured or beams is not None):
         raise InputError(
-            "--dola-layers applies to plain generation (not with --num-beams, nor yet in the "
-            "think and answer phases)"
+            "--dola-layers applies to plain generation (not with --num-beams); in "
+            "think-then-answer mode use --think-dola-layers and --answer-dola-layers"
         )
     conversation = read_messages(messages) if messages is not None else None
     if conversation is None and not raw:
@@ -231,7 +273,7 @@ def generate(
     )
     generator = TextGenerator(loaded, max_batch=max_batch)
     think = None
-    if structured and beams is None:
+    if structured and (beams is None or think_budget is not None):
         think = structured_options.think_config(
             loaded,
             think_budget,
@@ -241,6 +283,7 @@ def generate(
             think_top_p,
             think_top_k,
             think_min_p,
+            _dola_layers(think_dola_layers, "--think-dola-layers"),
         )
         if think.mode == "text":
             if conversation is not None:
@@ -263,7 +306,12 @@ def generate(
             ignore_eos=ignore_eos,
         )
         answer = structured_options.answer_config(
-            answer_temperature, answer_top_p, answer_top_k, answer_min_p, answer_max_tokens
+            answer_temperature,
+            answer_top_p,
+            answer_top_k,
+            answer_min_p,
+            answer_max_tokens,
+            _dola_layers(answer_dola_layers, "--answer-dola-layers"),
         )
         structured_options.run(
             loaded,
@@ -275,6 +323,8 @@ def generate(
             grammar=answer_grammar,
             field_probs=field_probs,
             max_batch=max_batch,
+            think_beams=think_beams,
+            answer_beams=beams,
         )
         return
     if draft_model is not None or prompt_lookup is not None:
@@ -350,14 +400,14 @@ def generate(
     )
 
 
-def _dola_layers(text: str | None) -> str | tuple[int, ...] | None:
+def _dola_layers(text: str | None, flag: str = "--dola-layers") -> str | tuple[int, ...] | None:
     if text is None or text in ("low", "high"):
         return text
     try:
         return tuple(int(part) for part in text.split(","))
     except ValueError:
         raise InputError(
-            f"--dola-layers {text!r}: use low, high or comma-separated layer indices (2,4,6)"
+            f"{flag} {text!r}: use low, high or comma-separated layer indices (2,4,6)"
         ) from None
 
 
@@ -460,14 +510,8 @@ def _print_beam_answers(loaded, ids, grammar, beams, max_tokens: int, max_batch:
     )
 
 
-def _refuse_with_beams(*, thinking: bool, params, **given) -> None:
+def _refuse_with_beams(*, params, **given) -> None:
     """Beam search draws nothing: refuse, by name, every flag that would change sampling."""
-    if thinking:
-        raise InputError(
-            "--num-beams with --think-budget: beam search over the reasoning is not "
-            "available yet; with --schema, --regex, --choice or --grammar alone, the answer "
-            "is searched under the grammar"
-        )
     from muestra.engine import SamplingParams
 
     default = SamplingParams()

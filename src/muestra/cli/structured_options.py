@@ -58,6 +58,7 @@ def think_config(
     top_p: float | None,
     top_k: int | None,
     min_p: float | None,
+    dola_layers: str | tuple[int, ...] | None = None,
 ) -> ThinkConfig:
     """The think phase asked for; "auto" is settled here: the model's think tags, else
     plain-text reasoning when --think-budget asks for reasoning, else none."""
@@ -75,6 +76,7 @@ def think_config(
         top_p=top_p,
         top_k=top_k,
         min_p=min_p,
+        dola_layers=dola_layers,
     )
     think = resolve_think(loaded.tokenizer, ThinkConfig(think.params, think.budget, mode=mode))
     assert think is not None
@@ -87,12 +89,19 @@ def think_config(
 
 
 def answer_config(
-    temperature: float, top_p: float, top_k: int, min_p: float, max_tokens: int
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    min_p: float,
+    max_tokens: int,
+    dola_layers: str | tuple[int, ...] | None = None,
 ) -> AnswerConfig:
     from muestra.answers.phases import AnswerConfig
     from muestra.engine import SamplingParams
 
-    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p)
+    params = SamplingParams(
+        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, dola_layers=dola_layers
+    )
     return AnswerConfig(params=params, max_tokens=max_tokens)
 
 
@@ -107,20 +116,40 @@ def run(
     grammar: GrammarSpec | None,
     field_probs: bool,
     max_batch: int,
+    think_beams: Any = None,
+    answer_beams: Any = None,
 ) -> None:
+    """Sample and print; `think_beams`/`answer_beams` (BeamParams) beam-search a phase."""
     from muestra.answers.structured import StructuredGenerator
 
     started = time.perf_counter()
     generator = StructuredGenerator(loaded, max_batch=max_batch)
-    samples = generator.run(
-        [ids],
-        n=n,
-        seed=seed,
-        think=think,
-        answer=answer,
-        grammar=grammar,
-        field_probs=field_probs,
-    )
+    if think_beams is None and answer_beams is None:
+        samples = generator.run(
+            [ids],
+            n=n,
+            seed=seed,
+            think=think,
+            answer=answer,
+            grammar=grammar,
+            field_probs=field_probs,
+        )
+    else:
+        from muestra.answers.beam_phases import run_beam_phases
+        from muestra.engine.seeds import fresh_run_seed
+
+        samples = run_beam_phases(
+            generator,
+            [ids],
+            counts=[n],
+            seed=fresh_run_seed() if seed is None else seed,
+            think=think,
+            think_beams_params=think_beams,
+            answer=answer,
+            answer_beams=answer_beams,
+            grammar=grammar,
+            field_probs=field_probs,
+        )
     for sample in samples:
         data = sample.as_dict()
         data.pop("prompt_index")

@@ -29,7 +29,7 @@ a request with any of them set is refused.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -88,8 +88,11 @@ def beam_search(
     requests: Sequence[GenerationRequest],
     params: BeamParams,
     mask: BeamMask | None = None,
+    eos_token_ids: Collection[int] | None = None,
 ) -> list[list[Hypothesis]]:
-    """The best `num_return_sequences` hypotheses of every request, best first."""
+    """The best `num_return_sequences` hypotheses of every request, best first.
+    `eos_token_ids`: the tokens that end a hypothesis (default: the model's EOS ids; a
+    think phase ends on `</think>`)."""
     params.check()
     for index, request in enumerate(requests):
         engine.validate(index, request)
@@ -98,7 +101,8 @@ def beam_search(
     per_wave = max(1, engine.max_batch // params.num_beams)
     for start in range(0, len(requests), per_wave):
         wave = list(range(start, min(start + per_wave, len(requests))))
-        for index, hypotheses in _Search(engine, requests, wave, params, mask).run().items():
+        search = _Search(engine, requests, wave, params, mask, eos_token_ids)
+        for index, hypotheses in search.run().items():
             results[index] = hypotheses
     return results
 
@@ -134,11 +138,13 @@ class _Search:
         wave: list[int],
         params: BeamParams,
         mask: BeamMask | None,
+        eos_token_ids: Collection[int] | None = None,
     ) -> None:
         self.engine, self.params, self.mask = engine, params, mask
         self.requests = [requests[i] for i in wave]
         self.indices = wave
-        self.eos = [frozenset() if r.ignore_eos else engine.eos_token_ids for r in self.requests]
+        eos = engine.eos_token_ids if eos_token_ids is None else frozenset(eos_token_ids)
+        self.eos = [frozenset() if r.ignore_eos else eos for r in self.requests]
 
     @torch.inference_mode()
     def run(self) -> dict[int, list[Hypothesis]]:

@@ -15,7 +15,9 @@ sampling on top. For a row whose `SamplingParams.dola_layers` is set:
    the final layer's by Jensen–Shannon divergence (HF's `kl_div(...).mean(-1)` form);
 3. adaptive plausibility constraint: tokens whose final log-probability is below
    `max + log(0.1)` are removed (-inf); the premature log-probs of removed tokens are
-   set to -1e-3;
+   set to -1e-3. A step hook's masks (a grammar, a think phase's EOS ban) apply first,
+   so `max` is the best token the hook allows and a grammar always keeps a token (HF v4
+   applied its processors after DoLa, which can leave no valid token at all);
 4. the row's logits become `log p_final − log p_premature` on the kept tokens, and the
    usual pipeline (bias, penalties, temperature, filters, draw) runs on them. The paper
    and HF recommend `repetition_penalty = 1.2` with DoLa.
@@ -96,9 +98,13 @@ def relative_top_filter(
 
 
 def contrast(
-    final: torch.Tensor, premature: dict[int, torch.Tensor], layers: tuple[int, ...]
+    final: torch.Tensor,
+    premature: dict[int, torch.Tensor],
+    layers: tuple[int, ...],
+    allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """DoLa logits of rows that share one candidate list: `final` (R, V) float32."""
+    """DoLa logits of rows that share one candidate list: `final` (R, V) float32;
+    `allowed`: `final` with the tokens a hook forbids at -inf (default: `final`)."""
     if len(layers) == 1:
         base = premature[layers[0]]
     else:
@@ -111,17 +117,21 @@ def contrast(
         js = 0.5 * (kl_mature + kl_premature)  # (C, R)
         chosen = js.argmax(dim=0)  # per row, not averaged over the batch (see above)
         base = stacked[chosen, torch.arange(final.shape[0], device=final.device)]
-    scores, baseline = relative_top_filter(final, base)
+    scores, baseline = relative_top_filter(final if allowed is None else allowed, base)
     return scores - baseline
 
 
 def dola_logits(
     logits: torch.Tensor,
+    masked: torch.Tensor,
     premature: dict[int, torch.Tensor],
     row_layers: Sequence[tuple[int, ...] | None],
 ) -> torch.Tensor:
-    """`logits` (R, V) with the DoLa rows replaced by their contrast (a new tensor)."""
-    out = logits.clone()
+    """`masked` (R, V: the logits after the step hook's masks) with the DoLa rows replaced
+    by their contrast (a new tensor). The premature layer is chosen on the model's own
+    `logits`; the plausibility constraint keeps the tokens within a factor 0.1 of the best
+    token the hook allows, so that a grammar always leaves a token to pick."""
+    out = masked.clone()
     groups: dict[tuple[int, ...], list[int]] = {}
     for row, layers in enumerate(row_layers):
         if layers is not None:
@@ -129,6 +139,9 @@ def dola_logits(
     for layers, rows in groups.items():
         index = torch.tensor(rows, device=logits.device)
         out[index] = contrast(
-            logits[index].float(), {i: premature[i][index] for i in layers}, layers
+            logits[index].float(),
+            {i: premature[i][index] for i in layers},
+            layers,
+            masked[index].float(),
         )
     return out

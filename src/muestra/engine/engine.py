@@ -519,17 +519,11 @@ class Batch:
             if self.seen is None and not self.sampling.no_penalties:
                 self.seen, self.counts = engine._penalty_state(rows, self.sampling)
         logits = raw = self.logits  # `raw`: the model's own logits, for raw logprobs
-        if self.dola:
-            missing = self.dola - set(self.premature)
-            if missing:
-                raise RuntimeError(
-                    f"DoLa layers {sorted(missing)} were not computed: dola_layers cannot be "
-                    "turned on in the middle of a row"
-                )
-            logits = dola_logits(logits, self.premature, self.row_dola)  # a new tensor
-        elif any(r.want_logprobs is not None for r in rows):
+        if self.dola or any(r.want_logprobs is not None for r in rows):
             logits = logits.clone()  # hooks mask in place; keep `raw` intact
         hook.mask_logits(logits, rows)
+        if self.dola:  # after the masks: a grammar's tokens stay plausible (dola.py)
+            logits = dola_logits(raw, logits, self.premature, self._contrasted_rows())
         warped = self.sampling.warp(self.sampling.penalise(logits, self.seen, self.counts))
         generators = [
             None if p.greedy else r.generator for r, p in zip(rows, self.row_params, strict=True)
@@ -551,6 +545,26 @@ class Batch:
         self.next_tokens = chosen
         self.keep_rows(keep)
         return event
+
+    def _contrasted_rows(self) -> list[tuple[int, ...] | None]:
+        """Each row's DoLa layers for this step. A row whose parameters switched to DoLa
+        after the last forward (a phase hook entering the answer) is fed a forced token
+        now: it needs no contrast yet, and the next forward computes its layers."""
+        missing = self.dola - set(self.premature)
+        if not missing:
+            return self.row_dola
+        row_dola = [
+            None if layers and missing.intersection(layers) and row.forced_queue else layers
+            for row, layers in zip(self.rows, self.row_dola, strict=True)
+        ]
+        still = {layer for layers in row_dola if layers for layer in layers} - set(self.premature)
+        if still:
+            raise RuntimeError(
+                f"DoLa layers {sorted(still)} were not computed: dola_layers can be turned on "
+                "in the middle of a row only while it is fed forced tokens (a step hook must "
+                "switch the parameters at least one forced token before the row samples)"
+            )
+        return row_dola
 
     def _dola_rows(self) -> None:
         """Each row's DoLa layers (None: off) and their union, when `row_params` change."""
@@ -591,7 +605,8 @@ class Batch:
         engine = self.engine
         tokens = torch.tensor([[t] for t in self.next_tokens], device=engine.device)
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
-        dola = self.dola
+        # the rows' parameters now (a hook may have switched them in `after_token`)
+        dola = engine.dola_union(r.params for r in self.rows)
         out = engine.model(
             input_ids=tokens,
             attention_mask=self.mask,

@@ -39,6 +39,21 @@ META = [
 ]
 
 
+# a beam-searched phase's rank, score and log-probability, per phase (when a run has them)
+BEAM = [
+    f"{phase}_beam_{key}" for phase in ("think", "answer") for key in ("rank", "score", "logprob")
+]
+
+
+def _beam_columns(beam_json: str | None) -> dict[str, Any]:
+    beam = json.loads(beam_json) if beam_json else {}
+    return {
+        f"{phase}_beam_{key}": record[source]
+        for phase, record in beam.items()
+        for key, source in (("rank", "rank"), ("score", "score"), ("logprob", "sum_logprob"))
+    }
+
+
 def _prompt_text(messages_json: str) -> str:
     messages = json.loads(messages_json)
     if isinstance(messages, str):
@@ -92,19 +107,20 @@ def samples_frame(db: sqlite3.Connection, run_id: int | None = None) -> pd.DataF
                 "batch_seconds": row["batch_seconds"],
             }
         )
+        record.update(_beam_columns(row["beam_json"]))
         record.update({f"var_{k}": v for k, v in variables.items()})
         records.append(record)
     frame = pd.DataFrame.from_records(records)
     if frame.empty:
         return pd.DataFrame(columns=META)
-    fields = [
-        c
-        for c in frame.columns
-        if c not in META and c not in ("field_probs", "batch_seconds") and not c.startswith("var_")
-    ]
+    for column in BEAM[::3]:  # the ranks: integers, missing where not beams
+        if column in frame.columns:
+            frame[column] = frame[column].astype("Int64")
+    fields = answer_fields(frame)
     return frame[
         fields
         + META
+        + [c for c in BEAM if c in frame.columns]
         + [c for c in frame.columns if c.startswith("var_")]
         + ["field_probs", "batch_seconds"]
     ]
@@ -127,7 +143,9 @@ def answer_fields(frame: pd.DataFrame) -> list[str]:
     return [
         c
         for c in frame.columns
-        if c not in META and c not in ("field_probs", "batch_seconds") and not c.startswith("var_")
+        if c not in META + BEAM
+        and c not in ("field_probs", "batch_seconds")
+        and not c.startswith("var_")
     ]
 
 

@@ -21,7 +21,13 @@ from typing import Any
 from muestra import __version__
 from muestra.errors import InputError
 from muestra.experiments.prompts import messages_for, think_budget
-from muestra.experiments.spec import Condition, LoadedSpec, ModelSpec, PromptItem
+from muestra.experiments.spec import (
+    Condition,
+    LoadedSpec,
+    ModelSpec,
+    PromptItem,
+    check_beam_samples,
+)
 from muestra.experiments.store import connect, dumps, insert_samples, now
 
 
@@ -65,6 +71,7 @@ class Runner:
         self.samples = samples if samples is not None else spec.spec.samples
         if self.samples < 1:
             raise InputError(f"--samples must be at least 1 (got {self.samples})")
+        check_beam_samples(spec.conditions, self.samples, f"{spec.path} with --samples")
         self.models = [ModelSpec(id=model)] if model else spec.spec.model_list
         if trust_remote_code:
             self.models = [
@@ -366,6 +373,7 @@ class Runner:
                 top_p=spec.top_p,
                 top_k=spec.top_k,
                 min_p=spec.min_p,
+                dola_layers=_dola(spec.dola_layers),
             )
             think = replace(think, mode=spec.mode)
             if spec.instruction is not None:
@@ -383,17 +391,36 @@ class Runner:
                 counts.append(count)
                 indices.append(unit.prompt_index)
         started = time.perf_counter()
-        results = generator.run(
-            prompts,
-            seed=self.spec.spec.seed,
-            first_samples=firsts,
-            counts=counts,
-            prompt_indices=indices,
-            think=think,
-            answer=answer,
-            grammar=grammar,
-            field_probs=condition.answer.field_probs,
-        )
+        think_beams, answer_beams = _beams(condition)
+        if think_beams is None and answer_beams is None:
+            results = generator.run(
+                prompts,
+                seed=self.spec.spec.seed,
+                first_samples=firsts,
+                counts=counts,
+                prompt_indices=indices,
+                think=think,
+                answer=answer,
+                grammar=grammar,
+                field_probs=condition.answer.field_probs,
+            )
+        else:
+            from muestra.answers.beam_phases import run_beam_phases
+
+            results = run_beam_phases(
+                generator,
+                prompts,
+                counts=counts,
+                seed=self.spec.spec.seed,
+                first_samples=firsts,
+                prompt_indices=indices,
+                think=think,
+                think_beams_params=think_beams,
+                answer=answer,
+                answer_beams=answer_beams,
+                grammar=grammar,
+                field_probs=condition.answer.field_probs,
+            )
         seconds = time.perf_counter() - started
         unit_of = {u.prompt_index: u for u, _ in batch}
         budget = think.budget if think else None
@@ -416,6 +443,7 @@ class Runner:
             "answer_text": sample.answer_text,
             "answer_json": dumps(sample.answer),
             "field_probs_json": dumps(sample.field_probs),
+            "beam_json": dumps(getattr(sample, "beam", None)),
             "finish_reason": sample.finish_reason,
             "error": sample.error,
             "prompt_tokens": sample.num_prompt_tokens,
@@ -443,7 +471,13 @@ def _answer(condition: Condition, spec: LoadedSpec) -> tuple[Any, Any]:
     from muestra.engine import SamplingParams
 
     a = condition.answer
-    params = SamplingParams(temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p)
+    params = SamplingParams(
+        temperature=a.temperature,
+        top_p=a.top_p,
+        top_k=a.top_k,
+        min_p=a.min_p,
+        dola_layers=_dola(a.dola_layers),
+    )
     grammar = GrammarSpec.from_options(
         schema=spec.answer_schema,
         regex=a.regex,
@@ -451,6 +485,26 @@ def _answer(condition: Condition, spec: LoadedSpec) -> tuple[Any, Any]:
         ebnf=spec.path.parent / a.grammar if a.grammar is not None else None,
     )
     return AnswerConfig(params=params, max_tokens=a.max_tokens), grammar
+
+
+def _dola(layers: str | list[int] | None) -> str | tuple[int, ...] | None:
+    return tuple(layers) if isinstance(layers, list) else layers
+
+
+def _beams(condition: Condition) -> tuple[Any, Any]:
+    """The beam parameters of the think and answer phases (None: sampled)."""
+    from muestra.engine.beam import BeamParams
+
+    def params(section: Any) -> Any:
+        if section is None or section.strategy != "beam":
+            return None
+        return BeamParams(
+            num_beams=section.num_beams,
+            length_penalty=section.length_penalty,
+            early_stopping=section.early_stopping,
+        )
+
+    return params(condition.think), params(condition.answer)
 
 
 def _ranges(indices: list[int]) -> Iterator[tuple[int, int]]:

@@ -43,9 +43,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 
 from muestra.errors import InputError
+
+Strategy = Literal["sample", "beam"]
+DolaLayers = Literal["low", "high"] | list[int] | None
 
 
 class Strict(BaseModel):
@@ -161,6 +171,28 @@ class ThinkSpec(Strict):
     instruction: str | None = Field(
         None, description="Text mode: the instruction appended to the user message."
     )
+    strategy: Strategy = Field(
+        "sample",
+        description='sample (temperature & filters; 0 = greedy) or "beam": the reasoning is '
+        "beam-searched within the budget; the samples of a prompt are its best reasonings, "
+        "ranked (samples <= num_beams)",
+    )
+    num_beams: int = Field(4, ge=1, le=64, description='Beams when strategy = "beam".')
+    length_penalty: float = Field(
+        1.0, ge=-10, le=10, description="Beam score = sum logprob / length ** length_penalty."
+    )
+    early_stopping: bool | Literal["never"] = Field(
+        False, description='Beam search stopping rule, as Hugging Face: false, true or "never".'
+    )
+    dola_layers: DolaLayers = Field(
+        None,
+        description='DoLa (contrast with early layers): "low", "high" or layer indices; '
+        "with sampling only (1.2 repetition penalty is what the paper recommends).",
+    )
+
+    @model_validator(mode="after")
+    def _beam(self, info: ValidationInfo) -> ThinkSpec:
+        return _check_beam(self, "think", info)
 
 
 class AnswerSpec(Strict):
@@ -174,8 +206,54 @@ class AnswerSpec(Strict):
     choice: list[str] | None = None
     grammar: str | None = None
     field_probs: bool = True
+    strategy: Strategy = Field(
+        "sample",
+        description='sample (temperature & filters; 0 = greedy) or "beam": the most likely '
+        "complete answers under the grammar; after a sampled think phase each sample gets "
+        "its reasoning's best answer, without one the samples are the best answers, ranked",
+    )
+    num_beams: int = Field(4, ge=1, le=64, description='Beams when strategy = "beam".')
+    length_penalty: float = Field(1.0, ge=-10, le=10)
+    early_stopping: bool | Literal["never"] = False
+    dola_layers: DolaLayers = None
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _beam(self, info: ValidationInfo) -> AnswerSpec:
+        return _check_beam(self, "answer", info)
+
+
+def _check_beam(section: Any, name: str, info: ValidationInfo) -> Any:
+    """Beam search scores the model's own log-probabilities: sampling settings and DoLa
+    do not apply to it, and beam settings given without `strategy = "beam"` are a
+    mistake (except in a sweep's conditions, where the strategy itself may be swept)."""
+    fields = type(section).model_fields
+    if section.strategy == "beam":
+        given = [
+            key
+            for key in ("temperature", "top_p", "top_k", "min_p", "dola_layers")
+            if getattr(section, key) != fields[key].default
+        ]
+        if given:
+            raise ValueError(
+                f'{name}.strategy = "beam" scores the model\'s own log-probabilities; '
+                f"{', '.join(given)} do not apply to it: remove them"
+            )
+    elif not (info.context or {}).get("sweep") and f"{name}.strategy" not in (
+        (info.context or {}).get("swept") or ()
+    ):
+        given = [
+            key
+            for key in ("num_beams", "length_penalty", "early_stopping")
+            if key in section.model_fields_set
+        ]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} apply to beam search only: set {name}.strategy = "
+                '"beam", or remove them'
+            )
+    return section
 
 
 class AnalysisSpec(Strict):
@@ -313,6 +391,9 @@ def _check_prompt_sizes(spec: Spec, path: Path) -> None:
             )
 
 
+SWEEP = {"sweep": True}
+
+
 def _conditions(spec: Spec, path: Path) -> list[Condition]:
     if not spec.sweep:
         return [Condition("default", {}, spec.think, spec.answer)]
@@ -337,12 +418,15 @@ def _conditions(spec: Spec, path: Path) -> list[Condition]:
         for key, value in overrides.items():
             section, _, field = key.partition(".")
             (think if section == "think" else answer)[field] = value
+        for name, values in (("think", think), ("answer", answer)):
+            if values is not None and overrides.get(f"{name}.strategy") == "beam":
+                _drop_sampling(values, name, overrides)
         try:
             condition = Condition(
                 ",".join(f"{k}={v}" for k, v in overrides.items()),
                 overrides,
-                ThinkSpec.model_validate(think) if think is not None else None,
-                AnswerSpec.model_validate(answer),
+                ThinkSpec.model_validate(think, context=SWEEP) if think is not None else None,
+                AnswerSpec.model_validate(answer, context=SWEEP),
             )
         except ValidationError as err:
             first = err.errors()[0]
@@ -351,6 +435,16 @@ def _conditions(spec: Spec, path: Path) -> list[Condition]:
             ) from err
         conditions.append(condition)
     return conditions
+
+
+def _drop_sampling(values: dict[str, Any], name: str, overrides: dict[str, Any]) -> None:
+    """A swept beam condition: the section's sampling settings belong to its sampled
+    conditions; this one searches, so they go back to their defaults (and the store
+    records what ran). A sampling setting swept alongside is kept, and refused."""
+    model = ThinkSpec if name == "think" else AnswerSpec
+    for key in ("temperature", "top_p", "top_k", "min_p", "dola_layers"):
+        if f"{name}.{key}" not in overrides:
+            values[key] = model.model_fields[key].default
 
 
 def _resolve_schema(answer: AnswerSpec, path: Path) -> dict[str, Any] | None:
@@ -429,8 +523,10 @@ def _parse_toml(path: Path) -> tuple[str, dict[str, Any]]:
 def load_spec(path: Path | str, check_models: bool = True) -> LoadedSpec:
     path = Path(path)
     text, data = _parse_toml(path)
+    sweep = data.get("sweep")
+    swept = set(sweep) if isinstance(sweep, dict) else set()
     try:
-        spec = Spec.model_validate(data)
+        spec = Spec.model_validate(data, context={"swept": swept})
     except ValidationError as err:
         raise InputError(_describe(err, path, data)) from err
     _check_templates(spec, path)
@@ -438,6 +534,7 @@ def load_spec(path: Path | str, check_models: bool = True) -> LoadedSpec:
     conditions = _conditions(spec, path)
     schema = _resolve_schema(spec.answer, path)
     _check_grammars(conditions, schema, path)
+    check_beam_samples(conditions, spec.samples, str(path))
     for model in spec.model_list:
         if check_models:  # not when the caller replaces the spec's model (`--model`)
             _check_model_ref(model, path)
@@ -446,8 +543,43 @@ def load_spec(path: Path | str, check_models: bool = True) -> LoadedSpec:
     return LoadedSpec(path, text, spec, conditions, schema)
 
 
+def beam_phase(condition: Condition) -> tuple[str, int] | None:
+    """(phase, num_beams) when a condition's samples are ranked beams: the reasoning is
+    beam-searched, or the answer is and there is no think phase to sample."""
+    if condition.think is not None and condition.think.strategy == "beam":
+        return "think", condition.think.num_beams
+    if condition.think is None and condition.answer.strategy == "beam":
+        return "answer", condition.answer.num_beams
+    return None
+
+
+def check_beam_samples(conditions: list[Condition], samples: int, where: str) -> None:
+    """A beam search returns at most num_beams sequences: refuse asking for more."""
+    for condition in conditions:
+        found = beam_phase(condition)
+        if found is not None and samples > found[1]:
+            phase, beams = found
+            label = "" if not condition.overrides else f" (condition {condition.label})"
+            raise InputError(
+                f"{where}: samples = {samples} but {phase}.num_beams = {beams}{label}: the "
+                f'samples of a {phase}.strategy = "beam" condition are its best {phase} '
+                f"sequences, ranked, and a beam search returns at most num_beams; set "
+                f"samples <= {beams} or raise {phase}.num_beams"
+            )
+
+
 def _check_remote(spec: Spec, path: Path) -> None:
     """What an OpenAI-compatible endpoint cannot do, refused before any request."""
+    for condition in _conditions(spec, path):
+        for name, section in (("think", condition.think), ("answer", condition.answer)):
+            if section is None:
+                continue
+            if section.strategy == "beam" or section.dola_layers is not None:
+                what = 'strategy = "beam"' if section.strategy == "beam" else "dola_layers"
+                raise InputError(
+                    f"{path}: {name}.{what} needs a local model; an endpoint samples with "
+                    "the OpenAI API's settings only"
+                )
     if spec.prompt.raw:
         raise InputError(
             f"{path}: prompt.raw needs a local model; a remote endpoint takes chat messages"

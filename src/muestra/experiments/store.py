@@ -4,8 +4,9 @@ Tables: `runs` (spec text and hash, muestra version), `models` (id and provenanc
 `conditions` (sweep overrides and the resolved phase settings), `prompts` (messages,
 variables, group/variant) and `samples` (one row per finished sample: seed, phase
 settings, reasoning, answer, field probabilities, finish reason, error, token counts,
-timings). WAL mode; each finished batch is written in one transaction, so a crash or
-`kill -9` loses at most the batch in flight and never leaves half a batch.
+timings, and the rank and scores of a beam-searched phase). WAL mode; each finished
+batch is written in one transaction, so a crash or `kill -9` loses at most the batch in
+flight and never leaves half a batch.
 """
 
 from __future__ import annotations
@@ -102,6 +103,12 @@ def _m001(db: sqlite3.Connection) -> None:
         CREATE INDEX samples_by_cell ON samples (run_id, model_id, condition_id, prompt_id);
         """
     )
+
+
+@migration("m002_beams")
+def _m002(db: sqlite3.Connection) -> None:
+    # beam-searched phases: {"think"|"answer": {"rank", "score", "sum_logprob", ...}}
+    db.execute("ALTER TABLE samples ADD COLUMN beam_json TEXT")
 
 
 def now() -> str:

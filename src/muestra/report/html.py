@@ -283,7 +283,9 @@ def render(
         f'<h1>{_e(run["name"])}</h1><p class="note">spec {_e(run["spec_path"])} '
         f"(sha256 {_e(run['spec_hash'][:12])}) · run {_e(run['created_at'])} · muestra "
         f"{_e(run['muestra_version'])} · {analysis.valid} valid of {analysis.samples} "
-        "samples</p><h2>Models</h2>"
+        "samples</p>"
+        + "".join(f'<p class="note">note: {_e(note)}</p>' for note in analysis.notes)
+        + "<h2>Models</h2>"
     )
     out.append(
         _table(
