@@ -8,7 +8,7 @@ import torch
 
 from muestra.engine import Engine, GenerationRequest, SamplingParams
 from muestra.engine.kv_cache import GrowingCache
-from muestra.engine.lookup import find_draft, lookup_greedy
+from muestra.engine.lookup import find_draft, lookup_decode, lookup_greedy
 from muestra.errors import InputError
 from test_engine import PROMPTS, encode
 
@@ -104,3 +104,65 @@ def test_the_cli_reports_forwards_and_acceptance(cli, smol_kit, smol):
     )  # fmt: skip
     assert line["token_ids"] == plain.json_lines()[0]["token_ids"]
     assert line["prompt_lookup"]["forwards"] < len(line["token_ids"])
+
+
+def test_a_ragged_batch_of_requests_is_each_decoded_alone(smol, qwen):
+    """A copy task, a prompt with nothing to copy and a 5-token budget in one batch: every
+    row equals plain greedy and takes the forwards it takes alone."""
+    copy = smol.tokenizer.apply_chat_template(
+        [{"role": "user", "content": COPY}], add_generation_prompt=True, tokenize=False
+    )
+    engine = Engine.from_loaded(smol)
+    requests = [
+        GenerationRequest(encode(smol, copy), params=GREEDY, max_new_tokens=48),
+        GenerationRequest(
+            encode(smol, "The three primary colours are"), params=GREEDY, max_new_tokens=32
+        ),
+        GenerationRequest(encode(smol, "Once upon a time"), params=GREEDY, max_new_tokens=5),
+    ]
+    batched = lookup_decode(engine, requests)
+    for request, (result,) in zip(requests, batched, strict=True):
+        assert result.token_ids == engine.generate([request])[0][0].token_ids
+        assert result.forwards == lookup_greedy(engine, request).forwards
+    assert batched[0][0].forwards < len(batched[0][0].token_ids) / 2
+    ids = encode(qwen, PROMPTS[0])
+    tiny = Engine.from_loaded(qwen)
+    kit = [GenerationRequest(ids + ids, params=GREEDY, max_new_tokens=n) for n in (3, 20)]
+    for request, (result,) in zip(kit, lookup_decode(tiny, kit), strict=True):
+        assert result.token_ids == tiny.generate([request])[0][0].token_ids
+
+
+def test_the_server_takes_prompt_lookup_as_an_extension(smol_kit):
+    from test_server import in_process
+
+    body = {
+        "model": "s",
+        "prompt": ["Repeat: the cat sat on the mat. Repeat: the cat", "The primary colours are"],
+        "max_tokens": 16,
+        "temperature": 0,
+    }
+    with in_process(smol_kit, "s") as http:
+        plain = http.post("/v1/completions", json=body)
+        fast = http.post("/v1/completions", json={**body, "prompt_lookup": 5})
+        assert plain.status_code == 200 and fast.status_code == 200, fast.text
+        assert [c["text"] for c in fast.json()["choices"]] == [
+            c["text"] for c in plain.json()["choices"]
+        ]
+        stats = fast.json()["choices"][0]["muestra"]["prompt_lookup"]
+        assert stats["forwards"] >= 1 and 0 <= stats["acceptance_rate"] <= 1
+        chat = {"model": "s", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}
+        greedy = http.post("/v1/chat/completions", json={**chat, "temperature": 0})
+        looked = http.post(
+            "/v1/chat/completions", json={**chat, "temperature": 0, "prompt_lookup": 3}
+        )
+        assert looked.status_code == 200, looked.text
+        content = looked.json()["choices"][0]["message"]["content"]
+        assert content == greedy.json()["choices"][0]["message"]["content"]
+        for change, word in (
+            ({"temperature": 0.7}, "temperature"),
+            ({"n": 2}, "n"),
+            ({"stop": ["x"]}, "stop"),
+            ({"prompt_lookup": 0}, "prompt_lookup"),
+        ):
+            refused = http.post("/v1/completions", json={**body, "prompt_lookup": 5, **change})
+            assert refused.status_code == 400 and word in refused.text, refused.text

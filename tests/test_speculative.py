@@ -9,7 +9,12 @@ from scipy.stats import chisquare
 
 from muestra.engine import Engine, GenerationRequest, SamplingParams
 from muestra.engine.seeds import generator_for
-from muestra.engine.speculative import layer_draft, speculative_generate, verify
+from muestra.engine.speculative import (
+    layer_draft,
+    speculative_decode,
+    speculative_generate,
+    verify,
+)
 from muestra.errors import InputError
 from test_engine import PROMPTS, encode
 
@@ -85,7 +90,8 @@ def test_greedy_on_the_gpt2_kit(gpt2):
 
 def test_sampled_first_tokens_follow_the_targets_distribution(qwen):
     """End to end on the tiny kit (one-layer draft of two): the first token of 300
-    speculative samples (T 1, top-k 6) against the target's exact processed distribution."""
+    speculative samples (T 1, top-k 6), decoded as one batch, against the target's exact
+    processed distribution."""
     from muestra.engine.sampling import SamplingBatch
 
     loaded = qwen
@@ -99,11 +105,10 @@ def test_sampled_first_tokens_follow_the_targets_distribution(qwen):
     probs = probs.logits.softmax(-1)[0]
     support = probs.nonzero().flatten().tolist()
     counts = dict.fromkeys(support, 0)
-    draws = 300
-    for seed in range(draws):
-        request = GenerationRequest(prompt, params=params, max_new_tokens=2, seed=seed)
-        first = speculative_generate(engine, draft, request, 1).token_ids[0]
-        counts[first] += 1
+    draws = 300  # one ragged batch of 300 rows, each with its own seed
+    request = GenerationRequest(prompt, n=draws, params=params, max_new_tokens=2, seed=5)
+    for result in speculative_decode(engine, draft, [request], 1)[0]:
+        counts[result.token_ids[0]] += 1
     mass = sum(float(probs[t]) for t in support)
     expected = [float(probs[t]) / mass * draws for t in support]
     assert chisquare([counts[t] for t in support], expected).pvalue > 0.001
@@ -130,7 +135,48 @@ def test_the_cli_speculates_with_a_layer_draft_or_a_model(cli, smol_kit, tiny_ki
     assert fast.json_lines()[0]["token_ids"] == plain.json_lines()[0]["token_ids"]
     assert set(fast.json_lines()[0]["speculative"]) >= {"rounds", "acceptance_rate"}
     sampled = cli(*base, "--seed", "3", "--draft-model", "layers:24")
-    again = cli(*base, "--seed", "3", "--draft-model", "layers:24")
-    assert sampled.json_lines()[0]["token_ids"] == again.json_lines()[0]["token_ids"]
+    three = cli(*base, "--seed", "3", "--n", "3", "--draft-model", "layers:24")
+    assert three.code == 0, three.stderr
+    assert [line["sample"] for line in three.json_lines()] == [0, 1, 2]
+    assert sampled.json_lines()[0]["token_ids"] == three.json_lines()[0]["token_ids"]
     other = cli(*base, "--temperature", "0", "--draft-model", str(tiny_kit))
     assert other.code == 2 and "vocabulary differs" in other.stderr
+
+
+def test_a_ragged_batch_is_each_row_decoded_alone(smol, gpt2, monkeypatch):
+    """Rows of different prompts and budgets accept different numbers of drafts per round:
+    greedy rows equal plain greedy (GPT-2 kit, k = 8 with a one-layer draft: many masked
+    holes, so the cache is compacted along the way); sampled rows of the real model equal
+    themselves decoded alone (same seeds, same draws)."""
+    import muestra.engine.speculative as speculative
+
+    compactions = []
+    real_gather = speculative.gather_columns
+    monkeypatch.setattr(
+        speculative, "gather_columns", lambda *a: compactions.append(1) or real_gather(*a)
+    )
+    engine = Engine.from_loaded(gpt2)
+    draft = layer_draft(gpt2.model, 1)
+    requests = [
+        GenerationRequest(encode(gpt2, text), params=GREEDY, max_new_tokens=budget)
+        for text, budget in ((PROMPTS[0], 60), (PROMPTS[1], 7), (PROMPTS[2], 45))
+    ]
+    batched = speculative_decode(engine, draft, requests, 8)
+    for request, (result,) in zip(requests, batched, strict=True):
+        assert result.token_ids == engine.generate([request])[0][0].token_ids
+    assert compactions, "no compaction happened: the test does not cover it"
+
+    engine = Engine.from_loaded(smol)
+    draft = layer_draft(smol.model, 24)
+    sampled = SamplingParams(temperature=0.8, top_p=0.9)
+    requests = [
+        GenerationRequest(encode(smol, "Once upon a time"), n=2, params=sampled, max_new_tokens=10),
+        GenerationRequest(
+            encode(smol, "The capital of France is"), params=GREEDY, max_new_tokens=6
+        ),
+    ]
+    batched = speculative_decode(engine, draft, requests, 4)
+    alone = speculative_decode(engine, draft, requests[:1], 4)[0]
+    assert [r.token_ids for r in batched[0]] == [r.token_ids for r in alone]
+    assert batched[0][0].token_ids != batched[0][1].token_ids  # two seeds, two texts
+    assert batched[1][0].token_ids == engine.generate(requests[1:])[0][0].token_ids

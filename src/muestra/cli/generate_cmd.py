@@ -168,7 +168,8 @@ def generate(
     draft_model: str | None = typer.Option(
         None,
         "--draft-model",
-        help="Speculative decoding (--n 1) with this draft: a model with the same vocabulary, "
+        help="Speculative decoding with this draft (all --n samples in one batch): a model with "
+        "the same vocabulary, "
         "or layers:N for the model's own first N layers. Greedy output equals plain greedy; "
         "sampled output follows the same distribution.",
     ),
@@ -333,12 +334,8 @@ def generate(
                 "--draft-model and --prompt-lookup apply to plain generation (not with "
                 "--num-beams, --stream, a grammar or a think budget)"
             )
-        if n != 1:
-            raise InputError(
-                f"--draft-model and --prompt-lookup decode one sample; use --n 1 (got --n {n})"
-            )
         request = generator.requests(
-            [ids], params=params, max_new_tokens=max_new_tokens, seed=seed, stop=stop,
+            [ids], n=n, params=params, max_new_tokens=max_new_tokens, seed=seed, stop=stop,
             ignore_eos=ignore_eos, logprobs=logprobs,
         )[0]  # fmt: skip
         _print_drafted(
@@ -430,46 +427,56 @@ def _beam_params(num_beams: int, length_penalty: float, early_stopping: str, n: 
 def _print_drafted(
     generator, request, draft_ref: str | None, k: int, lookup: int | None, dtype: str
 ) -> None:
-    """Speculative (a draft model or layers:N) or prompt-lookup decoding of one request."""
+    """Speculative (a draft model or layers:N) or prompt-lookup decoding of a request's
+    samples, as one ragged batch."""
     from muestra.engine.seeds import sample_seed
 
     started = time.perf_counter()
     if draft_ref is None:
-        from muestra.engine.lookup import lookup_greedy
+        from muestra.engine.lookup import lookup_decode
 
-        result = lookup_greedy(generator.engine, request, num_tokens=lookup or 10)
-        key, rounds = "prompt_lookup", {"forwards": result.forwards}
+        if request.n != 1:
+            raise InputError(
+                f"--prompt-lookup is greedy: every sample would be the same; use --n 1 "
+                f"(got --n {request.n})"
+            )
+        results = lookup_decode(generator.engine, [request], num_tokens=lookup or 10)[0]
+        key = "prompt_lookup"
     else:
-        from muestra.engine.speculative import speculative_generate
+        from muestra.engine.speculative import speculative_decode
 
         draft = _draft(generator, draft_ref, dtype)
-        result = speculative_generate(generator.engine, draft, request, k)
-        key, rounds = "speculative", {"rounds": result.rounds}
+        results = speculative_decode(generator.engine, draft, [request], k)[0]
+        key = "speculative"
     elapsed = time.perf_counter() - started
-    ids = result.token_ids
-    shown = ids[:-1] if result.finish_reason == "stop" else ids
-    line = {
-        "sample": 0,
-        "seed": sample_seed(request.seed, request.prompt_index, 0),
-        "text": b"".join(generator.token_bytes[t] for t in shown).decode("utf-8", "replace"),
-        "token_ids": ids,
-        "finish_reason": result.finish_reason,
-        "num_prompt_tokens": len(request.prompt_ids),
-        "num_tokens": len(ids),
-        key: {
-            **rounds,
-            "drafted": result.drafted,
-            "accepted": result.accepted,
-            "acceptance_rate": result.acceptance_rate,
-        },
-    }
-    if draft_ref is None:
-        line.pop("seed")  # greedy: nothing was drawn
-    print_json(line)
+    for index, result in enumerate(results):
+        ids = result.token_ids
+        shown = ids[:-1] if result.finish_reason == "stop" else ids
+        rounds = {"forwards": result.forwards} if draft_ref is None else {"rounds": result.rounds}
+        line = {
+            "sample": index,
+            "seed": sample_seed(request.seed, request.prompt_index, index),
+            "text": b"".join(generator.token_bytes[t] for t in shown).decode("utf-8", "replace"),
+            "token_ids": ids,
+            "finish_reason": result.finish_reason,
+            "num_prompt_tokens": len(request.prompt_ids),
+            "num_tokens": len(ids),
+            key: {
+                **rounds,
+                "drafted": result.drafted,
+                "accepted": result.accepted,
+                "acceptance_rate": result.acceptance_rate,
+            },
+        }
+        if draft_ref is None:
+            line.pop("seed")  # greedy: nothing was drawn
+        print_json(line)
+    tokens = sum(len(r.token_ids) for r in results)
+    drafted = sum(r.drafted for r in results)
+    accepted = sum(r.accepted for r in results) / drafted if drafted else 0.0
     stderr.print(
-        f"{key.replace('_', ' ')}: {len(ids)} tokens in {elapsed:.2f}s "
-        f"({len(ids) / elapsed:.1f} tok/s), {next(iter(rounds.values()))} "
-        f"{next(iter(rounds))}, {result.acceptance_rate:.0%} of drafted tokens accepted",
+        f"{key.replace('_', ' ')}: {len(results)} sample(s), {tokens} tokens in {elapsed:.2f}s "
+        f"({tokens / elapsed:.1f} tok/s), {accepted:.0%} of drafted tokens accepted",
         markup=False,
     )
 

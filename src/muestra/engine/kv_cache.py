@@ -134,3 +134,19 @@ def merge_left_padded(first: GrowingCache, second: GrowingCache, room: int) -> G
         target.keys = target.key_buffer[:, :, :length]
         target.values = target.value_buffer[:, :, :length]
     return merged
+
+
+def gather_columns(cache: GrowingCache, index: torch.Tensor) -> None:
+    """Rebuild every layer with, for row `r`, the positions `index[r]` (R, W) in order:
+    speculative decoding's compaction of the masked holes rejected drafts leave."""
+    for layer in cache.layers:
+        assert isinstance(layer, GrowingLayer)
+        if layer.key_buffer is None or layer.value_buffer is None:
+            continue
+        rows, heads, _, dim = layer.key_buffer.shape
+        at = index[:, None, :, None].expand(rows, heads, index.shape[1], dim)
+        keys = layer.key_buffer[:, :, : layer.length].gather(2, at)
+        values = layer.value_buffer[:, :, : layer.length].gather(2, at)
+        layer.key_buffer, layer.value_buffer = keys, values
+        layer.length = layer.capacity = index.shape[1]
+        layer.keys, layer.values = keys, values

@@ -8,7 +8,7 @@
 2. verify: one forward pass of the last token plus the draft; the model's argmax at each
    position is compared with the draft, the matching prefix is accepted and the model's own
    next token follows it (so a step yields 1 … draft+1 tokens);
-3. the KV cache drops the positions of the rejected draft tokens (`crop`).
+3. the KV cache masks the positions of the rejected draft tokens.
 
 Every emitted token is the model's argmax given the tokens before it, so the output is
 plain greedy decoding's, token for token (up to the last bits of multi-token vs one-token
@@ -16,20 +16,22 @@ matrix products; the tests check equality on the real model and the kits). It pa
 when the answer copies from its prompt (quoting, editing, extraction); without matches
 it is plain greedy with a lookup per step.
 
-One request at a time: rows accept different numbers of tokens per step, so a batch
-would need ragged caches; for many samples the batched engine is the faster path anyway.
-Stop strings, logprobs, penalties, bias, DoLa and sampling are refused.
+`lookup_decode` runs several requests as one ragged batch: each row accepts its own
+number of draft tokens per forward, the rejected ones stay in the cache as masked holes
+(`speculative.RaggedModel`). Stop strings, logprobs, penalties, bias, DoLa and sampling
+are refused.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from muestra.engine.engine import Engine, GenerationRequest
 from muestra.engine.sampling import SamplingParams
-from muestra.engine.speculative import CachedModel, emit, verify
+from muestra.engine.speculative import RaggedModel, emit, verify
 from muestra.errors import InputError
 
 
@@ -74,31 +76,78 @@ def check_lookup_request(request: GenerationRequest) -> None:
 
 
 @torch.inference_mode()
-def lookup_greedy(
-    engine: Engine, request: GenerationRequest, num_tokens: int = 10, max_ngram: int = 2
-) -> LookupResult:
+def lookup_decode(
+    engine: Engine,
+    requests: Sequence[GenerationRequest],
+    num_tokens: int = 10,
+    max_ngram: int = 2,
+) -> list[list[LookupResult]]:
+    """Every request decoded greedily with prompt lookup, in one ragged batch (each row
+    accepts its own number of draft tokens per forward; see `speculative.RaggedModel`)."""
     if not 1 <= num_tokens <= 64 or not 1 <= max_ngram <= 8:
         raise InputError(
             f"prompt lookup: num_tokens={num_tokens} must be in [1, 64] and "
             f"max_ngram={max_ngram} in [1, 8]"
         )
-    engine.validate(0, request)
-    check_lookup_request(request)
-    eos = frozenset() if request.ignore_eos else engine.eos_token_ids
-    prompt, limit = list(request.prompt_ids), request.max_new_tokens
-    target = CachedModel(engine, engine.model, prompt, limit + num_tokens)
-    out: list[int] = []
-    result = LookupResult(out, "length", 0, 0, 0)
-    finish = emit(out, [int(target.last[0].argmax())], eos, limit)
-    while finish is None:
-        room = limit - len(out)  # tokens still allowed, the model's own token included
-        draft = find_draft(prompt + out, min(num_tokens, room - 1), max_ngram)
-        logits = target.feed([out[-1], *draft])  # its argmax after each token fed
-        result.forwards += 1
-        new = verify(draft, None, logits, greedy=True, rng=None)
-        result.drafted += len(draft)
-        result.accepted += len(new) - 1
-        target.agree(prompt + out + new)
-        finish = emit(out, new, eos, limit)
-    result.finish_reason = finish
-    return result
+    for index, request in enumerate(requests):
+        engine.validate(index, request)
+        check_lookup_request(request)
+    rows = [
+        (
+            i,
+            list(r.prompt_ids),
+            r.max_new_tokens,
+            frozenset() if r.ignore_eos else engine.eos_token_ids,
+            LookupResult([], "length", 0, 0, 0),
+        )
+        for i, r in enumerate(requests)
+    ]
+    results = [[row[4]] for row in rows]
+    target = RaggedModel(engine, engine.model, [row[1] for row in rows], 64 + num_tokens)
+    live = []  # the prefill's argmax is the first token
+    for i, (_, _, limit, eos, result) in enumerate(rows):
+        finish = emit(result.token_ids, [int(target.last[i].argmax())], eos, limit)
+        if finish is None:
+            live.append(i)
+        else:
+            result.finish_reason = finish
+    if len(live) < len(rows):
+        rows = [rows[i] for i in live]
+        if live:
+            target.keep(live)
+    while rows:
+        drafts = []
+        for _, prompt, limit, _, result in rows:
+            room = limit - len(result.token_ids)  # the model's own token included
+            drafts.append(
+                find_draft(prompt + result.token_ids, min(num_tokens, room - 1), max_ngram)
+            )
+        logits = target.feed(
+            [[row[4].token_ids[-1], *draft] for row, draft in zip(rows, drafts, strict=True)]
+        )
+        finished = []
+        for i, ((_, prompt, limit, eos, result), draft) in enumerate(
+            zip(rows, drafts, strict=True)
+        ):
+            result.forwards += 1
+            new = verify(draft, None, logits[i], greedy=True, rng=None)
+            result.drafted += len(draft)
+            result.accepted += len(new) - 1
+            target.agree(i, prompt + result.token_ids + new)
+            finish = emit(result.token_ids, new, eos, limit)
+            if finish is not None:
+                result.finish_reason = finish
+                finished.append(i)
+        if finished:
+            stay = [i for i in range(len(rows)) if i not in finished]
+            rows = [rows[i] for i in stay]
+            if stay:
+                target.keep(stay)
+    return results
+
+
+def lookup_greedy(
+    engine: Engine, request: GenerationRequest, num_tokens: int = 10, max_ngram: int = 2
+) -> LookupResult:
+    """One request, as `lookup_decode` decodes it."""
+    return lookup_decode(engine, [request], num_tokens, max_ngram)[0][0]

@@ -1,9 +1,10 @@
 """Speculative decoding with a draft model, exact for greedy and for sampling.
 
-`speculative_generate(engine, draft, request, num_speculative_tokens=4)` decodes one
-request. Each round the draft model (a smaller model with the same vocabulary, or the
-target's own first layers: `layer_draft`) proposes `K` tokens, each drawn from its own
-processed distribution `q` (temperature, top-k, top-p, min-p, as the request says);
+`speculative_decode(engine, draft, requests, num_speculative_tokens=4)` decodes every
+sample of every request in one batch (`speculative_generate`: one sample). Each round
+the draft model (a smaller model with the same vocabulary, or the target's own first
+layers: `layer_draft`) proposes `K` tokens, each drawn from its own processed
+distribution `q` (temperature, top-k, top-p, min-p, as the request says);
 the target scores all of them in one forward pass, giving `p` at each position, and:
 
 - greedy: the draft token is accepted while it equals the target's argmax; at the first
@@ -16,21 +17,24 @@ the target scores all of them in one forward pass, giving `p` at each position, 
 So greedy output equals plain greedy decoding token for token (up to the last bits of
 multi-token products), and sampled output follows the same distribution as plain
 sampling — not the same draws: the uniforms come from the request's seeded generator in
-another order (the tests check both: token equality and a χ² test). Both caches drop
-rejected positions (`crop`). One request at a time; penalties, logit bias, DoLa, stop
-strings and logprobs are refused.
+another order (the tests check both: token equality and a χ² test). Rows accept different
+numbers of tokens per round: both caches are `RaggedModel`s, where rejected drafts stay
+as masked columns (holes) and positions are per row, so each row decodes as it would
+alone. Penalties, logit bias, DoLa, stop strings and logprobs are refused.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from muestra.engine.engine import Engine, GenerationRequest
-from muestra.engine.sampling import SamplingBatch
+from muestra.engine.kv_cache import GrowingCache, gather_columns
+from muestra.engine.sampling import SamplingBatch, SamplingParams
 from muestra.engine.seeds import generator_for, sample_seed
 from muestra.errors import InputError
 
@@ -81,8 +85,6 @@ def layer_draft(model: Any, num_layers: int) -> Any:
 
 def _check(request: GenerationRequest) -> None:
     p = request.params
-    if request.n != 1:
-        raise InputError("speculative decoding decodes one sample per request; set n=1")
     if p.has_penalties or p.logit_bias or p.dola_layers is not None:
         raise InputError(
             "speculative decoding supports temperature, top-k, top-p and min-p; not "
@@ -144,104 +146,223 @@ def _draw(probs: torch.Tensor, rng: torch.Generator | None) -> int:
     return int(torch.multinomial(probs, 1, generator=rng))
 
 
-class CachedModel:
-    """One model's cache and the tokens in it."""
+class RaggedModel:
+    """One model's KV cache for rows that advance by different numbers of tokens.
 
-    def __init__(self, engine: Engine, model: Any, prompt: list[int], room: int) -> None:
+    Each forward feeds every row its own tokens, right-padded to the longest; the padding,
+    and later a row's rejected drafts, stay in the cache as masked columns (holes), so no
+    row waits for another and nothing is cropped. Positions are per row (the count of its
+    real tokens), so a row sees exactly what it would see alone. When holes make up most
+    of the cache, `compact` gathers each row's real columns again (left-padded).
+    """
+
+    def __init__(self, engine: Engine, model: Any, prompts: list[list[int]], room: int) -> None:
         self.engine, self.model = engine, model
-        self.cache, logits, self.mask, _ = engine._prefill([prompt], room, model=model)
-        self.tokens = list(prompt)
-        self.last = logits  # (1, V): the next-token logits after `tokens` (at the start)
+        self.cache, logits, self.mask, _ = engine._prefill(prompts, room, model=model)
+        width = self.mask.shape[1]
+        self.tokens = [list(p) for p in prompts]
+        self.cols = [list(range(width - len(p), width)) for p in prompts]  # each token's column
+        self.last = list(logits)  # per row: the next-token logits after its tokens (V,)
 
-    def feed(self, tokens: list[int]) -> torch.Tensor:
-        """Feed the next `tokens`: their logits (len, V) float32."""
-        device, seen = self.engine.device, len(self.tokens)
-        self.mask = torch.cat([self.mask, self.mask.new_ones(1, len(tokens))], dim=1)
+    def feed(self, fed: list[list[int]]) -> list[torch.Tensor]:
+        """Feed each row its tokens (possibly none): per row, their logits (len, V)."""
+        device, width = self.engine.device, self.mask.shape[1]
+        length = max(len(t) for t in fed)
+        if length == 0:
+            return [self.last[i].new_empty(0, self.last[i].shape[-1]) for i in range(len(fed))]
+        ids = torch.zeros(len(fed), length, dtype=torch.long)
+        mask = torch.zeros(len(fed), length, dtype=torch.long)
+        positions = torch.zeros(len(fed), length, dtype=torch.long)
+        for i, tokens in enumerate(fed):
+            ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            mask[i, : len(tokens)] = 1
+            seen = len(self.tokens[i])
+            positions[i] = torch.arange(seen, seen + length)
+            self.tokens[i] += tokens
+            self.cols[i] += range(width, width + len(tokens))
+        self.mask = torch.cat([self.mask, mask.to(device)], dim=1)
         out = self.model(
-            input_ids=torch.tensor([tokens], device=device),
+            input_ids=ids.to(device),
             attention_mask=self.mask,
-            position_ids=torch.arange(seen, seen + len(tokens), device=device)[None],
+            position_ids=positions.to(device),
             cache=self.cache,
             use_cache=True,
         )
         self.cache = out.cache
-        self.tokens += tokens
-        return out.logits[0].float()
+        logits = out.logits.float()
+        result = []
+        for i, tokens in enumerate(fed):
+            result.append(logits[i, : len(tokens)])
+            if tokens:
+                self.last[i] = logits[i, len(tokens) - 1]
+        return result
 
-    def agree(self, truth: list[int]) -> None:
-        """Forget the cached tokens that are not a prefix of `truth` (rejected drafts)."""
-        common = 0
-        for mine, true in zip(self.tokens, truth, strict=False):
+    def agree(self, row: int, truth: list[int]) -> None:
+        """Mask out the row's cached tokens that are not a prefix of `truth` (rejected
+        drafts); `last` is then stale, and the next feed of that row replaces it."""
+        tokens, common = self.tokens[row], 0
+        for mine, true in zip(tokens, truth, strict=False):
             if mine != true:
                 break
             common += 1
-        extra = len(self.tokens) - common
-        if extra:
-            self.cache.crop(-extra)
-            self.mask = self.mask[:, :-extra]
-            del self.tokens[common:]
+        if common < len(tokens):
+            self.mask[row, self.cols[row][common:]] = 0
+            del tokens[common:], self.cols[row][common:]
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows (in order)."""
+        index = torch.tensor(rows, device=self.engine.device)
+        self.cache.batch_select_indices(index)
+        self.mask = self.mask[index]
+        self.tokens = [self.tokens[i] for i in rows]
+        self.cols = [self.cols[i] for i in rows]
+        self.last = [self.last[i] for i in rows]
+        self.compact()
+
+    def compact(self) -> None:
+        """Gather each row's real columns (left-padded) once holes fill half the cache."""
+        real = max(len(t) for t in self.tokens)
+        if self.mask.shape[1] < 2 * real + 64 or not isinstance(self.cache, GrowingCache):
+            return
+        index = torch.zeros(len(self.tokens), real, dtype=torch.long)
+        mask = torch.zeros(len(self.tokens), real, dtype=torch.long)
+        for i, cols in enumerate(self.cols):
+            index[i, real - len(cols) :] = torch.tensor(cols, dtype=torch.long)
+            mask[i, real - len(cols) :] = 1
+            self.cols[i] = list(range(real - len(cols), real))
+        gather_columns(self.cache, index.to(self.engine.device))
+        self.mask = mask.to(self.engine.device)
+
+
+@dataclass
+class _Row:
+    """One sample being decoded speculatively."""
+
+    request: int
+    sample: int
+    params: SamplingParams
+    rng: torch.Generator
+    eos: frozenset[int]
+    limit: int
+    prompt: list[int]
+    result: SpeculativeResult
+
+
+def expand_rows(engine: Engine, requests: Sequence[GenerationRequest]) -> list[_Row]:
+    rows = []
+    for index, request in enumerate(requests):
+        for k in range(request.n):
+            sample = request.first_sample + k
+            seed = (
+                request.seeds[k]
+                if request.seeds
+                else sample_seed(request.seed, request.prompt_index, sample)
+            )
+            rows.append(
+                _Row(
+                    index,
+                    sample,
+                    request.params,
+                    generator_for(seed),
+                    frozenset() if request.ignore_eos else engine.eos_token_ids,
+                    request.max_new_tokens,
+                    list(request.prompt_ids),
+                    SpeculativeResult([], "length", 0, 0, 0),
+                )
+            )
+    return rows
+
+
+def gathered(rows: list[_Row], requests: Sequence[GenerationRequest]) -> list[list[Any]]:
+    out: list[list[Any]] = [[] for _ in requests]
+    for row in rows:
+        out[row.request].append(row.result)
+    return out
 
 
 @torch.inference_mode()
+def speculative_decode(
+    engine: Engine,
+    draft: Any,
+    requests: Sequence[GenerationRequest],
+    num_speculative_tokens: int = 4,
+) -> list[list[SpeculativeResult]]:
+    """Every sample of every request decoded speculatively in one batch (ragged: each row
+    accepts its own number of tokens per round). Per request, its samples in order."""
+    if not 1 <= num_speculative_tokens <= 32:
+        raise InputError(f"num_speculative_tokens={num_speculative_tokens} must be in [1, 32]")
+    for index, request in enumerate(requests):
+        engine.validate(index, request)
+        _check(request)
+    rows = expand_rows(engine, requests)
+    everyone = list(rows)
+    room = max(r.limit for r in rows) + num_speculative_tokens + 1
+    prompts = [r.prompt for r in rows]
+    target = RaggedModel(engine, engine.model, prompts, room)
+    small = RaggedModel(engine, draft, prompts, room)
+    batches: dict[tuple[int, int], SamplingBatch] = {}
+
+    def dist(i: int, logits: torch.Tensor) -> torch.Tensor:
+        """(n, V) processed probabilities of row i (one-hot argmax when greedy)."""
+        logits = logits[:, : engine.vocab_size]
+        params = rows[i].params
+        if params.greedy:
+            return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+        key = (id(rows[i]), logits.shape[0])
+        if key not in batches:
+            batches[key] = SamplingBatch.build(
+                [params] * logits.shape[0], engine.vocab_size, engine.device
+            )
+        return batches[key].warp(logits).logits.softmax(dim=-1)
+
+    while rows:
+        truths = [r.prompt + r.result.token_ids for r in rows]
+        ks = [min(num_speculative_tokens, r.limit - len(r.result.token_ids) - 1) for r in rows]
+        # the draft catches up with what was emitted, then proposes k tokens per row
+        small.feed([t[len(small.tokens[i]) :] for i, t in enumerate(truths)])
+        drafted: list[list[int]] = [[] for _ in rows]
+        qs: list[list[torch.Tensor]] = [[] for _ in rows]
+        for j in range(max(ks)):
+            for i, row in enumerate(rows):
+                if j < ks[i]:
+                    q = dist(i, small.last[i][None])[0]
+                    drafted[i].append(int(q.argmax()) if row.params.greedy else _draw(q, row.rng))
+                    qs[i].append(q)
+            if j + 1 < max(ks):
+                small.feed([d[-1:] if j + 1 < ks[i] else [] for i, d in enumerate(drafted)])
+        # the target scores them all in one forward: p_0 … p_k per row
+        behind = [t[len(target.tokens[i]) :] for i, t in enumerate(truths)]
+        before = [target.last[i] for i in range(len(rows))]
+        logits = target.feed([b + d for b, d in zip(behind, drafted, strict=True)])
+        finished = []
+        for i, row in enumerate(rows):
+            scored = (
+                logits[i][len(behind[i]) - 1 :]
+                if behind[i]
+                else torch.cat([before[i][None], logits[i]])
+            )
+            new = verify(drafted[i], qs[i], dist(i, scored), row.params.greedy, row.rng)
+            row.result.rounds += 1
+            row.result.drafted += ks[i]
+            row.result.accepted += len(new) - 1
+            truth = truths[i] + new
+            target.agree(i, truth)
+            small.agree(i, truth)
+            finish = emit(row.result.token_ids, new, row.eos, row.limit)
+            if finish is not None:
+                row.result.finish_reason = finish
+                finished.append(i)
+        if finished:
+            stay = [i for i in range(len(rows)) if i not in finished]
+            rows = [rows[i] for i in stay]
+            if stay:
+                target.keep(stay)
+                small.keep(stay)
+    return gathered(everyone, requests)
+
+
 def speculative_generate(
     engine: Engine, draft: Any, request: GenerationRequest, num_speculative_tokens: int = 4
 ) -> SpeculativeResult:
-    if not 1 <= num_speculative_tokens <= 32:
-        raise InputError(f"num_speculative_tokens={num_speculative_tokens} must be in [1, 32]")
-    engine.validate(0, request)
-    _check(request)
-    params = request.params
-    batches: dict[int, SamplingBatch] = {}  # the pipeline's tensors for n rows
-    seed = request.seeds[0] if request.seeds else sample_seed(request.seed, request.prompt_index, 0)
-    rng = generator_for(seed)
-    eos = frozenset() if request.ignore_eos else engine.eos_token_ids
-    prompt = list(request.prompt_ids)
-    room = request.max_new_tokens + num_speculative_tokens + 1
-    target = CachedModel(engine, engine.model, prompt, room)
-    small = CachedModel(engine, draft, prompt, room)
-
-    def dist(logits: torch.Tensor) -> torch.Tensor:
-        """(n, V) processed probabilities (one-hot argmax when greedy)."""
-        logits = logits[:, : engine.vocab_size]
-        if params.greedy:
-            return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-        rows = logits.shape[0]
-        if rows not in batches:
-            batches[rows] = SamplingBatch.build([params] * rows, engine.vocab_size, engine.device)
-        return batches[rows].warp(logits).logits.softmax(dim=-1)
-
-    out: list[int] = []
-    result = SpeculativeResult(out, "length", 0, 0, 0)
-    while True:  # every round emits at least one token; `emit` ends it
-        k = min(num_speculative_tokens, request.max_new_tokens - len(out) - 1)
-        truth = prompt + out
-        # the draft catches up with what was emitted, then proposes k tokens
-        behind = truth[len(small.tokens) :]
-        q_logits = small.feed(behind)[-1:] if behind else small.last
-        drafted: list[int] = []
-        qs: list[torch.Tensor] = []
-        for j in range(k):
-            q = dist(q_logits)[0]
-            drafted.append(int(q.argmax()) if params.greedy else _draw(q, rng))
-            qs.append(q)
-            if j + 1 < k:
-                q_logits = small.feed([drafted[-1]])
-        # the target scores them all in one forward: p_0 … p_k
-        behind = truth[len(target.tokens) :]
-        if behind:
-            ps = dist(target.feed(behind + drafted)[len(behind) - 1 :])
-        elif drafted:
-            ps = dist(torch.cat([target.last, target.feed(drafted)]))
-        else:
-            ps = dist(target.last)
-        result.rounds += 1
-        result.drafted += k
-        new = verify(drafted, qs, ps, params.greedy, rng)
-        result.accepted += len(new) - 1
-        truth = prompt + out + new
-        target.agree(truth)
-        small.agree(truth)
-        finish = emit(out, new, eos, request.max_new_tokens)
-        if finish is not None:
-            result.finish_reason = finish
-            return result
+    """One sample (`request.n` must be 1), as `speculative_decode` decodes it."""
+    return speculative_decode(engine, draft, [request], num_speculative_tokens)[0][0]

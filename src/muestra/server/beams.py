@@ -118,7 +118,7 @@ def _usage(prompts: list[list[int]], found: list[list[Hypothesis]]) -> dict[str,
     }
 
 
-def _head(served: ServedModel, prefix: str, kind: str) -> dict[str, Any]:
+def response_head(served: ServedModel, prefix: str, kind: str) -> dict[str, Any]:
     return {
         "id": f"{prefix}-{uuid.uuid4().hex[:24]}",
         "object": kind,
@@ -133,7 +133,7 @@ async def chat(served: ServedModel, body: ChatRequest) -> dict[str, Any]:
     body.refuse_unsupported()
     refuse_with_beams(body)
     options = body.muestra or MuestraOptions()
-    if served.tags is not None and options.think and not _thinking_off(body):
+    if served.tags is not None and options.think and not thinking_off(body):
         raise ApiError(
             400,
             "use_beam_search: this model reasons in <think> tags and beam search over the "
@@ -154,7 +154,7 @@ async def chat(served: ServedModel, body: ChatRequest) -> dict[str, Any]:
         for h in found[0]
     ]
     return {
-        **_head(served, "chatcmpl", "chat.completion"),
+        **response_head(served, "chatcmpl", "chat.completion"),
         "choices": choices,
         "usage": _usage([prompt], found),
     }
@@ -178,12 +178,12 @@ async def completion(served: ServedModel, body: CompletionRequest) -> dict[str, 
         for h in hypotheses
     ]
     return {
-        **_head(served, "cmpl", "text_completion"),
+        **response_head(served, "cmpl", "text_completion"),
         "choices": choices,
         "usage": _usage(prompts, found),
     }
 
 
-def _thinking_off(body: ChatRequest) -> bool:
+def thinking_off(body: ChatRequest) -> bool:
     kwargs = body.chat_template_kwargs or {}
     return kwargs.get("enable_thinking") is False

@@ -179,6 +179,8 @@ class SamplingFields(BaseModel):
     use_beam_search: Flag = False
     length_penalty: Number = Field(1.0, ge=-10, le=10)
     early_stopping: Flag | Literal["never"] = False
+    # muestra's extension: prompt-lookup decoding (greedy), up to N draft tokens a forward
+    prompt_lookup: Int | None = Field(None, ge=1, le=64)
 
     @field_validator("logit_bias")
     @classmethod
