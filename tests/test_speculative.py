@@ -88,17 +88,19 @@ def test_greedy_on_the_gpt2_kit(gpt2):
         )
 
 
-def test_sampled_first_tokens_follow_the_targets_distribution(qwen):
-    """End to end on the tiny kit (one-layer draft of two): the first token of 300
-    speculative samples (T 1, top-k 6), decoded as one batch, against the target's exact
-    processed distribution."""
+@pytest.mark.parametrize(("arch", "layers"), [("qwen", 1), ("smol", 24)])
+def test_sampled_first_tokens_follow_the_targets_distribution(arch, layers, request):
+    """End to end on the tiny kit (a one-layer draft of two) and the real model (24 of 30
+    layers): the first token of 300 speculative samples (T 1, top-k 6), decoded as one
+    batch, against the target's exact processed distribution (χ²)."""
     from muestra.engine.sampling import SamplingBatch
 
-    loaded = qwen
+    loaded = request.getfixturevalue(arch)
     engine = Engine.from_loaded(loaded)
-    draft = layer_draft(loaded.model, 1)
+    draft = layer_draft(loaded.model, layers)
     params = SamplingParams(temperature=1.0, top_k=6)
-    prompt = encode(loaded, PROMPTS[0])
+    text = PROMPTS[0] if arch == "qwen" else "My favourite colour is"
+    prompt = encode(loaded, text)
     with torch.inference_mode():
         logits = loaded.model(torch.tensor([prompt])).logits[:, -1, :].float()
     probs = SamplingBatch.build([params], engine.vocab_size, engine.device).warp(logits)
