@@ -18,7 +18,8 @@ follows as with tags.
   is forced after it, as the chat template renders a finished turn. When `budget`
   think tokens have been generated, the closing text is forced (default: Qwen's own
   sentence + `</think>\\n\\n`); `budget_hit` records it.
-- answer: the row switches to the answer parameters (default greedy) and, with a
+- answer: the row switches to the answer parameters (default greedy; already while
+  its closing text is forced, so that the engine can prepare DoLa's layers) and, with a
   grammar, every step is masked by its xgrammar matcher (all answer rows filled at
   once) plus a mask of added tokens that may never appear in an answer. The grammar
   starts only after `</think>`. If `max_tokens` answer tokens pass before the grammar
@@ -235,12 +236,9 @@ class PhaseController:
     def first_params(self, prompt_ids: Sequence[int]) -> SamplingParams:
         """The parameters of the phase a row with this prompt starts in: its request's, so
         that the prefill computes what the first sampled token needs (DoLa's layers)."""
-        start = self.first_phase(prompt_ids)
-        return (
-            self.think.params
-            if self.think is not None and start != "answer"
-            else (self.answer.params)
-        )
+        if self.think is not None and self.first_phase(prompt_ids) != "answer":
+            return self.think.params
+        return self.answer.params
 
     def first_phase(self, prompt_ids: Sequence[int]) -> str:
         """Where a row with this prompt starts: "text" (plain-text reasoning), "open" (the
