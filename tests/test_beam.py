@@ -224,17 +224,57 @@ def test_the_server_searches_with_vllms_names(smol_kit, smol, tiny_kit):
         for extra, param in (
             ({"temperature": 0.5}, "temperature"), ({"stream": True}, "stream"),
             ({"seed": 3}, "seed"), ({"stop": ["x"]}, "stop"), ({"logprobs": True}, "logprobs"),
-            ({"response_format": {"type": "json_object"}}, "response_format"),
         ):  # fmt: skip
             refused = http.post("/v1/chat/completions", json={**body, **extra})
             assert refused.status_code == 400, refused.text
             assert refused.json()["error"]["param"] == param
-    thinking = {**body, "model": "t", "max_tokens": 4, "n": 2}
+        schema = {
+            "type": "object",
+            "properties": {"gender": {"enum": ["male", "female"]}},
+            "required": ["gender"],
+            "additionalProperties": False,
+        }
+        fmt = {"type": "json_schema", "json_schema": {"name": "g", "schema": schema}}
+        graded = http.post("/v1/chat/completions", json={**body, "n": 2, "response_format": fmt})
+        assert graded.status_code == 200, graded.text
+        from muestra.answers.beam_answers import beam_answers
+        from muestra.answers.grammar import GrammarSpec
+        from muestra.answers.structured import StructuredGenerator
+
+        expected = beam_answers(
+            StructuredGenerator(smol), prompt, GrammarSpec.json_schema(schema),
+            BeamParams(2, 1.0, False, 2), 20,
+        )  # fmt: skip
+        got = graded.json()["choices"]
+        assert [c["message"]["content"] for c in got] == [a.answer_text for a in expected]
+        assert [c["muestra"]["beam"]["probability"] for c in got] == pytest.approx(
+            [a.probability for a in expected], rel=1e-4
+        )
+    thinking = {**body, "model": "t", "max_tokens": 40, "n": 2}
     with in_process(tiny_kit, "t") as http:
         refused = http.post("/v1/chat/completions", json=thinking)
-        assert refused.status_code == 400 and "reasoning" in refused.text
+        assert refused.status_code == 400 and "thinking_token_budget" in refused.text
         off = http.post("/v1/chat/completions", json={**thinking, "muestra": {"think": False}})
         assert off.status_code == 200, off.text
+        searched = http.post("/v1/chat/completions", json={**thinking, "thinking_token_budget": 5})
+        assert searched.status_code == 200, searched.text
+        choices = searched.json()["choices"]
+    # the reasonings are the think beams of the same prompt (answers/beam_phases.py)
+    from muestra.answers.beam_phases import think_beams
+    from muestra.answers.phases import ThinkConfig
+    from muestra.answers.structured import StructuredGenerator
+    from muestra.models.loading import load_model
+
+    generator = StructuredGenerator(load_model(str(tiny_kit)))
+    prompt = generator.text.encode_messages(messages)
+    (beams,) = think_beams(generator, [prompt], ThinkConfig(budget=5), BeamParams(2, 1.0, False, 2))
+    assert [c["muestra"]["beam"]["rank"] for c in choices] == [0, 1]
+    for choice, beam in zip(choices, beams, strict=True):
+        assert choice["muestra"]["beam"]["score"] == pytest.approx(beam.score, abs=1e-5)
+        pieces = b"".join(generator.text.token_bytes[t] for t in beam.reasoning_ids)
+        text = pieces.decode("utf-8", errors="replace")
+        assert choice["message"]["reasoning_content"] == text
+        assert choice["muestra"]["think_tokens"] == 5 and choice["muestra"]["budget_hit"]
 
 
 # ---- beam search under a grammar: the k most likely valid answers ----------------------------

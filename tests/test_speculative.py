@@ -182,3 +182,110 @@ def test_a_ragged_batch_is_each_row_decoded_alone(smol, gpt2, monkeypatch):
     assert [r.token_ids for r in batched[0]] == [r.token_ids for r in alone]
     assert batched[0][0].token_ids != batched[0][1].token_ids  # two seeds, two texts
     assert batched[1][0].token_ids == engine.generate(requests[1:])[0][0].token_ids
+
+
+def test_the_server_speculates_with_its_draft_model(smol_kit):
+    from fastapi.testclient import TestClient
+
+    from muestra.models.loading import load_model
+    from muestra.server.app import create_app
+    from muestra.server.service import ServedModel
+    from test_server import in_process
+
+    loaded = load_model(str(smol_kit), dtype="float32")
+    served = ServedModel(loaded, "s", draft=layer_draft(loaded.model, 24))
+    body = {"model": "s", "prompt": ["The capital of France is", "Once upon"], "max_tokens": 10}
+    with TestClient(create_app(served)) as http:
+        greedy = {**body, "temperature": 0}
+        plain = http.post("/v1/completions", json=greedy)
+        fast = http.post("/v1/completions", json={**greedy, "speculative": True})
+        assert fast.status_code == 200, fast.text
+        assert [c["text"] for c in fast.json()["choices"]] == [
+            c["text"] for c in plain.json()["choices"]
+        ]
+        stats = fast.json()["choices"][0]["muestra"]["speculative"]
+        assert stats["rounds"] >= 1 and 0 <= stats["acceptance_rate"] <= 1
+        sampled = {**body, "temperature": 0.9, "n": 2, "seed": 3, "speculative": True}
+        first = http.post("/v1/completions", json=sampled).json()["choices"]
+        again = http.post("/v1/completions", json=sampled).json()["choices"]
+        assert [c["index"] for c in first] == [0, 1, 2, 3]
+        assert [c["text"] for c in first] == [c["text"] for c in again]  # seeded
+        assert first[0]["text"] != first[1]["text"]
+        for change, word in (({"stop": ["x"]}, "stop"), ({"logit_bias": {"5": 1}}, "logit_bias")):
+            refused = http.post("/v1/completions", json={**sampled, **change})
+            assert refused.status_code == 400 and word in refused.text, refused.text
+    with in_process(smol_kit, "s") as http:  # no --draft-model
+        refused = http.post("/v1/completions", json={**body, "speculative": True})
+        assert refused.status_code == 400 and "--draft-model" in refused.text
+
+
+# ---- experiments: free-text answers by prompt lookup or a draft model ------------------
+
+
+def drafted_spec(folder, model, answer: str):
+    spec = folder / f"drafted{abs(hash(answer)) % 1000}.toml"
+    spec.write_text(f'''
+name = "drafted"
+seed = 21
+samples = 2
+[model]
+id = "{model}"
+[prompt]
+user = "Repeat exactly: {{text}}"
+[[prompt.items]]
+id = "a"
+text = "the cat sat on the mat"
+[[prompt.items]]
+id = "b"
+text = "muestra samples models"
+[think]
+budget = 6
+temperature = 0.9
+[answer]
+max_tokens = 12
+{answer}
+''')
+    return spec
+
+
+def test_an_experiment_answers_by_prompt_lookup_or_a_draft_like_greedy(cli, smol_kit, tmp_path):
+    import sqlite3
+
+    def rows(spec):
+        out = tmp_path / (spec.stem + ".db")
+        result = cli("run", str(spec), "--out", str(out))
+        assert result.code == 0, result.stderr
+        db = sqlite3.connect(out)
+        try:
+            return db.execute(
+                "SELECT prompt_id, sample_index, seed, reasoning, answer_text, finish_reason "
+                "FROM samples ORDER BY prompt_id, sample_index"
+            ).fetchall()
+        finally:
+            db.close()
+
+    plain = rows(drafted_spec(tmp_path, smol_kit, ""))
+    lookup = rows(drafted_spec(tmp_path, smol_kit, "prompt_lookup = 6"))
+    draft = rows(drafted_spec(tmp_path, smol_kit, 'draft_model = "layers:24"'))
+    assert len(plain) == 4 and all(r[3] for r in plain)  # sampled reasonings
+    assert lookup == plain and draft == plain
+
+
+@pytest.mark.parametrize(
+    ("answer", "words"),
+    [
+        ('prompt_lookup = 4\nchoice = ["a", "b"]', ["answer.prompt_lookup", "choice"]),
+        ("prompt_lookup = 4\ntemperature = 0.5", ["greedily", "temperature"]),
+        ('draft_model = "layers:2"\nregex = "a+"', ["answer.draft_model", "regex"]),
+        ('prompt_lookup = 4\ndraft_model = "layers:2"', ["draft_model"]),
+        ("num_speculative_tokens = 3", ["num_speculative_tokens applies"]),
+    ],
+)
+def test_drafted_answer_mistakes_are_refused_by_name(tmp_path, answer, words):
+    from muestra.experiments.spec import load_spec
+
+    spec = drafted_spec(tmp_path, "org/model", answer)
+    with pytest.raises(InputError) as info:
+        load_spec(spec, check_models=False)
+    for word in [str(spec), *words]:
+        assert word in str(info.value), str(info.value)

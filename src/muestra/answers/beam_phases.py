@@ -45,7 +45,7 @@ from muestra.engine.beam import BeamParams, Hypothesis, beam_search
 from muestra.engine.seeds import sample_seed
 from muestra.errors import InputError
 
-__all__ = ["GrammarBeamMask", "ThinkBeam", "run_beam_phases", "think_beams"]
+__all__ = ["GrammarBeamMask", "ThinkBeam", "run_beam_phases", "sampled_reasonings", "think_beams"]
 
 
 @dataclass
@@ -188,9 +188,7 @@ def run_beam_phases(
             generator, contexts, prompts, indices, seed, think, answer, grammar, field_probs
         )
     if think is not None:  # sample the reasoning; the rows end once it is closed
-        contexts = _sampled_reasonings(
-            generator, contexts, prompts, indices, seed, think, answer, grammar
-        )
+        contexts = sampled_reasonings(generator, contexts, indices, seed, think, answer)
     return _answer_by_beams(
         generator, contexts, prompts, indices, seed, answer, answer_beams, grammar, field_probs
     )
@@ -237,17 +235,18 @@ def _answer_by_sampling(
     return out
 
 
-def _sampled_reasonings(
+def sampled_reasonings(
     generator: StructuredGenerator,
     contexts: list[tuple[int, int, list[int], Any]],
-    prompts: Sequence[Sequence[int]],
     indices: list[int],
     seed: int,
     think: ThinkConfig,
     answer: AnswerConfig,
-    grammar: GrammarSpec | None,
 ) -> list[tuple[int, int, list[int], Any]]:
-    """Each context's reasoning sampled (think phase only), as the context to answer."""
+    """Each context (prompt position, sample index, ids, None) with its reasoning sampled
+    (think phase only, the seed of its sample index) and closed, as the context to answer;
+    the reasoning's `StructuredSample` takes the last place. A context whose prompt has no
+    think phase stays as it was."""
     tags = generator.tag_ids(think)
     controller = PhaseController(think, answer, tags, generator.loaded.eos_token_ids)
     thinking = [

@@ -443,9 +443,10 @@ def _print_drafted(
         results = lookup_decode(generator.engine, [request], num_tokens=lookup or 10)[0]
         key = "prompt_lookup"
     else:
+        from muestra.cli.common import load_draft
         from muestra.engine.speculative import speculative_decode
 
-        draft = _draft(generator, draft_ref, dtype)
+        draft = load_draft(generator.loaded, draft_ref, dtype, str(generator.engine.device))
         results = speculative_decode(generator.engine, draft, [request], k)[0]
         key = "speculative"
     elapsed = time.perf_counter() - started
@@ -479,26 +480,6 @@ def _print_drafted(
         f"({tokens / elapsed:.1f} tok/s), {accepted:.0%} of drafted tokens accepted",
         markup=False,
     )
-
-
-def _draft(generator, draft_ref: str, dtype: str):
-    """The draft model: `layers:N` (the model's own first N layers) or a model reference."""
-    from muestra.engine.speculative import layer_draft
-    from muestra.models.loading import load_model
-
-    if draft_ref.startswith("layers:"):
-        try:
-            layers = int(draft_ref.split(":", 1)[1])
-        except ValueError:
-            raise InputError(f"--draft-model {draft_ref!r}: use layers:N or a model") from None
-        return layer_draft(generator.loaded.model, layers)
-    other = load_model(draft_ref, dtype=dtype, device=str(generator.engine.device))
-    if other.tokenizer.get_vocab() != generator.tokenizer.get_vocab():
-        raise InputError(
-            f"--draft-model {draft_ref}: its vocabulary differs from the model's; a draft "
-            "must share the tokenizer"
-        )
-    return other.model
 
 
 def _print_beam_answers(loaded, ids, grammar, beams, max_tokens: int, max_batch: int) -> None:

@@ -85,6 +85,15 @@ def serve(
     device: str = DeviceOption,
     allow_pickle: bool = AllowPickleOption,
     trust_remote_code: bool = TrustRemoteCodeOption,
+    draft_model: str | None = typer.Option(
+        None,
+        "--draft-model",
+        help='A speculative draft for requests that send "speculative": true: a model with '
+        "the same vocabulary, or layers:N for the model's own first N layers.",
+    ),
+    num_speculative_tokens: int = typer.Option(
+        4, "--num-speculative-tokens", min=1, max=32, help="Draft tokens per round."
+    ),
     log_level: str = typer.Option("warning", "--log-level", help="uvicorn's log level."),
 ) -> None:
     """Serve MODEL over OpenAI's API: GET /health, GET /v1/models, POST /v1/chat/completions
@@ -99,7 +108,7 @@ def serve(
     single_malloc_arena()  # before torch starts threads: see its docstring
     import uvicorn
 
-    from muestra.cli.common import stderr
+    from muestra.cli.common import load_draft, stderr
     from muestra.models.loading import load_model
     from muestra.server.app import check_api_key, create_app
     from muestra.server.service import ServedModel
@@ -128,6 +137,8 @@ def serve(
         grammar_timeout=grammar_timeout,
         grammar_cache_bytes=grammar_cache_mb * 2**20,
         trust_request_chat_template=trust_request_chat_template,
+        draft=None if draft_model is None else load_draft(loaded, draft_model, dtype, device),
+        num_speculative_tokens=num_speculative_tokens,
     )
     app = create_app(served, api_key=api_key, max_body_bytes=max_body_bytes)
     thinking = "thinks" if served.tags is not None else "does not think"

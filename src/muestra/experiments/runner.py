@@ -83,6 +83,7 @@ class Runner:
         self.on_note = on_note or (lambda _: None)
         self.db: sqlite3.Connection | None = None
         self.run_id: int | None = None
+        self.drafts: dict[tuple[str, str], Any] = {}  # speculative drafts, per model and ref
 
     # ---- the store ----------------------------------------------------------------------
 
@@ -392,7 +393,25 @@ class Runner:
                 indices.append(unit.prompt_index)
         started = time.perf_counter()
         think_beams, answer_beams = _beams(condition)
-        if think_beams is None and answer_beams is None:
+        drafted = condition.answer.prompt_lookup is not None or condition.answer.draft_model
+        if drafted:
+            from muestra.answers.drafted import run_drafted_answers
+
+            a = condition.answer
+            results = run_drafted_answers(
+                generator,
+                prompts,
+                counts=counts,
+                seed=self.spec.spec.seed,
+                first_samples=firsts,
+                prompt_indices=indices,
+                think=think,
+                answer=answer,
+                prompt_lookup=a.prompt_lookup,
+                draft=self._draft(generator, unit0.model, a.draft_model),
+                num_speculative_tokens=a.num_speculative_tokens,
+            )
+        elif think_beams is None and answer_beams is None:
             results = generator.run(
                 prompts,
                 seed=self.spec.spec.seed,
@@ -425,6 +444,17 @@ class Runner:
         unit_of = {u.prompt_index: u for u, _ in batch}
         budget = think.budget if think else None
         return [self._row(unit_of[s.prompt_index], s, budget, seconds) for s in results]
+
+    def _draft(self, generator: Any, model: ModelSpec, ref: str | None) -> Any:
+        """The speculative draft `ref` of this model, loaded once per run."""
+        if ref is None:
+            return None
+        from muestra.answers.drafted import load_draft
+
+        key = (model.name, ref)
+        if key not in self.drafts:
+            self.drafts[key] = load_draft(generator.loaded, ref, model.dtype, model.device)
+        return self.drafts[key]
 
     def _row(
         self, unit: Unit, sample: Any, think_budget: int | None, seconds: float

@@ -216,12 +216,52 @@ class AnswerSpec(Strict):
     length_penalty: float = Field(1.0, ge=-10, le=10)
     early_stopping: bool | Literal["never"] = False
     dola_layers: DolaLayers = None
+    prompt_lookup: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Prompt-lookup decoding of a free-text greedy answer: up to N draft "
+        "tokens copied from the prompt per forward (the same answer as plain greedy).",
+    )
+    draft_model: str | None = Field(
+        None,
+        description='Speculative decoding of a free-text answer with this draft: "layers:N" '
+        "(the model's own first N layers) or a model with the same vocabulary.",
+    )
+    num_speculative_tokens: int = Field(4, ge=1, le=32, description="Draft tokens a round.")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     @model_validator(mode="after")
     def _beam(self, info: ValidationInfo) -> AnswerSpec:
         return _check_beam(self, "answer", info)
+
+    @model_validator(mode="after")
+    def _drafted(self) -> AnswerSpec:
+        """Prompt lookup and speculative decoding take no step hooks: free text only."""
+        name = "prompt_lookup" if self.prompt_lookup is not None else "draft_model"
+        if self.prompt_lookup is None and self.draft_model is None:
+            if "num_speculative_tokens" in self.model_fields_set:
+                raise ValueError("num_speculative_tokens applies with answer.draft_model only")
+            return self
+        clash = [k for k in ("schema_", "regex", "choice", "grammar") if getattr(self, k)]
+        clash += ["draft_model"] if self.prompt_lookup is not None and self.draft_model else []
+        clash += ['strategy = "beam"'] if self.strategy == "beam" else []
+        clash += ["dola_layers"] if self.dola_layers is not None else []
+        if self.prompt_lookup is not None:  # greedy only
+            clash += [
+                k
+                for k in ("temperature", "top_p", "top_k", "min_p")
+                if getattr(self, k) != type(self).model_fields[k].default
+            ]
+        if clash:
+            shown = ", ".join(c.rstrip("_") for c in clash)
+            raise ValueError(
+                f"answer.{name} decodes a free-text answer"
+                + (" greedily" if self.prompt_lookup is not None else "")
+                + f" without step hooks; it cannot take {shown}: remove them"
+            )
+        return self
 
 
 def _check_beam(section: Any, name: str, info: ValidationInfo) -> Any:
@@ -574,6 +614,13 @@ def _check_remote(spec: Spec, path: Path) -> None:
         for name, section in (("think", condition.think), ("answer", condition.answer)):
             if section is None:
                 continue
+            drafted = name == "answer" and (
+                condition.answer.prompt_lookup is not None or condition.answer.draft_model
+            )
+            if drafted:
+                raise InputError(
+                    f"{path}: answer.prompt_lookup and answer.draft_model need a local model"
+                )
             if section.strategy == "beam" or section.dola_layers is not None:
                 what = 'strategy = "beam"' if section.strategy == "beam" else "dola_layers"
                 raise InputError(

@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 
 from muestra import __version__
 from muestra.errors import InputError
-from muestra.server import beams, lookup
+from muestra.server import beams, drafting
 from muestra.server.jobs import Finished, Job, SampleText, TokenRecord
 from muestra.server.protocol import ApiError, ChatRequest, CompletionRequest, find_surrogate
 from muestra.server.service import ServedModel
@@ -130,8 +130,8 @@ def create_app(
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key), Depends(check_text)])
     async def chat(body: ChatRequest, request: Request) -> Any:
-        if body.prompt_lookup is not None:
-            return await lookup.chat(served, body)
+        if body.prompt_lookup is not None or body.speculative:
+            return await drafting.chat(served, body)
         if body.use_beam_search:
             return await beams.chat(served, body)
         job = await served.chat_job(body)
@@ -142,8 +142,8 @@ def create_app(
 
     @app.post("/v1/completions", dependencies=[Depends(check_key), Depends(check_text)])
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        if body.prompt_lookup is not None:
-            return await lookup.completion(served, body)
+        if body.prompt_lookup is not None or body.speculative:
+            return await drafting.completion(served, body)
         if body.use_beam_search:
             return await beams.completion(served, body)
         job = await served.completion_job(body)

@@ -5,9 +5,13 @@ HF; `early_stopping` (true | false | "never", HF's) is muestra's extension. The 
 
 A beam search draws nothing, so the sampling fields (`temperature`, `top_p`, `top_k`,
 `min_p`, penalties, `logit_bias`, `seed`, `dola_layers`) are refused when set, as are
-`stop`, `logprobs`, `stream`, `response_format` and a thinking model's reasoning (beam
-search over the think phase is not built yet: send `muestra: {"think": false}` or
-`chat_template_kwargs` that turn thinking off). The search runs in a worker thread, one
+`stop`, `logprobs` and `stream`. With `response_format` (chat) the search is under the
+grammar: the `n` most likely distinct complete answers, each with its probability
+(`answers.beam_answers`). On a thinking model (chat, thinking on) the search is over the
+reasoning, within `thinking_token_budget` (required): the `n` best reasonings, each
+closed as a sampled one is and answered greedily (under `response_format` when given),
+come back with `reasoning_content` and `muestra.beam` (`answers.beam_phases`, equal to
+HF generate with `</think>` as the end token). The search runs in a worker thread, one
 search at a time, beside the scheduler's batches; its rows do not join them, and a
 client that disconnects does not stop it (it ends within `max_tokens` steps).
 """
@@ -32,6 +36,7 @@ from muestra.server.protocol import (
 )
 
 if TYPE_CHECKING:
+    from muestra.answers.grammar import GrammarSpec
     from muestra.server.service import ServedModel
 
 SAMPLING_FIELDS = (
@@ -49,8 +54,6 @@ def refuse_with_beams(body: SamplingFields) -> None:
         given.append("stream")
     if getattr(body, "logprobs", None):
         given.append("logprobs")
-    if isinstance(body, ChatRequest) and body.response_format is not None:
-        given.append("response_format")
     if given:
         raise ApiError(
             400,
@@ -133,15 +136,14 @@ async def chat(served: ServedModel, body: ChatRequest) -> dict[str, Any]:
     body.refuse_unsupported()
     refuse_with_beams(body)
     options = body.muestra or MuestraOptions()
+    grammar = served.grammar(body)
+    if grammar is not None:  # refused or too slow: an ApiError before any search
+        await served.grammars.compile(grammar, "response_format")
     if served.tags is not None and options.think and not thinking_off(body):
-        raise ApiError(
-            400,
-            "use_beam_search: this model reasons in <think> tags and beam search over the "
-            'reasoning is not available yet; send "muestra": {"think": false} or turn '
-            "thinking off in chat_template_kwargs",
-            param="use_beam_search",
-        )
+        return await _thinking_chat(served, body, options, grammar)
     prompt = await asyncio.to_thread(served.chat_prompt, body)
+    if grammar is not None:
+        return await _grammar_chat(served, body, prompt, grammar)
     found = await search(served, body, [prompt], "messages")
     choices = [
         {
@@ -181,6 +183,141 @@ async def completion(served: ServedModel, body: CompletionRequest) -> dict[str, 
         **response_head(served, "cmpl", "text_completion"),
         "choices": choices,
         "usage": _usage(prompts, found),
+    }
+
+
+async def _grammar_chat(
+    served: ServedModel, body: ChatRequest, prompt: list[int], grammar: GrammarSpec
+) -> dict[str, Any]:
+    """The `n` most likely distinct complete answers under `response_format`
+    (`answers.beam_answers`); fewer come back when fewer distinct ones were found."""
+    from muestra.answers.beam_answers import beam_answer_batch
+
+    served.check_rows(1, body.n)
+    params = beam_params(body)
+    asked = body.max_completion_tokens or body.max_tokens
+    budget = served.max_tokens(asked, len(prompt), "messages")
+    async with served.beam_lock:
+        try:
+            (answers,) = await asyncio.to_thread(
+                beam_answer_batch, served.structured, [prompt], grammar, params, budget
+            )
+        except MuestraError as err:
+            raise ApiError(400, str(err)) from err
+    choices = [
+        {
+            "index": a.rank,
+            "message": {"role": "assistant", "content": a.answer_text},
+            "logprobs": None,
+            "finish_reason": a.finish_reason,
+            "muestra": {
+                "beam": {
+                    "rank": a.rank,
+                    "score": a.score,
+                    "sum_logprob": a.sum_logprob,
+                    "probability": a.probability,
+                },
+                "error": a.error,
+                "completion_tokens": len(a.token_ids),
+            },
+        }
+        for a in answers
+    ]
+    completion = sum(len(a.token_ids) for a in answers)
+    return {
+        **response_head(served, "chatcmpl", "chat.completion"),
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": len(prompt),
+            "completion_tokens": completion,
+            "total_tokens": len(prompt) + completion,
+        },
+    }
+
+
+async def _thinking_chat(
+    served: ServedModel,
+    body: ChatRequest,
+    options: MuestraOptions,
+    grammar: GrammarSpec | None = None,
+) -> dict[str, Any]:
+    """A thinking model: the `n` best reasonings within `thinking_token_budget`, each
+    closed as a sampled one is and answered greedily (`answers.beam_phases`)."""
+    from muestra.answers.beam_phases import run_beam_phases
+    from muestra.answers.phases import AnswerConfig, ThinkConfig
+    from muestra.engine import SamplingParams
+
+    if body.thinking_token_budget is None:
+        raise ApiError(
+            400,
+            "use_beam_search on a thinking model searches the reasoning: give "
+            'thinking_token_budget (its length), or send "muestra": {"think": false}',
+            param="thinking_token_budget",
+        )
+    served.check_rows(1, body.n)
+    params = beam_params(body)
+    prompt = await asyncio.to_thread(served.chat_prompt, body)
+    assert served.tags is not None
+    budget = body.thinking_token_budget
+    closing = len(served.tags.open_ids) + len(served.tags.close_ids) + 2
+    asked = body.max_completion_tokens or body.max_tokens
+    total = served.max_tokens(asked, len(prompt), "messages")
+    if total <= budget + closing:
+        raise ApiError(
+            400,
+            f"max_tokens {total} leaves no room for an answer after thinking_token_budget "
+            f"{budget} and the closing text ({closing} tokens): raise max_tokens",
+            param="max_tokens",
+        )
+    think = ThinkConfig(
+        budget=budget, close_text=options.close_text or ThinkConfig().close_text, mode="tags"
+    )
+    answer = AnswerConfig(SamplingParams(temperature=0), max_tokens=total - budget - closing)
+    async with served.beam_lock:
+        try:
+            samples = await asyncio.to_thread(
+                run_beam_phases,
+                served.structured,
+                [prompt],
+                counts=[body.n],
+                seed=0,
+                think=think,
+                think_beams_params=params,
+                answer=answer,
+                grammar=grammar,
+            )
+        except MuestraError as err:
+            raise ApiError(400, str(err)) from err
+    choices = [
+        {
+            "index": sample.sample,
+            "message": {
+                "role": "assistant",
+                "content": sample.answer_text,
+                "reasoning_content": sample.reasoning,
+            },
+            "logprobs": None,
+            "finish_reason": sample.finish_reason,
+            "muestra": {
+                "beam": sample.beam["think"] if sample.beam else None,
+                "think_tokens": sample.think_tokens,
+                "budget_hit": sample.budget_hit,
+                "answer": sample.answer,
+                "error": sample.error,
+                "completion_tokens": sample.num_tokens,
+            },
+        }
+        for sample in samples
+    ]
+    completion = sum(s.num_tokens for s in samples)
+    return {
+        **response_head(served, "chatcmpl", "chat.completion"),
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": len(prompt),
+            "completion_tokens": completion,
+            "total_tokens": len(prompt) + completion,
+        },
     }
 
 

@@ -181,6 +181,8 @@ class SamplingFields(BaseModel):
     early_stopping: Flag | Literal["never"] = False
     # muestra's extension: prompt-lookup decoding (greedy), up to N draft tokens a forward
     prompt_lookup: Int | None = Field(None, ge=1, le=64)
+    # muestra's extension: speculative decoding with the server's --draft-model
+    speculative: Flag = False
 
     @field_validator("logit_bias")
     @classmethod

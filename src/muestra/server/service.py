@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 from muestra.answers.grammar import DEFAULT_GRAMMAR_MEMORY_BYTES, GrammarSpec
 from muestra.answers.phases import AnswerConfig, PhaseController, ThinkConfig
@@ -69,6 +70,8 @@ class ServedModel:
         grammar_cache_bytes: int = DEFAULT_GRAMMAR_MEMORY_BYTES,
         trust_request_chat_template: bool = False,
         template_limits: TemplateLimits = TemplateLimits(),
+        draft: Any = None,
+        num_speculative_tokens: int = 4,
     ) -> None:
         if max_queued_rows < max_rows_per_request:
             raise InputError(
@@ -85,6 +88,9 @@ class ServedModel:
         )
         self.max_queued_rows = max_queued_rows
         self.beam_lock = asyncio.Lock()  # one beam search at a time (server/beams.py)
+        # speculative decoding's draft (server/drafting.py), from `--draft-model`
+        self.draft = draft
+        self.num_speculative_tokens = num_speculative_tokens
         self.text = self.structured.text
         self.tokenizer = loaded.tokenizer
         self.scheduler = Scheduler(self.text.engine, max_batch)
