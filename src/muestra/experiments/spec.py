@@ -19,10 +19,14 @@ Shape (see examples/personajes.toml):
     [think]
     budget = 750
     temperature = 1.3
+    # strategy = "beam", num_beams = 4: the samples are the best reasonings, ranked
+    # dola_layers = "high": DoLa while reasoning
     [answer]
     temperature = 0
     max_tokens = 200
     schema = "personaje.schema.json"   # relative to the spec, or an inline table
+    # strategy = "beam": the most likely complete answers under the schema
+    # prompt_lookup = 8 / draft_model = "layers:24": free-text answers only (no schema)
     [sweep]                            # optional: every combination is a condition
     "think.temperature" = [0.6, 1.3]
 
@@ -241,7 +245,8 @@ class AnswerSpec(Strict):
         """Prompt lookup and speculative decoding take no step hooks: free text only."""
         name = "prompt_lookup" if self.prompt_lookup is not None else "draft_model"
         if self.prompt_lookup is None and self.draft_model is None:
-            if "num_speculative_tokens" in self.model_fields_set:
+            default = type(self).model_fields["num_speculative_tokens"].default
+            if self.num_speculative_tokens != default:  # (a sweep's copy sets every field)
                 raise ValueError("num_speculative_tokens applies with answer.draft_model only")
             return self
         clash = [k for k in ("schema_", "regex", "choice", "grammar") if getattr(self, k)]
