@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from muestra.answers.beam_answers import BeamAnswer, GrammarBeamMask, beam_answer_batch
+from muestra.answers.beam_answers import BeamAnswer, beam_answer_batch
 from muestra.answers.grammar import GrammarSpec
 from muestra.answers.phases import AnswerConfig, PhaseController, PhaseState, ThinkConfig
 from muestra.answers.structured import StructuredGenerator, StructuredSample
@@ -45,7 +45,7 @@ from muestra.engine.beam import BeamParams, Hypothesis, beam_search
 from muestra.engine.seeds import sample_seed
 from muestra.errors import InputError
 
-__all__ = ["GrammarBeamMask", "ThinkBeam", "run_beam_phases", "sampled_reasonings", "think_beams"]
+__all__ = ["ThinkBeam", "run_beam_phases", "sampled_reasonings", "think_beams"]
 
 
 @dataclass

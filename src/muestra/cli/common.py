@@ -38,10 +38,3 @@ def print_json(data: Any) -> None:
 def visible(text: str) -> str:
     """Text with control characters shown as escapes, for one table cell."""
     return json.dumps(text, ensure_ascii=False)[1:-1]
-
-
-def load_draft(loaded: Any, draft_ref: str, dtype: str, device: str) -> Any:
-    """The `--draft-model` of generate and serve (see `answers.drafted.load_draft`)."""
-    from muestra.answers.drafted import load_draft as load
-
-    return load(loaded, draft_ref, dtype, device)

@@ -443,7 +443,7 @@ def _print_drafted(
         results = lookup_decode(generator.engine, [request], num_tokens=lookup or 10)[0]
         key = "prompt_lookup"
     else:
-        from muestra.cli.common import load_draft
+        from muestra.answers.drafted import load_draft
         from muestra.engine.speculative import speculative_decode
 
         draft = load_draft(generator.loaded, draft_ref, dtype, str(generator.engine.device))

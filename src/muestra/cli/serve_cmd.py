@@ -108,7 +108,8 @@ def serve(
     single_malloc_arena()  # before torch starts threads: see its docstring
     import uvicorn
 
-    from muestra.cli.common import load_draft, stderr
+    from muestra.answers.drafted import load_draft
+    from muestra.cli.common import stderr
     from muestra.models.loading import load_model
     from muestra.server.app import check_api_key, create_app
     from muestra.server.service import ServedModel

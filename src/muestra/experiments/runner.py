@@ -393,35 +393,30 @@ class Runner:
                 indices.append(unit.prompt_index)
         started = time.perf_counter()
         think_beams, answer_beams = _beams(condition)
-        drafted = condition.answer.prompt_lookup is not None or condition.answer.draft_model
-        if drafted:
+        a = condition.answer
+        # what every decoding path takes: the batch's samples and the phases
+        batch_args: dict[str, Any] = {
+            "seed": self.spec.spec.seed,
+            "first_samples": firsts,
+            "counts": counts,
+            "prompt_indices": indices,
+            "think": think,
+            "answer": answer,
+        }
+        if a.prompt_lookup is not None or a.draft_model:
             from muestra.answers.drafted import run_drafted_answers
 
-            a = condition.answer
             results = run_drafted_answers(
                 generator,
                 prompts,
-                counts=counts,
-                seed=self.spec.spec.seed,
-                first_samples=firsts,
-                prompt_indices=indices,
-                think=think,
-                answer=answer,
+                **batch_args,
                 prompt_lookup=a.prompt_lookup,
                 draft=self._draft(generator, unit0.model, a.draft_model),
                 num_speculative_tokens=a.num_speculative_tokens,
             )
         elif think_beams is None and answer_beams is None:
             results = generator.run(
-                prompts,
-                seed=self.spec.spec.seed,
-                first_samples=firsts,
-                counts=counts,
-                prompt_indices=indices,
-                think=think,
-                answer=answer,
-                grammar=grammar,
-                field_probs=condition.answer.field_probs,
+                prompts, **batch_args, grammar=grammar, field_probs=a.field_probs
             )
         else:
             from muestra.answers.beam_phases import run_beam_phases
@@ -429,16 +424,11 @@ class Runner:
             results = run_beam_phases(
                 generator,
                 prompts,
-                counts=counts,
-                seed=self.spec.spec.seed,
-                first_samples=firsts,
-                prompt_indices=indices,
-                think=think,
+                **batch_args,
                 think_beams_params=think_beams,
-                answer=answer,
                 answer_beams=answer_beams,
                 grammar=grammar,
-                field_probs=condition.answer.field_probs,
+                field_probs=a.field_probs,
             )
         seconds = time.perf_counter() - started
         unit_of = {u.prompt_index: u for u, _ in batch}

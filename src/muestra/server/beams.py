@@ -99,8 +99,9 @@ async def search(
             raise ApiError(400, str(err)) from err
 
 
-def _text(served: ServedModel, h: Hypothesis) -> str:
-    ids = h.token_ids[:-1] if h.finish_reason == "stop" else h.token_ids
+def finished_text(served: ServedModel, token_ids: list[int], finish_reason: str) -> str:
+    """The text of a finished sequence, without the EOS that ended it."""
+    ids = token_ids[:-1] if finish_reason == "stop" else token_ids
     return b"".join(served.piece(i) for i in ids).decode("utf-8", errors="replace")
 
 
@@ -111,9 +112,10 @@ def _extension(h: Hypothesis) -> dict[str, Any]:
     }
 
 
-def _usage(prompts: list[list[int]], found: list[list[Hypothesis]]) -> dict[str, Any]:
+def usage(prompts: list[list[int]], completions: list[Any]) -> dict[str, Any]:
+    """OpenAI's usage block: the prompts' tokens and the `token_ids` of every choice."""
     prompt_tokens = sum(len(p) for p in prompts)
-    completion = sum(len(h.token_ids) for hs in found for h in hs)
+    completion = sum(len(c.token_ids) for c in completions)
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion,
@@ -148,7 +150,10 @@ async def chat(served: ServedModel, body: ChatRequest) -> dict[str, Any]:
     choices = [
         {
             "index": h.rank,
-            "message": {"role": "assistant", "content": _text(served, h)},
+            "message": {
+                "role": "assistant",
+                "content": finished_text(served, h.token_ids, h.finish_reason),
+            },
             "logprobs": None,
             "finish_reason": h.finish_reason,
             "muestra": _extension(h),
@@ -158,7 +163,7 @@ async def chat(served: ServedModel, body: ChatRequest) -> dict[str, Any]:
     return {
         **response_head(served, "chatcmpl", "chat.completion"),
         "choices": choices,
-        "usage": _usage([prompt], found),
+        "usage": usage([prompt], found[0]),
     }
 
 
@@ -171,7 +176,7 @@ async def completion(served: ServedModel, body: CompletionRequest) -> dict[str, 
     choices = [
         {
             "index": index * body.n + h.rank,
-            "text": _text(served, h),
+            "text": finished_text(served, h.token_ids, h.finish_reason),
             "logprobs": None,
             "finish_reason": h.finish_reason,
             "muestra": _extension(h),
@@ -182,7 +187,7 @@ async def completion(served: ServedModel, body: CompletionRequest) -> dict[str, 
     return {
         **response_head(served, "cmpl", "text_completion"),
         "choices": choices,
-        "usage": _usage(prompts, found),
+        "usage": usage(prompts, [h for hs in found for h in hs]),
     }
 
 
@@ -223,15 +228,10 @@ async def _grammar_chat(
         }
         for a in answers
     ]
-    completion = sum(len(a.token_ids) for a in answers)
     return {
         **response_head(served, "chatcmpl", "chat.completion"),
         "choices": choices,
-        "usage": {
-            "prompt_tokens": len(prompt),
-            "completion_tokens": completion,
-            "total_tokens": len(prompt) + completion,
-        },
+        "usage": usage([prompt], answers),
     }
 
 
@@ -309,15 +309,10 @@ async def _thinking_chat(
         }
         for sample in samples
     ]
-    completion = sum(s.num_tokens for s in samples)
     return {
         **response_head(served, "chatcmpl", "chat.completion"),
         "choices": choices,
-        "usage": {
-            "prompt_tokens": len(prompt),
-            "completion_tokens": completion,
-            "total_tokens": len(prompt) + completion,
-        },
+        "usage": usage([prompt], samples),
     }
 
 

@@ -27,7 +27,7 @@ from muestra.engine import SamplingParams
 from muestra.engine.lookup import LookupResult, lookup_decode
 from muestra.engine.speculative import speculative_decode
 from muestra.errors import MuestraError
-from muestra.server.beams import response_head, thinking_off
+from muestra.server.beams import finished_text, response_head, thinking_off, usage
 from muestra.server.protocol import (
     ApiError,
     ChatRequest,
@@ -106,11 +106,6 @@ async def decode(
             raise ApiError(400, str(err)) from err
 
 
-def _text(served: ServedModel, result: Any) -> str:
-    ids = result.token_ids[:-1] if result.finish_reason == "stop" else result.token_ids
-    return b"".join(served.piece(i) for i in ids).decode("utf-8", errors="replace")
-
-
 def _extension(result: Any) -> dict[str, Any]:
     if isinstance(result, LookupResult):
         key, rounds = "prompt_lookup", {"forwards": result.forwards}
@@ -124,16 +119,6 @@ def _extension(result: Any) -> dict[str, Any]:
             "acceptance_rate": result.acceptance_rate,
         },
         "completion_tokens": len(result.token_ids),
-    }
-
-
-def _usage(prompts: list[list[int]], found: list[list[Any]]) -> dict[str, Any]:
-    prompt_tokens = sum(len(p) for p in prompts)
-    completion = sum(len(r.token_ids) for results in found for r in results)
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion,
-        "total_tokens": prompt_tokens + completion,
     }
 
 
@@ -156,7 +141,10 @@ async def chat(served: ServedModel, body: ChatRequest) -> dict[str, Any]:
     choices = [
         {
             "index": index,
-            "message": {"role": "assistant", "content": _text(served, result)},
+            "message": {
+                "role": "assistant",
+                "content": finished_text(served, result.token_ids, result.finish_reason),
+            },
             "logprobs": None,
             "finish_reason": result.finish_reason,
             "muestra": _extension(result),
@@ -166,7 +154,7 @@ async def chat(served: ServedModel, body: ChatRequest) -> dict[str, Any]:
     return {
         **response_head(served, "chatcmpl", "chat.completion"),
         "choices": choices,
-        "usage": _usage([prompt], [results]),
+        "usage": usage([prompt], results),
     }
 
 
@@ -179,7 +167,7 @@ async def completion(served: ServedModel, body: CompletionRequest) -> dict[str, 
     choices = [
         {
             "index": index * body.n + k,
-            "text": _text(served, result),
+            "text": finished_text(served, result.token_ids, result.finish_reason),
             "logprobs": None,
             "finish_reason": result.finish_reason,
             "muestra": _extension(result),
@@ -190,5 +178,5 @@ async def completion(served: ServedModel, body: CompletionRequest) -> dict[str, 
     return {
         **response_head(served, "cmpl", "text_completion"),
         "choices": choices,
-        "usage": _usage(prompts, found),
+        "usage": usage(prompts, [r for rs in found for r in rs]),
     }
