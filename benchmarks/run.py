@@ -17,6 +17,7 @@ from rich.table import Table
 
 from benchmarks import decoding as decoding_bench
 from benchmarks import engine as engine_bench
+from benchmarks import evaluation as evaluation_bench
 from benchmarks import real_model as real_model_bench
 from benchmarks import server as server_bench
 from benchmarks import structured as structured_bench
@@ -42,6 +43,7 @@ def main() -> None:
             "server",
             "real_model",
             "decoding",
+            "evaluation",
         ],
         default=None,
     )
@@ -58,7 +60,7 @@ def main() -> None:
     from muestra.models.kit import ensure_kit
     from muestra.models.loading import load_model
 
-    if args.only not in ("real_model", "decoding"):
+    if args.only not in ("real_model", "decoding", "evaluation"):
         console.print("building/loading the kit's qwen3-0.6b (random weights, bf16) …")
         kit = ensure_kit("qwen3-0.6b", args.kit_dir / "qwen3-0.6b" if args.kit_dir else None)
         loaded = load_model(str(kit), dtype="bfloat16", device="cpu")
@@ -106,6 +108,30 @@ def main() -> None:
             "speculative": decoding_bench.bench_speculative(smol, repeats),
         }
         paths.append(write_result("decoding", {"repeats": repeats, **decoding}))
+
+    evaluation = None
+    if args.only in (None, "evaluation"):
+        console.print("evaluation on the real model (smollm2-135m-instruct, fp32) …")
+        small = ensure_kit("smollm2-135m-instruct", kit_root("smollm2-135m-instruct", args))
+        smol = load_model(str(small), dtype="float32")
+        evaluation = {
+            "loglik": evaluation_bench.bench_loglik(smol, repeats),
+            "choice": evaluation_bench.bench_choice_vs_draws(small),
+        }
+        paths.append(write_result("evaluation", {"repeats": repeats, **evaluation}))
+        for key, r in evaluation["loglik"].items():
+            console.print(
+                f"loglik {key}: muestra {r['muestra_s']:.2f}s vs HF one question at a time "
+                f"{r['hf_per_question_s']:.2f}s = {r['speedup']:.2f}× (goal ≥ 3×), same values "
+                f"within {r['max_abs_diff']:.1e}"
+            )
+        c = evaluation["choice"]
+        console.print(
+            f"choice easy-en: expected accuracy {c['expected_accuracy']:.3f} ± width "
+            f"{c['expected_width']:.3f} in {c['exact_s']:.1f}s vs 20 draws/question "
+            f"{c['draw_accuracy']:.3f} ± width {c['draws_width']:.3f} in {c['draws_s']:.1f}s "
+            f"(argmax accuracy {c['argmax_accuracy']:.3f} ± width {c['argmax_width']:.3f})"
+        )
 
     table = Table(title="muestra engine benchmarks (qwen3-0.6b shapes, bf16, this CPU)")
     for column in ("benchmark", "muestra", "reference", "ratio", "goal"):

@@ -73,9 +73,10 @@ def test_store_schema_through_migrations(tmp_path):
     assert [r[0] for r in db.execute("SELECT name FROM _migrations ORDER BY id")] == [
         "m001_initial",
         "m002_beams",
+        "m003_evals",
     ]
     tables = sorted(r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'"))
-    assert tables == ["_migrations", "conditions", "models", "prompts", "runs", "samples"]
+    assert tables == ["_migrations", "conditions", "evals", "models", "prompts", "runs", "samples"]
     columns = [r[1] for r in db.execute("PRAGMA table_info(samples)")]
     assert columns == [
         "id",
@@ -100,6 +101,7 @@ def test_store_schema_through_migrations(tmp_path):
         "muestra_version",
         "created_at",
         "beam_json",
+        "scores_json",
     ]
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 

@@ -16,8 +16,9 @@ def register(app: typer.Typer) -> None:
     app.command("report")(report)
 
 
-def load_analysis(store: Path, alpha: float | None):  # noqa: ANN202
-    """(run row, models, samples frame, Analysis) of the latest run in `store`."""
+def load_analysis(store: Path, alpha: float | None, run_id: int | None = None):  # noqa: ANN202
+    """(run row, models, samples frame, Analysis) of run `run_id` (default: the latest)
+    in `store`."""
     import json
 
     from muestra.analysis import analyze as run_analysis
@@ -26,7 +27,10 @@ def load_analysis(store: Path, alpha: float | None):  # noqa: ANN202
     from muestra.experiments.store import latest_run, reading
 
     with reading(store) as db:
-        run = dict(latest_run(db))
+        if run_id is None:
+            run = dict(latest_run(db))
+        else:
+            run = dict(db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone())
         frame = samples_frame(db, int(run["id"]))
         models = [
             {
@@ -62,6 +66,11 @@ def analyze(
     if as_json:
         print_json(result.as_dict())
         return
+    print_analysis(result)
+
+
+def print_analysis(result) -> None:  # noqa: ANN001
+    """An `Analysis` as `muestra analyze` prints it."""
     stdout.print(f"{result.valid} valid of {result.samples} samples")
     for note in result.notes:
         stdout.print(f"note: {note}", markup=False)
@@ -183,12 +192,14 @@ def report(
     findings, charts with intervals, counterfactual pairs and a side-by-side sample browser."""
     from muestra.cli.common import stderr
     from muestra.errors import InputError
+    from muestra.evaluation.summary import report_sections
     from muestra.report.html import render
 
     run, models, frame, result = load_analysis(store, alpha)
+    sections = report_sections(store)  # the store's `muestra eval` runs, if any
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(render(run, models, frame, result, per_cell), "utf-8")
+        out.write_text(render(run, models, frame, result, per_cell, sections), "utf-8")
     except OSError as err:
         raise InputError(f"cannot write {out}: {err}") from err
     stderr.print(f"report → {out} ({out.stat().st_size / 1024:.0f} KiB)", markup=False)

@@ -16,6 +16,7 @@ from rich.markup import escape
 from muestra import __version__
 from muestra.cli import (
     analyze_cmd,
+    eval_cmd,
     experiment_cmd,
     generate_cmd,
     inspect_cmd,
@@ -59,6 +60,7 @@ generate_cmd.register(app)
 experiment_cmd.register(app)
 analyze_cmd.register(app)
 serve_cmd.register(app)
+eval_cmd.register(app)
 
 
 def main() -> None:

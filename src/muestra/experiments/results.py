@@ -105,6 +105,7 @@ def samples_frame(db: sqlite3.Connection, run_id: int | None = None) -> pd.DataF
                 if row["field_probs_json"]
                 else None,
                 "batch_seconds": row["batch_seconds"],
+                "scores": json.loads(row["scores_json"]) if row["scores_json"] else None,
             }
         )
         record.update(_beam_columns(row["beam_json"]))
@@ -122,7 +123,7 @@ def samples_frame(db: sqlite3.Connection, run_id: int | None = None) -> pd.DataF
         + META
         + [c for c in BEAM if c in frame.columns]
         + [c for c in frame.columns if c.startswith("var_")]
-        + ["field_probs", "batch_seconds"]
+        + ["field_probs", "scores", "batch_seconds"]
     ]
 
 
@@ -144,7 +145,7 @@ def answer_fields(frame: pd.DataFrame) -> list[str]:
         c
         for c in frame.columns
         if c not in META + BEAM
-        and c not in ("field_probs", "batch_seconds")
+        and c not in ("field_probs", "scores", "batch_seconds")
         and not c.startswith("var_")
     ]
 

@@ -62,6 +62,7 @@ class Runner:
         model: str | None = None,
         samples: int | None = None,
         force_new: bool = False,
+        resume_any: bool = False,
         batch_rows: int = 32,
         on_note: Callable[[str], None] | None = None,
         trust_remote_code: bool = False,
@@ -79,6 +80,7 @@ class Runner:
                 for m in self.models
             ]
         self.force_new = force_new
+        self.resume_any = resume_any  # resume any run of this spec, not only the latest
         self.batch_rows = batch_rows
         self.on_note = on_note or (lambda _: None)
         self.db: sqlite3.Connection | None = None
@@ -124,6 +126,16 @@ class Runner:
     def _open_run(self, db: sqlite3.Connection) -> int:
         """The id of this spec's run in the store, inserted unless it is the latest."""
         last = db.execute("SELECT * FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+        if self.resume_any and not self.force_new:
+            same = db.execute(
+                "SELECT id FROM runs WHERE spec_hash = ? ORDER BY id DESC LIMIT 1",
+                (self.spec.hash,),
+            ).fetchone()
+            last = (
+                None
+                if same is None
+                else db.execute("SELECT * FROM runs WHERE id = ?", (same[0],)).fetchone()
+            )
         if last is not None and not self.force_new:
             if last["spec_hash"] != self.spec.hash:
                 raise InputError(
@@ -382,7 +394,7 @@ class Runner:
             think = generator.resolve_think(think)
             if spec.close_text is not None:
                 think = replace(think, close_text=spec.close_text)
-        answer, grammar = _answer(condition, self.spec)
+        answer, grammar = _answer(condition, self.spec, item)
         prompts, firsts, counts, indices = [], [], [], []
         for unit, samples in batch:
             ids = _encode(generator, self.spec, unit.item, think)
@@ -485,7 +497,9 @@ def _encode(generator: Any, spec: LoadedSpec, item: PromptItem, think: Any) -> l
     return generator.text.encode_messages(prompt, spec.spec.prompt.enable_thinking)
 
 
-def _answer(condition: Condition, spec: LoadedSpec) -> tuple[Any, Any]:
+def _answer(condition: Condition, spec: LoadedSpec, item: PromptItem) -> tuple[Any, Any]:
+    """The answer phase and grammar of `condition` for `item` (whose own choice, when it has
+    one, replaces the answer's)."""
     from muestra.answers.grammar import GrammarSpec
     from muestra.answers.phases import AnswerConfig
     from muestra.engine import SamplingParams
@@ -501,7 +515,7 @@ def _answer(condition: Condition, spec: LoadedSpec) -> tuple[Any, Any]:
     grammar = GrammarSpec.from_options(
         schema=spec.answer_schema,
         regex=a.regex,
-        choice=a.choice,
+        choice=item.choice if item.choice is not None else a.choice,
         ebnf=spec.path.parent / a.grammar if a.grammar is not None else None,
     )
     return AnswerConfig(params=params, max_tokens=a.max_tokens), grammar
@@ -539,12 +553,14 @@ def _ranges(indices: list[int]) -> Iterator[tuple[int, int]]:
 
 
 def _batches(units: list[Unit], rows: int) -> Iterator[list[tuple[Unit, list[int]]]]:
-    """Batches of at most `rows` samples; one condition and think budget per batch."""
+    """Batches of at most `rows` samples; one condition, think budget and item choice per
+    batch."""
     current: list[tuple[Unit, list[int]]] = []
     size = 0
     key = None
     for unit in units:
-        unit_key = (unit.condition.label, unit.item.think_budget)
+        choice = tuple(unit.item.choice) if unit.item.choice is not None else None
+        unit_key = (unit.condition.label, unit.item.think_budget, choice)
         pending = list(unit.missing)
         while pending:
             if current and (key != unit_key or size >= rows):

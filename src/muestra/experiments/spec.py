@@ -41,6 +41,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import itertools
+import json
 import re
 import tomllib
 from dataclasses import dataclass
@@ -131,10 +132,22 @@ class PromptItem(BaseModel):
     group: str | None = None
     variant: str | None = None
     think_budget: int | None = Field(None, ge=0)
+    choice: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="This item's answer choices (e.g. a question's option letters); they "
+        "replace [answer] choice for it. Not with a schema, regex or grammar answer.",
+    )
 
     @property
     def variables(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _distinct_choices(self) -> PromptItem:
+        if self.choice is not None and len(set(self.choice)) != len(self.choice):
+            raise ValueError(f"choice of item {self.id!r} repeats a value: {self.choice}")
+        return self
 
 
 class PromptSpec(Strict):
@@ -544,6 +557,22 @@ def _check_grammars(conditions: list[Condition], schema: dict[str, Any] | None, 
             grammar.check_compiles(f"{where}.{given[0]} {_short(_shown_grammar(answer, given[0]))}")
 
 
+def _check_item_choices(spec: Spec, conditions: list[Condition], schema: Any, path: Path) -> None:
+    """An item's own `choice` replaces the answer's choice; it cannot replace a schema,
+    regex or grammar (the answers would no longer be one kind)."""
+    items = [item for item in spec.prompt.items if item.choice is not None]
+    if not items:
+        return
+    for condition in conditions:
+        other = [k for k in ("regex", "grammar") if getattr(condition.answer, k) is not None]
+        other += ["schema"] if schema is not None else []
+        if other:
+            raise InputError(
+                f"{path}: prompt item {items[0].id!r} sets its own choice, but the answer is "
+                f"a {other[0]}; item choices replace answer.choice only: remove one of them"
+            )
+
+
 def _shown_grammar(answer: AnswerSpec, key: str) -> Any:
     return answer.schema_ if key == "schema" else getattr(answer, key)
 
@@ -568,6 +597,56 @@ def _parse_toml(path: Path) -> tuple[str, dict[str, Any]]:
 def load_spec(path: Path | str, check_models: bool = True) -> LoadedSpec:
     path = Path(path)
     text, data = _parse_toml(path)
+    return _loaded(path, text, data, check_models)
+
+
+def spec_from_data(data: dict[str, Any], path: Path, check_models: bool = True) -> LoadedSpec:
+    """A spec built by a program (e.g. `muestra eval`), checked as a file is; its text, the
+    TOML that `dump_toml` writes, is what the store keeps and hashes. `path` is where
+    relative file names resolve and what the store records as the spec's source."""
+    text = dump_toml(data)
+    return _loaded(path, text, tomllib.loads(text), check_models)
+
+
+def dump_toml(data: dict[str, Any]) -> str:
+    """TOML for a spec-shaped dict: scalars, lists of scalars, tables, arrays of tables."""
+    lines: list[str] = []
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, str):  # JSON's escapes are TOML's, but for DEL
+            return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        raise TypeError(f"cannot write {type(v).__name__} as a TOML value")
+
+    def key_of(k: str) -> str:
+        return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
+
+    def table(node: dict[str, Any], prefix: str) -> None:
+        nested = []
+        for key, v in node.items():
+            if v is None:
+                continue
+            if isinstance(v, dict) or (isinstance(v, list) and v and isinstance(v[0], dict)):
+                nested.append((key, v))
+            else:
+                lines.append(f"{key_of(key)} = {value(v)}")
+        for key, v in nested:
+            path = f"{prefix}{key_of(key)}"
+            for sub in [v] if isinstance(v, dict) else v:
+                lines.append("")
+                lines.append(f"[{path}]" if isinstance(v, dict) else f"[[{path}]]")
+                table(sub, path + ".")
+
+    table(data, "")
+    return "\n".join(lines) + "\n"
+
+
+def _loaded(path: Path, text: str, data: dict[str, Any], check_models: bool) -> LoadedSpec:
     sweep = data.get("sweep")
     swept = set(sweep) if isinstance(sweep, dict) else set()
     try:
@@ -579,6 +658,7 @@ def load_spec(path: Path | str, check_models: bool = True) -> LoadedSpec:
     conditions = _conditions(spec, path)
     schema = _resolve_schema(spec.answer, path)
     _check_grammars(conditions, schema, path)
+    _check_item_choices(spec, conditions, schema, path)
     check_beam_samples(conditions, spec.samples, str(path))
     for model in spec.model_list:
         if check_models:  # not when the caller replaces the spec's model (`--model`)
@@ -635,6 +715,11 @@ def _check_remote(spec: Spec, path: Path) -> None:
     if spec.prompt.raw:
         raise InputError(
             f"{path}: prompt.raw needs a local model; a remote endpoint takes chat messages"
+        )
+    if any(item.choice is not None for item in spec.prompt.items):
+        raise InputError(
+            f"{path}: a prompt item's choice needs a local model; a remote endpoint enforces "
+            "only a JSON Schema (answer.schema, sent as response_format)"
         )
     for key in ("regex", "choice", "grammar"):
         if getattr(spec.answer, key) is not None or any(k == f"answer.{key}" for k in spec.sweep):

@@ -111,6 +111,27 @@ def _m002(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE samples ADD COLUMN beam_json TEXT")
 
 
+@migration("m003_evals")
+def _m003(db: sqlite3.Connection) -> None:
+    # per-sample scores that are not an answer, e.g. log-likelihoods of each option:
+    # {"logliks": {"A": -1.2, ...}, "bytes": {"A": 2, ...}}
+    db.execute("ALTER TABLE samples ADD COLUMN scores_json TEXT")
+    # a run made by `muestra eval`: the task and how it is scored
+    db.execute(
+        """
+        CREATE TABLE evals (
+            run_id INTEGER PRIMARY KEY REFERENCES runs(id),
+            method TEXT NOT NULL,
+            task_name TEXT NOT NULL,
+            task_source TEXT NOT NULL,
+            task_hash TEXT NOT NULL,
+            settings_json TEXT NOT NULL,
+            timing_json TEXT
+        )
+        """
+    )
+
+
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import html
 import json
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any
 
 import numpy as np
@@ -265,12 +267,29 @@ def _browser_data(frame: pd.DataFrame, per_cell: int) -> str:
     return _script_json(records)
 
 
+@dataclass(frozen=True)
+class Section:
+    """A section a layer above adds to the report (e.g. `muestra eval`'s accuracies):
+    a title, notes, and tables of plain values (escaped here)."""
+
+    title: str
+    tables: list[tuple[list[str], list[list[Any]]]]
+    notes: list[str] = dataclass_field(default_factory=list)
+
+    def html(self) -> str:
+        out = [f"<h2>{_e(self.title)}</h2>"]
+        out += [f'<p class="note">{_e(note)}</p>' for note in self.notes]
+        out += [_table(headers, rows) for headers, rows in self.tables]
+        return "".join(out)
+
+
 def render(
     run: dict[str, Any],
     models: list[dict[str, Any]],
     frame: pd.DataFrame,
     analysis: Analysis,
     per_cell: int = 50,
+    sections: list[Section] | None = None,
 ) -> str:
     from muestra.analysis import categorical_fields, numeric_fields
 
@@ -317,6 +336,7 @@ def render(
         ]
         for p, rows in frame.groupby("prompt_id", sort=False)
     ]
+    out += [section.html() for section in sections or []]
     out.append("<h2>Budget and errors</h2>")
     out.append(_table(["prompt", "samples", "valid", "budget hit", "errors"], rates, "rates"))
     out.append(f"<h2>Findings (α = {analysis.alpha}, Holm)</h2>")

@@ -25,9 +25,16 @@ from starlette.exceptions import HTTPException
 
 from muestra import __version__
 from muestra.errors import InputError
-from muestra.server import beams, drafting
+from muestra.server import beams, drafting, echo
 from muestra.server.jobs import Finished, Job, SampleText, TokenRecord
-from muestra.server.protocol import ApiError, ChatRequest, CompletionRequest, find_surrogate
+from muestra.server.protocol import (
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    find_surrogate,
+)
 from muestra.server.service import ServedModel
 
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
@@ -142,6 +149,8 @@ def create_app(
 
     @app.post("/v1/completions", dependencies=[Depends(check_key), Depends(check_text)])
     async def completions(body: CompletionRequest, request: Request) -> Any:
+        if body.echo:
+            return await echo.completion(served, body)
         if body.prompt_lookup is not None or body.speculative:
             return await drafting.completion(served, body)
         if body.use_beam_search:
@@ -151,6 +160,19 @@ def create_app(
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return _sse(_text_chunks(job, body, include_usage), job)
         return await _until_disconnect(request, job, _text_response(job, body))
+
+    # lm-evaluation-harness's remote tokenizer (vLLM's routes, at the server's root)
+    @app.get("/tokenizer_info", dependencies=[Depends(check_key)])
+    async def tokenizer_info() -> dict[str, Any]:
+        return echo.tokenizer_info(served)
+
+    @app.post("/tokenize", dependencies=[Depends(check_key)])
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        return await asyncio.to_thread(echo.tokenize, served, body.prompt, body.add_special_tokens)
+
+    @app.post("/detokenize", dependencies=[Depends(check_key)])
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        return echo.detokenize(served, body.tokens)
 
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     app.router.add_event_handler("shutdown", served.close)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
 # JSON has one number type, so a strict float still takes 1 but refuses `true` and "1";
 # a strict bool refuses "yes" and 1.
@@ -148,7 +148,7 @@ UNSUPPORTED = {
     "web_search_options",
     "best_of",
     "suffix",
-    "echo",
+    "echo",  # chat only: a text completion declares it (server/echo.py)
 }
 
 
@@ -259,8 +259,15 @@ class ChatRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
-    max_tokens: Int | None = Field(16, ge=1, le=INT_CAP)
+    max_tokens: Int | None = Field(16, ge=0, le=INT_CAP)  # 0: with echo only
     logprobs: Int | None = Field(None, ge=0, le=20)
+    echo: Flag = False  # the prompt's tokens and log-probabilities first (server/echo.py)
+
+    @model_validator(mode="after")
+    def _zero_tokens(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 generates nothing; it is for echo: true only")
+        return self
 
     def prompts(self) -> list[str | list[int]]:
         prompt = self.prompt
@@ -269,3 +276,20 @@ class CompletionRequest(SamplingFields):
         if prompt and all(isinstance(p, int) for p in prompt):
             return [list(prompt)]  # type: ignore[arg-type]
         return list(prompt)  # type: ignore[arg-type]
+
+
+class TokenizeRequest(BaseModel):
+    """`POST /tokenize` (vLLM's shape, which lm-evaluation-harness's remote tokenizer uses)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    add_special_tokens: bool = True
+    model: str | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tokens: list[Int]
+    model: str | None = None

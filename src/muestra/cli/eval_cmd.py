@@ -1,0 +1,417 @@
+"""`muestra eval` (a multiple-choice or open task scored by one or more methods) and
+`muestra compare` (two models on the same questions, with paired tests and timings)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from muestra.cli.common import JsonOption, TrustRemoteCodeOption, print_json, stderr, stdout
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_command)
+    app.command("compare")(compare)
+
+
+METHOD_HELP = (
+    "choice (letters under a grammar, exact probabilities) | loglik (lm-eval's "
+    "log-likelihood) | cot (reason, then a letter) | vote (self-consistency); several "
+    "separated by commas are compared on the same questions."
+)
+
+
+def _settings(**values: Any) -> Any:
+    from muestra.evaluation.evaluate import EvalSettings
+
+    return EvalSettings(**values)
+
+
+def eval_command(
+    model: str = typer.Argument(..., help="Hub id or local folder (e.g. a `muestra kit build`)."),
+    task: str = typer.Argument(
+        ...,
+        help="Questions: a .jsonl/.json/.csv/.parquet file, a shipped set (easy-en, easy-es) "
+        "or hf:OWNER/NAME[:CONFIG] from the local Hugging Face cache.",
+    ),
+    method: str = typer.Option("choice", "--method", help=METHOD_HELP),
+    fmt: str = typer.Option(
+        "cloze",
+        "--format",
+        help="loglik: cloze (ARC's 'Question: …\\nAnswer:' + ' option text') or letters "
+        "(MMLU's options listed, ' A' / ' B' …).",
+    ),
+    chat: bool = typer.Option(False, "--chat", help="loglik: apply the chat template."),
+    raw: bool = typer.Option(
+        False, "--raw", help="choice / cot / vote: plain text, no chat template (base models)."
+    ),
+    shots: int = typer.Option(0, "--shots", min=0, help="Few-shot examples from the dev file."),
+    dev: Path | None = typer.Option(
+        None, "--dev", help="Few-shot file (default: NAME.dev.jsonl beside the task)."
+    ),
+    split: str = typer.Option("test", "--split", help="hf: tasks: the split to score."),
+    limit: int | None = typer.Option(None, "--n", min=1, help="Only the first N questions."),
+    samples: int | None = typer.Option(
+        None,
+        "--samples-per-question",
+        min=1,
+        help="Samples per question (vote: 5; others: 1; choice with more draws letters).",
+    ),
+    think_budget: int = typer.Option(256, "--think-budget", min=1, help="cot / vote tokens."),
+    temperature: float | None = typer.Option(
+        None, "--temperature", min=0, help="cot: 0; vote: 0.7; choice draws: 1."
+    ),
+    top_p: float | None = typer.Option(None, "--top-p", min=0, max=1, help="vote: 0.9."),
+    weighted: bool = typer.Option(
+        False, "--weighted", help="vote: weight each path by its letter probability."
+    ),
+    regex: str | None = typer.Option(
+        None, "--regex", help="Open questions: vote on this regex's first group."
+    ),
+    language: str = typer.Option("auto", "--language", help="auto | en | es (prompt wording)."),
+    seed: int = typer.Option(0, "--seed", help="Run seed (per-sample seeds derive from it)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | bfloat16 | float16 | float32."),
+    out: Path | None = typer.Option(
+        None, "--out", help="SQLite store (default: eval-TASK.db here); resumable."
+    ),
+    items: bool = typer.Option(False, "--items", help="Also print every question's result."),
+    as_json: bool = JsonOption,
+    trust_remote_code: bool = TrustRemoteCodeOption,
+) -> None:
+    """Score a question set: accuracy with Wilson intervals, per category, and for several
+    methods their agreement and paired tests (McNemar, bootstrap interval).
+
+    Everything lands in the SQLite store as an experiment run; the same command resumes
+    an interrupted evaluation and re-reads a finished one.
+    """
+    from muestra.evaluation.evaluate import compare_results
+    from muestra.evaluation.tasks import load_task
+
+    loaded_task = load_task(task, dev=dev, split=split)
+    store = out if out is not None else Path(f"eval-{loaded_task.name}.db")
+    methods = [m.strip() for m in method.split(",") if m.strip()]
+    results = []
+    for name in methods:
+        settings = _settings(
+            method=name,
+            format=fmt,
+            chat=chat,
+            raw=raw,
+            shots=shots,
+            limit=limit,
+            samples=samples,
+            think_budget=think_budget,
+            temperature=temperature,
+            top_p=top_p,
+            weighted=weighted,
+            language=language,
+            regex=regex,
+            seed=seed,
+            dtype=dtype,
+        )
+        results.append(_run_one(model, loaded_task, settings, store, trust_remote_code))
+    pairs = [
+        compare_results(results[i], results[j], methods[i], methods[j])
+        for i in range(len(results))
+        for j in range(i + 1, len(results))
+    ]
+    if as_json:
+        data = (
+            results[0].as_json()
+            if len(results) == 1
+            else {
+                "results": [r.as_json() for r in results],
+                "comparisons": [_pair_json(p) for p in pairs],
+            }
+        )
+        print_json(data)
+        return
+    for result in results:
+        _print_result(result, items)
+    for pair in pairs:
+        _print_pair(pair)
+
+
+def _run_one(model: str, task: Any, settings: Any, store: Path, trust: bool) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from muestra.evaluation.evaluate import evaluate
+
+    with Progress(
+        TextColumn(f"{settings.method}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[speed]}"),
+        console=stderr,
+        disable=not stderr.is_terminal,
+    ) as bar:
+        handle = bar.add_task(settings.method, total=None, speed="")
+
+        def update(p: Any) -> None:
+            bar.update(
+                handle,
+                completed=p.done,
+                total=p.total,
+                speed=f"{p.done / max(p.elapsed, 1e-9):.2f} samples/s",
+            )
+
+        try:
+            return evaluate(
+                model,
+                task,
+                settings,
+                store,
+                on_progress=update,
+                trust_remote_code=trust,
+                on_note=lambda text: stderr.print(f"note: {text}", markup=False),
+            )
+        except KeyboardInterrupt:
+            stderr.print(
+                "stopped; finished batches are stored. Run the same command to resume.",
+                markup=False,
+            )
+            sys.exit(130)
+
+
+def _pct(value: float) -> str:
+    return f"{100 * value:.1f}%"
+
+
+def _interval(low: float, high: float) -> str:
+    return f"[{_pct(low)}, {_pct(high)}]"
+
+
+def _print_result(result: Any, show_items: bool) -> None:
+    s = result.settings
+    how = {
+        "loglik": f"{s.format}{' chat' if s.chat else ''}",
+        "choice": f"{s.per_question} sample(s)",
+        "cot": f"think budget {s.think_budget}",
+        "vote": f"{s.per_question} paths{' weighted' if s.weighted else ''}",
+    }[result.method]
+    stdout.print(
+        f"{result.task} · {result.model} · {result.method} ({how}, {s.shots}-shot) · "
+        f"{result.accuracy.total} questions · run {result.run_id} in {result.store}",
+        markup=False,
+    )
+    table = Table(show_edge=False)
+    for column in ("", "accuracy", "95% interval", "n"):
+        table.add_column(column)
+    a = result.accuracy
+    table.add_row("accuracy", _pct(a.value), _interval(a.low, a.high), str(a.total))
+    if result.expected is not None:
+        mean, low, high = result.expected
+        table.add_row("expected (mean p right)", _pct(mean), _interval(low, high), str(a.total))
+    if result.acc_norm is not None:
+        n = result.acc_norm
+        table.add_row("acc_norm", _pct(n.value), _interval(n.low, n.high), str(n.total))
+    if result.draws is not None:
+        d = result.draws
+        table.add_row("sampled answers", _pct(d.value), _interval(d.low, d.high), str(d.total))
+    for category, c in result.by_category.items():
+        table.add_row(f"  {category}", _pct(c.value), _interval(c.low, c.high), str(c.total))
+    stdout.print(table)
+    if result.curve:
+        curve = Table(title="majority of the first k paths", show_edge=False)
+        for column in ("k", "accuracy", "95% interval"):
+            curve.add_column(column)
+        for k, acc in result.curve:
+            curve.add_row(str(k), _pct(acc.value), _interval(acc.low, acc.high))
+        stdout.print(curve)
+    for note in result.notes:
+        stdout.print(f"note: {note}", markup=False)
+    if show_items:
+        rows = Table(show_edge=False)
+        for column in ("id", "answer", "predicted", "right", "p(right)"):
+            rows.add_column(column)
+        for item in result.items:
+            p = "" if item.p_correct is None else f"{item.p_correct:.3f}"
+            rows.add_row(
+                item.id, str(item.answer), str(item.predicted), "yes" if item.correct else "no", p
+            )
+        stdout.print(rows)
+    stdout.print("")
+
+
+def _pair_json(pair: Any) -> dict[str, Any]:
+    diff, low, high = pair.difference
+    return {
+        "a": pair.a,
+        "b": pair.b,
+        "questions": pair.questions,
+        "agreement": pair.agreement,
+        "accuracy_a": pair.accuracy_a,
+        "accuracy_b": pair.accuracy_b,
+        "difference": {"value": diff, "low": low, "high": high},
+        "mcnemar": {
+            "only_a": pair.mcnemar.only_a,
+            "only_b": pair.mcnemar.only_b,
+            "p_value": pair.mcnemar.p_value,
+        },
+    }
+
+
+def _print_pair(pair: Any) -> None:
+    diff, low, high = pair.difference
+    m = pair.mcnemar
+    stdout.print(
+        f"{pair.a} vs {pair.b} on {pair.questions} questions: same answer on "
+        f"{_pct(pair.agreement)}; accuracy {_pct(pair.accuracy_a)} vs {_pct(pair.accuracy_b)}, "
+        f"difference {100 * diff:+.1f} points [{100 * low:+.1f}, {100 * high:+.1f}] (paired "
+        f"bootstrap); only {pair.a} right: {m.only_a}, only {pair.b} right: {m.only_b}, "
+        f"McNemar exact p = {m.p_value:.3g}",
+        markup=False,
+    )
+
+
+def compare(
+    model_a: str = typer.Argument(..., help="First model (Hub id or folder)."),
+    model_b: str = typer.Argument(..., help="Second model."),
+    task: str | None = typer.Option(
+        None, "--task", help="Questions (file, easy-en / easy-es, or hf:…), as for `eval`."
+    ),
+    spec: Path | None = typer.Option(
+        None, "--spec", help="An experiment spec (TOML) to run on both models instead."
+    ),
+    method: str = typer.Option(
+        "loglik", "--method", help="--task: " + METHOD_HELP.split(";")[0] + "."
+    ),
+    fmt: str = typer.Option("cloze", "--format", help="--task loglik: cloze | letters."),
+    shots: int = typer.Option(0, "--shots", min=0, help="--task: few-shot examples."),
+    limit: int | None = typer.Option(None, "--n", min=1, help="--task: the first N questions."),
+    samples: int | None = typer.Option(
+        None, "--samples", min=1, help="Samples per question (--task) or prompt (--spec)."
+    ),
+    think_budget: int = typer.Option(256, "--think-budget", min=1, help="--task cot / vote."),
+    seed: int = typer.Option(0, "--seed", help="--task: run seed (a spec has its own)."),
+    dtype: str = typer.Option("auto", "--dtype", help="--task: auto | bfloat16 | float32."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Store (default: compare-TASK.db or compare-SPEC-NAME.db)."
+    ),
+    as_json: bool = JsonOption,
+    trust_remote_code: bool = TrustRemoteCodeOption,
+) -> None:
+    """Two models on the same work with the same seeds, side by side, as seed 002 compares
+    distilgpt2 with gpt2: with --task, accuracies with the paired tests (McNemar exact,
+    paired bootstrap) and each question's answers; with --spec, the experiment run on both
+    (one run: `analyze` tests the model difference within each prompt) and the first
+    output of every prompt next to each other. Both: timings on this machine (load time,
+    weights in memory, prefill and decode tokens/s, decoding time). `muestra report`
+    shows the --task comparison as a section of the HTML report."""
+    from muestra.errors import InputError
+
+    if (task is None) == (spec is None):
+        raise InputError("give exactly one of --task FILE (questions) or --spec FILE (experiment)")
+    if spec is not None:
+        _compare_spec(model_a, model_b, spec, out, samples, as_json, trust_remote_code)
+        return
+    from muestra.evaluation.compare import compare_models
+    from muestra.evaluation.tasks import load_task
+
+    loaded_task = load_task(task)
+    store = out if out is not None else Path(f"compare-{loaded_task.name}.db")
+    settings = _settings(
+        method=method,
+        format=fmt,
+        shots=shots,
+        limit=limit,
+        samples=samples,
+        think_budget=think_budget,
+        seed=seed,
+        dtype=dtype,
+    )
+    report = compare_models(
+        model_a,
+        model_b,
+        loaded_task,
+        settings,
+        store,
+        trust_remote_code=trust_remote_code,
+        on_note=lambda text: stderr.print(f"note: {text}", markup=False),
+    )
+    if as_json:
+        print_json(report.as_json())
+        return
+    for result in report.results:
+        _print_result(result, False)
+    _print_pair(report.comparison)
+    _print_timings(report.timings)
+    side = Table(title="the same questions, side by side", show_edge=False)
+    for column in ("id", "answer", report.labels[0], report.labels[1]):
+        side.add_column(column)
+    for row in report.side_by_side:
+        side.add_row(*row)
+    stdout.print(side)
+
+
+def _print_timings(timings: list[Any]) -> None:
+    timing = Table(title="timings (this machine, this run)", show_edge=False)
+    for column in ("model", "load s", "weights MB", "prefill tok/s", "decode tok/s", "eval s"):
+        timing.add_column(column)
+    for t in timings:
+        timing.add_row(
+            t.model,
+            f"{t.load_seconds:.2f}",
+            f"{t.weights_mb:.0f}",
+            f"{t.prefill_tps:.0f}",
+            f"{t.decode_tps:.1f}",
+            f"{t.eval_seconds:.1f}",
+        )
+    stdout.print(timing)
+
+
+def _compare_spec(
+    model_a: str,
+    model_b: str,
+    spec: Path,
+    out: Path | None,
+    samples: int | None,
+    as_json: bool,
+    trust: bool,
+) -> None:
+    from dataclasses import asdict
+
+    from muestra.cli.analyze_cmd import load_analysis, print_analysis
+    from muestra.cli.common import visible
+    from muestra.evaluation.compare import compare_spec
+    from muestra.experiments.spec import load_spec
+
+    name = load_spec(spec, check_models=False).spec.name
+    store = out if out is not None else Path(f"compare-{name}.db")
+    result = compare_spec(
+        model_a,
+        model_b,
+        spec,
+        store,
+        samples=samples,
+        trust_remote_code=trust,
+        on_note=lambda text: stderr.print(f"note: {text}", markup=False),
+    )
+    _, _, _, analysis = load_analysis(store, None, result.run_id)
+    if as_json:
+        print_json(
+            {
+                "models": list(result.labels),
+                "store": str(store),
+                "run_id": result.run_id,
+                "analysis": analysis.as_dict(),
+                "timings": [asdict(t) for t in result.timings],
+                "side_by_side": [
+                    dict(zip(("prompt", "a", "b"), row, strict=False))
+                    for row in result.side_by_side
+                ],
+            }
+        )
+        return
+    print_analysis(analysis)
+    _print_timings(result.timings)
+    side = Table(title="first sample of each prompt, side by side", show_edge=False)
+    for column in ("prompt", result.labels[0], result.labels[1]):
+        side.add_column(column)
+    for prompt, a, b in result.side_by_side:
+        side.add_row(prompt, visible(a[:160]), visible(b[:160]))
+    stdout.print(side)

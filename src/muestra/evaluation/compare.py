@@ -1,0 +1,227 @@
+"""`muestra compare`: two models, the same questions and seeds, side by side.
+
+Each model is evaluated as `muestra eval` does (two runs in one store, resumable), then
+compared question by question (agreement, McNemar exact test, paired bootstrap interval of
+the accuracy difference). Timings are measured on this machine in the same process, one
+model after the other: load time, weights in memory, prefill tokens/s (the task's first
+contexts in one batch) and greedy decode tokens/s at batch 1.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from muestra.evaluation.evaluate import (
+    EvalResult,
+    EvalSettings,
+    PairedComparison,
+    compare_results,
+    evaluate,
+)
+from muestra.evaluation.tasks import Task
+
+PREFILL_PROMPTS = 8
+DECODE_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class Timing:
+    model: str
+    load_seconds: float
+    weights_mb: float
+    prefill_tps: float
+    decode_tps: float
+    eval_seconds: float
+
+
+@dataclass
+class ModelComparison:
+    labels: tuple[str, str]
+    results: list[EvalResult]
+    comparison: PairedComparison
+    timings: list[Timing]
+    side_by_side: list[tuple[str, str, str, str]]
+
+    def as_json(self) -> dict[str, Any]:
+        c = self.comparison
+        return {
+            "models": list(self.labels),
+            "results": [r.as_json() for r in self.results],
+            "comparison": {
+                "questions": c.questions,
+                "agreement": c.agreement,
+                "accuracy": [c.accuracy_a, c.accuracy_b],
+                "difference": dict(zip(("value", "low", "high"), c.difference, strict=True)),
+                "mcnemar": asdict(c.mcnemar),
+            },
+            "timings": [asdict(t) for t in self.timings],
+        }
+
+
+def measure(model: str, texts: list[str], dtype: str = "auto", trust: bool = False) -> Timing:
+    """Load time, weights, prefill and decode speed of `model` on `texts`."""
+    import torch
+
+    from muestra.answers.generation import TextGenerator
+    from muestra.engine import GenerationRequest, SamplingParams
+    from muestra.models.loading import load_model
+
+    started = time.perf_counter()
+    loaded = load_model(model, dtype=dtype, trust_remote_code=trust)  # type: ignore[arg-type]
+    load_seconds = time.perf_counter() - started
+    weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters()) / 2**20
+    generator = TextGenerator(loaded, max_batch=PREFILL_PROMPTS)
+    prompts = [generator.encode_text(t) for t in texts[:PREFILL_PROMPTS]]
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.inference_mode():
+        loaded.model(input_ids=ids[:1], attention_mask=mask[:1])  # warm up
+        started = time.perf_counter()
+        loaded.model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+        prefill = sum(len(p) for p in prompts) / (time.perf_counter() - started)
+    started = time.perf_counter()
+    request = GenerationRequest(
+        prompts[0],
+        params=SamplingParams(temperature=0.0),
+        max_new_tokens=DECODE_TOKENS,
+        ignore_eos=True,
+    )
+    sample = generator.generate([request])[0]
+    decode = sample.num_tokens / (time.perf_counter() - started)
+    return Timing(model, load_seconds, weights, prefill, decode, 0.0)
+
+
+def compare_models(
+    model_a: str,
+    model_b: str,
+    task: Task,
+    settings: EvalSettings,
+    store: Path,
+    *,
+    trust_remote_code: bool = False,
+    on_note: Callable[[str], None] | None = None,
+) -> ModelComparison:
+    from muestra.evaluation import prompts
+
+    lang = prompts.language_of(task, settings.language)
+    texts = [prompts.chat_question(i, lang, lang.choose) for i in task.items]
+    results, timings = [], []
+    for model in (model_a, model_b):
+        timing = measure(model, texts, settings.dtype, trust_remote_code)
+        result = evaluate(
+            model, task, settings, store, on_note=on_note, trust_remote_code=trust_remote_code
+        )
+        timing = Timing(**{**asdict(timing), "eval_seconds": result.seconds})
+        _store_timing(store, result.run_id, timing)
+        result.timing = asdict(timing)
+        results.append(result)
+        timings.append(timing)
+    labels = (model_a, model_b) if model_a != model_b else (f"{model_a} (A)", f"{model_b} (B)")
+    comparison = compare_results(results[0], results[1], *labels)
+    by_id = {s.id: s for s in results[1].items}
+    side = []
+    for a in results[0].items:
+        b = by_id.get(a.id)
+        if b is None:
+            continue
+        side.append((a.id, str(a.answer), _shown(a), _shown(b)))
+    return ModelComparison(labels, results, comparison, timings, side)
+
+
+def _store_timing(store: Path, run_id: int, timing: Timing) -> None:
+    from muestra.experiments.store import connect, dumps
+
+    with connect(store) as db, db:
+        db.execute(
+            "UPDATE evals SET timing_json = ? WHERE run_id = ?", (dumps(asdict(timing)), run_id)
+        )
+
+
+@dataclass
+class SpecComparison:
+    labels: tuple[str, str]
+    store: Path
+    run_id: int
+    timings: list[Timing]
+    side_by_side: list[tuple[str, str, str]]  # prompt, first answer of A, of B
+
+
+def compare_spec(
+    model_a: str,
+    model_b: str,
+    spec_path: Path,
+    store: Path,
+    *,
+    samples: int | None = None,
+    trust_remote_code: bool = False,
+    on_progress: Callable[[Any], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
+) -> SpecComparison:
+    """The experiment of `spec_path` run on both models (one run, [[models]] = A, B, the
+    spec's seeds), so `analyze` compares them within each prompt and condition."""
+    import tomllib
+
+    from muestra.experiments.prompts import messages_for
+    from muestra.experiments.results import samples_frame
+    from muestra.experiments.runner import Runner
+    from muestra.experiments.spec import load_spec, spec_from_data
+    from muestra.experiments.store import reading
+
+    original = load_spec(spec_path, check_models=False)
+    data = tomllib.loads(original.text)
+    base = dict(data.pop("model", None) or data.pop("models")[0])
+    for key in ("endpoint", "api_key_env", "generation_config", "sampling_fallback", "label"):
+        base.pop(key, None)
+    labels = (model_a, model_b) if model_a != model_b else (f"{model_a} (A)", f"{model_b} (B)")
+    data["models"] = [
+        {**base, "id": m, "label": label}
+        for m, label in zip((model_a, model_b), labels, strict=False)
+    ]
+    loaded = spec_from_data(data, original.path)
+    texts = []
+    for item in loaded.spec.prompt.items:
+        prompt = messages_for(loaded, item)
+        texts.append(prompt if isinstance(prompt, str) else prompt[-1]["content"])
+    timings = [
+        measure(m, texts, base.get("dtype", "auto"), trust_remote_code) for m in (model_a, model_b)
+    ]
+    runner = Runner(
+        loaded,
+        store,
+        samples=samples,
+        resume_any=True,
+        on_note=on_note,
+        trust_remote_code=trust_remote_code,
+    )
+    run_id = runner.open()
+    try:
+        runner.run(on_progress)
+    finally:
+        if runner.db is not None:
+            runner.db.close()
+    with reading(store) as db:
+        frame = samples_frame(db, run_id)
+    side = []
+    for prompt_id, rows in frame.groupby("prompt_id", sort=False):
+        first = rows[rows["sample"] == rows["sample"].min()]
+        by_model = dict(zip(first["model"], first["answer_text"], strict=False))
+        side.append((str(prompt_id), by_model.get(labels[0], ""), by_model.get(labels[1], "")))
+    # each model's decoding time: its batches' durations (a batch holds one model)
+    spent = frame.drop_duplicates(["model", "batch_seconds"]).groupby("model")["batch_seconds"]
+    seconds = spent.sum().to_dict()
+    timings = [
+        Timing(**{**asdict(t), "eval_seconds": float(seconds.get(label, 0.0))})
+        for t, label in zip(timings, labels, strict=True)
+    ]
+    return SpecComparison(labels, store, run_id, timings, side)
+
+
+def _shown(score: Any) -> str:
+    mark = "✓" if score.correct else "✗"
+    p = "" if score.p_correct is None else f" (p {score.p_correct:.2f})"
+    return f"{score.predicted} {mark}{p}"

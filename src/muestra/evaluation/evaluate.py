@@ -1,0 +1,633 @@
+"""`muestra eval`: a task scored by one method, through the experiment store.
+
+Every method is an experiment run: the questions become prompt items (id, category as
+group, the right answer and options as variables, the option letters as the item's
+`choice`), the method becomes the think/answer sections, and the runner samples, stores
+and resumes as for any spec. The spec's TOML text is kept in the store (`runs`) and a row
+in `evals` names the task and method; the scores are computed from the stored samples, so
+rerunning a finished evaluation only reads the store.
+
+- `choice`: one answer per question constrained to the option letters; its exact letter
+  probabilities (`field_probs`) give argmax accuracy and expected accuracy. With
+  `samples` > 1 the letters are also drawn (temperature 1 unless set) to compare.
+- `loglik`: lm-eval's log-likelihood scoring (`loglik.py`); the stored sample's answer is
+  the most likely option, `scores` hold every option's log-likelihood.
+- `cot`: the model reasons within the think budget (its think tags, or plain text asked
+  for in the prompt), then answers a letter under the grammar.
+- `vote`: self-consistency: N reasoning paths per question sampled (T 0.7, top-p 0.9 by
+  default, as seed 004), each answered greedily under the grammar, the majority voted
+  (optionally weighted by each path's letter probability); accuracy for k = 1, 3, … N.
+  Open questions (no options) are voted on their normalised answer text.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import unicodedata
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from muestra.analysis.accuracy import (
+    Accuracy,
+    McNemar,
+    accuracy,
+    expected_accuracy,
+    majority,
+    mcnemar,
+    paired_bootstrap,
+    vote_curve,
+)
+from muestra.errors import InputError
+from muestra.evaluation import prompts
+from muestra.evaluation.tasks import Item, Task
+from muestra.experiments.runner import Progress, Runner
+from muestra.experiments.spec import LoadedSpec, spec_from_data
+from muestra.experiments.store import connect, dumps, now
+
+Method = Literal["choice", "loglik", "cot", "vote"]
+METHODS: tuple[str, ...] = ("choice", "loglik", "cot", "vote")
+OPEN_MAX_TOKENS = 48
+OPEN_INSTRUCTION = {
+    "en": "Answer with a word or a short phrase only.",
+    "es": "Responde solo con una palabra o una frase corta.",
+}
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    method: str = "choice"
+    format: str = "cloze"  # loglik: letters | cloze
+    chat: bool = False  # loglik: apply the chat template to the context
+    raw: bool = False  # choice / cot / vote: plain text, no chat template (base models)
+    shots: int = 0
+    limit: int | None = None  # the first N questions
+    samples: int | None = None  # per question (vote: 5, others: 1)
+    think_budget: int = 256  # cot / vote
+    temperature: float | None = None  # choice draws: 1; cot: 0; vote: 0.7
+    top_p: float | None = None  # vote: 0.9
+    weighted: bool = False  # vote: weight each path by its letter probability
+    language: str = "auto"
+    regex: str | None = None  # open vote: the answer is this regex's first group
+    seed: int = 0
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise InputError(f"--method {self.method!r} is not one of {', '.join(METHODS)}")
+        if self.format not in ("letters", "cloze"):
+            raise InputError(f"--format {self.format!r} is not letters or cloze")
+        if self.language not in ("auto", "en", "es"):
+            raise InputError(f"--language {self.language!r} is not auto, en or es")
+        if self.chat and self.method != "loglik":
+            raise InputError("--chat is for --method loglik (the others use the chat template)")
+        if self.raw and self.method == "loglik":
+            raise InputError("--raw is for choice, cot and vote; loglik is raw unless --chat")
+        if self.samples is not None and self.samples < 1:
+            raise InputError(f"--samples-per-question must be at least 1 (got {self.samples})")
+        if self.shots < 0:
+            raise InputError(f"--shots must be 0 or more (got {self.shots})")
+        if self.regex is not None:
+            try:
+                re.compile(self.regex)
+            except re.error as err:
+                raise InputError(f"--regex {self.regex!r} is not a valid regex ({err})") from err
+
+    @property
+    def per_question(self) -> int:
+        return self.samples if self.samples is not None else 5 if self.method == "vote" else 1
+
+
+@dataclass
+class ItemScore:
+    id: str
+    category: str | None
+    answer: str | None
+    predicted: str | None
+    correct: bool
+    probs: dict[str, float] | None = None  # the letters' exact probabilities
+    logliks: dict[str, float] | None = None
+    votes: dict[str, int] | None = None
+    p_correct: float | None = None  # probability of the right answer
+    draws_correct: float | None = None  # share of right sampled answers
+    error: str | None = None
+
+
+@dataclass
+class EvalResult:
+    method: str
+    model: str
+    task: str
+    settings: EvalSettings
+    store: Path
+    run_id: int
+    items: list[ItemScore]
+    accuracy: Accuracy
+    by_category: dict[str, Accuracy]
+    expected: tuple[float, float, float] | None = None  # choice / cot: mean p(right)
+    acc_norm: Accuracy | None = None  # loglik
+    draws: Accuracy | None = None  # choice with samples > 1: every drawn answer
+    curve: list[tuple[int, Accuracy]] | None = None  # vote
+    seconds: float = 0.0
+    stored: int = 0  # samples already in the store before this call
+    notes: list[str] = field(default_factory=list)
+    timing: dict[str, Any] | None = None  # `muestra compare`: load, prefill, decode
+
+    @property
+    def label(self) -> str:
+        s = self.settings
+        how = f" {s.format}" if self.method == "loglik" else ""
+        return f"{self.method}{how} · {Path(self.model).name or self.model}"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "model": self.model,
+            "task": self.task,
+            "settings": asdict(self.settings),
+            "store": str(self.store),
+            "run_id": self.run_id,
+            **self.accuracy.as_dict(),
+            "by_category": {k: v.as_dict() for k, v in self.by_category.items()},
+            "expected_accuracy": None
+            if self.expected is None
+            else dict(zip(("value", "low", "high"), self.expected, strict=True)),
+            "acc_norm": None if self.acc_norm is None else self.acc_norm.as_dict(),
+            "draw_accuracy": None if self.draws is None else self.draws.as_dict(),
+            "vote_curve": None
+            if self.curve is None
+            else [{"k": k, **a.as_dict()} for k, a in self.curve],
+            "items": [
+                {k: v for k, v in asdict(item).items() if v is not None or k == "predicted"}
+                for item in self.items
+            ],
+            "notes": self.notes,
+            "timing": self.timing,
+        }
+
+
+# ---- the spec of an evaluation ---------------------------------------------------------
+
+
+def build_spec(model: str, task: Task, settings: EvalSettings) -> LoadedSpec:
+    items = list(task.items[: settings.limit] if settings.limit else task.items)
+    if not items:
+        raise InputError(f"{task.source}: no questions to evaluate")
+    is_open = any(item.options is None for item in items)
+    if is_open and (settings.method != "vote" or not all(i.options is None for i in items)):
+        raise InputError(
+            f"{task.source}: questions without options are open questions; only "
+            "--method vote scores them, and a task cannot mix them with multiple choice"
+        )
+    if settings.shots > len(task.shots):
+        raise InputError(
+            f"--shots {settings.shots}, but {task.source} has {len(task.shots)} dev questions "
+            "(give a dev file with --dev, or NAME.dev.jsonl beside the task)"
+        )
+    lang = prompts.language_of(task, settings.language)
+    method = settings.method
+    spec: dict[str, Any] = {
+        "name": f"eval {task.name} {method}",
+        "seed": settings.seed,
+        "samples": settings.per_question,
+        "model": {"id": model, "dtype": settings.dtype},
+    }
+    if method == "loglik":
+        spec["prompt"] = _loglik_prompt(items, task, settings, lang)
+        spec["answer"] = {"max_tokens": 1, "field_probs": True}
+        return spec_from_data(spec, Path(task.source))
+    shots = prompts.chat_shots(task.shots, settings.shots, lang) if settings.shots else ""
+    instruction = OPEN_INSTRUCTION[lang.code] if is_open else lang.choose
+    rows = []
+    for item in items:
+        row: dict[str, Any] = {
+            "id": item.id,
+            "group": item.category,
+            "text": prompts.chat_question(item, lang, instruction, shots),
+            "answer": item.answer,
+        }
+        if item.options is not None:
+            row |= {"choice": list(item.letters), "options": list(item.options)}
+        rows.append(row)
+    if settings.raw:  # a base model: the question as text, then "Answer:" to continue
+        for row in rows:
+            row["text"] = f"{row['text']}\n\n{lang.answer}"
+    spec["prompt"] = {"user": "{text}", "raw": settings.raw, "items": rows}
+    answer: dict[str, Any] = {"max_tokens": OPEN_MAX_TOKENS if is_open else 4}
+    if method == "choice":
+        draws = settings.per_question > 1
+        answer["temperature"] = (
+            settings.temperature if settings.temperature is not None else (1.0 if draws else 0.0)
+        )
+    elif method in ("cot", "vote"):
+        sampled = method == "vote"
+        think: dict[str, Any] = {
+            "budget": settings.think_budget,
+            "mode": "auto",
+            "instruction": lang.reason,
+            "temperature": settings.temperature
+            if settings.temperature is not None
+            else (0.7 if sampled else 0.0),
+            "top_p": settings.top_p if settings.top_p is not None else (0.9 if sampled else 1.0),
+            "top_k": 0,
+            "min_p": 0.0,
+        }
+        if is_open:  # an open vote samples the answer itself, no reasoning
+            answer |= {"temperature": think["temperature"], "top_p": think["top_p"]}
+        else:
+            spec["think"] = think
+    if not is_open:
+        answer["field_probs"] = True
+    spec["answer"] = answer
+    return spec_from_data(spec, Path(task.source))
+
+
+def _loglik_prompt(
+    items: list[Item], task: Task, settings: EvalSettings, lang: prompts.Language
+) -> dict[str, Any]:
+    fmt = settings.format
+    rows = []
+    for item in items:
+        context = prompts.loglik_context(item, fmt, lang)  # type: ignore[arg-type]
+        if settings.shots:
+            context = prompts.with_shots(task.shots, settings.shots, context, fmt, lang)  # type: ignore[arg-type]
+        rows.append(
+            {
+                "id": item.id,
+                "group": item.category,
+                "text": context,
+                "answer": item.answer,
+                "options": list(item.options or ()),
+                # with a chat template the answer starts the assistant's turn: no space
+                "continuations": prompts.continuations(item, fmt, "" if settings.chat else " "),  # type: ignore[arg-type]
+            }
+        )
+    return {"user": "{text}", "raw": not settings.chat, "items": rows}
+
+
+# ---- running ---------------------------------------------------------------------------
+
+
+def evaluate(
+    model: str,
+    task: Task,
+    settings: EvalSettings,
+    store: Path,
+    *,
+    on_progress: Callable[[Progress], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
+    trust_remote_code: bool = False,
+) -> EvalResult:
+    """Run (or resume) `task` scored by `settings.method` on `model` into `store`."""
+    loaded = build_spec(model, task, settings)
+    kind = _LoglikRunner if settings.method == "loglik" else Runner
+    runner = kind(
+        loaded,
+        Path(store),
+        resume_any=True,
+        on_note=on_note,
+        trust_remote_code=trust_remote_code,
+    )
+    run_id = runner.open()
+    started = time.perf_counter()
+    try:
+        assert runner.db is not None
+        with runner.db:
+            runner.db.execute(
+                "INSERT OR IGNORE INTO evals (run_id, method, task_name, task_source, "
+                "task_hash, settings_json) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    run_id,
+                    settings.method,
+                    task.name,
+                    task.source,
+                    task.hash,
+                    dumps(asdict(settings)),
+                ),
+            )
+        stored = runner.db.execute(
+            "SELECT COUNT(*) FROM samples WHERE run_id = ?", (run_id,)
+        ).fetchone()[0]
+        runner.run(on_progress)
+    finally:
+        if runner.db is not None:
+            runner.db.close()
+    result = read_result(Path(store), run_id, settings)
+    result.seconds = time.perf_counter() - started
+    result.stored = int(stored)
+    return result
+
+
+class _LoglikRunner(Runner):
+    """The runner with log-likelihood scoring in place of generation: one stored "sample"
+    per question, its answer the most likely option."""
+
+    def _generator(self, model: Any) -> Any:
+        from muestra.models.loading import load_model
+
+        loaded = load_model(
+            model.id,
+            dtype=model.dtype,
+            device=model.device,
+            trust_remote_code=model.trust_remote_code,
+        )
+        self._store_provenance(model, loaded.provenance.as_dict())
+        return loaded
+
+    def _run_batch(self, loaded: Any, batch: list[tuple[Any, list[int]]]) -> list[dict[str, Any]]:
+        import torch
+
+        from muestra.evaluation.loglik import loglikelihoods
+        from muestra.experiments.prompts import messages_for
+        from muestra.models.inspection import render_chat
+
+        tokenizer = loaded.tokenizer
+
+        def encode(text: str) -> list[int]:
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        questions = []
+        for unit, _ in batch:
+            prompt = messages_for(self.spec, unit.item)
+            if not isinstance(prompt, str):  # --chat: the rendered template, as text
+                prompt = render_chat(tokenizer, prompt)[0]
+            questions.append((prompt, unit.item.variables["continuations"]))
+        started = time.perf_counter()
+        scored = loglikelihoods(loaded.model, encode, questions)
+        seconds = time.perf_counter() - started
+        rows = []
+        for (unit, _), (context, conts), options in zip(batch, questions, scored, strict=True):
+            letters = [chr(65 + i) for i in range(len(conts))]
+            logliks = [o.loglik for o in options]
+            probs = torch.softmax(torch.tensor(logliks, dtype=torch.float64), 0).tolist()
+            best = max(range(len(conts)), key=lambda i: logliks[i])
+            chars = [len(c.lstrip(" ")) for c in conts]  # lm-eval: len() of the choice text
+            norm = max(range(len(conts)), key=lambda i: logliks[i] / max(chars[i], 1))
+            rows.append(
+                {
+                    "run_id": self.run_id,
+                    "model_id": unit.model_id,
+                    "condition_id": unit.condition_id,
+                    "prompt_id": unit.prompt_id,
+                    "sample_index": 0,
+                    "seed": self.spec.spec.seed,
+                    "think_budget": None,
+                    "reasoning": None,
+                    "think_tokens": 0,
+                    "budget_hit": 0,
+                    "answer_text": letters[best],
+                    "answer_json": dumps(letters[best]),
+                    "field_probs_json": dumps({"answer": dict(zip(letters, probs, strict=True))}),
+                    "beam_json": None,
+                    "scores_json": dumps(
+                        {
+                            "logliks": dict(zip(letters, logliks, strict=True)),
+                            "is_greedy": {
+                                x: o.is_greedy for x, o in zip(letters, options, strict=True)
+                            },
+                            "tokens": {
+                                x: o.num_tokens for x, o in zip(letters, options, strict=True)
+                            },
+                            "chars": dict(zip(letters, chars, strict=True)),
+                            "acc_norm": letters[norm],
+                        }
+                    ),
+                    "finish_reason": "stop",
+                    "error": None,
+                    "prompt_tokens": len(encode(context)),
+                    "completion_tokens": 0,
+                    "batch_seconds": seconds,
+                    "muestra_version": _version(),
+                    "created_at": now(),
+                }
+            )
+        return rows
+
+
+def _version() -> str:
+    from muestra import __version__
+
+    return __version__
+
+
+# ---- scoring from the store -------------------------------------------------------------
+
+
+def normalize(text: str | None) -> str | None:
+    """An open answer for counting: lower case, accents and punctuation dropped, spaces
+    collapsed ("París." → "paris")."""
+    if text is None:
+        return None
+    decomposed = unicodedata.normalize("NFKD", text.casefold())
+    plain = "".join(c for c in decomposed if not unicodedata.combining(c))
+    words = re.sub(r"[^\w\s]", " ", plain)
+    return " ".join(words.split()) or None
+
+
+def extract(text: str, regex: str | None) -> str | None:
+    if regex is None:
+        return text
+    found = re.search(regex, text)
+    if found is None:
+        return None
+    return found.group(1) if found.groups() else found.group(0)
+
+
+def read_result(
+    store: Path, run_id: int | None = None, settings: EvalSettings | None = None
+) -> EvalResult:
+    """The scores of an evaluation run in `store` (the latest when `run_id` is None),
+    scored with `settings` when given (the same samples can be voted with or without
+    weights, or extracted with another regex), else with the run's own."""
+    import json
+
+    from muestra.experiments.results import samples_frame
+
+    with connect(store, create=False) as db:
+        row = db.execute(
+            "SELECT e.*, r.spec_text FROM evals e JOIN runs r ON r.id = e.run_id "
+            + ("WHERE e.run_id = ?" if run_id is not None else "ORDER BY e.run_id DESC LIMIT 1"),
+            (run_id,) if run_id is not None else (),
+        ).fetchone()
+        if row is None:
+            raise InputError(f"{store} holds no evaluation run (`muestra eval` writes those)")
+        frame = samples_frame(db, int(row["run_id"]))
+        model = db.execute(
+            "SELECT model_ref FROM models WHERE run_id = ?", (row["run_id"],)
+        ).fetchone()[0]
+        items = [
+            (r["prompt_key"], r["group_name"], json.loads(r["variables_json"]))
+            for r in db.execute(
+                "SELECT * FROM prompts WHERE run_id = ? ORDER BY prompt_index", (row["run_id"],)
+            )
+        ]
+    if settings is None:
+        settings = EvalSettings(**json.loads(row["settings_json"]))
+    scores = [_score(key, group, variables, frame, settings) for key, group, variables in items]
+    done = [s for s in scores if s is not None]
+    result = EvalResult(
+        method=row["method"],
+        model=model,
+        task=row["task_name"],
+        settings=settings,
+        store=store,
+        run_id=int(row["run_id"]),
+        timing=json.loads(row["timing_json"]) if row["timing_json"] else None,
+        items=done,
+        accuracy=accuracy([s.correct for s in done]),
+        by_category={
+            c: accuracy([s.correct for s in done if s.category == c])
+            for c in sorted({s.category for s in done if s.category is not None})
+        },
+    )
+    if len(done) < len(items):
+        result.notes.append(f"{len(items) - len(done)} of {len(items)} questions not run yet")
+    probs = [s.p_correct for s in done]
+    if done and all(p is not None for p in probs) and settings.method != "vote":
+        result.expected = expected_accuracy(probs, seed=settings.seed)  # type: ignore[arg-type]
+    if settings.method == "loglik":
+        result.acc_norm = accuracy([s.answer == s.votes.get("acc_norm") for s in done if s.votes])
+        for s in done:
+            s.votes = None
+    if settings.method == "choice" and settings.per_question > 1:
+        shares = [s.draws_correct for s in done if s.draws_correct is not None]
+        result.draws = _draws(shares, settings.per_question, settings.seed)
+    if settings.method == "vote":
+        result.curve = _curve(frame, done, settings)
+    invalid = sum(1 for s in done if s.error)
+    if invalid:
+        result.notes.append(f"{invalid} questions have an invalid answer (counted as wrong)")
+    return result
+
+
+def _draws(shares: list[float], per_question: int, seed: int) -> Accuracy:
+    """Right sampled answers over all draws; the interval resamples questions (a
+    question's draws are not independent of each other: pooling them as if they were
+    would understate the uncertainty)."""
+    from muestra.analysis.stats import bootstrap_mean
+
+    low, high = bootstrap_mean(shares, seed=seed)
+    hits = round(sum(shares) * per_question)
+    return Accuracy(hits, len(shares) * per_question, low, high)
+
+
+def _score(
+    key: str, group: str | None, variables: dict[str, Any], frame: Any, settings: EvalSettings
+) -> ItemScore | None:
+    rows = frame[frame["prompt_id"] == key] if len(frame) else frame
+    if len(rows) == 0:
+        return None
+    gold = variables.get("answer")
+    records = rows.sort_values("sample").to_dict(orient="records")
+    first = records[0]
+    answers = [_answer(r) for r in records]
+    errors = [r["error"] for r in records if r["error"]]
+    score = ItemScore(key, group, gold, None, False, error=errors[0] if errors else None)
+    if settings.method == "vote":
+        is_open = "options" not in variables
+        if is_open:
+            votes = [normalize(extract(r["answer_text"], settings.regex)) for r in records]
+            gold = normalize(gold)
+            weights = None
+        else:
+            votes = answers
+            weights = (
+                [_prob(r, a) for r, a in zip(records, answers, strict=False)]
+                if settings.weighted
+                else None
+            )
+        score.predicted = majority(votes, weights)
+        score.votes = dict(Counter(v for v in votes if v is not None).most_common())
+        score.correct = gold is not None and score.predicted == gold
+        score.error = score.error if score.predicted is None else None
+        return score
+    probs = (first.get("field_probs") or {}).get("answer")
+    score.probs = probs
+    if settings.method == "loglik":
+        scores = first["scores"] or {}
+        score.logliks = scores.get("logliks")
+        score.votes = {"acc_norm": scores.get("acc_norm")}  # read back by read_result
+        score.predicted = answers[0]
+    elif probs and settings.method == "choice":
+        score.predicted = max(probs, key=lambda k: probs[k])
+    elif settings.method == "choice":
+        score.predicted = majority(answers)
+    else:  # cot: the answer after the reasoning
+        score.predicted = answers[0]
+    if probs and gold is not None:
+        score.p_correct = float(probs.get(gold, 0.0))
+    if settings.method == "choice" and settings.per_question > 1:
+        score.draws_correct = sum(a == gold for a in answers) / len(answers)
+    score.correct = score.predicted is not None and score.predicted == gold
+    return score
+
+
+def _answer(record: dict[str, Any]) -> str | None:
+    value = record.get("answer")
+    if record.get("error") or value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return str(value)
+
+
+def _prob(record: dict[str, Any], answer: str | None) -> float:
+    probs = (record.get("field_probs") or {}).get("answer") or {}
+    return float(probs.get(answer, 0.0)) if answer is not None else 0.0
+
+
+def _curve(frame: Any, done: list[ItemScore], settings: EvalSettings) -> list[tuple[int, Accuracy]]:
+    votes, weights, golds = [], [], []
+    for score in done:
+        rows = frame[frame["prompt_id"] == score.id].sort_values("sample").to_dict("records")
+        if "var_options" in frame.columns and isinstance(rows[0].get("var_options"), list):
+            path_votes = [_answer(r) for r in rows]
+            gold = score.answer
+        else:
+            path_votes = [normalize(extract(r["answer_text"], settings.regex)) for r in rows]
+            gold = normalize(score.answer)
+        votes.append(path_votes)
+        weights.append([_prob(r, v) for r, v in zip(rows, path_votes, strict=False)])
+        golds.append(gold)
+    return vote_curve(votes, golds, weights if settings.weighted else None)
+
+
+# ---- comparing two scorings of the same questions --------------------------------------
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    a: str
+    b: str
+    questions: int
+    agreement: float  # share of questions with the same predicted answer
+    accuracy_a: float
+    accuracy_b: float
+    difference: tuple[float, float, float]  # a − b, low, high (paired bootstrap)
+    mcnemar: McNemar
+
+
+def compare_results(a: EvalResult, b: EvalResult, label_a: str, label_b: str) -> PairedComparison:
+    """Paired comparison over the questions both results scored."""
+    by_id = {s.id: s for s in b.items}
+    pairs = [(s, by_id[s.id]) for s in a.items if s.id in by_id]
+    if not pairs:
+        raise InputError(f"{label_a} and {label_b} share no scored question")
+    ca = [x.correct for x, _ in pairs]
+    cb = [y.correct for _, y in pairs]
+    return PairedComparison(
+        label_a,
+        label_b,
+        len(pairs),
+        sum(x.predicted == y.predicted for x, y in pairs) / len(pairs),
+        sum(ca) / len(ca),
+        sum(cb) / len(cb),
+        paired_bootstrap(ca, cb, seed=a.settings.seed),
+        mcnemar(ca, cb),
+    )
+
+
+def with_method(settings: EvalSettings, method: str) -> EvalSettings:
+    return replace(settings, method=method)
