@@ -28,7 +28,7 @@ import time
 import unicodedata
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,10 +44,10 @@ from muestra.analysis.accuracy import (
 )
 from muestra.errors import InputError
 from muestra.evaluation import prompts
-from muestra.evaluation.tasks import Item, Task
+from muestra.evaluation.tasks import LETTERS, Item, Task
 from muestra.experiments.runner import Progress, Runner
 from muestra.experiments.spec import LoadedSpec, spec_from_data
-from muestra.experiments.store import connect, dumps, now
+from muestra.experiments.store import connect, dumps
 
 Method = Literal["choice", "loglik", "cot", "vote"]
 METHODS: tuple[str, ...] = ("choice", "loglik", "cot", "vote")
@@ -114,6 +114,7 @@ class ItemScore:
     votes: dict[str, int] | None = None
     p_correct: float | None = None  # probability of the right answer
     draws_correct: float | None = None  # share of right sampled answers
+    predicted_norm: str | None = None  # loglik: the best option by acc_norm
     error: str | None = None
 
 
@@ -133,7 +134,6 @@ class EvalResult:
     draws: Accuracy | None = None  # choice with samples > 1: every drawn answer
     curve: list[tuple[int, Accuracy]] | None = None  # vote
     seconds: float = 0.0
-    stored: int = 0  # samples already in the store before this call
     notes: list[str] = field(default_factory=list)
     timing: dict[str, Any] | None = None  # `muestra compare`: load, prefill, decode
 
@@ -309,16 +309,12 @@ def evaluate(
                     dumps(asdict(settings)),
                 ),
             )
-        stored = runner.db.execute(
-            "SELECT COUNT(*) FROM samples WHERE run_id = ?", (run_id,)
-        ).fetchone()[0]
         runner.run(on_progress)
     finally:
         if runner.db is not None:
             runner.db.close()
     result = read_result(Path(store), run_id, settings)
     result.seconds = time.perf_counter() - started
-    result.stored = int(stored)
     return result
 
 
@@ -341,6 +337,7 @@ class _LoglikRunner(Runner):
     def _run_batch(self, loaded: Any, batch: list[tuple[Any, list[int]]]) -> list[dict[str, Any]]:
         import torch
 
+        from muestra.answers.structured import StructuredSample
         from muestra.evaluation.loglik import loglikelihoods
         from muestra.experiments.prompts import messages_for
         from muestra.models.inspection import render_chat
@@ -361,57 +358,31 @@ class _LoglikRunner(Runner):
         seconds = time.perf_counter() - started
         rows = []
         for (unit, _), (context, conts), options in zip(batch, questions, scored, strict=True):
-            letters = [chr(65 + i) for i in range(len(conts))]
+            letters = list(LETTERS[: len(conts)])
             logliks = [o.loglik for o in options]
             probs = torch.softmax(torch.tensor(logliks, dtype=torch.float64), 0).tolist()
             best = max(range(len(conts)), key=lambda i: logliks[i])
             chars = [len(c.lstrip(" ")) for c in conts]  # lm-eval: len() of the choice text
             norm = max(range(len(conts)), key=lambda i: logliks[i] / max(chars[i], 1))
-            rows.append(
+            sample = StructuredSample(
+                prompt_index=unit.prompt_index, sample=0, seed=self.spec.spec.seed,
+                text=letters[best], token_ids=[], finish_reason="stop", stop_reason=None,
+                num_prompt_tokens=len(encode(context)), reasoning=None, think_tokens=0,
+                budget_hit=False, answer_text=letters[best], answer=letters[best],
+                field_probs={"answer": dict(zip(letters, probs, strict=True))}, error=None,
+            )  # fmt: skip
+            row = self._row(unit, sample, None, seconds)
+            row["scores_json"] = dumps(
                 {
-                    "run_id": self.run_id,
-                    "model_id": unit.model_id,
-                    "condition_id": unit.condition_id,
-                    "prompt_id": unit.prompt_id,
-                    "sample_index": 0,
-                    "seed": self.spec.spec.seed,
-                    "think_budget": None,
-                    "reasoning": None,
-                    "think_tokens": 0,
-                    "budget_hit": 0,
-                    "answer_text": letters[best],
-                    "answer_json": dumps(letters[best]),
-                    "field_probs_json": dumps({"answer": dict(zip(letters, probs, strict=True))}),
-                    "beam_json": None,
-                    "scores_json": dumps(
-                        {
-                            "logliks": dict(zip(letters, logliks, strict=True)),
-                            "is_greedy": {
-                                x: o.is_greedy for x, o in zip(letters, options, strict=True)
-                            },
-                            "tokens": {
-                                x: o.num_tokens for x, o in zip(letters, options, strict=True)
-                            },
-                            "chars": dict(zip(letters, chars, strict=True)),
-                            "acc_norm": letters[norm],
-                        }
-                    ),
-                    "finish_reason": "stop",
-                    "error": None,
-                    "prompt_tokens": len(encode(context)),
-                    "completion_tokens": 0,
-                    "batch_seconds": seconds,
-                    "muestra_version": _version(),
-                    "created_at": now(),
+                    "logliks": dict(zip(letters, logliks, strict=True)),
+                    "is_greedy": {x: o.is_greedy for x, o in zip(letters, options, strict=True)},
+                    "tokens": {x: o.num_tokens for x, o in zip(letters, options, strict=True)},
+                    "chars": dict(zip(letters, chars, strict=True)),
+                    "acc_norm": letters[norm],
                 }
             )
+            rows.append(row)
         return rows
-
-
-def _version() -> str:
-    from muestra import __version__
-
-    return __version__
 
 
 # ---- scoring from the store -------------------------------------------------------------
@@ -490,9 +461,7 @@ def read_result(
     if done and all(p is not None for p in probs) and settings.method != "vote":
         result.expected = expected_accuracy(probs, seed=settings.seed)  # type: ignore[arg-type]
     if settings.method == "loglik":
-        result.acc_norm = accuracy([s.answer == s.votes.get("acc_norm") for s in done if s.votes])
-        for s in done:
-            s.votes = None
+        result.acc_norm = accuracy([s.answer == s.predicted_norm for s in done])
     if settings.method == "choice" and settings.per_question > 1:
         shares = [s.draws_correct for s in done if s.draws_correct is not None]
         result.draws = _draws(shares, settings.per_question, settings.seed)
@@ -550,7 +519,7 @@ def _score(
     if settings.method == "loglik":
         scores = first["scores"] or {}
         score.logliks = scores.get("logliks")
-        score.votes = {"acc_norm": scores.get("acc_norm")}  # read back by read_result
+        score.predicted_norm = scores.get("acc_norm")
         score.predicted = answers[0]
     elif probs and settings.method == "choice":
         score.predicted = max(probs, key=lambda k: probs[k])
@@ -627,7 +596,3 @@ def compare_results(a: EvalResult, b: EvalResult, label_a: str, label_b: str) ->
         paired_bootstrap(ca, cb, seed=a.settings.seed),
         mcnemar(ca, cb),
     )
-
-
-def with_method(settings: EvalSettings, method: str) -> EvalSettings:
-    return replace(settings, method=method)
