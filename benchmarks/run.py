@@ -3,7 +3,8 @@
 Knobs: `--quick` (fewer repeats), `--repeats N`, `--seed-loop-samples N`, `--only NAME`,
 `--kit-dir DIR`. `--only real_model` runs just the real SmolLM2-135M-Instruct benchmarks
 (benchmarks/real_model.py), without building the random-weight qwen3-0.6b kit; `--only
-decoding` the decoding strategies on it (benchmarks/decoding.py: beam search vs HF).
+decoding` the decoding strategies on it (benchmarks/decoding.py: beam search vs HF);
+`--only align` reward training, DPO and reward scoring on it (benchmarks/align.py).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from benchmarks import align as align_bench
 from benchmarks import decoding as decoding_bench
 from benchmarks import engine as engine_bench
 from benchmarks import evaluation as evaluation_bench
@@ -44,6 +46,7 @@ def main() -> None:
             "real_model",
             "decoding",
             "evaluation",
+            "align",
         ],
         default=None,
     )
@@ -60,7 +63,7 @@ def main() -> None:
     from muestra.models.kit import ensure_kit
     from muestra.models.loading import load_model
 
-    if args.only not in ("real_model", "decoding", "evaluation"):
+    if args.only not in ("real_model", "decoding", "evaluation", "align"):
         console.print("building/loading the kit's qwen3-0.6b (random weights, bf16) …")
         kit = ensure_kit("qwen3-0.6b", args.kit_dir / "qwen3-0.6b" if args.kit_dir else None)
         loaded = load_model(str(kit), dtype="bfloat16", device="cpu")
@@ -108,6 +111,19 @@ def main() -> None:
             "speculative": decoding_bench.bench_speculative(smol, repeats),
         }
         paths.append(write_result("decoding", {"repeats": repeats, **decoding}))
+
+    if args.only in (None, "align"):
+        console.print("reward model, DPO and reward scoring on the real model (fp32) …")
+        small = ensure_kit("smollm2-135m-instruct", kit_root("smollm2-135m-instruct", args))
+        aligned = align_bench.bench_align(small)
+        paths.append(write_result("align", aligned))
+        r, d, s = aligned["reward_train"], aligned["dpo"], aligned["reward_score"]
+        console.print(
+            f"{aligned['pairs']} pairs from {aligned['samples']} character samples "
+            f"({aligned['audit_seconds']:.0f} s): reward training {r['seconds']:.0f} s, "
+            f"peak {r['peak_rss_mib']:.0f} MiB; DPO {d['seconds']:.0f} s, peak "
+            f"{d['peak_rss_mib']:.0f} MiB; reward score {s['samples_per_s']:.1f} samples/s"
+        )
 
     evaluation = None
     if args.only in (None, "evaluation"):

@@ -113,11 +113,10 @@ def test_dola_matches_the_reference_on_kits(arch, dola, penalty, request):
 
 @pytest.mark.parametrize("dola", ["high", "low"])
 def test_dola_matches_the_reference_on_the_real_model(smol, dola):
-    texts = [
-        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
-        "The three primary colours are",
-    ]
-    assert_like_reference(smol, texts, dola, 1.2, steps=16)
+    # one prompt, 8 steps: the reference recomputes every layer without a cache (the kits
+    # cover batches and longer runs; `make test` has a time budget)
+    texts = ["<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"]
+    assert_like_reference(smol, texts, dola, 1.2, steps=8)
 
 
 def test_dola_changes_what_the_real_model_says(smol):

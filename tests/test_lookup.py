@@ -61,7 +61,7 @@ def test_on_the_real_model_a_copy_task_takes_fewer_forwards(smol):
     result = lookup_equals_greedy(smol, ids, max_new_tokens=48)
     assert result.forwards < len(result.token_ids) / 2  # several tokens per forward
     assert result.accepted > 0 and 0 < result.acceptance_rate <= 1
-    lookup_equals_greedy(smol, ids, 48, num_tokens=3, max_ngram=3)
+    lookup_equals_greedy(smol, ids, 24, num_tokens=3, max_ngram=3)
 
 
 def test_a_prompt_with_nothing_to_copy_is_still_greedy(smol):
@@ -114,9 +114,9 @@ def test_a_ragged_batch_of_requests_is_each_decoded_alone(smol, qwen):
     )
     engine = Engine.from_loaded(smol)
     requests = [
-        GenerationRequest(encode(smol, copy), params=GREEDY, max_new_tokens=48),
+        GenerationRequest(encode(smol, copy), params=GREEDY, max_new_tokens=32),
         GenerationRequest(
-            encode(smol, "The three primary colours are"), params=GREEDY, max_new_tokens=32
+            encode(smol, "The three primary colours are"), params=GREEDY, max_new_tokens=16
         ),
         GenerationRequest(encode(smol, "Once upon a time"), params=GREEDY, max_new_tokens=5),
     ]

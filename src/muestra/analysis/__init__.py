@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from muestra.analysis.fit import FitRow, cell_fits
+from muestra.analysis.rewards import RewardAnalysis, analyze_rewards
 from muestra.analysis.stats import (
     adjust,
     bootstrap_mean,
@@ -199,6 +200,7 @@ class Analysis:
     field_probs: list[FieldProbSummary] = field(default_factory=list)
     mentions: list[TermMentions] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # caveats a reader must see first
+    rewards: RewardAnalysis | None = None  # when `muestra reward score` scored the run
 
     @property
     def findings(self) -> list[str]:
@@ -345,6 +347,7 @@ def analyze(
     for name in numeric_fields(valid):
         _numeric(valid, name, result)
     result.mentions = _mentions(valid, DEFAULT_TERMS if terms is None else terms)
+    result.rewards = analyze_rewards(frame)
     tests: list[TestRow | FitRow] = [*result.tests, *result.fits]
     holm, bh = adjust([t.p_value for t in tests])
     for test, p_holm, p_bh in zip(tests, holm, bh, strict=True):

@@ -155,6 +155,7 @@ def print_analysis(result) -> None:  # noqa: ANN001
             for c in result.comparisons
         ],
     )  # fmt: skip
+    _print_rewards(result.rewards)
     _table(
         "counterfactual pairs (a − b, Newcombe 95% interval)",
         ["group", "condition", "model", "field", "value", "a", "b", "a − b", "interval",
@@ -164,6 +165,31 @@ def print_analysis(result) -> None:  # noqa: ANN001
              f"{c.difference:+.2f}", f"[{c.low:+.2f}, {c.high:+.2f}]", f"{c.flip_rate:.2f}"]
             for c in result.counterfactuals
         ],
+    )  # fmt: skip
+
+
+def _print_rewards(rewards) -> None:  # noqa: ANN001
+    if rewards is None:
+        return
+    _table(
+        f"reward ({rewards.reward_model}): mean per cell, bootstrap 95% interval",
+        ["prompt", "model", "condition", "n", "mean", "interval", "sd"],
+        [
+            [c.prompt, c.model, c.condition, c.n, f"{c.mean:.3f}",
+             f"[{c.low:.3f}, {c.high:.3f}]", f"{c.sd:.3f}"]
+            for c in rewards.cells
+        ],
+        left=3,
+    )  # fmt: skip
+    _table(
+        "reward differences inside each prompt: a − b (bootstrap 95% interval, Welch t)",
+        ["by", "prompt", "a", "b", "a − b", "interval", "p", "p Holm"],
+        [
+            [d.by, d.prompt, d.a, d.b, f"{d.difference:+.3f}",
+             f"[{d.low:+.3f}, {d.high:+.3f}]", f"{d.p_value:.3g}", f"{d.p_holm:.3g}"]
+            for d in rewards.differences
+        ],
+        left=4,
     )  # fmt: skip
 
 
@@ -196,7 +222,10 @@ def report(
     from muestra.report.html import render
 
     run, models, frame, result = load_analysis(store, alpha)
-    sections = report_sections(store)  # the store's `muestra eval` runs, if any
+    from muestra.report.html import reward_section
+
+    # the run's rewards and the store's `muestra eval` runs, if any
+    sections = [*reward_section(result.rewards), *report_sections(store)]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(render(run, models, frame, result, per_cell, sections), "utf-8")

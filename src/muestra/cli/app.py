@@ -15,6 +15,7 @@ from rich.markup import escape
 
 from muestra import __version__
 from muestra.cli import (
+    align_cmd,
     analyze_cmd,
     eval_cmd,
     experiment_cmd,
@@ -61,6 +62,7 @@ experiment_cmd.register(app)
 analyze_cmd.register(app)
 serve_cmd.register(app)
 eval_cmd.register(app)
+align_cmd.register(app)
 
 
 def main() -> None:

@@ -283,6 +283,26 @@ class Section:
         return "".join(out)
 
 
+def reward_section(rewards: Any) -> list[Section]:
+    """The run's rewards (`muestra reward score`) as a report section, if it has any."""
+    if rewards is None:
+        return []
+    cells = [
+        [c.prompt, c.model, c.condition, c.n, f"{c.mean:.3f}", f"[{c.low:.3f}, {c.high:.3f}]"]
+        for c in rewards.cells
+    ]
+    diffs = [
+        [d.by, d.prompt, d.a, d.b, f"{d.difference:+.3f}", f"[{d.low:+.3f}, {d.high:+.3f}]",
+         f"{d.p_value:.3g}", f"{d.p_holm:.3g}"]
+        for d in rewards.differences
+    ]  # fmt: skip
+    tables = [(["prompt", "model", "condition", "n", "mean reward", "95% interval"], cells)]
+    if diffs:
+        tables.append((["by", "prompt", "a", "b", "a − b", "95% interval", "p", "p Holm"], diffs))
+    note = f"Reward model {rewards.reward_model}; bootstrap intervals, Welch t-tests, Holm."
+    return [Section("Rewards", tables, [note])]
+
+
 def render(
     run: dict[str, Any],
     models: list[dict[str, Any]],
