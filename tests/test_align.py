@@ -263,6 +263,9 @@ def test_reward_score_adds_a_reward_to_every_sample(reward_dir, tiny_store, tmp_
     rewards = result.json()["rewards"]
     assert {r["prompt"] for r in rewards["cells"]} == {"a", "b"}
     assert all(r["n"] == 8 and r["low"] <= r["mean"] <= r["high"] for r in rewards["cells"])
+    report = tmp_path / "r.html"
+    assert cli("report", str(store), "-o", str(report)).code == 0
+    assert "<h2>Rewards</h2>" in report.read_text()
 
 
 # --- DPO ------------------------------------------------------------------------------

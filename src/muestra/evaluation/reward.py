@@ -276,13 +276,13 @@ def train_reward(
     )
     result, seconds = run_training(trainer)
     save_trained(trainer, tokenizer, out, scratch)
-    after = RewardModel(trainer.model, tokenizer).pairwise_accuracy(held)
+    trained = RewardModel(trainer.model, tokenizer)
     metrics = {
         "train_pairs": len(train.pairs),
         "held_out_pairs": len(held.pairs),
         "held_out_accuracy_before": before,
-        "held_out_accuracy_after": after,
-        "train_accuracy_after": RewardModel(trainer.model, tokenizer).pairwise_accuracy(train),
+        "held_out_accuracy_after": trained.pairwise_accuracy(held),
+        "train_accuracy_after": trained.pairwise_accuracy(train),
         "train_loss": float(result.training_loss),
         "train_seconds": seconds,
     }
