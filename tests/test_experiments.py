@@ -74,9 +74,19 @@ def test_store_schema_through_migrations(tmp_path):
         "m001_initial",
         "m002_beams",
         "m003_evals",
+        "m004_probes",
     ]
     tables = sorted(r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'"))
-    assert tables == ["_migrations", "conditions", "evals", "models", "prompts", "runs", "samples"]
+    assert tables == [
+        "_migrations",
+        "conditions",
+        "evals",
+        "models",
+        "probes",
+        "prompts",
+        "runs",
+        "samples",
+    ]
     columns = [r[1] for r in db.execute("PRAGMA table_info(samples)")]
     assert columns == [
         "id",

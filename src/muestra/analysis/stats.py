@@ -17,6 +17,10 @@
 - `cluster_shares` / `paired_difference`: estimates pooled over prompts, with a two-stage
   cluster bootstrap (resample prompts, then samples inside each prompt), because the
   samples of one prompt are not independent draws from the population of prompts.
+- `within_cluster_difference`: the mean of a per-sample score in group a minus group b,
+  inside each cluster (a probe's template) and averaged over clusters; p-value from
+  permuting the group labels inside each cluster, interval from a two-stage cluster
+  bootstrap (templates, then samples inside each template and group).
 - `goodness_of_fit`: do one cell's answers follow the reference distribution? Exact
   binomial test for two values; Pearson χ² for more, with a Monte-Carlo p-value (seeded
   multinomial draws from the reference) when an expected count is below 5. Effect size:
@@ -260,6 +264,61 @@ def paired_difference(
     diffs = (draws[0] - draws[1]).mean(axis=1)
     low, high = np.percentile(diffs, [2.5, 97.5], axis=0)
     return estimate, low, high
+
+
+@dataclass(frozen=True)
+class ClusterDifference:
+    estimate: float  # mean over clusters of mean(a) - mean(b)
+    low: float
+    high: float
+    p_value: float
+    clusters: int  # clusters with samples of both groups
+
+
+def within_cluster_difference(
+    values: np.ndarray,
+    in_a: np.ndarray,
+    clusters: np.ndarray,
+    seed: int = 0,
+    resamples: int = 2000,
+) -> ClusterDifference | None:
+    """Group a − group b of a per-sample score, within clusters (see the module's notes).
+    `in_a` is True for group a's samples, False for group b's. The statistic weighs every
+    cluster the same; the two-sided p-value counts label permutations (inside each
+    cluster) whose |statistic| is at least the observed one (+1 smoothing). None when no
+    cluster has samples of both groups."""
+    values = np.asarray(values, dtype=float)
+    in_a = np.asarray(in_a, dtype=bool)
+    clusters = np.unique(np.asarray(clusters), return_inverse=True)[1]
+    rng = np.random.default_rng(seed)
+    kept = [
+        c
+        for c in range(clusters.max() + 1 if len(clusters) else 0)
+        if in_a[clusters == c].any() and (~in_a[clusters == c]).any()
+    ]
+    if not kept:
+        return None
+    observed, null = 0.0, np.zeros(resamples)
+    boot = np.zeros(resamples)
+    chosen = rng.integers(0, len(kept), size=(resamples, len(kept)))
+    parts = []
+    for c in kept:
+        v, a = values[clusters == c], in_a[clusters == c]
+        observed += v[a].mean() - v[~a].mean()
+        shuffled = rng.permuted(np.tile(a, (resamples, 1)), axis=1)
+        n_a = a.sum()
+        null += (shuffled * v).sum(axis=1) / n_a - (~shuffled * v).sum(axis=1) / (len(v) - n_a)
+        # bootstrap: samples redrawn inside each side of the cluster
+        side_a = rng.choice(v[a], size=(resamples, int(n_a))).mean(axis=1)
+        side_b = rng.choice(v[~a], size=(resamples, int(len(v) - n_a))).mean(axis=1)
+        parts.append(side_a - side_b)
+    observed /= len(kept)
+    null /= len(kept)
+    per_cluster = np.stack(parts, axis=1)  # resamples x clusters
+    boot = np.take_along_axis(per_cluster, chosen, axis=1).mean(axis=1)
+    p_value = (1 + int((np.abs(null) >= abs(observed) - 1e-12).sum())) / (resamples + 1)
+    low, high = np.percentile(boot, [2.5, 97.5])
+    return ClusterDifference(float(observed), float(low), float(high), p_value, len(kept))
 
 
 FIT_RESAMPLES = 20000

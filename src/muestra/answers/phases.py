@@ -93,6 +93,8 @@ def with_instruction(
 class AnswerConfig:
     params: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0))
     max_tokens: int = 256
+    # free text without a think phase: the answer ends at the first of these (not kept)
+    stop: tuple[str, ...] = ()
 
 
 @dataclass

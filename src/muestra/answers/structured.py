@@ -29,6 +29,7 @@ from muestra.answers.phases import (
 )
 from muestra.engine import GenerationRequest, Sample, SamplingParams
 from muestra.engine.seeds import fresh_run_seed
+from muestra.errors import InputError
 from muestra.models.loading import LoadedModel
 
 
@@ -166,6 +167,8 @@ class StructuredGenerator:
         elsewhere, e.g. `beam_answers`); its `token_ids` hold reasoning and closing text."""
         answer = answer or AnswerConfig()
         think = self.resolve_think(think)
+        if answer.stop and (think is not None or grammar is not None):
+            raise InputError("stop strings end a free-text answer without a think phase")
         tags = self.tag_ids(think) if think is not None else None
         compiled = (self.backend, self.backend.compile(grammar)) if grammar is not None else None
         controller = PhaseController(
@@ -184,6 +187,7 @@ class StructuredGenerator:
                 seed=run_seed,
                 prompt_index=prompt_indices[i] if prompt_indices else i,
                 first_sample=first_samples[i] if first_samples else 0,
+                stop=answer.stop,
             )
             for i, p in enumerate(prompts)
         ]
@@ -221,7 +225,11 @@ class StructuredGenerator:
         answer_ids = ids[state.answer_start :] if state.answer_start is not None else []
         if answer_ids and sample.finish_reason == "stop" and isinstance(sample.stop_reason, int):
             answer_ids = answer_ids[:-1]
-        answer_text = b"".join(decode[t] for t in answer_ids).decode("utf-8", errors="replace")
+        answer_bytes = b"".join(decode[t] for t in answer_ids)
+        if sample.stop_byte_offset is not None:  # a stop string: cut where it starts
+            before = sum(len(decode[t]) for t in ids[: state.answer_start or 0])
+            answer_bytes = answer_bytes[: max(sample.stop_byte_offset - before, 0)]
+        answer_text = answer_bytes.decode("utf-8", errors="replace")
         error = state.error
         answer = value = None
         if grammar is not None and error is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -32,6 +33,8 @@ def load_analysis(store: Path, alpha: float | None, run_id: int | None = None): 
         else:
             run = dict(db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone())
         frame = samples_frame(db, int(run["id"]))
+        if "answer" in frame.columns and _is_probe(db, int(run["id"])):
+            frame = frame.drop(columns=["answer"])  # free text: the probe's scores analyse it
         models = [
             {
                 **json.loads(row["provenance_json"] or "{}"),
@@ -43,6 +46,12 @@ def load_analysis(store: Path, alpha: float | None, run_id: int | None = None): 
     settings = AnalysisSpec.model_validate(tomllib.loads(run["spec_text"]).get("analysis", {}))
     level = alpha if alpha is not None else settings.alpha
     return run, models, frame, run_analysis(frame, settings.reference, level, settings.terms)
+
+
+def _is_probe(db: Any, run_id: int) -> bool:
+    from muestra.evaluation.probes import probe_of_run
+
+    return probe_of_run(db, run_id) is not None
 
 
 def analyze(
@@ -62,11 +71,27 @@ def analyze(
     reference distribution, shares pooled over prompts and condition/model differences
     paired over prompts (prompt-level cluster bootstrap), counterfactual pairs,
     field_probs and term mentions in the reasoning."""
+    probe_run = _probe_run(store)
+    if probe_run is not None:  # a `muestra probe` run: its own analysis
+        from muestra.cli.probe_cmd import show
+
+        show(store, probe_run, as_json, alpha)
+        return
     _, _, _, result = load_analysis(store, alpha)
     if as_json:
         print_json(result.as_dict())
         return
     print_analysis(result)
+
+
+def _probe_run(store: Path) -> int | None:
+    """The latest run's id when `muestra probe` made it, else None."""
+    from muestra.evaluation.probes import probe_of_run
+    from muestra.experiments.store import latest_run, reading
+
+    with reading(store) as db:
+        run_id = int(latest_run(db)["id"])
+        return run_id if probe_of_run(db, run_id) is not None else None
 
 
 def print_analysis(result) -> None:  # noqa: ANN001
@@ -222,10 +247,15 @@ def report(
     from muestra.report.html import render
 
     run, models, frame, result = load_analysis(store, alpha)
+    from muestra.evaluation.probes import probe_sections
     from muestra.report.html import reward_section
 
-    # the run's rewards and the store's `muestra eval` runs, if any
-    sections = [*reward_section(result.rewards), *report_sections(store)]
+    # the run's probe results and rewards, and the store's `muestra eval` runs, if any
+    sections = [
+        *probe_sections(store, int(run["id"]), alpha),
+        *reward_section(result.rewards),
+        *report_sections(store),
+    ]
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(render(run, models, frame, result, per_cell, sections), "utf-8")

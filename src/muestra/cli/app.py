@@ -22,6 +22,7 @@ from muestra.cli import (
     generate_cmd,
     inspect_cmd,
     kit_cmd,
+    probe_cmd,
     serve_cmd,
 )
 from muestra.errors import MuestraError
@@ -63,6 +64,7 @@ analyze_cmd.register(app)
 serve_cmd.register(app)
 eval_cmd.register(app)
 align_cmd.register(app)
+probe_cmd.register(app)
 
 
 def main() -> None:

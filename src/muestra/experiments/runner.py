@@ -518,7 +518,7 @@ def _answer(condition: Condition, spec: LoadedSpec, item: PromptItem) -> tuple[A
         choice=item.choice if item.choice is not None else a.choice,
         ebnf=spec.path.parent / a.grammar if a.grammar is not None else None,
     )
-    return AnswerConfig(params=params, max_tokens=a.max_tokens), grammar
+    return AnswerConfig(params=params, max_tokens=a.max_tokens, stop=tuple(a.stop)), grammar
 
 
 def _dola(layers: str | list[int] | None) -> str | tuple[int, ...] | None:

@@ -218,6 +218,11 @@ class AnswerSpec(Strict):
     top_k: int = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0, lt=1)
     max_tokens: int = Field(256, ge=1)
+    stop: list[str] = Field(
+        default_factory=list,
+        description="Stop strings of a free-text answer without a think phase: the answer "
+        "ends at the first one (which is not kept).",
+    )
     schema_: str | dict[str, Any] | None = Field(None, alias="schema")
     regex: str | None = None
     choice: list[str] | None = None
@@ -252,6 +257,23 @@ class AnswerSpec(Strict):
     @model_validator(mode="after")
     def _beam(self, info: ValidationInfo) -> AnswerSpec:
         return _check_beam(self, "answer", info)
+
+    @model_validator(mode="after")
+    def _stop(self) -> AnswerSpec:
+        if not self.stop:
+            return self
+        if any(not s for s in self.stop):
+            raise ValueError("answer.stop strings must not be empty")
+        clash = [k for k in ("schema_", "regex", "choice", "grammar") if getattr(self, k)]
+        clash += [k for k in ("prompt_lookup", "draft_model") if getattr(self, k) is not None]
+        clash += ['strategy = "beam"'] if self.strategy == "beam" else []
+        if clash:
+            shown = ", ".join(c.rstrip("_") for c in clash)
+            raise ValueError(
+                f"answer.stop ends a sampled free-text answer; it cannot take {shown}: "
+                "remove one of them"
+            )
+        return self
 
     @model_validator(mode="after")
     def _drafted(self) -> AnswerSpec:
@@ -373,7 +395,7 @@ def _where(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) if not isinstance(part, int) else f"[{part}]" for part in loc)
 
 
-def _describe(err: ValidationError, path: Path, data: dict[str, Any]) -> str:
+def describe_error(err: ValidationError, path: Path, data: dict[str, Any]) -> str:
     first = err.errors()[0]
     loc = tuple(p for p in first["loc"] if p not in ("function-after",))
     where = _where(loc) or "(top level)"
@@ -414,7 +436,7 @@ def _allowed_keys(parent: tuple[Any, ...]) -> list[str]:
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
-def _template_fields(template: str) -> set[str]:
+def template_fields(template: str) -> set[str]:
     """Names of `{name}` placeholders; any other brace (e.g. JSON in a prompt) is literal."""
     return set(PLACEHOLDER.findall(template))
 
@@ -424,7 +446,7 @@ def fill(template: str, variables: dict[str, Any]) -> str:
 
 
 def _check_templates(spec: Spec, path: Path) -> None:
-    needed = _template_fields(spec.prompt.user) | _template_fields(spec.prompt.system or "")
+    needed = template_fields(spec.prompt.user) | template_fields(spec.prompt.system or "")
     for index, item in enumerate(spec.prompt.items):
         missing = sorted(needed - set(item.variables))
         if missing:
@@ -652,12 +674,18 @@ def _loaded(path: Path, text: str, data: dict[str, Any], check_models: bool) -> 
     try:
         spec = Spec.model_validate(data, context={"swept": swept})
     except ValidationError as err:
-        raise InputError(_describe(err, path, data)) from err
+        raise InputError(describe_error(err, path, data)) from err
     _check_templates(spec, path)
     _check_prompt_sizes(spec, path)
     conditions = _conditions(spec, path)
     schema = _resolve_schema(spec.answer, path)
     _check_grammars(conditions, schema, path)
+    for condition in conditions:
+        if condition.think is not None and condition.answer.stop:
+            raise InputError(
+                f"{path}: answer.stop ends a free-text answer without a think phase "
+                f"(condition {condition.label!r} has [think]); remove one of them"
+            )
     _check_item_choices(spec, conditions, schema, path)
     check_beam_samples(conditions, spec.samples, str(path))
     for model in spec.model_list:

@@ -132,6 +132,22 @@ def _m003(db: sqlite3.Connection) -> None:
     )
 
 
+@migration("m004_probes")
+def _m004(db: sqlite3.Connection) -> None:
+    # a run made by `muestra probe`: the probe file it sampled (scores live in scores_json)
+    db.execute(
+        """
+        CREATE TABLE probes (
+            run_id INTEGER PRIMARY KEY REFERENCES runs(id),
+            name TEXT NOT NULL,
+            probe_path TEXT NOT NULL,
+            probe_text TEXT NOT NULL,
+            probe_hash TEXT NOT NULL
+        )
+        """
+    )
+
+
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
