@@ -433,9 +433,8 @@ def test_a_chat_reply_that_repeats_the_template_keeps_only_the_continuation(tmp_
 
 def test_a_chat_probe_samples_the_same_continuations_through_muestra_serve(tmp_path, tiny_kit):
     """Stop strings and every sampling setting travel to the endpoint: the same rows."""
-    from test_server import start_server, stop_server
-
     from muestra.evaluation.probes import run_probe
+    from test_server import start_server, stop_server
 
     body = """
 name = "chat"
