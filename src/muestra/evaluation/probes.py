@@ -434,8 +434,9 @@ def run_probe(
     try:
         assert runner.db is not None
         with runner.db:
+            # the latest probe file: its lexicons and settings are what the scores reflect
             runner.db.execute(
-                "INSERT OR IGNORE INTO probes (run_id, name, probe_path, probe_text, "
+                "INSERT OR REPLACE INTO probes (run_id, name, probe_path, probe_text, "
                 "probe_hash) VALUES (?, ?, ?, ?, ?)",
                 (run_id, probe.spec.name, str(probe.path), probe.text, probe.hash),
             )

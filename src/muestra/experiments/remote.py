@@ -178,7 +178,7 @@ class RemoteRunner:
         async with httpx.AsyncClient(
             timeout=timeout, limits=limits, transport=self.transport
         ) as client:
-            self.on_provenance(await self.describe_error(client))
+            self.on_provenance(await self._describe(client))
             gate = asyncio.Semaphore(model.concurrency)
             jobs = [
                 self._sample(client, gate, unit, index) for unit in units for index in unit.missing
@@ -191,7 +191,7 @@ class RemoteRunner:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def describe_error(self, client: httpx.AsyncClient) -> dict[str, Any]:
+    async def _describe(self, client: httpx.AsyncClient) -> dict[str, Any]:
         """Check that every endpoint serves the model; its provenance for the store."""
         served_by = set()
         for endpoint in self.endpoints.model.endpoints:
