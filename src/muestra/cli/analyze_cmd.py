@@ -70,7 +70,8 @@ def analyze(
     significant finding, Wilson intervals per value, distance to the
     reference distribution, shares pooled over prompts and condition/model differences
     paired over prompts (prompt-level cluster bootstrap), counterfactual pairs,
-    field_probs and term mentions in the reasoning."""
+    field_probs and term mentions in the reasoning. A run made by `muestra probe` gets the
+    probe's analysis instead: group differences within templates, phrases, typical words."""
     probe_run = _probe_run(store)
     if probe_run is not None:  # a `muestra probe` run: its own analysis
         from muestra.cli.probe_cmd import show
