@@ -257,7 +257,8 @@ def test_probe_runs_scores_resumes_and_analyses(tmp_path, tiny_kit, cli):
     with reading(store) as db:
         rows = db.execute(
             "SELECT s.answer_text, s.finish_reason, s.scores_json, p.group_name, p.variant, "
-            "p.variables_json FROM samples s JOIN prompts p ON p.id = s.prompt_id"
+            "p.variables_json FROM samples s JOIN prompts p ON p.id = s.prompt_id "
+            "ORDER BY p.prompt_index, s.sample_index"
         ).fetchall()
         answer = json.loads(db.execute("SELECT answer_json FROM conditions").fetchone()[0])
     assert len(rows) == 12
@@ -282,6 +283,16 @@ def test_probe_runs_scores_resumes_and_analyses(tmp_path, tiny_kit, cli):
     assert again.code == 0, again.stderr
     with reading(store) as db:
         assert db.execute("SELECT COUNT(*) FROM samples").fetchone()[0] == 12
+    exported = tmp_path / "e.csv"
+    assert cli("export", str(store), "-o", str(exported)).code == 0
+    import pandas as pd
+
+    table = pd.read_csv(exported, keep_default_na=False)
+    for row, (_, line) in zip(rows, table.iterrows(), strict=True):
+        scores = json.loads(row["scores_json"])
+        assert line["score.lexicon.jobs"] == scores["lexicon"]["jobs"]
+        assert line["score.extraction.phrase"] == (scores["extraction"]["phrase"] or "")
+        assert json.loads(line["scores"]) == scores
     shown = cli("analyze", str(store), "--json")
     assert shown.code == 0 and shown.json()["differences"] == data["differences"]
     report = tmp_path / "r.html"

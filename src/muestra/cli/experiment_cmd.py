@@ -198,7 +198,8 @@ def export(
     out: Path = typer.Option(..., "-o", "--output", help="File to write."),
 ) -> None:
     """One row per sample, answer fields as columns, plus prompt, sample, condition, model,
-    seed, reasoning, think_tokens, budget_hit, finish_reason, error."""
+    seed, reasoning, think_tokens, budget_hit, finish_reason, error, and each score as a
+    `score.*` column (rewards, a probe's lexicon counts, phrase and judge answers)."""
     from muestra.experiments.results import export as write
     from muestra.experiments.results import samples_frame
     from muestra.experiments.store import reading

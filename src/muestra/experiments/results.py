@@ -256,6 +256,15 @@ def export(frame: pd.DataFrame, fmt: str, path: Path) -> Path:
     out["field_probs"] = out["field_probs"].map(
         lambda v: json.dumps(v, ensure_ascii=False) if v is not None else None
     )
+    # scores (rewards, a probe's lexicon counts, phrase, judge answers…) as columns too:
+    # score.lexicon.care, score.judge.probs.sentiment.negative, …
+    if "scores" in out.columns:
+        flat = [_flatten(s, "score.") if isinstance(s, dict) else {} for s in out["scores"]]
+        scores = pd.DataFrame.from_records(flat, index=out.index)
+        out["scores"] = out["scores"].map(
+            lambda v: json.dumps(v, ensure_ascii=False) if v is not None else None
+        )
+        out = pd.concat([out, scores], axis=1)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if fmt == "csv":
