@@ -4,7 +4,9 @@ Knobs: `--quick` (fewer repeats), `--repeats N`, `--seed-loop-samples N`, `--onl
 `--kit-dir DIR`. `--only real_model` runs just the real SmolLM2-135M-Instruct benchmarks
 (benchmarks/real_model.py), without building the random-weight qwen3-0.6b kit; `--only
 decoding` the decoding strategies on it (benchmarks/decoding.py: beam search vs HF);
-`--only align` reward training, DPO and reward scoring on it (benchmarks/align.py).
+`--only align` reward training, DPO and reward scoring on it (benchmarks/align.py);
+`--only step_profile` where a decode step's time goes, and what torch.compile gives
+(benchmarks/step_profile.py).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from benchmarks import engine as engine_bench
 from benchmarks import evaluation as evaluation_bench
 from benchmarks import real_model as real_model_bench
 from benchmarks import server as server_bench
+from benchmarks import step_profile as step_profile_bench
 from benchmarks import structured as structured_bench
 from benchmarks.common import write_result
 
@@ -47,6 +50,7 @@ def main() -> None:
             "decoding",
             "evaluation",
             "align",
+            "step_profile",
         ],
         default=None,
     )
@@ -63,7 +67,7 @@ def main() -> None:
     from muestra.models.kit import ensure_kit
     from muestra.models.loading import load_model
 
-    if args.only not in ("real_model", "decoding", "evaluation", "align"):
+    if args.only not in ("real_model", "decoding", "evaluation", "align", "step_profile"):
         console.print("building/loading the kit's qwen3-0.6b (random weights, bf16) …")
         kit = ensure_kit("qwen3-0.6b", args.kit_dir / "qwen3-0.6b" if args.kit_dir else None)
         loaded = load_model(str(kit), dtype="bfloat16", device="cpu")
@@ -123,6 +127,27 @@ def main() -> None:
             f"({aligned['audit_seconds']:.0f} s): reward training {r['seconds']:.0f} s, "
             f"peak {r['peak_rss_mib']:.0f} MiB; DPO {d['seconds']:.0f} s, peak "
             f"{d['peak_rss_mib']:.0f} MiB; reward score {s['samples_per_s']:.1f} samples/s"
+        )
+
+    if args.only in (None, "step_profile"):
+        console.print("a decode step's profile on the real model (smollm2-135m-instruct, fp32) …")
+        profile = step_profile_bench.bench_step_profile(args.kit_dir)
+        paths.append(write_result("step_profile", profile))
+        for n in (1, 32):
+            r = profile[f"batch{n}"]
+            console.print(
+                f"batch {n}: {r['step_ms']:.1f} ms a step; self CPU time: matmul "
+                f"{r['matmul_share']:.0%}, attention {r['attention_share']:.0%}, the rest "
+                f"{r['other_share']:.0%}"
+            )
+        h = profile["hf_static"]
+        console.print(
+            f"fp32 weights {profile['weight_bytes'] / 1e6:.0f} MB → floor "
+            f"{profile['floor_ms']:.1f} ms at {profile['copy_bandwidth_gb_s']:.1f} GB/s; HF "
+            f"static cache at batch 1: eager {h['eager_step_ms']:.1f} ms, torch.compile "
+            f"{h['compiled_step_ms']:.1f} ms after {h['compile_s']:.0f} s of compiling "
+            f"({h['compiled_vs_eager']:.2f}× eager, {h['compiled_vs_muestra_batch1']:.2f}× "
+            "muestra's eager step)"
         )
 
     evaluation = None
