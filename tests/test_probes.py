@@ -179,6 +179,8 @@ templates = ["The {group} worked as"]
     ("body", "expected"),
     [
         (BASE + "sampels = 3\n", "did you mean 'samples'"),
+        (BASE + "[decoding]\ntemperatur = 1.0\n", "did you mean 'temperature'"),
+        (BASE + "[judge]\nuser = 'x'\nschema = {}\nmax_token = 3\n", "did you mean 'max_tokens'"),
         (BASE.replace("{group} worked", "{El} {group} worked"), "does not define"),
         (BASE.replace("The {group} worked as", "Nobody worked as"), "has no slot"),
         (BASE + '[lexicon]\nfiles = ["nope"]\n', "neither a file"),

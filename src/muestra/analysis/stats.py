@@ -299,7 +299,6 @@ def within_cluster_difference(
     if not kept:
         return None
     observed, null = 0.0, np.zeros(resamples)
-    boot = np.zeros(resamples)
     chosen = rng.integers(0, len(kept), size=(resamples, len(kept)))
     parts = []
     for c in kept:

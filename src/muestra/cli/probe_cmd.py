@@ -141,7 +141,7 @@ def show(store: Path, run_id: int, as_json: bool, alpha: float | None = None) ->
         found = read_probe(db, run_id, alpha)
         assert found is not None, f"run {run_id} is not a probe"
         probe, analysis = found
-        pairs = side_by_side(db, run_id, probe, per_template=2)
+        pairs = side_by_side(db, run_id, per_template=2)
     if as_json:
         print_json(
             {"probe": probe.spec.name, "run": run_id, **analysis.as_dict(), "side_by_side": pairs}

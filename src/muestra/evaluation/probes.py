@@ -56,6 +56,7 @@ from muestra.errors import InputError
 from muestra.experiments.spec import (
     LoadedSpec,
     ModelSpec,
+    Strict,
     describe_error,
     fill,
     spec_from_data,
@@ -64,10 +65,6 @@ from muestra.experiments.spec import (
 from muestra.experiments.store import dumps
 
 DATA = "muestra.evaluation.data"
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class ProbeGroup(BaseModel):
@@ -211,22 +208,18 @@ class Probe:
 # ---- loading ---------------------------------------------------------------------------
 
 
+def _shipped(folder: str) -> dict[str, Path]:
+    """name -> path of the TOML files shipped in `evaluation/data/FOLDER`."""
+    files = (resources.files(DATA) / folder).iterdir()
+    return {p.name.removesuffix(".toml"): Path(str(p)) for p in files if p.name.endswith(".toml")}
+
+
 def shipped_probes() -> dict[str, Path]:
-    folder = resources.files(DATA) / "probes"
-    return {
-        p.name.removesuffix(".toml"): Path(str(p))
-        for p in folder.iterdir()
-        if p.name.endswith(".toml")
-    }
+    return _shipped("probes")
 
 
 def shipped_lexicons() -> dict[str, Path]:
-    folder = resources.files(DATA) / "lexicons"
-    return {
-        p.name.removesuffix(".toml"): Path(str(p))
-        for p in folder.iterdir()
-        if p.name.endswith(".toml")
-    }
+    return _shipped("lexicons")
 
 
 def resolve_probe(ref: str | Path) -> Path:
@@ -257,7 +250,7 @@ def load_probe(ref: str | Path) -> Probe:
     try:
         spec = ProbeSpec.model_validate(data)
     except ValidationError as err:
-        raise InputError(_describe_probe(err, path, data)) from err
+        raise InputError(describe_error(err, path, data, ProbeSpec)) from err
     _check_slots(spec, path)
     lexicon = _read_lexicons(spec.lexicon.files, path)
     schema = None
@@ -273,17 +266,6 @@ def load_probe(ref: str | Path) -> Probe:
     if spec.mode == "chat" and "text" not in template_fields(spec.instruction):
         raise InputError(f"{path}: instruction {spec.instruction!r} must contain {{text}}")
     return Probe(path, text, spec, lexicon, schema)
-
-
-def _describe_probe(err: ValidationError, path: Path, data: dict[str, Any]) -> str:
-    """The experiment loader's messages ("did you mean") for the probe's own keys."""
-    first = err.errors()[0]
-    if first["type"] == "extra_forbidden" and len(first["loc"]) == 1:
-        key = str(first["loc"][0])
-        close = difflib.get_close_matches(key, list(ProbeSpec.model_fields), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        return f"{path}: unknown key {key!r}{hint} (keys: {', '.join(ProbeSpec.model_fields)})"
-    return describe_error(err, path, data)
 
 
 def _check_slots(spec: ProbeSpec, path: Path) -> None:
@@ -543,13 +525,10 @@ def judge_store(
     judge is a run of its own); each answer and its field probabilities go into the
     judged sample's scores. Returns the judge's run id."""
     from muestra.experiments.runner import Runner
-    from muestra.experiments.store import connect
+    from muestra.experiments.store import reading
 
-    db = connect(Path(store))
-    try:
+    with reading(Path(store)) as db:
         loaded = judge_spec(probe, db, run_id, model)
-    finally:
-        db.close()
     runner = Runner(
         loaded, Path(store), resume_any=True, on_note=on_note, trust_remote_code=trust_remote_code
     )
@@ -638,7 +617,7 @@ def read_probe(
 
 
 def side_by_side(
-    db: sqlite3.Connection, run_id: int, probe: Probe, per_template: int = 3
+    db: sqlite3.Connection, run_id: int, per_template: int = 3
 ) -> list[dict[str, Any]]:
     """For each template, the first `per_template` continuations of every group."""
     rows = db.execute(
@@ -670,7 +649,7 @@ def probe_sections(store: Path, run_id: int, alpha: float | None = None) -> list
         if found is None:
             return []
         probe, analysis = found
-        pairs = side_by_side(db, run_id, probe, per_template=3)
+        pairs = side_by_side(db, run_id, per_template=3)
     means = {(m.feature, m.group): m for m in analysis.means}
 
     def cell(feature: str, group: str, binary: bool) -> str:

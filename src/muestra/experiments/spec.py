@@ -44,6 +44,7 @@ import itertools
 import json
 import re
 import tomllib
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -395,7 +396,10 @@ def _where(loc: tuple[Any, ...]) -> str:
     return ".".join(str(part) if not isinstance(part, int) else f"[{part}]" for part in loc)
 
 
-def describe_error(err: ValidationError, path: Path, data: dict[str, Any]) -> str:
+def describe_error(
+    err: ValidationError, path: Path, data: dict[str, Any], root: type[BaseModel] | None = None
+) -> str:
+    """One line for the first error of `data` validated as `root` (default: `Spec`)."""
     first = err.errors()[0]
     loc = tuple(p for p in first["loc"] if p not in ("function-after",))
     where = _where(loc) or "(top level)"
@@ -403,7 +407,7 @@ def describe_error(err: ValidationError, path: Path, data: dict[str, Any]) -> st
         parent: Any = data
         for part in loc[:-1]:
             parent = parent[part] if isinstance(parent, dict | list) else {}
-        allowed = _allowed_keys(loc[:-1])
+        allowed = _allowed_keys(root or Spec, loc[:-1])
         hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
         suggestion = f"; did you mean {hint[0]!r}?" if hint else f"; allowed: {', '.join(allowed)}"
         return f"{path}: unknown key {where}{suggestion}"
@@ -418,19 +422,30 @@ def _short(value: Any, limit: int = 200) -> str:
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
 
 
-def _allowed_keys(parent: tuple[Any, ...]) -> list[str]:
-    models: dict[str, type[BaseModel]] = {
-        "": Spec,
-        "model": ModelSpec,
-        "models": ModelSpec,
-        "prompt": PromptSpec,
-        "think": ThinkSpec,
-        "answer": AnswerSpec,
-        "analysis": AnalysisSpec,
-    }
-    key = str(parent[0]) if parent else ""
-    model = models.get(key, Spec)
+def _allowed_keys(root: type[BaseModel], parent: tuple[Any, ...]) -> list[str]:
+    """The keys of the table at `parent` (a pydantic error location) under `root`."""
+    model = root
+    for part in parent:
+        if isinstance(part, int):
+            continue
+        fields = model.model_fields
+        found = fields.get(str(part)) or next((f for f in fields.values() if f.alias == part), None)
+        inner = _model_in(found.annotation) if found is not None else None
+        if inner is None:
+            break
+        model = inner
     return sorted(f.alias or name for name, f in model.model_fields.items())
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation (`X`, `X | None`, `list[X]`…), if any."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
