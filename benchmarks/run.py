@@ -333,6 +333,14 @@ def print_real_model(real: dict[str, Any]) -> None:
         f"HF {r['hf_tok_s']:.1f} tok/s",
         f"{r['speedup_vs_hf']:.2f}× HF",
     )
+    r = real["field_probs"]
+    seconds = r["seconds"]
+    table.add_row(
+        "characters × 32, field_probs",
+        f"in loop +{r['in_loop_overhead']:.0%} ({seconds['in_loop']:.1f} s)",
+        f"post hoc +{r['post_hoc_overhead']:.0%} ({seconds['post_hoc']:.1f} s)",
+        f"without {seconds['plain']:.1f} s; max |Δp| {r['max_probability_difference']:.1e}",
+    )
     peer = real["llama_cpp"]
     for dtype, r in real["greedy"].items():
         if dtype == "workload":

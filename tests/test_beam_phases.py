@@ -140,7 +140,8 @@ def test_answers_after_beam_reasonings_are_the_answers_of_the_closed_contexts(sm
         )[0]
         assert sample.token_ids[len(beam.token_ids) :] == alone.token_ids
         assert sample.answer == alone.answer and sample.seed == alone.seed
-        assert sample.field_probs["answer"] == pytest.approx(alone.field_probs["answer"])
+        # `alone` scores inside the decoding loop, the beam answers after it: float noise
+        assert sample.field_probs["answer"] == pytest.approx(alone.field_probs["answer"], abs=1e-5)
 
 
 def test_answer_beams_rank_the_samples_or_answer_each_sampled_reasoning(smol):

@@ -343,8 +343,10 @@ def test_judge_scores_equal_a_direct_structured_answer(tmp_path, tiny_kit):
         assert judged["answer"] == direct.answer
         assert judged["error"] == direct.error
         if direct.field_probs is not None:
+            # scored inside the loop: logits of a batch of 1 vs of the judge's batch differ
+            # by float rounding
             for value, p in direct.field_probs["sentiment"].items():
-                assert judged["probs"]["sentiment"][value] == pytest.approx(p, abs=1e-6)
+                assert judged["probs"]["sentiment"][value] == pytest.approx(p, abs=1e-5)
             compared += 1
     assert compared >= 1  # at least one valid answer with its exact probabilities
     # the judge's answers are analysed as features of the probe

@@ -288,3 +288,63 @@ def test_notebook_api_pydantic_in_objects_out(tiny_kit):
             assert isinstance(sample.value, Color)
             assert set(sample.field_probs) == {"color", "vivo"}
     assert any(s.error is None for s in samples)
+
+
+@pytest.mark.parametrize("kit", ["tiny", "hybrid"])
+@pytest.mark.parametrize("kind", ["personaje", "ficha", "choice"])
+def test_field_probs_in_the_loop_equal_post_hoc(generator, hybrid, monkeypatch, kit, kind):
+    """`field_probs` computed inside the decoding loop (recorded logits + the row's live
+    cache) equal the post-hoc computation (a forward over prompt + sample) for every
+    sample; on the growing-cache kit every sample is scored in the loop, and some needed
+    an expansion forward over the live cache (a branch the sample did not take)."""
+    from muestra.answers.answer_probs import AnswerProbabilities
+    from muestra.engine.engine import Batch
+
+    model = {"tiny": generator, "hybrid": hybrid}[kit]
+    spec = {
+        "personaje": GrammarSpec.json_schema(Personaje),
+        "ficha": GrammarSpec.json_schema(Ficha),
+        "choice": GrammarSpec.choice(["sí", "no", "quizá", "no sé"]),
+    }[kind]
+    contexts, forwards = [], []
+    row_context, expand = Batch.row_context, AnswerProbabilities._expand
+
+    def counting_context(self, index, generated):
+        contexts.append(generated)
+        return row_context(self, index, generated)
+
+    def counting_expand(self, trees, keys_values):
+        forwards.append(sum(len(t.unknown) for t in trees))
+        return expand(self, trees, keys_values)
+
+    monkeypatch.setattr(Batch, "row_context", counting_context)
+    monkeypatch.setattr(AnswerProbabilities, "_expand", counting_expand)
+
+    def run(in_loop):
+        monkeypatch.setattr(model, "live_field_probs", in_loop)
+        return model.run(
+            [chat(model, "Genera un personaje"), chat(model, "Otro, distinto")],
+            n=12,
+            seed=4,
+            think=ThinkConfig(budget=3),
+            answer=AnswerConfig(params=SamplingParams(temperature=1.0), max_tokens=80),
+            grammar=spec,
+        )
+
+    in_loop = run(True)
+    counts = dict(model.field_probs_counts)
+    post_hoc = run(False)
+    scored = 0
+    for a, b in zip(in_loop, post_hoc, strict=True):
+        assert a.token_ids == b.token_ids
+        assert (a.field_probs is None) == (b.field_probs is None)
+        if a.field_probs is None:
+            continue
+        scored += 1
+        assert set(a.field_probs) == set(b.field_probs)
+        for name, values in a.field_probs.items():
+            assert values == pytest.approx(b.field_probs[name], abs=1e-5), name
+    assert scored >= 4
+    if kit == "tiny":
+        assert counts == {"in_loop": scored, "post_hoc": 0}
+        assert contexts and len(forwards) == len(contexts) >= 1

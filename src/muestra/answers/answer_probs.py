@@ -23,8 +23,9 @@ expanding (usually one: the opening quote of a string). No extra sampling.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+import os
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,6 +34,8 @@ from muestra.answers.grammar import GrammarSpec
 from muestra.engine import Sample
 
 UNRESOLVED = "<unresolved>"
+# at most this many allowed tokens for a step's logits to be kept inside the loop
+RECORD_LIMIT = 2048
 
 
 # ---- where values sit ------------------------------------------------------------------
@@ -120,6 +123,27 @@ class _Branch:
 
 
 @dataclass
+class _LiveRow:
+    """A finished row being scored inside the loop."""
+
+    answer_ids: list[int]
+    recorded: list[Any]  # per answer step: (allowed ids, their masked logits) or None
+    prompt_length: int
+    answer_start: int
+
+
+@dataclass(eq=False)
+class _LiveTree:
+    row: _LiveRow
+    target: _Target
+    steps: Generator[list[_Branch], torch.Tensor, dict[str, float]]
+    children: list[_Branch] = field(default_factory=list)
+    logits: torch.Tensor | None = None  # the children's logits, known rows filled
+    unknown: list[int] = field(default_factory=list)  # children that need the model
+    known: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)  # path → logits
+
+
+@dataclass
 class _Target:
     name: str
     token_index: int  # answer-token index of the decision point
@@ -141,23 +165,196 @@ class AnswerProbabilities:
         self.model = generator.loaded.model
         self.backend = generator.backend
         self.token_bytes = generator.text.token_bytes
+        self.encode = generator.tokenizer.encode
+        self.stop_ids = frozenset(generator.loaded.eos_token_ids)
         self.min_branch = min_branch
         self.max_expansions = max_expansions
         self.fields = categorical_fields(grammar.schema) if grammar.kind == "json_schema" else {}
         # the KV cache of the last prompt scored: samples of one prompt share its prefill
         self._prompt: tuple[tuple[int, ...], Any] | None = None
+        # inside the loop: each answering row's masked logits per answer step, and the
+        # results of the rows scored when they finished
+        self._recorded: dict[tuple[int, int], list[Any]] = {}
+        self.live: dict[tuple[int, int], dict[str, dict[str, float]]] = {}
+        self._vocab_size: int | None = None
 
     def score(self, prompt_ids: Sequence[int], sample: Sample) -> dict[str, dict[str, float]]:
+        """The post-hoc computation: one forward over the sample's prompt and tokens."""
         state = sample.state
-        answer_ids = sample.token_ids[state.answer_start :]
-        if answer_ids and isinstance(sample.stop_reason, int):
-            answer_ids = answer_ids[:-1]
+        answer_ids = _answer_ids(sample.token_ids, state.answer_start, sample.stop_reason)
         answer_bytes = b"".join(self.token_bytes[t] for t in answer_ids)
         targets = self._targets(answer_ids, answer_bytes)
         if not targets:
             return {}
         context = list(prompt_ids) + sample.token_ids[: state.answer_start]
         return self._walk(context, answer_ids, targets, len(prompt_ids))
+
+    # ---- inside the decoding loop ------------------------------------------------------
+
+    def record(self, logits: torch.Tensor, rows: Sequence[Any], indices: Sequence[int]) -> None:
+        """Keep the grammar-masked logits of answer rows `indices` at this step (called by
+        the phase controller right after it masks them), sparse: only the allowed tokens,
+        and only where at most `RECORD_LIMIT` are allowed (a free string's steps are
+        never a decision point of an enum or boolean)."""
+        chosen = logits[torch.tensor(indices, device=logits.device)]
+        allowed = torch.isfinite(chosen)
+        counts = allowed.sum(dim=1).tolist()
+        for j, i in enumerate(indices):
+            entries = self._recorded.setdefault(_key(rows[i]), [])
+            if counts[j] > RECORD_LIMIT:
+                entries.append(None)
+                continue
+            ids = allowed[j].nonzero().flatten()
+            entries.append((ids, chosen[j, ids]))
+
+    @torch.inference_mode()
+    def finish(self, row: Any, context: Callable[[int], Any]) -> None:
+        """Score a row that just finished, from its recorded logits. Branches the sample
+        did not take (a lone space before the value's quote, say) need the model: all
+        of them, for every field of the row, in one forward over the row's live cache
+        (`context(generated)`: its keys and values before its generated token
+        `generated`). The result waits in `live`. A row the loop cannot score (a decision
+        point not recorded, a cache that cannot be cut) is left to `score`."""
+        key = _key(row)
+        recorded = self._recorded.pop(key, None)
+        state = row.state
+        if recorded is None or state.error is not None or state.matcher is None:
+            return
+        if not state.matcher.is_terminated():
+            return
+        answer_ids = _answer_ids(row.tokens, state.answer_start, row.stop_reason)
+        answer_bytes = b"".join(self.token_bytes[t] for t in answer_ids)
+        try:
+            targets = self._targets(answer_ids, answer_bytes)
+        except json.JSONDecodeError:  # the grammar let through what `json.loads` refuses
+            return  # (a control character): the sample gets a parse error, no field_probs
+        if any(t.token_index >= len(recorded) or recorded[t.token_index] is None for t in targets):
+            return
+        live = _LiveRow(answer_ids, recorded, row.prompt_length, state.answer_start)
+        trees = []
+        for target in targets:
+            root, logits = self._root(answer_ids, target, recorded[target.token_index])
+            trees.append(_LiveTree(live, target, self._tree(root, logits, target)))
+        result: dict[str, dict[str, float]] = {}
+        waiting = [tree for tree in trees if not self._advance(tree, None, result)]
+        while waiting:
+            keys_values = context(state.answer_start + max(t.target.token_index for t in waiting))
+            if keys_values is None:
+                return
+            self._expand(waiting, keys_values)
+            waiting = [tree for tree in waiting if not self._advance(tree, tree.logits, result)]
+        self.live[key] = result
+
+    def _advance(
+        self, tree: _LiveTree, logits: torch.Tensor | None, result: dict[str, Any]
+    ) -> bool:
+        """Run `tree` on until it needs the model (False) or ends (True, into `result`)."""
+        live, start = tree.row, tree.target.token_index
+        try:
+            children = tree.steps.send(logits) if logits is not None else next(tree.steps)
+            while True:
+                logits = torch.empty(len(children), self._vocab())
+                unknown = []
+                for number, child in enumerate(children):
+                    at = start + len(child.tokens)
+                    own = live.answer_ids[start:at] == child.tokens
+                    if own and at < len(live.recorded) and live.recorded[at] is not None:
+                        logits[number] = self._dense(live.recorded[at], logits.shape[1])
+                    elif tuple(child.tokens) in tree.known:
+                        logits[number] = tree.known[tuple(child.tokens)]
+                    else:
+                        unknown.append(number)
+                if unknown:
+                    tree.logits, tree.unknown, tree.children = logits, unknown, children
+                    return False
+                children = tree.steps.send(logits)
+        except StopIteration as stop:
+            result[tree.target.name] = stop.value
+            return True
+
+    def _expand(self, trees: list[_LiveTree], keys_values: list[Any]) -> None:
+        """One forward for every waiting child of a row's trees, each over the row's
+        context up to its tree's decision point (a mask hides the later columns). Each
+        path is extended by the tokens of the bytes that every value still consistent
+        with it shares (usually the value's opening quote), so that the next level's
+        logits come from the same forward. Fills each tree's `logits` and `known`."""
+        from transformers import DynamicCache
+
+        device = next(self.model.parameters()).device
+        jobs = [
+            (tree, number, tree.children[number].tokens + self._shared(tree, number))
+            for tree in trees
+            for number in tree.unknown
+        ]
+        width = max(len(path) for _, _, path in jobs)
+        columns = keys_values[0][0].shape[2]
+        mask = torch.zeros(len(jobs), columns + width, dtype=torch.long)
+        mask[:, columns:] = 1
+        positions = torch.empty(len(jobs), width, dtype=torch.long)
+        ids = torch.empty(len(jobs), width, dtype=torch.long)
+        for r, (tree, _, path) in enumerate(jobs):
+            need = tree.row.prompt_length + tree.row.answer_start + tree.target.token_index
+            mask[r, :need] = 1
+            positions[r] = torch.arange(need, need + width)
+            ids[r] = torch.tensor(path + [path[-1]] * (width - len(path)))  # never read
+        cache = DynamicCache()
+        for layer, (keys, values) in enumerate(keys_values):
+            count = len(jobs)
+            cache.update(keys.expand(count, -1, -1, -1), values.expand(count, -1, -1, -1), layer)
+        out = self.model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            cache=cache,
+            use_cache=True,
+        )
+        logits = out.logits.float().cpu()
+        for r, (tree, number, path) in enumerate(jobs):
+            base = len(tree.children[number].tokens)
+            for length in range(base, len(path) + 1):
+                tree.known[tuple(path[:length])] = logits[r, length - 1]
+            assert tree.logits is not None
+            tree.logits[number] = logits[r, base - 1]
+
+    def _shared(self, tree: _LiveTree, number: int) -> list[int]:
+        """Tokens of the bytes that follow child `number` in every value still consistent
+        with it (a guess at the next level's path; a wrong guess costs nothing)."""
+        emitted = tree.children[number].emitted
+        rest = [
+            full[len(emitted) :]
+            for full in tree.target.candidates.values()
+            if full.startswith(emitted)
+        ]
+        shared = os.path.commonprefix(rest) if len(rest) > 1 else b""
+        text = shared.decode("utf-8", errors="ignore")
+        return list(self.encode(text, add_special_tokens=False)) if text else []
+
+    def _vocab(self) -> int:
+        if self._vocab_size is None:
+            self._vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        return self._vocab_size
+
+    @staticmethod
+    def _dense(entry: tuple[torch.Tensor, torch.Tensor], vocab: int) -> torch.Tensor:
+        ids, values = entry
+        full = torch.full((vocab,), float("-inf"))
+        full[ids.cpu()] = values.cpu()
+        return full
+
+    def _root(
+        self, answer_ids: list[int], target: _Target, entry: Any = None
+    ) -> tuple[_Branch, torch.Tensor | None]:
+        """The decision point's branch (its matcher replayed over the answer so far) and,
+        given a recorded entry, its logits."""
+        prefix = answer_ids[: target.token_index]
+        matcher = self.backend.matcher(self.compiled)
+        for token in prefix:
+            assert matcher.accept_token(token)
+        emitted = b"".join(self.token_bytes[t] for t in prefix)
+        logits = None
+        if entry is not None:
+            logits = self._dense(entry, self._vocab()).unsqueeze(0)
+        return _Branch([], emitted, 1.0, matcher, 0), logits
 
     def _targets(self, answer_ids: list[int], answer_bytes: bytes) -> list[_Target]:
         text = answer_bytes.decode("utf-8", errors="replace")
@@ -226,24 +423,24 @@ class AnswerProbabilities:
         base_cache = out.cache
         result = {}
         for number, target in enumerate(targets):
-            prefix = answer_ids[: target.token_index]
-            matcher = self.backend.matcher(self.compiled)
-            for token in prefix:
-                assert matcher.accept_token(token)
-            emitted = b"".join(self.token_bytes[t] for t in prefix)
-            root = _Branch([], emitted, 1.0, matcher, 0)
+            root, _ = self._root(answer_ids, target)
             logits = out.logits[0, number].float().unsqueeze(0)
             cut = len(context) + target.token_index
-            result[target.name] = self._tree(root, logits, base_cache, cut, target)
+            expand = _PostHoc(self, base_cache, cut)
+            result[target.name] = _drive(self._tree(root, logits, target), expand)
         return result
 
     def _tree(
-        self, root: _Branch, logits: torch.Tensor, base_cache: Any, cut: int, target: _Target
-    ) -> dict[str, float]:
+        self,
+        root: _Branch,
+        logits: torch.Tensor,
+        target: _Target,
+    ) -> Generator[list[_Branch], torch.Tensor, dict[str, float]]:
+        """The walk down the token tree of one decision point: yields each level's
+        branches to expand and takes their logits back; returns the probabilities."""
         mass = dict.fromkeys(target.candidates, 0.0)
         unresolved = 0.0
         level = [root]
-        cache = None
         expansions = 0
         while level:
             children: list[_Branch] = []
@@ -258,6 +455,8 @@ class AnswerProbabilities:
                         for label, full in target.candidates.items()
                         if full.startswith(emitted) or emitted.startswith(full)
                     ]
+                    if token in self.stop_ids:  # the answer ends: only a value spelled out
+                        matching = [m for m in matching if target.candidates[m] == emitted]
                     if len(matching) == 1:
                         mass[matching[0]] += p
                         continue
@@ -275,7 +474,7 @@ class AnswerProbabilities:
                     expansions += 1
             if not children:
                 break
-            logits, cache = self._step(children, level, base_cache, cache, cut)
+            logits = yield children
             level = children
         total = sum(mass.values())
         if total <= 0:
@@ -290,23 +489,63 @@ class AnswerProbabilities:
         self.backend.fill_and_apply(masked, [matcher], [0])
         return masked.softmax(dim=-1)
 
-    def _step(
-        self, children: list[_Branch], level: list[_Branch], base_cache: Any, cache: Any, cut: int
-    ) -> tuple[torch.Tensor, Any]:
+
+class _NotLive(Exception):
+    """The loop cannot score this row (the post-hoc computation will)."""
+
+
+class _PostHoc:
+    """Expansions of one tree from the post-hoc forward's cache: level by level, each
+    child one token on top of its parent's cache."""
+
+    def __init__(self, scorer: AnswerProbabilities, base_cache: Any, cut: int) -> None:
+        self.model = scorer.model
+        self.base_cache = base_cache
+        self.cut = cut
+        self.cache: Any = None
+
+    def __call__(self, children: list[_Branch]) -> torch.Tensor:
         from transformers import DynamicCache
 
         device = next(self.model.parameters()).device
         parents = torch.tensor([c.parent for c in children], device=device)
-        if cache is None:  # first expansion: the base cache cut at the decision point
-            cache = DynamicCache()
-            for index, layer in enumerate(base_cache.layers):
-                cache.update(layer.keys[:, :, :cut], layer.values[:, :, :cut], index)
-        cache.batch_select_indices(parents)
+        if self.cache is None:  # first expansion: the base cache cut at the decision point
+            self.cache = DynamicCache()
+            for index, layer in enumerate(self.base_cache.layers):
+                keys, values = layer.keys[:, :, : self.cut], layer.values[:, :, : self.cut]
+                self.cache.update(keys, values, index)
+        self.cache.batch_select_indices(parents)
         tokens = torch.tensor([[c.tokens[-1]] for c in children], device=device)
-        length = cache.get_seq_length()
+        length = self.cache.get_seq_length()
         positions = torch.full((len(children), 1), length, device=device)
-        out = self.model(input_ids=tokens, position_ids=positions, cache=cache, use_cache=True)
-        return out.logits[:, -1].float(), out.cache
+        out = self.model(input_ids=tokens, position_ids=positions, cache=self.cache, use_cache=True)
+        self.cache = out.cache
+        return out.logits[:, -1].float()
+
+
+def _drive(
+    steps: Generator[list[_Branch], torch.Tensor, dict[str, float]],
+    expand: Callable[[list[_Branch]], torch.Tensor],
+) -> dict[str, float]:
+    """Run a tree walk to its end, expanding each level with `expand`."""
+    try:
+        children = next(steps)
+        while True:
+            children = steps.send(expand(children))
+    except StopIteration as stop:
+        return stop.value
+
+
+def _key(row: Any) -> tuple[int, int]:
+    return row.request_index, row.sample_index
+
+
+def _answer_ids(token_ids: list[int], answer_start: int, stop_reason: Any) -> list[int]:
+    """The answer's tokens, without the end-of-turn token that stopped it."""
+    answer_ids = token_ids[answer_start:]
+    if answer_ids and isinstance(stop_reason, int):
+        answer_ids = answer_ids[:-1]
+    return answer_ids
 
 
 def _label(value: Any) -> str:

@@ -158,6 +158,7 @@ class PhaseController:
         eos_ids: Sequence[int],
         grammar: tuple[GrammarBackend, Any] | None = None,
         end_after_think: bool = False,
+        probabilities: Any = None,
     ) -> None:
         self.think = think
         self.answer = answer
@@ -167,6 +168,9 @@ class PhaseController:
         self.end_after_think = end_after_think
         self.eos_ids = torch.tensor(sorted(eos_ids), dtype=torch.long)
         self.grammar = grammar
+        # an `AnswerProbabilities` scoring answers inside the loop (`field_probs`): it keeps
+        # each answer step's masked logits and scores a row when it finishes
+        self.probabilities = probabilities
 
     # ---- StepHook -----------------------------------------------------------------------
 
@@ -202,6 +206,12 @@ class PhaseController:
         if answering:
             backend, _ = self.grammar
             backend.fill_and_apply(logits, [rows[i].state.matcher for i in answering], answering)
+            if self.probabilities is not None:
+                self.probabilities.record(logits, rows, answering)
+
+    def row_finishing(self, row: Row, context: Any) -> None:
+        if self.probabilities is not None:
+            self.probabilities.finish(row, context)
 
     def after_token(self, row: Row, token_id: int, forced: bool) -> None:
         state: PhaseState = row.state

@@ -106,6 +106,10 @@ def resolve_think(tokenizer: Any, think: ThinkConfig | None) -> ThinkConfig | No
 
 
 class StructuredGenerator:
+    # `field_probs` inside the decoding loop (answer_probs.py); False: the post-hoc
+    # computation only (the oracle the loop's values are tested against)
+    live_field_probs = True
+
     def __init__(
         self,
         loaded: LoadedModel,
@@ -117,6 +121,8 @@ class StructuredGenerator:
         self.tokenizer = loaded.tokenizer
         self.grammar_cache_bytes = grammar_cache_bytes
         self._backend: GrammarBackend | None = None
+        # how the last run's field_probs were computed (samples scored each way)
+        self.field_probs_counts: dict[str, int] = {}
 
     @property
     def backend(self) -> GrammarBackend:
@@ -171,8 +177,19 @@ class StructuredGenerator:
             raise InputError("stop strings end a free-text answer without a think phase")
         tags = self.tag_ids(think) if think is not None else None
         compiled = (self.backend, self.backend.compile(grammar)) if grammar is not None else None
+        scorer = None
+        if field_probs and compiled is not None:
+            from muestra.answers.answer_probs import AnswerProbabilities
+
+            scorer = AnswerProbabilities(self, grammar, compiled[1])
         controller = PhaseController(
-            think, answer, tags, self.loaded.eos_token_ids, compiled, end_after_think=think_only
+            think,
+            answer,
+            tags,
+            self.loaded.eos_token_ids,
+            compiled,
+            end_after_think=think_only,
+            probabilities=scorer if self.live_field_probs else None,
         )
         budget = answer.max_tokens
         if think is not None and tags is not None:
@@ -197,13 +214,14 @@ class StructuredGenerator:
             for i, row in enumerate(results)
             for s in row
         ]
-        if field_probs and grammar is not None:
-            from muestra.answers.answer_probs import AnswerProbabilities
-
-            scorer = AnswerProbabilities(self, grammar, compiled[1] if compiled else None)
+        if scorer is not None:
+            self.field_probs_counts = {"in_loop": 0, "post_hoc": 0}
             for sample, raw in zip(samples, [s for row in results for s in row], strict=True):
                 if sample.error is None and sample.answer is not None:
-                    sample.field_probs = scorer.score(requests[raw.request_index].prompt_ids, raw)
+                    live = scorer.live.get((raw.request_index, raw.sample_index))
+                    prompt = requests[raw.request_index].prompt_ids
+                    sample.field_probs = live if live is not None else scorer.score(prompt, raw)
+                    self.field_probs_counts["in_loop" if live is not None else "post_hoc"] += 1
         return samples
 
     def _finish(

@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal, Protocol
 
 import torch
@@ -142,6 +143,11 @@ class Sample:
 
 
 class StepHook(Protocol):
+    """What a hook may do at each step (see the module docstring). A hook may also define
+    `row_finishing(row, context)`: called for each row that finished, while its KV cache
+    is still live; `context(generated)` gives the keys and values of the row's prompt and
+    first `generated` tokens (`Batch.row_context`), or None where the cache cannot be cut."""
+
     def before_step(self, rows: Sequence[Row]) -> None: ...
     def mask_logits(self, logits: torch.Tensor, rows: Sequence[Row]) -> None: ...
     def after_token(self, row: Row, token_id: int, forced: bool) -> None: ...
@@ -536,6 +542,12 @@ class Batch:
         logprobs = engine._logprobs(rows, raw, warped.logits, chosen)
 
         events, finished, keep = engine._record(rows, chosen, forced_flags, logprobs, hook)
+        finishing = getattr(hook, "row_finishing", None)
+        if finishing is not None and len(keep) < len(rows):
+            kept = set(keep)
+            for i, row in enumerate(rows):
+                if i not in kept:
+                    finishing(row, partial(self.row_context, i))
         if self.counts is not None and self.seen is not None:
             index = torch.tensor(chosen, device=engine.device).unsqueeze(1)
             self.counts.scatter_add_(1, index, torch.ones_like(index, dtype=self.counts.dtype))
@@ -545,6 +557,30 @@ class Batch:
         self.next_tokens = chosen
         self.keep_rows(keep)
         return event
+
+    def row_context(
+        self, index: int, generated: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Row `index`'s keys and values (per layer, (1, heads, P + generated, dim), views,
+        no padding) for its prompt and first `generated` tokens: its context before its
+        token `generated`. Valid while `step` hands finishing rows to the hook (their last
+        token is not fed yet); read, do not write. None when the cache is not a plain
+        growing one or the row's columns have holes."""
+        if not isinstance(self.cache, GrowingCache):
+            return None
+        row = self.rows[index]
+        end = self.mask.shape[1] - (len(row.tokens) - 1) + generated  # generated ones last
+        mask = self.mask[index, :end]
+        first = int(mask.argmax())
+        if end - first != row.prompt_length + generated or not bool(mask[first:].all()):
+            return None
+        return [
+            (
+                layer.keys[index : index + 1, :, first:end],
+                layer.values[index : index + 1, :, first:end],
+            )
+            for layer in self.cache.layers
+        ]
 
     def _contrasted_rows(self) -> list[tuple[int, ...] | None]:
         """Each row's DoLa layers for this step. A row whose parameters switched to DoLa
