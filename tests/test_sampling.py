@@ -221,3 +221,24 @@ def test_a_rows_draw_does_not_depend_on_its_neighbours():
             step.append(int(solo.choose(solo.warp(logits[row : row + 1]), [solo_gens[row]])))
         alone.append(step)
     assert together == alone
+
+
+@pytest.mark.parametrize("scale", [0.3, 3.0, 8.0])
+def test_top_p_head_equals_the_full_sort(scale):
+    """Top-p on a real-sized vocabulary takes the top TOP_P_HEAD tokens first; it keeps
+    exactly the tokens HF's full ascending sort keeps, flat rows (whose head holds less
+    than p: the full-sort fallback) and peaked rows (decided by the head) alike."""
+    from muestra.engine.sampling import TOP_P_HEAD, _top_p_sorted
+
+    g = torch.Generator().manual_seed(int(scale * 10))
+    logits = torch.randn(16, 49152, generator=g) * scale
+    top_p = torch.tensor([0.5, 0.8, 0.9, 0.95] * 4)
+    ours, reference = apply_top_p(logits, top_p), _top_p_sorted(logits, top_p)
+    assert torch.equal(torch.isinf(ours), torch.isinf(reference))
+    assert torch.equal(ours[~torch.isinf(ours)], logits[~torch.isinf(ours)])
+    head_mass = logits.softmax(-1).topk(TOP_P_HEAD, dim=-1).values.sum(-1)
+    decided_by_head = int((head_mass >= top_p).sum())
+    if scale >= 8.0:
+        assert decided_by_head == 16  # the fast path was taken
+    if scale <= 0.3:
+        assert decided_by_head == 0  # the fallback was taken

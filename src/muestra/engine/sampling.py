@@ -131,8 +131,37 @@ def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.
     return logits / safe.unsqueeze(1)
 
 
+# top-p looks at the most likely TOP_P_HEAD tokens first and sorts a row's whole vocabulary
+# only when they hold less than its `p`
+TOP_P_HEAD = 1024
+
+
 def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probability reaches `top_p`."""
+    """Keep the smallest set of most likely tokens whose probability reaches `top_p`.
+
+    A token is kept when the probability of the tokens above it is below `p` (HF's rule,
+    "drop where the ascending cumulative probability is at most `1 - p`", read from the
+    top). Sorting a 49,152-token vocabulary at batch 32 takes ~80 ms on this CPU, and a
+    nucleus is rarely more than a few hundred tokens: the top `TOP_P_HEAD` (`topk`, ~10 ms)
+    decide every row whose head reaches `p`; the others are sorted in full. The two
+    readings of the rule differ only in float rounding at the boundary token."""
+    if logits.shape[-1] <= 4 * TOP_P_HEAD:
+        return _top_p_sorted(logits, top_p)
+    probs = logits.softmax(dim=-1)
+    head, ids = probs.topk(TOP_P_HEAD, dim=-1)  # descending
+    above = head.cumsum(dim=-1) - head  # probability of the tokens above each one
+    keep_head = above < top_p.unsqueeze(1)
+    keep_head[:, 0] = True  # always keep the most likely token
+    keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, ids, keep_head)
+    result = logits.masked_fill(~keep, NEG_INF)
+    short = (head.sum(dim=-1) < top_p).nonzero().flatten()
+    if short.numel():
+        result[short] = _top_p_sorted(logits[short], top_p[short])
+    return result
+
+
+def _top_p_sorted(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """`apply_top_p` by a full ascending sort (HF's computation)."""
     sorted_logits, order = logits.sort(dim=-1, descending=False)  # ascending, as HF
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     remove_sorted = cumulative <= (1 - top_p).unsqueeze(1)
