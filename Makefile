@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
