@@ -50,6 +50,8 @@ from muestra.engine import Sample
 UNRESOLVED = "<unresolved>"
 # at most this many allowed tokens for a step's logits to be kept inside the loop
 RECORD_LIMIT = 2048
+# finished rows whose untaken branches are expanded together, in one forward
+PENDING_ROWS = 8
 
 
 # ---- where values sit ------------------------------------------------------------------
@@ -144,6 +146,8 @@ class _LiveRow:
     recorded: list[Any]  # per answer step: (allowed ids, their masked logits) or None
     prompt_length: int
     answer_start: int
+    # a copy of the row's keys and values per layer (1, heads, T, dim), while it waits
+    context: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 @dataclass(eq=False)
@@ -190,6 +194,8 @@ class AnswerProbabilities:
         # results of the rows scored when they finished
         self._recorded: dict[tuple[int, int], list[Any]] = {}
         self.live: dict[tuple[int, int], dict[str, dict[str, float]]] = {}
+        # finished rows whose untaken branches wait for `flush`: (key, result, trees)
+        self._pending: list[tuple[tuple[int, int], dict[str, Any], list[_LiveTree]]] = []
         self._vocab_size: int | None = None
 
     def score(self, prompt_ids: Sequence[int], sample: Sample) -> dict[str, dict[str, float]]:
@@ -251,13 +257,34 @@ class AnswerProbabilities:
             trees.append(_LiveTree(live, target, self._tree(root, logits, target)))
         result: dict[str, dict[str, float]] = {}
         waiting = [tree for tree in trees if not self._advance(tree, None, result)]
-        while waiting:
+        if waiting:
             keys_values = context(state.answer_start + max(t.target.token_index for t in waiting))
             if keys_values is None:
                 return
-            self._expand(waiting, keys_values)
-            waiting = [tree for tree in waiting if not self._advance(tree, tree.logits, result)]
+            live.context = [(k.clone(), v.clone()) for k, v in keys_values]  # outlives the row
+            self._pending.append((key, result, waiting))
+            if len(self._pending) >= PENDING_ROWS:
+                self.flush()
+            return
         self.live[key] = result
+
+    @torch.inference_mode()
+    def flush(self) -> None:
+        """Expand the waiting branches of every pending row: one forward per tree level
+        for all of them (their contexts left-padded to the longest)."""
+        while self._pending:
+            pending, self._pending = self._pending, []
+            self._expand([tree for _, _, waiting in pending for tree in waiting])
+            for key, result, waiting_before in pending:
+                waiting = [
+                    tree for tree in waiting_before if not self._advance(tree, tree.logits, result)
+                ]
+                if waiting:
+                    self._pending.append((key, result, waiting))
+                else:
+                    self.live[key] = result
+                    for tree in waiting_before:
+                        tree.row.context = None  # free the copied keys and values
 
     def _advance(
         self, tree: _LiveTree, logits: torch.Tensor | None, result: dict[str, Any]
@@ -286,12 +313,12 @@ class AnswerProbabilities:
             result[tree.target.name] = stop.value
             return True
 
-    def _expand(self, trees: list[_LiveTree], keys_values: list[Any]) -> None:
-        """One forward for every waiting child of a row's trees, each over the row's
-        context up to its tree's decision point (a mask hides the later columns). Each
-        path is extended by the tokens of the bytes that every value still consistent
-        with it shares (usually the value's opening quote), so that the next level's
-        logits come from the same forward. Fills each tree's `logits` and `known`."""
+    def _expand(self, trees: list[_LiveTree]) -> None:
+        """One forward for every waiting child of `trees`, each over its row's context up
+        to its tree's decision point (rows left-padded to the longest). Each path is
+        extended by the tokens of the bytes that every value still consistent with it
+        shares (usually the value's opening quote), so that the next level's logits come
+        from the same forward. Fills each tree's `logits` and `known`."""
         from transformers import DynamicCache
 
         device = next(self.model.parameters()).device
@@ -300,21 +327,32 @@ class AnswerProbabilities:
             for tree in trees
             for number in tree.unknown
         ]
-        width = max(len(path) for _, _, path in jobs)
-        columns = keys_values[0][0].shape[2]
-        mask = torch.zeros(len(jobs), columns + width, dtype=torch.long)
-        mask[:, columns:] = 1
-        positions = torch.empty(len(jobs), width, dtype=torch.long)
-        ids = torch.empty(len(jobs), width, dtype=torch.long)
-        for r, (tree, _, path) in enumerate(jobs):
-            need = tree.row.prompt_length + tree.row.answer_start + tree.target.token_index
-            mask[r, :need] = 1
-            positions[r] = torch.arange(need, need + width)
-            ids[r] = torch.tensor(path + [path[-1]] * (width - len(path)))  # never read
+        # context columns before each decision point: the prompt, then generated tokens
+        needs = [
+            t.row.prompt_length + t.row.answer_start + t.target.token_index for t, _, _ in jobs
+        ]
+        width, length = max(needs), max(len(path) for _, _, path in jobs)
+        mask = torch.zeros(len(jobs), width + length, dtype=torch.long)
+        mask[:, width:] = 1
+        positions = torch.empty(len(jobs), length, dtype=torch.long)
+        ids = torch.empty(len(jobs), length, dtype=torch.long)
+        for r, ((_, _, path), need) in enumerate(zip(jobs, needs, strict=True)):
+            mask[r, width - need : width] = 1
+            positions[r] = torch.arange(need, need + length)
+            ids[r] = torch.tensor(path + [path[-1]] * (length - len(path)))  # never read
         cache = DynamicCache()
-        for layer, (keys, values) in enumerate(keys_values):
-            count = len(jobs)
-            cache.update(keys.expand(count, -1, -1, -1), values.expand(count, -1, -1, -1), layer)
+        first = jobs[0][0].row.context
+        assert first is not None
+        for layer in range(len(first)):
+            like = first[layer][0]
+            keys = like.new_zeros(len(jobs), like.shape[1], width, like.shape[3])
+            values = torch.zeros_like(keys)
+            for r, ((tree, _, _), need) in enumerate(zip(jobs, needs, strict=True)):
+                assert tree.row.context is not None
+                k, v = tree.row.context[layer]
+                keys[r, :, width - need :] = k[0, :, :need]
+                values[r, :, width - need :] = v[0, :, :need]
+            cache.update(keys, values, layer)
         out = self.model(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),
@@ -325,8 +363,8 @@ class AnswerProbabilities:
         logits = out.logits.float().cpu()
         for r, (tree, number, path) in enumerate(jobs):
             base = len(tree.children[number].tokens)
-            for length in range(base, len(path) + 1):
-                tree.known[tuple(path[:length])] = logits[r, length - 1]
+            for size in range(base, len(path) + 1):
+                tree.known[tuple(path[:size])] = logits[r, size - 1]
             assert tree.logits is not None
             tree.logits[number] = logits[r, base - 1]
 

@@ -209,6 +209,8 @@ class StructuredGenerator:
             for i, p in enumerate(prompts)
         ]
         results = self.text.engine.generate(requests, controller)
+        if scorer is not None:
+            scorer.flush()  # the rows still waiting for their untaken branches
         samples = [
             self._finish(s, requests[i], grammar, pydantic_model)
             for i, row in enumerate(results)
