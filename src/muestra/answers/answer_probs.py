@@ -19,12 +19,13 @@ Where it is computed. Inside the decoding loop (`StructuredGenerator.run`, the d
 the phase controller hands every answer step's grammar-masked logits to `record` (kept
 sparse, only the allowed tokens), so the decision point's distribution and every level
 of the tree along the sample's own path are already there when the row finishes. The
-branches the sample did not take (a lone space before the value's quote, say) are
-expanded by `finish`, while the row's KV cache is still live: one forward for all the
-fields of the row, each path fed together with the bytes every value still consistent
-with it shares (its opening quote), so that the next level usually comes from the same
-forward. On the real model's character experiment that is ~5–15% more time than no
-`field_probs` at all (README, "Performance").
+branches the sample did not take (a lone space before the value's quote, say) need the
+model: `finish` copies the row's keys and values from the live cache, and every
+`PENDING_ROWS` finished rows (and at the end of the run, `flush`) their branches are
+expanded in one left-padded forward, each path fed together with the bytes every value
+still consistent with it shares (its opening quote), so that the next level usually
+comes from the same forward. On the real model's character experiment that is ~5–15%
+more time than no `field_probs` at all (README, "Performance").
 
 After the fact (`score`: beam answers, and any row the loop cannot score — a hybrid
 model's cache cannot be cut, a decision point where too many tokens were allowed to
@@ -230,11 +231,11 @@ class AnswerProbabilities:
     @torch.inference_mode()
     def finish(self, row: Any, context: Callable[[int], Any]) -> None:
         """Score a row that just finished, from its recorded logits. Branches the sample
-        did not take (a lone space before the value's quote, say) need the model: all
-        of them, for every field of the row, in one forward over the row's live cache
-        (`context(generated)`: its keys and values before its generated token
-        `generated`). The result waits in `live`. A row the loop cannot score (a decision
-        point not recorded, a cache that cannot be cut) is left to `score`."""
+        did not take need the model: the row's keys and values before its decision
+        points are copied from the live cache (`context(generated)`: its context before
+        its generated token `generated`) and the row waits for `flush`. Results go to
+        `live`. A row the loop cannot score (a decision point not recorded, a cache that
+        cannot be cut) is left to `score`."""
         key = _key(row)
         recorded = self._recorded.pop(key, None)
         state = row.state
