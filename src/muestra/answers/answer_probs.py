@@ -543,10 +543,6 @@ class AnswerProbabilities:
         return masked.softmax(dim=-1)
 
 
-class _NotLive(Exception):
-    """The loop cannot score this row (the post-hoc computation will)."""
-
-
 class _PostHoc:
     """Expansions of one tree from the post-hoc forward's cache: level by level, each
     child one token on top of its parent's cache."""
