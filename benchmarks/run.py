@@ -341,6 +341,17 @@ def print_real_model(real: dict[str, Any]) -> None:
         f"post hoc +{r['post_hoc_overhead']:.0%} ({seconds['post_hoc']:.1f} s)",
         f"without {seconds['plain']:.1f} s; max |Δp| {r['max_probability_difference']:.1e}",
     )
+    for name, r in real["jump_forward"].items():
+        if name == "workload":
+            continue
+        forwards, seconds = r["forwards"], r["seconds"]
+        table.add_row(
+            f"{name}: jump-forward",
+            f"{forwards['jump_forward']} forwards, {seconds['jump_forward']:.2f} s",
+            f"{forwards['token_by_token']} forwards, {seconds['token_by_token']:.2f} s",
+            f"{r['forward_ratio']:.2f}× fewer, {r['speedup']:.2f}× faster"
+            + (f" ({r['samples_that_differ']} samples differ)" if r["samples_that_differ"] else ""),
+        )
     peer = real["llama_cpp"]
     for dtype, r in real["greedy"].items():
         if dtype == "workload":

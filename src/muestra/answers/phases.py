@@ -23,14 +23,17 @@ follows as with tags.
   grammar, every step is masked by its xgrammar matcher (all answer rows filled at
   once) plus a mask of added tokens that may never appear in an answer. The grammar
   starts only after `</think>`. If `max_tokens` answer tokens pass before the grammar
-  completes, the row ends with `finish_reason="length"` and an error.
+  completes, the row ends with `finish_reason="length"` and an error. Where the grammar
+  allows one continuation only (keys, quotes, separators, the rest of an enum value),
+  `draft` hands its tokens to the engine, which feeds them in one forward and keeps
+  each one the row samples (jump-forward: fewer forwards, the same answers).
 
 The controller never samples; it only forces tokens, masks logits and finishes rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -159,6 +162,7 @@ class PhaseController:
         grammar: tuple[GrammarBackend, Any] | None = None,
         end_after_think: bool = False,
         probabilities: Any = None,
+        jump_forward: Callable[[str], list[int]] | None = None,
     ) -> None:
         self.think = think
         self.answer = answer
@@ -171,6 +175,8 @@ class PhaseController:
         # an `AnswerProbabilities` scoring answers inside the loop (`field_probs`): it keeps
         # each answer step's masked logits and scores a row when it finishes
         self.probabilities = probabilities
+        # grammar jump-forward: how to tokenize the text the grammar forces (None: off)
+        self.jump_forward = jump_forward
 
     # ---- StepHook -----------------------------------------------------------------------
 
@@ -208,6 +214,23 @@ class PhaseController:
             backend.fill_and_apply(logits, [rows[i].state.matcher for i in answering], answering)
             if self.probabilities is not None:
                 self.probabilities.record(logits, rows, answering)
+
+    def draft(self, row: Row) -> list[int]:
+        """Jump-forward: the tokens of the text the grammar forces next (JSON keys,
+        quotes, separators, the rest of an enum value once it is unambiguous), tokenized
+        as ordinary text; the engine feeds them with the row's next token and keeps each
+        one only if the row samples it (`Batch.forward`), so they change speed, not
+        output. Empty outside a grammar-constrained answer."""
+        state: PhaseState = row.state
+        if self.jump_forward is None or state.phase != "answer" or state.matcher is None:
+            return []
+        if state.matcher.is_terminated():
+            return []
+        forced = state.matcher.find_jump_forward_string()
+        if not forced:
+            return []
+        room = self.answer.max_tokens - state.answer_tokens
+        return self.jump_forward(forced)[: max(room, 0)]
 
     def row_finishing(self, row: Row, context: Any) -> None:
         if self.probabilities is not None:

@@ -109,6 +109,8 @@ class StructuredGenerator:
     # `field_probs` inside the decoding loop (answer_probs.py); False: the post-hoc
     # computation only (the oracle the loop's values are tested against)
     live_field_probs = True
+    # grammar jump-forward (`PhaseController.draft`); False: one forward per answer token
+    jump_forward = True
 
     def __init__(
         self,
@@ -190,6 +192,7 @@ class StructuredGenerator:
             compiled,
             end_after_think=think_only,
             probabilities=scorer if self.live_field_probs else None,
+            jump_forward=self.text.encode_text if self.jump_forward else None,
         )
         budget = answer.max_tokens
         if think is not None and tags is not None:

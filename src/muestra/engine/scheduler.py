@@ -254,7 +254,9 @@ class Scheduler:
             self._fail(submission, err)
         updates: dict[Submission, Update] = {}
         assert event is not None
-        for row, token in zip(rows, event.tokens, strict=True):
+        by_key = {(r.request_index, r.sample_index): r for r in rows}
+        for token in event.tokens:  # jump-forward: a row may take several tokens a step
+            row = by_key[token.request_index, token.sample_index]
             owner = self._owner_of(row)
             updates.setdefault(owner, Update(owner.first_index)).tokens.append((row, token))
         for sample in event.finished:
@@ -385,7 +387,9 @@ class _SlicedHook:
             self._call(submission, submission.hook.before_step, rows[start:end])
 
     def mask_logits(self, logits: torch.Tensor, rows: Sequence[Row]) -> None:
-        for submission, start, end in self.runs:
+        # all rows, or (jump-forward) the rows still taking draft tokens
+        runs = self.runs if len(rows) == self.runs[-1][2] else _runs(rows, self.owner_of)
+        for submission, start, end in runs:
             if not isinstance(submission.hook, NoHook):
                 self._call(
                     submission, submission.hook.mask_logits, logits[start:end], rows[start:end]
@@ -394,6 +398,17 @@ class _SlicedHook:
     def after_token(self, row: Row, token_id: int, forced: bool) -> None:
         submission = self.owner_of(row)
         self._call(submission, submission.hook.after_token, row, token_id, forced)
+
+    def draft(self, row: Row) -> list[int]:
+        submission = self.owner_of(row)
+        drafting = getattr(submission.hook, "draft", None)
+        if drafting is None or submission in self.faults:
+            return []
+        try:
+            return list(drafting(row))
+        except Exception as err:  # noqa: BLE001 - the scheduler ends this submission
+            self.faults[submission] = err
+            return []
 
     def _call(self, submission: Submission, method: Callable[..., None], *args: object) -> None:
         if submission in self.faults:

@@ -304,7 +304,14 @@ class ServedModel:
         compiled = None
         if grammar is not None:
             compiled = await self.grammars.compile(grammar, "response_format")
-        hook = PhaseController(think, answer, tags, self.loaded.eos_token_ids, compiled)
+        hook = PhaseController(
+            think,
+            answer,
+            tags,
+            self.loaded.eos_token_ids,
+            compiled,
+            jump_forward=self.text.encode_text if self.structured.jump_forward else None,
+        )
         top = body.top_logprobs if body.top_logprobs is not None else 0
         request = self.request(body, prompt, params, max_tokens, top if body.logprobs else None)
         return self.job([request], hook, len(prompt), body)
