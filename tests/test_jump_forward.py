@@ -217,7 +217,9 @@ def test_the_scheduler_jumps_forward_with_other_requests_in_the_batch(real):
         GenerationRequest(p, n=2, params=a.params, max_new_tokens=96, seed=5, prompt_index=i)
         for i, (p, a) in enumerate(zip(prompts, answers, strict=True))
     ]
-    free = GenerationRequest(prompts[0], n=2, params=SamplingParams(temperature=0.7), seed=6)
+    free = GenerationRequest(
+        prompts[0], n=2, params=SamplingParams(temperature=0.7), max_new_tokens=48, seed=6
+    )
 
     def hook(answer, jump):
         encode = generator.text.encode_text if jump else None

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Any, Literal
 
 import torch
@@ -175,8 +176,14 @@ class PhaseController:
         # an `AnswerProbabilities` scoring answers inside the loop (`field_probs`): it keeps
         # each answer step's masked logits and scores a row when it finishes
         self.probabilities = probabilities
-        # grammar jump-forward: how to tokenize the text the grammar forces (None: off)
+        # grammar jump-forward: how to tokenize the text the grammar forces (None: off);
+        # rows of one schema meet the same keys and separators, so their ids are kept
         self.jump_forward = jump_forward
+        self._forced_ids = (
+            lru_cache(maxsize=4096)(lambda text: tuple(jump_forward(text)))
+            if jump_forward is not None
+            else None
+        )
 
     # ---- StepHook -----------------------------------------------------------------------
 
@@ -222,7 +229,7 @@ class PhaseController:
         one only if the row samples it (`Batch.forward`), so they change speed, not
         output. Empty outside a grammar-constrained answer."""
         state: PhaseState = row.state
-        if self.jump_forward is None or state.phase != "answer" or state.matcher is None:
+        if self._forced_ids is None or state.phase != "answer" or state.matcher is None:
             return []
         if state.matcher.is_terminated():
             return []
@@ -230,7 +237,7 @@ class PhaseController:
         if not forced:
             return []
         room = self.answer.max_tokens - state.answer_tokens
-        return self.jump_forward(forced)[: max(room, 0)]
+        return list(self._forced_ids(forced)[: max(room, 0)])
 
     def row_finishing(self, row: Row, context: Any) -> None:
         if self.probabilities is not None:
