@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 from importlib.resources import files
+from typing import Any
 
 import pytest
 import torch
@@ -43,13 +44,16 @@ SPECS = {
 }
 
 
-def counting(model: torch.nn.Module) -> list[int]:
-    """Counts the model's forward calls (and how many tokens each fed per row)."""
+def counting(model: torch.nn.Module) -> tuple[list[int], Any]:
+    """Counts the model's forward calls (and how many tokens each fed per row): the
+    list, and the hook's handle (remove it: other tests share the model)."""
     calls: list[int] = []
-    model.register_forward_pre_hook(
-        lambda _, args, kwargs: calls.append(kwargs["input_ids"].shape[1]), with_kwargs=True
-    )
-    return calls
+
+    def count(_: Any, args: Any, kwargs: Any) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        calls.append(ids.shape[1])
+
+    return calls, model.register_forward_pre_hook(count, with_kwargs=True)
 
 
 def chat(generator: StructuredGenerator, text: str) -> list[int]:
@@ -80,7 +84,9 @@ def assert_same(off, on, probs_tolerance=1e-5):
 @pytest.fixture(scope="module")
 def tiny(tiny_kit):
     generator = StructuredGenerator(load_model(str(tiny_kit)))
-    return generator, counting(generator.loaded.model)
+    calls, handle = counting(generator.loaded.model)
+    yield generator, calls
+    handle.remove()
 
 
 @pytest.mark.parametrize("kind", list(SPECS))
@@ -135,11 +141,12 @@ def test_a_refused_draft_leaves_holes_the_rows_never_see(tiny_kit):
         GenerationRequest([1, 5, 9, 11], n=3, params=params, max_new_tokens=40, logprobs=2),
         GenerationRequest([7, 3], n=2, params=SamplingParams(), max_new_tokens=33, seed=5),
     ]
-    widths = counting(engine.model)
+    widths, handle = counting(engine.model)
     plain = engine.generate(requests, Drafting(False))
     assert widths[0] == 4 and set(widths[1:]) == {1}  # the prefill, then a token a forward
     widths.clear()
     drafted = engine.generate(requests, Drafting(True))
+    handle.remove()
     assert max(widths[1:]) >= 4  # drafts were fed
     for a_row, b_row in zip(plain, drafted, strict=True):
         for a, b in zip(a_row, b_row, strict=True):
@@ -165,7 +172,9 @@ def test_draft_width_feeds_drafts_only_where_they_fill_the_forward():
 @pytest.fixture(scope="module")
 def real(smol):
     generator = StructuredGenerator(smol)
-    return generator, counting(smol.model)
+    calls, handle = counting(smol.model)
+    yield generator, calls
+    handle.remove()
 
 
 CHARACTER_PROMPTS = [
