@@ -176,9 +176,8 @@ class PhaseController:
         # an `AnswerProbabilities` scoring answers inside the loop (`field_probs`): it keeps
         # each answer step's masked logits and scores a row when it finishes
         self.probabilities = probabilities
-        # grammar jump-forward: how to tokenize the text the grammar forces (None: off);
-        # rows of one schema meet the same keys and separators, so their ids are kept
-        self.jump_forward = jump_forward
+        # grammar jump-forward: the text the grammar forces, tokenized (None: off); rows
+        # of one schema meet the same keys and separators, so their ids are kept
         self._forced_ids = (
             lru_cache(maxsize=4096)(lambda text: tuple(jump_forward(text)))
             if jump_forward is not None

@@ -388,8 +388,7 @@ class _SlicedHook:
 
     def mask_logits(self, logits: torch.Tensor, rows: Sequence[Row]) -> None:
         # all rows, or (jump-forward) the rows still taking draft tokens
-        runs = self.runs if len(rows) == self.runs[-1][2] else _runs(rows, self.owner_of)
-        for submission, start, end in runs:
+        for submission, start, end in _runs(rows, self.owner_of):
             if not isinstance(submission.hook, NoHook):
                 self._call(
                     submission, submission.hook.mask_logits, logits[start:end], rows[start:end]
