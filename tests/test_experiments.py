@@ -437,3 +437,15 @@ def test_summary_of_a_free_text_field_counts_distinct_values_and_lists_the_top(c
     few = _store_of_answers(tmp_path / "pocos.db", [{"nombre": f"N{i % 10}"} for i in range(40)])
     counts = cli("summary", str(few), "--json").json()["groups"]["a"]["fields"]["nombre"]
     assert counts["kind"] == "categorical" and len(counts["counts"]) == 10
+
+
+def test_a_condition_that_cannot_jump_forward_is_noted_once(cli, tiny_kit, tmp_path):
+    """DoLa keeps grammar jump-forward off: the run says so on stderr, once per model and
+    condition however many batches it takes; a run that jumps forward says nothing."""
+    plain = cli("run", str(write_spec(tmp_path, tiny_kit, 4)), "--out", str(tmp_path / "a.db"))
+    assert plain.code == 0 and "jump-forward" not in plain.stderr, plain.stderr
+    spec = write_spec(tmp_path, tiny_kit, 4, extra='dola_layers = "high"\n')
+    dola = cli("run", str(spec), "--out", str(tmp_path / "b.db"), "--batch", "2")
+    assert dola.code == 0, dola.stderr
+    notes = [line for line in dola.stderr.splitlines() if "jump-forward is off" in line]
+    assert len(notes) == 1 and "DoLa" in notes[0] and notes[0].startswith("note: model"), notes

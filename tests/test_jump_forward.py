@@ -3,6 +3,7 @@ and each is kept only if the row samples it; answers do not change, forwards dro
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 from importlib.resources import files
@@ -15,6 +16,7 @@ from muestra.answers.grammar import GrammarSpec
 from muestra.answers.phases import AnswerConfig, ThinkConfig
 from muestra.answers.structured import StructuredGenerator
 from muestra.engine import Engine, GenerationRequest, SamplingParams
+from muestra.engine.engine import drafts_off_reason
 from muestra.models.loading import load_model
 
 PERSONAJE = json.loads(files("muestra.data").joinpath("personaje.schema.json").read_text())
@@ -113,6 +115,33 @@ def test_answers_equal_token_by_token_on_the_tiny_kit(tiny, monkeypatch, kind, t
     assert_same(off, on)
     assert any(s.error is None for s in on)
     assert forwards[1] <= forwards[0]
+
+
+def test_a_run_that_cannot_jump_forward_says_why(tiny):
+    """DoLa (each token contrasts its own premature layers) and a cache with sliding-window
+    layers keep drafts off: the run then feeds one token a forward and leaves a one-line
+    note; a run that does jump forward leaves none."""
+    generator, calls = tiny
+    prompt = chat(generator, "Genera una ficha")
+    runs = {
+        "plain": SamplingParams(temperature=0),
+        "dola": SamplingParams(temperature=0, dola_layers="high"),
+    }
+    fed = {}
+    for name, params in runs.items():
+        calls.clear()
+        generator.run(
+            [prompt], seed=1, answer=AnswerConfig(params, max_tokens=40), grammar=SPECS["ficha"]
+        )
+        fed[name] = (calls[1:], generator.notes)
+    assert max(fed["plain"][0]) > 1 and fed["plain"][1] == []
+    assert set(fed["dola"][0]) == {1}
+    assert len(fed["dola"][1]) == 1 and "DoLa" in fed["dola"][1][0]
+
+    config = copy.deepcopy(generator.loaded.model.config)
+    assert drafts_off_reason(config, [runs["plain"]]) is None
+    config.layer_types = ["sliding_attention", "full_attention"]
+    assert "sliding-window" in drafts_off_reason(config, [runs["plain"]])
 
 
 def test_a_refused_draft_leaves_holes_the_rows_never_see(tiny_kit):

@@ -28,6 +28,7 @@ from muestra.answers.phases import (
     with_instruction,
 )
 from muestra.engine import GenerationRequest, Sample, SamplingParams
+from muestra.engine.engine import drafts_off_reason
 from muestra.engine.seeds import fresh_run_seed
 from muestra.errors import InputError
 from muestra.models.loading import LoadedModel
@@ -125,6 +126,8 @@ class StructuredGenerator:
         self._backend: GrammarBackend | None = None
         # how the last run's field_probs were computed (samples scored each way)
         self.field_probs_counts: dict[str, int] = {}
+        # one-line notes on the last run: a fast path it could not take, and why
+        self.notes: list[str] = []
 
     @property
     def backend(self) -> GrammarBackend:
@@ -184,6 +187,12 @@ class StructuredGenerator:
             from muestra.answers.answer_probs import AnswerProbabilities
 
             scorer = AnswerProbabilities(self, grammar, compiled[1])
+        self.notes = []
+        if compiled is not None and self.jump_forward and not think_only:
+            # (DoLa while thinking only holds drafts back while a row of the batch thinks)
+            off = drafts_off_reason(self.loaded.model.config, [answer.params])
+            if off is not None:
+                self.notes.append(f"grammar jump-forward is off ({off}): one forward per token")
         controller = PhaseController(
             think,
             answer,

@@ -154,6 +154,8 @@ def run(
         data = sample.as_dict()
         data.pop("prompt_index")
         print_json(data)
+    for note in generator.notes:
+        stderr.print(f"note: {note}", markup=False)
     elapsed = time.perf_counter() - started
     errors = sum(s.error is not None for s in samples)
     hits = sum(s.budget_hit for s in samples)

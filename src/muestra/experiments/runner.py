@@ -86,6 +86,7 @@ class Runner:
         self.db: sqlite3.Connection | None = None
         self.run_id: int | None = None
         self.drafts: dict[tuple[str, str], Any] = {}  # speculative drafts, per model and ref
+        self.noted: set[str] = set()  # notes already given (once per run, not per batch)
 
     # ---- the store ----------------------------------------------------------------------
 
@@ -430,6 +431,11 @@ class Runner:
             results = generator.run(
                 prompts, **batch_args, grammar=grammar, field_probs=a.field_probs
             )
+            for note in generator.notes:
+                note = f"model {unit0.model.name}, condition {condition.label}: {note}"
+                if note not in self.noted:
+                    self.noted.add(note)
+                    self.on_note(note)
         else:
             from muestra.answers.beam_phases import run_beam_phases
 
