@@ -147,6 +147,30 @@ def test_streaming_with_usage_equals_the_whole_answer(client):
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_a_streamed_json_answer_equals_the_whole_one(client):
+    """Jump-forward feeds a row several tokens in one step (the last, the closing brace
+    and the EOS): the stream labels each token by its own phase, so it carries the
+    same JSON as the whole answer."""
+    kwargs = dict(
+        model=MODEL,
+        messages=MESSAGES,
+        max_tokens=120,
+        seed=4,
+        n=3,
+        response_format={"type": "json_schema", "json_schema": {"name": "P", "schema": SCHEMA}},
+        extra_body={"thinking_token_budget": 4},
+    )
+    whole = client.chat.completions.create(**kwargs)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    for choice in whole.choices:
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == choice.index]
+        content = "".join(c.delta.content or "" for c in mine)
+        reasoning = "".join(c.delta.model_dump().get("reasoning_content") or "" for c in mine)
+        assert content == choice.message.content, (content, choice.message.content)
+        assert reasoning == choice.model_dump()["message"]["reasoning_content"]
+        jsonschema.validate(json.loads(content), SCHEMA)
+
+
 def test_n_samples_and_seeds(client):
     def ask(seed, n=1):
         return client.chat.completions.create(

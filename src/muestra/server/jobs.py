@@ -19,6 +19,7 @@ import asyncio
 import codecs
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -122,12 +123,16 @@ class Job:
         def deliver(update: Update) -> None:  # runs in the scheduler thread
             records: list[Any] = []
             if self.stream:
+                # a row may take several tokens a step (jump-forward): each one's channel
+                # is the one the controller gave it, counted back from the row's last
+                left = Counter(id(row) for row, _ in update.tokens)
                 for row, token in update.tokens:
+                    left[id(row)] -= 1
                     records.append(
                         TokenRecord(
                             self.choice_of(update.first_index, row.request_index, row.sample_index),
                             token.token_id,
-                            _channel(row, token),
+                            _channel(row, token, left[id(row)]),
                             token.logprobs,
                         )
                     )
@@ -192,10 +197,11 @@ def _token_records(choice: int, sample: Sample) -> list[TokenRecord]:
     return records
 
 
-def _channel(row: Any, token: Any) -> str:
+def _channel(row: Any, token: Any, later: int) -> str:
+    """The channel of a token the row took `later` tokens before its last one."""
     state = row.state
-    if isinstance(state, PhaseState) and state.channels:
-        return state.channels[-1]
+    if isinstance(state, PhaseState) and len(state.channels) > later:
+        return state.channels[-1 - later]
     return _plain_channel(token.token_id, token.finish_reason, row.stop_reason)
 
 
