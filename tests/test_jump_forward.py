@@ -96,7 +96,8 @@ def tiny(tiny_kit):
 def test_answers_equal_token_by_token_on_the_tiny_kit(tiny, monkeypatch, kind, temperature):
     """Random weights rarely pick the grammar's own tokenization, so drafts are often
     refused part-way: every sample (greedy and sampled, same seeds), its answer and
-    its field_probs stay those of one-token-a-step decoding. (At T 1 the random model's
+    its field_probs stay those of one-token-a-step decoding. The forced closing text of
+    the reasoning goes several tokens a forward too. (At T 1 the random model's
     free strings are near-uniform over 151k tokens, and the last bits of a logit decide
     some inverse-CDF draws: then the batch's shape alone, jump-forward or not, changes
     a few samples; at T 0.5 no draw is that close.)"""
@@ -114,7 +115,8 @@ def test_answers_equal_token_by_token_on_the_tiny_kit(tiny, monkeypatch, kind, t
     )
     assert_same(off, on)
     assert any(s.error is None for s in on)
-    assert forwards[1] <= forwards[0]
+    # the 26 tokens of Qwen's closing text, forced at the budget, take three forwards
+    assert forwards[1] <= forwards[0] - 20, forwards
 
 
 def test_a_run_that_cannot_jump_forward_says_why(tiny):

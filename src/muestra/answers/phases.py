@@ -226,9 +226,14 @@ class PhaseController:
         quotes, separators, the rest of an enum value once it is unambiguous), tokenized
         as ordinary text; the engine feeds them with the row's next token and keeps each
         one only if the row samples it (`Batch.forward`), so they change speed, not
-        output. Empty outside a grammar-constrained answer."""
+        output. The tokens a row is forced to take next (a closing text) go the same way.
+        Empty elsewhere."""
         state: PhaseState = row.state
-        if self._forced_ids is None or state.phase != "answer" or state.matcher is None:
+        if self._forced_ids is None:
+            return []
+        if row.forced_queue:
+            return list(row.forced_queue)
+        if state.phase != "answer" or state.matcher is None:
             return []
         if state.matcher.is_terminated():
             return []

@@ -17,9 +17,10 @@ Hooks (`StepHook`) are how the phase controller (think → answer) steers rows w
 the engine knowing why: `before_step` may push forced tokens into `row.forced_queue`,
 `mask_logits` may set disallowed logits to -inf in place, `after_token` may finish a
 row. Forced tokens are marked in the output. A hook may also propose `draft(row)` tokens
-(jump-forward: the text a grammar forces): they are fed with the row's token in the same
-forward and kept only while the row samples them, each from its own logits with its own
-draw, so they change the number of forwards, not the samples (`Batch.forward`).
+(jump-forward: forced tokens, the text a grammar forces); they are fed with the row's
+token in the same forward and kept only while the row samples them,
+each from its own logits with its own draw, so they change the number of forwards, not
+the samples (`Batch.forward`).
 
 Logprobs, when asked, come in two kinds for every generated token:
 `raw_logprob`/`raw_top` are from the model's own distribution (softmax of its logits);
@@ -529,34 +530,34 @@ class Batch:
         tokens may take several: while the token it samples is its next draft token, it
         samples again, from the logits after that token (jump-forward: `forward`)."""
         assert self.next_tokens is None, "forward() the last step's tokens first"
-        engine, rows = self.engine, self.rows
+        rows = self.rows
         hook.before_step(rows)
-        if any(r.params is not p for r, p in zip(rows, self.row_params, strict=True)):
-            self.row_params = [r.params for r in rows]
-            self.sampling = SamplingBatch.build(self.row_params, engine.vocab_size, engine.device)
-            self._dola_rows()
-            if self.seen is None and not self.sampling.no_penalties:
-                self.seen, self.counts = engine._penalty_state(rows, self.sampling)
+        self._refresh_params()
         events: list[TokenEvent] = []
         finished: list[Sample] = []
         last = [0] * len(rows)
         taken = [0] * len(rows)  # draft tokens each row took
         active, logits = list(range(len(rows))), self.logits
         while True:
-            chosen, forced = self._sample_rows(active, logits, hook, events, finished)
+            chosen = self._sample_rows(active, logits, hook, events, finished)
             more = []
-            for i, token, was_forced in zip(active, chosen, forced, strict=True):
+            for i, token in zip(active, chosen, strict=True):
                 last[i] = token
                 drafts, t = self.drafts[i], taken[i]
-                if t < len(drafts) and not was_forced and token == drafts[t]:
+                if t < len(drafts) and token == drafts[t]:
                     taken[i] = t = t + 1  # the token sampled is the draft's: it is fed already
                     if rows[i].finish_reason is None:
                         more.append(i)
                         continue
-                if t < len(drafts):  # the rest of the draft is not taken: holes in the cache
-                    self.mask[i, self.draft_col[i] + t : self.draft_col[i] + len(drafts)] = 0
-                    self.positions[i] -= len(drafts) - t
+                self._drop_draft(i, t)
             if not more:
+                break
+            # the rows going on are at a new step of their own (a phase may change)
+            hook.before_step([rows[i] for i in more])
+            self._refresh_params()
+            if self.dola:  # DoLa needs each step's premature layers: the drafts wait
+                for i in more:
+                    self._drop_draft(i, taken[i])
                 break
             active = more
             logits = torch.stack([self.ahead[i][taken[i] - 1] for i in more])  # type: ignore[index]
@@ -575,10 +576,29 @@ class Batch:
         if drafting is not None and not self.dola and isinstance(self.cache, GrowingCache):
             for i in keep:
                 room = min(rows[i].max_new_tokens - len(rows[i].tokens) - 1, MAX_DRAFT)
-                if room > 0 and not rows[i].forced_queue:
+                if room > 0:
                     self.drafts[i] = list(drafting(rows[i]))[:room]
         self.keep_rows(keep)
         return event
+
+    def _refresh_params(self) -> None:
+        """Rebuild the sampling tensors when a hook switched a row's parameters."""
+        engine, rows = self.engine, self.rows
+        if all(r.params is p for r, p in zip(rows, self.row_params, strict=True)):
+            return
+        self.row_params = [r.params for r in rows]
+        self.sampling = SamplingBatch.build(self.row_params, engine.vocab_size, engine.device)
+        self._dola_rows()
+        if self.seen is None and not self.sampling.no_penalties:
+            self.seen, self.counts = engine._penalty_state(rows, self.sampling)
+
+    def _drop_draft(self, index: int, taken: int) -> None:
+        """Row `index` took `taken` tokens of its draft: the rest become holes."""
+        drafts = self.drafts[index]
+        if taken < len(drafts):
+            start = self.draft_col[index]
+            self.mask[index, start + taken : start + len(drafts)] = 0
+            self.positions[index] -= len(drafts) - taken
 
     def _sample_rows(
         self,
@@ -587,9 +607,9 @@ class Batch:
         hook: StepHook,
         events: list[TokenEvent],
         finished: list[Sample],
-    ) -> tuple[list[int], list[bool]]:
+    ) -> list[int]:
         """Sample one token for each row in `active` (indices into `self.rows`) from
-        `logits` (one row each) and record it: (tokens, forced flags)."""
+        `logits` (one row each) and record it; the tokens."""
         engine = self.engine
         rows = [self.rows[i] for i in active]
         whole = len(active) == len(self.rows)
@@ -620,7 +640,7 @@ class Batch:
             tokens = torch.tensor(chosen, device=engine.device)
             self.counts[where, tokens] += 1
             self.seen[where, tokens] = True
-        return chosen, forced
+        return chosen
 
     def row_context(
         self, index: int, generated: int
@@ -714,16 +734,19 @@ class Batch:
     def forward(self) -> None:
         """Feed the tokens sampled by the last `step` (rows still in the batch).
 
-        Jump-forward: a hook with a `draft(row)` method (the phase controller, where the
-        grammar allows only one continuation) proposes tokens that will most likely come
-        next; they are fed right after the row's token, in the same forward (rows right-
-        padded to the longest; the padding stays in the cache as masked holes). The next
+        Jump-forward: the tokens a hook's `draft(row)` proposes (the phase controller:
+        the row's queued forced tokens, or the text its grammar forces) are fed right
+        after the row's token, in the same forward
+        (rows right-padded to the longest; the padding stays in the cache as masked
+        holes; `draft_width` decides whether the wider forward pays). The next
         `step` samples each of them as usual and keeps them while they agree, so every
         token is still sampled from its own logits, with the same draws: the output is
         the one-token-a-step output (up to the last bits of multi-token products)."""
         assert self.next_tokens is not None and self.rows
         engine = self.engine
-        width = draft_width([len(d) for d in self.drafts])
+        # the rows' parameters now (a hook may have switched them in `after_token`)
+        dola = engine.dola_union(r.params for r in self.rows)
+        width = 1 if dola else draft_width([len(d) for d in self.drafts])
         for drafts in self.drafts:
             del drafts[width - 1 :]
         lengths = [1 + len(d) for d in self.drafts]
@@ -742,8 +765,6 @@ class Batch:
             tokens, fed = ids.to(engine.device), real.to(self.mask.device)
         self.mask = torch.cat([self.mask, fed], dim=1)
         offsets = torch.arange(width, device=engine.device)
-        # the rows' parameters now (a hook may have switched them in `after_token`)
-        dola = engine.dola_union(r.params for r in self.rows)
         out = engine.model(
             input_ids=tokens,
             attention_mask=self.mask,

@@ -381,9 +381,12 @@ class _SlicedHook:
         self.faults: dict[Submission, BaseException] = {}
 
     def before_step(self, rows: Sequence[Row]) -> None:
-        if self.before_step_done:
+        if self.before_step_done:  # the step's first call only (a retried step)
+            self.before_step_done = False
             return
-        for submission, start, end in self.runs:
+        # all rows, or (jump-forward) the rows still taking draft tokens
+        runs = self.runs if len(rows) == self.runs[-1][2] else _runs(rows, self.owner_of)
+        for submission, start, end in runs:
             self._call(submission, submission.hook.before_step, rows[start:end])
 
     def mask_logits(self, logits: torch.Tensor, rows: Sequence[Row]) -> None:
