@@ -556,8 +556,8 @@ class Batch:
             hook.before_step([rows[i] for i in more])
             self._refresh_params()
             if self.dola:  # DoLa needs each step's premature layers: the drafts wait
-                for i in more:
-                    self._drop_draft(i, taken[i])
+                for i in more:  # and the token just taken is fed again, with its layers
+                    self._drop_draft(i, taken[i] - 1)
                 break
             active = more
             logits = torch.stack([self.ahead[i][taken[i] - 1] for i in more])  # type: ignore[index]
