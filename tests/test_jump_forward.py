@@ -16,7 +16,7 @@ from muestra.answers.grammar import GrammarSpec
 from muestra.answers.phases import AnswerConfig, ThinkConfig
 from muestra.answers.structured import StructuredGenerator
 from muestra.engine import Engine, GenerationRequest, SamplingParams
-from muestra.engine.engine import drafts_off_reason
+from muestra.engine.engine import drafts_off_note
 from muestra.models.loading import load_model
 
 PERSONAJE = json.loads(files("muestra.data").joinpath("personaje.schema.json").read_text())
@@ -141,9 +141,9 @@ def test_a_run_that_cannot_jump_forward_says_why(tiny):
     assert len(fed["dola"][1]) == 1 and "DoLa" in fed["dola"][1][0]
 
     config = copy.deepcopy(generator.loaded.model.config)
-    assert drafts_off_reason(config, [runs["plain"]]) is None
+    assert drafts_off_note(config, [runs["plain"]]) is None
     config.layer_types = ["sliding_attention", "full_attention"]
-    assert "sliding-window" in drafts_off_reason(config, [runs["plain"]])
+    assert "sliding-window" in drafts_off_note(config, [runs["plain"]])
 
 
 def test_a_refused_draft_leaves_holes_the_rows_never_see(tiny_kit):

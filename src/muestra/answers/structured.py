@@ -28,7 +28,7 @@ from muestra.answers.phases import (
     with_instruction,
 )
 from muestra.engine import GenerationRequest, Sample, SamplingParams
-from muestra.engine.engine import drafts_off_reason
+from muestra.engine.engine import drafts_off_note
 from muestra.engine.seeds import fresh_run_seed
 from muestra.errors import InputError
 from muestra.models.loading import LoadedModel
@@ -190,9 +190,8 @@ class StructuredGenerator:
         self.notes = []
         if compiled is not None and self.jump_forward and not think_only:
             # (DoLa while thinking only holds drafts back while a row of the batch thinks)
-            off = drafts_off_reason(self.loaded.model.config, [answer.params])
-            if off is not None:
-                self.notes.append(f"grammar jump-forward is off ({off}): one forward per token")
+            note = drafts_off_note(self.loaded.model.config, [answer.params])
+            self.notes += [note] if note is not None else []
         controller = PhaseController(
             think,
             answer,

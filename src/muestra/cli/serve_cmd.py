@@ -110,7 +110,7 @@ def serve(
 
     from muestra.answers.drafted import load_draft
     from muestra.cli.common import stderr
-    from muestra.engine.engine import drafts_off_reason
+    from muestra.engine.engine import drafts_off_note
     from muestra.models.loading import load_model
     from muestra.server.app import check_api_key, create_app
     from muestra.server.service import ServedModel
@@ -149,9 +149,9 @@ def serve(
         + (" (API key required)" if api_key else ""),
         markup=False,
     )
-    off = drafts_off_reason(loaded.model.config, [])
-    if off is not None:
-        stderr.print(f"note: grammar jump-forward is off ({off}): one forward per token")
+    note = drafts_off_note(loaded.model.config, [])
+    if note is not None:
+        stderr.print(f"note: {note}", markup=False)
     if host not in ("127.0.0.1", "localhost", "::1"):
         stderr.print(f"warning: listening on {host}, not only on this machine", markup=False)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -857,14 +857,16 @@ def draft_width(drafts: Sequence[int]) -> int:
     return 1
 
 
-def drafts_off_reason(config: Any, params: Sequence[SamplingParams]) -> str | None:
-    """Why `Batch.step` would feed no drafts (jump-forward) to rows sampled with these
-    parameters on a model with this config; None when it feeds them."""
+def drafts_off_note(config: Any, params: Sequence[SamplingParams]) -> str | None:
+    """A one-line note when `Batch.step` would feed no drafts (jump-forward) to rows
+    sampled with these parameters on a model with this config; None when it feeds them."""
     if not supports_growing_cache(config):
-        return "this model's cache (sliding-window or linear-attention layers) cannot hold drafts"
-    if any(p.dola_layers is not None for p in params):
-        return "DoLa contrasts each token's own premature-layer logits"
-    return None
+        why = "this model's cache (sliding-window or linear-attention layers) cannot hold drafts"
+    elif any(p.dola_layers is not None for p in params):
+        why = "DoLa contrasts each token's own premature-layer logits"
+    else:
+        return None
+    return f"grammar jump-forward is off ({why}): one forward per token"
 
 
 def _pad_left(mask: torch.Tensor, width: int) -> torch.Tensor:

@@ -277,7 +277,7 @@ class Scheduler:
         `before_step`, which already ran). Returns the rows stepped and the event."""
         rows = list(batch.rows)
         lengths = [len(r.tokens) for r in rows]
-        hook = _SlicedHook(rows, self._owner_of)
+        hook = _SlicedHook(self._owner_of)
         try:
             return rows, batch.step(hook), hook
         except Exception:
@@ -295,7 +295,7 @@ class Scheduler:
         rows = list(batch.rows)
         if not rows:
             return rows, None, hook
-        hook = _SlicedHook(rows, self._owner_of, before_step_done=True)
+        hook = _SlicedHook(self._owner_of, before_step_done=True)
         return rows, batch.step(hook), hook
 
     def _probe(self, batch: Batch) -> dict[Submission, BaseException]:
@@ -370,12 +370,8 @@ class _SlicedHook:
     that raises is not called again this step; its submission lands in `faults`."""
 
     def __init__(
-        self,
-        rows: list[Row],
-        owner_of: Callable[[Row], Submission],
-        before_step_done: bool = False,
+        self, owner_of: Callable[[Row], Submission], before_step_done: bool = False
     ) -> None:
-        self.runs = _runs(rows, owner_of)
         self.owner_of = owner_of
         self.before_step_done = before_step_done
         self.faults: dict[Submission, BaseException] = {}
@@ -385,8 +381,7 @@ class _SlicedHook:
             self.before_step_done = False
             return
         # all rows, or (jump-forward) the rows still taking draft tokens
-        runs = self.runs if len(rows) == self.runs[-1][2] else _runs(rows, self.owner_of)
-        for submission, start, end in runs:
+        for submission, start, end in _runs(rows, self.owner_of):
             self._call(submission, submission.hook.before_step, rows[start:end])
 
     def mask_logits(self, logits: torch.Tensor, rows: Sequence[Row]) -> None:
