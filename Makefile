@@ -9,6 +9,9 @@ PY := $(VENV)/bin/python
 MUESTRA := $(VENV)/bin/muestra
 STAMP := $(VENV)/.muestra-installed
 KIT ?= $(HOME)/.cache/muestra/kit
+# pytest-xdist workers for `make test`: one per core, at most 4 (each loads the models it
+# tests); TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= auto
 
 .PHONY: install test demo bench lint lock clean
 
@@ -25,7 +28,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=20
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist worksteal --durations=20
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

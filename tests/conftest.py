@@ -2,7 +2,10 @@
 among them, loaded once), and a CLI runner.
 
 The kits are built fresh into a temporary folder (the build itself is under test),
-unless MUESTRA_TEST_KITS points at a folder to reuse between runs.
+unless MUESTRA_TEST_KITS points at a folder to reuse between runs. Under pytest-xdist
+(`make test` runs `-n auto`) the workers share that folder, each kit built once under a
+file lock, and each worker's torch takes its share of the cores (OMP_NUM_THREADS, set
+before torch loads and inherited by the subprocesses tests start) instead of all of them.
 
 `run_cli` runs `muestra ARGS…` through the real entry point (`muestra.cli.app.main`,
 argument parsing, error handling and exit codes included) inside the test process,
@@ -26,6 +29,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("COLUMNS", "200")  # before Rich consoles are created
+if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # set before conftest loads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (cores or 1) // int(workers))))
 
 ROOT = Path(__file__).resolve().parents[1]
 SEEDS = ROOT.parent / "shared" / "seeds"
@@ -33,14 +39,23 @@ SEEDS = ROOT.parent / "shared" / "seeds"
 
 @pytest.fixture(scope="session")
 def kits_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    reuse = os.environ.get("MUESTRA_TEST_KITS")
-    return Path(reuse) if reuse else tmp_path_factory.mktemp("kits")
+    if reuse := os.environ.get("MUESTRA_TEST_KITS"):
+        return Path(reuse)
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # one folder for all the session's workers
+        base = base.parent
+    (base / "kits").mkdir(exist_ok=True)
+    return base / "kits"
 
 
 def _kit(kits_root: Path, preset: str) -> Path:
+    from filelock import FileLock
+
     from muestra.models.kit import ensure_kit
 
-    return ensure_kit(preset, kits_root / preset)
+    kits_root.mkdir(parents=True, exist_ok=True)
+    with FileLock(kits_root / f"{preset}.lock"):  # another worker may be building it
+        return ensure_kit(preset, kits_root / preset)
 
 
 @pytest.fixture(scope="session")

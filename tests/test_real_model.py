@@ -156,6 +156,13 @@ def test_an_unsupported_gguf_architecture_is_named(tmp_path):
         load_model(str(path), device="cpu")
 
 
+def test_a_file_that_is_not_gguf_is_named(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"not a model")
+    with pytest.raises(InputError, match=r"model\.gguf is not a readable GGUF file"):
+        load_model(str(path), device="cpu")
+
+
 def test_plain_text_reasoning_then_a_schema_answer(smol):
     """SmolLM2 has no think tags: it reasons in plain text (sampled), then answers under the
     schema greedily — valid answers that vary with the reasoning, stored like Qwen's."""

@@ -68,7 +68,6 @@ def load_gguf(file: Path, dtype: torch.dtype | str = torch.float32) -> tuple[Any
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     _require_packages()
-    architecture = gguf_architecture(file)
     folder, name = str(file.parent), file.name
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
@@ -79,8 +78,11 @@ def load_gguf(file: Path, dtype: torch.dtype | str = torch.float32) -> tuple[Any
             # Widen every tensor into plain nn.Linear weights, whatever kernels are installed.
             quantization_config=GgufConfig(dequantize=True),
         )
-    except ValueError as err:
-        if "not supported" not in str(err):
+    except Exception as err:
+        # Read the architecture only now: parsing a GGUF's metadata takes ~8 s for
+        # SmolLM2's (its 49k-token vocabulary), and transformers parses it on its own.
+        architecture = gguf_architecture(file)  # InputError for an unreadable file
+        if not isinstance(err, ValueError) or "not supported" not in str(err):
             raise
         supported = ", ".join(sorted(GGUF_SUPPORTED_ARCHITECTURES))
         raise InputError(
