@@ -65,21 +65,19 @@ def median_rate(
     return statistics.median(r["tokens"] / r["s"] for r in runs), runs
 
 
-def decode_rate(fn: Callable[[int], int], repeats: int) -> float:
-    """Tokens/s of decoding alone: `fn(n)` generates `n` tokens after the prompt's prefill;
-    the median time of a 1-token run (the prefill and one token) is subtracted from the
-    median time of a NEW_TOKENS run, and the other NEW_TOKENS - 1 tokens divide the rest."""
-
-    def median_seconds(n: int) -> float:
-        fn(n)  # warm-up
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn(n)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    return (NEW_TOKENS - 1) / (median_seconds(NEW_TOKENS) - median_seconds(1))
+def decode_rate(fn: Callable[[int], int], runs: list[dict[str, float]], repeats: int) -> float:
+    """Tokens/s of decoding alone: `fn(n)` generates `n` tokens after the prompt's prefill,
+    and `runs` are `median_rate`'s timed NEW_TOKENS runs of it. The median time of a 1-token
+    run (the prefill and one token) is subtracted from theirs, and the other
+    NEW_TOKENS - 1 tokens divide the rest."""
+    fn(1)  # warm-up
+    prefill = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(1)
+        prefill.append(time.perf_counter() - start)
+    whole = statistics.median(r["s"] for r in runs)
+    return (NEW_TOKENS - 1) / (whole - statistics.median(prefill))
 
 
 def generated_tokens(new_ids: torch.Tensor, eos_ids: list[int]) -> int:
@@ -158,7 +156,8 @@ def bench_greedy(loaded: LoadedModel, prompt: list[int], repeats: int) -> dict[s
 
     ours_tok_s, ours_runs = median_rate(ours, repeats)
     hf_tok_s, hf_runs = median_rate(hf, repeats)
-    ours_decode, hf_decode = decode_rate(ours, repeats), decode_rate(hf, repeats)
+    ours_decode = decode_rate(ours, ours_runs, repeats)
+    hf_decode = decode_rate(hf, hf_runs, repeats)
     return {
         "engine_tok_s": ours_tok_s,
         "hf_tok_s": hf_tok_s,
@@ -195,7 +194,7 @@ def bench_llama_cpp(prompt: list[int], repeats: int) -> dict[str, Any]:
         "gguf": GGUF_FILE,
         "threads": LLAMA_CPP_THREADS,
         "tok_s": tok_s,
-        "decode_tok_s": decode_rate(decode, repeats),
+        "decode_tok_s": decode_rate(decode, runs, repeats),
         "runs": runs,
     }
 

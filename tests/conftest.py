@@ -44,7 +44,6 @@ def kits_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):  # one folder for all the session's workers
         base = base.parent
-    (base / "kits").mkdir(exist_ok=True)
     return base / "kits"
 
 
