@@ -212,13 +212,20 @@ class AnswerProbabilities:
 
     # ---- inside the decoding loop ------------------------------------------------------
 
-    def record(self, logits: torch.Tensor, rows: Sequence[Any], indices: Sequence[int]) -> None:
+    def record(
+        self,
+        logits: torch.Tensor,
+        rows: Sequence[Any],
+        indices: Sequence[int],
+        allowed: torch.Tensor | None = None,
+    ) -> None:
         """Keep the grammar-masked logits of answer rows `indices` at this step (called by
         the phase controller right after it masks them), sparse: only the allowed tokens,
         and only where at most `RECORD_LIMIT` are allowed (a free string's steps are
-        never a decision point of an enum or boolean)."""
-        chosen = logits[torch.tensor(indices, device=logits.device)]
-        allowed = torch.isfinite(chosen)
+        never a decision point of an enum or boolean). `allowed` (len(indices), V) is the
+        grammar's mask when the caller has it (it saves a pass over the logits)."""
+        if allowed is None:
+            allowed = torch.isfinite(logits[torch.tensor(indices, device=logits.device)])
         counts = allowed.sum(dim=1).tolist()
         for j, i in enumerate(indices):
             entries = self._recorded.setdefault(_key(rows[i]), [])
@@ -226,7 +233,7 @@ class AnswerProbabilities:
                 entries.append(None)
                 continue
             ids = allowed[j].nonzero().flatten()
-            entries.append((ids, chosen[j, ids]))
+            entries.append((ids, logits[i, ids]))
 
     @torch.inference_mode()
     def finish(self, row: Any, context: Callable[[int], Any]) -> None:

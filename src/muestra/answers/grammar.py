@@ -358,8 +358,11 @@ class GrammarBackend:
     def allocate_bitmask(self, rows: int) -> torch.Tensor:
         return self.xgr.allocate_token_bitmask(rows, self.vocab_size)
 
-    def fill_and_apply(self, logits: torch.Tensor, matchers: list[Any], indices: list[int]) -> None:
-        """Mask `logits` rows `indices` (in place) by their matchers, all rows at once.
+    def fill_and_apply(
+        self, logits: torch.Tensor, matchers: list[Any], indices: list[int]
+    ) -> torch.Tensor:
+        """Mask `logits` rows `indices` (in place) by their matchers, all rows at once, and
+        return the mask: `(len(indices), V)`, True where a row's matcher allows the token.
 
         xgrammar fills the packed bitmask for every row in one call. Applying it is done
         here with a byte lookup table instead of xgrammar's CPU kernel, whose cost grows with
@@ -377,6 +380,7 @@ class GrammarBackend:
         else:
             rows = torch.tensor(indices, device=logits.device)
             logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+        return allowed
 
     def forbidden_ids(self, device: torch.device) -> torch.Tensor:
         if self._forbidden_ids.device != device:

@@ -217,9 +217,10 @@ class PhaseController:
         answering = [i for i, r in enumerate(rows) if r.state.phase == "answer" and r.state.matcher]
         if answering:
             backend, _ = self.grammar
-            backend.fill_and_apply(logits, [rows[i].state.matcher for i in answering], answering)
+            matchers = [rows[i].state.matcher for i in answering]
+            allowed = backend.fill_and_apply(logits, matchers, answering)
             if self.probabilities is not None:
-                self.probabilities.record(logits, rows, answering)
+                self.probabilities.record(logits, rows, answering, allowed)
 
     def draft(self, row: Row) -> list[int]:
         """Jump-forward: the tokens of the text the grammar forces next (JSON keys,

@@ -32,6 +32,7 @@ from muestra.engine.engine import drafts_off_note
 from muestra.engine.seeds import fresh_run_seed
 from muestra.errors import InputError
 from muestra.models.loading import LoadedModel
+from muestra.models.tokenization import token_id
 
 
 @dataclass
@@ -88,8 +89,7 @@ def think_from_generation_config(model: Any, budget: int, **overrides: Any) -> T
 def has_think_tags(tokenizer: Any, think: ThinkConfig) -> bool:
     """Whether the model has think tags: both in its vocabulary and its chat template
     mentions them (a base model's template, or none, does not)."""
-    vocab = tokenizer.get_vocab()
-    if think.open_tag not in vocab or think.close_tag not in vocab:
+    if token_id(tokenizer, think.open_tag) is None or token_id(tokenizer, think.close_tag) is None:
         return False
     template = getattr(tokenizer, "chat_template", None) or ""
     return think.open_tag in template
@@ -153,7 +153,7 @@ class StructuredGenerator:
             return None
         return TagIds(
             open_ids=encode(think.open_tag + "\n"),
-            close_id=self.tokenizer.get_vocab()[think.close_tag],
+            close_id=token_id(self.tokenizer, think.close_tag),
             close_ids=encode(think.close_text),
             after_close_ids=encode("\n\n"),
         )

@@ -306,6 +306,15 @@ class SamplingBatch:
         """Steps 4–7: temperature, top-k, top-p, min-p. Greedy rows pass through."""
         if self.all_greedy:
             return Warped(logits, None, None)
+        if not self.any_greedy and not self.candidate_rows.numel():
+            # every row samples from its whole vocabulary (the usual batch of samples):
+            # the same steps on the whole batch, without a -inf canvas to scatter into
+            full = apply_temperature(logits, self.temperature)
+            if not self.no_top_p:
+                full = apply_top_p(full, self.top_p)
+            if not self.no_min_p:
+                full = apply_min_p(full, self.min_p)
+            return Warped(full, None, None)
         greedy = (self.temperature == 0).unsqueeze(1)  # (B, 1)
         processed = torch.where(greedy, logits, torch.full_like(logits, NEG_INF))
         ids = values = None
@@ -338,19 +347,28 @@ class SamplingBatch:
     def choose(self, warped: Warped, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
         """Step 8: argmax for greedy rows, one inverse-CDF draw for the others. (B,)"""
         processed = warped.logits
-        chosen = processed.argmax(dim=-1)
         if self.all_greedy:
-            return chosen
-        uniforms = torch.zeros(len(generators), dtype=torch.float64)
-        for row, generator in enumerate(generators):
-            if generator is not None:
-                uniforms[row] = torch.rand((), generator=generator, dtype=torch.float64)
-        uniforms = uniforms.to(processed.device)
+            return processed.argmax(dim=-1)
+        # greedy rows take the argmax; every other row is drawn below
+        chosen = (
+            processed.argmax(dim=-1)
+            if self.any_greedy
+            else torch.zeros(processed.shape[0], dtype=torch.long, device=processed.device)
+        )
+        draws = [
+            float(torch.rand((), generator=generator, dtype=torch.float64))
+            if generator is not None
+            else 0.0
+            for generator in generators
+        ]
+        uniforms = torch.tensor(draws, dtype=torch.float64, device=processed.device)
         if self.candidate_rows.numel():
             assert warped.candidate_ids is not None and warped.candidate_logits is not None
             rows = self.candidate_rows
             picks = sample_inverse_cdf(warped.candidate_logits.softmax(dim=-1), uniforms[rows])
             chosen[rows] = warped.candidate_ids.gather(1, picks.unsqueeze(1)).squeeze(1)
+        if self.full_rows.numel() == processed.shape[0]:  # every row, in order: no copies
+            return sample_inverse_cdf(processed.softmax(dim=-1), uniforms)
         if self.full_rows.numel():
             rows = self.full_rows
             chosen[rows] = sample_inverse_cdf(processed[rows].softmax(dim=-1), uniforms[rows])
