@@ -11,6 +11,9 @@ metadata); `muestra kit build` does it once and saves an ordinary safetensors fo
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +65,36 @@ def _require_packages() -> None:
         )
 
 
+@contextmanager
+def _parsed_once() -> Iterator[None]:
+    """While loading one model: each GGUF file's header parsed once, each tensor-name map
+    built once.
+
+    transformers reads a GGUF three times (config, tokenizer, weights), each time through a
+    new `gguf.GGUFReader` (~4 s for SmolLM2's file here: its 49k-token vocabulary walked
+    through numpy memmap views), and builds gguf's `TensorNameMap` again for every tensor
+    (397 times, ~6 s). It imports both names from `gguf` inside the functions that use
+    them, so for the duration of the load they are swapped for memoized ones: the same
+    reader object (read-only; its tensors are memmap views) and the same name map.
+    """
+    import gguf
+
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    def reader(path: Any, mode: str = "r") -> Any:
+        key = (str(path), mode)
+        if key not in readers:
+            readers[key] = reader_class(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
+
+
 def load_gguf(file: Path, dtype: torch.dtype | str = torch.float32) -> tuple[Any, Any]:
     """Dequantize `file` into a transformers causal LM (eval mode) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -70,14 +103,15 @@ def load_gguf(file: Path, dtype: torch.dtype | str = torch.float32) -> tuple[Any
     _require_packages()
     folder, name = str(file.parent), file.name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(
-            folder,
-            gguf_file=name,
-            dtype=torch.float32 if dtype == "auto" else dtype,
-            # Widen every tensor into plain nn.Linear weights, whatever kernels are installed.
-            quantization_config=GgufConfig(dequantize=True),
-        )
+        with _parsed_once():
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            model = AutoModelForCausalLM.from_pretrained(
+                folder,
+                gguf_file=name,
+                dtype=torch.float32 if dtype == "auto" else dtype,
+                # Widen every tensor into plain nn.Linear weights, whatever kernels exist.
+                quantization_config=GgufConfig(dequantize=True),
+            )
     except Exception as err:
         # Read the architecture only now: parsing a GGUF's metadata takes ~8 s for
         # SmolLM2's (its 49k-token vocabulary), and transformers parses it on its own.
