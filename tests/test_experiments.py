@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import pandas as pd
@@ -172,16 +173,8 @@ def test_changed_spec_is_refused(cli, tiny_kit, tmp_path):
 
 def _count(store: Path) -> int:
     try:
-        db = sqlite3.connect(store, timeout=30)
-        return db.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
-    except sqlite3.OperationalError:
-        return 0
-
-
-def stored_count(path: Path) -> int:
-    try:
-        with sqlite3.connect(path, timeout=5) as db:
-            return db.execute("SELECT count(*) FROM samples").fetchone()[0]
+        with closing(sqlite3.connect(store, timeout=30)) as db:
+            return db.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
     except sqlite3.OperationalError:  # not created yet
         return 0
 
@@ -198,14 +191,14 @@ def test_kill_9_then_resume_gives_exact_rows(tiny_kit, tmp_path):
     command += ["--batch", "3"]
     kills = []
     for _ in range(2):
-        before = stored_count(store)
+        before = _count(store)
         proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
-        while stored_count(store) == before and proc.poll() is None and time.time() < deadline:
+        while _count(store) == before and proc.poll() is None and time.time() < deadline:
             time.sleep(0.01)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        kills.append(stored_count(store))
+        kills.append(_count(store))
     assert 0 < kills[0] < kills[1] < 20, f"each kill should land mid-run: {kills} rows stored"
     assert subprocess.run(command, capture_output=True).returncode == 0
     query = (

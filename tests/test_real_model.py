@@ -141,17 +141,22 @@ def test_a_gguf_file_is_a_model_argument(smol, tmp_path):
     torch.testing.assert_close(a, b)
 
 
-def test_an_unsupported_gguf_architecture_is_named(tmp_path):
+def write_gguf(path: Path, architecture: str) -> Path:
+    """A GGUF file of one 4×4 zero tensor, `token_embd.weight`."""
     import gguf
     import numpy as np
 
-    path = tmp_path / "strange.gguf"
-    writer = gguf.GGUFWriter(str(path), "strangearch")
+    writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    return path
+
+
+def test_an_unsupported_gguf_architecture_is_named(tmp_path):
+    path = write_gguf(tmp_path / "strange.gguf", "strangearch")
     with pytest.raises(InputError, match="strangearch"):
         load_model(str(path), device="cpu")
 
@@ -162,17 +167,10 @@ def test_one_load_parses_a_gguf_once_and_leaves_gguf_as_it_was(tmp_path):
     the `gguf` module is untouched. (By hand: the SmolLM2 load took 15 s instead of 31 s,
     with the same weights and tokenizer.)"""
     import gguf
-    import numpy as np
 
     from muestra.models.gguf import _parsed_once
 
-    path = tmp_path / "small.gguf"
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = write_gguf(tmp_path / "small.gguf", "llama")
     reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
     with _parsed_once():
         first = gguf.GGUFReader(path)

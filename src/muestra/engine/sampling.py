@@ -349,12 +349,6 @@ class SamplingBatch:
         processed = warped.logits
         if self.all_greedy:
             return processed.argmax(dim=-1)
-        # greedy rows take the argmax; every other row is drawn below
-        chosen = (
-            processed.argmax(dim=-1)
-            if self.any_greedy
-            else torch.zeros(processed.shape[0], dtype=torch.long, device=processed.device)
-        )
         draws = [
             float(torch.rand((), generator=generator, dtype=torch.float64))
             if generator is not None
@@ -362,13 +356,19 @@ class SamplingBatch:
             for generator in generators
         ]
         uniforms = torch.tensor(draws, dtype=torch.float64, device=processed.device)
+        if self.full_rows.numel() == processed.shape[0]:  # every row, in order: no copies
+            return sample_inverse_cdf(processed.softmax(dim=-1), uniforms)
+        # greedy rows take the argmax; every other row is drawn below
+        chosen = (
+            processed.argmax(dim=-1)
+            if self.any_greedy
+            else torch.zeros(processed.shape[0], dtype=torch.long, device=processed.device)
+        )
         if self.candidate_rows.numel():
             assert warped.candidate_ids is not None and warped.candidate_logits is not None
             rows = self.candidate_rows
             picks = sample_inverse_cdf(warped.candidate_logits.softmax(dim=-1), uniforms[rows])
             chosen[rows] = warped.candidate_ids.gather(1, picks.unsqueeze(1)).squeeze(1)
-        if self.full_rows.numel() == processed.shape[0]:  # every row, in order: no copies
-            return sample_inverse_cdf(processed.softmax(dim=-1), uniforms)
         if self.full_rows.numel():
             rows = self.full_rows
             chosen[rows] = sample_inverse_cdf(processed[rows].softmax(dim=-1), uniforms[rows])
