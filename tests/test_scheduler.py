@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from muestra.engine import Engine, GenerationRequest, SamplingParams
-from muestra.engine.kv_cache import GrowingCache, merge_left_padded
 from muestra.engine.scheduler import Scheduler, Update
+from muestra.models.runtime.kv_cache import GrowingCache, merge_left_padded
 
 PROMPTS = ["Hola", "Había una vez, en un reino muy lejano,", "def f(x):", "Lista: rojo, azul"]
 

@@ -150,12 +150,12 @@ def test_a_ragged_batch_is_each_row_decoded_alone(smol, gpt2, monkeypatch):
     greedy rows equal plain greedy (GPT-2 kit, k = 8 with a one-layer draft: many masked
     holes, so the cache is compacted along the way); sampled rows of the real model equal
     themselves decoded alone (same seeds, same draws)."""
-    import muestra.engine.speculative as speculative
+    import muestra.models.runtime.torch_runtime as torch_runtime
 
     compactions = []
-    real_gather = speculative.gather_columns
+    real_gather = torch_runtime.gather_columns
     monkeypatch.setattr(
-        speculative, "gather_columns", lambda *a: compactions.append(1) or real_gather(*a)
+        torch_runtime, "gather_columns", lambda *a: compactions.append(1) or real_gather(*a)
     )
     engine = Engine.from_loaded(gpt2)
     draft = layer_draft(gpt2.model, 1)

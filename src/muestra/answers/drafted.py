@@ -33,22 +33,30 @@ from muestra.errors import InputError
 
 
 def load_draft(loaded: Any, draft_ref: str, dtype: str = "auto", device: str = "auto") -> Any:
-    """A speculative draft for `loaded`: `layers:N` or a model sharing its vocabulary."""
+    """A speculative draft for `loaded`: `layers:N` (the torch runtime) or a model sharing
+    its vocabulary, on the same runtime as `loaded` (a GGUF for llama.cpp)."""
     from muestra.models.loading import load_model
 
+    runtime = loaded.runtime.name
     if draft_ref.startswith("layers:"):
         try:
             layers = int(draft_ref.split(":", 1)[1])
         except ValueError:
             raise InputError(f"draft model {draft_ref!r}: use layers:N or a model") from None
+        if runtime != "torch":
+            raise InputError(
+                f"draft model {draft_ref!r}: a draft of the model's own first layers needs the "
+                f"torch runtime (this model runs on {runtime}); give a smaller GGUF with the "
+                "same vocabulary, or --runtime torch"
+            )
         return layer_draft(loaded.model, layers)
-    other = load_model(draft_ref, dtype=dtype, device=device)  # type: ignore[arg-type]
+    other = load_model(draft_ref, dtype=dtype, device=device, runtime=runtime)  # type: ignore[arg-type]
     if other.tokenizer.get_vocab() != loaded.tokenizer.get_vocab():
         raise InputError(
             f"draft model {draft_ref}: its vocabulary differs from the model's; a draft "
             "must share the tokenizer"
         )
-    return other.model
+    return other.runtime
 
 
 def run_drafted_answers(

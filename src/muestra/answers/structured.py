@@ -80,7 +80,8 @@ def sampling_from_generation_config(config: Mapping[str, Any]) -> SamplingParams
 
 
 def think_from_generation_config(model: Any, budget: int, **overrides: Any) -> ThinkConfig:
-    """Think sampling defaults from the model's generation config, `overrides` on top."""
+    """Think sampling defaults from the generation config of `model` (a `LoadedModel` or a
+    transformers model), `overrides` on top."""
     params = sampling_from_generation_config(model.generation_config.to_dict())
     params = replace(params, **{k: v for k, v in overrides.items() if v is not None})
     return ThinkConfig(params=params, budget=budget)
@@ -190,7 +191,7 @@ class StructuredGenerator:
         self.notes = []
         if compiled is not None and self.jump_forward and not think_only:
             # (DoLa while thinking only holds drafts back while a row of the batch thinks)
-            note = drafts_off_note(self.loaded.model.config, [answer.params])
+            note = drafts_off_note(self.loaded.runtime.config, [answer.params])
             self.notes += [note] if note is not None else []
         controller = PhaseController(
             think,
@@ -219,23 +220,37 @@ class StructuredGenerator:
             )
             for i, p in enumerate(prompts)
         ]
-        results = self.text.engine.generate(requests, controller)
-        if scorer is not None:
-            scorer.flush()  # the rows still waiting for their untaken branches
-        samples = [
-            self._finish(s, requests[i], grammar, pydantic_model)
-            for i, row in enumerate(results)
-            for s in row
-        ]
-        if scorer is not None:
-            self.field_probs_counts = {"in_loop": 0, "post_hoc": 0}
-            for sample, raw in zip(samples, [s for row in results for s in row], strict=True):
-                if sample.error is None and sample.answer is not None:
-                    live = scorer.live.get((raw.request_index, raw.sample_index))
-                    prompt = requests[raw.request_index].prompt_ids
-                    sample.field_probs = live if live is not None else scorer.score(prompt, raw)
-                    self.field_probs_counts["in_loop" if live is not None else "post_hoc"] += 1
+        try:
+            results = self.text.engine.generate(requests, controller)
+            if scorer is not None:
+                scorer.flush()  # the rows still waiting for their untaken branches
+            samples = [
+                self._finish(s, requests[i], grammar, pydantic_model)
+                for i, row in enumerate(results)
+                for s in row
+            ]
+            if scorer is not None:
+                self._score(scorer, samples, results, requests)
+        finally:
+            if scorer is not None:
+                scorer.close()
         return samples
+
+    def _score(
+        self,
+        scorer: Any,
+        samples: list[StructuredSample],
+        results: list[list[Sample]],
+        requests: list[GenerationRequest],
+    ) -> None:
+        """Each valid answer's `field_probs`: from the loop, else computed after the fact."""
+        self.field_probs_counts = {"in_loop": 0, "post_hoc": 0}
+        for sample, raw in zip(samples, [s for row in results for s in row], strict=True):
+            if sample.error is None and sample.answer is not None:
+                live = scorer.live.get((raw.request_index, raw.sample_index))
+                prompt = requests[raw.request_index].prompt_ids
+                sample.field_probs = live if live is not None else scorer.score(prompt, raw)
+                self.field_probs_counts["in_loop" if live is not None else "post_hoc"] += 1
 
     def _finish(
         self,
@@ -346,7 +361,7 @@ def sample_answers(
     grammar = GrammarSpec.from_options(schema=schema, regex=regex, choice=choice)
     think = None
     if think_budget is not None:
-        think = think_from_generation_config(loaded.model, think_budget)
+        think = think_from_generation_config(loaded, think_budget)
         think = replace(think, mode=think_mode, params=think_params or think.params)
         think = generator.resolve_think(think)
         if think.mode == "text":

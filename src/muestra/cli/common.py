@@ -28,6 +28,36 @@ AllowPickleOption = typer.Option(
 TrustRemoteCodeOption = typer.Option(
     False, "--trust-remote-code", help="Run modelling code shipped with the model."
 )
+RUNTIME_HELP = (
+    "What computes the logits: llamacpp (a GGUF with llama.cpp's CPU kernels) | torch "
+    "(transformers) | auto: llamacpp for a GGUF alone when llama-cpp-python is installed "
+    "(and no --dtype is asked for), else torch."
+)
+THREADS_HELP = "CPU threads of the runtime (default: the cores, or OMP_NUM_THREADS)."
+INVARIANT_HELP = (
+    "llamacpp: a sample's logits never depend on the rows decoded beside it (default); "
+    "--no-batch-invariant: llama.cpp's own batching, faster for a single row."
+)
+RuntimeOption = typer.Option("auto", "--runtime", help=RUNTIME_HELP)
+ThreadsOption = typer.Option(None, "--threads", min=1, help=THREADS_HELP)
+BatchInvariantOption = typer.Option(
+    True, "--batch-invariant/--no-batch-invariant", help=INVARIANT_HELP
+)
+# the same settings for commands that run specs: unset, each model's own [model] setting
+RuntimeOverrideOption = typer.Option(
+    None, "--runtime", help=RUNTIME_HELP + " Default: each model's `runtime` in the spec."
+)
+BatchInvariantOverrideOption = typer.Option(
+    None, "--batch-invariant/--no-batch-invariant", help=INVARIANT_HELP
+)
+
+
+def model_options(
+    runtime: str | None, threads: int | None, batch_invariant: bool | None
+) -> dict[str, Any]:
+    """The runtime settings given on the command line, as [model] spec fields."""
+    given = {"runtime": runtime, "threads": threads, "batch_invariant": batch_invariant}
+    return {key: value for key, value in given.items() if value is not None}
 
 
 def print_json(data: Any) -> None:

@@ -10,7 +10,17 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from muestra.cli.common import JsonOption, TrustRemoteCodeOption, print_json, stderr, stdout
+from muestra.cli.common import (
+    BatchInvariantOverrideOption,
+    JsonOption,
+    RuntimeOverrideOption,
+    ThreadsOption,
+    TrustRemoteCodeOption,
+    model_options,
+    print_json,
+    stderr,
+    stdout,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -81,6 +91,9 @@ def eval_command(
     items: bool = typer.Option(False, "--items", help="Also print every question's result."),
     as_json: bool = JsonOption,
     trust_remote_code: bool = TrustRemoteCodeOption,
+    runtime: str | None = RuntimeOverrideOption,
+    threads: int | None = ThreadsOption,
+    batch_invariant: bool | None = BatchInvariantOverrideOption,
 ) -> None:
     """Score a question set: accuracy with Wilson intervals, per category, and for several
     methods their agreement and paired tests (McNemar, bootstrap interval).
@@ -113,7 +126,8 @@ def eval_command(
             seed=seed,
             dtype=dtype,
         )
-        results.append(_run_one(model, loaded_task, settings, store, trust_remote_code))
+        options = model_options(runtime, threads, batch_invariant)
+        results.append(_run_one(model, loaded_task, settings, store, trust_remote_code, options))
     pairs = [
         compare_results(results[i], results[j], methods[i], methods[j])
         for i in range(len(results))
@@ -136,7 +150,9 @@ def eval_command(
         _print_pair(pair)
 
 
-def _run_one(model: str, task: Any, settings: Any, store: Path, trust: bool) -> Any:
+def _run_one(
+    model: str, task: Any, settings: Any, store: Path, trust: bool, options: dict[str, Any]
+) -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from muestra.evaluation.evaluate import evaluate
@@ -168,6 +184,7 @@ def _run_one(model: str, task: Any, settings: Any, store: Path, trust: bool) -> 
                 on_progress=update,
                 trust_remote_code=trust,
                 on_note=lambda text: stderr.print(f"note: {text}", markup=False),
+                model_options=options,
             )
         except KeyboardInterrupt:
             stderr.print(
@@ -294,6 +311,17 @@ def compare(
     ),
     as_json: bool = JsonOption,
     trust_remote_code: bool = TrustRemoteCodeOption,
+    runtime_a: str | None = typer.Option(
+        None, "--runtime-a", help="MODEL_A's runtime (as --runtime: llamacpp | torch | auto)."
+    ),
+    runtime_b: str | None = typer.Option(
+        None,
+        "--runtime-b",
+        help="MODEL_B's runtime. The same model twice with --runtime-a torch --runtime-b "
+        "llamacpp compares fp32 torch with llama.cpp's quantized kernels.",
+    ),
+    threads: int | None = ThreadsOption,
+    batch_invariant: bool | None = BatchInvariantOverrideOption,
 ) -> None:
     """Two models on the same work with the same seeds, side by side, as seed 002 compares
     distilgpt2 with gpt2: with --task, accuracies with the paired tests (McNemar exact,
@@ -306,8 +334,12 @@ def compare(
 
     if (task is None) == (spec is None):
         raise InputError("give exactly one of --task FILE (questions) or --spec FILE (experiment)")
+    options = (
+        model_options(runtime_a, threads, batch_invariant),
+        model_options(runtime_b, threads, batch_invariant),
+    )
     if spec is not None:
-        _compare_spec(model_a, model_b, spec, out, samples, as_json, trust_remote_code)
+        _compare_spec(model_a, model_b, spec, out, samples, as_json, trust_remote_code, options)
         return
     from muestra.evaluation.compare import compare_models
     from muestra.evaluation.tasks import load_task
@@ -332,6 +364,7 @@ def compare(
         store,
         trust_remote_code=trust_remote_code,
         on_note=lambda text: stderr.print(f"note: {text}", markup=False),
+        options=options,
     )
     if as_json:
         print_json(report.as_json())
@@ -350,11 +383,13 @@ def compare(
 
 def _print_timings(timings: list[Any]) -> None:
     timing = Table(title="timings (this machine, this run)", show_edge=False)
-    for column in ("model", "load s", "weights MB", "prefill tok/s", "decode tok/s", "eval s"):
+    columns = ("model", "runtime", "load s", "weights MB", "prefill tok/s", "decode tok/s")
+    for column in (*columns, "eval s"):
         timing.add_column(column)
     for t in timings:
         timing.add_row(
             t.model,
+            t.runtime,
             f"{t.load_seconds:.2f}",
             f"{t.weights_mb:.0f}",
             f"{t.prefill_tps:.0f}",
@@ -372,6 +407,7 @@ def _compare_spec(
     samples: int | None,
     as_json: bool,
     trust: bool,
+    options: tuple[dict[str, Any], dict[str, Any]],
 ) -> None:
     from dataclasses import asdict
 
@@ -390,6 +426,7 @@ def _compare_spec(
         samples=samples,
         trust_remote_code=trust,
         on_note=lambda text: stderr.print(f"note: {text}", markup=False),
+        options=options,
     )
     _, _, _, analysis = load_analysis(store, None, result.run_id)
     if as_json:

@@ -8,7 +8,17 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from muestra.cli.common import JsonOption, TrustRemoteCodeOption, print_json, stderr, stdout
+from muestra.cli.common import (
+    BatchInvariantOverrideOption,
+    JsonOption,
+    RuntimeOverrideOption,
+    ThreadsOption,
+    TrustRemoteCodeOption,
+    model_options,
+    print_json,
+    stderr,
+    stdout,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -34,6 +44,9 @@ def run(
     ),
     batch_rows: int = typer.Option(32, "--batch", min=1, help="Samples decoded together."),
     trust_remote_code: bool = TrustRemoteCodeOption,
+    runtime: str | None = RuntimeOverrideOption,
+    threads: int | None = ThreadsOption,
+    batch_invariant: bool | None = BatchInvariantOverrideOption,
 ) -> None:
     """Run an experiment: every model × condition × prompt × sample, resumable.
 
@@ -54,6 +67,7 @@ def run(
         batch_rows=batch_rows,
         on_note=lambda text: stderr.print(f"note: {text}", markup=False),
         trust_remote_code=trust_remote_code,
+        model_options=model_options(runtime, threads, batch_invariant),
     )
     runner.open()
     units = runner.plan()

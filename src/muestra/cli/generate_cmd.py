@@ -13,8 +13,11 @@ from muestra.cli import structured_options
 from muestra.cli.common import (
     MODEL_HELP,
     AllowPickleOption,
+    BatchInvariantOption,
     DeviceOption,
     DtypeOption,
+    RuntimeOption,
+    ThreadsOption,
     TrustRemoteCodeOption,
     print_json,
     stderr,
@@ -181,6 +184,9 @@ def generate(
     device: str = DeviceOption,
     allow_pickle: bool = AllowPickleOption,
     trust_remote_code: bool = TrustRemoteCodeOption,
+    runtime: str = RuntimeOption,
+    threads: int | None = ThreadsOption,
+    batch_invariant: bool = BatchInvariantOption,
 ) -> None:
     """Sample MODEL N times. One JSON line per sample on stdout:
 
@@ -271,6 +277,9 @@ def generate(
         device=device,
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
+        runtime=runtime,  # type: ignore[arg-type]
+        threads=threads,
+        batch_invariant=batch_invariant,
     )
     generator = TextGenerator(loaded, max_batch=max_batch)
     think = None

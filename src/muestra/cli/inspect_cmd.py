@@ -13,6 +13,8 @@ from muestra.cli.common import (
     DeviceOption,
     DtypeOption,
     JsonOption,
+    RuntimeOption,
+    ThreadsOption,
     TrustRemoteCodeOption,
     print_json,
     stdout,
@@ -115,6 +117,8 @@ def next_token(
     device: str = DeviceOption,
     allow_pickle: bool = AllowPickleOption,
     trust_remote_code: bool = TrustRemoteCodeOption,
+    runtime: str = RuntimeOption,
+    threads: int | None = ThreadsOption,
     as_json: bool = JsonOption,
 ) -> None:
     """The most likely next tokens: rank, id, token, logit, probability, cumulative.
@@ -130,9 +134,11 @@ def next_token(
         device=device,
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
+        runtime=runtime,  # type: ignore[arg-type]
+        threads=threads,
     )
     ids = prompt_ids(loaded.tokenizer, prompt, raw, enable_thinking)
-    rows = next_token_table(loaded.model, loaded.tokenizer, ids, top)
+    rows = next_token_table(loaded.runtime, loaded.tokenizer, ids, top)
     if as_json:
         print_json(
             {"model": model, "prompt_ids": ids, "candidates": [row.__dict__ for row in rows]}

@@ -29,9 +29,10 @@ def build(
 ) -> None:
     """Build a kit folder (same bytes for the same preset and installed packages).
 
-    smollm2-135m-instruct dequantizes the Q4_1 GGUF of SmolLM2-135M-Instruct (~40 s); the
-    other presets have RANDOM weights. The folder loads like any downloaded model: pass it
-    as MODEL to every command.
+    smollm2-135m-instruct dequantizes the Q4_1 GGUF of SmolLM2-135M-Instruct (~20 s) and
+    keeps the GGUF beside the weights: the folder runs on torch, `--runtime llamacpp` runs
+    its GGUF on llama.cpp (or pass the .gguf file itself). The other presets have RANDOM
+    weights. The folder loads like any downloaded model: pass it as MODEL to every command.
     """
     from muestra.models.kit import build_kit
 

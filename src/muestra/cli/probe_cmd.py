@@ -9,7 +9,17 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from muestra.cli.common import JsonOption, TrustRemoteCodeOption, print_json, stderr, stdout
+from muestra.cli.common import (
+    BatchInvariantOverrideOption,
+    JsonOption,
+    RuntimeOverrideOption,
+    ThreadsOption,
+    TrustRemoteCodeOption,
+    model_options,
+    print_json,
+    stderr,
+    stdout,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -40,6 +50,9 @@ def probe(
     list_probes: bool = typer.Option(False, "--list", help="List the shipped probes and exit."),
     as_json: bool = JsonOption,
     trust_remote_code: bool = TrustRemoteCodeOption,
+    runtime: str | None = RuntimeOverrideOption,
+    threads: int | None = ThreadsOption,
+    batch_invariant: bool | None = BatchInvariantOverrideOption,
 ) -> None:
     """Sample a probe's templates × groups, score every continuation, test the groups.
 
@@ -63,6 +76,7 @@ def probe(
     loaded = load_probe(spec)
     store = out if out is not None else Path(f"{loaded.spec.name}.db")
     note = lambda text: stderr.print(f"note: {text}", markup=False)  # noqa: E731
+    options = model_options(runtime, threads, batch_invariant)
     try:
         with _bar("sampling") as update:
             run_id = run_probe(
@@ -75,6 +89,7 @@ def probe(
                 on_progress=update,
                 on_note=note,
                 trust_remote_code=trust_remote_code,
+                model_options=options,
             )
         if loaded.spec.judge is not None and not no_judge:
             judge = judge_model or loaded.spec.judge.model or model
@@ -90,6 +105,7 @@ def probe(
                     on_progress=update,
                     on_note=note,
                     trust_remote_code=trust_remote_code,
+                    model_options=options,
                 )
     except KeyboardInterrupt:
         stderr.print(

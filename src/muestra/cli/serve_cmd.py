@@ -7,8 +7,11 @@ import typer
 from muestra.cli.common import (
     MODEL_HELP,
     AllowPickleOption,
+    BatchInvariantOption,
     DeviceOption,
     DtypeOption,
+    RuntimeOption,
+    ThreadsOption,
     TrustRemoteCodeOption,
 )
 
@@ -85,6 +88,9 @@ def serve(
     device: str = DeviceOption,
     allow_pickle: bool = AllowPickleOption,
     trust_remote_code: bool = TrustRemoteCodeOption,
+    runtime: str = RuntimeOption,
+    threads: int | None = ThreadsOption,
+    batch_invariant: bool = BatchInvariantOption,
     draft_model: str | None = typer.Option(
         None,
         "--draft-model",
@@ -127,6 +133,9 @@ def serve(
         device=device,  # type: ignore[arg-type]
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
+        runtime=runtime,  # type: ignore[arg-type]
+        threads=threads,
+        batch_invariant=batch_invariant,
     )
     served = ServedModel(
         loaded,
@@ -145,11 +154,12 @@ def serve(
     app = create_app(served, api_key=api_key, max_body_bytes=max_body_bytes)
     thinking = "thinks" if served.tags is not None else "does not think"
     stderr.print(
-        f"muestra serve: {served.name} ({thinking}) on http://{host}:{port}/v1"
+        f"muestra serve: {served.name} ({thinking}, {loaded.runtime.name} runtime) on "
+        f"http://{host}:{port}/v1"
         + (" (API key required)" if api_key else ""),
         markup=False,
     )
-    note = drafts_off_note(loaded.model.config, [])
+    note = drafts_off_note(loaded.runtime.config, [])
     if note is not None:
         stderr.print(f"note: {note}", markup=False)
     if host not in ("127.0.0.1", "localhost", "::1"):

@@ -70,7 +70,7 @@ def think_config(
     if mode == "auto" and budget is None:
         mode = "tags"  # a grammar alone asks for an answer, not for reasoning
     think = think_from_generation_config(
-        loaded.model,
+        loaded,
         budget if budget is not None else ThinkConfig().budget,
         temperature=temperature,
         top_p=top_p,

@@ -13,8 +13,9 @@ its beams). Each step, for every prompt at once:
    `num_beams` are finished hypotheses, scored `sum_logprob / length ** length_penalty`
    (length = generated tokens, the EOS included); the best `num_beams` finished ones are
    kept per prompt (a fixed-size heap, as tensors);
-4. the best `num_beams` unfinished continuations are the next running beams; the KV
-   cache rows are reordered by beam origin (`batch_select_indices`);
+4. the best `num_beams` unfinished continuations are the next running beams; the rows'
+   KV state is reordered by beam origin (`Sequences.select`: on llama.cpp a beam that
+   forks shares its parent's cells);
 5. a prompt is done when no running beam can beat its worst kept hypothesis (HF's
    heuristic per `early_stopping`: False compares at the current length, "never" at the
    best reachable length when `length_penalty > 0`), or with `early_stopping=True` as
@@ -38,6 +39,7 @@ import torch
 from muestra.engine.engine import Engine, GenerationRequest
 from muestra.engine.sampling import SamplingParams
 from muestra.errors import InputError
+from muestra.models.runtime.base import Sequences
 
 EarlyStopping = bool | Literal["never"]
 NEG = -1.0e9  # HF's "impossible" score
@@ -161,12 +163,30 @@ class _Search:
                 eos_table[p, list(ids)] = True
 
         prompts = [r.prompt_ids for r in self.requests]
-        cache, logits, attention, _ = engine._prefill(prompts, longest)
+        reserve = getattr(engine.runtime, "reserve", None)
+        if reserve is not None:  # every beam may end on its own cells
+            reserve(sum(len(p) for p in prompts) + 2 * K * P * (longest + 1))
+        seqs, fed = engine.runtime.prefill(prompts, longest)
+        try:
+            return self._search(seqs, fed.last, budget, longest, eos_table, C)
+        finally:
+            seqs.close()
+
+    def _search(
+        self,
+        seqs: Sequences,
+        logits: torch.Tensor,
+        budget: torch.Tensor,
+        longest: int,
+        eos_table: torch.Tensor,
+        C: int,  # noqa: N803
+    ) -> dict[int, list[Hypothesis]]:
+        engine, params = self.engine, self.params
+        K, P = params.num_beams, len(self.requests)  # noqa: N806
+        device = engine.device
         expand = torch.arange(P, device=device).repeat_interleave(K)
-        cache.batch_select_indices(expand)
-        logits, attention = logits[expand], attention[expand]
-        positions = torch.tensor([len(r.prompt_ids) for r in self.requests], device=device)
-        positions = positions[expand]
+        seqs.select(expand.tolist(), trim=False)
+        logits = logits[expand]
 
         # running beams and kept hypotheses, per prompt (as HF's tensors)
         running = torch.full((P, K, longest), -1, dtype=torch.long, device=device)
@@ -255,23 +275,13 @@ class _Search:
             if bool(finished.all()):
                 return done
 
-            # reorder the cache rows by beam origin, dropping the prompts that are done
+            # reorder the rows by beam origin, dropping the prompts that are done
             stay = (~finished).nonzero().flatten()
             rows = (beam_origin[stay] + (stay * K)[:, None]).flatten()
-            cache.batch_select_indices(rows)
-            attention, positions = attention[rows], positions[rows]
+            seqs.select(rows.tolist(), trim=False)  # HF's beam search keeps every column
             active = active[stay]
-            next_tokens = running[active][:, :, step - 1].reshape(-1, 1)
-            attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
-            out = engine.model(
-                input_ids=next_tokens,
-                attention_mask=attention,
-                position_ids=positions.unsqueeze(1),
-                cache=cache,
-                use_cache=True,
-            )
-            cache, logits = out.cache, out.logits[:, -1, :]
-            positions = positions + 1
+            next_tokens = running[active][:, :, step - 1].reshape(-1).tolist()
+            logits = seqs.feed([[t] for t in next_tokens]).last
 
     def _hypotheses(
         self,

@@ -75,14 +75,6 @@ def candidate_layers(config: Any, dola_layers: str | Sequence[int]) -> tuple[int
     return layers
 
 
-def premature_logits(
-    model: Any, hidden_states: Sequence[torch.Tensor], layers: set[int]
-) -> dict[int, torch.Tensor]:
-    """The output head on each layer's last position: layer → (R, V) float32."""
-    head = model.get_output_embeddings()
-    return {layer: head(hidden_states[layer][:, -1, :]).float() for layer in sorted(layers)}
-
-
 def relative_top_filter(
     scores: torch.Tensor, baseline: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@
 2. verify: one forward pass of the last token plus the draft; the model's argmax at each
    position is compared with the draft, the matching prefix is accepted and the model's own
    next token follows it (so a step yields 1 … draft+1 tokens);
-3. the KV cache masks the positions of the rejected draft tokens.
+3. the rows forget the positions of the rejected draft tokens (`RaggedModel.agree`).
 
 Every emitted token is the model's argmax given the tokens before it, so the output is
 plain greedy decoding's, token for token (up to the last bits of multi-token vs one-token
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -103,7 +104,20 @@ def lookup_decode(
         for i, r in enumerate(requests)
     ]
     results = [[row[4]] for row in rows]
-    target = RaggedModel(engine, engine.model, [row[1] for row in rows], 64 + num_tokens)
+    prompts = [row[1] for row in rows]
+    reserve = getattr(engine.runtime, "reserve", None)
+    if reserve is not None:
+        budgets = sum(r.max_new_tokens + num_tokens for r in requests)
+        reserve(sum(len(p) for p in prompts) + 2 * budgets)
+    target = RaggedModel(engine.runtime, prompts, 64 + num_tokens)
+    try:
+        _lookup(target, rows, num_tokens, max_ngram)
+    finally:
+        target.close()
+    return results
+
+
+def _lookup(target: RaggedModel, rows: list[Any], num_tokens: int, max_ngram: int) -> None:
     live = []  # the prefill's argmax is the first token
     for i, (_, _, limit, eos, result) in enumerate(rows):
         finish = emit(result.token_ids, [int(target.last[i].argmax())], eos, limit)
@@ -143,7 +157,6 @@ def lookup_decode(
             rows = [rows[i] for i in stay]
             if stay:
                 target.keep(stay)
-    return results
 
 
 def lookup_greedy(

@@ -26,8 +26,9 @@ ended and the step is run again for the others, whose generators have not moved,
 their samples are exactly what they would have been. Only a fault that cannot be pinned
 on one submission ends every row of the batch.
 
-Models whose cache cannot be merged (sliding-window or linear-attention layers) still
-work: new rows then wait until the running batch is empty.
+Models whose cache cannot be merged (sliding-window or linear-attention layers on the
+torch runtime) still work: new rows then wait until the running batch is empty; so do
+rows whose KV cells would not fit beside the running ones (llama.cpp's fixed cache).
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ from dataclasses import dataclass, field
 import torch
 
 from muestra.allocator import single_malloc_arena
-from muestra.engine.engine import (
-    Batch,
-    Engine,
+from muestra.engine.batch import Batch
+from muestra.engine.engine import Engine
+from muestra.engine.rows import (
     GenerationRequest,
     NoHook,
     Row,
@@ -181,6 +182,8 @@ class Scheduler:
                 affected |= {s for s, _ in admitted}
                 for submission in affected:
                     self._end(submission, Update(submission.first_index, error=err))
+                if batch is not None:
+                    batch.close()
                 batch = None
                 self.stats["running"] = 0
 
@@ -190,13 +193,18 @@ class Scheduler:
         if running and not batch.can_extend:  # type: ignore[union-attr]
             return []
         room = self.max_batch - running
-        taken = []
+        fits = getattr(self.engine.runtime, "fits", None) if running else None
+        taken: list[tuple[Submission, Row]] = []
         while self._waiting and len(taken) < room:
-            submission, row = self._waiting.popleft()
+            submission, row = self._waiting[0]
             if submission.cancelled:
+                self._waiting.popleft()
                 self._row_gone(submission)
                 continue
-            taken.append((submission, row))
+            # a runtime with a fixed KV cache (llama.cpp): rows wait until theirs fits
+            if fits is not None and not fits(self.engine.cells_for([r for _, r in taken] + [row])):
+                break
+            taken.append(self._waiting.popleft())
         return taken
 
     def _admit(self, batch: Batch | None, admitted: list[tuple[Submission, Row]]) -> Batch | None:

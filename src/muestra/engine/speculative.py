@@ -18,9 +18,10 @@ So greedy output equals plain greedy decoding token for token (up to the last bi
 multi-token products), and sampled output follows the same distribution as plain
 sampling — not the same draws: the uniforms come from the request's seeded generator in
 another order (the tests check both: token equality and a χ² test). Rows accept different
-numbers of tokens per round: both caches are `RaggedModel`s, where rejected drafts stay
-as masked columns (holes) and positions are per row, so each row decodes as it would
-alone. Penalties, logit bias, DoLa, stop strings and logprobs are refused.
+numbers of tokens per round: both models' rows are `RaggedModel`s, where rejected drafts
+are cropped and positions are per row, so each row decodes as it would alone. The draft
+is a transformers model (the torch runtime) or any runtime with the target's vocabulary
+(another GGUF on llama.cpp). Penalties, logit bias, DoLa, stop strings and logprobs are refused.
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ from typing import Any
 import torch
 
 from muestra.engine.engine import Engine, GenerationRequest
-from muestra.engine.kv_cache import GrowingCache, gather_columns
 from muestra.engine.sampling import SamplingBatch, SamplingParams
 from muestra.engine.seeds import generator_for, sample_seed
 from muestra.errors import InputError
+from muestra.models.runtime.base import Runtime
+from muestra.models.runtime.torch_runtime import as_runtime
 
 
 @dataclass
@@ -147,91 +149,51 @@ def _draw(probs: torch.Tensor, rng: torch.Generator | None) -> int:
 
 
 class RaggedModel:
-    """One model's KV cache for rows that advance by different numbers of tokens.
+    """One runtime's rows for decoders whose rows advance by different numbers of tokens.
 
-    Each forward feeds every row its own tokens, right-padded to the longest; the padding,
-    and later a row's rejected drafts, stay in the cache as masked columns (holes), so no
-    row waits for another and nothing is cropped. Positions are per row (the count of its
-    real tokens), so a row sees exactly what it would see alone. When holes make up most
-    of the cache, `compact` gathers each row's real columns again (left-padded).
+    Each `feed` gives every row its own tokens (possibly none); a row's rejected drafts
+    are cropped (`agree`), so each row decodes as it would alone: on the torch runtime
+    they stay as masked holes in the cache, on llama.cpp they leave the sequence.
+    Keeps each row's tokens and the logits after its last one (`last`).
     """
 
-    def __init__(self, engine: Engine, model: Any, prompts: list[list[int]], room: int) -> None:
-        self.engine, self.model = engine, model
-        self.cache, logits, self.mask, _ = engine._prefill(prompts, room, model=model)
-        width = self.mask.shape[1]
+    def __init__(self, runtime: Runtime, prompts: list[list[int]], room: int) -> None:
+        self.seqs, fed = runtime.prefill(prompts, room)
         self.tokens = [list(p) for p in prompts]
-        self.cols = [list(range(width - len(p), width)) for p in prompts]  # each token's column
-        self.last = list(logits)  # per row: the next-token logits after its tokens (V,)
+        self.last = list(fed.last)  # per row: the next-token logits after its tokens (V,)
 
     def feed(self, fed: list[list[int]]) -> list[torch.Tensor]:
         """Feed each row its tokens (possibly none): per row, their logits (len, V)."""
-        device, width = self.engine.device, self.mask.shape[1]
-        length = max(len(t) for t in fed)
-        if length == 0:
+        if not any(fed):
             return [self.last[i].new_empty(0, self.last[i].shape[-1]) for i in range(len(fed))]
-        ids = torch.zeros(len(fed), length, dtype=torch.long)
-        mask = torch.zeros(len(fed), length, dtype=torch.long)
-        positions = torch.zeros(len(fed), length, dtype=torch.long)
+        out = self.seqs.feed(fed, "all")
+        assert out.ahead is not None
         for i, tokens in enumerate(fed):
-            ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-            mask[i, : len(tokens)] = 1
-            seen = len(self.tokens[i])
-            positions[i] = torch.arange(seen, seen + length)
-            self.tokens[i] += tokens
-            self.cols[i] += range(width, width + len(tokens))
-        self.mask = torch.cat([self.mask, mask.to(device)], dim=1)
-        out = self.model(
-            input_ids=ids.to(device),
-            attention_mask=self.mask,
-            position_ids=positions.to(device),
-            cache=self.cache,
-            use_cache=True,
-        )
-        self.cache = out.cache
-        logits = out.logits.float()
-        result = []
-        for i, tokens in enumerate(fed):
-            result.append(logits[i, : len(tokens)])
             if tokens:
-                self.last[i] = logits[i, len(tokens) - 1]
-        return result
+                self.tokens[i] += tokens
+                self.last[i] = out.ahead[i][-1]
+        return out.ahead
 
     def agree(self, row: int, truth: list[int]) -> None:
-        """Mask out the row's cached tokens that are not a prefix of `truth` (rejected
-        drafts); `last` is then stale, and the next feed of that row replaces it."""
+        """Crop the row's tokens that are not a prefix of `truth` (rejected drafts); `last`
+        is then stale, and the next feed of that row replaces it."""
         tokens, common = self.tokens[row], 0
         for mine, true in zip(tokens, truth, strict=False):
             if mine != true:
                 break
             common += 1
         if common < len(tokens):
-            self.mask[row, self.cols[row][common:]] = 0
-            del tokens[common:], self.cols[row][common:]
+            self.seqs.crop(row, common)
+            del tokens[common:]
 
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows (in order)."""
-        index = torch.tensor(rows, device=self.engine.device)
-        self.cache.batch_select_indices(index)
-        self.mask = self.mask[index]
+        self.seqs.select(rows, trim=False)
         self.tokens = [self.tokens[i] for i in rows]
-        self.cols = [self.cols[i] for i in rows]
         self.last = [self.last[i] for i in rows]
-        self.compact()
 
-    def compact(self) -> None:
-        """Gather each row's real columns (left-padded) once holes fill half the cache."""
-        real = max(len(t) for t in self.tokens)
-        if self.mask.shape[1] < 2 * real + 64 or not isinstance(self.cache, GrowingCache):
-            return
-        index = torch.zeros(len(self.tokens), real, dtype=torch.long)
-        mask = torch.zeros(len(self.tokens), real, dtype=torch.long)
-        for i, cols in enumerate(self.cols):
-            index[i, real - len(cols) :] = torch.tensor(cols, dtype=torch.long)
-            mask[i, real - len(cols) :] = 1
-            self.cols[i] = list(range(real - len(cols), real))
-        gather_columns(self.cache, index.to(self.engine.device))
-        self.mask = mask.to(self.engine.device)
+    def close(self) -> None:
+        self.seqs.close()
 
 
 @dataclass
@@ -298,8 +260,28 @@ def speculative_decode(
     everyone = list(rows)
     room = max(r.limit for r in rows) + num_speculative_tokens + 1
     prompts = [r.prompt for r in rows]
-    target = RaggedModel(engine, engine.model, prompts, room)
-    small = RaggedModel(engine, draft, prompts, room)
+    draft_runtime = as_runtime(draft)
+    for runtime in (engine.runtime, draft_runtime):
+        reserve = getattr(runtime, "reserve", None)
+        if reserve is not None:
+            reserve(sum(len(p) for p in prompts) + 2 * len(rows) * room)
+    target = RaggedModel(engine.runtime, prompts, room)
+    small = RaggedModel(draft_runtime, prompts, room)
+    try:
+        _speculate(engine, rows, target, small, num_speculative_tokens)
+    finally:
+        target.close()
+        small.close()
+    return gathered(everyone, requests)
+
+
+def _speculate(
+    engine: Engine,
+    rows: list[_Row],
+    target: RaggedModel,
+    small: RaggedModel,
+    num_speculative_tokens: int,
+) -> None:
     batches: dict[tuple[int, int], SamplingBatch] = {}
 
     def dist(i: int, logits: torch.Tensor) -> torch.Tensor:
@@ -358,7 +340,6 @@ def speculative_decode(
             if stay:
                 target.keep(stay)
                 small.keep(stay)
-    return gathered(everyone, requests)
 
 
 def speculative_generate(

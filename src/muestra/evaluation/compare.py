@@ -10,7 +10,7 @@ contexts in one batch) and greedy decode tokens/s at batch 1.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ class Timing:
     prefill_tps: float
     decode_tps: float
     eval_seconds: float
+    runtime: str = "torch"
 
 
 @dataclass
@@ -62,8 +63,15 @@ class ModelComparison:
         }
 
 
-def measure(model: str, texts: list[str], dtype: str = "auto", trust: bool = False) -> Timing:
-    """Load time, weights, prefill and decode speed of `model` on `texts`."""
+def measure(
+    model: str,
+    texts: list[str],
+    dtype: str = "auto",
+    trust: bool = False,
+    options: Mapping[str, Any] | None = None,
+) -> Timing:
+    """Load time, weights, prefill and decode speed of `model` on `texts` (`options`:
+    runtime, threads, batch_invariant)."""
     import torch
 
     from muestra.answers.generation import TextGenerator
@@ -71,18 +79,15 @@ def measure(model: str, texts: list[str], dtype: str = "auto", trust: bool = Fal
     from muestra.models.loading import load_model
 
     started = time.perf_counter()
-    loaded = load_model(model, dtype=dtype, trust_remote_code=trust)  # type: ignore[arg-type]
+    loaded = load_model(model, dtype=dtype, trust_remote_code=trust, **(options or {}))  # type: ignore[arg-type]
     load_seconds = time.perf_counter() - started
-    weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters()) / 2**20
+    runtime = loaded.runtime
     generator = TextGenerator(loaded, max_batch=PREFILL_PROMPTS)
     prompts = [generator.encode_text(t) for t in texts[:PREFILL_PROMPTS]]
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.inference_mode():
-        loaded.model(input_ids=ids[:1], attention_mask=mask[:1])  # warm up
+        runtime.prefill(prompts[:1], 1)[0].close()  # warm up
         started = time.perf_counter()
-        loaded.model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+        runtime.prefill(prompts, 1)[0].close()
         prefill = sum(len(p) for p in prompts) / (time.perf_counter() - started)
     started = time.perf_counter()
     request = GenerationRequest(
@@ -93,7 +98,8 @@ def measure(model: str, texts: list[str], dtype: str = "auto", trust: bool = Fal
     )
     sample = generator.generate([request])[0]
     decode = sample.num_tokens / (time.perf_counter() - started)
-    return Timing(model, load_seconds, weights, prefill, decode, 0.0)
+    weights = runtime.weights_bytes / 2**20
+    return Timing(model, load_seconds, weights, prefill, decode, 0.0, runtime.name)
 
 
 def compare_models(
@@ -105,23 +111,32 @@ def compare_models(
     *,
     trust_remote_code: bool = False,
     on_note: Callable[[str], None] | None = None,
+    options: tuple[Mapping[str, Any], Mapping[str, Any]] = ({}, {}),
 ) -> ModelComparison:
+    """`task` on both models (`options`: each one's runtime settings: the same model on
+    two runtimes is a comparison too)."""
     from muestra.evaluation import prompts
 
     lang = prompts.language_of(task, settings.language)
     texts = [prompts.chat_question(i, lang, lang.choose) for i in task.items]
     results, timings = [], []
-    for model in (model_a, model_b):
-        timing = measure(model, texts, settings.dtype, trust_remote_code)
+    for model, given in zip((model_a, model_b), options, strict=True):
+        timing = measure(model, texts, settings.dtype, trust_remote_code, given)
         result = evaluate(
-            model, task, settings, store, on_note=on_note, trust_remote_code=trust_remote_code
+            model,
+            task,
+            settings,
+            store,
+            on_note=on_note,
+            trust_remote_code=trust_remote_code,
+            model_options=given,
         )
         timing = Timing(**{**asdict(timing), "eval_seconds": result.seconds})
         _store_timing(store, result.run_id, timing)
         result.timing = asdict(timing)
         results.append(result)
         timings.append(timing)
-    labels = (model_a, model_b) if model_a != model_b else (f"{model_a} (A)", f"{model_b} (B)")
+    labels = comparison_labels(model_a, model_b, options)
     comparison = compare_results(results[0], results[1], *labels)
     by_id = {s.id: s for s in results[1].items}
     side = []
@@ -161,6 +176,7 @@ def compare_spec(
     trust_remote_code: bool = False,
     on_progress: Callable[[Any], None] | None = None,
     on_note: Callable[[str], None] | None = None,
+    options: tuple[Mapping[str, Any], Mapping[str, Any]] = ({}, {}),
 ) -> SpecComparison:
     """The experiment of `spec_path` run on both models (one run, [[models]] = A, B, the
     spec's seeds), so `analyze` compares them within each prompt and condition."""
@@ -177,10 +193,10 @@ def compare_spec(
     base = dict(data.pop("model", None) or data.pop("models")[0])
     for key in ("endpoint", "api_key_env", "generation_config", "sampling_fallback", "label"):
         base.pop(key, None)
-    labels = (model_a, model_b) if model_a != model_b else (f"{model_a} (A)", f"{model_b} (B)")
+    labels = comparison_labels(model_a, model_b, options)
     data["models"] = [
-        {**base, "id": m, "label": label}
-        for m, label in zip((model_a, model_b), labels, strict=False)
+        {**base, "id": m, "label": label, **given}
+        for m, label, given in zip((model_a, model_b), labels, options, strict=True)
     ]
     loaded = spec_from_data(data, original.path)
     texts = []
@@ -188,7 +204,8 @@ def compare_spec(
         prompt = messages_for(loaded, item)
         texts.append(prompt if isinstance(prompt, str) else prompt[-1]["content"])
     timings = [
-        measure(m, texts, base.get("dtype", "auto"), trust_remote_code) for m in (model_a, model_b)
+        measure(m, texts, base.get("dtype", "auto"), trust_remote_code, given)
+        for m, given in zip((model_a, model_b), options, strict=True)
     ]
     runner = Runner(
         loaded,
@@ -219,6 +236,19 @@ def compare_spec(
         for t, label in zip(timings, labels, strict=True)
     ]
     return SpecComparison(labels, store, run_id, timings, side)
+
+
+def comparison_labels(
+    model_a: str, model_b: str, options: tuple[Mapping[str, Any], Mapping[str, Any]]
+) -> tuple[str, str]:
+    """Names for the two sides: the models, told apart by their runtime when the same
+    model runs twice."""
+    if model_a != model_b:
+        return model_a, model_b
+    runtimes = [given.get("runtime") for given in options]
+    if runtimes[0] != runtimes[1]:
+        return tuple(f"{model_a} ({r or 'auto'})" for r in runtimes)  # type: ignore[return-value]
+    return f"{model_a} (A)", f"{model_b} (B)"
 
 
 def _shown(score: Any) -> str:

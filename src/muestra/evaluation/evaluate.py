@@ -27,7 +27,7 @@ import re
 import time
 import unicodedata
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -173,7 +173,14 @@ class EvalResult:
 # ---- the spec of an evaluation ---------------------------------------------------------
 
 
-def build_spec(model: str, task: Task, settings: EvalSettings) -> LoadedSpec:
+def build_spec(
+    model: str,
+    task: Task,
+    settings: EvalSettings,
+    model_options: Mapping[str, Any] | None = None,
+) -> LoadedSpec:
+    """The experiment spec of `task` scored by `settings.method` on `model`
+    (`model_options`: [model] fields such as runtime and threads)."""
     items = list(task.items[: settings.limit] if settings.limit else task.items)
     if not items:
         raise InputError(f"{task.source}: no questions to evaluate")
@@ -194,7 +201,7 @@ def build_spec(model: str, task: Task, settings: EvalSettings) -> LoadedSpec:
         "name": f"eval {task.name} {method}",
         "seed": settings.seed,
         "samples": settings.per_question,
-        "model": {"id": model, "dtype": settings.dtype},
+        "model": {"id": model, "dtype": settings.dtype, **(model_options or {})},
     }
     if method == "loglik":
         spec["prompt"] = _loglik_prompt(items, task, settings, lang)
@@ -281,9 +288,10 @@ def evaluate(
     on_progress: Callable[[Progress], None] | None = None,
     on_note: Callable[[str], None] | None = None,
     trust_remote_code: bool = False,
+    model_options: Mapping[str, Any] | None = None,
 ) -> EvalResult:
     """Run (or resume) `task` scored by `settings.method` on `model` into `store`."""
-    loaded = build_spec(model, task, settings)
+    loaded = build_spec(model, task, settings, model_options)
     kind = _LoglikRunner if settings.method == "loglik" else Runner
     runner = kind(
         loaded,
@@ -330,6 +338,9 @@ class _LoglikRunner(Runner):
             dtype=model.dtype,
             device=model.device,
             trust_remote_code=model.trust_remote_code,
+            runtime=model.runtime,
+            threads=model.threads,
+            batch_invariant=model.batch_invariant,
         )
         self._store_provenance(model, loaded.provenance.as_dict())
         return loaded
@@ -354,7 +365,7 @@ class _LoglikRunner(Runner):
                 prompt = render_chat(tokenizer, prompt)[0]
             questions.append((prompt, unit.item.variables["continuations"]))
         started = time.perf_counter()
-        scored = loglikelihoods(loaded.model, encode, questions)
+        scored = loglikelihoods(loaded.runtime, encode, questions)
         seconds = time.perf_counter() - started
         rows = []
         for (unit, _), (context, conts), options in zip(batch, questions, scored, strict=True):

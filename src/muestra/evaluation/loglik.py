@@ -6,10 +6,10 @@ encoded alone, the continuation is what encoding context + continuation adds aft
 context's tokens; the log-likelihood is the sum of the continuation tokens' log-softmax
 given everything before them, and `is_greedy` says whether each of them was the argmax.
 
-Here a batch of questions is prefilled once (left-padded, one KV cache row per question);
-the first token of every continuation is scored from the context's last logits, and the
-rest in one more forward over all continuations of the batch, their cache rows copied from
-their question's. A one-token continuation (" A") costs no forward of its own.
+Here a batch of questions is prefilled once (one row per question, on any runtime); the
+first token of every continuation is scored from the context's last logits, and the rest
+in one more forward over all continuations of the batch, their rows copied from their
+question's. A one-token continuation (" A") costs no forward of its own.
 """
 
 from __future__ import annotations
@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from muestra.models.runtime.base import Runtime, Sequences
+from muestra.models.runtime.torch_runtime import as_runtime
 
 Encode = Callable[[str], list[int]]
 
@@ -59,14 +62,16 @@ def _encoded(
 
 @torch.inference_mode()
 def loglikelihoods(
-    model: torch.nn.Module,
+    model: Any,
     encode: Encode,
     questions: Sequence[tuple[str, Sequence[str]]],
     *,
     batch_questions: int = 16,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[list[Scored]]:
-    """Per (context, continuations) question, the `Scored` of each continuation."""
+    """Per (context, continuations) question, the `Scored` of each continuation. `model`:
+    a runtime (`models/runtime`) or a transformers model."""
+    runtime = as_runtime(model)
     encoded = [_encoded(encode, context, conts) for context, conts in questions]
     # questions of similar lengths batched together: less padding in both forwards
     order = sorted(
@@ -76,44 +81,38 @@ def loglikelihoods(
     results: list[list[Scored]] = [[] for _ in encoded]
     for start in range(0, len(order), batch_questions):
         chunk = order[start : start + batch_questions]
-        for q, scored in zip(chunk, _score_batch(model, [encoded[q] for q in chunk]), strict=False):
-            results[q] = scored
+        scored = _score_batch(runtime, [encoded[q] for q in chunk])
+        for q, one in zip(chunk, scored, strict=False):
+            results[q] = one
         if on_batch is not None:
             on_batch(len(chunk))
     return results
 
 
 def _score_batch(
-    model: torch.nn.Module, chunk: list[tuple[list[int], list[list[int]]]]
+    runtime: Runtime, chunk: list[tuple[list[int], list[list[int]]]]
 ) -> list[list[Scored]]:
-    from transformers import DynamicCache
+    reserve = getattr(runtime, "reserve", None)
+    if reserve is not None:
+        reserve(sum(len(ctx) + sum(len(c) for c in conts) for ctx, conts in chunk))
+    room = max(len(c) for _, conts in chunk for c in conts)
+    contexts, fed = runtime.prefill([ctx for ctx, _ in chunk], room)
+    try:
+        return _score_continuations(contexts, fed.last, chunk)
+    finally:
+        contexts.close()
 
-    device = next(model.parameters()).device
-    width = max(len(ctx) for ctx, _ in chunk)
-    ids = torch.zeros(len(chunk), width, dtype=torch.long)
-    mask = torch.zeros(len(chunk), width, dtype=torch.long)
-    for i, (ctx, _) in enumerate(chunk):
-        ids[i, width - len(ctx) :] = torch.tensor(ctx)
-        mask[i, width - len(ctx) :] = 1
-    ids, mask = ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    cache = DynamicCache(config=model.config)
-    out = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=positions,
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    first = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # (Q, V)
+
+def _score_continuations(
+    contexts: Sequences, last: torch.Tensor, chunk: list[tuple[list[int], list[list[int]]]]
+) -> list[list[Scored]]:
+    first = torch.log_softmax(last.float(), dim=-1)  # (Q, V)
     # every continuation: its question, its tokens
     rows = [(q, cont) for q, (_, conts) in enumerate(chunk) for cont in conts]
     sums = [float(first[q, cont[0]]) for q, cont in rows]
     greedy = [bool(first[q].argmax() == cont[0]) for q, cont in rows]
     for group in _length_groups([r for r, (_, cont) in enumerate(rows) if len(cont) > 1], rows):
-        cache = _rows_of(out.cache, torch.tensor([rows[r][0] for r in group], device=device))
-        rest = _rest(model, cache, mask, [rows[r] for r in group], device)
+        rest = _rest(contexts, [rows[r] for r in group])
         for r, (loglik, is_greedy) in zip(group, rest, strict=True):
             sums[r] += loglik
             greedy[r] = greedy[r] and is_greedy
@@ -140,47 +139,20 @@ def _length_groups(longer: list[int], rows: list[tuple[int, list[int]]]) -> list
     return groups
 
 
-def _rows_of(cache: Any, index: torch.Tensor) -> Any:
-    """A new cache holding rows `index` of `cache` (a row may repeat)."""
-    from transformers import DynamicCache
-
-    selected = DynamicCache()
-    for layer, cached in enumerate(cache.layers):
-        selected.update(cached.keys[index], cached.values[index], layer)
-    return selected
-
-
-def _rest(
-    model: torch.nn.Module,
-    cache: Any,
-    context_mask: torch.Tensor,
-    rows: list[tuple[int, list[int]]],
-    device: torch.device,
-) -> list[tuple[float, bool]]:
-    """Tokens 2… of each continuation, scored in one forward from its question's cache
-    (`cache` holds one row per continuation)."""
-    index = torch.tensor([q for q, _ in rows], device=device)
-    width = max(len(cont) - 1 for _, cont in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    tail = torch.zeros(len(rows), width, dtype=torch.long)
-    for r, (_, cont) in enumerate(rows):
-        ids[r, : len(cont) - 1] = torch.tensor(cont[:-1])
-        tail[r, : len(cont) - 1] = 1
-    ids, tail = ids.to(device), tail.to(device)
-    mask = torch.cat([context_mask[index], tail], dim=1)
-    positions = context_mask[index].sum(-1, keepdim=True) + torch.arange(width, device=device)
-    out = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=positions,
-        cache=cache,
-        use_cache=True,
-    )
-    logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # (R, W, V)
-    targets = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-    for r, (_, cont) in enumerate(rows):
-        targets[r, : len(cont) - 1] = torch.tensor(cont[1:])
-    picked = logprobs.gather(-1, targets[..., None]).squeeze(-1)
-    hits = (logprobs.argmax(-1) == targets) | (tail == 0)
-    sums = (picked * tail).sum(-1).tolist()
-    return [(sums[r], bool(hits[r].all())) for r in range(len(rows))]
+def _rest(contexts: Sequences, rows: list[tuple[int, list[int]]]) -> list[tuple[float, bool]]:
+    """Tokens 2… of each continuation, scored in one forward from a copy of its
+    question's context."""
+    branch = contexts.clone([q for q, _ in rows])
+    try:
+        fed = branch.feed([cont[:-1] for _, cont in rows], "all")
+    finally:
+        branch.close()
+    assert fed.ahead is not None
+    result = []
+    for logits, (_, cont) in zip(fed.ahead, rows, strict=True):
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # (len - 1, V)
+        targets = torch.tensor(cont[1:], device=logprobs.device)
+        picked = logprobs.gather(-1, targets[:, None]).squeeze(-1)
+        hits = bool((logprobs.argmax(-1) == targets).all())
+        result.append((float(picked.sum()), hits))
+    return result

@@ -43,7 +43,7 @@ import hashlib
 import json
 import sqlite3
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -336,9 +336,14 @@ def _judge_schema(judge: JudgeSpec, path: Path) -> dict[str, Any]:
 
 
 def experiment(
-    probe: Probe, model: str | None = None, dtype: str | None = None, samples: int | None = None
+    probe: Probe,
+    model: str | None = None,
+    dtype: str | None = None,
+    samples: int | None = None,
+    model_options: Mapping[str, Any] | None = None,
 ) -> LoadedSpec:
-    """The experiment spec that samples `probe` (one prompt item per template × group)."""
+    """The experiment spec that samples `probe` (one prompt item per template × group);
+    `model_options`: [model] fields such as runtime and threads."""
     spec = probe.spec
     if model is not None:
         model_data: dict[str, Any] = {"id": model}
@@ -348,6 +353,7 @@ def experiment(
         raise InputError(f"{probe.path}: give the model to probe with --model (or [model])")
     if dtype is not None:
         model_data["dtype"] = dtype
+    model_data.update(model_options or {})
     items = [
         {"id": f"{t.id}/{g.id}", "group": t.id, "variant": g.id, "text": text}
         for t, g, text in probe.prompts()
@@ -399,11 +405,12 @@ def run_probe(
     on_progress: Callable[[Any], None] | None = None,
     on_note: Callable[[str], None] | None = None,
     trust_remote_code: bool = False,
+    model_options: Mapping[str, Any] | None = None,
 ) -> int:
     """Sample the probe into `store` (or resume it) and score its samples; the run id."""
     from muestra.experiments.runner import Runner
 
-    loaded = experiment(probe, model, dtype, samples)
+    loaded = experiment(probe, model, dtype, samples, model_options)
     runner = Runner(
         loaded,
         Path(store),
@@ -520,6 +527,7 @@ def judge_store(
     on_progress: Callable[[Any], None] | None = None,
     on_note: Callable[[str], None] | None = None,
     trust_remote_code: bool = False,
+    model_options: Mapping[str, Any] | None = None,
 ) -> int:
     """Judge every valid continuation of probe run `run_id` with `model` (resumable: the
     judge is a run of its own); each answer and its field probabilities go into the
@@ -530,7 +538,12 @@ def judge_store(
     with reading(Path(store)) as db:
         loaded = judge_spec(probe, db, run_id, model)
     runner = Runner(
-        loaded, Path(store), resume_any=True, on_note=on_note, trust_remote_code=trust_remote_code
+        loaded,
+        Path(store),
+        resume_any=True,
+        on_note=on_note,
+        trust_remote_code=trust_remote_code,
+        model_options=model_options,
     )
     judge_run = runner.open()
     try:

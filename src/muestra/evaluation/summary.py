@@ -125,6 +125,7 @@ def report_sections(store: Path) -> list[Section]:
             (
                 [
                     "method · model",
+                    "runtime",
                     "load s",
                     "weights MB",
                     "prefill tok/s",
@@ -134,6 +135,7 @@ def report_sections(store: Path) -> list[Section]:
                 [
                     [
                         r.label,
+                        str(r.timing.get("runtime", "torch")),
                         f"{r.timing['load_seconds']:.2f}",
                         f"{r.timing['weights_mb']:.0f}",
                         f"{r.timing['prefill_tps']:.0f}",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,7 @@ class Runner:
         batch_rows: int = 32,
         on_note: Callable[[str], None] | None = None,
         trust_remote_code: bool = False,
+        model_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.spec = spec
         self.store = Path(store)
@@ -74,9 +75,15 @@ class Runner:
             raise InputError(f"--samples must be at least 1 (got {self.samples})")
         check_beam_samples(spec.conditions, self.samples, f"{spec.path} with --samples")
         self.models = [ModelSpec(id=model)] if model else spec.spec.model_list
+        # flags that apply to every local model (`--trust-remote-code`, `--runtime`, …)
+        local = dict(model_options or {})
         if trust_remote_code:
+            local["trust_remote_code"] = True
+        if local:
             self.models = [
-                m.model_copy(update={"trust_remote_code": True}) if m.endpoint is None else m
+                ModelSpec.model_validate({**m.model_dump(exclude_unset=True), **local})
+                if m.endpoint is None
+                else m
                 for m in self.models
             ]
         self.force_new = force_new
@@ -349,7 +356,21 @@ class Runner:
         remote.run(units)
 
     def _store_provenance(self, model: ModelSpec, data: dict[str, Any]) -> None:
+        """Record where the model's weights came from and what computed with them; a run
+        resumed with other weights or another runtime is refused (its samples would mix)."""
         assert self.db is not None
+        (stored,) = self.db.execute(
+            "SELECT provenance_json FROM models WHERE id = ?", (self.model_ids[model.name],)
+        ).fetchone()
+        if stored:
+            before = json.loads(stored)
+            was, now = _computing(before), _computing(data)
+            if was != now:
+                raise InputError(
+                    f"{self.store}: model {model.name!r} of this run was sampled with {was}, "
+                    f"and now loads as {now}; its samples would mix. Use another --out, or "
+                    "--force-new to start a new run in the same store."
+                )
         with self.db:
             self.db.execute(
                 "UPDATE models SET provenance_json = ? WHERE id = ?",
@@ -365,6 +386,9 @@ class Runner:
             dtype=model.dtype,  # type: ignore[arg-type]
             device=model.device,  # type: ignore[arg-type]
             trust_remote_code=model.trust_remote_code,
+            runtime=model.runtime,
+            threads=model.threads,
+            batch_invariant=model.batch_invariant,
         )
         self._store_provenance(model, loaded.provenance.as_dict())
         return StructuredGenerator(loaded, max_batch=self.batch_rows)
@@ -381,7 +405,7 @@ class Runner:
             spec = condition.think
             budget = think_budget(condition, item)
             think = think_from_generation_config(
-                generator.loaded.model,
+                generator.loaded,
                 budget,
                 temperature=spec.temperature,
                 top_p=spec.top_p,
@@ -579,3 +603,13 @@ def _batches(units: list[Unit], rows: int) -> Iterator[list[tuple[Unit, list[int
             size += len(take)
     if current:
         yield current
+
+
+def _computing(provenance: dict[str, Any]) -> dict[str, Any]:
+    """What decides a model's samples in its provenance: the weights and the runtime."""
+    runtime = provenance.get("runtime") or {}
+    return {
+        "weights_sha256": provenance.get("weights_sha256"),
+        "runtime": runtime.get("runtime", "torch"),
+        "batch_invariant": runtime.get("exact"),
+    }

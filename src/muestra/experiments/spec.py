@@ -78,6 +78,21 @@ class ModelSpec(Strict):
         description="Run the Python code a model ships (its auto_map); only for a source "
         "you trust. `muestra run --trust-remote-code` sets it for every local model.",
     )
+    runtime: Literal["auto", "torch", "llamacpp"] = Field(
+        "auto",
+        description="What computes the logits: llamacpp runs a GGUF with llama.cpp's CPU "
+        "kernels, torch a transformers model; auto: llamacpp for a GGUF alone (when "
+        "llama-cpp-python is installed), else torch.",
+    )
+    threads: int | None = Field(
+        None, ge=1, le=1024, description="CPU threads (default: the cores, or OMP_NUM_THREADS)."
+    )
+    batch_invariant: bool = Field(
+        True,
+        description="llamacpp: decode so that a sample's logits never depend on the rows "
+        "beside it (README, 'llama.cpp runtime'); false: llama.cpp's own batching, faster "
+        "for a single row.",
+    )
     endpoint: str | list[str] | None = Field(
         None,
         description="OpenAI-compatible base URL(s), e.g. http://host:8000/v1 (muestra serve, "
@@ -113,6 +128,16 @@ class ModelSpec(Strict):
                 raise ValueError(f"endpoint {url!r} must start with http:// or https://")
         if isinstance(self.endpoint, list) and not self.endpoint:
             raise ValueError("endpoint is an empty list")
+        local_only = [
+            k
+            for k, default in (("runtime", "auto"), ("threads", None), ("batch_invariant", True))
+            if getattr(self, k) != default
+        ]
+        if self.endpoint is not None and local_only:
+            raise ValueError(
+                f"{' and '.join(local_only)} apply to local models; the endpoint decides how it "
+                "computes: remove them or remove `endpoint`"
+            )
         remote_only = [k for k in ("generation_config", "sampling_fallback") if getattr(self, k)]
         if self.endpoint is None and remote_only:
             raise ValueError(

@@ -24,12 +24,13 @@ from muestra.errors import InputError, ModelNotFoundError
 GGUF_SUFFIX = ".gguf"
 
 
-def find_gguf(path: Path) -> Path | None:
-    """The GGUF file `path` names: the file itself, or the one `.gguf` in a folder that holds
-    no safetensors weights. None when `path` is not a GGUF model."""
+def find_gguf(path: Path, beside_weights: bool = False) -> Path | None:
+    """The GGUF file `path` names: the file itself, or the one `.gguf` in a folder (that
+    holds no safetensors weights, unless `beside_weights`: a kit keeps both). None when
+    `path` has no GGUF."""
     if path.is_file():
         return path if path.suffix.lower() == GGUF_SUFFIX else None
-    if not path.is_dir() or any(path.glob("*.safetensors")):
+    if not path.is_dir() or (not beside_weights and any(path.glob("*.safetensors"))):
         return None
     files = sorted(path.glob(f"*{GGUF_SUFFIX}"))
     if len(files) > 1:
@@ -93,6 +94,22 @@ def _parsed_once() -> Iterator[None]:
         yield
     finally:
         gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
+
+
+def load_gguf_tokenizer(file: Path) -> Any:
+    """The transformers tokenizer transformers rebuilds from a GGUF's metadata."""
+    from transformers import AutoTokenizer
+
+    _require_packages()
+    try:
+        with _parsed_once():
+            return AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+    except Exception as err:
+        architecture = gguf_architecture(file)  # InputError for an unreadable file
+        raise InputError(
+            f"{file}: transformers cannot rebuild the tokenizer of this GGUF (architecture "
+            f"{architecture!r}: {err}); put its tokenizer.json beside the file"
+        ) from err
 
 
 def load_gguf(file: Path, dtype: torch.dtype | str = torch.float32) -> tuple[Any, Any]:

@@ -2,12 +2,16 @@
 place that does.
 
 A kit folder, a downloaded snapshot and any other local folder go through the same
-code; a `.gguf` file (or a folder holding one and no safetensors) is dequantized by
-transformers (`muestra.models.gguf`). A Hub id is first resolved to a snapshot folder in
-the local Hugging Face cache (downloading only when allowed and reachable), then
-everything loads from a folder. Safetensors only unless `allow_pickle=True`; remote code only with
-`trust_remote_code=True`. The result carries provenance: the model id, the commit
-of a Hub snapshot when known, and a content hash of the weight files.
+code. What computes is the *runtime* (`muestra.models.runtime`): `llamacpp` runs a GGUF
+file (a `.gguf`, or the one `.gguf` in a folder) with llama.cpp, `torch` runs a
+transformers model (safetensors, or a GGUF dequantized by transformers:
+`muestra.models.gguf`). `runtime="auto"` follows the weights: a GGUF alone runs on
+llama.cpp when llama-cpp-python is installed, transformers weights on torch. A Hub id is
+first resolved to a snapshot folder in the local Hugging Face cache (downloading only
+when allowed and reachable), then everything loads from a folder. Safetensors only
+unless `allow_pickle=True`; remote code only with `trust_remote_code=True`. The result
+carries provenance: the model id, the commit of a Hub snapshot when known, a content
+hash of the weight files, and what computes (the runtime's versions and settings).
 """
 
 from __future__ import annotations
@@ -23,10 +27,13 @@ from typing import Any, Literal
 import torch
 
 from muestra.errors import InputError, ModelLoadError, ModelNotFoundError, UnsafeModelError
-from muestra.models.gguf import GGUF_SUFFIX, find_gguf, load_gguf
+from muestra.models.gguf import GGUF_SUFFIX, find_gguf, gguf_architecture, load_gguf
+from muestra.models.runtime.base import Runtime
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 Device = Literal["auto", "cpu", "cuda"]
+RuntimeChoice = Literal["auto", "torch", "llamacpp"]
+RUNTIMES = ("auto", "torch", "llamacpp")
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
@@ -51,6 +58,7 @@ class Provenance:
     revision: str | None
     weights_sha256: str | None
     kit_preset: str | None
+    runtime: dict[str, Any] | None = None  # what computes: library, versions, threads, …
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -58,16 +66,29 @@ class Provenance:
 
 @dataclass
 class LoadedModel:
-    model: Any  # a transformers PreTrainedModel (causal LM)
+    model: Any  # a transformers PreTrainedModel (torch runtime); None on llama.cpp
     tokenizer: Any
     provenance: Provenance
+    runtime: Runtime = None  # type: ignore[assignment]  # default: torch over `model`
+    generation_config: Any = None  # a transformers GenerationConfig (default: the model's)
+
+    def __post_init__(self) -> None:
+        if self.runtime is None:
+            from muestra.models.runtime.torch_runtime import TorchRuntime
+
+            self.runtime = TorchRuntime(self.model)
+        if self.generation_config is None and self.model is not None:
+            self.generation_config = self.model.generation_config
 
     @property
     def eos_token_ids(self) -> list[int]:
-        """Every EOS id of the generation config (falling back to the model config)."""
-        source = self.model.generation_config.eos_token_id
-        if source is None:
+        """Every EOS id of the generation config (falling back to the model config, or to
+        the GGUF's end-of-generation tokens)."""
+        source = getattr(self.generation_config, "eos_token_id", None)
+        if source is None and self.model is not None:
             source = self.model.config.eos_token_id
+        if source is None and hasattr(self.runtime, "eog_ids"):
+            source = self.runtime.eog_ids()
         if source is None:
             return []
         return [int(source)] if isinstance(source, int) else [int(i) for i in source]
@@ -75,16 +96,11 @@ class LoadedModel:
     @property
     def vocab_size(self) -> int:
         """Rows of the output layer, which masks and biases must match (not len(tokenizer))."""
-        return int(self.model.get_output_embeddings().weight.shape[0])
+        return self.runtime.vocab_size
 
     @property
     def max_length(self) -> int | None:
-        config = self.model.config
-        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-            value = getattr(config, key, None)
-            if isinstance(value, int):
-                return value
-        return None
+        return self.runtime.max_length
 
 
 def _looks_like_path(ref: str) -> bool:
@@ -243,15 +259,30 @@ def load_model(
     revision: str | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    runtime: RuntimeChoice = "auto",
+    threads: int | None = None,
+    batch_invariant: bool = True,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer; see the module docstring for the rules."""
+    """Load a causal LM and its tokenizer on a runtime; see the module docstring for the
+    rules. `threads`: the runtime's CPU threads (default: the cores, or OMP_NUM_THREADS);
+    `batch_invariant`: llama.cpp's exact batching (`llamacpp_runtime.py`)."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     files = check_model(ref, revision, allow_pickle, trust_remote_code)
-    if files.gguf is not None:
+    choice = choose_runtime(ref, files, auto_runtime(runtime, dtype, device))
+    if choice == "llamacpp":
+        return _load_llamacpp(ref, files, dtype, device, threads, batch_invariant)
+    if not batch_invariant:
+        raise InputError(
+            "batch_invariant=false chooses llama.cpp's free batching; the torch runtime has no "
+            "such switch: leave it on, or use --runtime llamacpp with a GGUF"
+        )
+    if threads is not None:
+        torch.set_num_threads(_positive_threads(threads))
+    if files.gguf is not None and not files.weights_are_folder:
         model, tokenizer = load_gguf(files.gguf, resolve_dtype(dtype))
         model = model.to(resolve_device(device))
         return _loaded(ref, files.gguf, files.source, None, [files.gguf], model, tokenizer)
@@ -277,9 +308,102 @@ def load_model(
     return _loaded(ref, folder, files.source, files.commit, files.weights, model, tokenizer)
 
 
+def choose_runtime(ref: str, files: ModelFiles, runtime: str) -> Literal["torch", "llamacpp"]:
+    """The runtime `runtime` resolves to for these files. "auto" follows the weights: a
+    GGUF alone runs on llama.cpp when llama-cpp-python is installed; a folder with
+    transformers weights runs on torch (a kit keeps its GGUF beside them: `--runtime
+    llamacpp` runs that)."""
+    from muestra.models.runtime import llamacpp_runtime
+
+    if runtime not in RUNTIMES:
+        raise InputError(f"runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
+    if runtime == "torch":
+        return "torch"
+    if runtime == "llamacpp":
+        if files.gguf is None:
+            raise InputError(
+                f"--runtime llamacpp runs GGUF files, and model {ref!r} ({files.folder}) has "
+                "none. Pass a .gguf file (or a folder holding one), convert the model with "
+                "llama.cpp's convert_hf_to_gguf.py, or use --runtime torch."
+            )
+        llamacpp_runtime.llama_cpp_module()  # says how to install it when missing
+        return "llamacpp"
+    only_gguf = files.gguf is not None and not files.weights_are_folder
+    return "llamacpp" if only_gguf and llamacpp_runtime.available() else "torch"
+
+
+def auto_runtime(runtime: str, dtype: str, device: str) -> str:
+    """"auto" with a dtype or a GPU asked for means torch: only torch can honour them."""
+    if runtime == "auto" and (dtype != "auto" or device == "cuda"):
+        return "torch"
+    return runtime
+
+
+def _positive_threads(threads: int) -> int:
+    if threads < 1:
+        raise InputError(f"threads={threads} must be at least 1")
+    return threads
+
+
+def _load_llamacpp(
+    ref: str,
+    files: ModelFiles,
+    dtype: str,
+    device: str,
+    threads: int | None,
+    batch_invariant: bool,
+) -> LoadedModel:
+    from transformers import GenerationConfig
+
+    from muestra.models.gguf import load_gguf_tokenizer
+    from muestra.models.runtime.llamacpp_runtime import LlamaCppRuntime
+
+    assert files.gguf is not None
+    if dtype != "auto":
+        raise InputError(
+            f"dtype {dtype!r} applies to the torch runtime; llama.cpp computes with the GGUF's "
+            "own (quantized) types. Leave dtype at auto, or use --runtime torch."
+        )
+    if device == "cuda":
+        raise InputError(
+            "device cuda: muestra's llama.cpp runtime computes on the CPU; use --runtime torch "
+            "for a GPU"
+        )
+    gguf, folder = files.gguf, files.gguf.parent
+    try:
+        runtime = LlamaCppRuntime(
+            gguf, threads=_positive_threads(threads) if threads else None, exact=batch_invariant
+        )
+    except ModelLoadError as err:
+        architecture = gguf_architecture(gguf)  # InputError for a file that is no GGUF
+        raise InputError(
+            f"{gguf}: llama.cpp cannot load this GGUF (architecture {architecture!r}); use a "
+            "GGUF of an architecture it supports, or --runtime torch"
+        ) from err
+    if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+        tokenizer = load_tokenizer(str(folder))
+    else:
+        tokenizer = load_gguf_tokenizer(gguf)
+    if (folder / "generation_config.json").is_file():
+        generation = GenerationConfig.from_pretrained(folder)
+    else:
+        generation = GenerationConfig(eos_token_id=runtime.eog_ids())
+    provenance = Provenance(
+        model_id=ref,
+        path=str(gguf.resolve()),
+        source=files.source,
+        revision=files.commit,
+        weights_sha256=weights_hash([gguf]),
+        kit_preset=_kit_preset(folder),
+        runtime=runtime.info(),
+    )
+    return LoadedModel(None, tokenizer, provenance, runtime, generation)
+
+
 @dataclass(frozen=True)
 class ModelFiles:
-    """A model resolved to local files and checked, before anything is loaded."""
+    """A model resolved to local files and checked, before anything is loaded. `gguf`:
+    the GGUF file, when there is one (alone, or beside safetensors weights in a kit)."""
 
     folder: Path
     source: Literal["local", "hub"]
@@ -287,6 +411,11 @@ class ModelFiles:
     gguf: Path | None
     weights: list[Path]
     safetensors: bool
+
+    @property
+    def weights_are_folder(self) -> bool:
+        """Whether the folder has transformers weights of its own (not only a GGUF)."""
+        return self.gguf is None or self.weights != [self.gguf]
 
 
 def check_model(
@@ -298,8 +427,8 @@ def check_model(
     """Resolve `ref` to local files and refuse, without loading anything, a model that is
     missing, has no weights, or would run pickle or remote code it was not allowed to."""
     folder, source, commit = resolve_model(ref, revision, allow_pickle, trust_remote_code)
-    gguf = find_gguf(folder) if source == "local" else None
-    if gguf is not None:
+    gguf = find_gguf(folder, beside_weights=True) if source == "local" else None
+    if gguf is not None and (folder.is_file() or not _weight_files(folder)[0]):
         return ModelFiles(folder, source, commit, gguf, [gguf], safetensors=False)
     safetensors, pickles = _weight_files(folder)
     if not safetensors and pickles and not allow_pickle:
@@ -315,7 +444,7 @@ def check_model(
         )
     check_model_code(ref, folder, trust_remote_code)
     _check_model_type(ref, folder)
-    return ModelFiles(folder, source, commit, None, safetensors or pickles, bool(safetensors))
+    return ModelFiles(folder, source, commit, gguf, safetensors or pickles, bool(safetensors))
 
 
 def check_model_without_download(
@@ -391,6 +520,9 @@ def _loaded(
     model: Any,
     tokenizer: Any,
 ) -> LoadedModel:
+    from muestra.models.runtime.torch_runtime import TorchRuntime
+
+    runtime = TorchRuntime(model)
     provenance = Provenance(
         model_id=ref,
         path=str(path.resolve()),
@@ -398,5 +530,6 @@ def _loaded(
         revision=commit or getattr(model.config, "_commit_hash", None),
         weights_sha256=weights_hash(weights),
         kit_preset=_kit_preset(path) if path.is_dir() else None,
+        runtime=runtime.info(),
     )
-    return LoadedModel(model=model, tokenizer=tokenizer, provenance=provenance)
+    return LoadedModel(model=model, tokenizer=tokenizer, provenance=provenance, runtime=runtime)

@@ -108,11 +108,11 @@ def _forward(
 ) -> tuple[list[float], tuple[int, float], list[dict[str, float]]]:
     """(log-probability of tokens 1…, (argmax after the prompt, its log-probability),
     per position the top alternatives {piece: logprob}, best first)."""
-    model = served.loaded.model
-    device = next(model.parameters()).device
-    logits = model(input_ids=torch.tensor([ids], device=device)).logits[0].float()
-    logprobs = torch.log_softmax(logits, dim=-1)
-    targets = torch.tensor(ids[1:], device=device)
+    rows, fed = served.loaded.runtime.prefill([ids], 1, "all")
+    rows.close()
+    assert fed.ahead is not None
+    logprobs = torch.log_softmax(fed.ahead[0].float(), dim=-1)
+    targets = torch.tensor(ids[1:], device=logprobs.device)
     chosen = logprobs[:-1].gather(-1, targets[:, None]).squeeze(-1).tolist()
     values, indices = logprobs.topk(TOP, dim=-1)
     tops = []

@@ -101,7 +101,7 @@ class ServedModel:
         self.template_limits = template_limits
         self.tags = self.structured.tag_ids(ThinkConfig())
         self.created = int(time.time())
-        config = loaded.model.generation_config
+        config = loaded.generation_config
         sampled = bool(getattr(config, "do_sample", False))
         self.defaults = {
             "temperature": float(config.temperature or 1.0) if sampled else 1.0,

@@ -4,7 +4,8 @@
 `llama-cpp-python`) are not needed and importing the package fails without them, so the
 file is found through the package's installed metadata, never by importing it. The
 folder written is an ordinary transformers model folder (safetensors, tokenizer, chat
-template, generation config) plus provenance: package, version, the GGUF's sha256.
+template, generation config) plus a copy of the GGUF itself (what the llama.cpp runtime
+reads) and provenance: package, version, the GGUF's sha256.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata as metadata
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,8 @@ differ from the original model's in the second or third digit; what the model sa
 real.
 
 - tokenizer and chat template: read from the GGUF (ChatML, EOS `<|im_end|>` = 2)
+- `{gguf}`: the GGUF file itself, for the llama.cpp runtime (`--runtime llamacpp`, the
+  default when llama-cpp-python is installed); `--runtime torch` runs the safetensors
 - built by muestra {muestra_version}
 """
 
@@ -71,6 +75,8 @@ def manifest_for(preset: PackagedPreset, muestra_version: str) -> dict[str, Any]
         "package_version": version,
         "gguf_file": preset.file,
         "gguf_sha256": file_sha256(path),
+        # the GGUF itself, beside the dequantized weights: the llama.cpp runtime reads it
+        "gguf_copy": Path(preset.file).name,
         "dtype": preset.dtype,
         "muestra_version": muestra_version,
     }
@@ -81,6 +87,7 @@ def write_packaged(preset: PackagedPreset, work: Path, manifest: dict[str, Any])
     from transformers import GenerationConfig
 
     path, _ = packaged_gguf(preset)
+    shutil.copyfile(path, work / manifest["gguf_copy"])
     model, tokenizer = load_gguf(path, getattr(torch, preset.dtype))
     model.generation_config = GenerationConfig(**preset.generation)
     model.save_pretrained(work, safe_serialization=True)
@@ -95,6 +102,7 @@ def write_packaged(preset: PackagedPreset, work: Path, manifest: dict[str, Any])
             sha256=manifest["gguf_sha256"],
             dtype=preset.dtype,
             muestra_version=manifest["muestra_version"],
+            gguf=manifest["gguf_copy"],
         ),
         "utf-8",
     )
