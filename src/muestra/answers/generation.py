@@ -16,7 +16,7 @@ from typing import Any
 from muestra.engine import Engine, GenerationRequest, Sample, SamplingParams, StepEvent
 from muestra.engine.beam import BeamParams, Hypothesis, beam_search
 from muestra.engine.seeds import fresh_run_seed
-from muestra.models.inspection import render_chat
+from muestra.models.inspection import prompt_ids, render_chat
 from muestra.models.loading import LoadedModel
 
 
@@ -63,7 +63,14 @@ class TextGenerator:
     # ---- prompts ------------------------------------------------------------------------
 
     def encode_text(self, text: str) -> list[int]:
+        """Ids of a piece of text inside a sequence (no special tokens added)."""
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Ids of a raw-text prompt: the tokenizer's own special-token rule applies, as in
+        HF `generate` and lm-eval (Gemma's tokenizer starts with <bos>, without which the
+        base model degenerates; Qwen's and SmolLM2's add nothing)."""
+        return prompt_ids(self.tokenizer, text, raw=True)
 
     def encode_messages(
         self, messages: list[dict[str, Any]], enable_thinking: bool | None = None

@@ -294,6 +294,12 @@ def compare(
     spec: Path | None = typer.Option(
         None, "--spec", help="An experiment spec (TOML) to run on both models instead."
     ),
+    probe: str | None = typer.Option(
+        None,
+        "--probe",
+        help="A free-text probe (file or shipped name, see `muestra probe --list`) to run on "
+        "both models instead: each model's group differences and which model is more skewed.",
+    ),
     method: str = typer.Option(
         "loglik", "--method", help="--task: " + METHOD_HELP.split(";")[0] + "."
     ),
@@ -301,13 +307,18 @@ def compare(
     shots: int = typer.Option(0, "--shots", min=0, help="--task: few-shot examples."),
     limit: int | None = typer.Option(None, "--n", min=1, help="--task: the first N questions."),
     samples: int | None = typer.Option(
-        None, "--samples", min=1, help="Samples per question (--task) or prompt (--spec)."
+        None,
+        "--samples",
+        min=1,
+        help="Samples per question (--task), prompt (--spec) or template and group (--probe).",
     ),
     think_budget: int = typer.Option(256, "--think-budget", min=1, help="--task cot / vote."),
     seed: int = typer.Option(0, "--seed", help="--task: run seed (a spec has its own)."),
     dtype: str = typer.Option("auto", "--dtype", help="--task: auto | bfloat16 | float32."),
     out: Path | None = typer.Option(
-        None, "--out", help="Store (default: compare-TASK.db or compare-SPEC-NAME.db)."
+        None,
+        "--out",
+        help="Store (default: compare-TASK.db, compare-SPEC-NAME.db or compare-PROBE.db).",
     ),
     as_json: bool = JsonOption,
     trust_remote_code: bool = TrustRemoteCodeOption,
@@ -332,8 +343,11 @@ def compare(
     shows the --task comparison as a section of the HTML report."""
     from muestra.errors import InputError
 
-    if (task is None) == (spec is None):
-        raise InputError("give exactly one of --task FILE (questions) or --spec FILE (experiment)")
+    if sum(x is not None for x in (task, spec, probe)) != 1:
+        raise InputError(
+            "give exactly one of --task FILE (questions), --spec FILE (experiment) or "
+            "--probe NAME (free-text probe)"
+        )
     options = (
         model_options(runtime_a, threads, batch_invariant),
         model_options(runtime_b, threads, batch_invariant),
@@ -341,6 +355,10 @@ def compare(
     if spec is not None:
         _compare_spec(model_a, model_b, spec, out, samples, as_json, trust_remote_code, options)
         return
+    if probe is not None:
+        _compare_probe(model_a, model_b, probe, out, samples, as_json, trust_remote_code, options)
+        return
+    assert task is not None
     from muestra.evaluation.compare import compare_models
     from muestra.evaluation.tasks import load_task
 
@@ -452,3 +470,67 @@ def _compare_spec(
     for prompt, a, b in result.side_by_side:
         side.add_row(prompt, visible(a[:160]), visible(b[:160]))
     stdout.print(side)
+
+
+def _compare_probe(
+    model_a: str,
+    model_b: str,
+    name: str,
+    out: Path | None,
+    samples: int | None,
+    as_json: bool,
+    trust: bool,
+    options: tuple[dict[str, Any], dict[str, Any]],
+) -> None:
+    from dataclasses import asdict
+
+    from muestra.cli.probe_cmd import print_probe
+    from muestra.evaluation.compare import compare_probe
+    from muestra.evaluation.probes import load_probe
+
+    probe = load_probe(name)
+    store = out if out is not None else Path(f"compare-{probe.spec.name}.db")
+    result = compare_probe(
+        model_a, model_b, probe, store, samples=samples, trust_remote_code=trust,
+        on_note=lambda text: stderr.print(f"note: {text}", markup=False), options=options,
+    )  # fmt: skip
+    if as_json:
+        print_json(
+            {
+                "probe": probe.spec.name,
+                "models": list(result.labels),
+                "store": str(store),
+                "runs": list(result.run_ids),
+                "models_compared": result.comparison.as_dict(),
+                "each_model": [a.as_dict() for a in result.analyses],
+                "timings": [asdict(t) for t in result.timings],
+            }
+        )
+        return
+    for label, analysis in zip(result.labels, result.analyses, strict=True):
+        stdout.print(f"\n== {label}", markup=False)
+        print_probe(probe, analysis, [])
+    comparison = result.comparison
+    first, second = result.labels
+    table = Table(
+        "feature", "groups", f"gap A: {first}", f"gap B: {second}", "A − B [95% CI]",
+        "p Holm", title="the two models' group gaps, within templates (A − B of a − b)",
+    )  # fmt: skip
+    for g in comparison.gaps:
+        if g.p_value < 0.05 or g.feature.startswith(("lexicon:", "category=", "judge.")):
+            table.add_row(
+                g.feature, f"{g.a} − {g.b}", f"{g.gap_first:+.2f}", f"{g.gap_second:+.2f}",
+                f"{g.difference:+.2f} [{g.low:+.2f},{g.high:+.2f}]", f"{g.p_holm:.3g}",
+            )  # fmt: skip
+    stdout.print(table)
+    _print_timings(result.timings)
+    if comparison.findings:
+        stdout.print("model differences:", markup=False)
+        for line in comparison.findings:
+            stdout.print(f"- {line}", markup=False)
+    else:
+        stdout.print(
+            "model differences: no difference between the two models' group gaps is "
+            f"significant after Holm at α = {comparison.alpha}",
+            markup=False,
+        )

@@ -303,7 +303,7 @@ def generate(
     if conversation is not None:
         ids = generator.encode_messages(conversation, enable_thinking)
     else:
-        ids = generator.encode_text(prompt or "")
+        ids = generator.encode_prompt(prompt or "")
     if think is not None:
         structured_options.refuse_plain_flags(
             temperature=temperature,

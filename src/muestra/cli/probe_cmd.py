@@ -20,6 +20,7 @@ from muestra.cli.common import (
     stderr,
     stdout,
 )
+from muestra.errors import InputError
 
 
 def register(app: typer.Typer) -> None:
@@ -77,6 +78,14 @@ def probe(
     store = out if out is not None else Path(f"{loaded.spec.name}.db")
     note = lambda text: stderr.print(f"note: {text}", markup=False)  # noqa: E731
     options = model_options(runtime, threads, batch_invariant)
+    judge = None
+    if loaded.spec.judge is not None and not no_judge:
+        judge = judge_model or loaded.spec.judge.model or model
+        if judge is None:
+            assert loaded.spec.model is not None
+            judge = loaded.spec.model.id
+        if loaded.spec.judge.endpoint is None:
+            _check_judge_can_chat(judge, spec)
     try:
         with _bar("sampling") as update:
             run_id = run_probe(
@@ -91,11 +100,7 @@ def probe(
                 trust_remote_code=trust_remote_code,
                 model_options=options,
             )
-        if loaded.spec.judge is not None and not no_judge:
-            judge = judge_model or loaded.spec.judge.model or model
-            if judge is None:
-                assert loaded.spec.model is not None
-                judge = loaded.spec.model.id
+        if judge is not None:
             with _bar("judging") as update:
                 judge_store(
                     loaded,
@@ -114,6 +119,21 @@ def probe(
         sys.exit(130)
     stderr.print(f"probe run {run_id} → {store}", markup=False)
     show(store, run_id, as_json)
+
+
+def _check_judge_can_chat(judge: str, probe: str) -> None:
+    """A judge answers a chat prompt: refuse, before any sampling, a local judge model
+    without a chat template (a base model such as Gemma 3 270M)."""
+    from muestra.models.loading import check_model_without_download, load_tokenizer
+
+    check_model_without_download(judge)
+    tokenizer = load_tokenizer(judge)
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError(
+            f"{probe}: the [judge] model {judge!r} has no chat template (a base model), and a "
+            "judge answers a chat prompt; give a chat model with --judge-model, or skip the "
+            "judge with --no-judge"
+        )
 
 
 class _bar:

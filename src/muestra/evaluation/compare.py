@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from muestra.evaluation.evaluate import (
     EvalResult,
     EvalSettings,
@@ -83,7 +85,7 @@ def measure(
     load_seconds = time.perf_counter() - started
     runtime = loaded.runtime
     generator = TextGenerator(loaded, max_batch=PREFILL_PROMPTS)
-    prompts = [generator.encode_text(t) for t in texts[:PREFILL_PROMPTS]]
+    prompts = [generator.encode_prompt(t) for t in texts[:PREFILL_PROMPTS]]
     with torch.inference_mode():
         runtime.prefill(prompts[:1], 1)[0].close()  # warm up
         started = time.perf_counter()
@@ -236,6 +238,60 @@ def compare_spec(
         for t, label in zip(timings, labels, strict=True)
     ]
     return SpecComparison(labels, store, run_id, timings, side)
+
+
+@dataclass
+class ProbeComparison:
+    labels: tuple[str, str]
+    store: Path
+    run_ids: tuple[int, int]
+    comparison: Any  # analysis.probes.ModelComparison
+    analyses: list[Any]  # each model's own ProbeAnalysis
+    timings: list[Timing]
+
+
+def compare_probe(
+    model_a: str,
+    model_b: str,
+    probe: Any,
+    store: Path,
+    *,
+    samples: int | None = None,
+    trust_remote_code: bool = False,
+    on_progress: Callable[[Any], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
+    options: tuple[Mapping[str, Any], Mapping[str, Any]] = ({}, {}),
+) -> ProbeComparison:
+    """A free-text probe on both models (one run each, one store, the probe's seeds), each
+    model's own group differences, and the difference between the models' gaps within
+    each template (`analysis.probes.compare_models`)."""
+    from muestra.analysis.probes import compare_models
+    from muestra.evaluation.probes import read_probe, run_probe
+    from muestra.experiments.results import samples_frame
+    from muestra.experiments.store import reading
+
+    labels = comparison_labels(model_a, model_b, options)
+    texts = [text for _, _, text in probe.prompts()]
+    timings, runs = [], []
+    for model, label, given in zip((model_a, model_b), labels, options, strict=True):
+        timing = measure(model, texts, "auto", trust_remote_code, given)
+        started = time.perf_counter()
+        runs.append(
+            run_probe(
+                probe, store, model=model, samples=samples, on_progress=on_progress,
+                on_note=on_note, trust_remote_code=trust_remote_code, model_options=given,
+                label=label,
+            )
+        )  # fmt: skip
+        timings.append(
+            Timing(**{**asdict(timing), "eval_seconds": time.perf_counter() - started})
+        )
+    with reading(store) as db:
+        frame = pd.concat([samples_frame(db, run) for run in runs], ignore_index=True)
+        analyses = [read_probe(db, run)[1] for run in runs]  # type: ignore[index]
+    comparison = compare_models(frame, labels[0], labels[1], alpha=probe.spec.alpha,
+                                seed=probe.spec.seed)  # fmt: skip
+    return ProbeComparison(labels, store, (runs[0], runs[1]), comparison, analyses, timings)
 
 
 def comparison_labels(

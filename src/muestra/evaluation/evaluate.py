@@ -354,15 +354,19 @@ class _LoglikRunner(Runner):
         from muestra.models.inspection import render_chat
 
         tokenizer = loaded.tokenizer
+        chat = False
 
         def encode(text: str) -> list[int]:
-            return tokenizer(text, add_special_tokens=False)["input_ids"]
+            # raw text follows the tokenizer's own special-token rule (lm-eval's hf
+            # backend does the same for Gemma's <bos>); a rendered chat template has its own
+            return tokenizer(text, add_special_tokens=not chat)["input_ids"]
 
         questions = []
         for unit, _ in batch:
             prompt = messages_for(self.spec, unit.item)
             if not isinstance(prompt, str):  # --chat: the rendered template, as text
                 prompt = render_chat(tokenizer, prompt)[0]
+                chat = True
             questions.append((prompt, unit.item.variables["continuations"]))
         started = time.perf_counter()
         scored = loglikelihoods(loaded.runtime, encode, questions)

@@ -341,9 +341,11 @@ def experiment(
     dtype: str | None = None,
     samples: int | None = None,
     model_options: Mapping[str, Any] | None = None,
+    label: str | None = None,
 ) -> LoadedSpec:
     """The experiment spec that samples `probe` (one prompt item per template × group);
-    `model_options`: [model] fields such as runtime and threads."""
+    `model_options`: [model] fields such as runtime and threads; `label`: the model's name
+    in the results."""
     spec = probe.spec
     if model is not None:
         model_data: dict[str, Any] = {"id": model}
@@ -354,6 +356,8 @@ def experiment(
     if dtype is not None:
         model_data["dtype"] = dtype
     model_data.update(model_options or {})
+    if label is not None:
+        model_data["label"] = label
     items = [
         {"id": f"{t.id}/{g.id}", "group": t.id, "variant": g.id, "text": text}
         for t, g, text in probe.prompts()
@@ -406,11 +410,12 @@ def run_probe(
     on_note: Callable[[str], None] | None = None,
     trust_remote_code: bool = False,
     model_options: Mapping[str, Any] | None = None,
+    label: str | None = None,
 ) -> int:
     """Sample the probe into `store` (or resume it) and score its samples; the run id."""
     from muestra.experiments.runner import Runner
 
-    loaded = experiment(probe, model, dtype, samples, model_options)
+    loaded = experiment(probe, model, dtype, samples, model_options, label)
     runner = Runner(
         loaded,
         Path(store),

@@ -523,7 +523,7 @@ def _encode(generator: Any, spec: LoadedSpec, item: PromptItem, think: Any) -> l
     if think is not None and think.mode == "text":
         prompt = with_instruction(prompt, think.instruction)
     if isinstance(prompt, str):
-        return generator.text.encode_text(prompt)
+        return generator.text.encode_prompt(prompt)
     return generator.text.encode_messages(prompt, spec.spec.prompt.enable_thinking)
 
 

@@ -112,9 +112,10 @@ def render_chat(
 def prompt_ids(
     tokenizer: Any, prompt: str, raw: bool, enable_thinking: bool | None = None
 ) -> list[int]:
-    """Ids of a single user prompt: through the chat template unless `raw`."""
+    """Ids of a single user prompt: through the chat template unless `raw`; a raw prompt
+    follows the tokenizer's own special-token rule (a <bos> where it adds one)."""
     if raw:
-        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return tokenizer(prompt)["input_ids"]
     messages = [{"role": "user", "content": prompt}]
     return render_chat(tokenizer, messages, enable_thinking=enable_thinking)[1]
 

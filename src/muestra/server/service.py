@@ -339,7 +339,7 @@ class ServedModel:
         encoded = []
         for index, prompt in enumerate(prompts):
             if isinstance(prompt, str):
-                ids = await asyncio.to_thread(self.text.encode_text, prompt)
+                ids = await asyncio.to_thread(self.text.encode_prompt, prompt)
             else:
                 ids = list(prompt)
             if not ids:

@@ -19,7 +19,7 @@ import torch
 
 from muestra import __version__
 from muestra.errors import InputError
-from muestra.models.kit.packaged import manifest_for, write_packaged
+from muestra.models.kit.packaged import KIT_FORMAT, check_terms, manifest_for, write_packaged
 from muestra.models.kit.presets import ENDOFTEXT, PackagedPreset, Preset, get_preset
 from muestra.models.kit.tokenizer import build_qwen_tokenizer, chat_template
 from muestra.paths import default_kit_dir
@@ -97,7 +97,8 @@ def _manifest(preset: Preset | PackagedPreset) -> dict[str, Any]:
     """What the folder of `preset` records; a kit whose record differs is rebuilt."""
     if isinstance(preset, PackagedPreset):
         return manifest_for(preset, __version__)
-    return {"preset": preset.name, "seed": preset.seed, "muestra_version": __version__}
+    return {"preset": preset.name, "seed": preset.seed, "muestra_version": __version__,
+            "kit_format": KIT_FORMAT}  # fmt: skip
 
 
 def _write_random(preset: Preset, work: Path, manifest: dict[str, Any]) -> None:
@@ -122,9 +123,13 @@ def _write_random(preset: Preset, work: Path, manifest: dict[str, Any]) -> None:
     )
 
 
-def build_kit(preset_name: str, out: Path | None = None) -> Path:
-    """Write the kit of `preset_name` to `out` (default: the user cache) and return it."""
+def build_kit(preset_name: str, out: Path | None = None, accept_terms: bool = False) -> Path:
+    """Write the kit of `preset_name` to `out` (default: the user cache) and return it.
+    `accept_terms`: the user accepted the terms the preset's weights come under (Gemma's);
+    a preset with terms is refused without it."""
     preset = get_preset(preset_name)
+    if isinstance(preset, PackagedPreset):
+        check_terms(preset, accept_terms)
     out = Path(out).expanduser() if out is not None else default_kit_dir(preset.name)
     _check_target(out)
     manifest = _manifest(preset)
@@ -144,11 +149,12 @@ def build_kit(preset_name: str, out: Path | None = None) -> Path:
     return out
 
 
-def ensure_kit(preset_name: str, out: Path | None = None) -> Path:
-    """The kit folder of `preset_name`, built first when it is missing or stale."""
+def ensure_kit(preset_name: str, out: Path | None = None, accept_terms: bool = False) -> Path:
+    """The kit folder of `preset_name`, built first when it is missing or stale (a preset
+    with terms is built only with `accept_terms`)."""
     preset = get_preset(preset_name)
     out = Path(out).expanduser() if out is not None else default_kit_dir(preset.name)
     manifest = out / MANIFEST
     if manifest.is_file() and json.loads(manifest.read_text("utf-8")) == _manifest(preset):
         return out
-    return build_kit(preset_name, out)
+    return build_kit(preset_name, out, accept_terms)

