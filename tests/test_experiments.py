@@ -122,10 +122,17 @@ def test_run_summary_export_and_resume(cli, tiny_kit, tmp_path):
     store = tmp_path / "out.db"
     dry = cli("run", str(spec), "--out", str(store), "--dry-run")
     assert dry.code == 0 and "12 to run" in dry.stderr
+    assert list(tmp_path.glob("out.db*")) == []  # a dry run writes nothing
     first = cli("run", str(spec), "--out", str(store), "--batch", "4")
     assert first.code == 0, first.stderr
     again = cli("run", str(spec), "--out", str(store))
     assert again.code == 0 and "12 stored, 0 to run" in again.stderr
+    before = store.read_bytes()
+    dry = cli("run", str(spec), "--out", str(store), "--samples", "8", "--dry-run")
+    assert dry.code == 0 and "12 stored, 4 to run" in dry.stderr, dry.stderr
+    other = cli("run", str(spec), "--out", str(store), "--model", f"{tiny_kit}/", "--dry-run")
+    assert other.code == 0 and "12 to run" in other.stderr, other.stderr
+    assert store.read_bytes() == before  # planned on a copy: not even a model row is added
     more = cli("run", str(spec), "--out", str(store), "--samples", "8")
     assert "12 stored, 4 to run" in more.stderr
     summary = cli("summary", str(store), "--json")
@@ -224,6 +231,7 @@ def test_kill_9_then_resume_gives_exact_rows(tiny_kit, tmp_path):
         (lambda s: s.replace('descripcion = "Soy fuerte."', 'otra = "x"'), "descripcion"),
         (lambda s: s.replace("p.schema.json", "missing.json"), "missing.json"),
         (lambda s: s.replace("budget = 6", "budget = 6\nbudgte = 2"), "did you mean 'budget'"),
+        (lambda s: s.replace("samples = 6", "sampels = 6"), "sampels; did you mean 'samples'"),
     ],
     ids=[
         "unknown-key",
@@ -232,6 +240,7 @@ def test_kill_9_then_resume_gives_exact_rows(tiny_kit, tmp_path):
         "template-variable",
         "schema-file",
         "nested-key",
+        "misspelled-required-key",
     ],
 )
 def test_spec_errors_exit_2_before_loading(cli, tiny_kit, tmp_path, change, message):
@@ -445,3 +454,20 @@ def test_a_condition_that_cannot_jump_forward_is_noted_once(cli, tiny_kit, tmp_p
     assert dola.code == 0, dola.stderr
     notes = [line for line in dola.stderr.splitlines() if "jump-forward is off" in line]
     assert len(notes) == 1 and "DoLa" in notes[0] and notes[0].startswith("note: model"), notes
+
+
+def test_a_model_given_with_a_tilde_is_the_same_model_in_the_store(
+    cli, tiny_kit, tmp_path, monkeypatch
+):
+    """README's snippet: `muestra.run(..., model="~/…")` after the CLI ran the same folder
+    (the shell expanded its ~) resumes the same rows instead of sampling them again."""
+    import muestra
+
+    monkeypatch.setenv("HOME", str(tiny_kit.parent))
+    spec = write_spec(tmp_path, tiny_kit, samples=2)
+    store = tmp_path / "t.db"
+    assert cli("run", str(spec), "--out", str(store), "--model", str(tiny_kit)).code == 0
+    muestra.run(spec, store, model=f"~/{tiny_kit.name}", samples=2)
+    with closing(sqlite3.connect(store)) as db:
+        assert db.execute("SELECT model_ref FROM models").fetchall() == [(str(tiny_kit),)]
+        assert db.execute("SELECT count(*) FROM samples").fetchone()[0] == 4

@@ -129,3 +129,18 @@ def test_report_escapes_answer_values_in_the_fit_table():
     fits = re.search(r'<table class="fits">.*?</table>', page, re.S).group(0)
     assert "&lt;b&gt;él&lt;/b&gt;" in fits and "<b>" not in page
     assert "A: sexo is &lt;b&gt;él&lt;/b&gt; in 28 of 30 samples" in page  # the finding
+
+
+def test_the_random_weights_warning_names_only_random_weight_models():
+    """The demo's report is of the real SmolLM2 kit model: no "meaningless" there; a tiny
+    kit model (random weights) beside it is named as such."""
+    frame = frame_of([("A", "default", "m", {"sexo": "x"}) for _ in range(10)])
+    run = {"name": "r", "spec_path": "s.toml", "spec_hash": "0" * 64, "created_at": "now",
+           "muestra_version": "test"}  # fmt: skip
+    real = {"label": "smol", "model_ref": "kit", "kit_preset": "smollm2-135m-instruct"}
+    page = render(run, [real], frame, analyze(frame))
+    assert "RANDOM" not in page and "meaningless" not in page
+    assert "smol is the kit model smollm2-135m-instruct: real trained weights" in page
+    tiny = {"label": "tiny", "model_ref": "kit2", "kit_preset": "tiny"}
+    page = render(run, [real, tiny], frame, analyze(frame))
+    assert page.count("meaningless") == 1 and "tiny is the offline kit model tiny" in page

@@ -110,7 +110,7 @@ def test_run_with_uncached_hub_id_offline_leaves_no_store(cli, tmp_path, monkeyp
 def test_failing_model_adds_no_run_to_an_existing_store(cli, tiny_kit, tmp_path):
     spec = write_spec(tmp_path, tiny_kit, samples=1)
     store = tmp_path / "kept.db"
-    assert cli("run", str(spec), "--out", str(store), "--dry-run").code == 0
+    assert cli("run", str(spec), "--out", str(store)).code == 0
     before = run_count(store)
     assert before == 1
     broken = without_weights(tiny_kit, tmp_path / "empty")

@@ -223,7 +223,7 @@ def test_simultaneous_runs_do_the_work_once(tiny_kit, tmp_path):
 def test_a_column_the_runner_does_not_fill_stops_the_run(cli, tiny_kit, tmp_path):
     spec = write_spec(tmp_path, tiny_kit, samples=1)
     store = tmp_path / "s.db"
-    assert cli("run", str(spec), "--out", str(store), "--dry-run").code == 0
+    assert cli("run", str(spec), "--out", str(store)).code == 0
     with contextlib.closing(sqlite3.connect(store)) as db:
         (sql,) = db.execute("SELECT sql FROM sqlite_master WHERE name = 'samples'").fetchone()
         db.execute("DROP TABLE samples")  # SQLite cannot ADD a NOT NULL column without default

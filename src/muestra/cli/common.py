@@ -68,3 +68,8 @@ def print_json(data: Any) -> None:
 def visible(text: str) -> str:
     """Text with control characters shown as escapes, for one table cell."""
     return json.dumps(text, ensure_ascii=False)[1:-1]
+
+
+def plural(count: int, word: str) -> str:
+    """`word`, or its plural for a count other than one ("1 sample", "2 samples")."""
+    return word if count == 1 else f"{word}s"

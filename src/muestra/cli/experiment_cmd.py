@@ -15,6 +15,7 @@ from muestra.cli.common import (
     ThreadsOption,
     TrustRemoteCodeOption,
     model_options,
+    plural,
     print_json,
     stderr,
     stdout,
@@ -55,41 +56,38 @@ def run(
     """
     from muestra.experiments.runner import Runner
     from muestra.experiments.spec import load_spec
+    from muestra.experiments.store import scratch_copy
 
     loaded = load_spec(spec, check_models=model is None)
     store = out if out is not None else loaded.path.with_name(f"{loaded.spec.name}.db")
-    runner = Runner(
-        loaded,
-        store,
-        model=model,
-        samples=samples,
-        force_new=force_new,
-        batch_rows=batch_rows,
-        on_note=lambda text: stderr.print(f"note: {text}", markup=False),
-        trust_remote_code=trust_remote_code,
-        model_options=model_options(runtime, threads, batch_invariant),
-    )
+
+    def runner_on(path: Path) -> Runner:
+        return Runner(
+            loaded,
+            path,
+            model=model,
+            samples=samples,
+            force_new=force_new,
+            batch_rows=batch_rows,
+            on_note=lambda text: stderr.print(f"note: {text}", markup=False),
+            trust_remote_code=trust_remote_code,
+            model_options=model_options(runtime, threads, batch_invariant),
+        )
+
+    if dry_run:  # planned on a scratch copy of the store: a dry run writes nothing
+        with scratch_copy(store) as scratch:
+            runner = runner_on(scratch)
+            runner.open()
+            try:
+                _print_plan(runner, store, runner.plan(), every_unit=True)
+            finally:
+                runner.close()
+        return
+    runner = runner_on(store)
     runner.open()
     units = runner.plan()
-    pending = sum(len(u.missing) for u in units)
-    planned = (
-        len(runner.models) * len(loaded.conditions) * len(loaded.spec.prompt.items) * runner.samples
-    )
-    stderr.print(
-        f"{loaded.spec.name}: {len(runner.models)} model(s) × {len(loaded.conditions)} "
-        f"condition(s) × {len(loaded.spec.prompt.items)} prompt(s) × {runner.samples} samples "
-        f"= {planned}; "
-        f"{planned - pending} stored, {pending} to run (~{runner.estimate_tokens(units):,} tokens "
-        f"at most) → {store}",
-        markup=False,
-    )
-    if dry_run or not pending:
-        for unit in units:
-            stderr.print(
-                f"  {unit.model.name} | {unit.condition.label} | {unit.item.id}: "
-                f"{len(unit.missing)} samples",
-                markup=False,
-            )
+    pending = _print_plan(runner, store, units, every_unit=False)
+    if not pending:
         return
     from rich.progress import (
         BarColumn,
@@ -123,11 +121,37 @@ def run(
             )
             sys.exit(130)
     stderr.print(
-        f"done: {progress.done} samples, {progress.tokens} tokens in {progress.elapsed:.1f}s "
+        f"done: {progress.done} {plural(progress.done, 'sample')}, {progress.tokens} tokens "
+        f"in {progress.elapsed:.1f}s "
         f"({progress.tokens / max(progress.elapsed, 1e-9):.0f} tok/s, "
         f"{progress.done / max(progress.elapsed, 1e-9):.2f} samples/s) → {store}",
         markup=False,
     )
+
+
+def _print_plan(runner, store: Path, units: list, every_unit: bool) -> int:  # noqa: ANN001
+    """The run's size on stderr (and each unit's missing samples for a dry run or when
+    nothing is missing); the number of samples to run."""
+    loaded = runner.spec
+    pending = sum(len(u.missing) for u in units)
+    planned = (
+        len(runner.models) * len(loaded.conditions) * len(loaded.spec.prompt.items) * runner.samples
+    )
+    stderr.print(
+        f"{loaded.spec.name}: {len(runner.models)} model(s) × {len(loaded.conditions)} "
+        f"condition(s) × {len(loaded.spec.prompt.items)} prompt(s) × {runner.samples} "
+        f"{plural(runner.samples, 'sample')} = {planned}; {planned - pending} stored, {pending} "
+        f"to run (~{runner.estimate_tokens(units):,} tokens at most) → {store}",
+        markup=False,
+    )
+    if every_unit or not pending:
+        for unit in units:
+            stderr.print(
+                f"  {unit.model.name} | {unit.condition.label} | {unit.item.id}: "
+                f"{len(unit.missing)} {plural(len(unit.missing), 'sample')}",
+                markup=False,
+            )
+    return pending
 
 
 def summary(

@@ -19,6 +19,7 @@ from muestra.cli.common import (
     RuntimeOption,
     ThreadsOption,
     TrustRemoteCodeOption,
+    plural,
     print_json,
     stderr,
 )
@@ -401,7 +402,8 @@ def generate(
     elapsed = time.perf_counter() - started
     total = sum(s.num_tokens for s in samples)
     stderr.print(
-        f"{len(samples)} samples, {total} tokens in {elapsed:.2f}s ({total / elapsed:.1f} tok/s)",
+        f"{len(samples)} {plural(len(samples), 'sample')}, {total} tokens in {elapsed:.2f}s "
+        f"({total / elapsed:.1f} tok/s)",
         markup=False,
     )
 

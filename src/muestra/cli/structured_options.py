@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from muestra.cli.common import print_json, stderr
+from muestra.cli.common import plural, print_json, stderr
 from muestra.errors import InputError
 
 if TYPE_CHECKING:  # the heavy modules (torch) load only when a command needs them
@@ -160,6 +160,7 @@ def run(
     errors = sum(s.error is not None for s in samples)
     hits = sum(s.budget_hit for s in samples)
     stderr.print(
-        f"{len(samples)} samples in {elapsed:.2f}s; budget hit {hits}, errors {errors}",
+        f"{len(samples)} {plural(len(samples), 'sample')} in {elapsed:.2f}s; budget hit {hits}, "
+        f"errors {errors}",
         markup=False,
     )

@@ -65,10 +65,25 @@ def cpu_arguments(scratch: str, seed: int, quiet: bool) -> dict[str, Any]:
         "save_strategy": "no",
         "use_cpu": True,
         "bf16": False,  # TRL defaults to bf16 autocast: slower on CPU, not the fp32 we measure
-        "gradient_checkpointing": False,  # TRL turns it on; memory is not the limit here
+        _checkpointing_name(): False,  # TRL turns it on; memory is not the limit here
         "disable_tqdm": quiet,
         "dataloader_num_workers": 0,
     }
+
+
+def _checkpointing_name() -> str:
+    """transformers' name of the activation-checkpointing switch: `activation_checkpointing`
+    (`gradient_checkpointing` is its deprecated alias since transformers 5.x)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return (
+        "activation_checkpointing"
+        if "activation_checkpointing" in names
+        else "gradient_checkpointing"
+    )
 
 
 def hf_folder(ref: str) -> Path:

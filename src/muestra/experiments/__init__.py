@@ -41,9 +41,9 @@ def run(
 
     loaded = spec if isinstance(spec, LoadedSpec) else load_spec(spec, check_models=model is None)
     store = Path(out) if out is not None else loaded.path.with_name(f"{loaded.spec.name}.db")
-    runner = Runner(loaded, store, model=model, samples=samples)
-    run_id = runner.open()
-    runner.run()
+    with Runner(loaded, store, model=model, samples=samples) as runner:
+        run_id = runner.open()
+        runner.run()
     return Run(store, run_id)
 
 

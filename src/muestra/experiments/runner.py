@@ -120,6 +120,18 @@ class Runner:
             raise
         return self.run_id
 
+    def close(self) -> None:
+        """Close the store (and release its lock); the runner can be opened again."""
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
     def _check_local_models(self) -> None:
         """Refuse a local model that is missing, offline, without weights or in need of
         remote code before the store is created or a run row written, so that it leaves

@@ -123,6 +123,10 @@ class ModelSpec(Strict):
 
     @model_validator(mode="after")
     def _endpoint_urls(self) -> ModelSpec:
+        if self.endpoint is None and self.id.startswith("~"):
+            # one name for one folder: "~/kit" from a spec or a notebook, /home/me/kit from a
+            # shell, are the same model in the store
+            self.id = str(Path(self.id).expanduser())
         for url in self.endpoints:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"endpoint {url!r} must start with http:// or https://")
@@ -425,9 +429,19 @@ def describe_error(
     err: ValidationError, path: Path, data: dict[str, Any], root: type[BaseModel] | None = None
 ) -> str:
     """One line for the first error of `data` validated as `root` (default: `Spec`)."""
-    first = err.errors()[0]
+    errors = err.errors()
+    first = errors[0]
     loc = tuple(p for p in first["loc"] if p not in ("function-after",))
     where = _where(loc) or "(top level)"
+    if first["type"] == "missing":  # a required key misspelled is an unknown key beside it
+        unknown = [tuple(e["loc"]) for e in errors if e["type"] == "extra_forbidden"]
+        near = {str(u[-1]): u for u in unknown if u[:-1] == loc[:-1]}
+        hint = difflib.get_close_matches(str(loc[-1]), list(near), n=1)
+        if hint:
+            return (
+                f"{path}: unknown key {_where(near[hint[0]])}; did you mean {str(loc[-1])!r}? "
+                f"({where} is required)"
+            )
     if first["type"] == "extra_forbidden":
         parent: Any = data
         for part in loc[:-1]:

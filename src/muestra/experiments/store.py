@@ -288,6 +288,25 @@ def _version_of(db: sqlite3.Connection, path: Path) -> int:
     return int(version)
 
 
+@contextmanager
+def scratch_copy(path: Path) -> Iterator[Path]:
+    """A temporary copy of the store at `path` (a fresh path when there is none yet),
+    removed afterwards: what `muestra run --dry-run` plans on, so it writes nothing."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="muestra-dry-run-") as folder:
+        scratch = Path(folder) / Path(path).name
+        if Path(path).exists():
+            source = connect(Path(path), create=False)
+            target = sqlite3.connect(scratch)
+            try:
+                source.backup(target)
+            finally:
+                target.close()
+                source.close()
+        yield scratch
+
+
 def _lock(path: Path) -> IO[str]:
     """Take the store's writer lock: a POSIX lock (lockf) on `STORE.lock`, which holds the
     owner's pid. It is held per process: a second process is refused, while one process

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from muestra.analysis import Analysis
+from muestra.models.kit.presets import PRESETS, has_random_weights
 
 PALETTE = [
     "#4e79a7",
@@ -341,11 +342,19 @@ def render(
             ],
         )
     )
-    if any(m.get("kit_preset") for m in models):
-        out.append(
-            '<p class="finding">This run used an offline kit model with RANDOM weights: '
-            "its numbers are meaningless.</p>"
-        )
+    for m in models:
+        preset = m.get("kit_preset")
+        if has_random_weights(preset):
+            out.append(
+                f'<p class="finding">{_e(m["label"])} is the offline kit model {_e(preset)}, '
+                "with RANDOM weights: its numbers are meaningless.</p>"
+            )
+        elif preset in PRESETS:
+            real = PRESETS[preset]
+            out.append(
+                f'<p class="note">{_e(m["label"])} is the kit model {_e(preset)}: real trained '
+                f"weights, {_e(real.summary)}</p>"
+            )
     rates = [
         [
             p,

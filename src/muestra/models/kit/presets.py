@@ -205,3 +205,9 @@ def get_preset(name: str) -> Preset | PackagedPreset:
     except KeyError:
         choices = ", ".join(PRESETS)
         raise InputError(f"unknown kit preset {name!r}; choose one of: {choices}") from None
+
+
+def has_random_weights(name: str | None) -> bool:
+    """Whether the kit preset `name` has random weights (False for a real model, or for a
+    name that is no preset)."""
+    return isinstance(PRESETS.get(name or ""), Preset)
