@@ -13,7 +13,7 @@ KIT ?= $(HOME)/.cache/muestra/kit
 # tests); TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= auto
 
-.PHONY: install peers test demo bench lint lock clean
+.PHONY: install peers test readme demo bench lint lock clean
 
 install: $(STAMP)
 
@@ -43,6 +43,12 @@ peers: $(STAMP)
 
 test: $(STAMP) peers
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist worksteal --durations=20
+
+# README as a test: every example run in a clean copy of the repository with an empty
+# HOME, as a newcomer would, and every output it shows compared (tests/readme_check.py;
+# ~30 minutes: the real models, the alignment loop at reduced size).
+readme: $(STAMP)
+	$(PY) tests/readme_check.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

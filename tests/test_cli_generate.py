@@ -208,3 +208,21 @@ def test_structured_user_errors(cli, tiny_kit, tmp_path):
         "generate", str(tiny_kit), "--prompt", "x", "--choice", "a,b", "--temperature", "0.5"
     )
     assert plain.code == 2 and "--answer-" in plain.stderr
+
+
+def test_greedy_lines_are_the_same_every_call_and_across_decoders(cli, tiny_kit):
+    """Greedy draws nothing: no seed (null), so two calls print the same lines; prompt
+    lookup's lines carry the same keys as plain ones (plus its own counters)."""
+    args = ("generate", str(tiny_kit), "--prompt", "Hola", "--temperature", "0",
+            "--max-new-tokens", "8")  # fmt: skip
+    first, second = cli(*args), cli(*args)
+    assert first.code == 0 and second.code == 0, first.stderr
+    assert first.stdout == second.stdout
+    (plain,) = first.json_lines()
+    assert plain["seed"] is None
+    lookup = cli(*args, "--prompt-lookup", "4")
+    assert lookup.code == 0, lookup.stderr
+    (drafted,) = lookup.json_lines()
+    assert set(plain) <= set(drafted) and drafted["seed"] is None
+    assert drafted["token_ids"] == plain["token_ids"]
+    assert drafted["stop_reason"] == plain["stop_reason"]

@@ -335,7 +335,7 @@ def test_probe_runs_scores_resumes_and_analyses(tmp_path, tiny_kit, cli):
     assert "Probe: groups compared within templates" in html and "side by side" in html
 
 
-def test_judge_scores_equal_a_direct_structured_answer(tmp_path, tiny_kit):
+def test_judge_scores_equal_a_direct_structured_answer(tmp_path, tiny_kit, cli):
     from muestra.answers.phases import AnswerConfig
     from muestra.answers.structured import StructuredGenerator
     from muestra.engine import SamplingParams
@@ -387,6 +387,19 @@ def test_judge_scores_equal_a_direct_structured_answer(tmp_path, tiny_kit):
     with reading(store) as db:
         _, analysis = read_probe(db, run_id)
     assert any(d.feature.startswith("judge.sentiment=") for d in analysis.differences)
+    # export reads the probe's run (not its judge's), judge scores included; --run picks
+    import pandas as pd
+
+    exported = tmp_path / "e.csv"
+    done = cli("export", str(store), "-o", str(exported))
+    assert done.code == 0, done.stderr
+    table = pd.read_csv(exported)
+    assert len(table) == len(rows) and "score.judge.answer.sentiment" in table.columns
+    assert "score.lexicon.care" in table.columns
+    done = cli("export", str(store), "--run", str(judge_run), "-o", str(exported))
+    assert done.code == 0 and "score.lexicon.care" not in pd.read_csv(exported).columns
+    done = cli("export", str(store), "--run", "99", "-o", str(exported))
+    assert done.code == 2 and "no such run" in done.stderr
 
 
 @pytest.mark.slow

@@ -197,9 +197,12 @@ def test_a_second_writer_is_refused_naming_the_first(cli, tiny_kit, tmp_path):
         other = run_cli("run", str(spec), "--out", str(store), env={})  # another process
         _one_error_line(other, str(store), f"in use by process {os.getpid()}")
         assert held.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 0
+        assert store.with_name("s.db.lock").read_text().startswith(f"process {os.getpid()} (")
     finally:
         held.close()
     assert cli("run", str(spec), "--out", str(store)).code == 0
+    # the lock file stays (removing it would race with the next writer) but says nothing
+    assert store.with_name("s.db.lock").read_text() == ""
 
 
 def test_simultaneous_runs_do_the_work_once(tiny_kit, tmp_path):

@@ -83,50 +83,50 @@ def run(
             finally:
                 runner.close()
         return
-    runner = runner_on(store)
-    runner.open()
-    units = runner.plan()
-    pending = _print_plan(runner, store, units, every_unit=False)
-    if not pending:
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
+    with runner_on(store) as runner:  # closes the store (and its lock) however it ends
+        runner.open()
+        units = runner.plan()
+        pending = _print_plan(runner, store, units, every_unit=False)
+        if not pending:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
-    with Progress(
-        TextColumn("sampling"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[speed]}"),
-        TimeRemainingColumn(),
-        console=stderr,
-        disable=not stderr.is_terminal,
-    ) as bar:
-        task = bar.add_task("run", total=pending, speed="")
+        with Progress(
+            TextColumn("sampling"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[speed]}"),
+            TimeRemainingColumn(),
+            console=stderr,
+            disable=not stderr.is_terminal,
+        ) as bar:
+            task = bar.add_task("run", total=pending, speed="")
 
-        def update(p) -> None:  # noqa: ANN001
-            speed = f"{p.tokens / p.elapsed:.0f} tok/s, {p.done / p.elapsed:.2f} samples/s"
-            bar.update(task, completed=p.done, speed=speed)
+            def update(p) -> None:  # noqa: ANN001
+                speed = f"{p.tokens / p.elapsed:.0f} tok/s, {p.done / p.elapsed:.2f} samples/s"
+                bar.update(task, completed=p.done, speed=speed)
 
-        try:
-            progress = runner.run(update)
-        except KeyboardInterrupt:
-            stderr.print(
-                "stopped; finished batches are stored. Run the same command to resume.",
-                markup=False,
-            )
-            sys.exit(130)
-    stderr.print(
-        f"done: {progress.done} {plural(progress.done, 'sample')}, {progress.tokens} tokens "
-        f"in {progress.elapsed:.1f}s "
-        f"({progress.tokens / max(progress.elapsed, 1e-9):.0f} tok/s, "
-        f"{progress.done / max(progress.elapsed, 1e-9):.2f} samples/s) → {store}",
-        markup=False,
-    )
+            try:
+                progress = runner.run(update)
+            except KeyboardInterrupt:
+                stderr.print(
+                    "stopped; finished batches are stored. Run the same command to resume.",
+                    markup=False,
+                )
+                sys.exit(130)
+        stderr.print(
+            f"done: {progress.done} {plural(progress.done, 'sample')}, {progress.tokens} tokens "
+            f"in {progress.elapsed:.1f}s "
+            f"({progress.tokens / max(progress.elapsed, 1e-9):.0f} tok/s, "
+            f"{progress.done / max(progress.elapsed, 1e-9):.2f} samples/s) → {store}",
+            markup=False,
+        )
 
 
 def _print_plan(runner, store: Path, units: list, every_unit: bool) -> int:  # noqa: ANN001
@@ -234,15 +234,18 @@ def export(
     store: Path = typer.Argument(..., help="SQLite store written by `muestra run`."),
     fmt: str = typer.Option("csv", "--format", help="csv | parquet | jsonl"),
     out: Path = typer.Option(..., "-o", "--output", help="File to write."),
+    run_id: int | None = typer.Option(
+        None, "--run", help="Which run of the store (default: the latest, not a probe's judge)."
+    ),
 ) -> None:
     """One row per sample, answer fields as columns, plus prompt, sample, condition, model,
     seed, reasoning, think_tokens, budget_hit, finish_reason, error, and each score as a
     `score.*` column (rewards, a probe's lexicon counts, phrase and judge answers)."""
     from muestra.experiments.results import export as write
     from muestra.experiments.results import samples_frame
-    from muestra.experiments.store import reading
+    from muestra.experiments.store import reading, run_by_id
 
     with reading(store) as db:
-        frame = samples_frame(db)
+        frame = samples_frame(db, int(run_by_id(db, run_id)["id"]))
     path = write(frame, fmt, out)
     stderr.print(f"{len(frame)} rows → {path}", markup=False)

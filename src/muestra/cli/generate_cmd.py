@@ -398,6 +398,8 @@ def generate(
     for sample in samples:
         data = sample.as_dict()
         data.pop("prompt_index")
+        if params.temperature == 0:
+            data["seed"] = None  # greedy: nothing was drawn (the line is the same every call)
         print_json(data)
     elapsed = time.perf_counter() - started
     total = sum(s.num_tokens for s in samples)
@@ -465,12 +467,15 @@ def _print_drafted(
         ids = result.token_ids
         shown = ids[:-1] if result.finish_reason == "stop" else ids
         rounds = {"forwards": result.forwards} if draft_ref is None else {"rounds": result.rounds}
+        greedy = draft_ref is None or request.params.temperature == 0
         line = {
             "sample": index,
-            "seed": sample_seed(request.seed, request.prompt_index, index),
+            # greedy: nothing was drawn, so no seed (as plain greedy lines)
+            "seed": None if greedy else sample_seed(request.seed, request.prompt_index, index),
             "text": b"".join(generator.token_bytes[t] for t in shown).decode("utf-8", "replace"),
             "token_ids": ids,
             "finish_reason": result.finish_reason,
+            "stop_reason": ids[-1] if result.finish_reason == "stop" and ids else None,
             "num_prompt_tokens": len(request.prompt_ids),
             "num_tokens": len(ids),
             key: {
@@ -480,8 +485,6 @@ def _print_drafted(
                 "acceptance_rate": result.acceptance_rate,
             },
         }
-        if draft_ref is None:
-            line.pop("seed")  # greedy: nothing was drawn
         print_json(line)
     tokens = sum(len(r.token_ids) for r in results)
     drafted = sum(r.drafted for r in results)

@@ -166,6 +166,8 @@ class StoreConnection(sqlite3.Connection):
     def close(self) -> None:
         super().close()
         if self.lock is not None:
+            self.lock.seek(0)
+            self.lock.truncate()  # a lock file left behind is empty: nobody holds it
             self.lock.close()  # closing the descriptor releases the lock
             self.lock = None
 
@@ -326,14 +328,23 @@ def _lock(path: Path) -> IO[str]:
         if err.errno not in (errno.EACCES, errno.EAGAIN):
             raise
         raise StoreError(
-            f"store {path} is in use by {holder}; one `muestra run` writes to a store at a "
-            "time. Wait for it to finish, or choose another --out."
+            f"store {path} is in use by {holder}; one command writes to a store at a time. "
+            "Wait for it to finish, or choose another --out."
         ) from None  # the errno ("resource temporarily unavailable") would only mislead
     handle.seek(0)
     handle.truncate()
-    handle.write(f"process {os.getpid()} (muestra run since {now()})\n")
+    handle.write(f"process {os.getpid()} ({_command()} since {now()})\n")
     handle.flush()
     return handle
+
+
+def _command() -> str:
+    """What holds the store: `muestra probe` etc. (the Python API: its script's name)."""
+    import sys
+
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    verb = sys.argv[1] if name == "muestra" and len(sys.argv) > 1 else None
+    return f"muestra {verb}" if verb else name
 
 
 def _unwritable(path: Path, err: Exception) -> StoreError:
@@ -376,9 +387,31 @@ def dumps(value: Any) -> str | None:
 
 
 def latest_run(db: sqlite3.Connection) -> sqlite3.Row:
-    row = db.execute("SELECT * FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+    """The store's latest run that is not a probe's judge (a judge's answers live in the
+    judged samples' scores, so the probe's run is what `summary`, `analyze`, `export` and
+    `report` read by default)."""
+    judges = {
+        row[0]
+        for row in db.execute(
+            "SELECT DISTINCT json_extract(scores_json, '$.judge.run') FROM samples "
+            "WHERE scores_json LIKE '%\"judge\"%'"
+        )
+    }
+    for row in db.execute("SELECT * FROM runs ORDER BY id DESC"):
+        if row["id"] not in judges:
+            return row
+    raise InputError("the store holds no run yet; start one with `muestra run SPEC.toml`")
+
+
+def run_by_id(db: sqlite3.Connection, run_id: int | None) -> sqlite3.Row:
+    """Run `run_id` of the store (None: `latest_run`); a missing id lists the runs."""
+    if run_id is None:
+        return latest_run(db)
+    row = db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
     if row is None:
-        raise InputError("the store holds no run yet; start one with `muestra run SPEC.toml`")
+        runs = ", ".join(f"{r['id']} ({r['name']})" for r in db.execute("SELECT * FROM runs"))
+        raise InputError(f"--run {run_id}: no such run in {getattr(db, 'path', 'the store')}; "
+                         f"it holds {runs or 'none'}")  # fmt: skip
     return row
 
 

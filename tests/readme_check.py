@@ -1,0 +1,336 @@
+"""README as a test: every code block of README.md is run or checked, in order, as a
+newcomer would meet it (`make readme`; `.ci/run` runs it after `make test`).
+
+Each fenced block carries, on the line before it, an HTML comment that says what it is
+(GitHub does not show it):
+
+    <!-- check: run [name=ID] [expect=fail] [env="K=V K2=V2"] [timeout=S] -->
+        a bash or python block, executed (bash with -eo pipefail) in a clean copy of the
+        repository with a fresh HOME (so `~/.cache/muestra/kit/...` is the newcomer's
+        kit). Comment lines `# ...` right after a command line are that command's shown
+        output: they must appear, in order, in what the block printed. `env` makes a long
+        example smaller (README says which), `expect=fail` wants a non-zero exit.
+    <!-- check: output name=ID [match=numbers] -->
+        a block of shown output (lines starting with `$ ` are the commands, not output):
+        its lines must appear, in order, in what the block `ID` printed.
+    <!-- check: session [match=numbers] [env=...] -->
+        a shown terminal session: each `$ ` line is run (in order, in the same sandbox)
+        and the lines after it must appear, in order, in what it printed.
+    <!-- check: output command="..." name=ID ... -->
+        as `output`, running `command` first (once) when no block named ID ran.
+    <!-- check: file path=PATH -->
+        a block that shows a shipped file: every line must be a line of PATH.
+    <!-- check: skip reason="..." -->
+        not run here, for the reason given (a GPU machine, another vendor's server).
+
+`muestra serve … &` in a run block starts a server that stays up for the blocks after it
+(its log in the sandbox), once /health answers; a later server, or the end, stops it.
+Lines starting with `# ` in an output or session block summarise the output in words
+and are not matched. A block without a comment fails the check, so no example escapes
+it. Matching: spaces are collapsed and rich's table rules (━─═) shortened, `…` or `...`
+match any text, and with match=numbers every number matches any number (times and speeds
+of this machine).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+COMMENT = re.compile(r"^<!--\s*check:\s*(\w+)(.*?)-->\s*$")
+ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=\S+$")
+NUMBER = r"[-+−]?\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?"
+
+
+@dataclass
+class Block:
+    line: int  # where its fence opens in README.md
+    lang: str
+    body: list[str]
+    kind: str | None
+    options: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        name = self.options.get("name")
+        return f"README.md:{self.line} ({self.kind}{' ' + name if name else ''})"
+
+
+def blocks(text: str) -> list[Block]:
+    """Every fenced block of `text` with the check comment before it (kind None: none)."""
+    lines = text.split("\n")
+    found: list[Block] = []
+    i = 0
+    while i < len(lines):
+        if lines[i].startswith("```"):
+            start, lang = i, lines[i][3:].strip()
+            end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
+            before = next((lines[j] for j in range(start - 1, -1, -1) if lines[j].strip()), "")
+            match = COMMENT.match(before.strip())
+            kind, options = (match.group(1), _options(match.group(2))) if match else (None, {})
+            found.append(Block(start + 1, lang, lines[start + 1 : end], kind, options))
+            i = end + 1
+        else:
+            i += 1
+    return found
+
+
+def _options(text: str) -> dict[str, str]:
+    return dict(part.split("=", 1) for part in shlex.split(text))
+
+
+# ---- matching ------------------------------------------------------------------------------
+
+
+def normalize(line: str) -> str:
+    line = re.sub(r"[━─═]+", "━", line.replace("\u00a0", " "))
+    return re.sub(r"\s+", " ", line).strip()
+
+
+def pattern(shown: str, numbers: bool) -> re.Pattern[str]:
+    parts = re.split(r"…|\.\.\.", normalize(shown))
+    pieces = []
+    for part in parts:
+        if numbers:
+            bits = re.split(f"({NUMBER})", part)
+            pieces.append(
+                "".join(NUMBER if k % 2 else re.escape(bit) for k, bit in enumerate(bits))
+            )
+        else:
+            pieces.append(re.escape(part))
+    return re.compile(".*".join(pieces))
+
+
+def check_shown(shown: list[str], printed: str, numbers: bool = False) -> str | None:
+    """None when every shown line matches a printed line, in order; else what is missing."""
+    actual = [normalize(line) for line in printed.splitlines()]
+    position = 0
+    for line in shown:
+        if not normalize(line) or normalize(line) in ("…", "..."):
+            continue
+        regex = pattern(line, numbers)
+        hit = next((k for k in range(position, len(actual)) if regex.fullmatch(actual[k])), None)
+        if hit is None:
+            near = "\n".join(f"    | {a}" for a in actual[position : position + 12])
+            return f"shown line not printed (in order):\n    {line.strip()}\nprinted next:\n{near}"
+        position = hit + 1
+    return None
+
+
+def shown_output(body: list[str]) -> list[str]:
+    """The `# ` lines right after a command line (and after each other) in a run block."""
+    shown: list[str] = []
+    after_command = False
+    for line in body:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            if after_command:
+                shown.append(stripped[1:].strip())
+            continue
+        after_command = bool(stripped) and not stripped.endswith("\\")
+        if stripped.endswith("\\"):
+            after_command = False
+    return shown
+
+
+# ---- running -------------------------------------------------------------------------------
+
+
+@dataclass
+class Sandbox:
+    repo: Path
+    home: Path
+    outputs: dict[str, str] = field(default_factory=dict)
+    servers: list[subprocess.Popen] = field(default_factory=list)
+    variables: list[str] = field(default_factory=list)  # `M=…` lines of earlier blocks
+
+    @classmethod
+    def create(cls, where: Path) -> Sandbox:
+        """A copy of the repository's tracked files (as a clone has them), this venv
+        linked in, and an empty HOME."""
+        repo, home = where / "muestra", where / "home"
+        home.mkdir(parents=True, exist_ok=True)
+        files = subprocess.run(
+            ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
+        ).stdout.split(b"\0")
+        for name in filter(None, files):
+            source = ROOT / name.decode()
+            if source.is_file():
+                target = repo / name.decode()
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, target)
+        (repo / ".venv").symlink_to(ROOT / ".venv")
+        return cls(repo, home)
+
+    def env(self, extra: dict[str, str]) -> dict[str, str]:
+        keep = {k: v for k, v in os.environ.items() if not k.startswith(("MUESTRA_", "PYTEST"))}
+        return {
+            **keep,
+            "HOME": str(self.home),
+            "PATH": f"{self.repo / '.venv' / 'bin'}:{keep.get('PATH', '')}",
+            "COLUMNS": "240",
+            "TERM": "dumb",
+            "PYTHONUNBUFFERED": "1",
+            **extra,
+        }
+
+    def shell(self, source: str, extra: dict[str, str], timeout: float) -> tuple[int, str]:
+        started = time.monotonic()
+        done = subprocess.run(
+            ["bash", "-eo", "pipefail", "-c", source],
+            cwd=self.repo,
+            env=self.env(extra),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        print(
+            f"    ran in {time.monotonic() - started:.0f} s: {source.strip()[:90]}", file=sys.stderr
+        )
+        return done.returncode, done.stdout + done.stderr
+
+    def start_server(self, line: str, extra: dict[str, str]) -> None:
+        """`muestra serve … &`: started here, kept for the next blocks, up once /health
+        answers."""
+        import urllib.request
+
+        self.stop_servers()
+        log = open(self.repo / f"server-{len(self.outputs)}.log", "w")  # noqa: SIM115
+        self.servers.append(
+            subprocess.Popen(
+                ["bash", "-c", "exec " + line.rstrip().rstrip("&")],
+                cwd=self.repo,
+                env=self.env(extra),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.servers[-1].poll() is not None:
+                raise RuntimeError(f"the server stopped: see {log.name}")
+            try:
+                with urllib.request.urlopen("http://127.0.0.1:8000/health", timeout=2):
+                    return
+            except OSError:
+                time.sleep(1)
+        raise RuntimeError(f"the server did not answer /health in 300 s: see {log.name}")
+
+    def stop_servers(self) -> None:
+        for server in self.servers:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        self.servers.clear()
+
+    def run(self, block: Block) -> str | None:
+        """Run or check `block`; None when it holds, else why not."""
+        options = block.options
+        numbers = options.get("match") == "numbers"
+        extra = dict(part.split("=", 1) for part in shlex.split(options.get("env", "")))
+        timeout = float(options.get("timeout", 1800))
+        if block.kind == "session":
+            commands: list[tuple[str, list[str]]] = []
+            for line in block.body:
+                if line.startswith("$ "):
+                    commands.append((line[2:], []))
+                elif commands and not line.startswith("# "):
+                    commands[-1][1].append(line)
+            for command, shown in commands:
+                code, printed = self.shell(command, extra, timeout)
+                if code != 0:
+                    return f"`{command}` exited {code}\n{printed[-3000:]}"
+                why = check_shown(shown, printed, numbers)
+                if why is not None:
+                    return f"`{command}`: {why}"
+            return None
+        if block.kind == "skip":
+            return None if options.get("reason") else "skip needs a reason"
+        if block.kind == "file":
+            lines = set((self.repo / options["path"]).read_text("utf-8").splitlines())
+            missing = [line for line in block.body if line and line not in lines]
+            return f"lines not in {options['path']}: {missing[:3]}" if missing else None
+        if block.kind == "output":
+            name = options["name"]
+            if name not in self.outputs and "command" in options:
+                code, self.outputs[name] = self.shell(options["command"], extra, timeout)
+                if code != 0:
+                    return f"`{options['command']}` exited {code}\n{self.outputs[name][-3000:]}"
+            printed = self.outputs.get(name)
+            if printed is None:
+                return f"no block named {name!r} ran before this one"
+            shown = [line for line in block.body if not line.startswith(("$ ", "# "))]
+            return check_shown(shown, printed, numbers)
+        if block.kind != "run":
+            return "no `<!-- check: … -->` comment before this block (see tests/readme_check.py)"
+        body = []
+        for line in block.body:
+            if line.startswith("muestra serve ") and line.rstrip().endswith("&"):
+                self.start_server(line, extra)
+            else:
+                body.append(line)
+        # one shell for the whole README, as a reader has: variables set by earlier blocks
+        source = "\n".join([*self.variables, *body]) + "\n"
+        if block.lang != "python":
+            self.variables += [line for line in body if ASSIGNMENT.match(line)]
+        if block.lang == "python":
+            python = self.repo / ".venv" / "bin" / "python"
+            source = f"{python} - <<'PYTHON'\n" + "\n".join(body) + "\nPYTHON\n"
+        code, printed = self.shell(source, extra, timeout)
+        if "name" in options:
+            self.outputs[options["name"]] = printed
+        if (code != 0) != (options.get("expect") == "fail"):
+            tail = "\n".join(printed.splitlines()[-25:])
+            return f"exit {code}\n{tail}"
+        return check_shown(shown_output(block.body), printed, numbers)
+
+
+def main(argv: list[str]) -> int:
+    """`python -m tests.readme_check [WORKDIR] [--from LINE] [--only LINE,...]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("workdir", nargs="?", type=Path)
+    parser.add_argument("--only", default="", help="README lines of the blocks to run")
+    arguments = parser.parse_args(argv)
+    import tempfile
+
+    workdir = arguments.workdir or Path(tempfile.mkdtemp(prefix="muestra-readme-"))
+    sandbox = (
+        Sandbox.create(workdir)
+        if not (workdir / "muestra").exists()
+        else Sandbox(workdir / "muestra", workdir / "home")
+    )
+    only = {int(x) for x in arguments.only.split(",") if x}
+    failures = []
+    for block in blocks(README.read_text("utf-8")):
+        if only and block.line not in only:
+            continue
+        try:
+            why = sandbox.run(block)
+        except (RuntimeError, subprocess.TimeoutExpired) as err:
+            why = str(err)
+        status = "ok" if why is None else "FAILED"
+        print(f"{status:6s} {block.label}", file=sys.stderr)
+        if why is not None:
+            failures.append(f"{block.label}: {why}")
+    sandbox.stop_servers()
+    for failure in failures:
+        print(f"\n{failure}", file=sys.stderr)
+    print(f"\n{len(failures)} README block(s) failed (sandbox: {workdir})", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
