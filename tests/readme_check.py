@@ -10,9 +10,10 @@ Each fenced block carries, on the line before it, an HTML comment that says what
         kit). Comment lines `# ...` right after a command line are that command's shown
         output: they must appear, in order, in what the block printed. `env` makes a long
         example smaller (README says which), `expect=fail` wants a non-zero exit.
-    <!-- check: output name=ID [match=numbers] -->
+    <!-- check: output name=ID [match=numbers] [optional=PREFIX] -->
         a block of shown output (lines starting with `$ ` are the commands, not output):
-        its lines must appear, in order, in what the block `ID` printed.
+        its lines must appear, in order, in what the block `ID` printed; lines starting
+        with PREFIX need not (a reduced run's findings may not reach significance).
     <!-- check: session [match=numbers] [env=...] -->
         a shown terminal session: each `$ ` line is run (in order, in the same sandbox)
         and the lines after it must appear, in order, in what it printed.
@@ -177,7 +178,7 @@ class Sandbox:
             **keep,
             "HOME": str(self.home),
             "PATH": f"{self.repo / '.venv' / 'bin'}:{keep.get('PATH', '')}",
-            "COLUMNS": "240",
+            "COLUMNS": "1000",  # rich wraps at the width: README shows whole lines
             "TERM": "dumb",
             "PYTHONUNBUFFERED": "1",
             **extra,
@@ -270,7 +271,13 @@ class Sandbox:
             printed = self.outputs.get(name)
             if printed is None:
                 return f"no block named {name!r} ran before this one"
-            shown = [line for line in block.body if not line.startswith(("$ ", "# "))]
+            optional = options.get("optional")
+            shown = [
+                line
+                for line in block.body
+                if not line.startswith(("$ ", "# "))
+                and not (optional and line.startswith(optional))
+            ]
             return check_shown(shown, printed, numbers)
         if block.kind != "run":
             return "no `<!-- check: … -->` comment before this block (see tests/readme_check.py)"

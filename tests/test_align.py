@@ -378,3 +378,15 @@ def test_train_layers_freezes_everything_below_the_last_blocks(tiny_kit):
     assert not model.model.embed_tokens.weight.requires_grad
     with pytest.raises(InputError, match="between 1 and the model's 2 blocks"):
         freeze_lower_layers(model, 3)
+
+
+def test_training_takes_a_kit_folder_with_its_gguf_beside(smol_kit):
+    """The real kit keeps its GGUF beside the safetensors (for llama.cpp): training reads
+    the folder's transformers weights; a GGUF alone is refused, naming what to pass."""
+    from muestra.errors import InputError
+    from muestra.evaluation.reward import hf_folder
+
+    assert hf_folder(str(smol_kit)) == smol_kit
+    gguf = next(smol_kit.glob("*.gguf"))
+    with pytest.raises(InputError, match="training needs a transformers folder"):
+        hf_folder(str(gguf))

@@ -506,3 +506,16 @@ def test_a_value_only_the_reference_names_counts():
     assert fit.p_value == pytest.approx(stats.binomtest(27, 30, 0.5).pvalue)
     with pytest.raises(InputError, match=r"\[analysis.reference\] clase"):
         analyze(frame_of(records), {"clase": {"guerrero": 0, "soporte": 0}})
+
+
+def test_reasoning_terms_are_labelled_in_the_traces_language():
+    """An English run's table says male/female (it said masculino/femenino before)."""
+    import pandas as pd
+
+    from muestra.analysis import default_terms
+
+    english = pd.Series(["I think he is a strong man and the leader", None, "She is kind"])
+    spanish = pd.Series(["Creo que él es un hombre fuerte y el líder de la partida"])
+    assert list(default_terms(english)) == ["male", "female"]
+    assert list(default_terms(spanish)) == ["masculino", "femenino"]
+    assert default_terms(english)["male"] == default_terms(spanish)["masculino"]

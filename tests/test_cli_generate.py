@@ -220,6 +220,7 @@ def test_greedy_lines_are_the_same_every_call_and_across_decoders(cli, tiny_kit)
     assert first.stdout == second.stdout
     (plain,) = first.json_lines()
     assert plain["seed"] is None
+    assert "1 sample, " in first.stderr  # not "1 samples"
     lookup = cli(*args, "--prompt-lookup", "4")
     assert lookup.code == 0, lookup.stderr
     (drafted,) = lookup.json_lines()

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -329,6 +332,18 @@ def test_probe_runs_scores_resumes_and_analyses(tmp_path, tiny_kit, cli):
         assert json.loads(line["scores"]) == scores
     shown = cli("analyze", str(store), "--json")
     assert shown.code == 0 and shown.json()["differences"] == data["differences"]
+    # the word statistics do not depend on Python's string hashing (a new process each)
+    words = [
+        json.loads(
+            subprocess.run(
+                [sys.executable, "-m", "muestra", "analyze", str(store), "--json"],
+                env={**os.environ, "PYTHONHASHSEED": seed}, capture_output=True, text=True,
+                check=True,
+            ).stdout
+        )["words"]
+        for seed in ("1", "2")
+    ]  # fmt: skip
+    assert words[0] == words[1] == shown.json()["words"] and words[0]
     report = tmp_path / "r.html"
     assert cli("report", str(store), "-o", str(report)).code == 0
     html = report.read_text()

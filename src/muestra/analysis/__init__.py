@@ -178,11 +178,23 @@ class TermMentions:
     high: float
 
 
-# Default terms looked for in reasoning traces (Spanish and English gender words).
+# Default terms looked for in reasoning traces (Spanish and English gender words); they are
+# labelled in the traces' language (`default_terms`).
 DEFAULT_TERMS = {
     "masculino": r"\b(?:él|hombre|varón|chico|masculino|he|him|his|man|male)\b",
     "femenino": r"\b(?:ella|mujer|chica|femenino|she|her|hers|woman|female)\b",
 }
+ENGLISH_LABELS = {"masculino": "male", "femenino": "female"}
+_ENGLISH = re.compile(r"\b(?:the|and|is|of|to|a|i|you|he|she|it)\b", re.IGNORECASE)
+_SPANISH = re.compile(r"\b(?:el|la|los|las|y|es|de|que|un|una|yo|él|ella)\b", re.IGNORECASE)
+
+
+def default_terms(traces: pd.Series) -> dict[str, str]:
+    """`DEFAULT_TERMS`, labelled in English when the traces are mostly English."""
+    text = " ".join(traces.dropna().astype(str))
+    if len(_ENGLISH.findall(text)) > len(_SPANISH.findall(text)):
+        return {ENGLISH_LABELS[label]: pattern for label, pattern in DEFAULT_TERMS.items()}
+    return dict(DEFAULT_TERMS)
 
 
 @dataclass
@@ -346,7 +358,9 @@ def analyze(
         result.field_probs += _field_probs(valid, name, levels)
     for name in numeric_fields(valid):
         _numeric(valid, name, result)
-    result.mentions = _mentions(valid, DEFAULT_TERMS if terms is None else terms)
+    if terms is None:
+        terms = default_terms(valid["reasoning"]) if "reasoning" in valid else DEFAULT_TERMS
+    result.mentions = _mentions(valid, terms)
     result.rewards = analyze_rewards(frame)
     tests: list[TestRow | FitRow] = [*result.tests, *result.fits]
     holm, bh = adjust([t.p_value for t in tests])

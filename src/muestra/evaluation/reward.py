@@ -95,7 +95,7 @@ def _files(ref: str) -> Any:
     from muestra.models.loading import check_model
 
     files = check_model(ref, None, False, False)
-    if files.gguf is not None:
+    if files.gguf is not None and list(files.weights) == [files.gguf]:  # a GGUF alone
         raise InputError(
             f"model {ref!r} is a GGUF file; training needs a transformers folder. Build one "
             "with `muestra kit build --preset smollm2-135m-instruct` (or save it with "
