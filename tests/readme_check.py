@@ -336,6 +336,8 @@ def main(argv: list[str]) -> int:
     for failure in failures:
         print(f"\n{failure}", file=sys.stderr)
     print(f"\n{len(failures)} README block(s) failed (sandbox: {workdir})", file=sys.stderr)
+    if not failures and arguments.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)  # kept only when asked for, or to look at
     return 1 if failures else 0
 
 
