@@ -454,3 +454,20 @@ def test_choice_probabilities_agree_with_drawn_letters(smol_kit, tmp_path):
     assert stats.chisquare(observed, expected).pvalue > 0.001
     assert result.draws.total == 300
     assert result.draws.value == pytest.approx(observed["ABCD".index(result.items[0].answer)] / 300)
+
+
+@pytest.mark.parametrize(
+    ("work", "flags"),
+    [
+        (["--spec", "examples/characters.toml"], ["--seed", "3"]),
+        (["--probe", "occupations-en"], ["--dtype", "float32", "--method", "choice"]),
+    ],
+)
+def test_question_set_flags_with_a_spec_or_probe_are_refused_by_name(
+    cli, tiny_kit, tmp_path, work, flags
+):
+    store = tmp_path / "c.db"
+    result = cli("compare", str(tiny_kit), str(tiny_kit), *work, *flags, "--out", str(store))
+    assert result.code == 2
+    assert all(flag in result.stderr for flag in flags[::2]) and "--task only" in result.stderr
+    assert not store.exists()

@@ -348,6 +348,22 @@ def compare(
             "give exactly one of --task FILE (questions), --spec FILE (experiment) or "
             "--probe NAME (free-text probe)"
         )
+    if task is None:  # the question-set settings have nothing to apply to: refused by name
+        given = [
+            flag
+            for flag, value, default in (
+                ("--method", method, "loglik"), ("--format", fmt, "cloze"), ("--shots", shots, 0),
+                ("--n", limit, None), ("--think-budget", think_budget, 256), ("--seed", seed, 0),
+                ("--dtype", dtype, "auto"),
+            )
+            if value != default
+        ]  # fmt: skip
+        if given:
+            raise InputError(
+                f"{', '.join(given)} apply to --task only; a spec or a probe sets its own "
+                "(its [decoding], seed and samples), and --runtime-a/-b choose how each "
+                "model computes"
+            )
     options = (
         model_options(runtime_a, threads, batch_invariant),
         model_options(runtime_b, threads, batch_invariant),
