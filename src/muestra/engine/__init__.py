@@ -1,7 +1,7 @@
 """The decoding engine: token ids in, token ids out (see `engine.py`)."""
 
-from muestra.engine.engine import (
-    Engine,
+from muestra.engine.engine import Engine
+from muestra.engine.rows import (
     GenerationRequest,
     NoHook,
     Row,
