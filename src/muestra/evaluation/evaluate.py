@@ -331,19 +331,7 @@ class _LoglikRunner(Runner):
     per question, its answer the most likely option."""
 
     def _generator(self, model: Any) -> Any:
-        from muestra.models.loading import load_model
-
-        loaded = load_model(
-            model.id,
-            dtype=model.dtype,
-            device=model.device,
-            trust_remote_code=model.trust_remote_code,
-            runtime=model.runtime,
-            threads=model.threads,
-            batch_invariant=model.batch_invariant,
-        )
-        self._store_provenance(model, loaded.provenance.as_dict())
-        return loaded
+        return self._load(model)
 
     def _run_batch(self, loaded: Any, batch: list[tuple[Any, list[int]]]) -> list[dict[str, Any]]:
         import torch

@@ -389,8 +389,8 @@ class Runner:
                 (dumps(data), self.model_ids[model.name]),
             )
 
-    def _generator(self, model: ModelSpec) -> Any:
-        from muestra.answers.structured import StructuredGenerator
+    def _load(self, model: ModelSpec) -> Any:
+        """The local model with every setting of its spec, its provenance stored."""
         from muestra.models.loading import load_model
 
         loaded = load_model(
@@ -403,7 +403,12 @@ class Runner:
             batch_invariant=model.batch_invariant,
         )
         self._store_provenance(model, loaded.provenance.as_dict())
-        return StructuredGenerator(loaded, max_batch=self.batch_rows)
+        return loaded
+
+    def _generator(self, model: ModelSpec) -> Any:
+        from muestra.answers.structured import StructuredGenerator
+
+        return StructuredGenerator(self._load(model), max_batch=self.batch_rows)
 
     def _run_batch(
         self, generator: Any, batch: list[tuple[Unit, list[int]]]
