@@ -31,9 +31,9 @@ step $MUESTRA summary "$WORK/audit.db" --field gender
 step $MUESTRA pairs "$WORK/audit.db" --chosen 'gender == "female"' --rejected 'gender == "male"' \
     --max-per-prompt "$PAIRS" --out "$WORK/pairs.jsonl"
 step $MUESTRA reward train --base "$KIT" --data "$WORK/pairs.jsonl" --out "$WORK/reward" \
-    --epochs 2 --lr 5e-5 --train-layers 8 --eval-fraction 0.25
+    --epochs 2 --lr 5e-5 --train-layers 8 --eval-fraction 0.25 --overwrite
 step $MUESTRA align dpo --base "$KIT" --data "$WORK/pairs.jsonl" --out "$WORK/aligned" \
-    --epochs 2 --lr 5e-5 --beta 0.1 --train-layers 8 --eval-fraction 0.25
+    --epochs 2 --lr 5e-5 --beta 0.1 --train-layers 8 --eval-fraction 0.25 --overwrite
 step $MUESTRA compare "$KIT" "$WORK/aligned" --spec characters.toml --samples "$SAMPLES" \
     --out "$WORK/reaudit.db"
 step $MUESTRA reward score "$WORK/reaudit.db" --reward "$WORK/reward"

@@ -76,6 +76,7 @@ def test_store_schema_through_migrations(tmp_path):
         "m002_beams",
         "m003_evals",
         "m004_probes",
+        "m005_run_status",
     ]
     tables = sorted(r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'"))
     assert tables == [
@@ -186,7 +187,7 @@ def _count(store: Path) -> int:
         return 0
 
 
-def test_kill_9_then_resume_gives_exact_rows(tiny_kit, tmp_path):
+def test_kill_9_then_resume_gives_exact_rows(tiny_kit, tmp_path, cli):
     """A run killed with SIGKILL right after it stored a batch, its resume killed the same
     way, then a resume to the end: the rows equal an uninterrupted run's. (Kills after
     fixed delays landed before the first batch: starting takes ~14 s here.)"""
@@ -207,7 +208,13 @@ def test_kill_9_then_resume_gives_exact_rows(tiny_kit, tmp_path):
         proc.wait()
         kills.append(_count(store))
     assert 0 < kills[0] < kills[1] < 20, f"each kill should land mid-run: {kills} rows stored"
+    stopped = cli("summary", str(store), "--json")  # the killed run is shown as such
+    assert stopped.json()["run_status"]["status"] == "stopped", stopped.stderr
+    assert "is not finished — stopped" in stopped.stderr and "partial" in stopped.stderr
     assert subprocess.run(command, capture_output=True).returncode == 0
+    done = cli("summary", str(store), "--json")
+    assert done.json()["run_status"] == {"status": "done", "reason": None}
+    assert "warning" not in done.stderr
     query = (
         "SELECT p.prompt_key, s.sample_index, s.answer_text, s.answer_json, s.error "
         "FROM samples s JOIN prompts p ON p.id = s.prompt_id"

@@ -38,3 +38,10 @@ class ContextLengthError(InputError):
 class StoreError(InputError):
     """An experiment store that cannot be used as asked: damaged, written by a newer
     muestra, read-only when it must be written, or in use by another run."""
+
+
+class Interrupted(MuestraError):
+    """Ctrl-C (SIGINT) during work that cleans up after itself: the message says what was
+    kept and what was not."""
+
+    exit_code = 130

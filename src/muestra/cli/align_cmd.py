@@ -64,10 +64,11 @@ def pairs(
     fields, `valid` (no error), `think_tokens`, `budget_hit`, `var_*`, and scores such as
     `reward`. Quote Python words with backticks: `class` == "Support".
     """
-    from muestra.evaluation.preferences import store_pairs
+    from muestra.evaluation.preferences import PairSet, store_pairs
     from muestra.experiments.store import reading
     from muestra.models.loading import load_tokenizer
 
+    PairSet.check_out(out)
     with reading(store) as db:
         tokenizer = None
         if completion == "full":
@@ -132,12 +133,15 @@ def reward_train(
         "frozen, which makes a CPU step several times faster. Default: every weight.",
     ),
     seed: int = typer.Option(0, "--seed"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace what --out holds (default: it must be new or empty)."
+    ),
     as_json: bool = JsonOption,
 ) -> None:
     """Train a reward model (a one-label sequence-classification head on the base model,
     Bradley–Terry loss, TRL's RewardTrainer) and report the pairwise accuracy on the
     held-out pairs before and after training."""
-    from muestra.evaluation.reward import train_reward
+    from muestra.evaluation.reward import check_out, train_reward
 
     settings = _settings(
         epochs=epochs,
@@ -148,7 +152,10 @@ def reward_train(
         seed=seed,
         train_layers=train_layers,
     )
-    metrics = train_reward(base, _read(data), out, settings, quiet=not stderr.is_terminal)
+    check_out(out, overwrite)
+    metrics = train_reward(
+        base, _read(data), out, settings, quiet=not stderr.is_terminal, overwrite=overwrite
+    )
     if as_json:
         print_json(metrics)
         return
@@ -238,12 +245,16 @@ def align_dpo(
         "frozen, which makes a CPU step several times faster. Default: every weight.",
     ),
     seed: int = typer.Option(0, "--seed"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace what --out holds (default: it must be new or empty)."
+    ),
     as_json: bool = JsonOption,
 ) -> None:
     """DPO (TRL's DPOTrainer, sigmoid loss, the base model as frozen reference). The
     output is an ordinary model folder every muestra command loads, with its provenance
     (base weights hash, data hash, hyper-parameters) in muestra-train.json."""
     from muestra.evaluation.align import train_dpo
+    from muestra.evaluation.reward import check_out
 
     settings = _settings(
         epochs=epochs,
@@ -255,7 +266,10 @@ def align_dpo(
         beta=beta,
         train_layers=train_layers,
     )
-    metrics = train_dpo(base, _read(data), out, settings, quiet=not stderr.is_terminal)
+    check_out(out, overwrite)
+    metrics = train_dpo(
+        base, _read(data), out, settings, quiet=not stderr.is_terminal, overwrite=overwrite
+    )
     if as_json:
         print_json(metrics)
         return
@@ -287,12 +301,18 @@ def align_rloo(
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
     lr: float = typer.Option(1e-5, "--lr", min=0.0),
     seed: int = typer.Option(0, "--seed"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace what --out holds (default: it must be new or empty)."
+    ),
     as_json: bool = JsonOption,
 ) -> None:
     """A few online RL steps as seed 004 sketches with PPO: TRL has no PPOTrainer any more,
     so this is RLOO (policy gradient with a leave-one-out baseline) with the reward model
     as the reward. An illustration of the loop, not a training recipe."""
     from muestra.evaluation.align import rloo_steps
+    from muestra.evaluation.reward import check_out
+
+    check_out(out, overwrite)
 
     result = rloo_steps(
         base,
@@ -305,6 +325,7 @@ def align_rloo(
         lr=lr,
         seed=seed,
         quiet=not stderr.is_terminal,
+        overwrite=overwrite,
     )
     if as_json:
         print_json(result)

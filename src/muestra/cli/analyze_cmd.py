@@ -23,9 +23,15 @@ def load_analysis(store: Path, alpha: float | None, run_id: int | None = None): 
     import json
 
     from muestra.analysis import analyze as run_analysis
+    from muestra.cli.common import run_status
     from muestra.experiments.results import samples_frame
     from muestra.experiments.spec import AnalysisSpec
-    from muestra.experiments.store import latest_run, reading
+    from muestra.experiments.store import (
+        latest_run,
+        reading,
+        require_samples,
+        unfinished_warning,
+    )
 
     with reading(store) as db:
         if run_id is None:
@@ -35,6 +41,9 @@ def load_analysis(store: Path, alpha: float | None, run_id: int | None = None): 
         frame = samples_frame(db, int(run["id"]))
         if "answer" in frame.columns and _is_probe(db, int(run["id"])):
             frame = frame.drop(columns=["answer"])  # free text: the probe's scores analyse it
+        require_samples(db, int(run["id"]))
+        run["run_status"] = run_status(db, int(run["id"]))
+        run["unfinished"] = unfinished_warning(db, int(run["id"]))
         models = [
             {
                 **json.loads(row["provenance_json"] or "{}"),
@@ -78,9 +87,9 @@ def analyze(
 
         show(store, probe_run, as_json, alpha)
         return
-    _, _, _, result = load_analysis(store, alpha)
+    run, _, _, result = load_analysis(store, alpha)
     if as_json:
-        print_json(result.as_dict())
+        print_json({"run_status": run["run_status"], **result.as_dict()})
         return
     print_analysis(result)
 

@@ -73,3 +73,15 @@ def visible(text: str) -> str:
 def plural(count: int, word: str) -> str:
     """`word`, or its plural for a count other than one ("1 sample", "2 samples")."""
     return word if count == 1 else f"{word}s"
+
+
+def run_status(db: Any, run: Any) -> dict[str, Any]:
+    """The run's status for `--json` output, and a warning on stderr when it is not
+    finished (failed, stopped or still running): its numbers are a partial result."""
+    from muestra.experiments.store import run_state, unfinished_warning
+
+    status, reason = run_state(db, run)
+    warning = unfinished_warning(db, run)
+    if warning:
+        stderr.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
+    return {"status": status, "reason": reason}

@@ -163,13 +163,17 @@ def summary(
     """Counts and proportions of each answer value (seed 000's value_counts), numeric fields
     described, mean field_probs, budget-hit and error rates, throughput. A free-text field
     (more than 10 distinct values, no field_probs) shows its distinct count and top 5."""
+    from muestra.cli.common import run_status
     from muestra.experiments.results import samples_frame, summarize
-    from muestra.experiments.store import reading
+    from muestra.experiments.store import latest_run, reading, require_samples
 
     with reading(store) as db:
-        result = summarize(samples_frame(db), by=by, field=field)
+        run = latest_run(db)
+        require_samples(db, run)
+        result = summarize(samples_frame(db, int(run["id"])), by=by, field=field)
+        status = run_status(db, run)
     if as_json:
-        print_json(result)
+        print_json({"run": int(run["id"]), "run_status": status, **result})
         return
     for name, group in result["groups"].items():
         stdout.rule(
@@ -241,11 +245,15 @@ def export(
     """One row per sample, answer fields as columns, plus prompt, sample, condition, model,
     seed, reasoning, think_tokens, budget_hit, finish_reason, error, and each score as a
     `score.*` column (rewards, a probe's lexicon counts, phrase and judge answers)."""
+    from muestra.cli.common import run_status
     from muestra.experiments.results import export as write
     from muestra.experiments.results import samples_frame
-    from muestra.experiments.store import reading, run_by_id
+    from muestra.experiments.store import reading, require_samples, run_by_id
 
     with reading(store) as db:
-        frame = samples_frame(db, int(run_by_id(db, run_id)["id"]))
+        run = run_by_id(db, run_id)
+        require_samples(db, run)
+        frame = samples_frame(db, int(run["id"]))
+        run_status(db, run)  # warns when the run is not finished
     path = write(frame, fmt, out)
     stderr.print(f"{len(frame)} rows → {path}", markup=False)

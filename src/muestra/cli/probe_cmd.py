@@ -17,6 +17,7 @@ from muestra.cli.common import (
     TrustRemoteCodeOption,
     model_options,
     print_json,
+    run_status,
     stderr,
     stdout,
 )
@@ -99,6 +100,7 @@ def probe(
                 on_note=note,
                 trust_remote_code=trust_remote_code,
                 model_options=options,
+                judged=judge is not None,
             )
         if judge is not None:
             with _bar("judging") as update:
@@ -171,17 +173,20 @@ class _bar:
 
 def show(store: Path, run_id: int, as_json: bool, alpha: float | None = None) -> None:
     from muestra.evaluation.probes import read_probe, side_by_side
-    from muestra.experiments.store import reading
+    from muestra.experiments.store import reading, require_samples
 
     with reading(store) as db:
+        require_samples(db, run_id)
         found = read_probe(db, run_id, alpha)
         assert found is not None, f"run {run_id} is not a probe"
         probe, analysis = found
         pairs = side_by_side(db, run_id, per_template=2)
+        status = run_status(db, run_id)
     if as_json:
         print_json(
-            {"probe": probe.spec.name, "run": run_id, **analysis.as_dict(), "side_by_side": pairs}
-        )
+            {"probe": probe.spec.name, "run": run_id, "run_status": status,
+             **analysis.as_dict(), "side_by_side": pairs}
+        )  # fmt: skip
         return
     print_probe(probe, analysis, pairs)
 

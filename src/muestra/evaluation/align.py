@@ -16,7 +16,6 @@ its reward function. It is an illustration, not a recipe.
 from __future__ import annotations
 
 import math
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,11 @@ from muestra.evaluation.reward import (
     cpu_arguments,
     freeze_lower_layers,
     hf_folder,
+    load_reward_files,
     run_training,
     save_trained,
+    trained_folder,
+    training_output,
     write_record,
 )
 
@@ -108,7 +110,12 @@ def pair_margins(policy: Any, reference: Any, tokenizer: Any, pairs: PairSet) ->
 
 
 def train_dpo(
-    base: str, pairs: PairSet, out: Path, settings: TrainSettings, quiet: bool = False
+    base: str,
+    pairs: PairSet,
+    out: Path,
+    settings: TrainSettings,
+    quiet: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """DPO (sigmoid loss) of `base` on `pairs`; the aligned model is saved in `out`.
     The reference is the base model, frozen. Metrics: the DPO loss and the chosen −
@@ -120,49 +127,49 @@ def train_dpo(
 
     folder = hf_folder(base)
     train, held = pairs.split(settings.eval_fraction, settings.seed)
-    set_seed(settings.seed)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32")
-    reference = AutoModelForCausalLM.from_pretrained(folder, dtype="float32").eval()
-    freeze_lower_layers(model, settings.train_layers)
-    before = {
-        "train": pair_margins(model.eval(), reference, tokenizer, train),
-        "held_out": pair_margins(model, reference, tokenizer, held) if held.pairs else None,
-    }
-    scratch = tempfile.mkdtemp(prefix="muestra-train-")
-    config = DPOConfig(
-        **cpu_arguments(scratch, settings.seed, quiet), **settings.trl(train), beta=settings.beta
-    )
-    trainer = DPOTrainer(
-        model=model,
-        ref_model=reference,
-        args=config,
-        train_dataset=Dataset.from_list(train.records()),
-        processing_class=tokenizer,
-    )
-    result, seconds = run_training(trainer)
-    policy = trainer.model.eval()
-    policy.generation_config = model.generation_config
-    save_trained(trainer, tokenizer, out, scratch)
-    after = {
-        "train": pair_margins(policy, reference, tokenizer, train),
-        "held_out": pair_margins(policy, reference, tokenizer, held) if held.pairs else None,
-    }
+    with training_output(out, overwrite) as work:
+        set_seed(settings.seed)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32")
+        reference = AutoModelForCausalLM.from_pretrained(folder, dtype="float32").eval()
+        freeze_lower_layers(model, settings.train_layers)
+        before = {
+            "train": pair_margins(model.eval(), reference, tokenizer, train),
+            "held_out": pair_margins(model, reference, tokenizer, held) if held.pairs else None,
+        }
+        config = DPOConfig(
+            **cpu_arguments(work, settings.seed, quiet), **settings.trl(train), beta=settings.beta
+        )
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=reference,
+            args=config,
+            train_dataset=Dataset.from_list(train.records()),
+            processing_class=tokenizer,
+        )
+        result, seconds = run_training(trainer)
+        policy = trainer.model.eval()
+        policy.generation_config = model.generation_config
+        save_trained(trainer, tokenizer, work)
+        after = {
+            "train": pair_margins(policy, reference, tokenizer, train),
+            "held_out": pair_margins(policy, reference, tokenizer, held) if held.pairs else None,
+        }
 
-    def summary(m: Margins | None) -> dict[str, float] | None:
-        return None if m is None else {"loss": m.loss(settings.beta), "margin": m.margin}
+        def summary(m: Margins | None) -> dict[str, float] | None:
+            return None if m is None else {"loss": m.loss(settings.beta), "margin": m.margin}
 
-    metrics = {
-        "train_pairs": len(train.pairs),
-        "held_out_pairs": len(held.pairs),
-        "before": {k: summary(v) for k, v in before.items()},
-        "after": {k: summary(v) for k, v in after.items()},
-        "trl_train_loss": float(result.training_loss),
-        "train_seconds": seconds,
-    }
-    write_record(out, "dpo", base, pairs, hyperparameters=settings.record(), metrics=metrics)
+        metrics = {
+            "train_pairs": len(train.pairs),
+            "held_out_pairs": len(held.pairs),
+            "before": {k: summary(v) for k, v in before.items()},
+            "after": {k: summary(v) for k, v in after.items()},
+            "trl_train_loss": float(result.training_loss),
+            "train_seconds": seconds,
+        }
+        write_record(work, "dpo", base, pairs, hyperparameters=settings.record(), metrics=metrics)
     return metrics
 
 
@@ -178,6 +185,7 @@ def rloo_steps(
     lr: float = 1e-5,
     seed: int = 0,
     quiet: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """A few RLOO steps of `base` against the reward model in `reward_dir`, on the
     distinct prompts of `pairs` (their completions are not used). Returns the mean reward
@@ -185,56 +193,55 @@ def rloo_steps(
     import json
 
     from datasets import Dataset
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        set_seed,
-    )
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import RLOOConfig, RLOOTrainer
 
     prompts = list({json.dumps(p.prompt, sort_keys=True): p.prompt for p in pairs.pairs}.values())
     folder = hf_folder(base)
-    set_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    policy = AutoModelForCausalLM.from_pretrained(folder, dtype="float32")
-    reward_model = AutoModelForSequenceClassification.from_pretrained(reward_dir, dtype="float32")
-    reward_tokenizer = AutoTokenizer.from_pretrained(reward_dir)
-    if reward_tokenizer.pad_token is None:
-        reward_tokenizer.pad_token = reward_tokenizer.eos_token
-    reward_model.config.pad_token_id = reward_tokenizer.pad_token_id
-    scratch = tempfile.mkdtemp(prefix="muestra-train-")
-    config = RLOOConfig(
-        **cpu_arguments(scratch, seed, quiet),
-        max_steps=steps,
-        learning_rate=lr,
-        per_device_train_batch_size=generations,
-        num_generations=generations,
-        max_completion_length=max_new_tokens,
-        temperature=1.0,
-        logging_steps=1,
-    )
-    trainer = RLOOTrainer(
-        model=policy,
-        reward_funcs=reward_model,
-        reward_processing_classes=reward_tokenizer,
-        args=config,
-        train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
-        processing_class=tokenizer,
-    )
-    _, seconds = run_training(trainer)
-    rewards = [log["reward"] for log in trainer.state.log_history if "reward" in log]
-    save_trained(trainer, tokenizer, out, scratch)
-    metrics = {"mean_reward_per_step": rewards, "prompts": len(prompts), "train_seconds": seconds}
-    settings = {
-        "steps": steps,
-        "generations": generations,
-        "max_new_tokens": max_new_tokens,
-        "lr": lr,
-        "seed": seed,
-        "reward_model": str(reward_dir),
-    }
-    write_record(out, "rloo", base, pairs, hyperparameters=settings, metrics=metrics)
+    trained_folder(reward_dir, "reward", "--reward")
+    with training_output(out, overwrite) as work:
+        set_seed(seed)
+        tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        policy = AutoModelForCausalLM.from_pretrained(folder, dtype="float32")
+        reward_model, reward_tokenizer = load_reward_files(reward_dir, "--reward")
+        if reward_tokenizer.pad_token is None:
+            reward_tokenizer.pad_token = reward_tokenizer.eos_token
+        reward_model.config.pad_token_id = reward_tokenizer.pad_token_id
+        config = RLOOConfig(
+            **cpu_arguments(work, seed, quiet),
+            max_steps=steps,
+            learning_rate=lr,
+            per_device_train_batch_size=generations,
+            num_generations=generations,
+            max_completion_length=max_new_tokens,
+            temperature=1.0,
+            logging_steps=1,
+        )
+        trainer = RLOOTrainer(
+            model=policy,
+            reward_funcs=reward_model,
+            reward_processing_classes=reward_tokenizer,
+            args=config,
+            train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]),
+            processing_class=tokenizer,
+        )
+        _, seconds = run_training(trainer)
+        rewards = [log["reward"] for log in trainer.state.log_history if "reward" in log]
+        save_trained(trainer, tokenizer, work)
+        metrics = {
+            "mean_reward_per_step": rewards,
+            "prompts": len(prompts),
+            "train_seconds": seconds,
+        }
+        settings = {
+            "steps": steps,
+            "generations": generations,
+            "max_new_tokens": max_new_tokens,
+            "lr": lr,
+            "seed": seed,
+            "reward_model": str(reward_dir),
+        }
+        write_record(work, "rloo", base, pairs, hyperparameters=settings, metrics=metrics)
     return metrics

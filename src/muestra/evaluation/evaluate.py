@@ -184,6 +184,8 @@ def build_spec(
     items = list(task.items[: settings.limit] if settings.limit else task.items)
     if not items:
         raise InputError(f"{task.source}: no questions to evaluate")
+    _check_sizes(items, task)
+    _check_model(model)
     is_open = any(item.options is None for item in items)
     if is_open and (settings.method != "vote" or not all(i.options is None for i in items)):
         raise InputError(
@@ -253,6 +255,30 @@ def build_spec(
     return spec_from_data(spec, Path(task.source))
 
 
+def _check_sizes(items: list[Item], task: Task) -> None:
+    """Refuse a question longer than a prompt may be, naming its file and id (before
+    the spec's own check, whose advice — raise prompt.max_chars — eval cannot follow)."""
+    from muestra.experiments.spec import PromptSpec
+
+    limit = PromptSpec.model_fields["max_chars"].default
+    for item in items:
+        size = len(item.question) + sum(len(o) for o in item.options or ())
+        if size > limit:
+            raise InputError(
+                f"{task.source}: question {item.id!r} is {size:,} characters with its "
+                f"options, over the limit of {limit:,} for one prompt; shorten it or "
+                "leave it out"
+            )
+
+
+def _check_model(model: str) -> None:
+    """A local path that does not exist, named as the MODEL argument it is."""
+    from muestra.models.loading import resolve_model
+
+    if model.startswith((".", "/", "~")) and not Path(model).expanduser().exists():
+        resolve_model(model)  # raises ModelNotFoundError naming the path and the fix
+
+
 def _loglik_prompt(
     items: list[Item], task: Task, settings: EvalSettings, lang: prompts.Language
 ) -> dict[str, Any]:
@@ -317,7 +343,8 @@ def evaluate(
                     dumps(asdict(settings)),
                 ),
             )
-        runner.run(on_progress)
+        with runner.tracking():
+            runner.run(on_progress)
     finally:
         if runner.db is not None:
             runner.db.close()
@@ -330,8 +357,33 @@ class _LoglikRunner(Runner):
     """The runner with log-likelihood scoring in place of generation: one stored "sample"
     per question, its answer the most likely option."""
 
+    _fits_checked = False
+
     def _generator(self, model: Any) -> Any:
         return self._load(model)
+
+    def _check_context(self, loaded: Any, encode: Any, question: Any) -> None:
+        """Refuse, before any question is scored, one whose context and longest option
+        do not fit the model's context (lm-eval would cut the context from the left and
+        score a different question)."""
+        from muestra.errors import ContextLengthError
+        from muestra.evaluation.loglik import encode_pair
+
+        limit = loaded.runtime.max_length
+        self._fits_checked = True
+        if limit is None:
+            return
+        for item in self.spec.spec.prompt.items:
+            context, continuations = question(item)
+            for letter, continuation in zip(LETTERS, continuations, strict=False):
+                ids, cont = encode_pair(encode, context, continuation)
+                if len(ids) + len(cont) > limit:
+                    raise ContextLengthError(
+                        f"{self.spec.path}: question {item.id!r} with option {letter} is "
+                        f"{len(ids) + len(cont):,} tokens, over the model's context of "
+                        f"{limit:,} (--method loglik); nothing was scored. Shorten the "
+                        "question or leave it out (or use --limit)"
+                    )
 
     def _run_batch(self, loaded: Any, batch: list[tuple[Any, list[int]]]) -> list[dict[str, Any]]:
         import torch
@@ -349,13 +401,17 @@ class _LoglikRunner(Runner):
             # backend does the same for Gemma's <bos>); a rendered chat template has its own
             return tokenizer(text, add_special_tokens=not chat)["input_ids"]
 
-        questions = []
-        for unit, _ in batch:
-            prompt = messages_for(self.spec, unit.item)
+        def question(item: Any) -> tuple[str, list[str]]:
+            nonlocal chat
+            prompt = messages_for(self.spec, item)
             if not isinstance(prompt, str):  # --chat: the rendered template, as text
                 prompt = render_chat(tokenizer, prompt)[0]
                 chat = True
-            questions.append((prompt, unit.item.variables["continuations"]))
+            return prompt, item.variables["continuations"]
+
+        if not self._fits_checked:  # every question, before the first is scored
+            self._check_context(loaded, encode, question)
+        questions = [question(unit.item) for unit, _ in batch]
         started = time.perf_counter()
         scored = loglikelihoods(loaded.runtime, encode, questions)
         seconds = time.perf_counter() - started

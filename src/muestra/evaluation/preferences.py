@@ -54,15 +54,43 @@ class PairSet:
         text = "\n".join(json.dumps(r, sort_keys=True, ensure_ascii=False) for r in self.records())
         return hashlib.sha256(text.encode()).hexdigest()
 
+    @staticmethod
+    def check_out(path: Path) -> None:
+        """Refuse an output path that is a folder (or under a file), before any work."""
+        if path.is_dir():
+            raise PreferenceDataError(
+                f"--out {path} is a folder; pairs are one JSONL file: name a file, e.g. "
+                f"{path / 'pairs.jsonl'}"
+            )
+        for parent in path.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise PreferenceDataError(f"--out {path}: {parent} is a file, not a folder")
+                break
+
     def write(self, path: Path) -> Path:
-        """The pairs as JSONL at `path`, and their provenance at `PATH.meta.json`."""
+        """The pairs as JSONL at `path`, and their provenance at `PATH.meta.json`; each
+        written to a temporary file beside it and renamed, so neither is ever half there."""
+        import os
+        import tempfile
+
+        self.check_out(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", encoding="utf-8") as out:
-            for record in self.records():
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
         meta = {**self.meta, "pairs": len(self.pairs), "sha256": self.sha256}
         meta_path = path.with_name(path.name + ".meta.json")
-        meta_path.write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", "utf-8")
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records())
+        for target, text in (
+            (path, lines),
+            (meta_path, json.dumps(meta, indent=2, ensure_ascii=False) + "\n"),
+        ):
+            fd, scratch = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as out:
+                    out.write(text)
+                os.replace(scratch, target)
+            except BaseException:
+                Path(scratch).unlink(missing_ok=True)
+                raise
         return meta_path
 
     def split(self, eval_fraction: float, seed: int) -> tuple[PairSet, PairSet]:
@@ -85,11 +113,17 @@ class PairSet:
         )
 
 
+ROLES = ("system", "user", "assistant")
+
+
 def _is_messages(value: Any) -> bool:
     return (
         isinstance(value, list)
         and bool(value)
-        and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+        and all(
+            isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
+            for m in value
+        )
     )
 
 
@@ -129,8 +163,17 @@ def read_pairs(path: Path) -> PairSet:
             if not (isinstance(value, str) and value.strip()) and not _is_messages(value):
                 raise PreferenceDataError(
                     f"{where}: field {key!r} must be a non-empty text or a list of "
-                    f"{{role, content}} messages, got {value!r:.60}"
+                    f"{{role, content}} messages (role one of {', '.join(ROLES)}, content "
+                    f"a text), got {value!r:.60}"
                 )
+        if "prompt" in row and not (
+            (isinstance(row["prompt"], str) and row["prompt"].strip())
+            or _is_messages(row["prompt"])
+        ):
+            raise PreferenceDataError(
+                f"{where}: field 'prompt' must be a non-empty text or a list of "
+                f"{{role, content}} messages, got {row['prompt']!r:.60}"
+            )
         if type(row["chosen"]) is not type(row["rejected"]):
             raise PreferenceDataError(
                 f"{where}: 'chosen' and 'rejected' must both be texts or both messages"

@@ -62,7 +62,7 @@ from muestra.experiments.spec import (
     spec_from_data,
     template_fields,
 )
-from muestra.experiments.store import dumps
+from muestra.experiments.store import dumps, mark_judge, mark_run
 
 DATA = "muestra.evaluation.data"
 
@@ -298,7 +298,17 @@ def _read_lexicons(files: list[str], probe_path: Path) -> dict[str, list[str]]:
                     f"nor a shipped lexicon ({', '.join(sorted(shipped))})"
                 )
             path = shipped[name]
-        for category, entries in read_lexicon(path).items():
+        read = read_lexicon(path)
+        if not any(read.values()):
+            raise InputError(
+                f"{probe_path}: lexicon.files: {path} holds no words (an empty file, or "
+                "only comments); add one word or phrase per line, or leave it out"
+            )
+        for category, entries in read.items():
+            if not entries:
+                raise InputError(
+                    f"{probe_path}: lexicon.files: {path}: category {category!r} is empty"
+                )
             categories.setdefault(category, []).extend(entries)
     return categories
 
@@ -323,13 +333,21 @@ def read_lexicon(path: Path) -> dict[str, list[str]]:
 
 
 def _judge_schema(judge: JudgeSpec, path: Path) -> dict[str, Any]:
+    from muestra.answers.grammar import check_schema
+
     if isinstance(judge.schema_, dict):
-        return judge.schema_
-    file = path.parent / judge.schema_
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise InputError(f"{path}: judge.schema: cannot read {file}: {err}") from err
+        schema, source = judge.schema_, f"{path}: [judge] schema"
+    else:
+        file = path.parent / judge.schema_
+        try:
+            schema = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise InputError(f"{path}: [judge] schema: cannot read {file}: {err}") from err
+        source = f"{path}: [judge] schema ({file})"
+    if not isinstance(schema, dict):
+        raise InputError(f"{source}: a JSON Schema is an object, got {type(schema).__name__}")
+    check_schema(schema, source)  # before any sampling, not after it
+    return schema
 
 
 # ---- the experiment a probe runs ---------------------------------------------------------
@@ -411,8 +429,10 @@ def run_probe(
     trust_remote_code: bool = False,
     model_options: Mapping[str, Any] | None = None,
     label: str | None = None,
+    judged: bool = False,
 ) -> int:
-    """Sample the probe into `store` (or resume it) and score its samples; the run id."""
+    """Sample the probe into `store` (or resume it) and score its samples; the run id.
+    `judged`: a judge follows (`judge_store`), and the run stays "running" until it ends."""
     from muestra.experiments.runner import Runner
 
     loaded = experiment(probe, model, dtype, samples, model_options, label)
@@ -434,8 +454,11 @@ def run_probe(
                 "probe_hash) VALUES (?, ?, ?, ?, ?)",
                 (run_id, probe.spec.name, str(probe.path), probe.text, probe.hash),
             )
-        runner.run(on_progress)
-        score_store(runner.db, run_id, probe)
+        with runner.tracking():
+            runner.run(on_progress)
+            score_store(runner.db, run_id, probe)
+            if judged:  # the probe is done when its judge is: `judge_store` says so
+                mark_run(runner.db, run_id, "running")
     finally:
         if runner.db is not None:
             runner.db.close()
@@ -552,9 +575,18 @@ def judge_store(
     )
     judge_run = runner.open()
     try:
-        runner.run(on_progress)
         assert runner.db is not None
-        copy_judgements(runner.db, run_id, judge_run, model)
+        mark_judge(runner.db, judge_run, run_id)
+        try:
+            with runner.tracking():
+                runner.run(on_progress)
+                copy_judgements(runner.db, run_id, judge_run, model)
+        except BaseException as err:
+            if runner.db is not None:
+                why = "interrupted (Ctrl-C)" if isinstance(err, KeyboardInterrupt) else str(err)
+                mark_run(runner.db, run_id, "failed", f"its judge (run {judge_run}) failed: {why}")
+            raise
+        mark_run(runner.db, run_id, "done")
     finally:
         if runner.db is not None:
             runner.db.close()

@@ -6,27 +6,127 @@ A reward model is an ordinary transformers folder (`AutoModelForSequenceClassifi
 one label) with `muestra-train.json` beside its weights: the base model's provenance, the
 pairs' hash and provenance, the hyper-parameters and the held-out pairwise accuracy
 before and after training.
+
+Every training command writes its folder atomically (`training_output`): it trains in a
+hidden scratch folder beside `--out` marked `muestra-train.partial`, writes the
+provenance file last and renames the folder into place, so `--out` is either absent or
+complete; a command that loads a trained folder (`trained_folder`) refuses one without
+its provenance, and `load_model` refuses a folder that still carries the mark.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from muestra.errors import InputError
+from muestra.errors import InputError, Interrupted
 from muestra.evaluation.preferences import (
     Completion,
     PairSet,
     Text,
     pair_text,
 )
+from muestra.models.loading import PARTIAL_TRAINING
 
 TRAIN_RECORD = "muestra-train.json"
+PARTIAL_MARK = PARTIAL_TRAINING  # in a folder whose training has not finished
+TRAINER_SCRATCH = "trainer-scratch"  # the trainer's own output_dir, inside the scratch
+
+
+def check_out(out: Path, overwrite: bool = False) -> None:
+    """Refuse an `--out` a training run would damage, before any work: a file, or a
+    folder with something in it (unless `overwrite`)."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; a trained model is a folder: choose a new path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise InputError(
+            f"--out {out} is a folder that is not empty; choose a new path, or pass "
+            "--overwrite to replace what it holds"
+        )
+    parent = out.resolve().parent
+    if parent.exists() and not parent.is_dir():
+        raise InputError(f"--out {out}: {parent} is a file, not a folder")
+
+
+@contextlib.contextmanager
+def training_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """A scratch folder beside `out` to train into; renamed to `out` when the block ends
+    with the provenance file written, removed when it fails or is interrupted (Ctrl-C is
+    turned into `Interrupted`, which says so). A killed process leaves only the hidden
+    scratch folder, marked partial, which no muestra command loads."""
+    check_out(out, overwrite)
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.resolve().parent))
+    (scratch / PARTIAL_MARK).write_text(
+        "muestra is training into this folder, or was stopped before it finished: it is "
+        "not a model. Delete it.\n"
+    )
+    started = time.perf_counter()
+    try:
+        yield scratch
+        if not (scratch / TRAIN_RECORD).is_file():
+            raise RuntimeError(f"training finished without writing {TRAIN_RECORD}")
+        shutil.rmtree(scratch / TRAINER_SCRATCH, ignore_errors=True)
+        (scratch / PARTIAL_MARK).unlink()
+        _move_into_place(scratch, out)
+    except KeyboardInterrupt:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise Interrupted(
+            f"interrupted after {time.perf_counter() - started:.0f} s: training stopped, "
+            f"nothing was written to {out} and its scratch folder was removed"
+        ) from None
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+
+
+def _move_into_place(scratch: Path, out: Path) -> None:
+    """Rename `scratch` to `out`; an existing `out` (empty, or replaced by --overwrite)
+    is moved aside first and removed after, so `out` is never half old, half new."""
+    if not out.exists():
+        os.replace(scratch, out)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.resolve().parent))
+    os.replace(out, aside / "old")
+    os.replace(scratch, out)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def trained_folder(folder: Path, kind: str, flag: str) -> dict[str, Any]:
+    """The provenance of a finished `muestra` training folder of `kind`, or an
+    `InputError` naming the flag and saying why the folder cannot be used."""
+    if not folder.is_dir():
+        raise InputError(f"{flag} {folder} does not exist or is not a folder")
+    if (folder / PARTIAL_MARK).exists():
+        raise InputError(
+            f"{flag} {folder} is a training that did not finish (it holds {PARTIAL_MARK}); "
+            "delete it and train again"
+        )
+    record_path = folder / TRAIN_RECORD
+    if not record_path.is_file():
+        raise InputError(
+            f"{flag} {folder} has no {TRAIN_RECORD}: it is not a finished `muestra {kind}` "
+            "output (a training that was killed, or another program's folder); train one "
+            f"with `muestra {'reward train' if kind == 'reward' else 'align ' + kind}`"
+        )
+    try:
+        record = json.loads(record_path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{flag} {record_path} is damaged ({err}); train again") from None
+    if not isinstance(record, dict) or record.get("kind") != kind:
+        found = record.get("kind") if isinstance(record, dict) else None
+        raise InputError(
+            f"{flag} {folder} was trained by `muestra` as {found!r}, not as a {kind!r} model"
+        )
+    return record
 
 
 @dataclass(frozen=True)
@@ -54,11 +154,11 @@ class TrainSettings:
         }
 
 
-def cpu_arguments(scratch: str, seed: int, quiet: bool) -> dict[str, Any]:
+def cpu_arguments(scratch: Path, seed: int, quiet: bool) -> dict[str, Any]:
     """TRL/transformers training arguments shared by every trainer here: on the CPU in
     fp32, seeded, nothing saved or reported but the final model."""
     return {
-        "output_dir": scratch,
+        "output_dir": str(scratch / TRAINER_SCRATCH),
         "seed": seed,
         "data_seed": seed,
         "report_to": "none",
@@ -179,14 +279,42 @@ def run_training(trainer: Any) -> tuple[Any, float]:
     return result, time.perf_counter() - start
 
 
-def save_trained(trainer: Any, tokenizer: Any, out: Path, scratch: str) -> None:
-    """The trained model and its tokenizer in `out`, without the trainer's pickled
-    arguments (muestra refuses pickle files in a model folder); the scratch folder of
-    checkpoints and logs is removed."""
+def save_trained(trainer: Any, tokenizer: Any, out: Path) -> None:
+    """The trained model and its tokenizer in `out` (a `training_output` scratch folder),
+    without the trainer's pickled arguments (muestra refuses pickle files in a model
+    folder) nor its checkpoints and logs."""
     trainer.save_model(str(out))
     tokenizer.save_pretrained(str(out))
     (out / "training_args.bin").unlink(missing_ok=True)
-    shutil.rmtree(scratch, ignore_errors=True)
+    shutil.rmtree(out / TRAINER_SCRATCH, ignore_errors=True)
+
+
+def load_reward_files(folder: Path, flag: str) -> tuple[Any, Any]:
+    """The one-label classifier and tokenizer in `folder`, with what transformers says
+    when they do not load turned into an `InputError` that names the folder."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if not any((folder / name).is_file() for name in tokenizer_files):
+        raise InputError(
+            f"{flag} {folder} does not load as a reward model (it has no tokenizer files: "
+            f"none of {', '.join(tokenizer_files)}); train it again with `muestra reward train`"
+        )
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(folder, dtype="float32")
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(
+            f"{flag} {folder} does not load as a reward model ({reason[:300]}); train it "
+            "again with `muestra reward train`"
+        ) from None
+    if model.config.num_labels != 1:
+        raise InputError(
+            f"{flag} {folder} is a classifier with {model.config.num_labels} labels; a reward "
+            "model has one"
+        )
+    return model, tokenizer
 
 
 class RewardModel:
@@ -201,18 +329,12 @@ class RewardModel:
         model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
 
     @classmethod
-    def load(cls, folder: Path) -> RewardModel:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        if not (folder / "config.json").is_file():
-            raise InputError(f"no reward model at {folder}: train one with `muestra reward train`")
-        model = AutoModelForSequenceClassification.from_pretrained(folder, dtype="float32")
-        if model.config.num_labels != 1:
-            raise InputError(
-                f"{folder} is a classifier with {model.config.num_labels} labels; a reward "
-                "model has one"
-            )
-        return cls(model, AutoTokenizer.from_pretrained(folder), folder)
+    def load(cls, folder: Path, flag: str = "--reward") -> RewardModel:
+        """A reward model `muestra reward train` finished (see `trained_folder`); a folder
+        whose files do not load is a one-line error naming it."""
+        trained_folder(folder, "reward", flag)
+        model, tokenizer = load_reward_files(folder, flag)
+        return cls(model, tokenizer, folder)
 
     @property
     def identity(self) -> str:
@@ -264,44 +386,52 @@ class RewardModel:
 
 
 def train_reward(
-    base: str, pairs: PairSet, out: Path, settings: TrainSettings, quiet: bool = False
+    base: str,
+    pairs: PairSet,
+    out: Path,
+    settings: TrainSettings,
+    quiet: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Train a reward model on `pairs` (minus a held-out part) and save it in `out`."""
+    """Train a reward model on `pairs` (minus a held-out part) and save it in `out`
+    (atomically: see `training_output`)."""
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, set_seed
     from trl import RewardConfig, RewardTrainer
 
     folder = hf_folder(base)
     train, held = pairs.split(settings.eval_fraction, settings.seed)
-    set_seed(settings.seed)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        folder, num_labels=1, dtype="float32"
-    )
-    scorer = RewardModel(model, tokenizer)
-    before = scorer.pairwise_accuracy(held)
-    freeze_lower_layers(model, settings.train_layers)
-    scratch = tempfile.mkdtemp(prefix="muestra-train-")
-    config = RewardConfig(**cpu_arguments(scratch, settings.seed, quiet), **settings.trl(train))
-    trainer = RewardTrainer(
-        model=model,
-        args=config,
-        train_dataset=Dataset.from_list(train.records()),
-        processing_class=tokenizer,
-    )
-    result, seconds = run_training(trainer)
-    save_trained(trainer, tokenizer, out, scratch)
-    trained = RewardModel(trainer.model, tokenizer)
-    metrics = {
-        "train_pairs": len(train.pairs),
-        "held_out_pairs": len(held.pairs),
-        "held_out_accuracy_before": before,
-        "held_out_accuracy_after": trained.pairwise_accuracy(held),
-        "train_accuracy_after": trained.pairwise_accuracy(train),
-        "train_loss": float(result.training_loss),
-        "train_seconds": seconds,
-    }
-    write_record(out, "reward", base, pairs, hyperparameters=settings.record(), metrics=metrics)
+    with training_output(out, overwrite) as work:
+        set_seed(settings.seed)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            folder, num_labels=1, dtype="float32"
+        )
+        scorer = RewardModel(model, tokenizer)
+        before = scorer.pairwise_accuracy(held)
+        freeze_lower_layers(model, settings.train_layers)
+        config = RewardConfig(**cpu_arguments(work, settings.seed, quiet), **settings.trl(train))
+        trainer = RewardTrainer(
+            model=model,
+            args=config,
+            train_dataset=Dataset.from_list(train.records()),
+            processing_class=tokenizer,
+        )
+        result, seconds = run_training(trainer)
+        save_trained(trainer, tokenizer, work)
+        trained = RewardModel(trainer.model, tokenizer)
+        metrics = {
+            "train_pairs": len(train.pairs),
+            "held_out_pairs": len(held.pairs),
+            "held_out_accuracy_before": before,
+            "held_out_accuracy_after": trained.pairwise_accuracy(held),
+            "train_accuracy_after": trained.pairwise_accuracy(train),
+            "train_loss": float(result.training_loss),
+            "train_seconds": seconds,
+        }
+        write_record(
+            work, "reward", base, pairs, hyperparameters=settings.record(), metrics=metrics
+        )
     return metrics
 
 

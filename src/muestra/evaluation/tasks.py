@@ -86,9 +86,16 @@ def load_task(source: str | Path, dev: str | Path | None = None, split: str = "t
             f"task file {path} does not exist; give a .jsonl/.json/.csv/.parquet file, "
             f"one of the shipped sets ({', '.join(SHIPPED)}), or hf:OWNER/NAME[:CONFIG]"
         )
+    if path.is_dir():
+        raise InputError(f"task {path} is a folder; give a .jsonl/.json/.csv/.parquet file")
     items = parse_rows(_read_rows(path), str(path))
     if dev is not None and not Path(dev).exists():
         raise InputError(f"dev file {dev} does not exist")
+    if dev is not None and Path(dev).is_dir():
+        raise InputError(
+            f"--dev {dev} is a folder; give the file of few-shot examples "
+            "(.jsonl/.json/.csv/.parquet)"
+        )
     dev_path = Path(dev) if dev is not None else _beside(path)
     shots = parse_rows(_read_rows(dev_path), str(dev_path)) if dev_path else ()
     name = path.name.removesuffix(path.suffix)
@@ -148,6 +155,12 @@ def _plain(row: dict[str, Any]) -> dict[str, Any]:
 def parse_rows(rows: list[Any], source: str) -> tuple[Item, ...]:
     if not rows:
         raise InputError(f"{source}: no questions")
+    columns = {key for row in rows if isinstance(row, dict) for key in row}
+    if columns and "question" not in columns:
+        raise InputError(
+            f"{source}: no `question` column; the columns found are {', '.join(sorted(columns))}. "
+            "A question set needs id, question, options (or option_0 …) and answer."
+        )
     items = [_item(row, f"{source}: row {number}") for number, row in enumerate(rows, 1)]
     ids = [item.id for item in items]
     repeated = sorted({i for i in ids if ids.count(i) > 1})
@@ -183,7 +196,7 @@ def _item(row: Any, where: str) -> Item:
         if not isinstance(index, int) or not 0 <= index < len(options):
             raise InputError(f"{where}: `answer_index` {index!r} is not 0–{len(options) - 1}")
         answer = letters[index]
-    if not isinstance(answer, str) or answer.strip().upper() not in letters:
+    if not isinstance(answer, str) or answer.strip().upper() not in tuple(letters):
         raise InputError(
             f"{where}: `answer` must be one of the letters {', '.join(letters)} "
             f"(one per option, in order); got {answer!r}"
@@ -220,6 +233,19 @@ def _options(row: dict[str, Any], where: str) -> list[str] | None:
             f"{where}: `options` must hold 2–{len(LETTERS)} texts (got {len(options)}: "
             f"{str(options)[:120]})"
         )
+    for index, option in enumerate(options):
+        if not option.strip():
+            raise InputError(f"{where}: option {LETTERS[index]} is empty; every option needs text")
+    seen: dict[str, int] = {}
+    for index, option in enumerate(options):
+        if option.strip() in seen:
+            first = LETTERS[seen[option.strip()]]
+            raise InputError(
+                f"{where}: options {first} and {LETTERS[index]} are the same text "
+                f"({option.strip()[:60]!r}); a question cannot be scored when two options "
+                "are one answer"
+            )
+        seen[option.strip()] = index
     return [str(o) for o in options]
 
 

@@ -14,6 +14,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,8 @@ from muestra.experiments.spec import (
     PromptItem,
     check_beam_samples,
 )
-from muestra.experiments.store import connect, dumps, insert_samples, now
+from muestra.experiments.store import connect, dumps, insert_samples, mark_run, now
+from muestra.limits import SAMPLES_PER_CELL, SAMPLES_PER_RUN
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,8 @@ class Runner:
         self.samples = samples if samples is not None else spec.spec.samples
         if self.samples < 1:
             raise InputError(f"--samples must be at least 1 (got {self.samples})")
+        where = f"{spec.path}: samples = {self.samples:,}" if samples is None else "--samples"
+        SAMPLES_PER_CELL.check(self.samples, where)
         check_beam_samples(spec.conditions, self.samples, f"{spec.path} with --samples")
         self.models = [ModelSpec(id=model)] if model else spec.spec.model_list
         # flags that apply to every local model (`--trust-remote-code`, `--runtime`, …)
@@ -86,6 +90,11 @@ class Runner:
                 else m
                 for m in self.models
             ]
+        cells = len(self.models) * len(spec.conditions) * len(spec.spec.prompt.items)
+        SAMPLES_PER_RUN.check(
+            cells * self.samples,
+            f"{spec.path}: {cells:,} prompt × condition × model cells × {self.samples:,} samples",
+        )
         self.force_new = force_new
         self.resume_any = resume_any  # resume any run of this spec, not only the latest
         self.batch_rows = batch_rows
@@ -94,6 +103,7 @@ class Runner:
         self.run_id: int | None = None
         self.drafts: dict[tuple[str, str], Any] = {}  # speculative drafts, per model and ref
         self.noted: set[str] = set()  # notes already given (once per run, not per batch)
+        self._tracked = False  # inside `tracking()`: the status is kept by the outer block
 
     # ---- the store ----------------------------------------------------------------------
 
@@ -294,7 +304,44 @@ class Runner:
 
     # ---- running ------------------------------------------------------------------------
 
+    @contextmanager
+    def tracking(self) -> Iterator[None]:
+        """The run's status in the store while the block runs: "running", then "failed"
+        with the reason if it raises (Ctrl-C included), else "done". `run` tracks itself;
+        a command with more to do after sampling (scoring, judging) wraps it all."""
+        assert self.db is not None and self.run_id is not None, "open() first"
+        if self._tracked:
+            yield
+            return
+        self._tracked = True
+        mark_run(self.db, self.run_id, "running")
+        try:
+            yield
+        except BaseException as err:
+            reason = (
+                "interrupted (Ctrl-C)"
+                if isinstance(err, KeyboardInterrupt)
+                else f"{type(err).__name__}: {err}"[:1000]
+            )
+            if self.db is not None and self._run_exists():
+                mark_run(self.db, self.run_id, "failed", reason)
+            raise
+        finally:
+            self._tracked = False
+        mark_run(self.db, self.run_id, "done")
+
+    def _run_exists(self) -> bool:
+        assert self.db is not None
+        return (
+            self.db.execute("SELECT 1 FROM runs WHERE id = ?", (self.run_id,)).fetchone()
+            is not None
+        )
+
     def run(self, on_progress: Callable[[Progress], None] | None = None) -> Progress:
+        with self.tracking():
+            return self._sample(on_progress)
+
+    def _sample(self, on_progress: Callable[[Progress], None] | None) -> Progress:
         units = self.plan()
         total = sum(len(u.missing) for u in units)
         progress = Progress(0, total, 0, 0.0)
@@ -440,6 +487,7 @@ class Runner:
         prompts, firsts, counts, indices = [], [], [], []
         for unit, samples in batch:
             ids = _encode(generator, self.spec, unit.item, think)
+            self._check_fits(generator, unit, len(ids), condition.answer.max_tokens)
             for first, count in _ranges(samples):
                 prompts.append(ids)
                 firsts.append(first)
@@ -493,6 +541,19 @@ class Runner:
         unit_of = {u.prompt_index: u for u, _ in batch}
         budget = think.budget if think else None
         return [self._row(unit_of[s.prompt_index], s, budget, seconds) for s in results]
+
+    def _check_fits(self, generator: Any, unit: Unit, prompt_tokens: int, answer: int) -> None:
+        """Refuse an item whose prompt and answer cannot fit the model's context, naming
+        the spec (or question file) and the item, before its batch runs."""
+        from muestra.errors import ContextLengthError
+
+        limit = getattr(generator.loaded, "max_length", None)
+        if limit is not None and prompt_tokens + answer > limit:
+            raise ContextLengthError(
+                f"{self.spec.path}: item {unit.item.id!r} is {prompt_tokens:,} prompt tokens "
+                f"+ {answer} answer tokens, over the model's context of {limit:,} (model "
+                f"{unit.model.name}); shorten it or leave it out"
+            )
 
     def _draft(self, generator: Any, model: ModelSpec, ref: str | None) -> Any:
         """The speculative draft `ref` of this model, loaded once per run."""

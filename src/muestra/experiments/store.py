@@ -148,6 +148,17 @@ def _m004(db: sqlite3.Connection) -> None:
     )
 
 
+@migration("m005_run_status")
+def _m005(db: sqlite3.Connection) -> None:
+    # what became of a run: running, failed (with its reason) or done; NULL for runs
+    # stored before muestra kept it
+    db.execute("ALTER TABLE runs ADD COLUMN status TEXT")
+    db.execute("ALTER TABLE runs ADD COLUMN status_reason TEXT")
+    db.execute("ALTER TABLE runs ADD COLUMN finished_at TEXT")
+    # a probe's judge: the id of the run whose samples it judges
+    db.execute("ALTER TABLE runs ADD COLUMN judges INTEGER REFERENCES runs(id)")
+
+
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -223,8 +234,10 @@ def reading(path: Path) -> Iterator[StoreConnection]:
 
 def _open_writer(path: Path) -> StoreConnection:
     """Lock, open, check and migrate the store at `path` for writing."""
+    lock_path = path.with_name(path.name + ".lock")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        new_lock = not lock_path.exists()
         lock = _lock(path)
     except OSError as err:
         raise _unwritable(path, err) from err
@@ -243,6 +256,8 @@ def _open_writer(path: Path) -> StoreConnection:
         if db is not None:
             db.close()
         lock.close()
+        if new_lock:  # a path that is not a store keeps no lock file beside it
+            lock_path.unlink(missing_ok=True)
         if isinstance(err, sqlite3.OperationalError):
             raise _unwritable(path, err) from err
         if isinstance(err, sqlite3.DatabaseError):
@@ -396,11 +411,101 @@ def latest_run(db: sqlite3.Connection) -> sqlite3.Row:
             "SELECT DISTINCT json_extract(scores_json, '$.judge.run') FROM samples "
             "WHERE scores_json LIKE '%\"judge\"%'"
         )
-    }
+    }  # stores from before `runs.judges`: the judge runs their scores name
+    if "judges" in {row[1] for row in db.execute("PRAGMA table_info(runs)")}:
+        judges |= {row[0] for row in db.execute("SELECT id FROM runs WHERE judges IS NOT NULL")}
     for row in db.execute("SELECT * FROM runs ORDER BY id DESC"):
         if row["id"] not in judges:
             return row
     raise InputError("the store holds no run yet; start one with `muestra run SPEC.toml`")
+
+
+def mark_run(db: sqlite3.Connection, run_id: int, status: str, reason: str | None = None) -> None:
+    """Record what became of run `run_id`: "running", "failed" (with `reason`) or "done"."""
+    assert status in ("running", "failed", "done"), status
+    with db:
+        db.execute(
+            "UPDATE runs SET status = ?, status_reason = ?, finished_at = ? WHERE id = ?",
+            (status, reason, None if status == "running" else now(), run_id),
+        )
+
+
+def mark_judge(db: sqlite3.Connection, judge_run: int, run_id: int) -> None:
+    """Record that run `judge_run` is the judge of run `run_id`'s samples."""
+    with db:
+        db.execute("UPDATE runs SET judges = ? WHERE id = ?", (run_id, judge_run))
+
+
+def run_state(db: sqlite3.Connection, run: sqlite3.Row | int) -> tuple[str, str | None]:
+    """(status, what to tell a reader) of a run: "done" (None), "failed" (its reason),
+    "running" (a live process holds the store), "stopped" (it was running and its process
+    is gone: killed, or the machine stopped), "unknown" (stored before statuses, None)."""
+    if isinstance(run, int):
+        run = db.execute("SELECT * FROM runs WHERE id = ?", (run,)).fetchone()
+    keys = run.keys()
+    status = run["status"] if "status" in keys else None
+    if status is None:
+        return "unknown", None
+    if status == "done":
+        return "done", None
+    if status == "failed":
+        return "failed", run["status_reason"] or "no reason recorded"
+    holder = _writer(Path(getattr(db, "path", "")))
+    if holder:
+        return "running", f"still running in {holder}"
+    return "stopped", "its process ended before it finished (killed, or the machine stopped)"
+
+
+def unfinished_warning(db: sqlite3.Connection, run: sqlite3.Row | int) -> str | None:
+    """One line for a reader of a run that is not finished ("done" or from before
+    statuses were kept: None): what happened, and that its results are partial."""
+    status, reason = run_state(db, run)
+    if status in ("done", "unknown"):
+        return None
+    run_id = run if isinstance(run, int) else run["id"]
+    return (
+        f"run {run_id} is not finished — {status}: {reason}. What follows is a partial "
+        "result; run the same command again to resume it."
+    )
+
+
+def require_samples(db: sqlite3.Connection, run: sqlite3.Row | int) -> None:
+    """Refuse to show a run with no sample at all (a run that failed or was stopped
+    before its first batch): there is nothing to count, test or export."""
+    run_id = run if isinstance(run, int) else int(run["id"])
+    (count,) = db.execute("SELECT COUNT(*) FROM samples WHERE run_id = ?", (run_id,)).fetchone()
+    if count:
+        return
+    status, reason = run_state(db, run_id)
+    said = {"unknown": "", "done": ""}.get(status, f" — {status}: {reason}")
+    raise InputError(
+        f"run {run_id} of {getattr(db, 'path', 'the store')} has no samples{said}; there is "
+        "nothing to show. Run the command that made it again (it resumes the run)."
+    )
+
+
+def _writer(path: Path) -> str | None:
+    """Who holds the store's writer lock, if anyone ("process 123 (muestra run …)")."""
+    import errno
+    import fcntl
+
+    lock = path.with_name(path.name + ".lock")
+    if not path.name or not lock.is_file():
+        return None
+    try:
+        holder = lock.read_text("utf-8").strip()
+    except OSError:
+        return None
+    if not holder:
+        return None  # truncated on release
+    if holder.startswith(f"process {os.getpid()} "):
+        return holder  # this process: probing would release its own lock
+    try:
+        with open(lock, encoding="utf-8") as handle:
+            fcntl.lockf(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as err:
+        return holder if err.errno in (errno.EACCES, errno.EAGAIN) else None
+    return None
 
 
 def run_by_id(db: sqlite3.Connection, run_id: int | None) -> sqlite3.Row:

@@ -103,6 +103,10 @@ class LoadedModel:
         return self.runtime.max_length
 
 
+# the mark of a folder a muestra training is still writing, or was killed while writing
+PARTIAL_TRAINING = "muestra-train.partial"
+
+
 def _looks_like_path(ref: str) -> bool:
     return ref.startswith((".", "/", "~")) or ref.count("/") > 1 or os.sep != "/" and os.sep in ref
 
@@ -120,6 +124,11 @@ def resolve_model(
         if not path.is_dir() and path.suffix.lower() != GGUF_SUFFIX:
             raise ModelNotFoundError(
                 f"model {ref!r} is a file; pass the folder that holds it (or a .gguf file)"
+            )
+        if path.is_dir() and (path / PARTIAL_TRAINING).exists():
+            raise ModelLoadError(
+                f"model {ref!r} is a training that did not finish (it holds "
+                f"{PARTIAL_TRAINING}); delete it and train again"
             )
         return path, "local", None
     if _looks_like_path(ref):
@@ -333,7 +342,7 @@ def choose_runtime(ref: str, files: ModelFiles, runtime: str) -> Literal["torch"
 
 
 def auto_runtime(runtime: str, dtype: str, device: str) -> str:
-    """"auto" with a dtype or a GPU asked for means torch: only torch can honour them."""
+    """ "auto" with a dtype or a GPU asked for means torch: only torch can honour them."""
     if runtime == "auto" and (dtype != "auto" or device == "cuda"):
         return "torch"
     return runtime

@@ -324,6 +324,11 @@ def render(
         f"(sha256 {_e(run['spec_hash'][:12])}) · run {_e(run['created_at'])} · muestra "
         f"{_e(run['muestra_version'])} · {analysis.valid} valid of {analysis.samples} "
         "samples</p>"
+        + (
+            f'<p class="finding">Not finished: {_e(run["unfinished"])}</p>'
+            if run.get("unfinished")
+            else ""
+        )
         + "".join(f'<p class="note">note: {_e(note)}</p>' for note in analysis.notes)
         + "<h2>Models</h2>"
     )

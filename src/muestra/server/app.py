@@ -166,13 +166,13 @@ def create_app(
     async def tokenizer_info() -> dict[str, Any]:
         return echo.tokenizer_info(served)
 
-    @app.post("/tokenize", dependencies=[Depends(check_key)])
+    @app.post("/tokenize", dependencies=[Depends(check_key), Depends(check_text)])
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         return await asyncio.to_thread(echo.tokenize, served, body.prompt, body.add_special_tokens)
 
-    @app.post("/detokenize", dependencies=[Depends(check_key)])
+    @app.post("/detokenize", dependencies=[Depends(check_key), Depends(check_text)])
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
-        return echo.detokenize(served, body.tokens)
+        return await asyncio.to_thread(echo.detokenize, served, body.tokens)
 
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     app.router.add_event_handler("shutdown", served.close)

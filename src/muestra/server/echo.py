@@ -48,6 +48,7 @@ async def completion(served: ServedModel, body: CompletionRequest) -> dict[str, 
     served.check_model(body)
     body.refuse_unsupported()
     refuse(body)
+    served.check_rows(len(body.prompts()), 1)  # the same limit as a generating request
     prompts = await served.encode_prompts(body.prompts())
     for ids in prompts:
         served.max_tokens(max(body.max_tokens or 0, 1), len(ids), "prompt")
@@ -137,12 +138,27 @@ def tokenizer_info(served: ServedModel) -> dict[str, Any]:
     }
 
 
+def detokenize_limit(served: ServedModel) -> int:
+    """Token ids one `/detokenize` request may send: as many as the server would
+    generate for one request at most."""
+    return served.max_rows_per_request * (served.context or 32_768)
+
+
 def tokenize(served: ServedModel, prompt: str, add_special_tokens: bool) -> dict[str, Any]:
     tokens = served.loaded.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
     return {"tokens": tokens, "count": len(tokens), "max_model_len": served.context}
 
 
 def detokenize(served: ServedModel, tokens: list[int]) -> dict[str, Any]:
+    limit = detokenize_limit(served)
+    if len(tokens) > limit:
+        raise ApiError(
+            413,
+            f"{len(tokens):,} token ids are more than this server detokenizes in one request "
+            f"({limit:,}: --max-rows-per-request × the model's context); split the request",
+            param="tokens",
+            code="too_many_tokens",
+        )
     if any(not 0 <= t < served.loaded.vocab_size for t in tokens):
         raise ApiError(400, "a token id is out of range", param="tokens")
     text = b"".join(served.piece(t) for t in tokens).decode("utf-8", errors="replace")

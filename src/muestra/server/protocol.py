@@ -258,10 +258,37 @@ class ChatRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
+    prompt: str | list[str] | list[Int] | list[list[Int]] = Field(min_length=1)
     max_tokens: Int | None = Field(16, ge=0, le=INT_CAP)  # 0: with echo only
     logprobs: Int | None = Field(None, ge=0, le=20)
     echo: Flag = False  # the prompt's tokens and log-probabilities first (server/echo.py)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_shape(cls, value: Any) -> Any:
+        """One message naming the first wrong element, instead of pydantic's four (one
+        per shape the union allows, the first of which — `prompt.str` — misleads)."""
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list):
+            raise ValueError(
+                "must be a text, a list of texts, a list of token ids or a list of lists of "
+                f"token ids; got {type(value).__name__}"
+            )
+        nested = any(isinstance(v, list) for v in value)
+        for i, item in enumerate(value):
+            if nested:
+                if not isinstance(item, list):
+                    raise ValueError(
+                        f"[{i}] is {item!r}: in a list of token-id lists every item is a list"
+                    )
+                for j, token in enumerate(item):
+                    _token_id(token, f"[{i}][{j}]")
+            elif not isinstance(item, str):
+                if any(isinstance(v, str) for v in value):
+                    raise ValueError(f"[{i}] is {item!r}: a list of texts holds only texts")
+                _token_id(item, f"[{i}]")
+        return value
 
     @model_validator(mode="after")
     def _zero_tokens(self) -> CompletionRequest:
@@ -278,13 +305,20 @@ class CompletionRequest(SamplingFields):
         return list(prompt)  # type: ignore[arg-type]
 
 
+def _token_id(value: Any, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(
+            f'{where} is {value!r}: a token id is a whole number (not true/false, 1.5 or "1")'
+        )
+
+
 class TokenizeRequest(BaseModel):
     """`POST /tokenize` (vLLM's shape, which lm-evaluation-harness's remote tokenizer uses)."""
 
     model_config = ConfigDict(extra="forbid")
 
     prompt: str
-    add_special_tokens: bool = True
+    add_special_tokens: Flag = True  # strict: "yes" and 1 are refused, as everywhere
     model: str | None = None
 
 
