@@ -81,8 +81,9 @@ def planted_store(path, seed=0, bias=True, n=100, lift=None):
     conditions = [(1, "default", 0.0)] + ([(2, "caliente", lift)] if lift is not None else [])
     with db:
         db.execute(
-            "INSERT INTO runs VALUES (1, 'planted', 's.toml', '[analysis]\nalpha = 0.05', "
-            "'h', 1, 'test', 'now')"
+            "INSERT INTO runs (id, name, spec_path, spec_text, spec_hash, seed, muestra_version, "
+            "created_at, status) VALUES (1, 'planted', 's.toml', '[analysis]\nalpha = 0.05', "
+            "'h', 1, 'test', 'now', 'done')"
         )
         db.execute("INSERT INTO models VALUES (1, 1, 'm', 'm', NULL)")
         for cid, label, _ in conditions:
