@@ -114,6 +114,7 @@ def test_store_schema_through_migrations(tmp_path):
         "created_at",
         "beam_json",
         "scores_json",
+        "endpoint",
     ]
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 

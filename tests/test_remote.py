@@ -88,7 +88,15 @@ def count(path):
         return 0
 
 
-def test_remote_run_killed_and_resumed_equals_a_local_run(tiny_kit, tmp_path):
+def endpoints_of(path):
+    with sqlite3.connect(path, timeout=5) as db:
+        return [r[0] for r in db.execute("SELECT endpoint FROM samples ORDER BY id")]
+
+
+def test_a_run_over_two_endpoints_survives_one_stopping_and_a_kill(tiny_kit, tmp_path):
+    """Two `muestra serve` processes share a run; one is killed mid-run, then the run
+    itself is killed (SIGKILL) and resumed on the same two URLs, one of them dead: every
+    row is stored once, equal to a local run's, and records the endpoint that made it."""
     import muestra
 
     local_dir, remote_dir = tmp_path / "local", tmp_path / "remote"
@@ -97,37 +105,52 @@ def test_remote_run_killed_and_resumed_equals_a_local_run(tiny_kit, tmp_path):
     local = write_spec(local_dir, "local", f'[model]\nid = "{tiny_kit}"\ndtype = "float32"')
     muestra.run(local, local_dir / "local.db")
 
-    process, base = start_server(tiny_kit, "--served-model-name", "tiny", "--api-key", KEY)
+    serve = ("--served-model-name", "tiny", "--api-key", KEY)
+    first_server, base_a = start_server(tiny_kit, *serve)
+    second_server, base_b = start_server(tiny_kit, *serve)
+    urls = [f"{base_a}/v1", f"{base_b}/v1"]
     try:
         remote = write_spec(
             remote_dir,
             "remote",
-            f'[model]\nid = "tiny"\nendpoint = "{base}/v1"\napi_key_env = "REMOTE_KEY"\n'
-            f'concurrency = 2\ngeneration_config = "{tiny_kit}"',
+            f'[model]\nid = "tiny"\nendpoint = {json.dumps(urls)}\napi_key_env = "REMOTE_KEY"\n'
+            f'concurrency = 1\ngeneration_config = "{tiny_kit}"',
         )
         env = {**os.environ, "REMOTE_KEY": KEY}
         store = remote_dir / "remote.db"
         command = [sys.executable, "-m", "muestra", "run", str(remote), "--out", str(store)]
         first = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 120
-        while count(store) < 3 and time.time() < deadline and first.poll() is None:
+        while time.time() < deadline and first.poll() is None:
+            if count(store) and urls[1] in endpoints_of(store):
+                break
+            time.sleep(0.02)
+        os.killpg(second_server.pid, signal.SIGKILL)  # the second endpoint stops mid-run
+        second_server.wait()
+        died_at = count(store)
+        while count(store) < died_at + 2 and time.time() < deadline and first.poll() is None:
             time.sleep(0.02)
         first.send_signal(signal.SIGKILL)
         first.wait()
         stored = count(store)
-        assert 0 < stored < 12, "the kill should land mid-run"
+        assert 0 < died_at < stored < 12, f"the kills should land mid-run: {died_at}, {stored}"
         second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
         assert second.returncode == 0, second.stderr
         assert f"{stored} stored, {12 - stored} to run" in second.stderr
     finally:
-        stop_server(process)
+        stop_server(first_server)
+        if second_server.poll() is None:
+            stop_server(second_server)
     remote_rows, local_rows = rows_of(store), rows_of(local_dir / "local.db")
     assert len(remote_rows) == 12 and len({(r[0], r[1]) for r in remote_rows}) == 12
-    assert remote_rows == local_rows
+    assert remote_rows == local_rows  # row for row, whichever endpoint computed it
     assert any(r[6] for r in remote_rows) and any(r[10] for r in remote_rows)
+    made_by = endpoints_of(store)
+    assert set(made_by) == set(urls) and made_by[died_at + 1 :].count(urls[1]) <= 1
+    assert made_by[stored:] == [urls[0]] * (12 - stored)  # the resume: only the live one
     with sqlite3.connect(store) as db:
         provenance = json.loads(db.execute("SELECT provenance_json FROM models").fetchone()[0])
-    assert provenance["served_by"] == ["muestra"] and provenance["endpoints"] == [f"{base}/v1"]
+    assert provenance["served_by"] == ["muestra"] and provenance["endpoints"] == urls
     # the think fields the spec leaves unset came from the kit's generation config, as locally
     sent = stored_think(store)["remote"]["tiny"]
     assert sent["source"] == {
@@ -396,3 +419,41 @@ def test_hub_cache_config_and_a_changed_resolution_on_resume(tmp_path, monkeypat
     with pytest.raises(InputError, match="now resolves.*--force-new"):
         Runner(spec, store).open()
     assert Runner(spec, store, force_new=True).open() == 2
+
+
+def test_the_pool_spreads_by_free_slots_and_rests_a_failing_endpoint():
+    import asyncio
+
+    from muestra.experiments.remote import EndpointPool
+
+    async def scenario() -> None:
+        pool = EndpointPool(["a", "b"], 2)
+        assert {await pool.acquire(), await pool.acquire()} == {"a", "b"}  # spread
+        await pool.release("b", failed=True)  # b rests: everything goes to a
+        assert pool.healthy() == ["a"]
+        assert await pool.acquire() == "a"
+        blocked = asyncio.ensure_future(pool.acquire())  # a is full, b rests
+        await asyncio.sleep(0.05)
+        assert not blocked.done()
+        await pool.release("a", failed=False)
+        assert await asyncio.wait_for(blocked, 1) == "a"
+        pool.rest("a")  # every endpoint resting: still served, never a deadlock
+        await pool.release("a", failed=False)
+        assert await asyncio.wait_for(pool.acquire(avoid="a"), 1) in ("a", "b")
+
+    asyncio.run(scenario())
+
+
+def test_a_dead_endpoint_is_left_and_rows_record_the_live_one(tmp_path):
+    def half_dead(request, attempt):
+        if request.url.host == "b.test":
+            raise httpx.ConnectError("connection refused", request=request)
+        return answer(request)
+
+    transport, calls = fake_server(half_dead)
+    remote, units, rows, notes = remote_runner(tmp_path, transport)
+    remote.run(units)
+    assert len(rows) == 4 and all(r["error"] is None for r in rows)
+    assert {r["endpoint"] for r in rows} == {"http://a.test/v1"}
+    tried_b = [c for c in calls if c.url.host == "b.test" and c.method == "POST"]
+    assert len(tried_b) <= 2  # then it rests, and the run moves to a.test

@@ -17,18 +17,23 @@ loaded; each missing sample becomes one chat request:
   ignore it: there, one set of sampling fields drives reasoning and answer alike, and
   `max_tokens` = think budget + answer max_tokens + 64.
 
-At most `concurrency` requests are in flight; 408/409/429, 5xx, timeouts and lost
-connections are retried with exponential backoff and jitter (honouring `Retry-After`),
-spreading retries over the endpoints; any other 4xx stops the run, since every request
-would fail the same way. Each answer is stored as it arrives, so a run killed at any
-moment resumes with only the missing samples. The reasoning comes from
-`reasoning_content` (or `reasoning`, newer vLLM). `field_probs` need the model's logits
-and are not available remotely (stored as NULL).
+Several endpoints serving the same model share the run (`EndpointPool`): each has
+`concurrency` request slots, and a request goes to the healthy endpoint with the most
+free slots, so a faster server takes more rows. 408/409/429, 5xx, timeouts and lost
+connections are retried — at once on another healthy endpoint, else with exponential
+backoff and jitter (honouring `Retry-After`) — and an endpoint that failed rests for a
+while (2 s, doubling up to 60 s, reset by a success) so that the run moves to the
+others; any other 4xx stops the run, since every request would fail the same way. Each
+row records the endpoint that produced it (`samples.endpoint`). Each answer is stored as
+it arrives, so a run killed at any moment resumes with only the missing samples. The
+reasoning comes from `reasoning_content` (or `reasoning`, newer vLLM). `field_probs` need
+the model's logits and are not available remotely (stored as NULL).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import time
@@ -133,6 +138,59 @@ def request_body(
     return body
 
 
+class EndpointPool:
+    """Request slots over the run's endpoints: `acquire` waits for a free slot and returns
+    the healthy endpoint with the most free slots (ties: the one used least); `release`
+    returns the slot and says whether the request failed, which rests the endpoint."""
+
+    REST = 2.0  # seconds an endpoint rests after a failure, doubling per failure in a row
+    MAX_REST = 60.0
+
+    def __init__(self, endpoints: list[str], slots: int) -> None:
+        self.endpoints = list(endpoints)
+        self.free = {e: slots for e in endpoints}
+        self.used = {e: 0 for e in endpoints}
+        self.failures = {e: 0 for e in endpoints}
+        self.resting_until = {e: 0.0 for e in endpoints}
+        self.changed = asyncio.Condition()
+
+    def healthy(self, avoid: str | None = None) -> list[str]:
+        now = time.monotonic()
+        return [e for e in self.endpoints if self.resting_until[e] <= now and e != avoid]
+
+    async def acquire(self, avoid: str | None = None) -> str:
+        """A slot on the best endpoint: healthy ones first (not `avoid`, the one that just
+        failed this request, while another is healthy), resting ones when all rest."""
+        async with self.changed:
+            while True:
+                candidates = self.healthy(avoid) or self.healthy() or list(self.endpoints)
+                open_ = [e for e in candidates if self.free[e] > 0]
+                if open_:
+                    best = max(open_, key=lambda e: (self.free[e], -self.used[e]))
+                    self.free[best] -= 1
+                    self.used[best] += 1
+                    return best
+                # wake on a release, or when a resting endpoint may be back
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.changed.wait(), timeout=self.REST)
+
+    def rest(self, endpoint: str) -> None:
+        """Count a failure of `endpoint` outside a request (it did not answer at start)."""
+        self.failures[endpoint] += 1
+        rest = min(self.MAX_REST, self.REST * 2 ** (self.failures[endpoint] - 1))
+        self.resting_until[endpoint] = time.monotonic() + rest
+
+    async def release(self, endpoint: str, failed: bool) -> None:
+        async with self.changed:
+            self.free[endpoint] += 1
+            if failed:
+                self.rest(endpoint)
+            else:
+                self.failures[endpoint] = 0
+                self.resting_until[endpoint] = 0.0
+            self.changed.notify_all()
+
+
 class RemoteRunner:
     """Sends the missing samples of one model's units; `store(rows)` is called as they
     arrive (one call per sample). `sampling` is the think sampling of each condition
@@ -164,25 +222,22 @@ class RemoteRunner:
         self.grammar = (
             GrammarSpec.json_schema(spec.answer_schema) if spec.answer_schema is not None else None
         )
-        self._turn = 0
+        self.pool = EndpointPool(model.endpoints, model.concurrency)
 
     def run(self, units: list[Any]) -> None:
         asyncio.run(self._run(units))
 
     async def _run(self, units: list[Any]) -> None:
         model = self.model
-        limits = httpx.Limits(
-            max_connections=model.concurrency, max_keepalive_connections=model.concurrency
-        )
+        connections = model.concurrency * len(model.endpoints)
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
         timeout = httpx.Timeout(model.timeout, connect=min(30.0, model.timeout))
         async with httpx.AsyncClient(
             timeout=timeout, limits=limits, transport=self.transport
         ) as client:
+            self.pool = EndpointPool(model.endpoints, model.concurrency)
             self.on_provenance(await self._describe(client))
-            gate = asyncio.Semaphore(model.concurrency)
-            jobs = [
-                self._sample(client, gate, unit, index) for unit in units for index in unit.missing
-            ]
+            jobs = [self._sample(client, unit, index) for unit in units for index in unit.missing]
             tasks = [asyncio.ensure_future(job) for job in jobs]
             try:
                 await asyncio.gather(*tasks)
@@ -192,10 +247,24 @@ class RemoteRunner:
                 await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _describe(self, client: httpx.AsyncClient) -> dict[str, Any]:
-        """Check that every endpoint serves the model; its provenance for the store."""
+        """Check that every endpoint that answers serves the model; its provenance for the
+        store. With several endpoints, one that does not answer (two tries) is left
+        resting and the run starts on the others; with one, or none answering, the run
+        stops."""
         served_by = set()
-        for endpoint in self.endpoints.model.endpoints:
-            data = await self._call(client, "GET", f"{endpoint}/models", None, endpoint)
+        endpoints = self.endpoints.model.endpoints
+        down: dict[str, str] = {}
+        for endpoint in endpoints:
+            try:
+                data = await self._call(
+                    client, "GET", "/models", None, endpoint,
+                    retries=self.model.retries if len(endpoints) == 1 else 1,
+                )  # fmt: skip
+            except RemoteError as err:
+                if len(endpoints) == 1 or "gave up" not in str(err):
+                    raise
+                down[endpoint] = str(err)
+                continue
             entries = {m.get("id"): m for m in data.get("data", [])}
             if self.model.id not in entries:
                 raise RemoteError(
@@ -204,6 +273,14 @@ class RemoteRunner:
                     "name"
                 )
             served_by.add(str(entries[self.model.id].get("owned_by", "unknown")))
+        if len(down) == len(endpoints):
+            raise RemoteError(
+                "no endpoint answers: " + "; ".join(f"{e}: {why}" for e, why in down.items())
+            )
+        for endpoint, why in down.items():
+            self.pool.rest(endpoint)
+            self.note(f"{self.model.name}: {endpoint} does not answer ({why}); the run starts "
+                      "on the other endpoints and tries it again later")  # fmt: skip
         if served_by != {"muestra"}:
             self.note(
                 f"{self.model.name}: the endpoint is not muestra serve ({', '.join(served_by)}): "
@@ -218,17 +295,59 @@ class RemoteRunner:
             "sampling_fallback": self.model.sampling_fallback,
         }
 
-    async def _sample(
-        self, client: httpx.AsyncClient, gate: asyncio.Semaphore, unit: Any, index: int
-    ) -> None:
+    async def _sample(self, client: httpx.AsyncClient, unit: Any, index: int) -> None:
         seed = sample_seed(self.run_seed, unit.prompt_index, index)
         think_sampling = self.sampling.get(unit.condition.label)
         body = request_body(self.spec, self.model, unit.condition, unit.item, seed, think_sampling)
-        async with gate:
+        data, endpoint, seconds = await self._post(client, "/chat/completions", body)
+        self.store([self._row(unit, index, seed, data, seconds, endpoint)])
+
+    async def _post(
+        self, client: httpx.AsyncClient, path: str, body: dict[str, Any]
+    ) -> tuple[dict[str, Any], str, float]:
+        """One sample's request through the pool, with retries: (answer, the endpoint
+        that gave it, its seconds)."""
+        last, failed_on = "", None
+        for attempt in range(self.model.retries + 1):
+            base = await self.pool.acquire(avoid=failed_on)
             started = time.perf_counter()
-            data = await self._call(client, "POST", "/chat/completions", body)
-            seconds = time.perf_counter() - started
-        self.store([self._row(unit, index, seed, data, seconds)])
+            try:
+                data, last, wait = await self._once(client, "POST", f"{base}{path}", body, attempt)
+            except BaseException:
+                await self.pool.release(base, failed=False)
+                raise
+            await self.pool.release(base, failed=data is None)
+            if data is not None:
+                return data, base, time.perf_counter() - started
+            failed_on = base
+            if attempt < self.model.retries and not self.pool.healthy(avoid=base):
+                await asyncio.sleep(wait)  # nowhere else to go: back off
+        raise RemoteError(f"gave up after {self.model.retries} retries; last error: {last}")
+
+    async def _once(
+        self,
+        client: httpx.AsyncClient,
+        method: str,
+        url: str,
+        body: dict[str, Any] | None,
+        attempt: int,
+    ) -> tuple[dict[str, Any] | None, str, float]:
+        """One try: (answer or None when it may be retried, what went wrong, how long to
+        wait before the next try); a refusal no retry can mend raises `RemoteError`."""
+        wait = min(30.0, 0.5 * 2**attempt) * (0.5 + random.random())
+        try:
+            response = await client.request(method, url, json=body, headers=self.endpoints.headers)
+        except httpx.TransportError as err:
+            return None, f"{url}: {type(err).__name__}: {err}", wait
+        if response.status_code == 200:
+            return response.json(), "", wait
+        last = f"{url} answered {response.status_code}: {_error_message(response)}"
+        if response.status_code not in RETRY_STATUS and response.status_code < 500:
+            raise RemoteError(last)
+        after = response.headers.get("retry-after", "")
+        if after.replace(".", "", 1).isdigit():
+            wait = max(wait, float(after))
+        return None, last, wait
 
     async def _call(
         self,
@@ -236,38 +355,22 @@ class RemoteRunner:
         method: str,
         path: str,
         body: dict[str, Any] | None,
-        endpoint: str | None = None,
+        endpoint: str,
+        retries: int | None = None,
     ) -> dict[str, Any]:
-        """One request with retries; `path` is joined to the next endpoint in turn."""
-        endpoints = self.endpoints.model.endpoints
+        """One request to one endpoint (the start's checks), with retries and backoff."""
         last = ""
-        for attempt in range(self.model.retries + 1):
-            base = endpoint or endpoints[(self._turn + attempt) % len(endpoints)]
-            self._turn += endpoint is None
-            url = path if path.startswith("http") else f"{base}{path}"
-            wait = min(30.0, 0.5 * 2**attempt) * (0.5 + random.random())
-            try:
-                response = await client.request(
-                    method, url, json=body, headers=self.endpoints.headers
-                )
-            except httpx.TransportError as err:
-                last = f"{url}: {type(err).__name__}: {err}"
-            else:
-                if response.status_code == 200:
-                    return response.json()
-                message = _error_message(response)
-                last = f"{url} answered {response.status_code}: {message}"
-                if response.status_code not in RETRY_STATUS and response.status_code < 500:
-                    raise RemoteError(last)
-                after = response.headers.get("retry-after", "")
-                if after.replace(".", "", 1).isdigit():
-                    wait = max(wait, float(after))
-            if attempt < self.model.retries:
+        retries = self.model.retries if retries is None else retries
+        for attempt in range(retries + 1):
+            data, last, wait = await self._once(client, method, f"{endpoint}{path}", body, attempt)
+            if data is not None:
+                return data
+            if attempt < retries:
                 await asyncio.sleep(wait)
-        raise RemoteError(f"gave up after {self.model.retries} retries; last error: {last}")
+        raise RemoteError(f"gave up after {retries} retries; last error: {last}")
 
     def _row(
-        self, unit: Any, index: int, seed: int, data: dict[str, Any], seconds: float
+        self, unit: Any, index: int, seed: int, data: dict[str, Any], seconds: float, endpoint: str
     ) -> dict[str, Any]:
         try:
             choice = data["choices"][0]
@@ -303,7 +406,7 @@ class RemoteRunner:
             num_prompt_tokens=int(usage.get("prompt_tokens") or 0),
             num_tokens=int(extension.get("completion_tokens", usage.get("completion_tokens") or 0)),
         )
-        return self.row(unit, sample, budget, seconds)
+        return {**self.row(unit, sample, budget, seconds), "endpoint": endpoint}
 
 
 @dataclass

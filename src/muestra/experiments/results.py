@@ -108,6 +108,8 @@ def samples_frame(db: sqlite3.Connection, run_id: int | None = None) -> pd.DataF
                 "scores": json.loads(row["scores_json"]) if row["scores_json"] else None,
             }
         )
+        if row["endpoint"] is not None:  # a remote sample: the endpoint that answered it
+            record["endpoint"] = row["endpoint"]
         record.update(_beam_columns(row["beam_json"]))
         record.update({f"var_{k}": v for k, v in variables.items()})
         records.append(record)
@@ -145,7 +147,7 @@ def answer_fields(frame: pd.DataFrame) -> list[str]:
         c
         for c in frame.columns
         if c not in META + BEAM
-        and c not in ("field_probs", "scores", "batch_seconds")
+        and c not in ("field_probs", "scores", "batch_seconds", "endpoint")
         and not c.startswith("var_")
     ]
 

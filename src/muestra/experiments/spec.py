@@ -96,10 +96,13 @@ class ModelSpec(Strict):
     endpoint: str | list[str] | None = Field(
         None,
         description="OpenAI-compatible base URL(s), e.g. http://host:8000/v1 (muestra serve, "
-        "vLLM, SGLang); several are used in turn.",
+        "vLLM, SGLang); several serving the same model share the run, each request going to "
+        "the healthy one with the most free slots, and each row records its endpoint.",
     )
     api_key_env: str | None = Field(None, description="Environment variable with the API key.")
-    concurrency: int = Field(16, ge=1, le=4096, description="Requests in flight at once.")
+    concurrency: int = Field(
+        16, ge=1, le=4096, description="Requests in flight at once, per endpoint."
+    )
     retries: int = Field(6, ge=0, le=100, description="Retries on 429, 5xx, lost connections.")
     timeout: float = Field(600.0, gt=0, description="Seconds to wait for one response.")
     generation_config: str | None = Field(

@@ -157,6 +157,8 @@ def _m005(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE runs ADD COLUMN finished_at TEXT")
     # a probe's judge: the id of the run whose samples it judges
     db.execute("ALTER TABLE runs ADD COLUMN judges INTEGER REFERENCES runs(id)")
+    # the endpoint (base URL) that produced a remote sample; NULL for a local one
+    db.execute("ALTER TABLE samples ADD COLUMN endpoint TEXT")
 
 
 def now() -> str:
