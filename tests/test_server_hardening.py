@@ -533,3 +533,35 @@ def test_valid_but_odd_unicode_never_breaks_the_server(http):
         assert response.status_code == 200, response.text[:300]
         chat = {**CHAT, "messages": [{"role": "user", "content": text}]}
         assert http.post("/v1/chat/completions", json=chat).status_code == 200
+
+
+def test_a_beam_search_whose_client_leaves_stops_and_frees_the_next(tiny_kit):
+    """A long beam search (thousands of steps) whose client disconnects stops at its next
+    step: `/health` counts it cancelled and the search slot is free long before the search
+    would have ended, and the next search is answered."""
+    import httpx
+
+    from test_server import start_server, stop_server
+
+    process, base = start_server(tiny_kit, "--served-model-name", "t")
+    try:
+        long = {"model": "t", "prompt": "Hola", "max_tokens": 3000, "n": 4,
+                "use_beam_search": True, "ignore_eos": True}  # fmt: skip
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{base}/v1/completions", json=long, timeout=1.5)
+        left = time.perf_counter()
+        deadline = left + 60
+        health = httpx.get(f"{base}/health").json()
+        while (health["searches_cancelled"] < 1 or health["search_running"]) and (
+            time.perf_counter() < deadline
+        ):
+            time.sleep(0.05)
+            health = httpx.get(f"{base}/health").json()
+        freed = time.perf_counter() - left
+        assert health["searches_cancelled"] == 1 and not health["search_running"], health
+        short = {**long, "max_tokens": 4, "ignore_eos": False}
+        answered = httpx.post(f"{base}/v1/completions", json=short, timeout=60)
+        assert answered.status_code == 200 and len(answered.json()["choices"]) == 4
+        print(f"beam search cancelled: the slot was free {freed:.2f} s after the client left")
+    finally:
+        stop_server(process)

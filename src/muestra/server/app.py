@@ -13,8 +13,10 @@ streaming or not.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,6 +27,7 @@ from starlette.exceptions import HTTPException
 
 from muestra import __version__
 from muestra.errors import InputError
+from muestra.models.runtime.base import CANCEL, Cancelled
 from muestra.server import beams, drafting, echo
 from muestra.server.jobs import Finished, Job, SampleText, TokenRecord
 from muestra.server.protocol import (
@@ -103,6 +106,8 @@ def create_app(
         error = ApiError(500, f"internal error: {type(err).__name__}: {err}", code="internal")
         return JSONResponse(error.body(), status_code=500)
 
+    off_loop = {"cancelled": 0}  # searches stopped because their client left
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
         scheduler = served.scheduler
@@ -118,6 +123,9 @@ def create_app(
             "busy_seconds": round(scheduler.stats["busy_s"], 3),
             "prefill_seconds": round(scheduler.stats["prefill_s"], 3),
             "grammar_cache_bytes": grammars.memory_bytes if grammars else 0,
+            # beam searches and drafted requests: one at a time, beside the scheduler
+            "search_running": served.beam_lock.locked(),
+            "searches_cancelled": off_loop["cancelled"],
         }
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])
@@ -138,9 +146,9 @@ def create_app(
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key), Depends(check_text)])
     async def chat(body: ChatRequest, request: Request) -> Any:
         if body.prompt_lookup is not None or body.speculative:
-            return await drafting.chat(served, body)
+            return await _off_loop(request, drafting.chat(served, body), off_loop)
         if body.use_beam_search:
-            return await beams.chat(served, body)
+            return await _off_loop(request, beams.chat(served, body), off_loop)
         job = await served.chat_job(body)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -152,9 +160,9 @@ def create_app(
         if body.echo:
             return await echo.completion(served, body)
         if body.prompt_lookup is not None or body.speculative:
-            return await drafting.completion(served, body)
+            return await _off_loop(request, drafting.completion(served, body), off_loop)
         if body.use_beam_search:
-            return await beams.completion(served, body)
+            return await _off_loop(request, beams.completion(served, body), off_loop)
         job = await served.completion_job(body)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -258,17 +266,46 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": payload})
 
 
+async def _client_left(request: Request) -> None:
+    """Returns when the client disconnects."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _off_loop(request: Request, work: Any, counters: dict[str, int]) -> Any:
+    """Await `work`, a beam search or drafted request that computes in a worker thread,
+    one at a time (`ServedModel.beam_lock`). Its thread sees the cancel event set here
+    (`runtime.base.CANCEL`): when the client disconnects first, the search stops at its
+    next step and frees the lock for the next request, instead of running to its end."""
+    event = threading.Event()
+    token = CANCEL.set(event)
+    try:
+        task = asyncio.ensure_future(work)  # the task (and its thread) copy this context
+    finally:
+        CANCEL.reset(token)
+    watcher = asyncio.ensure_future(_client_left(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        event.set()
+        raise
+    finally:
+        watcher.cancel()
+    if task not in done:
+        event.set()
+        counters["cancelled"] += 1
+        with contextlib.suppress(Cancelled, ApiError, asyncio.CancelledError):
+            await task  # returns once the thread has stopped and released the lock
+        return JSONResponse({}, status_code=499)  # nobody is listening
+    return task.result()
+
+
 async def _until_disconnect(request: Request, job: Job, work: Any) -> Any:
     """Await `work`; if the client disconnects first, cancel the job's rows at once."""
     task = asyncio.ensure_future(work)
-
-    async def disconnected() -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                return
-
-    watcher = asyncio.ensure_future(disconnected())
+    watcher = asyncio.ensure_future(_client_left(request))
     try:
         done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:

@@ -12,8 +12,9 @@ reasoning, within `thinking_token_budget` (required): the `n` best reasonings, e
 closed as a sampled one is and answered greedily (under `response_format` when given),
 come back with `reasoning_content` and `muestra.beam` (`answers.beam_phases`, equal to
 HF generate with `</think>` as the end token). The search runs in a worker thread, one
-search at a time, beside the scheduler's batches; its rows do not join them, and a
-client that disconnects does not stop it (it ends within `max_tokens` steps).
+search at a time, beside the scheduler's batches; its rows do not join them. A client
+that disconnects stops it at its next step (`app._off_loop`), so an abandoned search
+does not keep the next one waiting.
 """
 
 from __future__ import annotations

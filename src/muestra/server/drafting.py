@@ -14,7 +14,8 @@ Every prompt and choice of a request decodes in one ragged batch; each choice re
 forwards/rounds and its acceptance rate under `muestra`. Penalties, `logit_bias`,
 `dola_layers`, `stop`, `logprobs`, `stream`, `response_format`, beam search and a
 thinking model's reasoning are refused by name. Like beam search, decoding runs in a
-worker thread beside the scheduler's batches, one at a time (`ServedModel.beam_lock`).
+worker thread beside the scheduler's batches, one at a time (`ServedModel.beam_lock`),
+and stops at its next step when the client disconnects.
 """
 
 from __future__ import annotations

@@ -24,11 +24,31 @@ runtime's device. What a runtime cannot compute is refused by name before any wo
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import torch
+
+# The cancellation of the request a computation serves: `muestra serve` sets an event here
+# before it hands a beam search or a drafted request to a worker thread (`asyncio.to_thread`
+# copies the context), and every `prefill` and `feed` in that thread checks it, so a client
+# that leaves stops the search at its next step. Unset (the scheduler's thread, a local
+# run), nothing is ever cancelled.
+CANCEL: ContextVar[threading.Event | None] = ContextVar("muestra_cancel", default=None)
+
+
+class Cancelled(Exception):  # noqa: N818 (a state, not a failure)
+    """The request this computation serves was cancelled: its client went away."""
+
+
+def check_cancelled() -> None:
+    event = CANCEL.get()
+    if event is not None and event.is_set():
+        raise Cancelled("the client went away")
+
 
 RuntimeName = Literal["torch", "llamacpp"]
 LogitsWanted = Literal["last", "all"]

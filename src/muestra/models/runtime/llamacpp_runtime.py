@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from muestra.errors import ContextLengthError, InputError, ModelLoadError, MuestraError
-from muestra.models.runtime.base import Fed, LogitsWanted
+from muestra.models.runtime.base import Fed, LogitsWanted, check_cancelled
 
 INSTALL_HINT = (
     "the llama.cpp runtime needs llama-cpp-python: pip install 'muestra[llamacpp]' (pip "
@@ -351,6 +351,7 @@ class LlamaCppRuntime:
         layers: frozenset[int] = frozenset(),
     ) -> tuple[LlamaSequences, Fed]:
         """Each prompt into a new row (`room`: the positions each row may still take)."""
+        check_cancelled()
         if layers:
             raise InputError(_no_dola())
         total = sum(len(p) for p in prompts) + len(prompts) * room
@@ -515,6 +516,7 @@ class LlamaSequences:
         logits: LogitsWanted = "last",
         layers: frozenset[int] = frozenset(),
     ) -> Fed:
+        check_cancelled()
         if layers:
             raise InputError(_no_dola())
         counts = [len(t) for t in tokens]

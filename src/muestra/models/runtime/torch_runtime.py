@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from muestra.models.runtime.base import Fed, LogitsWanted
+from muestra.models.runtime.base import Fed, LogitsWanted, check_cancelled
 from muestra.models.runtime.kv_cache import (
     GrowingCache,
     gather_columns,
@@ -84,6 +84,7 @@ class TorchRuntime:
     ) -> tuple[TorchSequences, Fed]:
         """Left-padded prefill of `prompts` into a cache with room for `room` more
         positions per row: the rows and the logits after each prompt."""
+        check_cancelled()
         width = max(len(p) for p in prompts)
         ids = torch.zeros(len(prompts), width, dtype=torch.long)
         mask = torch.zeros(len(prompts), width, dtype=torch.long)
@@ -181,6 +182,7 @@ class TorchSequences:
         layers: frozenset[int] = frozenset(),
     ) -> Fed:
         """Append each row its tokens (possibly none), right-padded to the longest."""
+        check_cancelled()
         device = self.runtime.device
         lengths = [len(t) for t in tokens]
         width = max(lengths)
