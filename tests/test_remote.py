@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -343,6 +344,8 @@ def test_unset_think_fields_come_from_the_generation_config(tmp_path):
         },
         "generation_config": str(folder / "generation_config.json"),
         "sampling_fallback": None,
+        "mode": "tags",  # auto, and no tokenizer beside the config to settle it
+        "mode_source": "default",
     }
 
 
@@ -457,3 +460,46 @@ def test_a_dead_endpoint_is_left_and_rows_record_the_live_one(tmp_path):
     assert {r["endpoint"] for r in rows} == {"http://a.test/v1"}
     tried_b = [c for c in calls if c.url.host == "b.test" and c.method == "POST"]
     assert len(tried_b) <= 2  # then it rests, and the run moves to a.test
+
+
+def test_plain_text_reasoning_through_muestra_serve_equals_a_local_run(smol_kit, tmp_path):
+    """SmolLM2 has no think tags: a spec with a think budget reasons in plain text. The
+    same spec through `muestra serve` (muestra.think_mode "text", settled by the local
+    tokenizer beside the generation config) stores the rows of a local run."""
+    import muestra
+
+    body = (Path(__file__).parents[1] / "examples/characters.toml").read_text()
+    body = body.replace("samples = 30", "samples = 3").replace("budget = 96", "budget = 24")
+    assert "budget = 24" in body and "samples = 3" in body
+    local = tmp_path / "local.toml"
+    local.write_text(body.replace('id = "~/.cache/muestra/kit/smollm2-135m-instruct"',
+                                  f'id = "{smol_kit}"'))  # fmt: skip
+    (tmp_path / "character.schema.json").write_text(
+        (Path(__file__).parents[1] / "examples/character.schema.json").read_text()
+    )
+    muestra.run(local, tmp_path / "local.db")
+    process, base = start_server(smol_kit, "--served-model-name", "smol")
+    try:
+        remote = tmp_path / "remote.toml"
+        remote.write_text(body.replace(
+            'id = "~/.cache/muestra/kit/smollm2-135m-instruct"',
+            f'id = "smol"\nendpoint = "{base}/v1"\ngeneration_config = "{smol_kit}"',
+        ))  # fmt: skip
+        muestra.run(remote, tmp_path / "remote.db")
+    finally:
+        stop_server(process)
+    local_rows, remote_rows = rows_of(tmp_path / "local.db"), rows_of(tmp_path / "remote.db")
+    assert len(local_rows) == 6 and remote_rows == local_rows
+    assert all(r[4] for r in remote_rows)  # every row reasoned, in plain text
+    sent = stored_think(tmp_path / "remote.db")["remote"]["smol"]
+    assert (sent["mode"], sent["mode_source"]) == ("text", "tokenizer")
+
+
+def test_plain_text_reasoning_on_another_server_is_refused_by_name(smol_kit, tmp_path):
+    from muestra.experiments.remote import RemoteError
+
+    transport, calls = fake_server(lambda request, attempt: answer(request))
+    remote, units, rows, _ = remote_runner(tmp_path, transport, f'generation_config = "{smol_kit}"')
+    with pytest.raises(RemoteError, match="plain text.*vllm.*muestra serve"):
+        remote.run(units)
+    assert rows == [] and not [c for c in calls if c.method == "POST"]

@@ -45,7 +45,7 @@ import httpx
 
 from muestra import __version__
 from muestra.answers.grammar import GrammarSpec
-from muestra.answers.phases import answer_budget_error
+from muestra.answers.phases import TEXT_INSTRUCTION, answer_budget_error, with_instruction
 from muestra.answers.structured import parse_answer
 from muestra.engine.seeds import sample_seed
 from muestra.errors import InputError, MuestraError
@@ -96,9 +96,14 @@ def request_body(
 ) -> dict[str, Any]:
     think, answer = condition.think, condition.answer
     budget = think_budget(condition, item)
+    messages = messages_for(spec, item)
+    text_mode = think is not None and think_sampling is not None and think_sampling.mode == "text"
+    if text_mode:  # plain-text reasoning: asked for in the prompt, as a local run asks
+        assert think is not None
+        messages = with_instruction(messages, think.instruction or TEXT_INSTRUCTION)
     body: dict[str, Any] = {
         "model": model.id,
-        "messages": messages_for(spec, item),
+        "messages": messages,
         "n": 1,
         "seed": seed,
         "max_tokens": (budget or 0) + answer.max_tokens + (CLOSE_TEXT_SLACK if think else 0),
@@ -128,6 +133,8 @@ def request_body(
         body["stop"] = list(answer.stop)
     if think is not None and think.close_text is not None:
         body["muestra"]["close_text"] = think.close_text
+    if text_mode:
+        body["muestra"]["think_mode"] = "text"
     if spec.answer_schema is not None:
         body["response_format"] = {
             "type": "json_schema",
@@ -281,6 +288,14 @@ class RemoteRunner:
             self.pool.rest(endpoint)
             self.note(f"{self.model.name}: {endpoint} does not answer ({why}); the run starts "
                       "on the other endpoints and tries it again later")  # fmt: skip
+        text = sorted(label for label, t in self.sampling.items() if t.mode == "text")
+        if text and served_by != {"muestra"}:
+            raise RemoteError(
+                f"{self.model.name}: condition(s) {', '.join(text)} reason in plain text (the "
+                "model has no think tags), which an endpoint answers only through muestra "
+                f"serve's extension; these endpoints are {', '.join(sorted(served_by))}. Serve "
+                "the model with `muestra serve`, or run the spec locally"
+            )
         if served_by != {"muestra"}:
             self.note(
                 f"{self.model.name}: the endpoint is not muestra serve ({', '.join(served_by)}): "

@@ -257,9 +257,12 @@ class Runner:
         before = ((json.loads(stored) if stored else None) or {}).get("remote", {})
         for name, record in remote.items():
             now = {
-                k: v for k, v in record.items() if k in ("temperature", "top_p", "top_k", "min_p")
+                k: v
+                for k, v in record.items()
+                if k in ("temperature", "top_p", "top_k", "min_p", "mode")
             }
-            was = {k: (before.get(name) or {}).get(k) for k in now}
+            # a run stored before modes were resolved reasoned in tags
+            was = {k: (before.get(name) or {}).get(k, "tags" if k == "mode" else None) for k in now}
             if was != now:
                 raise InputError(
                     f"{self.store}: condition {condition.label!r} of model {name!r} was sampled "

@@ -52,6 +52,8 @@ class ThinkSampling:
     min_p: Setting
     generation_config: Path | None  # the file read, if any
     fallback: str | None  # the model's sampling_fallback
+    mode: str = "tags"  # "tags": the model's think block; "text": plain-text reasoning
+    mode_source: str = "spec"  # spec | tokenizer (auto, settled by the local tokenizer) | default
 
     def request_fields(self) -> dict[str, float | int]:
         """The fields to send. top_k 0 (off) goes out as -1: vLLM, SGLang, llama.cpp and
@@ -68,6 +70,8 @@ class ThinkSampling:
             "source": {name: getattr(self, name).source for name in FIELDS},
             "generation_config": str(self.generation_config) if self.generation_config else None,
             "sampling_fallback": self.fallback,
+            "mode": self.mode,
+            "mode_source": self.mode_source,
         }
 
 
@@ -92,8 +96,13 @@ def resolve_think(spec: LoadedSpec, model: ModelSpec) -> dict[str, ThinkSampling
                 settings[name] = Setting(None, "server")
         missing |= set(FIELDS) - set(settings)
         if len(settings) == len(FIELDS):
+            mode, source = think_mode(condition.think.mode, path)
             resolved[condition.label] = ThinkSampling(
-                **settings, generation_config=path, fallback=model.sampling_fallback
+                **settings,
+                generation_config=path,
+                fallback=model.sampling_fallback,
+                mode=mode,
+                mode_source=source,
             )
     if missing:
         names = [name for name in FIELDS if name in missing]
@@ -110,6 +119,26 @@ def resolve_think(spec: LoadedSpec, model: ModelSpec) -> dict[str, ThinkSampling
             "server's defaults, recorded in the store)"
         )
     return resolved
+
+
+def think_mode(mode: str, config: Path | None) -> tuple[str, str]:
+    """(mode, where it came from) of a remote think phase: "tags" or "text" as the spec
+    says; "auto" settled as a local run settles it — by the model's tokenizer, when one
+    sits beside its generation_config.json on this machine — else "tags" (the endpoint
+    then refuses a think budget for a model without think tags, naming it)."""
+    if mode != "auto":
+        return mode, "spec"
+    folder = config.parent if config is not None else None
+    if folder is None or not any(
+        (folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")
+    ):
+        return "tags", "default"
+    from muestra.answers.phases import ThinkConfig
+    from muestra.answers.structured import has_think_tags
+    from muestra.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(folder))
+    return ("tags" if has_think_tags(tokenizer, ThinkConfig()) else "text"), "tokenizer"
 
 
 def generation_config_file(model: ModelSpec) -> Path | None:

@@ -425,7 +425,8 @@ async def _chat_response(job: Job, body: ChatRequest) -> dict[str, Any]:
         out, done = follow.take(index)
         assert done is not None
         message: dict[str, Any] = {"role": "assistant", "content": out["content"]}
-        if served.tags is not None:
+        text_mode = body.muestra is not None and body.muestra.think_mode == "text"
+        if served.tags is not None or text_mode:
             message["reasoning_content"] = out["reasoning"]
         logprobs = None
         if body.logprobs:

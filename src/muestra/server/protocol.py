@@ -243,6 +243,10 @@ class MuestraOptions(BaseModel):
     answer: AnswerPhase | None = None
     close_text: str | None = None
     think: Flag = True
+    # "text": plain-text reasoning for a model without think tags (the client has asked
+    # for it in the prompt): the reply reasons until its end of turn or
+    # thinking_token_budget, then close_text (default "\n\nFinal answer:\n") and the answer
+    think_mode: Literal["tags", "text"] = "tags"
 
 
 class ChatRequest(SamplingFields):

@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from muestra.answers.grammar import DEFAULT_GRAMMAR_MEMORY_BYTES, GrammarSpec
-from muestra.answers.phases import AnswerConfig, PhaseController, ThinkConfig
+from muestra.answers.phases import TEXT_CLOSE_TEXT, AnswerConfig, PhaseController, ThinkConfig
 from muestra.answers.structured import StructuredGenerator
 from muestra.engine import GenerationRequest, NoHook, SamplingParams, StepHook
 from muestra.engine.scheduler import Scheduler
@@ -264,7 +264,18 @@ class ServedModel:
         prompt = await asyncio.to_thread(self.chat_prompt, body)
         options = body.muestra or MuestraOptions()
         tags = self.tags
-        if tags is not None and options.close_text is not None:
+        text_mode = options.think and options.think_mode == "text"
+        if text_mode:  # plain-text reasoning, as a local run of a tagless model reasons
+            if body.thinking_token_budget is None:
+                raise ApiError(
+                    400,
+                    'muestra.think_mode "text" needs thinking_token_budget (the reasoning\'s '
+                    "token budget)",
+                    param="thinking_token_budget",
+                )
+            close = options.close_text or TEXT_CLOSE_TEXT
+            tags = self.structured.tag_ids(ThinkConfig(close_text=close, mode="text"))
+        elif tags is not None and options.close_text is not None:
             tags = self.structured.tag_ids(ThinkConfig(close_text=options.close_text))
         if not options.think:
             tags = None
@@ -298,7 +309,9 @@ class ServedModel:
             think = ThinkConfig(
                 params=params,
                 budget=max_tokens if budget is None else budget,
-                close_text=options.close_text or ThinkConfig().close_text,
+                close_text=options.close_text
+                or (TEXT_CLOSE_TEXT if text_mode else ThinkConfig().close_text),
+                mode="text" if text_mode else "tags",
             )
         grammar = self.grammar(body)
         compiled = None
