@@ -174,7 +174,7 @@ def test_the_cli_returns_the_best_hypotheses_first(cli, tiny_kit, qwen):
 @pytest.mark.parametrize(
     ("flags", "words"),
     [
-        (["--temperature", "0.7", "--seed", "1"], "--temperature, --seed"),
+        (["--temperature", "0.7", "--seed", "1"], "--seed, --temperature"),
         (["--n", "5"], "--n 5 with --num-beams 4"),
         (["--early-stopping", "maybe"], "--early-stopping 'maybe'"),
         (["--stop", "x"], "--stop"),

@@ -403,9 +403,9 @@ def test_the_cli_beam_searches_the_reasoning_and_answers_each_beam(cli, smol_kit
         (["--think-num-beams", "2", "--choice", "a,b"], ["--think-num-beams needs --think-budget"]),
         (
             ["--think-num-beams", "2", "--think-budget", "4", "--think-temperature", "0.5"],
-            ["--think-temperature", "leave them out"],
+            ["--think-temperature", "beam-searched reasoning", "leave it out"],
         ),
-        (["--think-num-beams", "2"], ["think-then-answer mode"]),
+        (["--think-num-beams", "2"], ["--think-num-beams needs --think-budget"]),
         (
             ["--num-beams", "2", "--choice", "a,b", "--answer-temperature", "0.5"],
             ["--answer-temperature"],

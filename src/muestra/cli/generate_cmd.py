@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -23,7 +23,7 @@ from muestra.cli.common import (
     print_json,
     stderr,
 )
-from muestra.errors import InputError
+from muestra.cli.generate_plan import THINK, Plan, Settings, make_plan
 
 
 def register(app: typer.Typer) -> None:
@@ -31,6 +31,7 @@ def register(app: typer.Typer) -> None:
 
 
 def generate(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help=MODEL_HELP),
     prompt: str | None = typer.Option(
         None, "--prompt", help="User message (plain text with --raw)."
@@ -200,188 +201,137 @@ def generate(
     config) for at most --think-budget tokens, then answers with the --answer-* settings
     (default greedy), constrained by the grammar. Lines then also carry reasoning,
     think_tokens, budget_hit, answer_text, answer, field_probs and error.
+
+    Every flag applies in the mode the others choose (sampling, --prompt-lookup,
+    --draft-model, --num-beams, think-then-answer) or is refused by name before the
+    model loads.
     """
+    defaults = {param.name: param.default for param in ctx.command.params}
+    execute(make_plan(ctx.params, defaults))
+
+
+def execute(plan: Plan) -> None:
+    """Load the model, encode the prompt, and run the plan's mode."""
     from muestra.answers.generation import TextGenerator
     from muestra.answers.phases import with_instruction
-    from muestra.engine import SamplingParams
     from muestra.models.inspection import read_messages
     from muestra.models.loading import load_model
 
-    if (prompt is None) == (messages is None):
-        raise InputError("give exactly one of --prompt TEXT or --messages FILE.json")
-    if raw and messages is not None:
-        raise InputError("--raw applies to --prompt; --messages always uses the chat template")
-    if stream and n != 1:
-        raise InputError(f"--stream follows one sample; use --n 1 (got --n {n})")
-    answer_grammar = structured_options.grammar_spec(schema, regex, choice, grammar)
-    structured = think_budget is not None or answer_grammar is not None
-    if not structured and (think_num_beams or think_dola_layers or answer_dola_layers):
-        raise InputError(
-            "--think-num-beams, --think-dola-layers and --answer-dola-layers apply in "
-            "think-then-answer mode (--think-budget, or an answer grammar)"
+    s = plan.settings
+    grammar = None
+    if "schema" in s:
+        grammar = structured_options.grammar_spec(
+            s["schema"], s["regex"], s["choice"], s["grammar"]
         )
-    params = SamplingParams(
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        presence_penalty=presence_penalty,
-        frequency_penalty=frequency_penalty,
-        dola_layers=_dola_layers(dola_layers),
-    )
-    beams = think_beams = None
-    if num_beams > 1:
-        # after a sampled reasoning, each sample gets its best answer (one per beam search)
-        returned = 1 if think_budget is not None else n
-        beams = _beam_params(num_beams, length_penalty, early_stopping, returned)
-        _refuse_with_beams(
-            params=params,
-            seed=seed if think_budget is None else None,
-            stop=stop,
-            logprobs=logprobs,
-            stream=stream,
-            answer_dola_layers=answer_dola_layers,
-            answer_temperature=answer_temperature or None,
-            answer_top_p=answer_top_p if answer_top_p != 1.0 else None,
-            answer_top_k=answer_top_k or None,
-            answer_min_p=answer_min_p or None,
-        )
-    if think_num_beams is not None:
-        if think_budget is None:
-            raise InputError("--think-num-beams needs --think-budget (the reasoning's length)")
-        think_beams = _beam_params(think_num_beams, length_penalty, early_stopping, n)
-        given = {
-            "think_temperature": think_temperature,
-            "think_top_p": think_top_p,
-            "think_top_k": think_top_k,
-            "think_min_p": think_min_p,
-            "think_dola_layers": think_dola_layers,
-        }
-        changed = ["--" + k.replace("_", "-") for k, v in given.items() if v is not None]
-        if changed:
-            raise InputError(
-                f"{', '.join(changed)}: beam search over the reasoning scores the model's own "
-                "log-probabilities; leave them out with --think-num-beams"
-            )
-    if dola_layers is not None and (structured or beams is not None):
-        raise InputError(
-            "--dola-layers applies to plain generation (not with --num-beams); in "
-            "think-then-answer mode use --think-dola-layers and --answer-dola-layers"
-        )
-    conversation = read_messages(messages) if messages is not None else None
-    if conversation is None and not raw:
+    prompt = s["prompt"]
+    conversation = read_messages(s["messages"]) if s["messages"] is not None else None
+    if conversation is None and not s["raw"]:
         conversation = [{"role": "user", "content": prompt or ""}]
     loaded = load_model(
-        model,
-        dtype=dtype,
-        device=device,
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
-        runtime=runtime,  # type: ignore[arg-type]
-        threads=threads,
-        batch_invariant=batch_invariant,
+        s["model"],
+        dtype=s["dtype"],
+        device=s["device"],
+        allow_pickle=s["allow_pickle"],
+        trust_remote_code=s["trust_remote_code"],
+        runtime=s["runtime"],
+        threads=s["threads"],
+        batch_invariant=s["batch_invariant"],
     )
-    generator = TextGenerator(loaded, max_batch=max_batch)
+    generator = TextGenerator(loaded, max_batch=s.get("max_batch", 64))
     think = None
-    if structured and (beams is None or think_budget is not None):
-        think = structured_options.think_config(
-            loaded,
-            think_budget,
-            close_text,
-            think_mode,
-            think_temperature,
-            think_top_p,
-            think_top_k,
-            think_min_p,
-            _dola_layers(think_dola_layers, "--think-dola-layers"),
-        )
+    if plan.mode in THINK:
+        think = _think_config(s, loaded)
         if think.mode == "text":
             if conversation is not None:
                 conversation = with_instruction(conversation, think.instruction)
             else:
                 prompt = with_instruction(prompt or "", think.instruction)
     if conversation is not None:
-        ids = generator.encode_messages(conversation, enable_thinking)
+        ids = generator.encode_messages(conversation, s["enable_thinking"])
     else:
+        s["enable_thinking"]  # the chat template's switch: no template, nothing to switch
         ids = generator.encode_prompt(prompt or "")
     if think is not None:
-        structured_options.refuse_plain_flags(
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            stream=stream,
-            stop=stop,
-            logprobs=logprobs,
-            ignore_eos=ignore_eos,
-        )
-        answer = structured_options.answer_config(
-            answer_temperature,
-            answer_top_p,
-            answer_top_k,
-            answer_min_p,
-            answer_max_tokens,
-            _dola_layers(answer_dola_layers, "--answer-dola-layers"),
-        )
-        structured_options.run(
-            loaded,
-            ids,
-            n=n,
-            seed=seed,
-            think=think,
-            answer=answer,
-            grammar=answer_grammar,
-            field_probs=field_probs,
-            max_batch=max_batch,
-            think_beams=think_beams,
-            answer_beams=beams,
-        )
-        return
-    if draft_model is not None or prompt_lookup is not None:
-        if structured or beams is not None or stream:
-            raise InputError(
-                "--draft-model and --prompt-lookup apply to plain generation (not with "
-                "--num-beams, --stream, a grammar or a think budget)"
-            )
-        request = generator.requests(
-            [ids], n=n, params=params, max_new_tokens=max_new_tokens, seed=seed, stop=stop,
-            ignore_eos=ignore_eos, logprobs=logprobs,
-        )[0]  # fmt: skip
-        _print_drafted(
-            generator, request, draft_model, num_speculative_tokens, prompt_lookup, dtype
-        )
-        return
-    if beams is not None and answer_grammar is not None:
-        _print_beam_answers(loaded, ids, answer_grammar, beams, answer_max_tokens, max_batch)
-        return
-    if beams is not None:
-        started = time.perf_counter()
-        hypotheses = generator.beam_search(
-            [ids], beams, max_new_tokens=max_new_tokens, ignore_eos=ignore_eos
-        )
-        for hypothesis in hypotheses:
-            data = hypothesis.as_dict()
-            data.pop("prompt_index")
-            print_json(data)
-        stderr.print(
-            f"beam search, {num_beams} beams: {len(hypotheses)} hypotheses in "
-            f"{time.perf_counter() - started:.2f}s",
-            markup=False,
-        )
-        return
+        _think_then_answer(plan, loaded, ids, think, grammar)
+    elif plan.mode == "beam-answer":
+        _print_beam_answers(loaded, ids, grammar, _beams(s, "num_beams", s["n"]), s)
+    elif plan.mode == "beams":
+        _print_beams(generator, ids, s)
+    elif plan.mode in ("lookup", "speculative"):
+        _print_drafted(generator, ids, plan.mode, s)
+    else:
+        _print_samples(generator, ids, s)
+
+
+def _params(s: Settings, prefix: str = "", **fixed: Any):
+    """SamplingParams from the settings named `prefix` + field, for those that apply."""
+    from muestra.engine import SamplingParams
+
+    names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+             "presence_penalty", "frequency_penalty", "dola_layers")  # fmt: skip
+    given = {name: s[prefix + name] for name in names if prefix + name in s}
+    return SamplingParams(**{**given, **fixed})
+
+
+def _beams(s: Settings, name: str, returned: int):
+    from muestra.engine.beam import BeamParams
+
+    params = BeamParams(s[name], s["length_penalty"], s["early_stopping"], returned)
+    params.check()
+    return params
+
+
+def _think_config(s: Settings, loaded: Any):
+    sampled = {
+        name: s.get("think_" + name)
+        for name in ("temperature", "top_p", "top_k", "min_p", "dola_layers")
+    }
+    return structured_options.think_config(
+        loaded, s["think_budget"], s["close_text"], s["think_mode"], **sampled
+    )
+
+
+def _think_then_answer(plan: Plan, loaded: Any, ids: list[int], think: Any, grammar: Any) -> None:
+    s = plan.settings
+    sampled_answer = "answer_temperature" in s
+    answer = structured_options.answer_config(
+        s["answer_temperature"] if sampled_answer else 0.0,
+        s["answer_top_p"] if sampled_answer else 1.0,
+        s["answer_top_k"] if sampled_answer else 0,
+        s["answer_min_p"] if sampled_answer else 0.0,
+        s["answer_max_tokens"],
+        s["answer_dola_layers"] if sampled_answer else None,
+    )
+    structured_options.run(
+        loaded,
+        ids,
+        n=s["n"],
+        seed=s.get("seed"),
+        think=think,
+        answer=answer,
+        grammar=grammar,
+        field_probs=s["field_probs"],
+        max_batch=s["max_batch"],
+        think_beams=_beams(s, "think_num_beams", s["n"]) if "think_num_beams" in s else None,
+        # after a reasoning, each sample gets its best answer (one per beam search)
+        answer_beams=_beams(s, "num_beams", 1) if "num_beams" in s else None,
+    )
+
+
+def _print_samples(generator: Any, ids: list[int], s: Settings) -> None:
+    params = _params(s)
     requests = generator.requests(
         [ids],
-        n=n,
+        n=s["n"],
         params=params,
-        max_new_tokens=max_new_tokens,
-        seed=seed,
-        stop=stop,
-        ignore_eos=ignore_eos,
-        logprobs=logprobs,
+        max_new_tokens=s["max_new_tokens"],
+        seed=s["seed"],
+        stop=s["stop"],
+        ignore_eos=s["ignore_eos"],
+        logprobs=s["logprobs"],
     )
     started = time.perf_counter()
-    if stream:
+    if s["stream"]:
         for delta, done in generator.stream_text(requests[0]):
             sys.stdout.write(delta)
             sys.stdout.flush()
@@ -410,64 +360,58 @@ def generate(
     )
 
 
-def _dola_layers(text: str | None, flag: str = "--dola-layers") -> str | tuple[int, ...] | None:
-    if text is None or text in ("low", "high"):
-        return text
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise InputError(
-            f"{flag} {text!r}: use low, high or comma-separated layer indices (2,4,6)"
-        ) from None
+def _print_beams(generator: Any, ids: list[int], s: Settings) -> None:
+    started = time.perf_counter()
+    beams = _beams(s, "num_beams", s["n"])
+    hypotheses = generator.beam_search(
+        [ids], beams, max_new_tokens=s["max_new_tokens"], ignore_eos=s["ignore_eos"]
+    )
+    for hypothesis in hypotheses:
+        data = hypothesis.as_dict()
+        data.pop("prompt_index")
+        print_json(data)
+    stderr.print(
+        f"beam search, {beams.num_beams} beams: {len(hypotheses)} hypotheses in "
+        f"{time.perf_counter() - started:.2f}s",
+        markup=False,
+    )
 
 
-def _beam_params(num_beams: int, length_penalty: float, early_stopping: str, n: int):
-    from muestra.engine.beam import BeamParams
-
-    stopping = {"true": True, "false": False, "never": "never"}.get(early_stopping.lower())
-    if stopping is None:
-        raise InputError(f"--early-stopping {early_stopping!r}: use true, false or never")
-    if n > num_beams:
-        raise InputError(
-            f"--n {n} with --num-beams {num_beams}: beam search returns at most one "
-            "hypothesis per beam; raise --num-beams or lower --n"
-        )
-    params = BeamParams(num_beams, length_penalty, stopping, n)  # type: ignore[arg-type]
-    params.check()
-    return params
-
-
-def _print_drafted(
-    generator, request, draft_ref: str | None, k: int, lookup: int | None, dtype: str
-) -> None:
-    """Speculative (a draft model or layers:N) or prompt-lookup decoding of a request's
-    samples, as one ragged batch."""
+def _print_drafted(generator: Any, ids: list[int], mode: str, s: Settings) -> None:
+    """Speculative (a draft model or layers:N) or prompt-lookup decoding of the samples,
+    as one ragged batch."""
     from muestra.engine.seeds import sample_seed
 
+    lookup = mode == "lookup"
+    request = generator.requests(
+        [ids],
+        n=s["n"],
+        params=_params(s),
+        max_new_tokens=s["max_new_tokens"],
+        seed=None if lookup else s["seed"],
+        ignore_eos=s["ignore_eos"],
+    )[0]
     started = time.perf_counter()
-    if draft_ref is None:
+    if lookup:
         from muestra.engine.lookup import lookup_decode
 
-        if request.n != 1:
-            raise InputError(
-                f"--prompt-lookup is greedy: every sample would be the same; use --n 1 "
-                f"(got --n {request.n})"
-            )
-        results = lookup_decode(generator.engine, [request], num_tokens=lookup or 10)[0]
+        results = lookup_decode(generator.engine, [request], num_tokens=s["prompt_lookup"])[0]
         key = "prompt_lookup"
     else:
         from muestra.answers.drafted import load_draft
         from muestra.engine.speculative import speculative_decode
 
-        draft = load_draft(generator.loaded, draft_ref, dtype, str(generator.engine.device))
+        device = str(generator.engine.device)
+        draft = load_draft(generator.loaded, s["draft_model"], s["dtype"], device)
+        k = s["num_speculative_tokens"]
         results = speculative_decode(generator.engine, draft, [request], k)[0]
         key = "speculative"
     elapsed = time.perf_counter() - started
     for index, result in enumerate(results):
         ids = result.token_ids
         shown = ids[:-1] if result.finish_reason == "stop" else ids
-        rounds = {"forwards": result.forwards} if draft_ref is None else {"rounds": result.rounds}
-        greedy = draft_ref is None or request.params.temperature == 0
+        rounds = {"forwards": result.forwards} if lookup else {"rounds": result.rounds}
+        greedy = request.params.temperature == 0
         line = {
             "sample": index,
             # greedy: nothing was drawn, so no seed (as plain greedy lines)
@@ -496,13 +440,13 @@ def _print_drafted(
     )
 
 
-def _print_beam_answers(loaded, ids, grammar, beams, max_tokens: int, max_batch: int) -> None:
+def _print_beam_answers(loaded: Any, ids: list[int], grammar: Any, beams: Any, s: Settings) -> None:
     from muestra.answers.beam_answers import beam_answers
     from muestra.answers.structured import StructuredGenerator
 
     started = time.perf_counter()
-    generator = StructuredGenerator(loaded, max_batch=max_batch)
-    answers = beam_answers(generator, ids, grammar, beams, max_tokens)
+    generator = StructuredGenerator(loaded, max_batch=s["max_batch"])
+    answers = beam_answers(generator, ids, grammar, beams, s["answer_max_tokens"])
     for answer in answers:
         print_json(answer.as_dict())
     stderr.print(
@@ -510,23 +454,6 @@ def _print_beam_answers(loaded, ids, grammar, beams, max_tokens: int, max_batch:
         f"{time.perf_counter() - started:.2f}s",
         markup=False,
     )
-
-
-def _refuse_with_beams(*, params, **given) -> None:
-    """Beam search draws nothing: refuse, by name, every flag that would change sampling."""
-    from muestra.engine import SamplingParams
-
-    default = SamplingParams()
-    changed = [
-        f.name for f in fields(params) if getattr(params, f.name) != getattr(default, f.name)
-    ]
-    changed += [name for name, value in given.items() if value not in (None, [], False)]
-    if changed:
-        flags = ", ".join("--" + name.replace("_", "-") for name in changed)
-        raise InputError(
-            f"{flags}: beam search scores the model's own log-probabilities and draws "
-            "nothing; leave them out with --num-beams"
-        )
 
 
 def _run_with_progress(generator, requests):

@@ -29,26 +29,6 @@ def grammar_spec(
     )
 
 
-def refuse_plain_flags(**values: Any) -> None:
-    defaults = {
-        "temperature": 1.0,
-        "top_k": 0,
-        "top_p": 1.0,
-        "min_p": 0.0,
-        "stream": False,
-        "stop": [],
-        "logprobs": None,
-        "ignore_eos": False,
-    }
-    changed = [name for name, value in values.items() if value != defaults[name]]
-    if changed:
-        flags = ", ".join("--" + name.replace("_", "-") for name in changed)
-        raise InputError(
-            f"{flags} do not apply in think-then-answer mode; use --think-* for the thinking "
-            "phase and --answer-* for the answer"
-        )
-
-
 def think_config(
     loaded: Any,
     budget: int | None,
@@ -65,8 +45,6 @@ def think_config(
     from muestra.answers.phases import ThinkConfig
     from muestra.answers.structured import resolve_think, think_from_generation_config
 
-    if mode not in ("auto", "tags", "text"):
-        raise InputError(f"--think-mode {mode!r} must be auto, tags or text")
     if mode == "auto" and budget is None:
         mode = "tags"  # a grammar alone asks for an answer, not for reasoning
     think = think_from_generation_config(
