@@ -13,7 +13,7 @@ KIT ?= $(HOME)/.cache/muestra/kit
 # tests); TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= auto
 
-.PHONY: install peers test readme demo bench lint lock clean
+.PHONY: install peers test test-long readme demo bench lint lock clean
 
 install: $(STAMP)
 
@@ -42,7 +42,13 @@ peers: $(STAMP)
 	$(PY) -m benchmarks.peers
 
 test: $(STAMP) peers
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist worksteal --durations=20
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist worksteal --durations=20 -m "not long"
+
+# The longest end-to-end tests (marked `long`: servers killed mid-run, runs killed and
+# resumed, real models run twice, distribution checks; ~3 minutes): CI runs them after
+# `make test`.
+test-long: $(STAMP) peers
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist worksteal --durations=10 -m long
 
 # README as a test: every example run in a clean copy of the repository with an empty
 # HOME, as a newcomer would, and every output it shows compared (tests/readme_check.py;

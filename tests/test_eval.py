@@ -126,6 +126,47 @@ def test_method_refusals():
         build_spec("m", task, EvalSettings(shots=9))
 
 
+CHANGED = {"format": "letters", "chat": True, "raw": True, "samples": 3, "think_budget": 64,
+           "temperature": 0.5, "top_p": 0.8, "weighted": True, "regex": "(\\w+)"}  # fmt: skip
+SCORING_ONLY = {"weighted", "regex"}  # read when the samples are scored, not in the spec
+
+
+@pytest.mark.parametrize("method", ["choice", "loglik", "cot", "vote"])
+def test_every_eval_setting_is_applied_or_refused_by_name(method, tmp_path):
+    """The method × setting table walked: a setting the method does not use is refused
+    (naming its flag) before anything runs; one it uses changes the generated spec."""
+    from muestra.evaluation.evaluate import METHOD_SETTINGS, settings_for
+
+    task = load_task("easy-en")
+    plain = build_spec("m", task, EvalSettings(method=method, limit=2)).text
+    for name, value in CHANGED.items():
+        if method not in METHOD_SETTINGS[name]:
+            with pytest.raises(InputError, match=f"--{name.replace('_', '-')}"):
+                build_spec("m", task, EvalSettings(method=method, limit=2, **{name: value}))
+            # a command listing several methods keeps the setting only where it applies
+            assert getattr(settings_for(method, {name: value}), name) != value
+            continue
+        settings = EvalSettings(method=method, limit=2, **{name: value})
+        if name == "regex":  # open questions only
+            with pytest.raises(InputError, match="reads the answer of open questions"):
+                build_spec("m", task, settings)
+            continue
+        spec = build_spec("m", task, settings).text
+        assert (spec != plain) != (name in SCORING_ONLY), (method, name)
+
+
+def test_the_eval_command_refuses_a_flag_no_method_uses(cli, tmp_path):
+    missing = str(tmp_path / "no-model")
+    result = cli("eval", missing, "easy-en", "--method", "choice,loglik", "--top-p", "0.9",
+                 "--weighted", "--out", str(tmp_path / "e.db"))  # fmt: skip
+    assert result.code == 2, result.stderr
+    assert "--top-p (cot, vote)" in result.stderr and "--weighted (vote)" in result.stderr
+    assert not (tmp_path / "e.db").exists()
+    compare = cli("compare", missing, missing, "--task", "easy-en", "--method", "loglik",
+                  "--samples", "3")  # fmt: skip
+    assert compare.code == 2 and "--samples (choice, vote)" in compare.stderr, compare.stderr
+
+
 # ---- statistics ---------------------------------------------------------------------------
 
 
@@ -374,6 +415,7 @@ def test_compare_two_models_on_a_task_and_the_report_section(cli, tiny_kit, gpt2
     assert both.code == 2 and "exactly one of --task" in both.stderr
 
 
+@pytest.mark.long
 def test_compare_two_models_on_a_spec(cli, tiny_kit, hybrid_kit, tmp_path):
     result = cli(
         "compare",

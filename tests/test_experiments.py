@@ -188,6 +188,7 @@ def _count(store: Path) -> int:
         return 0
 
 
+@pytest.mark.long
 def test_kill_9_then_resume_gives_exact_rows(tiny_kit, tmp_path, cli):
     """A run killed with SIGKILL right after it stored a batch, its resume killed the same
     way, then a resume to the end: the rows equal an uninterrupted run's. (Kills after

@@ -162,6 +162,7 @@ def test_greedy_on_llama_cpp_equals_llama_cpps_own(gemma_cpp):
         assert engine.generate([request])[0][0].token_ids == want
 
 
+@pytest.mark.long
 def test_schema_answers_with_field_probs_on_both_runtimes(gemma, gemma_cpp):
     """Seed 000's Personaje question as a few-shot completion (a base model has no chat
     template), answered under the schema: valid answers and exact field_probs on both
@@ -249,6 +250,7 @@ def test_the_server_keeps_the_bos_of_a_text_completion(gemma_cpp):
 # ---- two real model families compared ----------------------------------------------------
 
 
+@pytest.mark.long
 def test_compare_two_real_models_on_a_probe(smol_kit, gemma_kit, tmp_path, cli):
     """SmolLM2 and Gemma on the occupations probe (a few samples each, llama.cpp): each
     model's own group differences, and the difference between their group gaps within
@@ -279,6 +281,7 @@ def test_a_base_model_as_judge_is_refused_before_any_sampling(gemma_kit, tmp_pat
     assert not store.exists()
 
 
+@pytest.mark.long
 def test_the_shipped_personaje_example_runs_on_gemma(gemma_kit, tmp_path, cli):
     """examples/personajes-gemma.toml (README's result at 100 samples a prompt), at 3: a
     few-shot completion prompt answered in the Personaje schema, every answer valid or

@@ -129,6 +129,7 @@ def _raw(samples) -> list[list[float]]:
     return [[lp.raw_logprob for lp in s.logprobs] for s in samples]
 
 
+@pytest.mark.long
 def test_a_sample_is_bit_identical_alone_and_in_any_batch(cpp, cpp_engine):
     """The contract of batch invariance: a request's tokens and raw log-probabilities are
     the same bits alone, beside 1 to 40 other rows of other prompts (prefilled together,
@@ -495,6 +496,7 @@ def llama_server(smol_kit, tmp_path_factory):
         process.wait(30)
 
 
+@pytest.mark.long
 def test_the_same_spec_samples_the_same_distribution_on_llama_cpps_server(
     llama_server, smol_kit, tmp_path, cli
 ):

@@ -550,3 +550,15 @@ stop = [" ", "."]
     assert [tuple(r) for r in got] == [tuple(r) for r in expected] and len(got) == 6
     assert any(r["finish_reason"] == "stop" and r["answer_text"] for r in got)
     assert all(" " not in r["answer_text"] for r in got)
+
+
+def test_a_judge_model_without_a_judge_is_refused_by_name(cli, tmp_path):
+    """--judge-model answers a probe's [judge]: with none (or --no-judge) it would be
+    dropped, so the command stops before sampling."""
+    store = tmp_path / "p.db"
+    result = cli("probe", "occupations-en", "--judge-model", "x", "--out", str(store))
+    assert result.code == 2 and "has no [judge]" in result.stderr, result.stderr
+    skipped = cli("probe", "descriptions-en", "--judge-model", "x", "--no-judge",
+                  "--out", str(store))  # fmt: skip
+    assert skipped.code == 2 and "--no-judge skips it" in skipped.stderr, skipped.stderr
+    assert not store.exists()

@@ -49,6 +49,7 @@ def test_kit_folder_is_an_ordinary_model_with_provenance(smol_kit):
     assert "<|im_start|>" in (smol_kit / "chat_template.jinja").read_text()
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_a_second_build_gives_the_same_bytes(smol_kit, tmp_path):
     from muestra.models.kit import build_kit
@@ -238,6 +239,7 @@ def test_with_instruction_appends_to_the_last_user_message():
     assert with_instruction("raw", "Think.") == "raw\n\nThink."
 
 
+@pytest.mark.long
 def test_the_english_character_experiment_runs_and_reads(smol_kit, tmp_path, cli):
     """examples/characters.toml (the demo's experiment) on the real model: plain-text
     reasoning stored per sample, valid answers, and the demo's finding sentence."""

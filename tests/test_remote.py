@@ -94,6 +94,7 @@ def endpoints_of(path):
         return [r[0] for r in db.execute("SELECT endpoint FROM samples ORDER BY id")]
 
 
+@pytest.mark.long
 def test_a_run_over_two_endpoints_survives_one_stopping_and_a_kill(tiny_kit, tmp_path):
     """Two `muestra serve` processes share a run; one is killed mid-run, then the run
     itself is killed (SIGKILL) and resumed on the same two URLs, one of them dead: every
@@ -318,6 +319,20 @@ def test_remote_spec_errors(tmp_path, monkeypatch):
         resolve_think(load_spec(spec), load_spec(spec).spec.model)
 
 
+def test_local_only_flags_on_an_endpoint_run_are_refused_by_name(cli, tmp_path):
+    """--threads, --runtime, --batch-invariant, --trust-remote-code and --batch change how
+    this machine computes: on a spec whose every model is an endpoint they are refused
+    (exit 2, before any request or store), not dropped."""
+    spec = write_spec(tmp_path, "far", '[model]\nid = "m"\nendpoint = "http://127.0.0.1:9/v1"')
+    store = tmp_path / "far.db"
+    for flags in (["--threads", "2"], ["--batch", "8"], ["--trust-remote-code", "--runtime",
+                                                          "torch"]):  # fmt: skip
+        result = cli("run", str(spec), "--out", str(store), *flags)
+        assert result.code == 2, result.stderr
+        assert all(f in result.stderr for f in flags if f.startswith("--")), result.stderr
+        assert "every model of" in result.stderr and not store.exists()
+
+
 def posted(calls):
     return [json.loads(c.content) for c in calls if c.method == "POST"]
 
@@ -462,6 +477,7 @@ def test_a_dead_endpoint_is_left_and_rows_record_the_live_one(tmp_path):
     assert len(tried_b) <= 2  # then it rests, and the run moves to a.test
 
 
+@pytest.mark.long
 def test_plain_text_reasoning_through_muestra_serve_equals_a_local_run(smol_kit, tmp_path):
     """SmolLM2 has no think tags: a spec with a think budget reasons in plain text. The
     same spec through `muestra serve` (muestra.think_mode "text", settled by the local

@@ -102,7 +102,7 @@ def test_a_failed_eval_and_an_unjudged_probe_are_not_shown_as_finished(
     def broken(*args, **kwargs):
         raise InputError("judge exploded")
 
-    monkeypatch.setattr(probes, "copy_judgements", broken)
+    monkeypatch.setattr(probes.running, "copy_judgements", broken)
     result = cli("probe", str(path), "--model", str(tiny_kit), "--out", str(store))
     assert result.code == 2 and "judge exploded" in result.stderr
     db = sqlite3.connect(store)

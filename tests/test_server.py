@@ -171,6 +171,40 @@ def test_a_streamed_json_answer_equals_the_whole_one(client):
         jsonschema.validate(json.loads(content), SCHEMA)
 
 
+def test_streamed_logprobs_equal_the_whole_ones_in_both_apis(client):
+    """Each token's logprobs come with its text, none past a stop string: the chunks of
+    /v1/completions and /v1/chat/completions carry, joined, the whole reply's logprobs."""
+    whole = client.completions.create(
+        model=MODEL, prompt="Hola", max_tokens=30, seed=5, n=2, logprobs=2, stop=["e"]
+    )
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt="Hola", max_tokens=30, seed=5, n=2, logprobs=2, stop=["e"],
+            stream=True,
+        )
+    )  # fmt: skip
+    for choice in whole.choices:
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == choice.index]
+        assert "".join(c.text for c in mine) == choice.text
+        joined = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for c in mine:
+            if c.logprobs is not None:
+                for key in joined:
+                    joined[key] += getattr(c.logprobs, key)
+        assert choice.logprobs.tokens, "a reply with no token"
+        assert joined == choice.logprobs.model_dump(), choice.index
+    chat = dict(model=MODEL, messages=MESSAGES, max_tokens=30, seed=5, logprobs=True,
+                top_logprobs=2, stop=["e"], extra_body={"thinking_token_budget": 4})  # fmt: skip
+    reply = client.chat.completions.create(**chat)
+    streamed = [
+        entry.model_dump()
+        for c in client.chat.completions.create(**chat, stream=True)
+        if c.choices and c.choices[0].logprobs is not None
+        for entry in c.choices[0].logprobs.content
+    ]
+    assert streamed == [entry.model_dump() for entry in reply.choices[0].logprobs.content]
+
+
 def test_n_samples_and_seeds(client):
     def ask(seed, n=1):
         return client.chat.completions.create(

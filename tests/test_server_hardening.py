@@ -535,6 +535,7 @@ def test_valid_but_odd_unicode_never_breaks_the_server(http):
         assert http.post("/v1/chat/completions", json=chat).status_code == 200
 
 
+@pytest.mark.long
 def test_a_beam_search_whose_client_leaves_stops_and_frees_the_next(tiny_kit):
     """A long beam search (thousands of steps) whose client disconnects stops at its next
     step: `/health` counts it cancelled and the search slot is free long before the search

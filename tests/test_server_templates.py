@@ -90,6 +90,7 @@ def test_a_huge_rendered_prompt_is_refused(tiny_kit):
     assert error["code"] == "prompt_too_long" and "10000" in error["message"]
 
 
+@pytest.mark.long
 def test_health_answers_while_a_big_prompt_is_prepared(tiny_kit):
     """A 5 MB message takes seconds to tokenize; on the event loop it froze /health."""
     big = {**BODY, "messages": [{"role": "user", "content": "hola mundo " * 500_000}]}

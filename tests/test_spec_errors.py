@@ -94,6 +94,11 @@ def test_deeply_nested_schema_file_is_refused(tmp_path):
     refused(spec, "answer.schema", "nested too deeply")
 
 
+def test_two_answer_grammars_are_refused_once_by_name(tmp_path):
+    spec = write_spec(tmp_path, 'regex = "[0-9]+"\nchoice = ["a", "b"]')
+    refused(spec, "answer takes one of schema, regex, choice, grammar; got regex, choice")
+
+
 # ---- what only failed after the model loaded ----------------------------------------------
 
 LATE = {

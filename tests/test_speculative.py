@@ -88,7 +88,9 @@ def test_greedy_on_the_gpt2_kit(gpt2):
         )
 
 
-@pytest.mark.parametrize(("arch", "layers"), [("qwen", 1), ("smol", 24)])
+@pytest.mark.parametrize(
+    ("arch", "layers"), [pytest.param("qwen", 1, marks=pytest.mark.long), ("smol", 24)]
+)
 def test_sampled_first_tokens_follow_the_targets_distribution(arch, layers, request):
     """End to end on the tiny kit (a one-layer draft of two) and the real model (24 of 30
     layers): the first token of 300 speculative samples (T 1, top-k 6), decoded as one

@@ -72,6 +72,7 @@ def check_answers(samples, schema):
     return finished
 
 
+@pytest.mark.long
 def test_personaje_64_samples(generator):
     spec = GrammarSpec.json_schema(Personaje)
     samples = generator.run(
@@ -229,7 +230,7 @@ def _chi_square_sf(statistic: float, dof: int) -> float:
     return float(torch.special.gammaincc(torch.tensor(dof / 2.0), torch.tensor(statistic / 2.0)))
 
 
-@pytest.mark.parametrize("kind", ["choice", "json"])
+@pytest.mark.parametrize("kind", ["choice", pytest.param("json", marks=pytest.mark.long)])
 def test_field_probs_match_empirical_frequencies(hybrid, kind):
     """Answers sampled at T=1 under the grammar follow the mean of field_probs (each sample's
     exact distribution given its own prefix, summed over every tokenization of every value).

@@ -7,14 +7,13 @@ The package is layered (see ../shared/DESIGN.md), one folder per layer: `models/
 re-exported here.
 """
 
-__version__ = "0.1.0"
-
-from muestra.errors import (  # noqa: E402
+from muestra.errors import (
     InputError,
     ModelNotFoundError,
     MuestraError,
     UnsafeModelError,
 )
+from muestra.version import __version__
 
 # Names a notebook reaches for, loaded on first use (they import torch).
 _LAZY = {

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from muestra.analysis.columns import answer_fields
 from muestra.analysis.fit import FitRow, cell_fits
 from muestra.analysis.rewards import RewardAnalysis, analyze_rewards
 from muestra.analysis.stats import (
@@ -52,7 +53,6 @@ from muestra.analysis.stats import (
     wilson,
 )
 from muestra.errors import InputError
-from muestra.experiments.results import answer_fields
 
 DIMENSIONS = {"prompt": "prompt_id", "condition": "condition", "model": "model"}
 

@@ -65,19 +65,15 @@ def pairs(
     `reward`. Quote Python words with backticks: `class` == "Support".
     """
     from muestra.evaluation.preferences import PairSet, store_pairs
-    from muestra.experiments.store import reading
+    from muestra.experiments.store import latest_model_ref, reading
     from muestra.models.loading import load_tokenizer
 
     PairSet.check_out(out)
     with reading(store) as db:
         tokenizer = None
         if completion == "full":
-            run = (
-                db.execute("SELECT model_ref FROM models WHERE run_id = ?", (run_id,)).fetchone()
-                if run_id
-                else db.execute("SELECT model_ref FROM models ORDER BY id DESC").fetchone()
-            )
-            tokenizer = load_tokenizer(run["model_ref"]) if run else None
+            ref = latest_model_ref(db, run_id)
+            tokenizer = load_tokenizer(ref) if ref else None
         made = store_pairs(
             db,
             chosen,
@@ -187,17 +183,14 @@ def reward_score(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from muestra.evaluation.reward import RewardModel, score_store
-    from muestra.experiments.store import connect
+    from muestra.experiments.store import connect, count_samples
 
     if not store.is_file():
         raise InputError(f"store {store} does not exist; run `muestra run SPEC.toml --out {store}`")
     model = RewardModel.load(reward)
     db = connect(store)
     try:
-        total = db.execute(
-            "SELECT COUNT(*) FROM samples WHERE run_id = COALESCE(?, (SELECT MAX(id) FROM runs))",
-            (run_id,),
-        ).fetchone()[0]
+        total = count_samples(db, run_id)
         start = time.perf_counter()
         with Progress(
             TextColumn("reward"),

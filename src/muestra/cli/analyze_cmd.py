@@ -27,17 +27,15 @@ def load_analysis(store: Path, alpha: float | None, run_id: int | None = None): 
     from muestra.experiments.results import samples_frame
     from muestra.experiments.spec import AnalysisSpec
     from muestra.experiments.store import (
-        latest_run,
         reading,
         require_samples,
+        run_by_id,
+        run_models,
         unfinished_warning,
     )
 
     with reading(store) as db:
-        if run_id is None:
-            run = dict(latest_run(db))
-        else:
-            run = dict(db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone())
+        run = dict(run_by_id(db, run_id))  # None: the latest
         frame = samples_frame(db, int(run["id"]))
         if "answer" in frame.columns and _is_probe(db, int(run["id"])):
             frame = frame.drop(columns=["answer"])  # free text: the probe's scores analyse it
@@ -50,7 +48,7 @@ def load_analysis(store: Path, alpha: float | None, run_id: int | None = None): 
                 "label": row["label"],
                 "model_ref": row["model_ref"],
             }
-            for row in db.execute("SELECT * FROM models WHERE run_id = ?", (run["id"],))
+            for row in run_models(db, int(run["id"]))
         ]
     settings = AnalysisSpec.model_validate(tomllib.loads(run["spec_text"]).get("analysis", {}))
     level = alpha if alpha is not None else settings.alpha

@@ -13,7 +13,6 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from muestra import __version__
 from muestra.cli import (
     align_cmd,
     analyze_cmd,
@@ -26,6 +25,7 @@ from muestra.cli import (
     serve_cmd,
 )
 from muestra.errors import MuestraError
+from muestra.version import __version__
 
 app = typer.Typer(
     name="muestra",

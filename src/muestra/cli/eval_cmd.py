@@ -41,6 +41,14 @@ def _settings(**values: Any) -> Any:
     return EvalSettings(**values)
 
 
+def _method_settings(methods: list[str], values: dict[str, Any]) -> list[Any]:
+    """Each method's settings; a flag none of `methods` uses is refused by name first."""
+    from muestra.evaluation.evaluate import check_methods, settings_for
+
+    check_methods(methods, _settings(**values))
+    return [settings_for(name, values) for name in methods]
+
+
 def eval_command(
     model: str = typer.Argument(..., help="Hub id or local folder (e.g. a `muestra kit build`)."),
     task: str = typer.Argument(
@@ -104,13 +112,12 @@ def eval_command(
     from muestra.evaluation.evaluate import compare_results
     from muestra.evaluation.tasks import load_task
 
-    loaded_task = load_task(task, dev=dev, split=split)
-    store = out if out is not None else Path(f"eval-{loaded_task.name}.db")
     methods = [m.strip() for m in method.split(",") if m.strip()]
-    results = []
     for name in methods:
-        settings = _settings(
-            method=name,
+        _settings(method=name)  # an unknown method is refused before anything loads
+    every = _method_settings(
+        methods,
+        dict(
             format=fmt,
             chat=chat,
             raw=raw,
@@ -125,9 +132,15 @@ def eval_command(
             regex=regex,
             seed=seed,
             dtype=dtype,
-        )
-        options = model_options(runtime, threads, batch_invariant)
-        results.append(_run_one(model, loaded_task, settings, store, trust_remote_code, options))
+        ),
+    )
+    loaded_task = load_task(task, dev=dev, split=split)
+    store = out if out is not None else Path(f"eval-{loaded_task.name}.db")
+    options = model_options(runtime, threads, batch_invariant)
+    results = [
+        _run_one(model, loaded_task, settings, store, trust_remote_code, options)
+        for settings in every
+    ]
     pairs = [
         compare_results(results[i], results[j], methods[i], methods[j])
         for i in range(len(results))
@@ -378,8 +391,6 @@ def compare(
     from muestra.evaluation.compare import compare_models
     from muestra.evaluation.tasks import load_task
 
-    loaded_task = load_task(task)
-    store = out if out is not None else Path(f"compare-{loaded_task.name}.db")
     settings = _settings(
         method=method,
         format=fmt,
@@ -390,6 +401,9 @@ def compare(
         seed=seed,
         dtype=dtype,
     )
+    settings.check_applies({"samples": "--samples"})
+    loaded_task = load_task(task)
+    store = out if out is not None else Path(f"compare-{loaded_task.name}.db")
     report = compare_models(
         model_a,
         model_b,

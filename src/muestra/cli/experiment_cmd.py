@@ -43,7 +43,9 @@ def run(
     force_new: bool = typer.Option(
         False, "--force-new", help="Start a new run even if the spec changed."
     ),
-    batch_rows: int = typer.Option(32, "--batch", min=1, help="Samples decoded together."),
+    batch_rows: int | None = typer.Option(
+        None, "--batch", min=1, help="Samples decoded together by a local model (default 32)."
+    ),
     trust_remote_code: bool = TrustRemoteCodeOption,
     runtime: str | None = RuntimeOverrideOption,
     threads: int | None = ThreadsOption,

@@ -48,7 +48,9 @@ def probe(
         None, "--judge-model", help="Model answering [judge] (default: the probe's, else MODEL)."
     ),
     no_judge: bool = typer.Option(False, "--no-judge", help="Skip the probe's [judge]."),
-    batch_rows: int = typer.Option(32, "--batch", min=1, help="Samples decoded together."),
+    batch_rows: int | None = typer.Option(
+        None, "--batch", min=1, help="Samples decoded together by a local model (default 32)."
+    ),
     list_probes: bool = typer.Option(False, "--list", help="List the shipped probes and exit."),
     as_json: bool = JsonOption,
     trust_remote_code: bool = TrustRemoteCodeOption,
@@ -79,6 +81,9 @@ def probe(
     store = out if out is not None else Path(f"{loaded.spec.name}.db")
     note = lambda text: stderr.print(f"note: {text}", markup=False)  # noqa: E731
     options = model_options(runtime, threads, batch_invariant)
+    if judge_model is not None and (loaded.spec.judge is None or no_judge):
+        why = "--no-judge skips it" if no_judge else f"{loaded.path} has no [judge]"
+        raise InputError(f"--judge-model {judge_model!r} answers a probe's [judge]; {why}")
     judge = None
     if loaded.spec.judge is not None and not no_judge:
         judge = judge_model or loaded.spec.judge.model or model

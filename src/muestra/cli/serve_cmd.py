@@ -155,8 +155,7 @@ def serve(
     thinking = "thinks" if served.tags is not None else "does not think"
     stderr.print(
         f"muestra serve: {served.name} ({thinking}, {loaded.runtime.name} runtime) on "
-        f"http://{host}:{port}/v1"
-        + (" (API key required)" if api_key else ""),
+        f"http://{host}:{port}/v1" + (" (API key required)" if api_key else ""),
         markup=False,
     )
     note = drafts_off_note(loaded.runtime.config, [])

@@ -151,12 +151,10 @@ def compare_models(
 
 
 def _store_timing(store: Path, run_id: int, timing: Timing) -> None:
-    from muestra.experiments.store import connect, dumps
+    from muestra.experiments.store import connect, set_eval_timing
 
-    with connect(store) as db, db:
-        db.execute(
-            "UPDATE evals SET timing_json = ? WHERE run_id = ?", (dumps(asdict(timing)), run_id)
-        )
+    with connect(store) as db:
+        set_eval_timing(db, run_id, asdict(timing))
 
 
 @dataclass
@@ -217,12 +215,9 @@ def compare_spec(
         on_note=on_note,
         trust_remote_code=trust_remote_code,
     )
-    run_id = runner.open()
-    try:
+    with runner:
+        run_id = runner.open()
         runner.run(on_progress)
-    finally:
-        if runner.db is not None:
-            runner.db.close()
     with reading(store) as db:
         frame = samples_frame(db, run_id)
     side = []
@@ -283,9 +278,7 @@ def compare_probe(
                 label=label,
             )
         )  # fmt: skip
-        timings.append(
-            Timing(**{**asdict(timing), "eval_seconds": time.perf_counter() - started})
-        )
+        timings.append(Timing(**{**asdict(timing), "eval_seconds": time.perf_counter() - started}))
     with reading(store) as db:
         frame = pd.concat([samples_frame(db, run) for run in runs], ignore_index=True)
         analyses = [read_probe(db, run)[1] for run in runs]  # type: ignore[index]

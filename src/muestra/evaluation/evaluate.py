@@ -27,7 +27,7 @@ import re
 import time
 import unicodedata
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -47,7 +47,14 @@ from muestra.evaluation import prompts
 from muestra.evaluation.tasks import LETTERS, Item, Task
 from muestra.experiments.runner import Progress, Runner
 from muestra.experiments.spec import LoadedSpec, spec_from_data
-from muestra.experiments.store import connect, dumps
+from muestra.experiments.store import (
+    connect,
+    dumps,
+    eval_record,
+    latest_model_ref,
+    prompt_rows,
+    record_eval,
+)
 
 Method = Literal["choice", "loglik", "cot", "vote"]
 METHODS: tuple[str, ...] = ("choice", "loglik", "cot", "vote")
@@ -97,9 +104,60 @@ class EvalSettings:
             except re.error as err:
                 raise InputError(f"--regex {self.regex!r} is not a valid regex ({err})") from err
 
+    def check_applies(self, flags: Mapping[str, str] | None = None) -> None:
+        """Refuse, by name, a setting changed from its default that this method does not
+        use (`METHOD_SETTINGS`); `flags` names them as the command does."""
+        check_methods([self.method], self, flags)
+
     @property
     def per_question(self) -> int:
         return self.samples if self.samples is not None else 5 if self.method == "vote" else 1
+
+
+# the settings only some methods use; the others refuse them when changed (a setting
+# given and then ignored would be a result that does not mean what its command says)
+METHOD_SETTINGS: dict[str, tuple[str, ...]] = {
+    "format": ("loglik",),
+    "chat": ("loglik",),
+    "raw": ("choice", "cot", "vote"),
+    "samples": ("choice", "vote"),  # cot scores one reasoning: several are a vote
+    "think_budget": ("cot", "vote"),
+    "temperature": ("choice", "cot", "vote"),
+    "top_p": ("cot", "vote"),
+    "weighted": ("vote",),
+    "regex": ("vote",),
+}
+EVAL_FLAGS = {"samples": "--samples-per-question", "think_budget": "--think-budget",
+              "top_p": "--top-p"}  # fmt: skip
+
+
+def check_methods(
+    methods: Sequence[str], settings: EvalSettings, flags: Mapping[str, str] | None = None
+) -> None:
+    """Every changed setting applies to at least one of `methods`, or is refused by name."""
+    default = EvalSettings()
+    names = {**EVAL_FLAGS, **(flags or {})}
+    refused = [
+        f"{names.get(name, '--' + name)} ({', '.join(applies)})"
+        for name, applies in METHOD_SETTINGS.items()
+        if getattr(settings, name) != getattr(default, name) and not set(methods) & set(applies)
+    ]
+    if refused:
+        raise InputError(
+            f"{'; '.join(refused)}: not used by --method {','.join(methods)}; each applies "
+            "only to the methods in brackets: leave it out or add such a method"
+        )
+
+
+def settings_for(method: str, values: Mapping[str, Any]) -> EvalSettings:
+    """One method's settings out of a command's flags: those it does not use stay at their
+    defaults (a command may list several methods; `check_methods` has checked the rest)."""
+    kept = {
+        name: value
+        for name, value in values.items()
+        if name not in METHOD_SETTINGS or method in METHOD_SETTINGS[name]
+    }
+    return EvalSettings(method=method, **kept)
 
 
 @dataclass
@@ -181,6 +239,7 @@ def build_spec(
 ) -> LoadedSpec:
     """The experiment spec of `task` scored by `settings.method` on `model`
     (`model_options`: [model] fields such as runtime and threads)."""
+    settings.check_applies()
     items = list(task.items[: settings.limit] if settings.limit else task.items)
     if not items:
         raise InputError(f"{task.source}: no questions to evaluate")
@@ -191,6 +250,17 @@ def build_spec(
         raise InputError(
             f"{task.source}: questions without options are open questions; only "
             "--method vote scores them, and a task cannot mix them with multiple choice"
+        )
+    default = EvalSettings()
+    if is_open and (settings.weighted or settings.think_budget != default.think_budget):
+        raise InputError(
+            f"{task.source} has open questions: a vote samples their answers directly, with "
+            "no reasoning and no letter probabilities; leave out --think-budget and --weighted"
+        )
+    if not is_open and settings.regex is not None:
+        raise InputError(
+            f"--regex {settings.regex!r} reads the answer of open questions; {task.source} "
+            "is multiple choice (its answers are letters under a grammar): leave it out"
         )
     if settings.shots > len(task.shots):
         raise InputError(
@@ -326,28 +396,13 @@ def evaluate(
         on_note=on_note,
         trust_remote_code=trust_remote_code,
     )
-    run_id = runner.open()
     started = time.perf_counter()
-    try:
+    with runner:  # closes the store however it ends
+        run_id = runner.open()
         assert runner.db is not None
-        with runner.db:
-            runner.db.execute(
-                "INSERT OR IGNORE INTO evals (run_id, method, task_name, task_source, "
-                "task_hash, settings_json) VALUES (?, ?, ?, ?, ?, ?)",
-                (
-                    run_id,
-                    settings.method,
-                    task.name,
-                    task.source,
-                    task.hash,
-                    dumps(asdict(settings)),
-                ),
-            )
+        record_eval(runner.db, run_id, settings.method, task, dumps(asdict(settings)))
         with runner.tracking():
             runner.run(on_progress)
-    finally:
-        if runner.db is not None:
-            runner.db.close()
     result = read_result(Path(store), run_id, settings)
     result.seconds = time.perf_counter() - started
     return result
@@ -478,22 +533,14 @@ def read_result(
     from muestra.experiments.results import samples_frame
 
     with connect(store, create=False) as db:
-        row = db.execute(
-            "SELECT e.*, r.spec_text FROM evals e JOIN runs r ON r.id = e.run_id "
-            + ("WHERE e.run_id = ?" if run_id is not None else "ORDER BY e.run_id DESC LIMIT 1"),
-            (run_id,) if run_id is not None else (),
-        ).fetchone()
+        row = eval_record(db, run_id)
         if row is None:
             raise InputError(f"{store} holds no evaluation run (`muestra eval` writes those)")
         frame = samples_frame(db, int(row["run_id"]))
-        model = db.execute(
-            "SELECT model_ref FROM models WHERE run_id = ?", (row["run_id"],)
-        ).fetchone()[0]
+        model = latest_model_ref(db, int(row["run_id"]))
         items = [
             (r["prompt_key"], r["group_name"], json.loads(r["variables_json"]))
-            for r in db.execute(
-                "SELECT * FROM prompts WHERE run_id = ? ORDER BY prompt_index", (row["run_id"],)
-            )
+            for r in prompt_rows(db, int(row["run_id"]))
         ]
     if settings is None:
         settings = EvalSettings(**json.loads(row["settings_json"]))

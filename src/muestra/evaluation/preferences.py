@@ -241,17 +241,16 @@ def run_prompts(
 ) -> tuple[dict[str, Text], dict[str, Reasoning | None]]:
     """A run's stored prompts by key, and its conditions' reasoning formats by label (all
     None for `completion` "answer")."""
+    from muestra.experiments.store import condition_rows, prompt_rows
+
     messages = {
-        key: json.loads(text)
-        for key, text in db.execute(
-            "SELECT prompt_key, messages_json FROM prompts WHERE run_id = ?", (run_id,)
-        )
+        row["prompt_key"]: json.loads(row["messages_json"]) for row in prompt_rows(db, run_id)
     }
     formats = {
-        label: reasoning_format(think, tokenizer) if completion == "full" else None
-        for label, think in db.execute(
-            "SELECT label, think_json FROM conditions WHERE run_id = ?", (run_id,)
-        )
+        row["label"]: reasoning_format(row["think_json"], tokenizer)
+        if completion == "full"
+        else None
+        for row in condition_rows(db, run_id)
     }
     return messages, formats
 
@@ -281,12 +280,12 @@ def store_pairs(
     instruction is added to it). "full" needs the model's `tokenizer` to settle mode auto.
     """
     from muestra.experiments.results import samples_frame
-    from muestra.experiments.store import latest_run
+    from muestra.experiments.store import latest_run, run_by_id
 
-    run = db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone() if run_id else None
-    if run_id and run is None:
-        raise PreferenceDataError(f"the store has no run {run_id}")
-    run = run or latest_run(db)
+    try:
+        run = run_by_id(db, run_id) if run_id else latest_run(db)
+    except InputError as err:
+        raise PreferenceDataError(str(err)) from None
     frame = samples_frame(db, int(run["id"]))
     if frame.empty:
         raise PreferenceDataError(f"run {run['id']} ({run['name']}) has no samples")

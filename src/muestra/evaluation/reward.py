@@ -220,8 +220,8 @@ def write_record(out: Path, kind: str, base: str, pairs: PairSet, **extra: Any) 
     import transformers
     import trl
 
-    from muestra import __version__
     from muestra.experiments.store import now
+    from muestra.version import __version__
 
     record = {
         "kind": kind,
@@ -270,11 +270,16 @@ def freeze_lower_layers(model: Any, train_layers: int | None) -> None:
 def run_training(trainer: Any) -> tuple[Any, float]:
     """`trainer.train()` with its log lines and progress on stderr (stdout stays for the
     caller's result, e.g. `--json`); returns TRL's result and the wall time."""
-    import contextlib
     import sys
+    import warnings
 
     start = time.perf_counter()
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
+        # TRL 1.16 reads transformers' deprecated `is_gradient_checkpointing` in its
+        # trainers; muestra sets the current name (`_checkpointing_name`): not the user's
+        warnings.filterwarnings(
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
         result = trainer.train()
     return result, time.perf_counter() - start
 
@@ -450,7 +455,7 @@ def score_store(
     reward model's identity) in its scores. Returns the number of samples scored."""
     from muestra.evaluation.preferences import run_prompts, sample_text
     from muestra.experiments.results import samples_frame
-    from muestra.experiments.store import latest_run
+    from muestra.experiments.store import latest_run, merge_scores, sample_rows
 
     run = dict(latest_run(db)) if run_id is None else {"id": run_id}
     frame = samples_frame(db, int(run["id"]))
@@ -462,22 +467,14 @@ def score_store(
         for _, row in frame.iterrows()
     ]
     values = reward.score(texts, batch_size, progress)
-    ids = db.execute(
-        """
-        SELECT s.id, s.scores_json FROM samples s
-        JOIN prompts p ON p.id = s.prompt_id
-        JOIN models m ON m.id = s.model_id JOIN conditions c ON c.id = s.condition_id
-        WHERE s.run_id = ? ORDER BY m.id, c.id, p.prompt_index, s.sample_index
-        """,
-        (run["id"],),
-    ).fetchall()
+    ids = [row["id"] for row in sample_rows(db, int(run["id"]))]  # the frame's order
     identity = reward.identity
-    with db:
-        for (sample_id, scores_json), value in zip(ids, values, strict=True):
-            scores = json.loads(scores_json) if scores_json else {}
-            scores.update({"reward": value, "reward_model": identity, "reward_of": completion})
-            db.execute(
-                "UPDATE samples SET scores_json = ? WHERE id = ?",
-                (json.dumps(scores), sample_id),
-            )
+    merge_scores(
+        db,
+        int(run["id"]),
+        {
+            sample_id: {"reward": value, "reward_model": identity, "reward_of": completion}
+            for sample_id, value in zip(ids, values, strict=True)
+        },
+    )
     return len(values)

@@ -6,13 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from muestra.evaluation.evaluate import EvalResult, PairedComparison, compare_results, read_result
-from muestra.experiments.store import reading
+from muestra.experiments.store import eval_run_ids, reading
 from muestra.report.html import Section
 
 
 def eval_runs(store: Path) -> list[EvalResult]:
     with reading(store) as db:
-        ids = [row[0] for row in db.execute("SELECT run_id FROM evals ORDER BY run_id")]
+        ids = eval_run_ids(db)
     return [read_result(store, run_id) for run_id in ids]
 
 

@@ -43,7 +43,6 @@ from typing import Any
 
 import httpx
 
-from muestra import __version__
 from muestra.answers.grammar import GrammarSpec
 from muestra.answers.phases import TEXT_INSTRUCTION, answer_budget_error, with_instruction
 from muestra.answers.structured import parse_answer
@@ -52,6 +51,7 @@ from muestra.errors import InputError, MuestraError
 from muestra.experiments.prompts import messages_for, think_budget
 from muestra.experiments.sampling import ThinkSampling, resolve_think
 from muestra.experiments.spec import Condition, LoadedSpec, ModelSpec, PromptItem
+from muestra.version import __version__
 
 RETRY_STATUS = {408, 409, 429}
 CLOSE_TEXT_SLACK = 64  # tokens for the closing text on servers without muestra's extension

@@ -15,34 +15,9 @@ from typing import Any
 
 import pandas as pd
 
+from muestra.analysis.columns import BEAM, META, answer_fields
 from muestra.errors import InputError
-from muestra.experiments.store import latest_run
-
-META = [
-    "prompt_id",
-    "prompt",
-    "group",
-    "variant",
-    "sample",
-    "condition",
-    "model",
-    "seed",
-    "think_budget",
-    "reasoning",
-    "think_tokens",
-    "budget_hit",
-    "answer_text",
-    "finish_reason",
-    "error",
-    "prompt_tokens",
-    "completion_tokens",
-]
-
-
-# a beam-searched phase's rank, score and log-probability, per phase (when a run has them)
-BEAM = [
-    f"{phase}_beam_{key}" for phase in ("think", "answer") for key in ("rank", "score", "logprob")
-]
+from muestra.experiments.store import latest_run, sample_rows
 
 
 def _beam_columns(beam_json: str | None) -> dict[str, Any]:
@@ -63,16 +38,7 @@ def _prompt_text(messages_json: str) -> str:
 
 def samples_frame(db: sqlite3.Connection, run_id: int | None = None) -> pd.DataFrame:
     run_id = run_id if run_id is not None else int(latest_run(db)["id"])
-    rows = db.execute(
-        """
-        SELECT s.*, p.prompt_key, p.messages_json, p.variables_json, p.group_name, p.variant,
-               m.label AS model_label, c.label AS condition_label
-        FROM samples s JOIN prompts p ON p.id = s.prompt_id
-        JOIN models m ON m.id = s.model_id JOIN conditions c ON c.id = s.condition_id
-        WHERE s.run_id = ? ORDER BY m.id, c.id, p.prompt_index, s.sample_index
-        """,
-        (run_id,),
-    ).fetchall()
+    rows = sample_rows(db, run_id)
     records = []
     for row in rows:
         answer = json.loads(row["answer_json"]) if row["answer_json"] else None
@@ -140,16 +106,6 @@ def _flatten(answer: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
-
-
-def answer_fields(frame: pd.DataFrame) -> list[str]:
-    return [
-        c
-        for c in frame.columns
-        if c not in META + BEAM
-        and c not in ("field_probs", "scores", "batch_seconds", "endpoint")
-        and not c.startswith("var_")
-    ]
 
 
 TEXT_DISTINCT = 10  # a non-numeric field with more distinct values than this is free text

@@ -19,7 +19,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from muestra import __version__
 from muestra.errors import InputError
 from muestra.experiments.prompts import messages_for, think_budget
 from muestra.experiments.spec import (
@@ -29,8 +28,24 @@ from muestra.experiments.spec import (
     PromptItem,
     check_beam_samples,
 )
-from muestra.experiments.store import connect, dumps, insert_samples, mark_run, now
+from muestra.experiments.store import (
+    condition_think,
+    connect,
+    discard_run,
+    dumps,
+    insert_run,
+    insert_samples,
+    mark_run,
+    model_provenance,
+    newest_run,
+    now,
+    run_exists,
+    set_model_provenance,
+    stored_indices,
+    upsert,
+)
 from muestra.limits import SAMPLES_PER_CELL, SAMPLES_PER_RUN
+from muestra.version import __version__
 
 
 @dataclass(frozen=True)
@@ -65,7 +80,7 @@ class Runner:
         samples: int | None = None,
         force_new: bool = False,
         resume_any: bool = False,
-        batch_rows: int = 32,
+        batch_rows: int | None = None,
         on_note: Callable[[str], None] | None = None,
         trust_remote_code: bool = False,
         model_options: Mapping[str, Any] | None = None,
@@ -83,6 +98,14 @@ class Runner:
         local = dict(model_options or {})
         if trust_remote_code:
             local["trust_remote_code"] = True
+        given = [*local, *(["batch"] if batch_rows is not None else [])]
+        if given and all(m.endpoint is not None for m in self.models):
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise InputError(
+                f"{flags}: {'applies' if len(given) == 1 else 'apply'} to models this "
+                f"machine computes; every model of {spec.path} is an endpoint (its server "
+                "decides how it computes and batches): leave them out"
+            )
         if local:
             self.models = [
                 ModelSpec.model_validate({**m.model_dump(exclude_unset=True), **local})
@@ -97,7 +120,7 @@ class Runner:
         )
         self.force_new = force_new
         self.resume_any = resume_any  # resume any run of this spec, not only the latest
-        self.batch_rows = batch_rows
+        self.batch_rows = batch_rows if batch_rows is not None else 32
         self.on_note = on_note or (lambda _: None)
         self.db: sqlite3.Connection | None = None
         self.run_id: int | None = None
@@ -155,17 +178,9 @@ class Runner:
 
     def _open_run(self, db: sqlite3.Connection) -> int:
         """The id of this spec's run in the store, inserted unless it is the latest."""
-        last = db.execute("SELECT * FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+        last = newest_run(db)
         if self.resume_any and not self.force_new:
-            same = db.execute(
-                "SELECT id FROM runs WHERE spec_hash = ? ORDER BY id DESC LIMIT 1",
-                (self.spec.hash,),
-            ).fetchone()
-            last = (
-                None
-                if same is None
-                else db.execute("SELECT * FROM runs WHERE id = ?", (same[0],)).fetchone()
-            )
+            last = newest_run(db, self.spec.hash)
         if last is not None and not self.force_new:
             if last["spec_hash"] != self.spec.hash:
                 raise InputError(
@@ -175,38 +190,12 @@ class Runner:
                 )
             return int(last["id"])
         self.new_run = True
-        with db:
-            cursor = db.execute(
-                "INSERT INTO runs (name, spec_path, spec_text, spec_hash, seed, "
-                "muestra_version, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    self.spec.spec.name,
-                    str(self.spec.path),
-                    self.spec.text,
-                    self.spec.hash,
-                    self.spec.spec.seed,
-                    __version__,
-                    now(),
-                ),
-            )
-        return int(cursor.lastrowid or 0)
+        spec = self.spec
+        return insert_run(db, spec.spec.name, str(spec.path), spec.text, spec.hash, spec.spec.seed)
 
     def _upsert(self, table: str, key: dict[str, Any], values: dict[str, Any]) -> int:
         assert self.db is not None
-        where = " AND ".join(f"{k} = ?" for k in key)
-        row = self.db.execute(
-            f"SELECT id FROM {table} WHERE {where}", tuple(key.values())
-        ).fetchone()
-        if row is not None:
-            return int(row[0])
-        columns = {**key, **values}
-        with self.db:
-            cursor = self.db.execute(
-                f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
-                f"({', '.join('?' for _ in columns)})",
-                tuple(columns.values()),
-            )
-        return int(cursor.lastrowid or 0)
+        return upsert(self.db, table, key, values)
 
     def _register(self) -> None:
         run = {"run_id": self.run_id}
@@ -251,9 +240,7 @@ class Runner:
                 "answer_json": dumps(condition.answer.model_dump(by_alias=True)),
             },
         )
-        (stored,) = self.db.execute(
-            "SELECT think_json FROM conditions WHERE id = ?", (condition_id,)
-        ).fetchone()
+        stored = condition_think(self.db, condition_id)
         before = ((json.loads(stored) if stored else None) or {}).get("remote", {})
         for name, record in remote.items():
             now = {
@@ -285,14 +272,7 @@ class Runner:
                         self.condition_ids[condition.label],
                         self.prompt_ids[item.id],
                     )
-                    stored = {
-                        row[0]
-                        for row in self.db.execute(
-                            "SELECT sample_index FROM samples WHERE model_id = ? AND "
-                            "condition_id = ? AND prompt_id = ?",
-                            ids,
-                        )
-                    }
+                    stored = stored_indices(self.db, *ids)
                     missing = tuple(i for i in range(self.samples) if i not in stored)
                     if missing:
                         units.append(Unit(model, condition, item, index, *ids, missing))
@@ -335,10 +315,8 @@ class Runner:
 
     def _run_exists(self) -> bool:
         assert self.db is not None
-        return (
-            self.db.execute("SELECT 1 FROM runs WHERE id = ?", (self.run_id,)).fetchone()
-            is not None
-        )
+        assert self.run_id is not None
+        return run_exists(self.db, self.run_id)
 
     def run(self, on_progress: Callable[[Progress], None] | None = None) -> Progress:
         with self.tracking():
@@ -387,15 +365,8 @@ class Runner:
             for suffix in ("", "-wal", "-shm", "-journal", ".lock"):
                 self.store.with_name(self.store.name + suffix).unlink(missing_ok=True)
             return
-        with self.db:
-            count = self.db.execute(
-                "SELECT count(*) FROM samples WHERE run_id = ?", (self.run_id,)
-            ).fetchone()[0]
-            if count:
-                return
-            for table in ("models", "conditions", "prompts"):
-                self.db.execute(f"DELETE FROM {table} WHERE run_id = ?", (self.run_id,))
-            self.db.execute("DELETE FROM runs WHERE id = ?", (self.run_id,))
+        assert self.run_id is not None
+        discard_run(self.db, self.run_id)
 
     def _run_remote(
         self, model: ModelSpec, units: list[Unit], store: Callable[[list[dict[str, Any]]], None]
@@ -421,9 +392,7 @@ class Runner:
         """Record where the model's weights came from and what computed with them; a run
         resumed with other weights or another runtime is refused (its samples would mix)."""
         assert self.db is not None
-        (stored,) = self.db.execute(
-            "SELECT provenance_json FROM models WHERE id = ?", (self.model_ids[model.name],)
-        ).fetchone()
+        stored = model_provenance(self.db, self.model_ids[model.name])
         if stored:
             before = json.loads(stored)
             was, now = _computing(before), _computing(data)
@@ -433,11 +402,7 @@ class Runner:
                     f"and now loads as {now}; its samples would mix. Use another --out, or "
                     "--force-new to start a new run in the same store."
                 )
-        with self.db:
-            self.db.execute(
-                "UPDATE models SET provenance_json = ? WHERE id = ?",
-                (dumps(data), self.model_ids[model.name]),
-            )
+        set_model_provenance(self.db, self.model_ids[model.name], data)
 
     def _load(self, model: ModelSpec) -> Any:
         """The local model with every setting of its spec, its provenance stored."""

@@ -287,6 +287,13 @@ class AnswerSpec(Strict):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
+    @property
+    def kinds(self) -> list[str]:
+        """The answer grammars given, by their TOML names (one at most: `_check_grammars`)."""
+        values = {"schema": self.schema_, "regex": self.regex, "choice": self.choice,
+                  "grammar": self.grammar}  # fmt: skip
+        return [kind for kind, value in values.items() if value is not None]
+
     @model_validator(mode="after")
     def _beam(self, info: ValidationInfo) -> AnswerSpec:
         return _check_beam(self, "answer", info)
@@ -297,11 +304,11 @@ class AnswerSpec(Strict):
             return self
         if any(not s for s in self.stop):
             raise ValueError("answer.stop strings must not be empty")
-        clash = [k for k in ("schema_", "regex", "choice", "grammar") if getattr(self, k)]
+        clash = self.kinds
         clash += [k for k in ("prompt_lookup", "draft_model") if getattr(self, k) is not None]
         clash += ['strategy = "beam"'] if self.strategy == "beam" else []
         if clash:
-            shown = ", ".join(c.rstrip("_") for c in clash)
+            shown = ", ".join(clash)
             raise ValueError(
                 f"answer.stop ends a sampled free-text answer; it cannot take {shown}: "
                 "remove one of them"
@@ -317,7 +324,7 @@ class AnswerSpec(Strict):
             if self.num_speculative_tokens != default:  # (a sweep's copy sets every field)
                 raise ValueError("num_speculative_tokens applies with answer.draft_model only")
             return self
-        clash = [k for k in ("schema_", "regex", "choice", "grammar") if getattr(self, k)]
+        clash = self.kinds
         clash += ["draft_model"] if self.prompt_lookup is not None and self.draft_model else []
         clash += ['strategy = "beam"'] if self.strategy == "beam" else []
         clash += ["dola_layers"] if self.dola_layers is not None else []
@@ -328,7 +335,7 @@ class AnswerSpec(Strict):
                 if getattr(self, k) != type(self).model_fields[k].default
             ]
         if clash:
-            shown = ", ".join(c.rstrip("_") for c in clash)
+            shown = ", ".join(clash)
             raise ValueError(
                 f"answer.{name} decodes a free-text answer"
                 + (" greedily" if self.prompt_lookup is not None else "")
@@ -587,12 +594,6 @@ def _drop_sampling(values: dict[str, Any], name: str, overrides: dict[str, Any])
 def _resolve_schema(answer: AnswerSpec, path: Path) -> dict[str, Any] | None:
     from muestra.answers.grammar import GrammarSpec
 
-    given = [k for k in ("schema_", "regex", "choice", "grammar") if getattr(answer, k)]
-    if len(given) > 1:
-        names = ", ".join(g.rstrip("_") for g in given)
-        raise InputError(
-            f"{path}: [answer] takes one of schema, regex, choice, grammar; got {names}"
-        )
     if answer.grammar is not None and not (path.parent / answer.grammar).is_file():
         raise InputError(
             f"{path}: answer.grammar file {path.parent / answer.grammar} does not exist"
@@ -617,10 +618,11 @@ def _check_grammars(conditions: list[Condition], schema: dict[str, Any] | None, 
     for condition in conditions:
         answer = condition.answer
         where = f"{path}: answer" + ("" if not condition.overrides else f" ({condition.label})")
-        given = [k for k in ("regex", "choice", "grammar") if getattr(answer, k) is not None]
-        given += ["schema"] if schema is not None else []
+        given = answer.kinds  # (the schema is not swept: every condition has the spec's)
         if len(given) > 1:
-            raise InputError(f"{where} takes one of schema, regex, choice, grammar; got {given}")
+            raise InputError(
+                f"{where} takes one of schema, regex, choice, grammar; got {', '.join(given)}"
+            )
         if answer.choice is not None:
             grammar = GrammarSpec.choice(answer.choice, source=f"{where}.choice")
         elif answer.regex is not None:

@@ -14,14 +14,14 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from muestra import __version__
 from muestra.errors import InputError, StoreError
+from muestra.version import __version__
 
 MIGRATIONS: list[tuple[str, Callable[[sqlite3.Connection], None]]] = []
 
@@ -520,6 +520,225 @@ def run_by_id(db: sqlite3.Connection, run_id: int | None) -> sqlite3.Row:
         raise InputError(f"--run {run_id}: no such run in {getattr(db, 'path', 'the store')}; "
                          f"it holds {runs or 'none'}")  # fmt: skip
     return row
+
+
+# ---- a run's rows, as the runner opens, resumes and discards them ------------------------
+
+
+def newest_run(db: sqlite3.Connection, spec_hash: str | None = None) -> sqlite3.Row | None:
+    """The store's newest run (of the spec with `spec_hash`, when given); None: none."""
+    if spec_hash is None:
+        return db.execute("SELECT * FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+    return db.execute(
+        "SELECT * FROM runs WHERE spec_hash = ? ORDER BY id DESC LIMIT 1", (spec_hash,)
+    ).fetchone()
+
+
+def insert_run(
+    db: sqlite3.Connection, name: str, spec_path: str, spec_text: str, spec_hash: str, seed: int
+) -> int:
+    with db:
+        cursor = db.execute(
+            "INSERT INTO runs (name, spec_path, spec_text, spec_hash, seed, muestra_version, "
+            "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (name, spec_path, spec_text, spec_hash, seed, __version__, now()),
+        )
+    return int(cursor.lastrowid or 0)
+
+
+RUN_TABLES = ("models", "conditions", "prompts")
+
+
+def upsert(db: sqlite3.Connection, table: str, key: dict[str, Any], values: dict[str, Any]) -> int:
+    """The id of the `table` row with `key` (one of a run's models, conditions, prompts),
+    inserted with `values` when absent (an existing row is kept as it is)."""
+    assert table in RUN_TABLES, table
+    where = " AND ".join(f"{k} = ?" for k in key)
+    row = db.execute(f"SELECT id FROM {table} WHERE {where}", tuple(key.values())).fetchone()
+    if row is not None:
+        return int(row[0])
+    columns = {**key, **values}
+    with db:
+        cursor = db.execute(
+            f"INSERT INTO {table} ({', '.join(columns)}) VALUES "
+            f"({', '.join('?' for _ in columns)})",
+            tuple(columns.values()),
+        )
+    return int(cursor.lastrowid or 0)
+
+
+def condition_think(db: sqlite3.Connection, condition_id: int) -> str | None:
+    return db.execute("SELECT think_json FROM conditions WHERE id = ?", (condition_id,)).fetchone()[
+        0
+    ]
+
+
+def model_provenance(db: sqlite3.Connection, model_id: int) -> str | None:
+    return db.execute("SELECT provenance_json FROM models WHERE id = ?", (model_id,)).fetchone()[0]
+
+
+def set_model_provenance(db: sqlite3.Connection, model_id: int, data: dict[str, Any]) -> None:
+    with db:
+        db.execute("UPDATE models SET provenance_json = ? WHERE id = ?", (dumps(data), model_id))
+
+
+def stored_indices(
+    db: sqlite3.Connection, model_id: int, condition_id: int, prompt_id: int
+) -> set[int]:
+    """The sample indices stored for one model × condition × prompt cell."""
+    return {
+        row[0]
+        for row in db.execute(
+            "SELECT sample_index FROM samples WHERE model_id = ? AND condition_id = ? AND "
+            "prompt_id = ?",
+            (model_id, condition_id, prompt_id),
+        )
+    }
+
+
+def run_exists(db: sqlite3.Connection, run_id: int) -> bool:
+    return db.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone() is not None
+
+
+def discard_run(db: sqlite3.Connection, run_id: int) -> bool:
+    """Delete a run that stored no sample, with its rows; False (nothing deleted) if it has
+    samples."""
+    with db:
+        if db.execute("SELECT count(*) FROM samples WHERE run_id = ?", (run_id,)).fetchone()[0]:
+            return False
+        for table in RUN_TABLES:
+            db.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
+        db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+    return True
+
+
+# ---- what the layers above read and write (every statement lives in this module) --------
+
+
+SAMPLE_ORDERS = {
+    "run": "m.id, c.id, p.prompt_index, s.sample_index",  # as a run plans them
+    "written": "s.id",
+    "prompt": "p.prompt_index, s.sample_index",
+}
+
+
+def sample_rows(
+    db: sqlite3.Connection, run_id: int, first: int | None = None, order: str = "run"
+) -> list[sqlite3.Row]:
+    """A run's samples with their prompt, model and condition labels, in one of
+    `SAMPLE_ORDERS`; `first`: only samples with an index below it."""
+    return db.execute(
+        f"""
+        SELECT s.*, p.prompt_key, p.messages_json, p.variables_json, p.group_name, p.variant,
+               m.label AS model_label, c.label AS condition_label
+        FROM samples s JOIN prompts p ON p.id = s.prompt_id
+        JOIN models m ON m.id = s.model_id JOIN conditions c ON c.id = s.condition_id
+        WHERE s.run_id = ? AND s.sample_index < ? ORDER BY {SAMPLE_ORDERS[order]}
+        """,
+        (run_id, first if first is not None else 2**62),
+    ).fetchall()
+
+
+def count_samples(db: sqlite3.Connection, run_id: int | None) -> int:
+    """The samples of run `run_id` (None: the newest run)."""
+    return db.execute(
+        "SELECT COUNT(*) FROM samples WHERE run_id = COALESCE(?, (SELECT MAX(id) FROM runs))",
+        (run_id,),
+    ).fetchone()[0]
+
+
+def merge_scores(db: sqlite3.Connection, run_id: int, scores: Mapping[int, dict[str, Any]]) -> int:
+    """Add `scores[sample id]` to each sample's scores (other keys are kept), in one
+    transaction; ids that are not samples of `run_id` are skipped. The number written."""
+    written = 0
+    with db:
+        for sample_id, new in scores.items():
+            row = db.execute(
+                "SELECT scores_json FROM samples WHERE id = ? AND run_id = ?", (sample_id, run_id)
+            ).fetchone()
+            if row is None:
+                continue
+            merged = {**(json.loads(row["scores_json"]) if row["scores_json"] else {}), **new}
+            db.execute(
+                "UPDATE samples SET scores_json = ? WHERE id = ?", (dumps(merged), sample_id)
+            )
+            written += 1
+    return written
+
+
+def run_models(db: sqlite3.Connection, run_id: int) -> list[sqlite3.Row]:
+    return db.execute("SELECT * FROM models WHERE run_id = ? ORDER BY id", (run_id,)).fetchall()
+
+
+def latest_model_ref(db: sqlite3.Connection, run_id: int | None = None) -> str | None:
+    """The model of run `run_id` (its first), else the store's newest model; None: none."""
+    row = (
+        db.execute("SELECT model_ref FROM models WHERE run_id = ? ORDER BY id", (run_id,))
+        if run_id
+        else db.execute("SELECT model_ref FROM models ORDER BY id DESC")
+    ).fetchone()
+    return row["model_ref"] if row else None
+
+
+def prompt_rows(db: sqlite3.Connection, run_id: int) -> list[sqlite3.Row]:
+    return db.execute(
+        "SELECT * FROM prompts WHERE run_id = ? ORDER BY prompt_index", (run_id,)
+    ).fetchall()
+
+
+def condition_rows(db: sqlite3.Connection, run_id: int) -> list[sqlite3.Row]:
+    return db.execute("SELECT * FROM conditions WHERE run_id = ? ORDER BY id", (run_id,)).fetchall()
+
+
+def record_probe(
+    db: sqlite3.Connection, run_id: int, name: str, path: str, text: str, digest: str
+) -> None:
+    """The probe file a run sampled (the latest one: its lexicons and settings are what
+    the scores reflect)."""
+    with db:
+        db.execute(
+            "INSERT OR REPLACE INTO probes (run_id, name, probe_path, probe_text, probe_hash) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (run_id, name, path, text, digest),
+        )
+
+
+def probe_record(db: sqlite3.Connection, run_id: int) -> sqlite3.Row | None:
+    """The probe row of a run (None: not a probe, or a store from before probes)."""
+    try:
+        return db.execute("SELECT * FROM probes WHERE run_id = ?", (run_id,)).fetchone()
+    except sqlite3.OperationalError:
+        return None
+
+
+def record_eval(
+    db: sqlite3.Connection, run_id: int, method: str, task: Any, settings_json: str | None
+) -> None:
+    """An evaluation's row (kept when it exists: a resumed evaluation is the same one)."""
+    with db:
+        db.execute(
+            "INSERT OR IGNORE INTO evals (run_id, method, task_name, task_source, task_hash, "
+            "settings_json) VALUES (?, ?, ?, ?, ?, ?)",
+            (run_id, method, task.name, task.source, task.hash, settings_json),
+        )
+
+
+def eval_record(db: sqlite3.Connection, run_id: int | None) -> sqlite3.Row | None:
+    """Evaluation `run_id` (None: the newest) with its run's spec text."""
+    return db.execute(
+        "SELECT e.*, r.spec_text FROM evals e JOIN runs r ON r.id = e.run_id "
+        + ("WHERE e.run_id = ?" if run_id is not None else "ORDER BY e.run_id DESC LIMIT 1"),
+        (run_id,) if run_id is not None else (),
+    ).fetchone()
+
+
+def eval_run_ids(db: sqlite3.Connection) -> list[int]:
+    return [row[0] for row in db.execute("SELECT run_id FROM evals ORDER BY run_id")]
+
+
+def set_eval_timing(db: sqlite3.Connection, run_id: int, timing: dict[str, Any]) -> None:
+    with db:
+        db.execute("UPDATE evals SET timing_json = ? WHERE run_id = ?", (dumps(timing), run_id))
 
 
 def insert_samples(db: sqlite3.Connection, rows: Iterable[dict[str, Any]]) -> int:

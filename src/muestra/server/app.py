@@ -7,7 +7,8 @@ Routes: `GET /health` (no key needed), `GET /v1/models`, `POST /v1/chat/completi
 limit, 503 when the queue is full (`--max-queued-rows`: retry later), 500 only for a
 fault of the server itself. Streaming is Server-Sent Events
 (`data: {chunk}` … `data: [DONE]`); a client that goes away frees its rows at once,
-streaming or not.
+streaming or not. One formatter per API: a whole reply is its stream's chunks joined, so
+both carry the same fields (text, reasoning, logprobs, finish reason, extension, usage).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from muestra import __version__
 from muestra.errors import InputError
 from muestra.models.runtime.base import CANCEL, Cancelled
 from muestra.server import beams, drafting, echo
@@ -39,6 +39,7 @@ from muestra.server.protocol import (
     find_surrogate,
 )
 from muestra.server.service import ServedModel
+from muestra.version import __version__
 
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
 
@@ -405,11 +406,6 @@ class _Follow:
                     self.finished[record.choice] = record
             yield list(touched)
 
-    async def whole(self) -> _Follow:
-        async for _ in self.batches():
-            pass
-        return self
-
     def take(self, index: int) -> tuple[dict[str, str], Finished | None]:
         """New text of a choice (all of it, cut at its stop string, once it finished)."""
         done = self.finished.get(index)
@@ -418,34 +414,40 @@ class _Follow:
 
 
 async def _chat_response(job: Job, body: ChatRequest) -> dict[str, Any]:
-    served = job.served
-    follow = await _Follow(job).whole()
-    choices = []
-    for index in range(job.choices):
-        out, done = follow.take(index)
-        assert done is not None
-        message: dict[str, Any] = {"role": "assistant", "content": out["content"]}
-        text_mode = body.muestra is not None and body.muestra.think_mode == "text"
-        if served.tags is not None or text_mode:
-            message["reasoning_content"] = out["reasoning"]
-        logprobs = None
-        if body.logprobs:
-            kept = follow.texts[index].content_logprobs(done.sample.stop_byte_offset)
-            logprobs = {"content": [_logprob_entry(served, lp) for lp in kept]}
-        choices.append(
-            {
-                "index": index,
-                "message": message,
-                "logprobs": logprobs,
-                "finish_reason": done.sample.finish_reason,
-                "muestra": _extension(done),
-            }
-        )
+    """The whole reply: the stream's chunks joined (one formatter, so a streamed and an
+    unstreamed reply carry the same text, reasoning, logprobs and extension)."""
+    text_mode = body.muestra is not None and body.muestra.think_mode == "text"
+    with_reasoning = job.served.tags is not None or text_mode
+    choices = [
+        {
+            "index": index,
+            "message": {"role": "assistant", "content": ""}
+            | ({"reasoning_content": ""} if with_reasoning else {}),
+            "logprobs": {"content": []} if body.logprobs else None,
+            "finish_reason": None,
+        }
+        for index in range(job.choices)
+    ]
+    usage = None
+    async for chunk in _chat_chunks(job, body, include_usage=True):
+        if not chunk["choices"]:
+            usage = chunk["usage"]
+            continue
+        part = chunk["choices"][0]
+        choice = choices[part["index"]]
+        for key in ("content", "reasoning_content"):
+            if part["delta"].get(key):
+                choice["message"][key] = choice["message"].get(key, "") + part["delta"][key]
+        if part["logprobs"] is not None:
+            choice["logprobs"]["content"] += part["logprobs"]["content"]
+        if part["finish_reason"] is not None:
+            choice["finish_reason"] = part["finish_reason"]
+            choice["muestra"] = part["muestra"]
     return {
         **_head(job, "chatcmpl", "chat.completion"),
         "system_fingerprint": f"muestra-{__version__}",
         "choices": choices,
-        "usage": _usage(job, follow.finished),
+        "usage": usage,
     }
 
 
@@ -466,7 +468,6 @@ async def _chat_chunks(
         return data
 
     follow = _Follow(job)
-    sent_logprobs = [0] * job.choices
     for index in range(job.choices):
         yield chunk(index, {"role": "assistant", "content": ""})
     async for touched in follow.batches():
@@ -479,10 +480,9 @@ async def _chat_chunks(
                 delta["content"] = out["content"]
             logprobs = None
             if body.logprobs:
-                new = follow.texts[index].logprobs[sent_logprobs[index] :]
-                sent_logprobs[index] += len(new)
+                new = follow.texts[index].take_logprobs()
                 if new:
-                    logprobs = {"content": [_logprob_entry(served, lp) for _, lp in new]}
+                    logprobs = {"content": [_logprob_entry(served, lp) for lp in new]}
             if delta or logprobs:
                 yield chunk(index, delta, logprobs=logprobs)
             if done is not None:
@@ -500,8 +500,9 @@ async def _chat_chunks(
 # ---- text completions ---------------------------------------------------------------------
 
 
-def _legacy_logprobs(served: ServedModel, entries: list[Any]) -> dict[str, Any]:
-    tokens, token_logprobs, top, offsets, offset = [], [], [], [], 0
+def _legacy_logprobs(served: ServedModel, entries: list[Any], offset: int = 0) -> dict[str, Any]:
+    """/v1/completions' logprobs of `entries`, the first at character `offset`."""
+    tokens, token_logprobs, top, offsets = [], [], [], []
     for lp in entries:
         piece = served.piece(lp.token_id).decode("utf-8", errors="replace")
         tokens.append(piece)
@@ -518,39 +519,54 @@ def _legacy_logprobs(served: ServedModel, entries: list[Any]) -> dict[str, Any]:
 
 
 async def _text_response(job: Job, body: CompletionRequest) -> dict[str, Any]:
-    served = job.served
-    follow = await _Follow(job).whole()
-    choices = []
-    for index in range(job.choices):
-        out, done = follow.take(index)
-        assert done is not None
-        logprobs = None
-        if body.logprobs is not None:
-            kept = follow.texts[index].content_logprobs(done.sample.stop_byte_offset)
-            logprobs = _legacy_logprobs(served, kept)
-        choices.append(
-            {
-                "index": index,
-                "text": out["content"],
-                "logprobs": logprobs,
-                "finish_reason": done.sample.finish_reason,
-            }
-        )
+    """The whole reply: the stream's chunks joined (see `_chat_response`)."""
+    keys = ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+    choices = [
+        {
+            "index": index,
+            "text": "",
+            "logprobs": {key: [] for key in keys} if body.logprobs is not None else None,
+            "finish_reason": None,
+        }
+        for index in range(job.choices)
+    ]
+    usage = None
+    async for chunk in _text_chunks(job, body, include_usage=True):
+        if not chunk["choices"]:
+            usage = chunk["usage"]
+            continue
+        part = chunk["choices"][0]
+        choice = choices[part["index"]]
+        choice["text"] += part["text"]
+        if part["logprobs"] is not None:
+            for key in keys:
+                choice["logprobs"][key] += part["logprobs"][key]
+        if part["finish_reason"] is not None:
+            choice["finish_reason"] = part["finish_reason"]
     return {
         **_head(job, "cmpl", "text_completion"),
         "choices": choices,
-        "usage": _usage(job, follow.finished),
+        "usage": usage,
     }
 
 
 async def _text_chunks(
     job: Job, body: CompletionRequest, include_usage: bool
 ) -> AsyncIterator[dict[str, Any]]:
-    def chunk(index: int, text: str, finish_reason: str | None = None) -> dict[str, Any]:
+    served = job.served
+
+    def chunk(
+        index: int, text: str, logprobs: Any = None, finish_reason: str | None = None
+    ) -> dict[str, Any]:
         data: dict[str, Any] = {
             **_head(job, "cmpl", "text_completion"),
             "choices": [
-                {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+                {
+                    "index": index,
+                    "text": text,
+                    "logprobs": logprobs,
+                    "finish_reason": finish_reason,
+                }
             ],
         }
         if include_usage:
@@ -558,13 +574,20 @@ async def _text_chunks(
         return data
 
     follow = _Follow(job)
+    offsets = [0] * job.choices  # text_offset continues across a choice's chunks
     async for touched in follow.batches():
         for index in sorted(touched):
             out, done = follow.take(index)
-            if out["content"]:
-                yield chunk(index, out["content"])
+            logprobs = None
+            if body.logprobs is not None:
+                new = follow.texts[index].take_logprobs()
+                if new:
+                    logprobs = _legacy_logprobs(served, new, offsets[index])
+                    offsets[index] += sum(len(token) for token in logprobs["tokens"])
+            if out["content"] or logprobs:
+                yield chunk(index, out["content"], logprobs)
             if done is not None:
-                yield chunk(index, "", done.sample.finish_reason)
+                yield chunk(index, "", finish_reason=done.sample.finish_reason)
     if include_usage:
         yield {
             **_head(job, "cmpl", "text_completion"),

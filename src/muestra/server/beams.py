@@ -24,7 +24,6 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from muestra import __version__
 from muestra.engine import GenerationRequest
 from muestra.engine.beam import BeamParams, Hypothesis, beam_search
 from muestra.errors import MuestraError
@@ -35,6 +34,7 @@ from muestra.server.protocol import (
     MuestraOptions,
     SamplingFields,
 )
+from muestra.version import __version__
 
 if TYPE_CHECKING:
     from muestra.answers.grammar import GrammarSpec

@@ -22,16 +22,24 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from muestra.answers.phases import PhaseState
 from muestra.engine import GenerationRequest, Sample, StepHook
-from muestra.engine.scheduler import Submission, Update
+from muestra.engine.scheduler import Scheduler, Submission, Update
 from muestra.engine.seeds import sample_seed
 from muestra.server.protocol import ApiError
 
-if TYPE_CHECKING:
-    from muestra.server.service import ServedModel
+
+class Served(Protocol):
+    """What a job and its formatters use of the model it runs on (`service.ServedModel`,
+    which imports this module: the protocol keeps the import one way)."""
+
+    name: str
+    scheduler: Scheduler
+    tags: Any
+
+    def piece(self, token_id: int) -> bytes: ...
 
 
 @dataclass
@@ -63,6 +71,7 @@ class SampleText:
             for name in ("reasoning", "content")
         }
         self.logprobs: list[tuple[int, Any]] = []  # (byte start, TokenLogprobs) of content
+        self.logprobs_sent = 0
 
     def add(self, piece: bytes, channel: str, logprobs: Any) -> None:
         start = len(self.data)
@@ -90,15 +99,24 @@ class SampleText:
                 out[channel] += decoder.decode(b"", final=True)
         return out
 
-    def content_logprobs(self, cut: int | None) -> list[Any]:
-        return [lp for start, lp in self.logprobs if cut is None or start < cut]
+    def take_logprobs(self) -> list[Any]:
+        """The logprobs of the content tokens `take` has released since the last call: a
+        stream sends each token's logprobs with its text, and none past a stop string."""
+        new = []
+        while self.logprobs_sent < len(self.logprobs):
+            start, lp = self.logprobs[self.logprobs_sent]
+            if start >= self.sent:
+                break
+            new.append(lp)
+            self.logprobs_sent += 1
+        return new
 
 
 @dataclass
 class Job:
     """One HTTP request's samples, followed from the scheduler thread into asyncio."""
 
-    served: ServedModel
+    served: Served
     requests: list[GenerationRequest]
     hook: StepHook
     prompt_tokens: int

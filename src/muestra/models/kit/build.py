@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from muestra import __version__
 from muestra.errors import InputError
 from muestra.models.kit.packaged import KIT_FORMAT, check_terms, manifest_for, write_packaged
 from muestra.models.kit.presets import ENDOFTEXT, PackagedPreset, Preset, get_preset
 from muestra.models.kit.tokenizer import build_qwen_tokenizer, chat_template
 from muestra.paths import default_kit_dir
+from muestra.version import __version__
 
 MANIFEST = "muestra-kit.json"
 
