@@ -127,6 +127,13 @@ class Runner:
         self.drafts: dict[tuple[str, str], Any] = {}  # speculative drafts, per model and ref
         self.noted: set[str] = set()  # notes already given (once per run, not per batch)
         self._tracked = False  # inside `tracking()`: the status is kept by the outer block
+        # set by `open()`: the store's state and this run's row ids
+        self.remote_sampling: dict[str, dict[str, Any]] = {}  # model → condition → sampling
+        self.created_store = False  # open() made the store file (a discarded run removes it)
+        self.new_run = False  # open() inserted the run (else it resumes one)
+        self.model_ids: dict[str, int] = {}
+        self.condition_ids: dict[str, int] = {}
+        self.prompt_ids: dict[str, int] = {}
 
     # ---- the store ----------------------------------------------------------------------
 
@@ -135,7 +142,7 @@ class Runner:
         model that cannot load or an endpoint model whose think sampling cannot be resolved
         (both before writing anything)."""
         remote = [m for m in self.models if m.endpoint is not None]
-        self.remote_sampling: dict[str, dict[str, Any]] = {}  # model → condition → sampling
+        self.remote_sampling = {}
         if remote:  # not imported otherwise: it loads torch, and a dry run needs none
             from muestra.experiments.sampling import resolve_think
 

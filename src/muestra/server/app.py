@@ -18,7 +18,7 @@ import contextlib
 import json
 import secrets
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -286,38 +286,44 @@ async def _off_loop(request: Request, work: Any, counters: dict[str, int]) -> An
         task = asyncio.ensure_future(work)  # the task (and its thread) copy this context
     finally:
         CANCEL.reset(token)
-    watcher = asyncio.ensure_future(_client_left(request))
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        event.set()
-        raise
-    finally:
-        watcher.cancel()
-    if task not in done:
+
+    def stop() -> None:
         event.set()
         counters["cancelled"] += 1
-        with contextlib.suppress(Cancelled, ApiError, asyncio.CancelledError):
-            await task  # returns once the thread has stopped and released the lock
-        return JSONResponse({}, status_code=499)  # nobody is listening
-    return task.result()
+
+    # the answer waits for the thread to stop: it releases the lock for the next request
+    return await _unless_client_leaves(request, task, stop, wait=True)
 
 
 async def _until_disconnect(request: Request, job: Job, work: Any) -> Any:
     """Await `work`; if the client disconnects first, cancel the job's rows at once."""
     task = asyncio.ensure_future(work)
+
+    def stop() -> None:
+        job.cancel()
+        task.cancel()
+
+    return await _unless_client_leaves(request, task, stop)
+
+
+async def _unless_client_leaves(
+    request: Request, task: asyncio.Future[Any], stop: Callable[[], None], wait: bool = False
+) -> Any:
+    """`task`'s result; if the client disconnects first (or the request is cancelled),
+    `stop()` and answer 499 (`wait`: once the task has ended)."""
     watcher = asyncio.ensure_future(_client_left(request))
     try:
         done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
-        job.cancel()
-        task.cancel()
+        stop()
         raise
     finally:
         watcher.cancel()
     if task not in done:
-        job.cancel()
-        task.cancel()
+        stop()
+        if wait:
+            with contextlib.suppress(Cancelled, ApiError, asyncio.CancelledError):
+                await task
         return JSONResponse({}, status_code=499)  # nobody is listening
     return task.result()
 
