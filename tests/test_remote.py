@@ -331,6 +331,10 @@ def test_local_only_flags_on_an_endpoint_run_are_refused_by_name(cli, tmp_path):
         assert result.code == 2, result.stderr
         assert all(f in result.stderr for f in flags if f.startswith("--")), result.stderr
         assert "every model of" in result.stderr and not store.exists()
+    for field in ('dtype = "float32"', 'device = "cpu"', "trust_remote_code = true"):
+        table = f'[model]\nid = "m"\nendpoint = "http://127.0.0.1:9/v1"\n{field}'
+        with pytest.raises(InputError, match=f"{field.split()[0]} apply to local models"):
+            load_spec(write_spec(tmp_path, "far2", table))
 
 
 def posted(calls):

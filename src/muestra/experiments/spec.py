@@ -137,7 +137,14 @@ class ModelSpec(Strict):
             raise ValueError("endpoint is an empty list")
         local_only = [
             k
-            for k, default in (("runtime", "auto"), ("threads", None), ("batch_invariant", True))
+            for k, default in (
+                ("dtype", "auto"),
+                ("device", "auto"),
+                ("trust_remote_code", False),
+                ("runtime", "auto"),
+                ("threads", None),
+                ("batch_invariant", True),
+            )
             if getattr(self, k) != default
         ]
         if self.endpoint is not None and local_only:
