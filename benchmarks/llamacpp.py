@@ -135,7 +135,7 @@ def character_spec(folder: Path, model: dict[str, Any], field_probs: bool) -> Pa
     """The English Character spec without reasoning: 2 prompts × 32 samples at T 1."""
     import tomllib
 
-    from muestra.experiments.spec import dump_toml
+    from muestra.experiments.toml_text import dump_toml
 
     source = Path(__file__).resolve().parents[1] / "src" / "muestra" / "data"
     data = tomllib.loads((source / "characters.toml").read_text("utf-8"))

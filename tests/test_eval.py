@@ -16,7 +16,7 @@ from muestra.evaluation import prompts
 from muestra.evaluation.evaluate import EvalSettings, build_spec, evaluate, normalize, read_result
 from muestra.evaluation.loglik import loglikelihoods
 from muestra.evaluation.tasks import load_task
-from muestra.experiments.spec import dump_toml
+from muestra.experiments.toml_text import dump_toml
 
 # ---- tasks -------------------------------------------------------------------------------
 

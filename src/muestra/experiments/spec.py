@@ -41,7 +41,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import itertools
-import json
 import re
 import tomllib
 import typing
@@ -59,6 +58,7 @@ from pydantic import (
 )
 
 from muestra.errors import InputError
+from muestra.experiments.toml_text import dump_toml
 
 Strategy = Literal["sample", "beam"]
 DolaLayers = Literal["low", "high"] | list[int] | None
@@ -694,44 +694,6 @@ def spec_from_data(data: dict[str, Any], path: Path, check_models: bool = True) 
     relative file names resolve and what the store records as the spec's source."""
     text = dump_toml(data)
     return _loaded(path, text, tomllib.loads(text), check_models)
-
-
-def dump_toml(data: dict[str, Any]) -> str:
-    """TOML for a spec-shaped dict: scalars, lists of scalars, tables, arrays of tables."""
-    lines: list[str] = []
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        if isinstance(v, str):  # JSON's escapes are TOML's, but for DEL
-            return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        raise TypeError(f"cannot write {type(v).__name__} as a TOML value")
-
-    def key_of(k: str) -> str:
-        return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else json.dumps(k)
-
-    def table(node: dict[str, Any], prefix: str) -> None:
-        nested = []
-        for key, v in node.items():
-            if v is None:
-                continue
-            if isinstance(v, dict) or (isinstance(v, list) and v and isinstance(v[0], dict)):
-                nested.append((key, v))
-            else:
-                lines.append(f"{key_of(key)} = {value(v)}")
-        for key, v in nested:
-            path = f"{prefix}{key_of(key)}"
-            for sub in [v] if isinstance(v, dict) else v:
-                lines.append("")
-                lines.append(f"[{path}]" if isinstance(v, dict) else f"[[{path}]]")
-                table(sub, path + ".")
-
-    table(data, "")
-    return "\n".join(lines) + "\n"
 
 
 def _loaded(path: Path, text: str, data: dict[str, Any], check_models: bool) -> LoadedSpec:
