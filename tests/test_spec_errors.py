@@ -97,6 +97,8 @@ def test_deeply_nested_schema_file_is_refused(tmp_path):
 def test_two_answer_grammars_are_refused_once_by_name(tmp_path):
     spec = write_spec(tmp_path, 'regex = "[0-9]+"\nchoice = ["a", "b"]')
     refused(spec, "answer takes one of schema, regex, choice, grammar; got regex, choice")
+    empty = write_spec(tmp_path, "choice = []")  # an empty list is a choice, not none
+    refused(empty, "answer.choice", "at least two distinct")
 
 
 # ---- what only failed after the model loaded ----------------------------------------------

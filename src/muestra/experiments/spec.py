@@ -252,6 +252,10 @@ class ThinkSpec(Strict):
         return _check_beam(self, "think", info)
 
 
+# the ways an answer can be constrained, by their TOML keys (a spec gives one at most)
+ANSWER_KINDS = ("schema", "regex", "choice", "grammar")
+
+
 class AnswerSpec(Strict):
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -296,10 +300,10 @@ class AnswerSpec(Strict):
 
     @property
     def kinds(self) -> list[str]:
-        """The answer grammars given, by their TOML names (one at most: `_check_grammars`)."""
-        values = {"schema": self.schema_, "regex": self.regex, "choice": self.choice,
-                  "grammar": self.grammar}  # fmt: skip
-        return [kind for kind, value in values.items() if value is not None]
+        """The answer grammars given, of `ANSWER_KINDS` (one at most: `_check_grammars`)."""
+        return [
+            k for k in ANSWER_KINDS if getattr(self, "schema_" if k == "schema" else k) is not None
+        ]
 
     @model_validator(mode="after")
     def _beam(self, info: ValidationInfo) -> AnswerSpec:
@@ -628,7 +632,7 @@ def _check_grammars(conditions: list[Condition], schema: dict[str, Any] | None, 
         given = answer.kinds  # (the schema is not swept: every condition has the spec's)
         if len(given) > 1:
             raise InputError(
-                f"{where} takes one of schema, regex, choice, grammar; got {', '.join(given)}"
+                f"{where} takes one of {', '.join(ANSWER_KINDS)}; got {', '.join(given)}"
             )
         if answer.choice is not None:
             grammar = GrammarSpec.choice(answer.choice, source=f"{where}.choice")
