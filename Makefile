@@ -45,7 +45,8 @@ test: $(STAMP) peers
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist worksteal --durations=20 -m "not long"
 
 # The longest end-to-end tests (marked `long`: servers killed mid-run, runs killed and
-# resumed, real models run twice, distribution checks; ~3 minutes): CI runs them after
+# resumed, real models run twice, distribution checks, the slowest oracle variants;
+# ~3 minutes): CI runs them after
 # `make test`.
 test-long: $(STAMP) peers
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist worksteal --durations=10 -m long

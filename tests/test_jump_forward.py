@@ -92,7 +92,10 @@ def tiny(tiny_kit):
 
 
 @pytest.mark.parametrize("kind", list(SPECS))
-@pytest.mark.parametrize("temperature", [0.0, 0.5])
+@pytest.mark.parametrize(
+    "temperature",
+    [pytest.param(0.0, marks=pytest.mark.long), 0.5],  # greedy: in CI
+)
 def test_answers_equal_token_by_token_on_the_tiny_kit(tiny, monkeypatch, kind, temperature):
     """Random weights rarely pick the grammar's own tokenization, so drafts are often
     refused part-way: every sample (greedy and sampled, same seeds), its answer and

@@ -293,7 +293,12 @@ def test_notebook_api_pydantic_in_objects_out(tiny_kit):
 
 @pytest.mark.parametrize(
     ("kit", "kind"),
-    [("tiny", "personaje"), ("tiny", "ficha"), ("tiny", "choice"), ("hybrid", "ficha")],
+    [
+        pytest.param("tiny", "personaje", marks=pytest.mark.long),  # the slowest schema: CI
+        ("tiny", "ficha"),
+        ("tiny", "choice"),
+        ("hybrid", "ficha"),
+    ],
 )
 def test_field_probs_in_the_loop_equal_post_hoc(generator, hybrid, monkeypatch, kit, kind):
     """`field_probs` computed inside the decoding loop (recorded logits + the row's live
