@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -40,10 +41,13 @@ def free_port() -> int:
 
 def start_server(model_dir, *extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
+    # the server's log goes to a file: a pipe nobody reads would block a server that logs
+    # much (many tracebacks) and hang the test
+    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (open as long as the server)
     process = subprocess.Popen(
         [sys.executable, "-m", "muestra", "serve", str(model_dir), "--port", str(port),
          "--dtype", "float32", *extra],
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
@@ -52,7 +56,8 @@ def start_server(model_dir, *extra: str) -> tuple[subprocess.Popen, str]:
     deadline = time.time() + 120
     while time.time() < deadline:
         if process.poll() is not None:
-            raise AssertionError(f"the server exited: {process.stdout.read()}")
+            log.seek(0)
+            raise AssertionError(f"the server exited: {log.read()}")
         try:
             if httpx.get(f"{base}/health", timeout=1).status_code == 200:
                 return process, base
