@@ -162,6 +162,10 @@ def test_the_eval_command_refuses_a_flag_no_method_uses(cli, tmp_path):
     assert result.code == 2, result.stderr
     assert "--top-p (cot, vote)" in result.stderr and "--weighted (vote)" in result.stderr
     assert not (tmp_path / "e.db").exists()
+    # a setting of one listed method is kept for it (and checked by it), not refused
+    chat = cli("eval", missing, "easy-en", "--method", "loglik,choice", "--chat",
+               "--out", str(tmp_path / "e.db"))  # fmt: skip
+    assert chat.code == 2 and "--chat" not in chat.stderr and "no-model" in chat.stderr
     compare = cli("compare", missing, missing, "--task", "easy-en", "--method", "loglik",
                   "--samples", "3")  # fmt: skip
     assert compare.code == 2 and "--samples (choice, vote)" in compare.stderr, compare.stderr

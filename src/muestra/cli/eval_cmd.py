@@ -45,7 +45,7 @@ def _method_settings(methods: list[str], values: dict[str, Any]) -> list[Any]:
     """Each method's settings; a flag none of `methods` uses is refused by name first."""
     from muestra.evaluation.evaluate import check_methods, settings_for
 
-    check_methods(methods, _settings(**values))
+    check_methods(methods, values)
     return [settings_for(name, values) for name in methods]
 
 

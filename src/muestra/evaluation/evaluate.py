@@ -28,7 +28,7 @@ import time
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -107,7 +107,7 @@ class EvalSettings:
     def check_applies(self, flags: Mapping[str, str] | None = None) -> None:
         """Refuse, by name, a setting changed from its default that this method does not
         use (`METHOD_SETTINGS`); `flags` names them as the command does."""
-        check_methods([self.method], self, flags)
+        check_methods([self.method], asdict(self), flags)
 
     @property
     def per_question(self) -> int:
@@ -132,15 +132,16 @@ EVAL_FLAGS = {"samples": "--samples-per-question", "think_budget": "--think-budg
 
 
 def check_methods(
-    methods: Sequence[str], settings: EvalSettings, flags: Mapping[str, str] | None = None
+    methods: Sequence[str], values: Mapping[str, Any], flags: Mapping[str, str] | None = None
 ) -> None:
-    """Every changed setting applies to at least one of `methods`, or is refused by name."""
-    default = EvalSettings()
+    """Every setting in `values` changed from its default applies to at least one of
+    `methods`, or is refused by name."""
+    default = {f.name: f.default for f in fields(EvalSettings)}
     names = {**EVAL_FLAGS, **(flags or {})}
     refused = [
         f"{names.get(name, '--' + name)} ({', '.join(applies)})"
         for name, applies in METHOD_SETTINGS.items()
-        if getattr(settings, name) != getattr(default, name) and not set(methods) & set(applies)
+        if values.get(name, default[name]) != default[name] and not set(methods) & set(applies)
     ]
     if refused:
         raise InputError(
