@@ -169,6 +169,11 @@ def run(*args: str) -> tuple[int, str]:
     return code, err.getvalue()
 
 
+def test_flags_that_contradict_each_other_are_refused():
+    with pytest.raises(InputError, match="--raw sends the prompt without a template"):
+        make_plan(values("sample", raw=True, enable_thinking=False), DEFAULTS)
+
+
 def test_the_reviewed_command_is_refused_before_the_model_loads(cli, tmp_path):
     """The three settings the code review found dropped silently (exit 0) in think mode:
     refused by name, before the (missing) model is looked for."""

@@ -249,7 +249,6 @@ def execute(plan: Plan) -> None:
     if conversation is not None:
         ids = generator.encode_messages(conversation, s["enable_thinking"])
     else:
-        s["enable_thinking"]  # the chat template's switch: no template, nothing to switch
         ids = generator.encode_prompt(prompt or "")
     if think is not None:
         _think_then_answer(plan, loaded, ids, think, grammar)
@@ -263,14 +262,13 @@ def execute(plan: Plan) -> None:
         _print_samples(generator, ids, s)
 
 
-def _params(s: Settings, prefix: str = "", **fixed: Any):
-    """SamplingParams from the settings named `prefix` + field, for those that apply."""
+def _params(s: Settings):
+    """SamplingParams from the sampling settings the mode applies (the rest stay off)."""
     from muestra.engine import SamplingParams
 
     names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
              "presence_penalty", "frequency_penalty", "dola_layers")  # fmt: skip
-    given = {name: s[prefix + name] for name in names if prefix + name in s}
-    return SamplingParams(**{**given, **fixed})
+    return SamplingParams(**{name: s[name] for name in names if name in s})
 
 
 def _beams(s: Settings, name: str, returned: int):
@@ -293,14 +291,14 @@ def _think_config(s: Settings, loaded: Any):
 
 def _think_then_answer(plan: Plan, loaded: Any, ids: list[int], think: Any, grammar: Any) -> None:
     s = plan.settings
-    sampled_answer = "answer_temperature" in s
+    # a beam-searched answer draws nothing: its sampling settings stay greedy
     answer = structured_options.answer_config(
-        s["answer_temperature"] if sampled_answer else 0.0,
-        s["answer_top_p"] if sampled_answer else 1.0,
-        s["answer_top_k"] if sampled_answer else 0,
-        s["answer_min_p"] if sampled_answer else 0.0,
+        s.get("answer_temperature", 0.0),
+        s.get("answer_top_p", 1.0),
+        s.get("answer_top_k", 0),
+        s.get("answer_min_p", 0.0),
         s["answer_max_tokens"],
-        s["answer_dola_layers"] if sampled_answer else None,
+        s.get("answer_dola_layers"),
     )
     structured_options.run(
         loaded,

@@ -234,6 +234,11 @@ def _check_values(mode: str, s: Mapping[str, Any]) -> None:
         raise InputError("give exactly one of --prompt TEXT or --messages FILE.json")
     if s["raw"] and s["messages"] is not None:
         raise InputError("--raw applies to --prompt; --messages always uses the chat template")
+    if s["raw"] and s["enable_thinking"] is not None:
+        raise InputError(
+            "--enable-thinking/--no-enable-thinking switch the chat template's thinking; "
+            "--raw sends the prompt without a template: leave one of them out"
+        )
     if s.get("stream") and s["n"] != 1:
         raise InputError(f"--stream follows one sample; use --n 1 (got --n {s['n']})")
     if mode == "lookup":
