@@ -419,6 +419,22 @@ class _Follow:
         return self.texts[index].take(final=done is not None, cut=cut), done
 
 
+async def _joined(
+    chunks: AsyncIterator[dict[str, Any]],
+    choices: list[dict[str, Any]],
+    merge: Callable[[dict[str, Any], dict[str, Any]], None],
+) -> Any:
+    """Join a stream into whole `choices` (`merge(choice, chunk's choice)`); its usage."""
+    usage = None
+    async for chunk in chunks:
+        if chunk["choices"]:
+            part = chunk["choices"][0]
+            merge(choices[part["index"]], part)
+        else:
+            usage = chunk["usage"]
+    return usage
+
+
 async def _chat_response(job: Job, body: ChatRequest) -> dict[str, Any]:
     """The whole reply: the stream's chunks joined (one formatter, so a streamed and an
     unstreamed reply carry the same text, reasoning, logprobs and extension)."""
@@ -434,21 +450,18 @@ async def _chat_response(job: Job, body: ChatRequest) -> dict[str, Any]:
         }
         for index in range(job.choices)
     ]
-    usage = None
-    async for chunk in _chat_chunks(job, body, include_usage=True):
-        if not chunk["choices"]:
-            usage = chunk["usage"]
-            continue
-        part = chunk["choices"][0]
-        choice = choices[part["index"]]
+
+    def merge(choice: dict[str, Any], part: dict[str, Any]) -> None:
         for key in ("content", "reasoning_content"):
-            if part["delta"].get(key):
-                choice["message"][key] = choice["message"].get(key, "") + part["delta"][key]
+            if part["delta"].get(key) and key in choice["message"]:
+                choice["message"][key] += part["delta"][key]
         if part["logprobs"] is not None:
             choice["logprobs"]["content"] += part["logprobs"]["content"]
         if part["finish_reason"] is not None:
             choice["finish_reason"] = part["finish_reason"]
             choice["muestra"] = part["muestra"]
+
+    usage = await _joined(_chat_chunks(job, body, include_usage=True), choices, merge)
     return {
         **_head(job, "chatcmpl", "chat.completion"),
         "system_fingerprint": f"muestra-{__version__}",
@@ -536,19 +549,16 @@ async def _text_response(job: Job, body: CompletionRequest) -> dict[str, Any]:
         }
         for index in range(job.choices)
     ]
-    usage = None
-    async for chunk in _text_chunks(job, body, include_usage=True):
-        if not chunk["choices"]:
-            usage = chunk["usage"]
-            continue
-        part = chunk["choices"][0]
-        choice = choices[part["index"]]
+
+    def merge(choice: dict[str, Any], part: dict[str, Any]) -> None:
         choice["text"] += part["text"]
         if part["logprobs"] is not None:
             for key in keys:
                 choice["logprobs"][key] += part["logprobs"][key]
         if part["finish_reason"] is not None:
             choice["finish_reason"] = part["finish_reason"]
+
+    usage = await _joined(_text_chunks(job, body, include_usage=True), choices, merge)
     return {
         **_head(job, "cmpl", "text_completion"),
         "choices": choices,
