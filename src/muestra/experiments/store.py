@@ -650,20 +650,15 @@ def count_samples(db: sqlite3.Connection, run_id: int | None) -> int:
 def merge_scores(db: sqlite3.Connection, run_id: int, scores: Mapping[int, dict[str, Any]]) -> int:
     """Add `scores[sample id]` to each sample's scores (other keys are kept), in one
     transaction; ids that are not samples of `run_id` are skipped. The number written."""
-    written = 0
+    current = dict(db.execute("SELECT id, scores_json FROM samples WHERE run_id = ?", (run_id,)))
+    updates = [
+        (dumps({**(json.loads(current[i]) if current[i] else {}), **new}), i)
+        for i, new in scores.items()
+        if i in current
+    ]
     with db:
-        for sample_id, new in scores.items():
-            row = db.execute(
-                "SELECT scores_json FROM samples WHERE id = ? AND run_id = ?", (sample_id, run_id)
-            ).fetchone()
-            if row is None:
-                continue
-            merged = {**(json.loads(row["scores_json"]) if row["scores_json"] else {}), **new}
-            db.execute(
-                "UPDATE samples SET scores_json = ? WHERE id = ?", (dumps(merged), sample_id)
-            )
-            written += 1
-    return written
+        db.executemany("UPDATE samples SET scores_json = ? WHERE id = ?", updates)
+    return len(updates)
 
 
 def run_models(db: sqlite3.Connection, run_id: int) -> list[sqlite3.Row]:
