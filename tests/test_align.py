@@ -330,7 +330,7 @@ def test_rloo_steps_run_against_the_reward_model(reward_dir, tiny_kit, tmp_path,
     result = cli(
         "align", "rloo", "--base", str(tiny_kit), "--reward", str(out_rm), "--data", str(data),
         "--out", str(tmp_path / "policy"), "--steps", "2", "--generations", "2",
-        "--max-new-tokens", "4", "--lr", "1e-3", "--json",
+        "--prompts-per-step", "2", "--max-new-tokens", "4", "--lr", "1e-3", "--json",
     )  # fmt: skip
     assert result.code == 0, result.stderr
     metrics = result.json()
@@ -342,6 +342,7 @@ def test_rloo_steps_run_against_the_reward_model(reward_dir, tiny_kit, tmp_path,
     )
     record = json.loads((tmp_path / "policy/muestra-train.json").read_text())
     assert record["kind"] == "rloo" and record["hyperparameters"]["steps"] == 2
+    assert record["hyperparameters"]["prompts_per_step"] == 2
 
 
 def test_training_commands_refuse_bad_inputs_by_name(tiny_kit, tmp_path, cli):

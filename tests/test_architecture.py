@@ -29,6 +29,7 @@ RANK = {
     "server": 7,
     "evaluation": 8,
     "cli": 9,
+    "notebook": 9,  # the Python API for notebooks: an edge beside the CLI
     "demo": 10,
     "__main__": 11,
     "muestra": 11,  # the package's facade: the names a notebook reaches for

@@ -117,6 +117,8 @@ def test_plain_chat_keeps_reasoning_apart(client):
     assert usage.completion_tokens_details.reasoning_tokens == 8  # the budget was hit
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
     assert usage.completion_tokens <= 60 and choice.finish_reason in ("stop", "length")
+    ids = choice.model_dump()["muestra"]["token_ids"]  # every generated token, in order
+    assert len(ids) == usage.completion_tokens and all(isinstance(i, int) for i in ids)
 
 
 def test_streaming_with_usage_equals_the_whole_answer(client):

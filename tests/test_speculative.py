@@ -76,6 +76,23 @@ def test_greedy_output_equals_plain_greedy_on_the_real_model(smol, k=4):
         assert result.rounds <= len(result.token_ids)
 
 
+def test_a_layer_draft_of_gemma_shares_its_non_persistent_buffers(gemma_kit):
+    """Gemma keeps its embedding scale (and rotary frequencies) in non-persistent buffers,
+    which no state dict carries: the draft shares the target's instead of leaving them on
+    the meta device (it failed with "Tensor on device meta"). Greedy stays plain greedy."""
+    from muestra.models.loading import load_model
+
+    gemma = load_model(str(gemma_kit), device="cpu", dtype="float32")
+    draft = layer_draft(gemma.model, 6)
+    assert not any(b.is_meta for b in draft.buffers())
+    engine = Engine.from_loaded(gemma)
+    request = GenerationRequest(
+        gemma.tokenizer.encode("Lista de colores: rojo, azul"), params=GREEDY, max_new_tokens=12
+    )
+    plain = engine.generate([request])[0][0]
+    assert speculative_generate(engine, draft, request, 4).token_ids == plain.token_ids
+
+
 def test_greedy_on_the_gpt2_kit(gpt2):
     loaded = gpt2
     engine = Engine.from_loaded(loaded)

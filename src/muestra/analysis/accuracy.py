@@ -13,6 +13,9 @@
   the discordant pairs).
 - `paired_bootstrap`: the difference of two accuracies on the same questions with a paired
   percentile bootstrap interval (questions resampled, both sides together).
+- `discrimination`: does a score (the samples' agreement, a probability) tell right
+  answers from wrong ones? AUROC with a bootstrap interval, and accuracy per score bin
+  (a calibration curve).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats as scipy_stats
+from scipy.stats import rankdata
 
 from muestra.analysis.stats import bootstrap_mean, wilson
 
@@ -134,3 +138,56 @@ def paired_bootstrap(
     draws = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
     low, high = np.percentile(draws, [2.5, 97.5])
     return float(diff.mean()), float(low), float(high)
+
+
+@dataclass(frozen=True)
+class Discrimination:
+    """How well a score (e.g. the samples' agreement) separates right from wrong answers:
+    AUROC with a bootstrap interval over questions, and the calibration bins."""
+
+    auroc: float
+    low: float
+    high: float
+    positives: int
+    negatives: int
+    bins: list[tuple[float, float, Accuracy]]  # (bin's low edge, mean score, accuracy in it)
+
+
+def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """P(score of a right answer > score of a wrong one), ties counting one half."""
+    ranks = rankdata(scores)
+    positives = int(labels.sum())
+    negatives = len(labels) - positives
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def discrimination(
+    scores: Sequence[float], correct: Sequence[bool], bins: int = 5, seed: int = 0
+) -> Discrimination:
+    """AUROC of `scores` for `correct` (percentile bootstrap, 2,000 resamples of the
+    questions) and the accuracy in `bins` equal-width score bins over [0, 1]."""
+    s = np.asarray(scores, dtype=float)
+    y = np.asarray(correct, dtype=bool)
+    if len(s) != len(y) or len(s) == 0:
+        raise ValueError(f"{len(s)} scores for {len(y)} answers: give one score per answer")
+    value = _auroc(s, y)
+    rng = np.random.default_rng(seed)
+    draws = [
+        _auroc(s[i], y[i]) for i in (rng.integers(0, len(s), len(s)) for _ in range(2000))
+    ]
+    draws = [d for d in draws if not np.isnan(d)]
+    low, high = (
+        (float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5)))
+        if draws
+        else (float("nan"), float("nan"))
+    )
+    edges = np.linspace(0, 1, bins + 1)
+    index = np.clip(np.digitize(s, edges[1:-1]), 0, bins - 1)
+    table = [
+        (float(edges[b]), float(s[index == b].mean()), accuracy(list(y[index == b])))
+        for b in range(bins)
+        if (index == b).any()
+    ]
+    return Discrimination(value, low, high, int(y.sum()), int((~y).sum()), table)

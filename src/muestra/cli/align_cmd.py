@@ -291,6 +291,9 @@ def align_rloo(
     out: Path = typer.Option(..., "--out", help="Folder for the updated policy."),
     steps: int = typer.Option(4, "--steps", min=1),
     generations: int = typer.Option(4, "--generations", min=2, help="Completions per prompt."),
+    prompts_per_step: int = typer.Option(
+        1, "--prompts-per-step", min=1, help="Prompts a step (× --generations completions)."
+    ),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
     lr: float = typer.Option(1e-5, "--lr", min=0.0),
     seed: int = typer.Option(0, "--seed"),
@@ -314,6 +317,7 @@ def align_rloo(
         out,
         steps=steps,
         generations=generations,
+        prompts_per_step=prompts_per_step,
         max_new_tokens=max_new_tokens,
         lr=lr,
         seed=seed,

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
-from typing import Any
 
 import typer
 from rich.table import Table
@@ -19,46 +17,14 @@ def register(app: typer.Typer) -> None:
 
 def load_analysis(store: Path, alpha: float | None, run_id: int | None = None):  # noqa: ANN202
     """(run row, models, samples frame, Analysis) of run `run_id` (default: the latest)
-    in `store`."""
-    import json
+    in `store`; a warning on stderr when the run is unfinished."""
+    from muestra.cli.common import stderr
+    from muestra.evaluation.runs import stored_analysis
 
-    from muestra.analysis import analyze as run_analysis
-    from muestra.cli.common import run_status
-    from muestra.experiments.results import samples_frame
-    from muestra.experiments.spec import AnalysisSpec
-    from muestra.experiments.store import (
-        reading,
-        require_samples,
-        run_by_id,
-        run_models,
-        unfinished_warning,
-    )
-
-    with reading(store) as db:
-        run = dict(run_by_id(db, run_id))  # None: the latest
-        frame = samples_frame(db, int(run["id"]))
-        if "answer" in frame.columns and _is_probe(db, int(run["id"])):
-            frame = frame.drop(columns=["answer"])  # free text: the probe's scores analyse it
-        require_samples(db, int(run["id"]))
-        run["run_status"] = run_status(db, int(run["id"]))
-        run["unfinished"] = unfinished_warning(db, int(run["id"]))
-        models = [
-            {
-                **json.loads(row["provenance_json"] or "{}"),
-                "label": row["label"],
-                "model_ref": row["model_ref"],
-            }
-            for row in run_models(db, int(run["id"]))
-        ]
-    settings = AnalysisSpec.model_validate(tomllib.loads(run["spec_text"]).get("analysis", {}))
-    level = alpha if alpha is not None else settings.alpha
-    return run, models, frame, run_analysis(frame, settings.reference, level, settings.terms)
-
-
-def _is_probe(db: Any, run_id: int) -> bool:
-    from muestra.evaluation.probes import probe_of_run
-
-    return probe_of_run(db, run_id) is not None
+    found = stored_analysis(store, alpha, run_id)
+    if found.run["unfinished"]:
+        stderr.print(f"[bold yellow]warning:[/] {found.run['unfinished']}", highlight=False)
+    return found.run, found.models, found.frame, found.analysis
 
 
 def analyze(

@@ -375,6 +375,19 @@ class SamplingBatch:
         return chosen
 
 
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution (V,) one row of `params` draws its next token from, given the raw
+    `logits` (V,) of a fresh prompt: steps 4–7 (temperature, top-k, top-p, min-p), then
+    softmax; greedy (temperature 0) puts all the mass on the argmax. Penalties need the
+    row's past tokens and are not applied here."""
+    if params.has_penalties or params.logit_bias:
+        raise InputError("probabilities() applies temperature, top-k, top-p and min-p only")
+    if params.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(), logits.numel()).to(logits.dtype)
+    batch = SamplingBatch.build([params], logits.numel(), logits.device)
+    return batch.warp(logits.unsqueeze(0)).logits[0].softmax(dim=-1)
+
+
 @dataclass
 class Warped:
     """Logits after steps 1–7 (B, V), plus the candidates of top-k rows (C, kmax)."""

@@ -77,11 +77,15 @@ def layer_draft(model: Any, num_layers: int) -> Any:
     if missing:
         raise InputError(f"cannot build a layer draft of {type(model).__name__}: {missing[:3]}")
     draft.tie_weights()
-    for name, buffer in model.named_buffers():
-        if "rotary" in name:  # non-persistent buffers are not in the state dict
-            draft.get_submodule(name.rsplit(".", 1)[0]).register_buffer(
-                name.rsplit(".", 1)[1], buffer, persistent=False
-            )
+    # non-persistent buffers (rotary frequencies, Gemma's embedding scale) are not in the
+    # state dict: the draft shares the target's
+    source = dict(model.named_buffers())
+    for name, buffer in list(draft.named_buffers()):
+        if buffer.is_meta:
+            if name not in source:
+                raise InputError(f"cannot build a layer draft of {type(model).__name__}: {name}")
+            owner, _, leaf = name.rpartition(".")
+            draft.get_submodule(owner).register_buffer(leaf, source[name], persistent=False)
     return draft.eval()
 
 

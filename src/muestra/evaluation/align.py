@@ -181,6 +181,7 @@ def rloo_steps(
     *,
     steps: int = 4,
     generations: int = 4,
+    prompts_per_step: int = 1,
     max_new_tokens: int = 32,
     lr: float = 1e-5,
     seed: int = 0,
@@ -188,8 +189,10 @@ def rloo_steps(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """A few RLOO steps of `base` against the reward model in `reward_dir`, on the
-    distinct prompts of `pairs` (their completions are not used). Returns the mean reward
-    of each step's completions as TRL logs it, and saves the policy in `out`."""
+    distinct prompts of `pairs` (their completions are not used), `prompts_per_step`
+    prompts × `generations` completions a step (one prompt a step makes each step's mean
+    reward that prompt's: noise). Returns the mean reward of each step's completions as
+    TRL logs it, and saves the policy in `out`."""
     import json
 
     from datasets import Dataset
@@ -213,7 +216,7 @@ def rloo_steps(
             **cpu_arguments(work, seed, quiet),
             max_steps=steps,
             learning_rate=lr,
-            per_device_train_batch_size=generations,
+            per_device_train_batch_size=generations * prompts_per_step,
             num_generations=generations,
             max_completion_length=max_new_tokens,
             temperature=1.0,
@@ -238,6 +241,7 @@ def rloo_steps(
         settings = {
             "steps": steps,
             "generations": generations,
+            "prompts_per_step": prompts_per_step,
             "max_new_tokens": max_new_tokens,
             "lr": lr,
             "seed": seed,

@@ -132,16 +132,23 @@ class NextToken:
 
 
 @torch.inference_mode()
+def next_logits(model: Any, ids: list[int]) -> torch.Tensor:
+    """The raw logits (V,) of the token after `ids` (`model`: a runtime or a transformers
+    model): what the sampling pipeline starts from."""
+    from muestra.models.runtime.torch_runtime import as_runtime
+
+    rows, fed = as_runtime(model).prefill([ids], 1)
+    rows.close()
+    return fed.last[0].float()
+
+
+@torch.inference_mode()
 def next_token_table(model: Any, tokenizer: Any, ids: list[int], top: int) -> list[NextToken]:
     """The `top` most likely next tokens after `ids`, from the model's raw logits (`model`:
     a runtime or a transformers model)."""
-    from muestra.models.runtime.torch_runtime import as_runtime
-
     if top < 1:
         raise InputError(f"--top must be at least 1 (got {top})")
-    rows, fed = as_runtime(model).prefill([ids], 1)
-    rows.close()
-    logits = fed.last[0].float()  # (V,)
+    logits = next_logits(model, ids)
     probs = torch.softmax(logits, dim=-1)
     top_probs, top_ids = probs.topk(min(top, probs.numel()))
     cumulative = top_probs.cumsum(0)

@@ -367,6 +367,9 @@ def _extension(done: Finished) -> dict[str, Any]:
         "reasoning_tokens": done.reasoning_tokens,
         "budget_hit": done.budget_hit,
         "completion_tokens": len(done.sample.token_ids),
+        # every token the choice generated, in order: reasoning, closing text, answer and
+        # the token that ended it (the text leaves out that one and what follows a stop)
+        "token_ids": [int(t) for t in done.sample.token_ids],
     }
 
 
