@@ -242,3 +242,23 @@ def test_top_p_head_equals_the_full_sort(scale):
         assert decided_by_head == 16  # the fast path was taken
     if scale <= 0.3:
         assert decided_by_head == 0  # the fallback was taken
+
+
+def test_probabilities_is_the_distribution_a_row_draws_from():
+    """`probabilities`: temperature, top-k, top-p and min-p then softmax, as the pipeline
+    samples (the notebooks check it against a hand computation on the real model)."""
+    from muestra.engine.sampling import probabilities
+
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+    plain = probabilities(logits, SamplingParams(temperature=1.0))
+    assert torch.allclose(plain, logits.softmax(-1))
+    cooled = probabilities(logits, SamplingParams(temperature=0.5))
+    assert torch.allclose(cooled, (logits / 0.5).softmax(-1))
+    top2 = probabilities(logits, SamplingParams(temperature=1.0, top_k=2))
+    assert torch.allclose(top2, torch.cat([torch.tensor([2.0, 1.0]).softmax(-1), torch.zeros(3)]))
+    nucleus = probabilities(logits, SamplingParams(temperature=1.0, top_p=0.6))
+    assert (nucleus > 0).tolist() == [True, True, False, False, False]  # cumulative 0.56 < 0.6 ≤ 0.77
+    greedy = probabilities(logits, SamplingParams(temperature=0))
+    assert greedy.tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+    with pytest.raises(InputError, match="temperature, top-k, top-p and min-p only"):
+        probabilities(logits, SamplingParams(temperature=1.0, repetition_penalty=1.2))
