@@ -257,7 +257,8 @@ def test_probabilities_is_the_distribution_a_row_draws_from():
     top2 = probabilities(logits, SamplingParams(temperature=1.0, top_k=2))
     assert torch.allclose(top2, torch.cat([torch.tensor([2.0, 1.0]).softmax(-1), torch.zeros(3)]))
     nucleus = probabilities(logits, SamplingParams(temperature=1.0, top_p=0.6))
-    assert (nucleus > 0).tolist() == [True, True, False, False, False]  # cumulative 0.56 < 0.6 ≤ 0.77
+    # cumulative shares 0.56 < 0.6 ≤ 0.77: the first two tokens cross 0.6
+    assert (nucleus > 0).tolist() == [True, True, False, False, False]
     greedy = probabilities(logits, SamplingParams(temperature=0))
     assert greedy.tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
     with pytest.raises(InputError, match="temperature, top-k, top-p and min-p only"):

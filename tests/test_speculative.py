@@ -3,6 +3,8 @@ follows the target's distribution (χ² on the rejection rule itself and end to 
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 from scipy.stats import chisquare
@@ -242,7 +244,9 @@ def test_the_server_speculates_with_its_draft_model(smol_kit):
 
 
 def drafted_spec(folder, model, answer: str):
-    spec = folder / f"drafted{abs(hash(answer)) % 1000}.toml"
+    # a name per answer that never collides (`hash() % 1000` did, about once in 300 runs:
+    # two specs then shared a store and the second was refused)
+    spec = folder / f"drafted-{hashlib.sha256(answer.encode()).hexdigest()[:12]}.toml"
     spec.write_text(f'''
 name = "drafted"
 seed = 21

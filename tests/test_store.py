@@ -205,6 +205,7 @@ def test_a_second_writer_is_refused_naming_the_first(cli, tiny_kit, tmp_path):
     assert store.with_name("s.db.lock").read_text() == ""
 
 
+@pytest.mark.long  # a process killed or raced end to end: `make test-long`
 def test_simultaneous_runs_do_the_work_once(tiny_kit, tmp_path):
     spec = write_spec(tmp_path, tiny_kit, samples=2)
     store = tmp_path / "s.db"

@@ -59,6 +59,7 @@ def scratch_folders(parent: Path) -> list[Path]:
     return sorted(p for p in parent.iterdir() if p.name.startswith("."))
 
 
+@pytest.mark.long  # a process killed or raced end to end: `make test-long`
 @pytest.mark.parametrize("point", list(KILL_POINTS))
 def test_a_killed_training_leaves_no_folder_any_command_accepts(
     point, tiny_kit, pairs_file, tmp_path, cli
@@ -92,6 +93,7 @@ def test_a_killed_training_leaves_no_folder_any_command_accepts(
     assert refused.code == 2 and "has no muestra-train.json" in refused.stderr, refused.stderr
 
 
+@pytest.mark.long  # a process killed or raced end to end: `make test-long`
 def test_ctrl_c_says_what_happened_and_cleans_its_scratch(tiny_kit, pairs_file, tmp_path):
     out = tmp_path / "rm"
     child = subprocess.run(
