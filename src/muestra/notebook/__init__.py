@@ -19,13 +19,12 @@ work shows a progress bar (`tqdm.auto`: a widget in Jupyter, text elsewhere); pa
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -293,9 +292,7 @@ class Server:
                 args += [flag, str(value)]
         self.log = Path(tempfile.mkstemp(prefix="muestra-serve-", suffix=".log")[1])
         with self.log.open("wb") as sink:
-            self.process = subprocess.Popen(
-                args, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ}
-            )
+            self.process = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT)
         self._wait(timeout)
 
     def _wait(self, timeout: float) -> None:
@@ -356,8 +353,3 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def progress_callback(label: str) -> Callable[[Any], None]:
-    """A progress bar for any `on_progress=` of the lower layers (close it with `.close()`)."""
-    return _Bar(label, True)
