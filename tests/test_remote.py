@@ -31,7 +31,7 @@ SCHEMA = {
 }
 
 
-def write_spec(folder, name, model_table, samples=6, extra=""):
+def write_spec(folder, name, model_table, samples=6, extra="", mode="tags"):
     (folder / "p.schema.json").write_text(json.dumps(SCHEMA))
     spec = folder / f"{name}.toml"
     spec.write_text(f"""
@@ -57,6 +57,7 @@ think_budget = 3
 [think]
 budget = 6
 temperature = 1.0
+{f'mode = "{mode}"' if mode else ""}
 
 [answer]
 max_tokens = 40
@@ -203,7 +204,9 @@ def answer(request: httpx.Request) -> httpx.Response:
     )
 
 
-def remote_runner(tmp_path, transport, extra_model='sampling_fallback = "neutral"', retries=3):
+def remote_runner(
+    tmp_path, transport, extra_model='sampling_fallback = "neutral"', retries=3, mode="tags"
+):
     from muestra.experiments.remote import RemoteRunner
     from muestra.experiments.runner import Runner
 
@@ -213,6 +216,7 @@ def remote_runner(tmp_path, transport, extra_model='sampling_fallback = "neutral
         f'[model]\nid = "m"\nendpoint = ["http://a.test/v1", "http://b.test/v1"]\n'
         f"retries = {retries}\n{extra_model}",
         samples=2,
+        mode=mode,
     )
     loaded = load_spec(spec)
     runner = Runner(loaded, tmp_path / "fake.db")
@@ -363,8 +367,8 @@ def test_unset_think_fields_come_from_the_generation_config(tmp_path):
         },
         "generation_config": str(folder / "generation_config.json"),
         "sampling_fallback": None,
-        "mode": "tags",  # auto, and no tokenizer beside the config to settle it
-        "mode_source": "default",
+        "mode": "tags",
+        "mode_source": "spec",
     }
 
 
@@ -519,7 +523,9 @@ def test_plain_text_reasoning_on_another_server_is_refused_by_name(smol_kit, tmp
     from muestra.experiments.remote import RemoteError
 
     transport, calls = fake_server(lambda request, attempt: answer(request))
-    remote, units, rows, _ = remote_runner(tmp_path, transport, f'generation_config = "{smol_kit}"')
+    remote, units, rows, _ = remote_runner(
+        tmp_path, transport, f'generation_config = "{smol_kit}"', mode=None
+    )
     with pytest.raises(RemoteError, match="plain text.*vllm.*muestra serve"):
         remote.run(units)
     assert rows == [] and not [c for c in calls if c.method == "POST"]

@@ -17,29 +17,30 @@ loaded; each missing sample becomes one chat request:
   ignore it: there, one set of sampling fields drives reasoning and answer alike, and
   `max_tokens` = think budget + answer max_tokens + 64.
 
-Several endpoints serving the same model share the run (`EndpointPool`): each has
-`concurrency` request slots, and a request goes to the healthy endpoint with the most
-free slots, so a faster server takes more rows. 408/409/429, 5xx, timeouts and lost
-connections are retried — at once on another healthy endpoint, else with exponential
-backoff and jitter (honouring `Retry-After`) — and an endpoint that failed rests for a
-while (2 s, doubling up to 60 s, reset by a success) so that the run moves to the
-others; any other 4xx stops the run, since every request would fail the same way. Each
-row records the endpoint that produced it (`samples.endpoint`). Each answer is stored as
-it arrives, so a run killed at any moment resumes with only the missing samples. The
-reasoning comes from `reasoning_content` (or `reasoning`, newer vLLM). `field_probs` need
-the model's logits and are not available remotely (stored as NULL).
+Several endpoints serving the same model share the run (`EndpointPool`, in
+`endpoints.py`): each has `concurrency` request slots, one worker per slot takes the next
+missing sample, and a request goes to the healthy endpoint with the most free slots, so a
+faster server takes more rows. 408/409/429, 5xx, timeouts, lost connections and 200
+answers that are not JSON or lack what the runner reads (`endpoints.read_chat`) are
+retried — at once on another healthy endpoint, else with exponential backoff and jitter
+(honouring `Retry-After`) — and an endpoint that failed rests for a while (2 s, doubling
+up to 60 s, reset by a success) so that the run moves to the others; any other 4xx stops
+the run, since every request would fail the same way. Each row records the endpoint that
+produced it (`samples.endpoint`). Answers are stored as they arrive, in one transaction
+per batch (`RowBatches`: 256 rows, or 0.2 s after the first), so a run killed at any
+moment resumes with only the missing samples. The reasoning comes from
+`reasoning_content` (or `reasoning`, newer vLLM). `field_probs` need the model's logits
+and are not available remotely (stored as NULL).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
@@ -47,43 +48,26 @@ from muestra.answers.grammar import GrammarSpec
 from muestra.answers.phases import TEXT_INSTRUCTION, answer_budget_error, with_instruction
 from muestra.answers.structured import parse_answer
 from muestra.engine.seeds import sample_seed
-from muestra.errors import InputError, MuestraError
+from muestra.errors import MuestraError
+from muestra.experiments.endpoints import (
+    ChatReply,
+    EndpointPool,
+    Endpoints,
+    Malformed,
+    read_chat,
+    read_models,
+)
 from muestra.experiments.prompts import messages_for, think_budget
 from muestra.experiments.sampling import ThinkSampling, resolve_think
 from muestra.experiments.spec import Condition, LoadedSpec, ModelSpec, PromptItem
-from muestra.version import __version__
 
 RETRY_STATUS = {408, 409, 429}
 CLOSE_TEXT_SLACK = 64  # tokens for the closing text on servers without muestra's extension
+T = TypeVar("T")
 
 
 class RemoteError(MuestraError):
     """An endpoint refused the run's requests, or stayed unreachable through every retry."""
-
-
-@dataclass(frozen=True)
-class Endpoints:
-    model: ModelSpec
-    key: str | None
-
-    @classmethod
-    def from_spec(cls, model: ModelSpec) -> Endpoints:
-        key = None
-        if model.api_key_env is not None:
-            key = os.environ.get(model.api_key_env)
-            if not key:
-                raise InputError(
-                    f"model {model.name!r}: the environment variable {model.api_key_env} "
-                    "(api_key_env) is not set; export it with the endpoint's API key"
-                )
-        return cls(model, key)
-
-    @property
-    def headers(self) -> dict[str, str]:
-        headers = {"User-Agent": f"muestra/{__version__}"}
-        if self.key:
-            headers["Authorization"] = f"Bearer {self.key}"
-        return headers
 
 
 def request_body(
@@ -145,64 +129,11 @@ def request_body(
     return body
 
 
-class EndpointPool:
-    """Request slots over the run's endpoints: `acquire` waits for a free slot and returns
-    the healthy endpoint with the most free slots (ties: the one used least); `release`
-    returns the slot and says whether the request failed, which rests the endpoint."""
-
-    REST = 2.0  # seconds an endpoint rests after a failure, doubling per failure in a row
-    MAX_REST = 60.0
-
-    def __init__(self, endpoints: list[str], slots: int) -> None:
-        self.endpoints = list(endpoints)
-        self.free = {e: slots for e in endpoints}
-        self.used = {e: 0 for e in endpoints}
-        self.failures = {e: 0 for e in endpoints}
-        self.resting_until = {e: 0.0 for e in endpoints}
-        self.changed = asyncio.Condition()
-
-    def healthy(self, avoid: str | None = None) -> list[str]:
-        now = time.monotonic()
-        return [e for e in self.endpoints if self.resting_until[e] <= now and e != avoid]
-
-    async def acquire(self, avoid: str | None = None) -> str:
-        """A slot on the best endpoint: healthy ones first (not `avoid`, the one that just
-        failed this request, while another is healthy), resting ones when all rest."""
-        async with self.changed:
-            while True:
-                candidates = self.healthy(avoid) or self.healthy() or list(self.endpoints)
-                open_ = [e for e in candidates if self.free[e] > 0]
-                if open_:
-                    best = max(open_, key=lambda e: (self.free[e], -self.used[e]))
-                    self.free[best] -= 1
-                    self.used[best] += 1
-                    return best
-                # wake on a release, or when a resting endpoint may be back
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.changed.wait(), timeout=self.REST)
-
-    def rest(self, endpoint: str) -> None:
-        """Count a failure of `endpoint` outside a request (it did not answer at start)."""
-        self.failures[endpoint] += 1
-        rest = min(self.MAX_REST, self.REST * 2 ** (self.failures[endpoint] - 1))
-        self.resting_until[endpoint] = time.monotonic() + rest
-
-    async def release(self, endpoint: str, failed: bool) -> None:
-        async with self.changed:
-            self.free[endpoint] += 1
-            if failed:
-                self.rest(endpoint)
-            else:
-                self.failures[endpoint] = 0
-                self.resting_until[endpoint] = 0.0
-            self.changed.notify_all()
-
-
 class RemoteRunner:
-    """Sends the missing samples of one model's units; `store(rows)` is called as they
-    arrive (one call per sample). `sampling` is the think sampling of each condition
-    (`sampling.resolve_think`); resolved here when not given, so that an unresolved field
-    stops the run before any request."""
+    """Sends the missing samples of one model's units; `store(rows)` is called with the
+    answers as they arrive, a batch at a time (`RowBatches`). `sampling` is the think
+    sampling of each condition (`sampling.resolve_think`); resolved here when not given,
+    so that an unresolved field stops the run before any request."""
 
     def __init__(
         self,
@@ -230,11 +161,15 @@ class RemoteRunner:
             GrammarSpec.json_schema(spec.answer_schema) if spec.answer_schema is not None else None
         )
         self.pool = EndpointPool(model.endpoints, model.concurrency)
+        self.bodies: dict[tuple[str, int], dict[str, Any]] = {}  # a unit's body, but the seed
 
     def run(self, units: list[Any]) -> None:
         asyncio.run(self._run(units))
 
     async def _run(self, units: list[Any]) -> None:
+        """One worker per request slot, each taking the next missing sample: as many
+        requests in flight as the endpoints have slots, and memory that does not grow
+        with the number of samples."""
         model = self.model
         connections = model.concurrency * len(model.endpoints)
         limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
@@ -244,27 +179,35 @@ class RemoteRunner:
         ) as client:
             self.pool = EndpointPool(model.endpoints, model.concurrency)
             self.on_provenance(await self._describe(client))
-            jobs = [self._sample(client, unit, index) for unit in units for index in unit.missing]
-            tasks = [asyncio.ensure_future(job) for job in jobs]
+            work = ((unit, index) for unit in units for index in unit.missing)
+            rows = RowBatches(self.store)
+            workers = [
+                asyncio.ensure_future(self._work(client, work, rows)) for _ in range(connections)
+            ]
             try:
-                await asyncio.gather(*tasks)
+                await asyncio.gather(*workers)
             finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
+                for worker in workers:
+                    worker.cancel()
+                await asyncio.gather(*workers, return_exceptions=True)
+                rows.flush()  # what arrived is stored, however the run ends
+
+    async def _work(self, client: httpx.AsyncClient, work: Iterator[Any], rows: RowBatches) -> None:
+        for unit, index in work:
+            rows.add(await self._sample(client, unit, index))
 
     async def _describe(self, client: httpx.AsyncClient) -> dict[str, Any]:
         """Check that every endpoint that answers serves the model; its provenance for the
-        store. With several endpoints, one that does not answer (two tries) is left
-        resting and the run starts on the others; with one, or none answering, the run
-        stops."""
+        store. With several endpoints, one that does not answer, or answers what is not a
+        model list (two tries), is left resting and the run starts on the others; with
+        one, or none answering, the run stops."""
         served_by = set()
         endpoints = self.endpoints.model.endpoints
         down: dict[str, str] = {}
         for endpoint in endpoints:
             try:
-                data = await self._call(
-                    client, "GET", "/models", None, endpoint,
+                entries = await self._call(
+                    client, "GET", "/models", read_models, endpoint,
                     retries=self.model.retries if len(endpoints) == 1 else 1,
                 )  # fmt: skip
             except RemoteError as err:
@@ -272,7 +215,6 @@ class RemoteRunner:
                     raise
                 down[endpoint] = str(err)
                 continue
-            entries = {m.get("id"): m for m in data.get("data", [])}
             if self.model.id not in entries:
                 raise RemoteError(
                     f"{endpoint} does not serve {self.model.id!r} (it serves "
@@ -296,12 +238,8 @@ class RemoteRunner:
                 f"serve's extension; these endpoints are {', '.join(sorted(served_by))}. Serve "
                 "the model with `muestra serve`, or run the spec locally"
             )
-        if served_by != {"muestra"}:
-            self.note(
-                f"{self.model.name}: the endpoint is not muestra serve ({', '.join(served_by)}): "
-                "the answer is sampled with the think settings, field_probs are not stored, "
-                "and rows can differ from a local run"
-            )
+        for note in endpoint_notes(self.spec, self.model, self.sampling, served_by):
+            self.note(note)
         return {
             "model_id": self.model.id,
             "endpoints": self.endpoints.model.endpoints,
@@ -310,16 +248,21 @@ class RemoteRunner:
             "sampling_fallback": self.model.sampling_fallback,
         }
 
-    async def _sample(self, client: httpx.AsyncClient, unit: Any, index: int) -> None:
+    async def _sample(self, client: httpx.AsyncClient, unit: Any, index: int) -> dict[str, Any]:
         seed = sample_seed(self.run_seed, unit.prompt_index, index)
-        think_sampling = self.sampling.get(unit.condition.label)
-        body = request_body(self.spec, self.model, unit.condition, unit.item, seed, think_sampling)
-        data, endpoint, seconds = await self._post(client, "/chat/completions", body)
-        self.store([self._row(unit, index, seed, data, seconds, endpoint)])
+        key = (unit.condition.label, unit.prompt_index)
+        if key not in self.bodies:  # the same for every sample of the unit but the seed
+            think_sampling = self.sampling.get(unit.condition.label)
+            self.bodies[key] = request_body(
+                self.spec, self.model, unit.condition, unit.item, seed, think_sampling
+            )
+        body = {**self.bodies[key], "seed": seed}
+        reply, endpoint, seconds = await self._post(client, "/chat/completions", body)
+        return self._row(unit, index, seed, reply, seconds, endpoint)
 
     async def _post(
         self, client: httpx.AsyncClient, path: str, body: dict[str, Any]
-    ) -> tuple[dict[str, Any], str, float]:
+    ) -> tuple[ChatReply, str, float]:
         """One sample's request through the pool, with retries: (answer, the endpoint
         that gave it, its seconds)."""
         last, failed_on = "", None
@@ -327,13 +270,15 @@ class RemoteRunner:
             base = await self.pool.acquire(avoid=failed_on)
             started = time.perf_counter()
             try:
-                data, last, wait = await self._once(client, "POST", f"{base}{path}", body, attempt)
+                reply, last, wait = await self._once(
+                    client, "POST", f"{base}{path}", body, read_chat, attempt
+                )
             except BaseException:
                 await self.pool.release(base, failed=False)
                 raise
-            await self.pool.release(base, failed=data is None)
-            if data is not None:
-                return data, base, time.perf_counter() - started
+            await self.pool.release(base, failed=reply is None)
+            if reply is not None:
+                return reply, base, time.perf_counter() - started
             failed_on = base
             if attempt < self.model.retries and not self.pool.healthy(avoid=base):
                 await asyncio.sleep(wait)  # nowhere else to go: back off
@@ -345,17 +290,25 @@ class RemoteRunner:
         method: str,
         url: str,
         body: dict[str, Any] | None,
+        read: Callable[[Any], T],
         attempt: int,
-    ) -> tuple[dict[str, Any] | None, str, float]:
-        """One try: (answer or None when it may be retried, what went wrong, how long to
-        wait before the next try); a refusal no retry can mend raises `RemoteError`."""
+    ) -> tuple[T | None, str, float]:
+        """One try: (the answer as `read` reads it, or None when it may be retried; what
+        went wrong; how long to wait before the next try). A 200 whose body `read` cannot
+        read is the endpoint's failure, retried like a 5xx; a refusal no retry can mend
+        raises `RemoteError`."""
         wait = min(30.0, 0.5 * 2**attempt) * (0.5 + random.random())
         try:
             response = await client.request(method, url, json=body, headers=self.endpoints.headers)
-        except httpx.TransportError as err:
+        except httpx.RequestError as err:
             return None, f"{url}: {type(err).__name__}: {err}", wait
         if response.status_code == 200:
-            return response.json(), "", wait
+            try:
+                return read(response.json()), "", wait
+            except ValueError as err:  # not JSON (JSONDecodeError), or `Malformed`
+                why = err if isinstance(err, Malformed) else "not JSON"
+                shown = response.text[:120]
+                return None, f"{url} answered 200 with an unreadable body ({why}): {shown!r}", wait
         last = f"{url} answered {response.status_code}: {_error_message(response)}"
         if response.status_code not in RETRY_STATUS and response.status_code < 500:
             raise RemoteError(last)
@@ -369,59 +322,142 @@ class RemoteRunner:
         client: httpx.AsyncClient,
         method: str,
         path: str,
-        body: dict[str, Any] | None,
+        read: Callable[[Any], T],
         endpoint: str,
         retries: int | None = None,
-    ) -> dict[str, Any]:
+    ) -> T:
         """One request to one endpoint (the start's checks), with retries and backoff."""
         last = ""
         retries = self.model.retries if retries is None else retries
         for attempt in range(retries + 1):
-            data, last, wait = await self._once(client, method, f"{endpoint}{path}", body, attempt)
-            if data is not None:
-                return data
+            answer, last, wait = await self._once(
+                client, method, f"{endpoint}{path}", None, read, attempt
+            )
+            if answer is not None:
+                return answer
             if attempt < retries:
                 await asyncio.sleep(wait)
         raise RemoteError(f"gave up after {retries} retries; last error: {last}")
 
     def _row(
-        self, unit: Any, index: int, seed: int, data: dict[str, Any], seconds: float, endpoint: str
+        self, unit: Any, index: int, seed: int, reply: ChatReply, seconds: float, endpoint: str
     ) -> dict[str, Any]:
-        try:
-            choice = data["choices"][0]
-            message = choice["message"]
-        except (KeyError, IndexError, TypeError) as err:
-            raise RemoteError(f"the endpoint's answer has no choices[0].message: {data}") from err
-        content = message.get("content") or ""
-        reasoning = message.get("reasoning_content", message.get("reasoning"))
-        extension = choice.get("muestra") or {}
-        usage = data.get("usage") or {}
-        details = usage.get("completion_tokens_details") or {}
         budget = think_budget(unit.condition, unit.item)
-        think_tokens = int(extension.get("reasoning_tokens", details.get("reasoning_tokens") or 0))
-        budget_hit = extension.get("budget_hit", budget is not None and think_tokens >= budget)
-        finish = choice.get("finish_reason") or "stop"
+        think_tokens = reply.reasoning_tokens or 0
+        budget_hit = reply.budget_hit
+        if budget_hit is None:
+            budget_hit = budget is not None and think_tokens >= budget
         answer, error = None, None
         if self.grammar is not None:
-            if finish == "length":
+            if reply.finish_reason == "length":
                 error = answer_budget_error(unit.condition.answer.max_tokens)
             else:
-                answer, _, error = parse_answer(content, finish, self.grammar)
+                answer, _, error = parse_answer(reply.content, reply.finish_reason, self.grammar)
         sample = _RemoteSample(
             sample=index,
             seed=seed,
-            reasoning=(reasoning or "") if unit.condition.think is not None else None,
+            reasoning=(reply.reasoning or "") if unit.condition.think is not None else None,
             think_tokens=think_tokens,
-            budget_hit=bool(budget_hit),
-            answer_text=content,
+            budget_hit=budget_hit,
+            answer_text=reply.content,
             answer=answer,
             field_probs=None,
-            finish_reason=finish,
+            finish_reason=reply.finish_reason,
             error=error,
-            num_prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            num_tokens=int(extension.get("completion_tokens", usage.get("completion_tokens") or 0)),
+            num_prompt_tokens=reply.prompt_tokens,
+            num_tokens=reply.completion_tokens,
         )
         return {**self.row(unit, sample, budget, seconds), "endpoint": endpoint}
+
+
+class RowBatches:
+    """The answers on their way to the store: written in one transaction per batch, when
+    `size` rows are waiting or `seconds` after the first of them arrived (a commit per
+    row would cap a run at the disk's fsyncs per second). A run killed in between loses
+    at most the rows of the last `seconds`: the resume requests them again, with the
+    same seeds."""
+
+    def __init__(
+        self, store: Callable[[list[dict[str, Any]]], None], size: int = 256, seconds: float = 0.2
+    ) -> None:
+        self.store = store
+        self.size = size
+        self.seconds = seconds
+        self.rows: list[dict[str, Any]] = []
+        self.timer: asyncio.TimerHandle | None = None
+        self.failed: BaseException | None = None  # a timed write that failed, raised next
+
+    def add(self, row: dict[str, Any]) -> None:
+        if self.failed is not None:
+            raise self.failed
+        self.rows.append(row)
+        if len(self.rows) >= self.size:
+            self.flush()
+        elif self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(self.seconds, self._timed)
+
+    def _timed(self) -> None:
+        self.timer = None
+        try:
+            self.flush()
+        except BaseException as err:  # the loop would only log it: the next add raises it
+            self.failed = err
+
+    def flush(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        rows, self.rows = self.rows, []
+        if rows:
+            self.store(rows)
+        if self.failed is not None:
+            failed, self.failed = self.failed, None
+            raise failed
+
+
+def endpoint_notes(
+    spec: LoadedSpec,
+    model: ModelSpec,
+    sampling: Mapping[str, ThinkSampling],
+    served_by: set[str],
+) -> list[str]:
+    """What a run on these endpoints cannot do as a local run does; each note only when it
+    applies to this spec."""
+    notes = []
+    if spec.answer_schema is not None and any(c.answer.field_probs for c in spec.conditions):
+        notes.append(
+            f"{model.name}: field_probs need the model's logits: an endpoint model stores "
+            "none (NULL)"
+        )
+    if served_by == {"muestra"}:
+        return notes
+    servers = ", ".join(sorted(served_by))
+    differ = [
+        c.label
+        for c in spec.conditions
+        if c.think is not None and _answer_fields(c) != sampling[c.label].request_fields()
+    ]
+    if differ:
+        notes.append(
+            f"{model.name}: the endpoint is not muestra serve ({servers}): it samples the "
+            f"answer with the think settings, not the [answer] ones, in condition(s) "
+            f"{', '.join(differ)}"
+        )
+    notes.append(
+        f"{model.name}: the endpoint is not muestra serve ({servers}): its rows can differ "
+        "from a local run's"
+    )
+    return notes
+
+
+def _answer_fields(condition: Condition) -> dict[str, float | int]:
+    answer = condition.answer
+    return {
+        "temperature": answer.temperature,
+        "top_p": answer.top_p,
+        "top_k": answer.top_k or -1,
+        "min_p": answer.min_p,
+    }
 
 
 @dataclass
@@ -444,7 +480,8 @@ class _RemoteSample:
 
 def _error_message(response: httpx.Response) -> str:
     try:
-        error = response.json().get("error")
+        data = response.json()
+        error = data.get("error") if isinstance(data, dict) else None
         if isinstance(error, dict):
             return str(error.get("message"))
         return str(error or response.text[:300])

@@ -126,6 +126,7 @@ class Runner:
         self.run_id: int | None = None
         self.drafts: dict[tuple[str, str], Any] = {}  # speculative drafts, per model and ref
         self.noted: set[str] = set()  # notes already given (once per run, not per batch)
+        self.started: set[str] = set()  # models loaded, or whose endpoints answered, by run()
         self._tracked = False  # inside `tracking()`: the status is kept by the outer block
         # set by `open()`: the store's state and this run's row ids
         self.remote_sampling: dict[str, dict[str, Any]] = {}  # model → condition → sampling
@@ -348,22 +349,25 @@ class Runner:
             mine = [u for u in units if u.model.name == model.name]
             if not mine:
                 continue
-            if model.endpoint is not None:
-                self._run_remote(model, mine, store)
-                continue
             try:
+                if model.endpoint is not None:
+                    self._run_remote(model, mine, store)
+                    continue
                 generator = self._generator(model)
+                self.started.add(model.name)
             except BaseException:
-                if progress.done == 0:
-                    self._discard()
+                if progress.done == 0 and model.name not in self.started:
+                    self._discard()  # the model never started: the run leaves nothing
                 raise
             for batch in _batches(mine, self.batch_rows):
                 store(self._run_batch(generator, batch))
         return progress
 
     def _discard(self) -> None:
-        """Undo what `open` wrote when the first model fails to load before any sample:
-        a store this invocation created is removed, a run it added is deleted."""
+        """Undo what `open` wrote when the first model cannot start — a local model that
+        does not load, an endpoint model none of whose endpoints passes the start's checks
+        — before any sample: a store this invocation created is removed, a run it added is
+        deleted. A model that started and then failed leaves its run, marked failed."""
         if self.db is None or not self.new_run:
             return
         if self.created_store:
@@ -378,11 +382,12 @@ class Runner:
     def _run_remote(
         self, model: ModelSpec, units: list[Unit], store: Callable[[list[dict[str, Any]]], None]
     ) -> None:
-        from functools import partial
-
         from muestra.experiments.remote import RemoteRunner
 
-        provenance = partial(self._store_provenance, model)
+        def provenance(data: dict[str, Any]) -> None:  # the endpoints answered: started
+            self._store_provenance(model, data)
+            self.started.add(model.name)
+
         remote = RemoteRunner(
             self.spec,
             model,

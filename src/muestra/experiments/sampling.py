@@ -15,9 +15,11 @@ silently. So before a remote run starts, each think field (`temperature`, `top_p
    filters off) or "server" (left out of the request: the server's default applies).
 
 A field still unresolved stops the run with an `InputError` naming the fields, before
-anything is stored or sent. The answer phase needs no resolving: every `[answer]` field
-has an explicit default (greedy). The runner stores each resolved value and where it
-came from with the condition.
+anything is stored or sent. So does a think `mode = "auto"` that no local tokenizer can
+settle (`think_mode`): whether the model has think tags decides what is sent, and a guess
+would be wrong silently for one kind of model or the other. The answer phase needs no
+resolving: every `[answer]` field has an explicit default (greedy). The runner stores each
+resolved value and where it came from with the condition.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class ThinkSampling:
     generation_config: Path | None  # the file read, if any
     fallback: str | None  # the model's sampling_fallback
     mode: str = "tags"  # "tags": the model's think block; "text": plain-text reasoning
-    mode_source: str = "spec"  # spec | tokenizer (auto, settled by the local tokenizer) | default
+    mode_source: str = "spec"  # spec | tokenizer ("auto", settled by the local tokenizer)
 
     def request_fields(self) -> dict[str, float | int]:
         """The fields to send. top_k 0 (off) goes out as -1: vLLM, SGLang, llama.cpp and
@@ -79,7 +81,7 @@ def resolve_think(spec: LoadedSpec, model: ModelSpec) -> dict[str, ThinkSampling
     """The think sampling of each condition with a think phase, by condition label."""
     path = generation_config_file(model)
     config = _read(path, model) if path is not None else None
-    resolved, missing = {}, set()
+    resolved, missing, unsettled = {}, set(), []
     for condition in spec.conditions:
         if condition.think is None:
             continue
@@ -95,8 +97,11 @@ def resolve_think(spec: LoadedSpec, model: ModelSpec) -> dict[str, ThinkSampling
             elif model.sampling_fallback == "server":
                 settings[name] = Setting(None, "server")
         missing |= set(FIELDS) - set(settings)
-        if len(settings) == len(FIELDS):
-            mode, source = think_mode(condition.think.mode, path)
+        settled = think_mode(condition.think.mode, path)
+        if settled is None:
+            unsettled.append(condition.label)
+        elif len(settings) == len(FIELDS):
+            mode, source = settled
             resolved[condition.label] = ThinkSampling(
                 **settings,
                 generation_config=path,
@@ -118,27 +123,45 @@ def resolve_think(spec: LoadedSpec, model: ModelSpec) -> dict[str, ThinkSampling
             'sampling_fallback = "neutral" (temperature 1, filters off) or "server" (the '
             "server's defaults, recorded in the store)"
         )
+    if unsettled:
+        raise _unsettled_mode(spec, model, unsettled, path)
     return resolved
 
 
-def think_mode(mode: str, config: Path | None) -> tuple[str, str]:
+def think_mode(mode: str, config: Path | None) -> tuple[str, str] | None:
     """(mode, where it came from) of a remote think phase: "tags" or "text" as the spec
     says; "auto" settled as a local run settles it — by the model's tokenizer, when one
-    sits beside its generation_config.json on this machine — else "tags" (the endpoint
-    then refuses a think budget for a model without think tags, naming it)."""
+    sits beside its generation_config.json on this machine. None: "auto" with no
+    tokenizer here, which `resolve_think` refuses (a guess would send a think budget to a
+    model without think tags, or plain-text reasoning to one with them)."""
     if mode != "auto":
         return mode, "spec"
     folder = config.parent if config is not None else None
     if folder is None or not any(
         (folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")
     ):
-        return "tags", "default"
+        return None
     from muestra.answers.phases import ThinkConfig
     from muestra.answers.structured import has_think_tags
     from muestra.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(str(folder))
     return ("tags" if has_think_tags(tokenizer, ThinkConfig()) else "text"), "tokenizer"
+
+
+def _unsettled_mode(
+    spec: LoadedSpec, model: ModelSpec, labels: list[str], config: Path | None
+) -> InputError:
+    where = f"beside {config}" if config is not None else f"for {model.id!r} on this machine"
+    return InputError(
+        f"{spec.path}: model {model.name!r} (an endpoint), condition(s) {', '.join(labels)}: "
+        '[think] mode = "auto" needs the model\'s tokenizer to tell whether it has think tags, '
+        f"and there is none {where} (no tokenizer.json or tokenizer_config.json). Point "
+        "[model] generation_config at a folder holding the model's tokenizer and "
+        'generation_config.json, or say it in [think]: mode = "tags" (the model has a think '
+        'block, e.g. Qwen3) or mode = "text" (it has none: plain-text reasoning, through '
+        "`muestra serve` only)"
+    )
 
 
 def generation_config_file(model: ModelSpec) -> Path | None:
