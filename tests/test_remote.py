@@ -3,6 +3,7 @@ resumed, stores the same rows as a local run; retries and refusals with a fake s
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import signal
@@ -171,8 +172,31 @@ def stored_think(path):
         return json.loads(db.execute("SELECT think_json FROM conditions").fetchone()[0])
 
 
+class MockEndpoints:
+    """A remote runner's transport answering from `handler(httpx.Request)` (sync or async),
+    an `httpx.Response` or an `httpx.TransportError` (no answer), without a network."""
+
+    def __init__(self, handler):
+        self.handler = handler
+
+    async def request(self, method, url, body, headers):
+        from muestra.experiments.endpoints import Answer, Unreachable
+
+        request = httpx.Request(method, url, content=body, headers=headers)
+        try:
+            response = self.handler(request)
+            if inspect.isawaitable(response):
+                response = await response
+        except httpx.TransportError as err:
+            raise Unreachable(f"{type(err).__name__}: {err}") from err
+        return Answer(response.status_code, response.headers, response.read())
+
+    async def aclose(self):
+        pass
+
+
 def fake_server(script):
-    """An httpx transport answering from `script(request, attempt)`; `calls` records every
+    """A transport answering from `script(request, attempt)`; `calls` records every
     request it receives."""
     calls = []
 
@@ -182,7 +206,7 @@ def fake_server(script):
             return httpx.Response(200, json={"data": [{"id": "m", "owned_by": "vllm"}]})
         return script(request, len(calls))
 
-    return httpx.MockTransport(handler), calls
+    return MockEndpoints(handler), calls
 
 
 def answer(request: httpx.Request) -> httpx.Response:

@@ -8,9 +8,13 @@ with at most `concurrency` requests in flight per endpoint."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import sqlite3
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -18,7 +22,7 @@ import pytest
 
 from muestra.errors import InputError
 from muestra.experiments.spec import load_spec
-from test_remote import answer, fake_server, remote_runner, write_spec
+from test_remote import MockEndpoints, answer, fake_server, remote_runner, write_spec
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 MALFORMED = [
@@ -77,7 +81,7 @@ def test_a_model_list_that_is_not_json_rests_that_endpoint_at_start(tmp_path):
             return httpx.Response(200, json={"data": [{"id": "m", "owned_by": "vllm"}]})
         return answer(request)
 
-    remote, units, rows, notes = remote_runner(tmp_path, httpx.MockTransport(handler))
+    remote, units, rows, notes = remote_runner(tmp_path, MockEndpoints(handler))
     remote.run(units)
     assert len(rows) == 4 and {r["endpoint"] for r in rows} == {"http://a.test/v1"}
     (resting,) = [n for n in notes if "http://b.test/v1 does not answer" in n]
@@ -132,7 +136,7 @@ def test_rows_are_stored_as_they_arrive_with_bounded_requests_in_flight(tmp_path
         folder.mkdir()
         remote, units, rows, _ = remote_runner(
             folder,
-            httpx.MockTransport(handler_for(delay)),
+            MockEndpoints(handler_for(delay)),
             f'sampling_fallback = "neutral"\nconcurrency = {concurrency}',
         )
         for unit in units:
@@ -150,6 +154,63 @@ def test_rows_are_stored_as_they_arrive_with_bounded_requests_in_flight(tmp_path
     assert len(rows) == 240 and len({(r["prompt_id"], r["sample_index"]) for r in rows}) == 240
     assert len(writes) <= 240 // 4, writes  # transactions of many rows
     assert most <= 6
+
+
+class Loopback(BaseHTTPRequestHandler):
+    """Three endpoints on one port, told apart by their path: /slow answers after 3 s,
+    /bad answers 200 with HTML, /good answers at once."""
+
+    def do_GET(self):  # noqa: N802
+        self.reply(200, json.dumps({"data": [{"id": "m", "owned_by": "vllm"}]}).encode())
+
+    def do_POST(self):  # noqa: N802
+        body = self.rfile.read(int(self.headers["content-length"]))
+        if self.path.startswith("/slow"):
+            time.sleep(3)
+        if self.path.startswith("/bad"):
+            return self.reply(200, b"<html>502 bad gateway</html>")
+        request = httpx.Request("POST", "http://x/v1/chat/completions", content=body)
+        return self.reply(200, answer(request).content)
+
+    def reply(self, status, data):
+        self.send_response(status)
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        with contextlib.suppress(OSError):  # a timed-out client has gone
+            self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_the_http_transport_retries_a_slow_and_a_malformed_endpoint(tmp_path):
+    """The real transport (aiohttp) over loopback: a request that times out and a 200
+    that is not JSON each go to the endpoint that answers; every row is stored once."""
+    from muestra.experiments.remote import RemoteRunner
+    from muestra.experiments.runner import Runner
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Loopback)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    urls = [f"{base}/slow/v1", f"{base}/bad/v1", f"{base}/good/v1"]
+    try:
+        spec = load_spec(write_spec(
+            tmp_path, "loop",
+            f'[model]\nid = "m"\nendpoint = {json.dumps(urls)}\ntimeout = 1.0\n'
+            'sampling_fallback = "neutral"\nconcurrency = 1',
+            samples=3,
+        ))  # fmt: skip
+        runner = Runner(spec, tmp_path / "loop.db")
+        runner.open()
+        rows = []
+        remote = RemoteRunner(spec, spec.spec.model, 21, runner._row, rows.extend)
+        remote.run(runner.plan())
+    finally:
+        server.shutdown()
+    assert len(rows) == 6 and len({(r["prompt_id"], r["sample_index"]) for r in rows}) == 6
+    assert {r["endpoint"] for r in rows} == {urls[2]} and all(r["error"] is None for r in rows)
+    assert remote.pool.failures[urls[0]] >= 1 and remote.pool.failures[urls[1]] >= 1
 
 
 # ---- what a remote run leaves behind -------------------------------------------------------

@@ -5,6 +5,9 @@ their answers must hold.
 - `EndpointPool`: `concurrency` request slots per endpoint; a request goes to the healthy
   endpoint with the most free slots, and an endpoint that failed rests (2 s, doubling per
   failure in a row up to 60 s, reset by a success).
+- `AiohttpTransport`: how requests reach them (aiohttp: a third of the CPU per request
+  that httpx takes, which capped a runner at a few hundred samples/s; see
+  benchmarks/remote_ceiling.py). Tests put their own `Transport` in its place.
 - `read_chat` and `read_models`: an endpoint's 200 answer, checked field by field. An
   answer that is not JSON, or lacks what the runner reads (`choices[0].message`, numbers
   where numbers go), raises `Malformed`: that endpoint failed this request, like a 5xx —
@@ -15,10 +18,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
+
+import aiohttp
+import yarl
+from aiohttp.helpers import get_env_proxy_for_url
 
 from muestra.errors import InputError
 from muestra.experiments.spec import ModelSpec
@@ -27,6 +36,73 @@ from muestra.version import __version__
 
 class Malformed(ValueError):
     """An endpoint answered 200 with a body the runner cannot read (says what is wrong)."""
+
+
+class Unreachable(Exception):
+    """A request got no HTTP answer: refused, lost or timed out (the runner retries it)."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An endpoint's HTTP answer."""
+
+    status: int
+    headers: Mapping[str, str]  # looked up without regard to case
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+
+class Transport(Protocol):
+    async def request(
+        self, method: str, url: str, body: bytes | None, headers: Mapping[str, str]
+    ) -> Answer: ...
+
+    async def aclose(self) -> None: ...
+
+
+class AiohttpTransport:
+    """Keep-alive connections to the endpoints, at most `connections` open at once; a
+    request that gets no answer in `timeout` seconds (`connect` to connect) raises
+    `Unreachable`. Made inside the running event loop, closed with `aclose`."""
+
+    def __init__(self, connections: int, timeout: float, connect: float) -> None:
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=connections, limit_per_host=0),
+            timeout=aiohttp.ClientTimeout(total=timeout, connect=connect),
+        )
+        self.proxies: dict[str, tuple[Any, Any]] = {}  # by host: (proxy URL, its auth)
+
+    async def request(
+        self, method: str, url: str, body: bytes | None, headers: Mapping[str, str]
+    ) -> Answer:
+        proxy, auth = self._proxy(url)
+        try:
+            async with self.session.request(
+                method, url, data=body, headers=headers, proxy=proxy, proxy_auth=auth
+            ) as response:
+                return Answer(response.status, response.headers, await response.read())
+        except (aiohttp.ClientError, TimeoutError) as err:
+            raise Unreachable(f"{type(err).__name__}: {err}") from err
+
+    def _proxy(self, url: str) -> tuple[Any, Any]:
+        """HTTP(S)_PROXY and NO_PROXY as httpx and curl read them, once per host (aiohttp's
+        trust_env reads them again in a thread for every request)."""
+        host = "/".join(url.split("/", 3)[:3])  # scheme://host:port
+        if host not in self.proxies:
+            try:
+                self.proxies[host] = get_env_proxy_for_url(yarl.URL(url))
+            except LookupError:  # no proxy for this host
+                self.proxies[host] = (None, None)
+        return self.proxies[host]
+
+    async def aclose(self) -> None:
+        await self.session.close()
 
 
 @dataclass(frozen=True)
@@ -48,7 +124,7 @@ class Endpoints:
 
     @property
     def headers(self) -> dict[str, str]:
-        headers = {"User-Agent": f"muestra/{__version__}"}
+        headers = {"User-Agent": f"muestra/{__version__}", "Content-Type": "application/json"}
         if self.key:
             headers["Authorization"] = f"Bearer {self.key}"
         return headers

@@ -36,13 +36,12 @@ and are not available remotely (stored as NULL).
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
-
-import httpx
 
 from muestra.answers.grammar import GrammarSpec
 from muestra.answers.phases import TEXT_INSTRUCTION, answer_budget_error, with_instruction
@@ -50,10 +49,14 @@ from muestra.answers.structured import parse_answer
 from muestra.engine.seeds import sample_seed
 from muestra.errors import MuestraError
 from muestra.experiments.endpoints import (
+    AiohttpTransport,
+    Answer,
     ChatReply,
     EndpointPool,
     Endpoints,
     Malformed,
+    Transport,
+    Unreachable,
     read_chat,
     read_models,
 )
@@ -145,7 +148,7 @@ class RemoteRunner:
         note: Callable[[str], None] = lambda _: None,
         provenance: Callable[[dict[str, Any]], None] = lambda _: None,
         sampling: Mapping[str, ThinkSampling] | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,  # tests put a fake server here
+        transport: Transport | None = None,  # tests put a fake server here
     ) -> None:
         self.spec = spec
         self.model = model
@@ -161,7 +164,7 @@ class RemoteRunner:
             GrammarSpec.json_schema(spec.answer_schema) if spec.answer_schema is not None else None
         )
         self.pool = EndpointPool(model.endpoints, model.concurrency)
-        self.bodies: dict[tuple[str, int], dict[str, Any]] = {}  # a unit's body, but the seed
+        self.bodies: dict[tuple[str, int], bytes] = {}  # a unit's encoded body, but the seed
 
     def run(self, units: list[Any]) -> None:
         asyncio.run(self._run(units))
@@ -172,17 +175,16 @@ class RemoteRunner:
         with the number of samples."""
         model = self.model
         connections = model.concurrency * len(model.endpoints)
-        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-        timeout = httpx.Timeout(model.timeout, connect=min(30.0, model.timeout))
-        async with httpx.AsyncClient(
-            timeout=timeout, limits=limits, transport=self.transport
-        ) as client:
+        transport = self.transport or AiohttpTransport(
+            connections, model.timeout, min(30.0, model.timeout)
+        )
+        try:
             self.pool = EndpointPool(model.endpoints, model.concurrency)
-            self.on_provenance(await self._describe(client))
+            self.on_provenance(await self._describe(transport))
             work = ((unit, index) for unit in units for index in unit.missing)
             rows = RowBatches(self.store)
             workers = [
-                asyncio.ensure_future(self._work(client, work, rows)) for _ in range(connections)
+                asyncio.ensure_future(self._work(transport, work, rows)) for _ in range(connections)
             ]
             try:
                 await asyncio.gather(*workers)
@@ -191,12 +193,14 @@ class RemoteRunner:
                     worker.cancel()
                 await asyncio.gather(*workers, return_exceptions=True)
                 rows.flush()  # what arrived is stored, however the run ends
+        finally:
+            await transport.aclose()
 
-    async def _work(self, client: httpx.AsyncClient, work: Iterator[Any], rows: RowBatches) -> None:
+    async def _work(self, transport: Transport, work: Iterator[Any], rows: RowBatches) -> None:
         for unit, index in work:
-            rows.add(await self._sample(client, unit, index))
+            rows.add(await self._sample(transport, unit, index))
 
-    async def _describe(self, client: httpx.AsyncClient) -> dict[str, Any]:
+    async def _describe(self, transport: Transport) -> dict[str, Any]:
         """Check that every endpoint that answers serves the model; its provenance for the
         store. With several endpoints, one that does not answer, or answers what is not a
         model list (two tries), is left resting and the run starts on the others; with
@@ -207,7 +211,7 @@ class RemoteRunner:
         for endpoint in endpoints:
             try:
                 entries = await self._call(
-                    client, "GET", "/models", read_models, endpoint,
+                    transport, "GET", "/models", read_models, endpoint,
                     retries=self.model.retries if len(endpoints) == 1 else 1,
                 )  # fmt: skip
             except RemoteError as err:
@@ -248,20 +252,22 @@ class RemoteRunner:
             "sampling_fallback": self.model.sampling_fallback,
         }
 
-    async def _sample(self, client: httpx.AsyncClient, unit: Any, index: int) -> dict[str, Any]:
+    async def _sample(self, transport: Transport, unit: Any, index: int) -> dict[str, Any]:
         seed = sample_seed(self.run_seed, unit.prompt_index, index)
         key = (unit.condition.label, unit.prompt_index)
         if key not in self.bodies:  # the same for every sample of the unit but the seed
             think_sampling = self.sampling.get(unit.condition.label)
-            self.bodies[key] = request_body(
+            body = request_body(
                 self.spec, self.model, unit.condition, unit.item, seed, think_sampling
             )
-        body = {**self.bodies[key], "seed": seed}
-        reply, endpoint, seconds = await self._post(client, "/chat/completions", body)
+            del body["seed"]  # encoded once; each sample's seed closes the object
+            self.bodies[key] = json.dumps(body).removesuffix("}").encode() + b', "seed": '
+        data = self.bodies[key] + b"%d}" % seed
+        reply, endpoint, seconds = await self._post(transport, "/chat/completions", data)
         return self._row(unit, index, seed, reply, seconds, endpoint)
 
     async def _post(
-        self, client: httpx.AsyncClient, path: str, body: dict[str, Any]
+        self, transport: Transport, path: str, body: bytes
     ) -> tuple[ChatReply, str, float]:
         """One sample's request through the pool, with retries: (answer, the endpoint
         that gave it, its seconds)."""
@@ -271,7 +277,7 @@ class RemoteRunner:
             started = time.perf_counter()
             try:
                 reply, last, wait = await self._once(
-                    client, "POST", f"{base}{path}", body, read_chat, attempt
+                    transport, "POST", f"{base}{path}", body, read_chat, attempt
                 )
             except BaseException:
                 await self.pool.release(base, failed=False)
@@ -286,10 +292,10 @@ class RemoteRunner:
 
     async def _once(
         self,
-        client: httpx.AsyncClient,
+        transport: Transport,
         method: str,
         url: str,
-        body: dict[str, Any] | None,
+        body: bytes | None,
         read: Callable[[Any], T],
         attempt: int,
     ) -> tuple[T | None, str, float]:
@@ -299,18 +305,18 @@ class RemoteRunner:
         raises `RemoteError`."""
         wait = min(30.0, 0.5 * 2**attempt) * (0.5 + random.random())
         try:
-            response = await client.request(method, url, json=body, headers=self.endpoints.headers)
-        except httpx.RequestError as err:
-            return None, f"{url}: {type(err).__name__}: {err}", wait
-        if response.status_code == 200:
+            response = await transport.request(method, url, body, self.endpoints.headers)
+        except Unreachable as err:
+            return None, f"{url}: {err}", wait
+        if response.status == 200:
             try:
                 return read(response.json()), "", wait
             except ValueError as err:  # not JSON (JSONDecodeError), or `Malformed`
                 why = err if isinstance(err, Malformed) else "not JSON"
                 shown = response.text[:120]
                 return None, f"{url} answered 200 with an unreadable body ({why}): {shown!r}", wait
-        last = f"{url} answered {response.status_code}: {_error_message(response)}"
-        if response.status_code not in RETRY_STATUS and response.status_code < 500:
+        last = f"{url} answered {response.status}: {_error_message(response)}"
+        if response.status not in RETRY_STATUS and response.status < 500:
             raise RemoteError(last)
         after = response.headers.get("retry-after", "")
         if after.replace(".", "", 1).isdigit():
@@ -319,7 +325,7 @@ class RemoteRunner:
 
     async def _call(
         self,
-        client: httpx.AsyncClient,
+        transport: Transport,
         method: str,
         path: str,
         read: Callable[[Any], T],
@@ -331,7 +337,7 @@ class RemoteRunner:
         retries = self.model.retries if retries is None else retries
         for attempt in range(retries + 1):
             answer, last, wait = await self._once(
-                client, method, f"{endpoint}{path}", None, read, attempt
+                transport, method, f"{endpoint}{path}", None, read, attempt
             )
             if answer is not None:
                 return answer
@@ -478,7 +484,7 @@ class _RemoteSample:
     num_tokens: int
 
 
-def _error_message(response: httpx.Response) -> str:
+def _error_message(response: Answer) -> str:
     try:
         data = response.json()
         error = data.get("error") if isinstance(data, dict) else None
