@@ -128,3 +128,115 @@ def test_generation_requests_as_lm_eval_sends_them(http):
     }
     response = http.post("/v1/completions", json=text)
     assert response.status_code == 200 and isinstance(response.json()["choices"][0]["text"], str)
+
+
+def test_a_request_without_model_is_for_the_served_model(http):
+    """As llama-server and vLLM serving one model: no `model` means the served one (chat
+    and completions); a wrong name is still a 404."""
+    chat = {"messages": [{"role": "user", "content": "Hola"}], "max_tokens": 2}
+    text = {"prompt": "El cielo es", "max_tokens": 2, "temperature": 0}
+    for route, body in (("/v1/chat/completions", chat), ("/v1/completions", text)):
+        response = http.post(route, json=body)
+        assert response.status_code == 200, response.text
+        assert response.json()["model"] == "t"
+        wrong = http.post(route, json={**body, "model": "otro"})
+        assert wrong.status_code == 404 and wrong.json()["error"]["param"] == "model"
+
+
+# ---- lm-eval's `gguf` model type ------------------------------------------------------------
+# lm_eval/models/gguf.py (0.4.13), used as is when lm_eval is installed, else these copies:
+# it posts text prompts to /v1/completions with no `model` (llama-server's habit), finds
+# the continuation by `text_offset` and reads `top_logprobs` as dicts of token → logprob.
+
+
+def _gguf_get_result(logprobs, context_length):
+    is_greedy = True
+    offsets = logprobs["text_offset"]
+    tokens = logprobs["tokens"]
+    tokens_logprobs = logprobs["token_logprobs"]
+    idx = 0
+    while offsets[idx] < context_length:
+        idx += 1
+    continuation_logprobs = sum(tokens_logprobs[idx:-1])
+    for i in range(idx, len(tokens)):
+        token = tokens[i]
+        top_tokens = logprobs["top_logprobs"][i]
+        top_token = max(top_tokens.keys(), key=lambda x: top_tokens[x])
+        if top_token != token:
+            is_greedy = False
+            break
+    return continuation_logprobs, is_greedy
+
+
+class _GGUFCopy:
+    """GGUFLM's requests and parsing, without lm_eval's registry."""
+
+    def __init__(self, base_url):
+        self.base_url = base_url
+
+    def _completion(self, context, continuation=None, stop=None):
+        import requests
+
+        request = {"prompt": context, "logprobs": 10, "temperature": 0.0}
+        if continuation:
+            request.update({"prompt": context + continuation, "max_tokens": 1, "echo": True})
+        if stop is not None:
+            request["stop"] = stop
+        response = requests.post(f"{self.base_url}/v1/completions", json=request)
+        response.raise_for_status()
+        return response.json()
+
+    def loglikelihood(self, requests):
+        out = []
+        for context, continuation in [r.args for r in requests]:
+            choice = self._completion(context, continuation)["choices"][0]
+            out.append(_gguf_get_result(choice["logprobs"], len(context)))
+        return out
+
+    def generate_until(self, requests):
+        out = []
+        for context, options in [r.args for r in requests]:
+            choice = self._completion(context, stop=options.get("until", ["</s>"]))["choices"][0]
+            out.append(choice["text"].strip())
+        return out
+
+
+class _Request:
+    def __init__(self, *args):
+        self.args = args
+
+
+@pytest.mark.slow
+def test_lm_eval_gguf_client_against_muestra_serve(smol_kit, smol):
+    """`lm_eval --model gguf --model_args base_url=…` against `muestra serve`: its
+    requests carry no `model` (served as the one model), its log-likelihoods equal a
+    forward pass of the model (text prompts, the continuation found by `text_offset`), and
+    its greedy generation (no max_tokens: the server's limit) answers."""
+    from test_server import start_server, stop_server
+
+    try:
+        from lm_eval.models.gguf import GGUFLM as client_class
+    except ImportError:
+        client_class = _GGUFCopy
+    pairs = [
+        ("Question: What is the capital of France?\nAnswer:", " Paris"),
+        ("Question: What is the capital of France?\nAnswer:", " a big old town"),
+        ("El cielo es", " azul"),
+    ]
+    process, base = start_server(smol_kit, "--served-model-name", "smol",
+                                 "--max-tokens-limit", "8")  # fmt: skip
+    try:
+        client = client_class(base_url=base)
+        got = client.loglikelihood([_Request(c, x) for c, x in pairs])
+        texts = client.generate_until([_Request("Question: 2+2?\nAnswer:", {"until": ["\n"]})])
+    finally:
+        stop_server(process)
+    for (context, continuation), (value, greedy) in zip(pairs, got, strict=True):
+        encoded = smol.tokenizer(context + continuation, return_offsets_mapping=True,
+                                 add_special_tokens=False)  # fmt: skip
+        ids, spans = encoded["input_ids"], encoded["offset_mapping"]
+        start = next(i for i, (begin, _) in enumerate(spans) if begin >= len(context))
+        expected, _ = _reference(smol.model, ids[:start], ids[start:])
+        assert value == pytest.approx(expected, abs=2e-4), (context, continuation)
+        assert isinstance(greedy, bool)
+    assert len(texts) == 1 and isinstance(texts[0], str)

@@ -157,7 +157,9 @@ class SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="allow", populate_by_name=True, allow_inf_nan=False)
 
-    model: str
+    # left out: the served model, as llama-server and vLLM take it (lm-eval's `gguf` client
+    # sends no model)
+    model: str | None = None
     temperature: Number | None = Field(None, ge=0, le=2)
     top_p: Number | None = Field(None, gt=0, le=1)
     top_k: Int | None = Field(None, ge=-1, le=INT_CAP)  # above the vocabulary: all of it

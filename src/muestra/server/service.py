@@ -118,7 +118,8 @@ class ServedModel:
     # ---- building jobs --------------------------------------------------------------
 
     def check_model(self, body: SamplingFields) -> None:
-        if body.model != self.name:
+        """A request names the served model, or no model (then it is the served one)."""
+        if body.model is not None and body.model != self.name:
             raise ApiError(
                 404,
                 f"the model {body.model!r} does not exist; this server serves {self.name!r}",
@@ -337,9 +338,12 @@ class ServedModel:
         self.check_rows(len(prompts), body.n)
         requests = []
         prompt_tokens = 0
+        asked = body.max_tokens
+        if "max_tokens" not in body.model_fields_set and self.max_tokens_limit is not None:
+            asked = min(16, self.max_tokens_limit)  # OpenAI's default, within --max-tokens-limit
         for index, ids in enumerate(await self.encode_prompts(prompts)):
             prompt_tokens += len(ids)
-            max_tokens = self.max_tokens(body.max_tokens, len(ids), "prompt")
+            max_tokens = self.max_tokens(asked, len(ids), "prompt")
             request = self.request(body, ids, params, max_tokens, body.logprobs)
             if index:  # each prompt's choices get their own seeds
                 seeds = choice_seeds(sample_seed(request.seed, index, 0), body.n)
