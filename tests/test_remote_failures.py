@@ -332,6 +332,43 @@ def test_a_tokenizer_beside_the_config_settles_auto(tiny_kit, tmp_path):
     assert (think.mode, think.mode_source) == ("tags", "tokenizer")  # a Qwen3 tokenizer
 
 
+def test_a_think_phase_answered_without_reasoning_stops_the_run(tmp_path):
+    """A server that returns no reasoning field (a model without think tags, or no
+    reasoning parser) to a think condition: the run stops after 8 such answers, naming
+    both causes, instead of storing every row without reasoning."""
+    from muestra.experiments.remote import NO_REASONING_LIMIT, RemoteError
+
+    def bare(request, attempt):
+        response = answer(request)
+        body = json.loads(response.content)
+        del body["choices"][0]["message"]["reasoning"]
+        return httpx.Response(200, json=body)
+
+    transport, calls = fake_server(bare)
+    remote, units, rows, _ = remote_runner(
+        tmp_path, transport, 'sampling_fallback = "neutral"\nconcurrency = 1'
+    )
+    for unit in units:
+        object.__setattr__(unit, "missing", tuple(range(10)))
+    with pytest.raises(RemoteError, match='no reasoning.*mode = "text".*--reasoning-parser'):
+        remote.run(units)
+    assert NO_REASONING_LIMIT - 2 <= len(rows) < NO_REASONING_LIMIT + 2  # 2 in flight
+    # an empty reasoning field is a reasoning (the model closed its think block at once)
+    (tmp_path / "empty").mkdir()
+
+    def empty(request, attempt):
+        body = json.loads(answer(request).content)
+        body["choices"][0]["message"]["reasoning"] = ""
+        return httpx.Response(200, json=body)
+
+    transport, _ = fake_server(empty)
+    remote, units, rows, _ = remote_runner(tmp_path / "empty", transport)
+    for unit in units:
+        object.__setattr__(unit, "missing", tuple(range(10)))
+    remote.run(units)
+    assert len(rows) == 20
+
+
 # ---- notes ---------------------------------------------------------------------------------
 
 

@@ -61,11 +61,13 @@ from muestra.experiments.endpoints import (
     read_models,
 )
 from muestra.experiments.prompts import messages_for, think_budget
+from muestra.experiments.row_batches import RowBatches
 from muestra.experiments.sampling import ThinkSampling, resolve_think
 from muestra.experiments.spec import Condition, LoadedSpec, ModelSpec, PromptItem
 
 RETRY_STATUS = {408, 409, 429}
 CLOSE_TEXT_SLACK = 64  # tokens for the closing text on servers without muestra's extension
+NO_REASONING_LIMIT = 8  # answers of a think condition without reasoning before it stops
 T = TypeVar("T")
 
 
@@ -165,6 +167,7 @@ class RemoteRunner:
         )
         self.pool = EndpointPool(model.endpoints, model.concurrency)
         self.bodies: dict[tuple[str, int], bytes] = {}  # a unit's encoded body, but the seed
+        self.reasoned: dict[str, list[int]] = {}  # by condition: answers with, without reasoning
 
     def run(self, units: list[Any]) -> None:
         asyncio.run(self._run(units))
@@ -264,7 +267,26 @@ class RemoteRunner:
             self.bodies[key] = json.dumps(body).removesuffix("}").encode() + b', "seed": '
         data = self.bodies[key] + b"%d}" % seed
         reply, endpoint, seconds = await self._post(transport, "/chat/completions", data)
+        if unit.condition.think is not None:
+            self._check_reasoning(unit.condition.label, reply)
         return self._row(unit, index, seed, reply, seconds, endpoint)
+
+    def _check_reasoning(self, label: str, reply: ChatReply) -> None:
+        """Stop a think condition whose first answers all come back without a reasoning
+        field: the server did not reason or did not split the reasoning out, and every
+        row would be stored without it (a silent fallback)."""
+        seen = self.reasoned.setdefault(label, [0, 0])  # [with, without] reasoning
+        seen[reply.reasoning is None] += 1
+        if seen[0] == 0 and seen[1] >= NO_REASONING_LIMIT:
+            mode = self.sampling[label].mode
+            raise RemoteError(
+                f"{self.model.name}, condition {label}: {seen[1]} answers in a row came back "
+                "with no reasoning (no reasoning_content or reasoning field) although the "
+                f"spec has a think phase (mode {mode!r}). Either the model has no think "
+                'tags — then set [think] mode = "text" and serve it with `muestra serve` — '
+                "or the server does not split the reasoning out (vLLM/SGLang: "
+                "--reasoning-parser; llama-server: --reasoning-format deepseek)"
+            )
 
     async def _post(
         self, transport: Transport, path: str, body: bytes
@@ -374,51 +396,6 @@ class RemoteRunner:
             num_tokens=reply.completion_tokens,
         )
         return {**self.row(unit, sample, budget, seconds), "endpoint": endpoint}
-
-
-class RowBatches:
-    """The answers on their way to the store: written in one transaction per batch, when
-    `size` rows are waiting or `seconds` after the first of them arrived (a commit per
-    row would cap a run at the disk's fsyncs per second). A run killed in between loses
-    at most the rows of the last `seconds`: the resume requests them again, with the
-    same seeds."""
-
-    def __init__(
-        self, store: Callable[[list[dict[str, Any]]], None], size: int = 256, seconds: float = 0.2
-    ) -> None:
-        self.store = store
-        self.size = size
-        self.seconds = seconds
-        self.rows: list[dict[str, Any]] = []
-        self.timer: asyncio.TimerHandle | None = None
-        self.failed: BaseException | None = None  # a timed write that failed, raised next
-
-    def add(self, row: dict[str, Any]) -> None:
-        if self.failed is not None:
-            raise self.failed
-        self.rows.append(row)
-        if len(self.rows) >= self.size:
-            self.flush()
-        elif self.timer is None:
-            self.timer = asyncio.get_running_loop().call_later(self.seconds, self._timed)
-
-    def _timed(self) -> None:
-        self.timer = None
-        try:
-            self.flush()
-        except BaseException as err:  # the loop would only log it: the next add raises it
-            self.failed = err
-
-    def flush(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        rows, self.rows = self.rows, []
-        if rows:
-            self.store(rows)
-        if self.failed is not None:
-            failed, self.failed = self.failed, None
-            raise failed
 
 
 def endpoint_notes(
