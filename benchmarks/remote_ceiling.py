@@ -15,8 +15,8 @@
    from the store), and the runner's resident memory (VmRSS) sampled every 0.25 s through
    the run: its start, its peak and its growth between 10 % and 100 % of the samples.
 
-Writes benchmarks/results/remote_ceiling.json. Profile a run with py-spy (not a
-dependency; `pip install py-spy`):
+Writes benchmarks/results/remote_ceiling.json. Profile a run with py-spy (in the dev
+extra):
     py-spy record -r 250 -f speedscope -o remote.json -- \
         python -m benchmarks.remote_ceiling --samples 20000 --only 1
 """
@@ -200,7 +200,6 @@ def run_once(urls: list[str], samples: int, concurrency: int, folder: Path) -> d
         ).fetchone()
         per_endpoint = dict(db.execute("SELECT endpoint, count(*) FROM samples GROUP BY 1"))
     assert progress.done == stored == samples, (progress.done, stored, samples)
-    tenth = next(rss for _, rss, n in trace if n >= samples // 10) if trace else rss_start
     return {
         "endpoints": len(urls),
         "samples": samples,
@@ -215,11 +214,20 @@ def run_once(urls: list[str], samples: int, concurrency: int, folder: Path) -> d
         "one_free_core_ceiling_per_s": round(samples / cpu),
         "valid": valid,
         "rows_per_endpoint": sorted(per_endpoint.values()),
+        **_memory(trace, rss_start, samples),
+    }
+
+
+def _memory(trace: list[tuple[float, float, int]], start: float, samples: int) -> dict[str, Any]:
+    """The runner's RSS at start, at 10 % of the samples, at its peak and at the end, and
+    about 40 points of the trace (seconds, MB, samples stored)."""
+    tenth = next((rss for _, rss, n in trace if n >= samples // 10), start)
+    return {
         "rss_mb": {
-            "at_start": round(rss_start, 1),
+            "at_start": round(start, 1),
             "at_10_percent": round(tenth, 1),
-            "peak": round(max(r for _, r, _ in trace), 1) if trace else None,
-            "at_end": round(trace[-1][1], 1) if trace else None,
+            "peak": round(max((r for _, r, _ in trace), default=start), 1),
+            "at_end": round(trace[-1][1] if trace else start, 1),
         },
         "trace": [(round(t, 2), round(r, 1), n) for t, r, n in trace[:: max(1, len(trace) // 40)]],
     }
