@@ -4,7 +4,8 @@ A model in the spec with `endpoint = "http://host:port/v1"` (or a list of them) 
 loaded; each missing sample becomes one chat request:
 
 - `messages` rendered from the spec, `n = 1`, `seed` = the sample's own seed (the
-  same `sample_seed(run seed, prompt, sample)` a local run uses and stores);
+  same `sample_seed(run seed, prompt's seed index, sample)` a local run uses and
+  stores);
 - the sampling fields `temperature`, `top_p`, `top_k`, `min_p`, always all four: the
   think phase's as `sampling.py` resolved them before the run (spec, else the model's
   generation_config.json, else the model's `sampling_fallback`; only "server" leaves
@@ -311,7 +312,7 @@ class RemoteRunner:
         }
 
     async def _sample(self, client: httpx.AsyncClient, unit: Any, index: int) -> None:
-        seed = sample_seed(self.run_seed, unit.prompt_index, index)
+        seed = sample_seed(self.run_seed, unit.seed_index, index)
         think_sampling = self.sampling.get(unit.condition.label)
         body = request_body(self.spec, self.model, unit.condition, unit.item, seed, think_sampling)
         data, endpoint, seconds = await self._post(client, "/chat/completions", body)
