@@ -93,7 +93,10 @@ def test_the_headline_of_paired_variants_is_their_comparison_not_a_fit_to_unifor
     assert {c.value for c in pairs} == {"masculino", "femenino"} and pairs[0].prompts == 3
     differ = analyze(_vecinos(0.9, 0.5), lang="es")
     assert differ.findings[0].startswith("vecina y vecino difieren: sexo=")
-    assert "emparejado en 3 grupo(s)" in differ.findings[0]
+    # three groups are too few for a paired-bootstrap interval: the sentence says so
+    assert "en 3 grupo(s): muy pocos grupos para un intervalo" in differ.findings[0]
+    six = analyze(_vecinos(0.9, 0.5, n=30, groups=6), lang="es")
+    assert "IC 95 % de" in six.findings[0] and "emparejado en 6 grupo(s)" in six.findings[0]
 
 
 def test_an_exact_probability_and_a_single_sample_have_no_interval():

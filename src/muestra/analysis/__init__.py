@@ -193,7 +193,7 @@ class Analysis:
         return data
 
 
-def _beam_notes(frame: pd.DataFrame) -> list[str]:
+def _beam_notes(frame: pd.DataFrame, lang: str = "en") -> list[str]:
     """Rows that are ranked beams, not draws: say so where their numbers are read."""
     notes = []
     for phase in ("think", "answer"):
@@ -207,11 +207,7 @@ def _beam_notes(frame: pd.DataFrame) -> list[str]:
         if ranked.empty or sampled_reasoning:
             continue  # each answer beam follows a sampled reasoning: the rows are draws
         conditions = ", ".join(sorted(ranked["condition"].astype(str).unique()))
-        notes.append(
-            f"condition(s) {conditions}: the rows are the most likely {phase} sequences, "
-            "ranked by beam search, not random draws; their shares, intervals and tests "
-            "describe those beams and do not estimate the model's distribution"
-        )
+        notes.append(say("beam_rows", lang, conditions=conditions, phase=phase))
     return notes
 
 
@@ -292,7 +288,7 @@ def analyze(
     temperature 1, untruncated), for the flip rate's chance level."""
     valid = frame[frame["error"].isna()] if len(frame) else frame
     result = Analysis(alpha=alpha, samples=len(frame), valid=len(valid), lang=check(lang))
-    result.notes += _beam_notes(frame)
+    result.notes += _beam_notes(frame, result.lang)
     kinds = schema_kinds(schema)
     free = text_fields(valid, kinds)
     for name in free:
@@ -362,6 +358,9 @@ def _categorical(
     result.notes += notes
 
 
+MIN_GROUPS = 5  # groups a paired-difference interval in a headline sentence needs
+
+
 def _variants(
     rows: pd.DataFrame, column: pd.Series, name: str, levels: list[str], result: Analysis
 ) -> None:
@@ -377,13 +376,13 @@ def _variants(
         )  # fmt: skip
     test = variant_test(paired, column[paired.index], name)
     largest = max(shares, key=lambda s: abs(s.difference), default=None)
-    detail = (
-        say("variants", result.lang, field=name, value=largest.value, a=largest.a,
-            b=largest.b, share_a=largest.share_a, share_b=largest.share_b,
-            diff=largest.difference, low=largest.low, high=largest.high, groups=largest.groups)
-        if largest is not None
-        else ""
-    )  # fmt: skip
+    detail = ""
+    if largest is not None:  # a bootstrap over fewer than MIN_GROUPS groups is no interval
+        key = "variants" if largest.groups >= MIN_GROUPS else "variants_few"
+        detail = say(key, result.lang, field=name, value=largest.value, a=largest.a,
+                     b=largest.b, share_a=largest.share_a, share_b=largest.share_b,
+                     diff=largest.difference, low=largest.low, high=largest.high,
+                     groups=largest.groups)  # fmt: skip
     a, b = " / ".join(test.variants[:-1]), test.variants[-1]
     if test.method is None:
         result.untested.append(say("variants_untested", result.lang, a=a, b=b, detail=detail))
@@ -395,9 +394,20 @@ def _variants(
 
 
 def _adjust(result: Analysis) -> None:
-    """Holm and BH over every test; sentences for the significant ones and the headline."""
-    tests: list[TestRow | FitRow] = [*result.tests, *result.fits]
-    holm, bh = adjust([t.p_value for t in tests])
+    """Holm and BH over two families: the headline tests (the variants compared, one per
+    field: the question the spec asks) among themselves, every other test of the report
+    among the others. Sentences for the headline and for the significant others."""
+    head = [t for t in result.tests if t.headline]
+    rest: list[TestRow | FitRow] = [t for t in result.tests if not t.headline] + result.fits
+    for family in (head, rest):
+        _adjust_family(family, result)
+    if head or result.untested:
+        pairs = sorted({f"{c.a} / {c.b}" for c in result.comparisons if c.by == "variant"})
+        result.notes.append(say("headline_variants", result.lang, pairs=", ".join(pairs)))
+
+
+def _adjust_family(tests: list[Any], result: Analysis) -> None:
+    holm, bh = adjust([t.p_value for t in tests]) if tests else ([], [])
     lang = result.lang
     for test, p_holm, p_bh in zip(tests, holm, bh, strict=True):
         test.p_holm, test.p_bh = p_holm, p_bh
@@ -408,9 +418,6 @@ def _adjust(result: Analysis) -> None:
                                 p=p_text(p_holm))  # fmt: skip
         elif test.sentence is not None:
             test.sentence = f"{test.sentence}; {p_text(p_holm)}" if p_holm < result.alpha else None
-    if any(t.headline for t in result.tests) or result.untested:
-        pairs = sorted({f"{c.a} / {c.b}" for c in result.comparisons if c.by == "variant"})
-        result.notes.append(say("headline_variants", lang, pairs=", ".join(pairs)))
 
 
 def _sentence_parts(table: pd.DataFrame, name: str, by: str, lang: str = "en") -> str:

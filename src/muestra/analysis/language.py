@@ -18,8 +18,8 @@ LANGUAGES = ("en", "es")
 PHRASES: dict[str, tuple[str, str]] = {
     # axis labels, legends, titles
     "share": ("share of samples", "proporción de muestras"),
-    "share_pooled": ("share of samples (pooled over prompts)",
-                     "proporción de muestras (todas las descripciones)"),
+    "share_pooled": ("share of samples\n(pooled over prompts)",
+                     "proporción de muestras\n(todos los prompts)"),
     "by": ("{field} by {by}", "{field} por {by}"),
     "prompt": ("prompt", "prompt"),
     "condition": ("condition", "condición"),
@@ -99,6 +99,12 @@ PHRASES: dict[str, tuple[str, str]] = {
         "{field}={value}: {a} {share_a:.0%} frente a {b} {share_b:.0%} (diferencia "
         "{diff:+.0%}, IC 95 % de {low:+.0%} a {high:+.0%}, emparejado en {groups} grupo(s))",
     ),
+    "variants_few": (
+        "{field}={value}: {a} {share_a:.0%} vs {b} {share_b:.0%} (difference {diff:+.0%} "
+        "averaged over {groups} group(s): too few groups for an interval)",
+        "{field}={value}: {a} {share_a:.0%} frente a {b} {share_b:.0%} (diferencia "
+        "{diff:+.0%} de media en {groups} grupo(s): muy pocos grupos para un intervalo)",
+    ),
     "variants_differ": (
         "{a} and {b} differ: {detail}; {p}",
         "{a} y {b} difieren: {detail}; {p}",
@@ -112,6 +118,14 @@ PHRASES: dict[str, tuple[str, str]] = {
         "{a} frente a {b}: {detail}; muy pocas muestras para una prueba",
     ),
     # notes
+    "beam_rows": (
+        "condition(s) {conditions}: the rows are the most likely {phase} sequences, ranked "
+        "by beam search, not random draws; their shares, intervals and tests describe those "
+        "beams and do not estimate the model's distribution",
+        "condición(es) {conditions}: las filas son las secuencias de {phase} más probables, "
+        "ordenadas por búsqueda de haces, no sorteos; sus proporciones, intervalos y pruebas "
+        "describen esos haces y no estiman la distribución del modelo",
+    ),
     "exact_probs": (
         "field_probs of {field} are the same in every sample of {groups}: the answer comes "
         "straight after the same prompt, so its probability is exact (no interval)",

@@ -76,8 +76,12 @@ class _Shown:
 
 
 def _rounded(frame: pd.DataFrame) -> pd.DataFrame:
-    """Undefined numbers (None: no interval) shown as a dash, not as NaN."""
-    return frame.astype(object).where(frame.notna(), "—") if not frame.empty else frame
+    """Numbers to three decimals, undefined ones (None: no interval) as a dash, not NaN."""
+    shown = frame.copy()
+    for column in shown.columns:
+        if shown[column].map(lambda v: v is None or isinstance(v, float)).all():
+            shown[column] = shown[column].map(lambda v: "—" if pd.isna(v) else f"{v:.3f}")
+    return shown
 
 
 @dataclass(repr=False)

@@ -16,6 +16,7 @@ outside the bars, and wraps or turns tick labels that would collide (`_ticks`). 
 
 from __future__ import annotations
 
+import itertools
 import textwrap
 from collections.abc import Sequence
 from typing import Any
@@ -46,9 +47,11 @@ def colors(n: int) -> list[str]:
 
 
 def _figure(width: float, height: float) -> tuple[Any, Any]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)  # a renderer to measure labels with (`_ticks`)
     return fig, fig.add_subplot()
 
 
@@ -64,16 +67,22 @@ def _whiskers(
 
 
 def _ticks(ax: Any, labels: Sequence[str], width: float) -> None:
-    """x tick labels wrapped to `WRAP` characters, turned 30° when they would still not
-    fit side by side in a figure `width` inches wide."""
-    wrapped = ["\n".join(textwrap.wrap(str(t), WRAP, break_on_hyphens=False)) or str(t)
+    """x tick labels wrapped at spaces to `WRAP` characters, turned 30° when, laid out,
+    two of them would still touch. (`width`: the figure's, in inches.)"""
+    wrapped = ["\n".join(textwrap.wrap(str(t), WRAP, break_on_hyphens=False,
+                                       break_long_words=False)) or str(t)
                for t in labels]  # fmt: skip
     ax.set_xticks(range(len(labels)), wrapped)
-    widest = max((len(line) for t in wrapped for line in t.split("\n")), default=0)
-    if widest * 0.075 * len(labels) > width * 0.85:  # ~0.075 in per character at 10 pt
+    fig = ax.figure
+    fig.draw_without_rendering()  # the constrained layout places the labels
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    boxes = [t.get_window_extent(renderer) for t in ax.get_xticklabels()]
+    gap = 0.05 * fig.dpi  # at least 0.05 in between two labels
+    if any(b.x0 - a.x1 < gap for a, b in itertools.pairwise(boxes)):
         for text in ax.get_xticklabels():
             text.set_rotation(30)
             text.set_horizontalalignment("right")
+            text.set_rotation_mode("anchor")
 
 
 def _legend(ax: Any, title: str | None = None) -> None:
@@ -123,11 +132,11 @@ def distributions(
         shares = [next(s for s in d.values if s.value == value) for d in dists]
         cells.append([(s.proportion, s.low, s.high) for s in shares])
     _grouped(ax, [d.group for d in dists], values, cells)
-    _ticks(ax, [f"{d.group} (n={d.n})" for d in dists], width)
     ax.set_ylim(0, 1)
     ax.set_ylabel(say("share", lang))
     ax.set_title(title or field)
     _legend(ax, field)
+    _ticks(ax, [f"{d.group} (n={d.n})" for d in dists], width)  # last: measured in place
     return fig
 
 
@@ -147,11 +156,11 @@ def pooled(records: Sequence[Pooled], field: str, by: str, lang: str = "en") -> 
         cells.append([(p.share, p.low, p.high) for p in found])
     _grouped(ax, levels, values, cells)
     sizes = {p.level: p.n for p in rows}
-    _ticks(ax, [f"{level} (n={sizes[level]})" for level in levels], width)
     ax.set_ylim(0, 1)
     ax.set_ylabel(say("share_pooled", lang))
     ax.set_title(say("by", lang, field=field, by=say(by, lang) if by != "all" else by))
     _legend(ax, field)
+    _ticks(ax, [f"{level} (n={sizes[level]})" for level in levels], width)
     return fig
 
 
@@ -164,17 +173,20 @@ def field_probs(
     rows = [r for r in records if field is None or r.field == field]
     if not rows:
         raise ValueError("no field_probs to plot" + (f" for field {field!r}" if field else ""))
-    fig, ax = _figure(7.0, 0.35 * len(rows) + 1.4)
+    labels = [f"{r.group} · {r.field}={r.value}" for r in rows]
+    width = min(14.0, max(7.0, 0.07 * max(len(t) for t in labels) + 4.5))
+    fig, ax = _figure(width, 0.35 * len(rows) + 1.9)
     y = np.arange(len(rows))[::-1]
     means = [r.mean_probability for r in rows]
     ax.errorbar(means, y, xerr=_whiskers(means, [r.low for r in rows], [r.high for r in rows]),
                 fmt="o", color=PALETTE[0], capsize=3, label=say("exact_mean", lang))  # fmt: skip
     ax.scatter([r.sampled_share for r in rows], y, facecolors="none", edgecolors=PALETTE[2],
                label=say("drawn_share", lang), zorder=3)  # fmt: skip
-    ax.set_yticks(y, [f"{r.group} · {r.field}={r.value}" for r in rows])
+    ax.set_yticks(y, labels)
     ax.set_xlim(0, 1)
     ax.set_xlabel(say("probability", lang))
-    _legend(ax)
+    handles, names = ax.get_legend_handles_labels()  # below the axes, beside each other
+    fig.legend(handles, names, loc="outside lower center", ncols=2, fontsize="small")
     return fig
 
 
@@ -248,11 +260,11 @@ def accuracies(
         capsize=4,
         color=colors(len(rows)),
     )
-    _ticks(ax, [f"{label} (n={a.total})" for label, a in rows], width)
     ax.set_ylim(0, 1)
     ax.set_ylabel(say("accuracy", lang))
     if title:
         ax.set_title(title)
+    _ticks(ax, [f"{label} (n={a.total})" for label, a in rows], width)
     return fig
 
 
@@ -296,11 +308,11 @@ def rewards(records: Sequence[RewardCell], title: str | None = None, lang: str =
                       if p in by_prompt else (0.0, None, None) for p in prompts])  # fmt: skip
     _grouped(ax, prompts, series, cells)
     ax.axhline(0, color="#999", linewidth=1)
-    _ticks(ax, prompts, width)
     ax.set_ylabel(say("mean_reward", lang))
     _legend(ax)
     if title:
         ax.set_title(title)
+    _ticks(ax, prompts, width)
     return fig
 
 
