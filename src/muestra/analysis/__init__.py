@@ -13,7 +13,8 @@ returns an `Analysis`:
 - one goodness-of-fit test per field and prompt × condition × model cell: are the
   answers drawn from the reference distribution? (exact binomial for two values, χ² with
   a Monte-Carlo p-value when expected counts are small for more; see `muestra.analysis.fit`);
-- Holm and Benjamini–Hochberg adjustment over every test of the report (both kinds);
+- Holm and Benjamini–Hochberg adjustment over every test of the report (both kinds),
+  except the headline comparison of paired variants, adjusted as a family of its own;
 - for each condition and model (and for all prompts together): shares pooled over
   prompts with a two-stage prompt-level cluster bootstrap interval, and condition /
   model differences paired over prompts (each prompt weighs the same) with a paired

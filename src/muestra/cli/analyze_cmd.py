@@ -39,7 +39,8 @@ def analyze(
     compared) with Cramér's V; is each field skewed away from the reference distribution
     (uniform unless `[analysis.reference]` gives one) in each prompt × condition × model
     cell? exact binomial or χ² (Monte-Carlo when counts are small) goodness-of-fit tests;
-    Holm and Benjamini–Hochberg adjusted p-values over all those tests, one sentence per
+    Holm and Benjamini–Hochberg adjusted p-values over all those tests (a spec's paired
+    variants compared, the headline, as a family of their own), one sentence per
     significant finding, Wilson intervals per value, distance to the
     reference distribution, shares pooled over prompts and condition/model differences
     paired over prompts (prompt-level cluster bootstrap), counterfactual pairs,

@@ -241,7 +241,8 @@ def _fits(analysis: Analysis) -> str:
         "reference distribution (uniform over the allowed values unless "
         "<code>[analysis.reference]</code> gives one)? Exact binomial test for two values, "
         "χ² for more (Monte-Carlo p-value when an expected count is below 5); p-values "
-        "adjusted together with the tests above. Value: the most over-represented one, "
+        "adjusted together with the tests above (a spec's variants compared are a family "
+        "of their own). Value: the most over-represented one, "
         "with its Wilson 95% interval.</p>"
     )
     headers = ["field", "prompt", "condition", "model", "method", "value", "n", "share"]
