@@ -227,14 +227,20 @@ def test_figures_speak_the_notebooks_language_and_stay_readable():
 
     values = [ValueShare(f"valor {i}", 1, 1 / 8, 0.0, 0.5) for i in range(8)]
     dists = [Distribution("clase", f"una descripción larga número {g}", 8, values, 0, 0, 1)
-             for g in range(6)]  # fmt: skip
+             for g in range(14)]  # fmt: skip
     fig = plots.distributions(dists, "clase", lang="es")
     ax = fig.axes[0]
     assert ax.get_ylabel() == "proporción de muestras"
     assert len({p.get_facecolor() for p in ax.patches}) == 8
     assert ax.get_legend().get_bbox_to_anchor().transformed(ax.transAxes.inverted()).x0 > 1
-    labels = [t.get_text() for t in ax.get_xticklabels()]
-    assert all(max(len(line) for line in t.split("\n")) <= plots.WRAP for t in labels)
+    # fourteen long labels do not fit side by side even wrapped: one line each, turned 30°
+    assert all(t.get_rotation() == 30 for t in ax.get_xticklabels())
+    fig.draw_without_rendering()
+    boxes = [t.get_window_extent() for t in ax.get_xticklabels()]
+    assert all(a.x0 < b.x0 for a, b in zip(boxes, boxes[1:], strict=False))
+    short = plots.distributions(dists[:3], "clase").axes[0].get_xticklabels()
+    assert all(t.get_rotation() == 0 and max(map(len, t.get_text().split("\n"))) <= plots.WRAP
+               for t in short)  # fmt: skip
     assert plots.distributions(dists, "clase").axes[0].get_ylabel() == "share of samples"
     curve = [(k, accuracy([True] * k + [False])) for k in (1, 3, 5)]
     ax = plots.vote_curves([("vote", curve)], lang="es").axes[0]

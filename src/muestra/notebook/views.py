@@ -317,7 +317,7 @@ class EvaluationView(_Shown):
     def _parts(self) -> tuple[str, list[str], list[tuple[str, pd.DataFrame]]]:
         task = ", ".join(dict.fromkeys(r.task for r in self.results))
         notes = [say("note", self.lang, text=n) for r in self.results for n in r.notes]
-        tables = [(say("cap_accuracy", self.lang), self.to_pandas())]
+        tables = [(say("cap_accuracy", self.lang), _rounded(self.to_pandas()))]
         if self.comparisons:
             tables.append((say("cap_paired", self.lang), self.comparisons_frame()))
         return f"{task}: {len(self.results)} scoring(s)", notes, tables

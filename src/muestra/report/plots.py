@@ -67,8 +67,8 @@ def _whiskers(
 
 
 def _ticks(ax: Any, labels: Sequence[str], width: float) -> None:
-    """x tick labels wrapped at spaces to `WRAP` characters, turned 30° when, laid out,
-    two of them would still touch. (`width`: the figure's, in inches.)"""
+    """x tick labels wrapped at spaces to `WRAP` characters; when, laid out, two of them
+    would still touch, unwrapped and turned 30°. (`width`: the figure's, in inches.)"""
     wrapped = ["\n".join(textwrap.wrap(str(t), WRAP, break_on_hyphens=False,
                                        break_long_words=False)) or str(t)
                for t in labels]  # fmt: skip
@@ -79,6 +79,7 @@ def _ticks(ax: Any, labels: Sequence[str], width: float) -> None:
     boxes = [t.get_window_extent(renderer) for t in ax.get_xticklabels()]
     gap = 0.05 * fig.dpi  # at least 0.05 in between two labels
     if any(b.x0 - a.x1 < gap for a, b in itertools.pairwise(boxes)):
+        ax.set_xticks(range(len(labels)), [str(t) for t in labels])  # one line each, turned
         for text in ax.get_xticklabels():
             text.set_rotation(30)
             text.set_horizontalalignment("right")
