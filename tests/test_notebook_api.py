@@ -250,3 +250,33 @@ def test_figures_speak_the_notebooks_language_and_stay_readable():
     result = EvalResult("loglik", "/kits/smol", "easy-es", settings_for("loglik", {}),
                         Path("s.db"), 1, [], accuracy([True]), {})  # fmt: skip
     assert replace(result, tag="torch").label == result.label + " (torch)"
+
+
+def test_quiet_training_silences_load_reports_bars_and_step_logs():
+    """quiet=True: no transformers LOAD REPORT (a warning), no 'Loading weights' bars and
+    no per-step loss dicts (transformers' PrinterCallback) — then everything as before."""
+    from transformers.trainer_callback import PrinterCallback
+    from transformers.utils import logging as hf_logging
+
+    from muestra.evaluation.reward import quiet_logs, run_training
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    with quiet_logs(True):
+        assert hf_logging.get_verbosity() == hf_logging.ERROR
+        assert not hf_logging.is_progress_bar_enabled()
+    assert (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()) == (level, bars)
+
+    class Trainer:  # what run_training touches of a transformers Trainer
+        def __init__(self, quiet: bool) -> None:
+            self.args = type("Args", (), {"disable_tqdm": quiet})()
+            self.removed: list[type] = []
+
+        def remove_callback(self, callback: type) -> None:
+            self.removed.append(callback)
+
+        def train(self) -> str:
+            return "done"
+
+    quiet, loud = Trainer(True), Trainer(False)
+    assert run_training(quiet)[0] == "done" and quiet.removed == [PrinterCallback]
+    assert run_training(loud)[0] == "done" and loud.removed == []
