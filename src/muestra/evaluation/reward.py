@@ -339,8 +339,9 @@ def load_reward_files(folder: Path, flag: str) -> tuple[Any, Any]:
             f"none of {', '.join(tokenizer_files)}); train it again with `muestra reward train`"
         )
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(folder, dtype="float32")
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        with quiet_logs(True):  # a finished model: no load report, no 'Loading weights' bar
+            model = AutoModelForSequenceClassification.from_pretrained(folder, dtype="float32")
+            tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InputError(

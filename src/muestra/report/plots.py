@@ -299,12 +299,18 @@ def rewards(records: Sequence[RewardCell], title: str | None = None, lang: str =
     if not records:
         raise ValueError("no rewards: score the run with `muestra reward score` first")
     prompts = list(dict.fromkeys(c.prompt for c in records))
-    series = list(dict.fromkeys(f"{c.model} {c.condition}".strip() for c in records))
+    several = {k: len({getattr(c, k) for c in records}) > 1 for k in ("model", "condition")}
+
+    def name_of(c: RewardCell) -> str:  # the model and the condition, where several ran
+        parts = [c.model if several["model"] else "", c.condition if several["condition"] else ""]
+        return " ".join(p for p in parts if p) or c.model
+
+    series = list(dict.fromkeys(name_of(c) for c in records))
     width = _bar_width(len(prompts), len(series))
     fig, ax = _figure(width, 3.4)
     cells = []
     for name in series:
-        by_prompt = {c.prompt: c for c in records if f"{c.model} {c.condition}".strip() == name}
+        by_prompt = {c.prompt: c for c in records if name_of(c) == name}
         cells.append([(by_prompt[p].mean, by_prompt[p].low, by_prompt[p].high)
                       if p in by_prompt else (0.0, None, None) for p in prompts])  # fmt: skip
     _grouped(ax, prompts, series, cells)
@@ -333,11 +339,11 @@ def calibration(found: Discrimination, score: str = "agreement", lang: str = "en
         capsize=3,
     )
     for m, a, (_, _, acc) in zip(means, accs, found.bins, strict=True):
-        ax.annotate(
-            f"n={acc.total}", (m, a), textcoords="offset points", xytext=(5, -12), fontsize=8
-        )
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
+        below = (5, -12) if a > 0.15 else (5, 6)  # never under the x axis
+        ax.annotate(f"n={acc.total}", (m, a), textcoords="offset points", xytext=below,
+                    fontsize=8)  # fmt: skip
+    ax.set_xlim(0, 1.08)  # room for a point (and its label) at 1
+    ax.set_ylim(0, 1.05)
     ax.set_xlabel(say("bin_mean", lang, score=score))
     ax.set_ylabel(say("share_right", lang))
     ax.set_title("\n".join(textwrap.wrap(found.explain(lang), 60)), fontsize="medium")
