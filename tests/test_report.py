@@ -82,7 +82,8 @@ def test_report_in_a_real_browser(cli, chromium, tmp_path):
     assert shares[("masculino", "A")] > 0.8 > shares[("masculino", "B")]
     # the paired comparison of the two conditions: the planted +0.3, interval excludes 0
     estimates = re.findall(
-        r'class="estimate" data-field="sexo" data-value="masculino" data-difference="([^"]+)" '
+        r'class="estimate" data-by="condition" data-field="sexo" data-value="masculino" '
+        r'data-difference="([^"]+)" '
         r'data-low="([^"]+)"',
         dom.stdout,
     )

@@ -222,7 +222,8 @@ def _forest(analysis: Analysis) -> str:
             f'<line class="interval" x1="{zero + c.low * scale:.1f}" '
             f'x2="{zero + c.high * scale:.1f}" y1="{y}" y2="{y}" stroke="{color}" '
             'stroke-width="2"/>'
-            f'<circle class="estimate" data-field="{_e(c.field)}" data-value="{_e(c.value)}" '
+            f'<circle class="estimate" data-by="{_e(c.by)}" data-field="{_e(c.field)}" '
+            f'data-value="{_e(c.value)}" '
             f'data-difference="{c.difference:.4f}" data-low="{c.low:.4f}" '
             f'cx="{zero + c.difference * scale:.1f}" cy="{y}" r="4" fill="{color}">'
             f"<title>{c.difference:+.3f} [{c.low:+.3f}, {c.high:+.3f}] over {c.prompts} "
