@@ -80,6 +80,8 @@ def _ticks(ax: Any, labels: Sequence[str], width: float) -> None:
     gap = 0.05 * fig.dpi  # at least 0.05 in between two labels
     if any(b.x0 - a.x1 < gap for a, b in itertools.pairwise(boxes)):
         ax.set_xticks(range(len(labels)), [str(t) for t in labels])  # one line each, turned
+        longest = max(len(str(t)) for t in labels)
+        fig.set_figheight(fig.get_figheight() + min(2.5, 0.05 * longest))  # the axes keep theirs
         for text in ax.get_xticklabels():
             text.set_rotation(30)
             text.set_horizontalalignment("right")
@@ -114,7 +116,7 @@ def _grouped(
 
 
 def _bar_width(groups: int, series: int) -> float:
-    return min(14.0, max(4.5, 0.45 * groups * max(series, 2) + 2.5))
+    return min(14.0, max(5.5, 0.45 * groups * max(series, 2) + 2.5))
 
 
 def distributions(
