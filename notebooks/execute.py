@@ -5,8 +5,9 @@
 
 Each notebook runs in its own kernel from the `notebooks/` folder, one at a time, with
 `MUESTRA_NB_ESCALA` (`completa` or `prueba`) and its work (stores, trained models) under
-`--work`; `--accept-gemma-terms` builds the Gemma 3 270M kit (you accept the Gemma Terms
-of Use, https://ai.google.dev/gemma/terms) and hands it to the notebooks through
+`--work` (kept: a rerun resumes the stored samples instead of drawing them again);
+`--accept-gemma-terms` builds the Gemma 3 270M kit (you accept the Gemma Terms of Use,
+https://ai.google.dev/gemma/terms) and hands it to the notebooks through
 `MUESTRA_NB_GEMMA`, as if their `ACEPTO_TERMINOS_GEMMA` were True. Written to `--out`:
 each executed notebook (`NNN_name.ipynb`), every figure it drew as a PNG
 (`figures/NNN-cellCC-K.png`, to look at) and `times.json` (seconds per notebook). The
@@ -29,6 +30,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 SCALES = {"full": "completa", "test": "prueba"}
+WORK = Path("~/.cache/muestra/notebooks-work")  # outside the docs: stores and models
 NOISE = ("LOAD REPORT", "Loading weights", "{'loss'", "'train_runtime'", "0%|")
 # a number that is not one, as Python prints it ("nan", "inf"); pandas' "NaN" for a
 # missing cell (an `error` column without error) is not flagged
@@ -107,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("notebooks", nargs="*", help="numbers (000 …) to run; default: all")
     parser.add_argument("--scale", choices=sorted(SCALES), default="full")
     parser.add_argument("--out", type=Path, required=True, help="folder for the copies")
-    parser.add_argument("--work", type=Path, help="stores and models (default: OUT/work)")
+    parser.add_argument("--work", type=Path, default=WORK,
+                        help=f"stores and trained models; a rerun resumes them (default: {WORK})")
     parser.add_argument(
         "--accept-gemma-terms",
         action="store_true",
@@ -121,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.notebooks:
         paths = [p for p in paths if p.name[:3] in args.notebooks]
     env = {"MUESTRA_NB_ESCALA": SCALES[args.scale],
-           "MUESTRA_NB_TRABAJO": str((args.work or args.out / "work").resolve())}  # fmt: skip
+           # one folder per scale: a store refuses a spec with other sizes
+           "MUESTRA_NB_TRABAJO": str((args.work.expanduser() / args.scale).resolve())}  # fmt: skip
     if args.accept_gemma_terms:
         from muestra.models.kit import ensure_kit
 
