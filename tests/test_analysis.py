@@ -132,13 +132,19 @@ def test_planted_bias_found_null_not(tmp_path):
     result = analyze(samples_frame(db))
     by_field = {t.field: t for t in result.tests}
     assert by_field["sexo"].p_holm < 0.001 and by_field["clase"].p_holm > 0.05
-    tested = [t.sentence for t in result.tests if t.sentence]
+    tested = [t.sentence for t in result.tests if t.sentence and not t.headline]
     assert len(tested) == 1 and tested[0].startswith("prompt A makes sexo=masculino")
     # against the uniform reference only prompt A's sexo (90% masculino) is skewed
     fits = {(f.field, f.prompt): f for f in result.fits}
     assert len(fits) == 4 and fits[("sexo", "A")].p_holm < 0.001
     assert fits[("sexo", "A")].sentence.startswith("A: sexo is masculino in ")
-    assert result.findings == [*tested, fits[("sexo", "A")].sentence]
+    # A and B are the variants x and y of one group: the headline compares them, both
+    # fields, significant or not; the other significant tests come after
+    assert result.findings[0].startswith("x and y differ: sexo=masculino: x 8")
+    assert result.findings[1].startswith("no difference between x and y detected")
+    assert len(result.findings) == 2
+    assert "clase=" in result.findings[1] and "p_adj = " in result.findings[1]
+    assert result.other_findings == [*tested, fits[("sexo", "A")].sentence]
     pair = next(c for c in result.counterfactuals if c.field == "sexo" and c.value == "masculino")
     assert pair.difference > 0.25 and pair.low > 0
 
@@ -222,7 +228,12 @@ def test_planted_numeric_effect_field_probs_and_mentions(tmp_path):
     assert "prompt B gives a higher edad than A" in " ".join(result.findings)
     probs = {(f.group, f.value): f for f in result.field_probs}
     assert probs[("A", "masculino")].mean_probability == pytest.approx(0.8)
-    assert probs[("A", "masculino")].narrower > 10  # every sample carries the whole distribution
+    # every sample of a prompt carries the same distribution: the probability is exact, so
+    # there is no interval and no "× narrower" (it used to be inf or 1e+06…1e+08), and a
+    # note says why
+    exact = probs[("A", "masculino")]
+    assert exact.low is None and exact.high is None and exact.narrower is None
+    assert any("probability is exact" in n and "A" in n for n in result.notes)
     mentions = {(m.term, m.group): m.share for m in result.mentions}
     assert mentions[("femenino", "A")] == pytest.approx(0.5)
     assert mentions[("masculino", "B")] == pytest.approx(0.5)

@@ -77,6 +77,11 @@ def test_store_schema_through_migrations(tmp_path):
         "m003_evals",
         "m004_probes",
         "m005_run_status",
+        "m006_run_seeding_schema",
+    ]
+    assert [r[1] for r in db.execute("PRAGMA table_info(runs)")][-2:] == [
+        "seeding",
+        "answer_schema_json",
     ]
     tables = sorted(r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'"))
     assert tables == [

@@ -191,3 +191,92 @@ def test_discrimination_is_the_probability_a_right_answer_scores_higher():
 def test_accuracy_bars_and_whiskers():
     fig = plots.accuracies([("a", accuracy([True, False, True])), ("b", accuracy([False] * 4))])
     assert _bar_heights(fig) == pytest.approx([2 / 3, 0.0])
+
+
+def test_a_misspelt_keyword_is_one_short_message_with_the_nearest_name(tmp_path):
+    """In a Jupyter kernel a user's error shows as its message (no 77-line chained
+    pydantic traceback), and an unknown keyword names the nearest one."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    with pytest.raises(InputError, match="sampels=...\\): no such keyword; did you mean 'samples'"):
+        mn.experiment(tmp_path / "x.toml", sampels=3)
+    with pytest.raises(InputError, match="did you mean 'temperature'"):
+        mn.evaluate("m", "easy-en", "choice", temprature=0.5, progress=False)
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(
+        "import muestra.notebook as mn\nmn.experiment('x.toml', sampels=3)"
+    )]  # fmt: skip
+    NotebookClient(nb, timeout=120, kernel_name="python3", allow_errors=True,
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()  # fmt: skip
+    (error,) = [o for o in nb.cells[0].outputs if o.output_type == "error"]
+    assert error.ename == "InputError" and "did you mean 'samples'" in error.evalue
+    assert len("".join(error.traceback).splitlines()) <= 2, error.traceback
+
+
+def test_figures_speak_the_notebooks_language_and_stay_readable():
+    """Spanish labels with lang="es"; eight values get eight colours; the legend sits
+    outside the axes; vote curves tick only at the integer k voted; long tick labels are
+    wrapped or turned; two scorings of one model on two runtimes get two labels."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    from muestra.analysis import Distribution, ValueShare
+    from muestra.evaluation.compare import comparison_labels
+    from muestra.evaluation.evaluate import EvalResult, settings_for
+
+    values = [ValueShare(f"valor {i}", 1, 1 / 8, 0.0, 0.5) for i in range(8)]
+    dists = [Distribution("clase", f"una descripción larga número {g}", 8, values, 0, 0, 1)
+             for g in range(14)]  # fmt: skip
+    fig = plots.distributions(dists, "clase", lang="es")
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == "proporción de muestras"
+    assert len({p.get_facecolor() for p in ax.patches}) == 8
+    assert ax.get_legend().get_bbox_to_anchor().transformed(ax.transAxes.inverted()).x0 > 1
+    # fourteen long labels do not fit side by side even wrapped: one line each, turned 30°
+    assert all(t.get_rotation() == 30 for t in ax.get_xticklabels())
+    fig.draw_without_rendering()
+    boxes = [t.get_window_extent() for t in ax.get_xticklabels()]
+    assert all(a.x0 < b.x0 for a, b in zip(boxes, boxes[1:], strict=False))
+    short = plots.distributions(dists[:3], "clase").axes[0].get_xticklabels()
+    assert all(t.get_rotation() == 0 and max(map(len, t.get_text().split("\n"))) <= plots.WRAP
+               for t in short)  # fmt: skip
+    assert plots.distributions(dists, "clase").axes[0].get_ylabel() == "share of samples"
+    curve = [(k, accuracy([True] * k + [False])) for k in (1, 3, 5)]
+    ax = plots.vote_curves([("vote", curve)], lang="es").axes[0]
+    assert list(ax.get_xticks()) == [1, 3, 5] and ax.get_xlabel() == "caminos que votan (k)"
+    a, b = comparison_labels("smol", "smol", ({"runtime": "llamacpp"}, {"runtime": "torch"}))
+    assert a != b and a.endswith("(llamacpp)")
+    result = EvalResult("loglik", "/kits/smol", "easy-es", settings_for("loglik", {}),
+                        Path("s.db"), 1, [], accuracy([True]), {})  # fmt: skip
+    assert replace(result, tag="torch").label == result.label + " (torch)"
+
+
+def test_quiet_training_silences_load_reports_bars_and_step_logs():
+    """quiet=True: no transformers LOAD REPORT (a warning), no 'Loading weights' bars and
+    no per-step loss dicts (transformers' PrinterCallback) — then everything as before."""
+    from transformers.trainer_callback import PrinterCallback
+    from transformers.utils import logging as hf_logging
+
+    from muestra.evaluation.reward import quiet_logs, run_training
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    with quiet_logs(True):
+        assert hf_logging.get_verbosity() == hf_logging.ERROR
+        assert not hf_logging.is_progress_bar_enabled()
+    assert (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()) == (level, bars)
+
+    class Trainer:  # what run_training touches of a transformers Trainer
+        def __init__(self, quiet: bool) -> None:
+            self.args = type("Args", (), {"disable_tqdm": quiet})()
+            self.removed: list[type] = []
+
+        def remove_callback(self, callback: type) -> None:
+            self.removed.append(callback)
+
+        def train(self) -> str:
+            return "done"
+
+    quiet, loud = Trainer(True), Trainer(False)
+    assert run_training(quiet)[0] == "done" and quiet.removed == [PrinterCallback]
+    assert run_training(loud)[0] == "done" and loud.removed == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
@@ -81,7 +82,8 @@ def test_report_in_a_real_browser(cli, chromium, tmp_path):
     assert shares[("masculino", "A")] > 0.8 > shares[("masculino", "B")]
     # the paired comparison of the two conditions: the planted +0.3, interval excludes 0
     estimates = re.findall(
-        r'class="estimate" data-field="sexo" data-value="masculino" data-difference="([^"]+)" '
+        r'class="estimate" data-by="condition" data-field="sexo" data-value="masculino" '
+        r'data-difference="([^"]+)" '
         r'data-low="([^"]+)"',
         dom.stdout,
     )
@@ -144,3 +146,25 @@ def test_the_random_weights_warning_names_only_random_weight_models():
     tiny = {"label": "tiny", "model_ref": "kit2", "kit_preset": "tiny"}
     page = render(run, [real, tiny], frame, analyze(frame))
     assert page.count("meaningless") == 1 and "tiny is the offline kit model tiny" in page
+
+
+def test_report_bars_have_distinct_colours_and_labels_that_do_not_collide():
+    """Eight values get eight colours (the old palette repeated after seven); legend
+    entries are spaced by their length; a long prompt name is cut to its group's width
+    (whole in the tooltip); the page's lang is the analysis'."""
+    values = [f"valor-largo-número-{i}" for i in range(8)]
+    long_prompt = "una-descripción-de-prompt-muy-larga-que-no-cabe"
+    records = [(long_prompt, "default", "m", {"clase": values[i % 8]}) for i in range(40)]
+    records += [("B", "default", "m", {"clase": values[i % 3]}) for i in range(40)]
+    frame = frame_of(records)
+    run = {"name": "r", "spec_path": "s.toml", "spec_hash": "0" * 64, "created_at": "now",
+           "muestra_version": "test"}  # fmt: skip
+    page = render(run, [], frame, analyze(frame, lang="es"))
+    assert page.startswith('<!doctype html><html lang="es">')
+    chart = re.search(r'<svg class="chart" data-field="clase".*?</svg>', page, re.S).group(0)
+    fills = re.findall(r'<rect class="bar" data-value="([^"]+)"[^>]*fill="([^"]+)"', chart)
+    by_value = {value: fill for value, fill in fills}
+    assert len(by_value) == 8 and len(set(by_value.values())) == 8
+    legend = [int(x) for x in re.findall(r'<rect x="(\d+)" y="\d+" width="10"', chart)]
+    assert all(b - a >= 14 + 6.5 * len(values[0]) for a, b in itertools.pairwise(legend))
+    assert f"<title>{long_prompt} (n=40)</title>" in chart and "…</text>" in chart

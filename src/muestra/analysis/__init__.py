@@ -13,7 +13,8 @@ returns an `Analysis`:
 - one goodness-of-fit test per field and prompt × condition × model cell: are the
   answers drawn from the reference distribution? (exact binomial for two values, χ² with
   a Monte-Carlo p-value when expected counts are small for more; see `muestra.analysis.fit`);
-- Holm and Benjamini–Hochberg adjustment over every test of the report (both kinds);
+- Holm and Benjamini–Hochberg adjustment over every test of the report (both kinds),
+  except the headline comparison of paired variants, adjusted as a family of its own;
 - for each condition and model (and for all prompts together): shares pooled over
   prompts with a two-stage prompt-level cluster bootstrap interval, and condition /
   model differences paired over prompts (each prompt weighs the same) with a paired
@@ -21,15 +22,19 @@ returns an `Analysis`:
 - one plain sentence per significant finding;
 - counterfactual pairs (same `group`, different `variant`): difference in proportions
   with Newcombe's interval per value, and the flip rate of the answer between variants
-  for the same sample index.
+  for the same sample index beside the rate expected by chance (`muestra.analysis.pairs`);
+- when the spec pairs variants, the headline: one test per field of the variants against
+  each other inside each group, with a sentence whether it is significant or not
+  (`findings`); the other significant tests are `other_findings`.
 
-Free-text fields (more than 20 distinct values, or more distinct values than half the
-samples) are described but not tested. Only samples without an error count.
+Free-text fields (a string without enum or const in the run's JSON Schema; without a
+schema, see `columns.is_free_text`) are summarised as text (`freetext`) and never tested.
+Sentences and notes are in `lang` ("en" or "es", `muestra.analysis.language`). Only
+samples without an error count.
 """
 
 from __future__ import annotations
 
-import itertools
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -37,24 +42,35 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from muestra.analysis.columns import answer_fields
+from muestra.analysis.columns import answer_fields, is_free_text, schema_kinds
+from muestra.analysis.field_probs import FieldProbSummary, field_probs_summaries
 from muestra.analysis.fit import FitRow, cell_fits
+from muestra.analysis.freetext import TextSummary, summarise_text
+from muestra.analysis.language import check, p_text, say
+from muestra.analysis.pairs import (
+    Counterfactual,
+    counterfactuals,
+    variant_shares,
+    variant_test,
+)
+from muestra.analysis.pooling import (
+    DIMENSIONS,
+    Comparison,
+    Pooled,
+    paired_comparisons,
+    pooled_shares,
+)
 from muestra.analysis.rewards import RewardAnalysis, analyze_rewards
 from muestra.analysis.stats import (
     adjust,
     bootstrap_mean,
-    cluster_shares,
-    difference,
     distance_to,
     independence,
-    paired_difference,
     rank_test,
     stratified_independence,
     wilson,
 )
 from muestra.errors import InputError
-
-DIMENSIONS = {"prompt": "prompt_id", "condition": "condition", "model": "model"}
 
 
 @dataclass
@@ -89,57 +105,7 @@ class TestRow:
     p_holm: float = 1.0
     p_bh: float = 1.0
     sentence: str | None = None
-
-
-@dataclass
-class Counterfactual:
-    group: str
-    condition: str
-    model: str
-    field: str
-    value: str
-    variant_a: str
-    variant_b: str
-    proportion_a: float
-    proportion_b: float
-    difference: float
-    low: float
-    high: float
-    flip_rate: float
-
-
-@dataclass
-class Pooled:
-    """A value's share pooled over the prompts of one condition or model ("all" = every
-    sample), with a prompt-level cluster bootstrap interval."""
-
-    field: str
-    by: str
-    level: str
-    value: str
-    share: float
-    low: float
-    high: float
-    prompts: int
-    n: int
-
-
-@dataclass
-class Comparison:
-    """share_a − share_b of one value between two conditions (or models), averaged over
-    the prompts both have (each prompt weighs the same), paired cluster-bootstrap interval."""
-
-    field: str
-    by: str
-    value: str
-    a: str
-    b: str
-    share_a: float
-    share_b: float
-    difference: float
-    low: float
-    high: float
-    prompts: int
+    headline: bool = False  # the comparison of a spec's paired variants: always said
 
 
 @dataclass
@@ -153,18 +119,6 @@ class NumericSummary:
     median: float
     median_low: float
     median_high: float
-
-
-@dataclass
-class FieldProbSummary:
-    field: str
-    group: str
-    value: str
-    mean_probability: float
-    low: float
-    high: float
-    sampled_share: float
-    narrower: float  # Wilson interval width of the sampled share ÷ width of this interval
 
 
 @dataclass
@@ -211,20 +165,36 @@ class Analysis:
     numeric: list[NumericSummary] = field(default_factory=list)
     field_probs: list[FieldProbSummary] = field(default_factory=list)
     mentions: list[TermMentions] = field(default_factory=list)
+    text: list[TextSummary] = field(default_factory=list)  # free-text fields
     notes: list[str] = field(default_factory=list)  # caveats a reader must see first
     rewards: RewardAnalysis | None = None  # when `muestra reward score` scored the run
+    untested: list[str] = field(default_factory=list)  # headline comparisons with no test
+    lang: str = "en"
 
     @property
     def findings(self) -> list[str]:
-        return [t.sentence for t in [*self.tests, *self.fits] if t.sentence]
+        """The headline: the variants compared (significant or not) when the spec pairs
+        them, else every significant test's sentence."""
+        head = [t.sentence for t in self.tests if t.headline and t.sentence] + self.untested
+        return head or self._significant()
+
+    @property
+    def other_findings(self) -> list[str]:
+        """Significant tests beside a headline comparison of variants (else empty)."""
+        return self._significant() if any(t.headline for t in self.tests) or self.untested else []
+
+    def _significant(self) -> list[str]:
+        return [t.sentence for t in [*self.tests, *self.fits] if t.sentence and not
+                getattr(t, "headline", False)]  # fmt: skip
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["findings"] = self.findings
+        data["other_findings"] = self.other_findings
         return data
 
 
-def _beam_notes(frame: pd.DataFrame) -> list[str]:
+def _beam_notes(frame: pd.DataFrame, lang: str = "en") -> list[str]:
     """Rows that are ranked beams, not draws: say so where their numbers are read."""
     notes = []
     for phase in ("think", "answer"):
@@ -238,25 +208,27 @@ def _beam_notes(frame: pd.DataFrame) -> list[str]:
         if ranked.empty or sampled_reasoning:
             continue  # each answer beam follows a sampled reasoning: the rows are draws
         conditions = ", ".join(sorted(ranked["condition"].astype(str).unique()))
-        notes.append(
-            f"condition(s) {conditions}: the rows are the most likely {phase} sequences, "
-            "ranked by beam search, not random draws; their shares, intervals and tests "
-            "describe those beams and do not estimate the model's distribution"
-        )
+        notes.append(say("beam_rows", lang, conditions=conditions, phase=phase))
     return notes
 
 
-def categorical_fields(frame: pd.DataFrame) -> list[str]:
+def categorical_fields(frame: pd.DataFrame, kinds: dict[str, str] | None = None) -> list[str]:
+    """Answer fields analysed as categories: not numeric, not free text (`kinds`: the
+    schema's, `columns.schema_kinds`)."""
     chosen = []
     for name in answer_fields(frame):
         values = frame[name].dropna()
         if values.empty:
             continue
         numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
-        distinct = values.astype(str).nunique()
-        if not numeric and distinct <= 20 and distinct <= max(2, len(values) // 2):
+        if not numeric and not is_free_text(frame, name, kinds):
             chosen.append(name)
     return chosen
+
+
+def text_fields(frame: pd.DataFrame, kinds: dict[str, str] | None = None) -> list[str]:
+    """Answer fields that are free text (summarised as text, never tested)."""
+    return [n for n in answer_fields(frame) if is_free_text(frame, n, kinds)]
 
 
 def _levels(
@@ -307,70 +279,149 @@ def analyze(
     reference: dict[str, dict[str, float]] | None = None,
     alpha: float = 0.05,
     terms: dict[str, str] | None = None,
+    *,
+    schema: dict[str, Any] | None = None,
+    lang: str = "en",
+    exact: set[str] | None = None,
 ) -> Analysis:
+    """`schema`: the run's JSON Schema (decides which fields are free text); `exact`: the
+    conditions whose answers are drawn from the distribution field_probs give (sampled at
+    temperature 1, untruncated), for the flip rate's chance level."""
     valid = frame[frame["error"].isna()] if len(frame) else frame
-    result = Analysis(alpha=alpha, samples=len(frame), valid=len(valid))
-    result.notes += _beam_notes(frame)
-    for name in categorical_fields(valid):
-        column = valid[name].dropna().astype(str)
-        given = (reference or {}).get(name)
-        levels = _levels(valid, name, column, given)
-        ref = _reference_shares(name, levels, given)
-        for prompt, rows in valid.loc[column.index].groupby("prompt_id", sort=False):
-            shares = _shares(rows[name].astype(str), levels)
-            dist = distance_to(np.array([s.count for s in shares]) + 0.0, ref)
-            result.distributions.append(
-                Distribution(
-                    name,
-                    str(prompt),
-                    len(rows),
-                    shares,
-                    dist.total_variation,
-                    dist.jensen_shannon,
-                    dist.normalised_entropy,
-                )
-            )
-        rows = valid.loc[column.index]
-        uniform = np.ones(len(levels))
-        result.fits += cell_fits(rows, column, name, levels, uniform if ref is None else ref)
-        for by, key in DIMENSIONS.items():
-            if valid[key].nunique() < 2:
-                continue
-            table = pd.crosstab(rows[key], column)
-            others = [k for k in DIMENSIONS.values() if k != key and valid[k].nunique() > 1]
-            if others:
-                strata = rows[others].astype(str).agg("\x1f".join, axis=1).to_numpy()
-                test = stratified_independence(rows[key].to_numpy(), column.to_numpy(), strata)
-            else:
-                test = independence(table.to_numpy())
-            if key != "prompt_id":
-                result.pooled += _pooled(rows, column, name, by, key, levels)
-                result.comparisons += _comparisons(rows, column, name, by, key, levels)
-            if test is not None:
-                row = TestRow(
-                    name, by, test.method, test.statistic, test.dof, test.p_value, test.cramers_v
-                )
-                row.sentence = _sentence_parts(table, name, by)
-                result.tests.append(row)
-        if rows["prompt_id"].nunique() > 1:
-            result.pooled += _pooled(rows, column, name, "all", None, levels)
-        result.counterfactuals += _counterfactuals(valid, name, levels)
-        result.field_probs += _field_probs(valid, name, levels)
+    result = Analysis(alpha=alpha, samples=len(frame), valid=len(valid), lang=check(lang))
+    result.notes += _beam_notes(frame, result.lang)
+    kinds = schema_kinds(schema)
+    free = text_fields(valid, kinds)
+    for name in free:
+        result.text += summarise_text(valid, name)
+    if free:
+        result.notes.append(say("free_text", lang, fields=", ".join(free)))
+    for name in categorical_fields(valid, kinds):
+        _categorical(valid, name, (reference or {}).get(name), result, exact)
     for name in numeric_fields(valid):
         _numeric(valid, name, result)
     if terms is None:
         terms = default_terms(valid["reasoning"]) if "reasoning" in valid else DEFAULT_TERMS
     result.mentions = _mentions(valid, terms)
     result.rewards = analyze_rewards(frame)
-    tests: list[TestRow | FitRow] = [*result.tests, *result.fits]
-    holm, bh = adjust([t.p_value for t in tests])
-    for test, p_holm, p_bh in zip(tests, holm, bh, strict=True):
-        test.p_holm, test.p_bh = p_holm, p_bh
-        test.sentence = _finish_sentence(test.sentence, p_holm) if p_holm < alpha else None
+    _adjust(result)
     return result
 
 
-def _sentence_parts(table: pd.DataFrame, name: str, by: str) -> str:
+def _categorical(
+    valid: pd.DataFrame,
+    name: str,
+    given: dict[str, float] | None,
+    result: Analysis,
+    exact: set[str] | None,
+) -> None:
+    """Distributions, fits, tests, pooled shares, comparisons, variants and field_probs of
+    the categorical field `name`."""
+    lang = result.lang
+    column = valid[name].dropna().astype(str)
+    levels = _levels(valid, name, column, given)
+    ref = _reference_shares(name, levels, given)
+    for prompt, rows in valid.loc[column.index].groupby("prompt_id", sort=False):
+        shares = _shares(rows[name].astype(str), levels)
+        dist = distance_to(np.array([s.count for s in shares]) + 0.0, ref)
+        result.distributions.append(
+            Distribution(name, str(prompt), len(rows), shares, dist.total_variation,
+                         dist.jensen_shannon, dist.normalised_entropy)
+        )  # fmt: skip
+    rows = valid.loc[column.index]
+    uniform = np.ones(len(levels))
+    result.fits += cell_fits(rows, column, name, levels, uniform if ref is None else ref, lang)
+    for by, key in DIMENSIONS.items():
+        if valid[key].nunique() < 2:
+            continue
+        table = pd.crosstab(rows[key], column)
+        others = [k for k in DIMENSIONS.values() if k != key and valid[k].nunique() > 1]
+        if others:
+            strata = rows[others].astype(str).agg("\x1f".join, axis=1).to_numpy()
+            test = stratified_independence(rows[key].to_numpy(), column.to_numpy(), strata)
+        else:
+            test = independence(table.to_numpy())
+        if key != "prompt_id":
+            result.pooled += pooled_shares(rows, column, name, by, key, levels)
+            result.comparisons += paired_comparisons(rows, column, name, by, key, levels)
+        if test is not None:
+            row = TestRow(
+                name, by, test.method, test.statistic, test.dof, test.p_value, test.cramers_v
+            )
+            row.sentence = _sentence_parts(table, name, by, lang)
+            result.tests.append(row)
+    if rows["prompt_id"].nunique() > 1:
+        result.pooled += pooled_shares(rows, column, name, "all", None, levels)
+    _variants(rows, column, name, levels, result)
+    result.counterfactuals += counterfactuals(valid, name, levels, exact)
+    found, notes = field_probs_summaries(valid, name, levels, result.lang)
+    result.field_probs += found
+    result.notes += notes
+
+
+MIN_GROUPS = 5  # groups a paired-difference interval in a headline sentence needs
+
+
+def _variants(
+    rows: pd.DataFrame, column: pd.Series, name: str, levels: list[str], result: Analysis
+) -> None:
+    """The headline of a spec that pairs variants: `name` compared between them."""
+    paired = rows.dropna(subset=["group", "variant"])
+    if paired.empty or paired.groupby("group")["variant"].nunique().max() < 2:
+        return
+    shares = variant_shares(paired, column[paired.index], levels)
+    for s in shares:
+        result.comparisons.append(
+            Comparison(name, "variant", s.value, s.a, s.b, s.share_a, s.share_b,
+                       s.difference, s.low, s.high, s.groups)
+        )  # fmt: skip
+    test = variant_test(paired, column[paired.index], name)
+    largest = max(shares, key=lambda s: abs(s.difference), default=None)
+    detail = ""
+    if largest is not None:  # a bootstrap over fewer than MIN_GROUPS groups is no interval
+        key = "variants" if largest.groups >= MIN_GROUPS else "variants_few"
+        detail = say(key, result.lang, field=name, value=largest.value, a=largest.a,
+                     b=largest.b, share_a=largest.share_a, share_b=largest.share_b,
+                     diff=largest.difference, low=largest.low, high=largest.high,
+                     groups=largest.groups)  # fmt: skip
+    a, b = " / ".join(test.variants[:-1]), test.variants[-1]
+    if test.method is None:
+        result.untested.append(say("variants_untested", result.lang, a=a, b=b, detail=detail))
+        return
+    row = TestRow(name, "variant", test.method, test.statistic, test.dof, test.p_value,
+                  test.cramers_v, headline=True)  # fmt: skip
+    row.sentence = "\x1f".join([a, b, detail])  # finished once the p-value is adjusted
+    result.tests.append(row)
+
+
+def _adjust(result: Analysis) -> None:
+    """Holm and BH over two families: the headline tests (the variants compared, one per
+    field: the question the spec asks) among themselves, every other test of the report
+    among the others. Sentences for the headline and for the significant others."""
+    head = [t for t in result.tests if t.headline]
+    rest: list[TestRow | FitRow] = [t for t in result.tests if not t.headline] + result.fits
+    for family in (head, rest):
+        _adjust_family(family, result)
+    if head or result.untested:
+        pairs = sorted({f"{c.a} / {c.b}" for c in result.comparisons if c.by == "variant"})
+        result.notes.append(say("headline_variants", result.lang, pairs=", ".join(pairs)))
+
+
+def _adjust_family(tests: list[Any], result: Analysis) -> None:
+    holm, bh = adjust([t.p_value for t in tests]) if tests else ([], [])
+    lang = result.lang
+    for test, p_holm, p_bh in zip(tests, holm, bh, strict=True):
+        test.p_holm, test.p_bh = p_holm, p_bh
+        if isinstance(test, TestRow) and test.headline:
+            a, b, detail = (test.sentence or "\x1f\x1f").split("\x1f")
+            key = "variants_differ" if p_holm < result.alpha else "variants_same"
+            test.sentence = say(key, lang, a=a, b=b, detail=detail, alpha=result.alpha,
+                                p=p_text(p_holm))  # fmt: skip
+        elif test.sentence is not None:
+            test.sentence = f"{test.sentence}; {p_text(p_holm)}" if p_holm < result.alpha else None
+
+
+def _sentence_parts(table: pd.DataFrame, name: str, by: str, lang: str = "en") -> str:
     """The biggest contrast in the table, as words (the p-value is added later)."""
     shares = table.div(table.sum(axis=1), axis=0)
     best = None
@@ -382,129 +433,12 @@ def _sentence_parts(table: pd.DataFrame, name: str, by: str) -> str:
             best = (gap, value, high, low, column[high], column[low])
     assert best is not None
     _, value, high, low, p_high, p_low = best
+    words = {"by": say(by, lang) if by in ("prompt", "condition", "model") else by,
+             "high": high, "low": low, "field": name, "value": value, "p_high": p_high,
+             "p_low": p_low}  # fmt: skip
     if p_low > 0:
-        return (
-            f"{by} {high} makes {name}={value} {p_high / p_low:.1f}× as likely as {low} "
-            f"({p_high:.0%} vs {p_low:.0%})"
-        )
-    return f"{by} {high} gives {name}={value} in {p_high:.0%} of samples, {low} in none"
-
-
-def _finish_sentence(text: str | None, p_holm: float) -> str | None:
-    if text is None:
-        return None
-    shown = "p_adj < 0.001" if p_holm < 0.001 else f"p_adj = {p_holm:.3f}"
-    return f"{text}; {shown}"
-
-
-def _counterfactuals(valid: pd.DataFrame, name: str, levels: list[str]) -> list[Counterfactual]:
-    found = []
-    paired = valid.dropna(subset=["group", "variant", name])
-    for (group, condition, model), rows in paired.groupby(["group", "condition", "model"]):
-        variants = sorted(rows["variant"].unique())
-        for a, b in itertools.combinations(variants, 2):
-            left = rows[rows["variant"] == a].set_index("sample")[name].astype(str)
-            right = rows[rows["variant"] == b].set_index("sample")[name].astype(str)
-            common = left.index.intersection(right.index)
-            flips = float((left[common] != right[common]).mean()) if len(common) else float("nan")
-            for level in levels:
-                k1, k2 = int((left == level).sum()), int((right == level).sum())
-                diff, low, high = difference(k1, len(left), k2, len(right))
-                found.append(
-                    Counterfactual(
-                        str(group),
-                        str(condition),
-                        str(model),
-                        name,
-                        level,
-                        a,
-                        b,
-                        k1 / len(left),
-                        k2 / len(right),
-                        diff,
-                        low,
-                        high,
-                        flips,
-                    )
-                )
-    return found
-
-
-def _per_prompt(rows: pd.DataFrame, column: pd.Series, levels: list[str]) -> pd.DataFrame:
-    """prompts × values count table (columns in `levels` order)."""
-    table = pd.crosstab(rows["prompt_id"], column)
-    return table.reindex(columns=levels, fill_value=0)
-
-
-def _pooled(
-    rows: pd.DataFrame,
-    column: pd.Series,
-    name: str,
-    by: str,
-    key: str | None,
-    levels: list[str],
-) -> list[Pooled]:
-    found = []
-    groups = [("all", rows)] if key is None else rows.groupby(key, sort=True)
-    for level, part in groups:
-        counts = _per_prompt(part, column[part.index], levels).to_numpy()
-        share, low, high = cluster_shares(counts)
-        found += [
-            Pooled(
-                name, by, str(level), value, float(s), float(lo), float(hi), len(counts), len(part)
-            )
-            for value, s, lo, hi in zip(levels, share, low, high, strict=True)
-        ]
-    return found
-
-
-def _comparisons(
-    rows: pd.DataFrame,
-    column: pd.Series,
-    name: str,
-    by: str,
-    key: str,
-    levels: list[str],
-) -> list[Comparison]:
-    """Every pair of levels of `key`, paired over the prompts (× the other dimensions that
-    vary) both levels have."""
-    others = [
-        k for k in DIMENSIONS.values() if k != key and (k == "prompt_id" or rows[k].nunique() > 1)
-    ]
-    unit = rows[others].astype(str).agg("\x1f".join, axis=1)
-    found = []
-    for a, b in itertools.combinations(sorted(rows[key].unique()), 2):
-        tables = []
-        for level in (a, b):
-            part = rows[rows[key] == level]
-            table = pd.crosstab(unit[part.index], column[part.index])
-            tables.append(table.reindex(columns=levels, fill_value=0))
-        common = tables[0].index.intersection(tables[1].index)
-        if not len(common):
-            continue
-        counts_a, counts_b = (t.loc[common].to_numpy() for t in tables)
-        diff, low, high = paired_difference(counts_a, counts_b)
-        share_a = (counts_a / counts_a.sum(axis=1, keepdims=True)).mean(axis=0)
-        share_b = (counts_b / counts_b.sum(axis=1, keepdims=True)).mean(axis=0)
-        found += [
-            Comparison(
-                name,
-                by,
-                value,
-                str(a),
-                str(b),
-                float(sa),
-                float(sb),
-                float(d),
-                float(lo),
-                float(hi),
-                len(common),
-            )
-            for value, sa, sb, d, lo, hi in zip(
-                levels, share_a, share_b, diff, low, high, strict=True
-            )
-        ]
-    return found
+        return say("makes_likely", lang, ratio=p_high / p_low, **words)
+    return say("in_none", lang, **words)
 
 
 def numeric_fields(frame: pd.DataFrame) -> list[str]:
@@ -546,40 +480,9 @@ def _numeric(valid: pd.DataFrame, name: str, result: Analysis) -> None:
         )
         means = {s.group: s.mean for s in result.numeric if s.field == name}
         high, low = max(means, key=means.get), min(means, key=means.get)
-        row.sentence = (
-            f"prompt {high} gives a higher {name} than {low} "
-            f"({means[high]:.3g} vs {means[low]:.3g} on average)"
-        )
+        row.sentence = say("higher_numeric", result.lang, high=high, low=low, field=name,
+                           mean_high=means[high], mean_low=means[low])  # fmt: skip
         result.tests.append(row)
-
-
-def _field_probs(valid: pd.DataFrame, name: str, levels: list[str]) -> list[FieldProbSummary]:
-    """Mean field_probs per value with a bootstrap interval, against counting draws."""
-    found = []
-    for prompt, rows in valid.groupby("prompt_id", sort=False):
-        dists = [p[name] for p in rows["field_probs"] if isinstance(p, dict) and name in p]
-        if len(dists) < 2:
-            continue
-        drawn = rows[name].astype(str)
-        for level in levels:
-            values = np.array([d.get(level, 0.0) for d in dists])
-            low, high = bootstrap_mean(values)
-            k = int((drawn == level).sum())
-            w_low, w_high = wilson(k, len(drawn))
-            width = high - low
-            found.append(
-                FieldProbSummary(
-                    name,
-                    str(prompt),
-                    level,
-                    float(values.mean()),
-                    low,
-                    high,
-                    k / len(drawn),
-                    (w_high - w_low) / width if width > 0 else float("inf"),
-                )
-            )
-    return found
 
 
 def _mentions(valid: pd.DataFrame, terms: dict[str, str]) -> list[TermMentions]:

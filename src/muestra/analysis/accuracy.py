@@ -15,7 +15,8 @@
   percentile bootstrap interval (questions resampled, both sides together).
 - `discrimination`: does a score (the samples' agreement, a probability) tell right
   answers from wrong ones? AUROC with a bootstrap interval, and accuracy per score bin
-  (a calibration curve).
+  (a calibration curve). With only right or only wrong answers there is nothing to
+  separate: the AUROC is None and `explain()` says why in words.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 from scipy import stats as scipy_stats
 from scipy.stats import rankdata
 
+from muestra.analysis.language import say
 from muestra.analysis.stats import bootstrap_mean, wilson
 
 PAIRED_RESAMPLES = 10000
@@ -145,21 +147,33 @@ class Discrimination:
     """How well a score (e.g. the samples' agreement) separates right from wrong answers:
     AUROC with a bootstrap interval over questions, and the calibration bins."""
 
-    auroc: float
-    low: float
-    high: float
+    auroc: float | None  # None: only right or only wrong answers (`explain` says which)
+    low: float | None
+    high: float | None
     positives: int
     negatives: int
     bins: list[tuple[float, float, Accuracy]]  # (bin's low edge, mean score, accuracy in it)
 
+    def explain(self, lang: str = "en") -> str:
+        """The AUROC with its interval, or in words why there is none."""
+        if self.auroc is not None:
+            return say("auroc", lang, auroc=self.auroc, low=self.low, high=self.high)
+        total = self.positives + self.negatives
+        which = say("all_right" if self.negatives == 0 else "all_wrong", lang, n=total)
+        return say("no_auroc", lang, why=say("auroc_needs", lang, which=which))
 
-def _auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """P(score of a right answer > score of a wrong one), ties counting one half."""
+    def __str__(self) -> str:
+        return self.explain()
+
+
+def _auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """P(score of a right answer > score of a wrong one), ties counting one half; None
+    without both kinds of answer."""
     ranks = rankdata(scores)
     positives = int(labels.sum())
     negatives = len(labels) - positives
     if positives == 0 or negatives == 0:
-        return float("nan")
+        return None
     return float((ranks[labels].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
@@ -177,11 +191,11 @@ def discrimination(
     draws = [
         _auroc(s[i], y[i]) for i in (rng.integers(0, len(s), len(s)) for _ in range(2000))
     ]
-    draws = [d for d in draws if not np.isnan(d)]
+    kept = [d for d in draws if d is not None]
     low, high = (
-        (float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5)))
-        if draws
-        else (float("nan"), float("nan"))
+        (float(np.percentile(kept, 2.5)), float(np.percentile(kept, 97.5)))
+        if kept and value is not None
+        else (None, None)
     )
     edges = np.linspace(0, 1, bins + 1)
     index = np.clip(np.digitize(s, edges[1:-1]), 0, bins - 1)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from muestra.analysis.language import say
 from muestra.analysis.stats import goodness_of_fit, wilson
 
 
@@ -54,7 +55,12 @@ class FitRow:
 
 
 def cell_fits(
-    rows: pd.DataFrame, column: pd.Series, name: str, levels: list[str], reference: np.ndarray
+    rows: pd.DataFrame,
+    column: pd.Series,
+    name: str,
+    levels: list[str],
+    reference: np.ndarray,
+    lang: str = "en",
 ) -> list[FitRow]:
     """One goodness-of-fit test of `name` per prompt × condition × model cell, with the
     sentence (p-value added later) naming the most over-represented value."""
@@ -89,18 +95,16 @@ def cell_fits(
             high,
             float(expected[top]),
         )
-        row.sentence = fit_sentence(row, varying)
+        row.sentence = fit_sentence(row, varying, lang)
         found.append(row)
     return found
 
 
-def fit_sentence(row: FitRow, varying: list[str]) -> str:
+def fit_sentence(row: FitRow, varying: list[str], lang: str = "en") -> str:
     """The cell (prompt, plus the condition and model when several ran), the most
     over-represented value with its Wilson interval, and its reference share."""
     cell = {"condition": row.condition, "model": row.model}
     label = row.prompt + (f" ({', '.join(cell[k] for k in varying)})" if varying else "")
-    return (
-        f"{label}: {row.field} is {row.value} in {row.count} of {row.n} samples "
-        f"({row.share:.0%}, 95% CI {row.low * 100:.0f}–{row.high * 100:.0f}%), far from the "
-        f"{row.reference:.0%} reference"
-    )
+    return say("fit", lang, label=label, field=row.field, value=row.value, count=row.count,
+               n=row.n, share=row.share, low=row.low * 100, high=row.high * 100,
+               reference=row.reference)  # fmt: skip

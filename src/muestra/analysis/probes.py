@@ -116,6 +116,7 @@ class ProbeAnalysis:
     tests: list[CategoricalTest] = field(default_factory=list)
     words: list[TopWords] = field(default_factory=list)
     phrases: dict[str, dict[str, int]] = field(default_factory=dict)  # group -> phrase -> n
+    language: str = "en"  # the probe's texts' language (its figures speak it too)
 
     @property
     def findings(self) -> list[str]:
@@ -247,7 +248,7 @@ def analyze_probe(
     valid = frame[frame["error"].isna()] if len(frame) else frame
     groups = list(dict.fromkeys(valid["variant"].astype(str)))
     templates = list(dict.fromkeys(valid["group"].astype(str)))
-    result = ProbeAnalysis(alpha, groups, templates, len(frame), len(valid))
+    result = ProbeAnalysis(alpha, groups, templates, len(frame), len(valid), language=language)
     found, categorical = features(valid)
     group, template = valid["variant"].astype(str), valid["group"].astype(str)
     for feature in found:

@@ -39,7 +39,8 @@ def analyze(
     compared) with Cramér's V; is each field skewed away from the reference distribution
     (uniform unless `[analysis.reference]` gives one) in each prompt × condition × model
     cell? exact binomial or χ² (Monte-Carlo when counts are small) goodness-of-fit tests;
-    Holm and Benjamini–Hochberg adjusted p-values over all those tests, one sentence per
+    Holm and Benjamini–Hochberg adjusted p-values over all those tests (a spec's paired
+    variants compared, the headline, as a family of their own), one sentence per
     significant finding, Wilson intervals per value, distance to the
     reference distribution, shares pooled over prompts and condition/model differences
     paired over prompts (prompt-level cluster bootstrap), counterfactual pairs,
@@ -97,9 +98,20 @@ def print_analysis(result) -> None:  # noqa: ANN001
         left=3 + len(cells),
     )  # fmt: skip
     for sentence in result.findings:
-        stdout.print(f"• {sentence}")
+        stdout.print(f"• {sentence}", markup=False)
+    for sentence in result.other_findings:
+        stdout.print(f"  also significant: {sentence}", markup=False)
     if not result.findings:
         stdout.print(f"no significant finding at α = {result.alpha} after Holm adjustment")
+    _table(
+        "free-text fields (not tested as categories)",
+        ["field", "prompt", "n", "mean length", "distinct", "most frequent", "top words"],
+        [
+            [t.field, t.group, t.n, f"{t.mean_chars:.0f}", f"{t.distinct_share:.0%}",
+             t.top_answers, t.top_words]
+            for t in result.text
+        ],
+    )  # fmt: skip
     _table(
         "proportions with Wilson 95% intervals",
         ["field", "prompt", "n", "value", "share", "95% interval", "TV to ref"],
@@ -124,7 +136,8 @@ def print_analysis(result) -> None:  # noqa: ANN001
         ["field", "prompt", "value", "mean prob", "95% interval", "drawn share", "× narrower"],
         [
             [f.field, f.group, f.value, f"{f.mean_probability:.3f}",
-             f"[{f.low:.3f}, {f.high:.3f}]", f"{f.sampled_share:.2f}", f"{f.narrower:.1f}"]
+             "exact" if f.low is None else f"[{f.low:.3f}, {f.high:.3f}]",
+             f"{f.sampled_share:.2f}", "—" if f.narrower is None else f"{f.narrower:.1f}"]
             for f in result.field_probs
         ],
     )  # fmt: skip
@@ -158,13 +171,18 @@ def print_analysis(result) -> None:  # noqa: ANN001
     _table(
         "counterfactual pairs (a − b, Newcombe 95% interval)",
         ["group", "condition", "model", "field", "value", "a", "b", "a − b", "interval",
-         "flip rate"],
+         "flip rate", "by chance"],
         [
             [c.group, c.condition, c.model, c.field, c.value, c.variant_a, c.variant_b,
-             f"{c.difference:+.2f}", f"[{c.low:+.2f}, {c.high:+.2f}]", f"{c.flip_rate:.2f}"]
+             f"{c.difference:+.2f}", f"[{c.low:+.2f}, {c.high:+.2f}]", _rate(c.flip_rate),
+             _rate(c.chance_flip_rate) + (" (exact)" if c.chance_from == "field_probs" else "")]
             for c in result.counterfactuals
         ],
     )  # fmt: skip
+
+
+def _rate(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
 
 
 def _print_rewards(rewards) -> None:  # noqa: ANN001

@@ -164,15 +164,17 @@ def summary(
 ) -> None:
     """Counts and proportions of each answer value (seed 000's value_counts), numeric fields
     described, mean field_probs, budget-hit and error rates, throughput. A free-text field
-    (more than 10 distinct values, no field_probs) shows its distinct count and top 5."""
+    (a string without enum in the run's schema; without one, more than 10 distinct values
+    and no field_probs, as `muestra analyze` decides) shows its distinct count and top 5."""
     from muestra.cli.common import run_status
-    from muestra.experiments.results import samples_frame, summarize
+    from muestra.experiments.results import run_schema, samples_frame, summarize
     from muestra.experiments.store import latest_run, reading, require_samples
 
     with reading(store) as db:
         run = latest_run(db)
         require_samples(db, run)
-        result = summarize(samples_frame(db, int(run["id"])), by=by, field=field)
+        frame = samples_frame(db, int(run["id"]))
+        result = summarize(frame, by=by, field=field, schema=run_schema(run))
         status = run_status(db, run)
     if as_json:
         print_json({"run": int(run["id"]), "run_status": status, **result})

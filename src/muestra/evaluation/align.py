@@ -27,6 +27,7 @@ from muestra.evaluation.reward import (
     freeze_lower_layers,
     hf_folder,
     load_reward_files,
+    quiet_logs,
     run_training,
     save_trained,
     trained_folder,
@@ -127,7 +128,7 @@ def train_dpo(
 
     folder = hf_folder(base)
     train, held = pairs.split(settings.eval_fraction, settings.seed)
-    with training_output(out, overwrite) as work:
+    with training_output(out, overwrite) as work, quiet_logs(quiet):
         set_seed(settings.seed)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         if tokenizer.pad_token is None:
@@ -202,7 +203,7 @@ def rloo_steps(
     prompts = list({json.dumps(p.prompt, sort_keys=True): p.prompt for p in pairs.pairs}.values())
     folder = hf_folder(base)
     trained_folder(reward_dir, "reward", "--reward")
-    with training_output(out, overwrite) as work:
+    with training_output(out, overwrite) as work, quiet_logs(quiet):
         set_seed(seed)
         tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
         if tokenizer.pad_token is None:

@@ -139,6 +139,9 @@ def compare_models(
         results.append(result)
         timings.append(timing)
     labels = comparison_labels(model_a, model_b, options)
+    if model_a == model_b:  # two runtimes of one model: two bars, two rows, told apart
+        for result, label in zip(results, labels, strict=True):
+            result.tag = label.removeprefix(model_a).strip(" ()")
     comparison = compare_results(results[0], results[1], *labels)
     by_id = {s.id: s for s in results[1].items}
     side = []

@@ -195,12 +195,14 @@ class EvalResult:
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
     timing: dict[str, Any] | None = None  # `muestra compare`: load, prefill, decode
+    tag: str = ""  # tells apart two scorings of one model (`compare`: the runtimes)
 
     @property
     def label(self) -> str:
         s = self.settings
         how = f" {s.format}" if self.method == "loglik" else ""
-        return f"{self.method}{how} · {Path(self.model).name or self.model}"
+        tag = f" ({self.tag})" if self.tag else ""
+        return f"{self.method}{how} · {Path(self.model).name or self.model}{tag}"
 
     def as_json(self) -> dict[str, Any]:
         return {

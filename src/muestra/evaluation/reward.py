@@ -267,12 +267,45 @@ def freeze_lower_layers(model: Any, train_layers: int | None) -> None:
         score.requires_grad_(True)
 
 
+@contextlib.contextmanager
+def quiet_logs(quiet: bool) -> Any:
+    """With `quiet`, transformers' and datasets' log lines below errors (the LOAD REPORT of
+    a new classification head) and their progress bars ("Loading weights", "Map") are off
+    inside the block, and restored after."""
+    if not quiet:
+        yield
+        return
+    from datasets.utils import logging as ds_logging
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    ds_level, ds_bars = ds_logging.get_verbosity(), ds_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    ds_logging.set_verbosity_error()
+    ds_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        ds_logging.set_verbosity(ds_level)
+        if bars:
+            hf_logging.enable_progress_bar()
+        if ds_bars:
+            ds_logging.enable_progress_bar()
+
+
 def run_training(trainer: Any) -> tuple[Any, float]:
     """`trainer.train()` with its log lines and progress on stderr (stdout stays for the
-    caller's result, e.g. `--json`); returns TRL's result and the wall time."""
+    caller's result, e.g. `--json`); returns TRL's result and the wall time. A quiet
+    trainer (`disable_tqdm`) prints no per-step log dict either."""
     import sys
     import warnings
 
+    from transformers.trainer_callback import PrinterCallback
+
+    if trainer.args.disable_tqdm:  # transformers prints every log dict in the bar's place
+        trainer.remove_callback(PrinterCallback)
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr), warnings.catch_warnings():
         # TRL 1.16 reads transformers' deprecated `is_gradient_checkpointing` in its
@@ -306,8 +339,9 @@ def load_reward_files(folder: Path, flag: str) -> tuple[Any, Any]:
             f"none of {', '.join(tokenizer_files)}); train it again with `muestra reward train`"
         )
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(folder, dtype="float32")
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        with quiet_logs(True):  # a finished model: no load report, no 'Loading weights' bar
+            model = AutoModelForSequenceClassification.from_pretrained(folder, dtype="float32")
+            tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InputError(
@@ -406,7 +440,7 @@ def train_reward(
 
     folder = hf_folder(base)
     train, held = pairs.split(settings.eval_fraction, settings.seed)
-    with training_output(out, overwrite) as work:
+    with training_output(out, overwrite) as work, quiet_logs(quiet):
         set_seed(settings.seed)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForSequenceClassification.from_pretrained(

@@ -14,9 +14,10 @@ import pandas as pd
 from muestra.analysis import Analysis
 from muestra.analysis import analyze as run_analysis
 from muestra.evaluation.probes import probe_of_run
-from muestra.experiments.results import samples_frame
+from muestra.experiments.results import run_schema, samples_frame
 from muestra.experiments.spec import AnalysisSpec
 from muestra.experiments.store import (
+    condition_rows,
     reading,
     require_samples,
     run_by_id,
@@ -35,10 +36,12 @@ class StoredRun:
 
 
 def stored_analysis(
-    store: Path, alpha: float | None = None, run_id: int | None = None
+    store: Path, alpha: float | None = None, run_id: int | None = None, lang: str | None = None
 ) -> StoredRun:
     """Run `run_id` (default: the latest) of `store`, analysed at `alpha` (default: the
-    spec's). A probe's free-text answers are left to its scores."""
+    spec's), its sentences in `lang` (default: the spec's `[analysis] language`). The
+    run's schema says which fields are free text; a probe's free-text answers are left to
+    its scores."""
     with reading(store) as db:
         run = dict(run_by_id(db, run_id))  # None: the latest
         rid = int(run["id"])
@@ -49,6 +52,7 @@ def stored_analysis(
         status, reason = run_state(db, rid)
         run["run_status"] = {"status": status, "reason": reason}
         run["unfinished"] = unfinished_warning(db, rid)
+        exact = _exact_conditions(condition_rows(db, rid))
         models = [
             {
                 **json.loads(row["provenance_json"] or "{}"),
@@ -59,6 +63,20 @@ def stored_analysis(
         ]
     settings = AnalysisSpec.model_validate(tomllib.loads(run["spec_text"]).get("analysis", {}))
     level = alpha if alpha is not None else settings.alpha
-    return StoredRun(
-        run, models, frame, run_analysis(frame, settings.reference, level, settings.terms)
-    )
+    lang = lang or settings.language
+    found = run_analysis(frame, settings.reference, level, settings.terms,
+                         schema=run_schema(run), lang=lang, exact=exact)  # fmt: skip
+    return StoredRun(run, models, frame, found)
+
+
+def _exact_conditions(rows: list[Any]) -> set[str]:
+    """Conditions whose answer is drawn from the distribution field_probs describe: sampled
+    at temperature 1 with no truncation, no beams and no DoLa."""
+    exact = set()
+    for row in rows:
+        a = json.loads(row["answer_json"] or "{}")
+        if (a.get("temperature") == 1 and a.get("top_k", 0) == 0 and a.get("top_p", 1) == 1
+                and a.get("min_p", 0) == 0 and a.get("strategy", "sample") == "sample"
+                and not a.get("dola_layers")):  # fmt: skip
+            exact.add(str(row["label"]))
+    return exact

@@ -4,7 +4,8 @@ A model in the spec with `endpoint = "http://host:port/v1"` (or a list of them) 
 loaded; each missing sample becomes one chat request:
 
 - `messages` rendered from the spec, `n = 1`, `seed` = the sample's own seed (the
-  same `sample_seed(run seed, prompt, sample)` a local run uses and stores);
+  same `sample_seed(run seed, prompt's seed index, sample)` a local run uses and
+  stores);
 - the sampling fields `temperature`, `top_p`, `top_k`, `min_p`, always all four: the
   think phase's as `sampling.py` resolved them before the run (spec, else the model's
   generation_config.json, else the model's `sampling_fallback`; only "server" leaves
@@ -256,7 +257,7 @@ class RemoteRunner:
         }
 
     async def _sample(self, transport: Transport, unit: Any, index: int) -> dict[str, Any]:
-        seed = sample_seed(self.run_seed, unit.prompt_index, index)
+        seed = sample_seed(self.run_seed, unit.seed_index, index)
         key = (unit.condition.label, unit.prompt_index)
         if key not in self.bodies:  # the same for every sample of the unit but the seed
             think_sampling = self.sampling.get(unit.condition.label)

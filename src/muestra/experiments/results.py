@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from muestra.analysis.columns import BEAM, META, answer_fields
+from muestra.analysis.columns import BEAM, META, answer_fields, is_free_text, schema_kinds
 from muestra.errors import InputError
 from muestra.experiments.store import latest_run, sample_rows
 
@@ -108,19 +110,45 @@ def _flatten(answer: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-TEXT_DISTINCT = 10  # a non-numeric field with more distinct values than this is free text
 TEXT_TOP = 5  # the most frequent values a free-text summary lists
 
 
-def summarize(frame: pd.DataFrame, by: str = "prompt", field: str | None = None) -> dict[str, Any]:
+def run_schema(run: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The JSON Schema a run's answers follow: as the run stored it, else (a run stored
+    before muestra kept it) the spec's inline schema or its schema file beside the spec,
+    if it is still there; None when there is none or it cannot be found."""
+    keys = run.keys() if hasattr(run, "keys") else []
+    if "answer_schema_json" in keys and run["answer_schema_json"]:
+        return json.loads(run["answer_schema_json"])
+    try:
+        given = tomllib.loads(run["spec_text"]).get("answer", {}).get("schema")
+    except tomllib.TOMLDecodeError:
+        return None
+    if isinstance(given, dict):
+        return given
+    if isinstance(given, str):
+        path = Path(run["spec_path"]).parent / given
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+    return None
+
+
+def summarize(
+    frame: pd.DataFrame,
+    by: str = "prompt",
+    field: str | None = None,
+    schema: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Counts/proportions per categorical value, numeric descriptions, mean field_probs,
     budget-hit and error rates, per group of `by` (prompt | model | condition).
 
-    A non-numeric field whose valid answers hold more than `TEXT_DISTINCT` distinct values
-    over the whole run, and that has no field_probs (those exist only for closed sets:
-    enum, boolean, choice), is free text (names, say): kind "text", with its number of
-    distinct values and the `TEXT_TOP` most frequent, instead of one row per value. The
-    kind is decided once per field, so it is the same in every group."""
+    A free-text field (names, say) — a string without enum or const in the run's `schema`,
+    or without a schema as `analysis.columns.is_free_text` decides from the counts, the
+    same rule `muestra analyze` follows — is kind "text", with its number of distinct
+    values and the `TEXT_TOP` most frequent, instead of one row per value. The kind is
+    decided once per field, so it is the same in every group."""
     key = {"prompt": "prompt_id", "model": "model", "condition": "condition"}.get(by)
     if key is None:
         raise InputError(f"--by {by!r} must be prompt, model or condition")
@@ -132,7 +160,8 @@ def summarize(frame: pd.DataFrame, by: str = "prompt", field: str | None = None)
             )
         fields = [field]
     valid_all = frame[frame["error"].isna()]
-    text = {c for c in fields if _is_free_text(valid_all, c)}
+    kinds = schema_kinds(schema)
+    text = {c for c in fields if is_free_text(valid_all, c, kinds)}
     groups = {}
     for name, group in frame.groupby(key, sort=False):
         valid = group[group["error"].isna()]
@@ -190,14 +219,6 @@ def summarize(frame: pd.DataFrame, by: str = "prompt", field: str | None = None)
             "tokens_per_s": float(frame["completion_tokens"].sum() / seconds) if seconds else None,
         },
     }
-
-
-def _is_free_text(valid: pd.DataFrame, column: str) -> bool:
-    values = valid[column].dropna()
-    numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
-    if numeric or values.astype(str).nunique() <= TEXT_DISTINCT:
-        return False
-    return not _mean_field_probs(valid, column)
 
 
 def _mean_field_probs(frame: pd.DataFrame, column: str) -> dict[str, float]:

@@ -5,7 +5,10 @@ samples of each prompt into engine batches (so they share one prefill), runs the
 through the think → answer phases and writes each finished batch in one transaction.
 Interrupting (Ctrl-C, `kill -9`, a crash) loses at most the batch in flight; running
 the same command again resumes exactly where it stopped, because sample `i` of prompt
-`p` always gets the seed derived from (run seed, p, i), whichever batch it lands in.
+`p` always gets the seed derived from (run seed, p's seed index, i), whichever batch it
+lands in. The seed index follows the run's recorded seeding scheme (`seed_indices`): the
+variants of a group share theirs, so their sample i draws from one random stream; a run
+stored before the scheme was recorded resumes on its own ("prompt").
 """
 
 from __future__ import annotations
@@ -47,6 +50,26 @@ from muestra.experiments.store import (
 from muestra.limits import SAMPLES_PER_CELL, SAMPLES_PER_RUN
 from muestra.version import __version__
 
+SEEDING = "paired"  # the seeding scheme new runs record
+SCHEMES = ("prompt", "paired")
+
+
+def seed_indices(groups: list[str | None], scheme: str | None) -> list[int]:
+    """The index `p` each prompt (in spec order, with its group or None) passes to
+    `engine.seeds.sample_seed(run seed, p, i)`. Scheme "prompt" (runs stored before the
+    scheme was recorded): its own index. Scheme "paired" (every new run): the prompts of
+    one counterfactual group (vecino / vecina) take the index of the group's first
+    prompt, so sample i of every variant draws from the same random stream. With the same
+    uniforms, two variants whose next-token distributions agree pick the same token: their
+    answers differ where the variant changes the model's distribution, not because two
+    independent draws happened to differ. Ungrouped prompts keep their own index."""
+    scheme = scheme or "prompt"
+    assert scheme in SCHEMES, f"unknown seeding scheme {scheme!r}"
+    if scheme == "prompt":
+        return list(range(len(groups)))
+    first: dict[str, int] = {}
+    return [i if g is None else first.setdefault(g, i) for i, g in enumerate(groups)]
+
 
 @dataclass(frozen=True)
 class Unit:
@@ -60,6 +83,7 @@ class Unit:
     condition_id: int
     prompt_id: int
     missing: tuple[int, ...]
+    seed_index: int  # the index this prompt's samples are seeded with (seed_indices)
 
 
 @dataclass
@@ -135,6 +159,7 @@ class Runner:
         self.model_ids: dict[str, int] = {}
         self.condition_ids: dict[str, int] = {}
         self.prompt_ids: dict[str, int] = {}
+        self.seed_indices: list[int] = []  # per prompt item, from the run's seeding scheme
 
     # ---- the store ----------------------------------------------------------------------
 
@@ -155,6 +180,7 @@ class Runner:
             self.new_run = False
             self.run_id = self._open_run(self.db)
             self._register()
+            self.seed_indices = self._seed_indices(self.db)
         except BaseException:
             self.db.close()  # releases the store's lock: a refused run leaves it to the next
             self.db = None
@@ -199,7 +225,13 @@ class Runner:
             return int(last["id"])
         self.new_run = True
         spec = self.spec
-        return insert_run(db, spec.spec.name, str(spec.path), spec.text, spec.hash, spec.spec.seed)
+        return insert_run(db, spec.spec.name, str(spec.path), spec.text, spec.hash,
+                          spec.spec.seed, SEEDING, spec.answer_schema)  # fmt: skip
+
+    def _seed_indices(self, db: sqlite3.Connection) -> list[int]:
+        """Each prompt item's seed index under the scheme the run recorded."""
+        (scheme,) = db.execute("SELECT seeding FROM runs WHERE id = ?", (self.run_id,)).fetchone()
+        return seed_indices([item.group for item in self.spec.spec.prompt.items], scheme)
 
     def _upsert(self, table: str, key: dict[str, Any], values: dict[str, Any]) -> int:
         assert self.db is not None
@@ -283,7 +315,8 @@ class Runner:
                     stored = stored_indices(self.db, *ids)
                     missing = tuple(i for i in range(self.samples) if i not in stored)
                     if missing:
-                        units.append(Unit(model, condition, item, index, *ids, missing))
+                        units.append(Unit(model, condition, item, index, *ids, missing,
+                                          self.seed_indices[index]))  # fmt: skip
         return units
 
     def estimate_tokens(self, units: list[Unit]) -> int:
@@ -472,7 +505,7 @@ class Runner:
                 prompts.append(ids)
                 firsts.append(first)
                 counts.append(count)
-                indices.append(unit.prompt_index)
+                indices.append(unit.seed_index)  # the engine seeds by it
         started = time.perf_counter()
         think_beams, answer_beams = _beams(condition)
         a = condition.answer
@@ -518,7 +551,7 @@ class Runner:
                 field_probs=a.field_probs,
             )
         seconds = time.perf_counter() - started
-        unit_of = {u.prompt_index: u for u, _ in batch}
+        unit_of = {u.seed_index: u for u, _ in batch}  # one unit per seed index (_batches)
         budget = think.budget if think else None
         return [self._row(unit_of[s.prompt_index], s, budget, seconds) for s in results]
 
@@ -642,7 +675,8 @@ def _ranges(indices: list[int]) -> Iterator[tuple[int, int]]:
 
 def _batches(units: list[Unit], rows: int) -> Iterator[list[tuple[Unit, list[int]]]]:
     """Batches of at most `rows` samples; one condition, think budget and item choice per
-    batch."""
+    batch, and one unit per seed index (two variants of a group, which share a seed index,
+    go to different batches: the batch's samples are told apart by it)."""
     current: list[tuple[Unit, list[int]]] = []
     size = 0
     key = None
@@ -651,7 +685,8 @@ def _batches(units: list[Unit], rows: int) -> Iterator[list[tuple[Unit, list[int
         unit_key = (unit.condition.label, unit.item.think_budget, choice)
         pending = list(unit.missing)
         while pending:
-            if current and (key != unit_key or size >= rows):
+            taken = {u.seed_index for u, _ in current if u is not unit}
+            if current and (key != unit_key or size >= rows or unit.seed_index in taken):
                 yield current
                 current, size = [], 0
             key = unit_key

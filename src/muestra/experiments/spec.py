@@ -396,6 +396,9 @@ class AnalysisSpec(Strict):
     terms: dict[str, str] | None = Field(
         None, description="Regexes counted in reasoning traces (default: gender terms)."
     )
+    language: Literal["en", "es"] = Field(
+        "en", description="Language of findings, notes and figure labels: en or es."
+    )
 
 
 class Spec(Strict):

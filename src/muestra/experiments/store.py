@@ -161,6 +161,15 @@ def _m005(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE samples ADD COLUMN endpoint TEXT")
 
 
+@migration("m006_run_seeding_schema")
+def _m006(db: sqlite3.Connection) -> None:
+    # how the run derives its samples' seeds (`engine.seeds.SEEDING`); NULL for runs stored
+    # before muestra kept it, which resume on the scheme they started with ("prompt")
+    db.execute("ALTER TABLE runs ADD COLUMN seeding TEXT")
+    # the resolved JSON Schema of the answers (the spec may name a file that moves)
+    db.execute("ALTER TABLE runs ADD COLUMN answer_schema_json TEXT")
+
+
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -535,14 +544,22 @@ def newest_run(db: sqlite3.Connection, spec_hash: str | None = None) -> sqlite3.
 
 
 def insert_run(
-    db: sqlite3.Connection, name: str, spec_path: str, spec_text: str, spec_hash: str, seed: int
+    db: sqlite3.Connection,
+    name: str,
+    spec_path: str,
+    spec_text: str,
+    spec_hash: str,
+    seed: int,
+    seeding: str | None = None,
+    answer_schema: dict[str, Any] | None = None,
 ) -> int:
     with db:
         cursor = db.execute(
             "INSERT INTO runs (name, spec_path, spec_text, spec_hash, seed, muestra_version, "
-            "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (name, spec_path, spec_text, spec_hash, seed, __version__, now()),
-        )
+            "created_at, seeding, answer_schema_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (name, spec_path, spec_text, spec_hash, seed, __version__, now(), seeding,
+             dumps(answer_schema)),
+        )  # fmt: skip
     return int(cursor.lastrowid or 0)
 
 

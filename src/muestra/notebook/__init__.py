@@ -13,22 +13,27 @@ probe, look at its analysis as tables, convert it to pandas, draw it.
 
 Everything goes through the layers the command line uses (the runner, the store, the
 analysis); the numbers are the ones `muestra analyze`/`eval`/`probe`/`report` show. Long
-work shows a progress bar (`tqdm.auto`: a widget in Jupyter, text elsewhere); pass
-`progress=False` to hide it.
+work shows its progress (in Jupyter one line updated in place, so a saved notebook keeps
+the final count; a tqdm bar elsewhere); pass `progress=False` to hide it.
+
+In a Jupyter kernel, an error a user can fix (`MuestraError`: a misspelt keyword, a
+missing file) shows as its one-line message, without the traceback behind it; a keyword
+none of the entry points knows is refused by name with the nearest one ("did you mean").
 """
 
 from __future__ import annotations
 
+import difflib
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from muestra.errors import InputError
+from muestra.errors import InputError, MuestraError
 from muestra.notebook.views import AnalysisView, EvaluationView, ExperimentView, ProbeView
 
 __all__ = [
@@ -48,41 +53,89 @@ __all__ = [
 ]
 
 
-def _figures_inline() -> None:
-    """In a Jupyter kernel, let returned figures display (`%matplotlib inline` registers
-    the display of `Figure` objects; muestra's figures are not pyplot's, so a cell shows
-    a returned figure once)."""
+def _kernel() -> Any:
+    """The Jupyter kernel's shell, or None outside one."""
     try:
         from IPython import get_ipython
     except ImportError:
-        return
+        return None
     shell = get_ipython()
-    if shell is not None and getattr(shell, "kernel", None) is not None:
+    return shell if shell is not None and getattr(shell, "kernel", None) is not None else None
+
+
+def _short_error(shell: Any, etype: type, value: BaseException, tb: Any, tb_offset: Any = None):  # noqa: ANN202
+    """IPython's handler of a `MuestraError`: its message alone, no chained traceback."""
+    shell.showtraceback((etype, value, None), exception_only=True)
+
+
+def _notebook_setup() -> None:
+    """In a Jupyter kernel: let returned figures display (`%matplotlib inline` registers
+    the display of `Figure` objects; muestra's figures are not pyplot's, so a cell shows
+    a returned figure once), and show a user's error as its message."""
+    shell = _kernel()
+    if shell is not None:
         shell.run_line_magic("matplotlib", "inline")
+        shell.set_custom_exc((MuestraError,), _short_error)
 
 
-_figures_inline()
+_notebook_setup()
+
+
+def refuse_unknown(call: str, given: Iterable[str], known: Iterable[str]) -> None:
+    """An InputError naming the first keyword of `given` that `call` does not take, with
+    the nearest it does."""
+    known = sorted(known)
+    for name in given:
+        if name not in known:
+            near = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; it takes {', '.join(known)}"
+            raise InputError(f"{call}(..., {name}=...): no such keyword{hint}")
+
+
+MODEL_OPTIONS = ("runtime", "threads", "batch_invariant", "dtype", "device", "trust_remote_code")
 
 
 class _Bar:
-    """A `Runner` progress callback drawn by tqdm (a widget in Jupyter)."""
+    """A `Runner` progress callback. In a Jupyter kernel, one line updated in place
+    (a display handle: the saved notebook keeps its final state); elsewhere a tqdm bar."""
 
     def __init__(self, label: str, enabled: bool) -> None:
         self.label, self.enabled, self.bar = label, enabled, None
+        self.handle: Any = None
+        self.started, self.shown, self.last = time.monotonic(), 0.0, None
 
     def __call__(self, p: Any) -> None:
         if not self.enabled:
             return
+        self.last = p
+        if _kernel() is not None:
+            now = time.monotonic()
+            if self.handle is None or now - self.shown > 0.5 or p.done >= p.total:
+                self._display(p)
+                self.shown = now
+            return
         if self.bar is None:
-            from tqdm.auto import tqdm
+            from tqdm import tqdm
 
             self.bar = tqdm(total=p.total, desc=self.label, unit="sample", leave=True)
         self.bar.total = p.total
         self.bar.update(p.done - self.bar.n)
 
+    def _display(self, p: Any) -> None:
+        from IPython.display import display
+
+        text = (f"{self.label}: {p.done}/{p.total} samples · "
+                f"{time.monotonic() - self.started:.0f} s")  # fmt: skip
+        if self.handle is None:
+            self.handle = display({"text/plain": text}, raw=True, display_id=True)
+        else:
+            self.handle.update({"text/plain": text}, raw=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.handle is not None and self.last is not None:
+            self._display(self.last)
 
 
 def open_run(store: str | Path, run: int | None = None) -> ExperimentView:
@@ -120,6 +173,8 @@ def experiment(
     from muestra.experiments.runner import Runner
     from muestra.experiments.spec import load_spec
 
+    names = ("spec", "store", "model", "samples", "force_new", "progress", *MODEL_OPTIONS)
+    refuse_unknown("experiment", model_options, names)
     loaded = load_spec(spec, check_models=model is None)
     out = Path(store) if store is not None else loaded.path.with_name(f"{loaded.spec.name}.db")
     bar = _Bar(loaded.spec.name, progress)
@@ -150,7 +205,11 @@ def _eval_values(methods: list[str], settings: Mapping[str, Any], n: int | None)
     known = set(EvalSettings.__dataclass_fields__) - {"method", "limit"}
     unknown = sorted(set(settings) - known)
     if unknown:
-        raise InputError(f"{', '.join(unknown)}: not a setting; use {', '.join(sorted(known))}")
+        near = difflib.get_close_matches(unknown[0], known, n=1, cutoff=0.6)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise InputError(
+            f"{', '.join(unknown)}: not a setting{hint}; use {', '.join(sorted(known))}"
+        )
     values = {**settings, "limit": n}
     check_methods(methods, values, _EVAL_NAMES)
     return values
@@ -195,7 +254,7 @@ def evaluate(
         for i in range(len(results))
         for j in range(i + 1, len(results))
     ]
-    return EvaluationView(results, pairs)
+    return EvaluationView(results, pairs, _task_language(loaded, values))
 
 
 def compare(
@@ -222,7 +281,14 @@ def compare(
     found = compare_models(
         model_a, model_b, loaded, settings_for(method, values), out, options=options
     )
-    return EvaluationView(found.results, [found.comparison])
+    return EvaluationView(found.results, [found.comparison], _task_language(loaded, values))
+
+
+def _task_language(task: Any, values: Mapping[str, Any]) -> str:
+    """The language of a question set (its figures and captions speak it)."""
+    from muestra.evaluation.prompts import language_of
+
+    return language_of(task, values.get("language", "auto")).code
 
 
 def open_evaluations(store: str | Path) -> EvaluationView:
@@ -244,7 +310,7 @@ def probe(
     progress: bool = True,
     model_options: Mapping[str, Any] | None = None,
 ) -> ProbeView:
-    """Sample a free-text probe (a shipped name such as `ocupaciones` or a TOML file) on
+    """Sample a free-text probe (a shipped name such as `occupations-es` or a TOML file) on
     `model` (default: the probe's), score it and return its analysis, as `muestra probe`
     does (without a judge)."""
     from muestra.evaluation.probes import load_probe, run_probe

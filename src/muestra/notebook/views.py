@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 
 from muestra.analysis import Analysis
+from muestra.analysis.language import check, say
 from muestra.analysis.probes import ProbeAnalysis
 from muestra.evaluation.evaluate import EvalResult, PairedComparison
 from muestra.report import plots
@@ -74,10 +75,23 @@ class _Shown:
         return _text(*self._parts())
 
 
+def _rounded(frame: pd.DataFrame) -> pd.DataFrame:
+    """Numbers to three decimals, undefined ones (None: no interval) as a dash, not NaN."""
+    shown = frame.copy()
+    for column in shown.columns:
+        if shown[column].map(lambda v: v is None or isinstance(v, float)).all():
+            shown[column] = shown[column].map(lambda v: "—" if pd.isna(v) else f"{v:.3f}")
+    return shown
+
+
 @dataclass(repr=False)
 class AnalysisView(_Shown):
     """An experiment run's `Analysis`: distributions with Wilson intervals, tests with
-    adjusted p-values and their sentences, fits, paired differences, field_probs."""
+    adjusted p-values and their sentences (`findings`: when the spec pairs variants, their
+    comparison), fits, paired differences, field_probs, free-text summaries (`text`).
+    `fields` names the answer's fields: a `choice` or `regex` answer is one field named
+    `answer`. Figures and sentences speak the analysis' language (the spec's
+    `[analysis] language`), or the `lang=` given to a plot."""
 
     analysis: Analysis
     frame: pd.DataFrame  # the samples it was computed from
@@ -94,11 +108,22 @@ class AnalysisView(_Shown):
         "field_probs",
         "mentions",
         "rewards",
+        "text",
     )
 
     @property
+    def lang(self) -> str:
+        return self.analysis.lang
+
+    @property
     def findings(self) -> list[str]:
+        """The headline: the variants compared when the spec pairs them (significant or
+        not), else every significant test; see `other_findings`."""
         return self.analysis.findings
+
+    @property
+    def other_findings(self) -> list[str]:
+        return self.analysis.other_findings
 
     @property
     def notes(self) -> list[str]:
@@ -119,6 +144,8 @@ class AnalysisView(_Shown):
         if name == "rewards":
             r = self.analysis.rewards
             return _records(r.cells) if r is not None else pd.DataFrame()
+        if name == "text":
+            return _records(self.analysis.text)
         return _records(getattr(self.analysis, name))
 
     def to_pandas(self) -> pd.DataFrame:
@@ -126,50 +153,70 @@ class AnalysisView(_Shown):
 
     @property
     def fields(self) -> list[str]:
+        """The categorical answer fields (a choice or regex answer: `answer`)."""
         return list(dict.fromkeys(d.field for d in self.analysis.distributions))
 
-    def plot(self, field: str | None = None, by: str = "prompt") -> Any:
+    @property
+    def text_fields(self) -> list[str]:
+        """The free-text answer fields, summarised in `table("text")`, never tested."""
+        return list(dict.fromkeys(t.field for t in self.analysis.text))
+
+    def plot(self, field: str | None = None, by: str = "prompt", lang: str | None = None) -> Any:
         """Each value's share with its interval: per prompt (`by="prompt"`, Wilson), or per
         condition or model pooled over the prompts (`by="condition"`/`"model"`, cluster
-        bootstrap). `field` defaults to the first answer field."""
+        bootstrap). `field` defaults to the first categorical answer field."""
         if not self.fields:
             raise ValueError("the run has no categorical answer field to plot")
         chosen = field or self.fields[0]
         if chosen not in self.fields:
-            raise ValueError(f"field {chosen!r} is not one of {', '.join(self.fields)}")
+            extra = " (free text: see table('text'))" if chosen in self.text_fields else ""
+            raise ValueError(f"field {chosen!r} is not one of {', '.join(self.fields)}{extra}")
         if by == "prompt":
-            return plots.distributions(self.analysis.distributions, chosen)
+            return plots.distributions(self.analysis.distributions, chosen,
+                                       lang=lang or self.lang)  # fmt: skip
         if by not in ("condition", "model"):
             raise ValueError(f"by={by!r}: use prompt, condition or model")
-        return plots.pooled(self.analysis.pooled, chosen, by)
+        return plots.pooled(self.analysis.pooled, chosen, by, lang=lang or self.lang)
 
-    def plot_field_probs(self, field: str | None = None) -> Any:
+    def plot_field_probs(self, field: str | None = None, lang: str | None = None) -> Any:
         """Exact field probabilities next to the shares counted in the samples."""
-        return plots.field_probs(self.analysis.field_probs, field)
+        return plots.field_probs(self.analysis.field_probs, field, lang=lang or self.lang)
 
-    def plot_differences(self) -> Any:
-        """The forest plot of paired differences between conditions or models."""
-        return plots.forest(self.analysis.comparisons)
+    def plot_differences(self, lang: str | None = None) -> Any:
+        """The forest plot of paired differences between conditions, models or variants."""
+        return plots.forest(self.analysis.comparisons, lang=lang or self.lang)
 
-    def plot_rewards(self) -> Any:
+    def plot_rewards(self, lang: str | None = None) -> Any:
         """Mean reward per prompt and model (before/after alignment side by side)."""
         if self.analysis.rewards is None:
             raise ValueError("the run has no rewards: score it with `muestra reward score`")
-        return plots.rewards(self.analysis.rewards.cells)
+        return plots.rewards(self.analysis.rewards.cells, lang=lang or self.lang)
 
     def _parts(self) -> tuple[str, list[str], list[tuple[str, pd.DataFrame]]]:
-        a = self.analysis
+        a, lang = self.analysis, self.lang
         tests = self.table("tests")
         if not tests.empty:
             tests = tests[["field", "by", "method", "p_value", "p_holm", "cramers_v"]]
-        tables = [("distributions (95% Wilson intervals)", self.table("distributions")),
-                  ("independence tests", tests)]  # fmt: skip
+        tables = [(say("cap_distributions", lang), self.table("distributions")),
+                  (say("cap_tests", lang), tests)]  # fmt: skip
+        if a.text:
+            tables.append((say("cap_text", lang), self.table("text")))
         if a.comparisons:
-            tables.append(("paired differences", self.table("comparisons")))
+            tables.append((say("cap_comparisons", lang), self.table("comparisons")))
+        if a.counterfactuals:
+            cf = self.table("counterfactuals")[["group", "condition", "field", "value",
+                "variant_a", "variant_b", "difference", "low", "high", "flip_rate",
+                "chance_flip_rate", "chance_from"]]  # fmt: skip
+            tables.append((say("cap_counterfactuals", lang), _rounded(cf)))
         if a.field_probs:
-            tables.append(("field_probs", self.table("field_probs")))
-        title = f"{self.name}: {a.valid} valid of {a.samples} samples (alpha {a.alpha})"
-        return title, [f"note: {n}" for n in a.notes] + a.findings, tables
+            tables.append((say("cap_field_probs", lang), _rounded(self.table("field_probs"))))
+        title = say("valid_of", lang, name=self.name, valid=a.valid, samples=a.samples,
+                    alpha=a.alpha)  # fmt: skip
+        lines = [say("note", lang, text=n) for n in a.notes] + a.findings
+        lines += [say("also", lang, text=f) for f in a.other_findings]
+        if not a.findings:
+            lines.append(say("no_finding", lang, alpha=a.alpha))
+        return title, lines, tables
 
 
 @dataclass(repr=False)
@@ -186,14 +233,16 @@ class ExperimentView(_Shown):
     def to_pandas(self) -> pd.DataFrame:
         return self.samples
 
-    def analysis(self, alpha: float | None = None) -> AnalysisView:
+    def analysis(self, alpha: float | None = None, lang: str | None = None) -> AnalysisView:
+        """The run's analysis; sentences and figures in `lang` (default: the spec's
+        `[analysis] language`, else English)."""
         from muestra.evaluation.runs import stored_analysis
 
-        found = stored_analysis(self.store, alpha, self.run_id)
+        found = stored_analysis(self.store, alpha, self.run_id, check(lang) if lang else None)
         return AnalysisView(found.analysis, found.frame, self.name)
 
-    def plot(self, field: str | None = None) -> Any:
-        return self.analysis().plot(field)
+    def plot(self, field: str | None = None, lang: str | None = None) -> Any:
+        return self.analysis(lang=lang).plot(field)
 
     def _parts(self) -> tuple[str, list[str], list[tuple[str, pd.DataFrame]]]:
         counts = (
@@ -213,6 +262,7 @@ class EvaluationView(_Shown):
 
     results: list[EvalResult]
     comparisons: list[PairedComparison]
+    lang: str = "en"  # of figures and captions: the question set's language
 
     def to_pandas(self) -> pd.DataFrame:
         """One row per scoring: accuracy and its interval, expected accuracy, acc_norm."""
@@ -254,20 +304,22 @@ class EvaluationView(_Shown):
             ]
         )
 
-    def plot(self) -> Any:
+    def plot(self, lang: str | None = None) -> Any:
         """Accuracy per scoring with Wilson intervals."""
-        return plots.accuracies([(r.label, r.accuracy) for r in self.results])
+        rows = [(r.label, r.accuracy) for r in self.results]
+        return plots.accuracies(rows, lang=lang or self.lang)
 
-    def plot_votes(self) -> Any:
+    def plot_votes(self, lang: str | None = None) -> Any:
         """Vote curves: accuracy of the majority of the first k paths."""
-        return plots.vote_curves([(r.label, r.curve) for r in self.results if r.curve])
+        curves = [(r.label, r.curve) for r in self.results if r.curve]
+        return plots.vote_curves(curves, lang=lang or self.lang)
 
     def _parts(self) -> tuple[str, list[str], list[tuple[str, pd.DataFrame]]]:
         task = ", ".join(dict.fromkeys(r.task for r in self.results))
-        notes = [f"note: {n}" for r in self.results for n in r.notes]
-        tables = [("accuracy (95% Wilson intervals)", self.to_pandas())]
+        notes = [say("note", self.lang, text=n) for r in self.results for n in r.notes]
+        tables = [(say("cap_accuracy", self.lang), _rounded(self.to_pandas()))]
         if self.comparisons:
-            tables.append(("paired comparisons", self.comparisons_frame()))
+            tables.append((say("cap_paired", self.lang), self.comparisons_frame()))
         return f"{task}: {len(self.results)} scoring(s)", notes, tables
 
 
@@ -290,11 +342,15 @@ class ProbeView(_Shown):
     def means(self) -> pd.DataFrame:
         return _records(self.analysis.means)
 
-    def plot(self, feature: str | None = None) -> Any:
+    @property
+    def lang(self) -> str:
+        return self.analysis.language if self.analysis.language in ("en", "es") else "en"
+
+    def plot(self, feature: str | None = None, lang: str | None = None) -> Any:
         """Differences between groups per feature with bootstrap intervals; `feature`
         keeps those whose name contains it."""
         rows = [d for d in self.analysis.differences if feature is None or feature in d.feature]
-        return plots.group_differences(rows, title=self.name)
+        return plots.group_differences(rows, title=self.name, lang=lang or self.lang)
 
     def _parts(self) -> tuple[str, list[str], list[tuple[str, pd.DataFrame]]]:
         a = self.analysis
@@ -306,4 +362,4 @@ class ProbeView(_Shown):
             f"probe {self.name} · run {self.run_id}: {a.valid} valid of {a.samples} samples, "
             f"groups {', '.join(a.groups)} over {len(a.templates)} templates"
         )
-        return title, a.findings, [("group differences", diffs)]
+        return title, a.findings, [(say("cap_groups", self.lang), diffs)]

@@ -112,13 +112,23 @@ def _table(headers: list[str], rows: list[list[Any]], cls: str = "") -> str:
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
+def _label(text: str, room: float) -> str:
+    """`text` cut to fit `room` pixels at ~6.5 px a character (the whole text in a tooltip)."""
+    fits = max(int(room / 6.5), 4)
+    return text if len(text) <= fits else text[: fits - 1] + "…"
+
+
 def _bars(analysis: Analysis, field: str) -> str:
-    """Grouped bars: one group per prompt, one bar per value, Wilson whiskers."""
+    """Grouped bars: one group per prompt, one bar per value, Wilson whiskers; group labels
+    cut to their group's width, legend entries spaced by their length (nothing overlaps),
+    one distinct colour per value."""
     dists = [d for d in analysis.distributions if d.field == field]
     values = [v.value for v in dists[0].values]
+    colors = _colors(len(values))
     bar, height, top = 22, 160, 20
     group = max(len(values) * bar + 30, 140)
-    width = max(70 + len(dists) * group, 70 + len(values) * 110)
+    steps = [max(60, 20 + 7 * len(str(v))) for v in values]
+    width = max(70 + len(dists) * group, 70 + sum(steps))
     parts = [f'<svg class="chart" data-field="{_e(field)}" width="{width}" height="{height + 70}">']
     parts.append(
         f'<line x1="50" y1="{top + height}" x2="{width}" y2="{top + height}" stroke="#999"/>'
@@ -130,13 +140,12 @@ def _bars(analysis: Analysis, field: str) -> str:
     for dist in dists:
         for index, share in enumerate(dist.values):
             h = height * share.proportion
-            color = PALETTE[index % len(PALETTE)]
             parts.append(
                 f'<rect class="bar" data-value="{_e(share.value)}" data-prompt="{_e(dist.group)}" '
                 f'data-share="{share.proportion:.4f}" x="{x}" y="{top + height - h:.1f}" '
-                f'width="{bar - 2}" height="{h:.1f}" fill="{color}"><title>{_e(share.value)}: '
-                f"{share.count}/{dist.n} = {share.proportion:.2f} [{share.low:.2f}, "
-                f"{share.high:.2f}]</title></rect>"
+                f'width="{bar - 2}" height="{h:.1f}" fill="{colors[index]}"><title>'
+                f"{_e(share.value)}: {share.count}/{dist.n} = {share.proportion:.2f} "
+                f"[{share.low:.2f}, {share.high:.2f}]</title></rect>"
             )
             cx = x + (bar - 2) / 2
             y_low, y_high = top + height * (1 - share.low), top + height * (1 - share.high)
@@ -145,19 +154,32 @@ def _bars(analysis: Analysis, field: str) -> str:
                 f'y2="{y_high:.1f}" stroke="#222"/>'
             )
             x += bar
+        label = f"{dist.group} (n={dist.n})"
         parts.append(
             f'<text x="{x - len(dist.values) * bar}" y="{top + height + 16}">'
-            f"{_e(dist.group)} (n={dist.n})</text>"
+            f"<title>{_e(label)}</title>{_e(_label(label, group - 10))}</text>"
         )
         x += group - len(dist.values) * bar
-    for index, value in enumerate(values):
+    left = 60
+    for value, color, step in zip(values, colors, steps, strict=True):
         parts.append(
-            f'<rect x="{60 + index * 110}" y="{top + height + 32}" width="10" height="10" '
-            f'fill="{PALETTE[index % len(PALETTE)]}"/><text x="{74 + index * 110}" '
-            f'y="{top + height + 41}">{_e(value)}</text>'
+            f'<rect x="{left}" y="{top + height + 32}" width="10" height="10" '
+            f'fill="{color}"/><text x="{left + 14}" y="{top + height + 41}">{_e(value)}</text>'
         )
+        left += step
     parts.append("</svg>")
     return "".join(parts)
+
+
+def _colors(n: int) -> list[str]:
+    """`n` distinct colours: the palette's ten, then evenly spaced hues."""
+    if n <= len(PALETTE):
+        return PALETTE[:n]
+    return [f"hsl({round(360 * i / n)}, 60%, 50%)" for i in range(n)]
+
+
+def _rate(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
 
 
 def _histogram(frame: pd.DataFrame, field: str) -> str:
@@ -200,7 +222,8 @@ def _forest(analysis: Analysis) -> str:
             f'<line class="interval" x1="{zero + c.low * scale:.1f}" '
             f'x2="{zero + c.high * scale:.1f}" y1="{y}" y2="{y}" stroke="{color}" '
             'stroke-width="2"/>'
-            f'<circle class="estimate" data-field="{_e(c.field)}" data-value="{_e(c.value)}" '
+            f'<circle class="estimate" data-by="{_e(c.by)}" data-field="{_e(c.field)}" '
+            f'data-value="{_e(c.value)}" '
             f'data-difference="{c.difference:.4f}" data-low="{c.low:.4f}" '
             f'cx="{zero + c.difference * scale:.1f}" cy="{y}" r="4" fill="{color}">'
             f"<title>{c.difference:+.3f} [{c.low:+.3f}, {c.high:+.3f}] over {c.prompts} "
@@ -219,7 +242,8 @@ def _fits(analysis: Analysis) -> str:
         "reference distribution (uniform over the allowed values unless "
         "<code>[analysis.reference]</code> gives one)? Exact binomial test for two values, "
         "χ² for more (Monte-Carlo p-value when an expected count is below 5); p-values "
-        "adjusted together with the tests above. Value: the most over-represented one, "
+        "adjusted together with the tests above (a spec's variants compared are a family "
+        "of their own). Value: the most over-represented one, "
         "with its Wilson 95% interval.</p>"
     )
     headers = ["field", "prompt", "condition", "model", "method", "value", "n", "share"]
@@ -312,11 +336,11 @@ def render(
     per_cell: int = 50,
     sections: list[Section] | None = None,
 ) -> str:
-    from muestra.analysis import categorical_fields, numeric_fields
+    from muestra.analysis import numeric_fields
 
     valid = frame[frame["error"].isna()] if len(frame) else frame
     out = [
-        f'<!doctype html><html lang="es"><head><meta charset="utf-8"><title>'
+        f'<!doctype html><html lang="{analysis.lang}"><head><meta charset="utf-8"><title>'
         f"muestra · {_e(run['name'])}</title><style>{STYLE}</style></head><body>"
     ]
     out.append(
@@ -377,6 +401,7 @@ def render(
     out += [f'<p class="finding">{_e(s)}</p>' for s in analysis.findings] or [
         "<p>No significant finding after adjustment.</p>"
     ]
+    out += [f'<p class="note">also significant: {_e(s)}</p>' for s in analysis.other_findings]
     out.append(
         _table(
             ["field", "by", "method", "statistic", "dof", "effect", "p", "p Holm", "p BH"],
@@ -402,8 +427,21 @@ def render(
         '<h2>Answers per prompt</h2><p class="note">Bars: share of valid samples; '
         "whiskers: Wilson 95% intervals.</p>"
     )
-    for field in categorical_fields(valid):
+    for field in dict.fromkeys(d.field for d in analysis.distributions):
         out.append(f"<h3>{_e(field)}</h3>{_bars(analysis, field)}")
+    if analysis.text:
+        out.append(
+            '<h2>Free-text fields</h2><p class="note">Strings without enum in the schema: '
+            "summarised as text, not tested as categories.</p>"
+        )
+        out.append(
+            _table(
+                ["field", "prompt", "n", "mean length", "distinct", "most frequent", "words"],
+                [[t.field, t.group, t.n, f"{t.mean_chars:.0f}", f"{t.distinct_share:.0%}",
+                  t.top_answers, t.top_words] for t in analysis.text],
+                "text",
+            )
+        )  # fmt: skip
     if analysis.pooled:
         out.append(
             '<h2>Pooled over prompts</h2><p class="note">Share of each value over all the '
@@ -476,7 +514,12 @@ def render(
         for field in numeric:
             out.append(f"<h3>{_e(field)}</h3>{_histogram(valid, field)}")
     if analysis.counterfactuals:
-        out.append("<h2>Counterfactual pairs</h2>")
+        out.append(
+            '<h2>Counterfactual pairs</h2><p class="note">Flip rate: how often sample i\'s '
+            "answer differs between the variants (they share sample i\'s random stream). "
+            "By chance: the flip rate if the two variants' answers were independent draws, "
+            "from the exact probabilities (exact) or the counted shares.</p>"
+        )
         out.append(
             _table(
                 [
@@ -492,6 +535,7 @@ def render(
                     "a − b",
                     "95% interval",
                     "flip rate",
+                    "flip rate by chance",
                 ],
                 [
                     [
@@ -506,7 +550,9 @@ def render(
                         f"{c.proportion_b:.2f}",
                         f"{c.difference:+.2f}",
                         f"[{c.low:+.2f}, {c.high:+.2f}]",
-                        f"{c.flip_rate:.2f}",
+                        _rate(c.flip_rate),
+                        _rate(c.chance_flip_rate)
+                        + (" (exact)" if c.chance_from == "field_probs" else ""),
                     ]
                     for c in analysis.counterfactuals
                 ],
@@ -535,9 +581,9 @@ def render(
                         f.group,
                         f.value,
                         f"{f.mean_probability:.3f}",
-                        f"[{f.low:.3f}, {f.high:.3f}]",
+                        "exact" if f.low is None else f"[{f.low:.3f}, {f.high:.3f}]",
                         f"{f.sampled_share:.2f}",
-                        f"{f.narrower:.1f}",
+                        "—" if f.narrower is None else f"{f.narrower:.1f}",
                     ]
                     for f in analysis.field_probs
                 ],

@@ -5,11 +5,19 @@ Each function takes the analysis' own records (the ones `muestra report` draws a
 with pyplot: a notebook shows it once when a cell returns it, and a script can
 `fig.savefig(...)`. Bars and points are drawn in the records' order, so a figure's heights
 are the records' numbers (tests read them back). Intervals are the records' own (Wilson for
-shares and accuracies, bootstrap for paired differences and means).
+shares and accuracies, bootstrap for paired differences and means); a record without an
+interval (an exact probability) draws no whisker.
+
+Every figure speaks `lang` ("en" or "es": axis labels, legends, titles), gives each series
+its own colour (`colors`: ten distinct ones, then a 20-colour map), keeps its legend
+outside the bars, and wraps or turns tick labels that would collide (`_ticks`). Counts
+(k paths voted) get integer ticks.
 """
 
 from __future__ import annotations
 
+import itertools
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,59 +25,125 @@ import numpy as np
 
 from muestra.analysis import Comparison, Distribution, FieldProbSummary, Pooled
 from muestra.analysis.accuracy import Accuracy, Discrimination
+from muestra.analysis.language import say
 from muestra.analysis.probes import GroupDifference
 from muestra.analysis.rewards import RewardCell
 
-PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1"]
+# Tableau 10: ten colours a reader tells apart (also in grey and for common colour blindness)
+PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
+           "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"]  # fmt: skip
+WRAP = 16  # characters per line of a tick label
+
+
+def colors(n: int) -> list[str]:
+    """`n` distinct colours: the palette, or a 20-colour map beyond ten."""
+    if n <= len(PALETTE):
+        return PALETTE[:n]
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    cmap = colormaps["tab20"] if n <= 20 else colormaps["turbo"]
+    return [to_hex(cmap(i / max(n - 1, 1) if n > 20 else i)) for i in range(n)]
 
 
 def _figure(width: float, height: float) -> tuple[Any, Any]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)  # a renderer to measure labels with (`_ticks`)
     return fig, fig.add_subplot()
 
 
-def _whiskers(values: Sequence[float], lows: Sequence[float], highs: Sequence[float]) -> Any:
+def _whiskers(
+    values: Sequence[float], lows: Sequence[float | None], highs: Sequence[float | None]
+) -> Any:
     """Whisker lengths below and above each value (≥ 0: a bound equal to its value up to
-    rounding draws no whisker)."""
+    rounding, or no bound at all, draws no whisker)."""
     v = np.asarray(values, dtype=float)
-    below = np.clip(v - np.asarray(lows, dtype=float), 0, None)
-    return np.vstack([below, np.clip(np.asarray(highs, dtype=float) - v, 0, None)])
+    lo = np.array([x if b is None else b for x, b in zip(v, lows, strict=True)], dtype=float)
+    hi = np.array([x if b is None else b for x, b in zip(v, highs, strict=True)], dtype=float)
+    return np.vstack([np.clip(v - lo, 0, None), np.clip(hi - v, 0, None)])
 
 
-def distributions(records: Sequence[Distribution], field: str, title: str | None = None) -> Any:
+def _ticks(ax: Any, labels: Sequence[str], width: float) -> None:
+    """x tick labels wrapped at spaces to `WRAP` characters; when, laid out, two of them
+    would still touch, unwrapped and turned 30°. (`width`: the figure's, in inches.)"""
+    wrapped = ["\n".join(textwrap.wrap(str(t), WRAP, break_on_hyphens=False,
+                                       break_long_words=False)) or str(t)
+               for t in labels]  # fmt: skip
+    ax.set_xticks(range(len(labels)), wrapped)
+    fig = ax.figure
+    fig.draw_without_rendering()  # the constrained layout places the labels
+    renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+    boxes = [t.get_window_extent(renderer) for t in ax.get_xticklabels()]
+    gap = 0.05 * fig.dpi  # at least 0.05 in between two labels
+    if any(b.x0 - a.x1 < gap for a, b in itertools.pairwise(boxes)):
+        ax.set_xticks(range(len(labels)), [str(t) for t in labels])  # one line each, turned
+        longest = max(len(str(t)) for t in labels)
+        fig.set_figheight(fig.get_figheight() + min(2.5, 0.05 * longest))  # the axes keep theirs
+        for text in ax.get_xticklabels():
+            text.set_rotation(30)
+            text.set_horizontalalignment("right")
+            text.set_rotation_mode("anchor")
+
+
+def _legend(ax: Any, title: str | None = None) -> None:
+    """The legend beside the axes, never over the bars."""
+    ax.legend(title=title, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              borderaxespad=0)  # fmt: skip
+
+
+def _grouped(
+    ax: Any,
+    groups: Sequence[str],
+    series: Sequence[str],
+    cells: list[list[tuple[float, float | None, float | None]]],
+) -> None:
+    """Grouped bars: `cells[i][g]` = (height, low, high) of series i in group g."""
+    width = 0.8 / len(series)
+    for i, (name, color) in enumerate(zip(series, colors(len(series)), strict=True)):
+        heights = [c[0] for c in cells[i]]
+        ax.bar(
+            np.arange(len(groups)) + (i - (len(series) - 1) / 2) * width,
+            heights,
+            width * 0.95,
+            yerr=_whiskers(heights, [c[1] for c in cells[i]], [c[2] for c in cells[i]]),
+            capsize=3,
+            color=color,
+            label=name,
+        )
+
+
+def _bar_width(groups: int, series: int) -> float:
+    return min(14.0, max(5.5, 0.45 * groups * max(series, 2) + 2.5))
+
+
+def distributions(
+    records: Sequence[Distribution], field: str, title: str | None = None, lang: str = "en"
+) -> Any:
     """Grouped bars of one answer field: a group of bars per prompt (or cell), one bar per
     value, its share with the Wilson 95% interval as a whisker."""
     dists = [d for d in records if d.field == field]
     if not dists:
         raise ValueError(f"no distribution of field {field!r}")
     values = [v.value for v in dists[0].values]
-    fig, ax = _figure(max(4.0, 1.1 * len(dists) * max(len(values), 2) / 2 + 2), 3.2)
-    width = 0.8 / len(values)
-    for i, value in enumerate(values):
+    width = _bar_width(len(dists), len(values))
+    fig, ax = _figure(width, 3.4)
+    cells = []
+    for value in values:
         shares = [next(s for s in d.values if s.value == value) for d in dists]
-        x = np.arange(len(dists)) + (i - (len(values) - 1) / 2) * width
-        ax.bar(
-            x,
-            [s.proportion for s in shares],
-            width * 0.95,
-            yerr=_whiskers(
-                [s.proportion for s in shares], [s.low for s in shares], [s.high for s in shares]
-            ),
-            capsize=3,
-            color=PALETTE[i % len(PALETTE)],
-            label=value,
-        )
-    ax.set_xticks(range(len(dists)), [f"{d.group}\n(n={d.n})" for d in dists])
+        cells.append([(s.proportion, s.low, s.high) for s in shares])
+    _grouped(ax, [d.group for d in dists], values, cells)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("share of samples")
+    ax.set_ylabel(say("share", lang))
     ax.set_title(title or field)
-    ax.legend(title=field, fontsize="small")
+    _legend(ax, field)
+    _ticks(ax, [f"{d.group} (n={d.n})" for d in dists], width)  # last: measured in place
     return fig
 
 
-def pooled(records: Sequence[Pooled], field: str, by: str) -> Any:
+def pooled(records: Sequence[Pooled], field: str, by: str, lang: str = "en") -> Any:
     """Each value's share per condition (or model), pooled over the prompts, with its
     prompt-level cluster-bootstrap interval."""
     rows = [p for p in records if p.field == field and p.by == by]
@@ -77,62 +151,45 @@ def pooled(records: Sequence[Pooled], field: str, by: str) -> Any:
         raise ValueError(f"no pooled shares of {field!r} by {by}: the run has one {by}")
     levels = list(dict.fromkeys(p.level for p in rows))
     values = list(dict.fromkeys(p.value for p in rows))
-    fig, ax = _figure(max(4.0, 1.1 * len(levels) * max(len(values), 2) / 2 + 2), 3.2)
-    width = 0.8 / len(values)
-    for i, value in enumerate(values):
-        cells = [next(p for p in rows if p.level == level and p.value == value) for level in levels]
-        ax.bar(
-            np.arange(len(levels)) + (i - (len(values) - 1) / 2) * width,
-            [p.share for p in cells],
-            width * 0.95,
-            yerr=_whiskers(
-                [p.share for p in cells], [p.low for p in cells], [p.high for p in cells]
-            ),
-            capsize=3,
-            color=PALETTE[i % len(PALETTE)],
-            label=value,
-        )
+    width = _bar_width(len(levels), len(values))
+    fig, ax = _figure(width, 3.4)
+    cells = []
+    for value in values:
+        found = [next(p for p in rows if p.level == level and p.value == value) for level in levels]
+        cells.append([(p.share, p.low, p.high) for p in found])
+    _grouped(ax, levels, values, cells)
     sizes = {p.level: p.n for p in rows}
-    ax.set_xticks(range(len(levels)), [f"{level}\n(n={sizes[level]})" for level in levels])
     ax.set_ylim(0, 1)
-    ax.set_ylabel("share of samples (pooled over prompts)")
-    ax.set_title(f"{field} by {by}")
-    ax.legend(title=field, fontsize="small")
+    ax.set_ylabel(say("share_pooled", lang))
+    ax.set_title(say("by", lang, field=field, by=say(by, lang) if by != "all" else by))
+    _legend(ax, field)
+    _ticks(ax, [f"{level} (n={sizes[level]})" for level in levels], width)
     return fig
 
 
-def field_probs(records: Sequence[FieldProbSummary], field: str | None = None) -> Any:
-    """The exact probability of each value (mean over samples, bootstrap interval) beside
-    the share of samples that drew it (hollow marker): the first estimates what the second
-    counts, usually with a much narrower interval."""
+def field_probs(
+    records: Sequence[FieldProbSummary], field: str | None = None, lang: str = "en"
+) -> Any:
+    """The exact probability of each value (mean over samples, bootstrap interval; none
+    when every sample has the same probability) beside the share of samples that drew it
+    (hollow marker): the first estimates what the second counts, usually far more tightly."""
     rows = [r for r in records if field is None or r.field == field]
     if not rows:
         raise ValueError("no field_probs to plot" + (f" for field {field!r}" if field else ""))
-    fig, ax = _figure(6.0, 0.35 * len(rows) + 1.2)
+    labels = [f"{r.group} · {r.field}={r.value}" for r in rows]
+    width = min(14.0, max(7.0, 0.07 * max(len(t) for t in labels) + 4.5))
+    fig, ax = _figure(width, 0.35 * len(rows) + 1.9)
     y = np.arange(len(rows))[::-1]
-    ax.errorbar(
-        [r.mean_probability for r in rows],
-        y,
-        xerr=_whiskers(
-            [r.mean_probability for r in rows], [r.low for r in rows], [r.high for r in rows]
-        ),
-        fmt="o",
-        color=PALETTE[0],
-        capsize=3,
-        label="exact probability (mean)",
-    )
-    ax.scatter(
-        [r.sampled_share for r in rows],
-        y,
-        facecolors="none",
-        edgecolors=PALETTE[2],
-        label="share of samples",
-        zorder=3,
-    )
-    ax.set_yticks(y, [f"{r.group} · {r.field}={r.value}" for r in rows])
+    means = [r.mean_probability for r in rows]
+    ax.errorbar(means, y, xerr=_whiskers(means, [r.low for r in rows], [r.high for r in rows]),
+                fmt="o", color=PALETTE[0], capsize=3, label=say("exact_mean", lang))  # fmt: skip
+    ax.scatter([r.sampled_share for r in rows], y, facecolors="none", edgecolors=PALETTE[2],
+               label=say("drawn_share", lang), zorder=3)  # fmt: skip
+    ax.set_yticks(y, labels)
     ax.set_xlim(0, 1)
-    ax.set_xlabel("probability")
-    ax.legend(fontsize="small")
+    ax.set_xlabel(say("probability", lang))
+    handles, names = ax.get_legend_handles_labels()  # below the axes, beside each other
+    fig.legend(handles, names, loc="outside lower center", ncols=2, fontsize="small")
     return fig
 
 
@@ -144,13 +201,11 @@ def _forest(
     xlabel: str,
     title: str | None,
 ) -> Any:
-    fig, ax = _figure(7.0, 0.35 * len(labels) + 1.2)
+    fig, ax = _figure(7.5, 0.35 * len(labels) + 1.3)
     y = np.arange(len(labels))[::-1]
-    colors = [
-        PALETTE[2] if lo > 0 or hi < 0 else PALETTE[0] for lo, hi in zip(lows, highs, strict=True)
-    ]
-    for yi, v, lo, hi, c in zip(y, values, lows, highs, colors, strict=True):
-        ax.errorbar([v], [yi], xerr=_whiskers([v], [lo], [hi]), fmt="o", color=c, capsize=3)
+    for yi, v, lo, hi in zip(y, values, lows, highs, strict=True):
+        color = PALETTE[2] if lo > 0 or hi < 0 else PALETTE[0]
+        ax.errorbar([v], [yi], xerr=_whiskers([v], [lo], [hi]), fmt="o", color=color, capsize=3)
     ax.axvline(0, color="#999", linewidth=1)
     ax.set_yticks(y, list(labels))
     ax.set_xlabel(xlabel)
@@ -159,9 +214,10 @@ def _forest(
     return fig
 
 
-def forest(records: Sequence[Comparison], title: str | None = None) -> Any:
-    """Paired differences of a value's share between two conditions or models (averaged
-    over prompts), with their cluster-bootstrap intervals; red when the interval excludes 0."""
+def forest(records: Sequence[Comparison], title: str | None = None, lang: str = "en") -> Any:
+    """Paired differences of a value's share between two conditions, models or variants
+    (averaged over prompts or groups), with their cluster-bootstrap intervals; red when
+    the interval excludes 0."""
     if not records:
         raise ValueError("no paired comparisons: the run compares no conditions or models")
     return _forest(
@@ -169,12 +225,14 @@ def forest(records: Sequence[Comparison], title: str | None = None) -> Any:
         [c.difference for c in records],
         [c.low for c in records],
         [c.high for c in records],
-        "difference of shares",
+        say("difference_shares", lang),
         title,
     )
 
 
-def group_differences(records: Sequence[GroupDifference], title: str | None = None) -> Any:
+def group_differences(
+    records: Sequence[GroupDifference], title: str | None = None, lang: str = "en"
+) -> Any:
     """A probe's group differences per feature (paired over its templates), with their
     bootstrap intervals; red when the interval excludes 0."""
     if not records:
@@ -184,86 +242,93 @@ def group_differences(records: Sequence[GroupDifference], title: str | None = No
         [d.difference for d in records],
         [d.low for d in records],
         [d.high for d in records],
-        "difference between groups",
+        say("difference_groups", lang),
         title,
     )
 
 
-def accuracies(rows: Sequence[tuple[str, Accuracy]], title: str | None = None) -> Any:
+def accuracies(
+    rows: Sequence[tuple[str, Accuracy]], title: str | None = None, lang: str = "en"
+) -> Any:
     """One bar per scoring (method · model): accuracy with its Wilson 95% interval."""
     if not rows:
         raise ValueError("no accuracies to plot")
-    fig, ax = _figure(max(4.0, 1.3 * len(rows) + 1), 3.2)
+    width = min(14.0, max(4.5, 1.2 * len(rows) + 1.5))
+    fig, ax = _figure(width, 3.6)
     values = [a.value for _, a in rows]
     ax.bar(
         range(len(rows)),
         values,
         yerr=_whiskers(values, [a.low for _, a in rows], [a.high for _, a in rows]),
         capsize=4,
-        color=[PALETTE[i % len(PALETTE)] for i in range(len(rows))],
+        color=colors(len(rows)),
     )
-    ax.set_xticks(range(len(rows)), [f"{label}\n(n={a.total})" for label, a in rows])
     ax.set_ylim(0, 1)
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel(say("accuracy", lang))
     if title:
         ax.set_title(title)
+    _ticks(ax, [f"{label} (n={a.total})" for label, a in rows], width)
     return fig
 
 
-def vote_curves(curves: Sequence[tuple[str, Sequence[tuple[int, Accuracy]]]]) -> Any:
-    """Accuracy of the majority of the first k sampled paths, per k, with Wilson bands."""
+def vote_curves(
+    curves: Sequence[tuple[str, Sequence[tuple[int, Accuracy]]]], lang: str = "en"
+) -> Any:
+    """Accuracy of the majority of the first k sampled paths, per k, with Wilson bands;
+    ticks only at the k that were voted."""
     if not curves:
         raise ValueError("no vote curves: only `vote` evaluations have one")
-    fig, ax = _figure(5.0, 3.2)
-    for i, (label, curve) in enumerate(curves):
+    fig, ax = _figure(6.0, 3.4)
+    ks_all: set[int] = set()
+    for (label, curve), color in zip(curves, colors(len(curves)), strict=True):
         ks = [k for k, _ in curve]
-        color = PALETTE[i % len(PALETTE)]
+        ks_all |= set(ks)
         ax.plot(ks, [a.value for _, a in curve], "o-", color=color, label=label)
         ax.fill_between(
             ks, [a.low for _, a in curve], [a.high for _, a in curve], color=color, alpha=0.2
         )
-    ax.set_xlabel("paths voted (k)")
-    ax.set_ylabel("accuracy")
+    ax.set_xticks(sorted(ks_all))
+    ax.set_xlabel(say("paths_voted", lang))
+    ax.set_ylabel(say("accuracy", lang))
     ax.set_ylim(0, 1)
-    ax.legend(fontsize="small")
+    _legend(ax)
     return fig
 
 
-def rewards(records: Sequence[RewardCell], title: str | None = None) -> Any:
+def rewards(records: Sequence[RewardCell], title: str | None = None, lang: str = "en") -> Any:
     """Mean reward per prompt, one bar per model (or condition), bootstrap intervals:
     a policy before and after alignment side by side."""
     if not records:
         raise ValueError("no rewards: score the run with `muestra reward score` first")
     prompts = list(dict.fromkeys(c.prompt for c in records))
-    series = list(dict.fromkeys(f"{c.model} {c.condition}".strip() for c in records))
-    fig, ax = _figure(max(4.0, 1.2 * len(prompts) * len(series) / 2 + 2), 3.2)
-    width = 0.8 / len(series)
-    for i, name in enumerate(series):
-        cells = [c for c in records if f"{c.model} {c.condition}".strip() == name]
-        x = [prompts.index(c.prompt) + (i - (len(series) - 1) / 2) * width for c in cells]
-        means = [c.mean for c in cells]
-        ax.bar(
-            x,
-            means,
-            width * 0.95,
-            yerr=_whiskers(means, [c.low for c in cells], [c.high for c in cells]),
-            capsize=3,
-            color=PALETTE[i % len(PALETTE)],
-            label=name,
-        )
+    several = {k: len({getattr(c, k) for c in records}) > 1 for k in ("model", "condition")}
+
+    def name_of(c: RewardCell) -> str:  # the model and the condition, where several ran
+        parts = [c.model if several["model"] else "", c.condition if several["condition"] else ""]
+        return " ".join(p for p in parts if p) or c.model
+
+    series = list(dict.fromkeys(name_of(c) for c in records))
+    width = _bar_width(len(prompts), len(series))
+    fig, ax = _figure(width, 3.4)
+    cells = []
+    for name in series:
+        by_prompt = {c.prompt: c for c in records if name_of(c) == name}
+        cells.append([(by_prompt[p].mean, by_prompt[p].low, by_prompt[p].high)
+                      if p in by_prompt else (0.0, None, None) for p in prompts])  # fmt: skip
+    _grouped(ax, prompts, series, cells)
     ax.axhline(0, color="#999", linewidth=1)
-    ax.set_xticks(range(len(prompts)), prompts)
-    ax.set_ylabel("mean reward")
-    ax.legend(fontsize="small")
+    ax.set_ylabel(say("mean_reward", lang))
+    _legend(ax)
     if title:
         ax.set_title(title)
+    _ticks(ax, prompts, width)
     return fig
 
 
-def calibration(found: Discrimination, score: str = "agreement") -> Any:
+def calibration(found: Discrimination, score: str = "agreement", lang: str = "en") -> Any:
     """Accuracy per score bin against the bin's mean score (the diagonal is perfect
-    calibration), with Wilson intervals, and the AUROC in the title."""
-    fig, ax = _figure(4.5, 4.0)
+    calibration), with Wilson intervals; the AUROC in the title, or why there is none."""
+    fig, ax = _figure(5.0, 4.2)
     means = [m for _, m, _ in found.bins]
     accs = [a.value for _, _, a in found.bins]
     ax.plot([0, 1], [0, 1], color="#999", linewidth=1, linestyle="--")
@@ -276,12 +341,12 @@ def calibration(found: Discrimination, score: str = "agreement") -> Any:
         capsize=3,
     )
     for m, a, (_, _, acc) in zip(means, accs, found.bins, strict=True):
-        ax.annotate(
-            f"n={acc.total}", (m, a), textcoords="offset points", xytext=(5, -12), fontsize=8
-        )
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
-    ax.set_xlabel(f"{score} (bin mean)")
-    ax.set_ylabel("share right")
-    ax.set_title(f"AUROC {found.auroc:.2f} [{found.low:.2f}, {found.high:.2f}]")
+        below = (5, -12) if a > 0.15 else (5, 6)  # never under the x axis
+        ax.annotate(f"n={acc.total}", (m, a), textcoords="offset points", xytext=below,
+                    fontsize=8)  # fmt: skip
+    ax.set_xlim(0, 1.08)  # room for a point (and its label) at 1
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel(say("bin_mean", lang, score=score))
+    ax.set_ylabel(say("share_right", lang))
+    ax.set_title("\n".join(textwrap.wrap(found.explain(lang), 60)), fontsize="medium")
     return fig

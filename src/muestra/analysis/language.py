@@ -1,0 +1,171 @@
+"""The language a reader is spoken to in: English ("en") or Spanish ("es").
+
+The analysis writes its findings and notes, and the figures and the report their axis
+labels, legends and captions, in one language: the caller's `lang` (a notebook's
+`lang=`, a spec's `[analysis] language`), English by default. `say(key, lang, **values)`
+fills one phrase of `PHRASES`; a key missing from the table is a bug (KeyError), a
+language missing from `LANGUAGES` is the user's (`check`). Only words a reader sees go
+through here: column names of tables and records stay English (they are code).
+"""
+
+from __future__ import annotations
+
+from muestra.errors import InputError
+
+LANGUAGES = ("en", "es")
+
+# key -> (English, Spanish); `{name}` fields are filled by `say`
+PHRASES: dict[str, tuple[str, str]] = {
+    # axis labels, legends, titles
+    "share": ("share of samples", "proporción de muestras"),
+    "share_pooled": ("share of samples\n(pooled over prompts)",
+                     "proporción de muestras\n(todos los prompts)"),
+    "by": ("{field} by {by}", "{field} por {by}"),
+    "prompt": ("prompt", "prompt"),
+    "condition": ("condition", "condición"),
+    "model": ("model", "modelo"),
+    "variant": ("variant", "variante"),
+    "probability": ("probability", "probabilidad"),
+    "exact_mean": ("exact probability (mean)", "probabilidad exacta (media)"),
+    "exact": ("exact probability", "probabilidad exacta"),
+    "drawn_share": ("share of samples", "proporción de muestras"),
+    "difference_shares": ("difference of shares", "diferencia de proporciones"),
+    "difference_groups": ("difference between groups", "diferencia entre grupos"),
+    "accuracy": ("accuracy", "precisión"),
+    "paths_voted": ("paths voted (k)", "caminos que votan (k)"),
+    "mean_reward": ("mean reward", "recompensa media"),
+    "bin_mean": ("{score} (bin mean)", "{score} (media del intervalo)"),
+    "share_right": ("share right", "proporción correcta"),
+    "auroc": ("AUROC {auroc:.2f} [{low:.2f}, {high:.2f}]",) * 2,
+    "no_auroc": ("AUROC not computable: {why}", "AUROC no calculable: {why}"),
+    "all_right": ("every answer is right ({n})", "todas las respuestas son correctas ({n})"),
+    "all_wrong": ("every answer is wrong ({n})", "todas las respuestas son incorrectas ({n})"),
+    "auroc_needs": (
+        "an AUROC compares right with wrong answers, and {which}: whether the score tells "
+        "them apart cannot be measured here",
+        "el AUROC compara respuestas correctas con incorrectas, y {which}: aquí no se puede "
+        "medir si la puntuación las distingue",
+    ),
+    # captions of a notebook's tables
+    "cap_distributions": ("distributions (95% Wilson intervals)",
+                          "distribuciones (intervalos de Wilson al 95 %)"),
+    "cap_tests": ("independence tests", "pruebas de independencia"),
+    "cap_comparisons": ("paired differences", "diferencias emparejadas"),
+    "cap_field_probs": ("field_probs (exact probabilities)",
+                        "field_probs (probabilidades exactas)"),
+    "cap_text": ("free-text fields (not tested as categories)",
+                 "campos de texto libre (sin pruebas como categorías)"),
+    "cap_counterfactuals": ("paired variants: flip rate against chance",
+                            "variantes emparejadas: tasa de cambio frente al azar"),
+    "cap_accuracy": ("accuracy (95% Wilson intervals)", "precisión (intervalos de Wilson al 95 %)"),
+    "cap_paired": ("paired comparisons", "comparaciones emparejadas"),
+    "cap_groups": ("group differences", "diferencias entre grupos"),
+    "valid_of": ("{name}: {valid} valid of {samples} samples (alpha {alpha})",
+                 "{name}: {valid} válidas de {samples} muestras (alfa {alpha})"),
+    "note": ("note: {text}", "nota: {text}"),
+    "also": ("also significant: {text}", "también significativo: {text}"),
+    "no_finding": ("no significant finding at α = {alpha} after Holm adjustment",
+                   "ningún hallazgo significativo con α = {alpha} tras el ajuste de Holm"),
+    "answer_field": (
+        "the answer's fields: {fields} (a choice or regex answer is the field `answer`)",
+        "campos de la respuesta: {fields} (una respuesta choice o regex es el campo `answer`)",
+    ),
+    # findings
+    "makes_likely": (
+        "{by} {high} makes {field}={value} {ratio:.1f}× as likely as {low} ({p_high:.0%} vs "
+        "{p_low:.0%})",
+        "{by} {high} hace {field}={value} {ratio:.1f} veces más probable que {low} "
+        "({p_high:.0%} frente a {p_low:.0%})",
+    ),
+    "in_none": (
+        "{by} {high} gives {field}={value} in {p_high:.0%} of samples, {low} in none",
+        "{by} {high} da {field}={value} en el {p_high:.0%} de las muestras, {low} en ninguna",
+    ),
+    "fit": (
+        "{label}: {field} is {value} in {count} of {n} samples ({share:.0%}, 95% CI "
+        "{low:.0f}–{high:.0f}%), far from the {reference:.0%} reference",
+        "{label}: {field} es {value} en {count} de {n} muestras ({share:.0%}, IC 95 % "
+        "{low:.0f}–{high:.0f} %), lejos de la referencia del {reference:.0%}",
+    ),
+    "higher_numeric": (
+        "prompt {high} gives a higher {field} than {low} ({mean_high:.3g} vs {mean_low:.3g} "
+        "on average)",
+        "el prompt {high} da un {field} mayor que {low} ({mean_high:.3g} frente a "
+        "{mean_low:.3g} de media)",
+    ),
+    "variants": (
+        "{field}={value}: {a} {share_a:.0%} vs {b} {share_b:.0%} (difference {diff:+.0%}, "
+        "95% CI {low:+.0%} to {high:+.0%}, paired over {groups} group(s))",
+        "{field}={value}: {a} {share_a:.0%} frente a {b} {share_b:.0%} (diferencia "
+        "{diff:+.0%}, IC 95 % de {low:+.0%} a {high:+.0%}, emparejado en {groups} grupo(s))",
+    ),
+    "variants_few": (
+        "{field}={value}: {a} {share_a:.0%} vs {b} {share_b:.0%} (difference {diff:+.0%} "
+        "averaged over {groups} group(s): too few groups for an interval)",
+        "{field}={value}: {a} {share_a:.0%} frente a {b} {share_b:.0%} (diferencia "
+        "{diff:+.0%} de media en {groups} grupo(s): muy pocos grupos para un intervalo)",
+    ),
+    "variants_differ": (
+        "{a} and {b} differ: {detail}; {p}",
+        "{a} y {b} difieren: {detail}; {p}",
+    ),
+    "variants_same": (
+        "no difference between {a} and {b} detected at α = {alpha}: {detail}; {p}",
+        "no se detecta diferencia entre {a} y {b} con α = {alpha}: {detail}; {p}",
+    ),
+    "variants_untested": (
+        "{a} vs {b}: {detail}; too few samples for a test",
+        "{a} frente a {b}: {detail}; muy pocas muestras para una prueba",
+    ),
+    # notes
+    "beam_rows": (
+        "condition(s) {conditions}: the rows are the most likely {phase} sequences, ranked "
+        "by beam search, not random draws; their shares, intervals and tests describe those "
+        "beams and do not estimate the model's distribution",
+        "condición(es) {conditions}: las filas son las secuencias de {phase} más probables, "
+        "ordenadas por búsqueda de haces, no sorteos; sus proporciones, intervalos y pruebas "
+        "describen esos haces y no estiman la distribución del modelo",
+    ),
+    "exact_probs": (
+        "field_probs of {field} are the same in every sample of {groups}: the answer comes "
+        "straight after the same prompt, so its probability is exact (no interval)",
+        "field_probs de {field} es igual en todas las muestras de {groups}: la respuesta "
+        "sigue directamente al mismo prompt, así que su probabilidad es exacta (sin "
+        "intervalo)",
+    ),
+    "one_sample": (
+        "{groups}: one sample with field_probs of {field}, its probability is not an "
+        "interval",
+        "{groups}: una sola muestra con field_probs de {field}; su probabilidad no es un "
+        "intervalo",
+    ),
+    "free_text": (
+        "{fields}: free text (a string without enum in the schema), summarised as text "
+        "and not tested as categories",
+        "{fields}: texto libre (cadena sin enum en el esquema), resumido como texto y sin "
+        "pruebas como categorías",
+    ),
+    "headline_variants": (
+        "the spec pairs variants ({pairs}): the findings compare them; tests of each "
+        "prompt against the reference are in `fits`",
+        "la especificación empareja variantes ({pairs}): los hallazgos las comparan; las "
+        "pruebas de cada prompt frente a la referencia están en `fits`",
+    ),
+}
+
+
+def check(lang: str) -> str:
+    """`lang` when muestra speaks it, else an InputError naming the choices."""
+    if lang not in LANGUAGES:
+        raise InputError(f"lang={lang!r}: use one of {', '.join(LANGUAGES)}")
+    return lang
+
+
+def say(key: str, lang: str = "en", **values: object) -> str:
+    """Phrase `key` of `PHRASES` in `lang`, its fields filled from `values`."""
+    english, spanish = PHRASES[key]
+    return (spanish if check(lang) == "es" else english).format(**values)
+
+
+def p_text(p_holm: float) -> str:
+    return "p_adj < 0.001" if p_holm < 0.001 else f"p_adj = {p_holm:.3f}"
