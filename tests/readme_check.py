@@ -1,5 +1,7 @@
-"""README as a test: every code block of README.md is run or checked, in order, as a
-newcomer would meet it (`make readme`; `.ci/run` runs it after `make test`).
+"""README and the docs as a test: every code block of README.md and of the site's pages
+(docs/, in the order of docs/index.md's table of contents) is run or checked, in order,
+as a newcomer reading them would meet it (`make readme`; `.ci/run` runs it after
+`make test`). All documents share one sandbox and one shell, as one reader has.
 
 Each fenced block carries, on the line before it, an HTML comment that says what it is
 (GitHub does not show it):
@@ -31,6 +33,10 @@ and are not matched. A block without a comment fails the check, so no example es
 it. Matching: spaces are collapsed and rich's table rules (━─═) shortened, `…` or `...`
 match any text, and with match=numbers every number matches any number (times and speeds
 of this machine).
+
+A `run` block whose text and options repeat an earlier one exactly (the same first
+steps shown in English and in Spanish, say) is not run again: its shown output is
+compared with what the first one printed. So a page may repeat an example at no cost.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+TOCTREE = re.compile(r"^```\{toctree\}\s*$")
 COMMENT = re.compile(r"^<!--\s*check:\s*(\w+)(.*?)-->\s*$")
 ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=\S+$")
 NUMBER = r"[-+−]?\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?"
@@ -54,16 +62,58 @@ NUMBER = r"[-+−]?\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?"
 
 @dataclass
 class Block:
-    line: int  # where its fence opens in README.md
+    line: int  # where its fence opens in its document
     lang: str
     body: list[str]
     kind: str | None
     options: dict[str, str] = field(default_factory=dict)
+    document: str = "README.md"  # its path from the repository's root
 
     @property
     def label(self) -> str:
         name = self.options.get("name")
-        return f"README.md:{self.line} ({self.kind}{' ' + name if name else ''})"
+        return f"{self.document}:{self.line} ({self.kind}{' ' + name if name else ''})"
+
+    @property
+    def key(self) -> tuple:
+        """What makes two run blocks the same example: their commands and options (not the
+        output they show, which is compared each time)."""
+        options = {k: v for k, v in self.options.items() if k != "name"}
+        commands = tuple(line for line in self.body if not line.strip().startswith("#"))
+        return (self.kind, self.lang, commands, tuple(sorted(options.items())))
+
+
+def documents() -> list[Path]:
+    """README.md, then every Markdown page of the site in the order of docs/index.md's
+    toctrees (the site's navigation; generated pages and notebooks have no examples)."""
+    found = [README]
+    if not (DOCS / "index.md").is_file():
+        return found
+    found.append(DOCS / "index.md")
+    lines = (DOCS / "index.md").read_text("utf-8").split("\n")
+    inside = False
+    for line in lines:
+        if TOCTREE.match(line.strip()):
+            inside = True
+        elif inside and line.startswith("```"):
+            inside = False
+        elif inside and line.strip() and not line.startswith(":"):
+            if line.strip().startswith("reference/"):  # generated from the code: no examples
+                continue
+            page = DOCS / f"{line.strip()}.md"
+            if page.is_file() and page not in found:
+                found.append(page)
+    return found
+
+
+def all_blocks() -> list[Block]:
+    """The blocks of every document, in reading order."""
+    found = []
+    for path in documents():
+        for block in blocks(path.read_text("utf-8")):
+            block.document = str(path.relative_to(ROOT))
+            found.append(block)
+    return found
 
 
 def blocks(text: str) -> list[Block]:
@@ -78,7 +128,8 @@ def blocks(text: str) -> list[Block]:
             before = next((lines[j] for j in range(start - 1, -1, -1) if lines[j].strip()), "")
             match = COMMENT.match(before.strip())
             kind, options = (match.group(1), _options(match.group(2))) if match else (None, {})
-            found.append(Block(start + 1, lang, lines[start + 1 : end], kind, options))
+            if not lang.startswith("{"):  # ```{toctree} and other MyST directives: no example
+                found.append(Block(start + 1, lang, lines[start + 1 : end], kind, options))
             i = end + 1
         else:
             i += 1
@@ -153,6 +204,7 @@ class Sandbox:
     outputs: dict[str, str] = field(default_factory=dict)
     servers: list[subprocess.Popen] = field(default_factory=list)
     variables: list[str] = field(default_factory=list)  # `M=…` lines of earlier blocks
+    ran: dict[tuple, str] = field(default_factory=dict)  # a run block's key → what it printed
 
     @classmethod
     def create(cls, where: Path) -> Sandbox:
@@ -281,13 +333,19 @@ class Sandbox:
             return check_shown(shown, printed, numbers)
         if block.kind != "run":
             return "no `<!-- check: … -->` comment before this block (see tests/readme_check.py)"
+        if block.key in self.ran:  # the same example shown again: compare, do not rerun
+            printed = self.ran[block.key]
+            if "name" in options:
+                self.outputs[options["name"]] = printed
+            print(f"    already ran: {' '.join(block.body)[:90]}", file=sys.stderr)
+            return check_shown(shown_output(block.body), printed, numbers)
         body = []
         for line in block.body:
             if line.startswith("muestra serve ") and line.rstrip().endswith("&"):
                 self.start_server(line, extra)
             else:
                 body.append(line)
-        # one shell for the whole README, as a reader has: variables set by earlier blocks
+        # one shell for all the documents, as a reader has: variables set by earlier blocks
         source = "\n".join([*self.variables, *body]) + "\n"
         if block.lang != "python":
             self.variables += [line for line in body if ASSIGNMENT.match(line)]
@@ -297,6 +355,7 @@ class Sandbox:
         code, printed = self.shell(source, extra, timeout)
         if "name" in options:
             self.outputs[options["name"]] = printed
+        self.ran[block.key] = printed
         if (code != 0) != (options.get("expect") == "fail"):
             tail = "\n".join(printed.splitlines()[-25:])
             return f"exit {code}\n{tail}"
@@ -304,13 +363,20 @@ class Sandbox:
 
 
 def main(argv: list[str]) -> int:
-    """`python -m tests.readme_check [WORKDIR] [--from LINE] [--only LINE,...]`."""
+    """`python tests/readme_check.py [WORKDIR] [--only DOC:LINE,...] [--list]`."""
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("workdir", nargs="?", type=Path)
-    parser.add_argument("--only", default="", help="README lines of the blocks to run")
+    parser.add_argument(
+        "--only", default="", help="blocks to run: README.md:LINE,docs/x.md:LINE (LINE: README's)"
+    )
+    parser.add_argument("--list", action="store_true", help="list the blocks, run nothing")
     arguments = parser.parse_args(argv)
+    if arguments.list:
+        for block in all_blocks():
+            print(f"{block.document}:{block.line} {block.kind} {' '.join(block.body)[:80]}")
+        return 0
     import tempfile
 
     workdir = arguments.workdir or Path(tempfile.mkdtemp(prefix="muestra-readme-"))
@@ -319,10 +385,10 @@ def main(argv: list[str]) -> int:
         if not (workdir / "muestra").exists()
         else Sandbox(workdir / "muestra", workdir / "home")
     )
-    only = {int(x) for x in arguments.only.split(",") if x}
+    only = {x if ":" in x else f"README.md:{x}" for x in arguments.only.split(",") if x}
     failures = []
-    for block in blocks(README.read_text("utf-8")):
-        if only and block.line not in only:
+    for block in all_blocks():
+        if only and f"{block.document}:{block.line}" not in only:
             continue
         try:
             why = sandbox.run(block)
@@ -335,7 +401,7 @@ def main(argv: list[str]) -> int:
     sandbox.stop_servers()
     for failure in failures:
         print(f"\n{failure}", file=sys.stderr)
-    print(f"\n{len(failures)} README block(s) failed (sandbox: {workdir})", file=sys.stderr)
+    print(f"\n{len(failures)} block(s) failed (sandbox: {workdir})", file=sys.stderr)
     if not failures and arguments.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)  # kept only when asked for, or to look at
     return 1 if failures else 0

@@ -1,0 +1,3 @@
+from muestra.cli.app import main
+
+main()

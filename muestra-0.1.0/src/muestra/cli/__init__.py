@@ -1,0 +1,1 @@
+"""The `muestra` command line: a thin layer over the library."""

@@ -1,0 +1,87 @@
+"""Options and printing helpers shared by the commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import typer
+from rich.console import Console
+
+stdout = Console(highlight=False, soft_wrap=True)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+MODEL_HELP = (
+    "Hub id (e.g. Qwen/Qwen3-4B-Thinking-2507) or local folder (e.g. one written by "
+    "`muestra kit build`)."
+)
+
+JsonOption = typer.Option(False, "--json", help="Print JSON instead of a table.")
+DtypeOption = typer.Option(
+    "auto", "--dtype", help="auto (as saved) | bfloat16 | float16 | float32."
+)
+DeviceOption = typer.Option("auto", "--device", help="auto | cpu | cuda.")
+AllowPickleOption = typer.Option(
+    False, "--allow-pickle", help="Allow pickle (.bin) weights, which can run arbitrary code."
+)
+TrustRemoteCodeOption = typer.Option(
+    False, "--trust-remote-code", help="Run modelling code shipped with the model."
+)
+RUNTIME_HELP = (
+    "What computes the logits: llamacpp (a GGUF with llama.cpp's CPU kernels) | torch "
+    "(transformers) | auto: llamacpp for a GGUF alone when llama-cpp-python is installed "
+    "(and no --dtype is asked for), else torch."
+)
+THREADS_HELP = "CPU threads of the runtime (default: the cores, or OMP_NUM_THREADS)."
+INVARIANT_HELP = (
+    "llamacpp: a sample's logits never depend on the rows decoded beside it (default); "
+    "--no-batch-invariant: llama.cpp's own batching, faster for a single row."
+)
+RuntimeOption = typer.Option("auto", "--runtime", help=RUNTIME_HELP)
+ThreadsOption = typer.Option(None, "--threads", min=1, help=THREADS_HELP)
+BatchInvariantOption = typer.Option(
+    True, "--batch-invariant/--no-batch-invariant", help=INVARIANT_HELP
+)
+# the same settings for commands that run specs: unset, each model's own [model] setting
+RuntimeOverrideOption = typer.Option(
+    None, "--runtime", help=RUNTIME_HELP + " Default: each model's `runtime` in the spec."
+)
+BatchInvariantOverrideOption = typer.Option(
+    None, "--batch-invariant/--no-batch-invariant", help=INVARIANT_HELP
+)
+
+
+def model_options(
+    runtime: str | None, threads: int | None, batch_invariant: bool | None
+) -> dict[str, Any]:
+    """The runtime settings given on the command line, as [model] spec fields."""
+    given = {"runtime": runtime, "threads": threads, "batch_invariant": batch_invariant}
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def visible(text: str) -> str:
+    """Text with control characters shown as escapes, for one table cell."""
+    return json.dumps(text, ensure_ascii=False)[1:-1]
+
+
+def plural(count: int, word: str) -> str:
+    """`word`, or its plural for a count other than one ("1 sample", "2 samples")."""
+    return word if count == 1 else f"{word}s"
+
+
+def run_status(db: Any, run: Any) -> dict[str, Any]:
+    """The run's status for `--json` output, and a warning on stderr when it is not
+    finished (failed, stopped or still running): its numbers are a partial result."""
+    from muestra.experiments.store import run_state, unfinished_warning
+
+    status, reason = run_state(db, run)
+    warning = unfinished_warning(db, run)
+    if warning:
+        stderr.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
+    return {"status": status, "reason": reason}

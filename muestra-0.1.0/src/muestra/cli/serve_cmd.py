@@ -1,0 +1,166 @@
+"""`muestra serve`: the engine behind an OpenAI-compatible HTTP API."""
+
+from __future__ import annotations
+
+import typer
+
+from muestra.cli.common import (
+    MODEL_HELP,
+    AllowPickleOption,
+    BatchInvariantOption,
+    DeviceOption,
+    DtypeOption,
+    RuntimeOption,
+    ThreadsOption,
+    TrustRemoteCodeOption,
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve)
+
+
+def serve(
+    model: str = typer.Argument(..., help=MODEL_HELP),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Address to bind (loopback unless you say otherwise)."
+    ),
+    port: int = typer.Option(8000, "--port", min=0, max=65535),
+    api_key: str | None = typer.Option(
+        None,
+        "--api-key",
+        envvar="MUESTRA_API_KEY",
+        help="Require 'Authorization: Bearer KEY' on every /v1 route (/health stays open).",
+    ),
+    served_model_name: str | None = typer.Option(
+        None, "--served-model-name", help="The model name clients send (default: MODEL)."
+    ),
+    max_batch: int = typer.Option(
+        64, "--max-batch", min=1, help="Most rows (samples) decoding together."
+    ),
+    max_tokens_limit: int | None = typer.Option(
+        None,
+        "--max-tokens-limit",
+        min=1,
+        help="Refuse requests whose max_tokens is above this (413).",
+    ),
+    max_body_bytes: int = typer.Option(
+        8 * 1024 * 1024, "--max-body-bytes", min=1024, help="Refuse larger bodies (413)."
+    ),
+    max_rows_per_request: int = typer.Option(
+        256,
+        "--max-rows-per-request",
+        min=1,
+        help="Refuse requests asking for more rows (prompts × n) than this (413).",
+    ),
+    max_queued_rows: int = typer.Option(
+        2048,
+        "--max-queued-rows",
+        min=1,
+        help="Samples waiting or decoding, all requests together; a request beyond it "
+        "gets 503 (retry later). At least --max-rows-per-request.",
+    ),
+    max_grammar_bytes: int = typer.Option(
+        64 * 1024,
+        "--max-grammar-bytes",
+        min=16,
+        help="Refuse response_format schemas larger than this, as compact JSON (413).",
+    ),
+    grammar_timeout: float = typer.Option(
+        10.0,
+        "--grammar-timeout",
+        min=0.1,
+        help="Seconds a response_format grammar may take to compile, waiting included (400).",
+    ),
+    grammar_cache_mb: int = typer.Option(
+        256,
+        "--grammar-cache-mb",
+        min=1,
+        help="Memory for compiled grammars; the least recently used are dropped beyond it.",
+    ),
+    trust_request_chat_template: bool = typer.Option(
+        False,
+        "--trust-request-chat-template",
+        help="Render chat templates sent by clients (chat_template, or inside "
+        "chat_template_kwargs), bounded by time and size; refused (400) otherwise.",
+    ),
+    dtype: str = DtypeOption,
+    device: str = DeviceOption,
+    allow_pickle: bool = AllowPickleOption,
+    trust_remote_code: bool = TrustRemoteCodeOption,
+    runtime: str = RuntimeOption,
+    threads: int | None = ThreadsOption,
+    batch_invariant: bool = BatchInvariantOption,
+    draft_model: str | None = typer.Option(
+        None,
+        "--draft-model",
+        help='A speculative draft for requests that send "speculative": true: a model with '
+        "the same vocabulary, or layers:N for the model's own first N layers.",
+    ),
+    num_speculative_tokens: int = typer.Option(
+        4, "--num-speculative-tokens", min=1, max=32, help="Draft tokens per round."
+    ),
+    log_level: str = typer.Option("warning", "--log-level", help="uvicorn's log level."),
+) -> None:
+    """Serve MODEL over OpenAI's API: GET /health, GET /v1/models, POST /v1/chat/completions
+    and POST /v1/completions. Concurrent requests share the engine's batches (continuous
+    batching). Chat requests take OpenAI's fields plus vLLM's extras: top_k, min_p,
+    repetition_penalty, thinking_token_budget (caps the reasoning), chat_template_kwargs
+    (e.g. {"enable_thinking": false}); response_format json_object / json_schema is
+    enforced with a grammar after the reasoning; the reasoning comes back apart, as
+    `reasoning_content`. max_tokens counts reasoning tokens too (as vLLM)."""
+    from muestra.allocator import single_malloc_arena
+
+    single_malloc_arena()  # before torch starts threads: see its docstring
+    import uvicorn
+
+    from muestra.answers.drafted import load_draft
+    from muestra.cli.common import stderr
+    from muestra.engine.engine import drafts_off_note
+    from muestra.models.loading import load_model
+    from muestra.server.app import check_api_key, create_app
+    from muestra.server.service import ServedModel
+
+    check_api_key(api_key)  # before the model loads
+    if max_queued_rows < max_rows_per_request:
+        raise typer.BadParameter(
+            f"{max_queued_rows} is below --max-rows-per-request ({max_rows_per_request})",
+            param_hint="--max-queued-rows",
+        )
+    loaded = load_model(
+        model,
+        dtype=dtype,  # type: ignore[arg-type]
+        device=device,  # type: ignore[arg-type]
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        runtime=runtime,  # type: ignore[arg-type]
+        threads=threads,
+        batch_invariant=batch_invariant,
+    )
+    served = ServedModel(
+        loaded,
+        served_model_name or model,
+        max_batch=max_batch,
+        max_tokens_limit=max_tokens_limit,
+        max_rows_per_request=max_rows_per_request,
+        max_queued_rows=max_queued_rows,
+        max_grammar_bytes=max_grammar_bytes,
+        grammar_timeout=grammar_timeout,
+        grammar_cache_bytes=grammar_cache_mb * 2**20,
+        trust_request_chat_template=trust_request_chat_template,
+        draft=None if draft_model is None else load_draft(loaded, draft_model, dtype, device),
+        num_speculative_tokens=num_speculative_tokens,
+    )
+    app = create_app(served, api_key=api_key, max_body_bytes=max_body_bytes)
+    thinking = "thinks" if served.tags is not None else "does not think"
+    stderr.print(
+        f"muestra serve: {served.name} ({thinking}, {loaded.runtime.name} runtime) on "
+        f"http://{host}:{port}/v1" + (" (API key required)" if api_key else ""),
+        markup=False,
+    )
+    note = drafts_off_note(loaded.runtime.config, [])
+    if note is not None:
+        stderr.print(f"note: {note}", markup=False)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        stderr.print(f"warning: listening on {host}, not only on this machine", markup=False)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -1,0 +1,668 @@
+"""Plan and run an experiment: model × condition × prompt × sample, resumable.
+
+`Runner.plan()` lists the work units not yet in the store; `Runner.run()` groups the
+samples of each prompt into engine batches (so they share one prefill), runs them
+through the think → answer phases and writes each finished batch in one transaction.
+Interrupting (Ctrl-C, `kill -9`, a crash) loses at most the batch in flight; running
+the same command again resumes exactly where it stopped, because sample `i` of prompt
+`p` always gets the seed derived from (run seed, p, i), whichever batch it lands in.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from muestra.errors import InputError
+from muestra.experiments.prompts import messages_for, think_budget
+from muestra.experiments.spec import (
+    Condition,
+    LoadedSpec,
+    ModelSpec,
+    PromptItem,
+    check_beam_samples,
+)
+from muestra.experiments.store import (
+    condition_think,
+    connect,
+    discard_run,
+    dumps,
+    insert_run,
+    insert_samples,
+    mark_run,
+    model_provenance,
+    newest_run,
+    now,
+    run_exists,
+    set_model_provenance,
+    stored_indices,
+    upsert,
+)
+from muestra.limits import SAMPLES_PER_CELL, SAMPLES_PER_RUN
+from muestra.version import __version__
+
+
+@dataclass(frozen=True)
+class Unit:
+    """The missing samples of one (model, condition, prompt) cell."""
+
+    model: ModelSpec
+    condition: Condition
+    item: PromptItem
+    prompt_index: int
+    model_id: int
+    condition_id: int
+    prompt_id: int
+    missing: tuple[int, ...]
+
+
+@dataclass
+class Progress:
+    done: int
+    total: int
+    tokens: int
+    elapsed: float
+
+
+class Runner:
+    def __init__(
+        self,
+        spec: LoadedSpec,
+        store: Path,
+        *,
+        model: str | None = None,
+        samples: int | None = None,
+        force_new: bool = False,
+        resume_any: bool = False,
+        batch_rows: int | None = None,
+        on_note: Callable[[str], None] | None = None,
+        trust_remote_code: bool = False,
+        model_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.store = Path(store)
+        self.samples = samples if samples is not None else spec.spec.samples
+        if self.samples < 1:
+            raise InputError(f"--samples must be at least 1 (got {self.samples})")
+        where = f"{spec.path}: samples = {self.samples:,}" if samples is None else "--samples"
+        SAMPLES_PER_CELL.check(self.samples, where)
+        check_beam_samples(spec.conditions, self.samples, f"{spec.path} with --samples")
+        self.models = [ModelSpec(id=model)] if model else spec.spec.model_list
+        # flags that apply to every local model (`--trust-remote-code`, `--runtime`, …)
+        local = dict(model_options or {})
+        if trust_remote_code:
+            local["trust_remote_code"] = True
+        given = [*local, *(["batch"] if batch_rows is not None else [])]
+        if given and all(m.endpoint is not None for m in self.models):
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise InputError(
+                f"{flags}: {'applies' if len(given) == 1 else 'apply'} to models this "
+                f"machine computes; every model of {spec.path} is an endpoint (its server "
+                "decides how it computes and batches): leave them out"
+            )
+        if local:
+            self.models = [
+                ModelSpec.model_validate({**m.model_dump(exclude_unset=True), **local})
+                if m.endpoint is None
+                else m
+                for m in self.models
+            ]
+        cells = len(self.models) * len(spec.conditions) * len(spec.spec.prompt.items)
+        SAMPLES_PER_RUN.check(
+            cells * self.samples,
+            f"{spec.path}: {cells:,} prompt × condition × model cells × {self.samples:,} samples",
+        )
+        self.force_new = force_new
+        self.resume_any = resume_any  # resume any run of this spec, not only the latest
+        self.batch_rows = batch_rows if batch_rows is not None else 32
+        self.on_note = on_note or (lambda _: None)
+        self.db: sqlite3.Connection | None = None
+        self.run_id: int | None = None
+        self.drafts: dict[tuple[str, str], Any] = {}  # speculative drafts, per model and ref
+        self.noted: set[str] = set()  # notes already given (once per run, not per batch)
+        self._tracked = False  # inside `tracking()`: the status is kept by the outer block
+        # set by `open()`: the store's state and this run's row ids
+        self.remote_sampling: dict[str, dict[str, Any]] = {}  # model → condition → sampling
+        self.created_store = False  # open() made the store file (a discarded run removes it)
+        self.new_run = False  # open() inserted the run (else it resumes one)
+        self.model_ids: dict[str, int] = {}
+        self.condition_ids: dict[str, int] = {}
+        self.prompt_ids: dict[str, int] = {}
+
+    # ---- the store ----------------------------------------------------------------------
+
+    def open(self) -> int:
+        """Create or reopen this spec's run in the store; refuse a changed spec, and a local
+        model that cannot load or an endpoint model whose think sampling cannot be resolved
+        (both before writing anything)."""
+        remote = [m for m in self.models if m.endpoint is not None]
+        self.remote_sampling = {}
+        if remote:  # not imported otherwise: it loads torch, and a dry run needs none
+            from muestra.experiments.sampling import resolve_think
+
+            self.remote_sampling = {m.name: resolve_think(self.spec, m) for m in remote}
+        self._check_local_models()
+        self.created_store = not self.store.exists()
+        self.db = connect(self.store)
+        try:
+            self.new_run = False
+            self.run_id = self._open_run(self.db)
+            self._register()
+        except BaseException:
+            self.db.close()  # releases the store's lock: a refused run leaves it to the next
+            self.db = None
+            raise
+        return self.run_id
+
+    def close(self) -> None:
+        """Close the store (and release its lock); the runner can be opened again."""
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+
+    def __enter__(self) -> Runner:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _check_local_models(self) -> None:
+        """Refuse a local model that is missing, offline, without weights or in need of
+        remote code before the store is created or a run row written, so that it leaves
+        neither behind. The weights themselves load in run(), one model at a time."""
+        local = [m for m in self.models if m.endpoint is None]
+        if local:  # not imported otherwise: it loads torch
+            from muestra.models.loading import check_model_without_download
+
+            for model in local:
+                check_model_without_download(model.id, trust_remote_code=model.trust_remote_code)
+
+    def _open_run(self, db: sqlite3.Connection) -> int:
+        """The id of this spec's run in the store, inserted unless it is the latest."""
+        last = newest_run(db)
+        if self.resume_any and not self.force_new:
+            last = newest_run(db, self.spec.hash)
+        if last is not None and not self.force_new:
+            if last["spec_hash"] != self.spec.hash:
+                raise InputError(
+                    f"{self.store} holds a run of a different spec (its text changed since "
+                    f"{last['created_at']}). Use another --out, or --force-new to start a new "
+                    "run in the same store."
+                )
+            return int(last["id"])
+        self.new_run = True
+        spec = self.spec
+        return insert_run(db, spec.spec.name, str(spec.path), spec.text, spec.hash, spec.spec.seed)
+
+    def _upsert(self, table: str, key: dict[str, Any], values: dict[str, Any]) -> int:
+        assert self.db is not None
+        return upsert(self.db, table, key, values)
+
+    def _register(self) -> None:
+        run = {"run_id": self.run_id}
+        self.model_ids = {
+            m.name: self._upsert("models", {**run, "label": m.name}, {"model_ref": m.id})
+            for m in self.models
+        }
+        self.condition_ids = {c.label: self._register_condition(c) for c in self.spec.conditions}
+        self.prompt_ids = {
+            item.id: self._upsert(
+                "prompts",
+                {**run, "prompt_key": item.id},
+                {
+                    "prompt_index": index,
+                    "messages_json": dumps(messages_for(self.spec, item)),
+                    "variables_json": dumps(item.variables),
+                    "group_name": item.group,
+                    "variant": item.variant,
+                },
+            )
+            for index, item in enumerate(self.spec.spec.prompt.items)
+        }
+
+    def _register_condition(self, condition: Condition) -> int:
+        """The condition's row; its think_json keeps, under "remote", the think sampling
+        resolved for each endpoint model. A resumed run must resolve to the same."""
+        assert self.db is not None
+        think = condition.think.model_dump() if condition.think else None
+        remote = {
+            name: by_label[condition.label].record()
+            for name, by_label in self.remote_sampling.items()
+            if condition.label in by_label
+        }
+        if think is not None and remote:
+            think["remote"] = remote
+        condition_id = self._upsert(
+            "conditions",
+            {"run_id": self.run_id, "label": condition.label},
+            {
+                "overrides_json": dumps(condition.overrides),
+                "think_json": dumps(think),
+                "answer_json": dumps(condition.answer.model_dump(by_alias=True)),
+            },
+        )
+        stored = condition_think(self.db, condition_id)
+        before = ((json.loads(stored) if stored else None) or {}).get("remote", {})
+        for name, record in remote.items():
+            now = {
+                k: v
+                for k, v in record.items()
+                if k in ("temperature", "top_p", "top_k", "min_p", "mode")
+            }
+            # a run stored before modes were resolved reasoned in tags
+            was = {k: (before.get(name) or {}).get(k, "tags" if k == "mode" else None) for k in now}
+            if was != now:
+                raise InputError(
+                    f"{self.store}: condition {condition.label!r} of model {name!r} was sampled "
+                    f"with {was} but its think sampling now resolves to {now} (a "
+                    "generation_config.json appeared or changed). Use another --out, or "
+                    "--force-new to start a new run in the same store."
+                )
+        return condition_id
+
+    # ---- planning -----------------------------------------------------------------------
+
+    def plan(self) -> list[Unit]:
+        assert self.db is not None, "open() first"
+        units = []
+        for model in self.models:
+            for condition in self.spec.conditions:
+                for index, item in enumerate(self.spec.spec.prompt.items):
+                    ids = (
+                        self.model_ids[model.name],
+                        self.condition_ids[condition.label],
+                        self.prompt_ids[item.id],
+                    )
+                    stored = stored_indices(self.db, *ids)
+                    missing = tuple(i for i in range(self.samples) if i not in stored)
+                    if missing:
+                        units.append(Unit(model, condition, item, index, *ids, missing))
+        return units
+
+    def estimate_tokens(self, units: list[Unit]) -> int:
+        total = 0
+        for unit in units:
+            budget = think_budget(unit.condition, unit.item) or 0
+            total += len(unit.missing) * (budget + unit.condition.answer.max_tokens)
+        return total
+
+    # ---- running ------------------------------------------------------------------------
+
+    @contextmanager
+    def tracking(self) -> Iterator[None]:
+        """The run's status in the store while the block runs: "running", then "failed"
+        with the reason if it raises (Ctrl-C included), else "done". `run` tracks itself;
+        a command with more to do after sampling (scoring, judging) wraps it all."""
+        assert self.db is not None and self.run_id is not None, "open() first"
+        if self._tracked:
+            yield
+            return
+        self._tracked = True
+        mark_run(self.db, self.run_id, "running")
+        try:
+            yield
+        except BaseException as err:
+            reason = (
+                "interrupted (Ctrl-C)"
+                if isinstance(err, KeyboardInterrupt)
+                else f"{type(err).__name__}: {err}"[:1000]
+            )
+            if self.db is not None and self._run_exists():
+                mark_run(self.db, self.run_id, "failed", reason)
+            raise
+        finally:
+            self._tracked = False
+        mark_run(self.db, self.run_id, "done")
+
+    def _run_exists(self) -> bool:
+        assert self.db is not None
+        assert self.run_id is not None
+        return run_exists(self.db, self.run_id)
+
+    def run(self, on_progress: Callable[[Progress], None] | None = None) -> Progress:
+        with self.tracking():
+            return self._sample(on_progress)
+
+    def _sample(self, on_progress: Callable[[Progress], None] | None) -> Progress:
+        units = self.plan()
+        total = sum(len(u.missing) for u in units)
+        progress = Progress(0, total, 0, 0.0)
+        started = time.perf_counter()
+
+        def store(rows: list[dict[str, Any]]) -> None:
+            assert self.db is not None
+            insert_samples(self.db, rows)
+            progress.done += len(rows)
+            progress.tokens += sum(r["completion_tokens"] for r in rows)
+            progress.elapsed = time.perf_counter() - started
+            if on_progress:
+                on_progress(progress)
+
+        for model in self.models:
+            mine = [u for u in units if u.model.name == model.name]
+            if not mine:
+                continue
+            if model.endpoint is not None:
+                self._run_remote(model, mine, store)
+                continue
+            try:
+                generator = self._generator(model)
+            except BaseException:
+                if progress.done == 0:
+                    self._discard()
+                raise
+            for batch in _batches(mine, self.batch_rows):
+                store(self._run_batch(generator, batch))
+        return progress
+
+    def _discard(self) -> None:
+        """Undo what `open` wrote when the first model fails to load before any sample:
+        a store this invocation created is removed, a run it added is deleted."""
+        if self.db is None or not self.new_run:
+            return
+        if self.created_store:
+            self.db.close()  # the lock goes with it; then the files (-wal, -shm, .lock too)
+            self.db = None
+            for suffix in ("", "-wal", "-shm", "-journal", ".lock"):
+                self.store.with_name(self.store.name + suffix).unlink(missing_ok=True)
+            return
+        assert self.run_id is not None
+        discard_run(self.db, self.run_id)
+
+    def _run_remote(
+        self, model: ModelSpec, units: list[Unit], store: Callable[[list[dict[str, Any]]], None]
+    ) -> None:
+        from functools import partial
+
+        from muestra.experiments.remote import RemoteRunner
+
+        provenance = partial(self._store_provenance, model)
+        remote = RemoteRunner(
+            self.spec,
+            model,
+            self.spec.spec.seed,
+            self._row,
+            store,
+            self.on_note,
+            provenance,
+            sampling=self.remote_sampling[model.name],
+        )
+        remote.run(units)
+
+    def _store_provenance(self, model: ModelSpec, data: dict[str, Any]) -> None:
+        """Record where the model's weights came from and what computed with them; a run
+        resumed with other weights or another runtime is refused (its samples would mix)."""
+        assert self.db is not None
+        stored = model_provenance(self.db, self.model_ids[model.name])
+        if stored:
+            before = json.loads(stored)
+            was, now = _computing(before), _computing(data)
+            if was != now:
+                raise InputError(
+                    f"{self.store}: model {model.name!r} of this run was sampled with {was}, "
+                    f"and now loads as {now}; its samples would mix. Use another --out, or "
+                    "--force-new to start a new run in the same store."
+                )
+        set_model_provenance(self.db, self.model_ids[model.name], data)
+
+    def _load(self, model: ModelSpec) -> Any:
+        """The local model with every setting of its spec, its provenance stored."""
+        from muestra.models.loading import load_model
+
+        loaded = load_model(
+            model.id,
+            dtype=model.dtype,  # type: ignore[arg-type]
+            device=model.device,  # type: ignore[arg-type]
+            trust_remote_code=model.trust_remote_code,
+            runtime=model.runtime,
+            threads=model.threads,
+            batch_invariant=model.batch_invariant,
+        )
+        self._store_provenance(model, loaded.provenance.as_dict())
+        return loaded
+
+    def _generator(self, model: ModelSpec) -> Any:
+        from muestra.answers.structured import StructuredGenerator
+
+        return StructuredGenerator(self._load(model), max_batch=self.batch_rows)
+
+    def _run_batch(
+        self, generator: Any, batch: list[tuple[Unit, list[int]]]
+    ) -> list[dict[str, Any]]:
+        from muestra.answers.structured import think_from_generation_config
+
+        unit0 = batch[0][0]
+        condition, item = unit0.condition, unit0.item
+        think = None
+        if condition.think is not None:
+            spec = condition.think
+            budget = think_budget(condition, item)
+            think = think_from_generation_config(
+                generator.loaded,
+                budget,
+                temperature=spec.temperature,
+                top_p=spec.top_p,
+                top_k=spec.top_k,
+                min_p=spec.min_p,
+                dola_layers=_dola(spec.dola_layers),
+            )
+            think = replace(think, mode=spec.mode)
+            if spec.instruction is not None:
+                think = replace(think, instruction=spec.instruction)
+            think = generator.resolve_think(think)
+            if spec.close_text is not None:
+                think = replace(think, close_text=spec.close_text)
+        answer, grammar = _answer(condition, self.spec, item)
+        prompts, firsts, counts, indices = [], [], [], []
+        for unit, samples in batch:
+            ids = _encode(generator, self.spec, unit.item, think)
+            self._check_fits(generator, unit, len(ids), condition.answer.max_tokens)
+            for first, count in _ranges(samples):
+                prompts.append(ids)
+                firsts.append(first)
+                counts.append(count)
+                indices.append(unit.prompt_index)
+        started = time.perf_counter()
+        think_beams, answer_beams = _beams(condition)
+        a = condition.answer
+        # what every decoding path takes: the batch's samples and the phases
+        batch_args: dict[str, Any] = {
+            "seed": self.spec.spec.seed,
+            "first_samples": firsts,
+            "counts": counts,
+            "prompt_indices": indices,
+            "think": think,
+            "answer": answer,
+        }
+        if a.prompt_lookup is not None or a.draft_model:
+            from muestra.answers.drafted import run_drafted_answers
+
+            results = run_drafted_answers(
+                generator,
+                prompts,
+                **batch_args,
+                prompt_lookup=a.prompt_lookup,
+                draft=self._draft(generator, unit0.model, a.draft_model),
+                num_speculative_tokens=a.num_speculative_tokens,
+            )
+        elif think_beams is None and answer_beams is None:
+            results = generator.run(
+                prompts, **batch_args, grammar=grammar, field_probs=a.field_probs
+            )
+            for note in generator.notes:
+                note = f"model {unit0.model.name}, condition {condition.label}: {note}"
+                if note not in self.noted:
+                    self.noted.add(note)
+                    self.on_note(note)
+        else:
+            from muestra.answers.beam_phases import run_beam_phases
+
+            results = run_beam_phases(
+                generator,
+                prompts,
+                **batch_args,
+                think_beams_params=think_beams,
+                answer_beams=answer_beams,
+                grammar=grammar,
+                field_probs=a.field_probs,
+            )
+        seconds = time.perf_counter() - started
+        unit_of = {u.prompt_index: u for u, _ in batch}
+        budget = think.budget if think else None
+        return [self._row(unit_of[s.prompt_index], s, budget, seconds) for s in results]
+
+    def _check_fits(self, generator: Any, unit: Unit, prompt_tokens: int, answer: int) -> None:
+        """Refuse an item whose prompt and answer cannot fit the model's context, naming
+        the spec (or question file) and the item, before its batch runs."""
+        from muestra.errors import ContextLengthError
+
+        limit = getattr(generator.loaded, "max_length", None)
+        if limit is not None and prompt_tokens + answer > limit:
+            raise ContextLengthError(
+                f"{self.spec.path}: item {unit.item.id!r} is {prompt_tokens:,} prompt tokens "
+                f"+ {answer} answer tokens, over the model's context of {limit:,} (model "
+                f"{unit.model.name}); shorten it or leave it out"
+            )
+
+    def _draft(self, generator: Any, model: ModelSpec, ref: str | None) -> Any:
+        """The speculative draft `ref` of this model, loaded once per run."""
+        if ref is None:
+            return None
+        from muestra.answers.drafted import load_draft
+
+        key = (model.name, ref)
+        if key not in self.drafts:
+            self.drafts[key] = load_draft(generator.loaded, ref, model.dtype, model.device)
+        return self.drafts[key]
+
+    def _row(
+        self, unit: Unit, sample: Any, think_budget: int | None, seconds: float
+    ) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "model_id": unit.model_id,
+            "condition_id": unit.condition_id,
+            "prompt_id": unit.prompt_id,
+            "sample_index": sample.sample,
+            "seed": sample.seed,
+            "think_budget": think_budget,
+            "reasoning": sample.reasoning,
+            "think_tokens": sample.think_tokens,
+            "budget_hit": int(sample.budget_hit),
+            "answer_text": sample.answer_text,
+            "answer_json": dumps(sample.answer),
+            "field_probs_json": dumps(sample.field_probs),
+            "beam_json": dumps(getattr(sample, "beam", None)),
+            "finish_reason": sample.finish_reason,
+            "error": sample.error,
+            "prompt_tokens": sample.num_prompt_tokens,
+            "completion_tokens": sample.num_tokens,
+            "batch_seconds": seconds,
+            "muestra_version": __version__,
+            "created_at": now(),
+        }
+
+
+def _encode(generator: Any, spec: LoadedSpec, item: PromptItem, think: Any) -> list[int]:
+    from muestra.answers.phases import with_instruction
+
+    prompt = messages_for(spec, item)
+    if think is not None and think.mode == "text":
+        prompt = with_instruction(prompt, think.instruction)
+    if isinstance(prompt, str):
+        return generator.text.encode_prompt(prompt)
+    return generator.text.encode_messages(prompt, spec.spec.prompt.enable_thinking)
+
+
+def _answer(condition: Condition, spec: LoadedSpec, item: PromptItem) -> tuple[Any, Any]:
+    """The answer phase and grammar of `condition` for `item` (whose own choice, when it has
+    one, replaces the answer's)."""
+    from muestra.answers.grammar import GrammarSpec
+    from muestra.answers.phases import AnswerConfig
+    from muestra.engine import SamplingParams
+
+    a = condition.answer
+    params = SamplingParams(
+        temperature=a.temperature,
+        top_p=a.top_p,
+        top_k=a.top_k,
+        min_p=a.min_p,
+        dola_layers=_dola(a.dola_layers),
+    )
+    grammar = GrammarSpec.from_options(
+        schema=spec.answer_schema,
+        regex=a.regex,
+        choice=item.choice if item.choice is not None else a.choice,
+        ebnf=spec.path.parent / a.grammar if a.grammar is not None else None,
+    )
+    return AnswerConfig(params=params, max_tokens=a.max_tokens, stop=tuple(a.stop)), grammar
+
+
+def _dola(layers: str | list[int] | None) -> str | tuple[int, ...] | None:
+    return tuple(layers) if isinstance(layers, list) else layers
+
+
+def _beams(condition: Condition) -> tuple[Any, Any]:
+    """The beam parameters of the think and answer phases (None: sampled)."""
+    from muestra.engine.beam import BeamParams
+
+    def params(section: Any) -> Any:
+        if section is None or section.strategy != "beam":
+            return None
+        return BeamParams(
+            num_beams=section.num_beams,
+            length_penalty=section.length_penalty,
+            early_stopping=section.early_stopping,
+        )
+
+    return params(condition.think), params(condition.answer)
+
+
+def _ranges(indices: list[int]) -> Iterator[tuple[int, int]]:
+    """Contiguous (first, count) runs of sorted sample indices."""
+    start = prev = indices[0]
+    for index in indices[1:]:
+        if index != prev + 1:
+            yield start, prev - start + 1
+            start = index
+        prev = index
+    yield start, prev - start + 1
+
+
+def _batches(units: list[Unit], rows: int) -> Iterator[list[tuple[Unit, list[int]]]]:
+    """Batches of at most `rows` samples; one condition, think budget and item choice per
+    batch."""
+    current: list[tuple[Unit, list[int]]] = []
+    size = 0
+    key = None
+    for unit in units:
+        choice = tuple(unit.item.choice) if unit.item.choice is not None else None
+        unit_key = (unit.condition.label, unit.item.think_budget, choice)
+        pending = list(unit.missing)
+        while pending:
+            if current and (key != unit_key or size >= rows):
+                yield current
+                current, size = [], 0
+            key = unit_key
+            take = pending[: rows - size]
+            pending = pending[len(take) :]
+            current.append((unit, take))
+            size += len(take)
+    if current:
+        yield current
+
+
+def _computing(provenance: dict[str, Any]) -> dict[str, Any]:
+    """What decides a model's samples in its provenance: the weights and the runtime."""
+    runtime = provenance.get("runtime") or {}
+    return {
+        "weights_sha256": provenance.get("weights_sha256"),
+        "runtime": runtime.get("runtime", "torch"),
+        "batch_invariant": runtime.get("exact"),
+    }

@@ -1,0 +1,150 @@
+"""GGUF files as models: find the file, name its architecture, dequantize it with transformers.
+
+transformers reads a GGUF file (`from_pretrained(folder, gguf_file=name)`, which needs the
+`gguf` and `accelerate` packages) and dequantizes every tensor into an ordinary torch
+model, for the architectures it maps (llama, qwen2/3, gpt2, mistral, …). The weights are
+then exactly the quantized ones, widened: close to, not equal to, the original
+checkpoint's. Anything transformers cannot map is one `InputError` naming the
+architecture. Loading a GGUF takes seconds (the tokenizer is rebuilt from the file's
+metadata); `muestra kit build` does it once and saves an ordinary safetensors folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from muestra.errors import InputError, ModelNotFoundError
+
+GGUF_SUFFIX = ".gguf"
+
+
+def find_gguf(path: Path, beside_weights: bool = False) -> Path | None:
+    """The GGUF file `path` names: the file itself, or the one `.gguf` in a folder (that
+    holds no safetensors weights, unless `beside_weights`: a kit keeps both). None when
+    `path` has no GGUF."""
+    if path.is_file():
+        return path if path.suffix.lower() == GGUF_SUFFIX else None
+    if not path.is_dir() or (not beside_weights and any(path.glob("*.safetensors"))):
+        return None
+    files = sorted(path.glob(f"*{GGUF_SUFFIX}"))
+    if len(files) > 1:
+        names = ", ".join(f.name for f in files)
+        raise InputError(
+            f"{path} holds several GGUF files ({names}); pass the path of the one to load"
+        )
+    return files[0] if files else None
+
+
+def gguf_architecture(file: Path) -> str:
+    """The `general.architecture` field of a GGUF file (e.g. "llama")."""
+    from gguf import GGUFReader
+
+    try:
+        field = GGUFReader(file).fields["general.architecture"]
+    except (KeyError, ValueError, OSError) as err:
+        raise InputError(f"{file} is not a readable GGUF file ({err})") from err
+    return bytes(field.parts[field.data[0]]).decode("utf-8")
+
+
+def _require_packages() -> None:
+    missing = []
+    for name in ("gguf", "accelerate"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise ModelNotFoundError(
+            f"loading a GGUF file needs the package(s) {', '.join(missing)}: "
+            f"pip install {' '.join(missing)}"
+        )
+
+
+@contextmanager
+def _parsed_once() -> Iterator[None]:
+    """While loading one model: each GGUF file's header parsed once, each tensor-name map
+    built once.
+
+    transformers reads a GGUF three times (config, tokenizer, weights), each time through a
+    new `gguf.GGUFReader` (~4 s for SmolLM2's file here: its 49k-token vocabulary walked
+    through numpy memmap views), and builds gguf's `TensorNameMap` again for every tensor
+    (397 times, ~6 s). It imports both names from `gguf` inside the functions that use
+    them, so for the duration of the load they are swapped for memoized ones: the same
+    reader object (read-only; its tensors are memmap views) and the same name map.
+    """
+    import gguf
+
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict[tuple[str, str], Any] = {}
+
+    def reader(path: Any, mode: str = "r") -> Any:
+        key = (str(path), mode)
+        if key not in readers:
+            readers[key] = reader_class(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
+
+
+def load_gguf_tokenizer(file: Path) -> Any:
+    """The transformers tokenizer transformers rebuilds from a GGUF's metadata."""
+    from transformers import AutoTokenizer
+
+    _require_packages()
+    try:
+        with _parsed_once():
+            return AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+    except Exception as err:
+        architecture = gguf_architecture(file)  # InputError for an unreadable file
+        raise InputError(
+            f"{file}: transformers cannot rebuild the tokenizer of this GGUF (architecture "
+            f"{architecture!r}: {err}); put its tokenizer.json beside the file"
+        ) from err
+
+
+def load_gguf(file: Path, dtype: torch.dtype | str = torch.float32) -> tuple[Any, Any]:
+    """Dequantize `file` into a transformers causal LM (eval mode) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    _require_packages()
+    folder, name = str(file.parent), file.name
+    try:
+        with _parsed_once():
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            model = AutoModelForCausalLM.from_pretrained(
+                folder,
+                gguf_file=name,
+                dtype=torch.float32 if dtype == "auto" else dtype,
+                # Widen every tensor into plain nn.Linear weights, whatever kernels exist.
+                quantization_config=GgufConfig(dequantize=True),
+            )
+    except Exception as err:
+        # Read the architecture only now: parsing a GGUF's metadata takes ~8 s for
+        # SmolLM2's (its 49k-token vocabulary), and transformers parses it on its own.
+        architecture = gguf_architecture(file)  # InputError for an unreadable file
+        if not isinstance(err, ValueError) or "not supported" not in str(err):
+            raise
+        supported = ", ".join(sorted(GGUF_SUPPORTED_ARCHITECTURES))
+        raise InputError(
+            f"{file}: GGUF architecture {architecture!r} cannot be loaded by transformers "
+            f"(it maps: {supported}). Use the original checkpoint (safetensors) instead."
+        ) from err
+    # Once dequantized nothing is quantized any more: detach the GGUF quantizer so the
+    # model is an ordinary one (and `save_pretrained` writes plain safetensors).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if not model.config.architectures:
+        model.config.architectures = [type(model).__name__]
+    return model.eval(), tokenizer

@@ -1,0 +1,639 @@
+"""The llama.cpp runtime: a GGUF file computes the logits with llama.cpp's CPU kernels.
+
+Through llama-cpp-python's low-level bindings (`llama_decode` on hand-built batches):
+one llama.cpp context with one unified KV cache; every row is one llama.cpp sequence.
+A prompt's rows share its cells (`llama_memory_seq_cp` tags the cells, nothing is
+copied), beams fork the same way, a crop is `llama_memory_seq_rm` of a row's last
+positions, and the logits of every token asked for are read at once from
+`llama_get_logits` into one torch tensor (one copy, no loop over tokens).
+
+**Batch invariance (`exact=True`, the default).** llama.cpp's CPU backend picks its
+kernels by the shape of each micro-batch, and some of those choices change the bits of
+a row's logits (found in ggml-cpu's source and measured, README "llama.cpp runtime"):
+
+- flash attention takes a tiled path from 64 query tokens on, and a KV-split path
+  (chunked by thread) for a micro-batch of one token once 512 cells are in use;
+- llamafile's sgemm serves matrix products of two or more columns (Q8_0, Q4_0, F16
+  weights), ggml's vec_dot one column; the last layer's products have one column per
+  token whose logits are asked for;
+- the tiled K-quant product (`GGML_CPU_TILED_MM`) from eight columns, and the
+  AMX/repacked weight layouts ("extra buffer types");
+- flash attention sums a query's cells in cell order: a row's new token placed in a
+  cell freed by another row comes before its older cells.
+
+So in exact mode every `llama_decode` holds 2 to 63 tokens, never exactly one of which
+asks for logits (a one-token step gets a companion token on a scratch sequence; a lone
+output gets a second one), flash attention is on, `GGML_CPU_TILED_MM=0`, no extra buffer
+types, and no cell is reused while rows are alive (cells a row or a draft gives up stay
+tagged by a scratch "graveyard" sequence until the cache is empty). Then a row's logits
+are bit-identical whatever rows share its batch, however its prompt was chunked and
+whether its tokens came one at a time or as jump-forward drafts (tests/test_llamacpp.py).
+
+`exact=False` lets llama.cpp batch as it likes (512-token micro-batches, cells reused)
+and turns flash attention off: its matrix-product attention sums over every cell of the
+shared cache with SIMD lanes chosen by cell index, so a row's bits depend on where its
+cells sit, but on this CPU it decodes 1.4x (one row) to 1.7x (32 rows, 400-token
+prompt) faster than flash attention's cell-by-cell loop (README, "llama.cpp runtime").
+
+The AMX buffer type is off in both modes: in this llama.cpp build its matrix product
+crashes (SIGSEGV in `ggml_backend_amx_mul_mat`) on this machine's Sapphire Rapids CPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from muestra.errors import ContextLengthError, InputError, ModelLoadError, MuestraError
+from muestra.models.runtime.base import Fed, LogitsWanted, check_cancelled
+
+INSTALL_HINT = (
+    "the llama.cpp runtime needs llama-cpp-python: pip install 'muestra[llamacpp]' (pip "
+    "builds it from source, ~5-10 min on 2 cores, once per machine; it needs cmake and a "
+    "C++ compiler). Or pass --runtime torch to dequantize the GGUF into a torch model."
+)
+EXACT_UBATCH = 63  # flash attention switches to its tiled kernel at 64 query tokens
+FAST_UBATCH = 512  # llama.cpp's default micro-batch
+MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
+DUMMY = MAX_SEQUENCES - 1  # the companion token's scratch sequence
+GRAVE = MAX_SEQUENCES - 2  # cells given up while rows are alive (exact mode)
+FIRST_CELLS = 4096
+
+
+class LlamaCppUnavailable(MuestraError):
+    """llama-cpp-python is not installed (or does not load)."""
+
+
+def llama_cpp_module() -> Any:
+    """The `llama_cpp` module, or `LlamaCppUnavailable` saying how to install it."""
+    try:
+        import llama_cpp
+    except ImportError as err:
+        raise LlamaCppUnavailable(f"{INSTALL_HINT} ({err})") from err
+    return llama_cpp
+
+
+def available() -> bool:
+    try:
+        llama_cpp_module()
+    except LlamaCppUnavailable:
+        return False
+    return True
+
+
+def default_threads() -> int:
+    """OMP_NUM_THREADS when set (the test suite shares the cores among its workers), else
+    the cores this process may run on."""
+    if value := os.environ.get("OMP_NUM_THREADS"):
+        try:
+            return max(1, int(value))
+        except ValueError:
+            pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, cores or 1)
+
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+GGML_LOG_ERROR, GGML_LOG_CONT = 4, 5  # ggml's log levels (DEBUG 1, INFO 2, WARN 3)
+_log_state = {"level": 0}
+
+
+def _log(level: int, text: bytes, user_data: Any) -> None:
+    """llama.cpp's log: its errors on stderr, everything with MUESTRA_LLAMA_LOG=1 (the
+    bindings' own callback maps ggml's levels one off and prints warnings as errors)."""
+    if level != GGML_LOG_CONT:
+        _log_state["level"] = level
+    if _log_state["level"] >= GGML_LOG_ERROR or os.environ.get("MUESTRA_LLAMA_LOG") == "1":
+        sys.stderr.write(text.decode("utf-8", errors="replace"))
+
+
+def _init_backend(lc: Any) -> None:
+    global _backend_ready, _log_callback
+    with _backend_lock:
+        if not _backend_ready:
+            # read once by ggml at its first matrix product: keep every size on one path
+            os.environ.setdefault("GGML_CPU_TILED_MM", "0")
+            logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+            _log_callback = lc.llama_log_callback(_log)  # kept: llama.cpp holds a pointer
+            lc.llama_log_set(_log_callback, ctypes.c_void_p(0))
+            lc.llama_backend_init()
+            _backend_ready = True
+
+
+_log_callback: Any = None
+
+
+class _BatchBuffers:
+    """A `llama_batch` whose arrays are numpy buffers, filled by slices (one sequence id
+    per token)."""
+
+    def __init__(self, lc: Any, capacity: int) -> None:
+        self.lc = lc
+        self.capacity = capacity
+        self.token = np.zeros(capacity, dtype=np.int32)
+        self.pos = np.zeros(capacity, dtype=np.int32)
+        self.n_seq = np.ones(capacity, dtype=np.int32)
+        self.seq = np.zeros(capacity, dtype=np.int32)
+        self.logits = np.zeros(capacity, dtype=np.int8)
+        base = self.seq.ctypes.data
+        self.seq_pointers = np.array([base + 4 * i for i in range(capacity)], dtype=np.uintp)
+
+    def batch(self, n: int) -> Any:
+        lc = self.lc
+        batch = lc.llama_batch()
+        batch.n_tokens = n
+        batch.token = self.token.ctypes.data_as(ctypes.POINTER(lc.llama_token))
+        batch.embd = None
+        batch.pos = self.pos.ctypes.data_as(ctypes.POINTER(lc.llama_pos))
+        batch.n_seq_id = self.n_seq.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        batch.seq_id = self.seq_pointers.ctypes.data_as(
+            ctypes.POINTER(ctypes.POINTER(lc.llama_seq_id))
+        )
+        batch.logits = self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        return batch
+
+
+class LlamaCppRuntime:
+    """A GGUF model in llama.cpp as a runtime (see the module docstring)."""
+
+    name = "llamacpp"
+    supports_dola = False
+    model = None
+    config = None
+
+    def __init__(
+        self, gguf: Path, *, threads: int | None = None, exact: bool = True, cells: int = 0
+    ) -> None:
+        lc = llama_cpp_module()
+        self.lc = lc
+        _init_backend(lc)
+        self.path = Path(gguf)
+        self.exact = exact
+        self.threads = threads or default_threads()
+        self.ubatch = EXACT_UBATCH if exact else FAST_UBATCH
+        params = lc.llama_model_default_params()
+        params.use_extra_bufts = False  # see the module docstring (AMX)
+        self._model = lc.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self._model:
+            raise ModelLoadError(
+                f"llama.cpp could not load {self.path}: not a GGUF file it reads, or damaged "
+                "(llama.cpp's own log says why: set MUESTRA_LLAMA_LOG=1). Check the file, or "
+                "pass --runtime torch."
+            )
+        self._vocab = lc.llama_model_get_vocab(self._model)
+        self.vocab_size = int(lc.llama_vocab_n_tokens(self._vocab))
+        self.num_layers = int(lc.llama_model_n_layer(self._model))
+        self.max_length = int(lc.llama_model_n_ctx_train(self._model)) or None
+        self.weights_bytes = int(lc.llama_model_size(self._model))
+        self.device = torch.device("cpu")
+        self._ctx: Any = None
+        self._memory: Any = None
+        self.cells = 0
+        self._requested_cells = cells
+        self._free = list(range(GRAVE - 1, -1, -1))  # sequence ids, popped from the end
+        self._live: set[int] = set()
+        self._lengths: dict[int, int] = {}  # positions each live sequence holds
+        self._dummy_pos = 0
+        self._decoded = 0  # cells taken since the cache was last emptied (exact mode)
+        self._grave_cells = 0
+        self.stats = {"decodes": 0, "tokens": 0, "companions": 0, "cells_reused": 0}
+        self._buffers = _BatchBuffers(lc, max(self.ubatch, 64))
+        self._lock = threading.RLock()
+
+    # ---- facts ---------------------------------------------------------------------------
+
+    def meta(self, key: str) -> str | None:
+        """A GGUF metadata value as text (None when absent)."""
+        buffer = ctypes.create_string_buffer(4096)
+        size = self.lc.llama_model_meta_val_str(self._model, key.encode(), buffer, 4096)
+        return buffer.value.decode("utf-8", errors="replace") if size >= 0 else None
+
+    def eog_ids(self) -> list[int]:
+        """Every end-of-generation token of the GGUF's vocabulary."""
+        lc = self.lc
+        found = [lc.llama_vocab_eos(self._vocab), lc.llama_vocab_eot(self._vocab)]
+        return sorted({int(t) for t in found if t >= 0 and lc.llama_vocab_is_eog(self._vocab, t)})
+
+    def info(self) -> dict[str, Any]:
+        from muestra.models.kit.packaged import file_sha256
+
+        return {
+            "runtime": "llamacpp",
+            "llama_cpp_python": getattr(self.lc, "__version__", "unknown"),
+            "ggml": _library_version("libggml-base.so"),
+            "libllama": _library_version("libllama.so"),
+            "gguf": str(self.path.resolve()),
+            "gguf_sha256": file_sha256(self.path),
+            "model": self.meta("general.name"),
+            "quantization": _file_type(self.meta("general.file_type")),
+            "threads": self.threads,
+            "exact": self.exact,
+            "ubatch": self.ubatch,
+            "flash_attention": self.exact,
+            "extra_buffer_types": False,
+            "GGML_CPU_TILED_MM": os.environ.get("GGML_CPU_TILED_MM"),
+        }
+
+    # ---- the context ---------------------------------------------------------------------
+
+    def fits(self, cells: int) -> bool:
+        """Whether `cells` more KV cells fit beside the rows alive (counting every cell
+        taken since the cache was last empty: a bound, as freed cells are not counted)."""
+        with self._lock:
+            if not self._live:
+                return True
+            return self._ctx is not None and self._decoded + cells <= self.cells
+
+    def reserve(self, cells: int) -> None:
+        """Make room for `cells` more KV cells: a larger context when no row is alive (the
+        cache is rebuilt), else a check that they fit."""
+        with self._lock:
+            if self._live:
+                if not self.fits(cells):
+                    raise ContextLengthError(
+                        f"llama.cpp's KV cache holds {self.cells} cells, {self._decoded} in "
+                        f"use, and {cells} more are needed; lower max_new_tokens or the "
+                        "batch size"
+                    )
+                return
+            if self._ctx is not None and cells <= self.cells:
+                return
+            size = max(FIRST_CELLS, self._requested_cells, 2 * self.cells)
+            while size < cells:
+                size *= 2
+            self._new_context(size)
+
+    def _new_context(self, cells: int) -> None:
+        lc = self.lc
+        if self._ctx is not None:
+            lc.llama_free(self._ctx)
+            self._ctx = None
+        params = lc.llama_context_default_params()
+        params.n_ctx = cells
+        params.n_batch = params.n_ubatch = self.ubatch
+        params.n_seq_max = MAX_SEQUENCES
+        params.n_outputs_max = max(self.ubatch, MAX_SEQUENCES)  # llama.cpp asks >= n_seq_max
+        params.kv_unified = True
+        params.n_threads = params.n_threads_batch = self.threads
+        # exact: flash attention sums each query's cells one by one, in cell order (the
+        # invariant path); free: the matrix-product path, faster here (see the docstring)
+        params.flash_attn_type = (
+            lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.exact else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        params.swa_full = True  # sliding-window rows can be cropped and copied
+        params.no_perf = True
+        ctx = lc.llama_init_from_model(self._model, params)
+        if not ctx:
+            raise ModelLoadError(
+                f"llama.cpp could not make a context of {cells} cells for {self.path} "
+                "(out of memory?); lower the batch size or max_new_tokens"
+            )
+        self._ctx, self.cells = ctx, int(lc.llama_n_ctx(ctx))
+        self._memory = lc.llama_get_memory(ctx)
+        self._decoded = self._grave_cells = self._dummy_pos = 0
+
+    def _empty(self) -> None:
+        """No row alive: every cell is free again."""
+        if self._ctx is not None:
+            self.lc.llama_memory_clear(self._memory, True)
+        self._decoded = self._grave_cells = self._dummy_pos = 0
+
+    # ---- sequence ids ----------------------------------------------------------------------
+
+    def _take(self) -> int:
+        if not self._free:
+            raise InputError(
+                f"llama.cpp holds at most {GRAVE} rows (sequences) at once; lower the batch "
+                "size, num_beams or field_probs' max_expansions"
+            )
+        seq = self._free.pop()
+        self._live.add(seq)
+        return seq
+
+    def _give_up(self, seq: int, p0: int = -1) -> None:
+        """Forget `seq`'s positions from `p0` on (all with -1); in exact mode their cells
+        stay taken by the graveyard, so that no live row's next cell comes before its
+        older ones."""
+        lc = self.lc
+        if self.exact:
+            lc.llama_memory_seq_cp(self._memory, seq, GRAVE, p0, -1)
+        lc.llama_memory_seq_rm(self._memory, seq, p0, -1)
+
+    def _release(self, seqs: Sequence[int]) -> None:
+        with self._lock:
+            for seq in seqs:
+                if seq in self._live:
+                    self._give_up(seq)
+                    self._live.discard(seq)
+                    self._lengths.pop(seq, None)
+                    self._free.append(seq)
+            if not self._live:
+                self._empty()
+
+    # ---- computing -----------------------------------------------------------------------
+
+    def prefill(
+        self,
+        prompts: Sequence[Sequence[int]],
+        room: int,
+        logits: LogitsWanted = "last",
+        layers: frozenset[int] = frozenset(),
+    ) -> tuple[LlamaSequences, Fed]:
+        """Each prompt into a new row (`room`: the positions each row may still take)."""
+        check_cancelled()
+        if layers:
+            raise InputError(_no_dola())
+        total = sum(len(p) for p in prompts) + len(prompts) * room
+        self.reserve(total + 64)
+        with self._lock:
+            rows = LlamaSequences(self, [self._take() for _ in prompts], [0] * len(prompts))
+        return rows, rows.feed(prompts, logits)
+
+    def resume(self, contexts: Sequence[Any], lengths: Sequence[int]) -> LlamaSequences:
+        """New rows, each sharing the cells of its context's first `lengths[i]` positions."""
+        with self._lock:
+            seqs = []
+            for context, need in zip(contexts, lengths, strict=True):
+                seq = self._take()
+                self.lc.llama_memory_seq_cp(self._memory, context.seq, seq, 0, need)
+                seqs.append(seq)
+            return LlamaSequences(self, seqs, list(lengths))
+
+    def decode(
+        self, tokens: np.ndarray, positions: np.ndarray, seqs: np.ndarray, outputs: np.ndarray
+    ) -> torch.Tensor:
+        """Decode the tokens (one sequence id each); the logits of the tokens whose
+        `outputs` flag is set, in order, as (n_outputs, V) float32."""
+        with self._lock:
+            n = len(tokens)
+            self._make_room(n)
+            result = torch.empty(int(outputs.sum()), self.vocab_size, dtype=torch.float32)
+            written = 0
+            for start, end in self._chunks(n):
+                written += self._decode_chunk(
+                    tokens[start:end], positions[start:end], seqs[start:end],
+                    outputs[start:end], result, written,
+                )  # fmt: skip
+            return result
+
+    def _chunks(self, n: int) -> list[tuple[int, int]]:
+        """Micro-batches of at most `ubatch` tokens; in exact mode balanced, so that none
+        holds a single token unless the whole feed does."""
+        if not self.exact:
+            return [(s, min(s + self.ubatch, n)) for s in range(0, n, self.ubatch)]
+        count = -(-n // self.ubatch)
+        size, extra = divmod(n, count)
+        bounds, start = [], 0
+        for k in range(count):
+            end = start + size + (1 if k < extra else 0)
+            bounds.append((start, end))
+            start = end
+        return bounds
+
+    def _decode_chunk(
+        self,
+        tokens: np.ndarray,
+        positions: np.ndarray,
+        seqs: np.ndarray,
+        outputs: np.ndarray,
+        result: torch.Tensor,
+        written: int,
+    ) -> int:
+        lc, buffers = self.lc, self._buffers
+        n = len(tokens)
+        flags = outputs.astype(np.int8)
+        wanted = np.flatnonzero(flags)
+        companion = False
+        if self.exact and len(wanted) == 1 and n > 1:
+            # one output would take the one-column kernels: ask for a second one
+            flags[0 if wanted[0] != 0 else 1] = 1
+        elif self.exact and n == 1:
+            companion = True
+        size = n + int(companion)
+        buffers.token[:n], buffers.pos[:n], buffers.seq[:n] = tokens, positions, seqs
+        buffers.logits[:n] = flags
+        if companion:
+            buffers.token[n], buffers.pos[n], buffers.seq[n] = tokens[0], self._dummy_pos, DUMMY
+            buffers.logits[n] = 1 if len(wanted) == 1 else 0
+            self._dummy_pos += 1
+            self.stats["companions"] += 1
+        status = lc.llama_decode(self._ctx, buffers.batch(size))
+        if status == 1:
+            raise ContextLengthError(
+                f"llama.cpp's KV cache ({self.cells} cells) is full; lower max_new_tokens "
+                "or the batch size"
+            )
+        if status != 0:
+            raise RuntimeError(
+                f"llama_decode failed ({status}) on {size} tokens with {self.cells} KV cells"
+            )
+        self._decoded += size
+        self.stats["decodes"] += 1
+        self.stats["tokens"] += size
+        if len(wanted) == 0:
+            return 0
+        produced = int(buffers.logits[:size].sum())
+        pointer = lc.llama_get_logits(self._ctx)
+        view = np.ctypeslib.as_array(pointer, shape=(produced, self.vocab_size))
+        # the rows of `view` follow the flagged tokens in order; keep the asked ones
+        flagged = np.flatnonzero(buffers.logits[:size])
+        keep = np.searchsorted(flagged, wanted)
+        block = torch.from_numpy(view)
+        if len(keep) == produced:
+            result[written : written + produced].copy_(block)
+        else:
+            result[written : written + len(keep)].copy_(block[torch.from_numpy(keep)])
+        return len(keep)
+
+    def _make_room(self, n: int) -> None:
+        """Before decoding `n` tokens: a context when there is none; in exact mode, when
+        they would not fit, the graveyard's cells are freed (counted in
+        `stats["cells_reused"]`: rows alive from then on may differ in the last bits
+        from the same rows alone)."""
+        if self._ctx is None:
+            self.reserve(n + 64)
+        if not self.exact or self._decoded + n + 1 <= self.cells:
+            return
+        lc = self.lc
+        lc.llama_memory_seq_rm(self._memory, GRAVE, -1, -1)
+        lc.llama_memory_seq_rm(self._memory, DUMMY, -1, -1)
+        self._dummy_pos = 0
+        self.stats["cells_reused"] += 1
+        # a bound on the cells the rows alive still hold (shared prompt cells counted
+        # once per row)
+        self._decoded = min(self.cells, sum(self._lengths.values()))
+
+
+@dataclass(eq=False)
+class LlamaContext:
+    """A copy (tagged cells) of a row's first `length` positions."""
+
+    runtime: LlamaCppRuntime
+    seq: int
+    length: int
+
+    def release(self) -> None:
+        if self.seq >= 0:
+            self.runtime._release([self.seq])
+            self.seq = -1
+
+
+class LlamaSequences:
+    """Rows of the runtime's KV cache: one llama.cpp sequence each."""
+
+    can_merge = True
+    can_crop = True
+
+    def __init__(self, runtime: LlamaCppRuntime, seqs: list[int], lengths: list[int]) -> None:
+        self.runtime = runtime
+        self.seqs = seqs
+        self.lengths = lengths
+        self._sync()
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def _sync(self) -> None:
+        """Tell the runtime how many positions each row holds (for its cell bound)."""
+        self.runtime._lengths.update(zip(self.seqs, self.lengths, strict=True))
+
+    pads_ragged = False  # every token is its own batch entry: ragged rows cost nothing
+
+    def feed(
+        self,
+        tokens: Sequence[Sequence[int]],
+        logits: LogitsWanted = "last",
+        layers: frozenset[int] = frozenset(),
+    ) -> Fed:
+        check_cancelled()
+        if layers:
+            raise InputError(_no_dola())
+        counts = [len(t) for t in tokens]
+        total = sum(counts)
+        assert total > 0, "feed at least one token"
+        flat = np.fromiter((t for row in tokens for t in row), dtype=np.int32, count=total)
+        seqs = np.repeat(np.array(self.seqs, dtype=np.int32), counts)
+        starts = np.repeat(np.array(self.lengths, dtype=np.int32), counts)
+        offsets = np.arange(total, dtype=np.int32) - np.repeat(
+            np.cumsum([0, *counts[:-1]], dtype=np.int32), counts
+        )
+        if logits == "all":
+            outputs = np.ones(total, dtype=bool)
+        else:
+            outputs = np.zeros(total, dtype=bool)
+            ends = np.cumsum(counts) - 1
+            outputs[ends[np.array(counts) > 0]] = True
+        produced = self.runtime.decode(flat, starts + offsets, seqs, outputs)
+        self.lengths = [n + c for n, c in zip(self.lengths, counts, strict=True)]
+        self._sync()
+        vocab = self.runtime.vocab_size
+        if logits == "all":
+            ahead, at = [], 0
+            for c in counts:
+                ahead.append(produced[at : at + c])
+                at += c
+            last = torch.stack([a[-1] if len(a) else a.new_zeros(vocab) for a in ahead])
+            return Fed(last, ahead)
+        if all(counts):
+            return Fed(produced)
+        last = produced.new_zeros(len(counts), vocab)
+        last[torch.tensor([i for i, c in enumerate(counts) if c])] = produced
+        return Fed(last)
+
+    def select(self, index: Sequence[int], trim: bool = True) -> None:
+        """Keep rows `index` in that order; a repeated row is a copy whose cells are
+        shared (`trim` is for the torch runtime's cache width)."""
+        runtime = self.runtime
+        with runtime._lock:
+            taken: set[int] = set()
+            seqs, lengths = [], []
+            for i in index:
+                source = self.seqs[i]
+                if source in taken:  # a second copy: tag its cells with a new sequence
+                    seq = runtime._take()
+                    runtime.lc.llama_memory_seq_cp(runtime._memory, source, seq, -1, -1)
+                else:
+                    seq = source
+                    taken.add(source)
+                seqs.append(seq)
+                lengths.append(self.lengths[i])
+            gone = [s for s in self.seqs if s not in taken]
+            self.seqs, self.lengths = seqs, lengths
+            self._sync()
+            runtime._release(gone)
+
+    def crop(self, row: int, length: int) -> None:
+        if length >= self.lengths[row]:
+            return
+        with self.runtime._lock:
+            self.runtime._give_up(self.seqs[row], length)
+        self.lengths[row] = length
+        self._sync()
+
+    def clone(self, rows: Sequence[int]) -> LlamaSequences:
+        runtime = self.runtime
+        with runtime._lock:
+            seqs = []
+            for i in rows:
+                seq = runtime._take()
+                runtime.lc.llama_memory_seq_cp(runtime._memory, self.seqs[i], seq, -1, -1)
+                seqs.append(seq)
+        return LlamaSequences(runtime, seqs, [self.lengths[i] for i in rows])
+
+    def merge(self, other: LlamaSequences, room: int) -> None:  # type: ignore[override]
+        assert other.runtime is self.runtime, "rows of two llama.cpp runtimes cannot merge"
+        self.seqs += other.seqs
+        self.lengths += other.lengths
+        other.seqs, other.lengths = [], []
+
+    def context(self, row: int, length: int) -> LlamaContext:
+        runtime = self.runtime
+        with runtime._lock:
+            seq = runtime._take()
+            runtime.lc.llama_memory_seq_cp(runtime._memory, self.seqs[row], seq, 0, length)
+            runtime._lengths[seq] = length
+        return LlamaContext(runtime, seq, length)
+
+    def close(self) -> None:
+        self.runtime._release(self.seqs)
+        self.seqs, self.lengths = [], []
+
+
+def _no_dola() -> str:
+    return (
+        "DoLa contrasts the final layer with premature layers' hidden states, which the "
+        "llamacpp runtime does not expose; use --runtime torch (a dequantized model) for DoLa"
+    )
+
+
+def _library_version(name: str) -> str | None:
+    """The version in the file name of a llama_cpp shared library (libggml-base.so.0.25.3)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    folder = Path(llama_cpp.__file__).parent / "lib"
+    versions = sorted(p.name.removeprefix(name + ".") for p in folder.glob(name + ".*.*.*"))
+    return versions[-1] if versions else None
+
+
+FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
+              10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S",
+              15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}  # fmt: skip
+
+
+def _file_type(value: str | None) -> str | None:
+    if value is None or not value.isdigit():
+        return value
+    return FILE_TYPES.get(int(value), value)

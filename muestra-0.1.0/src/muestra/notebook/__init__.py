@@ -1,0 +1,355 @@
+"""muestra from Python, a cell at a time: run or open an experiment, an evaluation or a
+probe, look at its analysis as tables, convert it to pandas, draw it.
+
+    import muestra.notebook as mn
+
+    exp = mn.experiment("personajes.toml", samples=20)   # runs (or resumes) → ExperimentView
+    a = exp.analysis()                                    # tables in Jupyter, text elsewhere
+    a.plot()                                              # shares with Wilson intervals
+    ev = mn.evaluate(MODEL, "easy-es", methods="choice,loglik", n=20)
+    ev.plot()                                             # accuracy per method
+    with mn.serve(MODEL) as server:                       # `muestra serve` on 127.0.0.1
+        client = server.client()                          # the `openai` SDK
+
+Everything goes through the layers the command line uses (the runner, the store, the
+analysis); the numbers are the ones `muestra analyze`/`eval`/`probe`/`report` show. Long
+work shows a progress bar (`tqdm.auto`: a widget in Jupyter, text elsewhere); pass
+`progress=False` to hide it.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from muestra.errors import InputError
+from muestra.notebook.views import AnalysisView, EvaluationView, ExperimentView, ProbeView
+
+__all__ = [
+    "AnalysisView",
+    "EvaluationView",
+    "ExperimentView",
+    "ProbeView",
+    "Server",
+    "compare",
+    "evaluate",
+    "experiment",
+    "open_evaluations",
+    "open_probe",
+    "open_run",
+    "probe",
+    "serve",
+]
+
+
+def _figures_inline() -> None:
+    """In a Jupyter kernel, let returned figures display (`%matplotlib inline` registers
+    the display of `Figure` objects; muestra's figures are not pyplot's, so a cell shows
+    a returned figure once)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None and getattr(shell, "kernel", None) is not None:
+        shell.run_line_magic("matplotlib", "inline")
+
+
+_figures_inline()
+
+
+class _Bar:
+    """A `Runner` progress callback drawn by tqdm (a widget in Jupyter)."""
+
+    def __init__(self, label: str, enabled: bool) -> None:
+        self.label, self.enabled, self.bar = label, enabled, None
+
+    def __call__(self, p: Any) -> None:
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=p.total, desc=self.label, unit="sample", leave=True)
+        self.bar.total = p.total
+        self.bar.update(p.done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def open_run(store: str | Path, run: int | None = None) -> ExperimentView:
+    """Run `run` (default: the latest) of a store written by `muestra run`/`experiment`."""
+    from muestra.experiments.results import samples_frame
+    from muestra.experiments.store import reading, run_by_id, run_models, run_state
+
+    path = Path(store)
+    if not path.exists():
+        raise InputError(f"{path}: no such store; run an experiment into it first")
+    with reading(path) as db:
+        row = dict(run_by_id(db, run))
+        rid = int(row["id"])
+        status, _ = run_state(db, rid)
+        models = [dict(m) for m in run_models(db, rid)]
+        frame = samples_frame(db, rid)
+    return ExperimentView(path, rid, row["name"], status, frame, models)
+
+
+def experiment(
+    spec: str | Path,
+    store: str | Path | None = None,
+    *,
+    model: str | None = None,
+    samples: int | None = None,
+    force_new: bool = False,
+    progress: bool = True,
+    **model_options: Any,
+) -> ExperimentView:
+    """Run (or resume) an experiment spec (TOML) into `store` (default: NAME.db beside the
+    spec) and return the run. `model` and `samples` override the spec's, as `muestra run
+    --model/--samples` do. A store holding a run of a different spec is refused;
+    `force_new=True` starts a new run beside it (`--force-new`). `model_options` (runtime,
+    threads, batch_invariant) apply to every local model."""
+    from muestra.experiments.runner import Runner
+    from muestra.experiments.spec import load_spec
+
+    loaded = load_spec(spec, check_models=model is None)
+    out = Path(store) if store is not None else loaded.path.with_name(f"{loaded.spec.name}.db")
+    bar = _Bar(loaded.spec.name, progress)
+    try:
+        with Runner(
+            loaded,
+            out,
+            model=model,
+            samples=samples,
+            force_new=force_new,
+            model_options=model_options or None,
+        ) as runner:
+            run_id = runner.open()
+            runner.run(bar)
+    finally:
+        bar.close()
+    return open_run(out, run_id)
+
+
+_EVAL_NAMES = {name: name for name in ("samples", "think_budget", "top_p", "format", "chat",
+                                       "raw", "temperature", "weighted", "regex")}  # fmt: skip
+
+
+def _eval_values(methods: list[str], settings: Mapping[str, Any], n: int | None) -> dict[str, Any]:
+    """The settings of an evaluation, refused by name when unknown or unused by `methods`."""
+    from muestra.evaluation.evaluate import EvalSettings, check_methods
+
+    known = set(EvalSettings.__dataclass_fields__) - {"method", "limit"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise InputError(f"{', '.join(unknown)}: not a setting; use {', '.join(sorted(known))}")
+    values = {**settings, "limit": n}
+    check_methods(methods, values, _EVAL_NAMES)
+    return values
+
+
+def evaluate(
+    model: str,
+    task: str | Path,
+    methods: str | list[str] = "choice",
+    *,
+    store: str | Path | None = None,
+    n: int | None = None,
+    progress: bool = True,
+    model_options: Mapping[str, Any] | None = None,
+    **settings: Any,
+) -> EvaluationView:
+    """Score a question set (a file or a shipped set: easy-en, easy-es) with one or more
+    methods (choice, loglik, cot, vote), as `muestra eval` does; `n` keeps the first n
+    questions, `settings` are `EvalSettings` fields (samples, think_budget, temperature,
+    top_p, weighted, regex, format, chat, raw, shots, language, seed, dtype). A setting
+    none of the methods uses is refused by name."""
+    from muestra.evaluation.evaluate import compare_results, settings_for
+    from muestra.evaluation.evaluate import evaluate as run_eval
+    from muestra.evaluation.tasks import load_task
+
+    names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
+    values = _eval_values(names, settings, n)
+    every = [settings_for(name, values) for name in names]
+    loaded = load_task(task)
+    out = Path(store) if store is not None else Path(f"eval-{loaded.name}.db")
+    results = []
+    for s in every:
+        bar = _Bar(s.method, progress)
+        try:
+            results.append(
+                run_eval(model, loaded, s, out, on_progress=bar, model_options=model_options)
+            )
+        finally:
+            bar.close()
+    pairs = [
+        compare_results(results[i], results[j], names[i], names[j])
+        for i in range(len(results))
+        for j in range(i + 1, len(results))
+    ]
+    return EvaluationView(results, pairs)
+
+
+def compare(
+    model_a: str,
+    model_b: str,
+    task: str | Path,
+    method: str = "loglik",
+    *,
+    store: str | Path | None = None,
+    n: int | None = None,
+    options: tuple[Mapping[str, Any], Mapping[str, Any]] = ({}, {}),
+    **settings: Any,
+) -> EvaluationView:
+    """Two models on one question set, as `muestra compare --task` does: each model's
+    accuracy, their paired comparison, and timings (load, prefill and decode speed, the
+    evaluation's seconds) in `to_pandas()`. `options`: each model's runtime settings."""
+    from muestra.evaluation.compare import compare_models
+    from muestra.evaluation.evaluate import settings_for
+    from muestra.evaluation.tasks import load_task
+
+    values = _eval_values([method], settings, n)
+    loaded = load_task(task)
+    out = Path(store) if store is not None else Path(f"compare-{loaded.name}.db")
+    found = compare_models(
+        model_a, model_b, loaded, settings_for(method, values), out, options=options
+    )
+    return EvaluationView(found.results, [found.comparison])
+
+
+def open_evaluations(store: str | Path) -> EvaluationView:
+    """Every evaluation in a store, compared where they share questions."""
+    from muestra.evaluation.summary import comparisons, eval_runs
+
+    results = eval_runs(Path(store))
+    if not results:
+        raise InputError(f"{store}: the store holds no evaluation (`muestra eval` writes them)")
+    return EvaluationView(results, comparisons(results))
+
+
+def probe(
+    probe: str | Path,
+    model: str | None = None,
+    *,
+    store: str | Path | None = None,
+    samples: int | None = None,
+    progress: bool = True,
+    model_options: Mapping[str, Any] | None = None,
+) -> ProbeView:
+    """Sample a free-text probe (a shipped name such as `ocupaciones` or a TOML file) on
+    `model` (default: the probe's), score it and return its analysis, as `muestra probe`
+    does (without a judge)."""
+    from muestra.evaluation.probes import load_probe, run_probe
+
+    loaded = load_probe(probe)
+    out = Path(store) if store is not None else Path(f"probe-{loaded.spec.name}.db")
+    bar = _Bar(loaded.spec.name, progress)
+    try:
+        run_id = run_probe(
+            loaded, out, model=model, samples=samples, on_progress=bar, model_options=model_options
+        )
+    finally:
+        bar.close()
+    return open_probe(out, run_id)
+
+
+def open_probe(store: str | Path, run: int | None = None, alpha: float | None = None) -> ProbeView:
+    """A probe run of a store (default: the latest run)."""
+    from muestra.evaluation.probes import read_probe
+    from muestra.experiments.store import reading, run_by_id
+
+    with reading(Path(store)) as db:
+        rid = int(run_by_id(db, run)["id"])
+        found = read_probe(db, rid, alpha)
+    if found is None:
+        raise InputError(f"{store}: run {rid} is not a probe (`muestra probe` writes them)")
+    loaded, analysis = found
+    return ProbeView(Path(store), rid, loaded.spec.name, analysis)
+
+
+class Server:
+    """`muestra serve MODEL` in a child process on 127.0.0.1, up once /health answers;
+    `stop()` (or leaving the `with` block) ends it. Its log is `self.log`."""
+
+    def __init__(self, model: str, port: int | None = None, timeout: float = 300, **flags: Any):
+        self.port = port or _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        args = [sys.executable, "-m", "muestra", "serve", model, "--host", "127.0.0.1",
+                "--port", str(self.port)]  # fmt: skip
+        for name, value in flags.items():
+            flag = "--" + name.replace("_", "-")
+            if value is True:
+                args.append(flag)
+            elif value not in (None, False):
+                args += [flag, str(value)]
+        self.log = Path(tempfile.mkstemp(prefix="muestra-serve-", suffix=".log")[1])
+        with self.log.open("wb") as sink:
+            self.process = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT)
+        self._wait(timeout)
+
+    def _wait(self, timeout: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"muestra serve exited with {self.process.returncode}:\n"
+                    + self.log.read_text(errors="replace")[-2000:]
+                )
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(
+            f"muestra serve did not answer /health in {timeout:.0f} s: see {self.log}"
+        )
+
+    def client(self, **kwargs: Any) -> Any:
+        """An `openai.OpenAI` client for this server."""
+        from openai import OpenAI
+
+        return OpenAI(base_url=f"{self.url}/v1", api_key=kwargs.pop("api_key", "none"), **kwargs)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.process.poll() is None else f"stopped ({self.process.returncode})"
+        return f"muestra serve at {self.url} · {state}"
+
+
+def serve(model: str, **flags: Any) -> Server:
+    """Start `muestra serve MODEL` on a free loopback port; `flags` are its options
+    (`max_batch=8`, `served_model_name="smol"`…). Use it in a `with` block or call
+    `.stop()`."""
+    return Server(model, **flags)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

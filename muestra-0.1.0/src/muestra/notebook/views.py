@@ -1,0 +1,309 @@
+"""Result objects for a notebook cell: each renders as HTML tables in Jupyter
+(`_repr_html_`), as plain text elsewhere (`repr`), converts to pandas (`to_pandas`, or
+`table(name)`) and draws matplotlib figures (`plot*`, from `muestra.report.plots`).
+
+They hold the analysis' own records (`Analysis`, `EvalResult`, `ProbeAnalysis`): what
+`muestra analyze`, `muestra eval` and `muestra report` show, with the same numbers.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from muestra.analysis import Analysis
+from muestra.analysis.probes import ProbeAnalysis
+from muestra.evaluation.evaluate import EvalResult, PairedComparison
+from muestra.report import plots
+
+
+def _records(rows: list[Any]) -> pd.DataFrame:
+    return pd.DataFrame([asdict(r) for r in rows])
+
+
+MAX_ROWS = 40  # rows of a table shown in a cell; `table(...)` / `to_pandas()` has them all
+
+
+def _shown(frame: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    if len(frame) <= MAX_ROWS:
+        return frame, ""
+    return frame.head(
+        MAX_ROWS
+    ), f"… {len(frame) - MAX_ROWS} more rows (the whole table: .table() or .to_pandas())"
+
+
+def _html(title: str, lines: list[str], tables: list[tuple[str, pd.DataFrame]]) -> str:
+    parts = [f"<h4>{html.escape(title)}</h4>"]
+    if lines:
+        parts.append("<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in lines) + "</ul>")
+    for caption, frame in tables:
+        if frame.empty:
+            continue
+        head, more = _shown(frame)
+        parts.append(f"<p><b>{html.escape(caption)}</b></p>")
+        parts.append(head.to_html(index=False, float_format=lambda v: f"{v:.3f}", border=0))
+        if more:
+            parts.append(f"<p><i>{html.escape(more)}</i></p>")
+    return "<div class='muestra'>" + "".join(parts) + "</div>"
+
+
+def _text(title: str, lines: list[str], tables: list[tuple[str, pd.DataFrame]]) -> str:
+    parts = [title, *(f"- {x}" for x in lines)]
+    for caption, frame in tables:
+        if not frame.empty:
+            head, more = _shown(frame)
+            parts += ["", f"{caption}:", head.to_string(index=False, float_format="{:.3f}".format)]
+            parts += [more] if more else []
+    return "\n".join(parts)
+
+
+class _Shown:
+    """`_repr_html_` and `repr` from one `_parts()`: a title, lines, and captioned tables."""
+
+    def _parts(self) -> tuple[str, list[str], list[tuple[str, pd.DataFrame]]]:
+        raise NotImplementedError
+
+    def _repr_html_(self) -> str:
+        return _html(*self._parts())
+
+    def __repr__(self) -> str:
+        return _text(*self._parts())
+
+
+@dataclass(repr=False)
+class AnalysisView(_Shown):
+    """An experiment run's `Analysis`: distributions with Wilson intervals, tests with
+    adjusted p-values and their sentences, fits, paired differences, field_probs."""
+
+    analysis: Analysis
+    frame: pd.DataFrame  # the samples it was computed from
+    name: str = ""
+
+    TABLES = (
+        "distributions",
+        "tests",
+        "fits",
+        "pooled",
+        "comparisons",
+        "counterfactuals",
+        "numeric",
+        "field_probs",
+        "mentions",
+        "rewards",
+    )
+
+    @property
+    def findings(self) -> list[str]:
+        return self.analysis.findings
+
+    @property
+    def notes(self) -> list[str]:
+        return self.analysis.notes
+
+    def table(self, name: str = "distributions") -> pd.DataFrame:
+        """One of the analysis' tables as a DataFrame (`TABLES` names them)."""
+        if name not in self.TABLES:
+            raise ValueError(f"table {name!r} is not one of {', '.join(self.TABLES)}")
+        if name == "distributions":
+            return pd.DataFrame(
+                [
+                    {"field": d.field, "group": d.group, "n": d.n, **asdict(v)}
+                    for d in self.analysis.distributions
+                    for v in d.values
+                ]
+            )
+        if name == "rewards":
+            r = self.analysis.rewards
+            return _records(r.cells) if r is not None else pd.DataFrame()
+        return _records(getattr(self.analysis, name))
+
+    def to_pandas(self) -> pd.DataFrame:
+        return self.table("distributions")
+
+    @property
+    def fields(self) -> list[str]:
+        return list(dict.fromkeys(d.field for d in self.analysis.distributions))
+
+    def plot(self, field: str | None = None, by: str = "prompt") -> Any:
+        """Each value's share with its interval: per prompt (`by="prompt"`, Wilson), or per
+        condition or model pooled over the prompts (`by="condition"`/`"model"`, cluster
+        bootstrap). `field` defaults to the first answer field."""
+        if not self.fields:
+            raise ValueError("the run has no categorical answer field to plot")
+        chosen = field or self.fields[0]
+        if chosen not in self.fields:
+            raise ValueError(f"field {chosen!r} is not one of {', '.join(self.fields)}")
+        if by == "prompt":
+            return plots.distributions(self.analysis.distributions, chosen)
+        if by not in ("condition", "model"):
+            raise ValueError(f"by={by!r}: use prompt, condition or model")
+        return plots.pooled(self.analysis.pooled, chosen, by)
+
+    def plot_field_probs(self, field: str | None = None) -> Any:
+        """Exact field probabilities next to the shares counted in the samples."""
+        return plots.field_probs(self.analysis.field_probs, field)
+
+    def plot_differences(self) -> Any:
+        """The forest plot of paired differences between conditions or models."""
+        return plots.forest(self.analysis.comparisons)
+
+    def plot_rewards(self) -> Any:
+        """Mean reward per prompt and model (before/after alignment side by side)."""
+        if self.analysis.rewards is None:
+            raise ValueError("the run has no rewards: score it with `muestra reward score`")
+        return plots.rewards(self.analysis.rewards.cells)
+
+    def _parts(self) -> tuple[str, list[str], list[tuple[str, pd.DataFrame]]]:
+        a = self.analysis
+        tests = self.table("tests")
+        if not tests.empty:
+            tests = tests[["field", "by", "method", "p_value", "p_holm", "cramers_v"]]
+        tables = [("distributions (95% Wilson intervals)", self.table("distributions")),
+                  ("independence tests", tests)]  # fmt: skip
+        if a.comparisons:
+            tables.append(("paired differences", self.table("comparisons")))
+        if a.field_probs:
+            tables.append(("field_probs", self.table("field_probs")))
+        title = f"{self.name}: {a.valid} valid of {a.samples} samples (alpha {a.alpha})"
+        return title, [f"note: {n}" for n in a.notes] + a.findings, tables
+
+
+@dataclass(repr=False)
+class ExperimentView(_Shown):
+    """One stored run: its samples (`samples`, `to_pandas`) and their `analysis()`."""
+
+    store: Path
+    run_id: int
+    name: str
+    status: str
+    samples: pd.DataFrame
+    models: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_pandas(self) -> pd.DataFrame:
+        return self.samples
+
+    def analysis(self, alpha: float | None = None) -> AnalysisView:
+        from muestra.evaluation.runs import stored_analysis
+
+        found = stored_analysis(self.store, alpha, self.run_id)
+        return AnalysisView(found.analysis, found.frame, self.name)
+
+    def plot(self, field: str | None = None) -> Any:
+        return self.analysis().plot(field)
+
+    def _parts(self) -> tuple[str, list[str], list[tuple[str, pd.DataFrame]]]:
+        counts = (
+            self.samples.groupby(["prompt_id", "condition", "model"], sort=False)
+            .size()
+            .reset_index(name="samples")
+            if not self.samples.empty
+            else pd.DataFrame()
+        )
+        title = f"run {self.run_id} · {self.name} · {self.status} · {len(self.samples)} samples"
+        return title, [f"store: {self.store}"], [("samples per cell", counts)]
+
+
+@dataclass(repr=False)
+class EvaluationView(_Shown):
+    """One or more scorings of a question set, compared where they share questions."""
+
+    results: list[EvalResult]
+    comparisons: list[PairedComparison]
+
+    def to_pandas(self) -> pd.DataFrame:
+        """One row per scoring: accuracy and its interval, expected accuracy, acc_norm."""
+        rows = []
+        for r in self.results:
+            row = {"run": r.run_id, "task": r.task, "label": r.label, "method": r.method,
+                   **r.accuracy.as_dict()}  # fmt: skip
+            if r.expected is not None:
+                row.update(expected=r.expected[0], expected_low=r.expected[1],
+                           expected_high=r.expected[2])  # fmt: skip
+            if r.acc_norm is not None:
+                row["acc_norm"] = r.acc_norm.value
+            row["seconds"] = r.seconds
+            if r.timing:  # `compare`: how fast each model ran
+                row.update({k: v for k, v in r.timing.items() if k != "model"})
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def items(self) -> pd.DataFrame:
+        """Every question of every scoring: predicted, right or not, p(right)."""
+        return pd.DataFrame(
+            [{"label": r.label, **asdict(item)} for r in self.results for item in r.items]
+        )
+
+    def comparisons_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            [
+                {
+                    "a": p.a,
+                    "b": p.b,
+                    "questions": p.questions,
+                    "same_answer": p.agreement,
+                    "difference": p.difference[0],
+                    "low": p.difference[1],
+                    "high": p.difference[2],
+                    "mcnemar_p": p.mcnemar.p_value,
+                }  # fmt: skip
+                for p in self.comparisons
+            ]
+        )
+
+    def plot(self) -> Any:
+        """Accuracy per scoring with Wilson intervals."""
+        return plots.accuracies([(r.label, r.accuracy) for r in self.results])
+
+    def plot_votes(self) -> Any:
+        """Vote curves: accuracy of the majority of the first k paths."""
+        return plots.vote_curves([(r.label, r.curve) for r in self.results if r.curve])
+
+    def _parts(self) -> tuple[str, list[str], list[tuple[str, pd.DataFrame]]]:
+        task = ", ".join(dict.fromkeys(r.task for r in self.results))
+        notes = [f"note: {n}" for r in self.results for n in r.notes]
+        tables = [("accuracy (95% Wilson intervals)", self.to_pandas())]
+        if self.comparisons:
+            tables.append(("paired comparisons", self.comparisons_frame()))
+        return f"{task}: {len(self.results)} scoring(s)", notes, tables
+
+
+@dataclass(repr=False)
+class ProbeView(_Shown):
+    """A probe run: group means and differences per feature (paired over templates)."""
+
+    store: Path
+    run_id: int
+    name: str
+    analysis: ProbeAnalysis
+
+    @property
+    def findings(self) -> list[str]:
+        return self.analysis.findings
+
+    def to_pandas(self) -> pd.DataFrame:
+        return _records(self.analysis.differences)
+
+    def means(self) -> pd.DataFrame:
+        return _records(self.analysis.means)
+
+    def plot(self, feature: str | None = None) -> Any:
+        """Differences between groups per feature with bootstrap intervals; `feature`
+        keeps those whose name contains it."""
+        rows = [d for d in self.analysis.differences if feature is None or feature in d.feature]
+        return plots.group_differences(rows, title=self.name)
+
+    def _parts(self) -> tuple[str, list[str], list[tuple[str, pd.DataFrame]]]:
+        a = self.analysis
+        diffs = self.to_pandas()
+        if not diffs.empty:
+            diffs = diffs[["feature", "a", "b", "mean_a", "mean_b", "difference", "low",
+                           "high", "p_holm"]]  # fmt: skip
+        title = (
+            f"probe {self.name} · run {self.run_id}: {a.valid} valid of {a.samples} samples, "
+            f"groups {', '.join(a.groups)} over {len(a.templates)} templates"
+        )
+        return title, a.findings, [("group differences", diffs)]

@@ -1,0 +1,118 @@
+"""The package's shape, read from its source: imports point down the layers of DESIGN.md,
+no two modules import each other (directly or around a circle, counting imports inside
+functions and under TYPE_CHECKING), and no module uses another module's private names."""
+
+from __future__ import annotations
+
+import ast
+import graphlib
+from collections import defaultdict
+from pathlib import Path
+
+from conftest import ROOT
+
+SRC = ROOT / "src"
+
+# the layers, bottom up (DESIGN.md); an import must go to a lower rank
+RANK = {
+    "errors": 0,
+    "version": 0,
+    "limits": 1,
+    "paths": 1,
+    "allocator": 1,
+    "models": 2,
+    "engine": 3,
+    "answers": 4,
+    "analysis": 5,
+    "report": 6,
+    "experiments": 7,
+    "server": 7,
+    "evaluation": 8,
+    "cli": 9,
+    "notebook": 9,  # the Python API for notebooks: an edge beside the CLI
+    "demo": 10,
+    "__main__": 11,
+    "muestra": 11,  # the package's facade: the names a notebook reaches for
+}
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in (SRC / "muestra").rglob("*.py"):
+        name = ".".join(path.relative_to(SRC).with_suffix("").parts)
+        found[name.removesuffix(".__init__")] = path
+    return found
+
+
+def import_edges() -> dict[str, set[str]]:
+    known = modules()
+    edges: dict[str, set[str]] = defaultdict(set)
+    for name, path in known.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            targets = []
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("muestra"):
+                assert node.module is not None
+                for alias in node.names:
+                    full = f"{node.module}.{alias.name}"
+                    targets.append(full if full in known else node.module)
+            elif isinstance(node, ast.Import):
+                targets += [a.name for a in node.names if a.name.startswith("muestra")]
+            edges[name] |= {t for t in targets if t != name}
+    return edges
+
+
+def layer(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def test_no_module_imports_itself_around_a_circle():
+    try:
+        graphlib.TopologicalSorter(import_edges()).prepare()
+    except graphlib.CycleError as error:
+        raise AssertionError(f"an import circle: {' -> '.join(error.args[1])}") from None
+
+
+def test_every_import_points_down_the_layers():
+    edges = import_edges()
+    unranked = {layer(m) for m in modules()} - set(RANK)
+    assert not unranked, f"give these folders/modules a layer in RANK: {sorted(unranked)}"
+    upward = sorted(
+        f"{a} -> {b}"
+        for a, targets in edges.items()
+        for b in targets
+        if layer(a) != layer(b) and RANK[layer(a)] <= RANK[layer(b)]
+    )
+    assert not upward, "imports that do not point down:\n" + "\n".join(upward)
+
+
+def test_no_module_uses_another_modules_private_names():
+    """`from muestra.x import _name`, or `thing._name` where no `_name` is defined in the
+    module that reads it (a private attribute of another module's class)."""
+    found = []
+    for name, path in modules().items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        own: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                own.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                own.add(node.attr)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                own.add(node.id)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("muestra"):
+                found += [
+                    f"{name}: from {node.module} import {alias.name}"
+                    for alias in node.names
+                    if alias.name.startswith("_") and not alias.name.startswith("__")
+                ]
+            elif (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+                and node.attr not in own
+            ):
+                found.append(f"{name}:{node.lineno}: {ast.unparse(node)}")
+    assert not found, "private names used across modules:\n" + "\n".join(found)

@@ -1,0 +1,78 @@
+"""Model loading: one code path for kits and Hub snapshots, safe by default."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from muestra.errors import ModelNotFoundError, UnsafeModelError
+from muestra.models.loading import load_model, load_tokenizer, resolve_model
+
+
+def test_kit_loads_with_provenance(tiny_kit):
+    loaded = load_model(str(tiny_kit), device="cpu")
+    assert type(loaded.model).__name__ == "Qwen3ForCausalLM"
+    assert loaded.model.dtype == torch.float32
+    assert loaded.eos_token_ids == [151645, 151643]
+    assert loaded.vocab_size == 151936
+    prov = loaded.provenance
+    assert prov.source == "local" and prov.kit_preset == "tiny"
+    assert len(prov.weights_sha256) == 64
+    assert load_model(str(tiny_kit), device="cpu").provenance.weights_sha256 == prov.weights_sha256
+
+
+def test_dtype_option(tiny_kit):
+    assert load_model(str(tiny_kit), dtype="bfloat16").model.dtype == torch.bfloat16
+
+
+def test_hub_snapshot_goes_through_the_same_path(tiny_kit, tmp_path, monkeypatch):
+    """A Hub id resolves to its cached snapshot folder, then loads like a kit folder."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--muestra--tiny"
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(tiny_kit, snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    folder, source, revision = resolve_model("muestra/tiny")
+    assert (folder, source, revision) == (snapshot, "hub", commit)
+    loaded = load_model("muestra/tiny", device="cpu")
+    assert loaded.provenance.revision == commit
+    assert loaded.provenance.model_id == "muestra/tiny"
+
+
+def test_pickle_only_folder_is_refused(tiny_kit, tmp_path):
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_kit, folder)
+    model = load_model(str(tiny_kit), device="cpu").model
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(UnsafeModelError, match="--allow-pickle"):
+        load_model(str(folder))
+    loaded = load_model(str(folder), allow_pickle=True)
+    assert torch.equal(loaded.model.lm_head.weight, model.lm_head.weight)
+
+
+def test_missing_path_message(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="muestra kit build"):
+        load_model(str(tmp_path / "nowhere"))
+
+
+def test_folder_without_weights(tiny_kit, tmp_path):
+    folder = tmp_path / "noweights"
+    shutil.copytree(tiny_kit, folder)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(ModelNotFoundError, match="no weights"):
+        load_model(str(folder))
+    assert len(load_tokenizer(str(folder))) == 151669  # tokenizer-only commands still work
+
+
+def test_uncached_hub_id_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(ModelNotFoundError) as info:
+        load_tokenizer("nobody/no-such-model")
+    message = str(info.value)
+    assert "muestra kit build" in message and "local folder" in message and "network" in message
