@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PY:-.venv/bin/python}
-STEP=tools/step.sh
+STEP=$ROOT/tools/step.sh
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/muestra-package.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 

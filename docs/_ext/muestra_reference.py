@@ -97,7 +97,8 @@ def _models_in(annotation: Any) -> list[tuple[type[BaseModel], bool]]:
 
 def _table(model: type[BaseModel], title: str, level: int) -> list[str]:
     doc = (model.__doc__ or "").strip()
-    lines = ["#" * level + f" `{title}`", ""]
+    heading = title if not title.startswith("[") else f"`{title}`"
+    lines = ["#" * level + f" {heading}", ""]
     if doc and not doc.startswith(("Usage docs", "!!!")):
         lines += [" ".join(doc.split()), ""]
     lines += ["| key | type | default | allowed | what it is |", "|---|---|---|---|---|"]
@@ -140,9 +141,9 @@ def spec_page() -> str:
         "## Experiment spec",
         "",
     ]
-    lines += _table(Spec, "top level", 3)
+    lines += _table(Spec, "Top-level keys", 3)
     lines += ["## Probe file", ""]
-    lines += _table(ProbeSpec, "top level", 3)
+    lines += _table(ProbeSpec, "Top-level keys", 3)
     return "\n".join(lines) + "\n"
 
 

@@ -1,3 +1,0 @@
-from muestra.cli.app import main
-
-main()

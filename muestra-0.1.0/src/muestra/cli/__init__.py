@@ -1,1 +1,0 @@
-"""The `muestra` command line: a thin layer over the library."""

@@ -1,1 +1,0 @@
-"""`muestra serve`: an OpenAI-compatible server over the engine (see `app.py`, `service.py`)."""
