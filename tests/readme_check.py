@@ -225,6 +225,14 @@ class Sandbox:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source, target)
         (repo / ".venv").symlink_to(ROOT / ".venv")
+        # The linked venv is the one `make readme` just brought up to date: a `make` target
+        # run in the sandbox (`make demo`) must not reinstall into it (an editable install
+        # would then point the venv at this temporary copy). The copies' mtimes say so.
+        stamp = ROOT / ".venv" / ".muestra-installed"
+        if stamp.exists():
+            for name in ("pyproject.toml", "constraints.txt"):
+                if (repo / name).exists():
+                    os.utime(repo / name, (stamp.stat().st_mtime,) * 2)
         return cls(repo, home)
 
     def env(self, extra: dict[str, str]) -> dict[str, str]:
