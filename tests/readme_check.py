@@ -232,7 +232,7 @@ class Sandbox:
         if stamp.exists():
             for name in ("pyproject.toml", "constraints.txt"):
                 if (repo / name).exists():
-                    os.utime(repo / name, (stamp.stat().st_mtime,) * 2)
+                    os.utime(repo / name, ns=(stamp.stat().st_mtime_ns - 10**9,) * 2)
         return cls(repo, home)
 
     def env(self, extra: dict[str, str]) -> dict[str, str]:
