@@ -49,7 +49,59 @@ autodoc2_output_dir = "reference/api"
 autodoc2_render_plugin = "myst"
 autodoc2_docstring_parser_regexes = [(r".*", "myst")]
 autodoc2_hidden_objects = ["private", "dunder", "inherited"]
+# autodoc2 shows a constant's value as reStructuredText: a regex full of `[...]` and `\p{L}`
+# reads as broken link targets there (the module docstring names the pattern).
+autodoc2_hidden_regexes = [r"muestra\.models\.kit\.tokenizer\.QWEN_PRETOKENIZE_PATTERN"]
 autodoc2_index_template = None
+
+
+def _reexports() -> list[tuple[str, str]]:
+    """`muestra.engine.Sample` → `muestra.engine.rows.Sample`: a class imported into another
+    module is named by its importers' annotations but documented where it is defined."""
+    import importlib
+    import pkgutil
+
+    import muestra
+
+    skip = ("muestra.cli", "muestra.server", "muestra.allocator", "muestra.demo",
+            "muestra.__main__")  # fmt: skip
+    found = []
+    for info in pkgutil.walk_packages(muestra.__path__, "muestra."):
+        if info.name.startswith(skip):
+            continue
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            home = getattr(obj, "__module__", "") or ""
+            if isinstance(obj, type) and home.startswith("muestra.") and home != info.name:
+                found.append((f"{info.name}.{name}", f"{home}.{obj.__qualname__}"))
+    return found
+
+
+autodoc2_replace_annotations = _reexports()
+
+
+def _resolve_by_name(app, env, node, contnode):  # noqa: ANN001, ANN202
+    """sphinx-autodoc2 reads annotations statically and sometimes names the wrong module
+    for a class (`muestra.engine.rows.RowTensors` for batch.py's own `RowTensors`). Such a
+    reference resolves when exactly one documented muestra object has that name; any other
+    missing reference stays a warning (an error under -W)."""
+    from sphinx.util.nodes import make_refnode
+
+    target = node.get("reftarget", "")
+    if node.get("refdomain") != "py" or not target.startswith("muestra."):
+        return None
+    name = "." + target.rsplit(".", 1)[-1]
+    objects = env.get_domain("py").objects
+    matches = [full for full in objects if full.endswith(name) and full.startswith("muestra.")]
+    if len(matches) != 1:
+        return None
+    entry = objects[matches[0]]
+    return make_refnode(app.builder, node["refdoc"], entry.docname, entry.node_id, contnode,
+                        matches[0])  # fmt: skip
+
+
+def setup(app):  # noqa: ANN001, ANN201
+    app.connect("missing-reference", _resolve_by_name)
 
 # Types of other libraries are named, not linked (no network for intersphinx here): a
 # missing target is an error only for muestra's own objects.

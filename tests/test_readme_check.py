@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import ROOT
-from readme_check import README, Sandbox, all_blocks, blocks, check_shown, documents, shown_output
+from readme_check import Sandbox, all_blocks, blocks, check_shown, documents, shown_output
 
 
 def test_every_block_of_readme_and_the_docs_says_how_it_is_checked():
