@@ -164,3 +164,16 @@ def _run_in_process(args: list[str]) -> CliResult:
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that starts llama.cpp's llama-server must say so (`peers`): `make test` runs
+    without building it, and `make test-long` runs those tests once it is built."""
+    unmarked = [
+        item.nodeid
+        for item in items
+        if "llama_server" in getattr(item, "fixturenames", ())
+        and item.get_closest_marker("peers") is None
+    ]
+    if unmarked:
+        raise pytest.UsageError(f"tests using llama_server need @pytest.mark.peers: {unmarked}")

@@ -497,6 +497,7 @@ def llama_server(smol_kit, tmp_path_factory):
 
 
 @pytest.mark.long
+@pytest.mark.peers
 def test_the_same_spec_samples_the_same_distribution_on_llama_cpps_server(
     llama_server, smol_kit, tmp_path, cli
 ):

@@ -1,20 +1,21 @@
-"""The README check's own rules (`make readme` runs README's examples; tests/readme_check.py):
-every block says how it is checked, shown files are the shipped ones, and the matcher
-can fail."""
+"""The README check's own rules (`make readme` runs the examples of README and of the docs'
+pages; tests/readme_check.py): every block says how it is checked, shown files are the
+shipped ones, the matcher can fail, and a repeated example runs once."""
 
 from __future__ import annotations
 
 import pytest
 
 from conftest import ROOT
-from readme_check import README, Sandbox, blocks, check_shown, shown_output
+from readme_check import Sandbox, all_blocks, blocks, check_shown, documents, shown_output
 
 
-def test_every_readme_block_says_how_it_is_checked():
-    found = blocks(README.read_text("utf-8"))
-    assert len(found) > 40
-    unmarked = [b.line for b in found if b.kind is None]
-    assert unmarked == [], f"README blocks without `<!-- check: … -->`: lines {unmarked}"
+def test_every_block_of_readme_and_the_docs_says_how_it_is_checked():
+    found = all_blocks()
+    assert len(found) > 50
+    assert {b.document for b in found} >= {"README.md", "docs/getting-started.md"}
+    unmarked = [b.label for b in found if b.kind is None]
+    assert unmarked == [], f"blocks without `<!-- check: … -->`: {unmarked}"
     assert {b.kind for b in found} <= {"run", "output", "session", "file", "skip"}
     assert all(b.options.get("reason") for b in found if b.kind == "skip")
     names = {b.options["name"] for b in found if b.kind == "run" and "name" in b.options}
@@ -25,9 +26,16 @@ def test_every_readme_block_says_how_it_is_checked():
 
 def test_the_files_readme_shows_are_the_shipped_ones():
     sandbox = Sandbox(ROOT, ROOT / "no-home")
-    for block in blocks(README.read_text("utf-8")):
+    for block in all_blocks():
         if block.kind == "file":
             assert sandbox.run(block) is None, block.label
+
+
+def test_the_documents_are_read_in_the_sites_order():
+    order = [str(p.relative_to(ROOT)) for p in documents()]
+    assert order[:3] == ["README.md", "docs/index.md", "docs/getting-started.md"]
+    assert order.index("docs/guide/generate.md") < order.index("docs/guide/serving.md")
+    assert blocks("```{toctree}\nx\n```\n") == []  # a MyST directive is not an example
 
 
 def test_shown_lines_must_be_printed_in_order():
@@ -62,3 +70,15 @@ def test_blocks_share_one_shell_and_a_failure_is_reported(tmp_path):
     assert sandbox.run(Block(4, "bash", ["false"], "run")) is not None
     assert sandbox.run(Block(5, "bash", ["false"], "run", {"expect": "fail"})) is None
     assert "no `<!-- check" in sandbox.run(Block(6, "bash", ["true"], None))
+
+
+def test_a_repeated_example_runs_once_and_its_output_is_still_compared(tmp_path):
+    from readme_check import Block
+
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    sandbox = Sandbox(tmp_path, tmp_path)
+    counter = ["echo x >> count.txt; wc -l < count.txt"]
+    assert sandbox.run(Block(1, "bash", [*counter, "# 1"], "run")) is None
+    assert sandbox.run(Block(9, "bash", [*counter, "# 1"], "run", document="b.md")) is None
+    assert (tmp_path / "count.txt").read_text() == "x\n"  # not run a second time
+    assert sandbox.run(Block(9, "bash", [*counter, "# 2"], "run")) is not None  # compared
