@@ -77,6 +77,7 @@ def test_store_schema_through_migrations(tmp_path):
         "m003_evals",
         "m004_probes",
         "m005_run_status",
+        "m006_stops",
     ]
     tables = sorted(r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'"))
     assert tables == [
@@ -88,6 +89,7 @@ def test_store_schema_through_migrations(tmp_path):
         "prompts",
         "runs",
         "samples",
+        "stops",
     ]
     columns = [r[1] for r in db.execute("PRAGMA table_info(samples)")]
     assert columns == [

@@ -182,13 +182,14 @@ class StopRule:
         found = list(range(self.min_samples, self.max_samples + 1, self.every))
         return found if found[-1] == self.max_samples else [*found, self.max_samples]
 
-    def reason(self, b: Band) -> str | None:
-        """ "precision", "reference" or (at max_samples) "max_samples"; None: go on."""
+    def reason(self, b: Band, samples: int | None = None) -> str | None:
+        """Why `b`, read after `samples` samples (default: its values), settles the
+        sequence (precision, reference, max_samples), or None."""
         if self.precision is not None and b.half_width <= self.precision:
             return "precision"
         if self.reference is not None and not b.low <= self.reference <= b.high:
             return "reference"
-        return "max_samples" if b.n >= self.max_samples else None
+        return "max_samples" if (samples or b.n) >= self.max_samples else None
 
 
 @dataclass(frozen=True)

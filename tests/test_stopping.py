@@ -1,0 +1,213 @@
+"""Sequential runs ([stop]) as a user runs them, on the tiny random-weight kit (its answers
+mean nothing; the mechanics are what is tested): rounds, stops stored, resume replays the
+same sequence, the rule refused when it cannot be followed."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from muestra.errors import InputError
+from muestra.experiments.runner import Runner
+from muestra.experiments.spec import load_spec
+from muestra.experiments.stop_rules import field_probs_caveat
+
+
+def write_spec(folder: Path, model: Path, stop: str, answer: str = "temperature = 1.0") -> Path:
+    spec = folder / "seq.toml"
+    spec.write_text(f'''
+name = "secuencial"
+seed = 7
+samples = 40
+
+[model]
+id = "{model}"
+
+[prompt]
+user = "¿{{pregunta}}? Responde sí o no."
+
+[[prompt.items]]
+id = "a"
+pregunta = "Es azul el cielo"
+
+[[prompt.items]]
+id = "b"
+pregunta = "Es verde el mar"
+
+[answer]
+choice = ["si", "no"]
+max_tokens = 4
+{answer}
+
+[stop]
+{stop}
+''')
+    return spec
+
+
+STOP = 'field = "answer"\nvalue = "si"\nprecision = 0.3\nmin_samples = 4\nevery = 4'
+
+
+def run(spec: Path, store: Path, **kwargs) -> Runner:
+    notes: list[str] = []
+    runner = Runner(load_spec(spec), store, on_note=notes.append, **kwargs)
+    with runner:
+        runner.open()
+        runner.run()
+    runner.notes_given = notes  # type: ignore[attr-defined]
+    return runner
+
+
+def table(store: Path, sql: str) -> list[tuple]:
+    with closing(sqlite3.connect(store)) as db:
+        return db.execute(sql).fetchall()
+
+
+@pytest.mark.slow
+def test_cells_stop_when_settled_and_the_stops_are_stored(tmp_path, tiny_kit):
+    spec = write_spec(tmp_path, tiny_kit, STOP)
+    run(spec, tmp_path / "s.db")
+    stops = table(
+        tmp_path / "s.db",
+        "SELECT p.prompt_key, reason, samples, used, estimator, low, high, tracked "
+        "FROM stops t JOIN prompts p ON p.id = t.prompt_id ORDER BY p.prompt_key",
+    )
+    assert [s[0] for s in stops] == ["a", "b"]
+    counts = dict(
+        table(
+            tmp_path / "s.db",
+            "SELECT p.prompt_key, COUNT(*) FROM samples s JOIN prompts p ON p.id = s.prompt_id "
+            "GROUP BY p.prompt_key",
+        )
+    )
+    for prompt, reason, samples, used, estimator, low, high, tracked in stops:
+        assert estimator == "field_probs" and tracked == "answer=si"  # drawn at T 1
+        assert counts[prompt] == samples and samples % 4 == 0 and samples <= 40
+        assert reason == "precision" and (high - low) / 2 <= 0.3 and used == samples
+        assert samples < 40  # the exact probabilities settle well before the cap
+
+
+def test_a_greedy_answer_is_counted_and_the_run_says_why(tmp_path, tiny_kit):
+    stop = STOP.replace("precision = 0.3", "precision = 0.01") + "\nmax_samples = 8"
+    spec = write_spec(tmp_path, tiny_kit, stop, answer="temperature = 0")
+    runner = run(spec, tmp_path / "g.db")
+    assert any("greedy (answer.temperature = 0)" in n for n in runner.notes_given)
+    stops = table(tmp_path / "g.db", "SELECT estimator, reason, samples FROM stops")
+    assert stops == [("counts", "max_samples", 8)] * 2
+
+
+@pytest.mark.slow
+def test_a_resumed_run_replays_the_same_sequence(tmp_path, tiny_kit):
+    spec = write_spec(tmp_path, tiny_kit, STOP.replace("0.3", "0.2"))
+    run(spec, tmp_path / "whole.db")
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(progress) -> None:  # after the first batch of the first round
+        raise Interrupted
+
+    runner = Runner(load_spec(spec), tmp_path / "cut.db", batch_rows=4)
+    with runner:
+        runner.open()
+        with pytest.raises(Interrupted):
+            runner.run(interrupt)
+    assert table(tmp_path / "cut.db", "SELECT COUNT(*) FROM samples") == [(4,)]
+    run(spec, tmp_path / "cut.db")
+    query = (
+        "SELECT p.prompt_key, sample_index, answer_text, field_probs_json FROM samples s "
+        "JOIN prompts p ON p.id = s.prompt_id ORDER BY 1, 2"
+    )
+    resumed, whole = table(tmp_path / "cut.db", query), table(tmp_path / "whole.db", query)
+    assert [r[:3] for r in resumed] == [r[:3] for r in whole]  # the same draws, in order
+    # (the torch runtime's logits move ~1e-7 with the rows batched beside them)
+    for a, b in zip(resumed, whole, strict=True):
+        assert json.loads(a[3])["answer"] == pytest.approx(json.loads(b[3])["answer"], abs=1e-5)
+    stops = "SELECT prompt_id, reason, samples, used, estimate, low, high FROM stops ORDER BY 1"
+    cut, whole = table(tmp_path / "cut.db", stops), table(tmp_path / "whole.db", stops)
+    assert len(cut) == len(whole) == 2
+    for a, b in zip(cut, whole, strict=True):
+        assert a[:4] == b[:4] and a[4:] == pytest.approx(b[4:], abs=1e-3)
+
+
+@pytest.mark.slow
+def test_a_difference_between_prompts_samples_them_in_pairs(tmp_path, tiny_kit):
+    stop = STOP + '\ncompare = ["a", "b"]\nreference = 0.0'
+    spec = write_spec(tmp_path, tiny_kit, stop)
+    run(spec, tmp_path / "d.db")
+    stops = table(tmp_path / "d.db", "SELECT tracked, reason, samples, low, high FROM stops")
+    assert len(stops) == 2 and stops[0] == stops[1]  # one decision for the pair
+    tracked, reason, samples, low, high = stops[0]
+    assert tracked == "answer=si: a − b" and -1 <= low <= high <= 1
+    assert reason in ("precision", "reference")
+    counts = table(tmp_path / "d.db", "SELECT COUNT(*) FROM samples GROUP BY prompt_id")
+    assert counts == [(samples,), (samples,)]
+
+
+@pytest.mark.slow
+def test_resuming_under_another_rule_is_refused(tmp_path, tiny_kit):
+    spec = write_spec(tmp_path, tiny_kit, STOP)
+    run(spec, tmp_path / "r.db")
+    plain = write_spec(tmp_path, tiny_kit, STOP)
+    text = plain.read_text()
+    loaded = load_spec(plain)
+    changed = loaded.spec.model_copy(
+        update={"stop": loaded.spec.stop.model_copy(update={"precision": 0.1})}
+    )
+    from dataclasses import replace
+
+    runner = Runner(replace(loaded, spec=changed), tmp_path / "r.db")
+    with runner, pytest.raises(InputError, match="sampled with the \\[stop\\] rule"):
+        runner.open()
+        runner.run()
+    assert plain.read_text() == text
+
+
+@pytest.mark.parametrize(
+    ("stop", "message"),
+    [
+        (
+            'field = "sexo"\nvalue = "si"\nprecision = 0.1',
+            'an answer without a schema is tracked as "answer"',
+        ),
+        (
+            'field = "answer"\nvalue = "tal vez"\nprecision = 0.1',
+            "is not a value of answer: si, no",
+        ),
+        ('field = "answer"\nvalue = "si"', "give precision, reference or both"),
+        (
+            'field = "answer"\nvalue = "si"\nprecision = 0.1\ncompare = ["a", "z"]',
+            r"two prompt ids \(a, b\)",
+        ),
+        ('field = "answer"\nvalue = "si"\nprecision = 0.1\nestimator = "field_probs"', None),
+        (
+            'field = "answer"\nvalue = "si"\nprecision = 0.1\nmin_samples = 50\nmax_samples = 20',
+            "is over max_samples",
+        ),
+    ],
+)
+def test_a_stop_table_the_run_cannot_follow_is_refused_by_name(tmp_path, stop, message):
+    spec = write_spec(tmp_path, tmp_path, stop, answer="temperature = 1.0")
+    if message is None:  # field_probs estimate these answers (T 1): accepted
+        assert load_spec(spec, check_models=False).spec.stop.estimator == "field_probs"
+        greedy = write_spec(tmp_path, tmp_path, stop, answer="temperature = 0")
+        with pytest.raises(InputError, match="greedy .answer.temperature = 0. .condition"):
+            load_spec(greedy, check_models=False)
+        return
+    with pytest.raises(InputError, match=message) as err:
+        load_spec(spec, check_models=False)
+    assert str(err.value).startswith(str(spec))
+
+
+def test_field_probs_caveat_names_what_makes_them_another_quantity():
+    from muestra.experiments.spec import AnswerSpec
+
+    assert field_probs_caveat(AnswerSpec(temperature=1.0)) is None
+    assert "greedy" in field_probs_caveat(AnswerSpec())
+    assert "top_p = 0.9" in field_probs_caveat(AnswerSpec(temperature=1.0, top_p=0.9))
+    assert "temperature = 0.7" in field_probs_caveat(AnswerSpec(temperature=0.7))
+    assert "endpoint" in field_probs_caveat(AnswerSpec(temperature=1.0), remote=True)
