@@ -211,3 +211,41 @@ def test_field_probs_caveat_names_what_makes_them_another_quantity():
     assert "top_p = 0.9" in field_probs_caveat(AnswerSpec(temperature=1.0, top_p=0.9))
     assert "temperature = 0.7" in field_probs_caveat(AnswerSpec(temperature=0.7))
     assert "endpoint" in field_probs_caveat(AnswerSpec(temperature=1.0), remote=True)
+
+
+@pytest.mark.slow
+def test_run_flags_and_every_view_show_the_stops(tmp_path, tiny_kit, cli):
+    spec = write_spec(tmp_path, tiny_kit, STOP)
+    spec.write_text(spec.read_text().split("[stop]")[0])  # no table: the flags make the run
+    store = tmp_path / "f.db"
+    flags = ["--stop-on", "answer=si", "--precision", "0.3", "--min-samples", "4", "--every", "4"]
+    result = cli("run", str(spec), "--out", str(store), *flags)
+    assert result.code == 0, result.stderr
+    assert "sequential: each cell samples 4, then 4 a round" in result.stderr
+    result = cli("summary", str(store))
+    assert "where each cell stopped" in result.stdout and "within ±0.3" in result.stdout
+    assert "Sequential run:" in result.stdout
+    analyzed = json.loads(cli("analyze", str(store), "--json").stdout)
+    cells = analyzed["stops"]["cells"]
+    assert [c["prompt"] for c in cells] == ["a", "b"] and cells[0]["estimator"] == "field_probs"
+    assert any(n.startswith("Sequential run:") for n in analyzed["notes"])
+    assert cli("report", str(store), "-o", str(tmp_path / "r.html")).code == 0
+    assert "Where each cell stopped" in (tmp_path / "r.html").read_text()
+    # resumed without the flags: refused, the stops would not replay
+    again = cli("run", str(spec), "--out", str(store))
+    assert again.code != 0 and "with the [stop] rule" in again.stderr
+
+    from muestra.notebook import open_run
+
+    view = open_run(store)
+    assert list(view.stops["samples"]) == [c["samples"] for c in cells]
+    curve = view.sequence()
+    assert set(curve["estimator"]) == {"counts", "field_probs"}
+    fig = view.plot_sequence(prompt="b", lang="es")
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "muestras" and "proporción de si" in ax.get_ylabel()
+    stopped = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert stopped and stopped[0].get_xdata()[0] == cells[1]["samples"]
+    assert "se detuvo" in " ".join(t.get_text() for t in ax.get_legend().get_texts())
+    with pytest.raises(InputError, match="prompt_id 'z' is not in run"):
+        view.plot_sequence(prompt="z")

@@ -25,6 +25,9 @@ fixed order (a sample's index), each in [0, 1]: an answer's indicator (counting)
 exact probability (Rao–Blackwell, `muestra.experiments.stopping`), or (x − y + 1)/2 for a
 paired difference of two cells.
 
+`curves` reads a stored run's bands after every sample (both estimators) for the
+notebook and report views.
+
 `StopRule` says when a sequence is settled: the band is within ± `precision`, or it
 excludes `reference`; never before `min_samples`, always at `max_samples`, looked at
 every `every` samples. `first_stop` applies it to many simulated sequences at once
@@ -33,10 +36,12 @@ every `every` samples. `first_stop` applies it to many simulated sequences at on
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 BREAKS = 1000  # grid step 0.001: a bound is at most 0.001 wider than the exact set's
 THETA = 0.5  # weight of the upward bet in the hedged capital process
@@ -236,3 +241,54 @@ def first_stop(x: np.ndarray, rule: StopRule, breaks: int = 200) -> Stops:
             break
     estimate = np.cumsum(x, axis=1)[np.arange(rows), stop - 1] / stop
     return Stops(stop, low, high, estimate)
+
+
+# ---- a stored run's bands, sample by sample (notebook and report views) -----------------
+
+CELL = ["model", "condition", "prompt_id"]
+
+
+def _label(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def cell_values(rows: pd.DataFrame, field: str, value: str) -> pd.DataFrame:
+    """One cell's samples in index order with the tracked value's indicator (`drawn`) and
+    exact probability (`exact`, NaN without field_probs); samples without an answer to
+    `field` (an error, a missing field) are left out."""
+    rows = rows.sort_values("sample")
+    rows = rows[rows["error"].isna() & rows[field].notna()] if field in rows else rows.iloc[:0]
+    drawn = rows[field].map(_label) == value
+    exact = [
+        (p.get(field) or {}).get(value, np.nan) if isinstance(p, dict) else np.nan
+        for p in rows.get("field_probs", pd.Series([None] * len(rows)))
+    ]
+    return pd.DataFrame({"sample": rows["sample"].to_numpy(), "drawn": drawn.to_numpy(float),
+                         "exact": np.asarray(exact, dtype=float)})  # fmt: skip
+
+
+def curves(frame: pd.DataFrame, field: str, value: str, alpha: float = 0.05) -> pd.DataFrame:
+    """For every cell, the confidence sequence of `value`'s share after each sample, by
+    counting and (where every sample has field_probs) by the mean exact probability:
+    columns model, condition, prompt_id, estimator, n, estimate, low, high. Whether
+    field_probs estimate the share (answers drawn at T 1 unfiltered) is for the caller to
+    say: this draws both."""
+    found = []
+    for key, rows in frame.groupby(CELL, sort=False):
+        values = cell_values(rows, field, value)
+        if values.empty:
+            continue
+        series = {"counts": values["drawn"].to_numpy()}
+        if not values["exact"].isna().any():
+            series["field_probs"] = np.clip(values["exact"].to_numpy(), 0, 1)
+        for estimator, x in series.items():
+            lows, highs = betting_cs(x, alpha)
+            n = np.arange(1, len(x) + 1)
+            part = pd.DataFrame(
+                {"estimator": estimator, "n": n, "estimate": np.cumsum(x) / n,
+                 "low": lows, "high": highs}
+            )  # fmt: skip
+            for column, part_value in zip(CELL, key, strict=True):
+                part.insert(0, column, part_value)
+            found.append(part)
+    return pd.concat(found, ignore_index=True) if found else pd.DataFrame()

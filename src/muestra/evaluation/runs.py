@@ -16,6 +16,7 @@ from muestra.analysis import analyze as run_analysis
 from muestra.evaluation.probes import probe_of_run
 from muestra.experiments.results import samples_frame
 from muestra.experiments.spec import AnalysisSpec
+from muestra.experiments.stopping import field_probs_notes, stop_note, stop_rows
 from muestra.experiments.store import (
     reading,
     require_samples,
@@ -57,8 +58,11 @@ def stored_analysis(
             }
             for row in run_models(db, rid)
         ]
+        rule, stops = stop_rows(db, rid)
+        run["stops"] = {"rule": rule, "cells": stops}  # a sequential run's stops
+        notes = field_probs_notes(db, rid) + [n for n in [stop_note(rule, stops)] if n]
     settings = AnalysisSpec.model_validate(tomllib.loads(run["spec_text"]).get("analysis", {}))
     level = alpha if alpha is not None else settings.alpha
-    return StoredRun(
-        run, models, frame, run_analysis(frame, settings.reference, level, settings.terms)
-    )
+    analysis = run_analysis(frame, settings.reference, level, settings.terms)
+    analysis.notes += notes
+    return StoredRun(run, models, frame, analysis)

@@ -70,7 +70,8 @@ def check_stop(
     """Refuse a `[stop]` table the run could not follow, before any model loads."""
     try:
         allowed = _allowed(stop, spec, schema)
-        if allowed is not None and stop.value not in allowed:
+        templated = "{" in stop.value  # e.g. "{answer}": each item's own value
+        if allowed is not None and not templated and stop.value not in allowed:
             raise ValueError(
                 f"value = {stop.value!r} is not a value of {stop.field}: {', '.join(allowed)}"
             )

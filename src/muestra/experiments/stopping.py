@@ -26,19 +26,27 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from muestra.analysis.sequential import Band, StopRule, as_difference, betting_cs
 from muestra.errors import InputError
-from muestra.experiments.spec import StopSpec
-from muestra.experiments.stop_rules import compared, field_probs_caveat, value_label
+from muestra.experiments.spec import LoadedSpec, StopSpec, Strict, describe_error, fill
+from muestra.experiments.stop_rules import (
+    check_stop,
+    compared,
+    field_probs_caveat,
+    value_label,
+)
 from muestra.experiments.store import (
     cell_answers,
+    condition_rows,
     count_samples,
+    has_field_probs,
     record_stop,
     run_stop_rule,
     set_run_stop_rule,
@@ -195,9 +203,10 @@ class Rounds:
     def _answers(self, cell: Unit) -> dict[int, float | None]:
         assert self.runner.db is not None
         rows = cell_answers(self.runner.db, cell.model_id, cell.condition_id, cell.prompt_id)
-        return {row["sample_index"]: self._value(row) for row in rows}
+        target = fill(self.stop.value, cell.item.variables)  # e.g. "{answer}": the key
+        return {row["sample_index"]: self._value(row, target) for row in rows}
 
-    def _value(self, row: Any) -> tuple[float, float | None] | None:
+    def _value(self, row: Any, target: str) -> tuple[float, float | None] | None:
         """(indicator, exact probability or None) of the tracked value; None when the
         sample has no such answer (an error, a field left out)."""
         if row["error"] is not None or row["answer_json"] is None:
@@ -212,8 +221,8 @@ class Rounds:
         if answer is None:
             return None
         probs = json.loads(row["field_probs_json"]) if row["field_probs_json"] else {}
-        exact = (probs.get(field) or {}).get(self.stop.value)
-        indicator = float(value_label(answer) == self.stop.value)
+        exact = (probs.get(field) or {}).get(target)
+        indicator = float(value_label(answer) == target)
         return indicator, None if exact is None else min(max(float(exact), 0.0), 1.0)
 
     def _close(self, tracker: Tracker, look: Look) -> None:
@@ -286,3 +295,132 @@ def check_stored_rule(
         "not replay. Resume it with the same rule, use another --out, or --force-new to "
         "start a new run in the same store."
     )
+
+
+def with_stop(loaded: LoadedSpec, flags: Mapping[str, Any], where: str) -> LoadedSpec:
+    """`loaded` with its `[stop]` table completed or overridden by `flags` (the
+    `StopSpec` fields a command or notebook call gives; None: not given), checked as a
+    spec's own table is."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    if not given:
+        return loaded
+    unknown = sorted(set(given) - set(StopSpec.model_fields))
+    assert not unknown, f"not [stop] fields: {unknown}"
+    base = loaded.spec.stop.model_dump(exclude_unset=True) if loaded.spec.stop else {}
+    data = {**base, **given}
+    try:
+        stop = StopSpec.model_validate(data)
+    except ValidationError as err:
+        raise InputError(
+            describe_error(err, loaded.path, {"stop": data}, root=_StopTable).replace(
+                f"{loaded.path}: ", f"{where}: ", 1
+            )
+        ) from None
+    check_stop(stop, loaded.spec, loaded.conditions, loaded.answer_schema, where)
+    return replace(loaded, spec=loaded.spec.model_copy(update={"stop": stop}))
+
+
+class _StopTable(Strict):
+    """The root `describe_error` reads a `[stop]` table's keys from."""
+
+    stop: StopSpec
+
+
+# ---- what the commands and views show ------------------------------------------------------
+
+STOP_HEADERS = ["model", "condition", "prompt", "tracked", "estimator", "stopped", "samples",
+                "estimate", "95% band (anytime-valid)"]  # fmt: skip
+
+
+def stopped_because(row: Mapping[str, Any], rule: Mapping[str, Any]) -> str:
+    """Why a cell stopped, in words."""
+    if row["reason"] == "precision":
+        return f"within ±{rule.get('precision')}"
+    if row["reason"] == "reference":
+        return f"excludes {rule.get('reference')}"
+    return "reached max_samples"
+
+
+def stop_rows(db: sqlite3.Connection, run_id: int) -> tuple[dict[str, Any] | None, list[dict]]:
+    """A run's [stop] rule (None: a fixed-n run) and its cells' stops, for display."""
+    stored = run_stop_rule(db, run_id)
+    rule = json.loads(stored) if stored else None
+    rows = []
+    for row in stored_stops(db, run_id):
+        rows.append(
+            {
+                "model": row["model_label"],
+                "condition": row["condition_label"],
+                "prompt": row["prompt_key"],
+                "tracked": row["tracked"],
+                "estimator": row["estimator"],
+                "stopped": stopped_because(row, rule or {}),
+                "samples": row["samples"],
+                "used": row["used"],
+                "estimate": row["estimate"],
+                "low": row["low"],
+                "high": row["high"],
+                "at": row["created_at"],
+            }
+        )
+    return rule, rows
+
+
+def stop_table(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """`stop_rows` as text cells under `STOP_HEADERS`."""
+    return [
+        [r["model"], r["condition"], r["prompt"], r["tracked"], r["estimator"], r["stopped"],
+         str(r["samples"]), "—" if r["estimate"] is None else f"{r['estimate']:.3f}",
+         f"[{r['low']:.3f}, {r['high']:.3f}]"]
+        for r in rows
+    ]  # fmt: skip
+
+
+def stop_note(rule: Mapping[str, Any] | None, rows: list[dict[str, Any]]) -> str | None:
+    """One line on what the bands assume and which estimator each cell used."""
+    if rule is None:
+        return None
+    cap = rule["max_samples"] or "the spec's samples"
+    return (
+        f"Sequential run: each cell sampled in rounds of {rule['every']} from "
+        f"{rule['min_samples']} until its band of {rule['field']}={rule['value']} was within "
+        f"±{rule['precision']} or excluded {rule['reference']} (None: not asked), at most "
+        f"{cap} samples; a cell not listed is still open. The bands are betting "
+        f"confidence sequences (Waudby-Smith & Ramdas 2023), {1 - rule['alpha']:.0%} at every "
+        "look at once, for independent draws of one cell in index order; field_probs: the "
+        "mean exact probability, used only where the answer is drawn at temperature 1 "
+        "without filters."
+    )
+
+
+def stop_section(stops: Mapping[str, Any]) -> list[Any]:
+    """The report's section on a sequential run's stops (`{"rule", "cells"}` as
+    `stored_analysis` keeps them); none for a fixed-n run."""
+    from muestra.report.html import Section
+
+    if stops.get("rule") is None:
+        return []
+    note = stop_note(stops["rule"], stops["cells"])
+    table = (STOP_HEADERS, stop_table(stops["cells"]))
+    return [Section("Where each cell stopped", [table], [note or ""])]
+
+
+def field_probs_notes(db: sqlite3.Connection, run_id: int) -> list[str]:
+    """One note per condition whose stored field_probs do not describe its answers (a
+    greedy answer, another temperature, a filter): their mean is not the answers' share."""
+    from muestra.experiments.spec import AnswerSpec
+
+    notes = []
+    for row in condition_rows(db, run_id):
+        if not has_field_probs(db, row["id"]):
+            continue
+        # as stored (not validated again: a store may predate a field's current checks)
+        answer = AnswerSpec.model_construct(**json.loads(row["answer_json"]))
+        caveat = field_probs_caveat(answer)
+        if caveat is not None:
+            notes.append(
+                f"condition {row['label']}: {caveat}; field_probs (and their mean) describe "
+                "draws at temperature 1 without filters, not these answers: the answers' "
+                "shares are counted"
+            )
+    return notes

@@ -670,6 +670,18 @@ STOP_COLUMNS = [
 ]
 
 
+def has_field_probs(db: sqlite3.Connection, condition_id: int) -> bool:
+    """Whether any sample of a condition stored field_probs."""
+    return (
+        db.execute(
+            "SELECT 1 FROM samples WHERE condition_id = ? AND field_probs_json IS NOT NULL "
+            "AND field_probs_json != '{}' AND field_probs_json != 'null' LIMIT 1",
+            (condition_id,),
+        ).fetchone()
+        is not None
+    )
+
+
 def record_stop(db: sqlite3.Connection, stop: Mapping[str, Any]) -> None:
     """Write one cell's stop (`STOP_COLUMNS`), in its own transaction."""
     values = [stop[c] for c in STOP_COLUMNS]
