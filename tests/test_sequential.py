@@ -139,3 +139,78 @@ def test_both_estimators_cover_under_optional_stopping_and_rao_blackwell_stops_s
     assert counted.n.mean() / blackwell.n.mean() > 4.0
     # the unbiasedness that makes this valid: mean q estimates the share of answers
     assert abs(q.mean() - drawn.mean()) < 0.01
+
+
+# ---- the analysis' planted and null checks when runs stop early --------------------------
+
+
+def stopped_counts(share: float, rule: StopRule, seed: int, runs: int) -> tuple:
+    """(successes, samples) where each of `runs` simulated cells stopped under `rule`."""
+    x = (np.random.default_rng(seed).random((runs, rule.max_samples)) < share) + 0.0
+    stops = first_stop(x, rule)
+    hits = np.cumsum(x, axis=1)[np.arange(runs), stops.n - 1]
+    return hits.astype(int), stops.n
+
+
+def false_positive_rates(rule: StopRule, runs: int = 1000) -> tuple[float, float]:
+    """Two cells at 50% each, stopped under `rule`: how often the analysis' fixed-n tests
+    call them different (Pearson χ², as `stats.independence` computes it when no expected
+    count is below 5) or the first skewed from 50% (exact two-sided binomial, as
+    `stats.goodness_of_fit` for two values), vectorised over the runs."""
+    from scipy import stats
+
+    ka, na = stopped_counts(0.5, rule, 1, runs)
+    kb, nb = stopped_counts(0.5, rule, 2, runs)
+    pooled = (ka + kb) / (na + nb)
+    chi2 = (ka / na - kb / nb) ** 2 / (pooled * (1 - pooled) * (1 / na + 1 / nb))
+    independent = np.mean(stats.chi2.sf(chi2, 1) < 0.05)
+    tail = np.minimum(stats.binom.cdf(ka, na, 0.5), stats.binom.sf(ka - 1, na, 0.5))
+    fit = np.mean(np.minimum(1, 2 * tail) < 0.05)
+    return float(independent), float(fit)
+
+
+def test_null_rates_hold_when_cells_stop_on_precision_and_the_reference_stop_is_flagged():
+    """1,000 pairs of cells at 50%, looked at every 10 samples up to 300. Stopped on
+    precision alone (±0.1), the fixed-n tests keep their rate (measured: χ² 4.1%, binomial
+    4.7%; the same χ² at a fixed n measures 6.0%, test_analysis.py). Stopped also when the
+    band excludes 50%, they do not (measured 8.4% and 6.8%): the analysis says so in its
+    notes (`REFERENCE_CAVEAT`), and the anytime-valid bands stay the valid reading."""
+    from muestra.experiments.stopping import REFERENCE_CAVEAT
+
+    precise = StopRule(precision=0.1, reference=None, min_samples=10, max_samples=300, every=10)
+    independent, fit = false_positive_rates(precise)
+    assert independent < 0.075 and fit < 0.065, (independent, fit)
+    decided = StopRule(precision=0.1, reference=0.5, min_samples=10, max_samples=300, every=10)
+    independent, fit = false_positive_rates(decided)
+    assert independent > 0.075, independent
+    assert "not valid after such a stop" in REFERENCE_CAVEAT
+
+
+def test_a_planted_bias_is_still_found_in_cells_that_stopped_early():
+    """Prompt A at 90% masculino and B at 50%, each stopped as soon as its band is within
+    ±0.1 or excludes 50% (A stops early by excluding it): the analysis still finds the
+    planted prompt effect, and not the null field (clase)."""
+    import pandas as pd
+
+    from muestra.analysis import analyze
+
+    rule = StopRule(precision=0.1, reference=0.5, min_samples=10, max_samples=300, every=10)
+    rng = np.random.default_rng(4)
+    rows = []
+    for prompt, share in (("A", 0.9), ("B", 0.5)):
+        x = (rng.random((1, rule.max_samples)) < share) + 0.0
+        n = int(first_stop(x, rule).n[0])
+        for i in range(n):
+            rows.append(
+                {"prompt_id": prompt, "condition": "default", "model": "m", "sample": i,
+                 "group": None, "variant": None, "error": None, "field_probs": None,
+                 "reasoning": None,
+                 "sexo": "masculino" if x[0, i] else "femenino",
+                 "clase": ["guerrero", "soporte", "tanque"][rng.integers(3)]}
+            )  # fmt: skip
+    frame = pd.DataFrame(rows)
+    assert frame.groupby("prompt_id").size()["A"] < frame.groupby("prompt_id").size()["B"]
+    result = analyze(frame)
+    by_field = {t.field: t for t in result.tests}
+    assert by_field["sexo"].p_holm < 0.05 and by_field["clase"].p_holm > 0.05
+    assert result.findings[0].startswith("prompt A makes sexo=masculino")

@@ -390,7 +390,18 @@ def stop_note(rule: Mapping[str, Any] | None, rows: list[dict[str, Any]]) -> str
         "look at once, for independent draws of one cell in index order; field_probs: the "
         "mean exact probability, used only where the answer is drawn at temperature 1 "
         "without filters."
+        + (REFERENCE_CAVEAT.format(field=rule["field"]) if rule["reference"] is not None else "")
     )
+
+
+# measured in tests/test_sequential.py (cells at the reference, stopped as soon as their
+# band excluded it): the fixed-n tests then reject a true null more often than α says
+REFERENCE_CAVEAT = (
+    " Cells stopped when their band excluded the reference: the fixed-n tests of {field} "
+    "below (independence, goodness of fit) are not valid after such a stop (simulated at "
+    "α 5%: about 8% and 7% false positives); the anytime-valid bands above are, and a "
+    "difference between two cells is tested validly by [stop] compare."
+)
 
 
 def stop_section(stops: Mapping[str, Any]) -> list[Any]:
