@@ -249,3 +249,44 @@ def test_run_flags_and_every_view_show_the_stops(tmp_path, tiny_kit, cli):
     assert "se detuvo" in " ".join(t.get_text() for t in ax.get_legend().get_texts())
     with pytest.raises(InputError, match="prompt_id 'z' is not in run"):
         view.plot_sequence(prompt="z")
+
+
+def stored_sample(runner: Runner, prompt: str, index: int, answer: str | None, p_si: float):
+    """A sample row as the runner writes it (answer None: an error)."""
+    return {
+        "run_id": runner.run_id, "model_id": runner.model_ids[str(runner.models[0].name)],
+        "condition_id": runner.condition_ids["default"], "prompt_id": runner.prompt_ids[prompt],
+        "sample_index": index, "seed": index, "think_budget": None, "reasoning": None,
+        "think_tokens": 0, "budget_hit": 0, "answer_text": answer or "",
+        "answer_json": None if answer is None else json.dumps(answer),
+        "field_probs_json": None if answer is None else json.dumps(
+            {"answer": {"si": p_si, "no": 1 - p_si}}),
+        "beam_json": None, "finish_reason": "stop" if answer else "error",
+        "error": None if answer else "invalid", "prompt_tokens": 3, "completion_tokens": 1,
+        "batch_seconds": 0.1, "muestra_version": "test", "created_at": "now",
+    }  # fmt: skip
+
+
+def test_looks_skip_errors_and_ask_only_for_the_next_round(tmp_path, tiny_kit):
+    """Stored samples alone decide: cell a (4 errors, then sure "si" answers) settles and
+    its stop counts only its valid samples; cell b (a coin flip) is asked for exactly the
+    next round's indices."""
+    from muestra.experiments.stopping import Rounds
+    from muestra.experiments.store import insert_samples
+
+    spec = write_spec(tmp_path, tiny_kit, STOP.replace("0.3", "0.25"))
+    runner = Runner(load_spec(spec), tmp_path / "h.db")
+    with runner:
+        runner.open()
+        rows = [stored_sample(runner, "a", i, None if i < 4 else "si", 1.0) for i in range(16)]
+        rows += [
+            stored_sample(runner, "b", i, "si" if i % 2 else "no", 0.95 if i % 2 else 0.05)
+            for i in range(16)
+        ]
+        insert_samples(runner.db, rows)
+        rounds = Rounds(runner, runner.spec.spec.stop, runner.samples)
+        units = next(rounds.of(runner.models[0].name))
+        assert [(u.item.id, u.missing) for u in units] == [("b", (16, 17, 18, 19))]
+        (stop,) = table(tmp_path / "h.db", "SELECT prompt_id, reason, samples, used FROM stops")
+        # a settles at 16 samples, 12 of them valid (band [0.581, 1]: ±0.21)
+        assert stop == (runner.prompt_ids["a"], "precision", 16, 12)

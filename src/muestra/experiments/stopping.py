@@ -189,10 +189,10 @@ class Rounds:
         for n in self.rule.looks():
             if n > have:
                 return
-            used = int(counts[n - 1]) if n else 0
-            b = Band(used, float(np.mean(values[:used])), lows[used - 1], highs[used - 1])
-            if not used:
-                b = Band(0, float("nan"), 0.0, 1.0)
+            used = int(counts[n - 1])
+            b = Band(0, float("nan"), 0.0, 1.0)  # no valid sample yet: all of [0, 1]
+            if used:
+                b = Band(used, float(values[:used].mean()), lows[used - 1], highs[used - 1])
             if len(tracker.cells) == 2:
                 b = as_difference(b)
             reason = self.rule.reason(b, samples=n)
