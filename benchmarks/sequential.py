@@ -7,7 +7,8 @@ examples/personajes-gemma.toml, Spanish, the Gemma Terms of Use accepted with
 field_probs estimate the share, Rao–Blackwell):
 
 1. a sequential run "±precision": each cell stops once its anytime-valid 95% band of the
-   tracked share (male / masculino) is within ± precision (field_probs estimator);
+   tracked share (male / masculino) is within ± precision (field_probs estimator), and the
+   same run counting answers instead (the same guarantee, the other estimator);
 2. a sequential run "against 50%": each cell stops once its band excludes 0.5;
 3. the fixed-n baseline: for each cell of run 1, the n at which a Wilson 95% interval by
    counting has the same half-width at the same share, n = z² p(1 − p) / w², sampled for
@@ -100,6 +101,13 @@ def counted(cell: dict[str, Any], field: str, value: str) -> tuple[float, float]
     return k / max(len(found), 1), (high - low) / 2
 
 
+def same_width(band: dict[str, Any]) -> int:
+    """The n at which a fixed-n Wilson 95% interval by counting is as narrow as `band`
+    at its share: n = z² p (1 − p) / w² (the normal approximation Wilson tends to)."""
+    share, half = band["estimate"], (band["high"] - band["low"]) / 2
+    return math.ceil(Z**2 * share * (1 - share) / max(half, 1e-9) ** 2)
+
+
 def bench_model(name: str, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     from muestra.models.kit import ensure_kit
 
@@ -109,12 +117,10 @@ def bench_model(name: str, args: argparse.Namespace, folder: Path) -> dict[str, 
     base = spec_data(name, kit, args)
     rule = {"field": field, "value": value, "min_samples": args.every, "every": args.every}
     precise = run({**base, "stop": {**rule, "precision": args.precision}}, folder, f"{name}-p")
+    counting = {**rule, "precision": args.precision, "estimator": "counts"}
+    counts = run({**base, "stop": counting}, folder, f"{name}-c")
     decided = run({**base, "stop": {**rule, "reference": 0.5}}, folder, f"{name}-r")
-    fixed_n = {}
-    for prompt, cell in precise["cells"].items():
-        band = cell["stop"]
-        share, half = band["estimate"], (band["high"] - band["low"]) / 2
-        fixed_n[prompt] = math.ceil(Z**2 * share * (1 - share) / max(half, 1e-9) ** 2)
+    fixed_n = {prompt: same_width(cell["stop"]) for prompt, cell in precise["cells"].items()}
     n = min(max(fixed_n.values()), args.fixed_cap)
     fixed = run({**base, "samples": n}, folder, f"{name}-fixed")
     rows = []
@@ -125,9 +131,12 @@ def bench_model(name: str, args: argparse.Namespace, folder: Path) -> dict[str, 
                 "prompt": prompt,
                 "precision_run": precise["cells"][prompt]["samples"],
                 "precision_band": precise["cells"][prompt]["stop"],
+                "counts_run": counts["cells"][prompt]["samples"],
+                "counts_band": counts["cells"][prompt]["stop"],
                 "reference_run": decided["cells"][prompt]["samples"],
                 "reference_band": decided["cells"][prompt]["stop"],
                 "fixed_n_same_width": fixed_n[prompt],
+                "fixed_n_same_width_as_reference_run": same_width(decided["cells"][prompt]["stop"]),
                 "fixed_run": fixed["cells"][prompt]["samples"],
                 "fixed_share": share,
                 "fixed_wilson_half_width": half,
@@ -136,11 +145,11 @@ def bench_model(name: str, args: argparse.Namespace, folder: Path) -> dict[str, 
     return {
         "tracked": f"{field}={value}",
         "cells": rows,
-        "seconds": {k: r["seconds"] for k, r in (("precision", precise),
+        "seconds": {k: r["seconds"] for k, r in (("precision", precise), ("counts", counts),
                                                   ("reference", decided), ("fixed", fixed))},
         "samples": {k: sum(c["samples"] for c in r["cells"].values())
-                    for k, r in (("precision", precise), ("reference", decided),
-                                 ("fixed", fixed))},
+                    for k, r in (("precision", precise), ("counts", counts),
+                                 ("reference", decided), ("fixed", fixed))},
     }  # fmt: skip
 
 
@@ -153,7 +162,13 @@ def ratios(result: dict[str, Any]) -> dict[str, float]:
         "samples_fixed_over_precision": needed / max(result["samples"]["precision"], 1),
         "seconds_fixed_over_precision": result["seconds"]["fixed"]
         / max(result["seconds"]["precision"], 1e-9),
-        "samples_fixed_over_reference": needed / max(result["samples"]["reference"], 1),
+        "samples_fixed_over_reference": sum(c["fixed_n_same_width_as_reference_run"] for c in cells)
+        / max(result["samples"]["reference"], 1),
+        # the same ±precision, the same anytime-valid guarantee: counting against field_probs
+        "samples_counts_over_precision": result["samples"]["counts"]
+        / max(result["samples"]["precision"], 1),
+        "seconds_counts_over_precision": result["seconds"]["counts"]
+        / max(result["seconds"]["precision"], 1e-9),
     }
 
 

@@ -290,3 +290,18 @@ def test_looks_skip_errors_and_ask_only_for_the_next_round(tmp_path, tiny_kit):
         (stop,) = table(tmp_path / "h.db", "SELECT prompt_id, reason, samples, used FROM stops")
         # a settles at 16 samples, 12 of them valid (band [0.581, 1]: ±0.21)
         assert stop == (runner.prompt_ids["a"], "precision", 16, 12)
+
+
+def test_a_sequential_vote_tracks_each_questions_right_letter():
+    from muestra.evaluation.evaluate import EvalSettings, build_spec
+    from muestra.evaluation.tasks import load_task
+
+    task = load_task("easy-en")
+    settings = EvalSettings(method="vote", samples=40, precision=0.1, reference=0.5, limit=2)
+    loaded = build_spec("some/model", task, settings)
+    stop = loaded.spec.stop
+    assert (stop.field, stop.value, stop.max_samples) == ("answer", "{answer}", 40)
+    assert (stop.precision, stop.reference, stop.estimator) == (0.1, 0.5, "auto")
+    assert loaded.spec.prompt.items[0].variables["answer"] in "ABCD"
+    with pytest.raises(InputError, match=r"--precision \(vote\)"):
+        EvalSettings(method="choice", precision=0.1).check_applies()
