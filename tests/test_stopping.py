@@ -305,3 +305,11 @@ def test_a_sequential_vote_tracks_each_questions_right_letter():
     assert loaded.spec.prompt.items[0].variables["answer"] in "ABCD"
     with pytest.raises(InputError, match=r"--precision \(vote\)"):
         EvalSettings(method="choice", precision=0.1).check_applies()
+
+
+def test_samples_and_max_samples_together_are_refused_by_name(tmp_path):
+    spec = write_spec(tmp_path, tmp_path, STOP + "\nmax_samples = 20")
+    loaded = load_spec(spec, check_models=False)
+    with pytest.raises(InputError, match="--samples 30 and \\[stop\\] max_samples = 20"):
+        Runner(loaded, tmp_path / "x.db", samples=30)
+    assert Runner(loaded, tmp_path / "x.db").samples == 20  # the cap

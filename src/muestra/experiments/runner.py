@@ -90,6 +90,11 @@ class Runner:
         self.samples = samples if samples is not None else spec.spec.samples
         stop = spec.spec.stop
         if stop is not None and stop.max_samples is not None:  # a sequential run's cap
+            if samples is not None and samples != stop.max_samples:
+                raise InputError(
+                    f"--samples {samples} and [stop] max_samples = {stop.max_samples} both "
+                    "set how many samples a cell takes at most: give one of them"
+                )
             self.samples = stop.max_samples
         if self.samples < 1:
             raise InputError(f"--samples must be at least 1 (got {self.samples})")
