@@ -313,3 +313,20 @@ def test_samples_and_max_samples_together_are_refused_by_name(tmp_path):
     with pytest.raises(InputError, match="--samples 30 and \\[stop\\] max_samples = 20"):
         Runner(loaded, tmp_path / "x.db", samples=30)
     assert Runner(loaded, tmp_path / "x.db").samples == 20  # the cap
+
+
+def test_stop_flags_are_checked_as_the_table_is(tmp_path):
+    from muestra.experiments.stopping import with_stop
+
+    spec = write_spec(tmp_path, tmp_path, STOP)
+    spec.write_text(spec.read_text().split("[stop]")[0])
+    loaded = load_spec(spec, check_models=False)
+    assert with_stop(loaded, {"precision": None}, "w") is loaded  # no flag: no change
+    with pytest.raises(InputError, match="^w: a sequential run tracks one answer value"):
+        with_stop(loaded, {"precision": 0.1}, "w")
+    with pytest.raises(InputError, match=r"^w: precision: .*less than or equal to 0.5"):
+        with_stop(loaded, {"field": "answer", "value": "si", "precision": 0.7}, "w")
+    with pytest.raises(InputError, match="^w: \\[stop\\] value = 'x' is not a value of answer"):
+        with_stop(loaded, {"field": "answer", "value": "x", "precision": 0.1}, "w")
+    done = with_stop(loaded, {"field": "answer", "value": "si", "reference": 0.5}, "w")
+    assert done.spec.stop.reference == 0.5 and done.text == loaded.text

@@ -308,6 +308,11 @@ def with_stop(loaded: LoadedSpec, flags: Mapping[str, Any], where: str) -> Loade
     assert not unknown, f"not [stop] fields: {unknown}"
     base = loaded.spec.stop.model_dump(exclude_unset=True) if loaded.spec.stop else {}
     data = {**base, **given}
+    if "field" not in data or "value" not in data:
+        raise InputError(
+            f"{where}: a sequential run tracks one answer value: give its field and value "
+            '(--stop-on FIELD=VALUE, stop_on="field=value", or [stop] field and value)'
+        )
     try:
         stop = StopSpec.model_validate(data)
     except ValidationError as err:
