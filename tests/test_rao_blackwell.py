@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from muestra.answers.generation import TextGenerator
 from muestra.answers.grammar import GrammarSpec
 from muestra.answers.phases import AnswerConfig, ThinkConfig
 from muestra.answers.structured import StructuredGenerator
-from muestra.answers.generation import TextGenerator
 from muestra.engine import SamplingParams
 
 PROMPT = "Create a random RPG character. Is it male or female?"
