@@ -10,9 +10,10 @@ field_probs estimate the share, Rao–Blackwell):
    tracked share (male / masculino) is within ± precision (field_probs estimator), and the
    same run counting answers instead (the same guarantee, the other estimator);
 2. a sequential run "against 50%": each cell stops once its band excludes 0.5;
-3. the fixed-n baseline: for each cell of run 1, the n at which a Wilson 95% interval by
-   counting has the same half-width at the same share, n = z² p(1 − p) / w², sampled for
-   real (one fixed-n run with the largest such n, capped by --fixed-cap) and timed.
+3. the fixed-n baseline: for each cell of run 1, the smallest n at which a Wilson 95%
+   interval by counting has the same half-width at the same share (≈ z² p(1 − p) / w²),
+   sampled for real (one fixed-n run with the largest such n, capped by --fixed-cap) and
+   timed.
 
 Printed and written to benchmarks/results/sequential.json: samples and wall time (model
 load included, the same for every run) per run and cell, and the ratios fixed / sequential.
@@ -101,11 +102,19 @@ def counted(cell: dict[str, Any], field: str, value: str) -> tuple[float, float]
     return k / max(len(found), 1), (high - low) / 2
 
 
-def same_width(band: dict[str, Any]) -> int:
-    """The n at which a fixed-n Wilson 95% interval by counting is as narrow as `band`
-    at its share: n = z² p (1 − p) / w² (the normal approximation Wilson tends to)."""
+def same_width(band: dict[str, Any], limit: int = 100_000) -> int:
+    """The smallest n at which a fixed-n Wilson 95% interval by counting, at `band`'s
+    share, is as narrow as `band` (≈ z² p (1 − p) / w², but exact near 0 and 1)."""
+    from muestra.analysis.stats import wilson
+
     share, half = band["estimate"], (band["high"] - band["low"]) / 2
-    return math.ceil(Z**2 * share * (1 - share) / max(half, 1e-9) ** 2)
+    n = max(1, math.floor(Z**2 * share * (1 - share) / max(half, 1e-9) ** 2) // 2)
+    while n < limit:
+        low, high = wilson(round(share * n), n)
+        if (high - low) / 2 <= half:
+            return n
+        n += 1
+    return limit
 
 
 def bench_model(name: str, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
