@@ -222,7 +222,7 @@ def summary(
         result = summarize(samples_frame(db, int(run["id"])), by=by, field=field)
         status = run_status(db, run)
         rule, stops = stop_rows(db, int(run["id"]))
-        notes = field_probs_notes(db, int(run["id"])) + [n for n in [stop_note(rule, stops)] if n]
+        notes = field_probs_notes(db, int(run["id"])) + [n for n in [stop_note(rule)] if n]
     if as_json:
         stopped = {"rule": rule, "cells": stops}
         print_json({"run": int(run["id"]), "run_status": status, **result, "stops": stopped})

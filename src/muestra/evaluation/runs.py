@@ -60,7 +60,7 @@ def stored_analysis(
         ]
         rule, stops = stop_rows(db, rid)
         run["stops"] = {"rule": rule, "cells": stops}  # a sequential run's stops
-        notes = field_probs_notes(db, rid) + [n for n in [stop_note(rule, stops)] if n]
+        notes = field_probs_notes(db, rid) + [n for n in [stop_note(rule)] if n]
     settings = AnalysisSpec.model_validate(tomllib.loads(run["spec_text"]).get("analysis", {}))
     level = alpha if alpha is not None else settings.alpha
     analysis = run_analysis(frame, settings.reference, level, settings.terms)

@@ -381,20 +381,23 @@ def stop_table(rows: list[dict[str, Any]]) -> list[list[str]]:
     ]  # fmt: skip
 
 
-def stop_note(rule: Mapping[str, Any] | None, rows: list[dict[str, Any]]) -> str | None:
-    """One line on what the bands assume and which estimator each cell used."""
+def stop_note(rule: Mapping[str, Any] | None) -> str | None:
+    """One line on the rule of a sequential run and what its bands assume."""
     if rule is None:
         return None
-    cap = rule["max_samples"] or "the spec's samples"
+    settles = " or ".join(
+        [f"within ±{rule['precision']}"] * (rule["precision"] is not None)
+        + [f"excluding {rule['reference']}"] * (rule["reference"] is not None)
+    )
+    cap = rule["max_samples"] or "the spec's `samples`"
     return (
         f"Sequential run: each cell sampled in rounds of {rule['every']} from "
-        f"{rule['min_samples']} until its band of {rule['field']}={rule['value']} was within "
-        f"±{rule['precision']} or excluded {rule['reference']} (None: not asked), at most "
-        f"{cap} samples; a cell not listed is still open. The bands are betting "
-        f"confidence sequences (Waudby-Smith & Ramdas 2023), {1 - rule['alpha']:.0%} at every "
-        "look at once, for independent draws of one cell in index order; field_probs: the "
-        "mean exact probability, used only where the answer is drawn at temperature 1 "
-        "without filters."
+        f"{rule['min_samples']} until its band of {rule['field']}={rule['value']} was "
+        f"{settles}, taking at most {cap} samples; a cell not listed is still open. The "
+        "bands are betting confidence sequences (Waudby-Smith & Ramdas 2023), "
+        f"{1 - rule['alpha']:.0%} at every look at once, for independent draws of one cell "
+        "in index order; field_probs: the mean exact probability, used only where the "
+        "answer is drawn at temperature 1 without filters."
         + (REFERENCE_CAVEAT.format(field=rule["field"]) if rule["reference"] is not None else "")
     )
 
@@ -416,7 +419,7 @@ def stop_section(stops: Mapping[str, Any]) -> list[Any]:
 
     if stops.get("rule") is None:
         return []
-    note = stop_note(stops["rule"], stops["cells"])
+    note = stop_note(stops["rule"])
     table = (STOP_HEADERS, stop_table(stops["cells"]))
     return [Section("Where each cell stopped", [table], [note or ""])]
 
