@@ -78,10 +78,12 @@ def test_store_schema_through_migrations(tmp_path):
         "m004_probes",
         "m005_run_status",
         "m006_run_seeding_schema",
+        "m007_stops",
     ]
-    assert [r[1] for r in db.execute("PRAGMA table_info(runs)")][-2:] == [
+    assert [r[1] for r in db.execute("PRAGMA table_info(runs)")][-3:] == [
         "seeding",
         "answer_schema_json",
+        "stop_json",
     ]
     tables = sorted(r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'"))
     assert tables == [
@@ -93,6 +95,7 @@ def test_store_schema_through_migrations(tmp_path):
         "prompts",
         "runs",
         "samples",
+        "stops",
     ]
     columns = [r[1] for r in db.execute("PRAGMA table_info(samples)")]
     assert columns == [

@@ -54,9 +54,17 @@ def analyze(
         return
     run, _, _, result = load_analysis(store, alpha)
     if as_json:
-        print_json({"run_status": run["run_status"], **result.as_dict()})
+        print_json({"run_status": run["run_status"], **result.as_dict(), "stops": run["stops"]})
         return
     print_analysis(result)
+    print_stops(run["stops"])
+
+
+def print_stops(stops: dict) -> None:
+    """Where each cell of a sequential run stopped (nothing for a fixed-n run)."""
+    from muestra.experiments.stopping import STOP_HEADERS, stop_table
+
+    _table("where each cell stopped", STOP_HEADERS, stop_table(stops["cells"]), left=6)
 
 
 def _probe_run(store: Path) -> int | None:
@@ -240,12 +248,14 @@ def report(
 
     run, models, frame, result = load_analysis(store, alpha)
     from muestra.evaluation.probes import probe_sections
+    from muestra.experiments.stopping import stop_section
     from muestra.report.html import reward_section
 
     # the run's probe results and rewards, and the store's `muestra eval` runs, if any
     sections = [
         *probe_sections(store, int(run["id"]), alpha),
         *reward_section(result.rewards),
+        *stop_section(run["stops"]),
         *report_sections(store),
     ]
     try:

@@ -102,6 +102,17 @@ def eval_command(
     runtime: str | None = RuntimeOverrideOption,
     threads: int | None = ThreadsOption,
     batch_invariant: bool | None = BatchInvariantOverrideOption,
+    precision: float | None = typer.Option(
+        None,
+        "--precision",
+        help="vote: sample a question until its right answer's share is "
+        "within ± this (at most --samples-per-question paths).",
+    ),
+    reference: float | None = typer.Option(
+        None, "--reference", help="vote: … or until that share's band excludes this (e.g. 0.5)."
+    ),
+    min_samples: int = typer.Option(10, "--min-samples", min=1, help="vote: paths before a look."),
+    every: int = typer.Option(10, "--every", min=1, help="vote: paths a round, between looks."),
 ) -> None:
     """Score a question set: accuracy with Wilson intervals, per category, and for several
     methods their agreement and paired tests (McNemar, bootstrap interval).
@@ -132,6 +143,10 @@ def eval_command(
             regex=regex,
             seed=seed,
             dtype=dtype,
+            precision=precision,
+            reference=reference,
+            min_samples=min_samples,
+            every=every,
         ),
     )
     loaded_task = load_task(task, dev=dev, split=split)

@@ -20,6 +20,17 @@ from muestra.cli.common import (
     stderr,
     stdout,
 )
+from muestra.cli.stop_options import (
+    CompareOption,
+    EstimatorOption,
+    EveryOption,
+    MaxSamplesOption,
+    MinSamplesOption,
+    PrecisionOption,
+    ReferenceOption,
+    StopOnOption,
+    stop_flags,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -50,17 +61,39 @@ def run(
     runtime: str | None = RuntimeOverrideOption,
     threads: int | None = ThreadsOption,
     batch_invariant: bool | None = BatchInvariantOverrideOption,
+    stop_on: str | None = StopOnOption,
+    precision: float | None = PrecisionOption,
+    reference: float | None = ReferenceOption,
+    compare: str | None = CompareOption,
+    min_samples: int | None = MinSamplesOption,
+    max_samples: int | None = MaxSamplesOption,
+    every: int | None = EveryOption,
+    estimator: str | None = EstimatorOption,
 ) -> None:
     """Run an experiment: every model × condition × prompt × sample, resumable.
 
     Each finished batch is written to the store in one transaction. Stop it at any time
-    (Ctrl-C); the same command resumes exactly where it stopped.
+    (Ctrl-C); the same command resumes exactly where it stopped. With a [stop] table (or
+    --stop-on and --precision/--reference) each cell samples in rounds until its answer
+    is settled; `muestra summary` shows where each stopped.
     """
     from muestra.experiments.runner import Runner
     from muestra.experiments.spec import load_spec
+    from muestra.experiments.stopping import with_stop
     from muestra.experiments.store import scratch_copy
 
     loaded = load_spec(spec, check_models=model is None)
+    flags = stop_flags(
+        stop_on,
+        compare,
+        precision=precision,
+        reference=reference,
+        min_samples=min_samples,
+        max_samples=max_samples,
+        every=every,
+        estimator=estimator,
+    )
+    loaded = with_stop(loaded, flags, f"{loaded.path} with the [stop] flags")
     store = out if out is not None else loaded.path.with_name(f"{loaded.spec.name}.db")
 
     def runner_on(path: Path) -> Runner:
@@ -146,6 +179,19 @@ def _print_plan(runner, store: Path, units: list, every_unit: bool) -> int:  # n
         f"to run (~{runner.estimate_tokens(units):,} tokens at most) → {store}",
         markup=False,
     )
+    stop = loaded.spec.stop
+    if stop is not None:
+        settles = " or ".join(
+            f"{what} {value}"
+            for what, value in (("within ±", stop.precision), ("excludes", stop.reference))
+            if value is not None
+        ).replace("± ", "±")
+        stderr.print(
+            f"sequential: each cell samples {stop.min_samples}, then {stop.every} a round, "
+            f"until its band of {stop.field}={stop.value} is {settles} (at most "
+            f"{runner.samples}); the count above is the most it can take",
+            markup=False,
+        )
     if every_unit or not pending:
         for unit in units:
             stderr.print(
@@ -168,6 +214,7 @@ def summary(
     and no field_probs, as `muestra analyze` decides) shows its distinct count and top 5."""
     from muestra.cli.common import run_status
     from muestra.experiments.results import run_schema, samples_frame, summarize
+    from muestra.experiments.stopping import field_probs_notes, stop_note, stop_rows
     from muestra.experiments.store import latest_run, reading, require_samples
 
     with reading(store) as db:
@@ -176,9 +223,14 @@ def summary(
         frame = samples_frame(db, int(run["id"]))
         result = summarize(frame, by=by, field=field, schema=run_schema(run))
         status = run_status(db, run)
+        rule, stops = stop_rows(db, int(run["id"]))
+        notes = field_probs_notes(db, int(run["id"])) + [n for n in [stop_note(rule)] if n]
     if as_json:
-        print_json({"run": int(run["id"]), "run_status": status, **result})
+        stopped = {"rule": rule, "cells": stops}
+        print_json({"run": int(run["id"]), "run_status": status, **result, "stops": stopped})
         return
+    for note in notes:
+        stdout.print(f"note: {note}", markup=False)
     for name, group in result["groups"].items():
         stdout.rule(
             f"{result['by']} {name}: {group['valid']}/{group['samples']} valid, "
@@ -211,6 +263,10 @@ def summary(
                         cells.append(f"{probs.get(value, 0.0):.3f}")
                     table.add_row(*cells)
             stdout.print(table)
+    if stops:
+        from muestra.cli.analyze_cmd import print_stops
+
+        print_stops({"rule": rule, "cells": stops})
     speed = result["throughput"]
     if speed["samples_per_s"]:
         stdout.print(

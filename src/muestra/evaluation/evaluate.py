@@ -82,6 +82,12 @@ class EvalSettings:
     regex: str | None = None  # open vote: the answer is this regex's first group
     seed: int = 0
     dtype: str = "auto"
+    # vote, sequential: each question samples until the share of its right answer is
+    # within ± precision or excludes reference (at most `samples` paths; [stop] table)
+    precision: float | None = None
+    reference: float | None = None
+    min_samples: int = 10
+    every: int = 10
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -126,9 +132,13 @@ METHOD_SETTINGS: dict[str, tuple[str, ...]] = {
     "top_p": ("cot", "vote"),
     "weighted": ("vote",),
     "regex": ("vote",),
+    "precision": ("vote",),
+    "reference": ("vote",),
+    "min_samples": ("vote",),
+    "every": ("vote",),
 }
 EVAL_FLAGS = {"samples": "--samples-per-question", "think_budget": "--think-budget",
-              "top_p": "--top-p"}  # fmt: skip
+              "top_p": "--top-p", "min_samples": "--min-samples"}  # fmt: skip
 
 
 def check_methods(
@@ -325,7 +335,23 @@ def build_spec(
     if not is_open:
         answer["field_probs"] = True
     spec["answer"] = answer
+    if settings.precision is not None or settings.reference is not None:
+        spec["stop"] = _vote_stop(settings, is_open, task)
     return spec_from_data(spec, Path(task.source))
+
+
+def _vote_stop(settings: EvalSettings, is_open: bool, task: Task) -> dict[str, Any]:
+    """A sequential vote: each question's paths are sampled until the share of its right
+    answer (its letter, `{answer}`) is settled; at most `samples` paths."""
+    if is_open:
+        raise InputError(
+            f"{task.source} has open questions: --precision/--reference track the share of "
+            "a question's right letter; they need multiple-choice questions"
+        )
+    stop = {"field": "answer", "value": "{answer}", "min_samples": settings.min_samples}
+    stop |= {"every": settings.every, "max_samples": settings.per_question}
+    stop |= {k: getattr(settings, k) for k in ("precision", "reference")}
+    return {k: v for k, v in stop.items() if v is not None}
 
 
 def _check_sizes(items: list[Item], task: Task) -> None:

@@ -16,6 +16,8 @@ from muestra.analysis import analyze as run_analysis
 from muestra.evaluation.probes import probe_of_run
 from muestra.experiments.results import run_schema, samples_frame
 from muestra.experiments.spec import AnalysisSpec
+from muestra.experiments.stop_rules import field_probs_caveat
+from muestra.experiments.stopping import field_probs_notes, stop_note, stop_rows
 from muestra.experiments.store import (
     condition_rows,
     reading,
@@ -61,22 +63,27 @@ def stored_analysis(
             }
             for row in run_models(db, rid)
         ]
+        rule, stops = stop_rows(db, rid)
+        run["stops"] = {"rule": rule, "cells": stops}  # a sequential run's stops
+        notes = field_probs_notes(db, rid) + [n for n in [stop_note(rule)] if n]
     settings = AnalysisSpec.model_validate(tomllib.loads(run["spec_text"]).get("analysis", {}))
     level = alpha if alpha is not None else settings.alpha
     lang = lang or settings.language
     found = run_analysis(frame, settings.reference, level, settings.terms,
                          schema=run_schema(run), lang=lang, exact=exact)  # fmt: skip
+    found.notes += notes
     return StoredRun(run, models, frame, found)
 
 
 def _exact_conditions(rows: list[Any]) -> set[str]:
     """Conditions whose answer is drawn from the distribution field_probs describe: sampled
-    at temperature 1 with no truncation, no beams and no DoLa."""
+    at temperature 1 with no truncation, no beams and no DoLa (`field_probs_caveat`)."""
+    from muestra.experiments.spec import AnswerSpec
+
     exact = set()
     for row in rows:
-        a = json.loads(row["answer_json"] or "{}")
-        if (a.get("temperature") == 1 and a.get("top_k", 0) == 0 and a.get("top_p", 1) == 1
-                and a.get("min_p", 0) == 0 and a.get("strategy", "sample") == "sample"
-                and not a.get("dola_layers")):  # fmt: skip
+        # as stored (not validated again: a store may predate a field's current checks)
+        answer = AnswerSpec.model_construct(**json.loads(row["answer_json"] or "{}"))
+        if field_probs_caveat(answer) is None:
             exact.add(str(row["label"]))
     return exact

@@ -112,6 +112,14 @@ class Runner:
         self.spec = spec
         self.store = Path(store)
         self.samples = samples if samples is not None else spec.spec.samples
+        stop = spec.spec.stop
+        if stop is not None and stop.max_samples is not None:  # a sequential run's cap
+            if samples is not None and samples != stop.max_samples:
+                raise InputError(
+                    f"--samples {samples} and [stop] max_samples = {stop.max_samples} both "
+                    "set how many samples a cell takes at most: give one of them"
+                )
+            self.samples = stop.max_samples
         if self.samples < 1:
             raise InputError(f"--samples must be at least 1 (got {self.samples})")
         where = f"{spec.path}: samples = {self.samples:,}" if samples is None else "--samples"
@@ -319,6 +327,25 @@ class Runner:
                                           self.seed_indices[index]))  # fmt: skip
         return units
 
+    def cells(self) -> list[Unit]:
+        """Every model × condition × prompt cell, in plan order (no samples missing)."""
+        return [
+            Unit(
+                model,
+                condition,
+                item,
+                index,
+                self.model_ids[model.name],
+                self.condition_ids[condition.label],
+                self.prompt_ids[item.id],
+                (),
+                self.seed_indices[index],
+            )
+            for model in self.models
+            for condition in self.spec.conditions
+            for index, item in enumerate(self.spec.spec.prompt.items)
+        ]
+
     def estimate_tokens(self, units: list[Unit]) -> int:
         total = 0
         for unit in units:
@@ -378,23 +405,45 @@ class Runner:
             if on_progress:
                 on_progress(progress)
 
+        rounds = self._rounds()
         for model in self.models:
             mine = [u for u in units if u.model.name == model.name]
-            if not mine:
+            if not mine and rounds is None:
                 continue
-            try:
-                if model.endpoint is not None:
-                    self._run_remote(model, mine, store)
-                    continue
-                generator = self._generator(model)
-                self.started.add(model.name)
-            except BaseException:
-                if progress.done == 0 and model.name not in self.started:
-                    self._discard()  # the model never started: the run leaves nothing
-                raise
-            for batch in _batches(mine, self.batch_rows):
-                store(self._run_batch(generator, batch))
+            # a fixed-n run is one round; a sequential one samples its open cells in rounds
+            each_round = [mine] if rounds is None else rounds.of(model.name)
+            generator = None
+            for round_units in each_round:
+                try:
+                    if model.endpoint is not None:
+                        self._run_remote(model, round_units, store)
+                        continue
+                    if generator is None:
+                        generator = self._generator(model)
+                        self.started.add(model.name)
+                except BaseException:
+                    if progress.done == 0 and model.name not in self.started:
+                        self._discard()  # the model never started: the run leaves nothing
+                    raise
+                for batch in _batches(round_units, self.batch_rows):
+                    store(self._run_batch(generator, batch))
         return progress
+
+    def _rounds(self) -> Any:
+        """The rounds of a sequential run (`[stop]`), None for a fixed-n one; a resumed
+        run must keep the rule it was sampled with."""
+        from muestra.experiments.stopping import Rounds, check_stored_rule
+
+        assert self.db is not None and self.run_id is not None
+        stop = self.spec.spec.stop
+        check_stored_rule(self.db, self.run_id, stop, str(self.store))
+        return Rounds(self, stop, self.samples) if stop is not None else None
+
+    def note_once(self, note: str) -> None:
+        """Give `note` to the user once per run."""
+        if note not in self.noted:
+            self.noted.add(note)
+            self.on_note(note)
 
     def _discard(self) -> None:
         """Undo what `open` wrote when the first model cannot start — a local model that

@@ -401,6 +401,75 @@ class AnalysisSpec(Strict):
     )
 
 
+class StopSpec(Strict):
+    """A sequential run (`[stop]`): each cell samples in rounds until the band of its
+    tracked share (or of a difference of two cells) is settled; see
+    `muestra.experiments.stopping`."""
+
+    field: str = Field(
+        min_length=1,
+        description="The answer field tracked: an enum/boolean field of the schema (dotted "
+        'when nested), or "answer" for a choice (or other unstructured) answer.',
+    )
+    value: str = Field(
+        min_length=1, description="The value whose share is tracked (booleans: true / false)."
+    )
+    precision: float | None = Field(
+        None,
+        gt=0,
+        le=0.5,
+        description="Stop a cell once its band is within ± this (a share: 0.05 is ±5 points).",
+    )
+    reference: float | None = Field(
+        None,
+        ge=-1,
+        le=1,
+        description="Stop a cell once its band excludes this share (with `compare`: this "
+        "difference, e.g. 0).",
+    )
+    compare: list[str] | None = Field(
+        None,
+        min_length=2,
+        max_length=2,
+        description="Two prompt ids, or two condition labels: track the difference of their "
+        "shares (first minus second), the two cells sampled in pairs of the same index; "
+        "other cells track their own share.",
+    )
+    min_samples: int = Field(
+        10, ge=1, le=1_000_000, description="Samples a cell takes before its first look."
+    )
+    max_samples: int | None = Field(
+        None,
+        ge=1,
+        le=1_000_000,
+        description="Samples a cell takes at most (default: the spec's `samples`).",
+    )
+    every: int = Field(
+        10, ge=1, le=1_000_000, description="Samples each open cell takes per round (a look)."
+    )
+    alpha: float = Field(
+        0.05, gt=0, lt=1, description="1 − coverage of the bands, valid at every look at once."
+    )
+    estimator: Literal["auto", "counts", "field_probs"] = Field(
+        "auto",
+        description="counts: the share of drawn answers; field_probs: the mean exact "
+        "probability of the value (Rao–Blackwell: valid only when the answer is drawn at "
+        "temperature 1 without filters); auto: field_probs where valid, else counts.",
+    )
+
+    @model_validator(mode="after")
+    def _something_to_settle(self) -> StopSpec:
+        if self.precision is None and self.reference is None:
+            raise ValueError("give precision, reference or both: what settles a cell")
+        if self.max_samples is not None and self.min_samples > self.max_samples:
+            raise ValueError(
+                f"min_samples = {self.min_samples} is over max_samples = {self.max_samples}"
+            )
+        if self.compare is not None and self.compare[0] == self.compare[1]:
+            raise ValueError(f"compare names {self.compare[0]!r} twice; give two cells")
+        return self
+
+
 class Spec(Strict):
     name: str = Field(min_length=1)
     seed: int = 0
@@ -412,6 +481,9 @@ class Spec(Strict):
     answer: AnswerSpec = Field(default_factory=AnswerSpec)
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
     analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
+    stop: StopSpec | None = Field(
+        None, description="Sample each cell until its answer is settled (a sequential run)."
+    )
 
     @model_validator(mode="after")
     def _one_model_table(self) -> Spec:
@@ -723,6 +795,10 @@ def _loaded(path: Path, text: str, data: dict[str, Any], check_models: bool) -> 
             )
     _check_item_choices(spec, conditions, schema, path)
     check_beam_samples(conditions, spec.samples, str(path))
+    if spec.stop is not None:
+        from muestra.experiments.stop_rules import check_stop
+
+        check_stop(spec.stop, spec, conditions, schema, str(path))
     for model in spec.model_list:
         if check_models:  # not when the caller replaces the spec's model (`--model`)
             _check_model_ref(model, path)

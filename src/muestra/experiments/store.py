@@ -170,6 +170,34 @@ def _m006(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE runs ADD COLUMN answer_schema_json TEXT")
 
 
+@migration("m007_stops")
+def _m007(db: sqlite3.Connection) -> None:
+    # a sequential run: the [stop] rule it samples under (a resumed run must keep it) and,
+    # per model × condition × prompt cell, why and after how many samples it stopped
+    db.execute("ALTER TABLE runs ADD COLUMN stop_json TEXT")
+    db.execute(
+        """
+        CREATE TABLE stops (
+            id INTEGER PRIMARY KEY,
+            run_id INTEGER NOT NULL REFERENCES runs(id),
+            model_id INTEGER NOT NULL REFERENCES models(id),
+            condition_id INTEGER NOT NULL REFERENCES conditions(id),
+            prompt_id INTEGER NOT NULL REFERENCES prompts(id),
+            tracked TEXT NOT NULL,
+            estimator TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            samples INTEGER NOT NULL,
+            used INTEGER NOT NULL,
+            estimate REAL,
+            low REAL NOT NULL,
+            high REAL NOT NULL,
+            created_at TEXT NOT NULL,
+            UNIQUE (model_id, condition_id, prompt_id)
+        )
+        """
+    )
+
+
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -623,13 +651,88 @@ def discard_run(db: sqlite3.Connection, run_id: int) -> bool:
     with db:
         if db.execute("SELECT count(*) FROM samples WHERE run_id = ?", (run_id,)).fetchone()[0]:
             return False
-        for table in RUN_TABLES:
+        for table in ("stops", *RUN_TABLES):
             db.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
         db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
     return True
 
 
 # ---- what the layers above read and write (every statement lives in this module) --------
+
+
+def cell_answers(
+    db: sqlite3.Connection, model_id: int, condition_id: int, prompt_id: int
+) -> list[sqlite3.Row]:
+    """One cell's samples (index, answer, field_probs, error), in index order."""
+    return db.execute(
+        "SELECT sample_index, answer_json, field_probs_json, error FROM samples WHERE "
+        "model_id = ? AND condition_id = ? AND prompt_id = ? ORDER BY sample_index",
+        (model_id, condition_id, prompt_id),
+    ).fetchall()
+
+
+STOP_COLUMNS = [
+    "run_id",
+    "model_id",
+    "condition_id",
+    "prompt_id",
+    "tracked",
+    "estimator",
+    "reason",
+    "samples",
+    "used",
+    "estimate",
+    "low",
+    "high",
+]
+
+
+def has_field_probs(db: sqlite3.Connection, condition_id: int) -> bool:
+    """Whether any sample of a condition stored field_probs."""
+    return (
+        db.execute(
+            "SELECT 1 FROM samples WHERE condition_id = ? AND field_probs_json IS NOT NULL "
+            "AND field_probs_json != '{}' AND field_probs_json != 'null' LIMIT 1",
+            (condition_id,),
+        ).fetchone()
+        is not None
+    )
+
+
+def record_stop(db: sqlite3.Connection, stop: Mapping[str, Any]) -> None:
+    """Write one cell's stop (`STOP_COLUMNS`), in its own transaction."""
+    values = [stop[c] for c in STOP_COLUMNS]
+    estimate = STOP_COLUMNS.index("estimate")
+    if values[estimate] != values[estimate]:  # NaN: no valid sample yet
+        values[estimate] = None
+    with db:
+        db.execute(
+            f"INSERT INTO stops ({', '.join(STOP_COLUMNS)}, created_at) "
+            f"VALUES ({', '.join('?' for _ in STOP_COLUMNS)}, ?)",
+            (*values, now()),
+        )
+
+
+def stored_stops(db: sqlite3.Connection, run_id: int) -> list[sqlite3.Row]:
+    """A run's stops with their cells' labels, in the order a run plans its cells."""
+    return db.execute(
+        """
+        SELECT t.*, m.label AS model_label, c.label AS condition_label, p.prompt_key
+        FROM stops t JOIN models m ON m.id = t.model_id
+        JOIN conditions c ON c.id = t.condition_id JOIN prompts p ON p.id = t.prompt_id
+        WHERE t.run_id = ? ORDER BY m.id, c.id, p.prompt_index
+        """,
+        (run_id,),
+    ).fetchall()
+
+
+def run_stop_rule(db: sqlite3.Connection, run_id: int) -> str | None:
+    return db.execute("SELECT stop_json FROM runs WHERE id = ?", (run_id,)).fetchone()[0]
+
+
+def set_run_stop_rule(db: sqlite3.Connection, run_id: int, rule: str | None) -> None:
+    with db:
+        db.execute("UPDATE runs SET stop_json = ? WHERE id = ?", (rule, run_id))
 
 
 SAMPLE_ORDERS = {

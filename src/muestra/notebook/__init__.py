@@ -141,6 +141,7 @@ class _Bar:
 def open_run(store: str | Path, run: int | None = None) -> ExperimentView:
     """Run `run` (default: the latest) of a store written by `muestra run`/`experiment`."""
     from muestra.experiments.results import samples_frame
+    from muestra.experiments.stopping import field_probs_notes, stop_rows
     from muestra.experiments.store import reading, run_by_id, run_models, run_state
 
     path = Path(store)
@@ -152,7 +153,9 @@ def open_run(store: str | Path, run: int | None = None) -> ExperimentView:
         status, _ = run_state(db, rid)
         models = [dict(m) for m in run_models(db, rid)]
         frame = samples_frame(db, rid)
-    return ExperimentView(path, rid, row["name"], status, frame, models)
+        rule, stops = stop_rows(db, rid)
+        notes = field_probs_notes(db, rid)
+    return ExperimentView(path, rid, row["name"], status, frame, models, rule, stops, notes)
 
 
 def experiment(
@@ -163,19 +166,40 @@ def experiment(
     samples: int | None = None,
     force_new: bool = False,
     progress: bool = True,
+    stop_on: str | None = None,
+    precision: float | None = None,
+    reference: float | None = None,
+    compare: list[str] | None = None,
+    min_samples: int | None = None,
+    max_samples: int | None = None,
+    every: int | None = None,
+    estimator: str | None = None,
     **model_options: Any,
 ) -> ExperimentView:
     """Run (or resume) an experiment spec (TOML) into `store` (default: NAME.db beside the
     spec) and return the run. `model` and `samples` override the spec's, as `muestra run
     --model/--samples` do. A store holding a run of a different spec is refused;
-    `force_new=True` starts a new run beside it (`--force-new`). `model_options` (runtime,
-    threads, batch_invariant) apply to every local model."""
+    `force_new=True` starts a new run beside it (`--force-new`). `stop_on="field=value"`,
+    `precision`, `reference`, `compare`, `min_samples`, `max_samples`, `every` and
+    `estimator` complete or override the spec's [stop] table (a sequential run, as the
+    `muestra run` flags of the same names). `model_options` (runtime, threads,
+    batch_invariant) apply to every local model."""
     from muestra.experiments.runner import Runner
     from muestra.experiments.spec import load_spec
+    from muestra.experiments.stopping import with_stop
 
     names = ("spec", "store", "model", "samples", "force_new", "progress", *MODEL_OPTIONS)
     refuse_unknown("experiment", model_options, names)
     loaded = load_spec(spec, check_models=model is None)
+    flags = {"precision": precision, "reference": reference, "compare": compare,
+             "min_samples": min_samples, "max_samples": max_samples, "every": every,
+             "estimator": estimator}  # fmt: skip
+    if stop_on is not None:
+        field, _, value = stop_on.partition("=")
+        if not field or not value:
+            raise InputError(f"stop_on={stop_on!r}: write 'field=value', e.g. 'gender=male'")
+        flags |= {"field": field.strip(), "value": value.strip()}
+    loaded = with_stop(loaded, flags, f"{loaded.path} with experiment(...)'s [stop] keywords")
     out = Path(store) if store is not None else loaded.path.with_name(f"{loaded.spec.name}.db")
     bar = _Bar(loaded.spec.name, progress)
     try:

@@ -18,6 +18,7 @@ import pandas as pd
 from muestra.analysis import Analysis
 from muestra.analysis.language import check, say
 from muestra.analysis.probes import ProbeAnalysis
+from muestra.errors import InputError
 from muestra.evaluation.evaluate import EvalResult, PairedComparison
 from muestra.report import plots
 
@@ -229,9 +230,77 @@ class ExperimentView(_Shown):
     status: str
     samples: pd.DataFrame
     models: list[dict[str, Any]] = field(default_factory=list)
+    stop_rule: dict[str, Any] | None = None  # a sequential run's [stop] rule
+    stop_cells: list[dict[str, Any]] = field(default_factory=list)  # where each cell stopped
+    notes: list[str] = field(default_factory=list)  # e.g. field_probs that are not shares
 
     def to_pandas(self) -> pd.DataFrame:
         return self.samples
+
+    @property
+    def stops(self) -> pd.DataFrame:
+        """Where each cell of a sequential run stopped: why, after how many samples, its
+        estimate and anytime-valid band there (empty for a fixed-n run)."""
+        return pd.DataFrame(self.stop_cells)
+
+    def sequence(self, field: str | None = None, value: str | None = None) -> pd.DataFrame:
+        """Each cell's estimate and anytime-valid 95% band after every sample, by counting
+        and by the mean of field_probs (`analysis.sequential.curves`); `field`/`value`
+        default to the run's [stop] rule."""
+        from muestra.analysis.sequential import curves
+
+        field, value = self._tracked(field, value)
+        alpha = (self.stop_rule or {}).get("alpha", 0.05)
+        return curves(self.samples, field, value, alpha)
+
+    def plot_sequence(
+        self,
+        prompt: str | None = None,
+        field: str | None = None,
+        value: str | None = None,
+        lang: str = "es",
+        condition: str | None = None,
+        model: str | None = None,
+    ) -> Any:
+        """One cell's estimate and band against the number of samples, for both
+        estimators, with where the run stopped (`lang`: es or en). The field_probs line is
+        drawn only where they estimate the share (answers drawn at T 1 unfiltered)."""
+        from muestra.report.plots import sequence_bands
+
+        field, value = self._tracked(field, value)
+        found = self.sequence(field, value)
+        if found.empty:
+            raise InputError(f"run {self.run_id} has no answers to {field} to draw")
+        picks = {"prompt_id": prompt, "condition": condition, "model": model}
+        for column, wanted in picks.items():
+            wanted = wanted if wanted is not None else found[column].iloc[0]
+            if wanted not in set(found[column]):
+                shown = ", ".join(map(str, found[column].unique()))
+                raise InputError(f"{column} {wanted!r} is not in run {self.run_id}: {shown}")
+            found, picks[column] = found[found[column] == wanted], wanted
+        if any(f"condition {picks['condition']}:" in note for note in self.notes):
+            found = found[found["estimator"] == "counts"]  # field_probs are not the share
+        stop = next(
+            (
+                c
+                for c in self.stop_cells
+                if (c["prompt"], c["condition"], c["model"])
+                == (picks["prompt_id"], picks["condition"], picks["model"])
+            ),
+            None,
+        )
+        reference = (self.stop_rule or {}).get("reference")
+        at = stop["samples"] if stop is not None else None
+        return sequence_bands(found, value, at, reference, lang)
+
+    def _tracked(self, field: str | None, value: str | None) -> tuple[str, str]:
+        rule = self.stop_rule or {}
+        field, value = field or rule.get("field"), value or rule.get("value")
+        if field is None or value is None:
+            raise InputError(
+                f"run {self.run_id} is not a sequential run: name the field and value to draw"
+            )
+        return field, value
 
     def analysis(self, alpha: float | None = None, lang: str | None = None) -> AnalysisView:
         """The run's analysis; sentences and figures in `lang` (default: the spec's
@@ -253,7 +322,11 @@ class ExperimentView(_Shown):
             else pd.DataFrame()
         )
         title = f"run {self.run_id} · {self.name} · {self.status} · {len(self.samples)} samples"
-        return title, [f"store: {self.store}"], [("samples per cell", counts)]
+        tables = [("samples per cell", counts)]
+        if self.stop_cells:
+            tables.append(("where each cell stopped", self.stops))
+        lines = [f"store: {self.store}", *(f"note: {n}" for n in self.notes)]
+        return title, lines, tables
 
 
 @dataclass(repr=False)

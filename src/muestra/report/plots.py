@@ -350,3 +350,58 @@ def calibration(found: Discrimination, score: str = "agreement", lang: str = "en
     ax.set_ylabel(say("share_right", lang))
     ax.set_title("\n".join(textwrap.wrap(found.explain(lang), 60)), fontsize="medium")
     return fig
+
+
+SEQUENCE_WORDS = {
+    "es": {
+        "counts": "conteo de respuestas",
+        "field_probs": "probabilidades exactas (Rao–Blackwell)",
+        "x": "muestras",
+        "y": "proporción de {value}",
+        "stop": "se detuvo ({n} muestras)",
+        "reference": "referencia {reference:.0%}",
+        "title": "{value}: estimación y banda de confianza al 95 % válida en todo momento",
+    },
+    "en": {
+        "counts": "counting answers",
+        "field_probs": "exact probabilities (Rao–Blackwell)",
+        "x": "samples",
+        "y": "share of {value}",
+        "stop": "stopped ({n} samples)",
+        "reference": "reference {reference:.0%}",
+        "title": "{value}: estimate and anytime-valid 95% confidence band",
+    },
+}
+
+
+def sequence_bands(
+    curves: Any,
+    value: str,
+    stopped_at: int | None = None,
+    reference: float | None = None,
+    lang: str = "es",
+) -> Any:
+    """One cell's estimate and its confidence sequence against the number of samples, one
+    line and band per estimator (`analysis.sequential.curves` rows of one cell), the
+    sample count where the run stopped and the reference, labelled in `lang` (es, en)."""
+    words = SEQUENCE_WORDS.get(lang)
+    if words is None:
+        raise ValueError(f"lang must be one of {', '.join(SEQUENCE_WORDS)}, got {lang!r}")
+    fig, ax = _figure(7, 3.6)
+    for color, (estimator, rows) in zip(
+        PALETTE, curves.groupby("estimator", sort=False), strict=False
+    ):
+        ax.plot(rows["n"], rows["estimate"], color=color, label=words[estimator])
+        ax.fill_between(rows["n"], rows["low"], rows["high"], color=color, alpha=0.2)
+    if stopped_at is not None:
+        ax.axvline(
+            stopped_at, color="black", linestyle="--", label=words["stop"].format(n=stopped_at)
+        )
+    if reference is not None:
+        label = words["reference"].format(reference=reference)
+        ax.axhline(reference, color="grey", linestyle=":", label=label)
+    ax.set_xlabel(words["x"])
+    ax.set_ylabel(words["y"].format(value=value))
+    ax.set_title(words["title"].format(value=value), fontsize=10)
+    ax.legend(fontsize=8)
+    return fig

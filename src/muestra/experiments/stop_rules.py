@@ -1,0 +1,114 @@
+"""What a `[stop]` table needs of a spec, checked when the spec loads (before any model),
+and when `field_probs` describe the answers a condition draws. Duck-typed over the spec's
+models, so that `spec` can call it without importing the runner's side."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from muestra.errors import InputError
+
+
+def field_probs_caveat(answer: Any, remote: bool = False) -> str | None:
+    """None when a condition's `field_probs` describe the distribution its answers are
+    drawn from (temperature 1, no filter, sampled locally); else why not, in words."""
+    if remote:
+        return "an endpoint's answers carry no field_probs"
+    if not answer.field_probs:
+        return "answer.field_probs = false"
+    if answer.strategy == "beam":
+        return "the answers are beam-searched, not drawn"
+    if answer.prompt_lookup is not None or answer.draft_model:
+        return "the answers are free text decoded greedily"
+    if answer.temperature == 0:
+        return "the answers are greedy (answer.temperature = 0)"
+    changed = [
+        f"{key} = {getattr(answer, key)}"
+        for key, neutral in (("temperature", 1.0), ("top_p", 1.0), ("top_k", 0), ("min_p", 0.0))
+        if getattr(answer, key) != neutral
+    ]
+    if answer.dola_layers is not None:
+        changed.append("dola_layers")
+    if changed:
+        return f"the answers are drawn with answer.{', answer.'.join(changed)}"
+    return None
+
+
+def value_label(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _allowed(stop: Any, spec: Any, schema: dict[str, Any] | None) -> list[str] | None:
+    """The values the tracked field can take (None: any text); refuses an unknown field."""
+    from muestra.answers.answer_probs import categorical_fields
+
+    if schema is not None:
+        fields = categorical_fields(schema)
+        if stop.field not in fields:
+            raise ValueError(
+                f"field = {stop.field!r} is not an enum or boolean field of the answer "
+                f"schema; its fields with a fixed set of values: {', '.join(fields) or 'none'}"
+            )
+        return [value_label(v) for v in fields[stop.field]]
+    if stop.field != "answer":
+        raise ValueError(
+            f'field = {stop.field!r}: an answer without a schema is tracked as "answer"'
+        )
+    choices = [*(spec.answer.choice or [])]
+    choices += [c for item in spec.prompt.items for c in item.choice or []]
+    return choices or None
+
+
+def check_stop(
+    stop: Any,
+    spec: Any,
+    conditions: list[Any],
+    schema: dict[str, Any] | None,
+    where: str,
+) -> None:
+    """Refuse a `[stop]` table the run could not follow, before any model loads."""
+    try:
+        allowed = _allowed(stop, spec, schema)
+        templated = "{" in stop.value  # e.g. "{answer}": each item's own value
+        if allowed is not None and not templated and stop.value not in allowed:
+            raise ValueError(
+                f"value = {stop.value!r} is not a value of {stop.field}: {', '.join(allowed)}"
+            )
+        compared(stop, spec, conditions)
+        for condition in conditions:
+            think = condition.think
+            if condition.answer.strategy == "beam" or (think and think.strategy == "beam"):
+                raise ValueError(
+                    f"condition {condition.label!r} ranks beams; a sequential run needs "
+                    "independent draws"
+                )
+        if stop.estimator == "field_probs":
+            remote = any(m.endpoint is not None for m in spec.model_list)
+            for condition in conditions:
+                caveat = field_probs_caveat(condition.answer, remote)
+                if caveat is None and schema is None and not allowed:
+                    caveat = "the answer has no enum, boolean or choice to score"
+                if caveat is not None:
+                    raise ValueError(
+                        f'estimator = "field_probs" needs answers drawn at temperature '
+                        f"1 without filters, but {caveat} (condition {condition.label!r}); "
+                        'use estimator = "counts" or "auto"'
+                    )
+    except ValueError as err:
+        raise InputError(f"{where}: [stop] {err}") from None
+
+
+def compared(stop: Any, spec: Any, conditions: list[Any]) -> str | None:
+    """ "prompt" or "condition": what `stop.compare` names (None without it)."""
+    if stop.compare is None:
+        return None
+    prompts = {item.id for item in spec.prompt.items}
+    labels = {c.label for c in conditions}
+    for kind, names in (("prompt", prompts), ("condition", labels)):
+        if all(name in names for name in stop.compare):
+            return kind
+    raise ValueError(
+        f"compare = {stop.compare} must name two prompt ids ({', '.join(sorted(prompts))}) "
+        f"or two condition labels ({', '.join(sorted(labels))})"
+    )
