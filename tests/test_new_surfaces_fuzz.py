@@ -1,7 +1,8 @@
 """The newer surfaces as a careless or hostile user meets them: `muestra eval`, `probe`,
-`pairs`, `reward train|score`, `align dpo|rloo` and the server's lm-eval routes
-(`/tokenize`, `/detokenize`, echo). Every bad input is a one-line error before any work
-(exit 2), or a 4xx in OpenAI's shape — never a traceback, a 5xx or a silent acceptance."""
+`pairs`, `reward train|score`, `align dpo|rloo`, the server's lm-eval routes
+(`/tokenize`, `/detokenize`, echo) and crafted GGUF headers. Every bad input is a one-line
+error before any work (exit 2), or a 4xx in OpenAI's shape — never a traceback, a 5xx or a
+silent acceptance."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from gguf_mutations import base_gguf, mutations
 from test_server_hardening import TEXT, assert_openai_error, served_app
 
 GOOD_QUESTION = {"id": "q1", "question": "¿2 + 2?", "options": ["4", "5"], "answer": "A"}
@@ -386,3 +388,56 @@ def test_the_lm_eval_routes_named_cases(lm_http):
     huge = lm_http.post("/detokenize", json={"tokens": [1] * (8 * context + 1)})
     assert assert_openai_error(huge, 413)["code"] == "too_many_tokens"
     assert lm_http.post("/detokenize", json={"tokens": [1, 2]}).status_code == 200
+
+
+# ---- GGUF headers ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def malformed_ggufs(tmp_path_factory) -> list[tuple[str, Path]]:
+    folder = tmp_path_factory.mktemp("ggufs")
+    cases = mutations(base_gguf(folder / "base.gguf"))
+    return [
+        (label, write(folder / f"case{i:03d}.gguf", data)) for i, (label, data) in enumerate(cases)
+    ]
+
+
+def test_every_malformed_gguf_header_is_one_line_naming_the_file(cli, malformed_ggufs):
+    """Magic, version, counts, key/string/array lengths, value and item types, tensor
+    infos and truncations: on either runtime, exit 2 and one line naming the file — never
+    a traceback (a header claiming a 2⁶²-byte key ended in numpy's IndexError) and never a
+    model that runs."""
+    assert len(malformed_ggufs) >= 50
+    failures = []
+    for label, path in malformed_ggufs:
+        for runtime in (["--runtime", "llamacpp", "--threads", "1"], ["--runtime", "torch"]):
+            result = cli("generate", str(path), "--prompt", "hi", "--max-new-tokens", "1", *runtime)
+            lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+            if (
+                result.code != 2
+                or "Traceback" in result.stderr
+                or len(lines) != 1
+                or path.name not in lines[0]
+            ):
+                failures.append((label, runtime[1], result.code, result.stderr[-300:]))
+    assert not failures, failures[:5]
+
+
+def test_a_malformed_gguf_is_refused_by_tokens_and_before_any_allocation(cli, malformed_ggufs):
+    """The tokenizer-only path refuses too; and a header claiming 2⁶² entries is refused
+    without allocating anything sized by it (the reader's peak stays under 1 MiB)."""
+    import tracemalloc
+
+    from muestra.errors import InputError
+    from muestra.models.gguf_header import read_gguf_header
+
+    huge = [(label, path) for label, path in malformed_ggufs if "4611686018427387904" in label]
+    assert len(huge) >= 6
+    for label, path in huge:
+        assert_refused(cli("tokens", str(path), "hola"), path.name)
+        tracemalloc.start()
+        with pytest.raises(InputError, match=r"is not a readable GGUF file \(.*4,611,686,018,"):
+            read_gguf_header(path)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 1 << 20, (label, peak)

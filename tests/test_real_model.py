@@ -186,6 +186,28 @@ def test_one_load_parses_a_gguf_once_and_leaves_gguf_as_it_was(tmp_path):
     assert gguf.GGUFReader(path) is not gguf.GGUFReader(path)
 
 
+def test_the_header_reader_agrees_with_gguf_on_real_and_written_files(tmp_path):
+    """muestra's checked header (`gguf_header.py`) against the `gguf` package's reader:
+    the same tensors (name, type, shape, data offset) and scalar metadata, on SmolLM2's
+    real GGUF and on one written by `gguf.GGUFWriter`."""
+    import gguf
+
+    from muestra.models.gguf_header import read_gguf_header
+
+    for path in (Path(str(gguf_path())), write_gguf(tmp_path / "w.gguf", "llama")):
+        ours, theirs = read_gguf_header(path), gguf.GGUFReader(path)
+        assert [(t.name, t.ggml_type, list(t.shape), ours.data_offset + t.offset)
+                for t in ours.tensors] == [
+            (t.name, int(t.tensor_type), [int(d) for d in t.shape], t.data_offset)
+            for t in theirs.tensors
+        ]  # fmt: skip
+        for key, field in theirs.fields.items():
+            if key.startswith("GGUF.") or field.types[0] == gguf.GGUFValueType.ARRAY:
+                continue
+            assert ours.metadata[key] == pytest.approx(field.contents()), key
+        assert ours.architecture == theirs.fields["general.architecture"].contents()
+
+
 def test_a_file_that_is_not_gguf_is_named(tmp_path):
     path = tmp_path / "model.gguf"
     path.write_bytes(b"not a model")

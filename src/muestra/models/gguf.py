@@ -4,9 +4,11 @@ transformers reads a GGUF file (`from_pretrained(folder, gguf_file=name)`, which
 `gguf` and `accelerate` packages) and dequantizes every tensor into an ordinary torch
 model, for the architectures it maps (llama, qwen2/3, gpt2, mistral, …). The weights are
 then exactly the quantized ones, widened: close to, not equal to, the original
-checkpoint's. Anything transformers cannot map is one `InputError` naming the
-architecture. Loading a GGUF takes seconds (the tokenizer is rebuilt from the file's
-metadata); `muestra kit build` does it once and saves an ordinary safetensors folder.
+checkpoint's. The header is checked first (`gguf_header.py`: a damaged or crafted one is
+one `InputError` naming the file and the field); anything transformers then cannot map or
+load is one `InputError` naming the file and the architecture. Loading a GGUF takes
+seconds (the tokenizer is rebuilt from the file's metadata); `muestra kit build` does it
+once and saves an ordinary safetensors folder.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 
 from muestra.errors import InputError, ModelNotFoundError
+from muestra.models.gguf_header import read_gguf_header
 
 GGUF_SUFFIX = ".gguf"
 
@@ -42,14 +45,9 @@ def find_gguf(path: Path, beside_weights: bool = False) -> Path | None:
 
 
 def gguf_architecture(file: Path) -> str:
-    """The `general.architecture` field of a GGUF file (e.g. "llama")."""
-    from gguf import GGUFReader
-
-    try:
-        field = GGUFReader(file).fields["general.architecture"]
-    except (KeyError, ValueError, OSError) as err:
-        raise InputError(f"{file} is not a readable GGUF file ({err})") from err
-    return bytes(field.parts[field.data[0]]).decode("utf-8")
+    """The `general.architecture` field of a GGUF file (e.g. "llama"); an `InputError`
+    naming the file and the fault for a damaged or crafted header (`gguf_header.py`)."""
+    return read_gguf_header(file).architecture
 
 
 def _require_packages() -> None:
@@ -101,14 +99,14 @@ def load_gguf_tokenizer(file: Path) -> Any:
     from transformers import AutoTokenizer
 
     _require_packages()
+    architecture = gguf_architecture(file)  # a damaged header is refused here, by name
     try:
         with _parsed_once():
             return AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
     except Exception as err:
-        architecture = gguf_architecture(file)  # InputError for an unreadable file
         raise InputError(
             f"{file}: transformers cannot rebuild the tokenizer of this GGUF (architecture "
-            f"{architecture!r}: {err}); put its tokenizer.json beside the file"
+            f"{architecture!r}: {_first_line(err)}); put its tokenizer.json beside the file"
         ) from err
 
 
@@ -118,6 +116,7 @@ def load_gguf(file: Path, dtype: torch.dtype | str = torch.float32) -> tuple[Any
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     _require_packages()
+    architecture = gguf_architecture(file)  # a damaged header is refused here, by name
     folder, name = str(file.parent), file.name
     try:
         with _parsed_once():
@@ -130,15 +129,19 @@ def load_gguf(file: Path, dtype: torch.dtype | str = torch.float32) -> tuple[Any
                 quantization_config=GgufConfig(dequantize=True),
             )
     except Exception as err:
-        # Read the architecture only now: parsing a GGUF's metadata takes ~8 s for
-        # SmolLM2's (its 49k-token vocabulary), and transformers parses it on its own.
-        architecture = gguf_architecture(file)  # InputError for an unreadable file
-        if not isinstance(err, ValueError) or "not supported" not in str(err):
-            raise
-        supported = ", ".join(sorted(GGUF_SUPPORTED_ARCHITECTURES))
+        # the header is sound (checked above): what transformers could not do with the
+        # file's content (an architecture it does not map, a tensor or key it lacks)
+        if isinstance(err, ValueError) and "not supported" in str(err):
+            supported = ", ".join(sorted(GGUF_SUPPORTED_ARCHITECTURES))
+            raise InputError(
+                f"{file}: GGUF architecture {architecture!r} cannot be loaded by transformers "
+                f"(it maps: {supported}). Use the original checkpoint (safetensors) instead."
+            ) from err
         raise InputError(
-            f"{file}: GGUF architecture {architecture!r} cannot be loaded by transformers "
-            f"(it maps: {supported}). Use the original checkpoint (safetensors) instead."
+            f"{file}: transformers cannot load this {architecture!r} GGUF "
+            f"({type(err).__name__}: {_first_line(err)}); check that the file is a complete "
+            "model (llama.cpp's convert_hf_to_gguf.py writes one), or use the original "
+            "checkpoint"
         ) from err
     # Once dequantized nothing is quantized any more: detach the GGUF quantizer so the
     # model is an ordinary one (and `save_pretrained` writes plain safetensors).
@@ -148,3 +151,8 @@ def load_gguf(file: Path, dtype: torch.dtype | str = torch.float32) -> tuple[Any
     if not model.config.architectures:
         model.config.architectures = [type(model).__name__]
     return model.eval(), tokenizer
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__

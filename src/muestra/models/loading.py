@@ -27,7 +27,14 @@ from typing import Any, Literal
 import torch
 
 from muestra.errors import InputError, ModelLoadError, ModelNotFoundError, UnsafeModelError
-from muestra.models.gguf import GGUF_SUFFIX, find_gguf, gguf_architecture, load_gguf
+from muestra.models.gguf import (
+    GGUF_SUFFIX,
+    find_gguf,
+    gguf_architecture,
+    load_gguf,
+    load_gguf_tokenizer,
+)
+from muestra.models.gguf_header import read_gguf_header
 from muestra.models.runtime.base import Runtime
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
@@ -229,7 +236,7 @@ def load_tokenizer(ref: str, revision: str | None = None, trust_remote_code: boo
         check_model_code(ref, folder, trust_remote_code)
     try:
         if gguf is not None:
-            return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            return load_gguf_tokenizer(gguf)
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     except ValueError as err:
         _raise_if_remote_code(ref, err)
@@ -364,7 +371,6 @@ def _load_llamacpp(
 ) -> LoadedModel:
     from transformers import GenerationConfig
 
-    from muestra.models.gguf import load_gguf_tokenizer
     from muestra.models.runtime.llamacpp_runtime import LlamaCppRuntime
 
     assert files.gguf is not None
@@ -386,8 +392,9 @@ def _load_llamacpp(
     except ModelLoadError as err:
         architecture = gguf_architecture(gguf)  # InputError for a file that is no GGUF
         raise InputError(
-            f"{gguf}: llama.cpp cannot load this GGUF (architecture {architecture!r}); use a "
-            "GGUF of an architecture it supports, or --runtime torch"
+            f"{gguf}: llama.cpp cannot load this GGUF (architecture {architecture!r}; its log "
+            "above says why): use a complete GGUF of an architecture it supports, or "
+            "--runtime torch"
         ) from err
     if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
         tokenizer = load_tokenizer(str(folder))
@@ -438,6 +445,7 @@ def check_model(
     folder, source, commit = resolve_model(ref, revision, allow_pickle, trust_remote_code)
     gguf = find_gguf(folder, beside_weights=True) if source == "local" else None
     if gguf is not None and (folder.is_file() or not _weight_files(folder)[0]):
+        read_gguf_header(gguf)  # a damaged or crafted header is refused now, by name
         return ModelFiles(folder, source, commit, gguf, [gguf], safetensors=False)
     safetensors, pickles = _weight_files(folder)
     if not safetensors and pickles and not allow_pickle:

@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from muestra.errors import ContextLengthError, InputError, ModelLoadError, MuestraError
+from muestra.models.gguf_header import read_gguf_header
 from muestra.models.runtime.base import Fed, LogitsWanted, check_cancelled
 
 INSTALL_HINT = (
@@ -182,6 +183,7 @@ class LlamaCppRuntime:
         self.exact = exact
         self.threads = threads or default_threads()
         self.ubatch = EXACT_UBATCH if exact else FAST_UBATCH
+        read_gguf_header(self.path)  # a damaged or crafted header: one line, before llama.cpp
         params = lc.llama_model_default_params()
         params.use_extra_bufts = False  # see the module docstring (AMX)
         self._model = lc.llama_model_load_from_file(str(self.path).encode(), params)
