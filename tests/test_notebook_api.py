@@ -157,6 +157,58 @@ def test_evaluate_refuses_unknown_and_unused_settings_by_name(tiny_kit, tmp_path
     assert not list(tmp_path.iterdir())  # refused before any store
 
 
+def bad_calls(model: str, folder) -> list[tuple[str, object]]:
+    """(the argument a refusal must name, a call): wrong types, counts of 0 or less."""
+    spec, store = folder / "colores.toml", folder / "s.db"
+    spec.write_text(SPEC.format(model=model))
+    return [
+        ("n=-1", lambda: mn.evaluate(model, "easy-en", "loglik", n=-1, store=store)),
+        ("n=0", lambda: mn.evaluate(model, "easy-en", "loglik", n=0, store=store)),
+        ("n='5'", lambda: mn.evaluate(model, "easy-en", "loglik", n="5", store=store)),
+        ("samples='3'", lambda: mn.evaluate(model, "easy-en", "vote", samples="3", store=store)),
+        ("think_budget=0", lambda: mn.evaluate(model, "easy-en", "cot", think_budget=0,
+                                               store=store)),
+        ("think_budget=1.5", lambda: mn.evaluate(model, "easy-en", "cot", think_budget=1.5,
+                                                 store=store)),
+        ("n=True", lambda: mn.compare(model, model, "easy-en", n=True, store=store)),
+        ("samples='3'", lambda: mn.experiment(spec, store, samples="3")),
+        ("samples=0", lambda: mn.experiment(spec, store, samples=0)),
+        ("samples=-2", lambda: mn.probe("occupations-es", model, samples=-2, store=store)),
+        ("spec=123", lambda: mn.experiment(123)),
+        ("store=None", lambda: mn.open_run(None)),
+        ("run=-1", lambda: mn.open_run(store, -1)),
+        ("alpha=2", lambda: mn.open_probe(store, alpha=2)),
+        ("store=None", lambda: mn.open_evaluations(None)),
+        ("model=123", lambda: mn.serve(123)),
+        ("port='80'", lambda: mn.serve(model, port="80")),
+        ("timeout=0", lambda: mn.Server(model, timeout=0)),
+        ("progress='no'", lambda: mn.experiment(spec, store, progress="no")),
+    ]  # fmt: skip
+
+
+def test_every_bad_argument_is_one_line_naming_it_before_any_work(tiny_kit, tmp_path):
+    """`evaluate(..., n=-1)` scored 39 of 40 questions and stored it as finished;
+    `experiment(samples="3")` failed after seconds with "'<' not supported…"; `open_run(None)`
+    and `serve(123)` raised bare TypeErrors. Each is one InputError naming the argument and
+    its value, and nothing is written."""
+    for argument, call in bad_calls(str(tiny_kit), tmp_path):
+        with pytest.raises(InputError) as refused:
+            call()
+        message = str(refused.value)
+        assert argument in message and "\n" not in message and len(message) < 160, message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["colores.toml"]
+
+
+def test_eval_settings_refuse_counts_below_one_for_every_caller():
+    from muestra.evaluation.evaluate import EvalSettings
+
+    for bad, words in [({"limit": -1}, "--n"), ({"limit": 0}, "--n"),
+                       ({"think_budget": 0}, "--think-budget"), ({"top_p": 0.0}, "--top-p"),
+                       ({"temperature": -0.5}, "--temperature")]:  # fmt: skip
+        with pytest.raises(InputError, match=words):
+            EvalSettings(method="cot", **bad)
+
+
 def test_group_differences_and_calibration_plots_draw_their_numbers():
     rows = [
         GroupDifference("lexicon:care", "mujer", "hombre", 0.4, 0.1, 0.3, 0.1, 0.5, 0.01, 10),

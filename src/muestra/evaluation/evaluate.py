@@ -29,8 +29,11 @@ import unicodedata
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_type_hints
+
+from pydantic import Field, TypeAdapter, ValidationError
 
 from muestra.analysis.accuracy import (
     Accuracy,
@@ -65,18 +68,27 @@ OPEN_INSTRUCTION = {
 }
 
 
+Count = Annotated[int, Field(ge=1)]
+
+
 @dataclass(frozen=True)
 class EvalSettings:
+    """An evaluation's settings; the annotations are the bounds, checked (strictly: "3" is
+    no count) for every caller — the CLI names a wrong one by its flag (`SETTING_FLAGS`),
+    the notebook API by its keyword."""
+
     method: str = "choice"
     format: str = "cloze"  # loglik: letters | cloze
     chat: bool = False  # loglik: apply the chat template to the context
     raw: bool = False  # choice / cot / vote: plain text, no chat template (base models)
-    shots: int = 0
-    limit: int | None = None  # the first N questions
-    samples: int | None = None  # per question (vote: 5, others: 1)
-    think_budget: int = 256  # cot / vote
-    temperature: float | None = None  # choice draws: 1; cot: 0; vote: 0.7
-    top_p: float | None = None  # vote: 0.9
+    shots: Annotated[int, Field(ge=0)] = 0
+    # the first N questions: a count of 0 or less would keep a slice of them (items[:-1],
+    # all but one) and store it as a finished evaluation
+    limit: Count | None = None
+    samples: Count | None = None  # per question (vote: 5, others: 1)
+    think_budget: Count = 256  # cot / vote
+    temperature: Annotated[float, Field(ge=0)] | None = None  # choice: 1; cot: 0; vote: 0.7
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None  # vote: 0.9
     weighted: bool = False  # vote: weight each path by its letter probability
     language: str = "auto"
     regex: str | None = None  # open vote: the answer is this regex's first group
@@ -90,6 +102,7 @@ class EvalSettings:
     every: int = 10
 
     def __post_init__(self) -> None:
+        check_setting_types(self)
         if self.method not in METHODS:
             raise InputError(f"--method {self.method!r} is not one of {', '.join(METHODS)}")
         if self.format not in ("letters", "cloze"):
@@ -100,10 +113,6 @@ class EvalSettings:
             raise InputError("--chat is for --method loglik (the others use the chat template)")
         if self.raw and self.method == "loglik":
             raise InputError("--raw is for choice, cot and vote; loglik is raw unless --chat")
-        if self.samples is not None and self.samples < 1:
-            raise InputError(f"--samples-per-question must be at least 1 (got {self.samples})")
-        if self.shots < 0:
-            raise InputError(f"--shots must be 0 or more (got {self.shots})")
         if self.regex is not None:
             try:
                 re.compile(self.regex)
@@ -118,6 +127,27 @@ class EvalSettings:
     @property
     def per_question(self) -> int:
         return self.samples if self.samples is not None else 5 if self.method == "vote" else 1
+
+
+SETTING_FLAGS = {"limit": "--n", "samples": "--samples-per-question"}  # else --name-like-this
+
+
+def check_setting_types(settings: EvalSettings) -> None:
+    """Each setting against its annotation (type and bounds, strict), named by its flag."""
+    for name, adapter in _setting_adapters().items():
+        value = getattr(settings, name)
+        try:
+            adapter.validate_python(value, strict=True)
+        except ValidationError as err:
+            flag = SETTING_FLAGS.get(name, "--" + name.replace("_", "-"))
+            said = err.errors()[0]["msg"].replace("Input should be", "should be")
+            raise InputError(f"{flag} {value!r}: {said}") from None
+
+
+@lru_cache(maxsize=1)
+def _setting_adapters() -> dict[str, TypeAdapter[Any]]:
+    hints = get_type_hints(EvalSettings, include_extras=True)
+    return {f.name: TypeAdapter(hints[f.name]) for f in fields(EvalSettings)}
 
 
 # the settings only some methods use; the others refuse them when changed (a setting
@@ -253,7 +283,7 @@ def build_spec(
     """The experiment spec of `task` scored by `settings.method` on `model`
     (`model_options`: [model] fields such as runtime and threads)."""
     settings.check_applies()
-    items = list(task.items[: settings.limit] if settings.limit else task.items)
+    items = list(task.items if settings.limit is None else task.items[: settings.limit])
     if not items:
         raise InputError(f"{task.source}: no questions to evaluate")
     _check_sizes(items, task)

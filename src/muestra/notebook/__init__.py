@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from muestra.errors import InputError, MuestraError
+from muestra.notebook.checks import Alpha, Count, PathLike, Port, Seconds, check_values, checked
 from muestra.notebook.views import AnalysisView, EvaluationView, ExperimentView, ProbeView
 
 __all__ = [
@@ -138,7 +139,8 @@ class _Bar:
             self._display(self.last)
 
 
-def open_run(store: str | Path, run: int | None = None) -> ExperimentView:
+@checked
+def open_run(store: PathLike, run: Count | None = None) -> ExperimentView:
     """Run `run` (default: the latest) of a store written by `muestra run`/`experiment`."""
     from muestra.experiments.results import samples_frame
     from muestra.experiments.stopping import field_probs_notes, stop_rows
@@ -158,12 +160,13 @@ def open_run(store: str | Path, run: int | None = None) -> ExperimentView:
     return ExperimentView(path, rid, row["name"], status, frame, models, rule, stops, notes)
 
 
+@checked
 def experiment(
-    spec: str | Path,
-    store: str | Path | None = None,
+    spec: PathLike,
+    store: PathLike | None = None,
     *,
-    model: str | None = None,
-    samples: int | None = None,
+    model: PathLike | None = None,
+    samples: Count | None = None,
     force_new: bool = False,
     progress: bool = True,
     stop_on: str | None = None,
@@ -190,6 +193,7 @@ def experiment(
 
     names = ("spec", "store", "model", "samples", "force_new", "progress", *MODEL_OPTIONS)
     refuse_unknown("experiment", model_options, names)
+    model = None if model is None else str(model)
     loaded = load_spec(spec, check_models=model is None)
     flags = {"precision": precision, "reference": reference, "compare": compare,
              "min_samples": min_samples, "max_samples": max_samples, "every": every,
@@ -222,8 +226,11 @@ _EVAL_NAMES = {name: name for name in ("samples", "think_budget", "top_p", "form
                                        "raw", "temperature", "weighted", "regex")}  # fmt: skip
 
 
-def _eval_values(methods: list[str], settings: Mapping[str, Any], n: int | None) -> dict[str, Any]:
-    """The settings of an evaluation, refused by name when unknown or unused by `methods`."""
+def _eval_values(
+    where: str, methods: list[str], settings: Mapping[str, Any], n: int | None
+) -> dict[str, Any]:
+    """The settings of an evaluation, refused by name when unknown, of the wrong type or
+    unused by `methods`."""
     from muestra.evaluation.evaluate import EvalSettings, check_methods
 
     known = set(EvalSettings.__dataclass_fields__) - {"method", "limit"}
@@ -234,18 +241,20 @@ def _eval_values(methods: list[str], settings: Mapping[str, Any], n: int | None)
         raise InputError(
             f"{', '.join(unknown)}: not a setting{hint}; use {', '.join(sorted(known))}"
         )
+    check_values(where, settings, EvalSettings)
     values = {**settings, "limit": n}
     check_methods(methods, values, _EVAL_NAMES)
     return values
 
 
+@checked
 def evaluate(
-    model: str,
-    task: str | Path,
+    model: PathLike,
+    task: PathLike,
     methods: str | list[str] = "choice",
     *,
-    store: str | Path | None = None,
-    n: int | None = None,
+    store: PathLike | None = None,
+    n: Count | None = None,
     progress: bool = True,
     model_options: Mapping[str, Any] | None = None,
     **settings: Any,
@@ -260,7 +269,7 @@ def evaluate(
     from muestra.evaluation.tasks import load_task
 
     names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
-    values = _eval_values(names, settings, n)
+    values = _eval_values("evaluate", names, settings, n)
     every = [settings_for(name, values) for name in names]
     loaded = load_task(task)
     out = Path(store) if store is not None else Path(f"eval-{loaded.name}.db")
@@ -269,7 +278,7 @@ def evaluate(
         bar = _Bar(s.method, progress)
         try:
             results.append(
-                run_eval(model, loaded, s, out, on_progress=bar, model_options=model_options)
+                run_eval(str(model), loaded, s, out, on_progress=bar, model_options=model_options)
             )
         finally:
             bar.close()
@@ -281,14 +290,15 @@ def evaluate(
     return EvaluationView(results, pairs, _task_language(loaded, values))
 
 
+@checked
 def compare(
-    model_a: str,
-    model_b: str,
-    task: str | Path,
+    model_a: PathLike,
+    model_b: PathLike,
+    task: PathLike,
     method: str = "loglik",
     *,
-    store: str | Path | None = None,
-    n: int | None = None,
+    store: PathLike | None = None,
+    n: Count | None = None,
     options: tuple[Mapping[str, Any], Mapping[str, Any]] = ({}, {}),
     **settings: Any,
 ) -> EvaluationView:
@@ -299,11 +309,11 @@ def compare(
     from muestra.evaluation.evaluate import settings_for
     from muestra.evaluation.tasks import load_task
 
-    values = _eval_values([method], settings, n)
+    values = _eval_values("compare", [method], settings, n)
     loaded = load_task(task)
     out = Path(store) if store is not None else Path(f"compare-{loaded.name}.db")
     found = compare_models(
-        model_a, model_b, loaded, settings_for(method, values), out, options=options
+        str(model_a), str(model_b), loaded, settings_for(method, values), out, options=options
     )
     return EvaluationView(found.results, [found.comparison], _task_language(loaded, values))
 
@@ -315,7 +325,8 @@ def _task_language(task: Any, values: Mapping[str, Any]) -> str:
     return language_of(task, values.get("language", "auto")).code
 
 
-def open_evaluations(store: str | Path) -> EvaluationView:
+@checked
+def open_evaluations(store: PathLike) -> EvaluationView:
     """Every evaluation in a store, compared where they share questions."""
     from muestra.evaluation.summary import comparisons, eval_runs
 
@@ -325,12 +336,13 @@ def open_evaluations(store: str | Path) -> EvaluationView:
     return EvaluationView(results, comparisons(results))
 
 
+@checked
 def probe(
-    probe: str | Path,
-    model: str | None = None,
+    probe: PathLike,
+    model: PathLike | None = None,
     *,
-    store: str | Path | None = None,
-    samples: int | None = None,
+    store: PathLike | None = None,
+    samples: Count | None = None,
     progress: bool = True,
     model_options: Mapping[str, Any] | None = None,
 ) -> ProbeView:
@@ -344,14 +356,20 @@ def probe(
     bar = _Bar(loaded.spec.name, progress)
     try:
         run_id = run_probe(
-            loaded, out, model=model, samples=samples, on_progress=bar, model_options=model_options
+            loaded,
+            out,
+            model=None if model is None else str(model),
+            samples=samples,
+            on_progress=bar,
+            model_options=model_options,
         )
     finally:
         bar.close()
     return open_probe(out, run_id)
 
 
-def open_probe(store: str | Path, run: int | None = None, alpha: float | None = None) -> ProbeView:
+@checked
+def open_probe(store: PathLike, run: Count | None = None, alpha: Alpha | None = None) -> ProbeView:
     """A probe run of a store (default: the latest run)."""
     from muestra.evaluation.probes import read_probe
     from muestra.experiments.store import reading, run_by_id
@@ -369,10 +387,13 @@ class Server:
     """`muestra serve MODEL` in a child process on 127.0.0.1, up once /health answers;
     `stop()` (or leaving the `with` block) ends it. Its log is `self.log`."""
 
-    def __init__(self, model: str, port: int | None = None, timeout: float = 300, **flags: Any):
+    @checked
+    def __init__(
+        self, model: PathLike, port: Port | None = None, timeout: Seconds = 300, **flags: Any
+    ) -> None:
         self.port = port or _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        args = [sys.executable, "-m", "muestra", "serve", model, "--host", "127.0.0.1",
+        args = [sys.executable, "-m", "muestra", "serve", str(model), "--host", "127.0.0.1",
                 "--port", str(self.port)]  # fmt: skip
         for name, value in flags.items():
             flag = "--" + name.replace("_", "-")
@@ -432,7 +453,8 @@ class Server:
         return f"muestra serve at {self.url} · {state}"
 
 
-def serve(model: str, **flags: Any) -> Server:
+@checked
+def serve(model: PathLike, **flags: Any) -> Server:
     """Start `muestra serve MODEL` on a free loopback port; `flags` are its options
     (`max_batch=8`, `served_model_name="smol"`…). Use it in a `with` block or call
     `.stop()`."""
