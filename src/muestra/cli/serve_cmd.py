@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import typer
 
 from muestra.cli.common import (
@@ -122,6 +124,7 @@ def serve(
     from muestra.server.service import ServedModel
 
     check_api_key(api_key)  # before the model loads
+    check_port(host, port)
     if max_queued_rows < max_rows_per_request:
         raise typer.BadParameter(
             f"{max_queued_rows} is below --max-rows-per-request ({max_rows_per_request})",
@@ -164,3 +167,22 @@ def serve(
     if host not in ("127.0.0.1", "localhost", "::1"):
         stderr.print(f"warning: listening on {host}, not only on this machine", markup=False)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse, before the model loads, an address this process cannot listen on (a port
+    another process holds): uvicorn would find it only after the load, and exit 1."""
+    from muestra.errors import InputError
+
+    if port == 0:
+        return
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            probe.bind(address)
+    except OSError as err:
+        raise InputError(
+            f"--host {host} --port {port}: cannot listen there ({err.strerror or err}); another "
+            "process may hold the port: pass another --port"
+        ) from err

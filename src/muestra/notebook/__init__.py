@@ -24,17 +24,14 @@ none of the entry points knows is refused by name with the nearest one ("did you
 from __future__ import annotations
 
 import difflib
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from muestra.errors import InputError, MuestraError
-from muestra.notebook.checks import Alpha, Count, PathLike, Port, Seconds, check_values, checked
+from muestra.notebook.checks import Alpha, Count, PathLike, check_values, checked
+from muestra.notebook.serving import Server, serve
 from muestra.notebook.views import AnalysisView, EvaluationView, ExperimentView, ProbeView
 
 __all__ = [
@@ -381,87 +378,3 @@ def open_probe(store: PathLike, run: Count | None = None, alpha: Alpha | None = 
         raise InputError(f"{store}: run {rid} is not a probe (`muestra probe` writes them)")
     loaded, analysis = found
     return ProbeView(Path(store), rid, loaded.spec.name, analysis)
-
-
-class Server:
-    """`muestra serve MODEL` in a child process on 127.0.0.1, up once /health answers;
-    `stop()` (or leaving the `with` block) ends it. Its log is `self.log`."""
-
-    @checked
-    def __init__(
-        self, model: PathLike, port: Port | None = None, timeout: Seconds = 300, **flags: Any
-    ) -> None:
-        self.port = port or _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        args = [sys.executable, "-m", "muestra", "serve", str(model), "--host", "127.0.0.1",
-                "--port", str(self.port)]  # fmt: skip
-        for name, value in flags.items():
-            flag = "--" + name.replace("_", "-")
-            if value is True:
-                args.append(flag)
-            elif value not in (None, False):
-                args += [flag, str(value)]
-        self.log = Path(tempfile.mkstemp(prefix="muestra-serve-", suffix=".log")[1])
-        with self.log.open("wb") as sink:
-            self.process = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT)
-        self._wait(timeout)
-
-    def _wait(self, timeout: float) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"muestra serve exited with {self.process.returncode}:\n"
-                    + self.log.read_text(errors="replace")[-2000:]
-                )
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(
-            f"muestra serve did not answer /health in {timeout:.0f} s: see {self.log}"
-        )
-
-    def client(self, **kwargs: Any) -> Any:
-        """An `openai.OpenAI` client for this server."""
-        from openai import OpenAI
-
-        return OpenAI(base_url=f"{self.url}/v1", api_key=kwargs.pop("api_key", "none"), **kwargs)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def __enter__(self) -> Server:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def __repr__(self) -> str:
-        state = "running" if self.process.poll() is None else f"stopped ({self.process.returncode})"
-        return f"muestra serve at {self.url} · {state}"
-
-
-@checked
-def serve(model: PathLike, **flags: Any) -> Server:
-    """Start `muestra serve MODEL` on a free loopback port; `flags` are its options
-    (`max_batch=8`, `served_model_name="smol"`…). Use it in a `with` block or call
-    `.stop()`."""
-    return Server(model, **flags)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])

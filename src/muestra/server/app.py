@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import secrets
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -116,6 +117,7 @@ def create_app(
         return {
             "status": "ok",
             "model": served.name,
+            "pid": os.getpid(),  # who answers: `mn.serve` checks it is its own child
             "rows_running": scheduler.stats["running"],
             "rows_waiting": scheduler.waiting,
             "steps": scheduler.stats["steps"],
