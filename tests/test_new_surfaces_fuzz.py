@@ -117,8 +117,8 @@ def test_eval_names_folders_missing_models_and_too_long_questions(cli, tiny_kit,
         )
         assert_refused(result, str(long), "'q1'", "context")
         assert "prompt.max_chars" not in result.stderr
-    shown = cli("summary", str(tmp_path / "loglik.db"))  # the failed run is not a result
-    assert_refused(shown, "has no samples", "failed")
+    # refused before any sample: the run (and the store this command made) is not kept
+    assert not (tmp_path / "loglik.db").exists() and not (tmp_path / "choice.db").exists()
 
 
 # ---- probe -------------------------------------------------------------------------------

@@ -214,3 +214,38 @@ def test_run_trusts_remote_code_only_when_told(cli, tiny_kit, tmp_path):
     spec.write_text(spec.read_text().replace(f'id = "{folder}"', trusted_id))
     in_spec = cli("run", str(spec), "--out", str(tmp_path / "in-spec.db"))
     assert in_spec.code == 0, in_spec.stderr
+
+
+def over_context_spec(folder: Path, model: Path) -> Path:
+    """A spec the model loads for and then refuses on its first batch: a prompt longer
+    than the tiny kit's 4,096-token context."""
+    spec = folder / "long.toml"
+    spec.write_text(f"""
+name = "largo"
+samples = 2
+[model]
+id = "{model}"
+[prompt]
+user = "{'palabra ' * 4500}"
+[[prompt.items]]
+id = "a"
+[answer]
+max_tokens = 4
+""")
+    return spec
+
+
+def test_a_run_refused_after_the_store_opened_leaves_no_store(cli, tiny_kit, tmp_path):
+    """It left a store with one failed run and no samples (and its .lock)."""
+    result = cli("run", str(over_context_spec(tmp_path, tiny_kit)), "--out", str(tmp_path / "l.db"))
+    assert_ends_in_one_line_error(result, "over the model's context")
+    assert not list(tmp_path.glob("l.db*"))
+
+
+def test_a_run_refused_after_the_store_opened_adds_no_run(cli, tiny_kit, tmp_path):
+    store = tmp_path / "kept.db"
+    assert cli("run", str(write_spec(tmp_path, tiny_kit, samples=1)), "--out", str(store)).code == 0
+    long = over_context_spec(tmp_path, tiny_kit)
+    result = cli("run", str(long), "--out", str(store), "--force-new")
+    assert_ends_in_one_line_error(result, "over the model's context")
+    assert run_count(store) == 1

@@ -496,7 +496,7 @@ class _LoglikRunner(Runner):
                         f"{self.spec.path}: question {item.id!r} with option {letter} is "
                         f"{len(ids) + len(cont):,} tokens, over the model's context of "
                         f"{limit:,} (--method loglik); nothing was scored. Shorten the "
-                        "question or leave it out (or use --limit)"
+                        "question or leave it out (or keep the first questions: --n)"
                     )
 
     def _run_batch(self, loaded: Any, batch: list[tuple[Any, list[int]]]) -> list[dict[str, Any]]:

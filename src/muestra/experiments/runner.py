@@ -421,12 +421,17 @@ class Runner:
                     if generator is None:
                         generator = self._generator(model)
                         self.started.add(model.name)
+                    for batch in _batches(round_units, self.batch_rows):
+                        store(self._run_batch(generator, batch))
                 except BaseException:
-                    if progress.done == 0 and model.name not in self.started:
-                        self._discard()  # the model never started: the run leaves nothing
+                    # before any sample, the run leaves nothing when the model never started
+                    # (a local model that does not load, endpoints that fail the start's
+                    # checks) or a local model refused its first batch (a prompt over its
+                    # context…)
+                    local = model.endpoint is None
+                    if progress.done == 0 and (local or model.name not in self.started):
+                        self._discard()
                     raise
-                for batch in _batches(round_units, self.batch_rows):
-                    store(self._run_batch(generator, batch))
         return progress
 
     def _rounds(self) -> Any:
@@ -448,8 +453,9 @@ class Runner:
     def _discard(self) -> None:
         """Undo what `open` wrote when the first model cannot start — a local model that
         does not load, an endpoint model none of whose endpoints passes the start's checks
-        — before any sample: a store this invocation created is removed, a run it added is
-        deleted. A model that started and then failed leaves its run, marked failed."""
+        — or a local model is refused on its first batch, before any sample: a store this
+        invocation created is removed, a run it added is deleted. An endpoint model that
+        started and then failed leaves its run, marked failed."""
         if self.db is None or not self.new_run:
             return
         if self.created_store:

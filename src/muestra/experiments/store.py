@@ -651,8 +651,9 @@ def discard_run(db: sqlite3.Connection, run_id: int) -> bool:
     with db:
         if db.execute("SELECT count(*) FROM samples WHERE run_id = ?", (run_id,)).fetchone()[0]:
             return False
-        for table in ("stops", *RUN_TABLES):
+        for table in ("stops", *RUN_TABLES, "evals", "probes"):  # every table naming the run
             db.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
+        db.execute("UPDATE runs SET judges = NULL WHERE judges = ?", (run_id,))
         db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
     return True
 
