@@ -31,12 +31,14 @@ import re
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from muestra.errors import InputError
+
+if TYPE_CHECKING:  # the backend computes with torch; reading a spec or schema needs none
+    import torch
 
 GrammarKind = Literal["json_schema", "regex", "choice", "ebnf"]
 
@@ -284,6 +286,7 @@ class GrammarBackend:
         stop_token_ids: list[int],
         memory_limit_bytes: int = DEFAULT_GRAMMAR_MEMORY_BYTES,
     ) -> None:
+        import torch
         import xgrammar as xgr
 
         self.xgr = xgr
@@ -370,9 +373,11 @@ class GrammarBackend:
         few tokens allowed (the usual case inside JSON) it measured ~30 ms a step against
         ~10 ms for the table. Added tokens are then masked too.
         """
+        import torch
+
         bitmask = self.allocate_bitmask(len(indices))
         self.batch_matcher.batch_fill_next_token_bitmask(matchers, bitmask)
-        bits = _BYTE_BITS[bitmask.view(torch.uint8).long()]  # (R, V/8, 8)
+        bits = _byte_bits()[bitmask.view(torch.uint8).long()]  # (R, V/8, 8)
         allowed = bits.flatten(1)[:, : self.vocab_size].to(logits.device)  # (R, V)
         allowed[:, self.forbidden_ids(allowed.device)] = False
         if indices == list(range(logits.shape[0])):
@@ -388,5 +393,10 @@ class GrammarBackend:
         return self._forbidden_ids
 
 
-# bit j of byte b, for every byte value: unpacks xgrammar's little-endian int32 bitmask
-_BYTE_BITS = ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()  # (256, 8)
+@lru_cache(maxsize=1)
+def _byte_bits() -> torch.Tensor:
+    """Bit j of byte b, for every byte value: unpacks xgrammar's little-endian int32
+    bitmask."""
+    import torch
+
+    return ((torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1).bool()  # (256, 8)

@@ -101,10 +101,15 @@ def _settings(**values: Any) -> Any:
     return TrainSettings(**values)
 
 
-def _read(data: Path) -> Any:
-    from muestra.evaluation.preferences import read_pairs
+def _checked_pairs(data: Path, base: str) -> Any:
+    """The preference file and the base model checked (each refused by name) before TRL
+    and torch are imported; then the pairs."""
+    from muestra.evaluation.preferences import pair_rows, pair_set
+    from muestra.evaluation.reward import hf_folder
 
-    return read_pairs(data)
+    rows = pair_rows(data)
+    hf_folder(base)
+    return pair_set(rows, data)
 
 
 @reward_app.command("train")
@@ -149,8 +154,9 @@ def reward_train(
         train_layers=train_layers,
     )
     check_out(out, overwrite)
+    pairs = _checked_pairs(data, base)
     metrics = train_reward(
-        base, _read(data), out, settings, quiet=not stderr.is_terminal, overwrite=overwrite
+        base, pairs, out, settings, quiet=not stderr.is_terminal, overwrite=overwrite
     )
     if as_json:
         print_json(metrics)
@@ -260,8 +266,9 @@ def align_dpo(
         train_layers=train_layers,
     )
     check_out(out, overwrite)
+    pairs = _checked_pairs(data, base)
     metrics = train_dpo(
-        base, _read(data), out, settings, quiet=not stderr.is_terminal, overwrite=overwrite
+        base, pairs, out, settings, quiet=not stderr.is_terminal, overwrite=overwrite
     )
     if as_json:
         print_json(metrics)
@@ -306,14 +313,15 @@ def align_rloo(
     so this is RLOO (policy gradient with a leave-one-out baseline) with the reward model
     as the reward. An illustration of the loop, not a training recipe."""
     from muestra.evaluation.align import rloo_steps
-    from muestra.evaluation.reward import check_out
+    from muestra.evaluation.reward import check_out, trained_folder
 
     check_out(out, overwrite)
-
+    trained_folder(reward, "reward", "--reward")
+    pairs = _checked_pairs(data, base)
     result = rloo_steps(
         base,
         reward,
-        _read(data),
+        pairs,
         out,
         steps=steps,
         generations=generations,

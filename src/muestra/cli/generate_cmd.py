@@ -212,10 +212,7 @@ def generate(
 
 def execute(plan: Plan) -> None:
     """Load the model, encode the prompt, and run the plan's mode."""
-    from muestra.answers.generation import TextGenerator
-    from muestra.answers.phases import with_instruction
-    from muestra.models.inspection import read_messages
-    from muestra.models.loading import load_model
+    from muestra.models.loading import load_model, resolve_model
 
     s = plan.settings
     grammar = None
@@ -223,6 +220,13 @@ def execute(plan: Plan) -> None:
         grammar = structured_options.grammar_spec(
             s["schema"], s["regex"], s["choice"], s["grammar"]
         )
+    # a missing model is refused before torch loads (the engine, the prompt's tools)
+    resolve_model(s["model"], allow_pickle=s["allow_pickle"],
+                  trust_remote_code=s["trust_remote_code"])  # fmt: skip
+    from muestra.answers.generation import TextGenerator
+    from muestra.answers.phases import with_instruction
+    from muestra.models.inspection import read_messages
+
     prompt = s["prompt"]
     conversation = read_messages(s["messages"]) if s["messages"] is not None else None
     if conversation is None and not s["raw"]:

@@ -40,10 +40,13 @@ def tokens(
 
     JSON: {"model", "ids", "tokens", "count"} (a list of two when comparing).
     """
-    from muestra.models.inspection import tokenize
-    from muestra.models.loading import load_tokenizer
+    from muestra.models.loading import load_tokenizer, resolve_model
 
     refs = [model] + ([compare] if compare else [])
+    for ref in refs:
+        resolve_model(ref)  # a missing model is refused before torch loads
+    from muestra.models.inspection import tokenize
+
     views = [(ref, tokenize(load_tokenizer(ref), text)) for ref in refs]
     if as_json:
         rows = [
@@ -91,10 +94,11 @@ def chat(
 
     JSON: {"text", "ids"}.
     """
-    from muestra.models.inspection import read_messages, render_chat
     from muestra.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(model)
+    from muestra.models.inspection import read_messages, render_chat
+
     text, ids = render_chat(tokenizer, read_messages(messages), generation_prompt, enable_thinking)
     if as_json:
         print_json({"text": text, "ids": ids})
@@ -125,8 +129,10 @@ def next_token(
 
     Probabilities are the softmax of the model's raw logits (no temperature or top-k).
     """
-    from muestra.models.inspection import next_token_table, prompt_ids
-    from muestra.models.loading import load_model
+    from muestra.models.loading import load_model, resolve_model
+
+    resolve_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    from muestra.models.inspection import next_token_table, prompt_ids  # torch: after the check
 
     loaded = load_model(
         model,

@@ -43,6 +43,9 @@ def build(
     llama.cpp (or pass the .gguf file itself). The other presets have RANDOM weights. The
     folder loads like any downloaded model: pass it as MODEL to every command.
     """
+    from muestra.models.kit import get_preset
+
+    get_preset(preset)  # an unknown name is refused before torch loads
     from muestra.models.kit import build_kit
 
     folder = build_kit(preset, out, accept_terms=accept_gemma_terms)

@@ -114,22 +114,24 @@ def serve(
     from muestra.allocator import single_malloc_arena
 
     single_malloc_arena()  # before torch starts threads: see its docstring
-    import uvicorn
+    from muestra.models.loading import load_model, resolve_model
 
-    from muestra.answers.drafted import load_draft
-    from muestra.cli.common import stderr
-    from muestra.engine.engine import drafts_off_note
-    from muestra.models.loading import load_model
-    from muestra.server.app import check_api_key, create_app
-    from muestra.server.service import ServedModel
-
-    check_api_key(api_key)  # before the model loads
     check_port(host, port)
     if max_queued_rows < max_rows_per_request:
         raise typer.BadParameter(
             f"{max_queued_rows} is below --max-rows-per-request ({max_rows_per_request})",
             param_hint="--max-queued-rows",
         )
+    resolve_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    import uvicorn  # the server's pieces import torch: after the checks above
+
+    from muestra.answers.drafted import load_draft
+    from muestra.cli.common import stderr
+    from muestra.engine.engine import drafts_off_note
+    from muestra.server.app import check_api_key, create_app
+    from muestra.server.service import ServedModel
+
+    check_api_key(api_key)  # before the model loads
     loaded = load_model(
         model,
         dtype=dtype,  # type: ignore[arg-type]

@@ -118,7 +118,10 @@ def compare_models(
     """`task` on both models (`options`: each one's runtime settings: the same model on
     two runtimes is a comparison too)."""
     from muestra.evaluation import prompts
+    from muestra.models.loading import check_model_without_download
 
+    for model in (model_a, model_b):  # both refused by name before either loads
+        check_model_without_download(model, trust_remote_code=trust_remote_code)
     lang = prompts.language_of(task, settings.language)
     texts = [prompts.chat_question(i, lang, lang.choose) for i in task.items]
     results, timings = [], []

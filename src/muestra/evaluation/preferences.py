@@ -129,8 +129,13 @@ def _is_messages(value: Any) -> bool:
 
 def read_pairs(path: Path) -> PairSet:
     """Pairs from a JSONL file (one object per line) or a JSON list of objects."""
-    from trl.data_utils import maybe_extract_prompt
+    return pair_set(pair_rows(path), path)
 
+
+def pair_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a preference file, each checked (a one-line `PreferenceDataError`
+    naming the file and row otherwise) — without TRL, so that a command refuses a bad
+    file before anything heavy is imported."""
     if not path.is_file():
         raise PreferenceDataError(f"no preference file at {path}")
     text = path.read_text("utf-8")
@@ -153,7 +158,6 @@ def read_pairs(path: Path) -> PairSet:
                 numbered.append((number, json.loads(line)))
             except json.JSONDecodeError as err:
                 raise PreferenceDataError(f"{path}, line {number}: not valid JSON ({err})") from err
-    pairs = []
     for number, row in numbered:
         where = f"{path}, {'item' if path.suffix == '.json' else 'line'} {number}"
         if not isinstance(row, dict):
@@ -180,12 +184,22 @@ def read_pairs(path: Path) -> PairSet:
             )
         if row["chosen"] == row["rejected"]:
             raise PreferenceDataError(f"{where}: 'chosen' and 'rejected' are the same")
+    if not numbered:
+        raise PreferenceDataError(f"{path}: no pairs")
+    return [row for _, row in numbered]
+
+
+def pair_set(rows: list[dict[str, Any]], path: Path) -> PairSet:
+    """Checked rows (`pair_rows`) as pairs: TRL splits the prompt two conversations share
+    off them; the file's `.meta.json` (written by `muestra pairs`) comes along."""
+    from trl.data_utils import maybe_extract_prompt
+
+    pairs = []
+    for row in rows:
         split = maybe_extract_prompt(
             {k: row[k] for k in ("prompt", "chosen", "rejected") if k in row}
         )
         pairs.append(Pair(split.get("prompt", ""), split["chosen"], split["rejected"]))
-    if not pairs:
-        raise PreferenceDataError(f"{path}: no pairs")
     meta_path = path.with_name(path.name + ".meta.json")
     meta = json.loads(meta_path.read_text("utf-8")) if meta_path.is_file() else {}
     return PairSet(pairs, {**meta, "source": str(path)})

@@ -19,8 +19,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from muestra.errors import InputError, ModelNotFoundError
 from muestra.models.gguf_header import read_gguf_header
 
@@ -110,8 +108,10 @@ def load_gguf_tokenizer(file: Path) -> Any:
         ) from err
 
 
-def load_gguf(file: Path, dtype: torch.dtype | str = torch.float32) -> tuple[Any, Any]:
-    """Dequantize `file` into a transformers causal LM (eval mode) and its tokenizer."""
+def load_gguf(file: Path, dtype: Any = "auto") -> tuple[Any, Any]:
+    """Dequantize `file` into a transformers causal LM (eval mode) and its tokenizer;
+    `dtype`: a torch dtype, or "auto" for float32."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 

@@ -22,9 +22,7 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from muestra.errors import InputError, ModelLoadError, ModelNotFoundError, UnsafeModelError
 from muestra.models.gguf import (
@@ -36,6 +34,9 @@ from muestra.models.gguf import (
 )
 from muestra.models.gguf_header import read_gguf_header
 from muestra.models.runtime.base import Runtime
+
+if TYPE_CHECKING:  # torch loads when a model does: checking a model path needs none of it
+    import torch
 
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 Device = Literal["auto", "cpu", "cuda"]
@@ -228,9 +229,9 @@ def _kit_preset(folder: Path) -> str | None:
 
 def load_tokenizer(ref: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
     """The tokenizer of `ref` (a folder or Hub id), without loading weights."""
-    from transformers import AutoTokenizer
-
     folder, source, _ = resolve_model(ref, revision, trust_remote_code=trust_remote_code)
+    from transformers import AutoTokenizer  # after the path is checked: it loads torch
+
     gguf = find_gguf(folder) if source == "local" else None
     if gguf is None:
         check_model_code(ref, folder, trust_remote_code)
@@ -252,6 +253,8 @@ def load_tokenizer(ref: str, revision: str | None = None, trust_remote_code: boo
 
 
 def resolve_device(device: Device) -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -260,6 +263,8 @@ def resolve_device(device: Device) -> torch.device:
 
 
 def resolve_dtype(dtype: Dtype) -> torch.dtype | str:
+    import torch
+
     if dtype == "auto":
         return "auto"
     if dtype not in ("bfloat16", "float16", "float32"):
@@ -297,6 +302,8 @@ def load_model(
             "such switch: leave it on, or use --runtime llamacpp with a GGUF"
         )
     if threads is not None:
+        import torch
+
         torch.set_num_threads(_positive_threads(threads))
     if files.gguf is not None and not files.weights_are_folder:
         model, tokenizer = load_gguf(files.gguf, resolve_dtype(dtype))

@@ -28,9 +28,10 @@ import threading
 from collections.abc import Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-import torch
+if TYPE_CHECKING:  # only named in annotations: checking a model path imports no torch
+    import torch
 
 # The cancellation of the request a computation serves: `muestra serve` sets an event here
 # before it hands a beam search or a drafted request to a worker thread (`asyncio.to_thread`
