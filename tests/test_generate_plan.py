@@ -93,6 +93,7 @@ OTHER: dict[str, Any] = {  # a value other than the default, valid on its own
     "trust_remote_code": True,
     "runtime": "torch",
     "threads": 2,
+    "thread_wait": "spin",
     "batch_invariant": False,
 }
 # flags that choose the mode: given in another mode, they may move the plan to theirs

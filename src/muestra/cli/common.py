@@ -38,7 +38,27 @@ INVARIANT_HELP = (
     "llamacpp: a sample's logits never depend on the rows decoded beside it (default); "
     "--no-batch-invariant: llama.cpp's own batching, faster for a single row."
 )
+THREAD_WAIT_HELP = (
+    "How idle compute threads wait: sleep (give the core back at once: the default, and "
+    "what a machine shared with other work needs) | spin (OpenMP's default: spin for "
+    "milliseconds first; a little faster on idle cores). Default: the environment's "
+    "OMP_WAIT_POLICY, else sleep."
+)
+
+
+def _apply_thread_wait(value: str | None) -> str | None:
+    """Set the process's wait policy as the option is parsed: before any command imports
+    torch (which fixes it)."""
+    from muestra.models.runtime.threads import apply_thread_wait
+
+    apply_thread_wait(value)
+    return value
+
+
 RuntimeOption = typer.Option("auto", "--runtime", help=RUNTIME_HELP)
+ThreadWaitOption = typer.Option(
+    None, "--thread-wait", help=THREAD_WAIT_HELP, callback=_apply_thread_wait
+)
 ThreadsOption = typer.Option(None, "--threads", min=1, help=THREADS_HELP)
 BatchInvariantOption = typer.Option(
     True, "--batch-invariant/--no-batch-invariant", help=INVARIANT_HELP
@@ -53,10 +73,14 @@ BatchInvariantOverrideOption = typer.Option(
 
 
 def model_options(
-    runtime: str | None, threads: int | None, batch_invariant: bool | None
+    runtime: str | None,
+    threads: int | None,
+    batch_invariant: bool | None,
+    thread_wait: str | None = None,
 ) -> dict[str, Any]:
     """The runtime settings given on the command line, as [model] spec fields."""
-    given = {"runtime": runtime, "threads": threads, "batch_invariant": batch_invariant}
+    given = {"runtime": runtime, "threads": threads, "batch_invariant": batch_invariant,
+             "thread_wait": thread_wait}  # fmt: skip
     return {key: value for key, value in given.items() if value is not None}
 
 

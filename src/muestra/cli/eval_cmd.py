@@ -15,6 +15,7 @@ from muestra.cli.common import (
     JsonOption,
     RuntimeOverrideOption,
     ThreadsOption,
+    ThreadWaitOption,
     TrustRemoteCodeOption,
     model_options,
     print_json,
@@ -101,6 +102,7 @@ def eval_command(
     trust_remote_code: bool = TrustRemoteCodeOption,
     runtime: str | None = RuntimeOverrideOption,
     threads: int | None = ThreadsOption,
+    thread_wait: str | None = ThreadWaitOption,
     batch_invariant: bool | None = BatchInvariantOverrideOption,
     precision: float | None = typer.Option(
         None,
@@ -151,7 +153,7 @@ def eval_command(
     )
     loaded_task = load_task(task, dev=dev, split=split)
     store = out if out is not None else Path(f"eval-{loaded_task.name}.db")
-    options = model_options(runtime, threads, batch_invariant)
+    options = model_options(runtime, threads, batch_invariant, thread_wait)
     results = [
         _run_one(model, loaded_task, settings, store, trust_remote_code, options)
         for settings in every
@@ -360,6 +362,7 @@ def compare(
         "llamacpp compares fp32 torch with llama.cpp's quantized kernels.",
     ),
     threads: int | None = ThreadsOption,
+    thread_wait: str | None = ThreadWaitOption,
     batch_invariant: bool | None = BatchInvariantOverrideOption,
 ) -> None:
     """Two models on the same work with the same seeds, side by side, as seed 002 compares
@@ -393,8 +396,8 @@ def compare(
                 "model computes"
             )
     options = (
-        model_options(runtime_a, threads, batch_invariant),
-        model_options(runtime_b, threads, batch_invariant),
+        model_options(runtime_a, threads, batch_invariant, thread_wait),
+        model_options(runtime_b, threads, batch_invariant, thread_wait),
     )
     if spec is not None:
         _compare_spec(model_a, model_b, spec, out, samples, as_json, trust_remote_code, options)

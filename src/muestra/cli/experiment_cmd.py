@@ -13,6 +13,7 @@ from muestra.cli.common import (
     JsonOption,
     RuntimeOverrideOption,
     ThreadsOption,
+    ThreadWaitOption,
     TrustRemoteCodeOption,
     model_options,
     plural,
@@ -60,6 +61,7 @@ def run(
     trust_remote_code: bool = TrustRemoteCodeOption,
     runtime: str | None = RuntimeOverrideOption,
     threads: int | None = ThreadsOption,
+    thread_wait: str | None = ThreadWaitOption,
     batch_invariant: bool | None = BatchInvariantOverrideOption,
     stop_on: str | None = StopOnOption,
     precision: float | None = PrecisionOption,
@@ -106,7 +108,7 @@ def run(
             batch_rows=batch_rows,
             on_note=lambda text: stderr.print(f"note: {text}", markup=False),
             trust_remote_code=trust_remote_code,
-            model_options=model_options(runtime, threads, batch_invariant),
+            model_options=model_options(runtime, threads, batch_invariant, thread_wait),
         )
 
     if dry_run:  # planned on a scratch copy of the store: a dry run writes nothing

@@ -18,6 +18,7 @@ from muestra.cli.common import (
     DtypeOption,
     RuntimeOption,
     ThreadsOption,
+    ThreadWaitOption,
     TrustRemoteCodeOption,
     plural,
     print_json,
@@ -188,6 +189,7 @@ def generate(
     trust_remote_code: bool = TrustRemoteCodeOption,
     runtime: str = RuntimeOption,
     threads: int | None = ThreadsOption,
+    thread_wait: str | None = ThreadWaitOption,
     batch_invariant: bool = BatchInvariantOption,
 ) -> None:
     """Sample MODEL N times. One JSON line per sample on stdout:
@@ -239,6 +241,7 @@ def execute(plan: Plan) -> None:
         trust_remote_code=s["trust_remote_code"],
         runtime=s["runtime"],
         threads=s["threads"],
+        thread_wait=s["thread_wait"],
         batch_invariant=s["batch_invariant"],
     )
     generator = TextGenerator(loaded, max_batch=s.get("max_batch", 64))

@@ -65,6 +65,7 @@ LOAD = (
     "trust_remote_code",
     "runtime",
     "threads",
+    "thread_wait",
     "batch_invariant",
 )
 INPUT = ("prompt", "messages", "raw", "enable_thinking", "n")

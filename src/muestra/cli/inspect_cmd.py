@@ -15,6 +15,7 @@ from muestra.cli.common import (
     JsonOption,
     RuntimeOption,
     ThreadsOption,
+    ThreadWaitOption,
     TrustRemoteCodeOption,
     print_json,
     stdout,
@@ -123,6 +124,7 @@ def next_token(
     trust_remote_code: bool = TrustRemoteCodeOption,
     runtime: str = RuntimeOption,
     threads: int | None = ThreadsOption,
+    thread_wait: str | None = ThreadWaitOption,
     as_json: bool = JsonOption,
 ) -> None:
     """The most likely next tokens: rank, id, token, logit, probability, cumulative.
@@ -142,6 +144,7 @@ def next_token(
         trust_remote_code=trust_remote_code,
         runtime=runtime,  # type: ignore[arg-type]
         threads=threads,
+        thread_wait=thread_wait,
     )
     ids = prompt_ids(loaded.tokenizer, prompt, raw, enable_thinking)
     rows = next_token_table(loaded.runtime, loaded.tokenizer, ids, top)

@@ -14,6 +14,7 @@ from muestra.cli.common import (
     JsonOption,
     RuntimeOverrideOption,
     ThreadsOption,
+    ThreadWaitOption,
     TrustRemoteCodeOption,
     model_options,
     print_json,
@@ -56,6 +57,7 @@ def probe(
     trust_remote_code: bool = TrustRemoteCodeOption,
     runtime: str | None = RuntimeOverrideOption,
     threads: int | None = ThreadsOption,
+    thread_wait: str | None = ThreadWaitOption,
     batch_invariant: bool | None = BatchInvariantOverrideOption,
 ) -> None:
     """Sample a probe's templates × groups, score every continuation, test the groups.
@@ -80,7 +82,7 @@ def probe(
     loaded = load_probe(spec)
     store = out if out is not None else Path(f"{loaded.spec.name}.db")
     note = lambda text: stderr.print(f"note: {text}", markup=False)  # noqa: E731
-    options = model_options(runtime, threads, batch_invariant)
+    options = model_options(runtime, threads, batch_invariant, thread_wait)
     if judge_model is not None and (loaded.spec.judge is None or no_judge):
         why = "--no-judge skips it" if no_judge else f"{loaded.path} has no [judge]"
         raise InputError(f"--judge-model {judge_model!r} answers a probe's [judge]; {why}")

@@ -14,6 +14,7 @@ from muestra.cli.common import (
     DtypeOption,
     RuntimeOption,
     ThreadsOption,
+    ThreadWaitOption,
     TrustRemoteCodeOption,
 )
 
@@ -92,6 +93,7 @@ def serve(
     trust_remote_code: bool = TrustRemoteCodeOption,
     runtime: str = RuntimeOption,
     threads: int | None = ThreadsOption,
+    thread_wait: str | None = ThreadWaitOption,
     batch_invariant: bool = BatchInvariantOption,
     draft_model: str | None = typer.Option(
         None,
@@ -140,6 +142,7 @@ def serve(
         trust_remote_code=trust_remote_code,
         runtime=runtime,  # type: ignore[arg-type]
         threads=threads,
+        thread_wait=thread_wait,
         batch_invariant=batch_invariant,
     )
     served = ServedModel(

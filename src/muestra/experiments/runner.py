@@ -145,6 +145,7 @@ class Runner:
                 else m
                 for m in self.models
             ]
+        _apply_thread_wait(self.models, spec.path)
         cells = len(self.models) * len(spec.conditions) * len(spec.spec.prompt.items)
         SAMPLES_PER_RUN.check(
             cells * self.samples,
@@ -516,6 +517,7 @@ class Runner:
             runtime=model.runtime,
             threads=model.threads,
             batch_invariant=model.batch_invariant,
+            thread_wait=model.thread_wait,
         )
         self._store_provenance(model, loaded.provenance.as_dict())
         return loaded
@@ -751,6 +753,21 @@ def _batches(units: list[Unit], rows: int) -> Iterator[list[tuple[Unit, list[int
             size += len(take)
     if current:
         yield current
+
+
+def _apply_thread_wait(models: list[ModelSpec], path: Path) -> None:
+    """The run's thread wait (`models.runtime.threads`), set before torch loads: one for
+    the process, so local models asking for different ones are refused."""
+    from muestra.models.runtime.threads import apply_thread_wait
+
+    waits = sorted({m.thread_wait for m in models if m.endpoint is None and m.thread_wait})
+    if len(waits) > 1:
+        raise InputError(
+            f"{path}: the models ask for thread_wait {' and '.join(waits)}; one process has "
+            "one: give them the same (or leave it out)"
+        )
+    if waits:
+        apply_thread_wait(waits[0], f"{path}: thread_wait =")
 
 
 def _computing(provenance: dict[str, Any]) -> dict[str, Any]:

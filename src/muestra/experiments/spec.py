@@ -93,6 +93,12 @@ class ModelSpec(Strict):
         "beside it (README, 'llama.cpp runtime'); false: llama.cpp's own batching, faster "
         "for a single row.",
     )
+    thread_wait: Literal["sleep", "spin"] | None = Field(
+        None,
+        description="How idle compute threads wait, for the whole run: sleep (give the core "
+        "back at once; what a machine shared with other work needs) | spin (OpenMP's "
+        "default: a little faster on idle cores). Default: OMP_WAIT_POLICY, else sleep.",
+    )
     endpoint: str | list[str] | None = Field(
         None,
         description="OpenAI-compatible base URL(s), e.g. http://host:8000/v1 (muestra serve, "
@@ -144,6 +150,7 @@ class ModelSpec(Strict):
                 ("runtime", "auto"),
                 ("threads", None),
                 ("batch_invariant", True),
+                ("thread_wait", None),
             )
             if getattr(self, k) != default
         ]

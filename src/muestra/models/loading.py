@@ -283,10 +283,16 @@ def load_model(
     runtime: RuntimeChoice = "auto",
     threads: int | None = None,
     batch_invariant: bool = True,
+    thread_wait: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer on a runtime; see the module docstring for the
     rules. `threads`: the runtime's CPU threads (default: the cores, or OMP_NUM_THREADS);
-    `batch_invariant`: llama.cpp's exact batching (`llamacpp_runtime.py`)."""
+    `batch_invariant`: llama.cpp's exact batching (`llamacpp_runtime.py`); `thread_wait`:
+    how idle threads wait, sleep | spin (`runtime/threads.py`: set for the process, or
+    refused once torch has fixed another)."""
+    from muestra.models.runtime.threads import apply_thread_wait
+
+    apply_thread_wait(thread_wait, "thread_wait")  # before torch (imported next) fixes it
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging

@@ -93,6 +93,17 @@ def refuse_unknown(call: str, given: Iterable[str], known: Iterable[str]) -> Non
 MODEL_OPTIONS = ("runtime", "threads", "batch_invariant", "dtype", "device", "trust_remote_code")
 
 
+def _thread_wait_default() -> None:
+    """The compute threads' wait policy (`models/runtime/threads.py`), set as a command
+    sets it: before the first model imports torch, which fixes it for the kernel."""
+    from muestra.models.runtime.threads import apply_thread_wait
+
+    apply_thread_wait(None)
+
+
+_thread_wait_default()
+
+
 class _Bar:
     """A `Runner` progress callback. In a Jupyter kernel, one line updated in place
     (a display handle: the saved notebook keeps its final state); elsewhere a tqdm bar."""

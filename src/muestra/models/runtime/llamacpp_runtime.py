@@ -57,6 +57,7 @@ import torch
 from muestra.errors import ContextLengthError, InputError, ModelLoadError, MuestraError
 from muestra.models.gguf_header import read_gguf_header
 from muestra.models.runtime.base import Fed, LogitsWanted, check_cancelled
+from muestra.models.runtime.threads import thread_wait_now
 
 INSTALL_HINT = (
     "the llama.cpp runtime needs llama-cpp-python: pip install 'muestra[llamacpp]' (pip "
@@ -240,6 +241,7 @@ class LlamaCppRuntime:
             "model": self.meta("general.name"),
             "quantization": _file_type(self.meta("general.file_type")),
             "threads": self.threads,
+            "thread_wait": thread_wait_now(),
             "exact": self.exact,
             "ubatch": self.ubatch,
             "flash_attention": self.exact,

@@ -30,6 +30,7 @@ from muestra.models.runtime.kv_cache import (
     supports_growing_cache,
     trim_left,
 )
+from muestra.models.runtime.threads import thread_wait_now
 
 
 def premature_logits(
@@ -65,6 +66,7 @@ class TorchRuntime:
             "dtype": str(parameter.dtype).removeprefix("torch."),
             "device": str(self.device),
             "threads": torch.get_num_threads(),
+            "thread_wait": thread_wait_now(),
         }
 
     def new_cache(self, capacity: int) -> Any:
