@@ -69,6 +69,9 @@ def main() -> None:
     parser.add_argument("--kit-dir", type=Path, default=None, help="Folder for kit models.")
     parser.add_argument("--samples", type=int, default=SAMPLES, help="Samples per prompt.")
     args = parser.parse_args()
+    from muestra.models.runtime.threads import apply_thread_wait
+
+    apply_thread_wait(None)  # as every command does, before the kit's build loads torch
     from muestra.models.kit import ensure_kit
 
     kit_root = args.kit_dir.expanduser() if args.kit_dir else None
