@@ -90,7 +90,8 @@ def refuse_unknown(call: str, given: Iterable[str], known: Iterable[str]) -> Non
             raise InputError(f"{call}(..., {name}=...): no such keyword{hint}")
 
 
-MODEL_OPTIONS = ("runtime", "threads", "batch_invariant", "dtype", "device", "trust_remote_code")
+MODEL_OPTIONS = ("runtime", "threads", "batch_invariant", "dtype", "device", "trust_remote_code",
+                 "thread_wait")  # fmt: skip
 
 
 def _thread_wait_default() -> None:
