@@ -255,9 +255,10 @@ def test_a_run_whose_endpoints_never_answer_leaves_no_run(cli, tmp_path):
     assert [run_id for run_id, _ in runs_in(store)] == [1]
 
 
-def test_a_run_whose_endpoints_answered_then_failed_is_kept_as_failed(tmp_path, monkeypatch):
-    """The model started (its endpoints passed the start's checks): a later refusal leaves
-    the run, marked failed, with what it stored, as a local batch failure does."""
+def test_a_run_whose_endpoints_refuse_every_request_leaves_no_run(tmp_path, monkeypatch):
+    """The endpoints passed the start's checks, then refused the first request (400): no
+    sample was stored, so the run this command created goes, as it does for a local model
+    refused on its first batch — one rule for every backend."""
     import muestra.experiments.remote as remote_module
     from muestra.experiments.remote import RemoteError, RemoteRunner
     from muestra.experiments.runner import Runner
@@ -280,8 +281,7 @@ def test_a_run_whose_endpoints_answered_then_failed_is_kept_as_failed(tmp_path, 
     with Runner(load_spec(spec), store) as runner, pytest.raises(RemoteError, match="400: no"):
         runner.open()
         runner.run()
-    ((_, status),) = runs_in(store)
-    assert status == "failed"
+    assert not list(tmp_path.glob("refused.db*"))
 
 
 # ---- the think mode on an endpoint ---------------------------------------------------------

@@ -159,7 +159,6 @@ class Runner:
         self.run_id: int | None = None
         self.drafts: dict[tuple[str, str], Any] = {}  # speculative drafts, per model and ref
         self.noted: set[str] = set()  # notes already given (once per run, not per batch)
-        self.started: set[str] = set()  # models loaded, or whose endpoints answered, by run()
         self._tracked = False  # inside `tracking()`: the status is kept by the outer block
         # set by `open()`: the store's state and this run's row ids
         self.remote_sampling: dict[str, dict[str, Any]] = {}  # model → condition → sampling
@@ -421,16 +420,12 @@ class Runner:
                         continue
                     if generator is None:
                         generator = self._generator(model)
-                        self.started.add(model.name)
                     for batch in _batches(round_units, self.batch_rows):
                         store(self._run_batch(generator, batch))
                 except BaseException:
-                    # before any sample, the run leaves nothing when the model never started
-                    # (a local model that does not load, endpoints that fail the start's
-                    # checks) or a local model refused its first batch (a prompt over its
-                    # context…)
-                    local = model.endpoint is None
-                    if progress.done == 0 and (local or model.name not in self.started):
+                    # one rule for every backend: a run this command created that fails
+                    # before storing any sample leaves nothing behind (_discard)
+                    if progress.done == 0:
                         self._discard()
                     raise
         return progress
@@ -452,11 +447,11 @@ class Runner:
             self.on_note(note)
 
     def _discard(self) -> None:
-        """Undo what `open` wrote when the first model cannot start — a local model that
-        does not load, an endpoint model none of whose endpoints passes the start's checks
-        — or a local model is refused on its first batch, before any sample: a store this
-        invocation created is removed, a run it added is deleted. An endpoint model that
-        started and then failed leaves its run, marked failed."""
+        """Undo what `open` wrote when the run fails before storing any sample, whatever
+        the backend (a local model that does not load or is refused on its first batch,
+        endpoints that fail the start's checks or refuse every request, Ctrl-C): a store
+        this invocation created is removed, a run it added is deleted. A resumed run, or
+        one with samples, stays, marked failed."""
         if self.db is None or not self.new_run:
             return
         if self.created_store:
@@ -473,9 +468,8 @@ class Runner:
     ) -> None:
         from muestra.experiments.remote import RemoteRunner
 
-        def provenance(data: dict[str, Any]) -> None:  # the endpoints answered: started
+        def provenance(data: dict[str, Any]) -> None:  # the endpoints answered
             self._store_provenance(model, data)
-            self.started.add(model.name)
 
         remote = RemoteRunner(
             self.spec,
