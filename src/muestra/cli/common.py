@@ -9,6 +9,8 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from muestra.limits import MAX_THREADS
+
 stdout = Console(highlight=False, soft_wrap=True)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -39,7 +41,7 @@ INVARIANT_HELP = (
     "--no-batch-invariant: llama.cpp's own batching, faster for a single row."
 )
 RuntimeOption = typer.Option("auto", "--runtime", help=RUNTIME_HELP)
-ThreadsOption = typer.Option(None, "--threads", min=1, help=THREADS_HELP)
+ThreadsOption = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help=THREADS_HELP)
 BatchInvariantOption = typer.Option(
     True, "--batch-invariant/--no-batch-invariant", help=INVARIANT_HELP
 )

@@ -21,6 +21,8 @@ from muestra.cli.common import (
     stderr,
     stdout,
 )
+from muestra.cli.sampling_options import sampling_option
+from muestra.settings import SETTING
 
 
 def register(app: typer.Typer) -> None:
@@ -80,10 +82,10 @@ def eval_command(
         help="Samples per question (vote: 5; others: 1; choice with more draws letters).",
     ),
     think_budget: int = typer.Option(256, "--think-budget", min=1, help="cot / vote tokens."),
-    temperature: float | None = typer.Option(
-        None, "--temperature", min=0, help="cot: 0; vote: 0.7; choice draws: 1."
+    temperature: float | None = sampling_option(
+        SETTING.temperature, "cot: 0; vote: 0.7; choice draws: 1."
     ),
-    top_p: float | None = typer.Option(None, "--top-p", min=0, max=1, help="vote: 0.9."),
+    top_p: float | None = sampling_option(SETTING.top_p, "vote: 0.9."),
     weighted: bool = typer.Option(
         False, "--weighted", help="vote: weight each path by its letter probability."
     ),

@@ -32,65 +32,39 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 import torch
 
 from muestra.errors import InputError
+from muestra.settings import DEFAULT, NAMES, check_sampling
 
 NEG_INF = float("-inf")
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Decoding parameters of one row. Defaults are plain sampling at temperature 1."""
+    """Decoding parameters of one row: the settings `muestra.settings.Sampling` declares
+    (their defaults, plain sampling at temperature 1, and bounds are read from there), plus
+    a per-token `logit_bias`."""
 
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    temperature: float = DEFAULT.temperature
+    top_k: int = DEFAULT.top_k
+    top_p: float = DEFAULT.top_p
+    min_p: float = DEFAULT.min_p
+    repetition_penalty: float = DEFAULT.repetition_penalty
+    presence_penalty: float = DEFAULT.presence_penalty
+    frequency_penalty: float = DEFAULT.frequency_penalty
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     # DoLa (engine/dola.py): "low", "high" or premature layer indices; None = off
-    dola_layers: str | tuple[int, ...] | None = None
+    dola_layers: str | tuple[int, ...] | None = DEFAULT.dola_layers
 
     def __post_init__(self) -> None:
-        checks = [
-            ("temperature", self.temperature >= 0 and math.isfinite(self.temperature), ">= 0"),
-            ("top_k", self.top_k >= 0, ">= 0 (0 turns it off)"),
-            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
-            ("min_p", 0 <= self.min_p < 1, "in [0, 1)"),
-            (
-                "repetition_penalty",
-                self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty),
-                "finite and > 0 (1 turns it off)",
-            ),
-            ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
-            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
-        ]
-        for name, ok, rule in checks:
-            if not ok:
-                raise InputError(f"{name}={getattr(self, name)!r} is invalid: must be {rule}")
+        check_sampling({name: getattr(self, name) for name in NAMES})
         for token_id, value in self.logit_bias.items():
             if not math.isfinite(value):
                 raise InputError(f"logit_bias[{token_id}]={value!r} is invalid: must be finite")
-        layers = self.dola_layers
-        if isinstance(layers, str):
-            if layers not in ("low", "high"):
-                raise InputError(
-                    f"dola_layers={layers!r} is invalid: must be 'low', 'high' or layer indices"
-                )
-        elif layers is not None and (
-            not isinstance(layers, tuple)
-            or not layers
-            or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers)
-        ):
-            raise InputError(
-                f"dola_layers={layers!r} is invalid: must be 'low', 'high' or a "
-                "non-empty tuple of layer indices >= 0"
-            )
 
     @property
     def greedy(self) -> bool:
@@ -192,17 +166,22 @@ def sample_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
 # ---- the batch ---------------------------------------------------------------------
 
 
+def _row() -> Any:
+    """A field of `SamplingBatch` holding one value per row (selected with the rows)."""
+    return field(metadata={"per_row": True})
+
+
 @dataclass
 class SamplingBatch:
     """Per-row parameters as tensors, with flags that skip steps nobody uses."""
 
-    temperature: torch.Tensor  # (B,)
-    top_k: torch.Tensor  # (B,) int64
-    top_p: torch.Tensor  # (B,)
-    min_p: torch.Tensor  # (B,)
-    repetition_penalty: torch.Tensor  # (B,)
-    presence_penalty: torch.Tensor  # (B,)
-    frequency_penalty: torch.Tensor  # (B,)
+    temperature: torch.Tensor = _row()  # (B,)
+    top_k: torch.Tensor = _row()  # (B,) int64
+    top_p: torch.Tensor = _row()  # (B,)
+    min_p: torch.Tensor = _row()  # (B,)
+    repetition_penalty: torch.Tensor = _row()  # (B,)
+    presence_penalty: torch.Tensor = _row()  # (B,)
+    frequency_penalty: torch.Tensor = _row()  # (B,)
     logit_bias: torch.Tensor | None  # (B, V) or None
     all_greedy: bool
     any_greedy: bool
@@ -217,8 +196,8 @@ class SamplingBatch:
     def build(
         cls, params: Sequence[SamplingParams], vocab_size: int, device: torch.device
     ) -> SamplingBatch:
-        def column(name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
+        def column(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device)
 
         bias = None
         if any(p.logit_bias for p in params):
@@ -235,16 +214,16 @@ class SamplingBatch:
         candidate_rows = [i for i, p in enumerate(params) if not p.greedy and p.top_k > 0]
         full_rows = [i for i, p in enumerate(params) if not p.greedy and p.top_k == 0]
         return cls(
-            temperature=column("temperature"),
+            temperature=column([p.temperature for p in params]),
             # a k above the vocabulary keeps all of it (as vLLM), never overflows int64
             top_k=torch.tensor(
                 [min(p.top_k, vocab_size) for p in params], dtype=torch.int64, device=device
             ),
-            top_p=column("top_p"),
-            min_p=column("min_p"),
-            repetition_penalty=column("repetition_penalty"),
-            presence_penalty=column("presence_penalty"),
-            frequency_penalty=column("frequency_penalty"),
+            top_p=column([p.top_p for p in params]),
+            min_p=column([p.min_p for p in params]),
+            repetition_penalty=column([p.repetition_penalty for p in params]),
+            presence_penalty=column([p.presence_penalty for p in params]),
+            frequency_penalty=column([p.frequency_penalty for p in params]),
             logit_bias=bias,
             all_greedy=not sampled,
             any_greedy=len(sampled) < len(params),
@@ -258,30 +237,15 @@ class SamplingBatch:
 
     def select(self, keep: torch.Tensor) -> SamplingBatch:
         """The rows in `keep` (flags stay valid: dropping rows never turns a step on)."""
-        fields = {
-            name: getattr(self, name)[keep]
-            for name in (
-                "temperature",
-                "top_k",
-                "top_p",
-                "min_p",
-                "repetition_penalty",
-                "presence_penalty",
-                "frequency_penalty",
-            )
+        rows = {
+            f.name: getattr(self, f.name)[keep] for f in fields(self) if f.metadata.get("per_row")
         }
         bias = self.logit_bias[keep] if self.logit_bias is not None else None
-        flags = {
-            name: getattr(self, name)
-            for name in self.__dataclass_fields__
-            if name.startswith(("all_", "any_", "no_"))
-        }
-        sampled = fields["temperature"] > 0
-        has_k = fields["top_k"] > 0
-        return SamplingBatch(
-            **fields,
-            logit_bias=bias,
-            **flags,
+        kept = replace(self, **rows, logit_bias=bias)
+        sampled = kept.temperature > 0
+        has_k = kept.top_k > 0
+        return replace(
+            kept,
             candidate_rows=(sampled & has_k).nonzero().flatten(),
             full_rows=(sampled & ~has_k).nonzero().flatten(),
         )

@@ -55,39 +55,49 @@ from muestra.experiments.store import (
     prompt_rows,
     record_eval,
 )
+from muestra.settings import SETTING, check_sampling, flag, sampling_table
 
 Method = Literal["choice", "loglik", "cot", "vote"]
 METHODS: tuple[str, ...] = ("choice", "loglik", "cot", "vote")
 OPEN_MAX_TOKENS = 48
+# the sampling settings a method's preset takes from the command (--temperature, --top-p)
+PRESET_SAMPLING = (SETTING.temperature, SETTING.top_p)
 OPEN_INSTRUCTION = {
     "en": "Answer with a word or a short phrase only.",
     "es": "Responde solo con una palabra o una frase corta.",
 }
 
 
+def _used_by(*methods: str, default: Any = None, flag: str | None = None) -> Any:
+    """A setting only `methods` use: the others refuse it when changed (a setting given
+    and then ignored would be a result that does not mean what its command says)."""
+    return field(default=default, metadata={"methods": methods, "flag": flag})
+
+
 @dataclass(frozen=True)
 class EvalSettings:
     method: str = "choice"
-    format: str = "cloze"  # loglik: letters | cloze
-    chat: bool = False  # loglik: apply the chat template to the context
-    raw: bool = False  # choice / cot / vote: plain text, no chat template (base models)
+    format: str = _used_by("loglik", default="cloze")  # letters | cloze
+    chat: bool = _used_by("loglik", default=False)  # apply the chat template to the context
+    raw: bool = _used_by("choice", "cot", "vote", default=False)  # no chat template
     shots: int = 0
     limit: int | None = None  # the first N questions
-    samples: int | None = None  # per question (vote: 5, others: 1)
-    think_budget: int = 256  # cot / vote
-    temperature: float | None = None  # choice draws: 1; cot: 0; vote: 0.7
-    top_p: float | None = None  # vote: 0.9
-    weighted: bool = False  # vote: weight each path by its letter probability
+    # per question (vote: 5, others: 1); cot scores one reasoning: several are a vote
+    samples: int | None = _used_by("choice", "vote", flag="--samples-per-question")
+    think_budget: int = _used_by("cot", "vote", default=256)
+    temperature: float | None = _used_by("choice", "cot", "vote")  # draws: 1; cot 0; vote 0.7
+    top_p: float | None = _used_by("cot", "vote")  # vote: 0.9
+    weighted: bool = _used_by("vote", default=False)  # weight a path by its letter probability
     language: str = "auto"
-    regex: str | None = None  # open vote: the answer is this regex's first group
+    regex: str | None = _used_by("vote")  # open vote: the answer is this regex's first group
     seed: int = 0
     dtype: str = "auto"
     # vote, sequential: each question samples until the share of its right answer is
     # within ± precision or excludes reference (at most `samples` paths; [stop] table)
-    precision: float | None = None
-    reference: float | None = None
-    min_samples: int = 10
-    every: int = 10
+    precision: float | None = _used_by("vote")
+    reference: float | None = _used_by("vote")
+    min_samples: int = _used_by("vote", default=10)
+    every: int = _used_by("vote", default=10)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -104,6 +114,8 @@ class EvalSettings:
             raise InputError(f"--samples-per-question must be at least 1 (got {self.samples})")
         if self.shots < 0:
             raise InputError(f"--shots must be 0 or more (got {self.shots})")
+        given = {name: getattr(self, name) for name in PRESET_SAMPLING}
+        check_sampling({k: v for k, v in given.items() if v is not None}, flag)
         if self.regex is not None:
             try:
                 re.compile(self.regex)
@@ -120,25 +132,13 @@ class EvalSettings:
         return self.samples if self.samples is not None else 5 if self.method == "vote" else 1
 
 
-# the settings only some methods use; the others refuse them when changed (a setting
-# given and then ignored would be a result that does not mean what its command says)
+# the settings only some methods use (`_used_by`), and the flags that set them
 METHOD_SETTINGS: dict[str, tuple[str, ...]] = {
-    "format": ("loglik",),
-    "chat": ("loglik",),
-    "raw": ("choice", "cot", "vote"),
-    "samples": ("choice", "vote"),  # cot scores one reasoning: several are a vote
-    "think_budget": ("cot", "vote"),
-    "temperature": ("choice", "cot", "vote"),
-    "top_p": ("cot", "vote"),
-    "weighted": ("vote",),
-    "regex": ("vote",),
-    "precision": ("vote",),
-    "reference": ("vote",),
-    "min_samples": ("vote",),
-    "every": ("vote",),
+    f.name: f.metadata["methods"] for f in fields(EvalSettings) if "methods" in f.metadata
 }
-EVAL_FLAGS = {"samples": "--samples-per-question", "think_budget": "--think-budget",
-              "top_p": "--top-p", "min_samples": "--min-samples"}  # fmt: skip
+EVAL_FLAGS = {
+    f.name: f.metadata["flag"] or flag(f.name) for f in fields(EvalSettings) if f.metadata
+}
 
 
 def check_methods(
@@ -149,7 +149,7 @@ def check_methods(
     default = {f.name: f.default for f in fields(EvalSettings)}
     names = {**EVAL_FLAGS, **(flags or {})}
     refused = [
-        f"{names.get(name, '--' + name)} ({', '.join(applies)})"
+        f"{names[name]} ({', '.join(applies)})"
         for name, applies in METHOD_SETTINGS.items()
         if values.get(name, default[name]) != default[name] and not set(methods) & set(applies)
     ]
@@ -310,28 +310,16 @@ def build_spec(
             row["text"] = f"{row['text']}\n\n{lang.answer}"
     spec["prompt"] = {"user": "{text}", "raw": settings.raw, "items": rows}
     answer: dict[str, Any] = {"max_tokens": OPEN_MAX_TOKENS if is_open else 4}
+    temperature, top_p = method_sampling(settings)
     if method == "choice":
-        draws = settings.per_question > 1
-        answer["temperature"] = (
-            settings.temperature if settings.temperature is not None else (1.0 if draws else 0.0)
-        )
+        answer |= sampling_table(temperature=temperature)
     elif method in ("cot", "vote"):
-        sampled = method == "vote"
-        think: dict[str, Any] = {
-            "budget": settings.think_budget,
-            "mode": "auto",
-            "instruction": lang.reason,
-            "temperature": settings.temperature
-            if settings.temperature is not None
-            else (0.7 if sampled else 0.0),
-            "top_p": settings.top_p if settings.top_p is not None else (0.9 if sampled else 1.0),
-            "top_k": 0,
-            "min_p": 0.0,
-        }
+        sampled = sampling_table(temperature=temperature, top_p=top_p)
         if is_open:  # an open vote samples the answer itself, no reasoning
-            answer |= {"temperature": think["temperature"], "top_p": think["top_p"]}
+            answer |= sampled
         else:
-            spec["think"] = think
+            think = {"budget": settings.think_budget, "mode": "auto", "instruction": lang.reason}
+            spec["think"] = {**think, **sampled, **sampling_table(top_k=0, min_p=0.0)}
     if not is_open:
         answer["field_probs"] = True
     spec["answer"] = answer
@@ -352,6 +340,21 @@ def _vote_stop(settings: EvalSettings, is_open: bool, task: Task) -> dict[str, A
     stop |= {"every": settings.every, "max_samples": settings.per_question}
     stop |= {k: getattr(settings, k) for k in ("precision", "reference")}
     return {k: v for k, v in stop.items() if v is not None}
+
+
+def method_sampling(settings: EvalSettings) -> tuple[float, float]:
+    """(temperature, top-p) of a method's sampled phase: the settings' own,
+    else the method's own (choice: greedy, temperature 1 when it draws several letters;
+    cot: greedy; vote: T 0.7, top-p 0.9, as seed 004)."""
+    method = settings.method
+    vote = method == "vote"
+    draws = method == "choice" and settings.per_question > 1
+    temperature = 0.7 if vote else 1.0 if draws else 0.0
+    top_p = 0.9 if vote else 1.0
+    return (
+        settings.temperature if settings.temperature is not None else temperature,
+        settings.top_p if settings.top_p is not None else top_p,
+    )
 
 
 def _check_sizes(items: list[Item], task: Task) -> None:

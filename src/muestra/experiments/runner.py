@@ -18,7 +18,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ from muestra.experiments.store import (
     upsert,
 )
 from muestra.limits import SAMPLES_PER_CELL, SAMPLES_PER_RUN
+from muestra.settings import REMOTE
 from muestra.version import __version__
 
 SEEDING = "paired"  # the seeding scheme new runs record
@@ -291,13 +292,12 @@ class Runner:
         stored = condition_think(self.db, condition_id)
         before = ((json.loads(stored) if stored else None) or {}).get("remote", {})
         for name, record in remote.items():
-            now = {
-                k: v
-                for k, v in record.items()
-                if k in ("temperature", "top_p", "top_k", "min_p", "mode")
-            }
-            # a run stored before modes were resolved reasoned in tags
-            was = {k: (before.get(name) or {}).get(k, "tags" if k == "mode" else None) for k in now}
+            old = before.get(name) or {}
+            # a run stored before modes were resolved reasoned in tags; one stored before a
+            # setting was sent left it to the server: only what it recorded is compared
+            keys = [k for k in REMOTE if k in old or not old] + ["mode"]
+            now = {k: record.get(k) for k in keys}
+            was = {k: old.get(k, "tags" if k == "mode" else None) for k in keys}
             if was != now:
                 raise InputError(
                     f"{self.store}: condition {condition.label!r} of model {name!r} was sampled "
@@ -522,86 +522,47 @@ class Runner:
     def _run_batch(
         self, generator: Any, batch: list[tuple[Unit, list[int]]]
     ) -> list[dict[str, Any]]:
-        from muestra.answers.structured import think_from_generation_config
+        from muestra.answers.decoding import PhaseBatch, decode, phases_from, strategy_from
+        from muestra.settings import PhaseSettings
 
         unit0 = batch[0][0]
         condition, item = unit0.condition, unit0.item
-        think = None
-        if condition.think is not None:
-            spec = condition.think
-            budget = think_budget(condition, item)
-            think = think_from_generation_config(
-                generator.loaded,
-                budget,
-                temperature=spec.temperature,
-                top_p=spec.top_p,
-                top_k=spec.top_k,
-                min_p=spec.min_p,
-                dola_layers=_dola(spec.dola_layers),
-            )
-            think = replace(think, mode=spec.mode)
-            if spec.instruction is not None:
-                think = replace(think, instruction=spec.instruction)
-            think = generator.resolve_think(think)
-            if spec.close_text is not None:
-                think = replace(think, close_text=spec.close_text)
-        answer, grammar = _answer(condition, self.spec, item)
+        think = condition.think
+        if think is not None:  # the item's own budget, when it has one
+            think = think.model_copy(update={"budget": think_budget(condition, item)})
+        settings = PhaseSettings(think, condition.answer)
+        phases = phases_from(settings, generator.loaded)
+        grammar = _grammar(condition, self.spec, item)
         prompts, firsts, counts, indices = [], [], [], []
         for unit, samples in batch:
-            ids = _encode(generator, self.spec, unit.item, think)
+            ids = _encode(generator, self.spec, unit.item, phases.think)
             self._check_fits(generator, unit, len(ids), condition.answer.max_tokens)
             for first, count in _ranges(samples):
                 prompts.append(ids)
                 firsts.append(first)
                 counts.append(count)
                 indices.append(unit.seed_index)  # the engine seeds by it
+        strategy = strategy_from(settings, lambda ref: self._draft(generator, unit0.model, ref))
+        work = PhaseBatch(
+            prompts,
+            counts,
+            phases,
+            seed=self.spec.spec.seed,
+            grammar=grammar,
+            field_probs=condition.answer.field_probs,
+            first_samples=firsts,
+            prompt_indices=indices,
+        )
         started = time.perf_counter()
-        think_beams, answer_beams = _beams(condition)
-        a = condition.answer
-        # what every decoding path takes: the batch's samples and the phases
-        batch_args: dict[str, Any] = {
-            "seed": self.spec.spec.seed,
-            "first_samples": firsts,
-            "counts": counts,
-            "prompt_indices": indices,
-            "think": think,
-            "answer": answer,
-        }
-        if a.prompt_lookup is not None or a.draft_model:
-            from muestra.answers.drafted import run_drafted_answers
-
-            results = run_drafted_answers(
-                generator,
-                prompts,
-                **batch_args,
-                prompt_lookup=a.prompt_lookup,
-                draft=self._draft(generator, unit0.model, a.draft_model),
-                num_speculative_tokens=a.num_speculative_tokens,
-            )
-        elif think_beams is None and answer_beams is None:
-            results = generator.run(
-                prompts, **batch_args, grammar=grammar, field_probs=a.field_probs
-            )
-            for note in generator.notes:
-                note = f"model {unit0.model.name}, condition {condition.label}: {note}"
-                if note not in self.noted:
-                    self.noted.add(note)
-                    self.on_note(note)
-        else:
-            from muestra.answers.beam_phases import run_beam_phases
-
-            results = run_beam_phases(
-                generator,
-                prompts,
-                **batch_args,
-                think_beams_params=think_beams,
-                answer_beams=answer_beams,
-                grammar=grammar,
-                field_probs=a.field_probs,
-            )
+        results = decode(generator, work, strategy)
+        for note in generator.notes:
+            note = f"model {unit0.model.name}, condition {condition.label}: {note}"
+            if note not in self.noted:
+                self.noted.add(note)
+                self.on_note(note)
         seconds = time.perf_counter() - started
         unit_of = {u.seed_index: u for u, _ in batch}  # one unit per seed index (_batches)
-        budget = think.budget if think else None
+        budget = phases.think.budget if phases.think else None
         return [self._row(unit_of[s.prompt_index], s, budget, seconds) for s in results]
 
     def _check_fits(self, generator: Any, unit: Unit, prompt_tokens: int, answer: int) -> None:
@@ -667,48 +628,18 @@ def _encode(generator: Any, spec: LoadedSpec, item: PromptItem, think: Any) -> l
     return generator.text.encode_messages(prompt, spec.spec.prompt.enable_thinking)
 
 
-def _answer(condition: Condition, spec: LoadedSpec, item: PromptItem) -> tuple[Any, Any]:
-    """The answer phase and grammar of `condition` for `item` (whose own choice, when it has
-    one, replaces the answer's)."""
+def _grammar(condition: Condition, spec: LoadedSpec, item: PromptItem) -> Any:
+    """The answer grammar of `condition` for `item` (whose own choice, when it has one,
+    replaces the answer's)."""
     from muestra.answers.grammar import GrammarSpec
-    from muestra.answers.phases import AnswerConfig
-    from muestra.engine import SamplingParams
 
     a = condition.answer
-    params = SamplingParams(
-        temperature=a.temperature,
-        top_p=a.top_p,
-        top_k=a.top_k,
-        min_p=a.min_p,
-        dola_layers=_dola(a.dola_layers),
-    )
-    grammar = GrammarSpec.from_options(
+    return GrammarSpec.from_options(
         schema=spec.answer_schema,
         regex=a.regex,
         choice=item.choice if item.choice is not None else a.choice,
         ebnf=spec.path.parent / a.grammar if a.grammar is not None else None,
     )
-    return AnswerConfig(params=params, max_tokens=a.max_tokens, stop=tuple(a.stop)), grammar
-
-
-def _dola(layers: str | list[int] | None) -> str | tuple[int, ...] | None:
-    return tuple(layers) if isinstance(layers, list) else layers
-
-
-def _beams(condition: Condition) -> tuple[Any, Any]:
-    """The beam parameters of the think and answer phases (None: sampled)."""
-    from muestra.engine.beam import BeamParams
-
-    def params(section: Any) -> Any:
-        if section is None or section.strategy != "beam":
-            return None
-        return BeamParams(
-            num_beams=section.num_beams,
-            length_penalty=section.length_penalty,
-            early_stopping=section.early_stopping,
-        )
-
-    return params(condition.think), params(condition.answer)
 
 
 def _ranges(indices: list[int]) -> Iterator[tuple[int, int]]:

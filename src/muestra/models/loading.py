@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 
 from muestra.errors import InputError, ModelLoadError, ModelNotFoundError, UnsafeModelError
+from muestra.limits import check_threads
 from muestra.models.gguf import GGUF_SUFFIX, find_gguf, gguf_architecture, load_gguf
 from muestra.models.runtime.base import Runtime
 
@@ -279,6 +280,8 @@ def load_model(
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    if threads is not None:  # before anything is read
+        check_threads(threads)
     hf_logging.disable_progress_bar()
     files = check_model(ref, revision, allow_pickle, trust_remote_code)
     choice = choose_runtime(ref, files, auto_runtime(runtime, dtype, device))
@@ -349,9 +352,7 @@ def auto_runtime(runtime: str, dtype: str, device: str) -> str:
 
 
 def _positive_threads(threads: int) -> int:
-    if threads < 1:
-        raise InputError(f"threads={threads} must be at least 1")
-    return threads
+    return check_threads(threads)
 
 
 def _load_llamacpp(

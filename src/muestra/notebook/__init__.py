@@ -218,13 +218,9 @@ def experiment(
     return open_run(out, run_id)
 
 
-_EVAL_NAMES = {name: name for name in ("samples", "think_budget", "top_p", "format", "chat",
-                                       "raw", "temperature", "weighted", "regex")}  # fmt: skip
-
-
 def _eval_values(methods: list[str], settings: Mapping[str, Any], n: int | None) -> dict[str, Any]:
     """The settings of an evaluation, refused by name when unknown or unused by `methods`."""
-    from muestra.evaluation.evaluate import EvalSettings, check_methods
+    from muestra.evaluation.evaluate import METHOD_SETTINGS, EvalSettings, check_methods
 
     known = set(EvalSettings.__dataclass_fields__) - {"method", "limit"}
     unknown = sorted(set(settings) - known)
@@ -235,7 +231,7 @@ def _eval_values(methods: list[str], settings: Mapping[str, Any], n: int | None)
             f"{', '.join(unknown)}: not a setting{hint}; use {', '.join(sorted(known))}"
         )
     values = {**settings, "limit": n}
-    check_methods(methods, values, _EVAL_NAMES)
+    check_methods(methods, values, {name: name for name in METHOD_SETTINGS})  # as typed
     return values
 
 

@@ -23,6 +23,7 @@ from muestra.experiments.store import (
     record_probe,
     sample_rows,
 )
+from muestra.settings import changed_table, sampling_table
 
 # ---- the experiment a probe runs ---------------------------------------------------------
 
@@ -66,10 +67,11 @@ def experiment(
         "model": model_data,
         "prompt": prompt,
         "answer": {
-            "temperature": d.temperature,
-            "top_p": d.top_p,
-            "top_k": d.top_k,
-            "min_p": d.min_p,
+            # the four settings a probe's spec always wrote (its text is the run's identity)
+            **sampling_table(
+                temperature=d.temperature, top_p=d.top_p, top_k=d.top_k, min_p=d.min_p
+            ),
+            **changed_table(d),
             "max_tokens": d.max_tokens,
             "stop": d.stop,
             "field_probs": False,
@@ -192,7 +194,7 @@ def judge_spec(probe: Probe, db: sqlite3.Connection, run_id: int, model: str | N
         "model": model_data,
         "prompt": prompt_data,
         "answer": {
-            "temperature": 0.0,
+            **sampling_table(temperature=0.0),  # the judge answers greedily
             "max_tokens": judge.max_tokens,
             "schema": probe.judge_schema,
             "field_probs": judge.field_probs,
