@@ -247,7 +247,7 @@ def remote_runner(
     runner.open()
     rows, notes = [], []
     remote = RemoteRunner(
-        loaded, loaded.spec.model, 21, runner._row, rows.extend, notes.append, transport=transport
+        loaded, loaded.spec.model, 21, runner.row, rows.extend, notes.append, transport=transport
     )
     return remote, runner.plan(), rows, notes
 

@@ -45,6 +45,7 @@ from muestra.analysis.accuracy import (
 from muestra.errors import InputError
 from muestra.evaluation import prompts
 from muestra.evaluation.tasks import LETTERS, Item, Task
+from muestra.experiments.executor import Batch, RunnerView
 from muestra.experiments.runner import Progress, Runner
 from muestra.experiments.spec import LoadedSpec, spec_from_data
 from muestra.experiments.store import (
@@ -420,13 +421,13 @@ def evaluate(
 ) -> EvalResult:
     """Run (or resume) `task` scored by `settings.method` on `model` into `store`."""
     loaded = build_spec(model, task, settings, model_options)
-    kind = _LoglikRunner if settings.method == "loglik" else Runner
-    runner = kind(
+    runner = Runner(
         loaded,
         Path(store),
         resume_any=True,
         on_note=on_note,
         trust_remote_code=trust_remote_code,
+        executor=LoglikScoring() if settings.method == "loglik" else None,
     )
     started = time.perf_counter()
     with runner:  # closes the store however it ends
@@ -440,16 +441,18 @@ def evaluate(
     return result
 
 
-class _LoglikRunner(Runner):
-    """The runner with log-likelihood scoring in place of generation: one stored "sample"
-    per question, its answer the most likely option."""
+class LoglikScoring:
+    """The runner's executor (experiments/executor.py) for `--method loglik`: each
+    question scored by log-likelihood in place of generation, one stored "sample" per
+    question, its answer the most likely option."""
 
-    _fits_checked = False
+    def __init__(self) -> None:
+        self.fits_checked = False
 
-    def _generator(self, model: Any) -> Any:
-        return self._load(model)
+    def load(self, runner: RunnerView, model: Any) -> Any:
+        return runner.load(model)
 
-    def _check_context(self, loaded: Any, encode: Any, question: Any) -> None:
+    def check_context(self, spec: Any, loaded: Any, encode: Any, question: Any) -> None:
         """Refuse, before any question is scored, one whose context and longest option
         do not fit the model's context (lm-eval would cut the context from the left and
         score a different question)."""
@@ -457,22 +460,22 @@ class _LoglikRunner(Runner):
         from muestra.evaluation.loglik import encode_pair
 
         limit = loaded.runtime.max_length
-        self._fits_checked = True
+        self.fits_checked = True
         if limit is None:
             return
-        for item in self.spec.spec.prompt.items:
+        for item in spec.spec.prompt.items:
             context, continuations = question(item)
             for letter, continuation in zip(LETTERS, continuations, strict=False):
                 ids, cont = encode_pair(encode, context, continuation)
                 if len(ids) + len(cont) > limit:
                     raise ContextLengthError(
-                        f"{self.spec.path}: question {item.id!r} with option {letter} is "
+                        f"{spec.path}: question {item.id!r} with option {letter} is "
                         f"{len(ids) + len(cont):,} tokens, over the model's context of "
                         f"{limit:,} (--method loglik); nothing was scored. Shorten the "
                         "question or leave it out (or use --limit)"
                     )
 
-    def _run_batch(self, loaded: Any, batch: list[tuple[Any, list[int]]]) -> list[dict[str, Any]]:
+    def run_batch(self, runner: RunnerView, loaded: Any, batch: Batch) -> list[dict[str, Any]]:
         import torch
 
         from muestra.answers.structured import StructuredSample
@@ -490,14 +493,14 @@ class _LoglikRunner(Runner):
 
         def question(item: Any) -> tuple[str, list[str]]:
             nonlocal chat
-            prompt = messages_for(self.spec, item)
+            prompt = messages_for(runner.spec, item)
             if not isinstance(prompt, str):  # --chat: the rendered template, as text
                 prompt = render_chat(tokenizer, prompt)[0]
                 chat = True
             return prompt, item.variables["continuations"]
 
-        if not self._fits_checked:  # every question, before the first is scored
-            self._check_context(loaded, encode, question)
+        if not self.fits_checked:  # every question, before the first is scored
+            self.check_context(runner.spec, loaded, encode, question)
         questions = [question(unit.item) for unit, _ in batch]
         started = time.perf_counter()
         scored = loglikelihoods(loaded.runtime, encode, questions)
@@ -511,13 +514,13 @@ class _LoglikRunner(Runner):
             chars = [len(c.lstrip(" ")) for c in conts]  # lm-eval: len() of the choice text
             norm = max(range(len(conts)), key=lambda i: logliks[i] / max(chars[i], 1))
             sample = StructuredSample(
-                prompt_index=unit.prompt_index, sample=0, seed=self.spec.spec.seed,
+                prompt_index=unit.prompt_index, sample=0, seed=runner.spec.spec.seed,
                 text=letters[best], token_ids=[], finish_reason="stop", stop_reason=None,
                 num_prompt_tokens=len(encode(context)), reasoning=None, think_tokens=0,
                 budget_hit=False, answer_text=letters[best], answer=letters[best],
                 field_probs={"answer": dict(zip(letters, probs, strict=True))}, error=None,
             )  # fmt: skip
-            row = self._row(unit, sample, None, seconds)
+            row = runner.row(unit, sample, None, seconds)
             row["scores_json"] = dumps(
                 {
                     "logliks": dict(zip(letters, logliks, strict=True)),

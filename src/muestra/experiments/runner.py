@@ -1,8 +1,10 @@
 """Plan and run an experiment: model × condition × prompt × sample, resumable.
 
 `Runner.plan()` lists the work units not yet in the store; `Runner.run()` groups the
-samples of each prompt into engine batches (so they share one prefill), runs them
-through the think → answer phases and writes each finished batch in one transaction.
+samples of each prompt into engine batches (so they share one prefill), hands each batch
+to its executor (experiments/executor.py: by default the think → answer phases, decoded;
+an evaluation may bring its own) and writes each finished batch in one transaction. What
+a run samples is checked before anything opens (experiments/run_settings.py).
 Interrupting (Ctrl-C, `kill -9`, a crash) loses at most the batch in flight; running
 the same command again resumes exactly where it stopped, because sample `i` of prompt
 `p` always gets the seed derived from (run seed, p's seed index, i), whichever batch it
@@ -23,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from muestra.errors import InputError
+from muestra.experiments.executor import Batch, BatchExecutor, Decoding, Unit
 from muestra.experiments.prompts import messages_for, think_budget
+from muestra.experiments.run_settings import run_settings
 from muestra.experiments.spec import (
     Condition,
     LoadedSpec,
     ModelSpec,
-    PromptItem,
-    check_beam_samples,
 )
 from muestra.experiments.store import (
     condition_think,
@@ -47,7 +49,6 @@ from muestra.experiments.store import (
     stored_indices,
     upsert,
 )
-from muestra.limits import SAMPLES_PER_CELL, SAMPLES_PER_RUN
 from muestra.settings import REMOTE
 from muestra.version import __version__
 
@@ -72,19 +73,7 @@ def seed_indices(groups: list[str | None], scheme: str | None) -> list[int]:
     return [i if g is None else first.setdefault(g, i) for i, g in enumerate(groups)]
 
 
-@dataclass(frozen=True)
-class Unit:
-    """The missing samples of one (model, condition, prompt) cell."""
-
-    model: ModelSpec
-    condition: Condition
-    item: PromptItem
-    prompt_index: int
-    model_id: int
-    condition_id: int
-    prompt_id: int
-    missing: tuple[int, ...]
-    seed_index: int  # the index this prompt's samples are seeded with (seed_indices)
+__all__ = ["Progress", "Runner", "Unit", "seed_indices"]
 
 
 @dataclass
@@ -109,55 +98,29 @@ class Runner:
         on_note: Callable[[str], None] | None = None,
         trust_remote_code: bool = False,
         model_options: Mapping[str, Any] | None = None,
+        executor: BatchExecutor | None = None,
     ) -> None:
+        """`executor` turns each batch into stored rows (experiments/executor.py; default:
+        the spec's phases, decoded); every other argument is checked by `run_settings`."""
         self.spec = spec
         self.store = Path(store)
-        self.samples = samples if samples is not None else spec.spec.samples
-        stop = spec.spec.stop
-        if stop is not None and stop.max_samples is not None:  # a sequential run's cap
-            if samples is not None and samples != stop.max_samples:
-                raise InputError(
-                    f"--samples {samples} and [stop] max_samples = {stop.max_samples} both "
-                    "set how many samples a cell takes at most: give one of them"
-                )
-            self.samples = stop.max_samples
-        if self.samples < 1:
-            raise InputError(f"--samples must be at least 1 (got {self.samples})")
-        where = f"{spec.path}: samples = {self.samples:,}" if samples is None else "--samples"
-        SAMPLES_PER_CELL.check(self.samples, where)
-        check_beam_samples(spec.conditions, self.samples, f"{spec.path} with --samples")
-        self.models = [ModelSpec(id=model)] if model else spec.spec.model_list
-        # flags that apply to every local model (`--trust-remote-code`, `--runtime`, …)
-        local = dict(model_options or {})
-        if trust_remote_code:
-            local["trust_remote_code"] = True
-        given = [*local, *(["batch"] if batch_rows is not None else [])]
-        if given and all(m.endpoint is not None for m in self.models):
-            flags = ", ".join("--" + name.replace("_", "-") for name in given)
-            raise InputError(
-                f"{flags}: {'applies' if len(given) == 1 else 'apply'} to models this "
-                f"machine computes; every model of {spec.path} is an endpoint (its server "
-                "decides how it computes and batches): leave them out"
-            )
-        if local:
-            self.models = [
-                ModelSpec.model_validate({**m.model_dump(exclude_unset=True), **local})
-                if m.endpoint is None
-                else m
-                for m in self.models
-            ]
-        cells = len(self.models) * len(spec.conditions) * len(spec.spec.prompt.items)
-        SAMPLES_PER_RUN.check(
-            cells * self.samples,
-            f"{spec.path}: {cells:,} prompt × condition × model cells × {self.samples:,} samples",
+        settings = run_settings(
+            spec,
+            model=model,
+            samples=samples,
+            batch_rows=batch_rows,
+            trust_remote_code=trust_remote_code,
+            model_options=model_options,
         )
+        self.samples = settings.samples
+        self.models = settings.models
+        self.batch_rows = settings.batch_rows
+        self.executor: BatchExecutor = executor or Decoding()
         self.force_new = force_new
         self.resume_any = resume_any  # resume any run of this spec, not only the latest
-        self.batch_rows = batch_rows if batch_rows is not None else 32
         self.on_note = on_note or (lambda _: None)
         self.db: sqlite3.Connection | None = None
         self.run_id: int | None = None
-        self.drafts: dict[tuple[str, str], Any] = {}  # speculative drafts, per model and ref
         self.noted: set[str] = set()  # notes already given (once per run, not per batch)
         self.started: set[str] = set()  # models loaded, or whose endpoints answered, by run()
         self._tracked = False  # inside `tracking()`: the status is kept by the outer block
@@ -412,21 +375,21 @@ class Runner:
                 continue
             # a fixed-n run is one round; a sequential one samples its open cells in rounds
             each_round = [mine] if rounds is None else rounds.of(model.name)
-            generator = None
+            worker = None
             for round_units in each_round:
                 try:
                     if model.endpoint is not None:
                         self._run_remote(model, round_units, store)
                         continue
-                    if generator is None:
-                        generator = self._generator(model)
+                    if worker is None:
+                        worker = self.executor.load(self, model)
                         self.started.add(model.name)
                 except BaseException:
                     if progress.done == 0 and model.name not in self.started:
                         self._discard()  # the model never started: the run leaves nothing
                     raise
                 for batch in _batches(round_units, self.batch_rows):
-                    store(self._run_batch(generator, batch))
+                    store(self.executor.run_batch(self, worker, batch))
         return progress
 
     def _rounds(self) -> Any:
@@ -474,7 +437,7 @@ class Runner:
             self.spec,
             model,
             self.spec.spec.seed,
-            self._row,
+            self.row,
             store,
             self.on_note,
             provenance,
@@ -498,7 +461,7 @@ class Runner:
                 )
         set_model_provenance(self.db, self.model_ids[model.name], data)
 
-    def _load(self, model: ModelSpec) -> Any:
+    def load(self, model: ModelSpec) -> Any:
         """The local model with every setting of its spec, its provenance stored."""
         from muestra.models.loading import load_model
 
@@ -514,84 +477,10 @@ class Runner:
         self._store_provenance(model, loaded.provenance.as_dict())
         return loaded
 
-    def _generator(self, model: ModelSpec) -> Any:
-        from muestra.answers.structured import StructuredGenerator
-
-        return StructuredGenerator(self._load(model), max_batch=self.batch_rows)
-
-    def _run_batch(
-        self, generator: Any, batch: list[tuple[Unit, list[int]]]
-    ) -> list[dict[str, Any]]:
-        from muestra.answers.decoding import PhaseBatch, decode, phases_from, strategy_from
-        from muestra.settings import PhaseSettings
-
-        unit0 = batch[0][0]
-        condition, item = unit0.condition, unit0.item
-        think = condition.think
-        if think is not None:  # the item's own budget, when it has one
-            think = think.model_copy(update={"budget": think_budget(condition, item)})
-        settings = PhaseSettings(think, condition.answer)
-        phases = phases_from(settings, generator.loaded)
-        grammar = _grammar(condition, self.spec, item)
-        prompts, firsts, counts, indices = [], [], [], []
-        for unit, samples in batch:
-            ids = _encode(generator, self.spec, unit.item, phases.think)
-            self._check_fits(generator, unit, len(ids), condition.answer.max_tokens)
-            for first, count in _ranges(samples):
-                prompts.append(ids)
-                firsts.append(first)
-                counts.append(count)
-                indices.append(unit.seed_index)  # the engine seeds by it
-        strategy = strategy_from(settings, lambda ref: self._draft(generator, unit0.model, ref))
-        work = PhaseBatch(
-            prompts,
-            counts,
-            phases,
-            seed=self.spec.spec.seed,
-            grammar=grammar,
-            field_probs=condition.answer.field_probs,
-            first_samples=firsts,
-            prompt_indices=indices,
-        )
-        started = time.perf_counter()
-        results = decode(generator, work, strategy)
-        for note in generator.notes:
-            note = f"model {unit0.model.name}, condition {condition.label}: {note}"
-            if note not in self.noted:
-                self.noted.add(note)
-                self.on_note(note)
-        seconds = time.perf_counter() - started
-        unit_of = {u.seed_index: u for u, _ in batch}  # one unit per seed index (_batches)
-        budget = phases.think.budget if phases.think else None
-        return [self._row(unit_of[s.prompt_index], s, budget, seconds) for s in results]
-
-    def _check_fits(self, generator: Any, unit: Unit, prompt_tokens: int, answer: int) -> None:
-        """Refuse an item whose prompt and answer cannot fit the model's context, naming
-        the spec (or question file) and the item, before its batch runs."""
-        from muestra.errors import ContextLengthError
-
-        limit = getattr(generator.loaded, "max_length", None)
-        if limit is not None and prompt_tokens + answer > limit:
-            raise ContextLengthError(
-                f"{self.spec.path}: item {unit.item.id!r} is {prompt_tokens:,} prompt tokens "
-                f"+ {answer} answer tokens, over the model's context of {limit:,} (model "
-                f"{unit.model.name}); shorten it or leave it out"
-            )
-
-    def _draft(self, generator: Any, model: ModelSpec, ref: str | None) -> Any:
-        """The speculative draft `ref` of this model, loaded once per run."""
-        if ref is None:
-            return None
-        from muestra.answers.drafted import load_draft
-
-        key = (model.name, ref)
-        if key not in self.drafts:
-            self.drafts[key] = load_draft(generator.loaded, ref, model.dtype, model.device)
-        return self.drafts[key]
-
-    def _row(
+    def row(
         self, unit: Unit, sample: Any, think_budget: int | None, seconds: float
     ) -> dict[str, Any]:
+        """The store's row of one finished sample of `unit`."""
         return {
             "run_id": self.run_id,
             "model_id": unit.model_id,
@@ -617,47 +506,11 @@ class Runner:
         }
 
 
-def _encode(generator: Any, spec: LoadedSpec, item: PromptItem, think: Any) -> list[int]:
-    from muestra.answers.phases import with_instruction
-
-    prompt = messages_for(spec, item)
-    if think is not None and think.mode == "text":
-        prompt = with_instruction(prompt, think.instruction)
-    if isinstance(prompt, str):
-        return generator.text.encode_prompt(prompt)
-    return generator.text.encode_messages(prompt, spec.spec.prompt.enable_thinking)
-
-
-def _grammar(condition: Condition, spec: LoadedSpec, item: PromptItem) -> Any:
-    """The answer grammar of `condition` for `item` (whose own choice, when it has one,
-    replaces the answer's)."""
-    from muestra.answers.grammar import GrammarSpec
-
-    a = condition.answer
-    return GrammarSpec.from_options(
-        schema=spec.answer_schema,
-        regex=a.regex,
-        choice=item.choice if item.choice is not None else a.choice,
-        ebnf=spec.path.parent / a.grammar if a.grammar is not None else None,
-    )
-
-
-def _ranges(indices: list[int]) -> Iterator[tuple[int, int]]:
-    """Contiguous (first, count) runs of sorted sample indices."""
-    start = prev = indices[0]
-    for index in indices[1:]:
-        if index != prev + 1:
-            yield start, prev - start + 1
-            start = index
-        prev = index
-    yield start, prev - start + 1
-
-
-def _batches(units: list[Unit], rows: int) -> Iterator[list[tuple[Unit, list[int]]]]:
+def _batches(units: list[Unit], rows: int) -> Iterator[Batch]:
     """Batches of at most `rows` samples; one condition, think budget and item choice per
     batch, and one unit per seed index (two variants of a group, which share a seed index,
     go to different batches: the batch's samples are told apart by it)."""
-    current: list[tuple[Unit, list[int]]] = []
+    current: Batch = []
     size = 0
     key = None
     for unit in units:
