@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import helpers
 from muestra.errors import InputError
 from muestra.experiments.spec import load_spec
 from test_server import start_server, stop_server
@@ -33,9 +34,7 @@ SCHEMA = {
 
 
 def write_spec(folder, name, model_table, samples=6, extra="", mode="tags"):
-    (folder / "p.schema.json").write_text(json.dumps(SCHEMA))
-    spec = folder / f"{name}.toml"
-    spec.write_text(f"""
+    return helpers.write_spec(folder, name, "", schema=SCHEMA, text=f"""
 name = "remoto"
 seed = 21
 samples = {samples}
@@ -65,7 +64,6 @@ max_tokens = 40
 schema = "p.schema.json"
 field_probs = false
 {extra}""")
-    return spec
 
 
 COLUMNS = (

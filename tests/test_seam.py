@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import helpers
 from muestra.errors import InputError
 from muestra.experiments.spec import load_spec
 from muestra.settings import NAMES, PHASED, Sampling, flag, use
@@ -96,13 +97,8 @@ def test_the_docs_table_lists_every_setting_with_its_flags_and_bound():
 # ---- the runner's batch-executor seam ---------------------------------------------------
 
 
-def write_spec(folder: Path, model: str = "m", samples: int = 3) -> Path:
-    spec = folder / "s.toml"
-    spec.write_text(
-        f'name = "s"\nsamples = {samples}\n[model]\nid = "{model}"\n[prompt]\nuser = "{{q}}"\n'
-        '[[prompt.items]]\nid = "a"\nq = "uno"\n[[prompt.items]]\nid = "b"\nq = "dos"\n'
-    )
-    return spec
+def write_spec(folder: Path, samples: int = 3) -> Path:
+    return helpers.write_spec(folder, "s", '[model]\nid = "m"', samples=samples)
 
 
 class Echo:
