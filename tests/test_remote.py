@@ -381,11 +381,13 @@ def test_unset_think_fields_come_from_the_generation_config(tmp_path):
     assert all({k: body[k] for k in SAMPLING} == expected for body in bodies)
     assert stored_think(tmp_path / "fake.db")["remote"]["m"] == {
         **expected,
+        "typical_p": 1.0,  # the config sets none: off, as HF reads it
         "source": {
             "temperature": "spec",
             "top_p": "generation_config",
             "top_k": "generation_config",
             "min_p": "generation_config",
+            "typical_p": "generation_config",
         },
         "generation_config": str(folder / "generation_config.json"),
         "sampling_fallback": None,

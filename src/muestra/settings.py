@@ -69,7 +69,7 @@ class Sampling(BaseModel):
     """How a row draws its next token; the defaults are plain sampling at temperature 1.
 
     The engine applies the settings in one order (engine/sampling.py): penalties →
-    temperature → top-k → top-p → min-p → draw.
+    temperature → top-k → top-p → min-p → typical-p → draw.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -92,6 +92,13 @@ class Sampling(BaseModel):
         ge=0,
         lt=1,
         description="Drop tokens less likely than min_p times the most likely one (0 = off).",
+    )
+    typical_p: Annotated[float, Use()] = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Locally typical sampling: keep the tokens whose surprise is closest to "
+        "the entropy, until their probability reaches p (1 = off).",
     )
     repetition_penalty: Annotated[
         float, Use(phases=False, strategies=frozenset({SAMPLE}), request_max=INT_CAP)

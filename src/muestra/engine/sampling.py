@@ -7,16 +7,25 @@ For a batch of rows with logits `(B, V)` and per-row parameters:
                        and generated tokens count as seen)
 3. presence/frequency  `l - presence * [count > 0] - frequency * count` (OpenAI semantics;
                        only generated tokens count)
-4. temperature         `l / T`; rows with `T == 0` are greedy and skip steps 4–7
+4. temperature         `l / T`; rows with `T == 0` are greedy and skip steps 4–8
 5. top-k               keep the `k` largest (`k == 0`: off)
 6. top-p               keep the smallest top set whose probability reaches `p` (HF semantics,
                        at least one token kept)
 7. min-p               drop tokens whose probability is below `min_p * max probability`
-8. sample              greedy rows: argmax; others: inverse CDF with one uniform number drawn
+8. typical-p           locally typical sampling (Meister et al. 2023; HF's
+                       `TypicalLogitsWarper`, llama.cpp's `llama_sampler_init_typical`):
+                       rank tokens by |surprise − entropy| = |−log p − H| and keep the
+                       closest until their probability reaches `p` (at least one kept)
+9. sample              greedy rows: argmax; others: inverse CDF with one uniform number drawn
                        from the row's own `torch.Generator`, so a row's draw never depends on
                        the other rows of the batch
 
-Rows with top-k run steps 5–8 on their `k` candidates only (`topk`, then top-p and
+Typical-p comes after min-p, as in HF generate's warper list (temperature, top-k, top-p,
+min-p, typical-p). llama.cpp's default sampler chain runs it before top-p and applies the
+temperature last; muestra keeps one order for both runtimes (the llama.cpp runtime only
+computes logits), so the same settings draw from the same distribution on either.
+
+Rows with top-k run steps 5–9 on their `k` candidates only (`topk`, then top-p and
 min-p on `(B, k)` instead of sorting the whole vocabulary): on a 151,936-token
 vocabulary at batch 16 this is ~100 ms a step cheaper on this CPU. Candidates are kept in
 ascending id order, so the draw is the same inverse CDF over the vocabulary order. The
@@ -53,6 +62,7 @@ class SamplingParams:
     top_k: int = DEFAULT.top_k
     top_p: float = DEFAULT.top_p
     min_p: float = DEFAULT.min_p
+    typical_p: float = DEFAULT.typical_p
     repetition_penalty: float = DEFAULT.repetition_penalty
     presence_penalty: float = DEFAULT.presence_penalty
     frequency_penalty: float = DEFAULT.frequency_penalty
@@ -151,6 +161,29 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, NEG_INF)
 
 
+def apply_typical_p(logits: torch.Tensor, typical_p: torch.Tensor) -> torch.Tensor:
+    """Locally typical sampling, HF's `TypicalLogitsWarper` (min_tokens_to_keep 1) per row:
+    sort tokens by |−log p − H| (H the row's entropy), keep them while the probability
+    before each is below `p`, and every token as typical as the last one kept. Rows with
+    `p >= 1` are left as they are (the warper is off for them, as in HF)."""
+    rows = (typical_p < 1).nonzero().flatten()
+    if not rows.numel():
+        return logits
+    scores = logits[rows]  # (R, V)
+    log_probs = scores.log_softmax(dim=-1)
+    entropy = -(log_probs * log_probs.exp()).nansum(dim=-1, keepdim=True)  # (R, 1)
+    shifted, order = (-log_probs - entropy).abs().sort(dim=-1)  # most typical first
+    cumulative = scores.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
+    last = (cumulative < typical_p[rows].unsqueeze(1)).sum(dim=1)
+    last = last.clamp(max=scores.shape[-1] - 1)
+    remove_sorted = shifted > shifted.gather(1, last.unsqueeze(1))
+    remove_sorted[:, 0] = False  # always keep the most typical token
+    remove = remove_sorted.scatter(1, order, remove_sorted)
+    result = logits.clone()
+    result[rows] = scores.masked_fill(remove, NEG_INF)
+    return result
+
+
 def sample_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """One draw per row: the first token whose cumulative probability exceeds `u * total`.
 
@@ -179,6 +212,7 @@ class SamplingBatch:
     top_k: torch.Tensor = _row()  # (B,) int64
     top_p: torch.Tensor = _row()  # (B,)
     min_p: torch.Tensor = _row()  # (B,)
+    typical_p: torch.Tensor = _row()  # (B,)
     repetition_penalty: torch.Tensor = _row()  # (B,)
     presence_penalty: torch.Tensor = _row()  # (B,)
     frequency_penalty: torch.Tensor = _row()  # (B,)
@@ -191,6 +225,7 @@ class SamplingBatch:
     no_repetition_penalty: bool
     no_top_p: bool
     no_min_p: bool
+    no_typical_p: bool
 
     @classmethod
     def build(
@@ -221,6 +256,7 @@ class SamplingBatch:
             ),
             top_p=column([p.top_p for p in params]),
             min_p=column([p.min_p for p in params]),
+            typical_p=column([p.typical_p for p in params]),
             repetition_penalty=column([p.repetition_penalty for p in params]),
             presence_penalty=column([p.presence_penalty for p in params]),
             frequency_penalty=column([p.frequency_penalty for p in params]),
@@ -233,6 +269,7 @@ class SamplingBatch:
             no_repetition_penalty=all(p.repetition_penalty == 1 for p in params),
             no_top_p=all(p.top_p >= 1 for p in sampled),
             no_min_p=all(p.min_p == 0 for p in sampled),
+            no_typical_p=all(p.typical_p >= 1 for p in sampled),
         )
 
     def select(self, keep: torch.Tensor) -> SamplingBatch:
@@ -267,17 +304,13 @@ class SamplingBatch:
         )
 
     def warp(self, logits: torch.Tensor) -> Warped:
-        """Steps 4–7: temperature, top-k, top-p, min-p. Greedy rows pass through."""
+        """Steps 4–8: temperature, top-k, top-p, min-p, typical-p. Greedy rows pass through."""
         if self.all_greedy:
             return Warped(logits, None, None)
         if not self.any_greedy and not self.candidate_rows.numel():
             # every row samples from its whole vocabulary (the usual batch of samples):
             # the same steps on the whole batch, without a -inf canvas to scatter into
-            full = apply_temperature(logits, self.temperature)
-            if not self.no_top_p:
-                full = apply_top_p(full, self.top_p)
-            if not self.no_min_p:
-                full = apply_min_p(full, self.min_p)
+            full = self._filter(apply_temperature(logits, self.temperature), None)
             return Warped(full, None, None)
         greedy = (self.temperature == 0).unsqueeze(1)  # (B, 1)
         processed = torch.where(greedy, logits, torch.full_like(logits, NEG_INF))
@@ -290,26 +323,30 @@ class SamplingBatch:
             values, ids = logits[rows].topk(kmax, dim=-1)  # (C, kmax), descending
             values = apply_temperature(values, self.temperature[rows])
             beyond = torch.arange(kmax, device=logits.device).unsqueeze(0) >= k.unsqueeze(1)
-            values = values.masked_fill(beyond, NEG_INF)
-            if not self.no_top_p:
-                values = apply_top_p(values, self.top_p[rows])
-            if not self.no_min_p:
-                values = apply_min_p(values, self.min_p[rows])
+            values = self._filter(values.masked_fill(beyond, NEG_INF), rows)
             ids, order = ids.sort(dim=-1)  # ascending ids: the draw follows vocabulary order
             values = values.gather(1, order)
             processed[rows.unsqueeze(1), ids] = values
         if self.full_rows.numel():
             rows = self.full_rows
-            full = apply_temperature(logits[rows], self.temperature[rows])
-            if not self.no_top_p:
-                full = apply_top_p(full, self.top_p[rows])
-            if not self.no_min_p:
-                full = apply_min_p(full, self.min_p[rows])
-            processed[rows] = full
+            processed[rows] = self._filter(
+                apply_temperature(logits[rows], self.temperature[rows]), rows
+            )
         return Warped(processed, ids, values)
 
+    def _filter(self, logits: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """Steps 6–8 (top-p, min-p, typical-p) on the logits of `rows` (None: every row)."""
+        if not self.no_top_p:
+            logits = apply_top_p(logits, self.top_p if rows is None else self.top_p[rows])
+        if not self.no_min_p:
+            logits = apply_min_p(logits, self.min_p if rows is None else self.min_p[rows])
+        if not self.no_typical_p:
+            typical = self.typical_p if rows is None else self.typical_p[rows]
+            logits = apply_typical_p(logits, typical)
+        return logits
+
     def choose(self, warped: Warped, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-        """Step 8: argmax for greedy rows, one inverse-CDF draw for the others. (B,)"""
+        """Step 9: argmax for greedy rows, one inverse-CDF draw for the others. (B,)"""
         processed = warped.logits
         if self.all_greedy:
             return processed.argmax(dim=-1)
@@ -341,9 +378,9 @@ class SamplingBatch:
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution (V,) one row of `params` draws its next token from, given the raw
-    `logits` (V,) of a fresh prompt: steps 4–7 (temperature, top-k, top-p, min-p), then
-    softmax; greedy (temperature 0) puts all the mass on the argmax. Penalties need the
-    row's past tokens and are not applied here."""
+    `logits` (V,) of a fresh prompt: steps 4–8 (temperature, top-k, top-p, min-p,
+    typical-p), then softmax; greedy (temperature 0) puts all the mass on the argmax.
+    Penalties need the row's past tokens and are not applied here."""
     if params.has_penalties or params.logit_bias:
         raise InputError("probabilities() applies temperature, top-k, top-p and min-p only")
     if params.greedy:
@@ -354,7 +391,7 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 @dataclass
 class Warped:
-    """Logits after steps 1–7 (B, V), plus the candidates of top-k rows (C, kmax)."""
+    """Logits after steps 1–8 (B, V), plus the candidates of top-k rows (C, kmax)."""
 
     logits: torch.Tensor
     candidate_ids: torch.Tensor | None
