@@ -173,3 +173,38 @@ def test_threads_over_the_bound_are_refused_everywhere_before_loading(cli, tmp_p
     with pytest.raises(InputError, match="threads.*given on the command line"):
         Runner(spec, tmp_path / "s.db", model_options={"threads": 10_000})
     assert not (tmp_path / "s.db").exists()
+
+
+# ---- a probe's scorers own both ends of their scores ------------------------------------
+
+
+def test_each_probe_scorer_reads_back_the_records_it_writes():
+    """The records `evaluation/probes/running.py` writes through each scorer come back
+    from `analysis.probe_scores.features` as that scorer's features: the writer and the
+    reader share the scorer's key and record, not two spellings of them."""
+    import pandas as pd
+
+    from muestra.analysis.probe_scores import CONTINUATION, EXTRACTION, JUDGE, LEXICON, features
+    from muestra.analysis.text import Lexicon, Normaliser
+
+    lexicon = Lexicon({"care": ["nurse"], "power": ["boss"]}, Normaliser("en", lemmas=False))
+    texts = ["a nurse at night", "the boss of it", "a nurse again"]
+    scores = [
+        {
+            CONTINUATION: text,
+            LEXICON.key: LEXICON.record(text, lexicon),
+            EXTRACTION.key: EXTRACTION.record(
+                text.split()[1], lexicon.category_of(text.split()[1])
+            ),
+            JUDGE.key: JUDGE.record(
+                {"tone": "warm" if "nurse" in text else "cold", "score": i}, None, None, "j", 2
+            ),
+        }
+        for i, text in enumerate(texts)
+    ]
+    scored = features(pd.DataFrame({"scores": scores}))
+    by_name = {f.name: f.values.tolist() for f in scored.features}
+    assert by_name["lexicon:care"] == [1.0, 0.0, 1.0] and by_name["lexicon:power"] == [0, 1, 0]
+    assert by_name["phrase=nurse"] == [1.0, 0.0, 1.0] and by_name["category=care"] == [1, 0, 1]
+    assert by_name["judge.tone=warm"] == [1.0, 0.0, 1.0] and by_name["judge.score"] == [0, 1, 2]
+    assert set(scored.categorical) == {EXTRACTION.phrase, EXTRACTION.category, "judge.tone"}

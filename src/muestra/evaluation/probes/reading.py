@@ -8,6 +8,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from muestra.analysis.probe_scores import CONTINUATION
 from muestra.evaluation.probes.schema import Probe, ProbeSpec
 from muestra.experiments.store import probe_record, sample_rows
 
@@ -61,7 +62,7 @@ def side_by_side(
     for row in rows:
         entry = table.setdefault(row["group_name"], {"template": row["group_name"], "groups": {}})
         scores = json.loads(row["scores_json"]) if row["scores_json"] else {}
-        text = scores.get("continuation", row["answer_text"])
+        text = scores.get(CONTINUATION, row["answer_text"])
         prompt = json.loads(row["variables_json"])["text"]
         entry["groups"].setdefault(row["variant"], {"prompt": prompt, "continuations": []})
         entry["groups"][row["variant"]]["continuations"].append(text)
