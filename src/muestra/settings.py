@@ -72,7 +72,8 @@ class Sampling(BaseModel):
     temperature → top-k → top-p → min-p → typical-p → draw.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    # built when first used, not at import: every command's flags are derived from it
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, defer_build=True)
 
     temperature: Annotated[float, Use(strategies=DRAWING | {LOOKUP}, request_max=2)] = Field(
         1.0, ge=0, description="Divide the logits by T; 0 is greedy (the most likely token)."
@@ -208,7 +209,9 @@ def _phase_sampling(model_name: str, doc: str, defaults: Sampling | None) -> typ
         else:
             default = getattr(defaults, name)
             fields[name] = (info.annotation, FieldInfo.merge_field_infos(info, default=default))
-    config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+    config = ConfigDict(
+        extra="forbid", allow_inf_nan=False, populate_by_name=True, defer_build=True
+    )
     return create_model(model_name, __config__=config, __doc__=doc, **fields)
 
 
@@ -234,6 +237,7 @@ QWEN_THINKING = Sampling(temperature=0.6, top_p=0.95, top_k=20)
 class BeamSettings(BaseModel):
     """How a phase decodes: sampled, or beam-searched (then no sampling setting applies)."""
 
+    model_config = ConfigDict(defer_build=True)  # built when first used: a fast CLI start
     strategy: Strategy = Field(
         "sample",
         description='sample (temperature & filters; 0 = greedy) or "beam": the most likely '
@@ -252,7 +256,7 @@ class ThinkSettings(BeamSettings, ThinkSampling):  # type: ignore[misc,valid-typ
     """The think phase: its sampling (unset: the model's generation config), a hard budget
     of reasoning tokens, and how it is closed."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, defer_build=True)
 
     budget: int = Field(1024, ge=0, description="Reasoning tokens before the closing text.")
     close_text: str | None = Field(
@@ -275,7 +279,9 @@ class ThinkSettings(BeamSettings, ThinkSampling):  # type: ignore[misc,valid-typ
 class AnswerSettings(BeamSettings, AnswerSampling):  # type: ignore[misc,valid-type]
     """The answer phase: its sampling (default greedy), its length and how it decodes."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", allow_inf_nan=False, populate_by_name=True, defer_build=True
+    )
 
     max_tokens: int = Field(256, ge=1, description="Token budget of the answer.")
     stop: list[str] = Field(
