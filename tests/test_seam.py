@@ -208,3 +208,39 @@ def test_each_probe_scorer_reads_back_the_records_it_writes():
     assert by_name["phrase=nurse"] == [1.0, 0.0, 1.0] and by_name["category=care"] == [1, 0, 1]
     assert by_name["judge.tone=warm"] == [1.0, 0.0, 1.0] and by_name["judge.score"] == [0, 1, 2]
     assert set(scored.categorical) == {EXTRACTION.phrase, EXTRACTION.category, "judge.tone"}
+
+
+# ---- eval and compare: one set of question options, one default store ----------------
+
+
+def test_eval_and_compare_share_their_question_options_and_the_librarys_defaults():
+    """The options both commands take are one declaration, with `EvalSettings`'s defaults."""
+    import typer
+
+    from muestra.cli.app import app
+    from muestra.evaluation.evaluate import EvalSettings
+
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    library = EvalSettings()
+    shared = {
+        "fmt": library.format, "shots": library.shots, "limit": library.limit,
+        "think_budget": library.think_budget, "seed": library.seed, "dtype": library.dtype,
+    }  # fmt: skip
+    for name in ("eval", "compare"):
+        params = {p.name: p for p in commands[name].params}
+        for option, default in shared.items():
+            assert params[option].default == default, (name, option)
+    eval_params = {p.name: p for p in commands["eval"].params}
+    compare_params = {p.name: p for p in commands["compare"].params}
+    for option in shared:
+        assert eval_params[option].opts == compare_params[option].opts
+        assert eval_params[option].help == compare_params[option].help
+
+
+def test_the_default_store_is_one_rule():
+    from muestra.paths import default_store
+
+    assert default_store("easy-en", "eval") == Path("eval-easy-en.db")
+    assert default_store("easy-en", "compare") == Path("compare-easy-en.db")
+    assert default_store("occupations-en") == Path("occupations-en.db")  # CLI and notebook
+    assert default_store("prueba", beside=Path("/specs/exp.toml")) == Path("/specs/prueba.db")

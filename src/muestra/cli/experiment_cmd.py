@@ -31,6 +31,7 @@ from muestra.cli.stop_options import (
     StopOnOption,
     stop_flags,
 )
+from muestra.paths import default_store
 
 
 def register(app: typer.Typer) -> None:
@@ -94,7 +95,7 @@ def run(
         estimator=estimator,
     )
     loaded = with_stop(loaded, flags, f"{loaded.path} with the [stop] flags")
-    store = out if out is not None else loaded.path.with_name(f"{loaded.spec.name}.db")
+    store = out if out is not None else default_store(loaded.spec.name, beside=loaded.path)
 
     def runner_on(path: Path) -> Runner:
         return Runner(

@@ -22,6 +22,7 @@ from muestra.cli.common import (
     stdout,
 )
 from muestra.errors import InputError
+from muestra.paths import default_store
 
 
 def register(app: typer.Typer) -> None:
@@ -78,7 +79,7 @@ def probe(
     if spec is None:
         raise typer.BadParameter("give a probe file or a shipped probe's name (see --list)")
     loaded = load_probe(spec)
-    store = out if out is not None else Path(f"{loaded.spec.name}.db")
+    store = out if out is not None else default_store(loaded.spec.name)
     note = lambda text: stderr.print(f"note: {text}", markup=False)  # noqa: E731
     options = model_options(runtime, threads, batch_invariant)
     if judge_model is not None and (loaded.spec.judge is None or no_judge):
