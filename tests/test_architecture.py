@@ -187,3 +187,17 @@ def test_the_engine_and_the_declaration_hold_the_same_settings():
     engine = {f.name: f.default for f in fields(SamplingParams) if f.name != "logit_bias"}
     assert set(engine) == set(NAMES)
     assert engine == {name: getattr(DEFAULT, name) for name in NAMES}
+
+
+LONGEST = 80  # lines; a longer function says in its docstring why it is one piece
+
+
+def test_no_long_function_without_the_reason_it_is_one_piece():
+    found = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+                if length > LONGEST and "one piece" not in (ast.get_docstring(node) or ""):
+                    found.append(f"{name}:{node.lineno} {node.name}: {length} lines")
+    assert not found, f"functions over {LONGEST} lines:\n" + "\n".join(found)

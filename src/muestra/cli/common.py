@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import typer
@@ -87,3 +89,16 @@ def run_status(db: Any, run: Any) -> dict[str, Any]:
     if warning:
         stderr.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
     return {"status": status, "reason": reason}
+
+
+@contextmanager
+def stopped_is_resumable() -> Iterator[None]:
+    """Ctrl-C: say that the finished batches are stored, exit 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        stderr.print(
+            "stopped; finished batches are stored. Run the same command to resume.",
+            markup=False,
+        )
+        sys.exit(130)

@@ -92,21 +92,7 @@ def compare(
     output of every prompt next to each other. Both: timings on this machine (load time,
     weights in memory, prefill and decode tokens/s, decoding time). `muestra report`
     shows the --task comparison as a section of the HTML report."""
-    from muestra.errors import InputError
-
-    if sum(x is not None for x in (task, spec, probe)) != 1:
-        raise InputError(
-            "give exactly one of --task FILE (questions), --spec FILE (experiment) or "
-            "--probe NAME (free-text probe)"
-        )
-    if task is None:  # the question-set settings have nothing to apply to: refused by name
-        given = _changed(ctx, TASK_ONLY)
-        if given:
-            raise InputError(
-                f"{', '.join(given)} apply to --task only; a spec or a probe sets its own "
-                "(its [decoding], seed and samples), and --runtime-a/-b choose how each "
-                "model computes"
-            )
+    _check_what(ctx, task, spec, probe)
     options = (
         model_options(runtime_a, threads, batch_invariant),
         model_options(runtime_b, threads, batch_invariant),
@@ -126,6 +112,24 @@ def compare(
 
 # the question-set options, which --spec and --probe do not take
 TASK_ONLY = ("method", "fmt", "shots", "limit", "think_budget", "seed", "dtype")
+
+
+def _check_what(ctx: typer.Context, task: Any, spec: Any, probe: Any) -> None:
+    """One of --task, --spec and --probe; the question-set options with --task only."""
+    from muestra.errors import InputError
+
+    if sum(x is not None for x in (task, spec, probe)) != 1:
+        raise InputError(
+            "give exactly one of --task FILE (questions), --spec FILE (experiment) or "
+            "--probe NAME (free-text probe)"
+        )
+    given = _changed(ctx, TASK_ONLY) if task is None else []
+    if given:  # the question-set settings have nothing to apply to: refused by name
+        raise InputError(
+            f"{', '.join(given)} apply to --task only; a spec or a probe sets its own "
+            "(its [decoding], seed and samples), and --runtime-a/-b choose how each "
+            "model computes"
+        )
 
 
 def _changed(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:

@@ -3,7 +3,6 @@ methods compared in pairs; and the options `muestra compare --task` shares with 
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +22,7 @@ from muestra.cli.common import (
     print_json,
     stderr,
     stdout,
+    stopped_is_resumable,
 )
 from muestra.cli.sampling_options import sampling_option
 from muestra.settings import SETTING
@@ -149,6 +149,11 @@ def eval_command(
             trust_remote_code=trust_remote_code,
             model_options=model_options(runtime, threads, batch_invariant),
         )
+    print_found(found, as_json, items)
+
+
+def print_found(found: Any, as_json: bool, items: bool) -> None:
+    """Each method's result, then each pair compared (one JSON object with `--json`)."""
     if as_json:
         results, pairs = found.results, found.pairs
         print_json(
@@ -186,19 +191,6 @@ def progress_bar(method: str) -> Iterator[Any]:
             bar.update(handle, completed=p.done, total=p.total, speed=speed)
 
         yield update
-
-
-@contextmanager
-def stopped_is_resumable() -> Iterator[None]:
-    """Ctrl-C: say that the finished batches are stored, exit 130."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        stderr.print(
-            "stopped; finished batches are stored. Run the same command to resume.",
-            markup=False,
-        )
-        sys.exit(130)
 
 
 def _pct(value: float) -> str:

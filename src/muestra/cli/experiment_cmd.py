@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -19,6 +19,7 @@ from muestra.cli.common import (
     print_json,
     stderr,
     stdout,
+    stopped_is_resumable,
 )
 from muestra.cli.stop_options import (
     CompareOption,
@@ -125,44 +126,43 @@ def run(
         pending = _print_plan(runner, store, units, every_unit=False)
         if not pending:
             return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
+        _sample_with_progress(runner, pending, store)
 
-        with Progress(
-            TextColumn("sampling"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[speed]}"),
-            TimeRemainingColumn(),
-            console=stderr,
-            disable=not stderr.is_terminal,
-        ) as bar:
-            task = bar.add_task("run", total=pending, speed="")
 
-            def update(p) -> None:  # noqa: ANN001
-                speed = f"{p.tokens / p.elapsed:.0f} tok/s, {p.done / p.elapsed:.2f} samples/s"
-                bar.update(task, completed=p.done, speed=speed)
+def _sample_with_progress(runner: Any, pending: int, store: Path) -> None:
+    """Run the plan with a progress bar on stderr; Ctrl-C says what was kept (exit 130)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
-            try:
-                progress = runner.run(update)
-            except KeyboardInterrupt:
-                stderr.print(
-                    "stopped; finished batches are stored. Run the same command to resume.",
-                    markup=False,
-                )
-                sys.exit(130)
-        stderr.print(
-            f"done: {progress.done} {plural(progress.done, 'sample')}, {progress.tokens} tokens "
-            f"in {progress.elapsed:.1f}s "
-            f"({progress.tokens / max(progress.elapsed, 1e-9):.0f} tok/s, "
-            f"{progress.done / max(progress.elapsed, 1e-9):.2f} samples/s) → {store}",
-            markup=False,
-        )
+    with Progress(
+        TextColumn("sampling"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[speed]}"),
+        TimeRemainingColumn(),
+        console=stderr,
+        disable=not stderr.is_terminal,
+    ) as bar:
+        task = bar.add_task("run", total=pending, speed="")
+
+        def update(p) -> None:  # noqa: ANN001
+            speed = f"{p.tokens / p.elapsed:.0f} tok/s, {p.done / p.elapsed:.2f} samples/s"
+            bar.update(task, completed=p.done, speed=speed)
+
+        with stopped_is_resumable():
+            progress = runner.run(update)
+    stderr.print(
+        f"done: {progress.done} {plural(progress.done, 'sample')}, {progress.tokens} tokens "
+        f"in {progress.elapsed:.1f}s "
+        f"({progress.tokens / max(progress.elapsed, 1e-9):.0f} tok/s, "
+        f"{progress.done / max(progress.elapsed, 1e-9):.2f} samples/s) → {store}",
+        markup=False,
+    )
 
 
 def _print_plan(runner, store: Path, units: list, every_unit: bool) -> int:  # noqa: ANN001

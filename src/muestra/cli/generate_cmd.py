@@ -177,6 +177,10 @@ def generate(
     Every flag applies in the mode the others choose (sampling, --prompt-lookup,
     --draft-model, --num-beams, think-then-answer) or is refused by name before the
     model loads.
+
+    \f
+    (For readers of the code: one piece, because typer reads a command's options from its
+    signature; each option is a parameter, and the body is short.)
     """
     defaults = {param.name: param.default for param in ctx.command.params}
     execute(make_plan(ctx.params, defaults))
