@@ -472,17 +472,35 @@ def markdown_table() -> str:
         if how.phases:
             default += f"; answer {_shown(getattr(ANSWER_DEFAULT, name))}"
             default += "; think: the model's" if how.model else ""
-        field = f"`{name}`" + (
-            f" (≤ {how.request_max:g})" if how.request_max not in (None, INT_CAP) else ""
-        )
-        field += f", `{how.request_off}` = off" if how.request_off is not None else ""
-        field += " and in `muestra.answer`" if how.phases and how.remote else ""
+        notes = [f"≤ {how.request_max:g}"] if how.request_max not in (None, INT_CAP) else []
+        notes += [f"{how.request_off} = off"] if how.request_off is not None else []
+        field = f"`{name}`" + (f" ({'; '.join(notes)})" if notes else "")
+        field += "; `muestra.answer` too" if how.phases and how.remote else ""
         strategies = ", ".join(sorted(how.strategies))
         lines.append(
             f"| `{name}` | {', '.join(f'`{f}`' for f in flags)} | {spec} | {field} | "
             f"{rule(name)} | {default} | {strategies}"
             f"{'; generation config' if how.model else ''} |"
         )
+    return "\n".join(lines)
+
+
+def phase_table() -> str:
+    """The phases' own settings (beside their sampling): each `[think]` and `[answer]` key
+    with its default, bound and help, as a markdown table (docs/_incoming/seam.md)."""
+    lines = ["| table | key | default | bound | what it does |", "|---|---|---|---|---|"]
+    for table, model in (("think", ThinkSettings), ("answer", AnswerSettings)):
+        for name, info in model.model_fields.items():
+            if name in PHASED:
+                continue
+            bounds = [
+                f"{k} {getattr(m, k):g}" for m in info.metadata for k in BOUNDS if hasattr(m, k)
+            ]
+            default = info.default if info.default_factory is None else info.default_factory()
+            lines.append(
+                f"| `[{table}]` | `{name}` | `{default!r}` | {', '.join(bounds) or '—'} | "
+                f"{(info.description or '').replace('|', '/')} |"
+            )
     return "\n".join(lines)
 
 
