@@ -191,6 +191,8 @@ def check_sampling(values: Mapping[str, Any], name_of: Callable[[str], str] = st
     except ValidationError as err:
         first = err.errors()[0]
         name = str(first["loc"][0])
+        if name not in Sampling.model_fields:
+            raise InputError(f"{name_of(name)}: not a sampling setting") from None
         value = values.get(name, first.get("input"))
         raise InputError(f"{name_of(name)}={value!r} is invalid: must be {rule(name)}") from None
 
