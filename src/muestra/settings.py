@@ -348,6 +348,7 @@ def from_generation_config(config: Mapping[str, Any]) -> Sampling:
     values = {name: config.get(name) or getattr(DEFAULT, name) for name in FROM_MODEL}
     if not config.get("do_sample"):
         values["temperature"] = 0.0
+    check_sampling(values, lambda name: f"the model's generation config: {name}")
     return Sampling.model_validate(values)
 
 
