@@ -114,18 +114,34 @@ def llama_typical_kept(logits: torch.Tensor, p: float) -> set[int]:
     return {int(candidates.data[i].id) for i in range(candidates.size)}
 
 
+def near_the_boundary(logits: torch.Tensor, p: float, token: int, within: float) -> bool:
+    """Whether `token` is where the typical set's running probability crosses `p`, to
+    `within`: computed exactly (float64), the sum before it is below p and the sum with
+    it is not, or one of them lies within `within` of p."""
+    log_probs = logits.double().log_softmax(-1)
+    probs = log_probs.exp()
+    entropy = -(probs * log_probs).sum()
+    order = (-log_probs - entropy).abs().argsort()
+    cumulative = probs[order].cumsum(0)
+    at = int((order == token).nonzero())
+    before, after = float(cumulative[at] - probs[token]), float(cumulative[at])
+    return abs(before - p) < within or abs(after - p) < within
+
+
 @pytest.mark.slow
 def test_typical_p_keeps_what_llama_cpps_typical_sampler_keeps(smol_kit):
     """On the real SmolLM2 GGUF's logits as the llama.cpp runtime computes them, after
     several prompts: the tokens `apply_typical_p` keeps are those llama.cpp's own typical
-    sampler keeps (the rule differs only where a running sum equals p exactly)."""
+    sampler keeps, but for the one token where the running probability crosses p when
+    llama.cpp's float32 softmax (its normaliser summed over the 49,152-token vocabulary in
+    float32) puts that crossing on the other side of p than the exact sum does."""
     pytest.importorskip("llama_cpp", reason="the llama.cpp runtime needs llama-cpp-python")
     from muestra.models.inspection import render_chat
     from muestra.models.loading import load_model
 
     cpp = load_model(str(smol_kit), runtime="llamacpp", threads=1)
     prompts = ["What is the capital of France?", "Write a haiku about the sea.", "Hola"]
-    checked = 0
+    same = 0
     for text in prompts:
         ids = render_chat(cpp.tokenizer, [{"role": "user", "content": text}])[1]
         sequences, fed = cpp.runtime.prefill([ids], 4)
@@ -134,9 +150,11 @@ def test_typical_p_keeps_what_llama_cpps_typical_sampler_keeps(smol_kit):
         for p in (0.2, 0.5, 0.9, 0.95):
             ours = apply_typical_p(logits.unsqueeze(0), torch.tensor([p]))[0]
             kept = set(torch.isfinite(ours).nonzero().flatten().tolist())
-            assert kept == llama_typical_kept(logits, p), (text, p)
-            checked += 1
-    assert checked == 12
+            differ = kept ^ llama_typical_kept(logits, p)
+            assert len(differ) <= 1, (text, p, differ)
+            assert all(near_the_boundary(logits, p, t, 1e-4) for t in differ), (text, p)
+            same += not differ
+    assert same >= 10  # of 12: a boundary within float32 rounding of p is rare
 
 
 # ---- the setting on every surface ---------------------------------------------------------
