@@ -73,25 +73,22 @@ INPUT = ("prompt", "messages", "raw", "enable_thinking", "n")
 
 
 
-def sampling_applies() -> dict[str, frozenset[str]]:
+def sampling_applies(prefix: str = "") -> dict[str, frozenset[str]]:
     """Where each sampling flag applies, from its setting's `Use` (muestra/settings.py):
-    a plain flag in the plain modes its strategies name, a phase's flag wherever that
-    phase is sampled."""
-    table = {
-        parameter(name): frozenset(use(name).strategies & {SAMPLE, LOOKUP, SPECULATIVE})
-        for name in NAMES
-    }
-    for name in PHASED:
-        table[parameter(name, "think_")] = SAMPLED_REASONING
-        table[parameter(name, "answer_")] = SAMPLED_ANSWER
-    return table
+    a plain flag in the plain modes its strategies name, a phase's flag (prefix "think_"
+    or "answer_") wherever that phase is sampled."""
+    if prefix:
+        modes = SAMPLED_REASONING if prefix == "think_" else SAMPLED_ANSWER
+        return {parameter(name, prefix): modes for name in PHASED}
+    plain = {SAMPLE, LOOKUP, SPECULATIVE}
+    return {parameter(name): frozenset(use(name).strategies & plain) for name in NAMES}
 
 
 APPLIES: dict[str, frozenset[str]] = {
     **{name: ALL for name in LOAD + INPUT},
-    **sampling_applies(),
     # plain generation
     "seed": frozenset({"sample", "speculative"}) | SAMPLED_REASONING | SAMPLED_ANSWER,
+    **sampling_applies(),
     "stop": frozenset({"sample"}),
     "logprobs": frozenset({"sample"}),
     "stream": frozenset({"sample"}),
@@ -102,8 +99,10 @@ APPLIES: dict[str, frozenset[str]] = {
     "think_budget": THINK,
     "think_mode": THINK,
     "close_text": THINK,
+    **sampling_applies("think_"),
     "think_num_beams": frozenset({"think-beams", "think-beams+answer-beams"}),
     # the answer
+    **sampling_applies("answer_"),
     "answer_max_tokens": THINK | {"beam-answer"},
     "schema": THINK | {"beam-answer"},
     "regex": THINK | {"beam-answer"},
