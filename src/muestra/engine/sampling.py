@@ -71,6 +71,11 @@ class SamplingParams:
     dola_layers: str | tuple[int, ...] | None = DEFAULT.dola_layers
 
     def __post_init__(self) -> None:
+        if isinstance(self.dola_layers, list):  # a row's parameters are frozen: a tuple
+            raise InputError(
+                f"dola_layers={self.dola_layers!r} is invalid: must be 'low', 'high' or a "
+                "tuple of layer indices"
+            )
         check_sampling({name: getattr(self, name) for name in NAMES})
         for token_id, value in self.logit_bias.items():
             if not math.isfinite(value):
