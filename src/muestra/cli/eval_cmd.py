@@ -125,6 +125,9 @@ def eval_command(
 
     Everything lands in the SQLite store as an experiment run; the same command resumes
     an interrupted evaluation and re-reads a finished one.
+    \f
+    (For readers of the code: one piece, because typer reads a command's options from its
+    signature; each option is a parameter, and the body is short.)
     """
     from muestra.evaluation.methods import evaluate_methods, method_settings
     from muestra.evaluation.tasks import load_task

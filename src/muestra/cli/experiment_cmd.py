@@ -78,6 +78,9 @@ def run(
     (Ctrl-C); the same command resumes exactly where it stopped. With a [stop] table (or
     --stop-on and --precision/--reference) each cell samples in rounds until its answer
     is settled; `muestra summary` shows where each stopped.
+    \f
+    (For readers of the code: one piece, because typer reads a command's options from its
+    signature; each option is a parameter, and the body is short.)
     """
     from muestra.experiments.runner import Runner
     from muestra.experiments.spec import load_spec

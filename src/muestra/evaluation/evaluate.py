@@ -259,28 +259,7 @@ def build_spec(
         raise InputError(f"{task.source}: no questions to evaluate")
     _check_sizes(items, task)
     _check_model(model)
-    is_open = any(item.options is None for item in items)
-    if is_open and (settings.method != "vote" or not all(i.options is None for i in items)):
-        raise InputError(
-            f"{task.source}: questions without options are open questions; only "
-            "--method vote scores them, and a task cannot mix them with multiple choice"
-        )
-    default = EvalSettings()
-    if is_open and (settings.weighted or settings.think_budget != default.think_budget):
-        raise InputError(
-            f"{task.source} has open questions: a vote samples their answers directly, with "
-            "no reasoning and no letter probabilities; leave out --think-budget and --weighted"
-        )
-    if not is_open and settings.regex is not None:
-        raise InputError(
-            f"--regex {settings.regex!r} reads the answer of open questions; {task.source} "
-            "is multiple choice (its answers are letters under a grammar): leave it out"
-        )
-    if settings.shots > len(task.shots):
-        raise InputError(
-            f"--shots {settings.shots}, but {task.source} has {len(task.shots)} dev questions "
-            "(give a dev file with --dev, or NAME.dev.jsonl beside the task)"
-        )
+    is_open = _check_questions(items, task, settings)
     lang = prompts.language_of(task, settings.language)
     method = settings.method
     spec: dict[str, Any] = {
@@ -356,6 +335,35 @@ def method_sampling(settings: EvalSettings) -> tuple[float, float]:
         settings.temperature if settings.temperature is not None else temperature,
         settings.top_p if settings.top_p is not None else top_p,
     )
+
+
+def _check_questions(items: list[Item], task: Task, settings: EvalSettings) -> bool:
+    """Whether the questions are open ones (no options), after refusing what the method
+    and settings cannot score: open and multiple-choice mixed, a setting open questions
+    do not take, more shots than the dev file has."""
+    is_open = any(item.options is None for item in items)
+    if is_open and (settings.method != "vote" or not all(i.options is None for i in items)):
+        raise InputError(
+            f"{task.source}: questions without options are open questions; only "
+            "--method vote scores them, and a task cannot mix them with multiple choice"
+        )
+    default = EvalSettings()
+    if is_open and (settings.weighted or settings.think_budget != default.think_budget):
+        raise InputError(
+            f"{task.source} has open questions: a vote samples their answers directly, with "
+            "no reasoning and no letter probabilities; leave out --think-budget and --weighted"
+        )
+    if not is_open and settings.regex is not None:
+        raise InputError(
+            f"--regex {settings.regex!r} reads the answer of open questions; {task.source} "
+            "is multiple choice (its answers are letters under a grammar): leave it out"
+        )
+    if settings.shots > len(task.shots):
+        raise InputError(
+            f"--shots {settings.shots}, but {task.source} has {len(task.shots)} dev questions "
+            "(give a dev file with --dev, or NAME.dev.jsonl beside the task)"
+        )
+    return is_open
 
 
 def _check_sizes(items: list[Item], task: Task) -> None:
