@@ -160,6 +160,7 @@ def test_a_run_over_two_endpoints_survives_one_stopping_and_a_kill(tiny_kit, tmp
         "top_p": "generation_config",
         "top_k": "generation_config",
         "min_p": "generation_config",
+        "typical_p": "generation_config",
     }
     kit = json.loads((tiny_kit / "generation_config.json").read_text())
     assert (sent["top_p"], sent["top_k"]) == (kit["top_p"], kit["top_k"]) and sent["min_p"] == 0

@@ -234,7 +234,7 @@ def test_a_remote_run_sends_typical_p_and_records_where_it_came_from(tmp_path):
         tmp_path,
         "r",
         f'[model]\nid = "m"\nendpoint = "http://a.test/v1"\ngeneration_config = "{folder}"',
-        "[think]\nbudget = 4\n[answer]\ntypical_p = 0.5",
+        '[think]\nbudget = 4\nmode = "tags"\n[answer]\ntypical_p = 0.5',
     )
     spec = load_spec(path)
     think = resolve_think(spec, spec.spec.model)["default"]
@@ -243,3 +243,22 @@ def test_a_remote_run_sends_typical_p_and_records_where_it_came_from(tmp_path):
                         7, think)  # fmt: skip
     assert body["typical_p"] == 0.9 and body["muestra"]["answer"]["typical_p"] == 0.5
     assert math.isclose(body["temperature"], 0.6)
+
+
+def test_an_endpoint_without_a_generation_config_sends_typical_p_off_without_an_opt_in(tmp_path):
+    """A spec that sets the four filters every server defaults differently still runs on an
+    endpoint with no generation config on this machine: typical_p, off on every server, is
+    sent off (recorded as "neutral") instead of asking for sampling_fallback."""
+    from muestra.experiments.sampling import resolve_think
+    from muestra.experiments.spec import load_spec
+
+    path = write_spec(
+        tmp_path,
+        "r",
+        '[model]\nid = "m"\nendpoint = "http://a.test/v1"',
+        '[think]\nmode = "tags"\ntemperature = 0.7\ntop_p = 0.9\ntop_k = 20\nmin_p = 0.0',
+    )
+    spec = load_spec(path)
+    think = resolve_think(spec, spec.spec.model)["default"]
+    assert (think.typical_p.value, think.typical_p.source) == (1.0, "neutral")
+    assert think.request_fields()["typical_p"] == 1.0 and think.top_k.source == "spec"

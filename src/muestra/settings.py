@@ -58,6 +58,9 @@ class Use:
     model: bool = True  # a generation_config.json key of the same name sets its default
     strategies: frozenset[str] = DRAWING  # the decoding strategies that apply it
     remote: bool = True  # a remote run sends it to OpenAI-compatible endpoints
+    # every OpenAI-compatible server leaves it off by default: a remote run that cannot
+    # resolve it (spec, generation config) sends it off, without asking for an opt-in
+    off_everywhere: bool = False
     request_max: float | None = None  # muestra serve's upper bound, tighter than the rule
     request_off: int | None = None  # the value that turns it off in OpenAI-style requests
 
@@ -94,7 +97,7 @@ class Sampling(BaseModel):
         lt=1,
         description="Drop tokens less likely than min_p times the most likely one (0 = off).",
     )
-    typical_p: Annotated[float, Use()] = Field(
+    typical_p: Annotated[float, Use(off_everywhere=True)] = Field(
         1.0,
         gt=0,
         le=1,

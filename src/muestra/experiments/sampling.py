@@ -14,6 +14,8 @@ first match wins:
    (`settings.from_generation_config`), so a filter it does not set is off;
 3. `[model] sampling_fallback`: "neutral" (the engine's plain sampling: temperature 1,
    filters off) or "server" (left out of the request: the server's default applies).
+   A setting every server leaves off (`Use.off_everywhere`: typical-p) is sent off
+   without that opt-in: no server would sample it differently.
 
 A field still unresolved stops the run with an `InputError` naming the fields, before
 anything is stored or sent. So does a think `mode = "auto"` that no local tokenizer can
@@ -39,6 +41,7 @@ from muestra.settings import (
     Sampling,
     from_generation_config,
     to_request,
+    use,
 )
 
 
@@ -100,10 +103,10 @@ def resolve_think(spec: LoadedSpec, model: ModelSpec) -> dict[str, RemoteThink]:
                 settings[name] = Setting(given, "spec")
             elif config is not None:
                 settings[name] = Setting(getattr(config, name), "generation_config")
-            elif model.sampling_fallback == "neutral":
-                settings[name] = Setting(getattr(DEFAULT, name), "neutral")
             elif model.sampling_fallback == "server":
                 settings[name] = Setting(None, "server")
+            elif model.sampling_fallback == "neutral" or use(name).off_everywhere:
+                settings[name] = Setting(getattr(DEFAULT, name), "neutral")
         missing |= set(REMOTE) - set(settings)
         settled = think_mode(condition.think.mode, path)
         if settled is None:
