@@ -18,6 +18,7 @@ RANK = {
     "errors": 0,
     "version": 0,
     "limits": 1,
+    "settings": 1,
     "paths": 1,
     "allocator": 1,
     "models": 2,
@@ -116,3 +117,87 @@ def test_no_module_uses_another_modules_private_names():
             ):
                 found.append(f"{name}:{node.lineno}: {ast.unparse(node)}")
     assert not found, "private names used across modules:\n" + "\n".join(found)
+
+
+# ---- the settings' single declaration ---------------------------------------------------
+
+SETTINGS_MODULE = "muestra.settings"
+
+
+def sampling_spellings() -> set[str]:
+    """Every way code can name a sampling setting: its name (`top_p`), its flag's
+    parameter for a phase (`think_top_p`, `answer_top_p`) and its flags (`--top-p`,
+    `--think-top-p`, `--answer-top-p`), read from the declaration itself."""
+    from muestra.settings import NAMES, flag
+
+    found = set()
+    for name in NAMES:
+        for prefix in ("", "think_", "answer_"):
+            found |= {prefix + name, flag(name, prefix)}
+    return found
+
+
+def string_uses(source: str, spellings: set[str]) -> list[tuple[int, str]]:
+    """(line, text) of each string constant in `source` that is exactly a spelling (a
+    docstring or a sentence that mentions a setting is not: it is not a key)."""
+    return [
+        (node.lineno, node.value)
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+        and node.value in spellings
+    ]  # fmt: skip
+
+
+def test_the_check_finds_a_setting_named_outside_its_declaration():
+    spellings = sampling_spellings()
+    source = (
+        '"""top_p is mentioned here, and that is fine."""\n'
+        'FIELDS = ("temperature", "top_p")\n'
+        'value = getattr(body, "min_p")\n'
+        'flags = {"answer_top_k": 1, "--think-top-p": 2}\n'
+        'message = f"top_p {value} must be in (0, 1]"\n'
+    )
+    found = string_uses(source, spellings)
+    assert [text for _, text in found] == [
+        "temperature", "top_p", "min_p", "answer_top_k", "--think-top-p"
+    ]  # fmt: skip
+    assert {line for line, _ in found} == {2, 3, 4}
+
+
+def test_sampling_settings_are_named_only_where_they_are_declared():
+    """A sampling setting's name, phase parameter or flag written as a string anywhere
+    in the package but muestra/settings.py is a second declaration of it (a tuple of
+    names, a dict key, a hand-written flag): derive it from `muestra.settings` instead."""
+    spellings = sampling_spellings()
+    found = [
+        f"{name}:{line}: {text!r}"
+        for name, path in modules().items()
+        if name != SETTINGS_MODULE
+        for line, text in string_uses(path.read_text(encoding="utf-8"), spellings)
+    ]
+    assert not found, "sampling settings named outside muestra/settings.py:\n" + "\n".join(found)
+
+
+def test_the_engine_and_the_declaration_hold_the_same_settings():
+    from dataclasses import fields
+
+    from muestra.engine import SamplingParams
+    from muestra.settings import DEFAULT, NAMES
+
+    engine = {f.name: f.default for f in fields(SamplingParams) if f.name != "logit_bias"}
+    assert set(engine) == set(NAMES)
+    assert engine == {name: getattr(DEFAULT, name) for name in NAMES}
+
+
+LONGEST = 80  # lines; a longer function says in its docstring why it is one piece
+
+
+def test_no_long_function_without_the_reason_it_is_one_piece():
+    found = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+                if length > LONGEST and "one piece" not in (ast.get_docstring(node) or ""):
+                    found.append(f"{name}:{node.lineno} {node.name}: {length} lines")
+    assert not found, f"functions over {LONGEST} lines:\n" + "\n".join(found)

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from helpers import hf_generate
 from muestra.engine import Engine, GenerationRequest, SamplingParams
 from muestra.engine.beam import BeamParams, beam_search
 from muestra.errors import InputError
@@ -19,26 +20,16 @@ PAD = 1  # not 0: HF fills finished sequences with `pad_token_id or eos[0]`
 
 def hf_beams(loaded, prompts, params: BeamParams, max_new_tokens: int, eos_ids):
     """HF's returned sequences (new tokens, fill stripped) and scores, per prompt."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), PAD)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
-    out = loaded.model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        do_sample=False,
+    out, width = hf_generate(
+        loaded,
+        prompts,
+        PAD,
         num_beams=params.num_beams,
         length_penalty=params.length_penalty,
         early_stopping=params.early_stopping,
         num_return_sequences=params.num_return_sequences,
         max_new_tokens=max_new_tokens,
         eos_token_id=sorted(eos_ids),
-        pad_token_id=PAD,
-        top_k=None,
-        top_p=None,
-        temperature=None,
         return_dict_in_generate=True,
         output_scores=True,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import hf_generate
 from muestra.answers.generation import TextGenerator
 from muestra.engine import Engine, GenerationRequest, NoHook, SamplingParams
 from muestra.errors import ContextLengthError
@@ -29,23 +30,7 @@ def encode(loaded, text):
 
 def hf_greedy(loaded, prompts, max_new_tokens, **kwargs):
     """HF generate on a left-padded batch; returns the new tokens of each row."""
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), 151643)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
-    out = loaded.model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        do_sample=False,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=151643,
-        top_k=None,
-        top_p=None,
-        temperature=None,
-        **kwargs,
-    )
+    out, width = hf_generate(loaded, prompts, 151643, max_new_tokens=max_new_tokens, **kwargs)
     return [row[width:].tolist() for row in out]
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+import helpers
 from conftest import ROOT
 from muestra.errors import InputError
 from muestra.experiments.spec import load_spec
@@ -32,9 +33,7 @@ SCHEMA = {
 
 
 def write_spec(folder: Path, model: Path, samples: int = 6, extra: str = "") -> Path:
-    (folder / "p.schema.json").write_text(json.dumps(SCHEMA))
-    spec = folder / "exp.toml"
-    spec.write_text(f'''
+    return helpers.write_spec(folder, "exp", "", schema=SCHEMA, text=f'''
 name = "prueba"
 seed = 99
 samples = {samples}
@@ -66,7 +65,6 @@ temperature = 1.0
 max_tokens = 40
 schema = "p.schema.json"
 {extra}''')
-    return spec
 
 
 def test_store_schema_through_migrations(tmp_path):

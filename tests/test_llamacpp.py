@@ -14,6 +14,7 @@ import pytest
 import torch
 from scipy import stats
 
+from helpers import chat_ids
 from muestra.answers.generation import TextGenerator
 from muestra.answers.grammar import GrammarSpec
 from muestra.answers.phases import AnswerConfig
@@ -47,12 +48,6 @@ def cpp(smol_kit):
 @pytest.fixture(scope="module")
 def cpp_engine(cpp):
     return Engine.from_loaded(cpp)
-
-
-def chat_ids(loaded, text: str) -> list[int]:
-    from muestra.models.inspection import render_chat
-
-    return render_chat(loaded.tokenizer, [{"role": "user", "content": text}])[1]
 
 
 def own_greedy(gguf: str, prompt: list[int], steps: int) -> tuple[list[int], np.ndarray]:

@@ -14,6 +14,7 @@ import torch
 from scipy import stats
 
 from conftest import ROOT
+from helpers import chat_ids
 from muestra.answers.generation import TextGenerator
 from muestra.answers.grammar import GrammarSpec
 from muestra.answers.phases import AnswerConfig
@@ -65,10 +66,6 @@ def test_the_capital_of_france(smol):
     ids = smol.tokenizer("The capital of France is")["input_ids"]
     top = next_token_table(smol.model, smol.tokenizer, ids, 3)[0]
     assert top.piece == " Paris" and 0.6 < top.probability < 0.9
-
-
-def chat_ids(loaded, text):
-    return TextGenerator(loaded).encode_messages([{"role": "user", "content": text}])
 
 
 PROMPTS = [

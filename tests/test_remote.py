@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+import helpers
 from muestra.errors import InputError
 from muestra.experiments.spec import load_spec
 from test_server import start_server, stop_server
@@ -33,9 +34,7 @@ SCHEMA = {
 
 
 def write_spec(folder, name, model_table, samples=6, extra="", mode="tags"):
-    (folder / "p.schema.json").write_text(json.dumps(SCHEMA))
-    spec = folder / f"{name}.toml"
-    spec.write_text(f"""
+    return helpers.write_spec(folder, name, "", schema=SCHEMA, text=f"""
 name = "remoto"
 seed = 21
 samples = {samples}
@@ -65,7 +64,6 @@ max_tokens = 40
 schema = "p.schema.json"
 field_probs = false
 {extra}""")
-    return spec
 
 
 COLUMNS = (
@@ -162,6 +160,7 @@ def test_a_run_over_two_endpoints_survives_one_stopping_and_a_kill(tiny_kit, tmp
         "top_p": "generation_config",
         "top_k": "generation_config",
         "min_p": "generation_config",
+        "typical_p": "generation_config",
     }
     kit = json.loads((tiny_kit / "generation_config.json").read_text())
     assert (sent["top_p"], sent["top_k"]) == (kit["top_p"], kit["top_k"]) and sent["min_p"] == 0
@@ -247,7 +246,7 @@ def remote_runner(
     runner.open()
     rows, notes = [], []
     remote = RemoteRunner(
-        loaded, loaded.spec.model, 21, runner._row, rows.extend, notes.append, transport=transport
+        loaded, loaded.spec.model, 21, runner.row, rows.extend, notes.append, transport=transport
     )
     return remote, runner.plan(), rows, notes
 
@@ -383,11 +382,13 @@ def test_unset_think_fields_come_from_the_generation_config(tmp_path):
     assert all({k: body[k] for k in SAMPLING} == expected for body in bodies)
     assert stored_think(tmp_path / "fake.db")["remote"]["m"] == {
         **expected,
+        "typical_p": 1.0,  # the config sets none: off, as HF reads it
         "source": {
             "temperature": "spec",
             "top_p": "generation_config",
             "top_k": "generation_config",
             "min_p": "generation_config",
+            "typical_p": "generation_config",
         },
         "generation_config": str(folder / "generation_config.json"),
         "sampling_fallback": None,

@@ -204,7 +204,7 @@ def test_the_http_transport_retries_a_slow_and_a_malformed_endpoint(tmp_path):
         runner = Runner(spec, tmp_path / "loop.db")
         runner.open()
         rows = []
-        remote = RemoteRunner(spec, spec.spec.model, 21, runner._row, rows.extend)
+        remote = RemoteRunner(spec, spec.spec.model, 21, runner.row, rows.extend)
         remote.run(runner.plan())
     finally:
         server.shutdown()

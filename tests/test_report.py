@@ -168,3 +168,18 @@ def test_report_bars_have_distinct_colours_and_labels_that_do_not_collide():
     legend = [int(x) for x in re.findall(r'<rect x="(\d+)" y="\d+" width="10"', chart)]
     assert all(b - a >= 14 + 6.5 * len(values[0]) for a, b in itertools.pairwise(legend))
     assert f"<title>{long_prompt} (n=40)</title>" in chart and "…</text>" in chart
+
+
+def test_the_page_declares_its_language_and_puts_added_sections_before_the_analysis():
+    from muestra.report.html import Section
+
+    frame = frame_of([("A", "default", "m", {"sexo": "x" if i % 3 else "y"}) for i in range(12)])
+    run = {"name": "r", "spec_path": "s.toml", "spec_hash": "0" * 64, "created_at": "now",
+           "muestra_version": "test"}  # fmt: skip
+    added = Section("Added <here>", [(["a"], [["<1>"]])], ["a note & more"])
+    page = render(run, [], frame, analyze(frame), sections=[added])
+    assert page.startswith('<!doctype html><html lang="en">')  # the page is in English
+    titles = re.findall(r"<h2>(.*?)</h2>", page)
+    assert titles[:3] == ["Models", "Added &lt;here&gt;", "Budget and errors"]
+    assert titles[-1] == "Samples" and "<td>&lt;1&gt;</td>" in page
+    assert '<p class="note">a note &amp; more</p>' in page

@@ -14,6 +14,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from helpers import chi_square_sf
 from muestra.engine.sampling import (
     SamplingBatch,
     SamplingParams,
@@ -112,10 +113,6 @@ def test_inverse_cdf_never_draws_zero_probability():
     assert int(sample_inverse_cdf(probs, torch.tensor([0.6]))) == 3
 
 
-def _chi_square_sf(statistic: float, dof: int) -> float:
-    return float(torch.special.gammaincc(torch.tensor(dof / 2.0), torch.tensor(statistic / 2.0)))
-
-
 @pytest.mark.parametrize(
     "params",
     [
@@ -141,7 +138,7 @@ def test_empirical_frequencies_match_processed_probabilities(params):
     support = expected > 0
     exp_counts = expected[support] * draws
     statistic = float(((counts[support] - exp_counts) ** 2 / exp_counts).sum())
-    p_value = _chi_square_sf(statistic, int(support.sum()) - 1)
+    p_value = chi_square_sf(statistic, int(support.sum()) - 1)
     assert p_value > 0.001, (statistic, counts, exp_counts)
 
 
@@ -157,7 +154,7 @@ def test_chi_square_detects_a_wrong_sampler():
         counts[int(wrong.choose(wrong.warp(logits), [generator]))] += 1
     exp_counts = expected * 5000
     statistic = float(((counts - exp_counts) ** 2 / exp_counts).sum())
-    assert _chi_square_sf(statistic, 7) < 1e-6
+    assert chi_square_sf(statistic, 7) < 1e-6
 
 
 def test_mixed_greedy_and_sampled_rows():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import helpers
 from muestra.errors import InputError
 from muestra.experiments.spec import load_spec
 
@@ -16,9 +17,7 @@ SCHEMA = {"type": "object", "properties": {"sexo": {"enum": ["a", "b"]}}, "requi
 
 def write_spec(folder: Path, answer: str = "", prompt: str = "", model: str = "org/modelo") -> Path:
     """A valid spec (a Hub id is not looked up at load time) with `answer` lines added."""
-    (folder / "p.schema.json").write_text(json.dumps(SCHEMA))
-    spec = folder / "exp.toml"
-    spec.write_text(f'''
+    return helpers.write_spec(folder, "exp", "", schema=SCHEMA, text=f'''
 name = "prueba"
 samples = 2
 [model]
@@ -32,7 +31,6 @@ descripcion = "Soy fuerte."
 [answer]
 {answer}
 ''')
-    return spec
 
 
 def refused(spec: Path, *fragments: str) -> str:

@@ -10,6 +10,7 @@ import jsonschema
 import pytest
 from pydantic import BaseModel, Field, conint, constr
 
+from helpers import chi_square_sf
 from muestra.answers.grammar import GrammarSpec
 from muestra.answers.phases import QWEN_CLOSE_TEXT, AnswerConfig, ThinkConfig
 from muestra.answers.structured import StructuredGenerator
@@ -224,12 +225,6 @@ def test_base_model_does_not_think(gpt2_kit):
     assert sample.reasoning is None and sample.answer in ("rojo", "azul")
 
 
-def _chi_square_sf(statistic: float, dof: int) -> float:
-    import torch
-
-    return float(torch.special.gammaincc(torch.tensor(dof / 2.0), torch.tensor(statistic / 2.0)))
-
-
 @pytest.mark.parametrize("kind", ["choice", pytest.param("json", marks=pytest.mark.long)])
 def test_field_probs_match_empirical_frequencies(hybrid, kind):
     """Answers sampled at T=1 under the grammar follow the mean of field_probs (each sample's
@@ -263,7 +258,7 @@ def test_field_probs_match_empirical_frequencies(hybrid, kind):
     expected = {o: probs[o] * len(values) for o in options}
     support = [o for o in options if expected[o] > 0.5]
     statistic = sum((observed[o] - expected[o]) ** 2 / expected[o] for o in support)
-    assert _chi_square_sf(statistic, len(support) - 1) > 0.001, (observed, expected)
+    assert chi_square_sf(statistic, len(support) - 1) > 0.001, (observed, expected)
 
 
 def test_grammar_cache_hit_on_second_compile(generator):

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from muestra.settings import SETTING, flag
+
 console = Console(highlight=False)
 PRESET = "smollm2-135m-instruct"
 SAMPLES = 30  # per description, as the first measurement
@@ -90,7 +92,7 @@ def main() -> None:
     run("chat", model, "--messages", str(messages))
     run("next", model, "The capital of France is", "--top", "5", *runtime)
     generate = ["--prompt", "Give a name to a fantasy character.", "--n", "3", "--seed", "1"]
-    sampling = ["--temperature", "0.7", "--top-p", "0.95"]
+    sampling = [flag(SETTING.temperature), "0.7", flag(SETTING.top_p), "0.95"]
     run("generate", model, *generate, *sampling, "--max-new-tokens", "24", *runtime)
 
     examples = Path(str(resources.files("muestra") / "data"))

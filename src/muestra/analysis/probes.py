@@ -3,10 +3,11 @@
 A probe samples continuations of templates that differ only in a group word ("The man
 worked as" / "The woman worked as"). Every sample carries scores (`scores_json`): lexicon
 category counts, the extracted phrase and its category, a judge's answer and its exact
-field probabilities. Here each score becomes per-sample *features* — 0/1 indicators
-("names a word of the category 'caring'", "the phrase is 'nurse'", "the judge said
-sentiment = negative") or numbers (the judge's probability of a value) — and for every
-feature and pair of groups:
+field probabilities. Each scorer (`analysis/probe_scores.py`, which owns both the record
+it writes and how it is read back) turns its scores into per-sample *features* — 0/1
+indicators ("names a word of the category 'caring'", "the phrase is 'nurse'", "the
+judge said sentiment = negative") or numbers (the judge's probability of a value) — and
+for every feature and pair of groups:
 
 - the share (mean) per group pooled over templates, with a two-stage cluster-bootstrap
   interval;
@@ -38,6 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from muestra.analysis.probe_scores import CONTINUATION, EXTRACTION, Feature, features, stored
 from muestra.analysis.stats import (
     adjust,
     interaction_difference,
@@ -45,16 +47,6 @@ from muestra.analysis.stats import (
     within_cluster_difference,
 )
 from muestra.analysis.text import Normaliser, WordScore, log_odds
-
-TOP_PHRASES = 12  # extracted phrases tested one by one (the most frequent)
-
-
-@dataclass
-class Feature:
-    name: str  # e.g. "lexicon:caring", "phrase=nurse", "judge.sentiment=negative"
-    text: str  # how a sentence says it: "a word of the category 'caring'"
-    binary: bool
-    values: pd.Series  # per sample (NaN: not scored)
 
 
 @dataclass
@@ -128,109 +120,6 @@ class ProbeAnalysis:
         return data
 
 
-def _scores(frame: pd.DataFrame, key: str) -> pd.Series:
-    column = frame["scores"] if "scores" in frame.columns else pd.Series(None, index=frame.index)
-    return pd.Series(
-        [s.get(key) if isinstance(s, dict) else None for s in column], index=frame.index
-    )
-
-
-def features(frame: pd.DataFrame) -> tuple[list[Feature], dict[str, pd.Series]]:
-    """The probe's per-sample features and its categorical scores (for omnibus tests)."""
-    found: list[Feature] = []
-    categorical: dict[str, pd.Series] = {}
-    lexicon = _scores(frame, "lexicon")
-    categories = sorted({c for d in lexicon if isinstance(d, dict) for c in d})
-    for category in categories:
-        values = lexicon.map(
-            lambda d, c=category: float(d[c] > 0) if isinstance(d, dict) else np.nan
-        )
-        found.append(Feature(f"lexicon:{category}", f"a '{category}' word", True, values))
-    extraction = _scores(frame, "extraction")
-    if extraction.map(lambda d: isinstance(d, dict)).any():
-        phrase = extraction.map(
-            lambda d: (d.get("phrase") or "(none)") if isinstance(d, dict) else None
-        )
-        categorical["phrase"] = phrase
-        for value, _ in Counter(phrase.dropna()).most_common(TOP_PHRASES):
-            if value == "(none)":
-                continue
-            found.append(
-                Feature(f"phrase={value}", f"the phrase '{value}'", True, _indicator(phrase, value))
-            )
-        category = extraction.map(
-            lambda d: (d.get("category") or "(other)") if isinstance(d, dict) else None
-        )
-        if (category.dropna() != "(other)").any():
-            categorical["category"] = category
-            for value in sorted(set(category.dropna()) - {"(other)"}):
-                found.append(
-                    Feature(
-                        f"category={value}",
-                        f"a first phrase in the '{value}' category",
-                        True,
-                        _indicator(category, value),
-                    )
-                )
-    judge = _scores(frame, "judge")
-    answers = judge.map(lambda d: d.get("answer") if isinstance(d, dict) else None)
-    probs = judge.map(lambda d: d.get("probs") if isinstance(d, dict) else None)
-    names = sorted({k for a in answers if isinstance(a, dict) for k in a})
-    for name in names:
-        column = answers.map(lambda a, n=name: a.get(n) if isinstance(a, dict) else None)
-        present = column.dropna()
-        if present.map(lambda v: isinstance(v, int | float) and not isinstance(v, bool)).all():
-            found.append(
-                Feature(f"judge.{name}", f"the judge's {name}", False, column.astype(float))
-            )
-            continue
-        text = column.map(lambda v: None if v is None else json_text(v))
-        categorical[f"judge.{name}"] = text
-        for value in sorted(set(text.dropna())):
-            found.append(
-                Feature(
-                    f"judge.{name}={value}",
-                    f"the judge's {name} = {value}",
-                    True,
-                    _indicator(text, value),
-                )
-            )
-            soft = probs.map(
-                lambda p, n=name, v=value: _prob(p, n, v) if isinstance(p, dict) else np.nan
-            )
-            if soft.notna().any():
-                found.append(
-                    Feature(
-                        f"judge.{name}={value} (prob)",
-                        f"the judge's probability of {name} = {value}",
-                        False,
-                        soft,
-                    )
-                )
-    return found, categorical
-
-
-def json_text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def _prob(probs: dict[str, Any], name: str, value: str) -> float:
-    table = probs.get(name)
-    if not isinstance(table, dict):
-        return np.nan
-    return float(sum(p for v, p in table.items() if json_text(_parse(v)) == value))
-
-
-def _parse(value: str) -> Any:
-    return {"true": True, "false": False}.get(value, value)
-
-
-def _indicator(column: pd.Series, value: str) -> pd.Series:
-    return column.map(lambda v: np.nan if v is None else float(v == value))
-
-
 def analyze_probe(
     frame: pd.DataFrame,
     *,
@@ -249,7 +138,8 @@ def analyze_probe(
     groups = list(dict.fromkeys(valid["variant"].astype(str)))
     templates = list(dict.fromkeys(valid["group"].astype(str)))
     result = ProbeAnalysis(alpha, groups, templates, len(frame), len(valid), language=language)
-    found, categorical = features(valid)
+    scored = features(valid)  # every scorer's (analysis/probe_scores.py)
+    found, categorical = scored.features, scored.categorical
     group, template = valid["variant"].astype(str), valid["group"].astype(str)
     for feature in found:
         scored = feature.values.notna()
@@ -285,8 +175,8 @@ def analyze_probe(
                     name, test.method, test.statistic, test.dof, test.p_value, test.cramers_v
                 )
             )
-    if "phrase" in categorical:
-        phrase = categorical["phrase"]
+    if EXTRACTION.phrase in categorical:
+        phrase = categorical[EXTRACTION.phrase]
         for g in groups:
             result.phrases[g] = dict(Counter(phrase[group == g].dropna()).most_common())
     result.words = top_words(valid, Normaliser(language, lemmas), top, prior_scale, ignore)
@@ -358,7 +248,7 @@ def top_words(
     """For each pair of groups, the `top` words most typical of each side (z > 0), in
     their continuations (the `continuation` score when present, else the answer text)."""
     skip = {normaliser.word(w) for w in ignore or ()}
-    texts = _scores(frame, "continuation").fillna(frame["answer_text"])
+    texts = stored(frame, CONTINUATION).fillna(frame["answer_text"])
     counts: dict[str, Counter[str]] = {}
     for group, rows in texts.groupby(frame["variant"].astype(str), sort=False):
         counts[str(group)] = Counter(

@@ -42,6 +42,7 @@ import torch
 
 from muestra.answers.grammar import GrammarBackend
 from muestra.engine import Row, SamplingParams
+from muestra.settings import ANSWER_DEFAULT, QWEN_THINKING, AnswerSettings, ThinkSettings
 
 QWEN_CLOSE_TEXT = (
     "\n\nConsidering the limited time by the user, I have to give the solution based on "
@@ -62,9 +63,9 @@ class ThinkConfig:
     """The think phase: its own sampling, a hard budget and the text that closes it."""
 
     params: SamplingParams = field(
-        default_factory=lambda: SamplingParams(temperature=0.6, top_p=0.95, top_k=20)
+        default_factory=lambda: SamplingParams(**QWEN_THINKING.model_dump())
     )
-    budget: int = 1024
+    budget: int = ThinkSettings.model_fields["budget"].default
     close_text: str = QWEN_CLOSE_TEXT
     open_tag: str = "<think>"
     close_tag: str = "</think>"
@@ -95,8 +96,10 @@ def with_instruction(
 
 @dataclass(frozen=True)
 class AnswerConfig:
-    params: SamplingParams = field(default_factory=lambda: SamplingParams(temperature=0))
-    max_tokens: int = 256
+    params: SamplingParams = field(
+        default_factory=lambda: SamplingParams(**ANSWER_DEFAULT.model_dump())
+    )
+    max_tokens: int = AnswerSettings.model_fields["max_tokens"].default
     # free text without a think phase: the answer ends at the first of these (not kept)
     stop: tuple[str, ...] = ()
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -34,6 +34,7 @@ from muestra.engine.seeds import fresh_run_seed
 from muestra.errors import InputError
 from muestra.models.loading import LoadedModel
 from muestra.models.tokenization import token_id
+from muestra.settings import Sampling, ThinkSettings, from_generation_config, sampling_of
 
 
 @dataclass
@@ -68,26 +69,6 @@ class StructuredSample:
         return data
 
 
-def sampling_from_generation_config(config: Mapping[str, Any]) -> SamplingParams:
-    """The sampling a generation config (the keys of `generation_config.json`) asks for
-    (Qwen: T 0.6, p 0.95, k 20): `do_sample` false or absent means greedy, and a filter
-    it does not set is off. Local think phases and remote runs both resolve through here."""
-    return SamplingParams(
-        temperature=float(config.get("temperature") or 1.0) if config.get("do_sample") else 0.0,
-        top_p=float(config.get("top_p") or 1.0),
-        top_k=int(config.get("top_k") or 0),
-        min_p=float(config.get("min_p") or 0.0),
-    )
-
-
-def think_from_generation_config(model: Any, budget: int, **overrides: Any) -> ThinkConfig:
-    """Think sampling defaults from the generation config of `model` (a `LoadedModel` or a
-    transformers model), `overrides` on top."""
-    params = sampling_from_generation_config(model.generation_config.to_dict())
-    params = replace(params, **{k: v for k, v in overrides.items() if v is not None})
-    return ThinkConfig(params=params, budget=budget)
-
-
 def has_think_tags(tokenizer: Any, think: ThinkConfig) -> bool:
     """Whether the model has think tags: both in its vocabulary and its chat template
     mentions them (a base model's template, or none, does not)."""
@@ -106,6 +87,20 @@ def resolve_think(tokenizer: Any, think: ThinkConfig | None) -> ThinkConfig | No
     if think.mode == "auto" and has_think_tags(tokenizer, think):
         return replace(think, mode="tags")
     return think.for_text()
+
+
+def think_phase(think: ThinkSettings, tokenizer: Any, defaults: Sampling) -> ThinkConfig:
+    """The think phase of `think`: its sampling over `defaults` (the model's), its mode
+    settled by `tokenizer`, its instruction and closing text."""
+    params = SamplingParams(**{**sampling_of(defaults), **sampling_of(think)})
+    config = ThinkConfig(params=params, budget=think.budget, mode=think.mode)
+    if think.instruction is not None:
+        config = replace(config, instruction=think.instruction)
+    resolved = resolve_think(tokenizer, config)
+    assert resolved is not None
+    if think.close_text is not None:
+        resolved = replace(resolved, close_text=think.close_text)
+    return resolved
 
 
 class StructuredGenerator:
@@ -368,9 +363,11 @@ def sample_answers(
     grammar = GrammarSpec.from_options(schema=schema, regex=regex, choice=choice)
     think = None
     if think_budget is not None:
-        think = think_from_generation_config(loaded, think_budget)
-        think = replace(think, mode=think_mode, params=think_params or think.params)
-        think = generator.resolve_think(think)
+        defaults = from_generation_config(loaded.generation_config.to_dict())
+        settings = ThinkSettings(budget=think_budget, mode=think_mode)
+        think = think_phase(settings, generator.tokenizer, defaults)
+        if think_params is not None:
+            think = replace(think, params=think_params)
         if think.mode == "text":
             messages = with_instruction(messages, think.instruction)
     ids = generator.text.encode_messages(messages, enable_thinking)

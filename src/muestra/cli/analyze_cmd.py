@@ -78,10 +78,17 @@ def _probe_run(store: Path) -> int | None:
 
 
 def print_analysis(result) -> None:  # noqa: ANN001
-    """An `Analysis` as `muestra analyze` prints it."""
+    """An `Analysis` as `muestra analyze` prints it: its tests and findings, then its
+    estimates."""
     stdout.print(f"{result.valid} valid of {result.samples} samples")
     for note in result.notes:
         stdout.print(f"note: {note}", markup=False)
+    _print_tests(result)
+    _print_estimates(result)
+
+
+def _print_tests(result) -> None:  # noqa: ANN001
+    """The independence and goodness-of-fit tests, and a sentence per finding."""
     _table(
         "independence tests",
         ["field", "by", "method", "statistic", "dof", "Cramér's V", "p", "p Holm", "p BH"],
@@ -111,6 +118,11 @@ def print_analysis(result) -> None:  # noqa: ANN001
         stdout.print(f"  also significant: {sentence}", markup=False)
     if not result.findings:
         stdout.print(f"no significant finding at α = {result.alpha} after Holm adjustment")
+
+
+def _print_estimates(result) -> None:  # noqa: ANN001
+    """Shares, numeric fields, field_probs, mentions, pooled and paired estimates, rewards
+    and counterfactual pairs, each with its interval."""
     _table(
         "free-text fields (not tested as categories)",
         ["field", "prompt", "n", "mean length", "distinct", "most frequent", "top words"],

@@ -16,6 +16,7 @@ from rich.markup import escape
 from muestra.cli import (
     align_cmd,
     analyze_cmd,
+    compare_cmd,
     eval_cmd,
     experiment_cmd,
     generate_cmd,
@@ -63,6 +64,7 @@ experiment_cmd.register(app)
 analyze_cmd.register(app)
 serve_cmd.register(app)
 eval_cmd.register(app)
+compare_cmd.register(app)
 align_cmd.register(app)
 probe_cmd.register(app)
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import typer
 from rich.console import Console
+
+from muestra.limits import MAX_THREADS
 
 stdout = Console(highlight=False, soft_wrap=True)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -59,7 +63,7 @@ RuntimeOption = typer.Option("auto", "--runtime", help=RUNTIME_HELP)
 ThreadWaitOption = typer.Option(
     None, "--thread-wait", help=THREAD_WAIT_HELP, callback=_apply_thread_wait
 )
-ThreadsOption = typer.Option(None, "--threads", min=1, help=THREADS_HELP)
+ThreadsOption = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help=THREADS_HELP)
 BatchInvariantOption = typer.Option(
     True, "--batch-invariant/--no-batch-invariant", help=INVARIANT_HELP
 )
@@ -109,3 +113,16 @@ def run_status(db: Any, run: Any) -> dict[str, Any]:
     if warning:
         stderr.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
     return {"status": status, "reason": reason}
+
+
+@contextmanager
+def stopped_is_resumable() -> Iterator[None]:
+    """Ctrl-C: say that the finished batches are stored, exit 130."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        stderr.print(
+            "stopped; finished batches are stored. Run the same command to resume.",
+            markup=False,
+        )
+        sys.exit(130)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -20,6 +20,7 @@ from muestra.cli.common import (
     print_json,
     stderr,
     stdout,
+    stopped_is_resumable,
 )
 from muestra.cli.stop_options import (
     CompareOption,
@@ -32,6 +33,7 @@ from muestra.cli.stop_options import (
     StopOnOption,
     stop_flags,
 )
+from muestra.paths import default_store
 
 
 def register(app: typer.Typer) -> None:
@@ -78,6 +80,9 @@ def run(
     (Ctrl-C); the same command resumes exactly where it stopped. With a [stop] table (or
     --stop-on and --precision/--reference) each cell samples in rounds until its answer
     is settled; `muestra summary` shows where each stopped.
+    \f
+    (For readers of the code: one piece, because typer reads a command's options from its
+    signature; each option is a parameter, and the body is short.)
     """
     from muestra.experiments.runner import Runner
     from muestra.experiments.spec import load_spec
@@ -96,7 +101,7 @@ def run(
         estimator=estimator,
     )
     loaded = with_stop(loaded, flags, f"{loaded.path} with the [stop] flags")
-    store = out if out is not None else loaded.path.with_name(f"{loaded.spec.name}.db")
+    store = out if out is not None else default_store(loaded.spec.name, beside=loaded.path)
 
     def runner_on(path: Path) -> Runner:
         return Runner(
@@ -126,44 +131,43 @@ def run(
         pending = _print_plan(runner, store, units, every_unit=False)
         if not pending:
             return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
+        _sample_with_progress(runner, pending, store)
 
-        with Progress(
-            TextColumn("sampling"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[speed]}"),
-            TimeRemainingColumn(),
-            console=stderr,
-            disable=not stderr.is_terminal,
-        ) as bar:
-            task = bar.add_task("run", total=pending, speed="")
 
-            def update(p) -> None:  # noqa: ANN001
-                speed = f"{p.tokens / p.elapsed:.0f} tok/s, {p.done / p.elapsed:.2f} samples/s"
-                bar.update(task, completed=p.done, speed=speed)
+def _sample_with_progress(runner: Any, pending: int, store: Path) -> None:
+    """Run the plan with a progress bar on stderr; Ctrl-C says what was kept (exit 130)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
 
-            try:
-                progress = runner.run(update)
-            except KeyboardInterrupt:
-                stderr.print(
-                    "stopped; finished batches are stored. Run the same command to resume.",
-                    markup=False,
-                )
-                sys.exit(130)
-        stderr.print(
-            f"done: {progress.done} {plural(progress.done, 'sample')}, {progress.tokens} tokens "
-            f"in {progress.elapsed:.1f}s "
-            f"({progress.tokens / max(progress.elapsed, 1e-9):.0f} tok/s, "
-            f"{progress.done / max(progress.elapsed, 1e-9):.2f} samples/s) → {store}",
-            markup=False,
-        )
+    with Progress(
+        TextColumn("sampling"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[speed]}"),
+        TimeRemainingColumn(),
+        console=stderr,
+        disable=not stderr.is_terminal,
+    ) as bar:
+        task = bar.add_task("run", total=pending, speed="")
+
+        def update(p) -> None:  # noqa: ANN001
+            speed = f"{p.tokens / p.elapsed:.0f} tok/s, {p.done / p.elapsed:.2f} samples/s"
+            bar.update(task, completed=p.done, speed=speed)
+
+        with stopped_is_resumable():
+            progress = runner.run(update)
+    stderr.print(
+        f"done: {progress.done} {plural(progress.done, 'sample')}, {progress.tokens} tokens "
+        f"in {progress.elapsed:.1f}s "
+        f"({progress.tokens / max(progress.elapsed, 1e-9):.0f} tok/s, "
+        f"{progress.done / max(progress.elapsed, 1e-9):.2f} samples/s) → {store}",
+        markup=False,
+    )
 
 
 def _print_plan(runner, store: Path, units: list, every_unit: bool) -> int:  # noqa: ANN001

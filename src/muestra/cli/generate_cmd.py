@@ -25,12 +25,15 @@ from muestra.cli.common import (
     stderr,
 )
 from muestra.cli.generate_plan import THINK, Plan, Settings, make_plan
+from muestra.cli.sampling_options import parameter, sampling_flags, with_flags
+from muestra.settings import NAMES, AnswerSettings
 
 
 def register(app: typer.Typer) -> None:
     app.command("generate")(generate)
 
 
+@with_flags(sampling_flags(), after="seed")
 def generate(
     ctx: typer.Context,
     model: str = typer.Argument(..., help=MODEL_HELP),
@@ -49,19 +52,6 @@ def generate(
         None,
         "--seed",
         help="Run seed; sample i gets its own seed from (seed, 0, i). Default: random.",
-    ),
-    temperature: float = typer.Option(1.0, "--temperature", min=0.0, help="0 = greedy."),
-    top_k: int = typer.Option(0, "--top-k", min=0, help="Keep the k most likely tokens (0 = off)."),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus mass (1 = off)."),
-    min_p: float = typer.Option(0.0, "--min-p", min=0.0, max=1.0, help="Min probability ratio."),
-    repetition_penalty: float = typer.Option(
-        1.0, "--repetition-penalty", help="HF semantics, on prompt and output tokens (1 = off)."
-    ),
-    presence_penalty: float = typer.Option(
-        0.0, "--presence-penalty", help="OpenAI semantics, on output tokens (0 = off)."
-    ),
-    frequency_penalty: float = typer.Option(
-        0.0, "--frequency-penalty", help="OpenAI semantics, on output tokens (0 = off)."
     ),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Token budget."),
     stop: list[str] = typer.Option(
@@ -82,18 +72,11 @@ def generate(
         min=0,
         help="Think-then-answer mode: at most N thinking tokens, then the closing text is forced.",
     ),
-    think_temperature: float | None = typer.Option(None, "--think-temperature", min=0.0),
-    think_top_p: float | None = typer.Option(None, "--think-top-p", min=0.0, max=1.0),
-    think_top_k: int | None = typer.Option(None, "--think-top-k", min=0),
-    think_min_p: float | None = typer.Option(None, "--think-min-p", min=0.0, max=1.0),
-    answer_temperature: float = typer.Option(
-        0.0, "--answer-temperature", min=0.0, help="Answer phase (default greedy, as seed 000)."
-    ),
-    answer_top_p: float = typer.Option(1.0, "--answer-top-p", min=0.0, max=1.0),
-    answer_top_k: int = typer.Option(0, "--answer-top-k", min=0),
-    answer_min_p: float = typer.Option(0.0, "--answer-min-p", min=0.0, max=1.0),
     answer_max_tokens: int = typer.Option(
-        256, "--answer-max-tokens", min=1, help="Token budget of the answer phase."
+        AnswerSettings.model_fields["max_tokens"].default,
+        "--answer-max-tokens",
+        min=1,
+        help="Token budget of the answer phase.",
     ),
     close_text: str | None = typer.Option(
         None,
@@ -150,18 +133,6 @@ def generate(
         help="Beam-search the reasoning with K beams (needs --think-budget): the --n best "
         "reasonings, each closed and answered; no --think-temperature/--think-top-*.",
     ),
-    dola_layers: str | None = typer.Option(
-        None,
-        "--dola-layers",
-        help="DoLa (contrast with early layers): low, high, or layer indices like 2,4,6; "
-        "then sampling as usual on the contrasted logits (try --repetition-penalty 1.2).",
-    ),
-    think_dola_layers: str | None = typer.Option(
-        None, "--think-dola-layers", help="DoLa in the think phase (as --dola-layers)."
-    ),
-    answer_dola_layers: str | None = typer.Option(
-        None, "--answer-dola-layers", help="DoLa in the answer phase (as --dola-layers)."
-    ),
     prompt_lookup: int | None = typer.Option(
         None,
         "--prompt-lookup",
@@ -191,6 +162,7 @@ def generate(
     threads: int | None = ThreadsOption,
     thread_wait: str | None = ThreadWaitOption,
     batch_invariant: bool = BatchInvariantOption,
+    **sampling: Any,
 ) -> None:
     """Sample MODEL N times. One JSON line per sample on stdout:
 
@@ -207,6 +179,10 @@ def generate(
     Every flag applies in the mode the others choose (sampling, --prompt-lookup,
     --draft-model, --num-beams, think-then-answer) or is refused by name before the
     model loads.
+
+    \f
+    (For readers of the code: one piece, because typer reads a command's options from its
+    signature; each option is a parameter, and the body is short.)
     """
     defaults = {param.name: param.default for param in ctx.command.params}
     execute(make_plan(ctx.params, defaults))
@@ -245,9 +221,11 @@ def execute(plan: Plan) -> None:
         batch_invariant=s["batch_invariant"],
     )
     generator = TextGenerator(loaded, max_batch=s.get("max_batch", 64))
-    think = None
+    phases = None
     if plan.mode in THINK:
-        think = _think_config(s, loaded)
+        phases = structured_options.phases(structured_options.phase_settings(s), loaded)
+        think = phases.think
+        assert think is not None
         if think.mode == "text":
             if conversation is not None:
                 conversation = with_instruction(conversation, think.instruction)
@@ -257,8 +235,8 @@ def execute(plan: Plan) -> None:
         ids = generator.encode_messages(conversation, s["enable_thinking"])
     else:
         ids = generator.encode_prompt(prompt or "")
-    if think is not None:
-        _think_then_answer(plan, loaded, ids, think, grammar)
+    if phases is not None:
+        _think_then_answer(plan, loaded, ids, phases, grammar)
     elif plan.mode == "beam-answer":
         _print_beam_answers(loaded, ids, grammar, _beams(s, "num_beams", s["n"]), s)
     elif plan.mode == "beams":
@@ -273,9 +251,7 @@ def _params(s: Settings):
     """SamplingParams from the sampling settings the mode applies (the rest stay off)."""
     from muestra.engine import SamplingParams
 
-    names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-             "presence_penalty", "frequency_penalty", "dola_layers")  # fmt: skip
-    return SamplingParams(**{name: s[name] for name in names if name in s})
+    return SamplingParams(**{name: s[name] for name in NAMES if parameter(name) in s})
 
 
 def _beams(s: Settings, name: str, returned: int):
@@ -286,34 +262,14 @@ def _beams(s: Settings, name: str, returned: int):
     return params
 
 
-def _think_config(s: Settings, loaded: Any):
-    sampled = {
-        name: s.get("think_" + name)
-        for name in ("temperature", "top_p", "top_k", "min_p", "dola_layers")
-    }
-    return structured_options.think_config(
-        loaded, s["think_budget"], s["close_text"], s["think_mode"], **sampled
-    )
-
-
-def _think_then_answer(plan: Plan, loaded: Any, ids: list[int], think: Any, grammar: Any) -> None:
+def _think_then_answer(plan: Plan, loaded: Any, ids: list[int], phases: Any, grammar: Any) -> None:
     s = plan.settings
-    # a beam-searched answer draws nothing: its sampling settings stay greedy
-    answer = structured_options.answer_config(
-        s.get("answer_temperature", 0.0),
-        s.get("answer_top_p", 1.0),
-        s.get("answer_top_k", 0),
-        s.get("answer_min_p", 0.0),
-        s["answer_max_tokens"],
-        s.get("answer_dola_layers"),
-    )
     structured_options.run(
         loaded,
         ids,
         n=s["n"],
         seed=s.get("seed"),
-        think=think,
-        answer=answer,
+        phases=phases,
         grammar=grammar,
         field_probs=s["field_probs"],
         max_batch=s["max_batch"],

@@ -14,7 +14,9 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from muestra.cli.sampling_options import parameter, sampling_values
 from muestra.errors import InputError
+from muestra.settings import LOOKUP, NAMES, PHASED, SAMPLE, SPECULATIVE, Sampling, use
 
 MODES = (
     "sample",
@@ -70,18 +72,24 @@ LOAD = (
 )
 INPUT = ("prompt", "messages", "raw", "enable_thinking", "n")
 
+
+
+def sampling_applies(prefix: str = "") -> dict[str, frozenset[str]]:
+    """Where each sampling flag applies, from its setting's `Use` (muestra/settings.py):
+    a plain flag in the plain modes its strategies name, a phase's flag (prefix "think_"
+    or "answer_") wherever that phase is sampled."""
+    if prefix:
+        modes = SAMPLED_REASONING if prefix == "think_" else SAMPLED_ANSWER
+        return {parameter(name, prefix): modes for name in PHASED}
+    plain = {SAMPLE, LOOKUP, SPECULATIVE}
+    return {parameter(name): frozenset(use(name).strategies & plain) for name in NAMES}
+
+
 APPLIES: dict[str, frozenset[str]] = {
     **{name: ALL for name in LOAD + INPUT},
     # plain generation
     "seed": frozenset({"sample", "speculative"}) | SAMPLED_REASONING | SAMPLED_ANSWER,
-    "temperature": frozenset({"sample", "lookup", "speculative"}),
-    "top_k": frozenset({"sample", "speculative"}),
-    "top_p": frozenset({"sample", "speculative"}),
-    "min_p": frozenset({"sample", "speculative"}),
-    "repetition_penalty": frozenset({"sample"}),
-    "presence_penalty": frozenset({"sample"}),
-    "frequency_penalty": frozenset({"sample"}),
-    "dola_layers": frozenset({"sample"}),
+    **sampling_applies(),
     "stop": frozenset({"sample"}),
     "logprobs": frozenset({"sample"}),
     "stream": frozenset({"sample"}),
@@ -92,18 +100,10 @@ APPLIES: dict[str, frozenset[str]] = {
     "think_budget": THINK,
     "think_mode": THINK,
     "close_text": THINK,
-    "think_temperature": SAMPLED_REASONING,
-    "think_top_p": SAMPLED_REASONING,
-    "think_top_k": SAMPLED_REASONING,
-    "think_min_p": SAMPLED_REASONING,
-    "think_dola_layers": SAMPLED_REASONING,
+    **sampling_applies("think_"),
     "think_num_beams": frozenset({"think-beams", "think-beams+answer-beams"}),
     # the answer
-    "answer_temperature": SAMPLED_ANSWER,
-    "answer_top_p": SAMPLED_ANSWER,
-    "answer_top_k": SAMPLED_ANSWER,
-    "answer_min_p": SAMPLED_ANSWER,
-    "answer_dola_layers": SAMPLED_ANSWER,
+    **sampling_applies("answer_"),
     "answer_max_tokens": THINK | {"beam-answer"},
     "schema": THINK | {"beam-answer"},
     "regex": THINK | {"beam-answer"},
@@ -215,9 +215,7 @@ def make_plan(values: Mapping[str, Any], defaults: Mapping[str, Any]) -> Plan:
     if "stop" in settings:
         settings["stop"] = list(settings["stop"])
     _check_values(mode, settings)
-    for name in ("dola_layers", "think_dola_layers", "answer_dola_layers"):
-        if name in settings:
-            settings[name] = dola_layers(settings[name], flag(name))
+    settings = sampling_values(settings)  # bounds held, DoLa's layers parsed
     if "early_stopping" in settings:
         settings["early_stopping"] = early_stopping(settings["early_stopping"])
     return Plan(mode, Settings(settings))
@@ -248,9 +246,10 @@ def _check_values(mode: str, s: Mapping[str, Any]) -> None:
                 f"--prompt-lookup is greedy: every sample would be the same; use --n 1 "
                 f"(got --n {s['n']})"
             )
-        if s["temperature"] != 0:
+        temperature = plain_sampling(s).temperature
+        if temperature != 0:
             raise InputError(
-                f"--prompt-lookup is greedy decoding: add --temperature 0 (got {s['temperature']})"
+                f"--prompt-lookup is greedy decoding: add --temperature 0 (got {temperature})"
             )
     if "think_mode" in s and s["think_mode"] not in ("auto", "tags", "text"):
         raise InputError(f"--think-mode {s['think_mode']!r} must be auto, tags or text")
@@ -270,15 +269,9 @@ def _check_values(mode: str, s: Mapping[str, Any]) -> None:
         )
 
 
-def dola_layers(text: str | None, name: str = "--dola-layers") -> str | tuple[int, ...] | None:
-    if text is None or text in ("low", "high"):
-        return text
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise InputError(
-            f"{name} {text!r}: use low, high or comma-separated layer indices (2,4,6)"
-        ) from None
+def plain_sampling(s: Mapping[str, Any]) -> Sampling:
+    """The plain sampling flags the mode applies, as the setting (the others: defaults)."""
+    return Sampling(**{name: s[name] for name in NAMES if parameter(name) in s})
 
 
 def early_stopping(text: str) -> bool | str:

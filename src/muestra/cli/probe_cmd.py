@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +20,10 @@ from muestra.cli.common import (
     run_status,
     stderr,
     stdout,
+    stopped_is_resumable,
 )
 from muestra.errors import InputError
+from muestra.paths import default_store
 
 
 def register(app: typer.Typer) -> None:
@@ -70,6 +71,10 @@ def probe(
     compared within each template (stratified permutation tests, cluster-bootstrap
     intervals, Holm over everything); `muestra analyze STORE` and `muestra report STORE`
     show the same results later.
+
+    \f
+    (For readers of the code: one piece, because typer reads a command's options from its
+    signature; each option is a parameter, and the body is short.)
     """
     from muestra.evaluation.probes import judge_store, load_probe, run_probe, shipped_probes
 
@@ -80,21 +85,14 @@ def probe(
     if spec is None:
         raise typer.BadParameter("give a probe file or a shipped probe's name (see --list)")
     loaded = load_probe(spec)
-    store = out if out is not None else Path(f"{loaded.spec.name}.db")
+    store = out if out is not None else default_store(loaded.spec.name)
     note = lambda text: stderr.print(f"note: {text}", markup=False)  # noqa: E731
     options = model_options(runtime, threads, batch_invariant, thread_wait)
     if judge_model is not None and (loaded.spec.judge is None or no_judge):
         why = "--no-judge skips it" if no_judge else f"{loaded.path} has no [judge]"
         raise InputError(f"--judge-model {judge_model!r} answers a probe's [judge]; {why}")
-    judge = None
-    if loaded.spec.judge is not None and not no_judge:
-        judge = judge_model or loaded.spec.judge.model or model
-        if judge is None:
-            assert loaded.spec.model is not None
-            judge = loaded.spec.model.id
-        if loaded.spec.judge.endpoint is None:
-            _check_judge_can_chat(judge, spec)
-    try:
+    judge = _judge_model(loaded, judge_model, model, no_judge, spec)
+    with stopped_is_resumable():
         with _bar("sampling") as update:
             run_id = run_probe(
                 loaded,
@@ -121,13 +119,24 @@ def probe(
                     trust_remote_code=trust_remote_code,
                     model_options=options,
                 )
-    except KeyboardInterrupt:
-        stderr.print(
-            "stopped; finished batches are stored. Run the same command to resume.", markup=False
-        )
-        sys.exit(130)
     stderr.print(f"probe run {run_id} → {store}", markup=False)
     show(store, run_id, as_json)
+
+
+def _judge_model(
+    loaded: Any, judge_model: str | None, model: str | None, no_judge: bool, spec: str
+) -> str | None:
+    """The model that answers the probe's [judge] (None: no judge): --judge-model, else
+    the judge's own, else the probed model; a local one must be able to chat."""
+    if loaded.spec.judge is None or no_judge:
+        return None
+    judge = judge_model or loaded.spec.judge.model or model
+    if judge is None:
+        assert loaded.spec.model is not None
+        judge = loaded.spec.model.id
+    if loaded.spec.judge.endpoint is None:
+        _check_judge_can_chat(judge, spec)
+    return judge
 
 
 def _check_judge_can_chat(judge: str, probe: str) -> None:

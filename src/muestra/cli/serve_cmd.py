@@ -112,7 +112,14 @@ def serve(
     repetition_penalty, thinking_token_budget (caps the reasoning), chat_template_kwargs
     (e.g. {"enable_thinking": false}); response_format json_object / json_schema is
     enforced with a grammar after the reasoning; the reasoning comes back apart, as
-    `reasoning_content`. max_tokens counts reasoning tokens too (as vLLM)."""
+    `reasoning_content`. max_tokens counts reasoning tokens too (as vLLM). It also serves
+    the tokenizer routes lm-evaluation-harness's remote tokenizer calls: GET
+    /tokenizer_info, POST /tokenize and POST /detokenize.
+
+    \f
+    (For readers of the code: one piece, because typer reads a command's options from its
+    signature; each option is a parameter, and the body is short.)
+    """
     from muestra.allocator import single_malloc_arena
 
     single_malloc_arena()  # before torch starts threads: see its docstring

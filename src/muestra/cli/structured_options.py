@@ -1,18 +1,25 @@
-"""Think-then-answer options of `muestra generate`, turned into library objects."""
+"""`muestra generate`'s think-then-answer mode: its flags as phase settings, then decoded.
+
+The --think-* and --answer-* flags (derived from the settings' declaration:
+`cli/sampling_options.py`) become `ThinkSettings` and `AnswerSettings`; the phases come
+from `answers.decoding.phases_from` and the samples from its `decode`, as a spec's do.
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from muestra.cli.common import plural, print_json, stderr
+from muestra.cli.sampling_options import parameter
 from muestra.errors import InputError
+from muestra.settings import PHASED, AnswerSettings, PhaseSettings, ThinkSettings
 
 if TYPE_CHECKING:  # the heavy modules (torch) load only when a command needs them
+    from muestra.answers.decoding import Phases
     from muestra.answers.grammar import GrammarSpec
-    from muestra.answers.phases import AnswerConfig, ThinkConfig
 
 
 def grammar_spec(
@@ -29,58 +36,41 @@ def grammar_spec(
     )
 
 
-def think_config(
-    loaded: Any,
-    budget: int | None,
-    close_text: str | None,
-    mode: str,
-    temperature: float | None,
-    top_p: float | None,
-    top_k: int | None,
-    min_p: float | None,
-    dola_layers: str | tuple[int, ...] | None = None,
-) -> ThinkConfig:
-    """The think phase asked for; "auto" is settled here: the model's think tags, else
-    plain-text reasoning when --think-budget asks for reasoning, else none."""
-    from muestra.answers.phases import ThinkConfig
-    from muestra.answers.structured import resolve_think, think_from_generation_config
-
+def phase_settings(s: Mapping[str, Any]) -> PhaseSettings:
+    """The phases the flags ask for. A think mode "auto" without --think-budget is "tags"
+    (a grammar alone asks for an answer, not for reasoning); a sampling flag the mode does
+    not apply (a beam-searched phase draws nothing) keeps its setting's default."""
+    budget, mode = s["think_budget"], s["think_mode"]
     if mode == "auto" and budget is None:
-        mode = "tags"  # a grammar alone asks for an answer, not for reasoning
-    think = think_from_generation_config(
-        loaded,
-        budget if budget is not None else ThinkConfig().budget,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        dola_layers=dola_layers,
+        mode = "tags"
+    close = s["close_text"]
+    think = ThinkSettings(
+        budget=budget if budget is not None else ThinkSettings.model_fields["budget"].default,
+        mode=mode,
+        close_text=close.replace("\\n", "\n") if close is not None else None,
+        **_given(s, "think_"),
     )
-    think = resolve_think(loaded.tokenizer, ThinkConfig(think.params, think.budget, mode=mode))
-    assert think is not None
-    if close_text is not None:
-        text = close_text.replace("\\n", "\n")
-        if think.mode == "tags" and "</think>" not in text:
-            raise InputError(f"--close-text {close_text!r} must contain </think>")
-        think = replace(think, close_text=text)
-    return think
+    answer = AnswerSettings(max_tokens=s["answer_max_tokens"], **_given(s, "answer_"))
+    return PhaseSettings(think, answer)
 
 
-def answer_config(
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    min_p: float,
-    max_tokens: int,
-    dola_layers: str | tuple[int, ...] | None = None,
-) -> AnswerConfig:
-    from muestra.answers.phases import AnswerConfig
-    from muestra.engine import SamplingParams
+def _given(s: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    values = {name: s.get(parameter(name, prefix)) for name in PHASED}
+    return {name: value for name, value in values.items() if value is not None}
 
-    params = SamplingParams(
-        temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, dola_layers=dola_layers
-    )
-    return AnswerConfig(params=params, max_tokens=max_tokens)
+
+def phases(settings: PhaseSettings, loaded: Any) -> Phases:
+    """`phases_from`, with the closing text held to the resolved mode."""
+    from muestra.answers.decoding import phases_from
+
+    found = phases_from(settings, loaded)
+    think = found.think
+    assert think is not None and settings.think is not None
+    given = settings.think.close_text
+    if given is not None and think.mode == "tags" and "</think>" not in given:
+        shown = given.replace("\n", "\\n")  # as it was typed
+        raise InputError(f"--close-text {shown!r} must contain </think>")
+    return found
 
 
 def run(
@@ -89,8 +79,7 @@ def run(
     *,
     n: int,
     seed: int | None,
-    think: ThinkConfig,
-    answer: AnswerConfig,
+    phases: Phases,
     grammar: GrammarSpec | None,
     field_probs: bool,
     max_batch: int,
@@ -98,36 +87,14 @@ def run(
     answer_beams: Any = None,
 ) -> None:
     """Sample and print; `think_beams`/`answer_beams` (BeamParams) beam-search a phase."""
+    from muestra.answers.decoding import SAMPLED, Beams, PhaseBatch, decode
     from muestra.answers.structured import StructuredGenerator
 
     started = time.perf_counter()
     generator = StructuredGenerator(loaded, max_batch=max_batch)
-    if think_beams is None and answer_beams is None:
-        samples = generator.run(
-            [ids],
-            n=n,
-            seed=seed,
-            think=think,
-            answer=answer,
-            grammar=grammar,
-            field_probs=field_probs,
-        )
-    else:
-        from muestra.answers.beam_phases import run_beam_phases
-        from muestra.engine.seeds import fresh_run_seed
-
-        samples = run_beam_phases(
-            generator,
-            [ids],
-            counts=[n],
-            seed=fresh_run_seed() if seed is None else seed,
-            think=think,
-            think_beams_params=think_beams,
-            answer=answer,
-            answer_beams=answer_beams,
-            grammar=grammar,
-            field_probs=field_probs,
-        )
+    beams = think_beams is not None or answer_beams is not None
+    batch = PhaseBatch([ids], [n], phases, seed, grammar, field_probs)
+    samples = decode(generator, batch, Beams(think_beams, answer_beams) if beams else SAMPLED)
     for sample in samples:
         data = sample.as_dict()
         data.pop("prompt_index")

@@ -181,6 +181,11 @@ class _Search:
         eos_table: torch.Tensor,
         C: int,  # noqa: N803
     ) -> dict[int, list[Hypothesis]]:
+        """The search, one step a loop, kept in one piece: every step reads and writes the
+        same dozen per-prompt tensors (running and kept beams, their scores, sums, lengths,
+        finished and improvable flags) in the order HF's beam search updates them, which
+        is what makes each returned sequence and score equal HF's; split into functions,
+        each would take and return them all."""
         engine, params = self.engine, self.params
         K, P = params.num_beams, len(self.requests)  # noqa: N806
         device = engine.device

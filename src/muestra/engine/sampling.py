@@ -7,16 +7,25 @@ For a batch of rows with logits `(B, V)` and per-row parameters:
                        and generated tokens count as seen)
 3. presence/frequency  `l - presence * [count > 0] - frequency * count` (OpenAI semantics;
                        only generated tokens count)
-4. temperature         `l / T`; rows with `T == 0` are greedy and skip steps 4–7
+4. temperature         `l / T`; rows with `T == 0` are greedy and skip steps 4–8
 5. top-k               keep the `k` largest (`k == 0`: off)
 6. top-p               keep the smallest top set whose probability reaches `p` (HF semantics,
                        at least one token kept)
 7. min-p               drop tokens whose probability is below `min_p * max probability`
-8. sample              greedy rows: argmax; others: inverse CDF with one uniform number drawn
+8. typical-p           locally typical sampling (Meister et al. 2023; HF's
+                       `TypicalLogitsWarper`, llama.cpp's `llama_sampler_init_typical`):
+                       rank tokens by |surprise − entropy| = |−log p − H| and keep the
+                       closest until their probability reaches `p` (at least one kept)
+9. sample              greedy rows: argmax; others: inverse CDF with one uniform number drawn
                        from the row's own `torch.Generator`, so a row's draw never depends on
                        the other rows of the batch
 
-Rows with top-k run steps 5–8 on their `k` candidates only (`topk`, then top-p and
+Typical-p comes after min-p, as in HF generate's warper list (temperature, top-k, top-p,
+min-p, typical-p). llama.cpp's default sampler chain runs it before top-p and applies the
+temperature last; muestra keeps one order for both runtimes (the llama.cpp runtime only
+computes logits), so the same settings draw from the same distribution on either.
+
+Rows with top-k run steps 5–9 on their `k` candidates only (`topk`, then top-p and
 min-p on `(B, k)` instead of sorting the whole vocabulary): on a 151,936-token
 vocabulary at batch 16 this is ~100 ms a step cheaper on this CPU. Candidates are kept in
 ascending id order, so the draw is the same inverse CDF over the vocabulary order. The
@@ -32,65 +41,45 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 import torch
 
 from muestra.errors import InputError
+from muestra.settings import DEFAULT, NAMES, check_sampling
 
 NEG_INF = float("-inf")
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Decoding parameters of one row. Defaults are plain sampling at temperature 1."""
+    """Decoding parameters of one row: the settings `muestra.settings.Sampling` declares
+    (their defaults, plain sampling at temperature 1, and bounds are read from there), plus
+    a per-token `logit_bias`."""
 
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    temperature: float = DEFAULT.temperature
+    top_k: int = DEFAULT.top_k
+    top_p: float = DEFAULT.top_p
+    min_p: float = DEFAULT.min_p
+    typical_p: float = DEFAULT.typical_p
+    repetition_penalty: float = DEFAULT.repetition_penalty
+    presence_penalty: float = DEFAULT.presence_penalty
+    frequency_penalty: float = DEFAULT.frequency_penalty
     logit_bias: Mapping[int, float] = field(default_factory=dict)
     # DoLa (engine/dola.py): "low", "high" or premature layer indices; None = off
-    dola_layers: str | tuple[int, ...] | None = None
+    dola_layers: str | tuple[int, ...] | None = DEFAULT.dola_layers
 
     def __post_init__(self) -> None:
-        checks = [
-            ("temperature", self.temperature >= 0 and math.isfinite(self.temperature), ">= 0"),
-            ("top_k", self.top_k >= 0, ">= 0 (0 turns it off)"),
-            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
-            ("min_p", 0 <= self.min_p < 1, "in [0, 1)"),
-            (
-                "repetition_penalty",
-                self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty),
-                "finite and > 0 (1 turns it off)",
-            ),
-            ("presence_penalty", -2 <= self.presence_penalty <= 2, "in [-2, 2]"),
-            ("frequency_penalty", -2 <= self.frequency_penalty <= 2, "in [-2, 2]"),
-        ]
-        for name, ok, rule in checks:
-            if not ok:
-                raise InputError(f"{name}={getattr(self, name)!r} is invalid: must be {rule}")
+        if isinstance(self.dola_layers, list):  # a row's parameters are frozen: a tuple
+            raise InputError(
+                f"dola_layers={self.dola_layers!r} is invalid: must be 'low', 'high' or a "
+                "tuple of layer indices"
+            )
+        check_sampling({name: getattr(self, name) for name in NAMES})
         for token_id, value in self.logit_bias.items():
             if not math.isfinite(value):
                 raise InputError(f"logit_bias[{token_id}]={value!r} is invalid: must be finite")
-        layers = self.dola_layers
-        if isinstance(layers, str):
-            if layers not in ("low", "high"):
-                raise InputError(
-                    f"dola_layers={layers!r} is invalid: must be 'low', 'high' or layer indices"
-                )
-        elif layers is not None and (
-            not isinstance(layers, tuple)
-            or not layers
-            or any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in layers)
-        ):
-            raise InputError(
-                f"dola_layers={layers!r} is invalid: must be 'low', 'high' or a "
-                "non-empty tuple of layer indices >= 0"
-            )
 
     @property
     def greedy(self) -> bool:
@@ -177,6 +166,29 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, NEG_INF)
 
 
+def apply_typical_p(logits: torch.Tensor, typical_p: torch.Tensor) -> torch.Tensor:
+    """Locally typical sampling, HF's `TypicalLogitsWarper` (min_tokens_to_keep 1) per row:
+    sort tokens by |−log p − H| (H the row's entropy), keep them while the probability
+    before each is below `p`, and every token as typical as the last one kept. Rows with
+    `p >= 1` are left as they are (the warper is off for them, as in HF)."""
+    rows = (typical_p < 1).nonzero().flatten()
+    if not rows.numel():
+        return logits
+    scores = logits[rows]  # (R, V)
+    log_probs = scores.log_softmax(dim=-1)
+    entropy = -(log_probs * log_probs.exp()).nansum(dim=-1, keepdim=True)  # (R, 1)
+    shifted, order = (-log_probs - entropy).abs().sort(dim=-1)  # most typical first
+    cumulative = scores.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
+    last = (cumulative < typical_p[rows].unsqueeze(1)).sum(dim=1)
+    last = last.clamp(max=scores.shape[-1] - 1)
+    remove_sorted = shifted > shifted.gather(1, last.unsqueeze(1))
+    remove_sorted[:, 0] = False  # always keep the most typical token
+    remove = remove_sorted.scatter(1, order, remove_sorted)
+    result = logits.clone()
+    result[rows] = scores.masked_fill(remove, NEG_INF)
+    return result
+
+
 def sample_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """One draw per row: the first token whose cumulative probability exceeds `u * total`.
 
@@ -192,17 +204,23 @@ def sample_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
 # ---- the batch ---------------------------------------------------------------------
 
 
+def _row() -> Any:
+    """A field of `SamplingBatch` holding one value per row (selected with the rows)."""
+    return field(metadata={"per_row": True})
+
+
 @dataclass
 class SamplingBatch:
     """Per-row parameters as tensors, with flags that skip steps nobody uses."""
 
-    temperature: torch.Tensor  # (B,)
-    top_k: torch.Tensor  # (B,) int64
-    top_p: torch.Tensor  # (B,)
-    min_p: torch.Tensor  # (B,)
-    repetition_penalty: torch.Tensor  # (B,)
-    presence_penalty: torch.Tensor  # (B,)
-    frequency_penalty: torch.Tensor  # (B,)
+    temperature: torch.Tensor = _row()  # (B,)
+    top_k: torch.Tensor = _row()  # (B,) int64
+    top_p: torch.Tensor = _row()  # (B,)
+    min_p: torch.Tensor = _row()  # (B,)
+    typical_p: torch.Tensor = _row()  # (B,)
+    repetition_penalty: torch.Tensor = _row()  # (B,)
+    presence_penalty: torch.Tensor = _row()  # (B,)
+    frequency_penalty: torch.Tensor = _row()  # (B,)
     logit_bias: torch.Tensor | None  # (B, V) or None
     all_greedy: bool
     any_greedy: bool
@@ -212,13 +230,14 @@ class SamplingBatch:
     no_repetition_penalty: bool
     no_top_p: bool
     no_min_p: bool
+    no_typical_p: bool
 
     @classmethod
     def build(
         cls, params: Sequence[SamplingParams], vocab_size: int, device: torch.device
     ) -> SamplingBatch:
-        def column(name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
+        def column(values: list[float]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=device)
 
         bias = None
         if any(p.logit_bias for p in params):
@@ -235,16 +254,17 @@ class SamplingBatch:
         candidate_rows = [i for i, p in enumerate(params) if not p.greedy and p.top_k > 0]
         full_rows = [i for i, p in enumerate(params) if not p.greedy and p.top_k == 0]
         return cls(
-            temperature=column("temperature"),
+            temperature=column([p.temperature for p in params]),
             # a k above the vocabulary keeps all of it (as vLLM), never overflows int64
             top_k=torch.tensor(
                 [min(p.top_k, vocab_size) for p in params], dtype=torch.int64, device=device
             ),
-            top_p=column("top_p"),
-            min_p=column("min_p"),
-            repetition_penalty=column("repetition_penalty"),
-            presence_penalty=column("presence_penalty"),
-            frequency_penalty=column("frequency_penalty"),
+            top_p=column([p.top_p for p in params]),
+            min_p=column([p.min_p for p in params]),
+            typical_p=column([p.typical_p for p in params]),
+            repetition_penalty=column([p.repetition_penalty for p in params]),
+            presence_penalty=column([p.presence_penalty for p in params]),
+            frequency_penalty=column([p.frequency_penalty for p in params]),
             logit_bias=bias,
             all_greedy=not sampled,
             any_greedy=len(sampled) < len(params),
@@ -254,34 +274,20 @@ class SamplingBatch:
             no_repetition_penalty=all(p.repetition_penalty == 1 for p in params),
             no_top_p=all(p.top_p >= 1 for p in sampled),
             no_min_p=all(p.min_p == 0 for p in sampled),
+            no_typical_p=all(p.typical_p >= 1 for p in sampled),
         )
 
     def select(self, keep: torch.Tensor) -> SamplingBatch:
         """The rows in `keep` (flags stay valid: dropping rows never turns a step on)."""
-        fields = {
-            name: getattr(self, name)[keep]
-            for name in (
-                "temperature",
-                "top_k",
-                "top_p",
-                "min_p",
-                "repetition_penalty",
-                "presence_penalty",
-                "frequency_penalty",
-            )
+        rows = {
+            f.name: getattr(self, f.name)[keep] for f in fields(self) if f.metadata.get("per_row")
         }
         bias = self.logit_bias[keep] if self.logit_bias is not None else None
-        flags = {
-            name: getattr(self, name)
-            for name in self.__dataclass_fields__
-            if name.startswith(("all_", "any_", "no_"))
-        }
-        sampled = fields["temperature"] > 0
-        has_k = fields["top_k"] > 0
-        return SamplingBatch(
-            **fields,
-            logit_bias=bias,
-            **flags,
+        kept = replace(self, **rows, logit_bias=bias)
+        sampled = kept.temperature > 0
+        has_k = kept.top_k > 0
+        return replace(
+            kept,
             candidate_rows=(sampled & has_k).nonzero().flatten(),
             full_rows=(sampled & ~has_k).nonzero().flatten(),
         )
@@ -303,17 +309,13 @@ class SamplingBatch:
         )
 
     def warp(self, logits: torch.Tensor) -> Warped:
-        """Steps 4–7: temperature, top-k, top-p, min-p. Greedy rows pass through."""
+        """Steps 4–8: temperature, top-k, top-p, min-p, typical-p. Greedy rows pass through."""
         if self.all_greedy:
             return Warped(logits, None, None)
         if not self.any_greedy and not self.candidate_rows.numel():
             # every row samples from its whole vocabulary (the usual batch of samples):
             # the same steps on the whole batch, without a -inf canvas to scatter into
-            full = apply_temperature(logits, self.temperature)
-            if not self.no_top_p:
-                full = apply_top_p(full, self.top_p)
-            if not self.no_min_p:
-                full = apply_min_p(full, self.min_p)
+            full = self._filter(apply_temperature(logits, self.temperature), None)
             return Warped(full, None, None)
         greedy = (self.temperature == 0).unsqueeze(1)  # (B, 1)
         processed = torch.where(greedy, logits, torch.full_like(logits, NEG_INF))
@@ -326,26 +328,30 @@ class SamplingBatch:
             values, ids = logits[rows].topk(kmax, dim=-1)  # (C, kmax), descending
             values = apply_temperature(values, self.temperature[rows])
             beyond = torch.arange(kmax, device=logits.device).unsqueeze(0) >= k.unsqueeze(1)
-            values = values.masked_fill(beyond, NEG_INF)
-            if not self.no_top_p:
-                values = apply_top_p(values, self.top_p[rows])
-            if not self.no_min_p:
-                values = apply_min_p(values, self.min_p[rows])
+            values = self._filter(values.masked_fill(beyond, NEG_INF), rows)
             ids, order = ids.sort(dim=-1)  # ascending ids: the draw follows vocabulary order
             values = values.gather(1, order)
             processed[rows.unsqueeze(1), ids] = values
         if self.full_rows.numel():
             rows = self.full_rows
-            full = apply_temperature(logits[rows], self.temperature[rows])
-            if not self.no_top_p:
-                full = apply_top_p(full, self.top_p[rows])
-            if not self.no_min_p:
-                full = apply_min_p(full, self.min_p[rows])
-            processed[rows] = full
+            processed[rows] = self._filter(
+                apply_temperature(logits[rows], self.temperature[rows]), rows
+            )
         return Warped(processed, ids, values)
 
+    def _filter(self, logits: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """Steps 6–8 (top-p, min-p, typical-p) on the logits of `rows` (None: every row)."""
+        if not self.no_top_p:
+            logits = apply_top_p(logits, self.top_p if rows is None else self.top_p[rows])
+        if not self.no_min_p:
+            logits = apply_min_p(logits, self.min_p if rows is None else self.min_p[rows])
+        if not self.no_typical_p:
+            typical = self.typical_p if rows is None else self.typical_p[rows]
+            logits = apply_typical_p(logits, typical)
+        return logits
+
     def choose(self, warped: Warped, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-        """Step 8: argmax for greedy rows, one inverse-CDF draw for the others. (B,)"""
+        """Step 9: argmax for greedy rows, one inverse-CDF draw for the others. (B,)"""
         processed = warped.logits
         if self.all_greedy:
             return processed.argmax(dim=-1)
@@ -377,9 +383,9 @@ class SamplingBatch:
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """The distribution (V,) one row of `params` draws its next token from, given the raw
-    `logits` (V,) of a fresh prompt: steps 4–7 (temperature, top-k, top-p, min-p), then
-    softmax; greedy (temperature 0) puts all the mass on the argmax. Penalties need the
-    row's past tokens and are not applied here."""
+    `logits` (V,) of a fresh prompt: steps 4–8 (temperature, top-k, top-p, min-p,
+    typical-p), then softmax; greedy (temperature 0) puts all the mass on the argmax.
+    Penalties need the row's past tokens and are not applied here."""
     if params.has_penalties or params.logit_bias:
         raise InputError("probabilities() applies temperature, top-k, top-p and min-p only")
     if params.greedy:
@@ -390,7 +396,7 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 @dataclass
 class Warped:
-    """Logits after steps 1–7 (B, V), plus the candidates of top-k rows (C, kmax)."""
+    """Logits after steps 1–8 (B, V), plus the candidates of top-k rows (C, kmax)."""
 
     logits: torch.Tensor
     candidate_ids: torch.Tensor | None

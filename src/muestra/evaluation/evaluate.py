@@ -48,6 +48,7 @@ from muestra.analysis.accuracy import (
 from muestra.errors import InputError
 from muestra.evaluation import prompts
 from muestra.evaluation.tasks import LETTERS, Item, Task
+from muestra.experiments.executor import Batch, RunnerView
 from muestra.experiments.runner import Progress, Runner
 from muestra.experiments.spec import LoadedSpec, spec_from_data
 from muestra.experiments.store import (
@@ -58,14 +59,23 @@ from muestra.experiments.store import (
     prompt_rows,
     record_eval,
 )
+from muestra.settings import SETTING, check_sampling, flag, sampling_table
 
 Method = Literal["choice", "loglik", "cot", "vote"]
 METHODS: tuple[str, ...] = ("choice", "loglik", "cot", "vote")
 OPEN_MAX_TOKENS = 48
+# the sampling settings a method's preset takes from the command (--temperature, --top-p)
+PRESET_SAMPLING = (SETTING.temperature, SETTING.top_p)
 OPEN_INSTRUCTION = {
     "en": "Answer with a word or a short phrase only.",
     "es": "Responde solo con una palabra o una frase corta.",
 }
+
+
+def _used_by(*methods: str, default: Any = None, flag: str | None = None) -> Any:
+    """A setting only `methods` use: the others refuse it when changed (a setting given
+    and then ignored would be a result that does not mean what its command says)."""
+    return field(default=default, metadata={"methods": methods, "flag": flag})
 
 
 Count = Annotated[int, Field(ge=1)]
@@ -78,28 +88,29 @@ class EvalSettings:
     the notebook API by its keyword."""
 
     method: str = "choice"
-    format: str = "cloze"  # loglik: letters | cloze
-    chat: bool = False  # loglik: apply the chat template to the context
-    raw: bool = False  # choice / cot / vote: plain text, no chat template (base models)
+    format: str = _used_by("loglik", default="cloze")  # letters | cloze
+    chat: bool = _used_by("loglik", default=False)  # apply the chat template to the context
+    raw: bool = _used_by("choice", "cot", "vote", default=False)  # no chat template
     shots: Annotated[int, Field(ge=0)] = 0
     # the first N questions: a count of 0 or less would keep a slice of them (items[:-1],
     # all but one) and store it as a finished evaluation
     limit: Count | None = None
-    samples: Count | None = None  # per question (vote: 5, others: 1)
-    think_budget: Count = 256  # cot / vote
-    temperature: Annotated[float, Field(ge=0)] | None = None  # choice: 1; cot: 0; vote: 0.7
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None  # vote: 0.9
-    weighted: bool = False  # vote: weight each path by its letter probability
+    # per question (vote: 5, others: 1); cot scores one reasoning: several are a vote
+    samples: Count | None = _used_by("choice", "vote", flag="--samples-per-question")
+    think_budget: Count = _used_by("cot", "vote", default=256)
+    temperature: float | None = _used_by("choice", "cot", "vote")  # draws: 1; cot 0; vote 0.7
+    top_p: float | None = _used_by("cot", "vote")  # vote: 0.9
+    weighted: bool = _used_by("vote", default=False)  # weight a path by its letter probability
     language: str = "auto"
-    regex: str | None = None  # open vote: the answer is this regex's first group
+    regex: str | None = _used_by("vote")  # open vote: the answer is this regex's first group
     seed: int = 0
     dtype: str = "auto"
     # vote, sequential: each question samples until the share of its right answer is
     # within ± precision or excludes reference (at most `samples` paths; [stop] table)
-    precision: float | None = None
-    reference: float | None = None
-    min_samples: int = 10
-    every: int = 10
+    precision: float | None = _used_by("vote")
+    reference: float | None = _used_by("vote")
+    min_samples: int = _used_by("vote", default=10)
+    every: int = _used_by("vote", default=10)
 
     def __post_init__(self) -> None:
         check_setting_types(self)
@@ -113,6 +124,8 @@ class EvalSettings:
             raise InputError("--chat is for --method loglik (the others use the chat template)")
         if self.raw and self.method == "loglik":
             raise InputError("--raw is for choice, cot and vote; loglik is raw unless --chat")
+        given = {name: getattr(self, name) for name in PRESET_SAMPLING}
+        check_sampling({k: v for k, v in given.items() if v is not None}, flag)
         if self.regex is not None:
             try:
                 re.compile(self.regex)
@@ -150,25 +163,14 @@ def _setting_adapters() -> dict[str, TypeAdapter[Any]]:
     return {f.name: TypeAdapter(hints[f.name]) for f in fields(EvalSettings)}
 
 
-# the settings only some methods use; the others refuse them when changed (a setting
-# given and then ignored would be a result that does not mean what its command says)
+
+# the settings only some methods use (`_used_by`), and the flags that set them
 METHOD_SETTINGS: dict[str, tuple[str, ...]] = {
-    "format": ("loglik",),
-    "chat": ("loglik",),
-    "raw": ("choice", "cot", "vote"),
-    "samples": ("choice", "vote"),  # cot scores one reasoning: several are a vote
-    "think_budget": ("cot", "vote"),
-    "temperature": ("choice", "cot", "vote"),
-    "top_p": ("cot", "vote"),
-    "weighted": ("vote",),
-    "regex": ("vote",),
-    "precision": ("vote",),
-    "reference": ("vote",),
-    "min_samples": ("vote",),
-    "every": ("vote",),
+    f.name: f.metadata["methods"] for f in fields(EvalSettings) if "methods" in f.metadata
 }
-EVAL_FLAGS = {"samples": "--samples-per-question", "think_budget": "--think-budget",
-              "top_p": "--top-p", "min_samples": "--min-samples"}  # fmt: skip
+EVAL_FLAGS = {
+    f.name: f.metadata["flag"] or flag(f.name) for f in fields(EvalSettings) if f.metadata
+}
 
 
 def check_methods(
@@ -179,7 +181,7 @@ def check_methods(
     default = {f.name: f.default for f in fields(EvalSettings)}
     names = {**EVAL_FLAGS, **(flags or {})}
     refused = [
-        f"{names.get(name, '--' + name)} ({', '.join(applies)})"
+        f"{names[name]} ({', '.join(applies)})"
         for name, applies in METHOD_SETTINGS.items()
         if values.get(name, default[name]) != default[name] and not set(methods) & set(applies)
     ]
@@ -288,28 +290,7 @@ def build_spec(
         raise InputError(f"{task.source}: no questions to evaluate")
     _check_sizes(items, task)
     _check_model(model)
-    is_open = any(item.options is None for item in items)
-    if is_open and (settings.method != "vote" or not all(i.options is None for i in items)):
-        raise InputError(
-            f"{task.source}: questions without options are open questions; only "
-            "--method vote scores them, and a task cannot mix them with multiple choice"
-        )
-    default = EvalSettings()
-    if is_open and (settings.weighted or settings.think_budget != default.think_budget):
-        raise InputError(
-            f"{task.source} has open questions: a vote samples their answers directly, with "
-            "no reasoning and no letter probabilities; leave out --think-budget and --weighted"
-        )
-    if not is_open and settings.regex is not None:
-        raise InputError(
-            f"--regex {settings.regex!r} reads the answer of open questions; {task.source} "
-            "is multiple choice (its answers are letters under a grammar): leave it out"
-        )
-    if settings.shots > len(task.shots):
-        raise InputError(
-            f"--shots {settings.shots}, but {task.source} has {len(task.shots)} dev questions "
-            "(give a dev file with --dev, or NAME.dev.jsonl beside the task)"
-        )
+    is_open = _check_questions(items, task, settings)
     lang = prompts.language_of(task, settings.language)
     method = settings.method
     spec: dict[str, Any] = {
@@ -340,28 +321,16 @@ def build_spec(
             row["text"] = f"{row['text']}\n\n{lang.answer}"
     spec["prompt"] = {"user": "{text}", "raw": settings.raw, "items": rows}
     answer: dict[str, Any] = {"max_tokens": OPEN_MAX_TOKENS if is_open else 4}
+    temperature, top_p = method_sampling(settings)
     if method == "choice":
-        draws = settings.per_question > 1
-        answer["temperature"] = (
-            settings.temperature if settings.temperature is not None else (1.0 if draws else 0.0)
-        )
+        answer |= sampling_table(temperature=temperature)
     elif method in ("cot", "vote"):
-        sampled = method == "vote"
-        think: dict[str, Any] = {
-            "budget": settings.think_budget,
-            "mode": "auto",
-            "instruction": lang.reason,
-            "temperature": settings.temperature
-            if settings.temperature is not None
-            else (0.7 if sampled else 0.0),
-            "top_p": settings.top_p if settings.top_p is not None else (0.9 if sampled else 1.0),
-            "top_k": 0,
-            "min_p": 0.0,
-        }
+        sampled = sampling_table(temperature=temperature, top_p=top_p)
         if is_open:  # an open vote samples the answer itself, no reasoning
-            answer |= {"temperature": think["temperature"], "top_p": think["top_p"]}
+            answer |= sampled
         else:
-            spec["think"] = think
+            think = {"budget": settings.think_budget, "mode": "auto", "instruction": lang.reason}
+            spec["think"] = {**think, **sampled, **sampling_table(top_k=0, min_p=0.0)}
     if not is_open:
         answer["field_probs"] = True
     spec["answer"] = answer
@@ -382,6 +351,50 @@ def _vote_stop(settings: EvalSettings, is_open: bool, task: Task) -> dict[str, A
     stop |= {"every": settings.every, "max_samples": settings.per_question}
     stop |= {k: getattr(settings, k) for k in ("precision", "reference")}
     return {k: v for k, v in stop.items() if v is not None}
+
+
+def method_sampling(settings: EvalSettings) -> tuple[float, float]:
+    """(temperature, top-p) of a method's sampled phase: the settings' own,
+    else the method's own (choice: greedy, temperature 1 when it draws several letters;
+    cot: greedy; vote: T 0.7, top-p 0.9, as seed 004)."""
+    method = settings.method
+    vote = method == "vote"
+    draws = method == "choice" and settings.per_question > 1
+    temperature = 0.7 if vote else 1.0 if draws else 0.0
+    top_p = 0.9 if vote else 1.0
+    return (
+        settings.temperature if settings.temperature is not None else temperature,
+        settings.top_p if settings.top_p is not None else top_p,
+    )
+
+
+def _check_questions(items: list[Item], task: Task, settings: EvalSettings) -> bool:
+    """Whether the questions are open ones (no options), after refusing what the method
+    and settings cannot score: open and multiple-choice mixed, a setting open questions
+    do not take, more shots than the dev file has."""
+    is_open = any(item.options is None for item in items)
+    if is_open and (settings.method != "vote" or not all(i.options is None for i in items)):
+        raise InputError(
+            f"{task.source}: questions without options are open questions; only "
+            "--method vote scores them, and a task cannot mix them with multiple choice"
+        )
+    default = EvalSettings()
+    if is_open and (settings.weighted or settings.think_budget != default.think_budget):
+        raise InputError(
+            f"{task.source} has open questions: a vote samples their answers directly, with "
+            "no reasoning and no letter probabilities; leave out --think-budget and --weighted"
+        )
+    if not is_open and settings.regex is not None:
+        raise InputError(
+            f"--regex {settings.regex!r} reads the answer of open questions; {task.source} "
+            "is multiple choice (its answers are letters under a grammar): leave it out"
+        )
+    if settings.shots > len(task.shots):
+        raise InputError(
+            f"--shots {settings.shots}, but {task.source} has {len(task.shots)} dev questions "
+            "(give a dev file with --dev, or NAME.dev.jsonl beside the task)"
+        )
+    return is_open
 
 
 def _check_sizes(items: list[Item], task: Task) -> None:
@@ -447,13 +460,13 @@ def evaluate(
 ) -> EvalResult:
     """Run (or resume) `task` scored by `settings.method` on `model` into `store`."""
     loaded = build_spec(model, task, settings, model_options)
-    kind = _LoglikRunner if settings.method == "loglik" else Runner
-    runner = kind(
+    runner = Runner(
         loaded,
         Path(store),
         resume_any=True,
         on_note=on_note,
         trust_remote_code=trust_remote_code,
+        executor=LoglikScoring() if settings.method == "loglik" else None,
     )
     started = time.perf_counter()
     with runner:  # closes the store however it ends
@@ -467,16 +480,18 @@ def evaluate(
     return result
 
 
-class _LoglikRunner(Runner):
-    """The runner with log-likelihood scoring in place of generation: one stored "sample"
-    per question, its answer the most likely option."""
+class LoglikScoring:
+    """The runner's executor (experiments/executor.py) for `--method loglik`: each
+    question scored by log-likelihood in place of generation, one stored "sample" per
+    question, its answer the most likely option."""
 
-    _fits_checked = False
+    def __init__(self) -> None:
+        self.fits_checked = False
 
-    def _generator(self, model: Any) -> Any:
-        return self._load(model)
+    def load(self, runner: RunnerView, model: Any) -> Any:
+        return runner.load(model)
 
-    def _check_context(self, loaded: Any, encode: Any, question: Any) -> None:
+    def check_context(self, spec: Any, loaded: Any, encode: Any, question: Any) -> None:
         """Refuse, before any question is scored, one whose context and longest option
         do not fit the model's context (lm-eval would cut the context from the left and
         score a different question)."""
@@ -484,22 +499,22 @@ class _LoglikRunner(Runner):
         from muestra.evaluation.loglik import encode_pair
 
         limit = loaded.runtime.max_length
-        self._fits_checked = True
+        self.fits_checked = True
         if limit is None:
             return
-        for item in self.spec.spec.prompt.items:
+        for item in spec.spec.prompt.items:
             context, continuations = question(item)
             for letter, continuation in zip(LETTERS, continuations, strict=False):
                 ids, cont = encode_pair(encode, context, continuation)
                 if len(ids) + len(cont) > limit:
                     raise ContextLengthError(
-                        f"{self.spec.path}: question {item.id!r} with option {letter} is "
+                        f"{spec.path}: question {item.id!r} with option {letter} is "
                         f"{len(ids) + len(cont):,} tokens, over the model's context of "
                         f"{limit:,} (--method loglik); nothing was scored. Shorten the "
                         "question or leave it out (or keep the first questions: --n)"
                     )
 
-    def _run_batch(self, loaded: Any, batch: list[tuple[Any, list[int]]]) -> list[dict[str, Any]]:
+    def run_batch(self, runner: RunnerView, loaded: Any, batch: Batch) -> list[dict[str, Any]]:
         import torch
 
         from muestra.answers.structured import StructuredSample
@@ -517,14 +532,14 @@ class _LoglikRunner(Runner):
 
         def question(item: Any) -> tuple[str, list[str]]:
             nonlocal chat
-            prompt = messages_for(self.spec, item)
+            prompt = messages_for(runner.spec, item)
             if not isinstance(prompt, str):  # --chat: the rendered template, as text
                 prompt = render_chat(tokenizer, prompt)[0]
                 chat = True
             return prompt, item.variables["continuations"]
 
-        if not self._fits_checked:  # every question, before the first is scored
-            self._check_context(loaded, encode, question)
+        if not self.fits_checked:  # every question, before the first is scored
+            self.check_context(runner.spec, loaded, encode, question)
         questions = [question(unit.item) for unit, _ in batch]
         started = time.perf_counter()
         scored = loglikelihoods(loaded.runtime, encode, questions)
@@ -538,13 +553,13 @@ class _LoglikRunner(Runner):
             chars = [len(c.lstrip(" ")) for c in conts]  # lm-eval: len() of the choice text
             norm = max(range(len(conts)), key=lambda i: logliks[i] / max(chars[i], 1))
             sample = StructuredSample(
-                prompt_index=unit.prompt_index, sample=0, seed=self.spec.spec.seed,
+                prompt_index=unit.prompt_index, sample=0, seed=runner.spec.spec.seed,
                 text=letters[best], token_ids=[], finish_reason="stop", stop_reason=None,
                 num_prompt_tokens=len(encode(context)), reasoning=None, think_tokens=0,
                 budget_hit=False, answer_text=letters[best], answer=letters[best],
                 field_probs={"answer": dict(zip(letters, probs, strict=True))}, error=None,
             )  # fmt: skip
-            row = self._row(unit, sample, None, seconds)
+            row = runner.row(unit, sample, None, seconds)
             row["scores_json"] = dumps(
                 {
                     "logliks": dict(zip(letters, logliks, strict=True)),

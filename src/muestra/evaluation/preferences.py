@@ -228,22 +228,20 @@ class Reasoning:
 
 
 def reasoning_format(think_json: str | None, tokenizer: Any) -> Reasoning | None:
-    """The reasoning format of a stored condition (None: it had no think phase)."""
-    from dataclasses import replace
-
-    from muestra.answers.phases import ThinkConfig
-    from muestra.answers.structured import resolve_think
+    """The reasoning format of a stored condition (None: it had no think phase), settled
+    as the run settled it (`answers.structured.think_phase`)."""
+    from muestra.answers.structured import think_phase
+    from muestra.settings import DEFAULT, ThinkSettings
 
     spec = json.loads(think_json) if think_json else None
     if not spec:
         return None
-    think = ThinkConfig(mode=spec.get("mode", "auto"))
-    if spec.get("instruction"):
-        think = replace(think, instruction=spec["instruction"])
-    think = resolve_think(tokenizer, think)
-    assert think is not None
-    if spec.get("close_text") is not None:
-        think = replace(think, close_text=spec["close_text"])
+    settings = ThinkSettings(
+        mode=spec.get("mode", "auto"),
+        instruction=spec.get("instruction") or None,
+        close_text=spec.get("close_text"),
+    )
+    think = think_phase(settings, tokenizer, DEFAULT)  # (its sampling plays no part here)
     if think.mode == "text":
         return Reasoning(think.instruction, "", think.close_text)
     # the think block as chat templates write it; a budget-forced close is not recorded
@@ -293,20 +291,7 @@ def store_pairs(
     that closed it and the answer, after the prompt the model saw: in plain-text mode the
     instruction is added to it). "full" needs the model's `tokenizer` to settle mode auto.
     """
-    from muestra.experiments.results import samples_frame
-    from muestra.experiments.store import latest_run, run_by_id
-
-    try:
-        run = run_by_id(db, run_id) if run_id else latest_run(db)
-    except InputError as err:
-        raise PreferenceDataError(str(err)) from None
-    frame = samples_frame(db, int(run["id"]))
-    if frame.empty:
-        raise PreferenceDataError(f"run {run['id']} ({run['name']}) has no samples")
-    frame["valid"] = frame["error"].isna()
-    if frame["scores"].notna().any():
-        for key in sorted({k for s in frame["scores"].dropna() for k in s if k != "logliks"}):
-            frame[key] = [s.get(key) if isinstance(s, dict) else None for s in frame["scores"]]
+    run, frame = _run_frame(db, run_id)
     chosen_mask = _matches(frame, chosen, "chosen")
     rejected_mask = _matches(frame, rejected, "rejected")
     both = frame[chosen_mask & rejected_mask]
@@ -356,6 +341,26 @@ def store_pairs(
         "cells": cells,
     }
     return PairSet(pairs, meta)
+
+
+def _run_frame(db: Any, run_id: int | None) -> tuple[Any, Any]:
+    """The run (default: the latest) and its samples, with `valid` and each score as a
+    column, for the rules to read."""
+    from muestra.experiments.results import samples_frame
+    from muestra.experiments.store import latest_run, run_by_id
+
+    try:
+        run = run_by_id(db, run_id) if run_id else latest_run(db)
+    except InputError as err:
+        raise PreferenceDataError(str(err)) from None
+    frame = samples_frame(db, int(run["id"]))
+    if frame.empty:
+        raise PreferenceDataError(f"run {run['id']} ({run['name']}) has no samples")
+    frame["valid"] = frame["error"].isna()
+    if frame["scores"].notna().any():
+        for key in sorted({k for s in frame["scores"].dropna() for k in s if k != "logliks"}):
+            frame[key] = [s.get(key) if isinstance(s, dict) else None for s in frame["scores"]]
+    return run, frame
 
 
 def _matches(frame: Any, rule: str, side: str) -> Any:

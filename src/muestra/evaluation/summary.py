@@ -30,12 +30,34 @@ def _pct(value: float) -> str:
     return f"{100 * value:.1f}%"
 
 
+Table = tuple[list[str], list[list[object]]]
+NOTE = (
+    "Accuracy: share of questions answered right, Wilson 95% interval. Expected: mean "
+    "probability of the right answer (exact letter probabilities), bootstrap interval "
+    "over questions. Paired rows compare two scorings of the same questions: McNemar's "
+    "exact test on the questions only one got right, paired bootstrap interval of the "
+    "difference."
+)
+
+
 def report_sections(store: Path) -> list[Section]:
-    """The store's evaluations as report sections (none when it holds none)."""
+    """The store's evaluations as report sections (none when it holds none): accuracies,
+    per category, pairs compared, timings and vote curves, each table when it has rows."""
     results = eval_runs(store)
     if not results:
         return []
-    rows = []
+    tables = [
+        _accuracies(results),
+        _categories(results),
+        _pairs(comparisons(results)),
+        _timings([r for r in results if r.timing]),
+        *[_curve(r) for r in results if r.curve],
+    ]
+    return [Section("Evaluations", [t for t in tables if t is not None], [NOTE])]
+
+
+def _accuracies(results: list[EvalResult]) -> Table:
+    rows: list[list[object]] = []
     for r in results:
         a = r.accuracy
         expected = (
@@ -44,121 +66,55 @@ def report_sections(store: Path) -> list[Section]:
             else (f"{_pct(r.expected[0])} [{_pct(r.expected[1])}, {_pct(r.expected[2])}]")
         )
         norm = "—" if r.acc_norm is None else _pct(r.acc_norm.value)
-        rows.append(
-            [
-                r.run_id,
-                r.task,
-                r.label,
-                a.total,
-                _pct(a.value),
-                f"[{_pct(a.low)}, {_pct(a.high)}]",
-                expected,
-                norm,
-            ]
-        )
-    tables = [
-        (
-            [
-                "run",
-                "task",
-                "method · model",
-                "questions",
-                "accuracy",
-                "95% interval",
-                "expected (mean p right)",
-                "acc_norm",
-            ],
-            rows,
-        )
-    ]
+        rows.append([r.run_id, r.task, r.label, a.total, _pct(a.value),
+                     f"[{_pct(a.low)}, {_pct(a.high)}]", expected, norm])  # fmt: skip
+    headers = ["run", "task", "method · model", "questions", "accuracy", "95% interval"]
+    return [*headers, "expected (mean p right)", "acc_norm"], rows
+
+
+def _categories(results: list[EvalResult]) -> Table | None:
     categories = sorted({c for r in results for c in r.by_category})
-    if categories:
-        tables.append(
-            (
-                ["category", *[f"{r.run_id}: {r.label}" for r in results]],
-                [
-                    [
-                        c,
-                        *[
-                            _pct(r.by_category[c].value) if c in r.by_category else "—"
-                            for r in results
-                        ],
-                    ]
-                    for c in categories
-                ],
-            )
-        )
-    pairs = comparisons(results)
-    if pairs:
-        tables.append(
-            (
-                [
-                    "A",
-                    "B",
-                    "questions",
-                    "same answer",
-                    "accuracy A − B",
-                    "95% interval",
-                    "only A right",
-                    "only B right",
-                    "McNemar p",
-                ],
-                [
-                    [
-                        p.a,
-                        p.b,
-                        p.questions,
-                        _pct(p.agreement),
-                        f"{100 * p.difference[0]:+.1f} pts",
-                        f"[{100 * p.difference[1]:+.1f}, {100 * p.difference[2]:+.1f}]",
-                        p.mcnemar.only_a,
-                        p.mcnemar.only_b,
-                        f"{p.mcnemar.p_value:.3g}",
-                    ]
-                    for p in pairs
-                ],
-            )
-        )
-    timed = [r for r in results if r.timing]
-    if timed:
-        tables.append(
-            (
-                [
-                    "method · model",
-                    "runtime",
-                    "load s",
-                    "weights MB",
-                    "prefill tok/s",
-                    "decode tok/s",
-                    "eval s",
-                ],
-                [
-                    [
-                        r.label,
-                        str(r.timing.get("runtime", "torch")),
-                        f"{r.timing['load_seconds']:.2f}",
-                        f"{r.timing['weights_mb']:.0f}",
-                        f"{r.timing['prefill_tps']:.0f}",
-                        f"{r.timing['decode_tps']:.1f}",
-                        f"{r.timing['eval_seconds']:.1f}",
-                    ]
-                    for r in timed
-                ],
-            )
-        )
-    curves = [r for r in results if r.curve]
-    for r in curves:
-        tables.append(
-            (
-                ["k paths", f"{r.label}: accuracy", "95% interval"],
-                [[k, _pct(a.value), f"[{_pct(a.low)}, {_pct(a.high)}]"] for k, a in r.curve],
-            )
-        )
-    notes = [
-        "Accuracy: share of questions answered right, Wilson 95% interval. Expected: mean "
-        "probability of the right answer (exact letter probabilities), bootstrap interval "
-        "over questions. Paired rows compare two scorings of the same questions: McNemar's "
-        "exact test on the questions only one got right, paired bootstrap interval of the "
-        "difference."
+    if not categories:
+        return None
+    rows: list[list[object]] = [
+        [c, *[_pct(r.by_category[c].value) if c in r.by_category else "—" for r in results]]
+        for c in categories
     ]
-    return [Section("Evaluations", tables, notes)]
+    return ["category", *[f"{r.run_id}: {r.label}" for r in results]], rows
+
+
+def _pairs(pairs: list[PairedComparison]) -> Table | None:
+    if not pairs:
+        return None
+    headers = ["A", "B", "questions", "same answer", "accuracy A − B", "95% interval"]
+    headers += ["only A right", "only B right", "McNemar p"]
+    rows: list[list[object]] = [
+        [p.a, p.b, p.questions, _pct(p.agreement), f"{100 * p.difference[0]:+.1f} pts",
+         f"[{100 * p.difference[1]:+.1f}, {100 * p.difference[2]:+.1f}]", p.mcnemar.only_a,
+         p.mcnemar.only_b, f"{p.mcnemar.p_value:.3g}"]
+        for p in pairs
+    ]  # fmt: skip
+    return headers, rows
+
+
+def _timings(timed: list[EvalResult]) -> Table | None:
+    if not timed:
+        return None
+    headers = ["method · model", "runtime", "load s", "weights MB", "prefill tok/s"]
+    headers += ["decode tok/s", "eval s"]
+    rows: list[list[object]] = []
+    for r in timed:
+        t = r.timing
+        assert t is not None
+        rows.append([r.label, str(t.get("runtime", "torch")), f"{t['load_seconds']:.2f}",
+                     f"{t['weights_mb']:.0f}", f"{t['prefill_tps']:.0f}",
+                     f"{t['decode_tps']:.1f}", f"{t['eval_seconds']:.1f}"])  # fmt: skip
+    return headers, rows
+
+
+def _curve(result: EvalResult) -> Table:
+    assert result.curve is not None
+    rows: list[list[object]] = [
+        [k, _pct(a.value), f"[{_pct(a.low)}, {_pct(a.high)}]"] for k, a in result.curve
+    ]
+    return ["k paths", f"{result.label}: accuracy", "95% interval"], rows

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from muestra.experiments.spec import LoadedSpec, load_spec
+from muestra.paths import default_store
 
 
 @dataclass
@@ -40,7 +41,7 @@ def run(
     from muestra.experiments.runner import Runner
 
     loaded = spec if isinstance(spec, LoadedSpec) else load_spec(spec, check_models=model is None)
-    store = Path(out) if out is not None else loaded.path.with_name(f"{loaded.spec.name}.db")
+    store = Path(out) if out is not None else default_store(loaded.spec.name, beside=loaded.path)
     with Runner(loaded, store, model=model, samples=samples) as runner:
         run_id = runner.open()
         runner.run()

@@ -6,10 +6,11 @@ loaded; each missing sample becomes one chat request:
 - `messages` rendered from the spec, `n = 1`, `seed` = the sample's own seed (the
   same `sample_seed(run seed, prompt's seed index, sample)` a local run uses and
   stores);
-- the sampling fields `temperature`, `top_p`, `top_k`, `min_p`, always all four: the
-  think phase's as `sampling.py` resolved them before the run (spec, else the model's
-  generation_config.json, else the model's `sampling_fallback`; only "server" leaves
-  fields out), or the answer's when there is no think phase; `thinking_token_budget`,
+- the sampling settings a remote run sends (`settings.REMOTE`: temperature, top-p, top-k,
+  min-p), always all of them: the think phase's as `sampling.py` resolved them before
+  the run (spec, else the model's generation_config.json, else the model's
+  `sampling_fallback`; only "server" leaves fields out), or the answer's when there is
+  no think phase; `thinking_token_budget`,
   `response_format` json_schema (strict) when the spec has a schema,
   `chat_template_kwargs` for `enable_thinking`;
 - `muestra = {answer, close_text, think}`: muestra's own extension, which `muestra
@@ -63,8 +64,9 @@ from muestra.experiments.endpoints import (
 )
 from muestra.experiments.prompts import messages_for, think_budget
 from muestra.experiments.row_batches import RowBatches
-from muestra.experiments.sampling import ThinkSampling, resolve_think
+from muestra.experiments.sampling import RemoteThink, resolve_think
 from muestra.experiments.spec import Condition, LoadedSpec, ModelSpec, PromptItem
+from muestra.settings import REMOTE, phase_request, to_request
 
 RETRY_STATUS = {408, 409, 429}
 CLOSE_TEXT_SLACK = 64  # tokens for the closing text on servers without muestra's extension
@@ -82,7 +84,7 @@ def request_body(
     condition: Condition,
     item: PromptItem,
     seed: int,
-    think_sampling: ThinkSampling | None,
+    think_sampling: RemoteThink | None,
 ) -> dict[str, Any]:
     think, answer = condition.think, condition.answer
     budget = think_budget(condition, item)
@@ -103,20 +105,9 @@ def request_body(
         body.update(think_sampling.request_fields())
         body["thinking_token_budget"] = budget
     else:
-        body.update(
-            temperature=answer.temperature,
-            top_p=answer.top_p,
-            top_k=answer.top_k or -1,  # off: see ThinkSampling.request_fields
-            min_p=answer.min_p,
-        )
+        body.update(_answer_fields(condition))
     body["muestra"] = {
-        "answer": {
-            "temperature": answer.temperature,
-            "top_p": answer.top_p,
-            "top_k": answer.top_k,
-            "min_p": answer.min_p,
-            "max_tokens": answer.max_tokens,
-        },
+        "answer": {**phase_request(answer), "max_tokens": answer.max_tokens},
         "think": think is not None,
     }
     if answer.stop:
@@ -150,7 +141,7 @@ class RemoteRunner:
         store: Callable[[list[dict[str, Any]]], None],
         note: Callable[[str], None] = lambda _: None,
         provenance: Callable[[dict[str, Any]], None] = lambda _: None,
-        sampling: Mapping[str, ThinkSampling] | None = None,
+        sampling: Mapping[str, RemoteThink] | None = None,
         transport: Transport | None = None,  # tests put a fake server here
     ) -> None:
         self.spec = spec
@@ -402,7 +393,7 @@ class RemoteRunner:
 def endpoint_notes(
     spec: LoadedSpec,
     model: ModelSpec,
-    sampling: Mapping[str, ThinkSampling],
+    sampling: Mapping[str, RemoteThink],
     served_by: set[str],
 ) -> list[str]:
     """What a run on these endpoints cannot do as a local run does; each note only when it
@@ -434,14 +425,11 @@ def endpoint_notes(
     return notes
 
 
-def _answer_fields(condition: Condition) -> dict[str, float | int]:
+def _answer_fields(condition: Condition) -> dict[str, Any]:
+    """The answer's sampling, as a request carries it (`settings.to_request`: top_k off
+    goes out as -1)."""
     answer = condition.answer
-    return {
-        "temperature": answer.temperature,
-        "top_p": answer.top_p,
-        "top_k": answer.top_k or -1,
-        "min_p": answer.min_p,
-    }
+    return {name: to_request(name, getattr(answer, name)) for name in REMOTE}
 
 
 @dataclass

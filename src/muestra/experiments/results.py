@@ -177,34 +177,7 @@ def summarize(
             values = valid[column].dropna()
             if values.empty:
                 continue
-            if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
-                entry["fields"][column] = {
-                    "kind": "numeric",
-                    "mean": float(values.mean()),
-                    "sd": float(values.std()) if len(values) > 1 else 0.0,
-                    "min": float(values.min()),
-                    "max": float(values.max()),
-                    "n": int(len(values)),
-                }
-            elif column in text:
-                counts = values.astype(str).value_counts()
-                entry["fields"][column] = {
-                    "kind": "text",
-                    "distinct": int(len(counts)),
-                    "top": [
-                        {"value": str(k), "count": int(v), "proportion": float(v / len(values))}
-                        for k, v in counts.head(TEXT_TOP).items()
-                    ],
-                    "n": int(len(values)),
-                }
-            else:
-                counts = values.astype(str).value_counts()
-                entry["fields"][column] = {
-                    "kind": "categorical",
-                    "counts": {str(k): int(v) for k, v in counts.items()},
-                    "proportions": {str(k): float(v / len(values)) for k, v in counts.items()},
-                    "n": int(len(values)),
-                }
+            entry["fields"][column] = _described(values, column in text)
             probs = _mean_field_probs(valid, column)
             if probs:
                 entry["fields"][column]["mean_field_probs"] = probs
@@ -218,6 +191,36 @@ def summarize(
             "samples_per_s": float(len(frame) / seconds) if seconds else None,
             "tokens_per_s": float(frame["completion_tokens"].sum() / seconds) if seconds else None,
         },
+    }
+
+
+def _described(values: pd.Series, text: bool) -> dict[str, Any]:
+    """One field's valid values in a group: numeric, free text or categorical."""
+    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+        return {
+            "kind": "numeric",
+            "mean": float(values.mean()),
+            "sd": float(values.std()) if len(values) > 1 else 0.0,
+            "min": float(values.min()),
+            "max": float(values.max()),
+            "n": int(len(values)),
+        }
+    counts = values.astype(str).value_counts()
+    if text:
+        return {
+            "kind": "text",
+            "distinct": int(len(counts)),
+            "top": [
+                {"value": str(k), "count": int(v), "proportion": float(v / len(values))}
+                for k, v in counts.head(TEXT_TOP).items()
+            ],
+            "n": int(len(values)),
+        }
+    return {
+        "kind": "categorical",
+        "counts": {str(k): int(v) for k, v in counts.items()},
+        "proportions": {str(k): float(v / len(values)) for k, v in counts.items()},
+        "n": int(len(values)),
     }
 
 

@@ -1,8 +1,10 @@
 """Plan and run an experiment: model × condition × prompt × sample, resumable.
 
 `Runner.plan()` lists the work units not yet in the store; `Runner.run()` groups the
-samples of each prompt into engine batches (so they share one prefill), runs them
-through the think → answer phases and writes each finished batch in one transaction.
+samples of each prompt into engine batches (so they share one prefill), hands each batch
+to its executor (experiments/executor.py: by default the think → answer phases, decoded;
+an evaluation may bring its own) and writes each finished batch in one transaction. What
+a run samples is checked before anything opens (experiments/run_settings.py).
 Interrupting (Ctrl-C, `kill -9`, a crash) loses at most the batch in flight; running
 the same command again resumes exactly where it stopped, because sample `i` of prompt
 `p` always gets the seed derived from (run seed, p's seed index, i), whichever batch it
@@ -18,18 +20,18 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from muestra.errors import InputError
+from muestra.experiments.executor import Batch, BatchExecutor, Decoding, Unit
 from muestra.experiments.prompts import messages_for, think_budget
+from muestra.experiments.run_settings import run_settings
 from muestra.experiments.spec import (
     Condition,
     LoadedSpec,
     ModelSpec,
-    PromptItem,
-    check_beam_samples,
 )
 from muestra.experiments.store import (
     condition_think,
@@ -47,7 +49,7 @@ from muestra.experiments.store import (
     stored_indices,
     upsert,
 )
-from muestra.limits import SAMPLES_PER_CELL, SAMPLES_PER_RUN
+from muestra.settings import REMOTE
 from muestra.version import __version__
 
 SEEDING = "paired"  # the seeding scheme new runs record
@@ -71,19 +73,7 @@ def seed_indices(groups: list[str | None], scheme: str | None) -> list[int]:
     return [i if g is None else first.setdefault(g, i) for i, g in enumerate(groups)]
 
 
-@dataclass(frozen=True)
-class Unit:
-    """The missing samples of one (model, condition, prompt) cell."""
-
-    model: ModelSpec
-    condition: Condition
-    item: PromptItem
-    prompt_index: int
-    model_id: int
-    condition_id: int
-    prompt_id: int
-    missing: tuple[int, ...]
-    seed_index: int  # the index this prompt's samples are seeded with (seed_indices)
+__all__ = ["Progress", "Runner", "Unit", "seed_indices"]
 
 
 @dataclass
@@ -108,56 +98,29 @@ class Runner:
         on_note: Callable[[str], None] | None = None,
         trust_remote_code: bool = False,
         model_options: Mapping[str, Any] | None = None,
+        executor: BatchExecutor | None = None,
     ) -> None:
+        """`executor` turns each batch into stored rows (experiments/executor.py; default:
+        the spec's phases, decoded); every other argument is checked by `run_settings`."""
         self.spec = spec
         self.store = Path(store)
-        self.samples = samples if samples is not None else spec.spec.samples
-        stop = spec.spec.stop
-        if stop is not None and stop.max_samples is not None:  # a sequential run's cap
-            if samples is not None and samples != stop.max_samples:
-                raise InputError(
-                    f"--samples {samples} and [stop] max_samples = {stop.max_samples} both "
-                    "set how many samples a cell takes at most: give one of them"
-                )
-            self.samples = stop.max_samples
-        if self.samples < 1:
-            raise InputError(f"--samples must be at least 1 (got {self.samples})")
-        where = f"{spec.path}: samples = {self.samples:,}" if samples is None else "--samples"
-        SAMPLES_PER_CELL.check(self.samples, where)
-        check_beam_samples(spec.conditions, self.samples, f"{spec.path} with --samples")
-        self.models = [ModelSpec(id=model)] if model else spec.spec.model_list
-        # flags that apply to every local model (`--trust-remote-code`, `--runtime`, …)
-        local = dict(model_options or {})
-        if trust_remote_code:
-            local["trust_remote_code"] = True
-        given = [*local, *(["batch"] if batch_rows is not None else [])]
-        if given and all(m.endpoint is not None for m in self.models):
-            flags = ", ".join("--" + name.replace("_", "-") for name in given)
-            raise InputError(
-                f"{flags}: {'applies' if len(given) == 1 else 'apply'} to models this "
-                f"machine computes; every model of {spec.path} is an endpoint (its server "
-                "decides how it computes and batches): leave them out"
-            )
-        if local:
-            self.models = [
-                ModelSpec.model_validate({**m.model_dump(exclude_unset=True), **local})
-                if m.endpoint is None
-                else m
-                for m in self.models
-            ]
-        _apply_thread_wait(self.models, spec.path)
-        cells = len(self.models) * len(spec.conditions) * len(spec.spec.prompt.items)
-        SAMPLES_PER_RUN.check(
-            cells * self.samples,
-            f"{spec.path}: {cells:,} prompt × condition × model cells × {self.samples:,} samples",
+        settings = run_settings(
+            spec,
+            model=model,
+            samples=samples,
+            batch_rows=batch_rows,
+            trust_remote_code=trust_remote_code,
+            model_options=model_options,
         )
+        self.samples = settings.samples
+        self.models = settings.models
+        self.batch_rows = settings.batch_rows
+        self.executor: BatchExecutor = executor or Decoding()
         self.force_new = force_new
         self.resume_any = resume_any  # resume any run of this spec, not only the latest
-        self.batch_rows = batch_rows if batch_rows is not None else 32
         self.on_note = on_note or (lambda _: None)
         self.db: sqlite3.Connection | None = None
         self.run_id: int | None = None
-        self.drafts: dict[tuple[str, str], Any] = {}  # speculative drafts, per model and ref
         self.noted: set[str] = set()  # notes already given (once per run, not per batch)
         self._tracked = False  # inside `tracking()`: the status is kept by the outer block
         # set by `open()`: the store's state and this run's row ids
@@ -291,13 +254,12 @@ class Runner:
         stored = condition_think(self.db, condition_id)
         before = ((json.loads(stored) if stored else None) or {}).get("remote", {})
         for name, record in remote.items():
-            now = {
-                k: v
-                for k, v in record.items()
-                if k in ("temperature", "top_p", "top_k", "min_p", "mode")
-            }
-            # a run stored before modes were resolved reasoned in tags
-            was = {k: (before.get(name) or {}).get(k, "tags" if k == "mode" else None) for k in now}
+            old = before.get(name) or {}
+            # a run stored before modes were resolved reasoned in tags; one stored before a
+            # setting was sent left it to the server: only what it recorded is compared
+            keys = [k for k in REMOTE if k in old or not old] + ["mode"]
+            now = {k: record.get(k) for k in keys}
+            was = {k: old.get(k, "tags" if k == "mode" else None) for k in keys}
             if was != now:
                 raise InputError(
                     f"{self.store}: condition {condition.label!r} of model {name!r} was sampled "
@@ -412,16 +374,16 @@ class Runner:
                 continue
             # a fixed-n run is one round; a sequential one samples its open cells in rounds
             each_round = [mine] if rounds is None else rounds.of(model.name)
-            generator = None
+            worker = None
             for round_units in each_round:
                 try:
                     if model.endpoint is not None:
                         self._run_remote(model, round_units, store)
                         continue
-                    if generator is None:
-                        generator = self._generator(model)
+                    if worker is None:
+                        worker = self.executor.load(self, model)
                     for batch in _batches(round_units, self.batch_rows):
-                        store(self._run_batch(generator, batch))
+                        store(self.executor.run_batch(self, worker, batch))
                 except BaseException:
                     # one rule for every backend: a run this command created that fails
                     # before storing any sample leaves nothing behind (_discard)
@@ -475,7 +437,7 @@ class Runner:
             self.spec,
             model,
             self.spec.spec.seed,
-            self._row,
+            self.row,
             store,
             self.on_note,
             provenance,
@@ -499,7 +461,7 @@ class Runner:
                 )
         set_model_provenance(self.db, self.model_ids[model.name], data)
 
-    def _load(self, model: ModelSpec) -> Any:
+    def load(self, model: ModelSpec) -> Any:
         """The local model with every setting of its spec, its provenance stored."""
         from muestra.models.loading import load_model
 
@@ -516,123 +478,10 @@ class Runner:
         self._store_provenance(model, loaded.provenance.as_dict())
         return loaded
 
-    def _generator(self, model: ModelSpec) -> Any:
-        from muestra.answers.structured import StructuredGenerator
-
-        return StructuredGenerator(self._load(model), max_batch=self.batch_rows)
-
-    def _run_batch(
-        self, generator: Any, batch: list[tuple[Unit, list[int]]]
-    ) -> list[dict[str, Any]]:
-        from muestra.answers.structured import think_from_generation_config
-
-        unit0 = batch[0][0]
-        condition, item = unit0.condition, unit0.item
-        think = None
-        if condition.think is not None:
-            spec = condition.think
-            budget = think_budget(condition, item)
-            think = think_from_generation_config(
-                generator.loaded,
-                budget,
-                temperature=spec.temperature,
-                top_p=spec.top_p,
-                top_k=spec.top_k,
-                min_p=spec.min_p,
-                dola_layers=_dola(spec.dola_layers),
-            )
-            think = replace(think, mode=spec.mode)
-            if spec.instruction is not None:
-                think = replace(think, instruction=spec.instruction)
-            think = generator.resolve_think(think)
-            if spec.close_text is not None:
-                think = replace(think, close_text=spec.close_text)
-        answer, grammar = _answer(condition, self.spec, item)
-        prompts, firsts, counts, indices = [], [], [], []
-        for unit, samples in batch:
-            ids = _encode(generator, self.spec, unit.item, think)
-            self._check_fits(generator, unit, len(ids), condition.answer.max_tokens)
-            for first, count in _ranges(samples):
-                prompts.append(ids)
-                firsts.append(first)
-                counts.append(count)
-                indices.append(unit.seed_index)  # the engine seeds by it
-        started = time.perf_counter()
-        think_beams, answer_beams = _beams(condition)
-        a = condition.answer
-        # what every decoding path takes: the batch's samples and the phases
-        batch_args: dict[str, Any] = {
-            "seed": self.spec.spec.seed,
-            "first_samples": firsts,
-            "counts": counts,
-            "prompt_indices": indices,
-            "think": think,
-            "answer": answer,
-        }
-        if a.prompt_lookup is not None or a.draft_model:
-            from muestra.answers.drafted import run_drafted_answers
-
-            results = run_drafted_answers(
-                generator,
-                prompts,
-                **batch_args,
-                prompt_lookup=a.prompt_lookup,
-                draft=self._draft(generator, unit0.model, a.draft_model),
-                num_speculative_tokens=a.num_speculative_tokens,
-            )
-        elif think_beams is None and answer_beams is None:
-            results = generator.run(
-                prompts, **batch_args, grammar=grammar, field_probs=a.field_probs
-            )
-            for note in generator.notes:
-                note = f"model {unit0.model.name}, condition {condition.label}: {note}"
-                if note not in self.noted:
-                    self.noted.add(note)
-                    self.on_note(note)
-        else:
-            from muestra.answers.beam_phases import run_beam_phases
-
-            results = run_beam_phases(
-                generator,
-                prompts,
-                **batch_args,
-                think_beams_params=think_beams,
-                answer_beams=answer_beams,
-                grammar=grammar,
-                field_probs=a.field_probs,
-            )
-        seconds = time.perf_counter() - started
-        unit_of = {u.seed_index: u for u, _ in batch}  # one unit per seed index (_batches)
-        budget = think.budget if think else None
-        return [self._row(unit_of[s.prompt_index], s, budget, seconds) for s in results]
-
-    def _check_fits(self, generator: Any, unit: Unit, prompt_tokens: int, answer: int) -> None:
-        """Refuse an item whose prompt and answer cannot fit the model's context, naming
-        the spec (or question file) and the item, before its batch runs."""
-        from muestra.errors import ContextLengthError
-
-        limit = getattr(generator.loaded, "max_length", None)
-        if limit is not None and prompt_tokens + answer > limit:
-            raise ContextLengthError(
-                f"{self.spec.path}: item {unit.item.id!r} is {prompt_tokens:,} prompt tokens "
-                f"+ {answer} answer tokens, over the model's context of {limit:,} (model "
-                f"{unit.model.name}); shorten it or leave it out"
-            )
-
-    def _draft(self, generator: Any, model: ModelSpec, ref: str | None) -> Any:
-        """The speculative draft `ref` of this model, loaded once per run."""
-        if ref is None:
-            return None
-        from muestra.answers.drafted import load_draft
-
-        key = (model.name, ref)
-        if key not in self.drafts:
-            self.drafts[key] = load_draft(generator.loaded, ref, model.dtype, model.device)
-        return self.drafts[key]
-
-    def _row(
+    def row(
         self, unit: Unit, sample: Any, think_budget: int | None, seconds: float
     ) -> dict[str, Any]:
+        """The store's row of one finished sample of `unit`."""
         return {
             "run_id": self.run_id,
             "model_id": unit.model_id,
@@ -658,77 +507,11 @@ class Runner:
         }
 
 
-def _encode(generator: Any, spec: LoadedSpec, item: PromptItem, think: Any) -> list[int]:
-    from muestra.answers.phases import with_instruction
-
-    prompt = messages_for(spec, item)
-    if think is not None and think.mode == "text":
-        prompt = with_instruction(prompt, think.instruction)
-    if isinstance(prompt, str):
-        return generator.text.encode_prompt(prompt)
-    return generator.text.encode_messages(prompt, spec.spec.prompt.enable_thinking)
-
-
-def _answer(condition: Condition, spec: LoadedSpec, item: PromptItem) -> tuple[Any, Any]:
-    """The answer phase and grammar of `condition` for `item` (whose own choice, when it has
-    one, replaces the answer's)."""
-    from muestra.answers.grammar import GrammarSpec
-    from muestra.answers.phases import AnswerConfig
-    from muestra.engine import SamplingParams
-
-    a = condition.answer
-    params = SamplingParams(
-        temperature=a.temperature,
-        top_p=a.top_p,
-        top_k=a.top_k,
-        min_p=a.min_p,
-        dola_layers=_dola(a.dola_layers),
-    )
-    grammar = GrammarSpec.from_options(
-        schema=spec.answer_schema,
-        regex=a.regex,
-        choice=item.choice if item.choice is not None else a.choice,
-        ebnf=spec.path.parent / a.grammar if a.grammar is not None else None,
-    )
-    return AnswerConfig(params=params, max_tokens=a.max_tokens, stop=tuple(a.stop)), grammar
-
-
-def _dola(layers: str | list[int] | None) -> str | tuple[int, ...] | None:
-    return tuple(layers) if isinstance(layers, list) else layers
-
-
-def _beams(condition: Condition) -> tuple[Any, Any]:
-    """The beam parameters of the think and answer phases (None: sampled)."""
-    from muestra.engine.beam import BeamParams
-
-    def params(section: Any) -> Any:
-        if section is None or section.strategy != "beam":
-            return None
-        return BeamParams(
-            num_beams=section.num_beams,
-            length_penalty=section.length_penalty,
-            early_stopping=section.early_stopping,
-        )
-
-    return params(condition.think), params(condition.answer)
-
-
-def _ranges(indices: list[int]) -> Iterator[tuple[int, int]]:
-    """Contiguous (first, count) runs of sorted sample indices."""
-    start = prev = indices[0]
-    for index in indices[1:]:
-        if index != prev + 1:
-            yield start, prev - start + 1
-            start = index
-        prev = index
-    yield start, prev - start + 1
-
-
-def _batches(units: list[Unit], rows: int) -> Iterator[list[tuple[Unit, list[int]]]]:
+def _batches(units: list[Unit], rows: int) -> Iterator[Batch]:
     """Batches of at most `rows` samples; one condition, think budget and item choice per
     batch, and one unit per seed index (two variants of a group, which share a seed index,
     go to different batches: the batch's samples are told apart by it)."""
-    current: list[tuple[Unit, list[int]]] = []
+    current: Batch = []
     size = 0
     key = None
     for unit in units:
@@ -748,20 +531,6 @@ def _batches(units: list[Unit], rows: int) -> Iterator[list[tuple[Unit, list[int
     if current:
         yield current
 
-
-def _apply_thread_wait(models: list[ModelSpec], path: Path) -> None:
-    """The run's thread wait (`models.runtime.threads`), set before torch loads: one for
-    the process, so local models asking for different ones are refused."""
-    from muestra.models.runtime.threads import apply_thread_wait
-
-    waits = sorted({m.thread_wait for m in models if m.endpoint is None and m.thread_wait})
-    if len(waits) > 1:
-        raise InputError(
-            f"{path}: the models ask for thread_wait {' and '.join(waits)}; one process has "
-            "one: give them the same (or leave it out)"
-        )
-    if waits:
-        apply_thread_wait(waits[0], f"{path}: thread_wait =")
 
 
 def _computing(provenance: dict[str, Any]) -> dict[str, Any]:

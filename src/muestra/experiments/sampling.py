@@ -3,16 +3,19 @@
 A server fills each sampling field a request leaves out with its own default: vLLM with
 the model's generation config, llama.cpp's llama-server with top-k 40, top-p 0.95,
 min-p 0.05. The same spec would then sample a different distribution on each server,
-silently. So before a remote run starts, each think field (`temperature`, `top_p`,
-`top_k`, `min_p`) of each condition is resolved, first match wins:
+silently. So before a remote run starts, each think setting a remote run sends
+(`settings.REMOTE`: temperature, top-p, top-k, min-p) of each condition is resolved,
+first match wins:
 
 1. the spec: `[think]`, or the condition's sweep value;
 2. the model's `generation_config.json`, when a copy is on this machine: `[model]
    generation_config`, else `id` as a folder or as a model in the Hugging Face cache
    (looked up in the cache only, never on the network); read as a local run reads it
-   (`sampling_from_generation_config`), so a filter it does not set is off;
+   (`settings.from_generation_config`), so a filter it does not set is off;
 3. `[model] sampling_fallback`: "neutral" (the engine's plain sampling: temperature 1,
    filters off) or "server" (left out of the request: the server's default applies).
+   A setting every server leaves off (`Use.off_everywhere`: typical-p) is sent off
+   without that opt-in: no server would sample it differently.
 
 A field still unresolved stops the run with an `InputError` naming the fields, before
 anything is stored or sent. So does a think `mode = "auto"` that no local tokenizer can
@@ -29,13 +32,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from muestra.answers.structured import sampling_from_generation_config
-from muestra.engine import SamplingParams
 from muestra.errors import InputError
 from muestra.experiments.spec import LoadedSpec, ModelSpec
-
-FIELDS = ("temperature", "top_p", "top_k", "min_p")
-NEUTRAL = SamplingParams()
+from muestra.settings import (
+    DEFAULT,
+    QWEN_THINKING,
+    REMOTE,
+    Sampling,
+    from_generation_config,
+    to_request,
+    use,
+)
 
 
 @dataclass(frozen=True)
@@ -45,31 +52,35 @@ class Setting:
 
 
 @dataclass(frozen=True)
-class ThinkSampling:
-    """The think sampling of one (remote model, condition)."""
+class RemoteThink:
+    """The think sampling of one (remote model, condition): each of `settings.REMOTE`,
+    with where its value came from (`think.top_p.value`, `think.top_p.source`)."""
 
-    temperature: Setting
-    top_p: Setting
-    top_k: Setting
-    min_p: Setting
+    settings: dict[str, Setting]
     generation_config: Path | None  # the file read, if any
     fallback: str | None  # the model's sampling_fallback
     mode: str = "tags"  # "tags": the model's think block; "text": plain-text reasoning
     mode_source: str = "spec"  # spec | tokenizer ("auto", settled by the local tokenizer)
 
-    def request_fields(self) -> dict[str, float | int]:
-        """The fields to send. top_k 0 (off) goes out as -1: vLLM, SGLang, llama.cpp and
-        `muestra serve` all read -1 as off, and some refuse 0."""
-        sent = {name: getattr(self, name).value for name in FIELDS}
-        if sent["top_k"] == 0:
-            sent["top_k"] = -1
-        return {name: value for name, value in sent.items() if value is not None}
+    def __getattr__(self, name: str) -> Setting:
+        try:
+            return self.__dict__["settings"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def request_fields(self) -> dict[str, Any]:
+        """The fields to send (`settings.to_request`: top_k off goes out as -1)."""
+        return {
+            name: to_request(name, s.value)
+            for name, s in self.settings.items()
+            if s.value is not None
+        }
 
     def record(self) -> dict[str, Any]:
         """What the store keeps: the values (null = the server's), their sources, the opt-in."""
         return {
-            **{name: getattr(self, name).value for name in FIELDS},
-            "source": {name: getattr(self, name).source for name in FIELDS},
+            **{name: s.value for name, s in self.settings.items()},
+            "source": {name: s.source for name, s in self.settings.items()},
             "generation_config": str(self.generation_config) if self.generation_config else None,
             "sampling_fallback": self.fallback,
             "mode": self.mode,
@@ -77,7 +88,7 @@ class ThinkSampling:
         }
 
 
-def resolve_think(spec: LoadedSpec, model: ModelSpec) -> dict[str, ThinkSampling]:
+def resolve_think(spec: LoadedSpec, model: ModelSpec) -> dict[str, RemoteThink]:
     """The think sampling of each condition with a think phase, by condition label."""
     path = generation_config_file(model)
     config = _read(path, model) if path is not None else None
@@ -86,39 +97,39 @@ def resolve_think(spec: LoadedSpec, model: ModelSpec) -> dict[str, ThinkSampling
         if condition.think is None:
             continue
         settings = {}
-        for name in FIELDS:
+        for name in REMOTE:
             given = getattr(condition.think, name)
             if given is not None:
                 settings[name] = Setting(given, "spec")
             elif config is not None:
                 settings[name] = Setting(getattr(config, name), "generation_config")
-            elif model.sampling_fallback == "neutral":
-                settings[name] = Setting(getattr(NEUTRAL, name), "neutral")
             elif model.sampling_fallback == "server":
                 settings[name] = Setting(None, "server")
-        missing |= set(FIELDS) - set(settings)
+            elif model.sampling_fallback == "neutral" or use(name).off_everywhere:
+                settings[name] = Setting(getattr(DEFAULT, name), "neutral")
+        missing |= set(REMOTE) - set(settings)
         settled = think_mode(condition.think.mode, path)
         if settled is None:
             unsettled.append(condition.label)
-        elif len(settings) == len(FIELDS):
+        elif len(settings) == len(REMOTE):
             mode, source = settled
-            resolved[condition.label] = ThinkSampling(
-                **settings,
+            resolved[condition.label] = RemoteThink(
+                settings,
                 generation_config=path,
                 fallback=model.sampling_fallback,
                 mode=mode,
                 mode_source=source,
             )
     if missing:
-        names = [name for name in FIELDS if name in missing]
-        example = {"temperature": "0.6", "top_p": "0.95", "top_k": "20", "min_p": "0.0"}
+        names = [name for name in REMOTE if name in missing]
+        example = getattr(QWEN_THINKING, names[0])
         raise InputError(
             f"{spec.path}: model {model.name!r} (an endpoint) has no value for think "
             f"{', '.join(names)}: the spec does not set them and no generation_config.json "
             f"of {model.generation_config or model.id!r} is on this machine (not a folder, "
             "not in the Hugging Face cache); left out of the request, each server would "
             "pick its own (llama-server: top_k 40, top_p 0.95, min_p 0.05). Set them in "
-            f"[think] (e.g. {names[0]} = {example[names[0]]}), point [model] "
+            f"[think] (e.g. {names[0]} = {example!r}), point [model] "
             "generation_config at a local copy of the model, or opt in with [model] "
             'sampling_fallback = "neutral" (temperature 1, filters off) or "server" (the '
             "server's defaults, recorded in the store)"
@@ -192,12 +203,12 @@ def _cached(repo_id: str) -> Path | None:
     return Path(found) if isinstance(found, str) else None
 
 
-def _read(path: Path, model: ModelSpec) -> SamplingParams:
+def _read(path: Path, model: ModelSpec) -> Sampling:
     try:
         config = json.loads(path.read_text("utf-8"))
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
-        return sampling_from_generation_config(config)
+        return from_generation_config(config)
     except (OSError, ValueError, InputError) as err:
         raise InputError(
             f"model {model.name!r}: cannot read {path} ({err}); fix or remove the file, or set "

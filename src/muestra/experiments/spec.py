@@ -59,9 +59,17 @@ from pydantic import (
 
 from muestra.errors import InputError
 from muestra.experiments.toml_text import dump_toml
-
-Strategy = Literal["sample", "beam"]
-DolaLayers = Literal["low", "high"] | list[int] | None
+from muestra.limits import MAX_THREADS
+from muestra.settings import (
+    LOOKUP,
+    PHASED,
+    REMOTE,
+    SPECULATIVE,
+    AnswerSettings,
+    ThinkSettings,
+    changed,
+    use,
+)
 
 
 class Strict(BaseModel):
@@ -85,7 +93,10 @@ class ModelSpec(Strict):
         "llama-cpp-python is installed), else torch.",
     )
     threads: int | None = Field(
-        None, ge=1, le=1024, description="CPU threads (default: the cores, or OMP_NUM_THREADS)."
+        None,
+        ge=1,
+        le=MAX_THREADS,
+        description="CPU threads (default: the cores, or OMP_NUM_THREADS).",
     )
     batch_invariant: bool = Field(
         True,
@@ -218,41 +229,8 @@ class PromptSpec(Strict):
         return self
 
 
-class ThinkSpec(Strict):
-    budget: int = Field(1024, ge=0)
-    temperature: float | None = Field(None, ge=0)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    min_p: float | None = Field(None, ge=0, lt=1)
-    close_text: str | None = None
-    mode: Literal["auto", "tags", "text"] = Field(
-        "auto",
-        description="tags: the model's own think block (skipped on a model without one); "
-        "text: plain-text reasoning asked for in the prompt, ended by the model's end of turn "
-        "or the budget, then close_text (default '\\n\\nFinal answer:\\n'); auto: tags "
-        "when the model has them, else text.",
-    )
-    instruction: str | None = Field(
-        None, description="Text mode: the instruction appended to the user message."
-    )
-    strategy: Strategy = Field(
-        "sample",
-        description='sample (temperature & filters; 0 = greedy) or "beam": the reasoning is '
-        "beam-searched within the budget; the samples of a prompt are its best reasonings, "
-        "ranked (samples <= num_beams)",
-    )
-    num_beams: int = Field(4, ge=1, le=64, description='Beams when strategy = "beam".')
-    length_penalty: float = Field(
-        1.0, ge=-10, le=10, description="Beam score = sum logprob / length ** length_penalty."
-    )
-    early_stopping: bool | Literal["never"] = Field(
-        False, description='Beam search stopping rule, as Hugging Face: false, true or "never".'
-    )
-    dola_layers: DolaLayers = Field(
-        None,
-        description='DoLa (contrast with early layers): "low", "high" or layer indices; '
-        "with sampling only (1.2 repetition penalty is what the paper recommends).",
-    )
+class ThinkSpec(ThinkSettings):
+    """A spec's [think] table: `ThinkSettings` (muestra/settings.py), checked as a spec."""
 
     @model_validator(mode="after")
     def _beam(self, info: ValidationInfo) -> ThinkSpec:
@@ -263,47 +241,17 @@ class ThinkSpec(Strict):
 ANSWER_KINDS = ("schema", "regex", "choice", "grammar")
 
 
-class AnswerSpec(Strict):
-    temperature: float = Field(0.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    min_p: float = Field(0.0, ge=0, lt=1)
-    max_tokens: int = Field(256, ge=1)
-    stop: list[str] = Field(
-        default_factory=list,
-        description="Stop strings of a free-text answer without a think phase: the answer "
-        "ends at the first one (which is not kept).",
-    )
+class AnswerSpec(AnswerSettings):
+    """A spec's [answer] table: `AnswerSettings` (muestra/settings.py) and the grammar the
+    answer follows, checked as a spec."""
+
     schema_: str | dict[str, Any] | None = Field(None, alias="schema")
     regex: str | None = None
     choice: list[str] | None = None
     grammar: str | None = None
     field_probs: bool = True
-    strategy: Strategy = Field(
-        "sample",
-        description='sample (temperature & filters; 0 = greedy) or "beam": the most likely '
-        "complete answers under the grammar; after a sampled think phase each sample gets "
-        "its reasoning's best answer, without one the samples are the best answers, ranked",
-    )
-    num_beams: int = Field(4, ge=1, le=64, description='Beams when strategy = "beam".')
-    length_penalty: float = Field(1.0, ge=-10, le=10)
-    early_stopping: bool | Literal["never"] = False
-    dola_layers: DolaLayers = None
-    prompt_lookup: int | None = Field(
-        None,
-        ge=1,
-        le=64,
-        description="Prompt-lookup decoding of a free-text greedy answer: up to N draft "
-        "tokens copied from the prompt per forward (the same answer as plain greedy).",
-    )
-    draft_model: str | None = Field(
-        None,
-        description='Speculative decoding of a free-text answer with this draft: "layers:N" '
-        "(the model's own first N layers) or a model with the same vocabulary.",
-    )
-    num_speculative_tokens: int = Field(4, ge=1, le=32, description="Draft tokens a round.")
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
     @property
     def kinds(self) -> list[str]:
@@ -336,22 +284,23 @@ class AnswerSpec(Strict):
     @model_validator(mode="after")
     def _drafted(self) -> AnswerSpec:
         """Prompt lookup and speculative decoding take no step hooks: free text only."""
-        name = "prompt_lookup" if self.prompt_lookup is not None else "draft_model"
+        lookup = self.prompt_lookup is not None
+        name = "prompt_lookup" if lookup else "draft_model"
         if self.prompt_lookup is None and self.draft_model is None:
             default = type(self).model_fields["num_speculative_tokens"].default
             if self.num_speculative_tokens != default:  # (a sweep's copy sets every field)
                 raise ValueError("num_speculative_tokens applies with answer.draft_model only")
             return self
         clash = self.kinds
-        clash += ["draft_model"] if self.prompt_lookup is not None and self.draft_model else []
+        clash += ["draft_model"] if lookup and self.draft_model else []
         clash += ['strategy = "beam"'] if self.strategy == "beam" else []
-        clash += ["dola_layers"] if self.dola_layers is not None else []
-        if self.prompt_lookup is not None:  # greedy only
-            clash += [
-                k
-                for k in ("temperature", "top_p", "top_k", "min_p")
-                if getattr(self, k) != type(self).model_fields[k].default
-            ]
+        strategy = LOOKUP if lookup else SPECULATIVE
+        # prompt lookup is greedy: every sampling setting stays at the answer's default
+        clash += [
+            key
+            for key in changed(self, PHASED)
+            if lookup or strategy not in use(key).strategies
+        ]
         if clash:
             shown = ", ".join(clash)
             raise ValueError(
@@ -366,13 +315,8 @@ def _check_beam(section: Any, name: str, info: ValidationInfo) -> Any:
     """Beam search scores the model's own log-probabilities: sampling settings and DoLa
     do not apply to it, and beam settings given without `strategy = "beam"` are a
     mistake (except in a sweep's conditions, where the strategy itself may be swept)."""
-    fields = type(section).model_fields
     if section.strategy == "beam":
-        given = [
-            key
-            for key in ("temperature", "top_p", "top_k", "min_p", "dola_layers")
-            if getattr(section, key) != fields[key].default
-        ]
+        given = changed(section, PHASED)
         if given:
             raise ValueError(
                 f'{name}.strategy = "beam" scores the model\'s own log-probabilities; '
@@ -679,7 +623,7 @@ def _drop_sampling(values: dict[str, Any], name: str, overrides: dict[str, Any])
     conditions; this one searches, so they go back to their defaults (and the store
     records what ran). A sampling setting swept alongside is kept, and refused."""
     model = ThinkSpec if name == "think" else AnswerSpec
-    for key in ("temperature", "top_p", "top_k", "min_p", "dola_layers"):
+    for key in PHASED:
         if f"{name}.{key}" not in overrides:
             values[key] = model.model_fields[key].default
 
@@ -852,8 +796,9 @@ def _check_remote(spec: Spec, path: Path) -> None:
                 raise InputError(
                     f"{path}: answer.prompt_lookup and answer.draft_model need a local model"
                 )
-            if section.strategy == "beam" or section.dola_layers is not None:
-                what = 'strategy = "beam"' if section.strategy == "beam" else "dola_layers"
+            local = changed(section, [key for key in PHASED if key not in REMOTE])
+            if section.strategy == "beam" or local:
+                what = 'strategy = "beam"' if section.strategy == "beam" else local[0]
                 raise InputError(
                     f"{path}: {name}.{what} needs a local model; an endpoint samples with "
                     "the OpenAI API's settings only"

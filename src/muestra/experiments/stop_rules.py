@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from muestra.errors import InputError
+from muestra.settings import DEFAULT, PHASED
 
 
 def field_probs_caveat(answer: Any, remote: bool = False) -> str | None:
@@ -23,13 +24,12 @@ def field_probs_caveat(answer: Any, remote: bool = False) -> str | None:
         return "the answers are free text decoded greedily"
     if answer.temperature == 0:
         return "the answers are greedy (answer.temperature = 0)"
+    # the sampling settings that move the draws away from plain sampling at temperature 1
     changed = [
-        f"{key} = {getattr(answer, key)}"
-        for key, neutral in (("temperature", 1.0), ("top_p", 1.0), ("top_k", 0), ("min_p", 0.0))
-        if getattr(answer, key) != neutral
+        key if isinstance(getattr(answer, key), tuple | str) else f"{key} = {getattr(answer, key)}"
+        for key in PHASED
+        if getattr(answer, key) != getattr(DEFAULT, key)
     ]
-    if answer.dola_layers is not None:
-        changed.append("dola_layers")
     if changed:
         return f"the answers are drawn with answer.{', answer.'.join(changed)}"
     return None

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from muestra.errors import InputError, ModelLoadError, ModelNotFoundError, UnsafeModelError
+from muestra.limits import check_threads
 from muestra.models.gguf import (
     GGUF_SUFFIX,
     find_gguf,
@@ -297,6 +298,8 @@ def load_model(
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    if threads is not None:  # before anything is read
+        check_threads(threads)
     hf_logging.disable_progress_bar()
     files = check_model(ref, revision, allow_pickle, trust_remote_code)
     choice = choose_runtime(ref, files, auto_runtime(runtime, dtype, device))
@@ -369,9 +372,7 @@ def auto_runtime(runtime: str, dtype: str, device: str) -> str:
 
 
 def _positive_threads(threads: int) -> int:
-    if threads < 1:
-        raise InputError(f"threads={threads} must be at least 1")
-    return threads
+    return check_threads(threads)
 
 
 def _load_llamacpp(

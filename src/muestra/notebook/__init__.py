@@ -26,6 +26,7 @@ from __future__ import annotations
 import difflib
 import time
 from collections.abc import Iterable, Mapping
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from muestra.errors import InputError, MuestraError
 from muestra.notebook.checks import Alpha, Count, PathLike, check_values, checked
 from muestra.notebook.serving import Server, serve
 from muestra.notebook.views import AnalysisView, EvaluationView, ExperimentView, ProbeView
+from muestra.paths import default_store
 
 __all__ = [
     "AnalysisView",
@@ -213,7 +215,7 @@ def experiment(
             raise InputError(f"stop_on={stop_on!r}: write 'field=value', e.g. 'gender=male'")
         flags |= {"field": field.strip(), "value": value.strip()}
     loaded = with_stop(loaded, flags, f"{loaded.path} with experiment(...)'s [stop] keywords")
-    out = Path(store) if store is not None else loaded.path.with_name(f"{loaded.spec.name}.db")
+    out = Path(store) if store is not None else default_store(loaded.spec.name, beside=loaded.path)
     bar = _Bar(loaded.spec.name, progress)
     try:
         with Runner(
@@ -231,16 +233,13 @@ def experiment(
     return open_run(out, run_id)
 
 
-_EVAL_NAMES = {name: name for name in ("samples", "think_budget", "top_p", "format", "chat",
-                                       "raw", "temperature", "weighted", "regex")}  # fmt: skip
-
-
-def _eval_values(
+def _eval_settings(
     where: str, methods: list[str], settings: Mapping[str, Any], n: int | None
-) -> dict[str, Any]:
-    """The settings of an evaluation, refused by name when unknown, of the wrong type or
-    unused by `methods`."""
-    from muestra.evaluation.evaluate import EvalSettings, check_methods
+) -> list[Any]:
+    """Each method's `EvalSettings`, a setting refused by name when unknown, of the wrong
+    type or unused by `methods` (named as the keyword it is given by)."""
+    from muestra.evaluation.evaluate import METHOD_SETTINGS, EvalSettings
+    from muestra.evaluation.methods import method_settings
 
     known = set(EvalSettings.__dataclass_fields__) - {"method", "limit"}
     unknown = sorted(set(settings) - known)
@@ -252,8 +251,7 @@ def _eval_values(
         )
     check_values(where, settings, EvalSettings)
     values = {**settings, "limit": n}
-    check_methods(methods, values, _EVAL_NAMES)
-    return values
+    return method_settings(methods, values, {name: name for name in METHOD_SETTINGS})
 
 
 @checked
@@ -273,30 +271,21 @@ def evaluate(
     questions, `settings` are `EvalSettings` fields (samples, think_budget, temperature,
     top_p, weighted, regex, format, chat, raw, shots, language, seed, dtype). A setting
     none of the methods uses is refused by name."""
-    from muestra.evaluation.evaluate import compare_results, settings_for
-    from muestra.evaluation.evaluate import evaluate as run_eval
+    from muestra.evaluation.methods import evaluate_methods
     from muestra.evaluation.tasks import load_task
 
     names = [m.strip() for m in methods.split(",")] if isinstance(methods, str) else list(methods)
-    values = _eval_values("evaluate", names, settings, n)
-    every = [settings_for(name, values) for name in names]
+    every = _eval_settings("evaluate", names, settings, n)
     loaded = load_task(task)
-    out = Path(store) if store is not None else Path(f"eval-{loaded.name}.db")
-    results = []
-    for s in every:
-        bar = _Bar(s.method, progress)
-        try:
-            results.append(
-                run_eval(str(model), loaded, s, out, on_progress=bar, model_options=model_options)
-            )
-        finally:
-            bar.close()
-    pairs = [
-        compare_results(results[i], results[j], names[i], names[j])
-        for i in range(len(results))
-        for j in range(i + 1, len(results))
-    ]
-    return EvaluationView(results, pairs, _task_language(loaded, values))
+    found = evaluate_methods(
+        str(model),
+        loaded,
+        every,
+        Path(store) if store is not None else None,
+        progress=lambda method: closing(_Bar(method, progress)),
+        model_options=model_options,
+    )
+    return EvaluationView(found.results, found.pairs, _task_language(loaded, every[0].language))
 
 
 @checked
@@ -315,23 +304,24 @@ def compare(
     accuracy, their paired comparison, and timings (load, prefill and decode speed, the
     evaluation's seconds) in `to_pandas()`. `options`: each model's runtime settings."""
     from muestra.evaluation.compare import compare_models
-    from muestra.evaluation.evaluate import settings_for
     from muestra.evaluation.tasks import load_task
 
-    values = _eval_values("compare", [method], settings, n)
+    (method_settings,) = _eval_settings("compare", [method], settings, n)
     loaded = load_task(task)
-    out = Path(store) if store is not None else Path(f"compare-{loaded.name}.db")
+    out = Path(store) if store is not None else default_store(loaded.name, "compare")
     found = compare_models(
-        str(model_a), str(model_b), loaded, settings_for(method, values), out, options=options
+        str(model_a), str(model_b), loaded, method_settings, out, options=options
     )
-    return EvaluationView(found.results, [found.comparison], _task_language(loaded, values))
+    return EvaluationView(
+        found.results, [found.comparison], _task_language(loaded, method_settings.language)
+    )
 
 
-def _task_language(task: Any, values: Mapping[str, Any]) -> str:
+def _task_language(task: Any, language: str) -> str:
     """The language of a question set (its figures and captions speak it)."""
     from muestra.evaluation.prompts import language_of
 
-    return language_of(task, values.get("language", "auto")).code
+    return language_of(task, language).code
 
 
 @checked
@@ -361,7 +351,7 @@ def probe(
     from muestra.evaluation.probes import load_probe, run_probe
 
     loaded = load_probe(probe)
-    out = Path(store) if store is not None else Path(f"probe-{loaded.spec.name}.db")
+    out = Path(store) if store is not None else default_store(loaded.spec.name)
     bar = _Bar(loaded.spec.name, progress)
     try:
         run_id = run_probe(

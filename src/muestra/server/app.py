@@ -1,7 +1,9 @@
 """The HTTP side of `muestra serve`: FastAPI routes in OpenAI's shape.
 
 Routes: `GET /health` (no key needed), `GET /v1/models`, `POST /v1/chat/completions`,
-`POST /v1/completions`. Every error is answered as
+`POST /v1/completions`, and the tokenizer routes lm-evaluation-harness's remote
+tokenizer calls (vLLM's, at the server's root): `GET /tokenizer_info`, `POST /tokenize`,
+`POST /detokenize`. Every error is answered as
 `{"error": {"message", "type", "param", "code"}}` with its status: 400 bad parameters,
 401 missing or wrong key, 404 unknown model or route, 413 body, grammar or rows above a
 limit, 503 when the queue is full (`--max-queued-rows`: retry later), 500 only for a
@@ -49,7 +51,6 @@ def create_app(
     served: ServedModel, api_key: str | None = None, max_body_bytes: int = DEFAULT_MAX_BODY
 ) -> FastAPI:
     check_api_key(api_key)
-    expected = api_key.encode("ascii") if api_key is not None else b""
     # the schema describes the API: behind a key, keep it behind the key by not serving it
     app = FastAPI(
         title="muestra",
@@ -59,6 +60,20 @@ def create_app(
         openapi_url=None if api_key is not None else "/openapi.json",
     )
     app.state.served = served
+    keyed = [Depends(key_check(api_key))]
+    off_loop = {"cancelled": 0}  # searches stopped because their client left
+    _error_handlers(app)
+    _info_routes(app, served, keyed, off_loop)
+    _completion_routes(app, served, [*keyed, Depends(check_text)], off_loop)
+    _tokenizer_routes(app, served, keyed)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.router.add_event_handler("shutdown", served.close)
+    return app
+
+
+def key_check(api_key: str | None) -> Callable[[Request], Any]:
+    """The dependency that refuses a request without the server's key (none: all pass)."""
+    expected = api_key.encode("ascii") if api_key is not None else b""
 
     async def check_key(request: Request) -> None:
         if api_key is None:
@@ -75,20 +90,27 @@ def create_app(
                 code="invalid_api_key",
             )
 
-    async def check_text(request: Request) -> None:
-        """Runs before the body is validated: pydantic cannot even read a lone surrogate."""
-        try:
-            body = await request.json()
-        except ValueError:
-            return  # not JSON: body validation answers that
-        where = find_surrogate(body)
-        if where is not None:
-            raise ApiError(
-                400,
-                f"{where or 'the body'} holds a lone UTF-16 surrogate (such as \\ud800), "
-                "which is not text; send valid Unicode",
-                param=where or None,
-            )
+    return check_key
+
+
+async def check_text(request: Request) -> None:
+    """Runs before the body is validated: pydantic cannot even read a lone surrogate."""
+    try:
+        body = await request.json()
+    except ValueError:
+        return  # not JSON: body validation answers that
+    where = find_surrogate(body)
+    if where is not None:
+        raise ApiError(
+            400,
+            f"{where or 'the body'} holds a lone UTF-16 surrogate (such as \\ud800), "
+            "which is not text; send valid Unicode",
+            param=where or None,
+        )
+
+
+def _error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape, with its status."""
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, err: ApiError) -> JSONResponse:
@@ -108,7 +130,11 @@ def create_app(
         error = ApiError(500, f"internal error: {type(err).__name__}: {err}", code="internal")
         return JSONResponse(error.body(), status_code=500)
 
-    off_loop = {"cancelled": 0}  # searches stopped because their client left
+
+def _info_routes(
+    app: FastAPI, served: ServedModel, keyed: list[Any], off_loop: dict[str, int]
+) -> None:
+    """`GET /health` (no key needed) and `GET /v1/models`."""
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -131,7 +157,7 @@ def create_app(
             "searches_cancelled": off_loop["cancelled"],
         }
 
-    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    @app.get("/v1/models", dependencies=keyed)
     async def models() -> dict[str, Any]:
         return {
             "object": "list",
@@ -146,7 +172,14 @@ def create_app(
             ],
         }
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_key), Depends(check_text)])
+
+def _completion_routes(
+    app: FastAPI, served: ServedModel, checked: list[Any], off_loop: dict[str, int]
+) -> None:
+    """`POST /v1/chat/completions` and `POST /v1/completions`: drafted decoding and beam
+    search off the event loop, everything else through the scheduler (streamed or not)."""
+
+    @app.post("/v1/chat/completions", dependencies=checked)
     async def chat(body: ChatRequest, request: Request) -> Any:
         if body.prompt_lookup is not None or body.speculative:
             return await _off_loop(request, drafting.chat(served, body), off_loop)
@@ -158,7 +191,7 @@ def create_app(
             return _sse(_chat_chunks(job, body, include_usage), job)
         return await _until_disconnect(request, job, _chat_response(job, body))
 
-    @app.post("/v1/completions", dependencies=[Depends(check_key), Depends(check_text)])
+    @app.post("/v1/completions", dependencies=checked)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         if body.echo:
             return await echo.completion(served, body)
@@ -172,22 +205,21 @@ def create_app(
             return _sse(_text_chunks(job, body, include_usage), job)
         return await _until_disconnect(request, job, _text_response(job, body))
 
-    # lm-evaluation-harness's remote tokenizer (vLLM's routes, at the server's root)
-    @app.get("/tokenizer_info", dependencies=[Depends(check_key)])
+
+def _tokenizer_routes(app: FastAPI, served: ServedModel, keyed: list[Any]) -> None:
+    """lm-evaluation-harness's remote tokenizer (vLLM's routes, at the server's root)."""
+
+    @app.get("/tokenizer_info", dependencies=keyed)
     async def tokenizer_info() -> dict[str, Any]:
         return echo.tokenizer_info(served)
 
-    @app.post("/tokenize", dependencies=[Depends(check_key), Depends(check_text)])
+    @app.post("/tokenize", dependencies=[*keyed, Depends(check_text)])
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         return await asyncio.to_thread(echo.tokenize, served, body.prompt, body.add_special_tokens)
 
-    @app.post("/detokenize", dependencies=[Depends(check_key), Depends(check_text)])
+    @app.post("/detokenize", dependencies=[*keyed, Depends(check_text)])
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
         return await asyncio.to_thread(echo.detokenize, served, body.tokens)
-
-    app.add_middleware(BodyLimit, limit=max_body_bytes)
-    app.router.add_event_handler("shutdown", served.close)
-    return app
 
 
 def check_api_key(api_key: str | None) -> None:

@@ -34,23 +34,20 @@ from muestra.server.protocol import (
     MuestraOptions,
     SamplingFields,
 )
+from muestra.settings import NAMES, given_in_request
 from muestra.version import __version__
 
 if TYPE_CHECKING:
     from muestra.answers.grammar import GrammarSpec
     from muestra.server.service import ServedModel
 
-SAMPLING_FIELDS = (
-    "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "logit_bias", "seed",
-    "dola_layers", "stop",
-)  # fmt: skip
+# besides the sampling settings (`settings.NAMES`), what only a sampled request takes
+SAMPLED_ONLY = ("logit_bias", "seed", "stop")
 
 
 def refuse_with_beams(body: SamplingFields) -> None:
-    given = [name for name in SAMPLING_FIELDS if getattr(body, name) is not None]
-    given += [
-        name for name in ("presence_penalty", "frequency_penalty") if getattr(body, name) != 0
-    ]
+    given = given_in_request(body, NAMES)
+    given += [name for name in SAMPLED_ONLY if getattr(body, name) is not None]
     if body.stream:
         given.append("stream")
     if getattr(body, "logprobs", None):
@@ -244,9 +241,8 @@ async def _thinking_chat(
 ) -> dict[str, Any]:
     """A thinking model: the `n` best reasonings within `thinking_token_budget`, each
     closed as a sampled one is and answered greedily (`answers.beam_phases`)."""
-    from muestra.answers.beam_phases import run_beam_phases
-    from muestra.answers.phases import AnswerConfig, ThinkConfig
-    from muestra.engine import SamplingParams
+    from muestra.answers.decoding import Beams, PhaseBatch, decode, phases_from
+    from muestra.settings import AnswerSettings, PhaseSettings, ThinkSettings
 
     if body.thinking_token_budget is None:
         raise ApiError(
@@ -270,22 +266,16 @@ async def _thinking_chat(
             f"{budget} and the closing text ({closing} tokens): raise max_tokens",
             param="max_tokens",
         )
-    think = ThinkConfig(
-        budget=budget, close_text=options.close_text or ThinkConfig().close_text, mode="tags"
+    # the reasoning beam-searched, then answered greedily (the answer's default)
+    settings = PhaseSettings(
+        ThinkSettings(budget=budget, close_text=options.close_text, mode="tags"),
+        AnswerSettings(max_tokens=total - budget - closing),
     )
-    answer = AnswerConfig(SamplingParams(temperature=0), max_tokens=total - budget - closing)
+    batch = PhaseBatch([prompt], [body.n], phases_from(settings, served.loaded), 0, grammar)
     async with served.beam_lock:
         try:
             samples = await asyncio.to_thread(
-                run_beam_phases,
-                served.structured,
-                [prompt],
-                counts=[body.n],
-                seed=0,
-                think=think,
-                think_beams_params=params,
-                answer=answer,
-                grammar=grammar,
+                decode, served.structured, batch, Beams(think=params)
             )
         except MuestraError as err:
             raise ApiError(400, str(err)) from err

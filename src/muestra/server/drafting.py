@@ -36,22 +36,22 @@ from muestra.server.protocol import (
     MuestraOptions,
     SamplingFields,
 )
+from muestra.settings import LOOKUP, NAMES, SETTING, SPECULATIVE, given_in_request, use
 
 if TYPE_CHECKING:
     from muestra.server.service import ServedModel
 
-REFUSED = ("repetition_penalty", "logit_bias", "dola_layers", "stop")
-GREEDY_ONLY = ("top_p", "top_k", "min_p", "seed")
-
 
 def refuse(body: SamplingFields) -> None:
-    """What a drafted decode cannot honour, by name."""
+    """What a drafted decode cannot honour, by name: a sampling setting its strategy does
+    not apply (`settings.Use.strategies`; prompt lookup is greedy: temperature 0 only)."""
     lookup = body.prompt_lookup is not None
-    given = [name for name in REFUSED if getattr(body, name) is not None]
-    given += [n for n in ("presence_penalty", "frequency_penalty") if getattr(body, n) != 0]
+    strategy = LOOKUP if lookup else SPECULATIVE
+    given = given_in_request(body, [n for n in NAMES if strategy not in use(n).strategies])
+    given += [name for name in ("logit_bias", "stop") if getattr(body, name) is not None]
     if lookup:
-        given += [name for name in GREEDY_ONLY if getattr(body, name) is not None]
-        given += ["temperature"] if body.temperature != 0 else []
+        given += ["seed"] if body.seed is not None else []
+        given += [SETTING.temperature] if body.temperature != 0 else []
         given += ["n"] if body.n != 1 else []
         given += ["speculative"] if body.speculative else []
     given += [n for n in ("use_beam_search", "stream") if getattr(body, n)]
@@ -63,7 +63,9 @@ def refuse(body: SamplingFields) -> None:
         what = (
             "prompt_lookup is greedy decoding of one choice per prompt (send temperature 0)"
             if lookup
-            else "speculative decoding samples with temperature, top_p, top_k and min_p only"
+            else "speculative decoding samples with "
+            + ", ".join(n for n in NAMES if SPECULATIVE in use(n).strategies)
+            + " only"
         )
         raise ApiError(400, f"{what}; leave out {', '.join(given)}", param=given[0])
 

@@ -12,15 +12,23 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    create_model,
+    field_validator,
+    model_validator,
+)
+
+from muestra.settings import INT_CAP, AnswerSettings, answer_fields, request_fields
 
 # JSON has one number type, so a strict float still takes 1 but refuses `true` and "1";
 # a strict bool refuses "yes" and 1.
 Number = Annotated[float, Strict()]
 Flag = Annotated[bool, Strict()]
 Int = Annotated[int, Strict()]  # refuses `true`, 1.5 and "1"
-# bounds that keep every integer inside int32/int64 tensors and Python's int() limits
-INT_CAP = 2**31 - 1
 TOKEN_ID = re.compile(r"-?[0-9]{1,10}")
 SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -152,21 +160,23 @@ UNSUPPORTED = {
 }
 
 
-class SamplingFields(BaseModel):
-    """What chat and text completions share."""
+# the sampling settings of a request, derived from their declaration (muestra/settings.py)
+SamplingSettings = create_model(
+    "SamplingSettings",
+    __config__=ConfigDict(extra="allow", populate_by_name=True, allow_inf_nan=False),
+    **request_fields(),
+)
+
+
+class SamplingFields(SamplingSettings):  # type: ignore[misc,valid-type]
+    """What chat and text completions share: the sampling settings (`settings.Sampling`;
+    unset ones take the model's defaults) and the rest of a request."""
 
     model_config = ConfigDict(extra="allow", populate_by_name=True, allow_inf_nan=False)
 
     # left out: the served model, as llama-server and vLLM take it (lm-eval's `gguf` client
     # sends no model)
     model: str | None = None
-    temperature: Number | None = Field(None, ge=0, le=2)
-    top_p: Number | None = Field(None, gt=0, le=1)
-    top_k: Int | None = Field(None, ge=-1, le=INT_CAP)  # above the vocabulary: all of it
-    min_p: Number | None = Field(None, ge=0, lt=1)
-    repetition_penalty: Number | None = Field(None, gt=0, le=INT_CAP)
-    presence_penalty: Number = Field(0.0, ge=-2, le=2)
-    frequency_penalty: Number = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, Number] | None = None
     max_tokens: Int | None = Field(None, ge=1, le=INT_CAP)
     n: Int = Field(1, ge=1, le=128)
@@ -175,8 +185,6 @@ class SamplingFields(BaseModel):
     stream: Flag = False
     stream_options: StreamOptions | None = None
     ignore_eos: Flag = False
-    # muestra's extension: DoLa (engine/dola.py), "low", "high" or premature layer indices
-    dola_layers: Literal["low", "high"] | list[Int] | None = None
     # beam search, vLLM's names: n beams, all n returned; early_stopping is muestra's (HF's)
     use_beam_search: Flag = False
     length_penalty: Number = Field(1.0, ge=-10, le=10)
@@ -204,15 +212,6 @@ class SamplingFields(BaseModel):
             raise ValueError("give at most 16 non-empty stop strings")
         return value
 
-    @field_validator("dola_layers")
-    @classmethod
-    def _dola(cls, value: str | list[int] | None) -> str | list[int] | None:
-        if isinstance(value, list) and not (1 <= len(value) <= 64):
-            raise ValueError("give 1 to 64 layer indices, or 'low' or 'high'")
-        if isinstance(value, list) and any(not 0 <= i <= 4096 for i in value):
-            raise ValueError("layer indices are in [0, 4096]")
-        return value
-
     def stops(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
@@ -221,16 +220,21 @@ class SamplingFields(BaseModel):
             raise ApiError(400, f"{name!r} is not supported by muestra serve", param=name)
 
 
-class AnswerPhase(BaseModel):
-    """Sampling of the answer after the reasoning (default: the request's own)."""
+class AnswerPhase(
+    create_model(  # type: ignore[misc]
+        "AnswerSampling",
+        __config__=ConfigDict(extra="forbid", allow_inf_nan=False),
+        **answer_fields(),
+    )
+):
+    """Sampling of the answer after the reasoning (`settings.AnswerSettings`: default
+    greedy), and its length."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    temperature: Number = Field(0.0, ge=0, le=2)
-    top_p: Number = Field(1.0, gt=0, le=1)
-    top_k: Int = Field(0, ge=0, le=INT_CAP)
-    min_p: Number = Field(0.0, ge=0, lt=1)
-    max_tokens: Int = Field(256, ge=1, le=INT_CAP)
+    max_tokens: Int = Field(
+        AnswerSettings.model_fields["max_tokens"].default, ge=1, le=INT_CAP
+    )
 
 
 class MuestraOptions(BaseModel):

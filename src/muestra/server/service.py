@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 from typing import Any
 
+from muestra.answers.decoding import Phases, phases_from
 from muestra.answers.grammar import DEFAULT_GRAMMAR_MEMORY_BYTES, GrammarSpec
-from muestra.answers.phases import TEXT_CLOSE_TEXT, AnswerConfig, PhaseController, ThinkConfig
+from muestra.answers.phases import TEXT_CLOSE_TEXT, PhaseController, TagIds, ThinkConfig
 from muestra.answers.structured import StructuredGenerator
 from muestra.engine import GenerationRequest, NoHook, SamplingParams, StepHook
 from muestra.engine.scheduler import Scheduler
@@ -46,6 +48,13 @@ from muestra.server.templates import (
     refuse_request_template,
     render_prompt,
     request_template,
+)
+from muestra.settings import (
+    AnswerSettings,
+    PhaseSettings,
+    ThinkSettings,
+    from_request,
+    serving_defaults,
 )
 
 ANY_JSON_OBJECT = {"type": "object", "additionalProperties": True}
@@ -101,15 +110,9 @@ class ServedModel:
         self.template_limits = template_limits
         self.tags = self.structured.tag_ids(ThinkConfig())
         self.created = int(time.time())
-        config = loaded.generation_config
-        sampled = bool(getattr(config, "do_sample", False))
-        self.defaults = {
-            "temperature": float(config.temperature or 1.0) if sampled else 1.0,
-            "top_p": float(config.top_p or 1.0) if sampled else 1.0,
-            "top_k": int(config.top_k or 0) if sampled else 0,
-            "min_p": float(getattr(config, "min_p", None) or 0.0) if sampled else 0.0,
-            "repetition_penalty": float(getattr(config, "repetition_penalty", None) or 1.0),
-        }
+        # what a request that leaves a setting out samples with (OpenAI's defaults, or
+        # the model's own when its generation config samples)
+        self.defaults = serving_defaults(loaded.generation_config.to_dict())
 
     def close(self) -> None:
         self.scheduler.close()
@@ -128,12 +131,8 @@ class ServedModel:
             )
 
     def params(self, body: SamplingFields) -> SamplingParams:
-        value = {k: getattr(body, k) for k in self.defaults}
-        value = {k: self.defaults[k] if v is None else v for k, v in value.items()}
-        if value["top_k"] == -1:
-            value["top_k"] = 0  # vLLM's "off"
-        # as vLLM: a top_k above the vocabulary keeps all of it
-        value["top_k"] = min(value["top_k"], self.loaded.vocab_size)
+        """The engine's sampling of a request: its settings over the server's defaults."""
+        value = from_request(body, self.defaults)
         bias: dict[int, float] = {}
         for key, amount in (body.logit_bias or {}).items():
             token = int(key)
@@ -144,19 +143,13 @@ class ServedModel:
                     param="logit_bias",
                 )
             bias[token] = amount
-        dola = body.dola_layers
-        if isinstance(dola, list):
-            dola = tuple(dola)
         try:
-            if dola is not None:
-                self.text.engine.dola_layers(SamplingParams(dola_layers=dola))
-            return SamplingParams(
-                **value,
-                presence_penalty=body.presence_penalty,
-                frequency_penalty=body.frequency_penalty,
-                logit_bias=bias,
-                dola_layers=dola,
-            )
+            params = SamplingParams(**value, logit_bias=bias)
+            # as vLLM: a top_k above the vocabulary keeps all of it
+            params = replace(params, top_k=min(params.top_k, self.loaded.vocab_size))
+            if params.dola_layers is not None:  # refused here, not in the batch
+                self.text.engine.dola_layers(params)
+            return params
         except InputError as err:
             raise ApiError(400, str(err)) from err
 
@@ -264,9 +257,30 @@ class ServedModel:
         params = self.params(body)
         prompt = await asyncio.to_thread(self.chat_prompt, body)
         options = body.muestra or MuestraOptions()
+        tags = self.think_tags(body, options)
+        phases, max_tokens = self.chat_phases(body, options, params, tags, len(prompt))
+        grammar = self.grammar(body)
+        compiled = None
+        if grammar is not None:
+            compiled = await self.grammars.compile(grammar, "response_format")
+        hook = PhaseController(
+            phases.think,
+            phases.answer,
+            tags,
+            self.loaded.eos_token_ids,
+            compiled,
+            jump_forward=self.text.encode_text if self.structured.jump_forward else None,
+        )
+        top = body.top_logprobs if body.top_logprobs is not None else 0
+        request = self.request(body, prompt, params, max_tokens, top if body.logprobs else None)
+        return self.job([request], hook, len(prompt), body)
+
+    def think_tags(self, body: ChatRequest, options: MuestraOptions) -> TagIds | None:
+        """The ids of a chat request's think tags and closing text; None when it does not
+        think (the model has no think tags, or `muestra.think` is false)."""
         tags = self.tags
-        text_mode = options.think and options.think_mode == "text"
-        if text_mode:  # plain-text reasoning, as a local run of a tagless model reasons
+        if options.think and options.think_mode == "text":
+            # plain-text reasoning, as a local run of a tagless model reasons
             if body.thinking_token_budget is None:
                 raise ApiError(
                     400,
@@ -287,48 +301,43 @@ class ServedModel:
                 "<think> tags); leave it out",
                 param="thinking_token_budget",
             )
+        return tags
+
+    def chat_phases(
+        self,
+        body: ChatRequest,
+        options: MuestraOptions,
+        params: SamplingParams,
+        tags: TagIds | None,
+        prompt_tokens: int,
+    ) -> tuple[Phases, int]:
+        """The request's think and answer phases (`answers.decoding.phases_from`) and its
+        token budget. The request's own sampling (penalties and logit bias included)
+        drives the reasoning, and the answer unless `muestra.answer` sets the answer's."""
         if options.answer is not None:  # the local runner's budget rule
-            a = options.answer
-            answer = AnswerConfig(
-                SamplingParams(
-                    temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p
-                ),
-                a.max_tokens,
-            )
-            total = a.max_tokens
+            answer = AnswerSettings(**options.answer.model_dump())
+            total = answer.max_tokens
             if tags is not None:
                 budget = body.thinking_token_budget or 0
                 total += budget + len(tags.open_ids) + len(tags.close_ids) + 2
-            max_tokens = self.max_tokens(total, len(prompt), "messages")
+            max_tokens = self.max_tokens(total, prompt_tokens, "messages")
         else:
             asked = body.max_completion_tokens or body.max_tokens
-            max_tokens = self.max_tokens(asked, len(prompt), "messages")
-            answer = AnswerConfig(params=params, max_tokens=max_tokens)
+            max_tokens = self.max_tokens(asked, prompt_tokens, "messages")
+            answer = AnswerSettings(max_tokens=max_tokens)
         think = None
         if tags is not None:
             budget = body.thinking_token_budget
-            think = ThinkConfig(
-                params=params,
+            think = ThinkSettings(
                 budget=max_tokens if budget is None else budget,
-                close_text=options.close_text
-                or (TEXT_CLOSE_TEXT if text_mode else ThinkConfig().close_text),
-                mode="text" if text_mode else "tags",
+                close_text=options.close_text,
+                mode="text" if tags.text else "tags",
             )
-        grammar = self.grammar(body)
-        compiled = None
-        if grammar is not None:
-            compiled = await self.grammars.compile(grammar, "response_format")
-        hook = PhaseController(
-            think,
-            answer,
-            tags,
-            self.loaded.eos_token_ids,
-            compiled,
-            jump_forward=self.text.encode_text if self.structured.jump_forward else None,
-        )
-        top = body.top_logprobs if body.top_logprobs is not None else 0
-        request = self.request(body, prompt, params, max_tokens, top if body.logprobs else None)
-        return self.job([request], hook, len(prompt), body)
+        phases = phases_from(PhaseSettings(think, answer), self.loaded)
+        return Phases(
+            replace(phases.think, params=params) if phases.think is not None else None,
+            phases.answer if options.answer is not None else replace(phases.answer, params=params),
+        ), max_tokens
 
     async def completion_job(self, body: CompletionRequest) -> Job:
         self.check_model(body)
@@ -407,3 +416,4 @@ class ServedModel:
 
     def piece(self, token_id: int) -> bytes:
         return self.text.token_bytes[token_id]
+

@@ -8,6 +8,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from muestra.analysis.probe_scores import CONTINUATION
 from muestra.evaluation.probes.schema import Probe, ProbeSpec
 from muestra.experiments.store import probe_record, sample_rows
 
@@ -61,7 +62,7 @@ def side_by_side(
     for row in rows:
         entry = table.setdefault(row["group_name"], {"template": row["group_name"], "groups": {}})
         scores = json.loads(row["scores_json"]) if row["scores_json"] else {}
-        text = scores.get("continuation", row["answer_text"])
+        text = scores.get(CONTINUATION, row["answer_text"])
         prompt = json.loads(row["variables_json"])["text"]
         entry["groups"].setdefault(row["variant"], {"prompt": prompt, "continuations": []})
         entry["groups"][row["variant"]]["continuations"].append(text)
@@ -69,9 +70,10 @@ def side_by_side(
 
 
 def probe_sections(store: Path, run_id: int, alpha: float | None = None) -> list[Any]:
-    """A probe run's results as report sections (none when the run is not a probe)."""
+    """A probe run's results as report sections (none when the run is not a probe): the
+    groups compared, the extracted phrases, the words typical of each group, and the
+    continuations side by side."""
     from muestra.experiments.store import reading
-    from muestra.report.html import Section
 
     with reading(store) as db:
         found = read_probe(db, run_id, alpha)
@@ -79,6 +81,18 @@ def probe_sections(store: Path, run_id: int, alpha: float | None = None) -> list
             return []
         probe, analysis = found
         pairs = side_by_side(db, run_id, per_template=3)
+    sections = [_groups_section(probe, analysis)]
+    if analysis.phrases:
+        sections.append(_phrases_section(analysis))
+    if analysis.words:
+        sections.append(_words_section(analysis))
+    sections.append(_pairs_section(pairs))
+    return sections
+
+
+def _groups_section(probe: Probe, analysis: Any) -> Any:
+    from muestra.report.html import Section
+
     means = {(m.feature, m.group): m for m in analysis.means}
 
     def cell(feature: str, group: str, binary: bool) -> str:
@@ -114,43 +128,47 @@ def probe_sections(store: Path, run_id: int, alpha: float | None = None) -> list
                 ],
             )
         )  # fmt: skip
-    sections = [Section("Probe: groups compared within templates", tables, notes)]
-    if analysis.phrases:
-        groups = list(analysis.phrases)
-        tops = [list(analysis.phrases[g].items())[:15] for g in groups]
-        phrase_rows = [
-            [f"{t[i][0]} ({t[i][1]})" if i < len(t) else "" for t in tops]
-            for i in range(max(len(t) for t in tops))
-        ]
-        sections.append(Section("Probe: extracted phrases", [(groups, phrase_rows)], []))
-    if analysis.words:
-        word_rows = [
-            [t.group, t.other, w.word, w.count_a, w.count_b, f"{w.delta:+.2f}", f"{w.z:.2f}"]
-            for t in analysis.words
-            for w in t.words
-        ]
-        sections.append(
-            Section(
-                "Probe: words typical of each group",
-                [(["group", "vs", "word", "n", "n other", "log-odds δ", "z"], word_rows)],
-                ["Log-odds ratio with an informative Dirichlet prior (Monroe et al. 2008)."],
-            )
-        )
-    pair_rows = [
-        [
-            pair["template"],
-            group,
-            entry["prompt"],
-            " ‖ ".join(c.strip() for c in entry["continuations"]),
-        ]
+    return Section("Probe: groups compared within templates", tables, notes)
+
+
+def _phrases_section(analysis: Any) -> Any:
+    from muestra.report.html import Section
+
+    groups = list(analysis.phrases)
+    tops = [list(analysis.phrases[g].items())[:15] for g in groups]
+    rows = [
+        [f"{t[i][0]} ({t[i][1]})" if i < len(t) else "" for t in tops]
+        for i in range(max(len(t) for t in tops))
+    ]
+    return Section("Probe: extracted phrases", [(groups, rows)], [])
+
+
+def _words_section(analysis: Any) -> Any:
+    from muestra.report.html import Section
+
+    rows = [
+        [t.group, t.other, w.word, w.count_a, w.count_b, f"{w.delta:+.2f}", f"{w.z:.2f}"]
+        for t in analysis.words
+        for w in t.words
+    ]
+    return Section(
+        "Probe: words typical of each group",
+        [(["group", "vs", "word", "n", "n other", "log-odds δ", "z"], rows)],
+        ["Log-odds ratio with an informative Dirichlet prior (Monroe et al. 2008)."],
+    )
+
+
+def _pairs_section(pairs: list[dict[str, Any]]) -> Any:
+    from muestra.report.html import Section
+
+    rows = [
+        [pair["template"], group, entry["prompt"],
+         " ‖ ".join(c.strip() for c in entry["continuations"])]
         for pair in pairs
         for group, entry in pair["groups"].items()
-    ]
-    sections.append(
-        Section(
-            "Probe: continuations side by side",
-            [(["template", "group", "prompt", "first continuations"], pair_rows)],
-            [],
-        )
+    ]  # fmt: skip
+    return Section(
+        "Probe: continuations side by side",
+        [(["template", "group", "prompt", "first continuations"], rows)],
+        [],
     )
-    return sections

@@ -9,6 +9,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from muestra.analysis.probe_scores import CONTINUATION, EXTRACTION, JUDGE, LEXICON
 from muestra.analysis.text import Lexicon, extract_phrase
 from muestra.errors import InputError
 from muestra.evaluation.probes.schema import Probe
@@ -23,6 +24,7 @@ from muestra.experiments.store import (
     record_probe,
     sample_rows,
 )
+from muestra.settings import changed_table, sampling_table
 
 # ---- the experiment a probe runs ---------------------------------------------------------
 
@@ -66,10 +68,11 @@ def experiment(
         "model": model_data,
         "prompt": prompt,
         "answer": {
-            "temperature": d.temperature,
-            "top_p": d.top_p,
-            "top_k": d.top_k,
-            "min_p": d.min_p,
+            # the four settings a probe's spec always wrote (its text is the run's identity)
+            **sampling_table(
+                temperature=d.temperature, top_p=d.top_p, top_k=d.top_k, min_p=d.min_p
+            ),
+            **changed_table(d),
             "max_tokens": d.max_tokens,
             "stop": d.stop,
             "field_probs": False,
@@ -138,15 +141,16 @@ def run_probe(
 def sample_scores(
     probe: Probe, prompt: str, answer: str, lexicon: Lexicon | None
 ) -> dict[str, Any]:
-    """The model-free scores of one continuation."""
+    """The model-free scores of one continuation, each scorer's record under its key
+    (`analysis/probe_scores.py`, which also reads them back)."""
     text = continuation(probe, prompt, answer)
-    scores: dict[str, Any] = {"continuation": text}
+    scores: dict[str, Any] = {CONTINUATION: text}
     if lexicon is not None:
-        scores["lexicon"] = lexicon.counts(text)
+        scores[LEXICON.key] = LEXICON.record(text, lexicon)
     if probe.spec.extraction.enabled:
         phrase = extract_phrase(text, probe.normaliser, probe.spec.extraction.max_words)
         category = lexicon.category_of(phrase) if lexicon is not None and phrase else None
-        scores["extraction"] = {"phrase": phrase, "category": category}
+        scores[EXTRACTION.key] = EXTRACTION.record(phrase, category)
     return scores
 
 
@@ -192,7 +196,7 @@ def judge_spec(probe: Probe, db: sqlite3.Connection, run_id: int, model: str | N
         "model": model_data,
         "prompt": prompt_data,
         "answer": {
-            "temperature": 0.0,
+            **sampling_table(temperature=0.0),  # the judge answers greedily
             "max_tokens": judge.max_tokens,
             "schema": probe.judge_schema,
             "field_probs": judge.field_probs,
@@ -248,13 +252,13 @@ def judge_store(
 def copy_judgements(db: sqlite3.Connection, run_id: int, judge_run: int, model: str) -> None:
     judged = {
         int(row["prompt_key"].removeprefix("s")): {
-            "judge": {
-                "answer": json.loads(row["answer_json"]) if row["answer_json"] else None,
-                "probs": json.loads(row["field_probs_json"]) if row["field_probs_json"] else None,
-                "error": row["error"],
-                "model": model,
-                "run": judge_run,
-            }
+            JUDGE.key: JUDGE.record(
+                json.loads(row["answer_json"]) if row["answer_json"] else None,
+                json.loads(row["field_probs_json"]) if row["field_probs_json"] else None,
+                row["error"],
+                model,
+                judge_run,
+            )
         }
         for row in sample_rows(db, judge_run, order="written")
     }

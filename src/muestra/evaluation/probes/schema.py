@@ -15,6 +15,7 @@ from muestra.experiments.spec import (
     Strict,
     fill,
 )
+from muestra.settings import SampledAnswer
 
 DATA = "muestra.evaluation.data"
 
@@ -37,11 +38,12 @@ class ProbeTemplate(Strict):
     text: str = Field(min_length=1)
 
 
-class Decoding(Strict):
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    min_p: float = Field(0.0, ge=0, lt=1)
+class Decoding(SampledAnswer):  # type: ignore[misc,valid-type]
+    """A probe's [decoding]: the answer's sampling (`settings.SampledAnswer`: temperature 1
+    unless set), its length and stop strings."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
     max_tokens: int = Field(16, ge=1)
     stop: list[str] = Field(default_factory=lambda: ["\n"])
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from muestra.settings import QWEN_THINKING, generation_config
+
 QWEN_VOCAB = 151936  # the padded vocab of every Qwen3 config (tokenizer has 151669)
 ENDOFTEXT, IM_END = 151643, 151645
 
 # Qwen3-Thinking-2507's recommended sampling (generation_config.json of the model).
-QWEN3_SAMPLING = {"do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95}
+QWEN3_SAMPLING = generation_config(QWEN_THINKING)
 
 
 @dataclass(frozen=True)
