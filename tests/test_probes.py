@@ -486,13 +486,12 @@ def test_a_planted_group_effect_becomes_a_finding_and_a_null_one_does_not():
     assert not null.findings
 
 
-def test_the_readme_probe_is_the_example_file_and_loads():
+def test_the_probes_page_shows_the_example_file_and_it_loads():
     root = Path(__file__).parents[1]
     example = root / "examples/nombres-es.toml"
     text = example.read_text()
     body = text[text.index('name = "nombres-es"') :]
-    readme = (root / "README.md").read_text()
-    assert body.replace("\\n", "\\\\n") in readme or body in readme
+    assert body in (root / "docs/guide/probes.md").read_text()
     probe = load_probe(example)
     assert "cuidados" in probe.lexicon and probe.judge_schema["required"] == ["tono"]
     assert [t for _, _, t in probe.prompts()][-1] == "María estaba cansada de"
