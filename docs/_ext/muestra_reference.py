@@ -1,7 +1,8 @@
 """The generated reference pages: the CLI from the typer app (typer's own Markdown
-writer, `typer … utils docs`) and the spec keys from the pydantic models that validate
-experiment and probe files. Written into docs/reference/ when the build starts (those
-two files are not committed), so they cannot drift from the code."""
+writer, `typer … utils docs`), the spec keys from the pydantic models that validate
+experiment and probe files, and the sampling settings from their one declaration
+(`muestra.settings`). Written into docs/reference/ when the build starts (those three
+files are not committed), so they cannot drift from the code."""
 
 from __future__ import annotations
 
@@ -147,10 +148,60 @@ def spec_page() -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---- sampling settings -------------------------------------------------------------------
+
+SETTINGS_INTRO = """\
+Every sampling setting muestra knows is declared once, in `muestra.settings` (its name,
+type, default, bound, help and where it applies), and this table is generated from that
+declaration. A setting has one name everywhere: `--top-p` on the command line
+(`--think-top-p` and `--answer-top-p` for a phase), `top_p` in a spec's `[think]` and
+`[answer]` tables, in a request to `muestra serve` (and in its `muestra.answer`), and in
+the requests a remote run sends. A value out of its bound is refused by name on every
+surface, before any model loads.
+"""
+
+SETTINGS_NOTES = """\
+- *default*: the plain flag's default; *answer*: the answer phase's (greedy); *think:
+  the model's*: a think setting left unset comes from the model's `generation_config.json`
+  (read as Hugging Face `generate` reads it: `do_sample` false is greedy, a filter it does
+  not set is off).
+- *applies to*: the decoding strategies that apply it (`sample`; `speculative` decoding;
+  `lookup`, prompt-lookup decoding, which is greedy, so only temperature 0). Beam search
+  draws nothing: a sampling setting given with it is refused by name. *generation
+  config*: the model's generation config may set its default.
+- `muestra serve`: an unset field takes the model's default; `temperature` is capped at 2
+  as in OpenAI's API; `top_k: -1` is "off", as vLLM, SGLang and llama-server read it.
+  Without a request's setting the server samples as OpenAI's API does (temperature 1, no
+  filter), unless the model's generation config samples (then with its settings).
+- A remote run (`[model] endpoint`) sends every setting marked "`muestra.answer` too",
+  resolved before its first request (the spec, else the model's generation config, else
+  `[model] sampling_fallback`) and recorded with the run
+  ([remote endpoints](../guide/remote.md)).
+
+The phases' other settings — budget, mode, closing text, answer length, beams, prompt
+lookup, speculative drafts — are the `[think]` and `[answer]` keys of the
+[spec reference](spec.md); on the command line they are `--think-budget`,
+`--think-mode`, `--close-text`, `--answer-max-tokens`, `--num-beams` (`--think-num-beams`),
+`--prompt-lookup` and `--draft-model`, and in a request to `muestra serve`
+`thinking_token_budget`, `muestra.think_mode`, `muestra.close_text` and
+`muestra.answer.max_tokens`.
+"""
+
+
+def settings_page() -> str:
+    """The sampling settings on every surface: `muestra.settings.markdown_table()`."""
+    from muestra.settings import markdown_table
+
+    return "\n".join(
+        [NOTE + "# Sampling settings", "", SETTINGS_INTRO, markdown_table(), "", SETTINGS_NOTES]
+    )
+
+
 def write_pages(app: Any = None) -> None:
     reference = HERE / "reference"
     reference.mkdir(exist_ok=True)
-    for name, text in (("cli.md", cli_page()), ("spec.md", spec_page())):
+    pages = (("cli.md", cli_page()), ("spec.md", spec_page()), ("settings.md", settings_page()))
+    for name, text in pages:
         path = reference / name
         if not path.exists() or path.read_text("utf-8") != text:
             path.write_text(text, "utf-8")

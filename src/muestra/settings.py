@@ -20,7 +20,8 @@ Everything else is derived from these declarations, not written again:
 - a remote run's request body (`to_request`, `REMOTE`: experiments/remote.py);
 - the model's own defaults, read from its generation config (`from_generation_config`,
   `serving_defaults`);
-- the documentation's table of settings (`markdown_table`, docs/_incoming/seam.md).
+- the documentation's table of settings (`markdown_table`: the site's generated
+  "Sampling settings" page, docs/_ext/muestra_reference.py).
 
 `tests/test_architecture.py` fails when a setting's name (or its flag) is written as a
 string anywhere else in the package, so a new setting is added here and in the engine
@@ -465,7 +466,7 @@ def phase_request(phase: BaseModel) -> dict[str, Any]:
 
 def markdown_table() -> str:
     """Every sampling setting: flags, spec keys, server field, bound, defaults and what it
-    applies to, as a markdown table (the docs site calls this; docs/_incoming/seam.md)."""
+    applies to, as a markdown table (the docs site's reference page: docs/_ext)."""
     lines = [
         "| setting | command line | spec | `muestra serve` | bound | default | applies to |",
         "|---|---|---|---|---|---|---|",
@@ -493,7 +494,7 @@ def markdown_table() -> str:
 
 def phase_table() -> str:
     """The phases' own settings (beside their sampling): each `[think]` and `[answer]` key
-    with its default, bound and help, as a markdown table (docs/_incoming/seam.md)."""
+    with its default, bound and help, as a markdown table."""
     lines = ["| table | key | default | bound | what it does |", "|---|---|---|---|---|"]
     for table, model in (("think", ThinkSettings), ("answer", AnswerSettings)):
         for name, info in model.model_fields.items():

@@ -120,7 +120,14 @@ class ModelSpec(Strict):
     concurrency: int = Field(
         16, ge=1, le=4096, description="Requests in flight at once, per endpoint."
     )
-    retries: int = Field(6, ge=0, le=100, description="Retries on 429, 5xx, lost connections.")
+    retries: int = Field(
+        6,
+        ge=0,
+        le=100,
+        description="Retries of one request after a 408/409/429, a 5xx, a timeout, a lost "
+        "connection or a 200 the runner cannot read (each on another healthy endpoint when "
+        "there is one).",
+    )
     timeout: float = Field(600.0, gt=0, description="Seconds to wait for one response.")
     generation_config: str | None = Field(
         None,
@@ -186,10 +193,22 @@ class ModelSpec(Strict):
 class PromptItem(BaseModel):
     model_config = ConfigDict(extra="allow")
 
-    id: str = Field(min_length=1)
-    group: str | None = None
-    variant: str | None = None
-    think_budget: int | None = Field(None, ge=0)
+    id: str = Field(
+        min_length=1,
+        description="The item's id, unique in the spec: names its prompt in the results. "
+        "Every key other than those below is a template variable.",
+    )
+    group: str | None = Field(
+        None,
+        description="Counterfactual group: the items of one group differ in `variant` and "
+        "are compared; sample i of each variant draws from the same random stream.",
+    )
+    variant: str | None = Field(
+        None, description="This item's variant within its `group` (e.g. vecino / vecina)."
+    )
+    think_budget: int | None = Field(
+        None, ge=0, description="This item's think budget, in place of [think] budget."
+    )
     choice: list[str] | None = Field(
         None,
         min_length=1,
@@ -209,16 +228,25 @@ class PromptItem(BaseModel):
 
 
 class PromptSpec(Strict):
-    system: str | None = None
+    system: str | None = Field(
+        None, description="System message; {name} is filled from each item as in `user`."
+    )
     user: str = Field(description="User message; {name} is filled from each item.")
     raw: bool = Field(False, description="Send `user` as plain text, without a chat template.")
-    enable_thinking: bool | None = None
+    enable_thinking: bool | None = Field(
+        None,
+        description="The chat template's enable_thinking switch (hybrid models such as "
+        "Qwen3; false closes an empty think block); unset: the template's default. Sent to "
+        "an endpoint as chat_template_kwargs.",
+    )
     max_chars: int = Field(
         1_000_000,
         ge=1,
         description="Longest rendered prompt (system + user, in characters) an item may give.",
     )
-    items: list[PromptItem] = Field(min_length=1)
+    items: list[PromptItem] = Field(
+        min_length=1, description="The prompts: one per item, each filling the templates."
+    )
 
     @model_validator(mode="after")
     def _unique_ids(self) -> PromptSpec:
@@ -245,11 +273,31 @@ class AnswerSpec(AnswerSettings):
     """A spec's [answer] table: `AnswerSettings` (muestra/settings.py) and the grammar the
     answer follows, checked as a spec."""
 
-    schema_: str | dict[str, Any] | None = Field(None, alias="schema")
-    regex: str | None = None
-    choice: list[str] | None = None
-    grammar: str | None = None
-    field_probs: bool = True
+    schema_: str | dict[str, Any] | None = Field(
+        None,
+        alias="schema",
+        description="The JSON Schema the answer follows: a file (relative to the spec) or "
+        "an inline table. An endpoint receives it as a strict response_format.",
+    )
+    regex: str | None = Field(
+        None, description="The answer matches this regular expression (local models only)."
+    )
+    choice: list[str] | None = Field(
+        None,
+        description="The answer is one of these strings, stored as the field `answer` "
+        "(local models only).",
+    )
+    grammar: str | None = Field(
+        None,
+        description="An EBNF grammar file (relative to the spec) the answer follows (local "
+        "models only).",
+    )
+    field_probs: bool = Field(
+        True,
+        description="Store the exact probability the model gave every allowed value of each "
+        "enum/boolean/choice field of the answer (local models only: an endpoint returns "
+        "no logits).",
+    )
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
@@ -297,9 +345,7 @@ class AnswerSpec(AnswerSettings):
         strategy = LOOKUP if lookup else SPECULATIVE
         # prompt lookup is greedy: every sampling setting stays at the answer's default
         clash += [
-            key
-            for key in changed(self, PHASED)
-            if lookup or strategy not in use(key).strategies
+            key for key in changed(self, PHASED) if lookup or strategy not in use(key).strategies
         ]
         if clash:
             shown = ", ".join(clash)
@@ -422,15 +468,29 @@ class StopSpec(Strict):
 
 
 class Spec(Strict):
-    name: str = Field(min_length=1)
-    seed: int = 0
-    samples: int = Field(ge=1)
-    model: ModelSpec | None = None
-    models: list[ModelSpec] | None = None
+    name: str = Field(min_length=1, description="The experiment's name, shown with its runs.")
+    seed: int = Field(
+        0,
+        description="The run's seed: sample i of a prompt is drawn with a seed derived from "
+        "(seed, prompt, i), so a resumed run stores the same rows.",
+    )
+    samples: int = Field(
+        ge=1,
+        description="Samples per prompt, condition and model (with [stop]: the most a cell "
+        "takes, unless [stop] max_samples says otherwise).",
+    )
+    model: ModelSpec | None = Field(None, description="The model (or give [[models]]).")
+    models: list[ModelSpec] | None = Field(
+        None, description="Several models, each run on every prompt and condition."
+    )
     prompt: PromptSpec
     think: ThinkSpec | None = None
     answer: AnswerSpec = Field(default_factory=AnswerSpec)
-    sweep: dict[str, list[Any]] = Field(default_factory=dict)
+    sweep: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="Conditions: a think.* or answer.* setting and its values, e.g. "
+        '"think.temperature" = [0.6, 1.3]; every combination of the lists is a condition.',
+    )
     analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
     stop: StopSpec | None = Field(
         None, description="Sample each cell until its answer is settled (a sequential run)."

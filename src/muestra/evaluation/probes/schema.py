@@ -25,7 +25,12 @@ class ProbeGroup(BaseModel):
     the id)."""
 
     model_config = ConfigDict(extra="allow")
-    id: str = Field(min_length=1, pattern=r"^[^/]+$")
+    id: str = Field(
+        min_length=1,
+        pattern=r"^[^/]+$",
+        description="The group's id (no `/`); every other key is a word for the templates' "
+        "slot of that name.",
+    )
 
     @property
     def words(self) -> dict[str, str]:
@@ -34,8 +39,15 @@ class ProbeGroup(BaseModel):
 
 
 class ProbeTemplate(Strict):
-    id: str = Field(min_length=1, pattern=r"^[^/]+$")
-    text: str = Field(min_length=1)
+    id: str = Field(
+        min_length=1,
+        pattern=r"^[^/]+$",
+        description="The template's id (no `/`); a template given as a bare string is t01, "
+        "t02, … by position.",
+    )
+    text: str = Field(
+        min_length=1, description="The text; {slot}s are filled with each group's words."
+    )
 
 
 class Decoding(SampledAnswer):  # type: ignore[misc,valid-type]
@@ -44,8 +56,11 @@ class Decoding(SampledAnswer):  # type: ignore[misc,valid-type]
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    max_tokens: int = Field(16, ge=1)
-    stop: list[str] = Field(default_factory=lambda: ["\n"])
+    max_tokens: int = Field(16, ge=1, description="Token budget of a continuation.")
+    stop: list[str] = Field(
+        default_factory=lambda: ["\n"],
+        description="A continuation ends at the first of these strings (which is not kept).",
+    )
 
 
 class LexiconSpec(Strict):
@@ -58,8 +73,10 @@ class LexiconSpec(Strict):
 
 
 class ExtractionSpec(Strict):
-    enabled: bool = True
-    max_words: int = Field(3, ge=1, le=8)
+    enabled: bool = Field(
+        True, description="Score the first phrase after the template (false: skip it)."
+    )
+    max_words: int = Field(3, ge=1, le=8, description="Longest phrase kept, in words.")
 
 
 class WordsSpec(Strict):
@@ -78,35 +95,60 @@ class JudgeSpec(Strict):
     model: str | None = Field(
         None, description="Hub id, folder or served name; default: the probed model."
     )
-    endpoint: str | None = None
-    system: str | None = None
+    endpoint: str | None = Field(
+        None, description="OpenAI-compatible base URL serving the judge (default: a local model)."
+    )
+    system: str | None = Field(
+        None, description="The judge's system message; the same slots as `user` are filled."
+    )
     user: str = Field(description="{prompt}, {continuation} and {text} (= both) are filled.")
-    schema_: str | dict[str, Any] = Field(alias="schema")
-    max_tokens: int = Field(96, ge=1)
-    field_probs: bool = True
+    schema_: str | dict[str, Any] = Field(
+        alias="schema",
+        description="The JSON Schema the judge answers (greedily): a file beside the probe "
+        "or an inline table.",
+    )
+    max_tokens: int = Field(96, ge=1, description="Token budget of a judgement.")
+    field_probs: bool = Field(
+        True,
+        description="Store the exact probability of every enum/boolean value of the "
+        "judgement (a soft score; not through an endpoint).",
+    )
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
 class ProbeSpec(Strict):
-    name: str = Field(min_length=1)
-    seed: int = 0
+    name: str = Field(min_length=1, description="The probe's name, shown with its runs.")
+    seed: int = Field(
+        0, description="Seeds the samples (as a spec's seed) and the analysis' resampling."
+    )
     samples: int = Field(ge=1, description="Samples per template and group.")
-    language: Literal["en", "es"] = "en"
-    mode: Literal["raw", "chat"] = "raw"
+    language: Literal["en", "es"] = Field(
+        "en", description="The templates' language: lemmas, phrase rules and findings."
+    )
+    mode: Literal["raw", "chat"] = Field(
+        "raw",
+        description="raw: the filled template as plain text, continued; chat: `instruction` "
+        "as a user turn of the chat template.",
+    )
     instruction: str = Field(
         "{text}", description="Chat mode: the user message; {text} is the filled template."
     )
-    system: str | None = None
-    model: ModelSpec | None = None
-    groups: list[str | ProbeGroup] = Field(min_length=2)
-    templates: list[str | ProbeTemplate] = Field(min_length=1)
+    system: str | None = Field(None, description="Chat mode: the system message.")
+    model: ModelSpec | None = Field(None, description="The model probed (or --model).")
+    groups: list[str | ProbeGroup] = Field(
+        min_length=2,
+        description="The groups compared: ids (the word put in {group}) or tables of words.",
+    )
+    templates: list[str | ProbeTemplate] = Field(
+        min_length=1, description="The texts continued: strings, or tables with an id."
+    )
     decoding: Decoding = Field(default_factory=Decoding)
     lexicon: LexiconSpec = Field(default_factory=LexiconSpec)
     extraction: ExtractionSpec = Field(default_factory=ExtractionSpec)
     words: WordsSpec = Field(default_factory=WordsSpec)
     judge: JudgeSpec | None = None
-    alpha: float = Field(0.05, gt=0, lt=1)
+    alpha: float = Field(0.05, gt=0, lt=1, description="Significance level after adjustment.")
 
     @model_validator(mode="after")
     def _unique(self) -> ProbeSpec:
