@@ -54,6 +54,7 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -297,9 +298,7 @@ class AnswerSpec(AnswerSettings):
         strategy = LOOKUP if lookup else SPECULATIVE
         # prompt lookup is greedy: every sampling setting stays at the answer's default
         clash += [
-            key
-            for key in changed(self, PHASED)
-            if lookup or strategy not in use(key).strategies
+            key for key in changed(self, PHASED) if lookup or strategy not in use(key).strategies
         ]
         if clash:
             shown = ", ".join(clash)
@@ -421,6 +420,30 @@ class StopSpec(Strict):
         return self
 
 
+class RunSpec(Strict):
+    """How a run uses the machine it runs on (local models only)."""
+
+    max_memory: int | str | None = Field(
+        None,
+        description='The memory budget of a local model\'s run: "8GiB", "12GB", "500MiB" or '
+        "bytes. Rows beyond what fits wait for the next batch; a run that cannot fit one row "
+        "is refused before the model loads (default: 80% of the memory available). "
+        "`--max-memory` overrides it.",
+    )
+
+    @field_validator("max_memory", mode="before")
+    @classmethod
+    def _a_size(cls, value: Any) -> Any:
+        from muestra.experiments.planning import parse_memory
+
+        if value is not None:
+            try:
+                parse_memory(value, "max_memory")
+            except InputError as err:
+                raise ValueError(str(err).removeprefix("max_memory: ")) from None
+        return value
+
+
 class Spec(Strict):
     name: str = Field(min_length=1)
     seed: int = 0
@@ -435,6 +458,7 @@ class Spec(Strict):
     stop: StopSpec | None = Field(
         None, description="Sample each cell until its answer is settled (a sequential run)."
     )
+    run: RunSpec = Field(default_factory=RunSpec)
 
     @model_validator(mode="after")
     def _one_model_table(self) -> Spec:
