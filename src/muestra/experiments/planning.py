@@ -27,45 +27,20 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from muestra.errors import InputError, MemoryBudgetError
-from muestra.models.memory import ModelMemory
+from muestra.models.memory import ModelMemory, parse_memory
 
 DEFAULT_SHARE = 0.8  # of the memory available when no budget is given
-UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
-SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
-SIZE_HELP = 'a size such as "8GiB", "12GB", "500MiB" or a plain byte count'
 
 
 @dataclass(frozen=True)
 class Budget:
     bytes: int
     source: str  # where it came from, as shown to the user
-
-
-def parse_memory(value: Any, where: str) -> int:
-    """Bytes of a memory size ("8GiB", "12GB", "500MiB", 8000000000, "8e9" is refused);
-    an `InputError` naming `where` and the value otherwise. GB is 10⁹ bytes, GiB 2³⁰."""
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise InputError(f"{where}: {value!r} is not {SIZE_HELP}")
-    if isinstance(value, int):
-        if value < 1:
-            raise InputError(f"{where}: {value} bytes; give a size above zero ({SIZE_HELP})")
-        return value
-    found = SIZE.match(value)
-    unit = found.group(2).upper() if found else ""
-    if found is None or unit not in UNITS:
-        raise InputError(f"{where}: {value!r} is not {SIZE_HELP} (units: B, KB, MB, GB, TB, "
-                         "KiB, MiB, GiB, TiB)")  # fmt: skip
-    size = int(float(found.group(1)) * UNITS[unit])
-    if size < 1:
-        raise InputError(f"{where}: {value!r} is zero bytes; give a size above zero")
-    return size
 
 
 def given_budget(value: Any, where: str) -> Budget:

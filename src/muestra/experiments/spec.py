@@ -434,7 +434,7 @@ class RunSpec(Strict):
     @field_validator("max_memory", mode="before")
     @classmethod
     def _a_size(cls, value: Any) -> Any:
-        from muestra.experiments.planning import parse_memory
+        from muestra.models.memory import parse_memory
 
         if value is not None:
             try:

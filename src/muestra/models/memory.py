@@ -30,6 +30,7 @@ and copied). On torch it is an upper bound: a sliding layer holds at most its wi
 from __future__ import annotations
 
 import json
+import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -47,6 +48,31 @@ SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4
 # llama.cpp KV cache types: (bytes per block, elements per block)
 KV_CACHE_TYPES = {"f32": (4, 1), "f16": (2, 1), "bf16": (2, 1), "q8_0": (34, 32)}
 DEFAULT_KV_CACHE = "f16"  # llama.cpp's default, and the one muestra's runtime makes
+
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+SIZE_HELP = 'a size such as "8GiB", "12GB", "500MiB" or a plain byte count'
+
+
+def parse_memory(value: Any, where: str) -> int:
+    """Bytes of a memory size ("8GiB", "12GB", "500MiB", 8000000000, "8e9" is refused);
+    an `InputError` naming `where` and the value otherwise. GB is 10⁹ bytes, GiB 2³⁰."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise InputError(f"{where}: {value!r} is not {SIZE_HELP}")
+    if isinstance(value, int):
+        if value < 1:
+            raise InputError(f"{where}: {value} bytes; give a size above zero ({SIZE_HELP})")
+        return value
+    found = SIZE.match(value)
+    unit = found.group(2).upper() if found else ""
+    if found is None or unit not in UNITS:
+        raise InputError(f"{where}: {value!r} is not {SIZE_HELP} (units: B, KB, MB, GB, TB, "
+                         "KiB, MiB, GiB, TiB)")  # fmt: skip
+    size = int(float(found.group(1)) * UNITS[unit])
+    if size < 1:
+        raise InputError(f"{where}: {value!r} is zero bytes; give a size above zero")
+    return size
 
 
 class MemoryUnknown(InputError):
