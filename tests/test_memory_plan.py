@@ -246,3 +246,17 @@ def test_max_memory_is_refused_where_nothing_computes_locally(tmp_path):
     spec = helpers.write_spec(tmp_path, "remote", '[model]\nid = "m"\nendpoint = "http://x/v1"')
     with pytest.raises(InputError, match="--max-memory: applies to models this machine"):
         run_settings(load_spec(spec), model_options={"max_memory": "8GiB"})
+
+
+def test_the_notebook_takes_max_memory(tiny_kit, tmp_path, monkeypatch):
+    import muestra.models.loading as loading
+    import muestra.notebook as mn
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loading, "load_model", never)
+    spec = _spec(tmp_path, tiny_kit, 2)
+    with pytest.raises(MemoryBudgetError, match=r"--max-memory 10MB\)"):
+        mn.experiment(spec, tmp_path / "nb.db", max_memory="10MB", progress=False)
+    assert not (tmp_path / "nb.db").exists()
