@@ -77,6 +77,7 @@ def test_store_schema_through_migrations(tmp_path):
         "m005_run_status",
         "m006_run_seeding_schema",
         "m007_stops",
+        "m008_memory_plans",
     ]
     assert [r[1] for r in db.execute("PRAGMA table_info(runs)")][-3:] == [
         "seeding",
@@ -88,6 +89,7 @@ def test_store_schema_through_migrations(tmp_path):
         "_migrations",
         "conditions",
         "evals",
+        "memory_plans",
         "models",
         "probes",
         "prompts",

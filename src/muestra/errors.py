@@ -35,6 +35,10 @@ class ContextLengthError(InputError):
     """Prompt plus requested new tokens exceed what the model can attend to."""
 
 
+class MemoryBudgetError(InputError):
+    """A run whose model and rows cannot fit the memory budget, refused before it loads."""
+
+
 class StoreError(InputError):
     """An experiment store that cannot be used as asked: damaged, written by a newer
     muestra, read-only when it must be written, or in use by another run."""

@@ -74,6 +74,13 @@ RuntimeOverrideOption = typer.Option(
 BatchInvariantOverrideOption = typer.Option(
     None, "--batch-invariant/--no-batch-invariant", help=INVARIANT_HELP
 )
+MaxMemoryOption = typer.Option(
+    None,
+    "--max-memory",
+    help='Memory budget of a local model: "8GiB", "12GB", "500MiB" or bytes. Rows that do '
+    "not fit wait for the next batch; a run that cannot fit one row is refused before the "
+    "model loads. Default: the spec's [run] max_memory, else 80% of the memory available.",
+)
 
 
 def model_options(
@@ -81,10 +88,12 @@ def model_options(
     threads: int | None,
     batch_invariant: bool | None,
     thread_wait: str | None = None,
+    max_memory: str | None = None,
 ) -> dict[str, Any]:
-    """The runtime settings given on the command line, as [model] spec fields."""
+    """The runtime settings given on the command line, as [model] spec fields, and the
+    memory budget (`max_memory`, the run's: the runner takes it out)."""
     given = {"runtime": runtime, "threads": threads, "batch_invariant": batch_invariant,
-             "thread_wait": thread_wait}  # fmt: skip
+             "thread_wait": thread_wait, "max_memory": max_memory}  # fmt: skip
     return {key: value for key, value in given.items() if value is not None}
 
 

@@ -15,6 +15,7 @@ from muestra.cli.common import (
     BatchInvariantOverrideOption,
     DtypeOption,
     JsonOption,
+    MaxMemoryOption,
     RuntimeOverrideOption,
     ThreadsOption,
     ThreadWaitOption,
@@ -110,6 +111,7 @@ def eval_command(
     threads: int | None = ThreadsOption,
     thread_wait: str | None = ThreadWaitOption,
     batch_invariant: bool | None = BatchInvariantOverrideOption,
+    max_memory: str | None = MaxMemoryOption,
     precision: float | None = typer.Option(
         None,
         "--precision",
@@ -152,7 +154,7 @@ def eval_command(
             progress=progress_bar,
             on_note=note,
             trust_remote_code=trust_remote_code,
-            model_options=model_options(runtime, threads, batch_invariant, thread_wait),
+            model_options=model_options(runtime, threads, batch_invariant, thread_wait, max_memory),
         )
     print_found(found, as_json, items)
 
@@ -287,5 +289,3 @@ def print_pair(pair: Any) -> None:
         f"McNemar exact p = {m.p_value:.3g}",
         markup=False,
     )
-
-

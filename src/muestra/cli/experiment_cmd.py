@@ -11,6 +11,7 @@ from rich.table import Table
 from muestra.cli.common import (
     BatchInvariantOverrideOption,
     JsonOption,
+    MaxMemoryOption,
     RuntimeOverrideOption,
     ThreadsOption,
     ThreadWaitOption,
@@ -65,6 +66,7 @@ def run(
     threads: int | None = ThreadsOption,
     thread_wait: str | None = ThreadWaitOption,
     batch_invariant: bool | None = BatchInvariantOverrideOption,
+    max_memory: str | None = MaxMemoryOption,
     stop_on: str | None = StopOnOption,
     precision: float | None = PrecisionOption,
     reference: float | None = ReferenceOption,
@@ -113,7 +115,7 @@ def run(
             batch_rows=batch_rows,
             on_note=lambda text: stderr.print(f"note: {text}", markup=False),
             trust_remote_code=trust_remote_code,
-            model_options=model_options(runtime, threads, batch_invariant, thread_wait),
+            model_options=model_options(runtime, threads, batch_invariant, thread_wait, max_memory),
         )
 
     if dry_run:  # planned on a scratch copy of the store: a dry run writes nothing

@@ -49,6 +49,7 @@ from muestra.errors import InputError
 from muestra.evaluation import prompts
 from muestra.evaluation.tasks import LETTERS, Item, Task
 from muestra.experiments.executor import Batch, RunnerView
+from muestra.experiments.planning import split_budget
 from muestra.experiments.runner import Progress, Runner
 from muestra.experiments.spec import LoadedSpec, spec_from_data
 from muestra.experiments.store import (
@@ -161,7 +162,6 @@ def check_setting_types(settings: EvalSettings) -> None:
 def _setting_adapters() -> dict[str, TypeAdapter[Any]]:
     hints = get_type_hints(EvalSettings, include_extras=True)
     return {f.name: TypeAdapter(hints[f.name]) for f in fields(EvalSettings)}
-
 
 
 # the settings only some methods use (`_used_by`), and the flags that set them
@@ -459,13 +459,15 @@ def evaluate(
     model_options: Mapping[str, Any] | None = None,
 ) -> EvalResult:
     """Run (or resume) `task` scored by `settings.method` on `model` into `store`."""
-    loaded = build_spec(model, task, settings, model_options)
+    options, budget = split_budget(model_options)
+    loaded = build_spec(model, task, settings, options)
     runner = Runner(
         loaded,
         Path(store),
         resume_any=True,
         on_note=on_note,
         trust_remote_code=trust_remote_code,
+        model_options=budget,
         executor=LoglikScoring() if settings.method == "loglik" else None,
     )
     started = time.perf_counter()

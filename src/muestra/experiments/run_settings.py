@@ -1,7 +1,8 @@
 """What one run of a spec samples, checked before the store opens or a model loads.
 
 A command may override the spec: `--samples` (a sequential run's cap is `[stop]
-max_samples`), `--model`, `--batch` and the runtime flags
+max_samples`), `--model`, `--batch`, `--max-memory` (the spec's `[run] max_memory`) and
+the runtime flags
 (`--trust-remote-code`, `--runtime`, `--threads`, `--batch-invariant`). `run_settings`
 applies them and refuses by name what cannot run: a sample count below 1 or over the
 limits (`muestra.limits`), more samples than a beam-searched condition returns, a runtime
@@ -17,6 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from muestra.errors import InputError
+from muestra.experiments.planning import Budget, given_budget
 from muestra.experiments.spec import LoadedSpec, ModelSpec, check_beam_samples, describe_error
 from muestra.limits import SAMPLES_PER_CELL, SAMPLES_PER_RUN
 
@@ -27,7 +29,8 @@ DEFAULT_BATCH_ROWS = 32
 class RunSettings:
     samples: int  # per prompt × condition × model
     models: list[ModelSpec]  # with the command's runtime flags applied to the local ones
-    batch_rows: int  # rows decoded at once
+    batch_rows: int  # rows decoded at once (at most: the memory plan may lower it)
+    budget: Budget | None = None  # the memory budget given (None: the default share)
 
 
 def run_settings(
@@ -57,15 +60,22 @@ def run_settings(
     models = [ModelSpec(id=model)] if model else spec.spec.model_list
     # flags that apply to every local model (`--trust-remote-code`, `--runtime`, …)
     local = dict(model_options or {})
+    budget = _budget(spec, local.pop("max_memory", None))
     if trust_remote_code:
         local["trust_remote_code"] = True
     given = [*local, *(["batch"] if batch_rows is not None else [])]
+    given += ["max_memory"] if budget is not None and budget.source.startswith("--") else []
     if given and all(m.endpoint is not None for m in models):
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
         raise InputError(
             f"{flags}: {'applies' if len(given) == 1 else 'apply'} to models this "
             f"machine computes; every model of {spec.path} is an endpoint (its server "
             "decides how it computes and batches): leave them out"
+        )
+    if budget is not None and all(m.endpoint is not None for m in models):
+        raise InputError(
+            f"{spec.path}: [run] max_memory budgets the models this machine computes; every "
+            "model of this run is an endpoint (its server plans its own memory): remove it"
         )
     if local:
         models = [_with_options(m, local, spec) if m.endpoint is None else m for m in models]
@@ -75,7 +85,17 @@ def run_settings(
         cells * count,
         f"{spec.path}: {cells:,} prompt × condition × model cells × {count:,} samples",
     )
-    return RunSettings(count, models, batch_rows if batch_rows is not None else DEFAULT_BATCH_ROWS)
+    rows = batch_rows if batch_rows is not None else DEFAULT_BATCH_ROWS
+    return RunSettings(count, models, rows, budget)
+
+
+def _budget(spec: LoadedSpec, flag: Any) -> Budget | None:
+    """The memory budget: `--max-memory` (or `max_memory=`), else the spec's
+    `[run] max_memory`; None leaves the default (planning.default_budget)."""
+    if flag is not None:
+        return given_budget(flag, "--max-memory")
+    value = spec.spec.run.max_memory
+    return None if value is None else given_budget(value, f"{spec.path}: [run] max_memory =")
 
 
 def _with_options(model: ModelSpec, options: Mapping[str, Any], spec: LoadedSpec) -> ModelSpec:
@@ -86,6 +106,7 @@ def _with_options(model: ModelSpec, options: Mapping[str, Any], spec: LoadedSpec
     except ValidationError as err:
         message = describe_error(err, spec.path, data, ModelSpec)
         raise InputError(f"{message} (given on the command line)") from err
+
 
 def _apply_thread_wait(models: list[ModelSpec], path: Any) -> None:
     """The run's thread wait (`models.runtime.threads`), set before torch loads: one for

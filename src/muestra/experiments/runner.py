@@ -26,6 +26,7 @@ from typing import Any
 
 from muestra.errors import InputError
 from muestra.experiments.executor import Batch, BatchExecutor, Decoding, Unit
+from muestra.experiments.planning import MemoryPlan
 from muestra.experiments.prompts import messages_for, think_budget
 from muestra.experiments.run_settings import run_settings
 from muestra.experiments.spec import (
@@ -44,6 +45,7 @@ from muestra.experiments.store import (
     model_provenance,
     newest_run,
     now,
+    record_memory_plan,
     run_exists,
     set_model_provenance,
     stored_indices,
@@ -99,9 +101,12 @@ class Runner:
         trust_remote_code: bool = False,
         model_options: Mapping[str, Any] | None = None,
         executor: BatchExecutor | None = None,
+        on_plan: Callable[[MemoryPlan], None] | None = None,
     ) -> None:
         """`executor` turns each batch into stored rows (experiments/executor.py; default:
-        the spec's phases, decoded); every other argument is checked by `run_settings`."""
+        the spec's phases, decoded); `on_plan` is shown each local model's memory plan
+        (default: `on_note`); every other argument is checked by `run_settings`
+        (`model_options` may hold `max_memory`, the run's memory budget)."""
         self.spec = spec
         self.store = Path(store)
         settings = run_settings(
@@ -114,7 +119,11 @@ class Runner:
         )
         self.samples = settings.samples
         self.models = settings.models
-        self.batch_rows = settings.batch_rows
+        self.batch_rows = settings.batch_rows  # the model's memory plan may lower it (_sample)
+        self.rows_asked = settings.batch_rows
+        self.budget = settings.budget
+        self.memory_plans: dict[str, MemoryPlan] = {}  # per local model, made in _sample
+        self.on_plan = on_plan
         self.executor: BatchExecutor = executor or Decoding()
         self.force_new = force_new
         self.resume_any = resume_any  # resume any run of this spec, not only the latest
@@ -367,6 +376,11 @@ class Runner:
             if on_progress:
                 on_progress(progress)
 
+        try:  # before any weights load: a model that cannot fit one row is refused here
+            self._plan_memory(units)
+        except BaseException:
+            self._discard()
+            raise
         rounds = self._rounds()
         for model in self.models:
             mine = [u for u in units if u.model.name == model.name]
@@ -381,6 +395,8 @@ class Runner:
                         self._run_remote(model, round_units, store)
                         continue
                     if worker is None:
+                        plan = self.memory_plans.get(model.name)
+                        self.batch_rows = plan.rows if plan else self.rows_asked
                         worker = self.executor.load(self, model)
                     for batch in _batches(round_units, self.batch_rows):
                         store(self.executor.run_batch(self, worker, batch))
@@ -391,6 +407,17 @@ class Runner:
                         self._discard()
                     raise
         return progress
+
+    def _plan_memory(self, units: list[Unit]) -> None:
+        """Each local model's memory plan (experiments/planning.py): shown, and stored with
+        the run; its rows at once cap the model's batches."""
+        from muestra.experiments.planning import plan_models
+
+        assert self.db is not None and self.run_id is not None
+        self.memory_plans = plan_models(self.spec, units, self.rows_asked, self.budget)
+        for name, plan in self.memory_plans.items():
+            (self.on_plan or (lambda p: self.on_note(p.describe())))(plan)
+            record_memory_plan(self.db, self.run_id, self.model_ids[name], plan.as_dict())
 
     def _rounds(self) -> Any:
         """The rounds of a sequential run (`[stop]`), None for a fixed-n one; a resumed
@@ -530,7 +557,6 @@ def _batches(units: list[Unit], rows: int) -> Iterator[Batch]:
             size += len(take)
     if current:
         yield current
-
 
 
 def _computing(provenance: dict[str, Any]) -> dict[str, Any]:

@@ -54,6 +54,7 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -467,6 +468,30 @@ class StopSpec(Strict):
         return self
 
 
+class RunSpec(Strict):
+    """How a run uses the machine it runs on (local models only)."""
+
+    max_memory: int | str | None = Field(
+        None,
+        description='The memory budget of a local model\'s run: "8GiB", "12GB", "500MiB" or '
+        "bytes. Rows beyond what fits wait for the next batch; a run that cannot fit one row "
+        "is refused before the model loads (default: 80% of the memory available). "
+        "`--max-memory` overrides it.",
+    )
+
+    @field_validator("max_memory", mode="before")
+    @classmethod
+    def _a_size(cls, value: Any) -> Any:
+        from muestra.models.memory import parse_memory
+
+        if value is not None:
+            try:
+                parse_memory(value, "max_memory")
+            except InputError as err:
+                raise ValueError(str(err).removeprefix("max_memory: ")) from None
+        return value
+
+
 class Spec(Strict):
     name: str = Field(min_length=1, description="The experiment's name, shown with its runs.")
     seed: int = Field(
@@ -495,6 +520,7 @@ class Spec(Strict):
     stop: StopSpec | None = Field(
         None, description="Sample each cell until its answer is settled (a sequential run)."
     )
+    run: RunSpec = Field(default_factory=RunSpec)
 
     @model_validator(mode="after")
     def _one_model_table(self) -> Spec:

@@ -198,6 +198,24 @@ def _m007(db: sqlite3.Connection) -> None:
     )
 
 
+@migration("m008_memory_plans")
+def _m008(db: sqlite3.Connection) -> None:
+    # each local model's memory plan (experiments/planning.py), one row per invocation that
+    # sampled it (a resumed run may have another budget): weights, KV per row, rows at once,
+    # expected peak, the budget and where it came from
+    db.execute(
+        """
+        CREATE TABLE memory_plans (
+            id INTEGER PRIMARY KEY,
+            run_id INTEGER NOT NULL REFERENCES runs(id),
+            model_id INTEGER NOT NULL REFERENCES models(id),
+            plan_json TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        )
+        """
+    )
+
+
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -627,6 +645,27 @@ def set_model_provenance(db: sqlite3.Connection, model_id: int, data: dict[str, 
         db.execute("UPDATE models SET provenance_json = ? WHERE id = ?", (dumps(data), model_id))
 
 
+def record_memory_plan(
+    db: sqlite3.Connection, run_id: int, model_id: int, plan: Mapping[str, Any]
+) -> None:
+    with db:
+        db.execute(
+            "INSERT INTO memory_plans (run_id, model_id, plan_json, created_at) "
+            "VALUES (?, ?, ?, ?)",
+            (run_id, model_id, dumps(dict(plan)), now()),
+        )
+
+
+def memory_plans(db: sqlite3.Connection, run_id: int) -> list[dict[str, Any]]:
+    """The memory plans of a run, oldest first: each plan with its model's label."""
+    rows = db.execute(
+        "SELECT m.label, p.plan_json, p.created_at FROM memory_plans p "
+        "JOIN models m ON m.id = p.model_id WHERE p.run_id = ? ORDER BY p.id",
+        (run_id,),
+    )
+    return [{"model": label, **json.loads(plan), "created_at": at} for label, plan, at in rows]
+
+
 def stored_indices(
     db: sqlite3.Connection, model_id: int, condition_id: int, prompt_id: int
 ) -> set[int]:
@@ -651,7 +690,13 @@ def discard_run(db: sqlite3.Connection, run_id: int) -> bool:
     with db:
         if db.execute("SELECT count(*) FROM samples WHERE run_id = ?", (run_id,)).fetchone()[0]:
             return False
-        for table in ("stops", *RUN_TABLES, "evals", "probes"):  # every table naming the run
+        for table in (
+            "stops",
+            "memory_plans",
+            *RUN_TABLES,
+            "evals",
+            "probes",
+        ):  # every table naming the run
             db.execute(f"DELETE FROM {table} WHERE run_id = ?", (run_id,))
         db.execute("UPDATE runs SET judges = NULL WHERE judges = ?", (run_id,))
         db.execute("DELETE FROM runs WHERE id = ?", (run_id,))

@@ -188,6 +188,7 @@ def experiment(
     max_samples: int | None = None,
     every: int | None = None,
     estimator: str | None = None,
+    max_memory: str | Count | None = None,
     **model_options: Any,
 ) -> ExperimentView:
     """Run (or resume) an experiment spec (TOML) into `store` (default: NAME.db beside the
@@ -196,8 +197,9 @@ def experiment(
     `force_new=True` starts a new run beside it (`--force-new`). `stop_on="field=value"`,
     `precision`, `reference`, `compare`, `min_samples`, `max_samples`, `every` and
     `estimator` complete or override the spec's [stop] table (a sequential run, as the
-    `muestra run` flags of the same names). `model_options` (runtime, threads,
-    batch_invariant) apply to every local model."""
+    `muestra run` flags of the same names). `max_memory` ("8GiB", "12GB", bytes) is the
+    run's memory budget (`--max-memory`; its plan is printed when the model is planned).
+    `model_options` (runtime, threads, batch_invariant) apply to every local model."""
     from muestra.experiments.runner import Runner
     from muestra.experiments.spec import load_spec
     from muestra.experiments.stopping import with_stop
@@ -224,7 +226,8 @@ def experiment(
             model=model,
             samples=samples,
             force_new=force_new,
-            model_options=model_options or None,
+            model_options={**model_options, "max_memory": max_memory},
+            on_plan=lambda plan: print(plan.describe()),
         ) as runner:
             run_id = runner.open()
             runner.run(bar)

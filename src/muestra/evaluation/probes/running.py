@@ -13,6 +13,7 @@ from muestra.analysis.probe_scores import CONTINUATION, EXTRACTION, JUDGE, LEXIC
 from muestra.analysis.text import Lexicon, extract_phrase
 from muestra.errors import InputError
 from muestra.evaluation.probes.schema import Probe
+from muestra.experiments.planning import split_budget
 from muestra.experiments.spec import (
     LoadedSpec,
     spec_from_data,
@@ -112,13 +113,15 @@ def run_probe(
     `judged`: a judge follows (`judge_store`), and the run stays "running" until it ends."""
     from muestra.experiments.runner import Runner
 
-    loaded = experiment(probe, model, dtype, samples, model_options, label)
+    options, budget = split_budget(model_options)
+    loaded = experiment(probe, model, dtype, samples, options, label)
     local = any(m.endpoint is None for m in loaded.spec.model_list)
     runner = Runner(
         loaded,
         Path(store),
         resume_any=True,
         batch_rows=batch_rows,
+        model_options=budget,
         on_note=on_note,
         # an endpoint probe's judge may be local: the flag is the judge's then
         trust_remote_code=trust_remote_code and (local or not judged),

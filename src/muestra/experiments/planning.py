@@ -1,0 +1,263 @@
+"""Memory planned before it is spent: how many rows of a run fit a memory budget.
+
+A local model's run holds, at its peak, what the process already holds (Python, torch),
+the model's weights and one KV cache per row in flight, each row as long as its prompt,
+its think budget (with the closing text) and its answer's max tokens together
+(`models/memory.py` reads the weights and the KV bytes per token from the model's files):
+
+    peak = held now + weights + rows × KV/token × (prompt + think + answer tokens)
+
+`plan_memory` admits the most rows (at most the batch asked for) whose peak stays within
+the budget. The rows beyond wait for the next batch: every sample is still drawn, and a
+sample does not depend on which rows share its batch (its own seed and generator). A
+run that cannot fit one row is refused before the model loads, naming the numbers and
+what to lower.
+
+The budget: `--max-memory` (or `[run] max_memory` in the spec, or `max_memory=` in the
+notebook API): "8GiB", "12GB", "500MiB", "1.5 GiB" or a plain byte count. Without one,
+`DEFAULT_SHARE` (80 %) of the memory the system has available now (psutil, else
+/proc/meminfo's MemAvailable) on top of what the process already holds.
+
+What the plan leaves out (small beside the KV cache of many rows, but real): the logits of
+a step (rows × vocabulary × 4 bytes), llama.cpp's compute buffers, transient copies while
+torch loads weights, and the rounding of llama.cpp's context to its next size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from muestra.errors import InputError, MemoryBudgetError
+from muestra.models.memory import ModelMemory, parse_memory
+
+DEFAULT_SHARE = 0.8  # of the memory available when no budget is given
+
+
+@dataclass(frozen=True)
+class Budget:
+    bytes: int
+    source: str  # where it came from, as shown to the user
+
+
+def given_budget(value: Any, where: str) -> Budget:
+    """The budget the user gave (`where`: the flag or spec key that gave it)."""
+    return Budget(parse_memory(value, where), f"{where} {value}")
+
+
+def default_budget(held: int) -> Budget:
+    """`DEFAULT_SHARE` of the memory available now, on top of the `held` bytes."""
+    available = available_memory()
+    share = int(available * DEFAULT_SHARE)
+    return Budget(
+        held + share,
+        f"default: {DEFAULT_SHARE:.0%} of the {format_bytes(available)} available, on top "
+        f"of the {format_bytes(held)} this process holds; set --max-memory",
+    )
+
+
+def available_memory() -> int:
+    """Bytes the system can give without swapping (psutil, else /proc/meminfo)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    raise InputError(
+        "cannot tell how much memory this system has available (no psutil, no "
+        "/proc/meminfo): give the run a budget with --max-memory (e.g. 8GiB)"
+    )
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (what the plan's peak starts from)."""
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How many rows of one model run at once, and why."""
+
+    model: str
+    weights_bytes: int
+    kv_bytes_per_token: int
+    prompt_tokens: int  # the longest prompt
+    think_tokens: int  # the largest think budget, with its closing text
+    answer_tokens: int  # the largest answer max_tokens
+    rows_asked: int  # the batch asked for (--batch)
+    rows: int  # rows at once: at most rows_asked, as many as fit
+    held_bytes: int  # what the process held when planned
+    budget_bytes: int
+    budget_source: str
+    source: str  # where the model's numbers were read
+
+    @property
+    def tokens_per_row(self) -> int:
+        return self.prompt_tokens + self.think_tokens + self.answer_tokens
+
+    @property
+    def kv_bytes_per_row(self) -> int:
+        return self.kv_bytes_per_token * self.tokens_per_row
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.held_bytes + self.weights_bytes + self.rows * self.kv_bytes_per_row
+
+    def describe(self) -> str:
+        """Two lines for the user: the numbers, and the budget with where it came from."""
+        capped = f" (of {self.rows_asked} asked)" if self.rows < self.rows_asked else ""
+        return (
+            f"memory plan for {self.model}: weights {format_bytes(self.weights_bytes)}, KV "
+            f"{format_bytes(self.kv_bytes_per_row)}/row ({format_bytes(self.kv_bytes_per_token)}"
+            f"/token × {self.tokens_per_row:,} tokens), {self.rows} rows at once{capped}, "
+            f"expected peak {format_bytes(self.peak_bytes)}\n  budget "
+            f"{format_bytes(self.budget_bytes)} ({self.budget_source}); read from {self.source}"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data |= {"tokens_per_row": self.tokens_per_row, "kv_bytes_per_row": self.kv_bytes_per_row,
+                 "peak_bytes": self.peak_bytes}  # fmt: skip
+        return data
+
+
+def plan_memory(
+    model: str,
+    memory: ModelMemory,
+    tokens: tuple[int, int, int],
+    rows_asked: int,
+    budget: Budget,
+    held: int,
+) -> MemoryPlan:
+    """The plan for `model` (`tokens`: prompt, think, answer tokens of its longest row);
+    a `MemoryBudgetError` with the numbers when not even one row fits `budget`."""
+    prompt, think, answer = tokens
+    per_row = memory.kv_bytes_per_token * (prompt + think + answer)
+    room = budget.bytes - held - memory.weights_bytes
+    fit = room // per_row if per_row > 0 else rows_asked
+    plan = MemoryPlan(model, memory.weights_bytes, memory.kv_bytes_per_token, prompt, think,
+                      answer, rows_asked, max(0, min(rows_asked, fit)), held, budget.bytes,
+                      budget.source, memory.source)  # fmt: skip
+    if plan.rows < 1:
+        raise MemoryBudgetError(_refusal(plan))
+    return plan
+
+
+def _refusal(plan: MemoryPlan) -> str:
+    need = plan.held_bytes + plan.weights_bytes + plan.kv_bytes_per_row
+    return (
+        f"{plan.model} does not fit one row in the memory budget: this process holds "
+        f"{format_bytes(plan.held_bytes)}, the weights take {format_bytes(plan.weights_bytes)} "
+        f"and one row's KV cache {format_bytes(plan.kv_bytes_per_row)} "
+        f"({format_bytes(plan.kv_bytes_per_token)}/token × ({plan.prompt_tokens:,} prompt + "
+        f"{plan.think_tokens:,} think + {plan.answer_tokens:,} answer tokens)) = "
+        f"{format_bytes(need)}, over the budget of {format_bytes(plan.budget_bytes)} "
+        f"({plan.budget_source}). Raise --max-memory, or lower the think budget, the "
+        "answer's max_tokens or the prompt's length (or use a smaller or more quantized model)"
+    )
+
+
+def format_bytes(size: int) -> str:
+    """`size` in binary units, three significant digits ("1.21 GiB", "144 KiB")."""
+    if size < 1024:
+        return f"{size} B"
+    exponent = min(int(math.log(size, 1024)), 4)
+    value = size / 1024**exponent
+    unit = ("B", "KiB", "MiB", "GiB", "TiB")[exponent]
+    return f"{value:.3g} {unit}" if value < 1000 else f"{value:.0f} {unit}"
+
+
+def plan_models(
+    spec: Any, units: list[Any], rows_asked: int, budget: Budget | None
+) -> dict[str, MemoryPlan]:
+    """The plan of every local model with samples to run in `units` (runner `Unit`s of a
+    `LoadedSpec`), made from its files and tokenizer before any weights load; refused
+    (`MemoryBudgetError`) when one of them cannot fit a row."""
+    from muestra.models.loading import auto_runtime, check_model, choose_runtime
+    from muestra.models.memory import MemoryUnknown, model_memory
+
+    held = resident_bytes()
+    plans: dict[str, MemoryPlan] = {}
+    for model in {u.model.name: u.model for u in units if u.model.endpoint is None}.values():
+        mine = [u for u in units if u.model.name == model.name]
+        files = check_model(model.id, trust_remote_code=model.trust_remote_code)
+        runtime = choose_runtime(model.id, files, auto_runtime(model.runtime, model.dtype,
+                                                               model.device))  # fmt: skip
+        try:
+            memory = model_memory(files, runtime, model.dtype)
+        except MemoryUnknown:
+            if budget is not None:  # a budget given must be kept: refuse
+                raise
+            continue  # the default budget: the model runs unplanned, as before
+        tokens = row_tokens(spec, model, mine)
+        plans[model.name] = plan_memory(
+            model.name, memory, tokens, rows_asked, budget or default_budget(held), held
+        )
+    return plans
+
+
+def row_tokens(spec: Any, model: Any, units: list[Any]) -> tuple[int, int, int]:
+    """(prompt, think, answer) tokens of the longest row of `units`: the longest prompt
+    counted with the model's tokenizer (with the text-mode reasoning instruction when the
+    row thinks: an upper bound), the largest think budget with its closing text, the
+    largest answer max_tokens."""
+    from muestra.answers.phases import QWEN_CLOSE_TEXT, TEXT_INSTRUCTION, with_instruction
+    from muestra.experiments.prompts import messages_for, think_budget
+    from muestra.models.inspection import prompt_ids, render_chat
+    from muestra.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(model.id, trust_remote_code=model.trust_remote_code)
+    prompt = think = answer = 0
+    for unit in units:
+        messages = messages_for(spec, unit.item)
+        budget = think_budget(unit.condition, unit.item)
+        if budget is not None:
+            settings = unit.condition.think
+            messages = with_instruction(messages, settings.instruction or TEXT_INSTRUCTION)
+            close = settings.close_text or QWEN_CLOSE_TEXT
+            think = max(
+                think, budget + len(tokenizer(close, add_special_tokens=False)["input_ids"])
+            )
+        if isinstance(messages, str):
+            ids = prompt_ids(tokenizer, messages, raw=True)
+        else:
+            ids = render_chat(
+                tokenizer, messages, enable_thinking=spec.spec.prompt.enable_thinking
+            )[1]
+        prompt = max(prompt, len(ids))
+        answer = max(answer, unit.condition.answer.max_tokens)
+    return prompt, think, answer
+
+
+def split_budget(
+    options: Mapping[str, Any] | None,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A command's local-model options as ([model] spec fields, the runner's budget): the
+    budget (`max_memory`) is the run's, not the model's, so it stays out of a spec built
+    from the options (whose text is the run's identity: a new budget resumes the run)."""
+    fields = dict(options or {})
+    if fields.get("max_memory") is None:
+        fields.pop("max_memory", None)
+        return fields, None
+    return fields, {"max_memory": fields.pop("max_memory")}

@@ -1,0 +1,262 @@
+"""Memory planned before it is spent: KV bytes per token from real shapes, the budget,
+the refusal before a model loads, rows capped at what fits, the plan stored with the run."""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+import helpers
+from muestra.errors import InputError, MemoryBudgetError
+from muestra.experiments import planning
+from muestra.experiments.planning import Budget, parse_memory, plan_memory
+from muestra.experiments.spec import load_spec
+from muestra.models.gguf_header import read_gguf_header
+from muestra.models.loading import check_model
+from muestra.models.memory import (
+    ModelMemory,
+    kv_bytes_per_token_from_config,
+    kv_bytes_per_token_from_gguf,
+    model_memory,
+)
+
+# the published config.json of Qwen/Qwen3-4B and Qwen/Qwen3-1.7B (the keys that size them)
+QWEN3_4B = {"architectures": ["Qwen3ForCausalLM"], "hidden_size": 2560, "head_dim": 128,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 36,
+            "torch_dtype": "bfloat16"}  # fmt: skip
+QWEN3_1_7B = {"architectures": ["Qwen3ForCausalLM"], "hidden_size": 2048, "head_dim": 128,
+              "num_attention_heads": 16, "num_key_value_heads": 8, "num_hidden_layers": 28,
+              "torch_dtype": "bfloat16"}  # fmt: skip
+
+
+def test_kv_bytes_per_token_of_published_qwen3_shapes():
+    assert kv_bytes_per_token_from_config(QWEN3_4B, "float16") == 147_456  # 144 KiB
+    assert kv_bytes_per_token_from_config(QWEN3_4B, "bfloat16") == 147_456
+    assert kv_bytes_per_token_from_config(QWEN3_4B, "float32") == 2 * 147_456
+    assert kv_bytes_per_token_from_config(QWEN3_1_7B, "float16") == 114_688
+    # the issue's arithmetic: 50 rows of 1,500 tokens on the 4B shape ≈ 11 GB of KV cache
+    assert 50 * 1_500 * 147_456 == 11_059_200_000
+    # GPT-2's names, no KV heads of its own (every head keeps its keys), no head_dim
+    gpt2 = {"n_layer": 12, "n_head": 12, "n_embd": 768}
+    assert kv_bytes_per_token_from_config(gpt2, "float32") == 12 * 12 * 2 * 64 * 4
+    # a multimodal config: the language model's own table
+    assert kv_bytes_per_token_from_config({"text_config": QWEN3_1_7B}, "float16") == 114_688
+
+
+def test_kv_of_a_real_gguf_is_what_llama_cpp_allocates(smol_kit, capsys, monkeypatch):
+    """SmolLM2-135M's GGUF: the KV bytes per token from its metadata equal the HF config
+    of the same kit, and llama.cpp's own log of the cache it allocates."""
+    pytest.importorskip("llama_cpp")
+    from muestra.models.runtime.llamacpp_runtime import FIRST_CELLS, LlamaCppRuntime
+
+    (gguf,) = smol_kit.glob("*.gguf")
+    header = read_gguf_header(gguf)
+    per_token = kv_bytes_per_token_from_gguf(header)
+    config = json.loads((smol_kit / "config.json").read_text())
+    assert per_token == kv_bytes_per_token_from_config(config, "float16") == 23_040
+    assert kv_bytes_per_token_from_gguf(header, "q8_0") == 30 * 3 * 128 * 34 // 32
+    monkeypatch.setenv("MUESTRA_LLAMA_LOG", "1")  # llama.cpp's log on stderr
+    runtime = LlamaCppRuntime(gguf, threads=1)
+    runtime.reserve(FIRST_CELLS)
+    log = capsys.readouterr().err
+    found = re.search(r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells, +(\d+) layers", log)
+    assert found is not None, log[-2000:]
+    cells = int(found.group(2))
+    assert cells == runtime.cells == FIRST_CELLS and int(found.group(3)) == 30
+    assert found.group(1) == f"{per_token * cells / 2**20:.2f}"  # 90.00 MiB
+    # the weights: what llama.cpp maps (llama_model_size) is what the plan counts
+    memory = model_memory(check_model(str(gguf)), "llamacpp")
+    assert memory.weights_bytes == runtime.weights_bytes == 96_576_768
+    assert memory.kv_bytes_per_token == per_token
+
+
+def test_torch_weights_and_kv_equal_what_the_loaded_model_holds(tiny_kit):
+    """The tiny kit's plan numbers against the loaded model: its parameters' bytes, and the
+    bytes of the KV cache a forward pass of N tokens leaves behind."""
+    import torch
+
+    from muestra.models.loading import load_model
+
+    for dtype, element in (("auto", 4), ("bfloat16", 2)):
+        memory = model_memory(check_model(str(tiny_kit)), "torch", dtype)
+        loaded = load_model(str(tiny_kit), dtype=dtype, device="cpu", runtime="torch")
+        assert memory.weights_bytes == loaded.runtime.weights_bytes
+        tokens = 37
+        with torch.inference_mode():
+            out = loaded.model(torch.arange(tokens)[None], use_cache=True)
+        cache = out.past_key_values
+        held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+        assert memory.kv_bytes_per_token * tokens == held
+        config = loaded.model.config
+        assert memory.kv_bytes_per_token == (
+            config.num_hidden_layers * config.num_key_value_heads * 2 * config.head_dim * element
+        )
+
+
+@pytest.mark.parametrize(
+    ("value", "size"),
+    [("8GiB", 8 * 2**30), ("12GB", 12 * 10**9), ("500MiB", 500 * 2**20), ("1.5 GiB", 3 * 2**29),
+     ("64kib", 64 * 1024), ("123", 123), (4_000_000_000, 4_000_000_000)],
+)  # fmt: skip
+def test_budget_sizes(value, size):
+    assert parse_memory(value, "--max-memory") == size
+
+
+@pytest.mark.parametrize("value", ["lots", "", "0", "0GB", "-1GB", "8 GiBs", "8e9", "GB", 0, -5,
+                                   True, 1.5, None])  # fmt: skip
+def test_bad_budgets_are_refused_by_name(value):
+    with pytest.raises(InputError, match=r"^--max-memory: .*(size|zero)"):
+        parse_memory(value, "--max-memory")
+
+
+def test_plan_arithmetic_and_the_refusal_names_the_numbers():
+    memory = ModelMemory(weights_bytes=8 * 2**30, kv_bytes_per_token=147_456, source="test")
+    budget = Budget(16 * 2**30, "--max-memory 16GiB")
+    plan = plan_memory("qwen3-4b", memory, (300, 1_000, 200), 50, budget, held=2**30)
+    assert plan.kv_bytes_per_row == 147_456 * 1_500
+    assert plan.rows == (7 * 2**30) // (147_456 * 1_500) == 33  # of 50 asked
+    assert plan.peak_bytes == 2**30 + 8 * 2**30 + 33 * 147_456 * 1_500 <= budget.bytes
+    assert "33 rows at once (of 50 asked)" in plan.describe()
+    assert plan_memory("m", memory, (300, 1_000, 200), 8, budget, held=0).rows == 8
+    with pytest.raises(MemoryBudgetError) as refused:
+        plan_memory("qwen3-4b", memory, (300, 1_000, 200), 50, Budget(9 * 2**30, "x"), 2**30)
+    message = str(refused.value)
+    for part in ("8 GiB", "211 MiB", "300 prompt", "1,000 think", "200 answer", "9 GiB",
+                 "--max-memory", "think budget", "max_tokens", "prompt"):  # fmt: skip
+        assert part in message, (part, message)
+
+
+SPEC = """
+[model]
+id = "{model}"
+
+[think]
+budget = 24
+
+[answer]
+max_tokens = 16
+{run}
+"""
+
+
+def _spec(folder: Path, model: Path, samples: int, run: str = "") -> Path:
+    return helpers.write_spec(folder, "mem", "", SPEC.format(model=model, run=run), samples=samples)
+
+
+def test_the_spec_key_is_checked_once_by_name(tmp_path, tiny_kit):
+    good = load_spec(_spec(tmp_path, tiny_kit, 2, '[run]\nmax_memory = "6GB"'))
+    assert good.spec.run.max_memory == "6GB"
+    for bad, shown in (('"lots"', "'lots'"), ("0", "0"), ("true", "True"), ('"-2GiB"', "-2GiB")):
+        path = _spec(tmp_path, tiny_kit, 2, f"[run]\nmax_memory = {bad}")
+        with pytest.raises(InputError) as refused:
+            load_spec(path)
+        assert str(refused.value).startswith(f"{path}: run.max_memory: ")
+        assert shown in str(refused.value)
+    path = _spec(tmp_path, tiny_kit, 2, '[run]\nmax_mem = "6GB"')
+    with pytest.raises(InputError, match="unknown key run.max_mem; did you mean 'max_memory'"):
+        load_spec(path)
+
+
+def test_a_row_that_cannot_fit_is_refused_before_the_model_loads(cli, tiny_kit, tmp_path,
+                                                                  monkeypatch):  # fmt: skip
+    import muestra.models.loading as loading
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loading, "load_model", never)
+    spec = _spec(tmp_path, tiny_kit, 3)
+    store = tmp_path / "mem.db"
+    result = cli("run", str(spec), "--out", str(store), "--max-memory", "30MiB")
+    assert result.code == 2, result.stderr
+    text = " ".join(result.stderr.split())
+    assert "does not fit one row in the memory budget" in text
+    assert "the weights take 37.4 MiB" in text  # the tiny kit's float32 weights
+    assert "30 MiB (--max-memory 30MiB)" in text
+    assert "Raise --max-memory, or lower the think budget" in text
+    assert not store.exists()  # the run this command created is gone with its store
+    # the spec's key is the budget when no flag is given, and says where it came from
+    spec = _spec(tmp_path, tiny_kit, 3, '[run]\nmax_memory = "20MB"')
+    result = cli("run", str(spec), "--out", str(store))
+    assert result.code == 2 and "[run] max_memory = 20MB" in " ".join(result.stderr.split())
+
+
+def test_a_budget_of_two_rows_runs_every_sample_two_at_a_time(cli, tiny_kit, tmp_path,
+                                                               monkeypatch):  # fmt: skip
+    """A budget that admits 2 rows of the 32 asked: every sample is stored, no forward pass
+    ever held more than 2 rows, the plan is printed and stored with the run, and the
+    samples equal those of the same run without a budget."""
+    from muestra.models.runtime.torch_runtime import TorchSequences
+
+    monkeypatch.setattr(planning, "resident_bytes", lambda: 0)  # the plan starts from zero
+    rows_seen: list[int] = []
+    feed = TorchSequences.feed
+
+    def counting(self, tokens, *args, **kwargs):
+        rows_seen.append(len(tokens))
+        return feed(self, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(TorchSequences, "feed", counting)
+    spec = _spec(tmp_path, tiny_kit, 5)
+    memory = model_memory(check_model(str(tiny_kit)), "torch")
+    loaded = load_spec(spec)
+    from muestra.experiments.runner import Runner
+
+    with Runner(loaded, tmp_path / "probe.db") as runner:  # the rows' tokens, as planned
+        runner.open()
+        (plan,) = planning.plan_models(loaded, runner.plan(), 32, Budget(2**40, "x")).values()
+    budget = memory.weights_bytes + 2 * plan.kv_bytes_per_row + plan.kv_bytes_per_row // 2
+    capped = tmp_path / "capped.db"
+    result = cli("run", str(spec), "--out", str(capped), "--max-memory", str(budget))
+    assert result.code == 0, result.stderr
+    assert "2 rows at once (of 32 asked)" in result.stderr
+    assert rows_seen and max(rows_seen) == 2, rows_seen
+    with closing(sqlite3.connect(capped)) as db:
+        counts = db.execute("SELECT prompt_id, count(*) FROM samples GROUP BY prompt_id")
+        assert [n for _, n in counts] == [5, 5]
+        (stored,) = [json.loads(r[0]) for r in db.execute("SELECT plan_json FROM memory_plans")]
+        capped_samples = db.execute(
+            "SELECT prompt_id, sample_index, reasoning, answer_text FROM samples ORDER BY 1, 2"
+        ).fetchall()
+    assert stored["rows"] == 2 and stored["rows_asked"] == 32
+    assert stored["budget_bytes"] == budget and stored["held_bytes"] == 0
+    assert stored["budget_source"] == f"--max-memory {budget}"
+    assert stored["weights_bytes"] == memory.weights_bytes
+    assert stored["kv_bytes_per_row"] == plan.kv_bytes_per_row
+    assert stored["peak_bytes"] == memory.weights_bytes + 2 * plan.kv_bytes_per_row <= budget
+    rows_seen.clear()
+    free = tmp_path / "free.db"
+    result = cli("run", str(spec), "--out", str(free), "--max-memory", "64GiB")
+    assert result.code == 0 and max(rows_seen) > 2, rows_seen
+    with closing(sqlite3.connect(free)) as db:
+        free_samples = db.execute(
+            "SELECT prompt_id, sample_index, reasoning, answer_text FROM samples ORDER BY 1, 2"
+        ).fetchall()
+    assert capped_samples == free_samples
+
+
+def test_max_memory_is_refused_where_nothing_computes_locally(tmp_path):
+    from muestra.experiments.run_settings import run_settings
+
+    spec = helpers.write_spec(tmp_path, "remote", '[model]\nid = "m"\nendpoint = "http://x/v1"')
+    with pytest.raises(InputError, match="--max-memory: applies to models this machine"):
+        run_settings(load_spec(spec), model_options={"max_memory": "8GiB"})
+
+
+def test_the_notebook_takes_max_memory(tiny_kit, tmp_path, monkeypatch):
+    import muestra.models.loading as loading
+    import muestra.notebook as mn
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loading, "load_model", never)
+    spec = _spec(tmp_path, tiny_kit, 2)
+    with pytest.raises(MemoryBudgetError, match=r"--max-memory 10MB\)"):
+        mn.experiment(spec, tmp_path / "nb.db", max_memory="10MB", progress=False)
+    assert not (tmp_path / "nb.db").exists()
