@@ -180,7 +180,8 @@ def print_found(found: Any, as_json: bool, items: bool) -> None:
 
 @contextmanager
 def progress_bar(method: str) -> Iterator[Any]:
-    """A method's progress on stderr (when it is a terminal): done of total, samples/s."""
+    """A method's progress on stderr (when it is a terminal): done of total, tok/s and
+    time left at the recent rate, resident memory."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     with Progress(
@@ -194,8 +195,7 @@ def progress_bar(method: str) -> Iterator[Any]:
         handle = bar.add_task(method, total=None, speed="")
 
         def update(p: Any) -> None:
-            speed = f"{p.done / max(p.elapsed, 1e-9):.2f} samples/s"
-            bar.update(handle, completed=p.done, total=p.total, speed=speed)
+            bar.update(handle, completed=p.done, total=p.total, speed=p.text())
 
         yield update
 

@@ -137,37 +137,34 @@ def run(
 
 
 def _sample_with_progress(runner: Any, pending: int, store: Path) -> None:
-    """Run the plan with a progress bar on stderr; Ctrl-C says what was kept (exit 130)."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
+    """Run the plan with a progress bar on stderr (samples done of total, tok/s and time
+    left at the recent rate, resident memory); Ctrl-C says what was kept (exit 130)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from muestra.engine.progress import peak_resident_bytes, size_text
 
     with Progress(
         TextColumn("sampling"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[speed]}"),
-        TimeRemainingColumn(),
         console=stderr,
         disable=not stderr.is_terminal,
     ) as bar:
         task = bar.add_task("run", total=pending, speed="")
 
         def update(p) -> None:  # noqa: ANN001
-            speed = f"{p.tokens / p.elapsed:.0f} tok/s, {p.done / p.elapsed:.2f} samples/s"
-            bar.update(task, completed=p.done, speed=speed)
+            bar.update(task, completed=p.done, speed=p.text())
 
         with stopped_is_resumable():
             progress = runner.run(update)
+    peak = peak_resident_bytes()
+    memory = "" if peak is None else f", peak RSS {size_text(peak)}"
     stderr.print(
         f"done: {progress.done} {plural(progress.done, 'sample')}, {progress.tokens} tokens "
         f"in {progress.elapsed:.1f}s "
         f"({progress.tokens / max(progress.elapsed, 1e-9):.0f} tok/s, "
-        f"{progress.done / max(progress.elapsed, 1e-9):.2f} samples/s) → {store}",
+        f"{progress.done / max(progress.elapsed, 1e-9):.2f} samples/s{memory}) → {store}",
         markup=False,
     )
 

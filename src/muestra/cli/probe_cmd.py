@@ -180,7 +180,7 @@ class _bar:
                 task,
                 completed=p.done,
                 total=p.total,
-                speed=f"{p.done / max(p.elapsed, 1e-9):.2f} samples/s",
+                speed=p.text(),
             )
 
         return update

@@ -216,6 +216,9 @@ class Batch:
         self._dola_rows()
         self.next_tokens: list[int] | None = None  # sampled, not yet fed
         self.steps = 0
+        self.booked = 0  # KV cells the engine booked for these rows (llama.cpp)
+        # which prefill each row's prompt cells came from (shared by that prefill's rows)
+        self.prefill_of = {id(r): id(self) for r in rows}
 
     # ---- views the scheduler and tests read ------------------------------------------
 
@@ -404,6 +407,18 @@ class Batch:
         # after a step `forward` replaces the logits anyway
         self.state = self.state.take(keep, logits_too=self.next_tokens is None)
         self._dola_rows()
+        self._give_back_cells()
+
+    def _give_back_cells(self) -> None:
+        """The booked cells of rows that left go back to the runtime (only the rows
+        still here stay booked, each with its whole budget)."""
+        if self.booked:
+            rows = self.rows
+            prompts = {(self.prefill_of[id(r)], r.request_index): r.prompt_length for r in rows}
+            still = sum(prompts.values()) + sum(r.max_new_tokens + MAX_DRAFT for r in self.rows)
+            self.engine.unbook(self.booked - still)
+            self.booked = still
+            self.prefill_of = {id(r): self.prefill_of[id(r)] for r in self.rows}
 
     @torch.inference_mode()
     def forward(self) -> None:
@@ -473,9 +488,14 @@ class Batch:
         self.rows = rows
         self._dola_rows()
         other.seqs = None
+        self.booked += other.booked
+        self.prefill_of.update(other.prefill_of)
+        other.booked = 0
 
     def close(self) -> None:
         """Release the rows' KV state (a batch abandoned before its rows finished)."""
         if self.seqs is not None:
             self.seqs.close()
             self.seqs = None
+        self.engine.unbook(self.booked)
+        self.booked = 0

@@ -104,7 +104,7 @@ class Engine:
             raise InputError(
                 f"dola_layers={params.dola_layers!r}: DoLa contrasts the final layer with "
                 f"premature layers' hidden states, which the {self.runtime.name} runtime does "
-                "not expose; use --runtime torch (in a spec: runtime = \"torch\" under [model])"
+                'not expose; use --runtime torch (in a spec: runtime = "torch" under [model])'
             )
         if params.dola_layers not in self._dola:
             self._dola[params.dola_layers] = candidate_layers(
@@ -175,12 +175,28 @@ class Engine:
         self.dola_layers(request.params)  # refused on a runtime without it, or bad layers
         if request.stop and self.token_bytes is None:
             raise InputError("stop strings need token_bytes (use Engine.from_loaded)")
+        self._check_budget(index, request)
         total = len(request.prompt_ids) + request.max_new_tokens
         if self.max_length is not None and total > self.max_length:
             raise ContextLengthError(
                 f"request {index}: prompt ({len(request.prompt_ids)} tokens) + max_new_tokens "
                 f"({request.max_new_tokens}) = {total} exceeds the model's context of "
                 f"{self.max_length} tokens; lower max_new_tokens or shorten the prompt"
+            )
+
+    def _check_budget(self, index: int, request: GenerationRequest) -> None:
+        """A row whose budget cannot fit the runtime's cache even alone is refused here,
+        not left waiting (llama.cpp's `max_cells`)."""
+        limit = getattr(self.runtime, "max_cells", None)
+        if limit is None:
+            return
+        need = len(request.prompt_ids) + request.max_new_tokens + MAX_DRAFT
+        if not self.runtime.fits_alone(need):
+            raise ContextLengthError(
+                f"request {index}: prompt ({len(request.prompt_ids)} tokens) + max_new_tokens "
+                f"({request.max_new_tokens}) needs {need} KV cells with drafts, more than "
+                f"the runtime's cache budget of {limit} cells holds; lower max_new_tokens or "
+                "shorten the prompt, or raise the budget (muestra serve --max-memory)"
             )
 
     def rows_for(self, index: int, request: GenerationRequest) -> list[Row]:
@@ -242,12 +258,14 @@ class Engine:
                     prompt_of_request[row.request_index] = len(prompts)
                     prompts.append(row.prompt_ids)
             dola = self.dola_union(r.params for r in rows)
-            reserve = getattr(self.runtime, "reserve", None)
-            if reserve is not None:
-                reserve(self.cells_for(rows))
-            seqs, fed = self.runtime.prefill(
-                prompts, max(r.max_new_tokens for r in rows), "last", frozenset(dola)
-            )
+            booked = self._book(rows)
+            try:
+                seqs, fed = self.runtime.prefill(
+                    prompts, max(r.max_new_tokens for r in rows), "last", frozenset(dola)
+                )
+            except BaseException:
+                self.unbook(booked)
+                raise
             logits, premature = fed.last, fed.premature
             expand = [prompt_of_request[r.request_index] for r in rows]
             if expand != list(range(len(rows))):
@@ -255,7 +273,23 @@ class Engine:
                 index = torch.tensor(expand, device=self.device)
                 logits = logits[index]
                 premature = {layer: value[index] for layer, value in premature.items()}
-        return Batch(self, rows, seqs, logits, premature)
+        batch = Batch(self, rows, seqs, logits, premature)
+        batch.booked = booked
+        return batch
+
+    def _book(self, rows: Sequence[Row]) -> int:
+        """Book the rows' whole budgets in a runtime with a fixed cache (llama.cpp) until
+        they end (`Batch` gives them back); the cells booked."""
+        reserve = getattr(self.runtime, "reserve", None)
+        if reserve is None:
+            return 0
+        cells = self.cells_for(rows)
+        reserve(cells, book=True)
+        return cells
+
+    def unbook(self, cells: int) -> None:
+        if cells:
+            self.runtime.unbook(cells)  # type: ignore[attr-defined]
 
 
 def drafts_off_note(config: Any, params: Sequence[SamplingParams]) -> str | None:

@@ -27,8 +27,9 @@ their samples are exactly what they would have been. Only a fault that cannot be
 on one submission ends every row of the batch.
 
 Models whose cache cannot be merged (sliding-window or linear-attention layers on the
-torch runtime) still work: new rows then wait until the running batch is empty; so do
-rows whose KV cells would not fit beside the running ones (llama.cpp's fixed cache).
+torch runtime) still work: new rows then wait until the running batch is empty. On
+llama.cpp's fixed cache a row waits until its whole budget (prompt + max_new_tokens)
+fits beside the budgets of the rows running, which stay booked until each row ends.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import torch
 from muestra.allocator import single_malloc_arena
 from muestra.engine.batch import Batch
 from muestra.engine.engine import Engine
+from muestra.engine.progress import RateTracker
 from muestra.engine.rows import (
     GenerationRequest,
     NoHook,
@@ -100,6 +102,7 @@ class Scheduler:
             "busy_s": 0.0,  # time spent prefilling and stepping
             "prefill_s": 0.0,
         }
+        self.rate = RateTracker()  # rows finished and tokens generated, recent window
         self._thread = threading.Thread(target=self._loop, name="muestra-scheduler", daemon=True)
         self._thread.start()
 
@@ -193,7 +196,7 @@ class Scheduler:
         if running and not batch.can_extend:  # type: ignore[union-attr]
             return []
         room = self.max_batch - running
-        fits = getattr(self.engine.runtime, "fits", None) if running else None
+        fits = getattr(self.engine.runtime, "fits", None)
         taken: list[tuple[Submission, Row]] = []
         while self._waiting and len(taken) < room:
             submission, row = self._waiting[0]
@@ -201,8 +204,11 @@ class Scheduler:
                 self._waiting.popleft()
                 self._row_gone(submission)
                 continue
-            # a runtime with a fixed KV cache (llama.cpp): rows wait until theirs fits
-            if fits is not None and not fits(self.engine.cells_for([r for _, r in taken] + [row])):
+            # a runtime with a fixed KV cache (llama.cpp): a row waits until its whole
+            # budget fits beside the budgets booked by the rows running (an idle engine
+            # takes at least one row: `Engine.validate` refused those that never fit)
+            need = self.engine.cells_for([r for _, r in taken] + [row])
+            if fits is not None and (running or taken) and not fits(need):
                 break
             taken.append(self._waiting.popleft())
         return taken
@@ -262,6 +268,7 @@ class Scheduler:
             self._fail(submission, err)
         updates: dict[Submission, Update] = {}
         assert event is not None
+        self.rate.add(len(event.finished), len(event.tokens))
         by_key = {(r.request_index, r.sample_index): r for r in rows}
         for token in event.tokens:  # jump-forward: a row may take several tokens a step
             row = by_key[token.request_index, token.sample_index]

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from muestra.engine.progress import RateTracker, progress_text, resident_bytes
 from muestra.errors import InputError
 from muestra.experiments.executor import Batch, BatchExecutor, Decoding, Unit
 from muestra.experiments.planning import MemoryPlan
@@ -80,10 +81,21 @@ __all__ = ["Progress", "Runner", "Unit", "seed_indices"]
 
 @dataclass
 class Progress:
+    """Where a run is: samples done of total, tokens, seconds since it started; tokens
+    per second and the seconds left at the recent rate (None until a sample is stored)
+    and this process's resident memory (engine/progress.py)."""
+
     done: int
     total: int
     tokens: int
     elapsed: float
+    tokens_per_s: float = 0.0
+    eta_s: float | None = None
+    rss_bytes: int | None = None
+
+    def text(self) -> str:
+        """ "340 tok/s · ETA 1m05s · RSS 812.0 MiB" (the bars' shared wording)."""
+        return progress_text(self.tokens_per_s, self.eta_s, self.rss_bytes)
 
 
 class Runner:
@@ -364,15 +376,20 @@ class Runner:
     def _sample(self, on_progress: Callable[[Progress], None] | None) -> Progress:
         units = self.plan()
         total = sum(len(u.missing) for u in units)
-        progress = Progress(0, total, 0, 0.0)
+        progress = Progress(0, total, 0, 0.0, rss_bytes=resident_bytes())
         started = time.perf_counter()
+        rate = RateTracker(total)
 
         def store(rows: list[dict[str, Any]]) -> None:
             assert self.db is not None
             insert_samples(self.db, rows)
+            tokens = sum(r["completion_tokens"] for r in rows)
+            rate.add(len(rows), tokens)
             progress.done += len(rows)
-            progress.tokens += sum(r["completion_tokens"] for r in rows)
+            progress.tokens += tokens
             progress.elapsed = time.perf_counter() - started
+            progress.tokens_per_s, progress.eta_s = rate.rates()[1], rate.eta()
+            progress.rss_bytes = resident_bytes()
             if on_progress:
                 on_progress(progress)
 

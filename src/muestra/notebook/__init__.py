@@ -109,7 +109,9 @@ _thread_wait_default()
 
 class _Bar:
     """A `Runner` progress callback. In a Jupyter kernel, one line updated in place
-    (a display handle: the saved notebook keeps its final state); elsewhere a tqdm bar."""
+    (a display handle: the saved notebook keeps its final state); elsewhere a tqdm bar.
+    Both show samples done of total, tok/s and time left at the recent rate, and the
+    process's resident memory (`Progress.text`)."""
 
     def __init__(self, label: str, enabled: bool) -> None:
         self.label, self.enabled, self.bar = label, enabled, None
@@ -131,13 +133,14 @@ class _Bar:
 
             self.bar = tqdm(total=p.total, desc=self.label, unit="sample", leave=True)
         self.bar.total = p.total
+        self.bar.set_postfix_str(p.text(), refresh=False)
         self.bar.update(p.done - self.bar.n)
 
     def _display(self, p: Any) -> None:
         from IPython.display import display
 
         text = (f"{self.label}: {p.done}/{p.total} samples · "
-                f"{time.monotonic() - self.started:.0f} s")  # fmt: skip
+                f"{time.monotonic() - self.started:.0f} s · {p.text()}")  # fmt: skip
         if self.handle is None:
             self.handle = display({"text/plain": text}, raw=True, display_id=True)
         else:

@@ -29,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from muestra.engine.progress import peak_resident_bytes, resident_bytes
 from muestra.errors import InputError
 from muestra.models.runtime.base import CANCEL, Cancelled
 from muestra.server import beams, drafting, echo
@@ -131,6 +132,27 @@ def _error_handlers(app: FastAPI) -> None:
         return JSONResponse(error.body(), status_code=500)
 
 
+def _progress(served: ServedModel) -> dict[str, Any]:
+    """Throughput over the recent window, the time the open rows need at that rate,
+    memory, and (llama.cpp) the KV cache: cells, budget, booked by the rows running."""
+    scheduler, runtime = served.scheduler, served.text.engine.runtime
+    rows_per_s, tokens_per_s = scheduler.rate.rates()
+    open_rows = scheduler.open_rows
+    return {
+        "rate_window_seconds": scheduler.rate.window,
+        "tokens_per_second": round(tokens_per_s, 2),
+        "rows_per_second": round(rows_per_s, 3),
+        "rows_done": scheduler.rate.done,
+        "tokens_generated": scheduler.rate.tokens,
+        "queue_eta_seconds": round(open_rows / rows_per_s, 1) if rows_per_s > 0 else None,
+        "rss_bytes": resident_bytes(),
+        "peak_rss_bytes": peak_resident_bytes(),
+        "kv_cells": getattr(runtime, "cells", None),
+        "kv_cells_budget": getattr(runtime, "max_cells", None),
+        "kv_cells_booked": getattr(runtime, "booked", None),
+    }
+
+
 def _info_routes(
     app: FastAPI, served: ServedModel, keyed: list[Any], off_loop: dict[str, int]
 ) -> None:
@@ -151,6 +173,7 @@ def _info_routes(
             "admissions": scheduler.stats["admissions"],
             "busy_seconds": round(scheduler.stats["busy_s"], 3),
             "prefill_seconds": round(scheduler.stats["prefill_s"], 3),
+            **_progress(served),
             "grammar_cache_bytes": grammars.memory_bytes if grammars else 0,
             # beam searches and drafted requests: one at a time, beside the scheduler
             "search_running": served.beam_lock.locked(),

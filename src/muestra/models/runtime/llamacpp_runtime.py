@@ -35,6 +35,16 @@ shared cache with SIMD lanes chosen by cell index, so a row's bits depend on whe
 cells sit, but on this CPU it decodes 1.4x (one row) to 1.7x (32 rows, 400-token
 prompt) faster than flash attention's cell-by-cell loop (README, "llama.cpp runtime").
 
+**Booking the cache.** The cache has a fixed size while rows are alive, so the engine
+books each row's whole budget (its prompt, once per request, + max_new_tokens + drafts)
+when it admits the row, and gives it back when the row ends (`reserve(..., book=True)`,
+`unbook`); the scheduler admits a waiting row only when its budget fits beside the
+booked ones (`fits`), else the row waits. The cache grows (rebuilt, doubling) only when
+no row is alive, and never past `max_cells`: by default the cells that half the memory
+available at load holds (`KV_SHARE`, f16 keys and values). A request whose rows have no
+`max_tokens` books the model's remaining context per row, so that budget bounds how many
+of its rows run at once; the others wait.
+
 The AMX buffer type is off in both modes: in this llama.cpp build its matrix product
 crashes (SIGSEGV in `ggml_backend_amx_mul_mat`) on this machine's Sapphire Rapids CPU.
 """
@@ -70,6 +80,8 @@ MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
 DUMMY = MAX_SEQUENCES - 1  # the companion token's scratch sequence
 GRAVE = MAX_SEQUENCES - 2  # cells given up while rows are alive (exact mode)
 FIRST_CELLS = 4096
+SLACK = 8  # cells kept free beside the booked ones: a one-token step's companion token
+KV_SHARE = 0.5  # default cache budget: this share of the memory available at load
 
 
 class LlamaCppUnavailable(MuestraError):
@@ -175,7 +187,13 @@ class LlamaCppRuntime:
     config = None
 
     def __init__(
-        self, gguf: Path, *, threads: int | None = None, exact: bool = True, cells: int = 0
+        self,
+        gguf: Path,
+        *,
+        threads: int | None = None,
+        exact: bool = True,
+        cells: int = 0,
+        max_cells: int | None = None,
     ) -> None:
         lc = llama_cpp_module()
         self.lc = lc
@@ -209,6 +227,9 @@ class LlamaCppRuntime:
         self._lengths: dict[int, int] = {}  # positions each live sequence holds
         self._dummy_pos = 0
         self._decoded = 0  # cells taken since the cache was last emptied (exact mode)
+        self._booked = 0  # cells booked by the rows running (their whole budgets)
+        self.kv_bytes_per_cell = self._kv_bytes_per_cell()
+        self.max_cells = max_cells or self.default_max_cells()
         self._grave_cells = 0
         self.stats = {"decodes": 0, "tokens": 0, "companions": 0, "cells_reused": 0}
         self._buffers = _BatchBuffers(lc, max(self.ubatch, 64))
@@ -221,6 +242,24 @@ class LlamaCppRuntime:
         buffer = ctypes.create_string_buffer(4096)
         size = self.lc.llama_model_meta_val_str(self._model, key.encode(), buffer, 4096)
         return buffer.value.decode("utf-8", errors="replace") if size >= 0 else None
+
+    def _kv_bytes_per_cell(self) -> int:
+        """Bytes one KV cell takes: f16 keys and values of every layer's KV heads (the
+        GGUF's key/value lengths, else the embedding width over the heads)."""
+        lc, model = self.lc, self._model
+        arch = self.meta("general.architecture") or ""
+        heads = max(1, int(lc.llama_model_n_head(model)))
+        width = int(lc.llama_model_n_embd(model)) // heads
+        key = int(self.meta(f"{arch}.attention.key_length") or width)
+        value = int(self.meta(f"{arch}.attention.value_length") or width)
+        kv_heads = int(lc.llama_model_n_head_kv(model))
+        return max(1, self.num_layers * kv_heads * (key + value) * 2)
+
+    def default_max_cells(self) -> int:
+        """The cache budget when none is given: `KV_SHARE` of the memory available now
+        (MemAvailable), in cells, but at least `FIRST_CELLS`."""
+        cells = self.kv_cells_for_bytes(int(KV_SHARE * available_memory()))
+        return max(FIRST_CELLS, cells - cells % 256)  # llama.cpp pads a context to 256
 
     def eog_ids(self) -> list[int]:
         """Every end-of-generation token of the GGUF's vocabulary."""
@@ -252,31 +291,62 @@ class LlamaCppRuntime:
     # ---- the context ---------------------------------------------------------------------
 
     def fits(self, cells: int) -> bool:
-        """Whether `cells` more KV cells fit beside the rows alive (counting every cell
-        taken since the cache was last empty: a bound, as freed cells are not counted)."""
+        """Whether rows needing `cells` more KV cells can be booked beside the rows
+        already booked: in the cache as it is while rows are alive (it cannot be rebuilt
+        under them), else in the largest cache the budget allows (`max_cells`)."""
         with self._lock:
-            if not self._live:
-                return True
-            return self._ctx is not None and self._decoded + cells <= self.cells
+            room = self.cells if self._live else self.max_cells
+            return self._booked + cells + SLACK <= room
 
-    def reserve(self, cells: int) -> None:
-        """Make room for `cells` more KV cells: a larger context when no row is alive (the
-        cache is rebuilt), else a check that they fit."""
+    def reserve(self, cells: int, *, book: bool = False) -> None:
+        """Make room for `cells` more KV cells beside the booked ones: a larger context
+        when no row is alive (the cache is rebuilt, never past `max_cells`), else a check
+        that they fit. `book=True` keeps them booked until `unbook` (the engine books
+        each row's whole budget, prompt + max_new_tokens, until the row ends)."""
         with self._lock:
-            if self._live:
-                if not self.fits(cells):
-                    raise ContextLengthError(
-                        f"llama.cpp's KV cache holds {self.cells} cells, {self._decoded} in "
-                        f"use, and {cells} more are needed; lower max_new_tokens or the "
-                        "batch size"
-                    )
-                return
-            if self._ctx is not None and cells <= self.cells:
-                return
-            size = max(FIRST_CELLS, self._requested_cells, 2 * self.cells)
-            while size < cells:
-                size *= 2
-            self._new_context(size)
+            need = self._booked + cells + SLACK
+            if self._live and need > self.cells:
+                raise ContextLengthError(
+                    f"llama.cpp's KV cache holds {self.cells} cells, {self._booked} booked by "
+                    f"the rows running, and {cells} more are needed; lower max_new_tokens or "
+                    "the batch size"
+                )
+            if not self._live and need > self.max_cells:
+                raise ContextLengthError(self._over_budget(cells))
+            if not self._live and (self._ctx is None or need > self.cells):
+                size = max(FIRST_CELLS, self._requested_cells, 2 * self.cells)
+                while size < need:
+                    size *= 2
+                self._new_context(min(size, self.max_cells))
+            if book:
+                self._booked += cells
+
+    def unbook(self, cells: int) -> None:
+        """Give back cells booked by `reserve(..., book=True)` (rows that ended)."""
+        with self._lock:
+            self._booked = max(0, self._booked - cells)
+
+    def fits_alone(self, cells: int) -> bool:
+        """Whether a row needing `cells` fits the budget with nothing else booked."""
+        return cells + SLACK <= self.max_cells
+
+    @property
+    def booked(self) -> int:
+        """KV cells booked by the rows running (each row's whole budget)."""
+        return self._booked
+
+    def _over_budget(self, cells: int) -> str:
+        budget = self.max_cells * self.kv_bytes_per_cell / 2**30
+        return (
+            f"{cells} KV cells are needed ({self._booked} more booked), more than the cache "
+            f"budget of {self.max_cells} cells ({budget:.2f} GiB at "
+            f"{self.kv_bytes_per_cell} bytes a cell); lower max_new_tokens (max_tokens) or "
+            "the number of samples, or raise the budget (muestra serve --max-memory)"
+        )
+
+    def kv_cells_for_bytes(self, kv_bytes: int) -> int:
+        """How many KV cells `kv_bytes` hold (f16 keys and values, every layer)."""
+        return max(0, kv_bytes // self.kv_bytes_per_cell)
 
     def _new_context(self, cells: int) -> None:
         lc = self.lc
@@ -358,8 +428,8 @@ class LlamaCppRuntime:
         check_cancelled()
         if layers:
             raise InputError(_no_dola())
-        total = sum(len(p) for p in prompts) + len(prompts) * room
-        self.reserve(total + 64)
+        if not self._live and not self._booked:  # else the caller reserved (the engine)
+            self.reserve(sum(len(p) for p in prompts) + len(prompts) * room)
         with self._lock:
             rows = LlamaSequences(self, [self._take() for _ in prompts], [0] * len(prompts))
         return rows, rows.feed(prompts, logits)
@@ -612,6 +682,17 @@ class LlamaSequences:
     def close(self) -> None:
         self.runtime._release(self.seqs)
         self.seqs, self.lengths = [], []
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (Linux's MemAvailable)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _no_dola() -> str:

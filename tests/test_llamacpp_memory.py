@@ -1,0 +1,142 @@
+"""The llama.cpp runtime's KV cache under overlapping requests (issue 47-F), on the real
+SmolLM2 GGUF: a row keeps its whole budget (prompt + max_new_tokens) booked until it
+ends, rows that would not fit beside the running ones wait, and the cache never grows
+past its budget (`max_cells`), whatever a request without `max_tokens` asks for."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from helpers import chat_ids
+from muestra.engine import Engine, GenerationRequest, SamplingParams
+from muestra.engine.batch import MAX_DRAFT
+from muestra.errors import ContextLengthError
+from muestra.models.runtime import llamacpp_runtime
+
+pytest.importorskip("llama_cpp", reason="the llama.cpp runtime needs llama-cpp-python")
+
+
+@pytest.fixture
+def small(smol_kit, monkeypatch):
+    """SmolLM2 on llama.cpp whose cache starts at 256 cells (a fresh runtime per test;
+    one thread, so that a busy machine does not stall it)."""
+    from muestra.models.loading import load_model
+
+    monkeypatch.setattr(llamacpp_runtime, "FIRST_CELLS", 256)
+    return load_model(str(smol_kit), runtime="llamacpp", threads=1)
+
+
+def _run_overlapping(engine: Engine, requests: list[GenerationRequest], head_start: int):
+    """Submit the first request, the others once it has `head_start` tokens; every
+    submission's finished samples and error."""
+    from muestra.engine.scheduler import Scheduler
+
+    scheduler = Scheduler(engine)
+    results: dict[int, dict] = {i: {"samples": [], "error": None} for i in range(len(requests))}
+    started, done = threading.Event(), threading.Event()
+
+    def deliver(index: int):
+        def receive(update) -> None:
+            mine = results[index]
+            mine["samples"] += update.finished
+            mine["error"] = mine["error"] or update.error
+            mine["tokens"] = mine.get("tokens", 0) + len(update.tokens)
+            if index == 0 and (mine["tokens"] >= head_start or update.error):
+                started.set()
+            over = [r["error"] or len(r["samples"]) == q.n for r, q in
+                    zip(results.values(), requests, strict=True)]  # fmt: skip
+            if all(over):
+                done.set()
+
+        return receive
+
+    try:
+        scheduler.submit([requests[0]], deliver(0))
+        assert started.wait(60), "the first request never started"
+        for index, request in enumerate(requests[1:], 1):
+            scheduler.submit([request], deliver(index))
+        assert done.wait(180), "the requests never finished"
+    finally:
+        scheduler.close()
+    return results, scheduler
+
+
+@pytest.mark.parametrize(("cells", "budgets"), [(256, (150, 150)), (512, (400, 300))])
+def test_overlapping_rows_wait_instead_of_overfilling_the_cache(small, monkeypatch, cells, budgets):
+    """Two rows, the second arriving when the first has 10 tokens: together they need
+    more than the cache holds, so the second waits for the first. Before the fix it was
+    admitted against the cells already decoded: with (150, 150) in 256 cells its prefill
+    was then refused (a request failed that only had to wait); with (400, 300) in 512
+    cells both rows decoded until the cache was full and both requests failed."""
+    monkeypatch.setattr(llamacpp_runtime, "FIRST_CELLS", cells)
+    engine = Engine.from_loaded(small)
+    prompt = chat_ids(small, "Tell me a story.")
+    requests = [
+        GenerationRequest(prompt, n=1, params=SamplingParams(temperature=1.0),
+                          max_new_tokens=budget, seed=seed, ignore_eos=True)
+        for seed, budget in zip((1, 2), budgets, strict=True)
+    ]  # fmt: skip
+    results, scheduler = _run_overlapping(engine, requests, head_start=10)
+    errors = [r["error"] for r in results.values() if r["error"] is not None]
+    assert not errors, errors
+    assert [len(r["samples"][0].token_ids) for r in results.values()] == list(budgets)
+    assert engine.runtime.cells == cells  # one row at a time fit; the cache did not grow
+    assert scheduler.stats["max_rows"] == 1  # the second row waited
+    assert engine.runtime.booked == 0  # every booking was given back
+    alone = engine.generate([requests[1]])[0][0]
+    assert results[1]["samples"][0].token_ids == alone.token_ids
+
+
+def test_rows_that_fit_together_still_share_a_step(small):
+    """The booking does not serialize what fits: two 40-token rows run side by side."""
+    engine = Engine.from_loaded(small)
+    prompt = chat_ids(small, "Tell me a story.")
+    requests = [
+        GenerationRequest(prompt, n=1, params=SamplingParams(temperature=1.0),
+                          max_new_tokens=40, seed=seed, ignore_eos=True)
+        for seed in (1, 2)
+    ]  # fmt: skip
+    results, scheduler = _run_overlapping(engine, requests, head_start=3)
+    assert all(r["error"] is None for r in results.values())
+    assert scheduler.stats["max_rows"] == 2
+
+
+def test_a_row_larger_than_the_budget_is_refused_at_submit_with_the_numbers(small):
+    engine = Engine.from_loaded(small)
+    runtime = engine.runtime
+    runtime.max_cells = 512
+    prompt = chat_ids(small, "Hi")
+    request = GenerationRequest(prompt, n=1, max_new_tokens=600)
+    with pytest.raises(ContextLengthError, match=r"512 cells.*lower max_new_tokens"):
+        engine.validate(0, request)
+
+
+def test_a_request_without_max_tokens_stays_within_the_cache_budget(small):
+    """n=8 without max_tokens: each row books the model's remaining context (8,192 −
+    prompt cells), so a 32,768-cell budget admits four at a time and the rest wait;
+    the cache never grows past the budget (before the fix it grew to 65,536 cells; with
+    n=64, 2^19 cells, ~12 GB)."""
+    from fastapi.testclient import TestClient
+
+    from muestra.server.app import create_app
+    from muestra.server.service import ServedModel
+
+    runtime = small.runtime
+    runtime.max_cells = 32768
+    served = ServedModel(small, "smol")
+    with TestClient(create_app(served)) as http:
+        body = {"messages": [{"role": "user", "content": "Name a colour."}], "n": 8,
+                "temperature": 0.7, "seed": 3, "stop": ["."]}  # fmt: skip
+        reply = http.post("/v1/chat/completions", json=body)
+        assert reply.status_code == 200, reply.text
+        choices = reply.json()["choices"]
+        health = http.get("/health").json()
+    assert len(choices) == 8
+    assert runtime.cells <= 32768
+    prompt = len(chat_ids(small, "Name a colour."))
+    row = 8192 - prompt + MAX_DRAFT  # the remaining context, and the drafts' room
+    at_once = max(k for k in range(1, 9) if prompt + k * row + llamacpp_runtime.SLACK <= 32768)
+    assert at_once == 4 and served.scheduler.stats["max_rows"] == at_once
+    assert health["kv_cells"] == runtime.cells and health["kv_cells_budget"] == 32768
