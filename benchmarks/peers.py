@@ -71,8 +71,10 @@ def _build(version: str, folder: Path) -> None:
             done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT)
             if done.returncode != 0:
                 tail = log.read_text(errors="replace")[-3000:]
-                raise SystemExit(f"{tail}\nbuilding llama.cpp's programs failed (log: {log}); "
-                                 "they need cmake and a C++ compiler")
+                raise SystemExit(
+                    f"{tail}\nbuilding llama.cpp's programs failed (log: {log}); "
+                    "they need cmake and a C++ compiler"
+                )
 
 
 if __name__ == "__main__":

@@ -143,9 +143,7 @@ def bench_greedy(loaded: LoadedModel, prompt: list[int], repeats: int) -> dict[s
         return len(engine.generate([replace(request, max_new_tokens=n)])[0][0].token_ids)
 
     def hf(n: int = NEW_TOKENS) -> int:
-        new_ids = _hf_generate(
-            loaded, prompt, do_sample=False, min_new_tokens=n, max_new_tokens=n
-        )
+        new_ids = _hf_generate(loaded, prompt, do_sample=False, min_new_tokens=n, max_new_tokens=n)
         return new_ids.shape[1]
 
     ours_tok_s, ours_runs = median_rate(ours, repeats)

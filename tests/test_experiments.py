@@ -33,7 +33,12 @@ SCHEMA = {
 
 
 def write_spec(folder: Path, model: Path, samples: int = 6, extra: str = "") -> Path:
-    return helpers.write_spec(folder, "exp", "", schema=SCHEMA, text=f'''
+    return helpers.write_spec(
+        folder,
+        "exp",
+        "",
+        schema=SCHEMA,
+        text=f'''
 name = "prueba"
 seed = 99
 samples = {samples}
@@ -64,7 +69,8 @@ temperature = 1.0
 [answer]
 max_tokens = 40
 schema = "p.schema.json"
-{extra}''')
+{extra}''',
+    )
 
 
 def test_store_schema_through_migrations(tmp_path):

@@ -223,7 +223,7 @@ def test_beam_search_keeps_its_rules(cpp, cpp_engine):
     (teacher-forced through the runtime), and it is at least greedy's."""
     prompt = chat_ids(cpp, CHAT[0])
     request = GenerationRequest(prompt, max_new_tokens=8)
-    (best, *_), = beam_search(cpp_engine, [request], BeamParams(num_beams=4))
+    ((best, *_),) = beam_search(cpp_engine, [request], BeamParams(num_beams=4))
     rows, fed = cpp.runtime.prefill([prompt + best.token_ids[:-1]], 1, "all")
     rows.close()
     logprobs = torch.log_softmax(fed.ahead[0][len(prompt) - 1 :], -1)
@@ -244,7 +244,7 @@ def test_prompt_lookup_and_speculative_equal_greedy(cpp, cpp_engine):
     looked = lookup_greedy(cpp_engine, request, num_tokens=8)
     assert looked.token_ids == plain
     assert looked.accepted > 0  # it copied from the prompt
-    (spec,), = speculative_decode(cpp_engine, cpp.runtime, [request], 4)  # its own draft
+    ((spec,),) = speculative_decode(cpp_engine, cpp.runtime, [request], 4)  # its own draft
     assert spec.token_ids == plain and spec.acceptance_rate == 1.0
 
 
@@ -315,9 +315,10 @@ def test_the_store_records_the_runtime(cpp, smol_kit, tmp_path, cli):
         (provenance,) = db.execute("SELECT provenance_json FROM models").fetchone()
     runtime = json.loads(provenance)["runtime"]
     assert runtime["runtime"] == "llamacpp" and runtime["exact"] is True
-    assert runtime["gguf_sha256"] == json.loads((smol_kit / "muestra-kit.json").read_text())[
-        "gguf_sha256"
-    ]
+    assert (
+        runtime["gguf_sha256"]
+        == json.loads((smol_kit / "muestra-kit.json").read_text())["gguf_sha256"]
+    )
     assert runtime["llama_cpp_python"] and runtime["threads"] >= 1
     # a resume on another runtime would mix samples: refused
     spec.write_text(spec.read_text().replace('"llamacpp"', '"torch"'))
@@ -434,8 +435,14 @@ def test_muestra_serve_on_llama_cpp(cpp):
     from muestra.server.service import ServedModel
 
     with TestClient(create_app(ServedModel(cpp, "smol"))) as http:
-        body = {"model": "smol", "messages": [{"role": "user", "content": CHAT[0]}],
-                "max_tokens": 12, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+        body = {
+            "model": "smol",
+            "messages": [{"role": "user", "content": CHAT[0]}],
+            "max_tokens": 12,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": 2,
+        }
         reply = http.post("/v1/chat/completions", json=body).json()
         text = reply["choices"][0]["message"]["content"]
         generator = TextGenerator(cpp)
@@ -503,8 +510,15 @@ def test_the_same_spec_samples_the_same_distribution_on_llama_cpps_server(
 
     (gguf,) = smol_kit.glob("*.gguf")
     schema = tmp_path / "s.json"
-    schema.write_text(json.dumps({"type": "object", "required": ["colour"],
-                                  "properties": {"colour": {"enum": ["red", "green", "blue"]}}}))
+    schema.write_text(
+        json.dumps(
+            {
+                "type": "object",
+                "required": ["colour"],
+                "properties": {"colour": {"enum": ["red", "green", "blue"]}},
+            }
+        )
+    )
     top = 'name = "colours"\nseed = 5\nsamples = 60\n'
     common = (
         '[prompt]\nuser = "Pick a colour for a {thing}. Answer in JSON."\n'

@@ -62,8 +62,17 @@ def _paired_frame(answers_a, answers_b, probs_a, probs_b) -> pd.DataFrame:
     rows = []
     for variant, answers, probs in (("x", answers_a, probs_a), ("y", answers_b, probs_b)):
         for i, answer in enumerate(answers):
-            rows.append({"group": "g", "variant": variant, "sample": i, "condition": "c",
-                         "model": "m", "sexo": answer, "field_probs": {"sexo": probs}})
+            rows.append(
+                {
+                    "group": "g",
+                    "variant": variant,
+                    "sample": i,
+                    "condition": "c",
+                    "model": "m",
+                    "sexo": answer,
+                    "field_probs": {"sexo": probs},
+                }
+            )
     return pd.DataFrame(rows)
 
 

@@ -34,7 +34,12 @@ SCHEMA = {
 
 
 def write_spec(folder, name, model_table, samples=6, extra="", mode="tags"):
-    return helpers.write_spec(folder, name, "", schema=SCHEMA, text=f"""
+    return helpers.write_spec(
+        folder,
+        name,
+        "",
+        schema=SCHEMA,
+        text=f"""
 name = "remoto"
 seed = 21
 samples = {samples}
@@ -63,7 +68,8 @@ temperature = 1.0
 max_tokens = 40
 schema = "p.schema.json"
 field_probs = false
-{extra}""")
+{extra}""",
+    )
 
 
 COLUMNS = (

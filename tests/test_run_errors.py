@@ -226,7 +226,7 @@ samples = 2
 [model]
 id = "{model}"
 [prompt]
-user = "{'palabra ' * 4500}"
+user = "{"palabra " * 4500}"
 [[prompt.items]]
 id = "a"
 [answer]

@@ -17,7 +17,12 @@ SCHEMA = {"type": "object", "properties": {"sexo": {"enum": ["a", "b"]}}, "requi
 
 def write_spec(folder: Path, answer: str = "", prompt: str = "", model: str = "org/modelo") -> Path:
     """A valid spec (a Hub id is not looked up at load time) with `answer` lines added."""
-    return helpers.write_spec(folder, "exp", "", schema=SCHEMA, text=f'''
+    return helpers.write_spec(
+        folder,
+        "exp",
+        "",
+        schema=SCHEMA,
+        text=f'''
 name = "prueba"
 samples = 2
 [model]
@@ -30,7 +35,8 @@ id = "corto"
 descripcion = "Soy fuerte."
 [answer]
 {answer}
-''')
+''',
+    )
 
 
 def refused(spec: Path, *fragments: str) -> str:

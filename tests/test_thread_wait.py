@@ -81,8 +81,10 @@ def stored_wait(store) -> str:
 @pytest.mark.parametrize("given", [None, "spin"])
 def test_a_run_applies_and_records_the_wait(cli, tiny_kit, tmp_path, monkeypatch, given):
     spec = tmp_path / "s.toml"
-    spec.write_text(f'name = "s"\nsamples = 1\n[model]\nid = "{tiny_kit}"\n[prompt]\n'
-                    'user = "hola"\n[[prompt.items]]\nid = "a"\n[answer]\nmax_tokens = 1\n')
+    spec.write_text(
+        f'name = "s"\nsamples = 1\n[model]\nid = "{tiny_kit}"\n[prompt]\n'
+        'user = "hola"\n[[prompt.items]]\nid = "a"\n[answer]\nmax_tokens = 1\n'
+    )
     flags = [] if given is None else ["--thread-wait", given]
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     result = cli("run", str(spec), "--out", str(tmp_path / "s.db"), *flags, env={})

@@ -212,9 +212,7 @@ def test_the_server_takes_typical_p_in_a_request_and_in_the_answer_phase(tiny_ki
         unset = served.params(CompletionRequest(model="t", prompt="Hola"))
         assert unset.typical_p == 1.0  # the kit's generation config sets none: off
         options = MuestraOptions.model_validate({"answer": {"typical_p": 0.8}})
-        chat = ChatRequest(
-            model="t", messages=[{"role": "user", "content": "x"}], muestra=options
-        )
+        chat = ChatRequest(model="t", messages=[{"role": "user", "content": "x"}], muestra=options)
         phases, _ = served.chat_phases(chat, options, served.params(chat), served.tags, 3)
         assert phases.answer.params.typical_p == 0.8
     finally:

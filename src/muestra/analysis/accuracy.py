@@ -188,9 +188,7 @@ def discrimination(
         raise ValueError(f"{len(s)} scores for {len(y)} answers: give one score per answer")
     value = _auroc(s, y)
     rng = np.random.default_rng(seed)
-    draws = [
-        _auroc(s[i], y[i]) for i in (rng.integers(0, len(s), len(s)) for _ in range(2000))
-    ]
+    draws = [_auroc(s[i], y[i]) for i in (rng.integers(0, len(s), len(s)) for _ in range(2000))]
     kept = [d for d in draws if d is not None]
     low, high = (
         (float(np.percentile(kept, 2.5)), float(np.percentile(kept, 97.5)))

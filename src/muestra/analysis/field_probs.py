@@ -32,7 +32,6 @@ class FieldProbSummary:
     narrower: float | None
 
 
-
 EXACT_TOLERANCE = 1e-6  # field_probs closer than this in every sample are one distribution
 
 

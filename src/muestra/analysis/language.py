@@ -18,8 +18,10 @@ LANGUAGES = ("en", "es")
 PHRASES: dict[str, tuple[str, str]] = {
     # axis labels, legends, titles
     "share": ("share of samples", "proporción de muestras"),
-    "share_pooled": ("share of samples\n(pooled over prompts)",
-                     "proporción de muestras\n(todos los prompts)"),
+    "share_pooled": (
+        "share of samples\n(pooled over prompts)",
+        "proporción de muestras\n(todos los prompts)",
+    ),
     "by": ("{field} by {by}", "{field} por {by}"),
     "prompt": ("prompt", "prompt"),
     "condition": ("condition", "condición"),
@@ -47,25 +49,37 @@ PHRASES: dict[str, tuple[str, str]] = {
         "medir si la puntuación las distingue",
     ),
     # captions of a notebook's tables
-    "cap_distributions": ("distributions (95% Wilson intervals)",
-                          "distribuciones (intervalos de Wilson al 95 %)"),
+    "cap_distributions": (
+        "distributions (95% Wilson intervals)",
+        "distribuciones (intervalos de Wilson al 95 %)",
+    ),
     "cap_tests": ("independence tests", "pruebas de independencia"),
     "cap_comparisons": ("paired differences", "diferencias emparejadas"),
-    "cap_field_probs": ("field_probs (exact probabilities)",
-                        "field_probs (probabilidades exactas)"),
-    "cap_text": ("free-text fields (not tested as categories)",
-                 "campos de texto libre (sin pruebas como categorías)"),
-    "cap_counterfactuals": ("paired variants: flip rate against chance",
-                            "variantes emparejadas: tasa de cambio frente al azar"),
+    "cap_field_probs": (
+        "field_probs (exact probabilities)",
+        "field_probs (probabilidades exactas)",
+    ),
+    "cap_text": (
+        "free-text fields (not tested as categories)",
+        "campos de texto libre (sin pruebas como categorías)",
+    ),
+    "cap_counterfactuals": (
+        "paired variants: flip rate against chance",
+        "variantes emparejadas: tasa de cambio frente al azar",
+    ),
     "cap_accuracy": ("accuracy (95% Wilson intervals)", "precisión (intervalos de Wilson al 95 %)"),
     "cap_paired": ("paired comparisons", "comparaciones emparejadas"),
     "cap_groups": ("group differences", "diferencias entre grupos"),
-    "valid_of": ("{name}: {valid} valid of {samples} samples (alpha {alpha})",
-                 "{name}: {valid} válidas de {samples} muestras (alfa {alpha})"),
+    "valid_of": (
+        "{name}: {valid} valid of {samples} samples (alpha {alpha})",
+        "{name}: {valid} válidas de {samples} muestras (alfa {alpha})",
+    ),
     "note": ("note: {text}", "nota: {text}"),
     "also": ("also significant: {text}", "también significativo: {text}"),
-    "no_finding": ("no significant finding at α = {alpha} after Holm adjustment",
-                   "ningún hallazgo significativo con α = {alpha} tras el ajuste de Holm"),
+    "no_finding": (
+        "no significant finding at α = {alpha} after Holm adjustment",
+        "ningún hallazgo significativo con α = {alpha} tras el ajuste de Holm",
+    ),
     "answer_field": (
         "the answer's fields: {fields} (a choice or regex answer is the field `answer`)",
         "campos de la respuesta: {fields} (una respuesta choice o regex es el campo `answer`)",
@@ -134,10 +148,8 @@ PHRASES: dict[str, tuple[str, str]] = {
         "intervalo)",
     ),
     "one_sample": (
-        "{groups}: one sample with field_probs of {field}, its probability is not an "
-        "interval",
-        "{groups}: una sola muestra con field_probs de {field}; su probabilidad no es un "
-        "intervalo",
+        "{groups}: one sample with field_probs of {field}, its probability is not an interval",
+        "{groups}: una sola muestra con field_probs de {field}; su probabilidad no es un intervalo",
     ),
     "free_text": (
         "{fields}: free text (a string without enum in the schema), summarised as text "

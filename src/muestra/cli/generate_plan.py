@@ -73,7 +73,6 @@ LOAD = (
 INPUT = ("prompt", "messages", "raw", "enable_thinking", "n")
 
 
-
 def sampling_applies(prefix: str = "") -> dict[str, frozenset[str]]:
     """Where each sampling flag applies, from its setting's `Use` (muestra/settings.py):
     a plain flag in the plain modes its strategies name, a phase's flag (prefix "think_"

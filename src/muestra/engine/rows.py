@@ -134,5 +134,3 @@ class NoHook:
 
     def after_token(self, row: Row, token_id: int, forced: bool) -> None:
         return None
-
-

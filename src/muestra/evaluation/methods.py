@@ -70,9 +70,7 @@ def evaluate_methods(
     results = []
     for settings in every:
         with (progress or (lambda _: nullcontext(None)))(settings.method) as on_progress:
-            results.append(
-                evaluate(model, task, settings, out, on_progress=on_progress, **options)
-            )
+            results.append(evaluate(model, task, settings, out, on_progress=on_progress, **options))
     return MethodsEvaluation(results, compare_pairs(results, [s.method for s in every]))
 
 

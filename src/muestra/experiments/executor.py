@@ -62,9 +62,7 @@ class RunnerView(Protocol):
 class BatchExecutor(Protocol):
     def load(self, runner: RunnerView, model: ModelSpec) -> Any: ...
 
-    def run_batch(
-        self, runner: RunnerView, worker: Any, batch: Batch
-    ) -> list[dict[str, Any]]: ...
+    def run_batch(self, runner: RunnerView, worker: Any, batch: Batch) -> list[dict[str, Any]]: ...
 
 
 class Decoding:
@@ -181,4 +179,3 @@ def ranges(indices: list[int]) -> list[tuple[int, int]]:
         prev = index
     runs.append((start, prev - start + 1))
     return runs
-

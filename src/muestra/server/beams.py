@@ -274,9 +274,7 @@ async def _thinking_chat(
     batch = PhaseBatch([prompt], [body.n], phases_from(settings, served.loaded), 0, grammar)
     async with served.beam_lock:
         try:
-            samples = await asyncio.to_thread(
-                decode, served.structured, batch, Beams(think=params)
-            )
+            samples = await asyncio.to_thread(decode, served.structured, batch, Beams(think=params))
         except MuestraError as err:
             raise ApiError(400, str(err)) from err
     choices = [

@@ -232,9 +232,7 @@ class AnswerPhase(
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    max_tokens: Int = Field(
-        AnswerSettings.model_fields["max_tokens"].default, ge=1, le=INT_CAP
-    )
+    max_tokens: Int = Field(AnswerSettings.model_fields["max_tokens"].default, ge=1, le=INT_CAP)
 
 
 class MuestraOptions(BaseModel):

@@ -416,4 +416,3 @@ class ServedModel:
 
     def piece(self, token_id: int) -> bytes:
         return self.text.token_bytes[token_id]
-
