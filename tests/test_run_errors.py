@@ -155,10 +155,14 @@ def damaged_weights(tiny_kit: Path, folder: Path) -> Path:
 
 
 def assert_ends_in_one_line_error(result, *words: str) -> None:
-    """The run's plan line, then one error line (the model loads after the plan)."""
+    """The run's plan line, its memory plan when the files could be read (a note, indented
+    lines under it), then one error line: the model loads after the plans."""
     assert result.code == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 2 and lines[-1].startswith("error:"), result.stderr
+    assert lines[-1].startswith("error:"), result.stderr
+    if len(lines) > 2:
+        assert lines[1].startswith("note: memory plan"), result.stderr
+        assert all(line.startswith("  ") for line in lines[2:-1]), result.stderr
     assert "Traceback" not in result.stderr
     for word in words:
         assert word in lines[-1]

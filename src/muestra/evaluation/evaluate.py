@@ -487,6 +487,8 @@ class LoglikScoring:
     question scored by log-likelihood in place of generation, one stored "sample" per
     question, its answer the most likely option."""
 
+    plans_memory = True  # it scores with the run's model: the runner plans its memory first
+
     def __init__(self) -> None:
         self.fits_checked = False
 

@@ -60,6 +60,10 @@ class RunnerView(Protocol):
 
 
 class BatchExecutor(Protocol):
+    """Turns a batch into stored rows. The runner makes a memory plan (planning.py) before
+    loading only for an executor whose `plans_memory` is true: one that loads the run's
+    model through `runner.load` and decodes its rows there."""
+
     def load(self, runner: RunnerView, model: ModelSpec) -> Any: ...
 
     def run_batch(self, runner: RunnerView, worker: Any, batch: Batch) -> list[dict[str, Any]]: ...
@@ -67,6 +71,8 @@ class BatchExecutor(Protocol):
 
 class Decoding:
     """The default executor: the spec's think and answer phases, decoded."""
+
+    plans_memory = True  # it loads the run's model: the runner plans its memory first
 
     def __init__(self) -> None:
         self.drafts: dict[tuple[str, str], Any] = {}  # speculative drafts, per model and ref

@@ -431,6 +431,8 @@ class Runner:
         from muestra.experiments.planning import plan_models
 
         assert self.db is not None and self.run_id is not None
+        if not getattr(self.executor, "plans_memory", False):
+            return  # an executor of its own (executor.py) brings its own resources
         self.memory_plans = plan_models(self.spec, units, self.rows_asked, self.budget)
         for name, plan in self.memory_plans.items():
             (self.on_plan or (lambda p: self.on_note(p.describe())))(plan)

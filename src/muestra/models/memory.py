@@ -145,19 +145,32 @@ def kv_bytes_per_token_from_gguf(header: GGUFHeader, cache_type: str = DEFAULT_K
 
 def safetensors_tensors(file: Path) -> list[tuple[str, int]]:
     """(dtype, element count) of each tensor in a safetensors file, from its header."""
+
+    def unreadable(why: str) -> InputError:
+        return InputError(
+            f"the model did not load: {file} is not a readable safetensors file ({why}); "
+            "it is damaged or not safetensors: build or copy the model again"
+        )
+
     with open(file, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
+        head = handle.read(8)
+        if len(head) < 8:
+            raise unreadable(f"{len(head)} bytes")
+        (length,) = struct.unpack("<Q", head)
         if length > 100 * 2**20 or length > file.stat().st_size:
-            raise InputError(f"{file}: not a readable safetensors file (header of {length} bytes)")
-        header = json.loads(handle.read(length))
-    found = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        count = 1
-        for dim in entry["shape"]:
-            count *= int(dim)
-        found.append((str(entry["dtype"]), count))
+            raise unreadable(f"header of {length} bytes")
+        try:
+            header = json.loads(handle.read(length))
+            found = []
+            for name, entry in header.items():
+                if name == "__metadata__":
+                    continue
+                count = 1
+                for dim in entry["shape"]:
+                    count *= int(dim)
+                found.append((str(entry["dtype"]), count))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise unreadable(f"its header: {type(err).__name__}") from None
     return found
 
 
