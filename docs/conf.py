@@ -25,7 +25,7 @@ release = version = __version__
 language = "en"
 
 extensions = ["myst_nb", "autodoc2", "muestra_reference"]
-exclude_patterns = ["_build", "_incoming", "_ext", "cuadernos/figures", "Thumbs.db", ".DS_Store"]
+exclude_patterns = ["_build", "_ext", "cuadernos/figures", "Thumbs.db", ".DS_Store"]
 
 # ---- MyST -----------------------------------------------------------------------------
 myst_enable_extensions = ["colon_fence", "deflist"]
@@ -102,6 +102,7 @@ def _resolve_by_name(app, env, node, contnode):  # noqa: ANN001, ANN202
 
 def setup(app):  # noqa: ANN001, ANN201
     app.connect("missing-reference", _resolve_by_name)
+
 
 # Types of other libraries are named, not linked (no network for intersphinx here): a
 # missing target is an error only for muestra's own objects.

@@ -140,3 +140,111 @@ def test_a_request_without_max_tokens_stays_within_the_cache_budget(small):
     at_once = max(k for k in range(1, 9) if prompt + k * row + llamacpp_runtime.SLACK <= 32768)
     assert at_once == 4 and served.scheduler.stats["max_rows"] == at_once
     assert health["kv_cells"] == runtime.cells and health["kv_cells_budget"] == 32768
+
+
+# ---- `muestra serve --max-memory`: the cache's budget from a memory budget -------------------
+
+SMOL_BYTES_PER_CELL = 30 * 3 * (64 + 64) * 2  # layers × KV heads × (key + value) × f16
+
+
+@pytest.fixture
+def smol_gguf(smol_kit):
+    (gguf,) = smol_kit.glob("*.gguf")
+    return gguf
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """`muestra serve` may not load the model: a refusal must come first."""
+    from muestra.models import loading
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the refusal")
+
+    monkeypatch.setattr(loading, "load_model", load_model)
+
+
+def test_serve_max_memory_sets_the_cells_left_after_the_weights(cli, smol_gguf, monkeypatch):
+    """250 MB less the GGUF's weights, in 23,040-byte cells, rounded down to llama.cpp's
+    256-cell contexts: the runtime's budget, shown at start and by /health, and what a
+    request's rows are held to."""
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from muestra.models.gguf_header import read_gguf_header
+    from muestra.models.memory import gguf_weights_bytes
+
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: apps.append(app))
+    result = cli("serve", str(smol_gguf), "--threads", "1", "--port", "0",
+                 "--max-memory", "250MB")  # fmt: skip
+    assert result.code == 0, result.stderr
+    weights = gguf_weights_bytes(read_gguf_header(smol_gguf))
+    assert 80 * 2**20 < weights < 100 * 2**20  # the Q4_1 GGUF's tensors, ~92 MiB
+    cells = (250 * 10**6 - weights) // SMOL_BYTES_PER_CELL // 256 * 256
+    assert 4096 < cells < 8192  # below the model's context: a request can ask for more
+    assert (
+        f"muestra serve: --max-memory 250MB (238 MiB): KV cache budget of {cells:,} cells at "
+        "23,040 bytes a cell"
+    ) in result.stderr
+    (app,) = apps
+    with TestClient(app) as http:
+        health = http.get("/health").json()
+        body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": cells}
+        refused = http.post("/v1/chat/completions", json=body)
+    assert health["kv_cells_budget"] == cells
+    assert refused.status_code == 400 and f"cache budget of {cells} cells" in refused.text
+
+
+def test_serve_refuses_a_budget_without_room_for_the_weights_and_a_first_cache(
+    cli, smol_gguf, no_load
+):
+    """~92 MiB of weights and 4,096 cells × 23,040 bytes (90 MiB) do not fit 150 MB."""
+    result = cli("serve", str(smol_gguf), "--port", "0", "--max-memory", "150MB")
+    assert result.code == 2
+    (line,) = [line for line in result.stderr.splitlines() if line.strip()]
+    assert line.startswith("error: --max-memory 150MB: 143 MiB does not hold")
+    assert "4,096 cells" in line and "raise --max-memory to at least" in line
+
+
+def test_serve_refuses_a_bad_size_before_the_model_loads(cli, smol_gguf, monkeypatch, no_load):
+    from muestra.models import loading
+
+    def resolve_model(*args, **kwargs):
+        raise AssertionError("the model was looked up before the size was read")
+
+    monkeypatch.setattr(loading, "resolve_model", resolve_model)
+    result = cli("serve", str(smol_gguf), "--port", "0", "--max-memory", "lots")
+    assert result.code == 2
+    assert "error: --max-memory: 'lots' is not a size such as" in result.stderr
+
+
+def test_serve_refuses_max_memory_on_torch_by_name(cli, smol_kit, no_load):
+    """The kit's folder runs on torch (auto): its KV cache has no budget to set."""
+    result = cli("serve", str(smol_kit), "--port", "0", "--max-memory", "4GiB")
+    assert result.code == 2
+    assert "--max-memory is applied on the llama.cpp runtime only; on torch" in result.stderr
+
+
+def test_mn_serve_passes_max_memory_to_the_command(tmp_path, monkeypatch):
+    import muestra.notebook as mn
+    from muestra.errors import InputError
+    from muestra.notebook import serving
+
+    started = []
+
+    class Exited:
+        returncode = 2
+
+        def poll(self):
+            return 2
+
+    def popen(args, **kwargs):
+        started.append(args)
+        return Exited()
+
+    monkeypatch.setattr(serving.subprocess, "Popen", popen)
+    with pytest.raises(InputError, match="exited with 2"):
+        mn.serve(str(tmp_path), max_memory="6GiB")
+    (args,) = started
+    assert args[args.index("--max-memory") + 1] == "6GiB"

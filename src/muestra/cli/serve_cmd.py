@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -17,6 +19,12 @@ from muestra.cli.common import (
     ThreadWaitOption,
     TrustRemoteCodeOption,
 )
+
+if TYPE_CHECKING:
+    from muestra.experiments.planning import Budget
+    from muestra.models.memory import ModelMemory
+
+CONTEXT_STEP = 256  # llama.cpp pads a context to a multiple of 256 cells
 
 
 def register(app: typer.Typer) -> None:
@@ -104,6 +112,14 @@ def serve(
     num_speculative_tokens: int = typer.Option(
         4, "--num-speculative-tokens", min=1, max=32, help="Draft tokens per round."
     ),
+    max_memory: str | None = typer.Option(
+        None,
+        "--max-memory",
+        help='Memory for the weights and the KV cache (llama.cpp runtime): "8GiB", "12GB", '
+        '"500MiB" or bytes. The cache may grow to the cells left after the weights; rows '
+        "beyond them wait. Refused below the weights plus 4,096 cells. Default: the cells "
+        "half the memory available at load holds.",
+    ),
     log_level: str = typer.Option("warning", "--log-level", help="uvicorn's log level."),
 ) -> None:
     """Serve MODEL over OpenAI's API: GET /health, GET /v1/models, POST /v1/chat/completions
@@ -123,8 +139,10 @@ def serve(
     from muestra.allocator import single_malloc_arena
 
     single_malloc_arena()  # before torch starts threads: see its docstring
+    from muestra.experiments.planning import given_budget
     from muestra.models.loading import load_model, resolve_model
 
+    budget = None if max_memory is None else given_budget(max_memory, "--max-memory")
     check_port(host, port)
     if max_queued_rows < max_rows_per_request:
         raise typer.BadParameter(
@@ -132,6 +150,11 @@ def serve(
             param_hint="--max-queued-rows",
         )
     resolve_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    cache = None
+    if budget is not None:  # applied, or refused by name, before the model loads
+        cache = kv_cache_plan(
+            model, budget, runtime, dtype, device, allow_pickle, trust_remote_code
+        )
     import uvicorn  # the server's pieces import torch: after the checks above
 
     from muestra.answers.drafted import load_draft
@@ -152,6 +175,9 @@ def serve(
         thread_wait=thread_wait,
         batch_invariant=batch_invariant,
     )
+    if cache is not None:
+        assert loaded.runtime.name == "llamacpp", "kv_cache_plan chose the llama.cpp runtime"
+        loaded.runtime.max_cells = cache.cells
     served = ServedModel(
         loaded,
         served_model_name or model,
@@ -173,6 +199,8 @@ def serve(
         f"http://{host}:{port}/v1" + (" (API key required)" if api_key else ""),
         markup=False,
     )
+    if cache is not None:
+        stderr.print(f"muestra serve: {cache.describe()}", markup=False)
     note = drafts_off_note(loaded.runtime.config, [])
     if note is not None:
         stderr.print(f"note: {note}", markup=False)
@@ -198,3 +226,75 @@ def check_port(host: str, port: int) -> None:
             f"--host {host} --port {port}: cannot listen there ({err.strerror or err}); another "
             "process may hold the port: pass another --port"
         ) from err
+
+
+@dataclass(frozen=True)
+class KvCachePlan:
+    """The llama.cpp KV cache a `--max-memory` budget allows: `cells` of
+    `bytes_per_cell` each, beside weights of `weights_bytes`."""
+
+    budget_source: str  # the flag and its value, as the user gave it
+    budget_bytes: int
+    weights_bytes: int
+    bytes_per_cell: int
+    cells: int
+
+    def describe(self) -> str:
+        from muestra.experiments.planning import format_bytes
+
+        cache = format_bytes(self.cells * self.bytes_per_cell)
+        return (
+            f"{self.budget_source} ({format_bytes(self.budget_bytes)}): KV cache budget of "
+            f"{self.cells:,} cells at {self.bytes_per_cell:,} bytes a cell ({cache}), beside "
+            f"the weights ({format_bytes(self.weights_bytes)})"
+        )
+
+
+def kv_cells_budget(budget: Budget, memory: ModelMemory, least: int) -> KvCachePlan:
+    """The KV cells `budget` holds once the weights are in (whole llama.cpp contexts of
+    `CONTEXT_STEP` cells); a `MemoryBudgetError` naming the flag when they are fewer
+    than `least` (the runtime's first context)."""
+    from muestra.errors import MemoryBudgetError
+    from muestra.experiments.planning import format_bytes
+
+    per_cell = memory.kv_bytes_per_token
+    cells = max(0, budget.bytes - memory.weights_bytes) // per_cell
+    cells -= cells % CONTEXT_STEP
+    if cells < least:
+        need = memory.weights_bytes + least * per_cell
+        raise MemoryBudgetError(
+            f"{budget.source}: {format_bytes(budget.bytes)} does not hold the model's weights "
+            f"({format_bytes(memory.weights_bytes)}) and a first KV cache of {least:,} cells "
+            f"({format_bytes(least * per_cell)} at {per_cell:,} bytes a cell), "
+            f"{format_bytes(need)} together; raise --max-memory to at least "
+            f"{-(-need // 2**20)}MiB, or serve a smaller or more quantized model"
+        )
+    return KvCachePlan(budget.source, budget.bytes, memory.weights_bytes, per_cell, cells)
+
+
+def kv_cache_plan(
+    model: str,
+    budget: Budget,
+    runtime: str,
+    dtype: str,
+    device: str,
+    allow_pickle: bool,
+    trust_remote_code: bool,
+) -> KvCachePlan:
+    """`--max-memory` applied before the model loads: the llama.cpp cache it allows, read
+    from the GGUF's header; refused by name on the torch runtime, whose KV cache grows
+    with the rows running and has no budget to set."""
+    from muestra.errors import InputError
+    from muestra.models.loading import auto_runtime, check_model, choose_runtime
+    from muestra.models.memory import model_memory
+    from muestra.models.runtime.llamacpp_runtime import FIRST_CELLS
+
+    files = check_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if choose_runtime(model, files, auto_runtime(runtime, dtype, device)) != "llamacpp":
+        raise InputError(
+            f"{budget.source}: --max-memory is applied on the llama.cpp runtime only; on "
+            f"torch (which runs {model} here) the KV cache grows with the rows running and "
+            "has no budget to set. Serve a GGUF with --runtime llamacpp, or leave "
+            "--max-memory out (--max-batch bounds the rows decoding together)"
+        )
+    return kv_cells_budget(budget, model_memory(files, "llamacpp"), FIRST_CELLS)

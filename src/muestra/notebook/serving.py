@@ -120,8 +120,9 @@ class Server:
 @checked
 def serve(model: PathLike, **flags: Any) -> Server:
     """Start `muestra serve MODEL` on a free loopback port (or `port=`); `flags` are its
-    options (`max_batch=8`, `served_model_name="smol"`…). Use it in a `with` block or call
-    `.stop()`; it also ends with the Python process that started it."""
+    options (`max_batch=8`, `served_model_name="smol"`, `max_memory="6GiB"`: the llama.cpp
+    KV cache's budget…). Use it in a `with` block or call `.stop()`; it also ends with the
+    Python process that started it."""
     return Server(model, **flags)
 
 
