@@ -486,6 +486,24 @@ def test_a_planted_group_effect_becomes_a_finding_and_a_null_one_does_not():
     assert not null.findings
 
 
+def test_two_models_compared_on_a_probe_find_a_planted_gap_and_no_null_one():
+    """compare_models in the fast suite (the real two-model comparison is a long test)."""
+    import pandas as pd
+
+    from muestra.analysis.probes import compare_models
+
+    rng = np.random.default_rng(2)
+    biased = _probe_frame(rng, 0.5, 0.1).assign(model="a")
+    fair = _probe_frame(rng, 0.3, 0.3).assign(model="b")
+    gap = compare_models(pd.concat([biased, fair], ignore_index=True), "a", "b", seed=1)
+    care = next(g for g in gap.gaps if g.feature == "lexicon:care")
+    assert care.gap_first == pytest.approx(0.4, abs=0.08) and abs(care.gap_second) < 0.08
+    assert care.p_holm < 0.01 and care.sentence
+    also_fair = _probe_frame(rng, 0.3, 0.3).assign(model="c")
+    null = compare_models(pd.concat([fair, also_fair], ignore_index=True), "b", "c", seed=1)
+    assert not null.findings
+
+
 def test_the_probes_page_shows_the_example_file_and_it_loads():
     root = Path(__file__).parents[1]
     example = root / "examples/nombres-es.toml"

@@ -309,7 +309,7 @@ def compare_models(
     """`frame`: both models' samples of one probe (`model` holds their labels)."""
     valid = frame[frame["error"].isna() & frame["model"].isin([first, second])]
     result = ModelComparison(first, second, alpha)
-    found, _ = features(valid)
+    found = features(valid).features
     model, group = valid["model"].astype(str), valid["variant"].astype(str)
     template = valid["group"].astype(str)
     groups = list(dict.fromkeys(group))
