@@ -76,3 +76,15 @@ def test_uncached_hub_id_offline(monkeypatch, tmp_path):
         load_tokenizer("nobody/no-such-model")
     message = str(info.value)
     assert "muestra kit build" in message and "local folder" in message and "network" in message
+
+
+def test_a_gguf_file_keeps_its_chat_template(smol_kit):
+    """transformers' GGUF tokenizer can leave out `tokenizer.chat_template` (it did for the
+    kit's own .gguf, beside the kit's tokenizer files): a chat model run or served from its
+    .gguf refused messages as a base model's."""
+    (gguf,) = smol_kit.glob("*.gguf")
+    messages = [{"role": "user", "content": "hola"}]
+    bare, kit = load_tokenizer(str(gguf)), load_tokenizer(str(smol_kit))
+    assert bare.apply_chat_template(messages, tokenize=False) == kit.apply_chat_template(
+        messages, tokenize=False
+    )

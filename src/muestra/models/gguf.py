@@ -100,12 +100,24 @@ def load_gguf_tokenizer(file: Path) -> Any:
     architecture = gguf_architecture(file)  # a damaged header is refused here, by name
     try:
         with _parsed_once():
-            return AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+            tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
     except Exception as err:
         raise InputError(
             f"{file}: transformers cannot rebuild the tokenizer of this GGUF (architecture "
             f"{architecture!r}: {_first_line(err)}); put its tokenizer.json beside the file"
         ) from err
+    return with_chat_template(tokenizer, file)
+
+
+def with_chat_template(tokenizer: Any, file: Path) -> Any:
+    """`tokenizer` with the GGUF's own chat template (`tokenizer.chat_template`), which
+    transformers' GGUF tokenizer leaves out: a chat model served from its bare GGUF file
+    keeps its chat format (its template is what llama.cpp itself would apply)."""
+    if not getattr(tokenizer, "chat_template", None):
+        template = read_gguf_header(file).metadata.get("tokenizer.chat_template")
+        if isinstance(template, str) and template.strip():
+            tokenizer.chat_template = template
+    return tokenizer
 
 
 def load_gguf(file: Path, dtype: Any = "auto") -> tuple[Any, Any]:
@@ -146,6 +158,7 @@ def load_gguf(file: Path, dtype: Any = "auto") -> tuple[Any, Any]:
     # Once dequantized nothing is quantized any more: detach the GGUF quantizer so the
     # model is an ordinary one (and `save_pretrained` writes plain safetensors).
     model.hf_quantizer = None
+    tokenizer = with_chat_template(tokenizer, file)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     if not model.config.architectures:
