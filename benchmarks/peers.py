@@ -1,10 +1,11 @@
 """llama.cpp's own programs, as peers for the benchmarks and the remote backend's tests.
 
-`python -m benchmarks.peers` (`make peers`, which `make test` and `make bench` run)
-builds `llama-server` and `llama-batched-bench` once from the llama.cpp source vendored
-in the installed llama-cpp-python's sdist (downloaded from PyPI), so they are the same
-llama.cpp muestra's runtime computes with; cached under muestra's cache folder
-(~5 min on 2 cores the first time; then nothing). Prints the folder of the programs.
+`python -m benchmarks.peers` (`make peers`, which `make test-long` and `make bench` run)
+builds `llama-server`, `llama-batched-bench` and `llama-quantize` (benchmarks/shapes.py)
+once from the llama.cpp source vendored in the installed llama-cpp-python's sdist
+(downloaded from PyPI), so they are the same llama.cpp muestra's runtime computes with;
+cached under muestra's cache folder (~5 min on 2 cores the first time; then nothing).
+Prints the folder of the programs.
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ def _cache() -> Path:
 
 
 def build_peers() -> dict[str, Path]:
-    """`llama-batched-bench` and `llama-server` of the installed llama-cpp-python's
-    vendored llama.cpp, built once (cmake, ~5 min on 2 cores) and cached."""
+    """`llama-batched-bench`, `llama-server` and `llama-quantize` of the installed
+    llama-cpp-python's vendored llama.cpp, built once (cmake, ~5 min on 2 cores), cached."""
     from filelock import FileLock
 
     version = importlib.metadata.version("llama-cpp-python")
     folder = _cache() / version
-    names = ("llama-batched-bench", "llama-server")
+    names = ("llama-batched-bench", "llama-server", "llama-quantize")
     binaries = {name: folder / "build" / "bin" / name for name in names}
     if all(path.is_file() for path in binaries.values()):
         return binaries
@@ -66,7 +67,7 @@ def _build(version: str, folder: Path) -> None:
              "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
              "-DCMAKE_BUILD_TYPE=Release"],
             ["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2),
-             "--target", "llama-batched-bench", "llama-server"],
+             "--target", "llama-batched-bench", "llama-server", "llama-quantize"],
         ):  # fmt: skip
             done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT)
             if done.returncode != 0:

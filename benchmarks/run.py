@@ -8,7 +8,9 @@ decoding` the decoding strategies on it (benchmarks/decoding.py: beam search vs 
 `--only step_profile` where a decode step's time goes, and what torch.compile gives
 (benchmarks/step_profile.py); `--only llamacpp` the llama.cpp runtime against llama.cpp's
 own loop, `llama-batched-bench`, `llama-server` and HF (benchmarks/llamacpp.py; builds
-the two llama.cpp programs once).
+the two llama.cpp programs once); `--only shapes` Qwen3-1.7B and Qwen3-4B shapes with
+random weights as Q8_0/Q4_K_M GGUFs: memory plan against llama.cpp and the peak, speed
+against `llama-batched-bench` (benchmarks/shapes.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from benchmarks import evaluation as evaluation_bench
 from benchmarks import llamacpp as llamacpp_bench
 from benchmarks import real_model as real_model_bench
 from benchmarks import server as server_bench
+from benchmarks import shapes as shapes_bench
 from benchmarks import step_profile as step_profile_bench
 from benchmarks import structured as structured_bench
 from benchmarks.common import write_result
@@ -55,6 +58,7 @@ def main() -> None:
             "align",
             "step_profile",
             "llamacpp",
+            "shapes",
         ],
         default=None,
     )
@@ -71,7 +75,8 @@ def main() -> None:
     from muestra.models.kit import ensure_kit
     from muestra.models.loading import load_model
 
-    real_only = ("real_model", "decoding", "evaluation", "align", "step_profile", "llamacpp")
+    real_only = ("real_model", "decoding", "evaluation", "align", "step_profile", "llamacpp",
+                 "shapes")  # fmt: skip
     if args.only not in real_only:
         console.print("building/loading the kit's qwen3-0.6b (random weights, bf16) …")
         kit = ensure_kit("qwen3-0.6b", args.kit_dir / "qwen3-0.6b" if args.kit_dir else None)
@@ -166,6 +171,20 @@ def main() -> None:
             f"seed 000 answers: {answers['samples_per_s']} samples/s, male shares "
             f"{answers['male_share']}, field_probs overhead {answers['field_probs_overhead']:.0%}"
         )
+
+    if args.only in (None, "shapes"):
+        console.print("real shapes: Qwen3-1.7B and Qwen3-4B, random weights, as GGUFs …")
+        shapes = shapes_bench.bench_shapes(repeats=repeats, kit_root=args.kit_dir)
+        paths.append(write_result("shapes", {"repeats": repeats, **shapes}))
+        for preset in shapes_bench.PRESETS:
+            speed, peak = shapes[preset]["speed"], shapes[preset]["peak_vs_plan"]
+            console.print(
+                f"{preset} {speed['quant']}: batch 1 vs llama-batched-bench "
+                f"{speed['exact_batch1_vs_bench']:.2f}× (exact), "
+                f"{speed['free_batch1_vs_bench']:.2f}× (free); {shapes['rows']} rows "
+                f"{speed['exact_rows_vs_bench']:.2f}× / {speed['free_rows_vs_bench']:.2f}×; "
+                f"peak RSS / plan {peak['default_budget']['peak_over_plan']:.2f}"
+            )
 
     evaluation = None
     if args.only in (None, "evaluation"):

@@ -48,6 +48,22 @@ def test_kv_bytes_per_token_of_published_qwen3_shapes():
     assert kv_bytes_per_token_from_config({"text_config": QWEN3_1_7B}, "float16") == 114_688
 
 
+@pytest.mark.parametrize("name, published", [("qwen3-4b", QWEN3_4B), ("qwen3-1.7b", QWEN3_1_7B)])
+def test_the_real_shaped_kit_presets_are_the_published_configs(name, published):
+    """benchmarks/shapes.py measures memory and speed on these presets: they must be the
+    published shapes (random weights stand in for the trained ones)."""
+    from muestra.models.kit.presets import QWEN_VOCAB, get_preset
+
+    config = get_preset(name).config
+    for key in ("hidden_size", "head_dim", "num_attention_heads", "num_key_value_heads",
+                "num_hidden_layers"):  # fmt: skip
+        assert config[key] == published[key], key
+    assert config["vocab_size"] == QWEN_VOCAB and config["tie_word_embeddings"] is True
+    assert kv_bytes_per_token_from_config(config, "bfloat16") == kv_bytes_per_token_from_config(
+        published, "bfloat16"
+    )
+
+
 def test_kv_of_a_real_gguf_is_what_llama_cpp_allocates(smol_kit, capsys, monkeypatch):
     """SmolLM2-135M's GGUF: the KV bytes per token from its metadata equal the HF config
     of the same kit, and llama.cpp's own log of the cache it allocates."""

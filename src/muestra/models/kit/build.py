@@ -65,9 +65,10 @@ def _make_model(preset: Preset) -> torch.nn.Module:
 
     config_cls = Qwen3Config if preset.architecture == "qwen3" else GPT2Config
     config = config_cls(**preset.config)
-    model = AutoModelForCausalLM.from_config(config)
+    # made in its own dtype and filled parameter by parameter: a 4B-shaped model never
+    # holds a float32 copy (16 GB); the values are those of a float32 model cast after
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, preset.dtype))
     _fill_weights(model, preset.init_std, preset.seed)
-    model = model.to(getattr(torch, preset.dtype))
     model.generation_config = GenerationConfig(
         bos_token_id=ENDOFTEXT, pad_token_id=ENDOFTEXT, **preset.generation
     )

@@ -184,6 +184,48 @@ PRESETS: dict[str, Preset | PackagedPreset] = {
         generation={"eos_token_id": [IM_END, ENDOFTEXT], **QWEN3_SAMPLING},
         seed=2,
     ),
+    # Real shapes for the memory and speed benchmarks (benchmarks/shapes.py): the
+    # published configs of Qwen3-1.7B and Qwen3-4B, random bf16 weights.
+    "qwen3-1.7b": Preset(
+        name="qwen3-1.7b",
+        summary="Exact Qwen3-1.7B shapes (28 layers, hidden 2048, 8 KV heads × 128), bf16, "
+        "hybrid template (benchmarks; ~3.4 GB).",
+        architecture="qwen3",
+        config=_qwen3(
+            hidden_size=2048,
+            intermediate_size=6144,
+            num_hidden_layers=28,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            head_dim=128,
+            max_position_embeddings=40960,
+        ),
+        dtype="bfloat16",
+        template="hybrid",
+        init_std=0.02,
+        generation={"eos_token_id": [IM_END, ENDOFTEXT], **QWEN3_SAMPLING},
+        seed=4,
+    ),
+    "qwen3-4b": Preset(
+        name="qwen3-4b",
+        summary="Exact Qwen3-4B shapes (36 layers, hidden 2560, 8 KV heads × 128), bf16, "
+        "hybrid template (benchmarks; ~8 GB).",
+        architecture="qwen3",
+        config=_qwen3(
+            hidden_size=2560,
+            intermediate_size=9728,
+            num_hidden_layers=36,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            head_dim=128,
+            max_position_embeddings=40960,
+        ),
+        dtype="bfloat16",
+        template="hybrid",
+        init_std=0.02,
+        generation={"eos_token_id": [IM_END, ENDOFTEXT], **QWEN3_SAMPLING},
+        seed=5,
+    ),
     "gpt2-tiny": Preset(
         name="gpt2-tiny",
         summary="GPT2LMHeadModel base model, no chat template, Qwen tokenizer "

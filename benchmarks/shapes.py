@@ -1,0 +1,335 @@
+"""Real shapes (issue 42): Qwen3-1.7B and Qwen3-4B with random weights, turned into GGUFs
+by llama.cpp's own converter and quantizer, measured on muestra's llama.cpp runtime beside
+llama.cpp's own programs, 2 threads.
+
+Speed and memory depend on the shapes and the quantization, not on the weights' values,
+so the kit's random-weight presets (`qwen3-1.7b`, `qwen3-4b`: the published configs, bf16)
+stand in for the real models, which cannot be installed here:
+
+1. **GGUFs**: `convert_hf_to_gguf.py --outtype bf16` of the llama.cpp that the installed
+   llama-cpp-python vendors, then `llama-quantize` to Q8_0 and Q4_K_M (cached under
+   muestra's cache folder, `shapes/`; the bf16 file is removed once both are made).
+2. **Memory, planned against llama.cpp's own numbers**: the KV bytes per token and the
+   weights that muestra's memory plan reads from the GGUF, against the published shape's
+   arithmetic and against what `llama-batched-bench` reports it allocated (its KV cache
+   size and cells, its model size).
+3. **Peak resident memory against the plan**: `muestra run` in its own process on seed
+   000's workload shape (2 prompts × `--rows` samples, a sampled think budget, the
+   Character schema answer), its stored memory plan against the process's peak RSS
+   (`getrusage` of the child), and with a `--max-memory` of half the planned KV: the rows
+   it admitted at once.
+4. **Decoding against llama-batched-bench**: batch-1 greedy decoding and `--rows` sampled
+   rows of seed 000's prompt (exact and free batching) against `llama-batched-bench -npl
+   1,ROWS` (flash attention off, its fastest here; `-pps -kvu` as muestra shares the
+   prompt and one cache).
+
+`python -m benchmarks.shapes [--presets qwen3-4b] [--quant Q4_K_M] [--rows 8]`, or
+`make bench BENCH_ARGS="--only shapes"`. The 4B kit needs ~8 GB of disk for its bf16
+safetensors and as much again while converting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import seed_000_messages, write_result
+from benchmarks.peers import build_peers
+
+THREADS = 2
+NEW_TOKENS = 32
+PRESETS = ("qwen3-1.7b", "qwen3-4b")
+QUANTS = ("Q8_0", "Q4_K_M")
+# the published shapes: (layers, KV heads, head_dim) → f16 KV bytes per token
+PUBLISHED_KV = {"qwen3-1.7b": 28 * 8 * 2 * 128 * 2, "qwen3-4b": 36 * 8 * 2 * 128 * 2}
+
+
+def shapes_dir() -> Path:
+    from muestra.paths import cache_dir
+
+    return cache_dir() / "shapes"
+
+
+def make_ggufs(preset: str, kit_root: Path | None) -> dict[str, Path]:
+    """`preset`'s GGUFs in each of QUANTS, converted and quantized by llama.cpp (once)."""
+    from muestra.models.kit import ensure_kit
+
+    folder = shapes_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {quant: folder / f"{preset}-{quant}.gguf" for quant in QUANTS}
+    if all(path.is_file() for path in out.values()):
+        return out
+    peers = build_peers()
+    source = peers["llama-server"].parents[2] / "source"
+    kit = ensure_kit(preset, kit_root / preset if kit_root else None)
+    full = folder / f"{preset}-bf16.gguf"
+    if not full.is_file():
+        print(f"converting {preset} to GGUF (bf16) with llama.cpp's convert_hf_to_gguf.py …")
+        partial = full.with_suffix(".partial")
+        done = subprocess.run(
+            [sys.executable, str(source / "convert_hf_to_gguf.py"), str(kit),
+             "--outtype", "bf16", "--outfile", str(partial)],
+            capture_output=True, text=True, env=converter_env(folder),
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        partial.rename(full)
+    for quant, path in out.items():
+        if not path.is_file():
+            print(f"quantizing {preset} to {quant} with llama-quantize …")
+            partial = path.with_suffix(".partial")
+            subprocess.run(
+                [str(peers["llama-quantize"]), str(full), str(partial), quant, str(THREADS)],
+                check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            partial.rename(path)
+    full.unlink()
+    return out
+
+
+def converter_env(folder: Path) -> dict[str, str]:
+    """The environment llama.cpp's converter runs in: muestra's, plus the one package of its
+    requirements muestra does not install (sentencepiece: the Qwen converter imports it
+    before it falls back to the BPE tokenizer), installed aside under `folder` so that
+    muestra's own environment does not change."""
+    deps = folder / "convert-deps"
+    if not (deps / "sentencepiece").is_dir():
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--target", str(deps),
+             "sentencepiece>=0.1.98,<0.3.0"],
+            check=True,
+        )  # fmt: skip
+    return {**os.environ, "PYTHONPATH": str(deps)}
+
+
+def llama_cpp_sizes(bench: Path, gguf: Path, cells: int) -> dict[str, float]:
+    """What llama.cpp says it allocated for `gguf` with a `cells`-cell cache: its model
+    buffer, its KV cache (MiB, and bytes per cell) and its compute buffer (MiB), from
+    llama-batched-bench's verbose log."""
+    done = subprocess.run(
+        [str(bench), "-m", str(gguf), "-c", str(cells), "-npp", "8", "-ntg", "1", "-npl", "1",
+         "-t", str(THREADS), "-nr", "-fa", "off", "-v"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    log = done.stderr + done.stdout
+    kv = re.search(r"llama_kv_cache: size =\s*([0-9.]+) MiB \(\s*(\d+) cells", log)
+    model = re.search(r"model buffer size =\s*([0-9.]+) MiB", log)
+    compute = re.search(r"CPU compute buffer size =\s*([0-9.]+) MiB", log)
+    assert kv and model and compute, log[-3000:]
+    kv_mib, kv_cells = float(kv.group(1)), int(kv.group(2))
+    return {
+        "model_buffer_mib": float(model.group(1)),
+        "kv_cache_mib": kv_mib,
+        "kv_cells": kv_cells,
+        "kv_bytes_per_cell": kv_mib * 2**20 / kv_cells,
+        "compute_buffer_mib": float(compute.group(1)),
+    }
+
+
+def planned_sizes(gguf: Path) -> dict[str, int]:
+    """What muestra's memory plan reads from the GGUF (models/memory.py)."""
+    from muestra.models.gguf_header import read_gguf_header
+    from muestra.models.memory import gguf_weights_bytes, kv_bytes_per_token_from_gguf
+
+    header = read_gguf_header(gguf)
+    return {
+        "kv_bytes_per_token": kv_bytes_per_token_from_gguf(header),
+        "weights_bytes": gguf_weights_bytes(header),
+        "file_bytes": gguf.stat().st_size,
+    }
+
+
+def workload_spec(folder: Path, gguf: Path, rows: int, max_memory: str | None) -> Path:
+    """Seed 000's workload shape: the English Character spec, 2 prompts × `rows` samples,
+    a think budget of 64 sampled tokens, the schema answer at T 1."""
+    import tomllib
+
+    from muestra.experiments.toml_text import dump_toml
+
+    source = Path(__file__).resolve().parents[1] / "src" / "muestra" / "data"
+    data = tomllib.loads((source / "characters.toml").read_text("utf-8"))
+    data["samples"] = rows
+    data["model"] = {"id": str(gguf), "runtime": "llamacpp", "threads": THREADS}
+    data["think"] = {"budget": 64, "temperature": 0.6}
+    data["answer"] = {"temperature": 1.0, "max_tokens": 80, "field_probs": False,
+                      "schema": str(source / "character.schema.json")}  # fmt: skip
+    if max_memory:
+        data["run"] = {"max_memory": max_memory}
+    path = folder / f"workload-{len(list(folder.glob('*.toml')))}.toml"
+    path.write_text(dump_toml(data), "utf-8")
+    return path
+
+
+# `muestra run` in a child that reports its own peak resident memory (VmHWM) at exit
+RUN_AND_REPORT_PEAK = """
+import sys
+from muestra.cli.app import app
+try:
+    app(sys.argv[1:], prog_name="muestra", standalone_mode=False)
+finally:
+    status = open("/proc/self/status").read()
+    peak = [line for line in status.splitlines() if line.startswith("VmHWM:")][0]
+    print("peak_kib", int(peak.split()[1]), file=sys.stderr)
+"""
+
+
+def peak_against_plan(gguf: Path, rows: int, folder: Path, max_memory: str | None) -> dict:
+    """One `muestra run` of the workload in its own process: its stored plan, its peak
+    resident memory, and the rows it ran at once."""
+    spec = workload_spec(folder, gguf, rows, max_memory)
+    store = folder / f"{spec.stem}.db"
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", RUN_AND_REPORT_PEAK, "run", str(spec), "--out", str(store),
+         "--batch", str(2 * rows)],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(THREADS)},
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    peak = re.search(r"^peak_kib (\d+)$", done.stderr, re.M)
+    assert done.returncode == 0 and peak, done.stderr[-3000:]
+    peak_bytes = int(peak.group(1)) * 1024
+    db = sqlite3.connect(store)
+    (plan,) = [json.loads(r[0]) for r in db.execute("SELECT plan_json FROM memory_plans")]
+    samples = db.execute("SELECT count(*) FROM samples").fetchone()[0]
+    db.close()
+    return {
+        "max_memory": max_memory,
+        "samples": samples,
+        "seconds": seconds,
+        "rows_asked": plan["rows_asked"],
+        "rows_at_once": plan["rows"],
+        "planned_peak_bytes": plan["peak_bytes"],
+        "planned_kv_bytes_per_row": plan["kv_bytes_per_row"],
+        "planned_weights_bytes": plan["weights_bytes"],
+        "measured_peak_rss_bytes": peak_bytes,
+        "peak_over_plan": peak_bytes / plan["peak_bytes"],
+        "plan_note": next((line for line in done.stderr.splitlines() if "memory plan" in line), ""),
+    }
+
+
+def decode_rates(loaded: Any, prompt: list[int], rows: int, repeats: int) -> dict:
+    """muestra's batch-1 greedy decoding and `rows` sampled rows of `prompt` (tokens/s,
+    prefill excluded: the NEW_TOKENS run minus the 1-token run)."""
+    from muestra.engine import Engine, GenerationRequest, SamplingParams
+
+    engine = Engine.from_loaded(loaded, max_batch=max(rows, 1))
+
+    def timed(n: int, many: int) -> float:
+        params = SamplingParams(temperature=0) if many == 1 else SamplingParams(temperature=0.7)
+        request = GenerationRequest(prompt, n=many, params=params, seed=1, max_new_tokens=n,
+                                    ignore_eos=True)  # fmt: skip
+        started = time.perf_counter()
+        engine.generate([request])
+        return time.perf_counter() - started
+
+    out = {}
+    for name, many in (("batch1", 1), (f"rows{rows}", rows)):
+        one = statistics.median(timed(1, many) for _ in range(repeats))
+        full = statistics.median(timed(NEW_TOKENS, many) for _ in range(repeats))
+        out[f"{name}_decode_tok_s"] = many * (NEW_TOKENS - 1) / (full - one)
+    return out
+
+
+def batched_bench_rate(bench: Path, gguf: Path, prompt: int, npl: int, repeats: int) -> float:
+    """`llama-batched-bench`'s generation rate (S_TG, tokens/s) for `npl` sequences."""
+    rates = []
+    for _ in range(repeats):
+        command = [
+            str(bench), "-m", str(gguf), "-c", str(prompt + npl * (NEW_TOKENS + 8) + 64),
+            "-b", "2048", "-ub", "512", "-npp", str(prompt), "-ntg", str(NEW_TOKENS),
+            "-npl", str(npl), "-t", str(THREADS), "-nr", "-fa", "off", "--output-format",
+            "jsonl",
+        ] + (["-pps", "-kvu"] if npl > 1 else [])  # fmt: skip
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        match = re.search(r'"speed_tg":\s*([0-9.]+)', out)
+        assert match, out[-2000:]
+        rates.append(float(match.group(1)))
+    return statistics.median(rates)
+
+
+def speed_against_bench(bench: Path, gguf: Path, quant: str, rows: int, repeats: int) -> dict:
+    """Batch-1 greedy and `rows` sampled rows, muestra (exact and free batching) against
+    llama-batched-bench -npl 1,ROWS, on seed 000's prompt."""
+    from muestra.models.inspection import render_chat
+    from muestra.models.loading import load_model
+
+    speed: dict[str, Any] = {"quant": quant}
+    for mode, exact in (("exact", True), ("free", False)):
+        loaded = load_model(str(gguf), runtime="llamacpp", threads=THREADS,
+                            batch_invariant=exact)  # fmt: skip
+        _, prompt = render_chat(loaded.tokenizer, seed_000_messages())
+        speed["prompt_tokens"] = len(prompt)
+        speed[f"muestra_{mode}"] = decode_rates(loaded, prompt, rows, repeats)
+        del loaded
+    speed["llama_batched_bench"] = {
+        f"npl{npl}": batched_bench_rate(bench, gguf, len(prompt), npl, repeats) for npl in (1, rows)
+    }
+    for mode in ("exact", "free"):
+        ours, theirs = speed[f"muestra_{mode}"], speed["llama_batched_bench"]
+        speed[f"{mode}_batch1_vs_bench"] = ours["batch1_decode_tok_s"] / theirs["npl1"]
+        speed[f"{mode}_rows_vs_bench"] = ours[f"rows{rows}_decode_tok_s"] / theirs[f"npl{rows}"]
+    return speed
+
+
+def bench_shapes(
+    presets: tuple[str, ...] = PRESETS,
+    quants: tuple[str, ...] = QUANTS,
+    rows: int = 8,
+    repeats: int = 2,
+    kit_root: Path | None = None,
+    speed_quant: str = "Q4_K_M",
+    parts: tuple[str, ...] = ("memory", "speed"),
+) -> dict[str, Any]:
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+    peers = build_peers()
+    bench = peers["llama-batched-bench"]
+    result: dict[str, Any] = {"threads": THREADS, "new_tokens": NEW_TOKENS, "rows": rows}
+    for preset in presets:
+        ggufs = make_ggufs(preset, kit_root)
+        entry: dict[str, Any] = {"published_kv_bytes_per_token": PUBLISHED_KV[preset]}
+        result[preset] = entry
+        gguf = ggufs[speed_quant]
+        if "speed" in parts:
+            entry["speed"] = speed_against_bench(bench, gguf, speed_quant, rows, repeats)
+        if "memory" not in parts:
+            continue
+        for quant in quants:
+            gguf = ggufs[quant]
+            entry[quant] = {"planned": planned_sizes(gguf),
+                            "llama_cpp": llama_cpp_sizes(bench, gguf, 4096)}  # fmt: skip
+        gguf = ggufs[speed_quant]
+        with tempfile.TemporaryDirectory() as folder:
+            free = peak_against_plan(gguf, rows, Path(folder), None)
+            half_kv = free["planned_kv_bytes_per_row"] * rows  # room for half the rows
+            budget = free["planned_peak_bytes"] - half_kv
+            capped = peak_against_plan(gguf, rows, Path(folder), str(budget))
+        entry["peak_vs_plan"] = {"default_budget": free, "half_the_rows": capped}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=PRESETS)
+    parser.add_argument("--rows", type=int, default=8, help="samples per prompt / rows")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--kit-dir", type=Path, default=None)
+    parser.add_argument("--parts", nargs="+", default=["memory", "speed"],
+                        choices=["memory", "speed"])  # fmt: skip
+    args = parser.parse_args()
+    result = bench_shapes(tuple(args.presets), QUANTS, args.rows, args.repeats, args.kit_dir,
+                          parts=tuple(args.parts))  # fmt: skip
+    print(json.dumps(result, indent=2))
+    print(write_result("shapes", result))
+
+
+if __name__ == "__main__":
+    main()
