@@ -248,3 +248,50 @@ def test_mn_serve_passes_max_memory_to_the_command(tmp_path, monkeypatch):
         mn.serve(str(tmp_path), max_memory="6GiB")
     (args,) = started
     assert args[args.index("--max-memory") + 1] == "6GiB"
+
+
+# ---- a run's memory plan caps llama.cpp's cache (issue 42) ---------------------------------
+
+
+def test_a_runs_llama_cpp_cache_never_outgrows_its_memory_plan(
+    cli, smol_gguf, tmp_path, monkeypatch
+):
+    """The cache grows by doubling: 12 rows whose plan counts ~1,400 cells took a 2,048-
+    cell context (the first context made 256 here). Capped at the plan, it never holds
+    more than the rows counted; the samples are those of an uncapped runtime."""
+    import json
+    import sqlite3
+
+    from helpers import write_spec
+
+    monkeypatch.setattr(llamacpp_runtime, "FIRST_CELLS", 256)
+    sizes: list[int] = []
+    new_context = llamacpp_runtime.LlamaCppRuntime._new_context
+
+    def recording(self, cells):
+        sizes.append(cells)
+        return new_context(self, cells)
+
+    monkeypatch.setattr(llamacpp_runtime.LlamaCppRuntime, "_new_context", recording)
+    model = f'[model]\nid = "{smol_gguf}"\nruntime = "llamacpp"\nthreads = 1\n'
+    spec = write_spec(tmp_path, "cap", model, "[answer]\nmax_tokens = 72\ntemperature = 1.0\n",
+                      samples=6)  # fmt: skip
+    stores = {}
+    for name, cap in (("capped", True), ("free", False)):
+        if not cap:
+            monkeypatch.setattr(llamacpp_runtime.LlamaCppRuntime, "cap_cells", lambda s, c: None)
+        sizes.clear()
+        stores[name] = tmp_path / f"{name}.db"
+        result = cli("run", str(spec), "--out", str(stores[name]), "--batch", "12")
+        assert result.code == 0, result.stderr
+        with sqlite3.connect(stores[name]) as db:
+            (plan,) = [json.loads(r[0]) for r in db.execute("SELECT plan_json FROM memory_plans")]
+            samples = db.execute("SELECT prompt_id, sample_index, answer_text FROM samples "
+                                 "ORDER BY 1, 2").fetchall()  # fmt: skip
+        stores[name] = (samples, list(sizes))
+        counted = plan["rows"] * (plan["tokens_per_row"] + MAX_DRAFT) + llamacpp_runtime.SLACK
+        if cap:
+            assert plan["rows"] == 12 and max(sizes) <= counted + 255, (sizes, counted)
+        else:
+            assert max(sizes) > counted + 255, (sizes, counted)  # what the cap prevents
+    assert stores["capped"][0] == stores["free"][0]

@@ -522,6 +522,14 @@ class Runner:
             thread_wait=model.thread_wait,
         )
         self._store_provenance(model, loaded.provenance.as_dict())
+        plan = self.memory_plans.get(model.name)
+        cap = getattr(loaded.runtime, "cap_cells", None)
+        if plan is not None and cap is not None:
+            from muestra.engine.batch import MAX_DRAFT
+
+            # llama.cpp's cache holds what the plan counted, never more: its contexts
+            # grow by doubling, which without this cap took up to twice the plan's KV
+            cap(plan.rows * (plan.tokens_per_row + MAX_DRAFT))
         return loaded
 
     def row(

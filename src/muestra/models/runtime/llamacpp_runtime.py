@@ -321,6 +321,16 @@ class LlamaCppRuntime:
             if book:
                 self._booked += cells
 
+    def cap_cells(self, cells: int) -> None:
+        """Keep the cache within `cells` (and the slack beside them), whole llama.cpp
+        contexts of 256 cells, but never below the first context (`FIRST_CELLS`): a run's
+        memory plan caps it at the rows it counted, so the doubling growth never takes
+        more than the plan once the rows need more than a first context; rows beyond
+        wait."""
+        with self._lock:
+            need = cells + SLACK
+            self.max_cells = min(self.max_cells, max(FIRST_CELLS, need + (-need) % 256))
+
     def unbook(self, cells: int) -> None:
         """Give back cells booked by `reserve(..., book=True)` (rows that ended)."""
         with self._lock:
