@@ -269,6 +269,9 @@ class Scheduler:
         updates: dict[Submission, Update] = {}
         assert event is not None
         self.rate.add(len(event.finished), len(event.tokens))
+        # before the replies go out: a client that reads /health after its reply sees
+        # its rows done and no longer running
+        self.stats["running"] = max(0, len(rows) - len(event.finished))
         by_key = {(r.request_index, r.sample_index): r for r in rows}
         for token in event.tokens:  # jump-forward: a row may take several tokens a step
             row = by_key[token.request_index, token.sample_index]
