@@ -101,6 +101,17 @@ _TINY = _qwen3(
     max_position_embeddings=4096,
 )
 
+
+def _real_shape(name: str, summary: str, seed: int, **shape: Any) -> Preset:
+    """A published Qwen3 shape (8 KV heads × 128, 40,960 positions) with random bf16
+    weights and the hybrid template: for benchmarks, where only the shapes matter."""
+    config = _qwen3(num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, **shape)
+    return Preset(name=name, summary=summary, architecture="qwen3", config=config,
+                  dtype="bfloat16", template="hybrid", init_std=0.02,
+                  generation={"eos_token_id": [IM_END, ENDOFTEXT], **QWEN3_SAMPLING},
+                  seed=seed)  # fmt: skip
+
+
 PRESETS: dict[str, Preset | PackagedPreset] = {
     "smollm2-135m-instruct": PackagedPreset(
         name="smollm2-135m-instruct",
@@ -164,67 +175,36 @@ PRESETS: dict[str, Preset | PackagedPreset] = {
         generation={"eos_token_id": [IM_END, ENDOFTEXT], **QWEN3_SAMPLING},
         seed=1,
     ),
-    "qwen3-0.6b": Preset(
-        name="qwen3-0.6b",
-        summary="Exact Qwen3-0.6B shapes (28 layers, hidden 1024), bf16, hybrid template "
-        "(benchmarks).",
-        architecture="qwen3",
-        config=_qwen3(
-            hidden_size=1024,
-            intermediate_size=3072,
-            num_hidden_layers=28,
-            num_attention_heads=16,
-            num_key_value_heads=8,
-            head_dim=128,
-            max_position_embeddings=40960,
-        ),
-        dtype="bfloat16",
-        template="hybrid",
-        init_std=0.02,
-        generation={"eos_token_id": [IM_END, ENDOFTEXT], **QWEN3_SAMPLING},
+    "qwen3-0.6b": _real_shape(
+        "qwen3-0.6b",
+        "Exact Qwen3-0.6B shapes (28 layers, hidden 1024), bf16, hybrid template (benchmarks).",
         seed=2,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=28,
+        num_attention_heads=16,
     ),
     # Real shapes for the memory and speed benchmarks (benchmarks/shapes.py): the
     # published configs of Qwen3-1.7B and Qwen3-4B, random bf16 weights.
-    "qwen3-1.7b": Preset(
-        name="qwen3-1.7b",
-        summary="Exact Qwen3-1.7B shapes (28 layers, hidden 2048, 8 KV heads × 128), bf16, "
-        "hybrid template (benchmarks; ~3.4 GB).",
-        architecture="qwen3",
-        config=_qwen3(
-            hidden_size=2048,
-            intermediate_size=6144,
-            num_hidden_layers=28,
-            num_attention_heads=16,
-            num_key_value_heads=8,
-            head_dim=128,
-            max_position_embeddings=40960,
-        ),
-        dtype="bfloat16",
-        template="hybrid",
-        init_std=0.02,
-        generation={"eos_token_id": [IM_END, ENDOFTEXT], **QWEN3_SAMPLING},
+    "qwen3-1.7b": _real_shape(
+        "qwen3-1.7b",
+        "Exact Qwen3-1.7B shapes (28 layers, hidden 2048, 8 KV heads × 128), "
+        "bf16, hybrid template (benchmarks; ~3.4 GB).",
         seed=4,
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=28,
+        num_attention_heads=16,
     ),
-    "qwen3-4b": Preset(
-        name="qwen3-4b",
-        summary="Exact Qwen3-4B shapes (36 layers, hidden 2560, 8 KV heads × 128), bf16, "
+    "qwen3-4b": _real_shape(
+        "qwen3-4b",
+        "Exact Qwen3-4B shapes (36 layers, hidden 2560, 8 KV heads × 128), bf16, "
         "hybrid template (benchmarks; ~8 GB).",
-        architecture="qwen3",
-        config=_qwen3(
-            hidden_size=2560,
-            intermediate_size=9728,
-            num_hidden_layers=36,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=128,
-            max_position_embeddings=40960,
-        ),
-        dtype="bfloat16",
-        template="hybrid",
-        init_std=0.02,
-        generation={"eos_token_id": [IM_END, ENDOFTEXT], **QWEN3_SAMPLING},
         seed=5,
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_hidden_layers=36,
+        num_attention_heads=32,
     ),
     "gpt2-tiny": Preset(
         name="gpt2-tiny",
