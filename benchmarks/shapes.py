@@ -44,10 +44,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import seed_000_messages, write_result
+from benchmarks.llamacpp import NEW_TOKENS, batched_bench
 from benchmarks.peers import build_peers
 
 THREADS = 2
-NEW_TOKENS = 32
 PRESETS = ("qwen3-1.7b", "qwen3-4b")
 QUANTS = ("Q8_0", "Q4_K_M")
 # the published shapes: (layers, KV heads, head_dim) → f16 KV bytes per token
@@ -240,20 +240,9 @@ def decode_rates(loaded: Any, prompt: list[int], rows: int, repeats: int) -> dic
 
 
 def batched_bench_rate(bench: Path, gguf: Path, prompt: int, npl: int, repeats: int) -> float:
-    """`llama-batched-bench`'s generation rate (S_TG, tokens/s) for `npl` sequences."""
-    rates = []
-    for _ in range(repeats):
-        command = [
-            str(bench), "-m", str(gguf), "-c", str(prompt + npl * (NEW_TOKENS + 8) + 64),
-            "-b", "2048", "-ub", "512", "-npp", str(prompt), "-ntg", str(NEW_TOKENS),
-            "-npl", str(npl), "-t", str(THREADS), "-nr", "-fa", "off", "--output-format",
-            "jsonl",
-        ] + (["-pps", "-kvu"] if npl > 1 else [])  # fmt: skip
-        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        match = re.search(r'"speed_tg":\s*([0-9.]+)', out)
-        assert match, out[-2000:]
-        rates.append(float(match.group(1)))
-    return statistics.median(rates)
+    """`llama-batched-bench`'s generation rate (S_TG, tokens/s) for `npl` sequences, flash
+    attention off (its fastest here): the median of `repeats` runs."""
+    return statistics.median(batched_bench(bench, gguf, prompt, npl, "off") for _ in range(repeats))
 
 
 def speed_against_bench(bench: Path, gguf: Path, quant: str, rows: int, repeats: int) -> dict:
