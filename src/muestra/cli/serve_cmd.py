@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import typer
@@ -21,10 +20,7 @@ from muestra.cli.common import (
 )
 
 if TYPE_CHECKING:
-    from muestra.experiments.planning import Budget
-    from muestra.models.memory import ModelMemory
-
-CONTEXT_STEP = 256  # llama.cpp pads a context to a multiple of 256 cells
+    from muestra.experiments.planning import Budget, KvCachePlan
 
 
 def register(app: typer.Typer) -> None:
@@ -228,50 +224,6 @@ def check_port(host: str, port: int) -> None:
         ) from err
 
 
-@dataclass(frozen=True)
-class KvCachePlan:
-    """The llama.cpp KV cache a `--max-memory` budget allows: `cells` of
-    `bytes_per_cell` each, beside weights of `weights_bytes`."""
-
-    budget_source: str  # the flag and its value, as the user gave it
-    budget_bytes: int
-    weights_bytes: int
-    bytes_per_cell: int
-    cells: int
-
-    def describe(self) -> str:
-        from muestra.experiments.planning import format_bytes
-
-        cache = format_bytes(self.cells * self.bytes_per_cell)
-        return (
-            f"{self.budget_source} ({format_bytes(self.budget_bytes)}): KV cache budget of "
-            f"{self.cells:,} cells at {self.bytes_per_cell:,} bytes a cell ({cache}), beside "
-            f"the weights ({format_bytes(self.weights_bytes)})"
-        )
-
-
-def kv_cells_budget(budget: Budget, memory: ModelMemory, least: int) -> KvCachePlan:
-    """The KV cells `budget` holds once the weights are in (whole llama.cpp contexts of
-    `CONTEXT_STEP` cells); a `MemoryBudgetError` naming the flag when they are fewer
-    than `least` (the runtime's first context)."""
-    from muestra.errors import MemoryBudgetError
-    from muestra.experiments.planning import format_bytes
-
-    per_cell = memory.kv_bytes_per_token
-    cells = max(0, budget.bytes - memory.weights_bytes) // per_cell
-    cells -= cells % CONTEXT_STEP
-    if cells < least:
-        need = memory.weights_bytes + least * per_cell
-        raise MemoryBudgetError(
-            f"{budget.source}: {format_bytes(budget.bytes)} does not hold the model's weights "
-            f"({format_bytes(memory.weights_bytes)}) and a first KV cache of {least:,} cells "
-            f"({format_bytes(least * per_cell)} at {per_cell:,} bytes a cell), "
-            f"{format_bytes(need)} together; raise --max-memory to at least "
-            f"{-(-need // 2**20)}MiB, or serve a smaller or more quantized model"
-        )
-    return KvCachePlan(budget.source, budget.bytes, memory.weights_bytes, per_cell, cells)
-
-
 def kv_cache_plan(
     model: str,
     budget: Budget,
@@ -285,6 +237,7 @@ def kv_cache_plan(
     from the GGUF's header; refused by name on the torch runtime, whose KV cache grows
     with the rows running and has no budget to set."""
     from muestra.errors import InputError
+    from muestra.experiments.planning import kv_cells_budget
     from muestra.models.loading import auto_runtime, check_model, choose_runtime
     from muestra.models.memory import model_memory
     from muestra.models.runtime.llamacpp_runtime import FIRST_CELLS

@@ -261,3 +261,45 @@ def split_budget(
         fields.pop("max_memory", None)
         return fields, None
     return fields, {"max_memory": fields.pop("max_memory")}
+
+
+CONTEXT_STEP = 256  # llama.cpp pads a context to a multiple of 256 cells
+
+
+@dataclass(frozen=True)
+class KvCachePlan:
+    """The llama.cpp KV cache a `--max-memory` budget allows: `cells` of
+    `bytes_per_cell` each, beside weights of `weights_bytes`."""
+
+    budget_source: str  # the flag and its value, as the user gave it
+    budget_bytes: int
+    weights_bytes: int
+    bytes_per_cell: int
+    cells: int
+
+    def describe(self) -> str:
+        cache = format_bytes(self.cells * self.bytes_per_cell)
+        return (
+            f"{self.budget_source} ({format_bytes(self.budget_bytes)}): KV cache budget of "
+            f"{self.cells:,} cells at {self.bytes_per_cell:,} bytes a cell ({cache}), beside "
+            f"the weights ({format_bytes(self.weights_bytes)})"
+        )
+
+
+def kv_cells_budget(budget: Budget, memory: ModelMemory, least: int) -> KvCachePlan:
+    """The KV cells `budget` holds once the weights are in (whole llama.cpp contexts of
+    `CONTEXT_STEP` cells); a `MemoryBudgetError` naming the flag when they are fewer
+    than `least` (the runtime's first context)."""
+    per_cell = memory.kv_bytes_per_token
+    cells = max(0, budget.bytes - memory.weights_bytes) // per_cell
+    cells -= cells % CONTEXT_STEP
+    if cells < least:
+        need = memory.weights_bytes + least * per_cell
+        raise MemoryBudgetError(
+            f"{budget.source}: {format_bytes(budget.bytes)} does not hold the model's weights "
+            f"({format_bytes(memory.weights_bytes)}) and a first KV cache of {least:,} cells "
+            f"({format_bytes(least * per_cell)} at {per_cell:,} bytes a cell), "
+            f"{format_bytes(need)} together; raise --max-memory to at least "
+            f"{-(-need // 2**20)}MiB, or serve a smaller or more quantized model"
+        )
+    return KvCachePlan(budget.source, budget.bytes, memory.weights_bytes, per_cell, cells)
