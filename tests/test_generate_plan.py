@@ -98,6 +98,7 @@ OTHER: dict[str, Any] = {  # a value other than the default, valid on its own
     "threads": 2,
     "thread_wait": "spin",
     "batch_invariant": False,
+    "kv_cache": "q8_0",
 }
 # flags that choose the mode: given in another mode, they may move the plan to theirs
 SELECTORS = {"think_budget", "schema", "regex", "choice", "grammar", "num_beams",

@@ -12,7 +12,7 @@ import pytest
 from helpers import chat_ids
 from muestra.engine import Engine, GenerationRequest, SamplingParams
 from muestra.engine.batch import MAX_DRAFT
-from muestra.errors import ContextLengthError
+from muestra.errors import ContextLengthError, InputError
 from muestra.models.runtime import llamacpp_runtime
 
 pytest.importorskip("llama_cpp", reason="the llama.cpp runtime needs llama-cpp-python")
@@ -295,3 +295,202 @@ def test_a_runs_llama_cpp_cache_never_outgrows_its_memory_plan(
         else:
             assert max(sizes) > counted + 255, (sizes, counted)  # what the cap prevents
     assert stores["capped"][0] == stores["free"][0]
+
+
+# ---- exactness under sustained load (issue 47, item 7) ---------------------------------------
+
+TOPICS = ("a dragon", "the sea", "a lost key", "two friends")
+
+
+def _sustained(engine: Engine, requests_per_client: list[list[GenerationRequest]]):
+    """Each client submits its requests one after another (the next as soon as the last
+    finished), all clients at once: the scheduler never idles until the end. The finished
+    samples of every request, by (client, k)."""
+    from muestra.engine.scheduler import Scheduler
+
+    scheduler = Scheduler(engine, max_batch=8)
+    results: dict[tuple[int, int], list] = {}
+    errors: list[BaseException] = []
+
+    def client(c: int) -> None:
+        for k, request in enumerate(requests_per_client[c]):
+            done, samples = threading.Event(), []
+
+            def receive(update, samples=samples, done=done, n=request.n) -> None:
+                samples.extend(update.finished)
+                if update.error is not None:
+                    errors.append(update.error)
+                    done.set()
+                if len(samples) == n:
+                    done.set()
+
+            scheduler.submit([request], receive)
+            if not done.wait(240):
+                errors.append(TimeoutError(f"client {c} request {k}"))
+                return
+            results[(c, k)] = samples
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(len(requests_per_client))]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        scheduler.close()
+    return results, errors, scheduler
+
+
+@pytest.mark.parametrize("budget", [512, 8192])
+def test_sustained_overlapping_load_keeps_every_sample_exact(small, monkeypatch, budget):
+    """Four clients each send six seeded 60-token requests back to back, so rows start
+    while others run and the scheduler never idles. In exact mode no cell may be reused
+    under a live row: before the fix, the cells finished rows left behind filled the
+    512-cell cache and were freed under the running rows (`cells_reused` > 0). Now rows
+    wait until the cache empties (with a 512-cell budget) or the cache grows when it does
+    (8,192), and every request's tokens and raw log-probabilities are the bits of the
+    same request alone."""
+    monkeypatch.setattr(llamacpp_runtime, "FIRST_CELLS", 512)
+    engine = Engine.from_loaded(small)
+    runtime = engine.runtime
+    runtime.max_cells = budget
+    params = SamplingParams(temperature=1.0)
+    clients = [
+        [GenerationRequest(chat_ids(small, f"Tell me a story about {topic}."), n=1,
+                           params=params, max_new_tokens=60, seed=100 * c + k,
+                           ignore_eos=True, logprobs=1)
+         for k in range(6)]
+        for c, topic in enumerate(TOPICS)
+    ]  # fmt: skip
+    results, errors, scheduler = _sustained(engine, clients)
+    assert not errors, errors
+    assert scheduler.stats["max_rows"] >= 2  # rows did overlap
+    assert runtime.stats["cells_reused"] == 0
+    if budget == 512:
+        assert runtime.cells == 512
+    else:
+        assert runtime.cells > 512  # the pauses made the next contexts larger
+    for (c, k), samples in results.items():
+        alone = engine.generate([clients[c][k]])[0][0]
+        assert samples[0].token_ids == alone.token_ids, (c, k)
+        assert _raw(samples) == _raw([alone]), (c, k)
+
+
+def _raw(samples) -> list[list[float]]:
+    return [[lp.raw_logprob for lp in s.logprobs] for s in samples]
+
+
+def test_a_lone_long_row_takes_one_cell_a_token(small, monkeypatch):
+    """A row decoding alone gets a companion token each step (exact mode): its cell is
+    freed at once, so a 190-token row fits a 256-cell cache without reusing a cell (it
+    took ~2 cells a token before the fix, and cells were reused under it) and its bits
+    are those of the same row beside another."""
+    monkeypatch.setattr(llamacpp_runtime, "FIRST_CELLS", 256)
+    engine = Engine.from_loaded(small)
+    runtime = engine.runtime
+    runtime.max_cells = 256
+    prompt = chat_ids(small, "Tell me a story.")
+    mine = GenerationRequest(prompt, n=1, params=SamplingParams(temperature=1.0),
+                             max_new_tokens=190, seed=5, ignore_eos=True, logprobs=1)  # fmt: skip
+    assert runtime.fits_alone(len(prompt) + 190 + MAX_DRAFT)
+    alone = engine.generate([mine])[0][0]
+    assert runtime.stats["companions"] > 150
+    assert runtime.stats["cells_reused"] == 0
+    runtime.max_cells = 4096
+    other = GenerationRequest(chat_ids(small, "Name a colour."), n=1, max_new_tokens=200,
+                              params=SamplingParams(temperature=1.0), seed=6,
+                              ignore_eos=True, prompt_index=1)  # fmt: skip
+    beside = engine.generate([other, mine])[1][0]
+    assert beside.token_ids == alone.token_ids
+    assert _raw([beside]) == _raw([alone])
+
+
+# ---- the KV cache's type: f16 or q8_0 (issue 42) --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def q8(smol_kit):
+    """SmolLM2 on llama.cpp with a q8_0 KV cache."""
+    from muestra.models.loading import load_model
+
+    return load_model(str(smol_kit), runtime="llamacpp", kv_cache="q8_0")
+
+
+def test_a_q8_0_cache_takes_what_llama_cpp_allocates(q8, monkeypatch, capsys):
+    """The runtime's bytes per cell (and so the plan's and --max-memory's) are llama.cpp's
+    own: its log of the context's K and V buffers, for a 4,096-cell context, is the
+    runtime's arithmetic (34 bytes per block of 32 values: 0.53x the f16 cache)."""
+    import re
+
+    runtime = q8.runtime
+    assert runtime.kv_bytes_per_cell == SMOL_BYTES_PER_CELL * 34 // 64
+    assert runtime.info()["kv_cache"] == "q8_0"
+    monkeypatch.setenv("MUESTRA_LLAMA_LOG", "1")
+    runtime._new_context(4096)
+    logged = capsys.readouterr().err
+    sizes = re.search(r"K \(q8_0\):\s+([\d.]+) MiB, V \(q8_0\):\s+([\d.]+) MiB", logged)
+    assert sizes, logged[-2000:]
+    mib = float(sizes.group(1)) + float(sizes.group(2))
+    assert mib == pytest.approx(4096 * runtime.kv_bytes_per_cell / 2**20, abs=0.02)
+
+
+def test_a_q8_0_cache_keeps_a_sample_the_same_alone_and_in_a_batch(q8, cpp_f16):
+    """With q8_0 keys and values a request's tokens and raw log-probabilities are still
+    the same bits alone and beside other rows (exact batching); and the cache type is
+    applied, not dropped: the log-probabilities differ from the f16 cache's."""
+    params = SamplingParams(temperature=0.9, top_p=0.95)
+    mine = GenerationRequest(chat_ids(q8, "Write a haiku about the sea."), n=2, params=params,
+                             max_new_tokens=30, seed=3, logprobs=1)  # fmt: skip
+    engine = Engine.from_loaded(q8)
+    alone = engine.generate([mine])[0]
+    crowd = [
+        GenerationRequest(chat_ids(q8, f"Give me {k} names for a dragon."), n=1, params=params,
+                          max_new_tokens=5 + 4 * k, seed=k, prompt_index=k + 1)
+        for k in range(6)
+    ]  # fmt: skip
+    together = engine.generate([crowd[0], mine, *crowd[1:]])[1]
+    assert [s.token_ids for s in together] == [s.token_ids for s in alone]
+    assert _raw(together) == _raw(alone)
+    assert q8.runtime.stats["cells_reused"] == 0
+    f16 = Engine.from_loaded(cpp_f16).generate([mine])[0]
+    first = [s.logprobs[0].raw_logprob for s in alone]
+    assert first != [s.logprobs[0].raw_logprob for s in f16]
+
+
+@pytest.fixture(scope="module")
+def cpp_f16(smol_kit):
+    from muestra.models.loading import load_model
+
+    return load_model(str(smol_kit), runtime="llamacpp")
+
+
+def test_q8_0_is_refused_by_name_where_it_cannot_apply(smol_kit):
+    from muestra.models.loading import load_model
+
+    with pytest.raises(InputError, match=r"kv_cache 'q8_0' needs llama.cpp's flash attention"):
+        load_model(str(smol_kit), runtime="llamacpp", kv_cache="q8_0", batch_invariant=False)
+    with pytest.raises(InputError, match=r"kv_cache 'q8_0' sets llama.cpp's KV cache type"):
+        load_model(str(smol_kit), runtime="torch", kv_cache="q8_0")
+
+
+def test_the_kv_cache_flag_reaches_the_plan_and_the_store(cli, smol_kit, tmp_path):
+    """`muestra run --kv-cache q8_0`: the printed plan is read for a q8_0 cache, and the
+    run's provenance records the cache type the runtime made; an unknown type is refused
+    by name."""
+    import json
+    import sqlite3
+
+    from helpers import write_spec
+
+    table = f'[model]\nid = "{smol_kit}"\nruntime = "llamacpp"'
+    spec = write_spec(tmp_path, "q8", table, "[think]\nbudget = 6\n[answer]\nmax_tokens = 8",
+                      samples=2)  # fmt: skip
+    out = tmp_path / "q8.db"
+    result = cli("run", str(spec), "--out", str(out), "--kv-cache", "q8_0")
+    assert result.code == 0, result.stderr
+    assert "read from GGUF metadata, q8_0 KV cache" in " ".join(result.stderr.split())
+    with sqlite3.connect(out) as db:
+        (provenance,) = db.execute("SELECT provenance_json FROM models").fetchone()
+    assert json.loads(provenance)["runtime"]["kv_cache"] == "q8_0"
+    refused = cli("run", str(spec), "--out", str(out), "--kv-cache", "q4_0")
+    assert refused.code == 2 and "'q4_0' is not one of f16, q8_0" in refused.stderr

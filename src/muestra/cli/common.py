@@ -67,6 +67,20 @@ ThreadsOption = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help=THR
 BatchInvariantOption = typer.Option(
     True, "--batch-invariant/--no-batch-invariant", help=INVARIANT_HELP
 )
+KV_CACHE_HELP = (
+    "llamacpp: the KV cache's type, f16 (default) | q8_0: 0.53x the memory a token (twice "
+    "the rows in the same --max-memory), logits slightly changed; exact batching only."
+)
+KV_CACHE_TYPES = ("f16", "q8_0")
+
+
+def _kv_cache(value: str | None) -> str | None:
+    if value is not None and value not in KV_CACHE_TYPES:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(KV_CACHE_TYPES)}")
+    return value
+
+
+KvCacheOption = typer.Option(None, "--kv-cache", help=KV_CACHE_HELP, callback=_kv_cache)
 # the same settings for commands that run specs: unset, each model's own [model] setting
 RuntimeOverrideOption = typer.Option(
     None, "--runtime", help=RUNTIME_HELP + " Default: each model's `runtime` in the spec."
@@ -89,11 +103,13 @@ def model_options(
     batch_invariant: bool | None,
     thread_wait: str | None = None,
     max_memory: str | None = None,
+    kv_cache: str | None = None,
 ) -> dict[str, Any]:
     """The runtime settings given on the command line, as [model] spec fields, and the
     memory budget (`max_memory`, the run's: the runner takes it out)."""
     given = {"runtime": runtime, "threads": threads, "batch_invariant": batch_invariant,
-             "thread_wait": thread_wait, "max_memory": max_memory}  # fmt: skip
+             "thread_wait": thread_wait, "max_memory": max_memory,
+             "kv_cache": kv_cache}  # fmt: skip
     return {key: value for key, value in given.items() if value is not None}
 
 

@@ -15,6 +15,7 @@ from muestra.cli.common import (
     BatchInvariantOverrideOption,
     DtypeOption,
     JsonOption,
+    KvCacheOption,
     MaxMemoryOption,
     RuntimeOverrideOption,
     ThreadsOption,
@@ -112,6 +113,7 @@ def eval_command(
     thread_wait: str | None = ThreadWaitOption,
     batch_invariant: bool | None = BatchInvariantOverrideOption,
     max_memory: str | None = MaxMemoryOption,
+    kv_cache: str | None = KvCacheOption,
     precision: float | None = typer.Option(
         None,
         "--precision",
@@ -154,7 +156,9 @@ def eval_command(
             progress=progress_bar,
             on_note=note,
             trust_remote_code=trust_remote_code,
-            model_options=model_options(runtime, threads, batch_invariant, thread_wait, max_memory),
+            model_options=model_options(
+                runtime, threads, batch_invariant, thread_wait, max_memory, kv_cache
+            ),
         )
     print_found(found, as_json, items)
 

@@ -11,6 +11,7 @@ from rich.table import Table
 from muestra.cli.common import (
     BatchInvariantOverrideOption,
     JsonOption,
+    KvCacheOption,
     MaxMemoryOption,
     RuntimeOverrideOption,
     ThreadsOption,
@@ -67,6 +68,7 @@ def run(
     thread_wait: str | None = ThreadWaitOption,
     batch_invariant: bool | None = BatchInvariantOverrideOption,
     max_memory: str | None = MaxMemoryOption,
+    kv_cache: str | None = KvCacheOption,
     stop_on: str | None = StopOnOption,
     precision: float | None = PrecisionOption,
     reference: float | None = ReferenceOption,
@@ -115,7 +117,9 @@ def run(
             batch_rows=batch_rows,
             on_note=lambda text: stderr.print(f"note: {text}", markup=False),
             trust_remote_code=trust_remote_code,
-            model_options=model_options(runtime, threads, batch_invariant, thread_wait, max_memory),
+            model_options=model_options(
+                runtime, threads, batch_invariant, thread_wait, max_memory, kv_cache
+            ),
         )
 
     if dry_run:  # planned on a scratch copy of the store: a dry run writes nothing

@@ -16,6 +16,7 @@ from muestra.cli.common import (
     BatchInvariantOption,
     DeviceOption,
     DtypeOption,
+    KvCacheOption,
     RuntimeOption,
     ThreadsOption,
     ThreadWaitOption,
@@ -162,6 +163,7 @@ def generate(
     threads: int | None = ThreadsOption,
     thread_wait: str | None = ThreadWaitOption,
     batch_invariant: bool = BatchInvariantOption,
+    kv_cache: str | None = KvCacheOption,
     **sampling: Any,
 ) -> None:
     """Sample MODEL N times. One JSON line per sample on stdout:
@@ -219,6 +221,7 @@ def execute(plan: Plan) -> None:
         threads=s["threads"],
         thread_wait=s["thread_wait"],
         batch_invariant=s["batch_invariant"],
+        kv_cache=s["kv_cache"],
     )
     generator = TextGenerator(loaded, max_batch=s.get("max_batch", 64))
     phases = None

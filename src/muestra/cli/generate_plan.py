@@ -69,6 +69,7 @@ LOAD = (
     "threads",
     "thread_wait",
     "batch_invariant",
+    "kv_cache",
 )
 INPUT = ("prompt", "messages", "raw", "enable_thinking", "n")
 

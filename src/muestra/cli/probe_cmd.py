@@ -11,6 +11,7 @@ from rich.table import Table
 from muestra.cli.common import (
     BatchInvariantOverrideOption,
     JsonOption,
+    KvCacheOption,
     MaxMemoryOption,
     RuntimeOverrideOption,
     ThreadsOption,
@@ -62,6 +63,7 @@ def probe(
     thread_wait: str | None = ThreadWaitOption,
     batch_invariant: bool | None = BatchInvariantOverrideOption,
     max_memory: str | None = MaxMemoryOption,
+    kv_cache: str | None = KvCacheOption,
 ) -> None:
     """Sample a probe's templates × groups, score every continuation, test the groups.
 
@@ -89,7 +91,7 @@ def probe(
     loaded = load_probe(spec)
     store = out if out is not None else default_store(loaded.spec.name)
     note = lambda text: stderr.print(f"note: {text}", markup=False)  # noqa: E731
-    options = model_options(runtime, threads, batch_invariant, thread_wait, max_memory)
+    options = model_options(runtime, threads, batch_invariant, thread_wait, max_memory, kv_cache)
     if judge_model is not None and (loaded.spec.judge is None or no_judge):
         why = "--no-judge skips it" if no_judge else f"{loaded.path} has no [judge]"
         raise InputError(f"--judge-model {judge_model!r} answers a probe's [judge]; {why}")

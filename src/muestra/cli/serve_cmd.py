@@ -13,6 +13,7 @@ from muestra.cli.common import (
     BatchInvariantOption,
     DeviceOption,
     DtypeOption,
+    KvCacheOption,
     RuntimeOption,
     ThreadsOption,
     ThreadWaitOption,
@@ -99,6 +100,7 @@ def serve(
     threads: int | None = ThreadsOption,
     thread_wait: str | None = ThreadWaitOption,
     batch_invariant: bool = BatchInvariantOption,
+    kv_cache: str | None = KvCacheOption,
     draft_model: str | None = typer.Option(
         None,
         "--draft-model",
@@ -149,7 +151,7 @@ def serve(
     cache = None
     if budget is not None:  # applied, or refused by name, before the model loads
         cache = kv_cache_plan(
-            model, budget, runtime, dtype, device, allow_pickle, trust_remote_code
+            model, budget, runtime, dtype, device, allow_pickle, trust_remote_code, kv_cache
         )
     import uvicorn  # the server's pieces import torch: after the checks above
 
@@ -170,6 +172,7 @@ def serve(
         threads=threads,
         thread_wait=thread_wait,
         batch_invariant=batch_invariant,
+        kv_cache=kv_cache,
     )
     if cache is not None:
         assert loaded.runtime.name == "llamacpp", "kv_cache_plan chose the llama.cpp runtime"
@@ -232,6 +235,7 @@ def kv_cache_plan(
     device: str,
     allow_pickle: bool,
     trust_remote_code: bool,
+    kv_cache: str | None = None,
 ) -> KvCachePlan:
     """`--max-memory` applied before the model loads: the llama.cpp cache it allows, read
     from the GGUF's header; refused by name on the torch runtime, whose KV cache grows
@@ -250,4 +254,5 @@ def kv_cache_plan(
             "has no budget to set. Serve a GGUF with --runtime llamacpp, or leave "
             "--max-memory out (--max-batch bounds the rows decoding together)"
         )
-    return kv_cells_budget(budget, model_memory(files, "llamacpp"), FIRST_CELLS)
+    memory = model_memory(files, "llamacpp", kv_cache=kv_cache)
+    return kv_cells_budget(budget, memory, FIRST_CELLS)

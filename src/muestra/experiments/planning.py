@@ -205,7 +205,7 @@ def plan_models(
         runtime = choose_runtime(model.id, files, auto_runtime(model.runtime, model.dtype,
                                                                model.device))  # fmt: skip
         try:
-            memory = model_memory(files, runtime, model.dtype)
+            memory = model_memory(files, runtime, model.dtype, model.kv_cache)
         except MemoryUnknown:
             if budget is not None:  # a budget given must be kept: refuse
                 raise

@@ -520,6 +520,7 @@ class Runner:
             threads=model.threads,
             batch_invariant=model.batch_invariant,
             thread_wait=model.thread_wait,
+            kv_cache=model.kv_cache,
         )
         self._store_provenance(model, loaded.provenance.as_dict())
         plan = self.memory_plans.get(model.name)
@@ -593,4 +594,6 @@ def _computing(provenance: dict[str, Any]) -> dict[str, Any]:
         "weights_sha256": provenance.get("weights_sha256"),
         "runtime": runtime.get("runtime", "torch"),
         "batch_invariant": runtime.get("exact"),
+        # stored before the cache type was recorded: f16, the only one there was
+        "kv_cache": runtime.get("kv_cache", "f16") if "exact" in runtime else None,
     }

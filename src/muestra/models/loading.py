@@ -285,12 +285,14 @@ def load_model(
     threads: int | None = None,
     batch_invariant: bool = True,
     thread_wait: str | None = None,
+    kv_cache: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer on a runtime; see the module docstring for the
     rules. `threads`: the runtime's CPU threads (default: the cores, or OMP_NUM_THREADS);
     `batch_invariant`: llama.cpp's exact batching (`llamacpp_runtime.py`); `thread_wait`:
     how idle threads wait, sleep | spin (`runtime/threads.py`: set for the process, or
-    refused once torch has fixed another)."""
+    refused once torch has fixed another); `kv_cache`: llama.cpp's KV cache type (f16 |
+    q8_0; refused on torch, whose cache takes the model's dtype)."""
     from muestra.models.runtime.threads import apply_thread_wait
 
     apply_thread_wait(thread_wait, "thread_wait")  # before torch (imported next) fixes it
@@ -304,7 +306,13 @@ def load_model(
     files = check_model(ref, revision, allow_pickle, trust_remote_code)
     choice = choose_runtime(ref, files, auto_runtime(runtime, dtype, device))
     if choice == "llamacpp":
-        return _load_llamacpp(ref, files, dtype, device, threads, batch_invariant)
+        return _load_llamacpp(ref, files, dtype, device, threads, batch_invariant, kv_cache)
+    if kv_cache is not None:
+        raise InputError(
+            f"kv_cache {kv_cache!r} sets llama.cpp's KV cache type; the torch runtime caches "
+            "keys and values in the model's dtype: leave kv_cache out, or use --runtime "
+            "llamacpp with a GGUF"
+        )
     if not batch_invariant:
         raise InputError(
             "batch_invariant=false chooses llama.cpp's free batching; the torch runtime has no "
@@ -382,6 +390,7 @@ def _load_llamacpp(
     device: str,
     threads: int | None,
     batch_invariant: bool,
+    kv_cache: str | None = None,
 ) -> LoadedModel:
     from transformers import GenerationConfig
 
@@ -401,7 +410,10 @@ def _load_llamacpp(
     gguf, folder = files.gguf, files.gguf.parent
     try:
         runtime = LlamaCppRuntime(
-            gguf, threads=_positive_threads(threads) if threads else None, exact=batch_invariant
+            gguf,
+            threads=_positive_threads(threads) if threads else None,
+            exact=batch_invariant,
+            kv_cache=kv_cache,
         )
     except ModelLoadError as err:
         architecture = gguf_architecture(gguf)  # InputError for a file that is no GGUF

@@ -214,15 +214,19 @@ def config_dtype(config: Mapping[str, Any]) -> str:
     return "float32"
 
 
-def model_memory(files: Any, runtime: str, dtype: str = "auto") -> ModelMemory:
+def model_memory(
+    files: Any, runtime: str, dtype: str = "auto", kv_cache: str | None = None
+) -> ModelMemory:
     """What the model in `files` (a `loading.ModelFiles`) takes on `runtime` ("torch" or
-    "llamacpp") with the torch `dtype` asked for; read from headers and config only."""
+    "llamacpp") with the torch `dtype` asked for (llama.cpp: its `kv_cache` type, f16 by
+    default); read from headers and config only."""
     if runtime == "llamacpp":
         header = read_gguf_header(files.gguf)
+        cache = kv_cache or DEFAULT_KV_CACHE
         return ModelMemory(
             gguf_weights_bytes(header),
-            kv_bytes_per_token_from_gguf(header),
-            f"GGUF metadata, {DEFAULT_KV_CACHE} KV cache",
+            kv_bytes_per_token_from_gguf(header, cache),
+            f"GGUF metadata, {cache} KV cache",
         )
     if files.gguf is not None and not files.weights_are_folder:  # dequantized by torch
         header = read_gguf_header(files.gguf)

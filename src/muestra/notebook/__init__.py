@@ -93,7 +93,7 @@ def refuse_unknown(call: str, given: Iterable[str], known: Iterable[str]) -> Non
 
 
 MODEL_OPTIONS = ("runtime", "threads", "batch_invariant", "dtype", "device", "trust_remote_code",
-                 "thread_wait")  # fmt: skip
+                 "thread_wait", "kv_cache")  # fmt: skip
 
 
 def _thread_wait_default() -> None:

@@ -134,7 +134,8 @@ def _error_handlers(app: FastAPI) -> None:
 
 def _progress(served: ServedModel) -> dict[str, Any]:
     """Throughput over the recent window, the time the open rows need at that rate,
-    memory, and (llama.cpp) the KV cache: cells, budget, booked by the rows running."""
+    memory, and (llama.cpp) the KV cache: cells, budget, booked by the rows running,
+    taken since it was last empty, and how often cells were reused under live rows."""
     scheduler, runtime = served.scheduler, served.text.engine.runtime
     rows_per_s, tokens_per_s = scheduler.rate.rates()
     open_rows = scheduler.open_rows
@@ -150,6 +151,9 @@ def _progress(served: ServedModel) -> dict[str, Any]:
         "kv_cells": getattr(runtime, "cells", None),
         "kv_cells_budget": getattr(runtime, "max_cells", None),
         "kv_cells_booked": getattr(runtime, "booked", None),
+        "kv_cells_taken": getattr(runtime, "taken", None),
+        # times cells were reused under live rows (exact mode: their bits may differ)
+        "kv_cells_reused": getattr(runtime, "stats", {}).get("cells_reused"),
     }
 
 

@@ -25,9 +25,11 @@ So in exact mode every `llama_decode` holds 2 to 63 tokens, never exactly one of
 asks for logits (a one-token step gets a companion token on a scratch sequence; a lone
 output gets a second one), flash attention is on, `GGML_CPU_TILED_MM=0`, no extra buffer
 types, and no cell is reused while rows are alive (cells a row or a draft gives up stay
-tagged by a scratch "graveyard" sequence until the cache is empty). Then a row's logits
-are bit-identical whatever rows share its batch, however its prompt was chunked and
-whether its tokens came one at a time or as jump-forward drafts (tests/test_llamacpp.py).
+tagged by a scratch "graveyard" sequence until the cache is empty; a companion token's
+cell is freed at once, being the last one taken, so the next token takes it in order).
+Then a row's logits are bit-identical whatever rows share its batch, however its prompt
+was chunked and whether its tokens came one at a time or as jump-forward drafts
+(tests/test_llamacpp.py).
 
 `exact=False` lets llama.cpp batch as it likes (512-token micro-batches, cells reused)
 and turns flash attention off: its matrix-product attention sums over every cell of the
@@ -39,11 +41,18 @@ prompt) faster than flash attention's cell-by-cell loop (README, "llama.cpp runt
 books each row's whole budget (its prompt, once per request, + max_new_tokens + drafts)
 when it admits the row, and gives it back when the row ends (`reserve(..., book=True)`,
 `unbook`); the scheduler admits a waiting row only when its budget fits beside the
-booked ones (`fits`), else the row waits. The cache grows (rebuilt, doubling) only when
-no row is alive, and never past `max_cells`: by default the cells that half the memory
-available at load holds (`KV_SHARE`, f16 keys and values). A request whose rows have no
-`max_tokens` books the model's remaining context per row, so that budget bounds how many
-of its rows run at once; the others wait.
+booked ones (`fits`), else the row waits. In exact mode the cells taken since the cache
+was last empty count too, since none comes back while rows are alive: a row is admitted
+only when its budget fits beside those and the running rows' whole budgets, so under
+sustained load (a server that never idles) admissions pause until the running rows end
+and the cache empties, and no cell is ever reused under a live row (`stats
+["cells_reused"]` stays 0 unless a row takes more than its budget). The cache grows
+(rebuilt, doubling) only when no row is alive — when a batch needs more, or when rows
+had to wait for cells taken (so that those pauses become rarer) — and never past
+`max_cells`: by default the cells that half the memory available at load holds
+(`KV_SHARE`, f16 keys and values). A request whose rows have no `max_tokens` books the
+model's remaining context per row, so that budget bounds how many of its rows run at
+once; the others wait.
 
 The AMX buffer type is off in both modes: in this llama.cpp build its matrix product
 crashes (SIGSEGV in `ggml_backend_amx_mul_mat`) on this machine's Sapphire Rapids CPU.
@@ -66,6 +75,8 @@ import torch
 
 from muestra.errors import ContextLengthError, InputError, ModelLoadError, MuestraError
 from muestra.models.gguf_header import read_gguf_header
+from muestra.models.memory import DEFAULT_KV_CACHE
+from muestra.models.memory import KV_CACHE_TYPES as KV_CACHE_SIZES
 from muestra.models.runtime.base import Fed, LogitsWanted, check_cancelled
 from muestra.models.runtime.threads import thread_wait_now
 
@@ -82,6 +93,7 @@ GRAVE = MAX_SEQUENCES - 2  # cells given up while rows are alive (exact mode)
 FIRST_CELLS = 4096
 SLACK = 8  # cells kept free beside the booked ones: a one-token step's companion token
 KV_SHARE = 0.5  # default cache budget: this share of the memory available at load
+KV_CACHE_TYPES = ("f16", "q8_0")  # the cache types muestra runs llama.cpp with
 
 
 class LlamaCppUnavailable(MuestraError):
@@ -194,12 +206,25 @@ class LlamaCppRuntime:
         exact: bool = True,
         cells: int = 0,
         max_cells: int | None = None,
+        kv_cache: str | None = None,
     ) -> None:
         lc = llama_cpp_module()
         self.lc = lc
         _init_backend(lc)
         self.path = Path(gguf)
         self.exact = exact
+        self.kv_cache = kv_cache or DEFAULT_KV_CACHE
+        if self.kv_cache not in KV_CACHE_TYPES:
+            raise InputError(
+                f"kv_cache {self.kv_cache!r} is not a KV cache type muestra runs llama.cpp "
+                f"with; use one of {', '.join(KV_CACHE_TYPES)}"
+            )
+        if self.kv_cache != "f16" and not exact:
+            raise InputError(
+                f"kv_cache {self.kv_cache!r} needs llama.cpp's flash attention, which "
+                "batch_invariant = false turns off (--no-batch-invariant): keep exact "
+                "batching, or the f16 cache"
+            )
         self.threads = threads or default_threads()
         self.ubatch = EXACT_UBATCH if exact else FAST_UBATCH
         read_gguf_header(self.path)  # a damaged or crafted header: one line, before llama.cpp
@@ -225,12 +250,11 @@ class LlamaCppRuntime:
         self._free = list(range(GRAVE - 1, -1, -1))  # sequence ids, popped from the end
         self._live: set[int] = set()
         self._lengths: dict[int, int] = {}  # positions each live sequence holds
-        self._dummy_pos = 0
         self._decoded = 0  # cells taken since the cache was last emptied (exact mode)
         self._booked = 0  # cells booked by the rows running (their whole budgets)
         self.kv_bytes_per_cell = self._kv_bytes_per_cell()
         self.max_cells = max_cells or self.default_max_cells()
-        self._grave_cells = 0
+        self._starved = False  # rows waited for cells taken (exact mode): grow when empty
         self.stats = {"decodes": 0, "tokens": 0, "companions": 0, "cells_reused": 0}
         self._buffers = _BatchBuffers(lc, max(self.ubatch, 64))
         self._lock = threading.RLock()
@@ -244,8 +268,9 @@ class LlamaCppRuntime:
         return buffer.value.decode("utf-8", errors="replace") if size >= 0 else None
 
     def _kv_bytes_per_cell(self) -> int:
-        """Bytes one KV cell takes: f16 keys and values of every layer's KV heads (the
-        GGUF's key/value lengths, else the embedding width over the heads)."""
+        """Bytes one KV cell takes: keys and values of every layer's KV heads in the
+        cache's type (the GGUF's key/value lengths, else the embedding width over the
+        heads; q8_0 stores 34 bytes a block of 32)."""
         lc, model = self.lc, self._model
         arch = self.meta("general.architecture") or ""
         heads = max(1, int(lc.llama_model_n_head(model)))
@@ -253,7 +278,8 @@ class LlamaCppRuntime:
         key = int(self.meta(f"{arch}.attention.key_length") or width)
         value = int(self.meta(f"{arch}.attention.value_length") or width)
         kv_heads = int(lc.llama_model_n_head_kv(model))
-        return max(1, self.num_layers * kv_heads * (key + value) * 2)
+        size, block = KV_CACHE_SIZES[self.kv_cache]
+        return max(1, self.num_layers * kv_heads * (key + value) * size // block)
 
     def default_max_cells(self) -> int:
         """The cache budget when none is given: `KV_SHARE` of the memory available now
@@ -284,6 +310,7 @@ class LlamaCppRuntime:
             "exact": self.exact,
             "ubatch": self.ubatch,
             "flash_attention": self.exact,
+            "kv_cache": self.kv_cache,
             "extra_buffer_types": False,
             "GGML_CPU_TILED_MM": os.environ.get("GGML_CPU_TILED_MM"),
         }
@@ -295,8 +322,16 @@ class LlamaCppRuntime:
         already booked: in the cache as it is while rows are alive (it cannot be rebuilt
         under them), else in the largest cache the budget allows (`max_cells`)."""
         with self._lock:
-            room = self.cells if self._live else self.max_cells
-            return self._booked + cells + SLACK <= room
+            if not self._live:
+                return self._booked + cells + SLACK <= self.max_cells
+            if self._booked + cells + SLACK > self.cells:
+                return False
+            if self.exact and self._decoded + self._booked + cells + SLACK > self.cells:
+                # the cells taken come back only when the cache empties: wait for it, and
+                # let the next context be larger (`reserve`)
+                self._starved = True
+                return False
+            return True
 
     def reserve(self, cells: int, *, book: bool = False) -> None:
         """Make room for `cells` more KV cells beside the booked ones: a larger context
@@ -313,11 +348,14 @@ class LlamaCppRuntime:
                 )
             if not self._live and need > self.max_cells:
                 raise ContextLengthError(self._over_budget(cells))
-            if not self._live and (self._ctx is None or need > self.cells):
+            if not self._live and (self._ctx is None or need > self.cells or self._starved):
                 size = max(FIRST_CELLS, self._requested_cells, 2 * self.cells)
                 while size < need:
                     size *= 2
-                self._new_context(min(size, self.max_cells))
+                size = min(size, self.max_cells)
+                if self._ctx is None or size > self.cells:
+                    self._new_context(size)
+                self._starved = False
             if book:
                 self._booked += cells
 
@@ -344,6 +382,12 @@ class LlamaCppRuntime:
     def booked(self) -> int:
         """KV cells booked by the rows running (each row's whole budget)."""
         return self._booked
+
+    @property
+    def taken(self) -> int:
+        """KV cells taken since the cache was last empty (exact mode: none comes back
+        while rows are alive)."""
+        return self._decoded
 
     def _over_budget(self, cells: int) -> str:
         budget = self.max_cells * self.kv_bytes_per_cell / 2**30
@@ -376,6 +420,7 @@ class LlamaCppRuntime:
             lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.exact else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
         params.swa_full = True  # sliding-window rows can be cropped and copied
+        params.type_k = params.type_v = getattr(lc, f"GGML_TYPE_{self.kv_cache.upper()}")
         params.no_perf = True
         ctx = lc.llama_init_from_model(self._model, params)
         if not ctx:
@@ -385,13 +430,13 @@ class LlamaCppRuntime:
             )
         self._ctx, self.cells = ctx, int(lc.llama_n_ctx(ctx))
         self._memory = lc.llama_get_memory(ctx)
-        self._decoded = self._grave_cells = self._dummy_pos = 0
+        self._decoded = 0
 
     def _empty(self) -> None:
         """No row alive: every cell is free again."""
         if self._ctx is not None:
             self.lc.llama_memory_clear(self._memory, True)
-        self._decoded = self._grave_cells = self._dummy_pos = 0
+        self._decoded = 0
 
     # ---- sequence ids ----------------------------------------------------------------------
 
@@ -508,11 +553,15 @@ class LlamaCppRuntime:
         buffers.token[:n], buffers.pos[:n], buffers.seq[:n] = tokens, positions, seqs
         buffers.logits[:n] = flags
         if companion:
-            buffers.token[n], buffers.pos[n], buffers.seq[n] = tokens[0], self._dummy_pos, DUMMY
+            buffers.token[n], buffers.pos[n], buffers.seq[n] = tokens[0], 0, DUMMY
             buffers.logits[n] = 1 if len(wanted) == 1 else 0
-            self._dummy_pos += 1
             self.stats["companions"] += 1
         status = lc.llama_decode(self._ctx, buffers.batch(size))
+        if companion:
+            # the companion took the last cell: freed now, the next token takes it, after
+            # its row's older cells (a lone row no longer spends two cells a token)
+            lc.llama_memory_seq_rm(self._memory, DUMMY, -1, -1)
+            self._decoded -= 1
         if status == 1:
             raise ContextLengthError(
                 f"llama.cpp's KV cache ({self.cells} cells) is full; lower max_new_tokens "
@@ -542,9 +591,11 @@ class LlamaCppRuntime:
 
     def _make_room(self, n: int) -> None:
         """Before decoding `n` tokens: a context when there is none; in exact mode, when
-        they would not fit, the graveyard's cells are freed (counted in
-        `stats["cells_reused"]`: rows alive from then on may differ in the last bits
-        from the same rows alone)."""
+        they would not fit — only when rows took cells beyond their budgets (unbooked
+        expansions, many rejected drafts): admission (`fits`) counts the cells taken —
+        the graveyard's cells are freed (counted in `stats["cells_reused"]`, shown by
+        `/health`: rows alive from then on may differ in the last bits from the same
+        rows alone)."""
         if self._ctx is None:
             self.reserve(n + 64)
         if not self.exact or self._decoded + n + 1 <= self.cells:
@@ -552,7 +603,6 @@ class LlamaCppRuntime:
         lc = self.lc
         lc.llama_memory_seq_rm(self._memory, GRAVE, -1, -1)
         lc.llama_memory_seq_rm(self._memory, DUMMY, -1, -1)
-        self._dummy_pos = 0
         self.stats["cells_reused"] += 1
         # a bound on the cells the rows alive still hold (shared prompt cells counted
         # once per row)
