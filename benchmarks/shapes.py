@@ -18,10 +18,10 @@ stand in for the real models, which cannot be installed here:
    Character schema answer), its stored memory plan against the process's peak RSS
    (`getrusage` of the child), and with a `--max-memory` of half the planned KV: the rows
    it admitted at once.
-4. **Decoding against llama-batched-bench**: batch-1 greedy decoding and `--rows` sampled
-   rows of seed 000's prompt (exact and free batching) against `llama-batched-bench -npl
-   1,ROWS` (flash attention off, its fastest here; `-pps -kvu` as muestra shares the
-   prompt and one cache).
+4. **Decoding against llama-batched-bench**: batch-1 greedy decoding and `--speed-rows`
+   sampled rows (8 and 32) of seed 000's prompt (exact and free batching) against
+   `llama-batched-bench -npl 1,8,32` (flash attention off, its fastest here; `-pps -kvu`
+   as muestra shares the prompt and one cache).
 
 `python -m benchmarks.shapes [--presets qwen3-4b] [--quant Q4_K_M] [--rows 8]`, or
 `make bench BENCH_ARGS="--only shapes"`. The 4B kit needs ~8 GB of disk for its bf16
@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import seed_000_messages, write_result
+from benchmarks.common import RESULTS, seed_000_messages, write_result
 from benchmarks.llamacpp import NEW_TOKENS, batched_bench
 from benchmarks.peers import build_peers
 
@@ -216,12 +216,12 @@ def peak_against_plan(gguf: Path, rows: int, folder: Path, max_memory: str | Non
     }
 
 
-def decode_rates(loaded: Any, prompt: list[int], rows: int, repeats: int) -> dict:
-    """muestra's batch-1 greedy decoding and `rows` sampled rows of `prompt` (tokens/s,
-    prefill excluded: the NEW_TOKENS run minus the 1-token run)."""
+def decode_rates(loaded: Any, prompt: list[int], rows: tuple[int, ...], repeats: int) -> dict:
+    """muestra's batch-1 greedy decoding and each count of `rows` sampled rows of `prompt`
+    (tokens/s, prefill excluded: the NEW_TOKENS run minus the 1-token run)."""
     from muestra.engine import Engine, GenerationRequest, SamplingParams
 
-    engine = Engine.from_loaded(loaded, max_batch=max(rows, 1))
+    engine = Engine.from_loaded(loaded, max_batch=max(rows))
 
     def timed(n: int, many: int) -> float:
         params = SamplingParams(temperature=0) if many == 1 else SamplingParams(temperature=0.7)
@@ -232,7 +232,7 @@ def decode_rates(loaded: Any, prompt: list[int], rows: int, repeats: int) -> dic
         return time.perf_counter() - started
 
     out = {}
-    for name, many in (("batch1", 1), (f"rows{rows}", rows)):
+    for name, many in (("batch1", 1), *((f"rows{r}", r) for r in rows)):
         one = statistics.median(timed(1, many) for _ in range(repeats))
         full = statistics.median(timed(NEW_TOKENS, many) for _ in range(repeats))
         out[f"{name}_decode_tok_s"] = many * (NEW_TOKENS - 1) / (full - one)
@@ -245,9 +245,11 @@ def batched_bench_rate(bench: Path, gguf: Path, prompt: int, npl: int, repeats: 
     return statistics.median(batched_bench(bench, gguf, prompt, npl, "off") for _ in range(repeats))
 
 
-def speed_against_bench(bench: Path, gguf: Path, quant: str, rows: int, repeats: int) -> dict:
-    """Batch-1 greedy and `rows` sampled rows, muestra (exact and free batching) against
-    llama-batched-bench -npl 1,ROWS, on seed 000's prompt."""
+def speed_against_bench(
+    bench: Path, gguf: Path, quant: str, rows: tuple[int, ...], repeats: int
+) -> dict:
+    """Batch-1 greedy and each count of `rows` sampled rows, muestra (exact and free
+    batching) against llama-batched-bench -npl 1,ROWS…, on seed 000's prompt."""
     from muestra.models.inspection import render_chat
     from muestra.models.loading import load_model
 
@@ -260,12 +262,14 @@ def speed_against_bench(bench: Path, gguf: Path, quant: str, rows: int, repeats:
         speed[f"muestra_{mode}"] = decode_rates(loaded, prompt, rows, repeats)
         del loaded
     speed["llama_batched_bench"] = {
-        f"npl{npl}": batched_bench_rate(bench, gguf, len(prompt), npl, repeats) for npl in (1, rows)
+        f"npl{npl}": batched_bench_rate(bench, gguf, len(prompt), npl, repeats)
+        for npl in (1, *rows)
     }
     for mode in ("exact", "free"):
         ours, theirs = speed[f"muestra_{mode}"], speed["llama_batched_bench"]
         speed[f"{mode}_batch1_vs_bench"] = ours["batch1_decode_tok_s"] / theirs["npl1"]
-        speed[f"{mode}_rows_vs_bench"] = ours[f"rows{rows}_decode_tok_s"] / theirs[f"npl{rows}"]
+        for r in rows:
+            speed[f"{mode}_rows{r}_vs_bench"] = ours[f"rows{r}_decode_tok_s"] / theirs[f"npl{r}"]
     return speed
 
 
@@ -277,6 +281,7 @@ def bench_shapes(
     kit_root: Path | None = None,
     speed_quant: str = "Q4_K_M",
     parts: tuple[str, ...] = ("memory", "speed"),
+    speed_rows: tuple[int, ...] = (8, 32),
 ) -> dict[str, Any]:
     os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
     peers = build_peers()
@@ -288,7 +293,7 @@ def bench_shapes(
         result[preset] = entry
         gguf = ggufs[speed_quant]
         if "speed" in parts:
-            entry["speed"] = speed_against_bench(bench, gguf, speed_quant, rows, repeats)
+            entry["speed"] = speed_against_bench(bench, gguf, speed_quant, speed_rows, repeats)
         if "memory" not in parts:
             continue
         for quant in quants:
@@ -313,11 +318,18 @@ def main() -> None:
     parser.add_argument("--kit-dir", type=Path, default=None)
     parser.add_argument("--parts", nargs="+", default=["memory", "speed"],
                         choices=["memory", "speed"])  # fmt: skip
+    parser.add_argument("--speed-rows", nargs="+", type=int, default=[8, 32],
+                        help="row counts decoded beside batch 1 (speed part)")  # fmt: skip
     args = parser.parse_args()
     result = bench_shapes(tuple(args.presets), QUANTS, args.rows, args.repeats, args.kit_dir,
-                          parts=tuple(args.parts))  # fmt: skip
+                          parts=tuple(args.parts), speed_rows=tuple(args.speed_rows))  # fmt: skip
     print(json.dumps(result, indent=2))
-    print(write_result("shapes", result))
+    # the parts not run this time stay as they were measured
+    path = RESULTS / "shapes.json"
+    previous = json.loads(path.read_text("utf-8")) if path.is_file() else {}
+    for preset in args.presets:
+        result[preset] = {**previous.get(preset, {}), **result[preset]}
+    print(write_result("shapes", result, merge=True))
 
 
 if __name__ == "__main__":

@@ -130,6 +130,36 @@ def test_bad_budgets_are_refused_by_name(value):
         parse_memory(value, "--max-memory")
 
 
+def test_a_llama_cpp_plan_counts_the_context_llama_cpp_makes():
+    """On llama.cpp the plan counts one context: each row's cells and its drafts' room,
+    the slack, whole 256-cell steps, never below the first context. Two short rows of a
+    Qwen3-4B shape take the first context's 4,096 cells (576 MiB), not 2 × 500 tokens
+    (144 MiB); a budget without room for it is refused naming it."""
+    from muestra.experiments.planning import LlamaCache
+
+    memory = ModelMemory(weights_bytes=2_491_323_904, kv_bytes_per_token=147_456, source="t")
+    cache = LlamaCache(floor=4096, row_extra=16, slack=8)
+    budget = Budget(16 * 2**30, "--max-memory 16GiB")
+    two = plan_memory("qwen3-4b", memory, (300, 0, 200), 2, budget, held=2**30,
+                      llama_cache=cache)  # fmt: skip
+    assert two.rows == 2 and two.kv_cells == 4096
+    assert two.peak_bytes == 2**30 + 2_491_323_904 + 4096 * 147_456
+    assert "llama.cpp's cache 4,096 cells (576 MiB)" in two.describe()
+    eight = Budget(8 * 2**30, "--max-memory 8GiB")
+    many = plan_memory("qwen3-4b", memory, (300, 1_000, 200), 50, eight, held=2**30,
+                       llama_cache=cache)  # fmt: skip
+    room = 7 * 2**30 - 2_491_323_904
+    cells = lambda rows: -(-(rows * 1_516 + 8) // 256) * 256  # noqa: E731
+    assert many.rows == max(r for r in range(1, 51) if cells(r) * 147_456 <= room)
+    assert many.kv_cells == cells(many.rows) and many.peak_bytes <= eight.bytes
+    assert 1 < many.rows < 50
+    assert cells(many.rows + 1) * 147_456 > room
+    with pytest.raises(MemoryBudgetError) as refused:
+        plan_memory("qwen3-4b", memory, (300, 0, 200), 2, Budget(3 * 2**30, "x"), 2**29,
+                    llama_cache=cache)  # fmt: skip
+    assert "llama.cpp's first context of 4,096 cells (576 MiB)" in str(refused.value)
+
+
 def test_plan_arithmetic_and_the_refusal_names_the_numbers():
     memory = ModelMemory(weights_bytes=8 * 2**30, kv_bytes_per_token=147_456, source="test")
     budget = Budget(16 * 2**30, "--max-memory 16GiB")

@@ -18,9 +18,15 @@ notebook API): "8GiB", "12GB", "500MiB", "1.5 GiB" or a plain byte count. Withou
 `DEFAULT_SHARE` (80 %) of the memory the system has available now (psutil, else
 /proc/meminfo's MemAvailable) on top of what the process already holds.
 
+On llama.cpp the cache is one context of fixed size, and the plan counts it as the
+runtime makes it (`LlamaCache`): each row's cells with room for its jump-forward drafts,
+a few slack cells, rounded up to llama.cpp's 256-cell steps, and never below the first
+context (4,096 cells: on a Qwen3-4B shape, 576 MiB of f16 cache however few rows run).
+The run then caps the cache at those cells (`LlamaCppRuntime.cap_cells`).
+
 What the plan leaves out (small beside the KV cache of many rows, but real): the logits of
-a step (rows × vocabulary × 4 bytes), llama.cpp's compute buffers, transient copies while
-torch loads weights, and the rounding of llama.cpp's context to its next size.
+a step (rows × vocabulary × 4 bytes), llama.cpp's compute buffers (~300 MiB on a 4B
+shape), and transient copies while torch loads weights.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from muestra.errors import InputError, MemoryBudgetError
@@ -96,6 +102,21 @@ def resident_bytes() -> int:
 
 
 @dataclass(frozen=True)
+class LlamaCache:
+    """How llama.cpp's runtime sizes its one context for `rows` rows: each row's tokens
+    and `row_extra` draft cells, `slack` cells, whole `step`s, at least `floor` cells."""
+
+    floor: int
+    row_extra: int
+    slack: int
+    step: int = 256
+
+    def cells(self, rows: int, tokens_per_row: int) -> int:
+        need = rows * (tokens_per_row + self.row_extra) + self.slack
+        return max(self.floor, need + (-need) % self.step)
+
+
+@dataclass(frozen=True)
 class MemoryPlan:
     """How many rows of one model run at once, and why."""
 
@@ -111,6 +132,7 @@ class MemoryPlan:
     budget_bytes: int
     budget_source: str
     source: str  # where the model's numbers were read
+    llama_cache: LlamaCache | None = None  # llama.cpp: its one context's shape
 
     @property
     def tokens_per_row(self) -> int:
@@ -120,25 +142,42 @@ class MemoryPlan:
     def kv_bytes_per_row(self) -> int:
         return self.kv_bytes_per_token * self.tokens_per_row
 
+    def kv_bytes(self, rows: int) -> int:
+        """The KV cache of `rows` rows at once (llama.cpp: its context's cells)."""
+        if self.llama_cache is None:
+            return rows * self.kv_bytes_per_row
+        return self.kv_bytes_per_token * self.llama_cache.cells(rows, self.tokens_per_row)
+
+    @property
+    def kv_cells(self) -> int | None:
+        """llama.cpp: the cells of the context the plan counts (the run caps it there)."""
+        if self.llama_cache is None:
+            return None
+        return self.llama_cache.cells(self.rows, self.tokens_per_row)
+
     @property
     def peak_bytes(self) -> int:
-        return self.held_bytes + self.weights_bytes + self.rows * self.kv_bytes_per_row
+        return self.held_bytes + self.weights_bytes + self.kv_bytes(self.rows)
 
     def describe(self) -> str:
         """Two lines for the user: the numbers, and the budget with where it came from."""
         capped = f" (of {self.rows_asked} asked)" if self.rows < self.rows_asked else ""
+        cells = self.kv_cells
+        context = "" if cells is None else (
+            f"; llama.cpp's cache {cells:,} cells ({format_bytes(self.kv_bytes(self.rows))})"
+        )  # fmt: skip
         return (
             f"memory plan for {self.model}: weights {format_bytes(self.weights_bytes)}, KV "
             f"{format_bytes(self.kv_bytes_per_row)}/row ({format_bytes(self.kv_bytes_per_token)}"
-            f"/token × {self.tokens_per_row:,} tokens), {self.rows} rows at once{capped}, "
-            f"expected peak {format_bytes(self.peak_bytes)}\n  budget "
+            f"/token × {self.tokens_per_row:,} tokens), {self.rows} rows at once{capped}"
+            f"{context}, expected peak {format_bytes(self.peak_bytes)}\n  budget "
             f"{format_bytes(self.budget_bytes)} ({self.budget_source}); read from {self.source}"
         )
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data |= {"tokens_per_row": self.tokens_per_row, "kv_bytes_per_row": self.kv_bytes_per_row,
-                 "peak_bytes": self.peak_bytes}  # fmt: skip
+                 "kv_cells": self.kv_cells, "peak_bytes": self.peak_bytes}  # fmt: skip
         return data
 
 
@@ -149,29 +188,39 @@ def plan_memory(
     rows_asked: int,
     budget: Budget,
     held: int,
+    llama_cache: LlamaCache | None = None,
 ) -> MemoryPlan:
-    """The plan for `model` (`tokens`: prompt, think, answer tokens of its longest row);
-    a `MemoryBudgetError` with the numbers when not even one row fits `budget`."""
+    """The plan for `model` (`tokens`: prompt, think, answer tokens of its longest row;
+    `llama_cache`: how llama.cpp sizes its context, None on torch); a
+    `MemoryBudgetError` with the numbers when not even one row fits `budget`."""
     prompt, think, answer = tokens
-    per_row = memory.kv_bytes_per_token * (prompt + think + answer)
-    room = budget.bytes - held - memory.weights_bytes
-    fit = room // per_row if per_row > 0 else rows_asked
     plan = MemoryPlan(model, memory.weights_bytes, memory.kv_bytes_per_token, prompt, think,
-                      answer, rows_asked, max(0, min(rows_asked, fit)), held, budget.bytes,
-                      budget.source, memory.source)  # fmt: skip
+                      answer, rows_asked, 0, held, budget.bytes, budget.source, memory.source,
+                      llama_cache)  # fmt: skip
+    room = budget.bytes - held - memory.weights_bytes
+    low, high = 0, rows_asked  # the most rows whose cache fits the room
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if plan.kv_bytes(middle) <= room else (low, middle - 1)
+    plan = replace(plan, rows=low)
     if plan.rows < 1:
         raise MemoryBudgetError(_refusal(plan))
     return plan
 
 
 def _refusal(plan: MemoryPlan) -> str:
-    need = plan.held_bytes + plan.weights_bytes + plan.kv_bytes_per_row
+    one = plan.kv_bytes(1)
+    need = plan.held_bytes + plan.weights_bytes + one
+    floor = "" if plan.llama_cache is None or one <= plan.kv_bytes_per_row else (
+        f", in llama.cpp's first context of {plan.llama_cache.floor:,} cells "
+        f"({format_bytes(one)})"
+    )  # fmt: skip
     return (
         f"{plan.model} does not fit one row in the memory budget: this process holds "
         f"{format_bytes(plan.held_bytes)}, the weights take {format_bytes(plan.weights_bytes)} "
         f"and one row's KV cache {format_bytes(plan.kv_bytes_per_row)} "
         f"({format_bytes(plan.kv_bytes_per_token)}/token × ({plan.prompt_tokens:,} prompt + "
-        f"{plan.think_tokens:,} think + {plan.answer_tokens:,} answer tokens)) = "
+        f"{plan.think_tokens:,} think + {plan.answer_tokens:,} answer tokens){floor}) = "
         f"{format_bytes(need)}, over the budget of {format_bytes(plan.budget_bytes)} "
         f"({plan.budget_source}). Raise --max-memory, or lower the think budget, the "
         "answer's max_tokens or the prompt's length (or use a smaller or more quantized model)"
@@ -212,9 +261,19 @@ def plan_models(
             continue  # the default budget: the model runs unplanned, as before
         tokens = row_tokens(spec, model, mine)
         plans[model.name] = plan_memory(
-            model.name, memory, tokens, rows_asked, budget or default_budget(held), held
-        )
+            model.name, memory, tokens, rows_asked, budget or default_budget(held), held,
+            llama_cache() if runtime == "llamacpp" else None,
+        )  # fmt: skip
     return plans
+
+
+def llama_cache() -> LlamaCache:
+    """How muestra's llama.cpp runtime sizes its context (its first context, the drafts'
+    room per row, the slack beside the booked cells)."""
+    from muestra.engine.batch import MAX_DRAFT
+    from muestra.models.runtime.llamacpp_runtime import FIRST_CELLS, SLACK
+
+    return LlamaCache(FIRST_CELLS, MAX_DRAFT, SLACK, CONTEXT_STEP)
 
 
 def row_tokens(spec: Any, model: Any, units: list[Any]) -> tuple[int, int, int]:

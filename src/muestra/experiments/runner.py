@@ -525,12 +525,10 @@ class Runner:
         self._store_provenance(model, loaded.provenance.as_dict())
         plan = self.memory_plans.get(model.name)
         cap = getattr(loaded.runtime, "cap_cells", None)
-        if plan is not None and cap is not None:
-            from muestra.engine.batch import MAX_DRAFT
-
+        if plan is not None and cap is not None and plan.kv_cells is not None:
             # llama.cpp's cache holds what the plan counted, never more: its contexts
             # grow by doubling, which without this cap took up to twice the plan's KV
-            cap(plan.rows * (plan.tokens_per_row + MAX_DRAFT))
+            cap(plan.kv_cells)
         return loaded
 
     def row(

@@ -48,11 +48,11 @@ sustained load (a server that never idles) admissions pause until the running ro
 and the cache empties, and no cell is ever reused under a live row (`stats
 ["cells_reused"]` stays 0 unless a row takes more than its budget). The cache grows
 (rebuilt, doubling) only when no row is alive — when a batch needs more, or when rows
-had to wait for cells taken (so that those pauses become rarer) — and never past
-`max_cells`: by default the cells that half the memory available at load holds
-(`KV_SHARE`, f16 keys and values). A request whose rows have no `max_tokens` books the
-model's remaining context per row, so that budget bounds how many of its rows run at
-once; the others wait.
+had to wait for cells taken (so that those pauses become rarer; up to `DRAIN_ROOM`
+times the cells the rows book together) — and never past `max_cells`: by default the
+cells that half the memory available at load holds (`KV_SHARE`, f16 keys and values).
+A request whose rows have no `max_tokens` books the model's remaining context per row,
+so that budget bounds how many of its rows run at once; the others wait.
 
 The AMX buffer type is off in both modes: in this llama.cpp build its matrix product
 crashes (SIGSEGV in `ggml_backend_amx_mul_mat`) on this machine's Sapphire Rapids CPU.
@@ -91,6 +91,10 @@ MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ
 DUMMY = MAX_SEQUENCES - 1  # the companion token's scratch sequence
 GRAVE = MAX_SEQUENCES - 2  # cells given up while rows are alive (exact mode)
 FIRST_CELLS = 4096
+# exact mode under sustained load: the cache grows (when empty) to about this many times
+# the cells the running rows book, so that rows wait for an empty cache about once every
+# DRAIN_ROOM - 1 generations of rows, and no further
+DRAIN_ROOM = 8
 SLACK = 8  # cells kept free beside the booked ones: a one-token step's companion token
 KV_SHARE = 0.5  # default cache budget: this share of the memory available at load
 KV_CACHE_TYPES = ("f16", "q8_0")  # the cache types muestra runs llama.cpp with
@@ -255,6 +259,7 @@ class LlamaCppRuntime:
         self.kv_bytes_per_cell = self._kv_bytes_per_cell()
         self.max_cells = max_cells or self.default_max_cells()
         self._starved = False  # rows waited for cells taken (exact mode): grow when empty
+        self._peak_booked = 0  # the most cells booked at once
         self.stats = {"decodes": 0, "tokens": 0, "companions": 0, "cells_reused": 0}
         self._buffers = _BatchBuffers(lc, max(self.ubatch, 64))
         self._lock = threading.RLock()
@@ -348,7 +353,10 @@ class LlamaCppRuntime:
                 )
             if not self._live and need > self.max_cells:
                 raise ContextLengthError(self._over_budget(cells))
-            if not self._live and (self._ctx is None or need > self.cells or self._starved):
+            # rows waited for taken cells: a larger next context, up to DRAIN_ROOM times
+            # the most the rows ever booked together (the server's working set)
+            starved = self._starved and self.cells < DRAIN_ROOM * self._peak_booked
+            if not self._live and (self._ctx is None or need > self.cells or starved):
                 size = max(FIRST_CELLS, self._requested_cells, 2 * self.cells)
                 while size < need:
                     size *= 2
@@ -358,16 +366,16 @@ class LlamaCppRuntime:
                 self._starved = False
             if book:
                 self._booked += cells
+                self._peak_booked = max(self._peak_booked, self._booked)
 
     def cap_cells(self, cells: int) -> None:
-        """Keep the cache within `cells` (and the slack beside them), whole llama.cpp
-        contexts of 256 cells, but never below the first context (`FIRST_CELLS`): a run's
-        memory plan caps it at the rows it counted, so the doubling growth never takes
-        more than the plan once the rows need more than a first context; rows beyond
+        """Keep the cache within `cells` (whole llama.cpp contexts of 256 cells), but
+        never below the first context (`FIRST_CELLS`): a run's memory plan caps it at the
+        context it counted (`planning.LlamaCache`: the rows' cells, their drafts' room and
+        the slack), so the doubling growth never takes more than the plan; rows beyond
         wait."""
         with self._lock:
-            need = cells + SLACK
-            self.max_cells = min(self.max_cells, max(FIRST_CELLS, need + (-need) % 256))
+            self.max_cells = min(self.max_cells, max(FIRST_CELLS, cells + (-cells) % 256))
 
     def unbook(self, cells: int) -> None:
         """Give back cells booked by `reserve(..., book=True)` (rows that ended)."""
