@@ -496,3 +496,6 @@ def test_the_kv_cache_flag_reaches_the_plan_and_the_store(cli, smol_kit, tmp_pat
     assert json.loads(provenance)["runtime"]["kv_cache"] == "q8_0"
     refused = cli("run", str(spec), "--out", str(out), "--kv-cache", "q4_0")
     assert refused.code == 2 and "'q4_0' is not one of f16, q8_0" in refused.stderr
+    # more samples into the same run with an f16 cache would mix two distributions
+    mixed = cli("run", str(spec), "--out", str(out), "--samples", "3")
+    assert mixed.code != 0 and "'kv_cache': 'f16'" in mixed.stderr, mixed.stderr
