@@ -467,7 +467,15 @@ def cpp_f16(smol_kit):
 
 
 def test_q8_0_is_refused_by_name_where_it_cannot_apply(smol_kit):
+    import typing
+
+    from muestra.experiments.spec import ModelSpec
     from muestra.models.loading import load_model
+    from muestra.models.memory import RUNTIME_KV_CACHES
+
+    # the spec's choices are the runtime's (and the flag's)
+    annotation = ModelSpec.model_fields["kv_cache"].annotation
+    assert typing.get_args(typing.get_args(annotation)[0]) == RUNTIME_KV_CACHES
 
     with pytest.raises(InputError, match=r"kv_cache 'q8_0' needs llama.cpp's flash attention"):
         load_model(str(smol_kit), runtime="llamacpp", kv_cache="q8_0", batch_invariant=False)

@@ -71,12 +71,13 @@ KV_CACHE_HELP = (
     "llamacpp: the KV cache's type, f16 (default) | q8_0: 0.53x the memory a token (twice "
     "the rows in the same --max-memory), logits slightly changed; exact batching only."
 )
-KV_CACHE_TYPES = ("f16", "q8_0")
 
 
 def _kv_cache(value: str | None) -> str | None:
-    if value is not None and value not in KV_CACHE_TYPES:
-        raise typer.BadParameter(f"{value!r} is not one of {', '.join(KV_CACHE_TYPES)}")
+    from muestra.models.memory import RUNTIME_KV_CACHES
+
+    if value is not None and value not in RUNTIME_KV_CACHES:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(RUNTIME_KV_CACHES)}")
     return value
 
 

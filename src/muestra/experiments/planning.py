@@ -41,6 +41,7 @@ from muestra.errors import InputError, MemoryBudgetError
 from muestra.models.memory import ModelMemory, parse_memory
 
 DEFAULT_SHARE = 0.8  # of the memory available when no budget is given
+CONTEXT_STEP = 256  # llama.cpp pads a context to a multiple of 256 cells
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ class LlamaCache:
     floor: int
     row_extra: int
     slack: int
-    step: int = 256
+    step: int = CONTEXT_STEP
 
     def cells(self, rows: int, tokens_per_row: int) -> int:
         need = rows * (tokens_per_row + self.row_extra) + self.slack
@@ -211,16 +212,17 @@ def plan_memory(
 def _refusal(plan: MemoryPlan) -> str:
     one = plan.kv_bytes(1)
     need = plan.held_bytes + plan.weights_bytes + one
-    floor = "" if plan.llama_cache is None or one <= plan.kv_bytes_per_row else (
-        f", in llama.cpp's first context of {plan.llama_cache.floor:,} cells "
-        f"({format_bytes(one)})"
-    )  # fmt: skip
+    context = ""
+    if plan.llama_cache is not None:
+        cells = plan.llama_cache.cells(1, plan.tokens_per_row)
+        which = "first context" if cells == plan.llama_cache.floor else "context"
+        context = f", in llama.cpp's {which} of {cells:,} cells ({format_bytes(one)})"
     return (
         f"{plan.model} does not fit one row in the memory budget: this process holds "
         f"{format_bytes(plan.held_bytes)}, the weights take {format_bytes(plan.weights_bytes)} "
         f"and one row's KV cache {format_bytes(plan.kv_bytes_per_row)} "
         f"({format_bytes(plan.kv_bytes_per_token)}/token × ({plan.prompt_tokens:,} prompt + "
-        f"{plan.think_tokens:,} think + {plan.answer_tokens:,} answer tokens){floor}) = "
+        f"{plan.think_tokens:,} think + {plan.answer_tokens:,} answer tokens){context}) = "
         f"{format_bytes(need)}, over the budget of {format_bytes(plan.budget_bytes)} "
         f"({plan.budget_source}). Raise --max-memory, or lower the think budget, the "
         "answer's max_tokens or the prompt's length (or use a smaller or more quantized model)"
@@ -273,7 +275,7 @@ def llama_cache() -> LlamaCache:
     from muestra.engine.batch import MAX_DRAFT
     from muestra.models.runtime.llamacpp_runtime import FIRST_CELLS, SLACK
 
-    return LlamaCache(FIRST_CELLS, MAX_DRAFT, SLACK, CONTEXT_STEP)
+    return LlamaCache(FIRST_CELLS, MAX_DRAFT, SLACK)
 
 
 def row_tokens(spec: Any, model: Any, units: list[Any]) -> tuple[int, int, int]:
@@ -320,9 +322,6 @@ def split_budget(
         fields.pop("max_memory", None)
         return fields, None
     return fields, {"max_memory": fields.pop("max_memory")}
-
-
-CONTEXT_STEP = 256  # llama.cpp pads a context to a multiple of 256 cells
 
 
 @dataclass(frozen=True)

@@ -592,6 +592,11 @@ def _computing(provenance: dict[str, Any]) -> dict[str, Any]:
         "weights_sha256": provenance.get("weights_sha256"),
         "runtime": runtime.get("runtime", "torch"),
         "batch_invariant": runtime.get("exact"),
-        # stored before the cache type was recorded: f16, the only one there was
-        "kv_cache": runtime.get("kv_cache", "f16") if "exact" in runtime else None,
+        "kv_cache": _kv_cache(runtime),
     }
+
+
+def _kv_cache(runtime: dict[str, Any]) -> str | None:
+    """llama.cpp's KV cache type in a runtime's record (recorded before it was a setting:
+    f16, the only one there was); None on torch."""
+    return runtime.get("kv_cache", "f16") if runtime.get("runtime") == "llamacpp" else None

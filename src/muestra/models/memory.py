@@ -48,6 +48,7 @@ SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4
 # llama.cpp KV cache types: (bytes per block, elements per block)
 KV_CACHE_TYPES = {"f32": (4, 1), "f16": (2, 1), "bf16": (2, 1), "q8_0": (34, 32)}
 DEFAULT_KV_CACHE = "f16"  # llama.cpp's default, and the one muestra's runtime makes
+RUNTIME_KV_CACHES = ("f16", "q8_0")  # the types muestra runs llama.cpp with (--kv-cache)
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip

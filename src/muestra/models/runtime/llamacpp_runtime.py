@@ -75,7 +75,7 @@ import torch
 
 from muestra.errors import ContextLengthError, InputError, ModelLoadError, MuestraError
 from muestra.models.gguf_header import read_gguf_header
-from muestra.models.memory import DEFAULT_KV_CACHE
+from muestra.models.memory import DEFAULT_KV_CACHE, RUNTIME_KV_CACHES
 from muestra.models.memory import KV_CACHE_TYPES as KV_CACHE_SIZES
 from muestra.models.runtime.base import Fed, LogitsWanted, check_cancelled
 from muestra.models.runtime.threads import thread_wait_now
@@ -97,7 +97,6 @@ FIRST_CELLS = 4096
 DRAIN_ROOM = 8
 SLACK = 8  # cells kept free beside the booked ones: a one-token step's companion token
 KV_SHARE = 0.5  # default cache budget: this share of the memory available at load
-KV_CACHE_TYPES = ("f16", "q8_0")  # the cache types muestra runs llama.cpp with
 
 
 class LlamaCppUnavailable(MuestraError):
@@ -218,10 +217,10 @@ class LlamaCppRuntime:
         self.path = Path(gguf)
         self.exact = exact
         self.kv_cache = kv_cache or DEFAULT_KV_CACHE
-        if self.kv_cache not in KV_CACHE_TYPES:
+        if self.kv_cache not in RUNTIME_KV_CACHES:
             raise InputError(
                 f"kv_cache {self.kv_cache!r} is not a KV cache type muestra runs llama.cpp "
-                f"with; use one of {', '.join(KV_CACHE_TYPES)}"
+                f"with; use one of {', '.join(RUNTIME_KV_CACHES)}"
             )
         if self.kv_cache != "f16" and not exact:
             raise InputError(
