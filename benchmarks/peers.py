@@ -65,7 +65,9 @@ def _build(version: str, folder: Path) -> None:
         for command in (
             ["cmake", "-S", str(source), "-B", str(build), "-DLLAMA_CURL=OFF",
              "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-             "-DCMAKE_BUILD_TYPE=Release"],
+             "-DCMAKE_BUILD_TYPE=Release",
+             # the instruction set `make install` builds llama-cpp-python for (Makefile)
+             "-DGGML_NATIVE=OFF"],
             ["cmake", "--build", str(build), "-j", str(os.cpu_count() or 2),
              "--target", "llama-batched-bench", "llama-server", "llama-quantize"],
         ):  # fmt: skip

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import platform
 import time
 
 import numpy as np
@@ -14,6 +15,7 @@ import pytest
 import torch
 from scipy import stats
 
+from conftest import ROOT
 from helpers import chat_ids
 from muestra.answers.generation import TextGenerator
 from muestra.answers.grammar import GrammarSpec
@@ -26,6 +28,8 @@ from muestra.engine.speculative import speculative_decode
 from muestra.errors import InputError, MuestraError
 
 pytest.importorskip("llama_cpp", reason="the llama.cpp runtime needs llama-cpp-python")
+
+from muestra.models.runtime.llamacpp_runtime import PORTABLE_X86  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0)
 CHAT = [
@@ -320,12 +324,34 @@ def test_the_store_records_the_runtime(cpp, smol_kit, tmp_path, cli):
         == json.loads((smol_kit / "muestra-kit.json").read_text())["gguf_sha256"]
     )
     assert runtime["llama_cpp_python"] and runtime["threads"] >= 1
+    # the instruction set its kernels were built for: the same bits need the same set
+    assert isinstance(runtime["cpu_features"], list) and runtime["cpu_features"]
+    if platform.machine() == "x86_64":  # make install builds the portable set (Makefile)
+        assert set(runtime["cpu_features"]) <= set(PORTABLE_X86), runtime["cpu_features"]
     # a resume on another runtime would mix samples: refused
     spec.write_text(spec.read_text().replace('"llamacpp"', '"torch"'))
     again = cli("run", str(spec), "--out", str(store), "--samples", "3")
     assert again.code == 2 and "different spec" in again.stderr
     mixed = cli("run", str(spec), "--out", str(tmp_path / "r2.db"))
     assert mixed.code == 0
+
+
+def test_make_install_refuses_a_native_build_pip_had_cached(monkeypatch, capsys):
+    """pip reuses a wheel it built earlier whatever CMAKE_ARGS says: a build for AVX-512
+    found after `make install` is an error that says how to rebuild."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("llama_build", ROOT / "tools/llama_build.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    monkeypatch.setattr(check.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(check, "cpu_features", lambda: [*PORTABLE_X86])
+    assert check.main([]) == 0
+    monkeypatch.setattr(check, "cpu_features", lambda: [*PORTABLE_X86, "AVX512", "AVX512_VNNI"])
+    assert check.main([]) == 1
+    err = capsys.readouterr().err
+    assert "AVX512 AVX512_VNNI" in err and "pip cache remove llama_cpp_python" in err
+    assert check.main(["--native"]) == 0  # LLAMA_CMAKE_ARGS asked for it
 
 
 # ---- choosing the runtime --------------------------------------------------------------

@@ -315,6 +315,7 @@ class LlamaCppRuntime:
             "ubatch": self.ubatch,
             "flash_attention": self.exact,
             "kv_cache": self.kv_cache,
+            "cpu_features": cpu_features(),
             "extra_buffer_types": False,
             "GGML_CPU_TILED_MM": os.environ.get("GGML_CPU_TILED_MM"),
         }
@@ -778,6 +779,28 @@ def _library_version(name: str) -> str | None:
     folder = Path(llama_cpp.__file__).parent / "lib"
     versions = sorted(p.name.removeprefix(name + ".") for p in folder.glob(name + ".*.*.*"))
     return versions[-1] if versions else None
+
+
+# What a portable build (GGML_NATIVE=OFF, `make install`'s) compiles ggml's CPU kernels
+# for on x86-64; a feature beyond these (AVX512*, AVX_VNNI, AMX*) means a native build,
+# whose samples differ in the last bits from the portable build's on the same seed.
+PORTABLE_X86 = ("SSE3", "SSSE3", "AVX", "AVX2", "F16C", "FMA", "BMI2")
+
+
+def cpu_features() -> list[str]:
+    """The instruction-set features llama.cpp's CPU kernels were compiled with, as
+    `llama_print_system_info` lists them (`["SSE3", "AVX2", ...]`): two machines whose
+    builds list the same features run the same kernels and sample the same bits."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode(errors="replace")
+    found = []
+    for part in info.split("|"):
+        name, _, value = part.rpartition("=")
+        name = name.split(":")[-1].strip()
+        if name and value.strip() == "1" and name not in ("LLAMAFILE", "OPENMP", "REPACK"):
+            found.append(name)
+    return found
 
 
 FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
