@@ -37,6 +37,14 @@ of this machine).
 A `run` block whose text and options repeat an earlier one exactly (the same first
 steps shown in English and in Spanish, say) is not run again: its shown output is
 compared with what the first one printed. So a page may repeat an example at no cost.
+
+Two lanes. The pages up to `LANES[0]` run first, alone (they build the kits the others
+use); then the pages from `LANES[0]` and those from `LANES[1]` on run at once, each lane
+in reading order with its own copy of the shell's variables and named outputs, in the
+same sandbox. A page's blocks half wait on one thread (imports, analyses, a store), so two
+lanes keep both cores busy: the check takes ~2/3 of the time one lane takes. A page in
+the second lane must not need a file or a name a page of the first lane makes (pages
+make their own stores; only serving.md starts servers).
 """
 
 from __future__ import annotations
@@ -58,6 +66,8 @@ TOCTREE = re.compile(r"^```\{toctree\}\s*$")
 COMMENT = re.compile(r"^<!--\s*check:\s*(\w+)(.*?)-->\s*$")
 ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=\S+$")
 NUMBER = r"[-+−]?\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?"
+# where the two lanes start: the longest pages (gemma.md, alignment.md) in different ones
+LANES = ("docs/guide/experiments.md", "docs/guide/alignment.md")
 
 
 @dataclass
@@ -208,6 +218,15 @@ class Sandbox:
     servers: list[subprocess.Popen] = field(default_factory=list)
     variables: list[str] = field(default_factory=list)  # `M=…` lines of earlier blocks
     ran: dict[tuple, str] = field(default_factory=dict)  # a run block's key → what it printed
+    lane: str = ""  # printed before each line of this lane
+
+    def fork(self, lane: str) -> Sandbox:
+        """A lane of its own in the same sandbox: what ran so far, copied."""
+        return Sandbox(self.repo, self.home, dict(self.outputs), [], list(self.variables),
+                       dict(self.ran), lane)  # fmt: skip
+
+    def say(self, text: str) -> None:
+        print(f"{self.lane}{text}", file=sys.stderr, flush=True)
 
     @classmethod
     def create(cls, where: Path) -> Sandbox:
@@ -257,9 +276,7 @@ class Sandbox:
             text=True,
             timeout=timeout,
         )
-        print(
-            f"    ran in {time.monotonic() - started:.0f} s: {source.strip()[:90]}", file=sys.stderr
-        )
+        self.say(f"    ran in {time.monotonic() - started:.0f} s: {source.strip()[:90]}")
         return done.returncode, done.stdout + done.stderr
 
     def start_server(self, line: str, extra: dict[str, str]) -> None:
@@ -348,7 +365,7 @@ class Sandbox:
             printed = self.ran[block.key]
             if "name" in options:
                 self.outputs[options["name"]] = printed
-            print(f"    already ran: {' '.join(block.body)[:90]}", file=sys.stderr)
+            self.say(f"    already ran: {' '.join(block.body)[:90]}")
             return check_shown(shown_output(block.body), printed, numbers)
         body = []
         for line in block.body:
@@ -371,6 +388,19 @@ class Sandbox:
             tail = "\n".join(printed.splitlines()[-25:])
             return f"exit {code}\n{tail}"
         return check_shown(shown_output(block.body), printed, numbers)
+
+
+def check_lane(sandbox: Sandbox, todo: list[Block], failures: list[str]) -> None:
+    """Run or check `todo` in order in `sandbox`, adding what fails to `failures`."""
+    for block in todo:
+        try:
+            why = sandbox.run(block)
+        except (RuntimeError, subprocess.TimeoutExpired) as err:
+            why = str(err)
+        sandbox.say(f"{'ok' if why is None else 'FAILED':6s} {block.label}")
+        if why is not None:
+            failures.append(f"{block.label}: {why}")
+    sandbox.stop_servers()
 
 
 def main(argv: list[str]) -> int:
@@ -397,19 +427,21 @@ def main(argv: list[str]) -> int:
         else Sandbox(workdir / "muestra", workdir / "home")
     )
     only = {x if ":" in x else f"README.md:{x}" for x in arguments.only.split(",") if x}
-    failures = []
-    for block in all_blocks():
-        if only and f"{block.document}:{block.line}" not in only:
-            continue
-        try:
-            why = sandbox.run(block)
-        except (RuntimeError, subprocess.TimeoutExpired) as err:
-            why = str(err)
-        status = "ok" if why is None else "FAILED"
-        print(f"{status:6s} {block.label}", file=sys.stderr)
-        if why is not None:
-            failures.append(f"{block.label}: {why}")
-    sandbox.stop_servers()
+    chosen = [b for b in all_blocks() if not only or f"{b.document}:{b.line}" in only]
+    where = {str(path.relative_to(ROOT)): k for k, path in enumerate(documents())}
+    lane = {doc: sum(where[doc] >= where[start] for start in LANES) for doc in where}
+    failures: list[str] = []
+    check_lane(sandbox, [b for b in chosen if lane[b.document] == 0], failures)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        running = [
+            pool.submit(check_lane, sandbox.fork(f"[lane {k}] "),
+                        [b for b in chosen if lane[b.document] == k], failures)
+            for k in (1, 2)
+        ]  # fmt: skip
+        for done in running:
+            done.result()
     for failure in failures:
         print(f"\n{failure}", file=sys.stderr)
     print(f"\n{len(failures)} block(s) failed (sandbox: {workdir})", file=sys.stderr)

@@ -82,3 +82,39 @@ def test_a_repeated_example_runs_once_and_its_output_is_still_compared(tmp_path)
     assert sandbox.run(Block(9, "bash", [*counter, "# 1"], "run", document="b.md")) is None
     assert (tmp_path / "count.txt").read_text() == "x\n"  # not run a second time
     assert sandbox.run(Block(9, "bash", [*counter, "# 2"], "run")) is not None  # compared
+
+
+def test_the_two_lanes_need_nothing_from_each_other(tmp_path):
+    """After the first steps, two lanes of pages run at once in the same sandbox: a kit a
+    page of a lane uses is built before the lanes split (or in its own lane), only one lane
+    starts servers (they take port 8000), and a lane's shell variables stay its own."""
+    import re
+
+    from readme_check import LANES, Block
+
+    where = {str(p.relative_to(ROOT)): k for k, p in enumerate(documents())}
+    assert all(page in where for page in LANES) and where[LANES[0]] < where[LANES[1]]
+    lane = {doc: sum(where[doc] >= where[start] for start in LANES) for doc in where}
+    built = {0: set(), 1: set(), 2: set()}
+    used = {0: set(), 1: set(), 2: set()}
+    servers = set()
+    for block in all_blocks():
+        if block.kind not in ("run", "session"):
+            continue
+        text = "\n".join(block.body)
+        built[lane[block.document]] |= set(re.findall(r"kit build --preset ([\w.-]+)", text))
+        used[lane[block.document]] |= set(re.findall(r"muestra/kit/([\w.-]+)", text))
+        if re.search(r"^muestra serve .*&\s*$", text, re.M):
+            servers.add(lane[block.document])
+    for k in (1, 2):
+        assert used[k] <= built[0] | built[k], (k, used[k] - built[0] - built[k])
+    assert len(servers - {0}) <= 1, servers
+
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    first = Sandbox(tmp_path, tmp_path)
+    assert first.run(Block(1, "bash", ["K=~/kit"], "run")) is None
+    one, two = first.fork("[lane 1] "), first.fork("[lane 2] ")
+    assert one.run(Block(2, "bash", ["J=1"], "run")) is None
+    assert (
+        two.run(Block(3, "bash", ["echo $K ${J:-unset}", f"# {tmp_path}/kit unset"], "run")) is None
+    )
