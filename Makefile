@@ -64,7 +64,13 @@ test: $(STAMP)
 # resumed, real models run twice, distribution checks, the slowest oracle variants;
 # ~3 minutes): CI runs them after `make test`. llama-server builds (at a lower priority)
 # while the tests that do not need it run; the `peers` tests run once it is built.
+# PEERS=0 leaves out llama-server's build and its test (CI does: see .ci/run).
+PEERS ?= 1
 test-long: $(STAMP)
+ifeq ($(PEERS),0)
+	@$(STEP) "long tests that need no llama-server (PEERS=0: not the one that does)" \
+	  $(PYTEST) --durations=10 -m "long and not peers"
+else
 	@mkdir -p $(dir $(PEERS_LOG)); \
 	nice -n 5 $(PY) -m benchmarks.peers > $(PEERS_LOG) 2>&1 & peers=$$!; \
 	$(STEP) "long tests that need no llama-server (llama-server builds meanwhile: $(PEERS_LOG))" \
@@ -72,6 +78,7 @@ test-long: $(STAMP)
 	echo "==> waiting for llama-server's build"; wait $$peers || { tail -20 $(PEERS_LOG); exit 1; }; \
 	test $$code -eq 0 || exit $$code; \
 	$(STEP) "long tests against llama-server" $(PYTEST) --durations=10 -m "long and peers"
+endif
 
 # README and the docs as a test: every example of README.md and of the site's pages
 # (docs/, in the order of docs/index.md's table of contents) run in a clean copy of the
