@@ -43,10 +43,10 @@ others use); then the pages of `FIRST_LANE` and all the others run at once, each
 reading order with its own copy of the shell's variables and named outputs, in the same
 sandbox. A page's blocks half wait on one thread (imports, analyses, a store), so two
 lanes keep both cores busy (measured on an AMD EPYC of 2 cores: 37:41 in two lanes, 55:25
-in one with other work beside it). A page
-must not need a file or a name a page of the other lane makes (pages make their own
-stores; only serving.md starts servers), and the lanes are balanced by hand: gemma.md
-and alignment.md, the longest pages (~15 minutes each), go to different ones.
+in one with other work beside it). A page must not need a file or a name a page of the
+other lane makes (pages make their own stores; only serving.md starts servers), and the
+lanes are balanced by hand: gemma.md and alignment.md, the longest pages (~18 minutes
+each), go to different ones.
 """
 
 from __future__ import annotations
