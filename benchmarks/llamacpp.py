@@ -131,8 +131,10 @@ def hf_rate(loaded: Any, prompt: list[int], repeats: int) -> float:
     return (NEW_TOKENS - 1) / (full - one)
 
 
-def character_spec(folder: Path, model: dict[str, Any], field_probs: bool) -> Path:
-    """The English Character spec without reasoning: 2 prompts × 32 samples at T 1."""
+def character_spec(
+    folder: Path, model: dict[str, Any], field_probs: bool, samples: int = SAMPLES
+) -> Path:
+    """The English Character spec without reasoning: 2 prompts × `samples` at T 1."""
     import tomllib
 
     from muestra.experiments.toml_text import dump_toml
@@ -140,7 +142,7 @@ def character_spec(folder: Path, model: dict[str, Any], field_probs: bool) -> Pa
     source = Path(__file__).resolve().parents[1] / "src" / "muestra" / "data"
     data = tomllib.loads((source / "characters.toml").read_text("utf-8"))
     data.pop("think")
-    data["samples"] = SAMPLES
+    data["samples"] = samples
     data["model"] = model
     data["answer"] = {"temperature": 1.0, "max_tokens": 80, "field_probs": field_probs,
                       "schema": str(source / "character.schema.json")}  # fmt: skip
@@ -155,7 +157,9 @@ def run_spec(spec: Path, store: Path) -> tuple[float, float]:
     from muestra.experiments.spec import load_spec
     from muestra.experiments.store import reading
 
-    runner = Runner(load_spec(spec, check_models=False), store, batch_rows=64)
+    loaded = load_spec(spec, check_models=False)
+    local = any(model.endpoint is None for model in loaded.spec.model_list)
+    runner = Runner(loaded, store, batch_rows=64 if local else None)  # --batch: local only
     runner.open()
     started = time.perf_counter()
     try:
@@ -178,26 +182,35 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def server_workload(binary: Path, gguf: Path, folder: Path, repeats: int) -> dict[str, Any]:
-    """Workload 3 against llama-server (flash attention off: its fastest here), and
-    locally in both modes, with and without field_probs."""
+def server_workload(
+    binary: Path,
+    gguf: Path,
+    folder: Path,
+    repeats: int,
+    samples: int = SAMPLES,
+    sides: tuple[str, ...] = ("server", "exact", "exact_no_field_probs", "free"),
+) -> dict[str, Any]:
+    """Workload 3 (2 prompts × `samples`) against llama-server (`-np samples`, flash
+    attention off: its fastest here), and locally in both modes, with and without
+    field_probs (`sides`: which of these run)."""
     import httpx
 
     port = _free_port()
     server = subprocess.Popen(
         [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np",
-         str(SAMPLES), "-c", str(SAMPLES * 1024), "-t", str(THREADS), "-nr", "-fa", "off",
-         "--alias", "smollm2"],
+         str(samples), "-c", str(samples * 1024), "-t", str(THREADS), "-nr", "-fa", "off",
+         "--alias", "served"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    remote = {"id": "smollm2", "endpoint": f"http://127.0.0.1:{port}/v1",
-              "concurrency": SAMPLES, "sampling_fallback": "neutral"}  # fmt: skip
+    remote = {"id": "served", "endpoint": f"http://127.0.0.1:{port}/v1",
+              "concurrency": samples, "sampling_fallback": "neutral"}  # fmt: skip
     models = {
         "server": (remote, False),
         "exact": ({"id": str(gguf), "runtime": "llamacpp"}, True),
         "exact_no_field_probs": ({"id": str(gguf), "runtime": "llamacpp"}, False),
         "free": ({"id": str(gguf), "runtime": "llamacpp", "batch_invariant": False}, True),
     }
+    models = {name: models[name] for name in sides}
     runs: dict[str, list[tuple[float, float]]] = {name: [] for name in models}
     try:
         for _ in range(600):
@@ -209,18 +222,21 @@ def server_workload(binary: Path, gguf: Path, folder: Path, repeats: int) -> dic
             time.sleep(0.2)
         for r in range(repeats):
             for name, (model, field_probs) in models.items():
-                spec = character_spec(folder, model, field_probs)
+                spec = character_spec(folder, model, field_probs, samples)
                 runs[name].append(run_spec(spec, folder / f"{name}-{r}.db"))
     finally:
         server.terminate()
         server.wait(timeout=30)
     rate = {k: statistics.median(v[0] for v in runs[k]) for k in runs}
-    return {
-        "workload": "characters.toml without reasoning, 2 prompts x 32 samples at T 1, schema",
+    result = {
+        "workload": f"characters.toml without reasoning, 2 prompts x {samples} samples at T 1, "
+        "schema",
         "samples_per_s": rate,
         "male_share": {k: [round(v[1], 3) for v in runs[k]] for k in runs},
-        "field_probs_overhead": rate["exact_no_field_probs"] / rate["exact"] - 1,
     }
+    if "exact" in rate and "exact_no_field_probs" in rate:
+        result["field_probs_overhead"] = rate["exact_no_field_probs"] / rate["exact"] - 1
+    return result
 
 
 def bench_llamacpp(kit_root: Path | None, repeats: int) -> dict[str, Any]:

@@ -165,28 +165,31 @@ def no_load(monkeypatch):
 
 
 def test_serve_max_memory_sets_the_cells_left_after_the_weights(cli, smol_gguf, monkeypatch):
-    """250 MB less the GGUF's weights, in 23,040-byte cells, rounded down to llama.cpp's
-    256-cell contexts: the runtime's budget, shown at start and by /health, and what a
-    request's rows are held to."""
+    """350 MB less the GGUF's weights and llama.cpp's buffers, in 23,040-byte cells,
+    rounded down to llama.cpp's 256-cell contexts: the runtime's budget, shown at start
+    and by /health, and what a request's rows are held to."""
     import uvicorn
     from fastapi.testclient import TestClient
 
     from muestra.models.gguf_header import read_gguf_header
-    from muestra.models.memory import gguf_weights_bytes
+    from muestra.models.memory import gguf_weights_bytes, llama_buffers_from_gguf
 
     apps = []
     monkeypatch.setattr(uvicorn, "run", lambda app, **options: apps.append(app))
     result = cli("serve", str(smol_gguf), "--threads", "1", "--port", "0",
-                 "--max-memory", "250MB")  # fmt: skip
+                 "--max-memory", "350MB")  # fmt: skip
     assert result.code == 0, result.stderr
-    weights = gguf_weights_bytes(read_gguf_header(smol_gguf))
+    header = read_gguf_header(smol_gguf)
+    weights = gguf_weights_bytes(header)
     assert 80 * 2**20 < weights < 100 * 2**20  # the Q4_1 GGUF's tensors, ~92 MiB
-    cells = (250 * 10**6 - weights) // SMOL_BYTES_PER_CELL // 256 * 256
+    buffers = llama_buffers_from_gguf(header).bytes(0, 63, 256, True)  # exact: any context
+    assert 95 * 2**20 < buffers < 100 * 2**20  # 2 × 256 rows of logits, 49,152 floats each
+    cells = (350 * 10**6 - weights - buffers) // SMOL_BYTES_PER_CELL // 256 * 256
     assert 4096 < cells < 8192  # below the model's context: a request can ask for more
     assert (
-        f"muestra serve: --max-memory 250MB (238 MiB): KV cache budget of {cells:,} cells at "
+        f"muestra serve: --max-memory 350MB (334 MiB): KV cache budget of {cells:,} cells at "
         "23,040 bytes a cell"
-    ) in result.stderr
+    ) in result.stderr and "and llama.cpp's buffers (97.4 MiB)" in result.stderr
     (app,) = apps
     with TestClient(app) as http:
         health = http.get("/health").json()
@@ -196,15 +199,45 @@ def test_serve_max_memory_sets_the_cells_left_after_the_weights(cli, smol_gguf, 
     assert refused.status_code == 400 and f"cache budget of {cells} cells" in refused.text
 
 
+@pytest.mark.parametrize("exact", [True, False])
+def test_the_default_cache_budget_leaves_room_for_llama_cpp_s_buffers(smol_gguf, monkeypatch,
+                                                                      exact):  # fmt: skip
+    """Without --max-memory the cache may take half the memory available, buffers
+    included: without flash attention (free batching) the attention scores grow with the
+    cells (a 512-token micro-batch × 10 floats a cell on SmolLM2), so the default holds
+    about half the cells exact batching does, not a cache plus as much again."""
+    from muestra.models.gguf_header import read_gguf_header
+    from muestra.models.runtime.llamacpp_runtime import KV_SHARE, LlamaCppRuntime
+
+    available = 4 * 2**30
+    monkeypatch.setattr(llamacpp_runtime, "available_memory", lambda: available)
+    runtime = LlamaCppRuntime(smol_gguf, threads=1, exact=exact)
+    buffers = llamacpp_runtime.llama_buffers_from_gguf(read_gguf_header(smol_gguf))
+
+    def taken(cells: int) -> int:
+        return cells * SMOL_BYTES_PER_CELL + buffers.bytes(cells, runtime.ubatch,
+                                                            runtime.outputs, exact)  # fmt: skip
+
+    cells = runtime.max_cells
+    assert cells % 256 == 0 and taken(cells) <= KV_SHARE * available < taken(cells + 256)
+    cache_alone = int(KV_SHARE * available) // SMOL_BYTES_PER_CELL
+    if exact:  # the buffers do not grow: ~97 MiB less cache
+        assert 0.9 * cache_alone < cells < cache_alone
+    else:  # 23,040 bytes of cache and 20,480 of scores a cell
+        assert 0.45 * cache_alone < cells < 0.6 * cache_alone
+
+
 def test_serve_refuses_a_budget_without_room_for_the_weights_and_a_first_cache(
     cli, smol_gguf, no_load
 ):
-    """~92 MiB of weights and 4,096 cells × 23,040 bytes (90 MiB) do not fit 150 MB."""
-    result = cli("serve", str(smol_gguf), "--port", "0", "--max-memory", "150MB")
+    """~92 MiB of weights, 4,096 cells × 23,040 bytes (90 MiB) and llama.cpp's buffers
+    (97.4 MiB) do not fit 250 MB."""
+    result = cli("serve", str(smol_gguf), "--port", "0", "--max-memory", "250MB")
     assert result.code == 2
     (line,) = [line for line in result.stderr.splitlines() if line.strip()]
-    assert line.startswith("error: --max-memory 150MB: 143 MiB does not hold")
-    assert "4,096 cells" in line and "raise --max-memory to at least" in line
+    assert line.startswith("error: --max-memory 250MB: 238 MiB does not hold")
+    assert "4,096 cells" in line and "buffers (97.4 MiB)" in line
+    assert "raise --max-memory to at least 280MiB" in line
 
 
 def test_serve_refuses_a_bad_size_before_the_model_loads(cli, smol_gguf, monkeypatch, no_load):

@@ -19,6 +19,7 @@ from muestra.experiments.spec import load_spec
 from muestra.models.gguf_header import read_gguf_header
 from muestra.models.loading import check_model
 from muestra.models.memory import (
+    LlamaBuffers,
     ModelMemory,
     kv_bytes_per_token_from_config,
     kv_bytes_per_token_from_gguf,
@@ -138,7 +139,7 @@ def test_a_llama_cpp_plan_counts_the_context_llama_cpp_makes():
     from muestra.experiments.planning import LlamaCache
 
     memory = ModelMemory(weights_bytes=2_491_323_904, kv_bytes_per_token=147_456, source="t")
-    cache = LlamaCache(floor=4096, row_extra=16, slack=8)
+    cache = LlamaCache(floor=4096, row_extra=16, slack=8, ubatch=63, outputs=256, flash=True)
     budget = Budget(16 * 2**30, "--max-memory 16GiB")
     two = plan_memory("qwen3-4b", memory, (300, 0, 200), 2, budget, held=2**30,
                       llama_cache=cache)  # fmt: skip
@@ -158,6 +159,74 @@ def test_a_llama_cpp_plan_counts_the_context_llama_cpp_makes():
         plan_memory("qwen3-4b", memory, (300, 0, 200), 2, Budget(3 * 2**30, "x"), 2**29,
                     llama_cache=cache)  # fmt: skip
     assert "llama.cpp's first context of 4,096 cells (576 MiB)" in str(refused.value)
+
+
+# a Qwen3-4B shape's buffers: vocabulary, query heads, 3 × 9,728 + 2 × 2,560 floats a token
+QWEN3_4B_BUFFERS = LlamaBuffers(vocab=151_936, heads=32, per_token=3 * 9_728 + 2 * 2_560)
+
+
+def test_a_llama_cpp_plan_counts_the_buffers_beside_the_cache():
+    """llama.cpp's output and compute buffers are in the plan's peak, in the rows it
+    admits and in its refusal. With exact batching they do not grow with the context
+    (~305 MiB on a Qwen3-4B shape); without flash attention (free batching) the attention
+    scores do, and fewer rows fit the same budget."""
+    from muestra.experiments.planning import LlamaCache
+
+    memory = ModelMemory(2_491_323_904, 147_456, "t", QWEN3_4B_BUFFERS)
+    exact = LlamaCache(floor=4096, row_extra=16, slack=8, ubatch=63, outputs=256, flash=True)
+    free = LlamaCache(floor=4096, row_extra=16, slack=8, ubatch=512, outputs=512, flash=False)
+    budget = Budget(8 * 2**30, "--max-memory 8GiB")
+    tokens = (300, 1_000, 200)
+    plans = {name: plan_memory("qwen3-4b", memory, tokens, 50, budget, held=2**30,
+                               llama_cache=cache)  # fmt: skip
+             for name, cache in (("exact", exact), ("free", free))}  # fmt: skip
+    logits = 151_936 * 256 * 4
+    assert plans["exact"].buffer_bytes(1) == plans["exact"].buffer_bytes(30)
+    assert plans["exact"].buffer_bytes(1) == 2 * logits + 63 * (3 * 9_728 + 2 * 2_560) * 4
+    assert 300 * 2**20 < plans["exact"].buffer_bytes(1) < 310 * 2**20
+    scores = plans["free"].kv_cells * 512 * 33 * 4  # cells × ubatch × (heads + 1) floats
+    assert plans["free"].buffer_bytes(plans["free"].rows) > scores > 2**30
+    for plan in plans.values():
+        rows = plan.rows
+        assert plan.peak_bytes == (2**30 + 2_491_323_904 + plan.kv_bytes(rows)
+                                   + plan.buffer_bytes(rows)) <= budget.bytes  # fmt: skip
+        assert 2**30 + 2_491_323_904 + plan.context_bytes(rows + 1) > budget.bytes
+        assert plan.as_dict()["buffer_bytes"] == plan.buffer_bytes(rows)
+    assert plans["free"].rows < plans["exact"].rows < 50
+    assert "and buffers 305 MiB" in plans["exact"].describe()
+    with pytest.raises(MemoryBudgetError) as refused:  # fits only without the 305 MiB
+        plan_memory("qwen3-4b", memory, (300, 0, 200), 2, Budget(3_700_000_000, "x"),
+                    2**29, llama_cache=exact)  # fmt: skip
+    assert "4,096 cells (576 MiB), and its buffers 305 MiB" in str(refused.value)
+    assert plan_memory("qwen3-4b", memory, (300, 0, 200), 2, Budget(4_000_000_000, "x"),
+                       2**29, llama_cache=exact).rows == 2  # fmt: skip
+
+
+@pytest.mark.parametrize(("exact", "cells"), [(True, 4096), (True, 16384), (False, 4096),
+                                              (False, 16384)])  # fmt: skip
+def test_llama_cpp_buffers_are_counted_from_above(smol_kit, capsys, monkeypatch, exact, cells):
+    """SmolLM2's GGUF in muestra's contexts (exact batching: flash attention, 63-token
+    micro-batches; free: neither): llama.cpp's own log of its output and compute buffers
+    is at most what the plan counts, and the compute buffer within 10 % of it."""
+    pytest.importorskip("llama_cpp")
+    from muestra.experiments.planning import llama_cache
+    from muestra.models.runtime.llamacpp_runtime import LlamaCppRuntime
+
+    (gguf,) = smol_kit.glob("*.gguf")
+    buffers = model_memory(check_model(str(gguf)), "llamacpp").buffers
+    assert buffers == LlamaBuffers(vocab=49_152, heads=9, per_token=3 * 1_536 + 2 * 576)
+    shape = llama_cache(exact)
+    monkeypatch.setenv("MUESTRA_LLAMA_LOG", "1")  # llama.cpp's log on stderr
+    runtime = LlamaCppRuntime(gguf, threads=1, exact=exact)
+    runtime._new_context(cells)
+    log = capsys.readouterr().err
+    mib = {name: float(re.search(rf"CPU +{name} buffer size = +([\d.]+) MiB", log).group(1))
+           for name in ("output", "compute")}  # fmt: skip
+    assert runtime.cells == cells
+    output = buffers.output_bytes(shape.outputs) / 2**20
+    compute = buffers.compute_bytes(cells, shape.ubatch, shape.outputs, shape.flash) / 2**20
+    assert mib["output"] <= output
+    assert mib["compute"] <= compute <= 1.1 * mib["compute"], (mib, compute)
 
 
 def test_plan_arithmetic_and_the_refusal_names_the_numbers():

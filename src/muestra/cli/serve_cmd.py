@@ -151,8 +151,9 @@ def serve(
     cache = None
     if budget is not None:  # applied, or refused by name, before the model loads
         cache = kv_cache_plan(
-            model, budget, runtime, dtype, device, allow_pickle, trust_remote_code, kv_cache
-        )
+            model, budget, runtime, dtype, device, allow_pickle, trust_remote_code, kv_cache,
+            batch_invariant,
+        )  # fmt: skip
     import uvicorn  # the server's pieces import torch: after the checks above
 
     from muestra.answers.drafted import load_draft
@@ -236,15 +237,15 @@ def kv_cache_plan(
     allow_pickle: bool,
     trust_remote_code: bool,
     kv_cache: str | None = None,
+    batch_invariant: bool = True,
 ) -> KvCachePlan:
     """`--max-memory` applied before the model loads: the llama.cpp cache it allows, read
     from the GGUF's header; refused by name on the torch runtime, whose KV cache grows
     with the rows running and has no budget to set."""
     from muestra.errors import InputError
-    from muestra.experiments.planning import kv_cells_budget
+    from muestra.experiments.planning import kv_cells_budget, llama_cache
     from muestra.models.loading import auto_runtime, check_model, choose_runtime
     from muestra.models.memory import model_memory
-    from muestra.models.runtime.llamacpp_runtime import FIRST_CELLS
 
     files = check_model(model, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if choose_runtime(model, files, auto_runtime(runtime, dtype, device)) != "llamacpp":
@@ -255,4 +256,4 @@ def kv_cache_plan(
             "--max-memory out (--max-batch bounds the rows decoding together)"
         )
     memory = model_memory(files, "llamacpp", kv_cache=kv_cache)
-    return kv_cells_budget(budget, memory, FIRST_CELLS)
+    return kv_cells_budget(budget, memory, llama_cache(batch_invariant))

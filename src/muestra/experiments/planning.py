@@ -22,11 +22,14 @@ On llama.cpp the cache is one context of fixed size, and the plan counts it as t
 runtime makes it (`LlamaCache`): each row's cells with room for its jump-forward drafts,
 a few slack cells, rounded up to llama.cpp's 256-cell steps, and never below the first
 context (4,096 cells: on a Qwen3-4B shape, 576 MiB of f16 cache however few rows run).
-The run then caps the cache at those cells (`LlamaCppRuntime.cap_cells`).
+The run then caps the cache at those cells (`LlamaCppRuntime.cap_cells`). The plan also
+counts what llama.cpp allocates beside that cache (`models.memory.LlamaBuffers`): the
+logits of its rows and its compute buffer, ~300 MiB on a Qwen3-4B shape, and without flash
+attention (free batching) attention scores that grow with the cells, ~1 GiB at 16,384.
 
-What the plan leaves out (small beside the KV cache of many rows, but real): the logits of
-a step (rows × vocabulary × 4 bytes), llama.cpp's compute buffers (~300 MiB on a 4B
-shape), and transient copies while torch loads weights.
+What the plan leaves out (small beside the KV cache of many rows, but real): on torch the
+logits of a step (rows × vocabulary × 4 bytes), and transient copies while torch loads
+weights.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from muestra.errors import InputError, MemoryBudgetError
-from muestra.models.memory import ModelMemory, parse_memory
+from muestra.models.memory import LlamaBuffers, ModelMemory, cells_within, parse_memory
 
 DEFAULT_SHARE = 0.8  # of the memory available when no budget is given
 CONTEXT_STEP = 256  # llama.cpp pads a context to a multiple of 256 cells
@@ -105,11 +108,16 @@ def resident_bytes() -> int:
 @dataclass(frozen=True)
 class LlamaCache:
     """How llama.cpp's runtime sizes its one context for `rows` rows: each row's tokens
-    and `row_extra` draft cells, `slack` cells, whole `step`s, at least `floor` cells."""
+    and `row_extra` draft cells, `slack` cells, whole `step`s, at least `floor` cells;
+    and the shape of its buffers beside the cache (micro-batches of `ubatch` tokens, up to
+    `outputs` rows of logits, flash attention or not: `runtime.context_shape`)."""
 
     floor: int
     row_extra: int
     slack: int
+    ubatch: int
+    outputs: int
+    flash: bool
     step: int = CONTEXT_STEP
 
     def cells(self, rows: int, tokens_per_row: int) -> int:
@@ -134,6 +142,7 @@ class MemoryPlan:
     budget_source: str
     source: str  # where the model's numbers were read
     llama_cache: LlamaCache | None = None  # llama.cpp: its one context's shape
+    buffers: LlamaBuffers | None = None  # llama.cpp: what its context holds beside the cache
 
     @property
     def tokens_per_row(self) -> int:
@@ -149,6 +158,20 @@ class MemoryPlan:
             return rows * self.kv_bytes_per_row
         return self.kv_bytes_per_token * self.llama_cache.cells(rows, self.tokens_per_row)
 
+    def buffer_bytes(self, rows: int) -> int:
+        """llama.cpp's output and compute buffers for the context of `rows` rows (0 on
+        torch)."""
+        cache = self.llama_cache
+        if cache is None or self.buffers is None:
+            return 0
+        cells = cache.cells(rows, self.tokens_per_row)
+        return self.buffers.bytes(cells, cache.ubatch, cache.outputs, cache.flash)
+
+    def context_bytes(self, rows: int) -> int:
+        """What `rows` rows at once take beside the weights: their KV cache and, on
+        llama.cpp, its context's other buffers."""
+        return self.kv_bytes(rows) + self.buffer_bytes(rows)
+
     @property
     def kv_cells(self) -> int | None:
         """llama.cpp: the cells of the context the plan counts (the run caps it there)."""
@@ -158,14 +181,15 @@ class MemoryPlan:
 
     @property
     def peak_bytes(self) -> int:
-        return self.held_bytes + self.weights_bytes + self.kv_bytes(self.rows)
+        return self.held_bytes + self.weights_bytes + self.context_bytes(self.rows)
 
     def describe(self) -> str:
         """Two lines for the user: the numbers, and the budget with where it came from."""
         capped = f" (of {self.rows_asked} asked)" if self.rows < self.rows_asked else ""
         cells = self.kv_cells
         context = "" if cells is None else (
-            f"; llama.cpp's cache {cells:,} cells ({format_bytes(self.kv_bytes(self.rows))})"
+            f"; llama.cpp's cache {cells:,} cells ({format_bytes(self.kv_bytes(self.rows))}) "
+            f"and buffers {format_bytes(self.buffer_bytes(self.rows))}"
         )  # fmt: skip
         return (
             f"memory plan for {self.model}: weights {format_bytes(self.weights_bytes)}, KV "
@@ -178,7 +202,8 @@ class MemoryPlan:
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data |= {"tokens_per_row": self.tokens_per_row, "kv_bytes_per_row": self.kv_bytes_per_row,
-                 "kv_cells": self.kv_cells, "peak_bytes": self.peak_bytes}  # fmt: skip
+                 "kv_cells": self.kv_cells, "buffer_bytes": self.buffer_bytes(self.rows),
+                 "peak_bytes": self.peak_bytes}  # fmt: skip
         return data
 
 
@@ -197,12 +222,13 @@ def plan_memory(
     prompt, think, answer = tokens
     plan = MemoryPlan(model, memory.weights_bytes, memory.kv_bytes_per_token, prompt, think,
                       answer, rows_asked, 0, held, budget.bytes, budget.source, memory.source,
-                      llama_cache)  # fmt: skip
+                      llama_cache, memory.buffers)  # fmt: skip
     room = budget.bytes - held - memory.weights_bytes
-    low, high = 0, rows_asked  # the most rows whose cache fits the room
+    low, high = 0, rows_asked  # the most rows whose cache (and buffers) fit the room
     while low < high:
         middle = (low + high + 1) // 2
-        low, high = (middle, high) if plan.kv_bytes(middle) <= room else (low, middle - 1)
+        fits = plan.context_bytes(middle) <= room
+        low, high = (middle, high) if fits else (low, middle - 1)
     plan = replace(plan, rows=low)
     if plan.rows < 1:
         raise MemoryBudgetError(_refusal(plan))
@@ -211,12 +237,15 @@ def plan_memory(
 
 def _refusal(plan: MemoryPlan) -> str:
     one = plan.kv_bytes(1)
-    need = plan.held_bytes + plan.weights_bytes + one
+    need = plan.held_bytes + plan.weights_bytes + plan.context_bytes(1)
     context = ""
     if plan.llama_cache is not None:
         cells = plan.llama_cache.cells(1, plan.tokens_per_row)
         which = "first context" if cells == plan.llama_cache.floor else "context"
-        context = f", in llama.cpp's {which} of {cells:,} cells ({format_bytes(one)})"
+        context = (
+            f", in llama.cpp's {which} of {cells:,} cells ({format_bytes(one)}), and its "
+            f"buffers {format_bytes(plan.buffer_bytes(1))}"
+        )
     return (
         f"{plan.model} does not fit one row in the memory budget: this process holds "
         f"{format_bytes(plan.held_bytes)}, the weights take {format_bytes(plan.weights_bytes)} "
@@ -264,18 +293,19 @@ def plan_models(
         tokens = row_tokens(spec, model, mine)
         plans[model.name] = plan_memory(
             model.name, memory, tokens, rows_asked, budget or default_budget(held), held,
-            llama_cache() if runtime == "llamacpp" else None,
+            llama_cache(model.batch_invariant) if runtime == "llamacpp" else None,
         )  # fmt: skip
     return plans
 
 
-def llama_cache() -> LlamaCache:
+def llama_cache(exact: bool = True) -> LlamaCache:
     """How muestra's llama.cpp runtime sizes its context (its first context, the drafts'
-    room per row, the slack beside the booked cells)."""
+    room per row, the slack beside the booked cells) and its buffers (exact batching or
+    free)."""
     from muestra.engine.batch import MAX_DRAFT
-    from muestra.models.runtime.llamacpp_runtime import FIRST_CELLS, SLACK
+    from muestra.models.runtime.llamacpp_runtime import FIRST_CELLS, SLACK, context_shape
 
-    return LlamaCache(FIRST_CELLS, MAX_DRAFT, SLACK)
+    return LlamaCache(FIRST_CELLS, MAX_DRAFT, SLACK, *context_shape(exact))
 
 
 def row_tokens(spec: Any, model: Any, units: list[Any]) -> tuple[int, int, int]:
@@ -327,37 +357,49 @@ def split_budget(
 @dataclass(frozen=True)
 class KvCachePlan:
     """The llama.cpp KV cache a `--max-memory` budget allows: `cells` of
-    `bytes_per_cell` each, beside weights of `weights_bytes`."""
+    `bytes_per_cell` each, beside weights of `weights_bytes` and the context's other
+    buffers (`buffer_bytes` at that many cells)."""
 
     budget_source: str  # the flag and its value, as the user gave it
     budget_bytes: int
     weights_bytes: int
     bytes_per_cell: int
     cells: int
+    buffer_bytes: int = 0
 
     def describe(self) -> str:
         cache = format_bytes(self.cells * self.bytes_per_cell)
         return (
             f"{self.budget_source} ({format_bytes(self.budget_bytes)}): KV cache budget of "
             f"{self.cells:,} cells at {self.bytes_per_cell:,} bytes a cell ({cache}), beside "
-            f"the weights ({format_bytes(self.weights_bytes)})"
+            f"the weights ({format_bytes(self.weights_bytes)}) and llama.cpp's buffers "
+            f"({format_bytes(self.buffer_bytes)})"
         )
 
 
-def kv_cells_budget(budget: Budget, memory: ModelMemory, least: int) -> KvCachePlan:
-    """The KV cells `budget` holds once the weights are in (whole llama.cpp contexts of
-    `CONTEXT_STEP` cells); a `MemoryBudgetError` naming the flag when they are fewer
-    than `least` (the runtime's first context)."""
+def kv_cells_budget(budget: Budget, memory: ModelMemory, cache: LlamaCache) -> KvCachePlan:
+    """The most KV cells `budget` holds once the weights are in, with the context's other
+    buffers at that size (whole llama.cpp contexts of `cache.step` cells); a
+    `MemoryBudgetError` naming the flag when they are fewer than the runtime's first
+    context (`cache.floor`)."""
     per_cell = memory.kv_bytes_per_token
-    cells = max(0, budget.bytes - memory.weights_bytes) // per_cell
-    cells -= cells % CONTEXT_STEP
-    if cells < least:
-        need = memory.weights_bytes + least * per_cell
+    shape = (cache.ubatch, cache.outputs, cache.flash)
+
+    def buffers(cells: int) -> int:
+        return 0 if memory.buffers is None else memory.buffers.bytes(cells, *shape)
+
+    room = budget.bytes - memory.weights_bytes
+    cells = cells_within(room, per_cell, memory.buffers, shape, cache.step)
+    if cells < cache.floor:
+        least = cache.floor
+        need = memory.weights_bytes + least * per_cell + buffers(least)
         raise MemoryBudgetError(
             f"{budget.source}: {format_bytes(budget.bytes)} does not hold the model's weights "
-            f"({format_bytes(memory.weights_bytes)}) and a first KV cache of {least:,} cells "
-            f"({format_bytes(least * per_cell)} at {per_cell:,} bytes a cell), "
-            f"{format_bytes(need)} together; raise --max-memory to at least "
-            f"{-(-need // 2**20)}MiB, or serve a smaller or more quantized model"
+            f"({format_bytes(memory.weights_bytes)}), a first KV cache of {least:,} cells "
+            f"({format_bytes(least * per_cell)} at {per_cell:,} bytes a cell) and llama.cpp's "
+            f"buffers ({format_bytes(buffers(least))}), {format_bytes(need)} together; raise "
+            f"--max-memory to at least {-(-need // 2**20)}MiB, or serve a smaller or more "
+            "quantized model"
         )
-    return KvCachePlan(budget.source, budget.bytes, memory.weights_bytes, per_cell, cells)
+    return KvCachePlan(budget.source, budget.bytes, memory.weights_bytes, per_cell, cells,
+                       buffers(cells))  # fmt: skip

@@ -82,12 +82,74 @@ class MemoryUnknown(InputError):
 
 
 @dataclass(frozen=True)
+class LlamaBuffers:
+    """What llama.cpp allocates for a context beside the weights and the KV cache, from
+    the model's shape (`vocab` tokens, `heads` query heads, `per_token` floats a batch's
+    token holds outside attention: 3 × feed-forward length + 2 × embedding length):
+
+    - the **output buffer**: the logits of up to `outputs` rows, vocab × outputs × 4
+      bytes (llama.cpp makes it for one row a sequence, 256, and grows it when a batch
+      asks for more logits, up to `outputs`);
+    - the **compute buffer** (the graph's intermediate tensors for one micro-batch of
+      `ubatch` tokens): the larger of the logits and, without flash attention, the
+      attention scores with their mask (cells × ubatch × (heads + 1) × 4 bytes), plus
+      the micro-batch's other activations (ubatch × per_token × 4 bytes).
+
+    An upper bound of llama.cpp's own numbers (its log, with muestra's contexts; tests/
+    test_memory_plan.py checks it on the test models). On a Qwen3-4B shape, output +
+    compute buffers: exact batching (63-token micro-batches, flash attention) 148 + 153
+    MiB at any context, counted 148 + 157; free batching (512 tokens, no flash attention)
+    148 + 307 MiB at 4,096 cells, counted 297 + 364, and 148 + 1,091 MiB at 16,384 cells,
+    counted 297 + 1,123. Without flash attention the scores grow with the context:
+    ~64 KiB a cell on that shape, 1 GiB at 16,384 cells."""
+
+    vocab: int
+    heads: int
+    per_token: int
+
+    def output_bytes(self, outputs: int) -> int:
+        return self.vocab * outputs * 4
+
+    def compute_bytes(self, cells: int, ubatch: int, outputs: int, flash: bool) -> int:
+        scores = 0 if flash else cells * ubatch * (self.heads + 1) * 4
+        return max(self.output_bytes(outputs), scores) + ubatch * self.per_token * 4
+
+    def bytes(self, cells: int, ubatch: int, outputs: int, flash: bool) -> int:
+        """Output and compute buffers of a `cells`-cell context (see the class)."""
+        return self.output_bytes(outputs) + self.compute_bytes(cells, ubatch, outputs, flash)
+
+
+def cells_within(
+    room: int,
+    per_cell: int,
+    buffers: LlamaBuffers | None,
+    shape: tuple[int, int, bool],
+    step: int = 256,
+) -> int:
+    """The most KV cells, in whole `step`s, whose cache (`per_cell` bytes a cell) and
+    buffers (llama.cpp's, for a context of `shape`: micro-batch, rows of logits, flash
+    attention) fit `room` bytes; 0 when not one step does."""
+
+    def fits(cells: int) -> bool:
+        extra = 0 if buffers is None else buffers.bytes(cells, *shape)
+        return cells * per_cell + extra <= room
+
+    low, high = 0, max(0, room) // per_cell // step
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle * step) else (low, middle - 1)
+    return low * step
+
+
+@dataclass(frozen=True)
 class ModelMemory:
-    """What a model takes: its weights, and its KV cache per token of one row."""
+    """What a model takes: its weights, its KV cache per token of one row, and (llama.cpp)
+    its context's other buffers."""
 
     weights_bytes: int
     kv_bytes_per_token: int
     source: str  # where the numbers were read, e.g. "config.json, bfloat16 cache"
+    buffers: LlamaBuffers | None = None
 
 
 def kv_bytes_per_token_from_config(config: Mapping[str, Any], dtype: str) -> int:
@@ -188,6 +250,31 @@ def safetensors_bytes(files: list[Path], dtype: str) -> int:
     return total
 
 
+def llama_buffers_from_gguf(header: GGUFHeader) -> LlamaBuffers:
+    """The shape `LlamaBuffers` counts, from a GGUF's metadata (the vocabulary is the
+    length of `tokenizer.ggml.tokens`; a per-layer feed-forward length counts as its
+    largest possible, 4 × 2 × the embedding length, when the header keeps only its array)."""
+    arch = header.architecture
+    meta = header.metadata
+
+    def number(key: str) -> int | None:
+        value = meta.get(key)
+        ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+        return value if ok else None  # type: ignore[return-value]
+
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = tokens[2] if isinstance(tokens, tuple) else number(f"{arch}.vocab_size")
+    heads = number(f"{arch}.attention.head_count")
+    embedding = number(f"{arch}.embedding_length")
+    if not (vocab and heads and embedding):
+        raise MemoryUnknown(
+            f"{header.path}: its vocabulary, head count or embedding length is missing from "
+            "the GGUF metadata; muestra cannot plan llama.cpp's buffers for it"
+        )
+    feed_forward = number(f"{arch}.feed_forward_length") or 8 * embedding
+    return LlamaBuffers(vocab, heads, 3 * feed_forward + 2 * embedding)
+
+
 def gguf_weights_bytes(header: GGUFHeader, dtype: str | None = None) -> int:
     """Bytes of a GGUF's weights: as stored (`dtype` None: what llama.cpp maps), or
     dequantized to the torch `dtype` (what transformers makes of it)."""
@@ -228,6 +315,7 @@ def model_memory(
             gguf_weights_bytes(header),
             kv_bytes_per_token_from_gguf(header, cache),
             f"GGUF metadata, {cache} KV cache",
+            llama_buffers_from_gguf(header),
         )
     if files.gguf is not None and not files.weights_are_folder:  # dequantized by torch
         header = read_gguf_header(files.gguf)

@@ -50,7 +50,9 @@ and the cache empties, and no cell is ever reused under a live row (`stats
 (rebuilt, doubling) only when no row is alive — when a batch needs more, or when rows
 had to wait for cells taken (so that those pauses become rarer; up to `DRAIN_ROOM`
 times the cells the rows book together) — and never past `max_cells`: by default the
-cells that half the memory available at load holds (`KV_SHARE`, f16 keys and values).
+cells that half the memory available at load holds (`KV_SHARE`), with llama.cpp's
+buffers beside them (`models.memory.LlamaBuffers`: without flash attention they grow with
+the cells).
 A request whose rows have no `max_tokens` books the model's remaining context per row,
 so that budget bounds how many of its rows run at once; the others wait.
 
@@ -75,7 +77,13 @@ import torch
 
 from muestra.errors import ContextLengthError, InputError, ModelLoadError, MuestraError
 from muestra.models.gguf_header import read_gguf_header
-from muestra.models.memory import DEFAULT_KV_CACHE, RUNTIME_KV_CACHES
+from muestra.models.memory import (
+    DEFAULT_KV_CACHE,
+    RUNTIME_KV_CACHES,
+    MemoryUnknown,
+    cells_within,
+    llama_buffers_from_gguf,
+)
 from muestra.models.memory import KV_CACHE_TYPES as KV_CACHE_SIZES
 from muestra.models.runtime.base import Fed, LogitsWanted, check_cancelled
 from muestra.models.runtime.threads import thread_wait_now
@@ -97,6 +105,13 @@ FIRST_CELLS = 4096
 DRAIN_ROOM = 8
 SLACK = 8  # cells kept free beside the booked ones: a one-token step's companion token
 KV_SHARE = 0.5  # default cache budget: this share of the memory available at load
+
+
+def context_shape(exact: bool) -> tuple[int, int, bool]:
+    """(micro-batch tokens, most rows of logits, flash attention) of the contexts muestra
+    makes: what sizes llama.cpp's buffers beside the KV cache (`models.memory.LlamaBuffers`)."""
+    ubatch = EXACT_UBATCH if exact else FAST_UBATCH
+    return ubatch, max(ubatch, MAX_SEQUENCES), exact  # llama.cpp asks outputs >= n_seq_max
 
 
 class LlamaCppUnavailable(MuestraError):
@@ -229,7 +244,7 @@ class LlamaCppRuntime:
                 "batching, or the f16 cache"
             )
         self.threads = threads or default_threads()
-        self.ubatch = EXACT_UBATCH if exact else FAST_UBATCH
+        self.ubatch, self.outputs, _ = context_shape(exact)
         read_gguf_header(self.path)  # a damaged or crafted header: one line, before llama.cpp
         params = lc.llama_model_default_params()
         params.use_extra_bufts = False  # see the module docstring (AMX)
@@ -286,10 +301,18 @@ class LlamaCppRuntime:
         return max(1, self.num_layers * kv_heads * (key + value) * size // block)
 
     def default_max_cells(self) -> int:
-        """The cache budget when none is given: `KV_SHARE` of the memory available now
-        (MemAvailable), in cells, but at least `FIRST_CELLS`."""
-        cells = self.kv_cells_for_bytes(int(KV_SHARE * available_memory()))
-        return max(FIRST_CELLS, cells - cells % 256)  # llama.cpp pads a context to 256
+        """The cache budget when none is given: the cells whose cache and llama.cpp's
+        buffers beside it (which, without flash attention, grow with the cells) take at
+        most `KV_SHARE` of the memory available now (MemAvailable), in whole 256-cell
+        contexts, but at least `FIRST_CELLS`."""
+        try:
+            buffers = llama_buffers_from_gguf(read_gguf_header(self.path))
+        except MemoryUnknown:  # a GGUF without the shape's keys: the cache alone
+            buffers = None
+        shape = (self.ubatch, self.outputs, self.exact)
+        cells = cells_within(int(KV_SHARE * available_memory()), self.kv_bytes_per_cell,
+                             buffers, shape)  # fmt: skip
+        return max(FIRST_CELLS, cells)
 
     def eog_ids(self) -> list[int]:
         """Every end-of-generation token of the GGUF's vocabulary."""
@@ -419,7 +442,7 @@ class LlamaCppRuntime:
         params.n_ctx = cells
         params.n_batch = params.n_ubatch = self.ubatch
         params.n_seq_max = MAX_SEQUENCES
-        params.n_outputs_max = max(self.ubatch, MAX_SEQUENCES)  # llama.cpp asks >= n_seq_max
+        params.n_outputs_max = self.outputs
         params.kv_unified = True
         params.n_threads = params.n_threads_batch = self.threads
         # exact: flash attention sums each query's cells one by one, in cell order (the
