@@ -309,13 +309,15 @@ def plot_curve(result: dict[str, Any], path: Path) -> Path:
                     label=label)  # fmt: skip
     for axis, title in ((rate, "samples/s (stored)"), (memory, "peak RSS (GiB)")):
         axis.set_xscale("log", base=2)
-        axis.set_xticks(CURVE_COUNTS, [str(c) for c in CURVE_COUNTS])
+        measured = sorted({p["samples_per_prompt"] for points in result.values() for p in points})
+        axis.set_xticks(measured, [str(c) for c in measured])
         axis.set_xlabel("samples per prompt (2 prompts)")
         axis.set_title(title)
         axis.grid(alpha=0.3)
     rate.legend()
     figure.suptitle("Seed 000's answer workload, llama.cpp runtime (exact), 2 threads", size=10)
     figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     return path
 
