@@ -170,10 +170,10 @@ def planned_buffers(gguf: Path, cells: int, mode: str) -> dict[str, float]:
     from muestra.models.memory import llama_buffers_from_gguf
 
     buffers = llama_buffers_from_gguf(read_gguf_header(gguf))
-    shape = llama_cache(mode == "exact")
-    compute = buffers.compute_bytes(cells, shape.ubatch, shape.outputs, shape.flash)
+    cache = llama_cache(mode == "exact")
+    compute = buffers.compute_bytes(cells, *cache.shape)
     return {
-        "output_buffer_mib": buffers.output_bytes(shape.outputs) / 2**20,
+        "output_buffer_mib": buffers.output_bytes(cache.outputs) / 2**20,
         "compute_buffer_mib": compute / 2**20,
     }
 

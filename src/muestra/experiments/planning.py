@@ -120,6 +120,11 @@ class LlamaCache:
     flash: bool
     step: int = CONTEXT_STEP
 
+    @property
+    def shape(self) -> tuple[int, int, bool]:
+        """(micro-batch, rows of logits, flash attention): what sizes the buffers."""
+        return self.ubatch, self.outputs, self.flash
+
     def cells(self, rows: int, tokens_per_row: int) -> int:
         need = rows * (tokens_per_row + self.row_extra) + self.slack
         return max(self.floor, need + (-need) % self.step)
@@ -164,8 +169,7 @@ class MemoryPlan:
         cache = self.llama_cache
         if cache is None or self.buffers is None:
             return 0
-        cells = cache.cells(rows, self.tokens_per_row)
-        return self.buffers.bytes(cells, cache.ubatch, cache.outputs, cache.flash)
+        return self.buffers.bytes(cache.cells(rows, self.tokens_per_row), *cache.shape)
 
     def context_bytes(self, rows: int) -> int:
         """What `rows` rows at once take beside the weights: their KV cache and, on
@@ -383,13 +387,12 @@ def kv_cells_budget(budget: Budget, memory: ModelMemory, cache: LlamaCache) -> K
     `MemoryBudgetError` naming the flag when they are fewer than the runtime's first
     context (`cache.floor`)."""
     per_cell = memory.kv_bytes_per_token
-    shape = (cache.ubatch, cache.outputs, cache.flash)
 
     def buffers(cells: int) -> int:
-        return 0 if memory.buffers is None else memory.buffers.bytes(cells, *shape)
+        return 0 if memory.buffers is None else memory.buffers.bytes(cells, *cache.shape)
 
     room = budget.bytes - memory.weights_bytes
-    cells = cells_within(room, per_cell, memory.buffers, shape, cache.step)
+    cells = cells_within(room, per_cell, memory.buffers, cache.shape, cache.step)
     if cells < cache.floor:
         least = cache.floor
         need = memory.weights_bytes + least * per_cell + buffers(least)

@@ -252,8 +252,8 @@ def safetensors_bytes(files: list[Path], dtype: str) -> int:
 
 def llama_buffers_from_gguf(header: GGUFHeader) -> LlamaBuffers:
     """The shape `LlamaBuffers` counts, from a GGUF's metadata (the vocabulary is the
-    length of `tokenizer.ggml.tokens`; a per-layer feed-forward length counts as its
-    largest possible, 4 × 2 × the embedding length, when the header keeps only its array)."""
+    length of `tokenizer.ggml.tokens`; a feed-forward length the header keeps only as a
+    per-layer array counts as 8 × the embedding length, a guess above common shapes)."""
     arch = header.architecture
     meta = header.metadata
 

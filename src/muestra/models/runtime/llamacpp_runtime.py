@@ -309,9 +309,8 @@ class LlamaCppRuntime:
             buffers = llama_buffers_from_gguf(read_gguf_header(self.path))
         except MemoryUnknown:  # a GGUF without the shape's keys: the cache alone
             buffers = None
-        shape = (self.ubatch, self.outputs, self.exact)
         cells = cells_within(int(KV_SHARE * available_memory()), self.kv_bytes_per_cell,
-                             buffers, shape)  # fmt: skip
+                             buffers, context_shape(self.exact))  # fmt: skip
         return max(FIRST_CELLS, cells)
 
     def eog_ids(self) -> list[int]:
