@@ -32,7 +32,9 @@ install: $(STAMP)
 # build uses AVX-512 where there is one and samples differently in the last bits (docs/
 # guide/runtimes.md). LLAMA_CMAKE_ARGS="-DGGML_NATIVE=ON" builds for this machine only.
 # tools/llama_build.py checks the installed build (a wheel pip cached earlier may not be).
-LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+# -DLLAVA_BUILD=OFF leaves out llama-cpp-python's multimodal library (mtmd: images and
+# audio), which muestra never loads: a shorter first build.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 $(STAMP): pyproject.toml constraints.txt
 	@start=$$(date +%s); \
 	{ test -x $(PY) || $(STEP) "creating $(VENV)" $(PYTHON) -m venv $(VENV); } && \

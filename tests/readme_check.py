@@ -38,15 +38,15 @@ A `run` block whose text and options repeat an earlier one exactly (the same fir
 steps shown in English and in Spanish, say) is not run again: its shown output is
 compared with what the first one printed. So a page may repeat an example at no cost.
 
-Two lanes. The pages before `PARALLEL_FROM` run first, alone (they build the kits the
-others use); then the pages of `FIRST_LANE` and all the others run at once, each lane in
-reading order with its own copy of the shell's variables and named outputs, in the same
-sandbox. A page's blocks half wait on one thread (imports, analyses, a store), so two
-lanes keep both cores busy (measured on an AMD EPYC of 2 cores: 37:41 in two lanes, 55:25
-in one with other work beside it). A page must not need a file or a name a page of the
-other lane makes (pages make their own stores; only serving.md starts servers), and the
-lanes are balanced by hand: gemma.md and alignment.md, the longest pages (~18 minutes
-each), go to different ones.
+Three lanes. The pages before `PARALLEL_FROM` run first, alone (they build the kits the
+others use); then the two longest pages (`OWN_LANES`: gemma.md and alignment.md, ~18
+minutes each) and all the other pages run at once, three lanes, each in reading order
+with its own copy of the shell's variables and named outputs, in the same sandbox. A
+page's blocks half wait on one thread (imports, analyses, a store, a model's load), so
+three lanes on 2 cores fill what two left idle (measured on an AMD EPYC of 2 cores: 37:41
+in two lanes, 55:25 in one with other work beside it). A page must not need a file or a
+name a page of another lane makes (pages make their own stores; only serving.md starts
+servers).
 """
 
 from __future__ import annotations
@@ -68,11 +68,11 @@ TOCTREE = re.compile(r"^```\{toctree\}\s*$")
 COMMENT = re.compile(r"^<!--\s*check:\s*(\w+)(.*?)-->\s*$")
 ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=\S+$")
 NUMBER = r"[-+−]?\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?"
-# the page from which two lanes run at once, and the pages of the first lane (measured
-# in two lanes: experiments 7 min, evaluation 1, gemma 19; the other lane: alignment 18,
-# probes 3, the rest 6)
+# the page from which the lanes run at once, and the pages with a lane of their own
+# (measured in two lanes: gemma 19 min, alignment 18; experiments 7, probes 3, evaluation
+# 1 and the rest 6 share the last lane)
 PARALLEL_FROM = "docs/guide/experiments.md"
-FIRST_LANE = ("docs/guide/experiments.md", "docs/guide/evaluation.md", "docs/guide/gemma.md")
+OWN_LANES = ("docs/guide/gemma.md", "docs/guide/alignment.md")
 
 
 @dataclass
@@ -396,12 +396,15 @@ class Sandbox:
 
 
 def lanes() -> dict[str, int]:
-    """Each document's lane: 0 (alone, first), then 1 or 2 (at once)."""
+    """Each document's lane: 0 (alone, first), then 1, 2, … (at once): a lane for each
+    of `OWN_LANES`, and the last for every other page."""
     where = {str(path.relative_to(ROOT)): k for k, path in enumerate(documents())}
     return {
-        doc: 0 if k < where[PARALLEL_FROM] else 1 if doc in FIRST_LANE else 2
+        doc: 0 if k < where[PARALLEL_FROM]
+        else OWN_LANES.index(doc) + 1 if doc in OWN_LANES
+        else len(OWN_LANES) + 1
         for doc, k in where.items()
-    }
+    }  # fmt: skip
 
 
 def check_lane(sandbox: Sandbox, todo: list[Block], failures: list[str]) -> None:
@@ -447,11 +450,12 @@ def main(argv: list[str]) -> int:
     check_lane(sandbox, [b for b in chosen if lane[b.document] == 0], failures)
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(2) as pool:
+    at_once = range(1, len(OWN_LANES) + 2)
+    with ThreadPoolExecutor(len(at_once)) as pool:
         running = [
             pool.submit(check_lane, sandbox.fork(f"[lane {k}] "),
                         [b for b in chosen if lane[b.document] == k], failures)
-            for k in (1, 2)
+            for k in at_once
         ]  # fmt: skip
         for done in running:
             done.result()

@@ -376,7 +376,7 @@ def _sustained(engine: Engine, requests_per_client: list[list[GenerationRequest]
 
 @pytest.mark.parametrize("budget", [512, 8192])
 def test_sustained_overlapping_load_keeps_every_sample_exact(small, monkeypatch, budget):
-    """Four clients each send six seeded 60-token requests back to back, so rows start
+    """Four clients each send four seeded 60-token requests back to back, so rows start
     while others run and the scheduler never idles. In exact mode no cell may be reused
     under a live row: before the fix, the cells finished rows left behind filled the
     512-cell cache and were freed under the running rows (`cells_reused` > 0). Now rows
@@ -392,7 +392,7 @@ def test_sustained_overlapping_load_keeps_every_sample_exact(small, monkeypatch,
         [GenerationRequest(chat_ids(small, f"Tell me a story about {topic}."), n=1,
                            params=params, max_new_tokens=60, seed=100 * c + k,
                            ignore_eos=True, logprobs=1)
-         for k in range(6)]
+         for k in range(4)]
         for c, topic in enumerate(TOPICS)
     ]  # fmt: skip
     results, errors, scheduler = _sustained(engine, clients)

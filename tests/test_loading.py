@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -88,3 +89,37 @@ def test_a_gguf_file_keeps_its_chat_template(smol_kit):
     assert bare.apply_chat_template(messages, tokenize=False) == kit.apply_chat_template(
         messages, tokenize=False
     )
+
+
+def test_a_gguf_s_rebuilt_tokenizer_is_kept_and_read_back_the_same(smol_kit, tmp_path, monkeypatch):
+    """Rebuilding a GGUF's tokenizer from its metadata took 9 s for SmolLM2 and 47 s for
+    Gemma 3, for every command on a bare .gguf (twice a run). It is kept in muestra's cache
+    under a hash of the header and read back: the same vocabulary, special tokens, flags,
+    chat template and token ids, without rebuilding; a damaged entry is rebuilt."""
+    import muestra.models.gguf as gguf_module
+    from muestra.models.gguf import load_gguf_tokenizer
+
+    monkeypatch.setenv("MUESTRA_CACHE", str(tmp_path))
+    (file,) = smol_kit.glob("*.gguf")
+    rebuilt = load_gguf_tokenizer(file)
+    (kept,) = (tmp_path / "tokenizers").iterdir()
+
+    def no_rebuild():
+        raise AssertionError("rebuilt from the GGUF although it was kept")
+
+    monkeypatch.setattr(gguf_module, "_parsed_once", no_rebuild)
+    again = load_gguf_tokenizer(file)
+    assert type(again) is type(rebuilt) and again.get_vocab() == rebuilt.get_vocab()
+    assert again.all_special_tokens == rebuilt.all_special_tokens
+    assert (again.add_bos_token, again.name_or_path) == (rebuilt.add_bos_token, str(smol_kit))
+    messages = [{"role": "user", "content": "¿De qué color es el cielo?"}]
+    assert again.apply_chat_template(messages, tokenize=False) == rebuilt.apply_chat_template(
+        messages, tokenize=False
+    )
+    for text in ("Hola, ¿qué tal?  El\tcielo 🎲", "<|im_start|>user\nhi<|im_end|>", " x"):
+        assert again(text)["input_ids"] == rebuilt(text)["input_ids"]
+    monkeypatch.undo()
+    monkeypatch.setenv("MUESTRA_CACHE", str(tmp_path))
+    (kept / "tokenizer.json").write_text("{", encoding="utf-8")  # damaged
+    assert load_gguf_tokenizer(file).get_vocab() == rebuilt.get_vocab()
+    assert json.loads((kept / "tokenizer.json").read_text(encoding="utf-8"))  # rebuilt whole

@@ -84,20 +84,21 @@ def test_a_repeated_example_runs_once_and_its_output_is_still_compared(tmp_path)
     assert sandbox.run(Block(9, "bash", [*counter, "# 2"], "run")) is not None  # compared
 
 
-def test_the_two_lanes_need_nothing_from_each_other(tmp_path):
-    """After the first steps, two lanes of pages run at once in the same sandbox: a kit a
-    page of a lane uses is built before the lanes split (or in its own lane), only one lane
-    starts servers (they take port 8000), and a lane's shell variables stay its own."""
+def test_the_lanes_need_nothing_from_each_other(tmp_path):
+    """After the first steps, three lanes of pages run at once in the same sandbox: a kit
+    a page of a lane uses is built before the lanes split (or in its own lane), only one
+    lane starts servers (they take port 8000), and a lane's shell variables stay its own."""
     import re
 
-    from readme_check import FIRST_LANE, PARALLEL_FROM, Block, lanes
+    from readme_check import OWN_LANES, PARALLEL_FROM, Block, lanes
 
     where = {str(p.relative_to(ROOT)): k for k, p in enumerate(documents())}
-    assert all(where[page] >= where[PARALLEL_FROM] for page in FIRST_LANE)
+    assert all(where[page] >= where[PARALLEL_FROM] for page in OWN_LANES)
     lane = lanes()
-    assert {lane["docs/guide/gemma.md"], lane["docs/guide/alignment.md"]} == {1, 2}
-    built = {0: set(), 1: set(), 2: set()}
-    used = {0: set(), 1: set(), 2: set()}
+    assert [lane["docs/guide/gemma.md"], lane["docs/guide/alignment.md"]] == [1, 2]
+    assert set(lane.values()) == {0, 1, 2, 3}
+    built = {k: set() for k in range(4)}
+    used = {k: set() for k in range(4)}
     servers = set()
     for block in all_blocks():
         if block.kind not in ("run", "session"):
@@ -107,7 +108,7 @@ def test_the_two_lanes_need_nothing_from_each_other(tmp_path):
         used[lane[block.document]] |= set(re.findall(r"muestra/kit/([\w.-]+)", text))
         if re.search(r"^muestra serve .*&\s*$", text, re.M):
             servers.add(lane[block.document])
-    for k in (1, 2):
+    for k in (1, 2, 3):
         assert used[k] <= built[0] | built[k], (k, used[k] - built[0] - built[k])
     assert len(servers - {0}) <= 1, servers
 

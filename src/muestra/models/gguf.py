@@ -7,12 +7,17 @@ then exactly the quantized ones, widened: close to, not equal to, the original
 checkpoint's. The header is checked first (`gguf_header.py`: a damaged or crafted one is
 one `InputError` naming the file and the field); anything transformers then cannot map or
 load is one `InputError` naming the file and the architecture. Loading a GGUF takes
-seconds (the tokenizer is rebuilt from the file's metadata); `muestra kit build` does it
-once and saves an ordinary safetensors folder.
+seconds (the tokenizer is rebuilt from the file's metadata, then kept in muestra's cache:
+`load_gguf_tokenizer`); `muestra kit build` does it once and saves an ordinary
+safetensors folder.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -21,8 +26,13 @@ from typing import Any
 
 from muestra.errors import InputError, ModelNotFoundError
 from muestra.models.gguf_header import read_gguf_header
+from muestra.paths import cache_dir
 
 GGUF_SUFFIX = ".gguf"
+# a kept tokenizer's flags that `save_pretrained` does not write (transformers 5 rebuilds
+# Gemma's with add_bos_token True and reads it back as False; the BOS is added either way)
+SAVED_FLAGS = ("add_bos_token", "add_eos_token")
+KEPT_FLAGS = "muestra-flags.json"
 
 
 def find_gguf(path: Path, beside_weights: bool = False) -> Path | None:
@@ -93,11 +103,34 @@ def _parsed_once() -> Iterator[None]:
 
 
 def load_gguf_tokenizer(file: Path) -> Any:
-    """The transformers tokenizer transformers rebuilds from a GGUF's metadata."""
+    """The transformers tokenizer transformers rebuilds from a GGUF's metadata.
+
+    Rebuilding walks every token of the vocabulary through `gguf`'s reader and converts
+    it: 9 s for SmolLM2's 49,152 tokens and 47 s for Gemma 3's 262,144 on 2 cores, paid
+    by every command that reads a bare GGUF (twice by a run: its memory plan counts the
+    prompts' tokens before the model loads). So the rebuilt tokenizer is saved in
+    muestra's cache (`tokenizers/` under `paths.cache_dir()`), named by a hash of the
+    file's header (the metadata it is rebuilt from) and of transformers' version, and
+    read back from there (~1 s and ~6 s). A cache that cannot be written or read only
+    costs the time."""
     from transformers import AutoTokenizer
 
     _require_packages()
-    architecture = gguf_architecture(file)  # a damaged header is refused here, by name
+    header = read_gguf_header(file)  # a damaged header is refused here, by name
+    architecture = header.architecture
+    kept = _tokenizer_cache(file, header.data_offset)
+    if kept.is_dir():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(kept))
+            flags = json.loads((kept / KEPT_FLAGS).read_text(encoding="utf-8"))
+        except Exception:  # noqa: BLE001 — a damaged cache entry: rebuild it below
+            shutil.rmtree(kept, ignore_errors=True)
+        else:
+            for name, value in flags.items():  # what save_pretrained leaves out
+                if getattr(tokenizer, name, value) != value:
+                    setattr(tokenizer, name, value)
+            tokenizer.name_or_path = str(file.parent)  # as the rebuilt one says
+            return with_chat_template(tokenizer, file)
     try:
         with _parsed_once():
             tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
@@ -106,7 +139,38 @@ def load_gguf_tokenizer(file: Path) -> Any:
             f"{file}: transformers cannot rebuild the tokenizer of this GGUF (architecture "
             f"{architecture!r}: {_first_line(err)}); put its tokenizer.json beside the file"
         ) from err
+    _keep_tokenizer(tokenizer, kept)
     return with_chat_template(tokenizer, file)
+
+
+def _tokenizer_cache(file: Path, header_bytes: int) -> Path:
+    """Where the tokenizer rebuilt from `file` is kept: a hash of its first
+    `header_bytes` bytes (metadata and tensor index: the vocabulary, its scores and
+    merges, the special tokens) and of the transformers version that rebuilt it."""
+    import transformers
+
+    digest = hashlib.sha256(f"transformers {transformers.__version__}\n".encode())
+    with file.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(min(1 << 20, header_bytes - handle.tell())), b""):
+            digest.update(chunk)
+    return cache_dir() / "tokenizers" / digest.hexdigest()[:32]
+
+
+def _keep_tokenizer(tokenizer: Any, folder: Path) -> None:
+    """Save `tokenizer` into `folder` whole or not at all (written beside it, then
+    renamed: two processes rebuilding the same file at once keep one copy)."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+        tokenizer.save_pretrained(str(scratch))
+        flags = {name: getattr(tokenizer, name) for name in SAVED_FLAGS if hasattr(tokenizer, name)}
+        (scratch / KEPT_FLAGS).write_text(json.dumps(flags), encoding="utf-8")
+        try:
+            scratch.rename(folder)
+        except OSError:  # another process kept it first
+            shutil.rmtree(scratch, ignore_errors=True)
+    except OSError:
+        pass  # a read-only or full cache: the next load rebuilds it again
 
 
 def with_chat_template(tokenizer: Any, file: Path) -> Any:
