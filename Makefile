@@ -85,10 +85,13 @@ endif
 # README and the docs as a test: every example of README.md and of the site's pages
 # (docs/, in the order of docs/index.md's table of contents) run in a clean copy of the
 # repository with an empty HOME, as a newcomer would, and every output they show compared
-# (tests/readme_check.py; the real models, the alignment loop at reduced size: two lanes of
-# pages at once, 38 minutes on 2 cores of an AMD EPYC).
+# (tests/readme_check.py; the real models, the alignment loop at reduced size: the first
+# steps, then three lanes of pages at once — gemma.md, alignment.md, the rest).
+# LONG=0 (CI) leaves out the blocks marked long="…": the full-scale runs of Gemma on
+# gemma.md (~20 minutes), whose commands `make test-long` runs at a few samples.
+LONG ?= 1
 readme: $(STAMP)
-	$(PY) tests/readme_check.py
+	$(PY) tests/readme_check.py $(if $(filter 0,$(LONG)),--leave-long)
 
 # The documentation site (Sphinx + MyST; docs/contributing.md says why) into
 # docs/_build/html. Warnings fail it: a broken link, a page outside the table of contents,

@@ -427,6 +427,14 @@ def bench_shapes(
             entry["cost_curve"] = cost_curve(preset, gguf, counts)
             print(json.dumps({"cost_curve": entry["cost_curve"]}), flush=True)
         if "server" in parts:
+            # A run on a bare GGUF reads its tokenizer from muestra's cache after the first
+            # (models/gguf.py: rebuilding it from the metadata takes ~45 s for Qwen3's
+            # 151,936 tokens): the sides below are later runs, timed with it kept.
+            from muestra.models.gguf import load_gguf_tokenizer
+
+            started = time.perf_counter()
+            load_gguf_tokenizer(gguf)
+            entry["tokenizer_load_s"] = round(time.perf_counter() - started, 1)
             with tempfile.TemporaryDirectory() as folder:
                 sides = ("exact", "free", "server")
                 answers = server_workload(peers["llama-server"], gguf, Path(folder), 1, rows, sides)

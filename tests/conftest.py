@@ -166,6 +166,23 @@ def cli():
     return run_cli
 
 
+@pytest.fixture(autouse=True)
+def _peers_only_when_marked(request: pytest.FixtureRequest, monkeypatch) -> None:
+    """Building llama.cpp's own programs (`benchmarks.peers.build_peers`: ~16 CPU-minutes
+    on a fresh 2-core machine) is refused to a test not marked `peers`: such a test ran in
+    CI's `make test-long PEERS=0` and built llama-server there anyway."""
+    if request.node.get_closest_marker("peers") is not None:
+        return
+    import benchmarks.peers
+
+    def refused(*args, **kwargs):
+        raise AssertionError(
+            f"{request.node.nodeid} builds llama.cpp's own programs: mark it @pytest.mark.peers"
+        )
+
+    monkeypatch.setattr(benchmarks.peers, "build_peers", refused)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """A test that starts llama.cpp's llama-server must say so (`peers`): `make test` runs
     without building it, and `make test-long` runs those tests once it is built."""

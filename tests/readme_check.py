@@ -26,6 +26,12 @@ Each fenced block carries, on the line before it, an HTML comment that says what
     <!-- check: skip reason="..." -->
         not run here, for the reason given (a GPU machine, another vendor's server).
 
+A `run` or `session` block may add `long="REASON"` (what makes it long): `--leave-long`
+(`make readme LONG=0`, what CI runs) leaves it out, with the output blocks of its name;
+`make readme` runs it. These are gemma.md's full-scale runs of Gemma (800-sample probes,
+the 400-sample few-shot run): CI runs the same commands at a few samples in `make
+test-long` (tests/test_gemma.py).
+
 `muestra serve … &` in a run block starts a server that stays up for the blocks after it
 (its log in the sandbox), once /health answers; a later server, or the end, stops it.
 Lines starting with `# ` in an output or session block summarise the output in words
@@ -39,14 +45,14 @@ steps shown in English and in Spanish, say) is not run again: its shown output i
 compared with what the first one printed. So a page may repeat an example at no cost.
 
 Three lanes. The pages before `PARALLEL_FROM` run first, alone (they build the kits the
-others use); then the two longest pages (`OWN_LANES`: gemma.md and alignment.md, ~18
-minutes each) and all the other pages run at once, three lanes, each in reading order
-with its own copy of the shell's variables and named outputs, in the same sandbox. A
-page's blocks half wait on one thread (imports, analyses, a store, a model's load), so
-three lanes on 2 cores fill what two left idle (measured on an AMD EPYC of 2 cores: 37:41
-in two lanes, 55:25 in one with other work beside it). A page must not need a file or a
-name a page of another lane makes (pages make their own stores; only serving.md starts
-servers).
+others use); then the lanes of `LANES` and a last lane of every other page run at once,
+each in reading order with its own copy of the shell's variables and named outputs, in
+the same sandbox. A page's blocks half wait on one thread (imports, analyses, a store, a
+model's load), so three lanes on 2 cores fill what two left idle (measured on an AMD EPYC
+of 2 cores: 37:41 in two lanes, 55:25 in one with other work beside it). A page must not
+need a file or a name a page of another lane makes (pages make their own stores; only
+serving.md starts servers), and the lanes are balanced by hand: alignment.md (~18
+minutes) alone; gemma.md, probes.md and evaluation.md; the rest (~16).
 """
 
 from __future__ import annotations
@@ -68,11 +74,14 @@ TOCTREE = re.compile(r"^```\{toctree\}\s*$")
 COMMENT = re.compile(r"^<!--\s*check:\s*(\w+)(.*?)-->\s*$")
 ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=\S+$")
 NUMBER = r"[-+−]?\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?"
-# the page from which the lanes run at once, and the pages with a lane of their own
-# (measured in two lanes: gemma 19 min, alignment 18; experiments 7, probes 3, evaluation
-# 1 and the rest 6 share the last lane)
-PARALLEL_FROM = "docs/guide/experiments.md"
-OWN_LANES = ("docs/guide/gemma.md", "docs/guide/alignment.md")
+# the page from which the lanes run at once, and the pages of each lane but the last
+# (measured in two lanes: alignment 18 min; gemma 19 with its full-scale runs, 2 without
+# (LONG=0), probes 3, evaluation 1; experiments 7, generate 3 and the rest 6 share the last)
+PARALLEL_FROM = "docs/guide/generate.md"
+LANES = (
+    ("docs/guide/gemma.md", "docs/guide/probes.md", "docs/guide/evaluation.md"),
+    ("docs/guide/alignment.md",),
+)
 
 
 @dataclass
@@ -224,11 +233,13 @@ class Sandbox:
     variables: list[str] = field(default_factory=list)  # `M=…` lines of earlier blocks
     ran: dict[tuple, str] = field(default_factory=dict)  # a run block's key → what it printed
     lane: str = ""  # printed before each line of this lane
+    leave_long: bool = False  # `--leave-long`: blocks marked `long=REASON` are not run
+    left: set[str] = field(default_factory=set)  # names of the long blocks left out
 
     def fork(self, lane: str) -> Sandbox:
         """A lane of its own in the same sandbox: what ran so far, copied."""
         return Sandbox(self.repo, self.home, dict(self.outputs), [], list(self.variables),
-                       dict(self.ran), lane)  # fmt: skip
+                       dict(self.ran), lane, self.leave_long, set(self.left))  # fmt: skip
 
     def say(self, text: str) -> None:
         print(f"{self.lane}{text}", file=sys.stderr, flush=True)
@@ -326,6 +337,12 @@ class Sandbox:
         numbers = options.get("match") == "numbers"
         extra = dict(part.split("=", 1) for part in shlex.split(options.get("env", "")))
         timeout = float(options.get("timeout", 1800))
+        if self.leave_long and "long" in options and block.kind in ("run", "session"):
+            self.left.add(options.get("name", ""))
+            self.say(f"    long, left out: {options['long']}")
+            return None
+        if block.kind == "output" and options.get("name") in self.left:
+            return None  # what a long block left out printed
         if block.kind == "session":
             commands: list[tuple[str, list[str]]] = []
             for line in block.body:
@@ -396,15 +413,14 @@ class Sandbox:
 
 
 def lanes() -> dict[str, int]:
-    """Each document's lane: 0 (alone, first), then 1, 2, … (at once): a lane for each
-    of `OWN_LANES`, and the last for every other page."""
+    """Each document's lane: 0 (alone, first), then 1, 2, … (at once): those of `LANES`,
+    and the last for every other page."""
     where = {str(path.relative_to(ROOT)): k for k, path in enumerate(documents())}
+    own = {doc: k for k, pages in enumerate(LANES, start=1) for doc in pages}
     return {
-        doc: 0 if k < where[PARALLEL_FROM]
-        else OWN_LANES.index(doc) + 1 if doc in OWN_LANES
-        else len(OWN_LANES) + 1
+        doc: 0 if k < where[PARALLEL_FROM] else own.get(doc, len(LANES) + 1)
         for doc, k in where.items()
-    }  # fmt: skip
+    }
 
 
 def check_lane(sandbox: Sandbox, todo: list[Block], failures: list[str]) -> None:
@@ -430,6 +446,10 @@ def main(argv: list[str]) -> int:
         "--only", default="", help="blocks to run: README.md:LINE,docs/x.md:LINE (LINE: README's)"
     )
     parser.add_argument("--list", action="store_true", help="list the blocks, run nothing")
+    parser.add_argument(
+        "--leave-long", action="store_true",
+        help="do not run the blocks marked long=REASON, nor check their outputs (CI)",
+    )  # fmt: skip
     arguments = parser.parse_args(argv)
     if arguments.list:
         for block in all_blocks():
@@ -443,6 +463,7 @@ def main(argv: list[str]) -> int:
         if not (workdir / "muestra").exists()
         else Sandbox(workdir / "muestra", workdir / "home")
     )
+    sandbox.leave_long = arguments.leave_long
     only = {x if ":" in x else f"README.md:{x}" for x in arguments.only.split(",") if x}
     chosen = [b for b in all_blocks() if not only or f"{b.document}:{b.line}" in only]
     lane = lanes()
@@ -450,7 +471,7 @@ def main(argv: list[str]) -> int:
     check_lane(sandbox, [b for b in chosen if lane[b.document] == 0], failures)
     from concurrent.futures import ThreadPoolExecutor
 
-    at_once = range(1, len(OWN_LANES) + 2)
+    at_once = range(1, len(LANES) + 2)
     with ThreadPoolExecutor(len(at_once)) as pool:
         running = [
             pool.submit(check_lane, sandbox.fork(f"[lane {k}] "),

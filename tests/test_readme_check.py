@@ -90,10 +90,10 @@ def test_the_lanes_need_nothing_from_each_other(tmp_path):
     lane starts servers (they take port 8000), and a lane's shell variables stay its own."""
     import re
 
-    from readme_check import OWN_LANES, PARALLEL_FROM, Block, lanes
+    from readme_check import LANES, PARALLEL_FROM, Block, lanes
 
     where = {str(p.relative_to(ROOT)): k for k, p in enumerate(documents())}
-    assert all(where[page] >= where[PARALLEL_FROM] for page in OWN_LANES)
+    assert all(where[page] >= where[PARALLEL_FROM] for pages in LANES for page in pages)
     lane = lanes()
     assert [lane["docs/guide/gemma.md"], lane["docs/guide/alignment.md"]] == [1, 2]
     assert set(lane.values()) == {0, 1, 2, 3}
@@ -120,3 +120,19 @@ def test_the_lanes_need_nothing_from_each_other(tmp_path):
     assert (
         two.run(Block(3, "bash", ["echo $K ${J:-unset}", f"# {tmp_path}/kit unset"], "run")) is None
     )
+
+
+def test_long_blocks_are_left_out_with_their_outputs_when_asked(tmp_path):
+    """`make readme LONG=0` (CI): a block marked long="…" is not run, nor the output
+    block of its name checked; without the flag both are."""
+    from readme_check import Block
+
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    long = {"name": "big", "long": "a minute"}
+    for leave in (True, False):
+        sandbox = Sandbox(tmp_path, tmp_path, leave_long=leave)
+        ran = Block(1, "bash", ["echo ran >> ran.txt; echo 42"], "run", long)
+        assert sandbox.run(ran) is None
+        shown = sandbox.run(Block(5, "", ["41"], "output", {"name": "big"}))
+        assert (shown is None) == leave  # 42 was printed, not 41: checked only when run
+    assert (tmp_path / "ran.txt").read_text() == "ran\n"  # run once, without the flag

@@ -138,12 +138,15 @@ def servers(smol_kit, tiny_kit, tmp_path_factory):
 
 
 CELLS = [
-    (server, mode, tokenizer)
+    # llama-server's cells need llama.cpp's own programs built (`peers`: `make test-long`
+    # builds them; CI's PEERS=0 leaves them out)
+    pytest.param(server, mode, tokenizer,
+                 marks=[pytest.mark.peers] if server == "llama-server" else [])
     for server in ("serve-tagless", "serve-tags", "llama-server")
     for mode in MODES
     for tokenizer in (True, False)
     if not (mode is None and not tokenizer)
-]
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("server", "mode", "tokenizer"), CELLS)
