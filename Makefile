@@ -88,7 +88,8 @@ endif
 # (tests/readme_check.py; the real models, the alignment loop at reduced size: the first
 # steps, then three lanes of pages at once — gemma.md, alignment.md, the rest).
 # LONG=0 (CI) leaves out the blocks marked long="…": the full-scale runs of Gemma on
-# gemma.md (~20 minutes), whose commands `make test-long` runs at a few samples.
+# gemma.md (~20 minutes; `make test-long` runs their commands at a few samples) and
+# alignment.md's loop (examples/align-characters.sh, ~18 minutes).
 LONG ?= 1
 readme: $(STAMP)
 	$(PY) tests/readme_check.py $(if $(filter 0,$(LONG)),--leave-long)

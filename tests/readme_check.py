@@ -29,8 +29,8 @@ Each fenced block carries, on the line before it, an HTML comment that says what
 A `run` or `session` block may add `long="REASON"` (what makes it long): `--leave-long`
 (`make readme LONG=0`, what CI runs) leaves it out, with the output blocks of its name;
 `make readme` runs it. These are gemma.md's full-scale runs of Gemma (800-sample probes,
-the 400-sample few-shot run): CI runs the same commands at a few samples in `make
-test-long` (tests/test_gemma.py).
+the 400-sample few-shot run: CI runs the same commands at a few samples in `make
+test-long`, tests/test_gemma.py) and alignment.md's audit → align → re-audit loop.
 
 `muestra serve … &` in a run block starts a server that stays up for the blocks after it
 (its log in the sandbox), once /health answers; a later server, or the end, stops it.
@@ -52,7 +52,8 @@ model's load), so three lanes on 2 cores fill what two left idle (measured on an
 of 2 cores: 37:41 in two lanes, 55:25 in one with other work beside it). A page must not
 need a file or a name a page of another lane makes (pages make their own stores; only
 serving.md starts servers), and the lanes are balanced by hand: alignment.md (~18
-minutes) alone; gemma.md, probes.md and evaluation.md; the rest (~16).
+minutes; left out by `--leave-long`) and strategies.md; gemma.md, probes.md and
+evaluation.md; the rest.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ NUMBER = r"[-+−]?\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?"
 PARALLEL_FROM = "docs/guide/generate.md"
 LANES = (
     ("docs/guide/gemma.md", "docs/guide/probes.md", "docs/guide/evaluation.md"),
-    ("docs/guide/alignment.md",),
+    ("docs/guide/alignment.md", "docs/guide/strategies.md"),
 )
 
 
