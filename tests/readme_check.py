@@ -51,9 +51,9 @@ the same sandbox. A page's blocks half wait on one thread (imports, analyses, a 
 model's load), so three lanes on 2 cores fill what two left idle (measured on an AMD EPYC
 of 2 cores: 37:41 in two lanes, 55:25 in one with other work beside it). A page must not
 need a file or a name a page of another lane makes (pages make their own stores; only
-serving.md starts servers), and the lanes are balanced by hand: alignment.md (~18
-minutes; left out by `--leave-long`) and strategies.md; gemma.md, probes.md and
-evaluation.md; the rest.
+serving.md starts servers), and the lanes are balanced by hand: gemma.md, probes.md
+and evaluation.md; alignment.md (~18 minutes; left out by `--leave-long`), strategies,
+serving, runtimes and models; experiments.md and the rest.
 """
 
 from __future__ import annotations
@@ -76,13 +76,14 @@ COMMENT = re.compile(r"^<!--\s*check:\s*(\w+)(.*?)-->\s*$")
 ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=\S+$")
 NUMBER = r"[-+−]?\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?"
 # the page from which the lanes run at once, and the pages of each lane but the last
-# (measured in two lanes: alignment 18 min; gemma 19 with its full-scale runs, 2 without
-# (LONG=0), probes 3, evaluation 1; experiments 7, generate 3 and the rest 6 share the last)
-PARALLEL_FROM = "docs/guide/generate.md"
+# (measured in two lanes, minutes: alignment 18, gemma 19 with its full-scale runs and 2
+# without (LONG=0), experiments 7, probes 3, generate 3, evaluation 1, the rest 6)
+PARALLEL_FROM = "docs/guide/experiments.md"
 LANES = (
     ("docs/guide/gemma.md", "docs/guide/probes.md", "docs/guide/evaluation.md"),
-    ("docs/guide/alignment.md", "docs/guide/strategies.md"),
-)
+    ("docs/guide/alignment.md", "docs/guide/strategies.md", "docs/guide/serving.md",
+     "docs/guide/runtimes.md", "docs/guide/models.md"),
+)  # fmt: skip
 
 
 @dataclass
