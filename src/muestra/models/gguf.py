@@ -111,7 +111,7 @@ def load_gguf_tokenizer(file: Path) -> Any:
     prompts' tokens before the model loads). So the rebuilt tokenizer is saved in
     muestra's cache (`tokenizers/` under `paths.cache_dir()`), named by a hash of the
     file's header (the metadata it is rebuilt from) and of transformers' version, and
-    read back from there (~1 s and ~6 s). A cache that cannot be written or read only
+    read back from there (0.2 s and ~5 s). A cache that cannot be written or read only
     costs the time."""
     from transformers import AutoTokenizer
 
@@ -162,15 +162,15 @@ def _keep_tokenizer(tokenizer: Any, folder: Path) -> None:
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    except OSError:
+        return  # a read-only cache: the next load rebuilds it again
+    try:
         tokenizer.save_pretrained(str(scratch))
         flags = {name: getattr(tokenizer, name) for name in SAVED_FLAGS if hasattr(tokenizer, name)}
         (scratch / KEPT_FLAGS).write_text(json.dumps(flags), encoding="utf-8")
-        try:
-            scratch.rename(folder)
-        except OSError:  # another process kept it first
-            shutil.rmtree(scratch, ignore_errors=True)
-    except OSError:
-        pass  # a read-only or full cache: the next load rebuilds it again
+        scratch.rename(folder)
+    except Exception:  # noqa: BLE001 — kept by another process first, a full disk: not kept
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def with_chat_template(tokenizer: Any, file: Path) -> Any:
