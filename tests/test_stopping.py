@@ -330,3 +330,53 @@ def test_stop_flags_are_checked_as_the_table_is(tmp_path):
         with_stop(loaded, {"field": "answer", "value": "x", "precision": 0.1}, "w")
     done = with_stop(loaded, {"field": "answer", "value": "si", "reference": 0.5}, "w")
     assert done.spec.stop.reference == 0.5 and done.text == loaded.text
+
+
+def write_variants(folder: Path, model: Path, stop: str, second_g2: bool = True) -> Path:
+    """Two groups of items, each with the variants x and y (g2's y optional)."""
+    items = [("a1", "g1", "x"), ("a2", "g1", "y"), ("b1", "g2", "x")]
+    items += [("b2", "g2", "y")] * second_g2
+    spec = write_spec(folder, model, stop)
+    head, tail = spec.read_text().split("[[prompt.items]]", 1)
+    tail = tail[tail.index("[answer]") :]
+    listed = "".join(
+        f'[[prompt.items]]\nid = "{i}"\ngroup = "{g}"\nvariant = "{v}"\npregunta = "Es {i}"\n\n'
+        for i, g, v in items
+    )
+    spec.write_text(head + listed + tail)
+    return spec
+
+
+@pytest.mark.slow
+def test_two_variants_are_compared_in_pairs_within_each_group(tmp_path, tiny_kit):
+    stop = STOP + '\ncompare = ["y", "x"]\nreference = 0.0'
+    spec = write_variants(tmp_path, tiny_kit, stop)
+    run(spec, tmp_path / "v.db")
+    stops = table(
+        tmp_path / "v.db",
+        "SELECT p.prompt_key, tracked, reason, samples, estimate, low, high FROM stops t "
+        "JOIN prompts p ON p.id = t.prompt_id ORDER BY p.prompt_key",
+    )
+    assert [s[0] for s in stops] == ["a1", "a2", "b1", "b2"]
+    for first, second in ((stops[1], stops[0]), (stops[3], stops[2])):  # y − x in g1, g2
+        assert first[1:] == second[1:]  # one decision for the pair
+        assert first[1] == "answer=si: y − x"
+    counts = dict(
+        table(
+            tmp_path / "v.db",
+            "SELECT p.prompt_key, COUNT(*) FROM samples s JOIN prompts p ON p.id = s.prompt_id "
+            "GROUP BY p.prompt_key",
+        )
+    )
+    assert counts["a1"] == counts["a2"] == stops[0][3]
+    assert counts["b1"] == counts["b2"] == stops[2][3]
+
+
+def test_a_variant_without_its_partner_is_refused_by_name(tmp_path):
+    stop = STOP + '\ncompare = ["x", "y"]'
+    spec = write_variants(tmp_path, tmp_path, stop, second_g2=False)
+    with pytest.raises(InputError, match="group 'g2' has no item of variant 'y'"):
+        load_spec(spec, check_models=False)
+    spec = write_variants(tmp_path, tmp_path, STOP + '\ncompare = ["x", "z"]')
+    with pytest.raises(InputError, match=r"or two variants \(x, y\)"):
+        load_spec(spec, check_models=False)

@@ -70,6 +70,10 @@ PHRASES: dict[str, tuple[str, str]] = {
     "cap_accuracy": ("accuracy (95% Wilson intervals)", "precisión (intervalos de Wilson al 95 %)"),
     "cap_paired": ("paired comparisons", "comparaciones emparejadas"),
     "cap_groups": ("group differences", "diferencias entre grupos"),
+    "cap_stops": (
+        "where each template × group stopped",
+        "dónde se detuvo cada plantilla × grupo",
+    ),
     "valid_of": (
         "{name}: {valid} valid of {samples} samples (alpha {alpha})",
         "{name}: {valid} válidas de {samples} muestras (alfa {alpha})",

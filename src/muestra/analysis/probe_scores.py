@@ -169,6 +169,20 @@ class JudgeScores:
         return found
 
 
+def tracked_score(scores: dict[str, Any], score: str) -> float:
+    """One sample's value of a model-free feature named as the analysis names it
+    ("lexicon:care", "category=care", "phrase=nurse"), from its scores: what a sequential
+    probe's `[stop]` tracks, equal to that feature's value in `features`."""
+    if score.startswith("lexicon:"):
+        return float(scores[LEXICON.key].get(score.removeprefix("lexicon:"), 0) > 0)
+    extracted = scores[EXTRACTION.key]
+    if score.startswith("category="):
+        return float(extracted[EXTRACTION.category] == score.removeprefix("category="))
+    if score.startswith("phrase="):
+        return float(extracted[EXTRACTION.phrase] == score.removeprefix("phrase="))
+    raise ValueError(f"{score!r} is not a model-free score")
+
+
 LEXICON = LexiconScores()
 EXTRACTION = ExtractionScores()
 JUDGE = JudgeScores()

@@ -24,6 +24,14 @@ from muestra.cli.common import (
     stdout,
     stopped_is_resumable,
 )
+from muestra.cli.stop_options import (
+    EveryOption,
+    MaxSamplesOption,
+    MinSamplesOption,
+    PrecisionOption,
+    ReferenceOption,
+    stop_flags,
+)
 from muestra.errors import InputError
 from muestra.paths import default_store
 
@@ -64,11 +72,30 @@ def probe(
     batch_invariant: bool | None = BatchInvariantOverrideOption,
     max_memory: str | None = MaxMemoryOption,
     kv_cache: str | None = KvCacheOption,
+    stop_on: str | None = typer.Option(
+        None,
+        "--stop-on",
+        help="SCORE: sample each template × group until this score's share is settled "
+        "([stop] score: lexicon:CATEGORY, category=CATEGORY or phrase=PHRASE).",
+    ),
+    precision: float | None = PrecisionOption,
+    reference: float | None = ReferenceOption,
+    compare: str | None = typer.Option(
+        None,
+        "--compare",
+        help="A,B: two groups; track, within each template, the difference of their shares.",
+    ),
+    min_samples: int | None = MinSamplesOption,
+    max_samples: int | None = MaxSamplesOption,
+    every: int | None = EveryOption,
 ) -> None:
     """Sample a probe's templates × groups, score every continuation, test the groups.
 
     Each template is sampled SAMPLES times per group with the probe's decoding settings
     (all recorded in the store; resumable: run the same command again after a stop).
+    With [stop] (or --stop-on SCORE and --precision/--reference) each template × group
+    samples in rounds until the anytime-valid band of that score's share (or, with
+    --compare, of two groups' difference) is settled; SAMPLES is then the most it takes.
     Every continuation gets the model-free scores (lexicon category counts, the first
     phrase after the template and its category), then, when the probe has [judge], a
     judge model's structured answer and its exact field probabilities. The groups are
@@ -80,7 +107,13 @@ def probe(
     (For readers of the code: one piece, because typer reads a command's options from its
     signature; each option is a parameter, and the body is short.)
     """
-    from muestra.evaluation.probes import judge_store, load_probe, run_probe, shipped_probes
+    from muestra.evaluation.probes import (
+        judge_store,
+        load_probe,
+        run_probe,
+        shipped_probes,
+        with_probe_stop,
+    )
 
     if list_probes:
         for name, path in sorted(shipped_probes().items()):
@@ -88,7 +121,17 @@ def probe(
         return
     if spec is None:
         raise typer.BadParameter("give a probe file or a shipped probe's name (see --list)")
-    loaded = load_probe(spec)
+    flags = stop_flags(
+        None,
+        compare,
+        score=stop_on,
+        precision=precision,
+        reference=reference,
+        min_samples=min_samples,
+        max_samples=max_samples,
+        every=every,
+    )
+    loaded = with_probe_stop(load_probe(spec), flags, f"{spec} with the [stop] flags")
     store = out if out is not None else default_store(loaded.spec.name)
     note = lambda text: stderr.print(f"note: {text}", markup=False)  # noqa: E731
     options = model_options(runtime, threads, batch_invariant, thread_wait, max_memory, kv_cache)
@@ -193,6 +236,7 @@ class _bar:
 
 def show(store: Path, run_id: int, as_json: bool, alpha: float | None = None) -> None:
     from muestra.evaluation.probes import read_probe, side_by_side
+    from muestra.experiments.stopping import stop_rows
     from muestra.experiments.store import reading, require_samples
 
     with reading(store) as db:
@@ -202,13 +246,29 @@ def show(store: Path, run_id: int, as_json: bool, alpha: float | None = None) ->
         probe, analysis = found
         pairs = side_by_side(db, run_id, per_template=2)
         status = run_status(db, run_id)
+        rule, stops = stop_rows(db, run_id)
     if as_json:
         print_json(
             {"probe": probe.spec.name, "run": run_id, "run_status": status,
-             **analysis.as_dict(), "side_by_side": pairs}
+             **analysis.as_dict(), "side_by_side": pairs,
+             **({"stops": {"rule": rule, "cells": stops}} if rule is not None else {})}
         )  # fmt: skip
         return
     print_probe(probe, analysis, pairs)
+    if rule is not None:
+        print_stops(rule, stops)
+
+
+def print_stops(rule: dict[str, Any], stops: list[dict[str, Any]]) -> None:
+    """Where each cell of a sequential probe stopped, and what its bands assume."""
+    from muestra.experiments.stopping import STOP_HEADERS, stop_note, stop_table
+
+    shown = [i for i, h in enumerate(STOP_HEADERS) if h not in ("model", "condition", "estimator")]
+    table = Table(*[STOP_HEADERS[i] for i in shown], title="where each template × group stopped")
+    for row in stop_table(stops):  # one model and condition; every score is counted
+        table.add_row(*[row[i] for i in shown])
+    stdout.print(table)
+    stdout.print(stop_note(rule) or "", markup=False)
 
 
 def print_probe(probe: Any, analysis: Any, pairs: list[dict[str, Any]]) -> None:

@@ -114,12 +114,16 @@ class Runner:
         model_options: Mapping[str, Any] | None = None,
         executor: BatchExecutor | None = None,
         on_plan: Callable[[MemoryPlan], None] | None = None,
+        stop_value: Callable[[Any, Any], tuple[float, float | None] | None] | None = None,
     ) -> None:
         """`executor` turns each batch into stored rows (experiments/executor.py; default:
         the spec's phases, decoded); `on_plan` is shown each local model's memory plan
-        (default: `on_note`); every other argument is checked by `run_settings`
+        (default: `on_note`); `stop_value(item, stored row)` gives a sequential run's
+        tracked value of a sample when it is not an answer field (a probe's score; see
+        `experiments/stopping.py`); every other argument is checked by `run_settings`
         (`model_options` may hold `max_memory`, the run's memory budget)."""
         self.spec = spec
+        self.stop_value = stop_value
         self.store = Path(store)
         settings = run_settings(
             spec,

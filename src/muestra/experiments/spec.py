@@ -46,7 +46,7 @@ import tomllib
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -407,19 +407,10 @@ class AnalysisSpec(Strict):
     )
 
 
-class StopSpec(Strict):
-    """A sequential run (`[stop]`): each cell samples in rounds until the band of its
-    tracked share (or of a difference of two cells) is settled; see
-    `muestra.experiments.stopping`."""
+class SequentialRule(Strict):
+    """What settles a sequential run's cells, shared by an experiment's `[stop]`
+    (`StopSpec`) and a probe's (`ProbeStop`): see `muestra.experiments.stopping`."""
 
-    field: str = Field(
-        min_length=1,
-        description="The answer field tracked: an enum/boolean field of the schema (dotted "
-        'when nested), or "answer" for a choice (or other unstructured) answer.',
-    )
-    value: str = Field(
-        min_length=1, description="The value whose share is tracked (booleans: true / false)."
-    )
     precision: float | None = Field(
         None,
         gt=0,
@@ -433,14 +424,7 @@ class StopSpec(Strict):
         description="Stop a cell once its band excludes this share (with `compare`: this "
         "difference, e.g. 0).",
     )
-    compare: list[str] | None = Field(
-        None,
-        min_length=2,
-        max_length=2,
-        description="Two prompt ids, or two condition labels: track the difference of their "
-        "shares (first minus second), the two cells sampled in pairs of the same index; "
-        "other cells track their own share.",
-    )
+    compare: list[str] | None = Field(None, min_length=2, max_length=2)  # described below
     min_samples: int = Field(
         10, ge=1, le=1_000_000, description="Samples a cell takes before its first look."
     )
@@ -448,7 +432,7 @@ class StopSpec(Strict):
         None,
         ge=1,
         le=1_000_000,
-        description="Samples a cell takes at most (default: the spec's `samples`).",
+        description="Samples a cell takes at most (default: the spec's or probe's `samples`).",
     )
     every: int = Field(
         10, ge=1, le=1_000_000, description="Samples each open cell takes per round (a look)."
@@ -456,15 +440,9 @@ class StopSpec(Strict):
     alpha: float = Field(
         0.05, gt=0, lt=1, description="1 − coverage of the bands, valid at every look at once."
     )
-    estimator: Literal["auto", "counts", "field_probs"] = Field(
-        "auto",
-        description="counts: the share of drawn answers; field_probs: the mean exact "
-        "probability of the value (Rao–Blackwell: valid only when the answer is drawn at "
-        "temperature 1 without filters); auto: field_probs where valid, else counts.",
-    )
 
     @model_validator(mode="after")
-    def _something_to_settle(self) -> StopSpec:
+    def _something_to_settle(self) -> Self:
         if self.precision is None and self.reference is None:
             raise ValueError("give precision, reference or both: what settles a cell")
         if self.max_samples is not None and self.min_samples > self.max_samples:
@@ -474,6 +452,35 @@ class StopSpec(Strict):
         if self.compare is not None and self.compare[0] == self.compare[1]:
             raise ValueError(f"compare names {self.compare[0]!r} twice; give two cells")
         return self
+
+
+class StopSpec(SequentialRule):
+    """A sequential run (`[stop]`): each cell samples in rounds until the band of its
+    tracked share (or of a difference of two cells) is settled; see
+    `muestra.experiments.stopping`."""
+
+    field: str = Field(
+        min_length=1,
+        description="The answer field tracked: an enum/boolean field of the schema (dotted "
+        'when nested), or "answer" for a choice (or other unstructured) answer.',
+    )
+    value: str = Field(
+        min_length=1, description="The value whose share is tracked (booleans: true / false)."
+    )
+    compare: list[str] | None = Field(
+        None,
+        min_length=2,
+        max_length=2,
+        description="Two prompt ids, two condition labels, or two variants (compared within "
+        "each group of items): track the difference of their shares (first minus second), "
+        "the two cells sampled in pairs of the same index; other cells track their own share.",
+    )
+    estimator: Literal["auto", "counts", "field_probs"] = Field(
+        "auto",
+        description="counts: the share of drawn answers; field_probs: the mean exact "
+        "probability of the value (Rao–Blackwell: valid only when the answer is drawn at "
+        "temperature 1 without filters); auto: field_probs where valid, else counts.",
+    )
 
 
 class RunSpec(Strict):

@@ -35,6 +35,15 @@ def field_probs_caveat(answer: Any, remote: bool = False) -> str | None:
     return None
 
 
+# the `field` of a probe's [stop] rule: its `value` names a model-free score of the text
+PROBE_SCORE = "probe score"
+
+
+def tracked_name(field: str, value: str) -> str:
+    """What a rule tracks, in words: "gender=male", or a probe's score ("lexicon:care")."""
+    return value if field == PROBE_SCORE else f"{field}={value}"
+
+
 def value_label(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
@@ -100,15 +109,40 @@ def check_stop(
 
 
 def compared(stop: Any, spec: Any, conditions: list[Any]) -> str | None:
-    """ "prompt" or "condition": what `stop.compare` names (None without it)."""
+    """ "prompt", "condition" or "variant": what `stop.compare` names (None without it).
+    Two variants are compared within each group of items that has the first."""
     if stop.compare is None:
         return None
-    prompts = {item.id for item in spec.prompt.items}
+    items = spec.prompt.items
+    prompts = {item.id for item in items}
     labels = {c.label for c in conditions}
-    for kind, names in (("prompt", prompts), ("condition", labels)):
+    variants = {item.variant for item in items if item.variant is not None}
+    for kind, names in (("prompt", prompts), ("condition", labels), ("variant", variants)):
         if all(name in names for name in stop.compare):
+            if kind == "variant":
+                _check_variant_pairs(stop.compare, items)
             return kind
+    shown = ", ".join(sorted(variants)) or "none"
     raise ValueError(
-        f"compare = {stop.compare} must name two prompt ids ({', '.join(sorted(prompts))}) "
-        f"or two condition labels ({', '.join(sorted(labels))})"
+        f"compare = {stop.compare} must name two prompt ids ({', '.join(sorted(prompts))}), "
+        f"two condition labels ({', '.join(sorted(labels))}) or two variants ({shown})"
     )
+
+
+def _check_variant_pairs(names: list[str], items: list[Any]) -> None:
+    """Each group with one of the two variants has the other (its partner in the pairs)."""
+    first, second = names
+    for group in sorted({item.group for item in items if item.variant in names}):
+        have = {item.variant for item in items if item.group == group}
+        missing = [n for n in names if n not in have]
+        if missing:
+            raise ValueError(
+                f"compare = {names}: group {group!r} has no item of variant {missing[0]!r}, "
+                f"so its {first} − {second} difference has no pairs"
+            )
+        counts = [sum(item.group == group and item.variant == n for item in items) for n in names]
+        if counts != [1, 1]:
+            raise ValueError(
+                f"compare = {names}: group {group!r} has {counts[0]} and {counts[1]} items of "
+                "these variants; a pair is one item of each"
+            )

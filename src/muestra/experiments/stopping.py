@@ -2,7 +2,9 @@
 
 A spec's `[stop]` table (`StopSpec`) tracks one answer value's share per model ×
 condition × prompt cell, or, with `compare`, the difference of two cells' shares (two
-prompts, or two conditions, sampled in pairs of the same sample index). `Rounds` plans a
+prompts, two conditions, or two variants within each group of items, sampled in pairs of
+the same sample index); a probe's `[stop]` tracks a model-free score of the text instead,
+read by the runner's `stop_value` (`evaluation/probes/running.py`). `Rounds` plans a
 run as rounds: every open cell takes `every` more samples (the first round `min_samples`),
 all of them batched together by the runner; after each round each open cell reads the
 anytime-valid band of its quantity (`muestra.analysis.sequential`) over its samples in
@@ -37,9 +39,11 @@ from muestra.analysis.sequential import Band, StopRule, as_difference, betting_c
 from muestra.errors import InputError
 from muestra.experiments.spec import LoadedSpec, StopSpec, Strict, describe_error, fill
 from muestra.experiments.stop_rules import (
+    PROBE_SCORE,
     check_stop,
     compared,
     field_probs_caveat,
+    tracked_name,
     value_label,
 )
 from muestra.experiments.store import (
@@ -95,6 +99,8 @@ class Rounds:
         self.runner = runner
         self.stop = stop
         self.rule = rule_of(stop, cap)
+        # a sample's tracked value when it is not an answer field (a probe's score)
+        self.value_of = getattr(runner, "stop_value", None)
         self.trackers = self._trackers()
         assert runner.db is not None and runner.run_id is not None
         self.closed = {
@@ -107,21 +113,14 @@ class Rounds:
         spec = runner.spec
         cells = runner.cells()
         kind = compared(stop, spec.spec, spec.conditions)
-        name = (lambda u: u.item.id) if kind == "prompt" else (lambda u: u.condition.label)
-        tracked = f"{stop.field}={stop.value}"
+        tracked = tracked_name(stop.field, stop.value)
         found, paired = [], set()
         if kind is not None:
             first, second = stop.compare or []
             for a in cells:
-                if name(a) != first:
+                if _name(a, kind) != first:
                     continue
-                b = next(
-                    u
-                    for u in cells
-                    if name(u) == second
-                    and u.model is a.model
-                    and (u.condition is a.condition if kind == "prompt" else u.item is a.item)
-                )
+                b = next(u for u in cells if _name(u, kind) == second and _partners(a, u, kind))
                 label = f"{tracked}: {first} − {second}"
                 found.append(Tracker((a, b), self._estimator((a, b)), label))
                 paired |= {id(a), id(b)}
@@ -200,9 +199,11 @@ class Rounds:
             if reason is not None:
                 return
 
-    def _answers(self, cell: Unit) -> dict[int, float | None]:
+    def _answers(self, cell: Unit) -> dict[int, Any]:
         assert self.runner.db is not None
         rows = cell_answers(self.runner.db, cell.model_id, cell.condition_id, cell.prompt_id)
+        if self.value_of is not None:
+            return {row["sample_index"]: self.value_of(cell.item, row) for row in rows}
         target = fill(self.stop.value, cell.item.variables)  # e.g. "{answer}": the key
         return {row["sample_index"]: self._value(row, target) for row in rows}
 
@@ -246,6 +247,27 @@ class Rounds:
                 },
             )
             self.closed.add(_key(cell))
+
+
+def _name(cell: Unit, kind: str) -> str | None:
+    """The name `compare` gives `cell` when it names `kind`s."""
+    if kind == "prompt":
+        return str(cell.item.id)
+    if kind == "condition":
+        return str(cell.condition.label)
+    return cell.item.variant  # type: ignore[no-any-return]
+
+
+def _partners(a: Unit, b: Unit, kind: str) -> bool:
+    """Whether `b` is the cell `a` is compared with: the same model, and everything but
+    the compared name the same (variants: the same group of items)."""
+    if a.model is not b.model:
+        return False
+    if kind == "prompt":
+        return a.condition is b.condition
+    if kind == "condition":
+        return a.item is b.item
+    return a.condition is b.condition and a.item.group == b.item.group
 
 
 def _key(cell: Unit) -> tuple[int, int, int]:
@@ -389,16 +411,22 @@ def stop_note(rule: Mapping[str, Any] | None) -> str | None:
         [f"within ±{rule['precision']}"] * (rule["precision"] is not None)
         + [f"excluding {rule['reference']}"] * (rule["reference"] is not None)
     )
-    cap = rule["max_samples"] or "the spec's `samples`"
+    probe = rule["field"] == PROBE_SCORE
+    cap = rule["max_samples"] or f"the {'probe' if probe else 'spec'}'s `samples`"
+    estimators = (
+        "a probe's score is counted (free text has no exact probability)"
+        if probe
+        else "field_probs: the mean exact probability, used only where the answer is drawn "
+        "at temperature 1 without filters"
+    )
+    caveat = PROBE_REFERENCE_CAVEAT if probe else REFERENCE_CAVEAT.format(field=rule["field"])
     return (
         f"Sequential run: each cell sampled in rounds of {rule['every']} from "
-        f"{rule['min_samples']} until its band of {rule['field']}={rule['value']} was "
-        f"{settles}, taking at most {cap} samples; a cell not listed is still open. The "
+        f"{rule['min_samples']} until its band of {tracked_name(rule['field'], rule['value'])} "
+        f"was {settles}, taking at most {cap} samples; a cell not listed is still open. The "
         "bands are betting confidence sequences (Waudby-Smith & Ramdas 2023), "
         f"{1 - rule['alpha']:.0%} at every look at once, for independent draws of one cell "
-        "in index order; field_probs: the mean exact probability, used only where the "
-        "answer is drawn at temperature 1 without filters."
-        + (REFERENCE_CAVEAT.format(field=rule["field"]) if rule["reference"] is not None else "")
+        f"in index order; {estimators}." + (caveat if rule["reference"] is not None else "")
     )
 
 
@@ -409,6 +437,15 @@ REFERENCE_CAVEAT = (
     "below (independence, goodness of fit) are not valid after such a stop (simulated at "
     "α 5%: about 8% and 7% false positives); the anytime-valid bands above are, and a "
     "difference between two cells is tested validly by [stop] compare."
+)
+
+
+# the same optional stopping, for a probe's group tests (not simulated on their own)
+PROBE_REFERENCE_CAVEAT = (
+    " Cells stopped when their band excluded the reference: the fixed-n group tests below "
+    "are not valid after such a stop (optional stopping; simulated for an experiment's χ² "
+    "test at α 5%: about 8% false positives); the anytime-valid bands above are, and [stop] "
+    "compare tracks a difference of two groups validly."
 )
 
 

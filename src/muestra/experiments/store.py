@@ -709,9 +709,10 @@ def discard_run(db: sqlite3.Connection, run_id: int) -> bool:
 def cell_answers(
     db: sqlite3.Connection, model_id: int, condition_id: int, prompt_id: int
 ) -> list[sqlite3.Row]:
-    """One cell's samples (index, answer, field_probs, error), in index order."""
+    """One cell's samples (index, answer, its text, field_probs, error), in index order."""
     return db.execute(
-        "SELECT sample_index, answer_json, field_probs_json, error FROM samples WHERE "
+        "SELECT sample_index, answer_json, answer_text, field_probs_json, error FROM samples "
+        "WHERE "
         "model_id = ? AND condition_id = ? AND prompt_id = ? ORDER BY sample_index",
         (model_id, condition_id, prompt_id),
     ).fetchall()

@@ -350,13 +350,26 @@ def probe(
     samples: Count | None = None,
     progress: bool = True,
     model_options: Mapping[str, Any] | None = None,
+    stop_on: str | None = None,
+    precision: float | None = None,
+    reference: float | None = None,
+    compare: list[str] | None = None,
+    min_samples: int | None = None,
+    max_samples: int | None = None,
+    every: int | None = None,
 ) -> ProbeView:
     """Sample a free-text probe (a shipped name such as `occupations-es` or a TOML file) on
     `model` (default: the probe's), score it and return its analysis, as `muestra probe`
-    does (without a judge)."""
-    from muestra.evaluation.probes import load_probe, run_probe
+    does (without a judge). `stop_on` (a score: "lexicon:CATEGORY", "category=CATEGORY",
+    "phrase=PHRASE"), `precision`, `reference`, `compare` (two groups), `min_samples`,
+    `max_samples` and `every` complete or override the probe's [stop] table (a sequential
+    probe, as the `muestra probe` flags of the same names)."""
+    from muestra.evaluation.probes import load_probe, run_probe, with_probe_stop
 
-    loaded = load_probe(probe)
+    flags = {"score": stop_on, "precision": precision, "reference": reference,
+             "compare": compare, "min_samples": min_samples, "max_samples": max_samples,
+             "every": every}  # fmt: skip
+    loaded = with_probe_stop(load_probe(probe), flags, f"{probe} with probe(...)'s [stop] keywords")
     out = Path(store) if store is not None else default_store(loaded.spec.name)
     bar = _Bar(loaded.spec.name, progress)
     try:
@@ -377,12 +390,15 @@ def probe(
 def open_probe(store: PathLike, run: Count | None = None, alpha: Alpha | None = None) -> ProbeView:
     """A probe run of a store (default: the latest run)."""
     from muestra.evaluation.probes import read_probe
+    from muestra.experiments.stopping import stop_note, stop_rows
     from muestra.experiments.store import reading, run_by_id
 
     with reading(Path(store)) as db:
         rid = int(run_by_id(db, run)["id"])
         found = read_probe(db, rid, alpha)
+        rule, stops = stop_rows(db, rid)
     if found is None:
         raise InputError(f"{store}: run {rid} is not a probe (`muestra probe` writes them)")
     loaded, analysis = found
-    return ProbeView(Path(store), rid, loaded.spec.name, analysis)
+    notes = [n for n in [stop_note(rule)] if n]
+    return ProbeView(Path(store), rid, loaded.spec.name, analysis, rule, stops, notes)

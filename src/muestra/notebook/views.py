@@ -404,10 +404,19 @@ class ProbeView(_Shown):
     run_id: int
     name: str
     analysis: ProbeAnalysis
+    stop_rule: dict[str, Any] | None = None  # a sequential probe's [stop] rule
+    stop_cells: list[dict[str, Any]] = field(default_factory=list)  # where each cell stopped
+    notes: list[str] = field(default_factory=list)  # what the stop rule's bands assume
 
     @property
     def findings(self) -> list[str]:
         return self.analysis.findings
+
+    @property
+    def stops(self) -> pd.DataFrame:
+        """Where each template × group of a sequential probe stopped: why, after how many
+        samples, its estimate and anytime-valid band there (empty for a fixed-n probe)."""
+        return pd.DataFrame(self.stop_cells)
 
     def to_pandas(self) -> pd.DataFrame:
         return _records(self.analysis.differences)
@@ -435,4 +444,8 @@ class ProbeView(_Shown):
             f"probe {self.name} · run {self.run_id}: {a.valid} valid of {a.samples} samples, "
             f"groups {', '.join(a.groups)} over {len(a.templates)} templates"
         )
-        return title, a.findings, [(say("cap_groups", self.lang), diffs)]
+        tables = [(say("cap_groups", self.lang), diffs)]
+        if self.stop_cells:
+            tables.append((say("cap_stops", self.lang), self.stops))
+        lines = [say("note", self.lang, text=n) for n in self.notes] + a.findings
+        return title, lines, tables

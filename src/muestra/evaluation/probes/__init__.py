@@ -22,6 +22,9 @@ A probe is a TOML file (shipped ones: `muestra probe --list`):
     files = ["occupations-en"]        # shipped lexicons or TOML/JSON/TXT files
     [extraction]
     max_words = 3                     # the first phrase after the template
+    [stop]                            # optional: sample each template × group in rounds
+    score = "lexicon:female"          #   until this score's anytime-valid band is settled
+    precision = 0.05                  #   (and/or reference = 0.5; compare = ["man", "woman"])
     [judge]                           # optional: a model answers a schema per continuation
     model = "..."                     # default: the probed model
     user = "Text: {text}\\n..."         # {prompt}, {continuation}, {text} = both
@@ -41,11 +44,13 @@ and its tables).
 """
 
 from muestra.evaluation.probes.loading import (
+    check_probe_stop,
     load_probe,
     read_lexicon,
     resolve_probe,
     shipped_lexicons,
     shipped_probes,
+    with_probe_stop,
 )
 from muestra.evaluation.probes.reading import (
     probe_of_run,
@@ -72,6 +77,7 @@ from muestra.evaluation.probes.schema import (
     Probe,
     ProbeGroup,
     ProbeSpec,
+    ProbeStop,
     ProbeTemplate,
     WordsSpec,
 )
@@ -85,8 +91,10 @@ __all__ = [
     "Probe",
     "ProbeGroup",
     "ProbeSpec",
+    "ProbeStop",
     "ProbeTemplate",
     "WordsSpec",
+    "check_probe_stop",
     "continuation",
     "copy_judgements",
     "experiment",
@@ -104,4 +112,5 @@ __all__ = [
     "shipped_lexicons",
     "shipped_probes",
     "side_by_side",
+    "with_probe_stop",
 ]

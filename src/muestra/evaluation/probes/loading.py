@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 import json
 import tomllib
+from collections.abc import Mapping
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -12,8 +14,16 @@ from typing import Any
 from pydantic import ValidationError
 
 from muestra.errors import InputError
-from muestra.evaluation.probes.schema import DATA, JudgeSpec, Probe, ProbeSpec
+from muestra.evaluation.probes.schema import (
+    DATA,
+    JudgeSpec,
+    Probe,
+    ProbeSpec,
+    ProbeStop,
+    score_parts,
+)
 from muestra.experiments.spec import (
+    Strict,
     describe_error,
     template_fields,
 )
@@ -78,7 +88,73 @@ def load_probe(ref: str | Path) -> Probe:
             )
     if spec.mode == "chat" and "text" not in template_fields(spec.instruction):
         raise InputError(f"{path}: instruction {spec.instruction!r} must contain {{text}}")
-    return Probe(path, text, spec, lexicon, schema)
+    probe = Probe(path, text, spec, lexicon, schema)
+    if spec.stop is not None:
+        check_probe_stop(probe, spec.stop, str(path))
+    return probe
+
+
+def check_probe_stop(probe: Probe, stop: ProbeStop, where: str) -> None:
+    """Refuse a `[stop]` score the probe does not compute while it samples."""
+    groups = [g.id for g in probe.spec.group_list]
+    unknown = [g for g in stop.compare or [] if g not in groups]
+    if unknown:
+        raise InputError(
+            f"{where}: [stop] compare names {unknown}, not groups of this probe: "
+            f"{', '.join(groups)}"
+        )
+    kind, name = score_parts(stop.score)
+    categories = sorted(probe.lexicon)
+    if kind in ("lexicon", "category") and name not in probe.lexicon:
+        have = ", ".join(categories) or "none: the probe has no [lexicon] files"
+        close = difflib.get_close_matches(name, categories, n=1)
+        hint = (
+            f"; did you mean {kind}{':' if kind == 'lexicon' else '='}{close[0]}?" if close else ""
+        )
+        raise InputError(
+            f"{where}: [stop] score = {stop.score!r}: {name!r} is not a lexicon category of "
+            f"this probe ({have}){hint}"
+        )
+    if kind in ("category", "phrase") and not probe.spec.extraction.enabled:
+        raise InputError(
+            f"{where}: [stop] score = {stop.score!r} reads the extracted phrase, and "
+            "[extraction] enabled = false; track a lexicon:CATEGORY score or enable extraction"
+        )
+
+
+def with_probe_stop(probe: Probe, flags: Mapping[str, Any], where: str) -> Probe:
+    """`probe` with its `[stop]` table completed or overridden by `flags` (the `ProbeStop`
+    fields a command or notebook call gives; None: not given), checked as the file's own
+    table is."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    if not given:
+        return probe
+    unknown = sorted(set(given) - set(ProbeStop.model_fields))
+    assert not unknown, f"not [stop] fields: {unknown}"
+    base = probe.spec.stop.model_dump(exclude_unset=True) if probe.spec.stop else {}
+    data = {**base, **given}
+    if "score" not in data:
+        raise InputError(
+            f"{where}: a sequential probe tracks one score: give it (--stop-on SCORE, "
+            'stop_on="lexicon:CATEGORY", or [stop] score)'
+        )
+    try:
+        stop = _StopTable.model_validate({"stop": data}).stop
+    except ValidationError as err:
+        raise InputError(
+            describe_error(err, probe.path, {"stop": data}, root=_StopTable).replace(
+                f"{probe.path}: ", f"{where}: ", 1
+            )
+        ) from None
+    changed = replace(probe, spec=probe.spec.model_copy(update={"stop": stop}))
+    check_probe_stop(changed, stop, where)
+    return changed
+
+
+class _StopTable(Strict):
+    """The root `describe_error` reads a `[stop]` table's keys from."""
+
+    stop: ProbeStop
 
 
 def _check_slots(spec: ProbeSpec, path: Path) -> None:

@@ -71,8 +71,9 @@ def side_by_side(
 
 def probe_sections(store: Path, run_id: int, alpha: float | None = None) -> list[Any]:
     """A probe run's results as report sections (none when the run is not a probe): the
-    groups compared, the extracted phrases, the words typical of each group, and the
-    continuations side by side."""
+    groups compared, where each cell stopped (a sequential probe), the extracted phrases,
+    the words typical of each group, and the continuations side by side."""
+    from muestra.experiments.stopping import stop_rows, stop_section
     from muestra.experiments.store import reading
 
     with reading(store) as db:
@@ -81,7 +82,9 @@ def probe_sections(store: Path, run_id: int, alpha: float | None = None) -> list
             return []
         probe, analysis = found
         pairs = side_by_side(db, run_id, per_template=3)
+        rule, stops = stop_rows(db, run_id)
     sections = [_groups_section(probe, analysis)]
+    sections += stop_section({"rule": rule, "cells": stops})
     if analysis.phrases:
         sections.append(_phrases_section(analysis))
     if analysis.words:

@@ -6,18 +6,27 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from muestra.analysis.probe_scores import CONTINUATION, EXTRACTION, JUDGE, LEXICON
+from muestra.analysis.probe_scores import (
+    CONTINUATION,
+    EXTRACTION,
+    JUDGE,
+    LEXICON,
+    tracked_score,
+)
 from muestra.analysis.text import Lexicon, extract_phrase
 from muestra.errors import InputError
-from muestra.evaluation.probes.schema import Probe
+from muestra.evaluation.probes.schema import Probe, ProbeStop
 from muestra.experiments.planning import split_budget
 from muestra.experiments.spec import (
     LoadedSpec,
+    StopSpec,
     spec_from_data,
 )
+from muestra.experiments.stop_rules import PROBE_SCORE
 from muestra.experiments.store import (
     mark_judge,
     mark_run,
@@ -79,7 +88,42 @@ def experiment(
             "field_probs": False,
         },
     }
-    return spec_from_data(data, probe.path, check_models=model is None)
+    loaded = spec_from_data(data, probe.path, check_models=model is None)
+    if spec.stop is None:
+        return loaded
+    return replace(loaded, spec=loaded.spec.model_copy(update={"stop": stop_rule(spec.stop)}))
+
+
+def stop_rule(stop: ProbeStop) -> StopSpec:
+    """The experiment's `[stop]` rule of a probe's: its score counted per template × group
+    cell, or a difference of two groups (the items' variants) within each template."""
+    return StopSpec(
+        field=PROBE_SCORE,
+        value=stop.score,
+        estimator="counts",  # a score of free text has no exact probability
+        **stop.model_dump(exclude={"score"}),
+    )
+
+
+def stop_values(probe: Probe) -> Callable[[Any, Any], tuple[float, None] | None]:
+    """The runner's `stop_value` for a sequential probe: a stored sample's value of the
+    tracked score (None: a sample without a continuation), each sample scored once."""
+    assert probe.spec.stop is not None
+    score = probe.spec.stop.score
+    lexicon = Lexicon(probe.lexicon, probe.normaliser) if probe.lexicon else None
+    seen: dict[tuple[str, int], tuple[float, None] | None] = {}
+
+    def value(item: Any, row: Any) -> tuple[float, None] | None:
+        key = (item.id, row["sample_index"])
+        if key not in seen:
+            seen[key] = None
+            if row["error"] is None and row["answer_text"] is not None:
+                text = item.variables["text"]
+                scores = sample_scores(probe, text, row["answer_text"], lexicon)
+                seen[key] = (tracked_score(scores, score), None)
+        return seen[key]
+
+    return value
 
 
 def continuation(probe: Probe, prompt: str, answer: str) -> str:
@@ -125,6 +169,7 @@ def run_probe(
         on_note=on_note,
         # an endpoint probe's judge may be local: the flag is the judge's then
         trust_remote_code=trust_remote_code and (local or not judged),
+        stop_value=stop_values(probe) if probe.spec.stop is not None else None,
     )
     with runner:
         run_id = runner.open()

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from muestra.analysis.text import Normaliser
 from muestra.experiments.spec import (
     ModelSpec,
+    SequentialRule,
     Strict,
     fill,
 )
@@ -117,6 +118,46 @@ class JudgeSpec(Strict):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
+class ProbeStop(SequentialRule):
+    """A sequential probe (`[stop]`): each template × group cell samples in rounds until the
+    anytime-valid band of one model-free score's share is settled (with `compare`: the
+    difference between two groups within each template); `experiments/stopping.py` runs
+    the rounds, as for an experiment's `[stop]`."""
+
+    score: str = Field(
+        min_length=1,
+        description='The score tracked, named as the analysis names it: "lexicon:CATEGORY" '
+        '(the continuation names a word of that lexicon category), "category=CATEGORY" (its '
+        'first phrase is in that category) or "phrase=PHRASE" (its first phrase is that one).',
+    )
+    compare: list[str] | None = Field(
+        None,
+        min_length=2,
+        max_length=2,
+        description="Two group ids: track, within each template, the difference of their "
+        "shares (first minus second), sampled in pairs of the same index and seed.",
+    )
+
+    @model_validator(mode="after")
+    def _a_model_free_score(self) -> ProbeStop:
+        kind, name = score_parts(self.score)
+        if kind is None or not name:
+            raise ValueError(
+                f"score = {self.score!r}: write lexicon:CATEGORY, category=CATEGORY or "
+                "phrase=PHRASE (a judge's answers come after sampling, so they cannot stop it)"
+            )
+        return self
+
+
+def score_parts(score: str) -> tuple[str | None, str]:
+    """("lexicon" | "category" | "phrase", the category or phrase) of a tracked score name
+    (None: not a model-free score)."""
+    for kind, sep in (("lexicon", ":"), ("category", "="), ("phrase", "=")):
+        if score.startswith(kind + sep):
+            return kind, score[len(kind) + 1 :]
+    return None, ""
+
+
 class ProbeSpec(Strict):
     name: str = Field(min_length=1, description="The probe's name, shown with its runs.")
     seed: int = Field(
@@ -149,6 +190,9 @@ class ProbeSpec(Strict):
     words: WordsSpec = Field(default_factory=WordsSpec)
     judge: JudgeSpec | None = None
     alpha: float = Field(0.05, gt=0, lt=1, description="Significance level after adjustment.")
+    stop: ProbeStop | None = Field(
+        None, description="Sample each cell until a score's share is settled (sequential)."
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> ProbeSpec:
