@@ -30,7 +30,9 @@ MinSamplesOption = typer.Option(
     None, "--min-samples", help="Samples a cell takes before its first look (default 10)."
 )
 MaxSamplesOption = typer.Option(
-    None, "--max-samples", help="Samples a cell takes at most (default: the spec's samples)."
+    None,
+    "--max-samples",
+    help="Samples a cell takes at most (default: --samples, else the spec's or probe's samples).",
 )
 EveryOption = typer.Option(
     None, "--every", help="Samples each open cell takes per round, between looks (default 10)."
