@@ -67,6 +67,7 @@ import logging
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,6 +209,15 @@ class _BatchBuffers:
         return batch
 
 
+def _free_llama(lc: Any, handles: dict[str, Any]) -> None:
+    """Free a runtime's llama.cpp context, then its model (each once)."""
+    if handles.get("ctx"):
+        lc.llama_free(handles["ctx"])
+    if handles.get("model"):
+        lc.llama_model_free(handles["model"])
+    handles["ctx"] = handles["model"] = None
+
+
 class LlamaCppRuntime:
     """A GGUF model in llama.cpp as a runtime (see the module docstring)."""
 
@@ -255,6 +265,11 @@ class LlamaCppRuntime:
                 "(llama.cpp's own log says why: set MUESTRA_LLAMA_LOG=1). Check the file, or "
                 "pass --runtime torch."
             )
+        # llama.cpp's model and context are C memory Python does not see: freed when the
+        # runtime is (or by `close`), or a process running many models (a notebook, the
+        # tests) keeps every one it ever loaded
+        self._handles: dict[str, Any] = {"model": self._model, "ctx": None}
+        self._finalizer = weakref.finalize(self, _free_llama, lc, self._handles)
         self._vocab = lc.llama_model_get_vocab(self._model)
         self.vocab_size = int(lc.llama_vocab_n_tokens(self._vocab))
         self.num_layers = int(lc.llama_model_n_layer(self._model))
@@ -277,6 +292,13 @@ class LlamaCppRuntime:
         self.stats = {"decodes": 0, "tokens": 0, "companions": 0, "cells_reused": 0}
         self._buffers = _BatchBuffers(lc, max(self.ubatch, 64))
         self._lock = threading.RLock()
+
+    def close(self) -> None:
+        """Free llama.cpp's context and model now (the runtime is unusable after it);
+        without it they are freed when the runtime is garbage-collected."""
+        self._finalizer()
+        self._ctx = self._memory = self._model = None
+        self.cells = 0
 
     # ---- facts ---------------------------------------------------------------------------
 
@@ -436,7 +458,7 @@ class LlamaCppRuntime:
         lc = self.lc
         if self._ctx is not None:
             lc.llama_free(self._ctx)
-            self._ctx = None
+            self._ctx = self._handles["ctx"] = None
         params = lc.llama_context_default_params()
         params.n_ctx = cells
         params.n_batch = params.n_ubatch = self.ubatch
@@ -459,6 +481,7 @@ class LlamaCppRuntime:
                 "(out of memory?); lower the batch size or max_new_tokens"
             )
         self._ctx, self.cells = ctx, int(lc.llama_n_ctx(ctx))
+        self._handles["ctx"] = ctx
         self._memory = lc.llama_get_memory(ctx)
         self._decoded = 0
 
