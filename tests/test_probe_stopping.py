@@ -233,3 +233,12 @@ def test_the_notebook_probe_takes_the_stop_keywords_and_shows_the_stops(tmp_path
     assert [t for t, _ in tables][-1] == "where each template × group stopped"
     with pytest.raises(InputError, match="did you mean lexicon:common"):
         mn.probe(path, tiny_kit, store=tmp_path / "m.db", stop_on="lexicon:commons", precision=0.2)
+
+
+def test_compare_refuses_a_sequential_probe_before_any_model_loads(tmp_path, cli):
+    path = write_probe(tmp_path, STOP)
+    result = cli("compare", "no-such-model-a", "no-such-model-b", "--probe", str(path),
+                 "--out", str(tmp_path / "c.db"))  # fmt: skip
+    assert result.code != 0
+    assert "a probe with [stop] samples each model until its own score" in result.stderr
+    assert not (tmp_path / "c.db").exists()

@@ -267,10 +267,20 @@ def compare_probe(
     model's own group differences, and the difference between the models' gaps within
     each template (`analysis.probes.compare_models`)."""
     from muestra.analysis.probes import compare_models
+    from muestra.errors import InputError
     from muestra.evaluation.probes import read_probe, run_probe
     from muestra.experiments.results import samples_frame
     from muestra.experiments.store import reading
 
+    if probe.spec.stop is not None:
+        # each model would stop on its own data: the comparison of their gaps assumes the
+        # same templates sampled the same number of times, and is not checked otherwise
+        raise InputError(
+            f"{probe.path}: a probe with [stop] samples each model until its own score is "
+            "settled, and `compare --probe` compares the models' gaps at a fixed number of "
+            "samples; remove [stop] (or copy the probe without it), or run `muestra probe "
+            "--model` once per model"
+        )
     labels = comparison_labels(model_a, model_b, options)
     texts = [text for _, _, text in probe.prompts()]
     timings, runs = [], []
