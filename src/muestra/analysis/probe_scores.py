@@ -169,18 +169,27 @@ class JudgeScores:
         return found
 
 
+def score_parts(score: str) -> tuple[str | None, str]:
+    """("lexicon" | "category" | "phrase", the category or phrase) of a model-free
+    feature's name as the analysis names it ("lexicon:care", "category=care",
+    "phrase=nurse"); (None, "") for any other name."""
+    for kind, sep in (("lexicon", ":"), ("category", "="), ("phrase", "=")):
+        if score.startswith(kind + sep):
+            return kind, score[len(kind) + 1 :]
+    return None, ""
+
+
 def tracked_score(scores: dict[str, Any], score: str) -> float:
-    """One sample's value of a model-free feature named as the analysis names it
-    ("lexicon:care", "category=care", "phrase=nurse"), from its scores: what a sequential
-    probe's `[stop]` tracks, equal to that feature's value in `features`."""
-    if score.startswith("lexicon:"):
-        return float(scores[LEXICON.key].get(score.removeprefix("lexicon:"), 0) > 0)
-    extracted = scores[EXTRACTION.key]
-    if score.startswith("category="):
-        return float(extracted[EXTRACTION.category] == score.removeprefix("category="))
-    if score.startswith("phrase="):
-        return float(extracted[EXTRACTION.phrase] == score.removeprefix("phrase="))
-    raise ValueError(f"{score!r} is not a model-free score")
+    """One sample's value of a model-free feature (named as `score_parts` reads it), from
+    its scores: what a sequential probe's `[stop]` tracks, equal to that feature's value
+    in `features`."""
+    kind, name = score_parts(score)
+    if kind == "lexicon":
+        return float(scores[LEXICON.key].get(name, 0) > 0)
+    if kind is None:
+        raise ValueError(f"{score!r} is not a model-free score")
+    field = EXTRACTION.category if kind == "category" else EXTRACTION.phrase
+    return float(scores[EXTRACTION.key][field] == name)
 
 
 LEXICON = LexiconScores()

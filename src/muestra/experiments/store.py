@@ -712,8 +712,7 @@ def cell_answers(
     """One cell's samples (index, answer, its text, field_probs, error), in index order."""
     return db.execute(
         "SELECT sample_index, answer_json, answer_text, field_probs_json, error FROM samples "
-        "WHERE "
-        "model_id = ? AND condition_id = ? AND prompt_id = ? ORDER BY sample_index",
+        "WHERE model_id = ? AND condition_id = ? AND prompt_id = ? ORDER BY sample_index",
         (model_id, condition_id, prompt_id),
     ).fetchall()
 

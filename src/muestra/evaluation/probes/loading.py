@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from muestra.analysis.probe_scores import score_parts
 from muestra.errors import InputError
 from muestra.evaluation.probes.schema import (
     DATA,
@@ -20,7 +21,6 @@ from muestra.evaluation.probes.schema import (
     Probe,
     ProbeSpec,
     ProbeStop,
-    score_parts,
 )
 from muestra.experiments.spec import (
     Strict,

@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from muestra.analysis.probe_scores import score_parts
 from muestra.analysis.text import Normaliser
 from muestra.experiments.spec import (
     ModelSpec,
@@ -147,15 +148,6 @@ class ProbeStop(SequentialRule):
                 "phrase=PHRASE (a judge's answers come after sampling, so they cannot stop it)"
             )
         return self
-
-
-def score_parts(score: str) -> tuple[str | None, str]:
-    """("lexicon" | "category" | "phrase", the category or phrase) of a tracked score name
-    (None: not a model-free score)."""
-    for kind, sep in (("lexicon", ":"), ("category", "="), ("phrase", "=")):
-        if score.startswith(kind + sep):
-            return kind, score[len(kind) + 1 :]
-    return None, ""
 
 
 class ProbeSpec(Strict):
