@@ -242,3 +242,18 @@ def test_compare_refuses_a_sequential_probe_before_any_model_loads(tmp_path, cli
     assert result.code != 0
     assert "a probe with [stop] samples each model until its own score" in result.stderr
     assert not (tmp_path / "c.db").exists()
+
+
+def test_samples_and_max_samples_together_are_refused_for_a_probe_too(tmp_path, cli):
+    """--samples and [stop] max_samples both cap a cell: a probe refuses the two at once
+    (as `run` does), rather than let max_samples silently win."""
+    path = write_probe(tmp_path, STOP + "\nmax_samples = 24")
+    result = cli("probe", str(path), "--model", str(tmp_path), "--out", str(tmp_path / "x.db"),
+                 "--samples", "40")  # fmt: skip
+    assert result.code != 0
+    assert "--samples 40 and [stop] max_samples = 24 both" in result.stderr
+    assert not (tmp_path / "x.db").exists()
+    flagged = cli("probe", str(write_probe(tmp_path)), "--model", str(tmp_path), "--out",
+                  str(tmp_path / "y.db"), "--samples", "40", "--stop-on", "lexicon:jobs",
+                  "--precision", "0.1", "--max-samples", "24")  # fmt: skip
+    assert "--samples 40 and [stop] max_samples = 24 both" in flagged.stderr

@@ -33,6 +33,19 @@ class RunSettings:
     budget: Budget | None = None  # the memory budget given (None: the default share)
 
 
+def samples_per_cell(samples: int | None, spec_samples: int, stop: Any) -> int:
+    """The most samples a cell takes: `--samples`, else the spec's, else a sequential run's
+    `[stop] max_samples` (a `SequentialRule`), which `--samples` may not contradict."""
+    if stop is None or stop.max_samples is None:
+        return samples if samples is not None else spec_samples
+    if samples is not None and samples != stop.max_samples:
+        raise InputError(
+            f"--samples {samples} and [stop] max_samples = {stop.max_samples} both "
+            "set how many samples a cell takes at most: give one of them"
+        )
+    return int(stop.max_samples)
+
+
 def run_settings(
     spec: LoadedSpec,
     *,
@@ -43,15 +56,7 @@ def run_settings(
     model_options: Mapping[str, Any] | None = None,
 ) -> RunSettings:
     """The run's settings: the spec's, with the command's overrides, all checked."""
-    count = samples if samples is not None else spec.spec.samples
-    stop = spec.spec.stop
-    if stop is not None and stop.max_samples is not None:  # a sequential run's cap
-        if samples is not None and samples != stop.max_samples:
-            raise InputError(
-                f"--samples {samples} and [stop] max_samples = {stop.max_samples} both "
-                "set how many samples a cell takes at most: give one of them"
-            )
-        count = stop.max_samples
+    count = samples_per_cell(samples, spec.spec.samples, spec.spec.stop)
     if count < 1:
         raise InputError(f"--samples must be at least 1 (got {count})")
     where = f"{spec.path}: samples = {count:,}" if samples is None else "--samples"

@@ -21,6 +21,7 @@ from muestra.analysis.text import Lexicon, extract_phrase
 from muestra.errors import InputError
 from muestra.evaluation.probes.schema import Probe, ProbeStop
 from muestra.experiments.planning import split_budget
+from muestra.experiments.run_settings import samples_per_cell
 from muestra.experiments.spec import (
     LoadedSpec,
     StopSpec,
@@ -57,6 +58,7 @@ def experiment(
         model_data = spec.model.model_dump(exclude_none=True)
     else:
         raise InputError(f"{probe.path}: give the model to probe with --model (or [model])")
+    samples_per_cell(samples, spec.samples, spec.stop)  # --samples against [stop]'s cap
     if dtype is not None:
         model_data["dtype"] = dtype
     model_data.update(model_options or {})
