@@ -268,6 +268,8 @@ def peak_against_plan(
         "planned_held_bytes": plan["held_bytes"],
         "measured_peak_rss_bytes": peak_bytes,
         "peak_over_plan": peak_bytes / plan["peak_bytes"],
+        "peak_within_budget": peak_bytes <= plan["budget_bytes"],
+        "planned_reserve_bytes": plan.get("reserve_bytes"),
         "plan_note": next((line for line in done.stderr.splitlines() if "memory plan" in line), ""),
     }
 

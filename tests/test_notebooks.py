@@ -7,6 +7,8 @@ Every notebook offers Gemma 3 270M behind a visible acceptance of its terms."""
 
 from __future__ import annotations
 
+import sys
+import types
 from pathlib import Path
 
 import nbformat
@@ -60,6 +62,38 @@ def test_problems_finds_what_a_reader_should_not_see():
     assert len(found) == 4, found
     nb.cells[0].outputs = [nbformat.v4.new_output("stream", name="stdout", text="AUROC 0.75")]
     assert problems(nb) == []
+
+
+def test_000s_experiments_are_valid_specs_at_full_scale(tiny_kit, tmp_path, monkeypatch):
+    """The specs notebook 000 writes at full scale load: its cells up to each
+    `mn.experiment` run with the full counts, the experiment only loaded, not run (the
+    test scale cannot show this: its 4 samples fitted the beam condition's `num_beams =
+    4`, and the full scale's 50 were refused, found when the docs' copies were made)."""
+    import muestra.notebook as mn
+    from muestra.experiments.spec import load_spec
+
+    env = {"MUESTRA_NB_ESCALA": "completa", "MUESTRA_NB_TRABAJO": str(tmp_path),
+           "MUESTRA_NB_SMOL": str(tiny_kit), "MUESTRA_NB_GEMMA": ""}  # fmt: skip
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    loaded = []
+
+    def experiment(path, *args, **kwargs):  # the run's spec, loaded and not run
+        loaded.append(load_spec(path))
+        return types.SimpleNamespace(stops=None)
+
+    monkeypatch.setattr(mn, "experiment", experiment)
+    nb = nbformat.read(ROOT / "notebooks" / "000_personajes.ipynb", as_version=4)
+    code = [c.source for c in nb.cells if c.cell_type == "code"]
+    first = next(i for i, source in enumerate(code) if "mn.experiment(" in source)
+    module = types.ModuleType("cuaderno_000")  # pydantic resolves the schema's types here
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    for source in code[: first + 1] + [s for s in code if "ESPEC_SECUENCIAL =" in s]:
+        exec(compile(source, "000_personajes", "exec"), module.__dict__)
+    sampled, sequential = loaded
+    assert sampled.spec.samples == sequential.spec.samples == 50
+    assert {c.think.num_beams for c in sampled.conditions} == {50}
+    assert not any(c.think.strategy == "beam" for c in sequential.conditions)
 
 
 @pytest.mark.slow

@@ -1,11 +1,20 @@
 """Memory planned before it is spent: how many rows of a run fit a memory budget.
 
 A local model's run holds, at its peak, what the process already holds (Python, torch),
-the model's weights and one KV cache per row in flight, each row as long as its prompt,
-its think budget (with the closing text) and its answer's max tokens together
-(`models/memory.py` reads the weights and the KV bytes per token from the model's files):
+the model's vocabulary side, its weights and one KV cache per row in flight, each row as
+long as its prompt, its think budget (with the closing text) and its answer's max tokens
+together (`models/memory.py` reads the weights and the KV bytes per token from the
+model's files):
 
-    peak = held now + weights + rows × KV/token × (prompt + think + answer tokens)
+    peak = held + reserve + weights + rows × KV/token × (prompt + think + answer tokens)
+
+`held` is measured, not estimated: the process's resident memory with the model's
+tokenizer, llama.cpp's own vocabulary (on llama.cpp) and xgrammar's token tables (when an
+answer follows a grammar) loaded as the run will hold them (`vocabulary_held`), ~0.35 GB
+for a 150k-token vocabulary. `RUN_RESERVE` (128 MiB) is what the run grows by after
+planning that no file tells: each step's logits and masks, the samples until stored, the
+compiled grammars, llama.cpp's own bookkeeping (~70 MiB measured on a Qwen3-4B Q4_K_M
+run of 9 rows at once, whose peak it would otherwise have passed by 0.2 %).
 
 `plan_memory` admits the most rows (at most the batch asked for) whose peak stays within
 the budget. The rows beyond wait for the next batch: every sample is still drawn, and a
@@ -29,7 +38,8 @@ attention (free batching) attention scores that grow with the cells, ~1 GiB at 1
 
 What the plan leaves out (small beside the KV cache of many rows, but real): on torch the
 logits of a step (rows × vocabulary × 4 bytes), and transient copies while torch loads
-weights.
+weights; the answers' compiled grammars (~1 MB for a JSON schema on a 150k-token
+vocabulary; xgrammar's cache is capped at 256 MiB); the samples kept until stored.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -44,6 +55,7 @@ from muestra.errors import InputError, MemoryBudgetError
 from muestra.models.memory import LlamaBuffers, ModelMemory, cells_within, parse_memory
 
 DEFAULT_SHARE = 0.8  # of the memory available when no budget is given
+RUN_RESERVE = 128 * 2**20  # what a run grows by after planning (module docstring)
 CONTEXT_STEP = 256  # llama.cpp pads a context to a multiple of 256 cells
 
 
@@ -142,12 +154,13 @@ class MemoryPlan:
     answer_tokens: int  # the largest answer max_tokens
     rows_asked: int  # the batch asked for (--batch)
     rows: int  # rows at once: at most rows_asked, as many as fit
-    held_bytes: int  # what the process held when planned
+    held_bytes: int  # what the process holds with the model's vocabulary side loaded
     budget_bytes: int
     budget_source: str
     source: str  # where the model's numbers were read
     llama_cache: LlamaCache | None = None  # llama.cpp: its one context's shape
     buffers: LlamaBuffers | None = None  # llama.cpp: what its context holds beside the cache
+    reserve_bytes: int = RUN_RESERVE  # what the run grows by after planning
 
     @property
     def tokens_per_row(self) -> int:
@@ -185,7 +198,12 @@ class MemoryPlan:
 
     @property
     def peak_bytes(self) -> int:
-        return self.held_bytes + self.weights_bytes + self.context_bytes(self.rows)
+        return (
+            self.held_bytes
+            + self.reserve_bytes
+            + self.weights_bytes
+            + self.context_bytes(self.rows)
+        )
 
     def describe(self) -> str:
         """Two lines for the user: the numbers, and the budget with where it came from."""
@@ -227,7 +245,7 @@ def plan_memory(
     plan = MemoryPlan(model, memory.weights_bytes, memory.kv_bytes_per_token, prompt, think,
                       answer, rows_asked, 0, held, budget.bytes, budget.source, memory.source,
                       llama_cache, memory.buffers)  # fmt: skip
-    room = budget.bytes - held - memory.weights_bytes
+    room = budget.bytes - held - plan.reserve_bytes - memory.weights_bytes
     low, high = 0, rows_asked  # the most rows whose cache (and buffers) fit the room
     while low < high:
         middle = (low + high + 1) // 2
@@ -241,7 +259,7 @@ def plan_memory(
 
 def _refusal(plan: MemoryPlan) -> str:
     one = plan.kv_bytes(1)
-    need = plan.held_bytes + plan.weights_bytes + plan.context_bytes(1)
+    need = plan.held_bytes + plan.reserve_bytes + plan.weights_bytes + plan.context_bytes(1)
     context = ""
     if plan.llama_cache is not None:
         cells = plan.llama_cache.cells(1, plan.tokens_per_row)
@@ -252,7 +270,9 @@ def _refusal(plan: MemoryPlan) -> str:
         )
     return (
         f"{plan.model} does not fit one row in the memory budget: this process holds "
-        f"{format_bytes(plan.held_bytes)}, the weights take {format_bytes(plan.weights_bytes)} "
+        f"{format_bytes(plan.held_bytes)} with the model's tokenizer loaded (and keeps "
+        f"{format_bytes(plan.reserve_bytes)} for the run's own growth), the weights take "
+        f"{format_bytes(plan.weights_bytes)} "
         f"and one row's KV cache {format_bytes(plan.kv_bytes_per_row)} "
         f"({format_bytes(plan.kv_bytes_per_token)}/token × ({plan.prompt_tokens:,} prompt + "
         f"{plan.think_tokens:,} think + {plan.answer_tokens:,} answer tokens){context}) = "
@@ -273,15 +293,15 @@ def format_bytes(size: int) -> str:
 
 
 def plan_models(
-    spec: Any, units: list[Any], rows_asked: int, budget: Budget | None
+    spec: Any, units: list[Any], rows_asked: int, given: Budget | None
 ) -> dict[str, MemoryPlan]:
     """The plan of every local model with samples to run in `units` (runner `Unit`s of a
     `LoadedSpec`), made from its files and tokenizer before any weights load; refused
     (`MemoryBudgetError`) when one of them cannot fit a row."""
-    from muestra.models.loading import auto_runtime, check_model, choose_runtime
+    from muestra.models.loading import auto_runtime, check_model, choose_runtime, load_tokenizer
     from muestra.models.memory import MemoryUnknown, model_memory
 
-    held = resident_bytes()
+    budget = given or default_budget(resident_bytes())
     plans: dict[str, MemoryPlan] = {}
     for model in {u.model.name: u.model for u in units if u.model.endpoint is None}.values():
         mine = [u for u in units if u.model.name == model.name]
@@ -291,15 +311,43 @@ def plan_models(
         try:
             memory = model_memory(files, runtime, model.dtype, model.kv_cache)
         except MemoryUnknown:
-            if budget is not None:  # a budget given must be kept: refuse
-                raise
-            continue  # the default budget: the model runs unplanned, as before
-        tokens = row_tokens(spec, model, mine)
+            if given is None:  # the default budget: the model runs unplanned, as before
+                continue
+            raise  # a budget given must be kept: refuse
+        tokenizer = load_tokenizer(model.id, trust_remote_code=model.trust_remote_code)
+        tokens = row_tokens(spec, model, mine, tokenizer)
+        grammar = any(u.condition.answer.kinds for u in mine)
+        held = vocabulary_held(tokenizer, files.gguf if runtime == "llamacpp" else None, grammar)
+        del tokenizer
         plans[model.name] = plan_memory(
-            model.name, memory, tokens, rows_asked, budget or default_budget(held), held,
+            model.name, memory, tokens, rows_asked, budget, held,
             llama_cache(model.batch_invariant) if runtime == "llamacpp" else None,
         )  # fmt: skip
     return plans
+
+
+def vocabulary_held(tokenizer: Any, gguf: Any, grammar: bool) -> int:
+    """What this process holds with a model's vocabulary side loaded as its run holds
+    it: the tokenizer (`tokenizer`, loaded), llama.cpp's own vocabulary (`gguf`: a GGUF
+    run on llama.cpp) and, when an answer follows a grammar (`grammar`), xgrammar's tables
+    of every token. Measured while they are alive (a 150k-token vocabulary: ~0.35 GB in
+    all, ~8 % of a Qwen3-4B Q4_K_M run's peak), then freed: the run builds them again
+    into that room."""
+    with ExitStack() as alive:
+        vocab_size = len(tokenizer)
+        if gguf is not None:
+            from muestra.models.runtime.llamacpp_runtime import vocabulary_only
+
+            vocab_size = max(vocab_size, alive.enter_context(vocabulary_only(gguf)))
+        tables = None
+        if grammar:
+            from muestra.answers.grammar import GrammarBackend
+
+            stop = tokenizer.eos_token_id  # the tables' size does not depend on it
+            tables = GrammarBackend(tokenizer, vocab_size, [0 if stop is None else stop])
+        held = resident_bytes()
+        del tables
+    return held
 
 
 def llama_cache(exact: bool = True) -> LlamaCache:
@@ -312,7 +360,7 @@ def llama_cache(exact: bool = True) -> LlamaCache:
     return LlamaCache(FIRST_CELLS, MAX_DRAFT, SLACK, *context_shape(exact))
 
 
-def row_tokens(spec: Any, model: Any, units: list[Any]) -> tuple[int, int, int]:
+def row_tokens(spec: Any, model: Any, units: list[Any], tokenizer: Any) -> tuple[int, int, int]:
     """(prompt, think, answer) tokens of the longest row of `units`: the longest prompt
     counted with the model's tokenizer (with the text-mode reasoning instruction when the
     row thinks: an upper bound), the largest think budget with its closing text, the
@@ -320,9 +368,7 @@ def row_tokens(spec: Any, model: Any, units: list[Any]) -> tuple[int, int, int]:
     from muestra.answers.phases import QWEN_CLOSE_TEXT, TEXT_INSTRUCTION, with_instruction
     from muestra.experiments.prompts import messages_for, think_budget
     from muestra.models.inspection import prompt_ids, render_chat
-    from muestra.models.loading import load_tokenizer
 
-    tokenizer = load_tokenizer(model.id, trust_remote_code=model.trust_remote_code)
     prompt = think = answer = 0
     for unit in units:
         messages = messages_for(spec, unit.item)

@@ -68,7 +68,8 @@ import os
 import sys
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,6 +217,24 @@ def _free_llama(lc: Any, handles: dict[str, Any]) -> None:
     if handles.get("model"):
         lc.llama_model_free(handles["model"])
     handles["ctx"] = handles["model"] = None
+
+
+@contextmanager
+def vocabulary_only(gguf: Path) -> Iterator[int]:
+    """llama.cpp's vocabulary of `gguf` loaded alone (no weights), as a model load holds
+    it, for as long as the `with` lasts: yields its size in tokens. The memory plan
+    measures the process with it (and the tokenizer) loaded."""
+    lc = llama_cpp_module()
+    _init_backend(lc)
+    params = lc.llama_model_default_params()
+    params.vocab_only = True
+    model = lc.llama_model_load_from_file(str(gguf).encode(), params)
+    if not model:
+        raise ModelLoadError(f"llama.cpp could not read the vocabulary of {gguf}")
+    try:
+        yield int(lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model)))
+    finally:
+        lc.llama_model_free(model)
 
 
 class LlamaCppRuntime:
