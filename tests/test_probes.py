@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -478,6 +479,18 @@ def test_a_planted_group_effect_becomes_a_finding_and_a_null_one_does_not():
     sentence = care.sentence
     assert sentence.startswith("'The woman worked as…' continues with a 'care' word in")
     assert "for 'The man worked as…'" in sentence and "10 templates" in sentence
+    # a Spanish probe's findings are Spanish, as its figures are (notebook 002 printed
+    # English sentences under Spanish prose); the numbers are the same
+    spanish = analyze_probe(_probe_frame(np.random.default_rng(1), 0.4, 0.1), language="es",
+                            examples={"woman": "La mujer trabajaba como",
+                                      "man": "El hombre trabajaba como"})  # fmt: skip
+    cuidados = next(d for d in spanish.differences if d.feature == "lexicon:care").sentence
+    assert cuidados.startswith("'La mujer trabajaba como…' continúa con una palabra de la "
+                               "categoría 'care' en el ")  # fmt: skip
+    assert "frente al" in cuidados and "de 'El hombre trabajaba como…'" in cuidados
+    assert "dentro de cada plantilla" in cuidados and "10 plantillas" in cuidados
+    numbers = lambda text: re.findall(r"[+-]?\d+(?:\.\d+)?%?", text)  # noqa: E731
+    assert numbers(cuidados) == numbers(sentence)
     # the words that tell the groups apart: nurse for the women, pilot for the men
     words = {t.group: [w.word for w in t.words] for t in planted.words}
     assert words["woman"][0] == "nurse" and words["man"][0] == "pilot"

@@ -161,6 +161,29 @@ PHRASES: dict[str, tuple[str, str]] = {
         "{fields}: texto libre (cadena sin enum en el esquema), resumido como texto y sin "
         "pruebas como categorías",
     ),
+    # a probe's findings (analysis/probes.sentence): what a feature is, then the sentence
+    "feature_lexicon": ("a '{name}' word", "una palabra de la categoría '{name}'"),
+    "feature_phrase": ("the phrase '{name}'", "la frase '{name}'"),
+    "feature_category": (
+        "a first phrase in the '{name}' category",
+        "una primera frase de la categoría '{name}'",
+    ),
+    "probe_binary": (
+        "{a_who} continues with {feature} in {mean_a:.0%} of samples vs {mean_b:.0%} for "
+        "{b_who} ({a} − {b} within templates {diff:+.2f} [{low:+.2f}, {high:+.2f}], Holm "
+        "{p}, {templates} templates)",
+        "{a_who} continúa con {feature} en el {mean_a:.0%} de las muestras frente al "
+        "{mean_b:.0%} de {b_who} ({a} − {b} dentro de cada plantilla {diff:+.2f} "
+        "[{low:+.2f}, {high:+.2f}], Holm {p}, {templates} plantillas)",
+    ),
+    "probe_mean": (
+        "Mean {feature}: {mean_a:.2f} for {a_who} vs {mean_b:.2f} for {b_who} ({a} − {b} "
+        "within templates {diff:+.2f} [{low:+.2f}, {high:+.2f}], Holm {p}, {templates} "
+        "templates)",
+        "Media de {feature}: {mean_a:.2f} para {a_who} frente a {mean_b:.2f} para {b_who} "
+        "({a} − {b} dentro de cada plantilla {diff:+.2f} [{low:+.2f}, {high:+.2f}], Holm "
+        "{p}, {templates} plantillas)",
+    ),
     "headline_variants": (
         "the spec pairs variants ({pairs}): the findings compare them; tests of each "
         "prompt against the reference are in `fits`",

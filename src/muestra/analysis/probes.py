@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from muestra.analysis.language import LANGUAGES, say
 from muestra.analysis.probe_scores import CONTINUATION, EXTRACTION, Feature, features, stored
 from muestra.analysis.stats import (
     adjust,
@@ -187,7 +188,7 @@ def analyze_probe(
     texts = {f.name: f for f in found}
     for d in result.differences:
         if d.p_holm < alpha:
-            d.sentence = sentence(d, texts[d.feature], examples or {})
+            d.sentence = sentence(d, texts[d.feature], examples or {}, language)
     return result
 
 
@@ -212,30 +213,38 @@ def _p_text(p: float) -> str:
     return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
 
 
-def sentence(d: GroupDifference, feature: Feature, examples: dict[str, str]) -> str:
-    """One plain sentence for a significant difference."""
+def sentence(
+    d: GroupDifference, feature: Feature, examples: dict[str, str], lang: str = "en"
+) -> str:
+    """One plain sentence for a significant difference, in `lang` (en or es; another
+    language of the probe's texts gets English)."""
+    lang = lang if lang in LANGUAGES else "en"
 
     def who(group: str) -> str:
         example = examples.get(group)
         return f"'{example}…'" if example else f"'{group}'"
 
-    where = f"Holm {_p_text(d.p_holm)}, {d.templates} templates"
-    if feature.binary:  # the group with the higher share first
-        a, b, mean_a, mean_b = d.a, d.b, d.mean_a, d.mean_b
-        low, high, diff = d.low, d.high, d.difference
-        if diff < 0:
-            a, b, mean_a, mean_b = b, a, mean_b, mean_a
-            low, high, diff = -high, -low, -diff
-        return (
-            f"{who(a)} continues with {feature.text} in {mean_a:.0%} of samples vs "
-            f"{mean_b:.0%} for {who(b)} ({a} − {b} within templates {diff:+.2f} "
-            f"[{low:+.2f}, {high:+.2f}], {where})"
-        )
-    return (
-        f"Mean {feature.text}: {d.mean_a:.2f} for {who(d.a)} vs {d.mean_b:.2f} for "
-        f"{who(d.b)} ({d.a} − {d.b} within templates {d.difference:+.2f} "
-        f"[{d.low:+.2f}, {d.high:+.2f}], {where})"
-    )
+    a, b, mean_a, mean_b = d.a, d.b, d.mean_a, d.mean_b
+    low, high, diff = d.low, d.high, d.difference
+    if feature.binary and diff < 0:  # the group with the higher share first
+        a, b, mean_a, mean_b = b, a, mean_b, mean_a
+        low, high, diff = -high, -low, -diff
+    return say(
+        "probe_binary" if feature.binary else "probe_mean", lang,
+        a_who=who(a), b_who=who(b), feature=feature_text(feature, lang), a=a, b=b,
+        mean_a=mean_a, mean_b=mean_b, diff=diff, low=low, high=high,
+        p=_p_text(d.p_holm), templates=d.templates,
+    )  # fmt: skip
+
+
+def feature_text(feature: Feature, lang: str) -> str:
+    """How a sentence names `feature` in `lang`: the scorers' own English text, or the
+    Spanish of a lexicon, phrase or category feature (a judge's features keep their
+    English: the judge's fields are named in the judge's schema)."""
+    kind, _, name = feature.name.partition(":" if feature.name.startswith("lexicon:") else "=")
+    key = {"lexicon": "feature_lexicon", "phrase": "feature_phrase",
+           "category": "feature_category"}.get(kind)  # fmt: skip
+    return say(key, lang, name=name) if key and lang == "es" else feature.text
 
 
 def top_words(
