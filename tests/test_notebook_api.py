@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pytest
+from matplotlib.colors import to_hex
 
 import muestra.notebook as mn
 from muestra.analysis.accuracy import accuracy, discrimination
@@ -216,6 +217,16 @@ def test_group_differences_and_calibration_plots_draw_their_numbers():
     ]
     fig = plots.group_differences(rows)
     assert _points(fig) == pytest.approx([0.3, -0.1])
+    assert not fig.legends  # no finding: nothing is red, and no legend says why
+    # red marks the probe's findings (the rule of its sentences), not the intervals: a
+    # finding whose interval touches 0 is red, an interval without a finding is not
+    rows[0].low, rows[1].low, rows[1].high = -0.01, 0.05, 0.2
+    rows[0].sentence = "a finding"
+    fig = plots.group_differences(rows, lang="es")
+    colors = [to_hex(c.lines[0].get_color()) for c in fig.axes[0].containers]
+    assert colors == [to_hex(plots.PALETTE[2]), to_hex(plots.PALETTE[0])]
+    (legend,) = fig.legends
+    assert legend.get_texts()[0].get_text().startswith("en rojo: un hallazgo")
     found = discrimination([0.9, 0.8, 0.7, 0.3, 0.2, 0.35], [True, True, True, False, False, True])
     fig = plots.calibration(found)
     assert "AUROC" in fig.axes[0].get_title()

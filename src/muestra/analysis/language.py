@@ -33,6 +33,15 @@ PHRASES: dict[str, tuple[str, str]] = {
     "drawn_share": ("share of samples", "proporción de muestras"),
     "difference_shares": ("difference of shares", "diferencia de proporciones"),
     "difference_groups": ("difference between groups", "diferencia entre grupos"),
+    "red_excludes_zero": (
+        "red: the 95% interval excludes 0",
+        "en rojo: el intervalo del 95 % excluye el 0",
+    ),
+    "red_finding": (
+        "red: a finding (Holm-adjusted permutation p < α); bars: bootstrap 95% over templates",
+        "en rojo: un hallazgo (p de permutación ajustada por Holm < α); barras: bootstrap "
+        "del 95 % sobre plantillas",
+    ),
     "accuracy": ("accuracy", "precisión"),
     "paths_voted": ("paths voted (k)", "caminos que votan (k)"),
     "mean_reward": ("mean reward", "recompensa media"),

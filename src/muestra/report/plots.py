@@ -200,15 +200,22 @@ def _forest(
     highs: Sequence[float],
     xlabel: str,
     title: str | None,
+    red: Sequence[bool],
+    meaning: str,
 ) -> Any:
+    """One point and interval per label; `red` marks some, and `meaning` (the legend)
+    says why."""
     fig, ax = _figure(7.5, 0.35 * len(labels) + 1.3)
     y = np.arange(len(labels))[::-1]
-    for yi, v, lo, hi in zip(y, values, lows, highs, strict=True):
-        color = PALETTE[2] if lo > 0 or hi < 0 else PALETTE[0]
+    for yi, v, lo, hi, marked in zip(y, values, lows, highs, red, strict=True):
+        color = PALETTE[2] if marked else PALETTE[0]
         ax.errorbar([v], [yi], xerr=_whiskers([v], [lo], [hi]), fmt="o", color=color, capsize=3)
     ax.axvline(0, color="#999", linewidth=1)
     ax.set_yticks(y, list(labels))
     ax.set_xlabel(xlabel)
+    if any(red):
+        ax.plot([], [], "o", color=PALETTE[2], label=meaning)
+        fig.legend(loc="outside lower center", fontsize="small", frameon=False)
     if title:
         ax.set_title(title)
     return fig
@@ -217,7 +224,7 @@ def _forest(
 def forest(records: Sequence[Comparison], title: str | None = None, lang: str = "en") -> Any:
     """Paired differences of a value's share between two conditions, models or variants
     (averaged over prompts or groups), with their cluster-bootstrap intervals; red when
-    the interval excludes 0."""
+    the interval excludes 0 (the legend says so)."""
     if not records:
         raise ValueError("no paired comparisons: the run compares no conditions or models")
     return _forest(
@@ -227,6 +234,8 @@ def forest(records: Sequence[Comparison], title: str | None = None, lang: str = 
         [c.high for c in records],
         say("difference_shares", lang),
         title,
+        [c.low > 0 or c.high < 0 for c in records],
+        say("red_excludes_zero", lang),
     )
 
 
@@ -234,7 +243,10 @@ def group_differences(
     records: Sequence[GroupDifference], title: str | None = None, lang: str = "en"
 ) -> Any:
     """A probe's group differences per feature (paired over its templates), with their
-    bootstrap intervals; red when the interval excludes 0."""
+    bootstrap intervals; red for the probe's findings (significant after Holm, as its
+    sentences; the legend says so). The interval is a bootstrap over templates and the
+    test a permutation within them, so a finding's interval may touch 0, and an interval
+    that excludes 0 need not be a finding."""
     if not records:
         raise ValueError("no group differences to plot")
     return _forest(
@@ -244,6 +256,8 @@ def group_differences(
         [d.high for d in records],
         say("difference_groups", lang),
         title,
+        [d.sentence is not None for d in records],
+        say("red_finding", lang),
     )
 
 
