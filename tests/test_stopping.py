@@ -9,6 +9,7 @@ import sqlite3
 from contextlib import closing
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from muestra.errors import InputError
@@ -243,10 +244,22 @@ def test_run_flags_and_every_view_show_the_stops(tmp_path, tiny_kit, cli):
     assert set(curve["estimator"]) == {"counts", "field_probs"}
     fig = view.plot_sequence(prompt="b", lang="es")
     ax = fig.axes[0]
-    assert ax.get_xlabel() == "muestras" and "proporción de si" in ax.get_ylabel()
+    assert ax.get_xlabel() == "muestras con respuesta" and "proporción de si" in ax.get_ylabel()
     stopped = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
-    assert stopped and stopped[0].get_xdata()[0] == cells[1]["samples"]
-    assert "se detuvo" in " ".join(t.get_text() for t in ax.get_legend().get_texts())
+    assert stopped and stopped[0].get_xdata()[0] == cells[1]["used"]
+    assert "se detuvo" in " ".join(t.get_text() for t in fig.legends[0].get_texts())
+    # a cell whose samples were not all answers: the line stands at the answers the band
+    # used (the curves' count), and says both (notebook 000 drew it at 10, past a curve of 8)
+    from muestra.report.plots import sequence_bands
+
+    drawn = pd.DataFrame({"estimator": "counts", "n": range(1, 9), "estimate": 0.5,
+                          "low": 0.1, "high": 0.9})  # fmt: skip
+    fig = sequence_bands(drawn, "si", stopped_at=10, lang="es", used=8)
+    (line,) = [x for x in fig.axes[0].get_lines() if x.get_linestyle() == "--"]
+    assert line.get_xdata()[0] == 8
+    assert "se detuvo (10 muestras, 8 con respuesta)" in [
+        t.get_text() for t in fig.legends[0].get_texts()
+    ]
     with pytest.raises(InputError, match="prompt_id 'z' is not in run"):
         view.plot_sequence(prompt="z")
 

@@ -290,8 +290,8 @@ class ExperimentView(_Shown):
             None,
         )
         reference = (self.stop_rule or {}).get("reference")
-        at = stop["samples"] if stop is not None else None
-        return sequence_bands(found, value, at, reference, lang)
+        at, used = (stop["samples"], stop["used"]) if stop is not None else (None, None)
+        return sequence_bands(found, value, at, reference, lang, used)
 
     def _tracked(self, field: str | None, value: str | None) -> tuple[str, str]:
         rule = self.stop_rule or {}

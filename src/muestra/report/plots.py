@@ -370,18 +370,20 @@ SEQUENCE_WORDS = {
     "es": {
         "counts": "conteo de respuestas",
         "field_probs": "probabilidades exactas (Rao–Blackwell)",
-        "x": "muestras",
+        "x": "muestras con respuesta",
         "y": "proporción de {value}",
         "stop": "se detuvo ({n} muestras)",
+        "stop_used": "se detuvo ({n} muestras, {used} con respuesta)",
         "reference": "referencia {reference:.0%}",
         "title": "{value}: estimación y banda de confianza al 95 % válida en todo momento",
     },
     "en": {
         "counts": "counting answers",
         "field_probs": "exact probabilities (Rao–Blackwell)",
-        "x": "samples",
+        "x": "samples with an answer",
         "y": "share of {value}",
         "stop": "stopped ({n} samples)",
+        "stop_used": "stopped ({n} samples, {used} with an answer)",
         "reference": "reference {reference:.0%}",
         "title": "{value}: estimate and anytime-valid 95% confidence band",
     },
@@ -394,10 +396,13 @@ def sequence_bands(
     stopped_at: int | None = None,
     reference: float | None = None,
     lang: str = "es",
+    used: int | None = None,
 ) -> Any:
-    """One cell's estimate and its confidence sequence against the number of samples, one
-    line and band per estimator (`analysis.sequential.curves` rows of one cell), the
-    sample count where the run stopped and the reference, labelled in `lang` (es, en)."""
+    """One cell's estimate and its confidence sequence against the number of samples with
+    an answer, one line and band per estimator (`analysis.sequential.curves` rows of one
+    cell), where the run stopped (`stopped_at` samples drawn, `used` of them with an
+    answer: the line is drawn at `used`, the curves' own count) and the reference,
+    labelled in `lang` (es, en)."""
     words = SEQUENCE_WORDS.get(lang)
     if words is None:
         raise ValueError(f"lang must be one of {', '.join(SEQUENCE_WORDS)}, got {lang!r}")
@@ -408,14 +413,14 @@ def sequence_bands(
         ax.plot(rows["n"], rows["estimate"], color=color, label=words[estimator])
         ax.fill_between(rows["n"], rows["low"], rows["high"], color=color, alpha=0.2)
     if stopped_at is not None:
-        ax.axvline(
-            stopped_at, color="black", linestyle="--", label=words["stop"].format(n=stopped_at)
-        )
+        used = stopped_at if used is None else used
+        label = words["stop" if used == stopped_at else "stop_used"]
+        ax.axvline(used, color="black", linestyle="--", label=label.format(n=stopped_at, used=used))
     if reference is not None:
         label = words["reference"].format(reference=reference)
         ax.axhline(reference, color="grey", linestyle=":", label=label)
     ax.set_xlabel(words["x"])
     ax.set_ylabel(words["y"].format(value=value))
     ax.set_title(words["title"].format(value=value), fontsize=10)
-    ax.legend(fontsize=8)
+    fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)  # off the lines
     return fig
