@@ -36,10 +36,12 @@ counts what llama.cpp allocates beside that cache (`models.memory.LlamaBuffers`)
 logits of its rows and its compute buffer, ~300 MiB on a Qwen3-4B shape, and without flash
 attention (free batching) attention scores that grow with the cells, ~1 GiB at 16,384.
 
-What the plan leaves out (small beside the KV cache of many rows, but real): on torch the
-logits of a step (rows × vocabulary × 4 bytes), and transient copies while torch loads
-weights; the answers' compiled grammars (~1 MB for a JSON schema on a 150k-token
-vocabulary; xgrammar's cache is capped at 256 MiB); the samples kept until stored.
+What the plan does not count one by one (small beside the KV cache of many rows, but
+real; `RUN_RESERVE` stands for them, measured on one shape only): on torch the logits of
+a step (rows × vocabulary × 4 bytes, which at many rows of a 262k vocabulary can pass the
+reserve), and transient copies while torch loads weights; the answers' compiled grammars
+(~1 MB for a JSON schema on a 150k-token vocabulary; xgrammar's cache is capped at 256
+MiB); the samples kept until stored.
 """
 
 from __future__ import annotations
