@@ -249,6 +249,109 @@ def test_plan_arithmetic_and_the_refusal_names_the_numbers():
         assert part in message, (part, message)
 
 
+def test_a_beam_searchs_beams_are_counted_together_whatever_the_batch():
+    """A prompt's beams decode together (engine/beam.py), past the batch if need be: the
+    plan's peak and llama.cpp's cache count them, and a budget without room for them is
+    refused by name, not met mid-run."""
+    memory = ModelMemory(weights_bytes=8 * 2**30, kv_bytes_per_token=147_456, source="test")
+    budget = Budget(16 * 2**30, "--max-memory 16GiB")
+    row = 147_456 * 1_500
+    plan = plan_memory("m", memory, (300, 1_000, 200), 8, budget, 2**30, beam_rows=20)
+    assert (plan.rows, plan.beam_rows, plan.rows_at_once) == (8, 20, 20)
+    assert plan.peak_bytes == 2**30 + RUN_RESERVE + 8 * 2**30 + 20 * row
+    assert "8 rows at once, 20 in a beam search (its beams decode together)" in plan.describe()
+    assert plan.as_dict()["rows_at_once"] == 20
+    narrow = plan_memory("m", memory, (300, 1_000, 200), 8, budget, 2**30, beam_rows=4)
+    assert narrow.rows_at_once == 8 and "beam" not in narrow.describe()
+    from muestra.experiments.planning import LlamaCache
+
+    cache = LlamaCache(floor=4_096, row_extra=0, slack=0, ubatch=512, outputs=1, flash=True)
+    on_llama = plan_memory("m", memory, (300, 1_000, 200), 2, budget, 0, cache, beam_rows=20)
+    assert on_llama.kv_cells == 20 * 1_500 + (-20 * 1_500) % 256  # the beams' cells, not 2 rows'
+    with pytest.raises(MemoryBudgetError) as refused:  # room for 33 rows (the test above)
+        plan_memory("m", memory, (300, 1_000, 200), 8, budget, 2**30, beam_rows=50)
+    message = " ".join(str(refused.value).split())
+    for part in ("num_beams = 50 decodes its 50 beams together", "room for 33 rows",
+                 "Lower num_beams", "--max-memory 16GiB"):  # fmt: skip
+        assert part in message, (part, message)
+
+
+def test_a_beam_run_holds_the_rows_its_plan_counts(cli, tiny_kit, tmp_path, monkeypatch):
+    """--batch 2 with num_beams = 6: the forward passes hold the 6 beams at once, and the
+    plan stored with the run says so (it counted 2 rows)."""
+    from muestra.models.runtime.torch_runtime import TorchSequences
+
+    rows_seen: list[int] = []
+    feed = TorchSequences.feed
+
+    def counting(self, tokens, *args, **kwargs):
+        rows_seen.append(len(tokens))
+        return feed(self, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(TorchSequences, "feed", counting)
+    beams = SPEC.replace("budget = 24", 'budget = 6\nstrategy = "beam"\nnum_beams = 6')
+    spec = helpers.write_spec(tmp_path, "mem", "", beams.format(model=tiny_kit, run=""), samples=6)
+    store = tmp_path / "beams.db"
+    result = cli("run", str(spec), "--out", str(store), "--batch", "2")
+    assert result.code == 0, result.stderr
+    assert "2 rows at once, 6 in a beam search" in " ".join(result.stderr.split())
+    with closing(sqlite3.connect(store)) as db:
+        (stored,) = [json.loads(r[0]) for r in db.execute("SELECT plan_json FROM memory_plans")]
+    assert max(rows_seen) == stored["rows_at_once"] == 6 and stored["rows"] == 2
+    assert stored["peak_bytes"] >= stored["held_bytes"] + 6 * stored["kv_bytes_per_row"]
+
+
+def test_field_probs_copies_of_finished_rows_are_counted_on_torch():
+    """On torch, field_probs copies a finished row's keys and values until it expands its
+    untaken branches, and copies them again into the expansion's batch: the plan counts
+    2 × min(rows, kept_rows) rows more (llama.cpp only tags cells: nothing more)."""
+    from muestra.experiments.planning import LlamaCache
+
+    memory = ModelMemory(weights_bytes=8 * 2**30, kv_bytes_per_token=147_456, source="test")
+    budget = Budget(16 * 2**30, "--max-memory 16GiB")
+    row = 147_456 * 1_500
+    plan = plan_memory("m", memory, (300, 1_000, 200), 50, budget, 2**30, kept_rows=8)
+    assert plan.rows == 17  # 17 rows + 2 × 8 copies = the 33 rows of room
+    assert plan.peak_bytes == 2**30 + RUN_RESERVE + 8 * 2**30 + (17 + 16) * row
+    shown = "17 rows at once (of 50 asked), + 16 rows' copies kept for field_probs"
+    assert shown in plan.describe()
+    few = plan_memory("m", memory, (300, 1_000, 200), 2, budget, 2**30, kept_rows=8)
+    assert few.context_bytes(2) == (2 + 4) * row  # no more kept than rows at once
+    cache = LlamaCache(floor=4_096, row_extra=0, slack=0, ubatch=512, outputs=1, flash=True)
+    tagged = plan_memory("m", memory, (300, 1_000, 200), 50, budget, 2**30, cache, kept_rows=8)
+    assert tagged.kept_rows == 0 and tagged.rows == 33
+
+
+def test_field_probs_keeps_no_more_finished_rows_than_the_batch(tiny_kit, monkeypatch):
+    """What the plan above counts: on torch, with 2 rows at once, at most 2 finished rows
+    wait for their branches' expansion however many rows the call has (8 before: a run
+    of many waves kept 8 rows' copies beside a batch of 2)."""
+    from muestra.answers.answer_probs import AnswerProbabilities
+    from muestra.answers.grammar import GrammarSpec
+    from muestra.answers.phases import AnswerConfig
+    from muestra.answers.structured import StructuredGenerator
+    from muestra.models.loading import load_model
+
+    waiting: list[int] = []
+    flush = AnswerProbabilities.flush
+
+    def counting(self):
+        waiting.append(len(self._pending))
+        return flush(self)
+
+    monkeypatch.setattr(AnswerProbabilities, "flush", counting)
+    loaded = load_model(str(tiny_kit), device="cpu", runtime="torch")
+    prompt = loaded.tokenizer("Which one?")["input_ids"]
+    grammar = GrammarSpec.choice(["caballo", "caballero", "caballería"])
+    for rows, most in ((2, 2), (16, 8)):
+        waiting.clear()
+        samples = StructuredGenerator(loaded, max_batch=rows).run(
+            [prompt], n=10, seed=3, answer=AnswerConfig(max_tokens=8), grammar=grammar
+        )
+        assert all(s.field_probs and "caballero" in s.field_probs["answer"] for s in samples)
+        assert max(waiting) == most, (rows, waiting)
+
+
 SPEC = """
 [model]
 id = "{model}"

@@ -16,6 +16,13 @@ planning that no file tells: each step's logits and masks, the samples until sto
 compiled grammars, llama.cpp's own bookkeeping (~70 MiB measured on a Qwen3-4B Q4_K_M
 run of 9 rows at once, whose peak it would otherwise have passed by 0.2 %).
 
+Two things hold more rows than the batch, and the plan counts them: a beam search decodes
+a prompt's `num_beams` beams together whatever the batch (`engine/beam.py`), so the widest
+one sets a floor of rows at once (`beam_rows`; a budget without room for it is refused by
+name); and on torch `field_probs` keeps copies of finished rows' keys and values until it
+expands their untaken branches, at most `kept_rows` (8, never more than the rows at once)
+and copied once more into the expansion's batch (llama.cpp only tags their cells).
+
 `plan_memory` admits the most rows (at most the batch asked for) whose peak stays within
 the budget. The rows beyond wait for the next batch: every sample is still drawn, and a
 sample does not depend on which rows share its batch (its own seed and generator). A
@@ -163,6 +170,14 @@ class MemoryPlan:
     llama_cache: LlamaCache | None = None  # llama.cpp: its one context's shape
     buffers: LlamaBuffers | None = None  # llama.cpp: what its context holds beside the cache
     reserve_bytes: int = RUN_RESERVE  # what the run grows by after planning
+    beam_rows: int = 0  # the widest beam search's beams, which decode together
+    kept_rows: int = 0  # torch, field_probs: finished rows whose copies wait, at most
+
+    @property
+    def rows_at_once(self) -> int:
+        """The most rows in flight: the batch's, or a beam search's beams when wider (a
+        prompt's beams decode together whatever the batch, `engine/beam.py`)."""
+        return max(self.rows, self.beam_rows)
 
     @property
     def tokens_per_row(self) -> int:
@@ -186,17 +201,24 @@ class MemoryPlan:
             return 0
         return self.buffers.bytes(cache.cells(rows, self.tokens_per_row), *cache.shape)
 
+    def kept_bytes(self, rows: int) -> int:
+        """On torch, the keys and values `field_probs` copies from finished rows until it
+        expands their untaken branches, with `rows` at once: at most `kept_rows` (no more
+        than the rows) copied, and copied once more into the expansion's batch
+        (`answers/answer_probs.pending_rows`); llama.cpp only tags their cells."""
+        return 2 * min(rows, self.kept_rows) * self.kv_bytes_per_row
+
     def context_bytes(self, rows: int) -> int:
-        """What `rows` rows at once take beside the weights: their KV cache and, on
-        llama.cpp, its context's other buffers."""
-        return self.kv_bytes(rows) + self.buffer_bytes(rows)
+        """What `rows` rows at once take beside the weights: their KV cache, on llama.cpp
+        its context's other buffers, on torch the rows `field_probs` keeps."""
+        return self.kv_bytes(rows) + self.buffer_bytes(rows) + self.kept_bytes(rows)
 
     @property
     def kv_cells(self) -> int | None:
         """llama.cpp: the cells of the context the plan counts (the run caps it there)."""
         if self.llama_cache is None:
             return None
-        return self.llama_cache.cells(self.rows, self.tokens_per_row)
+        return self.llama_cache.cells(self.rows_at_once, self.tokens_per_row)
 
     @property
     def peak_bytes(self) -> int:
@@ -204,16 +226,21 @@ class MemoryPlan:
             self.held_bytes
             + self.reserve_bytes
             + self.weights_bytes
-            + self.context_bytes(self.rows)
+            + self.context_bytes(self.rows_at_once)
         )
 
     def describe(self) -> str:
         """Two lines for the user: the numbers, and the budget with where it came from."""
         capped = f" (of {self.rows_asked} asked)" if self.rows < self.rows_asked else ""
-        cells = self.kv_cells
+        if self.beam_rows > self.rows:
+            capped += f", {self.beam_rows} in a beam search (its beams decode together)"
+        if self.kept_rows:
+            kept = min(self.rows_at_once, self.kept_rows)
+            capped += f", + {2 * kept} rows' copies kept for field_probs"
+        cells, at_once = self.kv_cells, self.rows_at_once
         context = "" if cells is None else (
-            f"; llama.cpp's cache {cells:,} cells ({format_bytes(self.kv_bytes(self.rows))}) "
-            f"and buffers {format_bytes(self.buffer_bytes(self.rows))}"
+            f"; llama.cpp's cache {cells:,} cells ({format_bytes(self.kv_bytes(at_once))}) "
+            f"and buffers {format_bytes(self.buffer_bytes(at_once))}"
         )  # fmt: skip
         return (
             f"memory plan for {self.model}: weights {format_bytes(self.weights_bytes)}, KV "
@@ -226,7 +253,8 @@ class MemoryPlan:
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data |= {"tokens_per_row": self.tokens_per_row, "kv_bytes_per_row": self.kv_bytes_per_row,
-                 "kv_cells": self.kv_cells, "buffer_bytes": self.buffer_bytes(self.rows),
+                 "kv_cells": self.kv_cells, "rows_at_once": self.rows_at_once,
+                 "buffer_bytes": self.buffer_bytes(self.rows_at_once),
                  "peak_bytes": self.peak_bytes}  # fmt: skip
         return data
 
@@ -239,24 +267,50 @@ def plan_memory(
     budget: Budget,
     held: int,
     llama_cache: LlamaCache | None = None,
+    beam_rows: int = 0,
+    kept_rows: int = 0,
 ) -> MemoryPlan:
     """The plan for `model` (`tokens`: prompt, think, answer tokens of its longest row;
-    `llama_cache`: how llama.cpp sizes its context, None on torch); a
-    `MemoryBudgetError` with the numbers when not even one row fits `budget`."""
+    `llama_cache`: how llama.cpp sizes its context, None on torch; `beam_rows`: the widest
+    beam search's beams, which decode together; `kept_rows`: on torch, the finished rows
+    whose copies `field_probs` keeps at most); a `MemoryBudgetError` with the numbers when
+    not even one row, or not one beam search, fits `budget`."""
     prompt, think, answer = tokens
     plan = MemoryPlan(model, memory.weights_bytes, memory.kv_bytes_per_token, prompt, think,
                       answer, rows_asked, 0, held, budget.bytes, budget.source, memory.source,
-                      llama_cache, memory.buffers)  # fmt: skip
+                      llama_cache, memory.buffers, beam_rows=beam_rows,
+                      kept_rows=0 if llama_cache is not None else kept_rows)  # fmt: skip
     room = budget.bytes - held - plan.reserve_bytes - memory.weights_bytes
-    low, high = 0, rows_asked  # the most rows whose cache (and buffers) fit the room
+    plan = replace(plan, rows=_most_rows(plan, room, rows_asked))
+    if plan.rows < 1:
+        raise MemoryBudgetError(_refusal(plan))
+    if beam_rows > plan.rows and (fit := _most_rows(plan, room, beam_rows)) < beam_rows:
+        raise MemoryBudgetError(_beam_refusal(plan, room, fit))
+    return plan
+
+
+def _most_rows(plan: MemoryPlan, room: int, limit: int) -> int:
+    """The most rows, at most `limit`, whose cache (and buffers) fit `room` bytes."""
+    low, high = 0, limit
     while low < high:
         middle = (low + high + 1) // 2
         fits = plan.context_bytes(middle) <= room
         low, high = (middle, high) if fits else (low, middle - 1)
-    plan = replace(plan, rows=low)
-    if plan.rows < 1:
-        raise MemoryBudgetError(_refusal(plan))
-    return plan
+    return low
+
+
+def _beam_refusal(plan: MemoryPlan, room: int, fit: int) -> str:
+    return (
+        f"{plan.model}: a beam search of num_beams = {plan.beam_rows} decodes its "
+        f"{plan.beam_rows} beams together, and {plan.beam_rows} rows at once need "
+        f"{format_bytes(plan.context_bytes(plan.beam_rows))} of KV cache"
+        f"{'' if plan.llama_cache is None else ' and buffers'} "
+        f"({format_bytes(plan.kv_bytes_per_token)}/token × {plan.tokens_per_row:,} tokens a "
+        f"row), over the {format_bytes(max(room, 0))} the memory budget of "
+        f"{format_bytes(plan.budget_bytes)} ({plan.budget_source}) leaves beside the weights "
+        f"and what the process holds (room for {fit} rows). Lower num_beams (and the "
+        "samples with it), the think budget or the answer's max_tokens, or raise --max-memory"
+    )
 
 
 def _refusal(plan: MemoryPlan) -> str:
@@ -324,8 +378,29 @@ def plan_models(
         plans[model.name] = plan_memory(
             model.name, memory, tokens, rows_asked, budget, held,
             llama_cache(model.batch_invariant) if runtime == "llamacpp" else None,
+            beam_rows(mine), kept_rows(mine),
         )  # fmt: skip
     return plans
+
+
+def kept_rows(units: list[Any]) -> int:
+    """On torch, the finished rows whose keys and values `field_probs` keeps at most
+    (`answers/answer_probs.PENDING_ROWS`; fewer when fewer rows run at once), 0 when no
+    answer of `units` has field_probs under a grammar."""
+    from muestra.answers.answer_probs import PENDING_ROWS
+
+    scored = any(u.condition.answer.field_probs and u.condition.answer.kinds for u in units)
+    return PENDING_ROWS["torch"] if scored else 0
+
+
+def beam_rows(units: list[Any]) -> int:
+    """The beams of the widest beam search in `units` (0 without one): a prompt's beams
+    decode together whatever the batch (`engine/beam.py`), so they set the rows at once."""
+    return max(
+        (phase.num_beams for u in units for phase in (u.condition.think, u.condition.answer)
+         if phase is not None and phase.strategy == "beam"),
+        default=0,
+    )  # fmt: skip
 
 
 def vocabulary_held(tokenizer: Any, gguf: Any, grammar: bool) -> int:
