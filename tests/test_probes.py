@@ -512,6 +512,16 @@ def test_two_models_compared_on_a_probe_find_a_planted_gap_and_no_null_one():
     care = next(g for g in gap.gaps if g.feature == "lexicon:care")
     assert care.gap_first == pytest.approx(0.4, abs=0.08) and abs(care.gap_second) < 0.08
     assert care.p_holm < 0.01 and care.sentence
+    assert "for a and" in care.sentence and "a is the more skewed" in care.sentence
+    # a Spanish probe's model comparison speaks Spanish too, with the same numbers
+    es = compare_models(pd.concat([biased, fair], ignore_index=True), "a", "b", seed=1,
+                        language="es")  # fmt: skip
+    cuidados = next(g for g in es.gaps if g.feature == "lexicon:care").sentence
+    assert cuidados.startswith("una palabra de la categoría 'care': ")
+    assert "puntos para a" in cuidados and "a es el más sesgado" in cuidados
+    assert "dentro de cada plantilla" in cuidados and "b menos" in cuidados
+    numbers = lambda text: re.findall(r"[+-]?\d+(?:\.\d+)?", text)  # noqa: E731
+    assert numbers(cuidados) == numbers(care.sentence)
     also_fair = _probe_frame(rng, 0.3, 0.3).assign(model="c")
     null = compare_models(pd.concat([fair, also_fair], ignore_index=True), "b", "c", seed=1)
     assert not null.findings

@@ -193,6 +193,15 @@ PHRASES: dict[str, tuple[str, str]] = {
         "({a} − {b} dentro de cada plantilla {diff:+.2f} [{low:+.2f}, {high:+.2f}], Holm "
         "{p}, {templates} plantillas)",
     ),
+    "probe_models": (
+        "{feature}: {a} − {b} is {gap_first} for {first} and {gap_second} for {second} "
+        "within templates; {more} is the more skewed (difference {diff:+.2f} [{low:+.2f}, "
+        "{high:+.2f}], Holm {p}, {templates} templates; {less} less)",
+        "{feature}: {a} − {b} es {gap_first} para {first} y {gap_second} para {second} "
+        "dentro de cada plantilla; {more} es el más sesgado (diferencia {diff:+.2f} "
+        "[{low:+.2f}, {high:+.2f}], Holm {p}, {templates} plantillas; {less} menos)",
+    ),
+    "points": ("{value:+.0f} points", "{value:+.0f} puntos"),
     "headline_variants": (
         "the spec pairs variants ({pairs}): the findings compare them; tests of each "
         "prompt against the reference are in `fits`",

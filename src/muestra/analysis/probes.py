@@ -313,9 +313,16 @@ class ModelComparison:
 
 
 def compare_models(
-    frame: pd.DataFrame, first: str, second: str, *, alpha: float = 0.05, seed: int = 0
+    frame: pd.DataFrame,
+    first: str,
+    second: str,
+    *,
+    alpha: float = 0.05,
+    seed: int = 0,
+    language: str = "en",
 ) -> ModelComparison:
-    """`frame`: both models' samples of one probe (`model` holds their labels)."""
+    """`frame`: both models' samples of one probe (`model` holds their labels);
+    `language`: the probe's texts' (its findings speak it, as `analyze_probe`'s do)."""
     valid = frame[frame["error"].isna() & frame["model"].isin([first, second])]
     result = ModelComparison(first, second, alpha)
     found = features(valid).features
@@ -357,17 +364,22 @@ def compare_models(
     for g, p_holm, p_bh in zip(result.gaps, holm, bh, strict=True):
         g.p_holm, g.p_bh = p_holm, p_bh
         if p_holm < alpha:
-            g.sentence = model_sentence(g, texts[g.feature], first, second)
+            g.sentence = model_sentence(g, texts[g.feature], first, second, language)
     return result
 
 
-def model_sentence(g: ModelGap, feature: Feature, first: str, second: str) -> str:
-    """One plain sentence for a significant difference between the two models' gaps."""
+def model_sentence(g: ModelGap, feature: Feature, first: str, second: str, lang: str = "en") -> str:
+    """One plain sentence for a significant difference between the two models' gaps, in
+    `lang` (en or es; another language of the probe's texts gets English)."""
+    lang = lang if lang in LANGUAGES else "en"
     more, less = (first, second) if abs(g.gap_first) >= abs(g.gap_second) else (second, first)
-    unit = (lambda v: f"{v * 100:+.0f} points") if g.binary else (lambda v: f"{v:+.2f}")
-    return (
-        f"{feature.text}: {g.a} − {g.b} is {unit(g.gap_first)} for {first} and "
-        f"{unit(g.gap_second)} for {second} within templates; {more} is the more skewed "
-        f"(difference {g.difference:+.2f} [{g.low:+.2f}, {g.high:+.2f}], Holm "
-        f"{_p_text(g.p_holm)}, {g.templates} templates; {less} less)"
-    )
+
+    def unit(value: float) -> str:
+        return say("points", lang, value=value * 100) if g.binary else f"{value:+.2f}"
+
+    return say(
+        "probe_models", lang, feature=feature_text(feature, lang), a=g.a, b=g.b,
+        gap_first=unit(g.gap_first), gap_second=unit(g.gap_second), first=first,
+        second=second, more=more, less=less, diff=g.difference, low=g.low, high=g.high,
+        p=_p_text(g.p_holm), templates=g.templates,
+    )  # fmt: skip

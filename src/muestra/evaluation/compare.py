@@ -299,7 +299,7 @@ def compare_probe(
         frame = pd.concat([samples_frame(db, run) for run in runs], ignore_index=True)
         analyses = [read_probe(db, run)[1] for run in runs]  # type: ignore[index]
     comparison = compare_models(frame, labels[0], labels[1], alpha=probe.spec.alpha,
-                                seed=probe.spec.seed)  # fmt: skip
+                                seed=probe.spec.seed, language=probe.spec.language)  # fmt: skip
     return ProbeComparison(labels, store, (runs[0], runs[1]), comparison, analyses, timings)
 
 
