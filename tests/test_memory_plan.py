@@ -278,7 +278,8 @@ def test_a_beam_searchs_beams_are_counted_together_whatever_the_batch():
 
 def test_a_beam_run_holds_the_rows_its_plan_counts(cli, tiny_kit, tmp_path, monkeypatch):
     """--batch 2 with num_beams = 6: the forward passes hold the 6 beams at once, and the
-    plan stored with the run says so (it counted 2 rows)."""
+    plan stored with the run says so (it counted 2 rows); each prompt's beam search runs
+    once for its 6 ranks (it ran once per batch of 2)."""
     from muestra.models.runtime.torch_runtime import TorchSequences
 
     rows_seen: list[int] = []
@@ -289,6 +290,16 @@ def test_a_beam_run_holds_the_rows_its_plan_counts(cli, tiny_kit, tmp_path, monk
         return feed(self, tokens, *args, **kwargs)
 
     monkeypatch.setattr(TorchSequences, "feed", counting)
+    from muestra.engine import beam
+
+    searches: list[int] = []
+    run = beam._Search.run
+
+    def searching(self):
+        searches.append(len(self.requests))
+        return run(self)
+
+    monkeypatch.setattr(beam._Search, "run", searching)
     beams = SPEC.replace("budget = 24", 'budget = 6\nstrategy = "beam"\nnum_beams = 6')
     spec = helpers.write_spec(tmp_path, "mem", "", beams.format(model=tiny_kit, run=""), samples=6)
     store = tmp_path / "beams.db"
@@ -298,6 +309,7 @@ def test_a_beam_run_holds_the_rows_its_plan_counts(cli, tiny_kit, tmp_path, monk
     with closing(sqlite3.connect(store)) as db:
         (stored,) = [json.loads(r[0]) for r in db.execute("SELECT plan_json FROM memory_plans")]
     assert max(rows_seen) == stored["rows_at_once"] == 6 and stored["rows"] == 2
+    assert searches == [1, 1]  # one search per prompt gives its 6 ranks (not one per 2)
     assert stored["peak_bytes"] >= stored["held_bytes"] + 6 * stored["kv_bytes_per_row"]
 
 

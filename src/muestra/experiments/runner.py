@@ -567,13 +567,19 @@ class Runner:
 def _batches(units: list[Unit], rows: int) -> Iterator[Batch]:
     """Batches of at most `rows` samples; one condition, think budget and item choice per
     batch, and one unit per seed index (two variants of a group, which share a seed index,
-    go to different batches: the batch's samples are told apart by it)."""
+    go to different batches: the batch's samples are told apart by it). A unit whose
+    samples are a beam search's ranks goes whole into one batch: one search gives every
+    rank, and its beams decode together whatever the batch (split, the search ran once
+    per part)."""
+    from muestra.experiments.spec import beam_phase
+
     current: Batch = []
     size = 0
     key = None
     for unit in units:
         choice = tuple(unit.item.choice) if unit.item.choice is not None else None
         unit_key = (unit.condition.label, unit.item.think_budget, choice)
+        whole = beam_phase(unit.condition) is not None
         pending = list(unit.missing)
         while pending:
             taken = {u.seed_index for u, _ in current if u is not unit}
@@ -581,7 +587,7 @@ def _batches(units: list[Unit], rows: int) -> Iterator[Batch]:
                 yield current
                 current, size = [], 0
             key = unit_key
-            take = pending[: rows - size]
+            take = pending if whole else pending[: rows - size]
             pending = pending[len(take) :]
             current.append((unit, take))
             size += len(take)
