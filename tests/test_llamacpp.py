@@ -207,6 +207,31 @@ def test_field_probs_in_the_loop_equal_post_hoc(cpp, monkeypatch):
             assert sum(values.values()) == pytest.approx(1.0)
 
 
+def test_field_probs_release_a_waves_kept_rows_before_the_next(cpp, monkeypatch):
+    """More samples than rows at once: the finished rows whose untaken branches wait are
+    expanded when their wave ends, before the next wave is booked into the cache they tag
+    (they waited for 64 rows: 72 samples by 8 at once failed with "llama.cpp holds at most
+    254 rows", and without batch invariance with a full cache)."""
+    from muestra.answers.answer_probs import AnswerProbabilities
+
+    waiting: list[int] = []
+    flush = AnswerProbabilities.flush
+
+    def counting(self):
+        waiting.append(len(self._pending))
+        return flush(self)
+
+    monkeypatch.setattr(AnswerProbabilities, "flush", counting)
+    prompt = chat_ids(cpp, "Pick an animal: caballo, caballero or caballería?")
+    samples = StructuredGenerator(cpp, max_batch=4).run(
+        [prompt], n=16, seed=1, answer=AnswerConfig(max_tokens=8),
+        grammar=GrammarSpec.choice(["caballo", "caballero", "caballería"]),
+    )  # fmt: skip
+    assert all(s.field_probs and sum(s.field_probs["answer"].values()) == pytest.approx(1.0)
+               for s in samples)  # fmt: skip
+    assert max(waiting) == 4 and len(waiting) >= 4, waiting  # each wave's rows, not 16
+
+
 def test_seeds_stops_and_logprobs(cpp, cpp_engine):
     prompt = chat_ids(cpp, CHAT[2])
     params = SamplingParams(temperature=0.8)

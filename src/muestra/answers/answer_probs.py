@@ -53,16 +53,10 @@ UNRESOLVED = "<unresolved>"
 RECORD_LIMIT = 2048
 # finished rows whose untaken branches are expanded together, in one forward: the torch
 # runtime copies each waiting row's keys and values, llama.cpp only tags its cells (so it
-# waits for more rows: an expansion forward costs about a decoding step there)
+# waits for more rows: an expansion forward costs about a decoding step there); and at
+# the latest when their wave of rows ends (`PhaseController.wave_done`), so never more
+# than the rows at once (a memory plan counts them: experiments/planning.py)
 PENDING_ROWS = {"torch": 8, "llamacpp": 64}
-
-
-def pending_rows(runtime: str, rows: int) -> int:
-    """Finished rows that wait for `flush` at most, with `rows` decoded at once. On torch
-    each keeps a copy of its keys and values (and the expansion copies them once more), so
-    never more than the rows at once: a memory plan counts them (experiments/planning.py)."""
-    most = PENDING_ROWS.get(runtime, PENDING_ROWS["torch"])
-    return most if runtime == "llamacpp" else max(1, min(most, rows))
 
 
 # ---- where values sit ------------------------------------------------------------------
@@ -192,7 +186,6 @@ class AnswerProbabilities:
         self.grammar = grammar
         self.compiled = compiled
         self.runtime = generator.loaded.runtime
-        self.rows = generator.text.engine.max_batch  # rows decoded at once
         self.backend = generator.backend
         self.token_bytes = generator.text.token_bytes
         self.encode = generator.tokenizer.encode
@@ -293,7 +286,7 @@ class AnswerProbabilities:
                 return
             live.context = kept  # a copy that outlives the row
             self._pending.append((key, result, waiting))
-            if len(self._pending) >= pending_rows(self.runtime.name, self.rows):
+            if len(self._pending) >= PENDING_ROWS.get(self.runtime.name, 8):
                 self.flush()
             return
         self.live[key] = result

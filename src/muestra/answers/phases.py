@@ -251,6 +251,12 @@ class PhaseController:
         if self.probabilities is not None:
             self.probabilities.finish(row, context)
 
+    def wave_done(self) -> None:
+        """Expand the finished rows' waiting branches before the next wave: on llama.cpp
+        their kept contexts tag cells the next wave's rows are booked into."""
+        if self.probabilities is not None:
+            self.probabilities.flush()
+
     def after_token(self, row: Row, token_id: int, forced: bool) -> None:
         state: PhaseState = row.state
         if state.phase == "think":

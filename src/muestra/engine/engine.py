@@ -154,8 +154,11 @@ class Engine:
         for index, request in enumerate(requests):
             self.validate(index, request)
         rows = [row for i, r in enumerate(requests) for row in self.rows_for(i, r)]
+        wave_done = getattr(hook, "wave_done", None)
         for start in range(0, len(rows), self.max_batch):
             yield from self._run_wave(rows[start : start + self.max_batch], hook)
+            if wave_done is not None:
+                wave_done()
 
     # ---- setup ------------------------------------------------------------------------
 

@@ -118,7 +118,10 @@ class StepHook(Protocol):
     """What a hook may do at each step (see the module docstring). A hook may also define
     `row_finishing(row, context)`: called for each row that finished, while its KV cache
     is still live; `context(generated)` gives the keys and values of the row's prompt and
-    first `generated` tokens (`Batch.row_context`), or None where the cache cannot be cut."""
+    first `generated` tokens (`Batch.row_context`), or None where the cache cannot be cut;
+    and `wave_done()`: called when a wave of rows has ended, before the next is admitted
+    (what the hook keeps of finished rows is released there: the next wave's rows need
+    the cache the kept rows still tag)."""
 
     def before_step(self, rows: Sequence[Row]) -> None: ...
     def mask_logits(self, logits: torch.Tensor, rows: Sequence[Row]) -> None: ...

@@ -205,7 +205,8 @@ class MemoryPlan:
         """On torch, the keys and values `field_probs` copies from finished rows until it
         expands their untaken branches, with `rows` at once: at most `kept_rows` (no more
         than the rows) copied, and copied once more into the expansion's batch
-        (`answers/answer_probs.pending_rows`); llama.cpp only tags their cells."""
+        (`answers/answer_probs.PENDING_ROWS`, flushed at each wave's end at the latest);
+        llama.cpp only tags their cells."""
         return 2 * min(rows, self.kept_rows) * self.kv_bytes_per_row
 
     def context_bytes(self, rows: int) -> int:
