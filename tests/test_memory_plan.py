@@ -332,6 +332,10 @@ def test_field_probs_copies_of_finished_rows_are_counted_on_torch():
     cache = LlamaCache(floor=4_096, row_extra=0, slack=0, ubatch=512, outputs=1, flash=True)
     tagged = plan_memory("m", memory, (300, 1_000, 200), 50, budget, 2**30, cache, kept_rows=8)
     assert tagged.kept_rows == 0 and tagged.rows == 33
+    with pytest.raises(MemoryBudgetError) as refused:  # the sum shown adds up: 1 + 2 rows
+        plan_memory("m", memory, (300, 1_000, 200), 8, Budget(17 * 2**29, "x"), 0, kept_rows=8)
+    message = " ".join(str(refused.value).split())
+    assert "and field_probs' two copies of it kept 422 MiB) = 8.74 GiB" in message, message
 
 
 def test_field_probs_keeps_no_more_finished_rows_than_the_batch(tiny_kit, monkeypatch):

@@ -325,6 +325,9 @@ def _refusal(plan: MemoryPlan) -> str:
             f", in llama.cpp's {which} of {cells:,} cells ({format_bytes(one)}), and its "
             f"buffers {format_bytes(plan.buffer_bytes(1))}"
         )
+    kept = ""
+    if plan.kept_rows:
+        kept = f", and field_probs' two copies of it kept {format_bytes(plan.kept_bytes(1))}"
     return (
         f"{plan.model} does not fit one row in the memory budget: this process holds "
         f"{format_bytes(plan.held_bytes)} with the model's tokenizer loaded (and keeps "
@@ -332,7 +335,8 @@ def _refusal(plan: MemoryPlan) -> str:
         f"{format_bytes(plan.weights_bytes)} "
         f"and one row's KV cache {format_bytes(plan.kv_bytes_per_row)} "
         f"({format_bytes(plan.kv_bytes_per_token)}/token × ({plan.prompt_tokens:,} prompt + "
-        f"{plan.think_tokens:,} think + {plan.answer_tokens:,} answer tokens){context}) = "
+        f"{plan.think_tokens:,} think + {plan.answer_tokens:,} answer tokens){context}"
+        f"{kept}) = "
         f"{format_bytes(need)}, over the budget of {format_bytes(plan.budget_bytes)} "
         f"({plan.budget_source}). Raise --max-memory, or lower the think budget, the "
         "answer's max_tokens or the prompt's length (or use a smaller or more quantized model)"
