@@ -343,3 +343,42 @@ def test_quiet_training_silences_load_reports_bars_and_step_logs():
     quiet, loud = Trainer(True), Trainer(False)
     assert run_training(quiet)[0] == "done" and quiet.removed == [PrinterCallback]
     assert run_training(loud)[0] == "done" and loud.removed == []
+
+
+def test_a_sequential_runs_bar_ends_on_its_stop_not_on_a_time_left(monkeypatch):
+    """In a notebook the bar's last state is what the saved notebook keeps: a sequential
+    run whose cells stopped at 90 of at most 600 samples ends saying so, not "90/600 ·
+    ETA 25m30s" (notebook 000 at full scale); a run that fails keeps its last state."""
+    import IPython.display
+
+    import muestra.notebook as mn
+    from muestra.experiments.runner import Progress
+
+    shown: list[str] = []
+
+    class Handle:
+        def update(self, data, raw):
+            shown.append(data["text/plain"])
+
+    def display(data, raw, display_id):
+        shown.append(data["text/plain"])
+        return Handle()
+
+    monkeypatch.setattr(mn, "_kernel", lambda: object())
+    monkeypatch.setattr(IPython.display, "display", display)
+    state = Progress(90, 600, 9_000, 210.0, tokens_per_s=114, eta_s=1_530, rss_bytes=3 * 2**30)
+    for finished in (True, False):
+        shown.clear()
+        bar = mn._Bar("seq", True)
+        bar(state)
+        if finished:
+            bar.finish()
+        bar.close()
+        assert "seq: 90/600 samples" in shown[0] and "ETA 25m30s" in shown[0]
+        if finished:
+            assert shown[-1].startswith(
+                "seq: 90 samples, every cell stopped before its cap (600 at most) · "
+            ), shown[-1]
+            assert "ETA" not in shown[-1] and "114 tok/s" in shown[-1]
+        else:
+            assert shown[-1].startswith("seq: 90/600 samples") and "ETA 25m30s" in shown[-1]

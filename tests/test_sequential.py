@@ -174,8 +174,9 @@ def test_null_rates_hold_when_cells_stop_on_precision_and_the_reference_stop_is_
     precision alone (±0.1), the fixed-n tests keep their rate (measured: χ² 4.1%, binomial
     4.7%; the same χ² at a fixed n measures 6.0%, test_analysis.py). Stopped also when the
     band excludes 50%, they do not (measured 8.4% and 6.8%): the analysis says so in its
-    notes (`REFERENCE_CAVEAT`), and the anytime-valid bands stay the valid reading."""
-    from muestra.experiments.stopping import REFERENCE_CAVEAT
+    notes (`stop_note`, in English and Spanish), and the anytime-valid bands stay the
+    valid reading."""
+    from muestra.experiments.stopping import stop_note
 
     precise = StopRule(precision=0.1, reference=None, min_samples=10, max_samples=300, every=10)
     independent, fit = false_positive_rates(precise)
@@ -183,7 +184,15 @@ def test_null_rates_hold_when_cells_stop_on_precision_and_the_reference_stop_is_
     decided = StopRule(precision=0.1, reference=0.5, min_samples=10, max_samples=300, every=10)
     independent, fit = false_positive_rates(decided)
     assert independent > 0.075, independent
-    assert "not valid after such a stop" in REFERENCE_CAVEAT
+    rule = {"field": "sexo", "value": "masculino", "precision": 0.1, "reference": 0.5,
+            "min_samples": 10, "max_samples": 300, "every": 10, "alpha": 0.05}  # fmt: skip
+    english, spanish = stop_note(rule), stop_note(rule, "es")
+    assert "tests of sexo below (independence, goodness of fit) are not valid" in english
+    assert "within ±0.1 or excluding 0.5, taking at most 300 samples" in english
+    assert "las pruebas de n fijo de sexo de abajo" in spanish and "no son válidas" in spanish
+    assert "quedó dentro de ±0.1 o excluyó 0.5, con 300 muestras como mucho" in spanish
+    assert "al 95% en todas las miradas a la vez" in spanish
+    assert not stop_note({**rule, "reference": None}, "es").count("referencia")
 
 
 def test_a_planted_bias_is_still_found_in_cells_that_stopped_early():

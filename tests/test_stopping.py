@@ -214,6 +214,26 @@ def test_field_probs_caveat_names_what_makes_them_another_quantity():
     assert "endpoint" in field_probs_caveat(AnswerSpec(temperature=1.0), remote=True)
 
 
+def test_a_spanish_runs_analysis_says_its_notes_in_spanish(tmp_path, tiny_kit, cli):
+    """The notes the store adds to the analysis (field_probs that are not the answers'
+    share, the sequential rule) speak the analysis' language, as its findings do
+    (notebook 000 printed them in English under "nota:")."""
+    spec = write_spec(tmp_path, tiny_kit, STOP, answer="")  # a greedy answer
+    spec.write_text(spec.read_text() + '\n[analysis]\nlanguage = "es"\n')
+    store = tmp_path / "es.db"
+    assert cli("run", str(spec), "--out", str(store)).code == 0
+    notes = json.loads(cli("analyze", str(store), "--json").stdout)["notes"]
+    assert ("condición default: las respuestas son voraces (answer.temperature = 0); "
+            "field_probs (y su media) describen sorteos") in " ".join(notes), notes  # fmt: skip
+    assert any(n.startswith("Ejecución secuencial: cada celda se muestreó en rondas de 4")
+               for n in notes), notes  # fmt: skip
+    assert not any("Sequential run" in n or "the answers" in n for n in notes), notes
+    from muestra.experiments.spec import AnswerSpec
+
+    spanish = field_probs_caveat(AnswerSpec(temperature=1.0, top_p=0.9), lang="es")
+    assert spanish == "las respuestas se sortean con answer.top_p = 0.9"
+
+
 @pytest.mark.slow
 def test_run_flags_and_every_view_show_the_stops(tmp_path, tiny_kit, cli):
     spec = write_spec(tmp_path, tiny_kit, STOP)

@@ -202,6 +202,86 @@ PHRASES: dict[str, tuple[str, str]] = {
         "[{low:+.2f}, {high:+.2f}], Holm {p}, {templates} plantillas; {less} menos)",
     ),
     "points": ("{value:+.0f} points", "{value:+.0f} puntos"),
+    # why a condition's field_probs are not its answers' share (experiments/stop_rules.py)
+    "caveat_remote": (
+        "an endpoint's answers carry no field_probs",
+        "las respuestas de un endpoint no traen field_probs",
+    ),
+    "caveat_off": ("answer.field_probs = false", "answer.field_probs = false"),
+    "caveat_beam": (
+        "the answers are beam-searched, not drawn",
+        "las respuestas salen de una búsqueda de haces, no de sorteos",
+    ),
+    "caveat_free": (
+        "the answers are free text decoded greedily",
+        "las respuestas son texto libre decodificado de forma voraz",
+    ),
+    "caveat_greedy": (
+        "the answers are greedy (answer.temperature = 0)",
+        "las respuestas son voraces (answer.temperature = 0)",
+    ),
+    "caveat_settings": (
+        "the answers are drawn with answer.{settings}",
+        "las respuestas se sortean con answer.{settings}",
+    ),
+    "field_probs_note": (
+        "condition {label}: {caveat}; field_probs (and their mean) describe draws at "
+        "temperature 1 without filters, not these answers: the answers' shares are counted",
+        "condición {label}: {caveat}; field_probs (y su media) describen sorteos a "
+        "temperatura 1 sin filtros, no estas respuestas: se cuentan las proporciones de "
+        "las respuestas",
+    ),
+    # a sequential run's rule (experiments/stopping.stop_note)
+    "stop_within": ("within ±{precision}", "quedó dentro de ±{precision}"),
+    "stop_excluding": ("excluding {reference}", "excluyó {reference}"),
+    "stop_or": (" or ", " o "),
+    "stop_cap_probe": ("the probe's `samples`", "las `samples` de la sonda"),
+    "stop_cap_spec": ("the spec's `samples`", "las `samples` de la especificación"),
+    "stop_estimators_probe": (
+        "a probe's score is counted (free text has no exact probability)",
+        "la puntuación de una sonda se cuenta (el texto libre no tiene probabilidad exacta)",
+    ),
+    "stop_estimators": (
+        "field_probs: the mean exact probability, used only where the answer is drawn at "
+        "temperature 1 without filters",
+        "field_probs: la media de la probabilidad exacta, solo donde la respuesta se sortea "
+        "a temperatura 1 sin filtros",
+    ),
+    "stop_rule": (
+        "Sequential run: each cell sampled in rounds of {every} from {min_samples} until its "
+        "band of {tracked} was {settles}, taking at most {cap} samples; a cell not listed is "
+        "still open. The bands are betting confidence sequences (Waudby-Smith & Ramdas "
+        "2023), {level:.0%} at every look at once, for independent draws of one cell in "
+        "index order; {estimators}.",
+        "Ejecución secuencial: cada celda se muestreó en rondas de {every} desde "
+        "{min_samples} hasta que su banda de {tracked} {settles}, con {cap} muestras "
+        "como mucho; una celda que no aparece sigue abierta. Las bandas son secuencias de "
+        "confianza por apuestas (Waudby-Smith & Ramdas 2023), al {level:.0%} en todas las "
+        "miradas a la vez, para sorteos independientes de una celda en orden de índice; "
+        "{estimators}.",
+    ),
+    "stop_reference_caveat": (
+        " Cells stopped when their band excluded the reference: the fixed-n tests of {field} "
+        "below (independence, goodness of fit) are not valid after such a stop (simulated at "
+        "α 5%: about 8% and 7% false positives); the anytime-valid bands above are, and a "
+        "difference between two cells is tested validly by [stop] compare.",
+        " Hay celdas que se detuvieron cuando su banda excluyó la referencia: las pruebas de "
+        "n fijo de {field} de abajo (independencia, bondad de ajuste) no son válidas tras "
+        "esa parada (simulado con α del 5 %: cerca de un 8 % y un 7 % de falsos positivos); "
+        "las bandas válidas en todo momento de arriba sí lo son, y [stop] compare prueba "
+        "de forma válida una diferencia entre dos celdas.",
+    ),
+    "stop_probe_reference_caveat": (
+        " Cells stopped when their band excluded the reference: the fixed-n group tests below "
+        "are not valid after such a stop (optional stopping; simulated for an experiment's χ² "
+        "test at α 5%: about 8% false positives); the anytime-valid bands above are, and "
+        "[stop] compare tracks a difference of two groups validly.",
+        " Hay celdas que se detuvieron cuando su banda excluyó la referencia: las pruebas de "
+        "grupos de n fijo de abajo no son válidas tras esa parada (parada opcional; simulado "
+        "para la χ² de un experimento con α del 5 %: cerca de un 8 % de falsos positivos); "
+        "las bandas válidas en todo momento de arriba sí lo son, y [stop] compare sigue de "
+        "forma válida una diferencia entre dos grupos.",
+    ),
     "headline_variants": (
         "the spec pairs variants ({pairs}): the findings compare them; tests of each "
         "prompt against the reference are in `fits`",

@@ -65,10 +65,10 @@ def stored_analysis(
         ]
         rule, stops = stop_rows(db, rid)
         run["stops"] = {"rule": rule, "cells": stops}  # a sequential run's stops
-        notes = field_probs_notes(db, rid) + [n for n in [stop_note(rule)] if n]
-    settings = AnalysisSpec.model_validate(tomllib.loads(run["spec_text"]).get("analysis", {}))
+        settings = AnalysisSpec.model_validate(tomllib.loads(run["spec_text"]).get("analysis", {}))
+        lang = lang or settings.language
+        notes = field_probs_notes(db, rid, lang) + [n for n in [stop_note(rule, lang)] if n]
     level = alpha if alpha is not None else settings.alpha
-    lang = lang or settings.language
     found = run_analysis(frame, settings.reference, level, settings.terms,
                          schema=run_schema(run), lang=lang, exact=exact)  # fmt: skip
     found.notes += notes

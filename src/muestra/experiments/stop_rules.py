@@ -11,19 +11,22 @@ from muestra.errors import InputError
 from muestra.settings import DEFAULT, PHASED
 
 
-def field_probs_caveat(answer: Any, remote: bool = False) -> str | None:
+def field_probs_caveat(answer: Any, remote: bool = False, lang: str = "en") -> str | None:
     """None when a condition's `field_probs` describe the distribution its answers are
-    drawn from (temperature 1, no filter, sampled locally); else why not, in words."""
+    drawn from (temperature 1, no filter, sampled locally); else why not, in words (in
+    `lang`: en or es)."""
+    from muestra.analysis.language import say
+
     if remote:
-        return "an endpoint's answers carry no field_probs"
+        return say("caveat_remote", lang)
     if not answer.field_probs:
-        return "answer.field_probs = false"
+        return say("caveat_off", lang)
     if answer.strategy == "beam":
-        return "the answers are beam-searched, not drawn"
+        return say("caveat_beam", lang)
     if answer.prompt_lookup is not None or answer.draft_model:
-        return "the answers are free text decoded greedily"
+        return say("caveat_free", lang)
     if answer.temperature == 0:
-        return "the answers are greedy (answer.temperature = 0)"
+        return say("caveat_greedy", lang)
     # the sampling settings that move the draws away from plain sampling at temperature 1
     changed = [
         key if isinstance(getattr(answer, key), tuple | str) else f"{key} = {getattr(answer, key)}"
@@ -31,7 +34,7 @@ def field_probs_caveat(answer: Any, remote: bool = False) -> str | None:
         if getattr(answer, key) != getattr(DEFAULT, key)
     ]
     if changed:
-        return f"the answers are drawn with answer.{', answer.'.join(changed)}"
+        return say("caveat_settings", lang, settings=", answer.".join(changed))
     return None
 
 

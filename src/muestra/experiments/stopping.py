@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
+from muestra.analysis.language import say
 from muestra.analysis.sequential import Band, StopRule, as_difference, betting_cs
 from muestra.errors import InputError
 from muestra.experiments.spec import LoadedSpec, StopSpec, Strict, describe_error, fill
@@ -403,50 +404,28 @@ def stop_table(rows: list[dict[str, Any]]) -> list[list[str]]:
     ]  # fmt: skip
 
 
-def stop_note(rule: Mapping[str, Any] | None) -> str | None:
-    """One line on the rule of a sequential run and what its bands assume."""
+def stop_note(rule: Mapping[str, Any] | None, lang: str = "en") -> str | None:
+    """One line on the rule of a sequential run and what its bands assume (in `lang`: en
+    or es)."""
     if rule is None:
         return None
-    settles = " or ".join(
-        [f"within ±{rule['precision']}"] * (rule["precision"] is not None)
-        + [f"excluding {rule['reference']}"] * (rule["reference"] is not None)
+    settles = say("stop_or", lang).join(
+        [say("stop_within", lang, precision=rule["precision"])] * (rule["precision"] is not None)
+        + [say("stop_excluding", lang, reference=rule["reference"])]
+        * (rule["reference"] is not None)
     )
     probe = rule["field"] == PROBE_SCORE
-    cap = rule["max_samples"] or f"the {'probe' if probe else 'spec'}'s `samples`"
-    estimators = (
-        "a probe's score is counted (free text has no exact probability)"
-        if probe
-        else "field_probs: the mean exact probability, used only where the answer is drawn "
-        "at temperature 1 without filters"
-    )
-    caveat = PROBE_REFERENCE_CAVEAT if probe else REFERENCE_CAVEAT.format(field=rule["field"])
-    return (
-        f"Sequential run: each cell sampled in rounds of {rule['every']} from "
-        f"{rule['min_samples']} until its band of {tracked_name(rule['field'], rule['value'])} "
-        f"was {settles}, taking at most {cap} samples; a cell not listed is still open. The "
-        "bands are betting confidence sequences (Waudby-Smith & Ramdas 2023), "
-        f"{1 - rule['alpha']:.0%} at every look at once, for independent draws of one cell "
-        f"in index order; {estimators}." + (caveat if rule["reference"] is not None else "")
-    )
-
-
-# measured in tests/test_sequential.py (cells at the reference, stopped as soon as their
-# band excluded it): the fixed-n tests then reject a true null more often than α says
-REFERENCE_CAVEAT = (
-    " Cells stopped when their band excluded the reference: the fixed-n tests of {field} "
-    "below (independence, goodness of fit) are not valid after such a stop (simulated at "
-    "α 5%: about 8% and 7% false positives); the anytime-valid bands above are, and a "
-    "difference between two cells is tested validly by [stop] compare."
-)
-
-
-# the same optional stopping, for a probe's group tests (not simulated on their own)
-PROBE_REFERENCE_CAVEAT = (
-    " Cells stopped when their band excluded the reference: the fixed-n group tests below "
-    "are not valid after such a stop (optional stopping; simulated for an experiment's χ² "
-    "test at α 5%: about 8% false positives); the anytime-valid bands above are, and [stop] "
-    "compare tracks a difference of two groups validly."
-)
+    cap = rule["max_samples"] or say("stop_cap_probe" if probe else "stop_cap_spec", lang)
+    note = say(
+        "stop_rule", lang, every=rule["every"], min_samples=rule["min_samples"],
+        tracked=tracked_name(rule["field"], rule["value"]), settles=settles, cap=cap,
+        level=1 - rule["alpha"],
+        estimators=say("stop_estimators_probe" if probe else "stop_estimators", lang),
+    )  # fmt: skip
+    if rule["reference"] is not None:
+        caveat = "stop_probe_reference_caveat" if probe else "stop_reference_caveat"
+        note += say(caveat, lang, field=rule["field"])
+    return note
 
 
 def stop_section(stops: Mapping[str, Any]) -> list[Any]:
@@ -461,9 +440,10 @@ def stop_section(stops: Mapping[str, Any]) -> list[Any]:
     return [Section("Where each cell stopped", [table], [note or ""])]
 
 
-def field_probs_notes(db: sqlite3.Connection, run_id: int) -> list[str]:
+def field_probs_notes(db: sqlite3.Connection, run_id: int, lang: str = "en") -> list[str]:
     """One note per condition whose stored field_probs do not describe its answers (a
-    greedy answer, another temperature, a filter): their mean is not the answers' share."""
+    greedy answer, another temperature, a filter): their mean is not the answers' share
+    (in `lang`: en or es)."""
     from muestra.experiments.spec import AnswerSpec
 
     notes = []
@@ -472,11 +452,7 @@ def field_probs_notes(db: sqlite3.Connection, run_id: int) -> list[str]:
             continue
         # as stored (not validated again: a store may predate a field's current checks)
         answer = AnswerSpec.model_construct(**json.loads(row["answer_json"]))
-        caveat = field_probs_caveat(answer)
+        caveat = field_probs_caveat(answer, lang=lang)
         if caveat is not None:
-            notes.append(
-                f"condition {row['label']}: {caveat}; field_probs (and their mean) describe "
-                "draws at temperature 1 without filters, not these answers: the answers' "
-                "shares are counted"
-            )
+            notes.append(say("field_probs_note", lang, label=row["label"], caveat=caveat))
     return notes

@@ -117,6 +117,7 @@ class _Bar:
         self.label, self.enabled, self.bar = label, enabled, None
         self.handle: Any = None
         self.started, self.shown, self.last = time.monotonic(), 0.0, None
+        self.finished = False  # the run ended as it should (`finish`)
 
     def __call__(self, p: Any) -> None:
         if not self.enabled:
@@ -139,15 +140,33 @@ class _Bar:
     def _display(self, p: Any) -> None:
         from IPython.display import display
 
+        from muestra.engine.progress import progress_text
+
         text = (f"{self.label}: {p.done}/{p.total} samples · "
                 f"{time.monotonic() - self.started:.0f} s · {p.text()}")  # fmt: skip
+        if self.finished and p.done < p.total:  # a sequential run's cells stopped early
+            text = (f"{self.label}: {p.done} samples, every cell stopped before its cap "
+                    f"({p.total} at most) · {time.monotonic() - self.started:.0f} s · "
+                    f"{progress_text(p.tokens_per_s, None, p.rss_bytes)}")  # fmt: skip
         if self.handle is None:
             self.handle = display({"text/plain": text}, raw=True, display_id=True)
         else:
             self.handle.update({"text/plain": text}, raw=True)
 
+    def finish(self) -> None:
+        """The run ended as it should: its last state is final (a sequential run's cells may
+        have stopped before the cap, with no time left to show)."""
+        self.finished = True
+
     def close(self) -> None:
+        from muestra.engine.progress import progress_text
+
         if self.bar is not None:
+            if self.finished and self.last is not None:
+                self.bar.total = self.last.done  # stopped early: the bar ends full
+                self.bar.set_postfix_str(
+                    progress_text(self.last.tokens_per_s, None, self.last.rss_bytes)
+                )
             self.bar.close()
         if self.handle is not None and self.last is not None:
             self._display(self.last)
@@ -234,6 +253,7 @@ def experiment(
         ) as runner:
             run_id = runner.open()
             runner.run(bar)
+            bar.finish()
     finally:
         bar.close()
     return open_run(out, run_id)
@@ -381,6 +401,7 @@ def probe(
             on_progress=bar,
             model_options=model_options,
         )
+        bar.finish()
     finally:
         bar.close()
     return open_probe(out, run_id)
