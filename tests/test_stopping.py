@@ -228,6 +228,17 @@ def test_a_spanish_runs_analysis_says_its_notes_in_spanish(tmp_path, tiny_kit, c
     assert any(n.startswith("Ejecución secuencial: cada celda se muestreó en rondas de 4")
                for n in notes), notes  # fmt: skip
     assert not any("Sequential run" in n or "the answers" in n for n in notes), notes
+    from muestra.notebook import open_run
+
+    view = open_run(store)  # the run's summary speaks the spec's language too
+    shown = " ".join(repr(view).split())
+    assert shown.startswith("ejecución 1 · secuencial · done · ") and "muestras por celda" in shown
+    assert "dónde se detuvo cada celda" in shown and "almacén: " in shown
+    assert "nota: condición default: las respuestas son voraces" in shown, shown
+    assert view.counted == {"default"}  # greedy: its band is drawn by counting only
+    labels = view.plot_sequence(prompt="a").legends[0].get_texts()
+    labels = {t.get_text() for t in labels}
+    assert "conteo de respuestas" in labels and not any("Rao" in t for t in labels), labels
     from muestra.experiments.spec import AnswerSpec
 
     spanish = field_probs_caveat(AnswerSpec(temperature=1.0, top_p=0.9), lang="es")

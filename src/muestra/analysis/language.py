@@ -282,6 +282,14 @@ PHRASES: dict[str, tuple[str, str]] = {
         "las bandas válidas en todo momento de arriba sí lo son, y [stop] compare sigue de "
         "forma válida una diferencia entre dos grupos.",
     ),
+    # a stored run's summary (notebook/views.ExperimentView)
+    "run_title": (
+        "run {run} · {name} · {status} · {samples} samples",
+        "ejecución {run} · {name} · {status} · {samples} muestras",
+    ),
+    "store_line": ("store: {store}", "almacén: {store}"),
+    "cap_samples_per_cell": ("samples per cell", "muestras por celda"),
+    "cap_cell_stops": ("where each cell stopped", "dónde se detuvo cada celda"),
     "headline_variants": (
         "the spec pairs variants ({pairs}): the findings compare them; tests of each "
         "prompt against the reference are in `fits`",

@@ -54,7 +54,7 @@ def stored_analysis(
         status, reason = run_state(db, rid)
         run["run_status"] = {"status": status, "reason": reason}
         run["unfinished"] = unfinished_warning(db, rid)
-        exact = _exact_conditions(condition_rows(db, rid))
+        exact = exact_conditions(condition_rows(db, rid))
         models = [
             {
                 **json.loads(row["provenance_json"] or "{}"),
@@ -75,7 +75,7 @@ def stored_analysis(
     return StoredRun(run, models, frame, found)
 
 
-def _exact_conditions(rows: list[Any]) -> set[str]:
+def exact_conditions(rows: list[Any]) -> set[str]:
     """Conditions whose answer is drawn from the distribution field_probs describe: sampled
     at temperature 1 with no truncation, no beams and no DoLa (`field_probs_caveat`)."""
     from muestra.experiments.spec import AnswerSpec

@@ -175,9 +175,19 @@ class _Bar:
 @checked
 def open_run(store: PathLike, run: Count | None = None) -> ExperimentView:
     """Run `run` (default: the latest) of a store written by `muestra run`/`experiment`."""
+    import tomllib
+
+    from muestra.evaluation.runs import exact_conditions
     from muestra.experiments.results import samples_frame
+    from muestra.experiments.spec import AnalysisSpec
     from muestra.experiments.stopping import field_probs_notes, stop_rows
-    from muestra.experiments.store import reading, run_by_id, run_models, run_state
+    from muestra.experiments.store import (
+        condition_rows,
+        reading,
+        run_by_id,
+        run_models,
+        run_state,
+    )
 
     path = Path(store)
     if not path.exists():
@@ -189,8 +199,13 @@ def open_run(store: PathLike, run: Count | None = None) -> ExperimentView:
         models = [dict(m) for m in run_models(db, rid)]
         frame = samples_frame(db, rid)
         rule, stops = stop_rows(db, rid)
-        notes = field_probs_notes(db, rid)
-    return ExperimentView(path, rid, row["name"], status, frame, models, rule, stops, notes)
+        analysis = tomllib.loads(row["spec_text"]).get("analysis", {})
+        lang = AnalysisSpec.model_validate(analysis).language  # the summary speaks it too
+        notes = field_probs_notes(db, rid, lang)
+        conditions = condition_rows(db, rid)
+        counted = {str(c["label"]) for c in conditions} - exact_conditions(conditions)
+    return ExperimentView(path, rid, row["name"], status, frame, models, rule, stops, notes,
+                          lang, counted)  # fmt: skip
 
 
 @checked

@@ -233,6 +233,8 @@ class ExperimentView(_Shown):
     stop_rule: dict[str, Any] | None = None  # a sequential run's [stop] rule
     stop_cells: list[dict[str, Any]] = field(default_factory=list)  # where each cell stopped
     notes: list[str] = field(default_factory=list)  # e.g. field_probs that are not shares
+    lang: str = "en"  # the spec's [analysis] language: the summary's words
+    counted: set[str] = field(default_factory=set)  # conditions whose field_probs are no share
 
     def to_pandas(self) -> pd.DataFrame:
         return self.samples
@@ -278,7 +280,7 @@ class ExperimentView(_Shown):
                 shown = ", ".join(map(str, found[column].unique()))
                 raise InputError(f"{column} {wanted!r} is not in run {self.run_id}: {shown}")
             found, picks[column] = found[found[column] == wanted], wanted
-        if any(f"condition {picks['condition']}:" in note for note in self.notes):
+        if picks["condition"] in self.counted:
             found = found[found["estimator"] == "counts"]  # field_probs are not the share
         stop = next(
             (
@@ -321,11 +323,14 @@ class ExperimentView(_Shown):
             if not self.samples.empty
             else pd.DataFrame()
         )
-        title = f"run {self.run_id} · {self.name} · {self.status} · {len(self.samples)} samples"
-        tables = [("samples per cell", counts)]
+        lang = self.lang
+        title = say("run_title", lang, run=self.run_id, name=self.name, status=self.status,
+                    samples=len(self.samples))  # fmt: skip
+        tables = [(say("cap_samples_per_cell", lang), counts)]
         if self.stop_cells:
-            tables.append(("where each cell stopped", self.stops))
-        lines = [f"store: {self.store}", *(f"note: {n}" for n in self.notes)]
+            tables.append((say("cap_cell_stops", lang), self.stops))
+        lines = [say("store_line", lang, store=self.store)]
+        lines += [say("note", lang, text=n) for n in self.notes]
         return title, lines, tables
 
 
