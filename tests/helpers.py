@@ -63,3 +63,33 @@ def hf_generate(loaded: Any, prompts: list[list[int]], pad: int, **kwargs: Any) 
     options = {"do_sample": False, "top_k": None, "top_p": None, "temperature": None, **kwargs}
     out = loaded.model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad, **options)
     return out, width
+
+
+def count_feeds(monkeypatch) -> list[int]:
+    """The rows of every torch forward pass from now on (a list the caller reads)."""
+    from muestra.models.runtime.torch_runtime import TorchSequences
+
+    rows_seen: list[int] = []
+    feed = TorchSequences.feed
+
+    def counting(self, tokens, *args, **kwargs):
+        rows_seen.append(len(tokens))
+        return feed(self, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(TorchSequences, "feed", counting)
+    return rows_seen
+
+
+def count_pending(monkeypatch) -> list[int]:
+    """How many finished rows wait at each `field_probs` flush from now on."""
+    from muestra.answers.answer_probs import AnswerProbabilities
+
+    waiting: list[int] = []
+    flush = AnswerProbabilities.flush
+
+    def counting(self):
+        waiting.append(len(self._pending))
+        return flush(self)
+
+    monkeypatch.setattr(AnswerProbabilities, "flush", counting)
+    return waiting

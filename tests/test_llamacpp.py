@@ -15,6 +15,7 @@ import pytest
 import torch
 from scipy import stats
 
+import helpers
 from conftest import ROOT
 from helpers import chat_ids
 from muestra.answers.generation import TextGenerator
@@ -212,16 +213,7 @@ def test_field_probs_release_a_waves_kept_rows_before_the_next(cpp, monkeypatch)
     expanded when their wave ends, before the next wave is booked into the cache they tag
     (they waited for 64 rows: 72 samples by 8 at once failed with "llama.cpp holds at most
     254 rows", and without batch invariance with a full cache)."""
-    from muestra.answers.answer_probs import AnswerProbabilities
-
-    waiting: list[int] = []
-    flush = AnswerProbabilities.flush
-
-    def counting(self):
-        waiting.append(len(self._pending))
-        return flush(self)
-
-    monkeypatch.setattr(AnswerProbabilities, "flush", counting)
+    waiting = helpers.count_pending(monkeypatch)
     prompt = chat_ids(cpp, "Pick an animal: caballo, caballero or caballería?")
     samples = StructuredGenerator(cpp, max_batch=4).run(
         [prompt], n=16, seed=1, answer=AnswerConfig(max_tokens=8),

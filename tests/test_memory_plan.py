@@ -280,16 +280,7 @@ def test_a_beam_run_holds_the_rows_its_plan_counts(cli, tiny_kit, tmp_path, monk
     """--batch 2 with num_beams = 6: the forward passes hold the 6 beams at once, and the
     plan stored with the run says so (it counted 2 rows); each prompt's beam search runs
     once for its 6 ranks (it ran once per batch of 2)."""
-    from muestra.models.runtime.torch_runtime import TorchSequences
-
-    rows_seen: list[int] = []
-    feed = TorchSequences.feed
-
-    def counting(self, tokens, *args, **kwargs):
-        rows_seen.append(len(tokens))
-        return feed(self, tokens, *args, **kwargs)
-
-    monkeypatch.setattr(TorchSequences, "feed", counting)
+    rows_seen = helpers.count_feeds(monkeypatch)
     from muestra.engine import beam
 
     searches: list[int] = []
@@ -342,20 +333,12 @@ def test_field_probs_keeps_no_more_finished_rows_than_the_batch(tiny_kit, monkey
     """What the plan above counts: on torch, with 2 rows at once, at most 2 finished rows
     wait for their branches' expansion however many rows the call has (8 before: a run
     of many waves kept 8 rows' copies beside a batch of 2)."""
-    from muestra.answers.answer_probs import AnswerProbabilities
     from muestra.answers.grammar import GrammarSpec
     from muestra.answers.phases import AnswerConfig
     from muestra.answers.structured import StructuredGenerator
     from muestra.models.loading import load_model
 
-    waiting: list[int] = []
-    flush = AnswerProbabilities.flush
-
-    def counting(self):
-        waiting.append(len(self._pending))
-        return flush(self)
-
-    monkeypatch.setattr(AnswerProbabilities, "flush", counting)
+    waiting = helpers.count_pending(monkeypatch)
     loaded = load_model(str(tiny_kit), device="cpu", runtime="torch")
     prompt = loaded.tokenizer("Which one?")["input_ids"]
     grammar = GrammarSpec.choice(["caballo", "caballero", "caballería"])
@@ -428,17 +411,8 @@ def test_a_budget_of_two_rows_runs_every_sample_two_at_a_time(cli, tiny_kit, tmp
     """A budget that admits 2 rows of the 32 asked: every sample is stored, no forward pass
     ever held more than 2 rows, the plan is printed and stored with the run, and the
     samples equal those of the same run without a budget."""
-    from muestra.models.runtime.torch_runtime import TorchSequences
-
     monkeypatch.setattr(planning, "resident_bytes", lambda: 0)  # the plan starts from zero
-    rows_seen: list[int] = []
-    feed = TorchSequences.feed
-
-    def counting(self, tokens, *args, **kwargs):
-        rows_seen.append(len(tokens))
-        return feed(self, tokens, *args, **kwargs)
-
-    monkeypatch.setattr(TorchSequences, "feed", counting)
+    rows_seen = helpers.count_feeds(monkeypatch)
     spec = _spec(tmp_path, tiny_kit, 5)
     memory = model_memory(check_model(str(tiny_kit)), "torch")
     loaded = load_spec(spec)
